@@ -1,0 +1,29 @@
+"""fxsurgery: model surgery for PyTorch as checked graph rewrites.
+
+    import fxsurgery as fxs
+    from fxsurgery import Delete, Replace, Insert, Detach, Freeze
+
+    result = fxs.apply(model, [Replace("fc", fxs.new(nn.Linear, out_features=10)),
+                               Freeze("*", exclude=["layer4.*", "fc"])],
+                       example_inputs=(torch.randn(1, 3, 224, 224),))
+    result.module, result.report, result.save("out/"), fxs.load("out/")
+"""
+
+from .errors import (FxsError, MatchError, ModelError, RewriteError, RuleError, SaveError,
+                     TraceError, TransferError, ValidateError)
+from .loader import load_rules
+from .pipeline import SurgeryResult, SurgeryWarning, apply
+from .save import load, save
+from .spec import Delete, Detach, Freeze, Insert, Replace, RuleSet, new
+from .trace import trace
+from .transfer import TransferReport
+from .transfer import transfer_modules as transfer
+from .version import __version__
+
+__all__ = [
+    "apply", "new", "load_rules", "transfer", "trace", "save", "load",
+    "Delete", "Replace", "Insert", "Detach", "Freeze", "RuleSet",
+    "SurgeryResult", "TransferReport", "SurgeryWarning",
+    "FxsError", "RuleError", "ModelError", "TraceError", "MatchError", "RewriteError",
+    "ValidateError", "TransferError", "SaveError", "__version__",
+]

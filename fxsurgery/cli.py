@@ -1,0 +1,148 @@
+"""The `fxsurgery` command: apply, inspect, check, demo.
+
+Bad input ends with one line on stderr naming the problem and the fix, a
+non-zero exit status, no traceback, and nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+from .errors import FxsError
+from .loader import load_rules, parse_overrides
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fxsurgery", description="Model surgery for PyTorch as checked graph rewrites.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_args(p):
+        p.add_argument("model", help="package.module:factory, path/file.py:Name, a saved directory, or a pickled file")
+        p.add_argument("--input", action="append", metavar="SHAPE", help="example input, e.g. 1x3x224x224 (repeat for several)")
+        p.add_argument("--weights", metavar="FILE", help="load these weights (safetensors) into the model first")
+        p.add_argument("--trust-pickle", action="store_true", help="allow MODEL to be a pickled model file")
+        p.add_argument("--leaf", action="append", default=[], metavar="GLOB", help="treat modules at these paths as leaves")
+        p.add_argument("--json", action="store_true", help="print JSON for machines")
+
+    p = sub.add_parser("apply", help="apply rule files to a model")
+    model_args(p)
+    p.add_argument("rules", nargs="+", help="rule files (YAML)")
+    p.add_argument("-o", "--output", metavar="DIR", help="write model.py, model.safetensors, surgery.json here")
+    p.add_argument("--set", action="append", default=[], metavar="K=V", help="override a rule-file param")
+    p.add_argument("--allow-module", action="append", default=[], metavar="PKG", help="let rule files name classes from PKG")
+    p.add_argument("--strict", action="store_true", help="fail when a tensor is new and no rule declared it")
+    p.add_argument("--dry-run", action="store_true", help="show the plan and report, write nothing")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory written by fxsurgery")
+
+    p = sub.add_parser("inspect", help="show modules, shapes and parameters as the graph sees them")
+    model_args(p)
+    p.add_argument("--depth", type=int, help="show modules down to this depth")
+
+    p = sub.add_parser("check", help="validate rule files without a model")
+    p.add_argument("rules", nargs="+")
+    p.add_argument("--set", action="append", default=[], metavar="K=V")
+    p.add_argument("--allow-module", action="append", default=[], metavar="PKG")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("demo", help="run the embedded default end to end (ResNet-18, random weights)")
+    p.add_argument("-o", "--output", default="fxsurgery-demo", metavar="DIR")
+    return parser
+
+
+def _model(args):
+    from .modelref import load_model, load_weights
+    model = load_model(args.model, trust_pickle=args.trust_pickle)
+    if args.weights:
+        load_weights(model, args.weights)
+    return model
+
+
+def cmd_apply(args) -> int:
+    from .modelref import parse_inputs
+    from .pipeline import apply
+    params = parse_overrides(args.set)
+    rules = [load_rules(path, params=params, allow=args.allow_module) for path in args.rules]
+    inputs = parse_inputs(args.input) or None
+    if args.output and os.path.exists(args.output) and not args.force and not args.dry_run:
+        from .errors import SaveError
+        raise SaveError(f"{args.output}: already exists; fix: choose another output directory or pass --force")
+    model = _model(args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the plan's warnings are printed below
+        result = apply(model, rules, inputs, strict=args.strict, leaf_paths=args.leaf)
+    written = None
+    if args.output and not args.dry_run:
+        written = str(result.save(args.output, force=args.force))
+    if args.json:
+        print(json.dumps({**result.to_dict(), "output": written, "dry_run": args.dry_run}, indent=2, default=str))
+        return 0
+    print(result.summary())
+    if written:
+        print(f"\nwrote {written}/ (model.py, model.safetensors, surgery.json)")
+    elif args.dry_run:
+        print("\ndry run: nothing written")
+    else:
+        print("\nnothing written (pass -o DIR to save the result)")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .modelref import parse_inputs
+    from .overview import overview, overview_table
+    from .trace import trace
+    captured = trace(_model(args), parse_inputs(args.input) or None, leaf_paths=args.leaf)
+    info = overview(captured)
+    print(json.dumps(info, indent=2) if args.json else overview_table(info, args.depth))
+    return 0
+
+
+def cmd_check(args) -> int:
+    params = parse_overrides(args.set)
+    results = []
+    for path in args.rules:
+        ruleset = load_rules(path, params=params, allow=args.allow_module)
+        results.append({"file": path, "rules": [str(r) for r in ruleset], "params": ruleset.params})
+    if args.json:
+        print(json.dumps(results, indent=2, default=str))
+    else:
+        for r in results:
+            print(f"{r['file']}: ok, {len(r['rules'])} rules")
+            for i, text in enumerate(r["rules"], start=1):
+                print(f"  {i}. {text}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run
+    run(args.output)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    command = {"apply": cmd_apply, "inspect": cmd_inspect, "check": cmd_check, "demo": cmd_demo}[args.command]
+    try:
+        return command(args)
+    except FxsError as exc:
+        print(f"fxsurgery: error: {exc.message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("fxsurgery: interrupted; nothing written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug of ours: one line, and the traceback only on request
+        if os.environ.get("FXSURGERY_DEBUG"):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"fxsurgery: internal error: {type(exc).__name__}: {first} (set FXSURGERY_DEBUG=1 for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""Write a GraphModule as readable, standalone PyTorch source (model.py).
+
+`__init__` rebuilds each leaf module from its constructor arguments (read
+back from the module's attributes and checked by rebuilding it), `forward` is
+torch.fx's code for the graph. Module paths that are not plain names are
+renamed to safe identifiers, so no name reaches the source unescaped.
+"""
+
+from __future__ import annotations
+
+import builtins
+import inspect
+import re
+import sys
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.graph import _custom_builtins
+
+from .errors import SaveError
+
+_SAFE_SEGMENT = re.compile(r"[A-Za-z0-9_]+")
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def public_name(obj: Any) -> str:
+    """`torch.nn.Conv2d` rather than `torch.nn.modules.conv.Conv2d`, where it is the same object."""
+    module, name = obj.__module__, obj.__qualname__
+    parts = module.split(".")
+    for i in range(1, len(parts) + 1):
+        candidate = ".".join(parts[:i])
+        if getattr(sys.modules.get(candidate), name, None) is obj:
+            return f"{candidate}.{name}"
+    return f"{module}.{name}"
+
+
+def _literal(value: Any) -> bool:
+    if isinstance(value, _PLAIN):
+        return not (isinstance(value, float) and value != value)
+    if isinstance(value, (tuple, list)):
+        return all(_literal(v) for v in value)
+    return isinstance(value, torch.dtype)
+
+
+def constructor(module: nn.Module, path: str) -> str:
+    """Source that rebuilds `module` (without its tensor values), verified by rebuilding."""
+    cls = type(module)
+    try:
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    except (TypeError, ValueError):
+        params = []
+    kwargs = {}
+    for p in params:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in ("device", "dtype") or p.name.startswith("_"):
+            continue
+        if hasattr(module, p.name):
+            value = getattr(module, p.name)
+            if isinstance(value, torch.Tensor) or (value is None and p.name in ("bias", "weight") and p.default is True):
+                value = value is not None  # `bias=True` is stored as a tensor (or None)
+        elif p.default is not p.empty:
+            continue
+        else:
+            raise SaveError(f"cannot write model.py: module '{path}' ({public_name(cls)}) does not keep its constructor argument '{p.name}'; fix: make it a torch.nn module or save with a format that does not rebuild it")
+        if not _literal(value):
+            raise SaveError(f"cannot write model.py: module '{path}' ({public_name(cls)}) argument '{p.name}' is a {type(value).__name__}, not a literal; fix: use a module whose arguments are plain values")
+        if p.default is p.empty or value != p.default:
+            kwargs[p.name] = value
+    try:
+        rebuilt = cls(**kwargs)
+    except Exception as exc:
+        raise SaveError(f"cannot write model.py: module '{path}' ({public_name(cls)}) cannot be rebuilt from its attributes: {exc}; fix: use a torch.nn module there") from None
+    if repr(rebuilt) != repr(module) or _layout(rebuilt) != _layout(module):
+        raise SaveError(f"cannot write model.py: module '{path}' ({public_name(cls)}) rebuilt from its attributes differs from the original; fix: use a torch.nn module there")
+    args = ", ".join(f"{k}={_render(v)}" for k, v in kwargs.items())
+    return f"{public_name(cls)}({args})"
+
+
+def _render(value: Any) -> str:
+    if isinstance(value, torch.dtype):
+        return str(value)
+    return repr(value)
+
+
+def _layout(module: nn.Module) -> list:
+    state = module.state_dict(keep_vars=True)
+    return sorted((k, tuple(v.shape)) for k, v in state.items())
+
+
+def safe_targets(gm: fx.GraphModule) -> dict[str, str]:
+    """target -> a path whose parts are plain names (unchanged where already safe)."""
+    renames, taken = {}, set()
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "get_attr") or node.target in renames:
+            continue
+        parts = [p if _SAFE_SEGMENT.fullmatch(p) else (re.sub(r"\W+", "_", p).strip("_") or "m") for p in node.target.split(".")]
+        path = ".".join(parts)
+        base, k = path, 1
+        while path in taken and path != node.target:
+            path, k = f"{base}_{k}", k + 1
+        renames[node.target] = path
+        taken.add(path)
+    return renames
+
+
+def _imports(global_names: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, obj in sorted(global_names.items()):
+        if name in _custom_builtins:
+            lines.append(_custom_builtins[name].import_str)
+        elif getattr(builtins, name, None) is obj:
+            continue
+        elif inspect.ismodule(obj):
+            lines.append(f"import {obj.__name__} as {name}" if obj.__name__ != name else f"import {name}")
+        else:
+            module, qual = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+            if not module or not qual or "<" in qual:
+                raise SaveError(f"cannot write model.py: the forward calls {obj!r}, which has no importable name; fix: use a named function")
+            lines.append(f"from {module} import {qual.split('.')[0]} as {name}" if "." not in qual else f"import {module}\n{name} = {module}.{qual}")
+    return sorted(set(lines))
+
+
+def generate(gm: fx.GraphModule, *, header: str, frozen: list[str], ties: dict[str, str],
+             non_persistent: list[str]) -> tuple[str, dict[str, str]]:
+    """model.py source for `gm`, and the renames applied to unsafe paths."""
+    renames = safe_targets(gm)
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}), type_expr=out.type)
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            node.target = renames[node.target]
+    code = graph.python_code(root_module="self", verbose=False)
+    body = []
+    done = set()
+    for old, new in renames.items():
+        if new in done:
+            continue
+        done.add(new)
+        value = gm.get_submodule(old) if _is_module(gm, old) else _get(gm, old)
+        if isinstance(value, nn.Module):
+            body.append(f"        _put(self, {new!r}, {constructor(value, old)})")
+        elif isinstance(value, torch.Tensor):
+            empty = f"torch.empty({tuple(value.shape)!r}, dtype={value.dtype})"
+            if isinstance(value, nn.Parameter):
+                body.append(f"        _put(self, {new!r}, nn.Parameter({empty}, requires_grad={value.requires_grad}))")
+            else:
+                persistent = old not in non_persistent
+                body.append(f"        _put(self, {new!r}, {empty}, persistent={persistent})")
+        else:
+            raise SaveError(f"cannot write model.py: attribute '{old}' is a {type(value).__name__}; fix: keep only modules and tensors as graph attributes")
+    modes = {p: m.training for p, m in gm.named_modules()}
+    eval_paths = sorted(_rename(p, renames) for p, t in modes.items() if not t)
+    train_mode = "all" if not eval_paths else ("none" if len(eval_paths) == len(modes) else "some")
+    forward = "\n".join("    " + line if line else line for line in code.src.strip("\n").splitlines())
+    used = {name: obj for name, obj in code.globals.items() if re.search(rf"\b{re.escape(name)}\b", code.src)}
+    imports = _imports(used)
+    src = _TEMPLATE.format(
+        header=header,
+        imports="\n".join(line for line in imports if line not in ("import torch",)),
+        frozen=_tuple([_rename(n, renames) for n in frozen]),
+        ties=repr({_rename(a, renames): _rename(c, renames) for a, c in ties.items()}),
+        non_persistent=_tuple([_rename(n, renames) for n in non_persistent]),
+        eval_paths=_tuple(eval_paths) if train_mode == "some" else "()",
+        body="\n".join(body) or "        pass",
+        train=("self.train(True)" if train_mode == "all" else "self.train(False)" if train_mode == "none"
+               else "for path, module in self.named_modules():\n            module.training = path not in EVAL"),
+        forward=forward,
+    )
+    return src, renames
+
+
+def _tuple(items: list[str]) -> str:
+    if not items:
+        return "()"
+    return "(\n" + "".join(f"    {i!r},\n" for i in items) + ")"
+
+
+def _rename(name: str, renames: dict[str, str]) -> str:
+    for old in sorted(renames, key=len, reverse=True):
+        if name == old or name.startswith(old + "."):
+            return renames[old] + name[len(old):]
+    return name
+
+
+def _is_module(gm: nn.Module, target: str) -> bool:
+    return isinstance(_get(gm, target), nn.Module)
+
+
+def _get(root: nn.Module, target: str) -> Any:
+    for part in target.split("."):
+        root = getattr(root, part)
+    return root
+
+
+_TEMPLATE = '''\
+"""{header}"""
+import os
+
+import torch
+from torch import nn
+{imports}
+
+# Parameters that do not train, tensors shared between paths (alias: owner),
+# buffers kept out of the state dict, and modules in eval mode.
+FROZEN = {frozen}
+TIES = {ties}
+NON_PERSISTENT = {non_persistent}
+EVAL = {eval_paths}
+
+
+def _put(root, path, value, persistent=True):
+    *parents, name = path.split(".")
+    for part in parents:
+        if part not in root._modules:
+            root.add_module(part, nn.Module())
+        root = root._modules[part]
+    if isinstance(value, nn.Module):
+        root.add_module(name, value)
+    elif isinstance(value, nn.Parameter):
+        root.register_parameter(name, value)
+    else:
+        root.register_buffer(name, value, persistent=persistent)
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+{body}
+        for alias, owner in TIES.items():
+            _put(self, alias, self.get_parameter(owner))
+        for name in FROZEN:
+            self.get_parameter(name).requires_grad_(False)
+        {train}
+
+    @classmethod
+    def load(cls, directory, device="cpu"):
+        """The model with the weights of model.safetensors in `directory`."""
+        from safetensors.torch import load_file
+
+        tensors = load_file(os.path.join(directory, "model.safetensors"), device=str(device))
+        model = cls().to(device)
+        state = {{k: v for k, v in tensors.items() if k not in NON_PERSISTENT}}
+        model.load_state_dict({{**state, **{{a: state[o] for a, o in TIES.items()}}}}, strict=True, assign=True)
+        for alias, owner in TIES.items():  # assign=True replaced both paths: tie them again
+            _put(model, alias, model.get_parameter(owner))
+        for name in NON_PERSISTENT:
+            _put(model, name, tensors[name], persistent=False)
+        return model
+
+{forward}
+'''

@@ -1,0 +1,48 @@
+"""One base exception, one subclass per stage.
+
+Every message is a single line that says where (rule file and line, or the
+Python rule), what went wrong, and the fix. The CLI prints it as it is.
+"""
+
+
+class FxsError(Exception):
+    """Base of every error fxsurgery raises on bad input."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class RuleError(FxsError):
+    """A rule or a rule file is malformed (raised when it is loaded)."""
+
+
+class ModelError(FxsError):
+    """A model reference, weights file or example input cannot be used."""
+
+
+class TraceError(FxsError):
+    """The model's forward cannot be captured as a graph."""
+
+
+class MatchError(FxsError):
+    """A rule matched nothing although it must, or two rules conflict."""
+
+
+class RewriteError(FxsError):
+    """A matched rule cannot be applied to the graph."""
+
+
+class ValidateError(FxsError):
+    """The rewritten graph is malformed or its shapes do not fit."""
+
+
+class TransferError(FxsError):
+    """Weights cannot be moved, or a tensor would be left unaccounted for."""
+
+
+class SaveError(FxsError):
+    """A surgery result cannot be written or read back."""

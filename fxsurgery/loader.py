@@ -1,0 +1,304 @@
+"""Rule files: YAML data turned into rules, every error with file and line.
+
+A rule file is data, never code: it is parsed by PyYAML's safe loader (tags
+that build Python objects are refused), and it names classes and functions by
+dotted path, resolved only inside an allowlist (torch, torchvision and what
+the user allows).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import os
+import re
+from typing import Any
+
+import yaml
+from torch import nn
+
+from .errors import RuleError
+from .spec import (Delete, Detach, Freeze, Insert, New, Origin, Replace, RuleSet,
+                   WEIGHT_POLICIES, check_kwargs)
+
+VERSION = 1
+DEFAULT_ALLOW = ("torch", "torchvision")
+ACTIONS = ("delete", "replace", "insert", "detach", "freeze")
+_PARAM = re.compile(r"\$\{([^}]*)\}")
+
+
+class _Map(dict):
+    """A YAML mapping that remembers the line of itself and of each key."""
+
+    line: int = 0
+    key_lines: dict
+
+
+class _List(list):
+    line: int = 0
+
+
+class _LineLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, keeping line numbers and refusing duplicate keys."""
+
+    def construct_mapping(self, node, deep=False):
+        self.flatten_mapping(node)
+        out, lines = _Map(), {}
+        for key_node, value_node in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in out:
+                raise yaml.MarkedYAMLError(problem=f"duplicate key {key!r}", problem_mark=key_node.start_mark)
+            out[key] = self.construct_object(value_node, deep=True)
+            lines[key] = key_node.start_mark.line + 1
+        out.line, out.key_lines = node.start_mark.line + 1, lines
+        return out
+
+    def construct_sequence(self, node, deep=False):
+        out = _List(self.construct_object(child, deep=True) for child in node.value)
+        out.line = node.start_mark.line + 1
+        return out
+
+
+_LineLoader.add_constructor("tag:yaml.org,2002:map", _LineLoader.construct_mapping)
+_LineLoader.add_constructor("tag:yaml.org,2002:seq", _LineLoader.construct_sequence)
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    loader = _LineLoader(text)
+    try:
+        return loader.get_single_data()
+    except yaml.constructor.ConstructorError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else 0
+        tag = re.search(r"tag '([^']*)'", str(exc.problem))
+        what = f"tag {tag.group(1)!r}" if tag else "this value"
+        raise RuleError(f"{source}:{line}: {what} is not allowed: a rule file is data, not code; fix: name classes by dotted path, e.g. 'module: torch.nn.ReLU'") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 0
+        raise RuleError(f"{source}:{line}: YAML syntax error: {exc.problem or exc.context}; fix: correct the YAML at that line (indentation, quotes, ':' after keys)") from None
+    except yaml.YAMLError as exc:
+        raise RuleError(f"{source}: YAML error: {exc}; fix: correct the file") from None
+    finally:
+        loader.dispose()
+
+
+def load_rules(path: str | os.PathLike, params: dict | None = None, allow=()) -> RuleSet:
+    """Load a rule file; `params` override the file's `params:` defaults."""
+    source = os.fspath(path)
+    try:
+        with open(source, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise RuleError(f"{source}: cannot read rule file: {exc.strerror}; fix: check the path") from None
+    except UnicodeDecodeError:
+        raise RuleError(f"{source}: not a UTF-8 text file; fix: pass a YAML rule file") from None
+    return parse_rules(text, source, params=params, allow=allow)
+
+
+def parse_rules(text: str, source: str = "<rules>", params: dict | None = None, allow=()) -> RuleSet:
+    """Rules from the text of a rule file (see load_rules)."""
+    doc = _parse_yaml(text, source)
+    if doc is None:
+        raise RuleError(f"{source}: the rule file is empty; fix: start it with 'fxsurgery: {VERSION}' and a 'rules:' list")
+    if not isinstance(doc, _Map):
+        raise RuleError(f"{source}:1: a rule file is a mapping, got a {type(doc).__name__}; fix: start it with 'fxsurgery: {VERSION}' and a 'rules:' list")
+    _check_keys(doc, ("fxsurgery", "description", "params", "rules"), source, "the file")
+    if "fxsurgery" not in doc:
+        raise RuleError(f"{source}:{doc.line}: missing 'fxsurgery: {VERSION}'; fix: add it as the first line")
+    if doc["fxsurgery"] != VERSION or isinstance(doc["fxsurgery"], bool):
+        raise RuleError(f"{source}:{doc.key_lines['fxsurgery']}: unsupported version fxsurgery: {doc['fxsurgery']!r}; fix: write 'fxsurgery: {VERSION}'")
+    description = doc.get("description", "")
+    if not isinstance(description, str):
+        raise RuleError(f"{source}:{doc.key_lines['description']}: description must be text; fix: quote it")
+    defaults = doc.get("params") or _Map()
+    if not isinstance(defaults, dict):
+        raise RuleError(f"{source}:{doc.key_lines['params']}: params must be a mapping of name: default; fix: e.g. 'params: {{num_classes: 10}}'")
+    values = dict(defaults)
+    for name, value in (params or {}).items():
+        if name not in defaults:
+            declared = ", ".join(defaults) or "none"
+            raise RuleError(f"{source}: unknown param {name!r} (the file declares: {declared}); fix: use a declared name or add it under 'params:'")
+        values[name] = value
+    items = doc.get("rules")
+    if not isinstance(items, list) or not items:
+        line = doc.key_lines.get("rules", doc.line)
+        raise RuleError(f"{source}:{line}: 'rules' must be a non-empty list; fix: add rules such as '- delete: layer4'")
+    resolver = _Resolver(source, allow)
+    rules = []
+    for item in items:
+        line = getattr(item, "line", items.line)
+        item = _interpolate(item, values, source, line)
+        rules.append(_rule(item, Origin(source, line), resolver))
+    return RuleSet(tuple(rules), description=description, params=values, source=source)
+
+
+def _interpolate(value: Any, params: dict, source: str, line: int) -> Any:
+    if isinstance(value, _Map):
+        out = _Map({k: _interpolate(v, params, source, value.key_lines.get(k, line)) for k, v in value.items()})
+        out.line, out.key_lines = value.line, value.key_lines
+        return out
+    if isinstance(value, list):
+        out = _List(_interpolate(v, params, source, getattr(value, "line", line)) for v in value)
+        out.line = getattr(value, "line", line)
+        return out
+    if not isinstance(value, str) or "${" not in value:
+        return value
+    for name in _PARAM.findall(value):
+        if name not in params:
+            declared = ", ".join(params) or "none"
+            raise RuleError(f"{source}:{line}: unknown param ${{{name}}} (declared: {declared}); fix: declare it under 'params:' or correct the name")
+    whole = _PARAM.fullmatch(value)
+    if whole:
+        return params[whole.group(1)]
+    return _PARAM.sub(lambda m: str(params[m.group(1)]), value)
+
+
+def _check_keys(mapping: _Map, allowed, source: str, where: str) -> None:
+    for key in mapping:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"allowed: {', '.join(allowed)}"
+            raise RuleError(f"{source}:{mapping.key_lines.get(key, mapping.line)}: unknown key {key!r} in {where}; fix: {hint}")
+
+
+class _Resolver:
+    """Dotted names to objects, only inside the allowlist."""
+
+    def __init__(self, source: str, allow):
+        self.source = source
+        self.allow = tuple(DEFAULT_ALLOW) + tuple(allow)
+
+    def _allowed(self, dotted: str) -> bool:
+        return any(dotted == a or dotted.startswith(a + ".") for a in self.allow)
+
+    def __call__(self, dotted: Any, line: int, want: str) -> Any:
+        where = f"{self.source}:{line}"
+        if not isinstance(dotted, str) or not all(p.isidentifier() for p in dotted.split(".")):
+            raise RuleError(f"{where}: {dotted!r} is not a dotted name; fix: write e.g. torch.nn.Linear")
+        if not self._allowed(dotted) or any(p.startswith("_") for p in dotted.split(".")[1:]):
+            raise RuleError(f"{where}: {dotted!r} is outside the allowlist ({', '.join(self.allow)}); fix: use a public torch/torchvision name, or allow its package with --allow-module")
+        parts = dotted.split(".")
+        obj, i = None, len(parts)
+        while i > 0:
+            try:
+                obj = importlib.import_module(".".join(parts[:i]))
+                break
+            except ImportError:
+                i -= 1
+        if obj is None:
+            raise RuleError(f"{where}: cannot import {parts[0]!r}; fix: install it or correct the name")
+        for j, part in enumerate(parts[i:], start=i):
+            if not hasattr(obj, part):
+                close = difflib.get_close_matches(part, [n for n in dir(obj) if not n.startswith("_")], n=1)
+                hint = f"did you mean {'.'.join(parts[:j] + close)}?" if close else "check the spelling"
+                raise RuleError(f"{where}: {dotted!r} does not exist; fix: {hint}")
+            obj = getattr(obj, part)
+        if inspect.ismodule(obj) or not self._allowed(getattr(obj, "__module__", None) or parts[0]):
+            raise RuleError(f"{where}: {dotted!r} is not a class or function of an allowed package; fix: name a class or function defined in torch/torchvision or an allowed module")
+        if want == "module" and not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+            raise RuleError(f"{where}: {dotted!r} is not a torch.nn.Module class; fix: name a Module class such as torch.nn.GELU")
+        if want == "function" and (isinstance(obj, type) or not callable(obj)):
+            raise RuleError(f"{where}: {dotted!r} is not a function; fix: name a function such as torch.nn.functional.gelu, or use 'module:' for a class")
+        return obj
+
+
+def _selector(value: Any, line: int, resolver: _Resolver) -> Any:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and len(value) == 1:
+        (kind, name), = value.items()
+        line = value.key_lines.get(kind, line)
+        if kind == "type":
+            return resolver(name, line, "module")
+        if kind == "function":
+            return resolver(name, line, "function")
+        if kind == "method":
+            return f"method:{name}"
+        if kind in ("path", "node"):
+            return name
+    raise RuleError(f"{resolver.source}:{line}: bad selector {value!r}; fix: write a glob string, {{type: torch.nn.ReLU}}, {{function: torch.relu}} or {{method: view}}")
+
+
+def _module_spec(spec: _Map, line: int, resolver: _Resolver, reserved=()) -> Any:
+    """{module: dotted, **kwargs} -> New; {function: dotted} -> function."""
+    if not isinstance(spec, dict):
+        raise RuleError(f"{resolver.source}:{line}: expected {{module: torch.nn.X, ...}} or {{function: ...}}, got {spec!r}; fix: e.g. 'with: {{module: torch.nn.GELU}}'")
+    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.items() if k not in ("module", "function") + tuple(reserved)}
+    if "function" in spec:
+        if "module" in spec or kwargs:
+            raise RuleError(f"{resolver.source}:{line}: a function replacement takes no other keys; fix: keep only 'function:'")
+        return resolver(spec["function"], spec.key_lines["function"], "function")
+    if "module" not in spec:
+        raise RuleError(f"{resolver.source}:{line}: missing 'module:' (a dotted class name); fix: e.g. 'module: torch.nn.Linear'")
+    cls = resolver(spec["module"], spec.key_lines["module"], "module")
+    check_kwargs(cls, kwargs, Origin(resolver.source, line))
+    return New(cls, kwargs)
+
+
+def _flag(item: _Map, key: str, source: str) -> bool:
+    value = item.get(key, False)
+    if not isinstance(value, bool):
+        raise RuleError(f"{source}:{item.key_lines[key]}: {key!r} must be true or false, got {value!r}; fix: write '{key}: true'")
+    return value
+
+
+def _rule(item: Any, origin: Origin, resolver: _Resolver):
+    source, line = origin.file, origin.line
+    if not isinstance(item, dict):
+        raise RuleError(f"{source}:{line}: a rule is a mapping such as '- delete: layer4', got {item!r}; fix: start each rule with one of {', '.join(ACTIONS)}")
+    actions = [k for k in item if k in ACTIONS]
+    if len(actions) != 1:
+        found = ", ".join(map(str, item)) or "nothing"
+        raise RuleError(f"{source}:{line}: a rule needs exactly one action ({', '.join(ACTIONS)}), found {found}; fix: split it into one rule per action")
+    action = actions[0]
+    extra = {"delete": (), "replace": ("with", "weights"), "insert": (), "detach": (), "freeze": ("except",)}[action]
+    _check_keys(item, (action, "optional") + extra, source, f"'{action}' rule")
+    optional = _flag(item, "optional", source)
+    body, body_line = item[action], item.key_lines[action]
+    if action == "delete":
+        return Delete(_selector(body, body_line, resolver), optional=optional, origin=origin)
+    if action == "freeze":
+        excl = item.get("except", [])
+        excl = [excl] if isinstance(excl, (str, dict)) else excl
+        if not isinstance(excl, list):
+            raise RuleError(f"{source}:{item.key_lines['except']}: 'except' must be a list of selectors; fix: e.g. except: ['layer4.*', fc]")
+        sels = [_selector(e, item.key_lines.get("except", line), resolver) for e in excl]
+        return Freeze(_selector(body, body_line, resolver), exclude=tuple(sels), optional=optional, origin=origin)
+    if action == "replace":
+        if "with" not in item:
+            raise RuleError(f"{source}:{line}: replace needs 'with:'; fix: add e.g. 'with: {{module: torch.nn.GELU}}'")
+        weights = item.get("weights", "new")
+        if weights not in WEIGHT_POLICIES:
+            raise RuleError(f"{source}:{item.key_lines['weights']}: unknown weights policy {weights!r}; fix: use one of {', '.join(WEIGHT_POLICIES)}")
+        replacement = _module_spec(item["with"], item.key_lines["with"], resolver)
+        return Replace(_selector(body, body_line, resolver), replacement, weights=weights, optional=optional, origin=origin)
+    if not isinstance(body, dict):
+        example = "{after: avgpool, module: torch.nn.Dropout, p: 0.2}" if action == "insert" else "{after: layer3}"
+        raise RuleError(f"{source}:{body_line}: {action} takes a mapping; fix: e.g. '{action}: {example}'")
+    anchors = [k for k in ("after", "before") if k in body]
+    if len(anchors) != 1:
+        raise RuleError(f"{source}:{body_line}: {action} needs exactly one of 'after' or 'before'; fix: e.g. '{action}: {{after: layer3}}'")
+    anchor = {anchors[0]: _selector(body[anchors[0]], body.key_lines[anchors[0]], resolver)}
+    if action == "detach":
+        _check_keys(body, ("after", "before"), source, "'detach'")
+        return Detach(**anchor, optional=optional, origin=origin)
+    name = body.get("name")
+    module = _module_spec(body, body_line, resolver, reserved=("after", "before", "name"))
+    if not isinstance(module, New):
+        raise RuleError(f"{source}:{body_line}: insert takes a module, not a function; fix: use 'module: torch.nn.X'")
+    return Insert(module, **anchor, name=name, optional=optional, origin=origin)
+
+
+def parse_overrides(pairs) -> dict:
+    """`--set k=v` strings to params; values are read as YAML scalars (37 -> int)."""
+    out = {}
+    for pair in pairs or []:
+        name, sep, raw = pair.partition("=")
+        if not sep or not name.strip():
+            raise RuleError(f"--set {pair!r}: expected NAME=VALUE; fix: e.g. --set num_classes=37")
+        try:
+            out[name.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            out[name.strip()] = raw
+    return out

@@ -1,0 +1,95 @@
+"""The recipe: trace -> match -> rewrite -> validate -> transfer, and its result."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import fx, nn
+
+from .loader import load_rules
+from .match import Plan, match
+from .rewrite import InputChange, rewrite
+from .save import save
+from .shapes import shape_text
+from .spec import Rule, flatten
+from .trace import trace
+from .transfer import TransferReport, transfer
+from .validate import validate
+
+
+class SurgeryWarning(UserWarning):
+    """Something worth reading that is not an error (e.g. freezing a module without parameters)."""
+
+
+@dataclass
+class SurgeryResult:
+    """The regenerated module and everything said about how it was made."""
+
+    module: fx.GraphModule
+    report: TransferReport
+    plan: Plan
+    rules: list[Rule]
+    example_inputs: tuple | None = None
+    original_inputs: tuple | None = None
+    input_changes: list[InputChange] = field(default_factory=list)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What an optimizer should get: parameters that require grad, each object once."""
+        seen, out = set(), []
+        for p in self.module.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+        return out
+
+    def summary(self) -> str:
+        parts = ["plan:", self.plan.table(), "", "transfer:", self.report.table()]
+        if self.input_changes:
+            parts += ["", "inputs:"] + [f"  {c}" for c in self.input_changes]
+        if self.plan.warnings:
+            parts += ["", "warnings:"] + [f"  {w}" for w in self.plan.warnings]
+        return "\n".join(parts)
+
+    def to_dict(self) -> dict:
+        def shapes(inputs):
+            return [list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs or ()]
+        return {
+            "rules": [{"rule": i, "text": str(r), "origin": str(r.origin)} for i, r in enumerate(self.rules, start=1)],
+            "matches": self.plan.to_dict(),
+            "warnings": list(self.plan.warnings),
+            "inputs": {"before": shapes(self.original_inputs), "after": shapes(self.example_inputs),
+                       "changes": [str(c) for c in self.input_changes]},
+            "report": self.report.to_dict(),
+        }
+
+    def save(self, directory: str | os.PathLike, *, force: bool = False) -> Path:
+        """Write model.py + model.safetensors + surgery.json (atomically)."""
+        return save(self.module, directory, force=force, record=self.to_dict())
+
+
+def apply(model: nn.Module, rules, example_inputs=None, *, params: dict | None = None, allow=(),
+          strict: bool = False, leaf_types=(), leaf_paths=()) -> SurgeryResult:
+    """Apply `rules` to `model` (never modified) and return the regenerated module.
+
+    >>> result = apply(resnet18(), [Replace("fc", new(nn.Linear, out_features=10))],
+    ...                example_inputs=(torch.randn(1, 3, 224, 224),))
+    >>> result.module(torch.randn(2, 3, 224, 224)).shape
+    torch.Size([2, 10])
+    """
+    rule_list = flatten(rules, lambda path: load_rules(path, params=params, allow=allow))
+    captured = trace(model, example_inputs, leaf_types=leaf_types, leaf_paths=leaf_paths)
+    plan = match(captured, rule_list)             # read-only
+    edited = validate(rewrite(captured, plan))    # the only stage that edits structure, then checked
+    module, report = transfer(edited, strict=strict)
+    for warning in plan.warnings:
+        warnings.warn(warning, SurgeryWarning, stacklevel=2)
+    return SurgeryResult(module, report, plan, rule_list, edited.example_inputs(), captured.example_inputs,
+                         list(edited.inputs.values()))
+
+
+def describe_inputs(inputs) -> str:
+    return ", ".join(shape_text(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs or ())

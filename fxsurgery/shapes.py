@@ -1,0 +1,148 @@
+"""Shape propagation on fake tensors: every node gets a shape, no weight is touched.
+
+Running the real module to learn shapes would update BatchNorm statistics of
+the user's model and cost a full forward pass; fake tensors carry only shapes
+and dtypes, so the original stays untouched and large models cost nothing.
+Code that needs real values (data-dependent control flow) is run on a real
+copy instead.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch._subclasses.fake_tensor import (DataDependentOutputException,
+                                           DynamicOutputShapeException,
+                                           FakeTensorMode,
+                                           UnsupportedOperatorException)
+
+_NEEDS_REAL = (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException)
+
+
+@dataclass(frozen=True)
+class Meta:
+    """What flows along an edge: a tensor's shape and dtype, or another kind of value."""
+
+    shape: tuple | None
+    dtype: torch.dtype | None
+    kind: str = "tensor"
+
+    @property
+    def is_tensor(self) -> bool:
+        return self.kind == "tensor"
+
+    @classmethod
+    def of(cls, value: Any) -> "Meta":
+        if isinstance(value, torch.Tensor):
+            return cls(tuple(int(d) for d in value.shape), value.dtype)
+        return cls(None, None, type(value).__name__)
+
+    def __str__(self) -> str:
+        return shape_text(self.shape) if self.is_tensor else self.kind
+
+
+def shape_text(shape) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+class PropagationError(Exception):
+    """A node failed while shapes were propagated (wrapped by the caller)."""
+
+    def __init__(self, node: fx.Node, exc: BaseException):
+        super().__init__(f"{node.name}: {exc}")
+        self.node, self.exc = node, exc
+
+
+def assign(root: nn.Module, path: str, value: Any) -> None:
+    """Install a module or tensor at a dotted path, creating empty parents."""
+    *parents, name = path.split(".")
+    for part in parents:
+        child = root._modules.get(part)
+        if child is None:
+            child = nn.Module()
+            root.add_module(part, child)
+        root = child
+    if isinstance(value, nn.Module):
+        root.add_module(name, value)
+    elif isinstance(value, nn.Parameter):
+        root.register_parameter(name, value)
+    elif isinstance(value, torch.Tensor):
+        root.register_buffer(name, value)
+    else:
+        setattr(root, name, value)
+
+
+def root_of(table: dict[str, Any]) -> nn.Module:
+    """A bare module holding each module or tensor of `table` at its path."""
+    root = nn.Module()
+    for path in sorted(table, key=lambda p: p.count(".")):
+        assign(root, path, table[path])
+    return root
+
+
+def clone(module: nn.Module, make, memo: dict | None = None) -> nn.Module:
+    """Deep-copy a module's structure, each tensor replaced by `make(tensor)`.
+
+    Tensors shared between paths stay shared in the copy (one memo entry each).
+    """
+    memo = {} if memo is None else memo
+    for sub in module.modules():
+        for tensors, param in ((sub._parameters, True), (sub._buffers, False)):
+            for t in tensors.values():
+                if t is not None and id(t) not in memo:
+                    made = make(t)
+                    memo[id(t)] = nn.Parameter(made, requires_grad=t.requires_grad) if param else made
+    return copy.deepcopy(module, memo)
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, module, graph, metas):
+        super().__init__(module, graph=graph)
+        self.metas = metas
+
+    def run_node(self, n):
+        try:
+            value = super().run_node(n)
+        except PropagationError:
+            raise
+        except Exception as exc:  # any failure of user code is reported against its node
+            raise PropagationError(n, exc) from exc
+        self.metas[n.name] = Meta.of(value)
+        return value
+
+
+def propagate(root: nn.Module, graph: fx.Graph, inputs: tuple) -> dict[str, Meta]:
+    """Run `graph` over `root` on fake copies of `inputs`; a Meta per node name."""
+    metas: dict[str, Meta] = {}
+    mode = FakeTensorMode(allow_non_fake_inputs=False)
+    try:
+        fake_root = clone(root, mode.from_tensor)
+        with mode:
+            fake_inputs = tuple(mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs)
+            _Recorder(fake_root, graph, metas).run(*fake_inputs)
+        return metas
+    except PropagationError as err:
+        if not isinstance(err.exc, _NEEDS_REAL):
+            raise
+    # Data-dependent code needs real values: run on a real copy, never the original.
+    metas.clear()
+    real_root = clone(root, lambda t: t.detach().clone())
+    with torch.no_grad():
+        _Recorder(real_root, graph, metas).run(*inputs)
+    return metas
+
+
+def adapt(value: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """An example input cut or zero-padded to `shape`; values kept where dims overlap."""
+    if not isinstance(value, torch.Tensor) or tuple(value.shape) == tuple(shape):
+        return value
+    if value.dim() != len(shape):
+        return torch.zeros(shape, dtype=value.dtype, device=value.device)
+    out = torch.zeros(shape, dtype=value.dtype, device=value.device)
+    common = tuple(slice(0, min(a, b)) for a, b in zip(value.shape, shape))
+    out[common] = value[common]
+    return out

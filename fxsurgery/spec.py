@@ -1,0 +1,400 @@
+"""Rules as data: frozen dataclasses that know where they were written.
+
+A rule reads `what => action`: a selector says what (module paths, node
+names, module types, functions, methods) and the rule class says the action.
+Rules are checked when they are built, never first while rewriting.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import inspect
+import os
+import re
+import sys
+from dataclasses import KW_ONLY, dataclass, field
+from typing import Any, Callable
+
+from torch import nn
+
+from .errors import RuleError
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a rule was written: a file and line, or nothing known."""
+
+    file: str | None = None
+    line: int | None = None
+
+    def __str__(self) -> str:
+        if self.file is None:
+            return "<python>"
+        return f"{self.file}:{self.line}" if self.line else self.file
+
+
+def _display_path(path: str) -> str:
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+def _caller_origin() -> Origin:
+    # The first frame outside the package is the user's line that built the rule.
+    frame = sys._getframe(1)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        path = os.path.abspath(name)
+        if not name.startswith("<") and not path.startswith(_PACKAGE_DIR) and "dataclasses" not in path:
+            return Origin(_display_path(path), frame.f_lineno)
+        frame = frame.f_back
+    return Origin()
+
+
+def _qualname(obj: Any) -> str:
+    module = getattr(obj, "__module__", None) or ""
+    name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", repr(obj))
+    for public in ("torch.nn.functional", "torch.nn", "torch"):
+        if module.startswith(public) and getattr(sys.modules.get(public), name, None) is obj:
+            return f"{public}.{name}"
+    return f"{module}.{name}" if module else name
+
+
+@dataclass(frozen=True)
+class Selector:
+    """What a rule acts on.
+
+    - a string is a glob over module paths and node names (`layer1.*`);
+      `re:` starts a regular expression, `method:` names a tensor method;
+    - a class selects every module of that type;
+    - a function (`torch.relu`) selects every call of it.
+
+    >>> Selector.of("layer1.*").kind
+    'glob'
+    """
+
+    kind: str  # glob | regex | type | function | method
+    value: Any
+    text: str
+
+    @classmethod
+    def of(cls, spec: Any, origin: Origin | None = None) -> "Selector":
+        if isinstance(spec, Selector):
+            return spec
+        where = f"{origin}: " if origin else ""
+        if isinstance(spec, str):
+            if spec.startswith("re:"):
+                try:
+                    return cls("regex", re.compile(spec[3:]), spec)
+                except re.error as exc:
+                    raise RuleError(f"{where}bad regular expression {spec!r}: {exc}; fix: correct the pattern after 're:'") from None
+            if spec.startswith("method:"):
+                name = spec[len("method:"):]
+                if not name.isidentifier():
+                    raise RuleError(f"{where}bad method selector {spec!r}; fix: write method:NAME, e.g. method:view")
+                return cls("method", name, spec)
+            if not spec.strip() or spec != spec.strip():
+                raise RuleError(f"{where}bad glob {spec!r}: empty or padded with spaces; fix: write a module path such as 'layer1.*' or '*'")
+            return cls("glob", spec, spec)
+        if isinstance(spec, type) and issubclass(spec, nn.Module):
+            return cls("type", spec, _qualname(spec))
+        if isinstance(spec, type):
+            raise RuleError(f"{where}{_qualname(spec)} is not a torch.nn.Module class; fix: select modules by a Module subclass, a path glob or a function")
+        if callable(spec):
+            return cls("function", spec, _qualname(spec))
+        raise RuleError(f"{where}cannot select by {spec!r} ({type(spec).__name__}); fix: use a path glob, 're:REGEX', 'method:NAME', a Module class or a function")
+
+    def matches_name(self, name: str) -> bool:
+        """True when a module path or node name is selected (glob and regex only)."""
+        if self.kind == "glob":
+            return fnmatch.fnmatchcase(name, self.value)
+        if self.kind == "regex":
+            return self.value.fullmatch(name) is not None
+        return False
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True)
+class New:
+    """A module to build per match, shape arguments inferred from the graph.
+
+    `fxs.new(nn.Linear, out_features=10)` on an input of shape [N, 512]
+    builds `nn.Linear(in_features=512, out_features=10)`.
+    """
+
+    cls: type
+    kwargs: dict = field(default_factory=dict)
+
+    # constructor argument -> how it is read from the incoming shape
+    INFERRED = {
+        "in_features": lambda shape: shape[-1],
+        "in_channels": lambda shape: shape[1],
+        "num_features": lambda shape: shape[1],
+        "num_channels": lambda shape: shape[1],
+        "normalized_shape": lambda shape: shape[-1],
+        "embed_dim": lambda shape: shape[-1],
+        "d_model": lambda shape: shape[-1],
+    }
+
+    def missing(self) -> list[str]:
+        """Constructor arguments that will be inferred from the incoming shape."""
+        params = inspect.signature(self.cls).parameters
+        return [p for p in self.INFERRED if p in params and p not in self.kwargs]
+
+    def build(self, shape: tuple[int, ...] | None) -> nn.Module:
+        kwargs = dict(self.kwargs)
+        needed = self.missing()
+        if needed and shape is None:
+            raise RuleError(f"cannot infer {', '.join(needed)} of {self.cls.__name__} without example inputs; fix: pass example_inputs (--input) or give {needed[0]} explicitly")
+        for name in needed:
+            kwargs[name] = int(self.INFERRED[name](shape))
+        return self.cls(**kwargs)
+
+    def __str__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+        return f"{self.cls.__name__}({args})"
+
+
+def new(cls: type, **kwargs) -> New:
+    """A module spec whose shape arguments are inferred from the traced shapes."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise RuleError(f"{_caller_origin()}: fxs.new needs a torch.nn.Module class, got {cls!r}; fix: pass a class such as torch.nn.Linear")
+    check_kwargs(cls, kwargs, _caller_origin())
+    return New(cls, dict(kwargs))
+
+
+def check_kwargs(cls: type, kwargs: dict, origin: Origin) -> None:
+    """Reject constructor arguments the class does not take, at load time."""
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = [k for k in kwargs if k not in params]
+    if unknown:
+        takes = ", ".join(p for p in params if p not in ("self", "device", "dtype"))
+        raise RuleError(f"{origin}: {_qualname(cls)} does not take {', '.join(map(repr, unknown))}; fix: use its arguments ({takes})")
+
+
+def _module_like(value: Any, origin: Origin, what: str) -> Any:
+    if isinstance(value, (New, nn.Module)):
+        return value
+    if isinstance(value, type) and issubclass(value, nn.Module):
+        return New(value, {})
+    if what == "replacement" and callable(value) and not isinstance(value, type):
+        return value
+    raise RuleError(f"{origin}: {what} {value!r} is not a module, a module class, fxs.new(...) spec{' or a function' if what == 'replacement' else ''}; fix: pass e.g. nn.Dropout(0.2) or fxs.new(nn.Linear, out_features=10)")
+
+
+WEIGHT_POLICIES = ("new", "keep")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Base of all rules: where it was written and whether it must match."""
+
+    def __post_init__(self):
+        if self.origin is None:
+            object.__setattr__(self, "origin", _caller_origin())
+
+    @property
+    def action(self) -> str:
+        return type(self).__name__.lower()
+
+    def selectors(self) -> list[Selector]:
+        raise NotImplementedError
+
+
+def _sel(rule: Rule, name: str) -> None:
+    value = getattr(rule, name)
+    if value is not None:
+        object.__setattr__(rule, name, Selector.of(value, rule.origin))
+
+
+def _anchor(rule: Rule) -> None:
+    if (rule.after is None) == (rule.before is None):
+        raise RuleError(f"{rule.origin}: {rule.action} needs exactly one of after= or before=; fix: write {rule.action}(after='layer3') or before=")
+    _sel(rule, "after")
+    _sel(rule, "before")
+
+
+@dataclass(frozen=True)
+class Delete(Rule):
+    """Remove the selected nodes; their consumers read their input instead."""
+
+    target: Any
+    _: KW_ONLY
+    optional: bool = False
+    origin: Origin | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        _sel(self, "target")
+
+    def selectors(self):
+        return [self.target]
+
+    def __str__(self):
+        return f"delete {self.target}"
+
+
+@dataclass(frozen=True)
+class Replace(Rule):
+    """Swap the selected modules or calls for a module, a spec or a function.
+
+    `weights="new"` (default) keeps the replacement's own initialisation;
+    `weights="keep"` copies the replaced module's tensors when their names
+    and shapes all agree.
+    """
+
+    target: Any
+    replacement: Any
+    _: KW_ONLY
+    weights: str = "new"
+    optional: bool = False
+    origin: Origin | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        _sel(self, "target")
+        object.__setattr__(self, "replacement", _module_like(self.replacement, self.origin, "replacement"))
+        if self.weights not in WEIGHT_POLICIES:
+            raise RuleError(f"{self.origin}: unknown weights policy {self.weights!r}; fix: use one of {', '.join(WEIGHT_POLICIES)}")
+
+    def selectors(self):
+        return [self.target]
+
+    def __str__(self):
+        return f"replace {self.target} with {describe(self.replacement)}"
+
+
+@dataclass(frozen=True)
+class Insert(Rule):
+    """Add a module on the output edge (after=) or input edge (before=) of a node."""
+
+    module: Any
+    _: KW_ONLY
+    after: Any = None
+    before: Any = None
+    name: str | None = None
+    optional: bool = False
+    origin: Origin | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "module", _module_like(self.module, self.origin, "inserted module"))
+        _anchor(self)
+        if self.name is not None and not all(p.isidentifier() for p in self.name.split(".")):
+            raise RuleError(f"{self.origin}: insert name {self.name!r} is not a module path; fix: use identifiers joined by dots")
+
+    def selectors(self):
+        return [self.after or self.before]
+
+    def __str__(self):
+        where = f"after {self.after}" if self.after else f"before {self.before}"
+        return f"insert {describe(self.module)} {where}"
+
+
+@dataclass(frozen=True)
+class Detach(Rule):
+    """Stop gradients on the output edges (after=) or input edges (before=) of a node.
+
+    Values are unchanged; nothing upstream of the cut receives a gradient
+    through it. The cut uses `Tensor.detach`, never the in-place `detach_`.
+    """
+
+    _: KW_ONLY
+    after: Any = None
+    before: Any = None
+    optional: bool = False
+    origin: Origin | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        _anchor(self)
+
+    def selectors(self):
+        return [self.after or self.before]
+
+    def __str__(self):
+        return f"detach after {self.after}" if self.after else f"detach before {self.before}"
+
+
+@dataclass(frozen=True)
+class Freeze(Rule):
+    """`requires_grad=False` on the parameters of the selected modules.
+
+    A parameter is frozen when its module or any module above it is selected
+    and none of them is excluded.
+    """
+
+    target: Any
+    _: KW_ONLY
+    exclude: tuple = ()
+    optional: bool = False
+    origin: Origin | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        _sel(self, "target")
+        excl = (self.exclude,) if isinstance(self.exclude, (str, type)) else tuple(self.exclude)
+        object.__setattr__(self, "exclude", tuple(Selector.of(e, self.origin) for e in excl))
+
+    def selectors(self):
+        return [self.target]
+
+    def __str__(self):
+        tail = f" except {', '.join(map(str, self.exclude))}" if self.exclude else ""
+        return f"freeze {self.target}{tail}"
+
+
+def describe(thing: Any) -> str:
+    """Short text for a replacement or inserted module."""
+    if isinstance(thing, New):
+        return str(thing)
+    if isinstance(thing, nn.Module):
+        return repr(thing) if "\n" not in repr(thing) else type(thing).__name__
+    return _qualname(thing)
+
+
+def fresh(thing: Any) -> Any:
+    """A copy per match of a module instance (specs and functions are returned)."""
+    return copy.deepcopy(thing) if isinstance(thing, nn.Module) else thing
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """An ordered list of rules with the file they came from."""
+
+    rules: tuple
+    description: str = ""
+    params: dict = field(default_factory=dict)
+    source: str | None = None
+
+    def __iter__(self):
+        return iter(self.rules)
+
+    def __len__(self):
+        return len(self.rules)
+
+
+def flatten(rules: Any, load: Callable[[str], RuleSet]) -> list[Rule]:
+    """Rules from a rule, a RuleSet, a YAML path, or a list mixing them."""
+    if isinstance(rules, (Rule, RuleSet, str, os.PathLike)):
+        rules = [rules]
+    out: list[Rule] = []
+    for item in rules or []:
+        if isinstance(item, Rule):
+            out.append(item)
+        elif isinstance(item, RuleSet):
+            out.extend(item.rules)
+        elif isinstance(item, (str, os.PathLike)):
+            out.extend(load(os.fspath(item)).rules)
+        else:
+            raise RuleError(f"{_caller_origin()}: {item!r} is not a rule, a RuleSet or a rule file path; fix: pass Delete/Replace/Insert/Detach/Freeze objects or a path to a YAML file")
+    return out

@@ -1,0 +1,84 @@
+"""Shared models and helpers: small hand-written modules and real torchvision models."""
+
+import contextlib
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from fxsurgery.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RULES = os.path.join(ROOT, "rules")
+
+
+class Two(nn.Module):
+    """The walkthrough's model: liner2(liner1(x))."""
+
+    def __init__(self):
+        super().__init__()
+        self.liner1 = nn.Linear(3, 2)
+        self.liner2 = nn.Linear(2, 1)
+
+    def forward(self, x):
+        return self.liner2(self.liner1(x))
+
+
+class Three(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.liner1 = nn.Linear(3, 2)
+        self.liner2 = nn.Linear(2, 2)
+        self.liner3 = nn.Linear(2, 1)
+
+    def forward(self, x):
+        return self.liner3(self.liner2(self.liner1(x)))
+
+
+@pytest.fixture
+def two():
+    torch.manual_seed(0)
+    return Two()
+
+
+@pytest.fixture
+def three():
+    torch.manual_seed(0)
+    return Three()
+
+
+@pytest.fixture
+def resnet18():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(weights=None)
+
+
+def state_copy(model: nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_state_equal(model: nn.Module, saved: dict) -> None:
+    state = model.state_dict()
+    assert state.keys() == saved.keys()
+    for k, v in saved.items():
+        assert torch.equal(state[k], v), k
+
+
+def cli(*args):
+    """Run the CLI in-process: (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return code, out.getvalue(), err.getvalue()
+
+
+def cli_process(*args, cwd=None):
+    """Run the CLI as a separate process, as a user would."""
+    proc = subprocess.run([sys.executable, "-m", "fxsurgery.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd or ROOT)
+    return proc.returncode, proc.stdout, proc.stderr
