@@ -25,7 +25,10 @@ from .spec import (Delete, Detach, Freeze, Insert, New, Origin, Replace, RuleSet
 VERSION = 1
 DEFAULT_ALLOW = ("torch", "torchvision")
 ACTIONS = ("delete", "replace", "insert", "detach", "freeze")
-_PARAM = re.compile(r"\$\{([^}]*)\}")
+_PARAM = re.compile(r"\$\{([^}\n]*)\}")
+# `${name}` is not valid YAML inside a flow mapping ({out_features: ${n}}), so
+# before parsing each one becomes a plain token that names it, same line.
+_TOKEN = re.compile(r"__fxsparam_([0-9a-f]*)__")
 
 
 class _Map(dict):
@@ -98,6 +101,7 @@ def load_rules(path: str | os.PathLike, params: dict | None = None, allow=()) ->
 
 def parse_rules(text: str, source: str = "<rules>", params: dict | None = None, allow=()) -> RuleSet:
     """Rules from the text of a rule file (see load_rules)."""
+    text = _PARAM.sub(lambda m: f"__fxsparam_{m.group(1).encode().hex()}__", text)
     doc = _parse_yaml(text, source)
     if doc is None:
         raise RuleError(f"{source}: the rule file is empty; fix: start it with 'fxsurgery: {VERSION}' and a 'rules:' list")
@@ -142,16 +146,17 @@ def _interpolate(value: Any, params: dict, source: str, line: int) -> Any:
         out = _List(_interpolate(v, params, source, getattr(value, "line", line)) for v in value)
         out.line = getattr(value, "line", line)
         return out
-    if not isinstance(value, str) or "${" not in value:
+    if not isinstance(value, str) or "__fxsparam_" not in value:
         return value
-    for name in _PARAM.findall(value):
+    names = [bytes.fromhex(h).decode() for h in _TOKEN.findall(value)]
+    for name in names:
         if name not in params:
             declared = ", ".join(params) or "none"
             raise RuleError(f"{source}:{line}: unknown param ${{{name}}} (declared: {declared}); fix: declare it under 'params:' or correct the name")
-    whole = _PARAM.fullmatch(value)
+    whole = _TOKEN.fullmatch(value)
     if whole:
-        return params[whole.group(1)]
-    return _PARAM.sub(lambda m: str(params[m.group(1)]), value)
+        return params[names[0]]
+    return _TOKEN.sub(lambda m: str(params[bytes.fromhex(m.group(1)).decode()]), value)
 
 
 def _check_keys(mapping: _Map, allowed, source: str, where: str) -> None:

@@ -48,6 +48,7 @@ class Match:
     modules: list[str] = field(default_factory=list)
     reason: str = ""
     nearest: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # sites an earlier rule removed
 
     @property
     def count(self) -> int:
@@ -61,7 +62,7 @@ class Match:
         return {"rule": self.index, "action": self.rule.action, "text": str(self.rule),
                 "origin": str(self.rule.origin), "matches": self.count,
                 "sites": [s.key for s in self.sites], "modules": list(self.modules),
-                "reason": self.reason}
+                "reason": self.reason, "skipped": list(self.skipped)}
 
 
 def label(index: int, rule: Rule) -> str:
@@ -134,7 +135,7 @@ class GraphIndex:
     def names(self) -> list[str]:
         """Every module path and call-node name, for 'did you mean'."""
         calls = [n.name for n in self.nodes.values() if n.op.startswith("call")]
-        return [p for p in self.modules if p] + calls
+        return list(dict.fromkeys([p for p in self.modules if p] + calls))
 
 
 def outermost(paths: list[str]) -> list[str]:
@@ -252,13 +253,24 @@ def match(captured: Captured, rules: list[Rule]) -> Plan:
 
 
 def _check_conflicts(m: Match, touched: dict[str, Match]) -> None:
+    """Skip sites an earlier rule deleted or replaced; a rule left with none conflicts."""
     destructive = isinstance(m.rule, (Delete, Replace))
+    kept, clash = [], None
     for site in m.sites:
-        for name in site.nodes:
-            earlier = touched.get(name)
-            if earlier is not None and (destructive or earlier.rule.action == "delete"):
-                verb = "deleted" if isinstance(earlier.rule, Delete) else "replaced"
-                raise MatchError(f"{m.label} conflicts with {earlier.label}: node '{name}' was already {verb}; fix: drop one of the two rules")
-        if destructive:
+        hit = next(((name, touched[name]) for name in site.nodes if name in touched
+                    and (destructive or touched[name].rule.action == "delete")), None)
+        if hit is None:
+            kept.append(site)
+        else:
+            clash = clash or hit
+            m.skipped.append(f"{site.key} (gone after {hit[1].label})")
+    if clash and not kept:
+        name, earlier = clash
+        verb = "deleted" if isinstance(earlier.rule, Delete) else "replaced"
+        raise MatchError(f"{m.label} conflicts with {earlier.label}: node '{name}' was already {verb}; fix: drop one of the two rules")
+    m.sites = kept
+    m.modules = [p for p in m.modules if any(s.path == p for s in kept)]
+    if destructive:
+        for site in kept:
             for name in site.nodes:
                 touched[name] = m

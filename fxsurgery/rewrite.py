@@ -260,7 +260,8 @@ class Rewriter:
         self.dirty = True
 
     def replace_module(self, m: Match, path: str, sites: list[Site]) -> None:
-        shapes = {self.shape_in(s) for s in sites}
+        needs_shape = isinstance(m.rule.replacement, New) and m.rule.replacement.missing()
+        shapes = {self.shape_in(s) for s in sites} if needs_shape else {None}
         if len(shapes) > 1:
             self.fail(m, sites[0], f"'{path}' is called with different shapes ({', '.join(shape_text(s) for s in shapes if s)})",
                       "replace each call site separately or give the shape arguments explicitly")
@@ -327,7 +328,7 @@ class Rewriter:
             for anchor in anchors:
                 meta = self.meta(anchor.name)
                 if meta is not None and not meta.is_tensor:
-                    self.fail(m, site, f"value '{anchor.name}' is a {meta.kind}, not a tensor; only tensors carry gradients",
+                    self.fail(m, site, f"value '{anchor.name}' has type {meta.kind}, not Tensor; only tensors carry gradients",
                               "detach a node whose value is a tensor")
                 new = self.splice(m, site, anchor, lambda value: self.graph.create_node(
                     "call_method", "detach", (value,), name=f"{value.name}_detach"))
@@ -382,13 +383,19 @@ def rewrite(captured: Captured, plan: Plan) -> Edited:
 
 
 def blame(edited: Edited, node: fx.Node) -> Match | None:
-    """The rule that made, changed or rewired `node` or one of its inputs."""
-    for candidate in [node, *node.all_input_nodes]:
+    """The rule that made, changed or rewired `node` or, nearest first, a node upstream of it."""
+    queue, seen = [node], {node}
+    while queue:
+        candidate = queue.pop(0)
         index = candidate.meta.get("fxs_rule")
         if index is None and candidate.op == "call_module" and candidate.target in edited.modules:
             index = edited.modules[candidate.target].rule
         if index is not None:
             return edited.rule_of(index)
+        for arg in candidate.all_input_nodes:
+            if arg not in seen:
+                seen.add(arg)
+                queue.append(arg)
     return None
 
 
@@ -397,7 +404,7 @@ def shape_failure(err: PropagationError, edited: Edited) -> ValidateError:
     node, exc = err.node, err.exc
     culprit = blame(edited, node)
     where = f"{culprit.label} at node '{node.name}' [{node.op}]" if culprit else f"node '{node.name}' [{node.op}]"
-    incoming = [edited.shapes.get(a.name) for a in node.all_input_nodes]
+    incoming = [err.metas.get(a.name) for a in node.all_input_nodes]
     shape = next((mt.shape for mt in incoming if mt is not None and mt.is_tensor), None)
     module = edited.modules[node.target].value if node.op == "call_module" and node.target in edited.modules else None
     if module is not None and shape is not None:

@@ -9,7 +9,9 @@ copy instead.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +21,21 @@ from torch._subclasses.fake_tensor import (DataDependentOutputException,
                                            DynamicOutputShapeException,
                                            FakeTensorMode,
                                            UnsupportedOperatorException)
+
+# Fake tensors log every failing op with a traceback; the failure is reported
+# once, as a one-line error naming the rule, so the log is silenced meanwhile.
+_FAKE_LOGGER = logging.getLogger("torch._subclasses.fake_tensor")
+
+
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger):
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
 
 _NEEDS_REAL = (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException)
 
@@ -52,9 +69,9 @@ def shape_text(shape) -> str:
 class PropagationError(Exception):
     """A node failed while shapes were propagated (wrapped by the caller)."""
 
-    def __init__(self, node: fx.Node, exc: BaseException):
+    def __init__(self, node: fx.Node, exc: BaseException, metas: dict | None = None):
         super().__init__(f"{node.name}: {exc}")
-        self.node, self.exc = node, exc
+        self.node, self.exc, self.metas = node, exc, metas or {}
 
 
 def assign(root: nn.Module, path: str, value: Any) -> None:
@@ -110,7 +127,7 @@ class _Recorder(fx.Interpreter):
         except PropagationError:
             raise
         except Exception as exc:  # any failure of user code is reported against its node
-            raise PropagationError(n, exc) from exc
+            raise PropagationError(n, exc, self.metas) from exc
         self.metas[n.name] = Meta.of(value)
         return value
 
@@ -121,7 +138,7 @@ def propagate(root: nn.Module, graph: fx.Graph, inputs: tuple) -> dict[str, Meta
     mode = FakeTensorMode(allow_non_fake_inputs=False)
     try:
         fake_root = clone(root, mode.from_tensor)
-        with mode:
+        with mode, _quiet(_FAKE_LOGGER):
             fake_inputs = tuple(mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs)
             _Recorder(fake_root, graph, metas).run(*fake_inputs)
         return metas

@@ -1,0 +1,254 @@
+"""Selectors, rewrites and their errors, each with a must-not-match twin."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.nn import functional as F
+
+import fxsurgery as fxs
+from fxsurgery import Delete, Detach, Freeze, Insert, Replace
+
+
+def line_of(rule):
+    return f"{rule.origin.file}:{rule.origin.line}"
+
+
+class Chain(nn.Module):
+    """Linear(3, 4) -> Linear(4, 2) -> Linear(2, 1), with a view and a size call."""
+
+    def __init__(self):
+        super().__init__()
+        self.liner1 = nn.Linear(3, 4)
+        self.liner2 = nn.Linear(4, 2)
+        self.liner3 = nn.Linear(2, 1)
+
+    def forward(self, x):
+        h = self.liner2(self.liner1(x))
+        h = h.view(x.size(0), -1)
+        return self.liner3(F.relu(h))
+
+
+@pytest.fixture
+def chain():
+    torch.manual_seed(0)
+    return Chain()
+
+
+def graph_ops(module):
+    return [(n.op, str(n.target)) for n in module.graph.nodes]
+
+
+X = (torch.randn(2, 3, 64, 64),)
+
+
+# -- selectors: each kind, then a twin that matches nothing and changes nothing --
+
+@pytest.mark.parametrize("selector, sites", [
+    ("layer1.*", ["layer1.0", "layer1.1"]),                       # outermost modules only
+    ("re:layer[12]\\.0\\.conv1", ["layer1.0.conv1", "layer2.0.conv1"]),
+    (nn.BatchNorm2d, ["bn1"] + [f"layer{i}.{j}.bn{k}" for i in range(1, 5) for j in (0, 1) for k in (1, 2)][:1]),
+    (torch.flatten, ["flatten"]),
+    ("add_*", [f"add_{i}" for i in range(1, 8)]),
+])
+def test_selector_kinds(resnet18, selector, sites):
+    result = fxs.apply(resnet18, [Detach(after=selector)], example_inputs=X)
+    got = [s.key for s in result.plan.matches[0].sites]
+    assert got[:len(sites)] == sites
+    if selector is nn.BatchNorm2d:
+        assert len(got) == 20  # bn1 + 2 per block x 8 + 1 per downsample x 3
+    else:
+        assert len(got) == len(sites)
+    assert sum(1 for n in result.module.graph.nodes if n.target == "detach") == len(got)
+
+
+def test_method_selector(chain):
+    result = fxs.apply(chain, [Detach(after="method:view")], example_inputs=(torch.randn(2, 3),))
+    assert [s.key for s in result.plan.matches[0].sites] == ["view"]
+    assert torch.equal(result.module(torch.ones(2, 3)), chain(torch.ones(2, 3)))
+
+
+@pytest.mark.parametrize("selector", ["layer9.*", "re:nothing\\d", nn.GELU, torch.relu, "method:permute"])
+def test_selector_twin_matches_nothing_and_changes_nothing(resnet18, selector):
+    resnet18.eval()
+    result = fxs.apply(resnet18, [Detach(after=selector, optional=True)], example_inputs=X)
+    assert result.plan.matches[0].count == 0 and result.plan.matches[0].reason
+    assert graph_ops(result.module) == graph_ops(torch.fx.symbolic_trace(resnet18))
+    result.module.eval()
+    assert torch.equal(result.module(X[0]), resnet18(X[0]))
+
+
+# -- replace ------------------------------------------------------------------
+
+def test_replace_module_type_by_function_equals_module_form(resnet18):
+    resnet18.eval()
+    as_function = fxs.apply(resnet18, [Replace(nn.ReLU, F.gelu)], example_inputs=X).module.eval()
+    as_module = fxs.apply(resnet18, [Replace(nn.ReLU, nn.GELU())], example_inputs=X).module.eval()
+    assert sum(1 for n in as_function.graph.nodes if n.target is F.gelu) == 17
+    assert not any(isinstance(m, nn.ReLU) for m in as_function.modules())
+    assert torch.equal(as_function(X[0]), as_module(X[0]))
+
+
+def test_replace_and_delete_a_traced_through_block_equal_the_hand_edit(resnet18):
+    resnet18.eval()
+    by_hand = copy.deepcopy(resnet18)
+    by_hand.layer4[1] = nn.Identity()
+    replaced = fxs.apply(resnet18, [Replace("layer4.1", nn.Identity())], example_inputs=X)
+    deleted = fxs.apply(resnet18, [Delete("layer4.1")], example_inputs=X)
+    for result in (replaced, deleted):
+        result.module.eval()
+        assert torch.equal(result.module(X[0]), by_hand(X[0]))
+        assert not any(n.startswith("layer4.1.") for n in result.module.state_dict())
+    assert len(deleted.report.dropped) == 12  # conv1, bn1 (5 tensors), conv2, bn2 (5 tensors)
+
+
+def test_replace_function_calls_by_module(chain):
+    result = fxs.apply(chain, [Replace(F.relu, nn.GELU())], example_inputs=(torch.randn(2, 3),))
+    x = torch.randn(2, 3)
+    assert isinstance(result.module.get_submodule("relu"), nn.GELU)
+    assert torch.equal(result.module(x), chain.liner3(F.gelu(chain.liner2(chain.liner1(x)))))
+
+
+def test_new_infers_shape_arguments(resnet18):
+    result = fxs.apply(resnet18, [Insert(fxs.new(nn.BatchNorm2d), after="layer2"),
+                                  Replace("fc", fxs.new(nn.Linear, out_features=3, bias=False))], example_inputs=X)
+    m = result.module
+    assert m.layer2_batch_norm2d.num_features == 128
+    assert (m.fc.in_features, m.fc.out_features, m.fc.bias) == (512, 3, None)
+
+
+def test_insert_before_reads_the_edge_into_the_node(two):
+    torch.manual_seed(3)
+    scale = nn.Linear(2, 2)
+    result = fxs.apply(two, [Insert(scale, before="liner2")], example_inputs=(torch.randn(1, 3),))
+    x = torch.randn(4, 3)
+    assert torch.equal(result.module(x), two.liner2(scale(two.liner1(x))))
+    assert result.module.liner2_linear is not scale
+
+
+def test_detach_on_one_edge_leaves_the_other_path_trainable():
+    class Fork(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.a, self.b = nn.Linear(2, 2), nn.Linear(2, 1), nn.Linear(2, 1)
+
+        def forward(self, x):
+            h = self.stem(x)
+            return self.a(h) + self.b(h)
+
+    torch.manual_seed(0)
+    model = Fork()
+    result = fxs.apply(model, [Detach(before="a")], example_inputs=(torch.randn(1, 2),))
+    m = result.module
+    x = torch.randn(3, 2)
+    m(x).sum().backward()
+    assert m.stem.weight.grad is not None and m.a.weight.grad is not None
+    # The stem's gradient now comes through b alone.
+    reference = copy.deepcopy(model)
+    (reference.b(reference.stem(x))).sum().backward()
+    assert torch.equal(m.stem.weight.grad, reference.stem.weight.grad)
+
+
+# -- errors -------------------------------------------------------------------
+
+def test_no_match_names_the_rule_and_the_closest_names(resnet18):
+    rule = Replace("fcc", nn.Identity())
+    with pytest.raises(fxs.MatchError) as err:
+        fxs.apply(resnet18, [rule], example_inputs=X)
+    assert str(err.value) == (f"rule 1 'replace fcc with Identity()' ({line_of(rule)}) matched nothing: "
+                              "no module path or node name matches 'fcc'; closest: fc; "
+                              "fix: correct the selector or add 'optional: true'")
+
+
+def test_no_match_by_type_lists_the_types_present(two):
+    rule = Delete(nn.Dropout)
+    with pytest.raises(fxs.MatchError) as err:
+        fxs.apply(two, [rule], example_inputs=(torch.randn(1, 3),))
+    assert str(err.value) == (f"rule 1 'delete torch.nn.Dropout' ({line_of(rule)}) matched nothing: "
+                              "no module of type Dropout (types present: Linear, Two); "
+                              "fix: correct the selector or add 'optional: true'")
+
+
+def test_conflicting_rules(resnet18):
+    first, second = Delete("fc"), Replace("fc", nn.Identity())
+    with pytest.raises(fxs.MatchError) as err:
+        fxs.apply(resnet18, [first, second], example_inputs=X)
+    assert str(err.value) == (f"rule 2 'replace fc with Identity()' ({line_of(second)}) conflicts with "
+                              f"rule 1 'delete fc' ({line_of(first)}): node 'fc' was already deleted; "
+                              "fix: drop one of the two rules")
+
+
+def test_delete_of_a_node_with_two_inputs(resnet18):
+    rule = Delete("add")
+    with pytest.raises(fxs.RewriteError) as err:
+        fxs.apply(resnet18, [rule], example_inputs=X)
+    assert str(err.value) == (f"rule 1 'delete add' ({line_of(rule)}) at 'add': it reads 2 tensors "
+                              "(layer1_0_bn2, maxpool), so there is no single input to pass on; "
+                              "fix: replace it instead, or select a node with one input")
+
+
+def test_delete_that_breaks_a_consumer_names_rule_and_node(chain):
+    rule = Delete("liner2")
+    with pytest.raises(fxs.ValidateError) as err:
+        fxs.apply(chain, [rule], example_inputs=(torch.randn(2, 3),))
+    assert str(err.value) == (f"rule 1 'delete liner2' ({line_of(rule)}) at node 'liner3' [call_module]: "
+                              "Linear(in_features=2, out_features=1, bias=True) does not fit the incoming shape [2, 4]; "
+                              "fix: replace this layer too (fxs.new infers its input size), or insert a layer that maps the shape")
+
+
+def test_replace_whose_shape_cannot_fit(chain):
+    rule = Replace("liner2", nn.Linear(5, 2))
+    with pytest.raises(fxs.ValidateError) as err:
+        fxs.apply(chain, [rule], example_inputs=(torch.randn(2, 3),))
+    assert str(err.value) == (f"rule 1 'replace liner2 with Linear(in_features=5, out_features=2, bias=True)' ({line_of(rule)}) "
+                              "at node 'liner2' [call_module]: Linear(in_features=5, out_features=2, bias=True) does not fit "
+                              "the incoming shape [2, 4]; fix: drop the shape argument and let it be inferred (fxs.new), "
+                              "or set it to match [2, 4]")
+
+
+def test_detach_of_a_value_that_is_not_a_tensor(chain):
+    rule = Detach(after="method:size")
+    with pytest.raises(fxs.RewriteError) as err:
+        fxs.apply(chain, [rule], example_inputs=(torch.randn(2, 3),))
+    assert str(err.value) == (f"rule 1 'detach after method:size' ({line_of(rule)}) at 'size': value 'size' has type int, "
+                              "not Tensor; only tensors carry gradients; fix: detach a node whose value is a tensor")
+
+
+def test_freeze_of_a_module_without_parameters_warns(resnet18):
+    rule = Freeze("relu")
+    with pytest.warns(fxs.SurgeryWarning) as caught:
+        result = fxs.apply(resnet18, [rule], example_inputs=X)
+    assert [str(w.message) for w in caught] == [f"rule 1 'freeze relu' ({line_of(rule)}): relu has no parameters; nothing to freeze"]
+    assert result.report.frozen == []
+
+
+def test_rule_arguments_are_checked_when_built():
+    with pytest.raises(fxs.RuleError, match=r"needs exactly one of after= or before=; fix: write insert\(after='layer3'\)"):
+        Insert(nn.ReLU())
+    with pytest.raises(fxs.RuleError, match=r"torch.nn.Linear does not take 'outfeatures'; fix: use its arguments \(in_features, out_features, bias\)"):
+        fxs.new(nn.Linear, outfeatures=3)
+    with pytest.raises(fxs.RuleError, match=r"unknown weights policy 'copy'; fix: use one of new, keep"):
+        Replace("fc", nn.Identity(), weights="copy")
+    with pytest.raises(fxs.RuleError, match=r"bad regular expression 're:\(': "):
+        Delete("re:(")
+
+
+def test_replace_keep_copies_matching_weights(resnet18):
+    result = fxs.apply(resnet18, [Replace("fc", nn.Linear(512, 1000), weights="keep")], example_inputs=X)
+    assert torch.equal(result.module.fc.weight, resnet18.fc.weight)
+    assert result.report.new == [] and result.report.dropped == []
+    rule = Replace("fc", nn.Linear(512, 10), weights="keep")
+    with pytest.raises(fxs.TransferError) as err:
+        fxs.apply(resnet18, [rule], example_inputs=X)
+    assert str(err.value) == (f"rule 1 'replace fc with Linear(in_features=512, out_features=10, bias=True)' ({line_of(rule)}): "
+                              "weights 'keep' cannot fill fc.weight [10, 512]: the replaced module has [1000, 512] there; fix: use weights: new")
+
+
+def test_freeze_by_type_and_rule_order(resnet18):
+    result = fxs.apply(resnet18, [Freeze(nn.BatchNorm2d), Replace("bn1", fxs.new(nn.BatchNorm2d))], example_inputs=X)
+    frozen = set(result.report.frozen)
+    assert len(frozen) == 19 * 2  # 20 BatchNorms x (weight, bias), less the bn1 made after the freeze
+    assert "bn1.weight" not in frozen and "layer1.0.bn1.weight" in frozen
