@@ -13,7 +13,7 @@ from .errors import (FxsError, MatchError, ModelError, RewriteError, RuleError, 
                      TraceError, TransferError, ValidateError)
 from .loader import load_rules
 from .pipeline import SurgeryResult, SurgeryWarning, apply
-from .save import load, save
+from .export import load, save
 from .spec import Delete, Detach, Freeze, Insert, Replace, RuleSet, new
 from .trace import trace
 from .transfer import TransferReport

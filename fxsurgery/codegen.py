@@ -76,6 +76,16 @@ def constructor(module: nn.Module, path: str) -> str:
     return f"{public_name(cls)}({args})"
 
 
+def _dtype_suffix(module: nn.Module, path: str) -> str:
+    """`.to(dtype)` where a module's floating tensors are not in the default dtype."""
+    dtypes = {t.dtype for t in module.state_dict().values() if t.is_floating_point()}
+    if not dtypes or dtypes == {torch.get_default_dtype()}:
+        return ""
+    if len(dtypes) > 1:
+        raise SaveError(f"cannot write model.py: module '{path}' mixes dtypes {sorted(map(str, dtypes))}; fix: cast it to one dtype first")
+    return f".to({dtypes.pop()})"
+
+
 def _render(value: Any) -> str:
     if isinstance(value, torch.dtype):
         return str(value)
@@ -139,7 +149,7 @@ def generate(gm: fx.GraphModule, *, header: str, frozen: list[str], ties: dict[s
         done.add(new)
         value = gm.get_submodule(old) if _is_module(gm, old) else _get(gm, old)
         if isinstance(value, nn.Module):
-            body.append(f"        _put(self, {new!r}, {constructor(value, old)})")
+            body.append(f"        _put(self, {new!r}, {constructor(value, old)}{_dtype_suffix(value, old)})")
         elif isinstance(value, torch.Tensor):
             empty = f"torch.empty({tuple(value.shape)!r}, dtype={value.dtype})"
             if isinstance(value, nn.Parameter):
@@ -238,14 +248,14 @@ class Model(nn.Module):
         """The model with the weights of model.safetensors in `directory`."""
         from safetensors.torch import load_file
 
-        tensors = load_file(os.path.join(directory, "model.safetensors"), device=str(device))
+        tensors = load_file(os.path.join(directory, "model.safetensors"))
         model = cls().to(device)
         state = {{k: v for k, v in tensors.items() if k not in NON_PERSISTENT}}
-        model.load_state_dict({{**state, **{{a: state[o] for a, o in TIES.items()}}}}, strict=True, assign=True)
-        for alias, owner in TIES.items():  # assign=True replaced both paths: tie them again
-            _put(model, alias, model.get_parameter(owner))
+        # Copy into the model's own (aligned) tensors rather than adopting the
+        # file's buffers: kernels may pick another summation order on odd alignments.
+        model.load_state_dict({{**state, **{{a: state[o] for a, o in TIES.items()}}}}, strict=True)
         for name in NON_PERSISTENT:
-            _put(model, name, tensors[name], persistent=False)
+            _put(model, name, tensors[name].to(device, copy=True), persistent=False)
         return model
 
 {forward}

@@ -15,7 +15,7 @@ import torch
 import torchvision
 
 from .pipeline import SurgeryResult, apply
-from .save import load
+from .export import load
 
 
 def rules_dir() -> Path:

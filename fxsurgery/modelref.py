@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .errors import ModelError
-from .save import load as load_saved
+from .export import load as load_saved
 from .shapes import shape_text
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16, "half": torch.float16,

@@ -13,7 +13,7 @@ from torch import fx, nn
 from .loader import load_rules
 from .match import Plan, match
 from .rewrite import InputChange, rewrite
-from .save import save
+from .export import save
 from .shapes import shape_text
 from .spec import Rule, flatten
 from .trace import trace

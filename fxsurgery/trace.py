@@ -98,6 +98,7 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, *, leaf_types=(
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         fix = f"leaf_paths=['{tracer.failed_in}'] (--leaf {tracer.failed_in})" if tracer.failed_in else "make the untraceable part a leaf module"
         raise TraceError(f"cannot trace {where}: {type(exc).__name__}: {reason}; fix: {fix}") from None
+    _refuse_unquotable(graph)
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
     captured = Captured(model, gm, None, {}, tuple(leaf_types), tuple(leaf_paths))
     if example_inputs is not None:
@@ -118,3 +119,11 @@ def check_inputs(example_inputs: Any, names: list[str]) -> tuple:
     if len(example_inputs) > len(names):
         raise ModelError(f"{len(example_inputs)} example inputs for a forward that takes {len(names)} ({', '.join(names)}); fix: pass one input per argument")
     return tuple(example_inputs)
+
+
+def _refuse_unquotable(graph: fx.Graph) -> None:
+    """torch.fx pastes module paths into generated code inside double quotes,
+    unescaped; a path holding a quote, backslash or line break would run as code."""
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr") and any(c in node.target for c in '"\\\n\r'):
+            raise TraceError(f"module path {node.target!r} contains a quote, backslash or line break, which torch.fx would write into generated code unescaped; fix: rename that submodule")

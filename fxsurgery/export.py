@@ -114,7 +114,9 @@ def save(module: fx.GraphModule, directory: str | os.PathLike, *, force: bool = 
     tensors = {_renamed(k, renames): v for k, v in tensors.items()}
     with atomic_directory(directory, force) as work:
         (work / "model.py").write_text(source, encoding="utf-8")
-        save_file(tensors, str(work / "model.safetensors"), metadata={"format": "pt", "fxsurgery": __version__})
+        # One metadata key only: safetensors writes metadata in hash order, and
+        # the same model must give the same bytes every time.
+        save_file(tensors, str(work / "model.safetensors"), metadata={"format": "pt"})
         doc = {"fxsurgery": __version__, "format": FORMAT, "torch": torch.__version__,
                "class": type(module).__name__, "renamed": {k: v for k, v in renames.items() if k != v},
                **(record or {}), "hash": digest(work)}

@@ -1,0 +1,32 @@
+"""A stop-gradient before the last layer: same outputs, only liner3 trains.
+
+Detach inserts `Tensor.detach()` (never the in-place `detach_()`), so values
+are untouched and nothing upstream of the cut receives a gradient.
+"""
+import torch
+from torch import nn
+
+import fxsurgery as fxs
+
+
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.liner1 = nn.Linear(3, 2)
+        self.liner2 = nn.Linear(2, 2)
+        self.liner3 = nn.Linear(2, 1)
+
+    def forward(self, x):
+        return self.liner3(self.liner2(self.liner1(x)))
+
+
+torch.manual_seed(0)
+model = M()
+x = torch.randn(4, 3)
+new = fxs.apply(model, [fxs.Detach(before="liner3")], example_inputs=(x,)).module
+assert torch.equal(new(x), model(x))
+
+new(x).sum().backward()
+assert new.liner1.weight.grad is None and new.liner2.weight.grad is None
+assert new.liner3.weight.grad is not None
+print(new.code)

@@ -1,0 +1,162 @@
+"""The command line: demo, apply, inspect, check, and bad input."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import fxsurgery as fxs
+from conftest import RULES, cli, cli_process
+
+RESNET = "torchvision.models:resnet18"
+
+
+def write(tmp_path, text, name="r.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_demo_writes_a_reloadable_model(tmp_path):
+    out = tmp_path / "demo"
+    code, stdout, stderr = cli("demo", "-o", out)
+    assert code == 0 and stderr == ""
+    assert sorted(os.listdir(out)) == ["model.py", "model.safetensors", "surgery.json"]
+    record = json.loads((out / "surgery.json").read_text())
+    assert record["report"]["counts"] == {"transferred": 120, "adapted": 0, "new": 2, "dropped": 2, "frozen": 45}
+    assert [m["matches"] for m in record["matches"]] == [1, 30, 1, 1]
+    assert "before: 11,689,512 parameters, 11,689,512 trainable; after: 11,181,642 parameters, 8,398,858 trainable" in stdout
+    assert "outputs bit-identical" in stdout
+    model = fxs.load(out)
+    assert model.fc.out_features == 10
+    # a second demo run replaces its own earlier output
+    assert cli("demo", "-o", out)[0] == 0
+
+
+def test_apply_writes_and_reports(tmp_path):
+    out = tmp_path / "o"
+    code, stdout, _ = cli("apply", RESNET, os.path.join(RULES, "classifier-head.yaml"), "--set", "num_classes=37",
+                          "--input", "1x3x64x64", "-o", out)
+    assert code == 0
+    assert "1  replace fc with Linear(out_features=37)  1        fc" in stdout
+    assert f"wrote {out}/ (model.py, model.safetensors, surgery.json)" in stdout
+    assert fxs.load(out).fc.out_features == 37
+
+
+def test_apply_json_and_dry_run(tmp_path):
+    out = tmp_path / "o"
+    code, stdout, _ = cli("apply", RESNET, os.path.join(RULES, "resnet-finetune.yaml"), "--input", "1x3x64x64",
+                          "-o", out, "--dry-run", "--json")
+    assert code == 0 and not out.exists()
+    doc = json.loads(stdout)
+    assert doc["dry_run"] is True and doc["output"] is None
+    assert [m["matches"] for m in doc["matches"]] == [1, 30, 1, 1]
+    assert doc["report"]["counts"]["frozen"] == 45
+
+
+def test_inspect_table_and_json():
+    code, stdout, _ = cli("inspect", RESNET, "--input", "1x3x64x64", "--depth", "1")
+    assert code == 0
+    assert stdout.splitlines()[0] == ("ResNet: 11,689,512 parameters (11,689,512 trainable), 71 graph nodes "
+                                      "(placeholder 1, call_module 60, call_function 9, output 1); traced completely")
+    assert any(line.split() == ["fc", "Linear", "[1,", "1000]", "513,000", "1"] for line in stdout.splitlines())
+    assert not any(line.startswith("layer1.0") for line in stdout.splitlines())
+    code, stdout, _ = cli("inspect", RESNET, "--input", "1x3x64x64", "--json")
+    info = json.loads(stdout)
+    relu = next(r for r in info["modules"] if r["path"] == "layer1.0.relu")
+    assert relu["calls"] == 2 and relu["output"] == "[1, 64, 16, 16]"
+
+
+def test_check_lists_rules():
+    code, stdout, _ = cli("check", os.path.join(RULES, "resnet-finetune.yaml"), "--set", "num_classes=5")
+    assert code == 0
+    assert stdout.splitlines()[1:] == ["  1. replace fc with Linear(out_features=5)", "  2. freeze * except layer4.*, fc",
+                                       "  3. detach after layer3", "  4. insert Dropout(p=0.2) after avgpool"]
+
+
+HEAD = "fxsurgery: 1\nrules:\n"
+
+BAD = [
+    ("yaml syntax", [HEAD + "  - delete: [fc\n"], [],
+     "{r0}:4: YAML syntax error: expected ',' or ']', but got '<stream end>'; fix: correct the YAML at that line (indentation, quotes, ':' after keys)"),
+    ("unknown key", [HEAD + "  - delete: fc\n    because: yes\n"], [],
+     "{r0}:4: unknown key 'because' in 'delete' rule; fix: allowed: delete, optional"),
+    ("disallowed class", [HEAD + "  - replace: fc\n    with: {module: subprocess.Popen}\n"], [],
+     "{r0}:4: 'subprocess.Popen' is outside the allowlist (torch, torchvision); fix: use a public torch/torchvision name, or allow its package with --allow-module"),
+    ("no match", [HEAD + "  - delete: fcc\n"], [],
+     "rule 1 'delete fcc' ({r0}:3) matched nothing: no module path or node name matches 'fcc'; closest: fc; fix: correct the selector or add 'optional: true'"),
+    ("shape cannot fit", [HEAD + "  - replace: fc\n    with: {module: torch.nn.Linear, in_features: 100, out_features: 3}\n"], [],
+     "rule 1 'replace fc with Linear(in_features=100, out_features=3)' ({r0}:3) at node 'fc' [call_module]: Linear(in_features=100, out_features=3, bias=True) does not fit the incoming shape [1, 512]; fix: drop the shape argument and let it be inferred (fxs.new), or set it to match [1, 512]"),
+    ("delete breaks consumer", [HEAD + "  - delete: layer2.0.conv1\n"], [],
+     "rule 1 'delete layer2.0.conv1' ({r0}:3) at node 'layer2_0_bn1' [call_module]: {bn} does not fit the incoming shape [1, 64, 16, 16]; fix: replace this layer too (fxs.new infers its input size), or insert a layer that maps the shape"),
+    ("model import", [HEAD + "  - delete: fc\n"], ["--model", "nonexistent_pkg.models:net"],
+     "nonexistent_pkg.models:net: cannot import 'nonexistent_pkg.models': No module named 'nonexistent_pkg'; fix: install the package or correct the name"),
+    ("model needs arguments", [HEAD + "  - delete: fc\n"], ["--model", "torch.nn:Linear"],
+     "torch.nn:Linear: needs arguments to build a model; fix: name a factory that takes none (wrap it in a function in a .py file)"),
+    ("not a module", [HEAD + "  - delete: fc\n"], ["--model", "torchvision.models:list_models"],
+     "torchvision.models:list_models: returned a list, not a torch.nn.Module; fix: name a factory that returns a model"),
+    ("weights do not load", [HEAD + "  - delete: fc\n"], ["--weights", "{junk}"],
+     "{junk}: cannot read weights: Error while deserializing header: header too large; fix: pass a complete .safetensors file (or a weights-only .pt)"),
+    ("input cannot be parsed", [HEAD + "  - delete: fc\n"], ["--input", "1x3xA"],
+     "--input '1x3xA': cannot parse '1x3xA'; fix: write sizes joined by x, e.g. 1x3x224x224 (optionally :int64)"),
+    ("output exists", [HEAD + "  - delete: fc\n"], ["--existing"],
+     "{out}: already exists; fix: choose another output directory or pass --force"),
+]
+
+
+@pytest.mark.parametrize("texts, extra, expected", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, texts, extra, expected):
+    rules = [write(tmp_path, t, f"r{i}.yaml") for i, t in enumerate(texts)]
+    junk = tmp_path / "w.safetensors"
+    junk.write_bytes(b"\xff" * 64)
+    out = tmp_path / "out"
+    model, args = RESNET, ["--input", "1x3x64x64"]
+    extra = list(extra)
+    if "--model" in extra:
+        model = extra[extra.index("--model") + 1]
+        del extra[extra.index("--model"):extra.index("--model") + 2]
+    if "--existing" in extra:
+        out.mkdir()
+        (out / "keep.txt").write_text("user data")
+        extra.remove("--existing")
+    if "--input" in extra:
+        args = []
+    extra = [e.format(junk=junk) for e in extra]
+    code, stdout, stderr = cli("apply", model, *rules, *args, *extra, "-o", out)
+    assert code == 2
+    bn = repr(torch.nn.BatchNorm2d(128))  # its repr differs between torch releases
+    assert stderr == "fxsurgery: error: " + expected.format(r0=rules[0], junk=junk, out=out, bn=bn) + "\n"
+    if "--existing" in [b for b in BAD if b[3] == expected][0][2]:
+        assert os.listdir(out) == ["keep.txt"]
+    else:
+        assert not out.exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".out")]
+
+
+@pytest.mark.parametrize("text", [HEAD + "  - delete: [fc\n", HEAD + "  - delete: layer2.0.conv1\n"])
+def test_bad_input_in_a_real_process_prints_no_traceback(tmp_path, text):
+    rules = write(tmp_path, text)
+    code, stdout, stderr = cli_process("apply", RESNET, rules, "--input", "1x3x64x64", "-o", tmp_path / "out")
+    assert code == 2
+    assert len(stderr.splitlines()) == 1 and stderr.startswith("fxsurgery: error: ")
+    assert "Traceback" not in stderr and stdout == ""
+    assert not (tmp_path / "out").exists()
+
+
+def test_pickled_model_needs_trust(tmp_path):
+    path = tmp_path / "m.pt"
+    torch.save(torch.nn.Linear(2, 2), path)
+    code, _, stderr = cli("inspect", path)
+    assert code == 2 and stderr == (f"fxsurgery: error: {path}: a pickled model runs code from the file when loaded; "
+                                    "fix: pass --trust-pickle if you trust it, or name a factory (package.module:factory)\n")
+    code, stdout, _ = cli("inspect", path, "--trust-pickle")
+    assert code == 0 and stdout.startswith("Linear: 6 parameters")
+
+
+def test_a_saved_directory_is_a_model_reference(tmp_path):
+    out = tmp_path / "o"
+    assert cli("apply", RESNET, os.path.join(RULES, "classifier-head.yaml"), "--input", "1x3x64x64", "-o", out)[0] == 0
+    code, stdout, _ = cli("inspect", out, "--input", "1x3x64x64", "--json")
+    assert code == 0
+    assert next(r for r in json.loads(stdout)["modules"] if r["path"] == "fc")["output"] == "[1, 10]"

@@ -1,0 +1,209 @@
+"""save/load: bit-identical, standalone, tied, safe names, atomic, no pickle."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+from torch import nn
+
+import fxsurgery as fxs
+from fxsurgery import Freeze, Insert, Replace
+import fxsurgery.export as export_module
+
+X = torch.randn(2, 3, 64, 64)
+
+
+@pytest.fixture
+def result(resnet18):
+    return fxs.apply(resnet18, [Replace("fc", fxs.new(nn.Linear, out_features=10)),
+                                Freeze("*", exclude=["layer4.*", "fc"]),
+                                Insert(nn.Dropout(0.2), after="avgpool")], example_inputs=(X[:1],))
+
+
+def test_round_trip_is_bit_identical(result, tmp_path):
+    result.save(tmp_path / "o")
+    loaded = fxs.load(tmp_path / "o")
+    result.module.eval(), loaded.eval()
+    assert torch.equal(loaded(X), result.module(X))
+    a, b = result.module.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert {n: p.requires_grad for n, p in loaded.named_parameters()} == {n: p.requires_grad for n, p in result.module.named_parameters()}
+    record = json.loads((tmp_path / "o" / "surgery.json").read_text())
+    assert record["report"]["counts"] == result.report.counts()
+    assert [r["text"] for r in record["rules"]] == [str(r) for r in result.rules]
+    assert record["inputs"] == {"before": [[1, 3, 64, 64]], "after": [[1, 3, 64, 64]], "changes": []}
+
+
+def test_training_modes_survive(result, tmp_path):
+    result.module.train()
+    result.module.get_submodule("layer1").eval()
+    result.save(tmp_path / "o")
+    loaded = fxs.load(tmp_path / "o")
+    assert {p: m.training for p, m in loaded.named_modules()} == {p: m.training for p, m in result.module.named_modules()}
+
+
+def test_model_py_runs_without_fxsurgery(result, tmp_path):
+    out = tmp_path / "o"
+    result.save(out)
+    result.module.eval()
+    save_file({"x": X, "y": result.module(X).detach()}, str(tmp_path / "io.safetensors"))
+    script = (
+        "import sys; sys.modules['fxsurgery'] = None\n"  # importing fxsurgery now raises
+        "import torch; from safetensors.torch import load_file\n"
+        f"sys.path.insert(0, {str(out)!r}); from model import Model\n"
+        f"m = Model.load({str(out)!r}).eval(); io = load_file({str(tmp_path / 'io.safetensors')!r})\n"
+        "assert torch.equal(m(io['x']), io['y']); print('identical')\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.stdout == "identical\n", proc.stderr
+
+
+def test_save_load_save_is_byte_identical(result, tmp_path):
+    result.save(tmp_path / "a")
+    again = fxs.trace(fxs.load(tmp_path / "a")).gm
+    fxs.save(again, tmp_path / "b")
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.body = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.body(self.embed(ids))))
+
+
+def test_tied_weights_stay_one_tensor(tmp_path):
+    torch.manual_seed(0)
+    model = Tied()
+    ids = torch.tensor([[1, 2, 3]])
+    result = fxs.apply(model, [Freeze("body")], example_inputs=(ids,))
+    m = result.module
+    assert m.head.weight is m.embed.weight
+    assert result.report.transferred == ["embed.weight", "body.weight", "body.bias", "head.weight"]
+    result.save(tmp_path / "o")
+    loaded = fxs.load(tmp_path / "o")
+    assert loaded.head.weight is loaded.embed.weight
+    assert torch.equal(loaded(ids), m(ids))
+    opt = torch.optim.SGD(loaded.parameters(), lr=0.1)
+    before = loaded.embed.weight.detach().clone()
+    loaded(ids).sum().backward()
+    grad = loaded.embed.weight.grad.clone()
+    opt.step()
+    assert torch.equal(loaded.embed.weight, before.add(grad, alpha=-0.1))  # one update, not two
+
+
+def hostile(name):
+    class Hostile(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.add_module(name, nn.Linear(2, 2))
+
+        def forward(self, x):
+            return getattr(self, name)(x)
+    torch.manual_seed(0)
+    return Hostile()
+
+
+def test_a_module_name_that_would_break_out_of_quotes_is_refused(tmp_path):
+    canary = tmp_path / "PWNED"
+    name = f'x"); open({str(canary)!r}, "w"); ("'
+    with pytest.raises(fxs.TraceError) as err:
+        fxs.trace(hostile(name))
+    assert str(err.value) == (f"module path {name!r} contains a quote, backslash or line break, which torch.fx would "
+                              "write into generated code unescaped; fix: rename that submodule")
+    assert not canary.exists()
+
+
+def test_odd_module_names_become_identifiers_in_model_py(tmp_path):
+    name = "x; import os; os_remove('model_py')"
+    model = hostile(name)
+    fxs.save(fxs.trace(model).gm, tmp_path / "o")
+    source = (tmp_path / "o" / "model.py").read_text()
+    assert name not in source and "import os;" not in source
+    loaded = fxs.load(tmp_path / "o")
+    assert (tmp_path / "o" / "model.py").exists()
+    x = torch.randn(1, 2)
+    assert torch.equal(loaded(x), model(x))
+    record = json.loads((tmp_path / "o" / "surgery.json").read_text())
+    assert record["renamed"] == {name: "x_import_os_os_remove_model_py"}
+
+
+def test_existing_directory_is_kept(result, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    with pytest.raises(fxs.SaveError) as err:
+        result.save(out)
+    assert str(err.value) == f"{out}: already exists; fix: choose another output directory or pass --force (force=True)"
+    with pytest.raises(fxs.SaveError) as err:
+        result.save(out, force=True)
+    assert str(err.value) == f"{out}: exists and is not an fxsurgery output, refusing to replace it; fix: choose another output directory"
+    assert os.listdir(out) == ["mine.txt"]
+
+
+def test_failure_between_files_leaves_nothing(result, tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(export_module, "save_file", boom)
+    with pytest.raises(OSError):
+        result.save(tmp_path / "o")
+    assert os.listdir(tmp_path) == []
+
+
+def test_failure_while_replacing_keeps_the_old_output(result, tmp_path, monkeypatch):
+    result.save(tmp_path / "o")
+    before = (tmp_path / "o" / "model.safetensors").read_bytes()
+    monkeypatch.setattr(export_module, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        result.save(tmp_path / "o", force=True)
+    assert os.listdir(tmp_path) == ["o"]
+    assert (tmp_path / "o" / "model.safetensors").read_bytes() == before
+
+
+def test_load_refuses_changed_files(result, tmp_path):
+    result.save(tmp_path / "o")
+    with open(tmp_path / "o" / "model.py", "a") as handle:
+        handle.write("\nprint('hello')\n")
+    with pytest.raises(fxs.SaveError) as err:
+        fxs.load(tmp_path / "o")
+    assert str(err.value) == f"{tmp_path / 'o'}: model.py or model.safetensors changed since it was written (hash mismatch); fix: write the directory again with save()"
+
+
+def test_load_unpickles_nothing(result, tmp_path, monkeypatch):
+    result.save(tmp_path / "o")
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError("unpickling")
+    class Recording(pickle.Unpickler):
+        def find_class(self, module, name):
+            return refuse(module, name)
+
+    monkeypatch.setattr(pickle, "Unpickler", Recording)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    loaded = fxs.load(tmp_path / "o")
+    assert calls == [] and loaded.fc.out_features == 10
+
+
+def test_dtype_survives_the_round_trip(two, tmp_path):
+    model = two.double()
+    result = fxs.apply(model, [Freeze("liner1")], example_inputs=(torch.randn(1, 3, dtype=torch.float64),))
+    result.save(tmp_path / "o")
+    loaded = fxs.load(tmp_path / "o")
+    assert {t.dtype for t in loaded.state_dict().values()} == {torch.float64}
+    x = torch.randn(4, 3, dtype=torch.float64)
+    assert torch.equal(loaded(x), model(x))
+    assert "torch.nn.Linear(in_features=3, out_features=2).to(torch.float64)" in (tmp_path / "o" / "model.py").read_text()

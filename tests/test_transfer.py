@@ -1,0 +1,105 @@
+"""Weight transfer: every tensor accounted for, values bit-exact, the original untouched."""
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fxsurgery as fxs
+from fxsurgery import Delete, Freeze, Insert, Replace
+from conftest import assert_state_equal, state_copy
+
+
+def busy_batchnorm(model):
+    """Give every BatchNorm non-trivial running statistics."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.num_batches_tracked.fill_(7)
+    return model
+
+
+def test_transfer_between_two_modules_by_name_and_shape():
+    torch.manual_seed(0)
+    src = busy_batchnorm(torchvision.models.resnet18(weights=None))
+    dst = torchvision.models.resnet18(weights=None, num_classes=10)
+    report = fxs.transfer(src, dst)
+    assert report.new == ["fc.weight", "fc.bias"]
+    assert report.dropped == ["fc.weight", "fc.bias"]
+    assert len(report.transferred) == 122 - 2 and report.adapted == []
+    assert report.entry("fc.weight").op == "source has [1000, 512]"
+    s, d = src.state_dict(), dst.state_dict()
+    for name in report.transferred:
+        assert torch.equal(s[name], d[name]), name
+    assert d["bn1.num_batches_tracked"].item() == 7
+    with pytest.raises(fxs.TransferError) as err:
+        fxs.transfer(src, torchvision.models.resnet18(weights=None, num_classes=10), strict=True)
+    assert str(err.value) == "strict: 2 tensors are new and no rule declared them: fc.weight, fc.bias; fix: provide their weights or drop strict"
+
+
+def test_transfer_reports_casts():
+    torch.manual_seed(0)
+    src, dst = nn.Linear(3, 2), nn.Linear(3, 2).double()
+    report = fxs.transfer(src, dst)
+    assert report.adapted == ["weight", "bias"]
+    assert report.entry("weight").op == "cast float32 -> float64"
+    assert torch.equal(dst.weight, src.weight.double())
+
+
+def test_every_tensor_is_accounted_for_exactly_once(resnet18):
+    busy_batchnorm(resnet18)
+    saved = state_copy(resnet18)
+    result = fxs.apply(resnet18, [Delete("layer4.1"), Replace("fc", fxs.new(nn.Linear, out_features=5)),
+                                  Insert(fxs.new(nn.BatchNorm1d), before="fc"), Freeze("layer1")],
+                       example_inputs=(torch.randn(2, 3, 64, 64),))  # BatchNorm1d trains on batches > 1
+    report, module = result.report, result.module
+    names = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
+    assert sorted(report.transferred + report.adapted + report.new) == sorted(names)
+    original = [n for n, _ in resnet18.named_parameters()] + [n for n, _ in resnet18.named_buffers()]
+    sources = [e.source for e in report.entries if e.status in ("transferred", "adapted")]
+    assert sorted(sources + report.dropped) == sorted(original)
+    assert len(report.dropped) == 12 + 2  # layer4.1 (2 convs, 2 BatchNorms of 5 tensors) and the old fc
+    assert report.new == ["fc_batch_norm1d.weight", "fc_batch_norm1d.bias", "fc.weight", "fc.bias",
+                          "fc_batch_norm1d.running_mean", "fc_batch_norm1d.running_var",
+                          "fc_batch_norm1d.num_batches_tracked"]
+    assert report.frozen == [n for n, _ in module.named_parameters() if n.startswith("layer1.")]
+    state = module.state_dict()
+    for e in report.entries:
+        if e.status == "transferred":
+            assert torch.equal(state[e.name], saved[e.source]), e.name
+    assert state["layer3.1.bn2.num_batches_tracked"].item() == 7
+    assert_state_equal(resnet18, saved)
+
+
+def test_result_shares_no_memory_with_the_original(resnet18):
+    result = fxs.apply(resnet18, [], example_inputs=(torch.randn(1, 3, 64, 64),))
+    ptrs = {t.data_ptr() for t in resnet18.state_dict().values() if t.numel()}
+    assert not ptrs & {t.data_ptr() for t in result.module.state_dict().values() if t.numel()}
+    with torch.no_grad():
+        result.module.conv1.weight.add_(1)
+    assert not torch.equal(result.module.conv1.weight, resnet18.conv1.weight)
+
+
+def test_empty_rule_list_is_the_identity(resnet18):
+    busy_batchnorm(resnet18).eval()
+    result = fxs.apply(resnet18, [], example_inputs=(torch.randn(1, 3, 64, 64),))
+    result.module.eval()
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(result.module(x), resnet18(x))
+    assert result.report.counts() == {"transferred": 122, "adapted": 0, "new": 0, "dropped": 0, "frozen": 0}
+
+
+def test_shape_propagation_leaves_batchnorm_statistics_alone(resnet18):
+    resnet18.train()
+    saved = state_copy(resnet18)
+    fxs.apply(resnet18, [Freeze("*")], example_inputs=(torch.randn(2, 3, 64, 64),))
+    assert_state_equal(resnet18, saved)
+    assert resnet18.training and all(p.requires_grad for p in resnet18.parameters())
+
+
+def test_strict_accepts_tensors_that_rules_declare(resnet18):
+    result = fxs.apply(resnet18, [Replace("fc", fxs.new(nn.Linear, out_features=3))],
+                       example_inputs=(torch.randn(1, 3, 64, 64),), strict=True)
+    assert [e.rule for e in result.report.entries if e.status == "new"] == [1, 1]
