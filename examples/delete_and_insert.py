@@ -3,16 +3,7 @@ import torch
 from torch import nn
 
 import fxsurgery as fxs
-
-
-class M(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.liner1 = nn.Linear(3, 2)
-        self.liner2 = nn.Linear(2, 1)
-
-    def forward(self, x):
-        return self.liner2(self.liner1(x))
+from walkthrough import M
 
 
 torch.manual_seed(0)

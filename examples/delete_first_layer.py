@@ -4,19 +4,9 @@ The input shape changes with it ([1, 3] -> [1, 2]); the result says so and
 carries example inputs that fit.
 """
 import torch
-from torch import nn
 
 import fxsurgery as fxs
-
-
-class M(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.liner1 = nn.Linear(3, 2)
-        self.liner2 = nn.Linear(2, 1)
-
-    def forward(self, x):
-        return self.liner2(self.liner1(x))
+from walkthrough import M
 
 
 torch.manual_seed(0)

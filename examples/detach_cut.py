@@ -4,24 +4,13 @@ Detach inserts `Tensor.detach()` (never the in-place `detach_()`), so values
 are untouched and nothing upstream of the cut receives a gradient.
 """
 import torch
-from torch import nn
 
 import fxsurgery as fxs
-
-
-class M(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.liner1 = nn.Linear(3, 2)
-        self.liner2 = nn.Linear(2, 2)
-        self.liner3 = nn.Linear(2, 1)
-
-    def forward(self, x):
-        return self.liner3(self.liner2(self.liner1(x)))
+from walkthrough import M3
 
 
 torch.manual_seed(0)
-model = M()
+model = M3()
 x = torch.randn(4, 3)
 new = fxs.apply(model, [fxs.Detach(before="liner3")], example_inputs=(x,)).module
 assert torch.equal(new(x), model(x))

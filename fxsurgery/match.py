@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from torch import fx, nn
 
 from .errors import MatchError
-from .spec import Delete, Detach, Freeze, Insert, Replace, Rule, Selector
+from .spec import Delete, Freeze, Replace, Rule, Selector
 from .trace import Captured, module_stack
 
 

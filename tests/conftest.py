@@ -17,27 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RULES = os.path.join(ROOT, "rules")
 
 
-class Two(nn.Module):
-    """The walkthrough's model: liner2(liner1(x))."""
-
-    def __init__(self):
-        super().__init__()
-        self.liner1 = nn.Linear(3, 2)
-        self.liner2 = nn.Linear(2, 1)
-
-    def forward(self, x):
-        return self.liner2(self.liner1(x))
-
-
-class Three(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.liner1 = nn.Linear(3, 2)
-        self.liner2 = nn.Linear(2, 2)
-        self.liner3 = nn.Linear(2, 1)
-
-    def forward(self, x):
-        return self.liner3(self.liner2(self.liner1(x)))
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+from walkthrough import M as Two, M3 as Three  # noqa: E402  (the walkthrough's models)
 
 
 @pytest.fixture

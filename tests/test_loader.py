@@ -1,6 +1,5 @@
 """Rule files: what parses, and the exact error for what does not."""
 
-import os
 
 import pytest
 import torch

@@ -1,11 +1,9 @@
 """Selectors, rewrites and their errors, each with a must-not-match twin."""
 
 import copy
-import warnings
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 from torch.nn import functional as F
 
@@ -168,7 +166,7 @@ def test_no_match_by_type_lists_the_types_present(two):
     with pytest.raises(fxs.MatchError) as err:
         fxs.apply(two, [rule], example_inputs=(torch.randn(1, 3),))
     assert str(err.value) == (f"rule 1 'delete torch.nn.Dropout' ({line_of(rule)}) matched nothing: "
-                              "no module of type Dropout (types present: Linear, Two); "
+                              "no module of type Dropout (types present: Linear, M); "
                               "fix: correct the selector or add 'optional: true'")
 
 

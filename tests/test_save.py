@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-import torchvision
 from safetensors.torch import save_file
 from torch import nn
 
