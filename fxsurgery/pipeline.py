@@ -14,9 +14,9 @@ from .loader import load_rules
 from .match import Plan, match
 from .rewrite import InputChange, rewrite
 from .export import save
-from .shapes import shape_text
+from .shapes import Meta, shape_text
 from .spec import Rule, flatten
-from .trace import trace
+from .trace import Captured, trace
 from .transfer import TransferReport, transfer
 from .validate import validate
 
@@ -36,6 +36,8 @@ class SurgeryResult:
     example_inputs: tuple | None = None
     original_inputs: tuple | None = None
     input_changes: list[InputChange] = field(default_factory=list)
+    original: Captured | None = None          # the traced original: graph, shapes
+    shapes: dict[str, Meta] = field(default_factory=dict)  # node name -> shape in the new graph
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What an optimizer should get: parameters that require grad, each object once."""
@@ -88,7 +90,7 @@ def apply(model: nn.Module, rules, example_inputs=None, *, params: dict | None =
     for warning in plan.warnings:
         warnings.warn(warning, SurgeryWarning, stacklevel=2)
     return SurgeryResult(module, report, plan, rule_list, edited.example_inputs(), captured.example_inputs,
-                         list(edited.inputs.values()))
+                         list(edited.inputs.values()), captured, edited.shapes)
 
 
 def describe_inputs(inputs) -> str:
