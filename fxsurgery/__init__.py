@@ -13,6 +13,7 @@ from .errors import (FxsError, MatchError, ModelError, RewriteError, RuleError, 
                      TraceError, TransferError, ValidateError)
 from .loader import load_rules
 from .pipeline import SurgeryResult, SurgeryWarning, apply
+from .replay import map_weights
 from .export import load, save
 from .spec import Delete, Detach, Freeze, Insert, Replace, RuleSet, new
 from .trace import trace
@@ -21,7 +22,7 @@ from .transfer import transfer_modules as transfer
 from .version import __version__
 
 __all__ = [
-    "apply", "new", "load_rules", "transfer", "trace", "save", "load",
+    "apply", "new", "load_rules", "transfer", "trace", "save", "load", "map_weights",
     "Delete", "Replace", "Insert", "Detach", "Freeze", "RuleSet",
     "SurgeryResult", "TransferReport", "SurgeryWarning",
     "FxsError", "RuleError", "ModelError", "TraceError", "MatchError", "RewriteError",

@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="fail when a tensor is new and no rule declared it")
     p.add_argument("--dry-run", action="store_true", help="show the plan and report, write nothing")
     p.add_argument("--force", action="store_true", help="replace an existing output directory written by fxsurgery")
+    p.add_argument("--format", action="append", default=[], choices=["pt2", "onnx", "torchscript"],
+                   help="also write model.pt2 / model.onnx / model.torchscript.pt, verified on the inputs")
 
     p = sub.add_parser("inspect", help="show modules, shapes and parameters as the graph sees them")
     model_args(p)
@@ -50,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="K=V")
     p.add_argument("--allow-module", action="append", default=[], metavar="PKG")
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("map-weights", help="map a checkpoint of the original model into a saved surgery's layout")
+    p.add_argument("checkpoint", help="weights of the original architecture (.safetensors or weights-only .pt)")
+    p.add_argument("surgery", help="a directory written by apply -o / save()")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="the mapped weights (.safetensors)")
 
     p = sub.add_parser("demo", help="run the embedded default end to end (ResNet-18, random weights)")
     p.add_argument("-o", "--output", default="fxsurgery-demo", metavar="DIR")
@@ -79,7 +86,7 @@ def cmd_apply(args) -> int:
         result = apply(model, rules, inputs, strict=args.strict, leaf_paths=args.leaf)
     written = None
     if args.output and not args.dry_run:
-        written = str(result.save(args.output, force=args.force))
+        written = str(result.save(args.output, force=args.force, formats=args.format))
     if args.json:
         print(json.dumps({**result.to_dict(), "output": written, "dry_run": args.dry_run}, indent=2, default=str))
         return 0
@@ -119,6 +126,13 @@ def cmd_check(args) -> int:
     return 0
 
 
+def cmd_map_weights(args) -> int:
+    from .replay import write_mapped
+    mapped = write_mapped(args.checkpoint, args.surgery, args.output)
+    print(f"wrote {args.output}: {len(mapped)} tensors in the layout of {args.surgery}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run
     run(args.output)
@@ -127,7 +141,8 @@ def cmd_demo(args) -> int:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    command = {"apply": cmd_apply, "inspect": cmd_inspect, "check": cmd_check, "demo": cmd_demo}[args.command]
+    command = {"apply": cmd_apply, "inspect": cmd_inspect, "check": cmd_check, "map-weights": cmd_map_weights,
+               "demo": cmd_demo}[args.command]
     try:
         return command(args)
     except FxsError as exc:

@@ -130,8 +130,8 @@ def _imports(global_names: dict[str, Any]) -> list[str]:
     return sorted(set(lines))
 
 
-def generate(gm: fx.GraphModule, *, header: str, frozen: list[str], ties: dict[str, str],
-             non_persistent: list[str]) -> tuple[str, dict[str, str]]:
+def generate(gm: fx.GraphModule, *, class_name: str, frozen: list[str], ties: dict[str, str],
+             non_persistent: list[str], modes: dict[str, bool]) -> tuple[str, dict[str, str]]:
     """model.py source for `gm`, and the renames applied to unsafe paths."""
     renames = safe_targets(gm)
     out = next(n for n in gm.graph.nodes if n.op == "output")
@@ -142,7 +142,7 @@ def generate(gm: fx.GraphModule, *, header: str, frozen: list[str], ties: dict[s
             node.target = renames[node.target]
     code = graph.python_code(root_module="self", verbose=False)
     body = []
-    done = set()
+    done, packages = set(), set()
     for old, new in renames.items():
         if new in done:
             continue
@@ -150,6 +150,7 @@ def generate(gm: fx.GraphModule, *, header: str, frozen: list[str], ties: dict[s
         value = gm.get_submodule(old) if _is_module(gm, old) else _get(gm, old)
         if isinstance(value, nn.Module):
             body.append(f"        _put(self, {new!r}, {constructor(value, old)}{_dtype_suffix(value, old)})")
+            packages.add(public_name(type(value)).rpartition(".")[0])
         elif isinstance(value, torch.Tensor):
             empty = f"torch.empty({tuple(value.shape)!r}, dtype={value.dtype})"
             if isinstance(value, nn.Parameter):
@@ -159,18 +160,18 @@ def generate(gm: fx.GraphModule, *, header: str, frozen: list[str], ties: dict[s
                 body.append(f"        _put(self, {new!r}, {empty}, persistent={persistent})")
         else:
             raise SaveError(f"cannot write model.py: attribute '{old}' is a {type(value).__name__}; fix: keep only modules and tensors as graph attributes")
-    modes = {p: m.training for p, m in gm.named_modules()}
-    eval_paths = sorted(_rename(p, renames) for p, t in modes.items() if not t)
+    eval_paths = sorted(rename_path(p, renames) for p, t in modes.items() if not t)
     train_mode = "all" if not eval_paths else ("none" if len(eval_paths) == len(modes) else "some")
     forward = "\n".join("    " + line if line else line for line in code.src.strip("\n").splitlines())
     used = {name: obj for name, obj in code.globals.items() if re.search(rf"\b{re.escape(name)}\b", code.src)}
-    imports = _imports(used)
+    imports = _imports(used) + [f"import {p}" for p in packages if p not in ("torch", "torch.nn")]
     src = _TEMPLATE.format(
-        header=header,
+        header=f"{class_name} after surgery, written by fxsurgery. Load: Model.load(directory).",
+        class_name=class_name,
         imports="\n".join(line for line in imports if line not in ("import torch",)),
-        frozen=_tuple([_rename(n, renames) for n in frozen]),
-        ties=repr({_rename(a, renames): _rename(c, renames) for a, c in ties.items()}),
-        non_persistent=_tuple([_rename(n, renames) for n in non_persistent]),
+        frozen=_tuple([rename_path(n, renames) for n in frozen]),
+        ties=repr({rename_path(a, renames): rename_path(c, renames) for a, c in ties.items()}),
+        non_persistent=_tuple([rename_path(n, renames) for n in non_persistent]),
         eval_paths=_tuple(eval_paths) if train_mode == "some" else "()",
         body="\n".join(body) or "        pass",
         train=("self.train(True)" if train_mode == "all" else "self.train(False)" if train_mode == "none"
@@ -186,7 +187,8 @@ def _tuple(items: list[str]) -> str:
     return "(\n" + "".join(f"    {i!r},\n" for i in items) + ")"
 
 
-def _rename(name: str, renames: dict[str, str]) -> str:
+def rename_path(name: str, renames: dict[str, str]) -> str:
+    """A tensor or module path with its module prefix renamed."""
     for old in sorted(renames, key=len, reverse=True):
         if name == old or name.startswith(old + "."):
             return renames[old] + name[len(old):]
@@ -234,6 +236,8 @@ def _put(root, path, value, persistent=True):
 
 
 class Model(nn.Module):
+    _fxsurgery_class = {class_name!r}
+
     def __init__(self):
         super().__init__()
 {body}

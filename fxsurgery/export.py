@@ -24,8 +24,10 @@ from safetensors.torch import save_file
 from torch import fx, nn
 
 from .version import __version__
-from .codegen import generate
+from .codegen import generate, rename_path
 from .errors import SaveError
+from .formats import export_as
+from .trace import trace
 
 FILES = ("model.py", "model.safetensors", "surgery.json")
 FORMAT = 1
@@ -102,33 +104,73 @@ def digest(directory: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def save(module: fx.GraphModule, directory: str | os.PathLike, *, force: bool = False, record: dict | None = None) -> Path:
-    """Write `module` (a GraphModule) as model.py + model.safetensors + surgery.json."""
-    if not isinstance(module, fx.GraphModule):
-        raise SaveError(f"can only save a GraphModule (a surgery result), got {type(module).__name__}; fix: pass result.module or call result.save()")
-    ties = ties_of(module)
-    tensors, non_persistent = _tensors(module, ties)
-    frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
-    header = f"{type(module).__name__} after surgery, written by fxsurgery {__version__}. Load: Model.load(directory)."
-    source, renames = generate(module, header=header, frozen=frozen, ties=ties, non_persistent=non_persistent)
-    tensors = {_renamed(k, renames): v for k, v in tensors.items()}
+def leaf_paths(module: nn.Module) -> list[str]:
+    """Paths of every module that is not a bare container (what a GraphModule or model.py calls)."""
+    return [p for p, m in module.named_modules() if p and type(m) is not nn.Module]
+
+
+def _as_graph_module(module: nn.Module) -> fx.GraphModule:
+    if isinstance(module, fx.GraphModule):
+        return module
+    return trace(module, leaf_paths=leaf_paths(module)).gm
+
+
+def _source(gm: fx.GraphModule, work: Path, **facts) -> tuple[str, dict[str, str]]:
+    """model.py for `gm`, in the form a later export of the loaded model reproduces.
+
+    The source is generated, imported on the meta device (no weights), traced
+    again and regenerated: node names then are the ones a re-trace gives, so
+    export -> load -> export writes the same file.
+    """
+    first, renames = generate(gm, **facts)
+    (work / "model.py").write_text(first, encoding="utf-8")
+    with torch.device("meta"):
+        rebuilt = _import(work / "model.py").Model()
+    again = trace(rebuilt, leaf_paths=leaf_paths(rebuilt)).gm
+    second, _ = generate(again, **{**facts, "frozen": [rename_path(n, renames) for n in facts["frozen"]],
+                                   "ties": {rename_path(a, renames): rename_path(o, renames) for a, o in facts["ties"].items()},
+                                   "non_persistent": [rename_path(n, renames) for n in facts["non_persistent"]],
+                                   "modes": {rename_path(p, renames): t for p, t in facts["modes"].items()}})
+    return second, renames
+
+
+def save(module: nn.Module, directory: str | os.PathLike, *, force: bool = False, record: dict | None = None,
+         formats=(), example_inputs: tuple | None = None) -> Path:
+    """Write `module` as model.py + model.safetensors + surgery.json, atomically.
+
+    `formats` adds model.pt2 (torch.export), model.onnx or model.torchscript.pt,
+    each checked against the module on `example_inputs`.
+    """
+    gm = _as_graph_module(module)
+    class_name = getattr(module, "_fxsurgery_class", None) or type(module).__name__
+    ties = ties_of(gm)
+    tensors, non_persistent = _tensors(gm, ties)
+    frozen = [n for n, p in gm.named_parameters() if not p.requires_grad]
     with atomic_directory(directory, force) as work:
+        modes = {p: m.training for p, m in module.named_modules()}
+        source, renames = _source(gm, work, class_name=class_name, frozen=frozen, ties=ties,
+                                  non_persistent=non_persistent, modes=modes)
         (work / "model.py").write_text(source, encoding="utf-8")
         # One metadata key only: safetensors writes metadata in hash order, and
         # the same model must give the same bytes every time.
-        save_file(tensors, str(work / "model.safetensors"), metadata={"format": "pt"})
-        doc = {"fxsurgery": __version__, "format": FORMAT, "torch": torch.__version__,
-               "class": type(module).__name__, "renamed": {k: v for k, v in renames.items() if k != v},
-               **(record or {}), "hash": digest(work)}
+        save_file({rename_path(k, renames): v for k, v in tensors.items()}, str(work / "model.safetensors"),
+                  metadata={"format": "pt"})
+        exported = {fmt: export_as(fmt, gm, work, example_inputs) for fmt in formats}
+        doc = {"fxsurgery": __version__, "format": FORMAT, "torch": torch.__version__, "class": class_name,
+               "renamed": {k: v for k, v in renames.items() if k != v},
+               "ties": {rename_path(a, renames): rename_path(o, renames) for a, o in ties.items()},
+               "non_persistent": [rename_path(n, renames) for n in non_persistent],
+               **(record or {}), "formats": exported, "hash": digest(work)}
         (work / "surgery.json").write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
     return Path(directory)
 
 
-def _renamed(name: str, renames: dict[str, str]) -> str:
-    for old in sorted(renames, key=len, reverse=True):
-        if name == old or name.startswith(old + "."):
-            return renames[old] + name[len(old):]
-    return name
+def _import(path: Path):
+    """Import a model.py by path under a fresh name (it is source, read it before trusting it)."""
+    spec = importlib.util.spec_from_file_location(f"_fxsurgery_saved_{uuid.uuid4().hex}", path)
+    code = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(code)
+    return code
 
 
 def read_record(directory: str | os.PathLike) -> dict:
@@ -150,12 +192,8 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu") -> nn
         raise SaveError(f"{directory}: unsupported format {record.get('format')!r}; fix: write it again with this fxsurgery")
     if record.get("hash") != digest(directory):
         raise SaveError(f"{directory}: model.py or model.safetensors changed since it was written (hash mismatch); fix: write the directory again with save()")
-    name = f"_fxsurgery_saved_{uuid.uuid4().hex}"
-    spec = importlib.util.spec_from_file_location(name, directory / "model.py")
-    code = importlib.util.module_from_spec(spec)
     try:
-        spec.loader.exec_module(code)
-        return code.Model.load(str(directory), device=device)
+        return _import(directory / "model.py").Model.load(str(directory), device=device)
     except SafetensorError as exc:
         raise SaveError(f"{directory / 'model.safetensors'}: cannot read weights: {exc}; fix: write the directory again with save()") from None
     except Exception as exc:

@@ -17,10 +17,9 @@ import uuid
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
+from .checkpoint import read_state_dict, strip_prefixes
 from .errors import ModelError
 from .export import load as load_saved
 from .shapes import shape_text
@@ -97,19 +96,7 @@ def _instantiate(obj, ref: str) -> nn.Module:
 
 def load_weights(model: nn.Module, path: str) -> None:
     """Load a safetensors (or weights-only torch) file into a model just built, strictly."""
-    if not os.path.isfile(path):
-        raise ModelError(f"{path}: no such weights file; fix: check the path")
-    try:
-        if path.endswith(".safetensors"):
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            state = state.get("state_dict", state) if isinstance(state, dict) else state
-    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{path}: cannot read weights: {first}; fix: pass a complete .safetensors file (or a weights-only .pt)") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelError(f"{path}: does not hold a state dict of tensors; fix: save model.state_dict() to safetensors")
+    state = strip_prefixes(read_state_dict(path), where=path)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

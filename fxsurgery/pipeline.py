@@ -68,9 +68,11 @@ class SurgeryResult:
             "report": self.report.to_dict(),
         }
 
-    def save(self, directory: str | os.PathLike, *, force: bool = False) -> Path:
-        """Write model.py + model.safetensors + surgery.json (atomically)."""
-        return save(self.module, directory, force=force, record=self.to_dict())
+    def save(self, directory: str | os.PathLike, *, force: bool = False, formats=()) -> Path:
+        """Write model.py + model.safetensors + surgery.json (atomically), plus any `formats`
+        ("pt2", "onnx", "torchscript"), each verified on the example inputs."""
+        return save(self.module, directory, force=force, record=self.to_dict(), formats=formats,
+                    example_inputs=self.example_inputs)
 
 
 def apply(model: nn.Module, rules, example_inputs=None, *, params: dict | None = None, allow=(),
