@@ -9,48 +9,19 @@ a module invocation is the set of nodes whose stack holds its key.
 from __future__ import annotations
 
 import fnmatch
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 
 from .errors import ModelError, TraceError
 from .shapes import Meta, PropagationError, propagate, shape_text
-
-
-class Tracer(fx.Tracer):
-    """torch.fx's tracer with a leaf policy the user can extend.
-
-    Leaves are torch.nn's own modules (torch.fx's default), instances of
-    `leaf_types`, and modules whose path matches a glob in `leaf_paths`.
-    """
-
-    def __init__(self, leaf_types=(), leaf_paths=()):
-        super().__init__()
-        self.leaf_types = tuple(leaf_types)
-        self.leaf_paths = tuple(leaf_paths)
-        self.failed_in: str | None = None
-        self._open: list[str] = []
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if self.leaf_types and isinstance(m, self.leaf_types):
-            return True
-        if any(fnmatch.fnmatchcase(qualname, p) for p in self.leaf_paths):
-            return True
-        return super().is_leaf_module(m, qualname)
-
-    def call_module(self, m, forward, args, kwargs):
-        self._open.append(self.path_of_module(m))
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except Exception:
-            # The innermost module open when tracing failed is the one to make a leaf.
-            if self.failed_in is None:
-                self.failed_in = self._open[-1]
-            raise
-        finally:
-            self._open.pop()
+from .shim import CallSpec, trace_call
+from .tracer import Tracer
+from .valuetrace import ValueTracer, add_shape_guards
 
 
 @dataclass
@@ -63,6 +34,9 @@ class Captured:
     shapes: dict[str, Meta] = field(default_factory=dict)
     leaf_types: tuple = ()
     leaf_paths: tuple = ()
+    path: str = ""                                       # where this graph's module sits in the model
+    opaque: dict[str, str] = field(default_factory=dict)  # leaves kept as Python -> why (relative paths)
+    call: CallSpec | None = None                         # traced as called from opaque code (shim.py)
 
     @property
     def graph(self) -> fx.Graph:
@@ -86,39 +60,100 @@ def path_of(node: fx.Node) -> str:
     return stack[-1][1] if stack else ""
 
 
-def trace(model: nn.Module, example_inputs: tuple | None = None, *, leaf_types=(), leaf_paths=()) -> Captured:
-    """Trace `model` (never modified); with example inputs, give every node a shape."""
+def trace(model: nn.Module, example_inputs: tuple | None = None, *, leaf_types=(), leaf_paths=(),
+          opaque=(), path: str = "", call: CallSpec | None = None) -> Captured:
+    """Trace `model` (never modified) as one graph; with example inputs, give every node a shape.
+
+    Arguments that are not tensors (None, flags, sizes) are specialised to
+    the values of the example call, or to their defaults: torch.fx would
+    otherwise take `if mask is not None` as true for every call. The graph
+    keeps torch.fx's guards, so a call with other values fails loudly.
+    Raises TraceError (with `.failed_in`, the innermost module that failed).
+    """
     if not isinstance(model, nn.Module):
         raise ModelError(f"expected a torch.nn.Module, got {type(model).__name__}; fix: pass the model instance")
-    tracer = Tracer(leaf_types, leaf_paths)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
+        raise ModelError(f"example_inputs must be a tuple of inputs, got {type(example_inputs).__name__}; fix: pass (torch.randn(1, 3, 224, 224),)")
+    concrete, positional = {}, None
+    if call is not None:
+        positional = call.tensor_inputs()
+    else:
+        concrete, positional = specialise(model, tuple(example_inputs or ()), {}, complete=example_inputs is not None)
+    known = example_inputs is not None or call is not None
+    options = dict(leaf_types=leaf_types, leaf_paths=leaf_paths, opaque=opaque, prefix="inner." if call else "")
+    tracer = ValueTracer(example=positional, **options) if known else Tracer(**options)
     try:
-        graph = tracer.trace(model)
+        constants = {}
+        if call is not None:  # traced as it was called (see shim.py)
+            graph, constants = trace_call(tracer, model, call)
+        else:
+            graph = tracer.trace(model, concrete_args=concrete or None)
+        if getattr(tracer, "specialised", None):
+            add_shape_guards(graph, positional, path)
+    except ModelError:
+        raise
     except Exception as exc:
         where = f"module '{tracer.failed_in}'" if tracer.failed_in else f"{type(model).__name__}.forward"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         fix = f"leaf_paths=['{tracer.failed_in}'] (--leaf {tracer.failed_in})" if tracer.failed_in else "make the untraceable part a leaf module"
-        raise TraceError(f"cannot trace {where}: {type(exc).__name__}: {reason}; fix: {fix}") from None
+        error = TraceError(f"cannot trace {where}: {type(exc).__name__}: {reason}; fix: {fix}")
+        error.failed_in, error.reason = tracer.failed_in, f"{type(exc).__name__}: {reason}"
+        raise error from None
     _refuse_unquotable(graph)
-    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
-    captured = Captured(model, gm, None, {}, tuple(leaf_types), tuple(leaf_paths))
-    if example_inputs is not None:
-        captured.example_inputs = check_inputs(example_inputs, captured.input_names())
+    root = model
+    if constants:  # tensors made while tracing live beside the module's own attributes
+        targets = {n.target for n in graph.nodes if n.op in ("call_module", "get_attr")}
+        root = {t: constants[t] if t in constants else _fetch(model, t) for t in targets}
+    gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
+    captured = Captured(model, gm, None, {}, tuple(leaf_types), tuple(leaf_paths), path, {p: "" for p in opaque}, call)
+    if example_inputs is not None or call is not None:
+        captured.example_inputs = positional
         try:
-            captured.shapes = propagate(gm, graph, captured.example_inputs)
+            captured.shapes = propagate(gm, graph, positional)
         except PropagationError as err:
-            shapes = ", ".join(shape_text(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in captured.example_inputs)
+            shapes = ", ".join(shape_text(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in positional)
             raise ModelError(f"the original model fails on example inputs {shapes} at node '{err.node.name}': {type(err.exc).__name__}: {str(err.exc).splitlines()[0] if str(err.exc) else ''}; fix: pass inputs the original model accepts") from None
     return captured
 
 
-def check_inputs(example_inputs: Any, names: list[str]) -> tuple:
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    if not isinstance(example_inputs, (tuple, list)):
-        raise ModelError(f"example_inputs must be a tuple of inputs, got {type(example_inputs).__name__}; fix: pass (torch.randn(1, 3, 224, 224),)")
-    if len(example_inputs) > len(names):
-        raise ModelError(f"{len(example_inputs)} example inputs for a forward that takes {len(names)} ({', '.join(names)}); fix: pass one input per argument")
-    return tuple(example_inputs)
+def _has_tensor(value: Any) -> bool:
+    return any(isinstance(v, torch.Tensor) for v in pytree.tree_leaves(value))
+
+
+def specialise(model: nn.Module, args: tuple, kwargs: dict, complete: bool) -> tuple[dict, tuple]:
+    """(concrete_args for torch.fx, the example call as one value per forward parameter).
+
+    Tensors stay inputs; every other value of the call, and every default the
+    call leaves out, is fixed. With `complete`, the call must cover every
+    parameter without a default.
+    """
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}, tuple(args)
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        if complete and kwargs:
+            raise TraceError(f"cannot trace {type(model).__name__}.forward: it takes *args/**kwargs; fix: make it a leaf")
+        return {}, tuple(args)  # torch.fx decides; positional inputs are all we know
+    try:
+        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
+    except TypeError as exc:
+        names = ", ".join(p.name for p in params)
+        raise ModelError(f"example inputs do not fit {type(model).__name__}.forward({names}): {exc}; fix: pass one input per argument") from None
+    concrete, positional = {}, []
+    for p in params:
+        value = bound.arguments.get(p.name, p.default)
+        if value is p.empty:
+            if complete:
+                raise ModelError(f"example inputs leave out '{p.name}' of {type(model).__name__}.forward; fix: pass one input per argument")
+            positional.append(None)
+            continue
+        positional.append(value)
+        if not _has_tensor(value):
+            concrete[p.name] = value
+    return concrete, tuple(positional)
 
 
 def _refuse_unquotable(graph: fx.Graph) -> None:
@@ -127,3 +162,9 @@ def _refuse_unquotable(graph: fx.Graph) -> None:
     for node in graph.nodes:
         if node.op in ("call_module", "get_attr") and any(c in node.target for c in '"\\\n\r'):
             raise TraceError(f"module path {node.target!r} contains a quote, backslash or line break, which torch.fx would write into generated code unescaped; fix: rename that submodule")
+
+
+def _fetch(root: nn.Module, target: str):
+    for part in target.split("."):
+        root = getattr(root, part)
+    return root

@@ -1,0 +1,102 @@
+"""Trace a module as it is called, not as its signature reads.
+
+Modules inside opaque code are often called with keyword arguments their
+signature collects in `**kwargs`, or have decorated forwards whose code
+object torch.fx cannot read ("co_varnames is too small"). Tracing a shim
+that calls the module with the recorded arguments avoids both: the graph
+takes the call's tensors (flattened) as inputs, every other argument is
+fixed to the recorded value, and the graph returns the flattened output.
+An adapter installed as the module's forward restores the call form and
+refuses, with a clear error, a call whose fixed arguments differ.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx._symbolic_trace import PH
+from torch.utils import _pytree as pytree
+
+from .errors import TraceError
+
+_PRIMITIVE = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+
+@dataclass
+class CallSpec:
+    """How a graph's flat inputs and outputs map back to the module's call form."""
+
+    in_spec: Any
+    constants: list            # every leaf of the example call; tensors are inputs
+    tensors: list[int]         # positions of the tensor leaves
+    out_spec: Any = None
+
+    def tensor_inputs(self) -> tuple:
+        return tuple(self.constants[i] for i in self.tensors)
+
+
+class _Shim(nn.Module):
+    def __init__(self, inner: nn.Module, spec: CallSpec):
+        super().__init__()
+        self.inner = inner
+        self.spec = spec
+
+    def forward(self, *tensors):
+        leaves = list(self.spec.constants)
+        for i, t in zip(self.spec.tensors, tensors):
+            leaves[i] = t
+        args, kwargs = pytree.tree_unflatten(leaves, self.spec.in_spec)
+        flat, self.spec.out_spec = pytree.tree_flatten(self.inner(*args, **kwargs))
+        return flat
+
+
+def call_spec(args: tuple, kwargs: dict) -> CallSpec:
+    leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+    for leaf in leaves:
+        if not isinstance(leaf, (torch.Tensor,) + _PRIMITIVE):
+            raise TraceError(f"called with a {type(leaf).__name__}, which a graph cannot take as an input")
+    return CallSpec(spec, leaves, [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)])
+
+
+def trace_call(tracer: fx.Tracer, module: nn.Module, spec: CallSpec) -> tuple[fx.Graph, dict]:
+    """The graph of `module` called as `spec` says, with paths relative to `module`,
+    and the constants tracing attached to the shim (target -> tensor)."""
+    shim = _Shim(module, spec)
+    graph = tracer.trace(shim, concrete_args=tuple(PH for _ in spec.tensors))
+    constants = {}
+    for node in graph.nodes:
+        if node.op == "get_attr" and not node.target.startswith("inner."):
+            constants[node.target] = getattr(shim, node.target)
+        elif node.op in ("call_module", "get_attr") and node.target.startswith("inner."):
+            node.target = node.target[len("inner."):]
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            node.meta["nn_module_stack"] = {k[len("inner."):]: (v[0][len("inner."):], v[1])
+                                            for k, v in stack.items() if k.startswith("inner.")}
+    return graph, constants
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a is b or (type(a) is type(b) and a == b)
+
+
+def install_adapter(gm: fx.GraphModule, spec: CallSpec, where: str) -> None:
+    """Make `gm` callable as the original module was: same arguments, same output structure."""
+    graph_forward = type(gm).forward
+
+    def forward(self, *args, **kwargs):
+        leaves, got = pytree.tree_flatten((args, kwargs))
+        fixed = [i for i in range(len(spec.constants)) if i not in spec.tensors]
+        if got != spec.in_spec or any(not _same(leaves[i], spec.constants[i]) for i in fixed):
+            raise RuntimeError(
+                f"'{where}' was captured as a graph for calls like the example's; this call passes other "
+                f"non-tensor arguments. Capture again with example inputs that call it this way.")
+        flat = graph_forward(self, *[leaves[i] for i in spec.tensors])
+        return pytree.tree_unflatten(list(flat), spec.out_spec)
+
+    gm.forward = types.MethodType(forward, gm)
+    gm._fxsurgery_call = spec

@@ -1,0 +1,58 @@
+"""The tracer: torch.fx's, with an extensible leaf policy and the place tracing failed."""
+
+from __future__ import annotations
+
+import fnmatch
+
+from torch import fx, nn
+
+
+class Tracer(fx.Tracer):
+    """torch.fx's tracer with a leaf policy the user can extend.
+
+    Leaves are torch.nn's own modules (torch.fx's default), instances of
+    `leaf_types`, and modules whose path matches a glob in `leaf_paths`.
+    """
+
+    def __init__(self, leaf_types=(), leaf_paths=(), opaque=(), prefix: str = ""):
+        # Buffers read in traced code become get_attr nodes (not constants frozen at
+        # trace time), so they transfer and save like parameters.
+        super().__init__()
+        self.proxy_buffer_attributes = True
+        self.leaf_types = tuple(leaf_types)
+        self.leaf_paths = tuple(leaf_paths)
+        self.opaque = set(opaque)  # exact paths kept as Python (their forward could not be traced)
+        self.prefix = prefix       # the traced root sits under a shim at this prefix
+        self.failed_in: str | None = None
+        self._open: list[str] = []
+
+    def _relative(self, qualname: str) -> str | None:
+        if not self.prefix:
+            return qualname
+        if qualname == self.prefix.rstrip("."):
+            return None
+        return qualname[len(self.prefix):] if qualname.startswith(self.prefix) else qualname
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        qualname = self._relative(qualname)
+        if qualname is None:
+            return False  # the module the shim calls is always traced through
+        if qualname in self.opaque:
+            return True
+        if self.leaf_types and isinstance(m, self.leaf_types):
+            return True
+        if any(fnmatch.fnmatchcase(qualname, p) for p in self.leaf_paths):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        self._open.append(self.path_of_module(m))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            # The innermost module open when tracing failed is the one to make a leaf.
+            if self.failed_in is None:
+                self.failed_in = self._relative(self._open[-1]) or ""
+            raise
+        finally:
+            self._open.pop()
