@@ -101,11 +101,10 @@ def cmd_apply(args) -> int:
 
 
 def cmd_inspect(args) -> int:
+    from .capture import capture
     from .modelref import parse_inputs
     from .overview import overview, overview_table
-    from .trace import trace
-    captured = trace(_model(args), parse_inputs(args.input) or None, leaf_paths=args.leaf)
-    info = overview(captured)
+    info = overview(capture(_model(args), parse_inputs(args.input) or None, leaf_paths=args.leaf))
     print(json.dumps(info, indent=2) if args.json else overview_table(info, args.depth))
     return 0
 

@@ -9,33 +9,12 @@ becomes an error only when the rule must match.
 from __future__ import annotations
 
 import difflib
-from collections import defaultdict
 from dataclasses import dataclass, field
 
-from torch import fx, nn
-
 from .errors import MatchError
-from .spec import Delete, Freeze, Replace, Rule, Selector
-from .trace import Captured, module_stack
-
-
-@dataclass(frozen=True)
-class Site:
-    """One place a rule acts on: a module invocation or a call node."""
-
-    key: str                  # invocation key ('layer1.0.relu@1') or node name
-    path: str | None          # module path, None for function/method calls
-    leaf: bool                # a single node
-    nodes: tuple[str, ...]    # node names, in graph order
-    inputs: tuple[str, ...]   # nodes outside the site that it reads
-    outputs: tuple[str, ...]  # site nodes read outside the site
-
-    @property
-    def output(self) -> str | None:
-        return self.outputs[0] if len(self.outputs) == 1 else None
-
-    def __str__(self) -> str:
-        return self.key
+from .capture import Capture
+from .sites import Locator, Site, select_modules
+from .spec import Delete, Detach, Freeze, Insert, Replace, Rule, Selector
 
 
 @dataclass
@@ -61,7 +40,7 @@ class Match:
     def to_dict(self) -> dict:
         return {"rule": self.index, "action": self.rule.action, "text": str(self.rule),
                 "origin": str(self.rule.origin), "matches": self.count,
-                "sites": [s.key for s in self.sites], "modules": list(self.modules),
+                "sites": [s.where for s in self.sites], "modules": list(self.modules),
                 "reason": self.reason, "skipped": list(self.skipped)}
 
 
@@ -79,7 +58,7 @@ class Plan:
     def table(self) -> str:
         rows = [("#", "rule", "matches", "where")]
         for m in self.matches:
-            where = m.modules if isinstance(m.rule, Freeze) else [s.key for s in m.sites]
+            where = m.modules if isinstance(m.rule, Freeze) else [s.where for s in m.sites]
             shown = ", ".join(where[:4]) + (f", ... (+{len(where) - 4})" if len(where) > 4 else "")
             rows.append((str(m.index), str(m.rule), str(m.count), shown or f"- ({m.reason})"))
         return format_table(rows)
@@ -93,85 +72,6 @@ def format_table(rows: list[tuple]) -> str:
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-class GraphIndex:
-    """Nodes by name, module invocations by path, calls by target: built once."""
-
-    def __init__(self, captured: Captured):
-        self.captured = captured
-        self.nodes = {n.name: n for n in captured.graph.nodes}
-        self.modules = dict(captured.model.named_modules())
-        self.keys: dict[str, list[str]] = defaultdict(list)       # path -> invocation keys
-        self.members: dict[str, list[str]] = defaultdict(list)    # key -> node names
-        for n in captured.graph.nodes:
-            for key, path in module_stack(n):
-                if key not in self.members:
-                    self.keys[path].append(key)
-                self.members[key].append(n.name)
-
-    def module_sites(self, path: str) -> list[Site]:
-        return [self.region(key, path) for key in self.keys.get(path, [])]
-
-    def region(self, key: str, path: str | None) -> Site:
-        names = self.members[key]
-        inside = set(names)
-        inputs: list[str] = []
-        outputs: list[str] = []
-        for name in names:
-            node = self.nodes[name]
-            for arg in node.all_input_nodes:
-                if arg.name not in inside and arg.name not in inputs:
-                    inputs.append(arg.name)
-            if any(u.name not in inside for u in node.users):
-                outputs.append(name)
-        leaf = len(names) == 1 and self.nodes[names[0]].op == "call_module"
-        return Site(key, path, leaf, tuple(names), tuple(inputs), tuple(outputs))
-
-    def call_site(self, node: fx.Node) -> Site:
-        inputs = tuple(dict.fromkeys(a.name for a in node.all_input_nodes))
-        return Site(node.name, None, True, (node.name,), inputs, (node.name,))
-
-    def names(self) -> list[str]:
-        """Every module path and call-node name, for 'did you mean'."""
-        calls = [n.name for n in self.nodes.values() if n.op.startswith("call")]
-        return list(dict.fromkeys([p for p in self.modules if p] + calls))
-
-
-def outermost(paths: list[str]) -> list[str]:
-    chosen = set(paths)
-    return [p for p in paths if not any(p.startswith(q + ".") for q in chosen if q != p)]
-
-
-def select_modules(sel: Selector, modules: dict[str, nn.Module]) -> list[str]:
-    """Module paths selected by a glob, regex or type selector."""
-    if sel.kind == "type":
-        return [p for p, m in modules.items() if isinstance(m, sel.value)]
-    if sel.kind in ("glob", "regex"):
-        return [p for p in modules if p and sel.matches_name(p)]
-    return []
-
-
-def select_sites(index: GraphIndex, sel: Selector) -> tuple[list[Site], list[str]]:
-    """Sites and module paths a selector picks in the graph."""
-    graph_nodes = index.nodes.values()
-    if sel.kind == "function":
-        return [index.call_site(n) for n in graph_nodes if n.op == "call_function" and n.target is sel.value], []
-    if sel.kind == "method":
-        return [index.call_site(n) for n in graph_nodes if n.op == "call_method" and n.target == sel.value], []
-    paths = [p for p in outermost(select_modules(sel, index.modules)) if index.keys.get(p)]
-    sites = [s for p in paths for s in index.module_sites(p)]
-    if sel.kind in ("glob", "regex"):
-        covered = {name for s in sites for name in s.nodes}
-        for n in graph_nodes:
-            if n.op.startswith("call") and n.name not in covered and sel.matches_name(n.name):
-                if n.op == "call_module":
-                    site = next(s for s in index.module_sites(n.target) if n.name in s.nodes)
-                else:
-                    site = index.call_site(n)
-                sites.append(site)
-                covered.update(site.nodes)
-    return sites, paths
 
 
 def param_owner(name: str) -> str:
@@ -203,47 +103,55 @@ def frozen_by(rule: Freeze, params: list[str], type_of) -> tuple[list[str], list
     return frozen, owners
 
 
-def _why_not(index: GraphIndex, rule: Rule, sel: Selector) -> tuple[str, list[str]]:
+def _why_not(locator: Locator, sel: Selector) -> tuple[str, list[str]]:
+    capture = locator.capture
+    hidden = ""
+    if capture.opaque:
+        shown = "; ".join(f"{p or '(the model)'}: {why}" for p, why in list(capture.opaque.items())[:2])
+        hidden = f"; opaque code may call it, which rules cannot see ({shown})"
+    calls = [n for ix in locator.indexes for n in ix.nodes.values()]
     if sel.kind == "type":
-        present = sorted({type(m).__name__ for m in index.modules.values()})
+        present = sorted({type(m).__name__ for m in locator.modules.values()})
         return f"no module of type {sel.value.__name__} (types present: {', '.join(present[:8])})", []
     if sel.kind == "function":
-        called = sorted({getattr(n.target, "__name__", str(n.target)) for n in index.nodes.values() if n.op == "call_function"})
-        return f"no call of {sel.text} (functions called: {', '.join(called[:8]) or 'none'})", []
+        called = sorted({getattr(n.target, "__name__", str(n.target)) for n in calls if n.op == "call_function"})
+        return f"no call of {sel.text} (functions called: {', '.join(called[:8]) or 'none'}){hidden}", []
     if sel.kind == "method":
-        called = sorted({n.target for n in index.nodes.values() if n.op == "call_method"})
-        return f"no call of method {sel.value} (methods called: {', '.join(called[:8]) or 'none'})", []
-    selected = select_modules(sel, index.modules)
+        called = sorted({n.target for n in calls if n.op == "call_method"})
+        return f"no call of method {sel.value} (methods called: {', '.join(called[:8]) or 'none'}){hidden}", []
+    selected = select_modules(sel, locator.modules)
     if selected:
-        return f"{', '.join(selected[:3])} {'is' if len(selected) == 1 else 'are'} never called by the traced forward (inside a leaf module or unused)", []
+        return f"{', '.join(selected[:3])} {'is' if len(selected) == 1 else 'are'} never called by the forward (inside a leaf module or unused)", []
     text = sel.value if sel.kind == "glob" else sel.value.pattern
-    nearest = difflib.get_close_matches(text, index.names(), n=3, cutoff=0.5)
+    nearest = difflib.get_close_matches(text, locator.names(), n=3, cutoff=0.5)
     return f"no module path or node name matches {sel.text!r}", nearest
 
 
-def match(captured: Captured, rules: list[Rule]) -> Plan:
-    """Resolve every rule against the original graph; raise where one must match."""
-    index = GraphIndex(captured)
+def match(capture: Capture, rules: list[Rule]) -> Plan:
+    """Resolve every rule against the captured model; raise where one must match."""
+    locator = Locator(capture)
     plan = Plan([])
-    touched: dict[str, Match] = {}  # node name -> the rule that deleted or replaced it
-    params = [n for n, _ in captured.model.named_parameters(remove_duplicate=False)]
+    touched: dict[tuple, Match] = {}  # (graph, node) or (None, module) -> the rule that deleted or replaced it
+    params = [n for n, _ in capture.model.named_parameters(remove_duplicate=False)]
     for i, rule in enumerate(rules, start=1):
         m = Match(i, rule)
         if isinstance(rule, Freeze):
-            frozen, owners = frozen_by(rule, params, lambda p: type(index.modules.get(p)))
+            frozen, owners = frozen_by(rule, params, lambda p: type(locator.modules.get(p)))
             m.modules = owners
             if not owners:
-                chosen = select_modules(rule.target, index.modules)
+                chosen = select_modules(rule.target, locator.modules)
                 if chosen and not rule.exclude:
                     plan.warnings.append(f"{m.label}: {', '.join(chosen[:3])} {'has' if len(chosen) == 1 else 'have'} no parameters; nothing to freeze")
                     plan.matches.append(m)
                     continue
-                m.reason, m.nearest = _why_not(index, rule, rule.target) if not chosen else ("every selected parameter is excluded", [])
+                m.reason, m.nearest = _why_not(locator, rule.target) if not chosen else ("every selected parameter is excluded", [])
         else:
             sel = rule.selectors()[0]
-            m.sites, m.modules = select_sites(index, sel)
+            m.sites, m.modules = locator.select(sel, boundary=isinstance(rule, (Insert, Detach)))
             if not m.sites:
-                m.reason, m.nearest = _why_not(index, rule, sel)
+                m.reason, m.nearest = _why_not(locator, sel)
+            elif sel.kind in ("function", "method") and capture.opaque:
+                plan.warnings.append(f"{m.label}: calls inside opaque code ({', '.join(p or '(the model)' for p in list(capture.opaque)[:3])}) are not seen and stay as they are")
             _check_conflicts(m, touched)
         if not m.count and not rule.optional:
             near = f"; closest: {', '.join(m.nearest)}" if m.nearest else ""
@@ -257,20 +165,22 @@ def _check_conflicts(m: Match, touched: dict[str, Match]) -> None:
     destructive = isinstance(m.rule, (Delete, Replace))
     kept, clash = [], None
     for site in m.sites:
-        hit = next(((name, touched[name]) for name in site.nodes if name in touched
+        names = [(site.region, n) for n in site.nodes] if site.region is not None else [(None, site.key)]
+        hit = next(((name[1], touched[name]) for name in names if name in touched
                     and (destructive or touched[name].rule.action == "delete")), None)
         if hit is None:
             kept.append(site)
         else:
             clash = clash or hit
-            m.skipped.append(f"{site.key} (gone after {hit[1].label})")
+            m.skipped.append(f"{site.where} (gone after {hit[1].label})")
     if clash and not kept:
         name, earlier = clash
         verb = "deleted" if isinstance(earlier.rule, Delete) else "replaced"
         raise MatchError(f"{m.label} conflicts with {earlier.label}: node '{name}' was already {verb}; fix: drop one of the two rules")
     m.sites = kept
-    m.modules = [p for p in m.modules if any(s.path == p for s in kept)]
+    m.modules = [p for p in m.modules if any(s.module == p for s in kept)]
     if destructive:
         for site in kept:
-            for name in site.nodes:
+            names = [(site.region, n) for n in site.nodes] if site.region is not None else [(None, site.key)]
+            for name in names:
                 touched[name] = m

@@ -12,13 +12,15 @@ from torch import fx, nn
 
 from .loader import load_rules
 from .match import Plan, match
-from .rewrite import InputChange, rewrite
+from .capture import Capture, capture
+from .graphedit import InputChange
+from .rewrite import rewrite
 from .export import save
 from .shapes import Meta, shape_text
 from .spec import Rule, flatten
-from .trace import Captured, trace
+from .trace import Captured
 from .transfer import TransferReport, transfer
-from .validate import validate
+from .validate import check_module, validate
 
 
 class SurgeryWarning(UserWarning):
@@ -36,8 +38,9 @@ class SurgeryResult:
     example_inputs: tuple | None = None
     original_inputs: tuple | None = None
     input_changes: list[InputChange] = field(default_factory=list)
-    original: Captured | None = None          # the traced original: graph, shapes
+    original: Captured | None = None          # the traced original, when one graph holds it all
     shapes: dict[str, Meta] = field(default_factory=dict)  # node name -> shape in the new graph
+    capture: Capture | None = None            # every graph and opaque module of the original
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What an optimizer should get: parameters that require grad, each object once."""
@@ -56,6 +59,10 @@ class SurgeryResult:
             parts += ["", "warnings:"] + [f"  {w}" for w in self.plan.warnings]
         return "\n".join(parts)
 
+    def coverage(self) -> dict:
+        """Traced graphs, opaque modules with the reason each stays Python, share of parameters in graphs."""
+        return self.capture.coverage()
+
     def to_dict(self) -> dict:
         def shapes(inputs):
             return [list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs or ()]
@@ -66,6 +73,7 @@ class SurgeryResult:
             "inputs": {"before": shapes(self.original_inputs), "after": shapes(self.example_inputs),
                        "changes": [str(c) for c in self.input_changes]},
             "report": self.report.to_dict(),
+            "coverage": self.capture.coverage() if self.capture is not None else None,
         }
 
     def save(self, directory: str | os.PathLike, *, force: bool = False, formats=()) -> Path:
@@ -85,14 +93,17 @@ def apply(model: nn.Module, rules, example_inputs=None, *, params: dict | None =
     torch.Size([2, 10])
     """
     rule_list = flatten(rules, lambda path: load_rules(path, params=params, allow=allow))
-    captured = trace(model, example_inputs, leaf_types=leaf_types, leaf_paths=leaf_paths)
-    plan = match(captured, rule_list)             # read-only
-    edited = validate(rewrite(captured, plan))    # the only stage that edits structure, then checked
-    module, report = transfer(edited, strict=strict)
+    captured = capture(model, example_inputs, leaf_types=leaf_types, leaf_paths=leaf_paths)
+    plan = match(captured, rule_list)                 # read-only
+    rewritten = validate(rewrite(captured, plan))     # the only stage that edits structure, then checked
+    module, report = transfer(rewritten, strict=strict)
+    check_module(module, rewritten)                   # where opaque code joins the graphs
     for warning in plan.warnings:
         warnings.warn(warning, SurgeryWarning, stacklevel=2)
-    return SurgeryResult(module, report, plan, rule_list, edited.example_inputs(), captured.example_inputs,
-                         list(edited.inputs.values()), captured, edited.shapes)
+    root = rewritten.root
+    return SurgeryResult(module, report, plan, rule_list, rewritten.example_inputs(), captured.example_inputs,
+                         rewritten.input_changes(), captured.regions[0] if captured.complete else None,
+                         root.shapes if root is not None else {}, captured)
 
 
 def describe_inputs(inputs) -> str:

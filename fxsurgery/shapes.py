@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch._subclasses.fake_tensor import (DataDependentOutputException,
                                            DynamicOutputShapeException,
                                            FakeTensorMode,
@@ -116,10 +117,40 @@ def clone(module: nn.Module, make, memo: dict | None = None) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
+def share(module: nn.Module) -> nn.Module:
+    """A copy of the module objects that shares every tensor with the original.
+
+    Tracing runs Python forward code, which may store things on `self`
+    (torchvision's AnchorGenerator caches its anchors); tracing a copy keeps
+    the user's model exactly as it was.
+    """
+    memo = {}
+    for sub in module.modules():
+        for t in [*sub._parameters.values(), *sub._buffers.values()]:
+            if t is not None:
+                memo[id(t)] = t
+    return copy.deepcopy(module, memo)
+
+
+def _mutable(value):
+    if isinstance(value, immutable_list):
+        return [_mutable(v) for v in value]
+    if isinstance(value, immutable_dict):
+        return {k: _mutable(v) for k, v in value.items()}
+    if type(value) is tuple:
+        return tuple(_mutable(v) for v in value)
+    return value
+
+
 class _Recorder(fx.Interpreter):
     def __init__(self, module, graph, metas):
         super().__init__(module, graph=graph)
         self.metas = metas
+
+    def map_nodes_to_values(self, args, n):
+        # torch.fx hands functions immutable lists; wrapped functions may mutate theirs
+        # (torchvision's swin3d does), as they can when the generated code calls them
+        return _mutable(super().map_nodes_to_values(args, n))
 
     def run_node(self, n):
         try:

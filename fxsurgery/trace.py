@@ -8,7 +8,6 @@ a module invocation is the set of nodes whose stack holds its key.
 
 from __future__ import annotations
 
-import fnmatch
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +17,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from .errors import ModelError, TraceError
-from .shapes import Meta, PropagationError, propagate, shape_text
+from .shapes import Meta, PropagationError, propagate, share
 from .shim import CallSpec, trace_call
 from .tracer import Tracer
 from .valuetrace import ValueTracer, add_shape_guards
@@ -82,14 +81,15 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, *, leaf_types=(
     else:
         concrete, positional = specialise(model, tuple(example_inputs or ()), {}, complete=example_inputs is not None)
     known = example_inputs is not None or call is not None
+    work = share(model)  # traced in place of the model: forward code may write to `self`
     options = dict(leaf_types=leaf_types, leaf_paths=leaf_paths, opaque=opaque, prefix="inner." if call else "")
     tracer = ValueTracer(example=positional, **options) if known else Tracer(**options)
     try:
         constants = {}
         if call is not None:  # traced as it was called (see shim.py)
-            graph, constants = trace_call(tracer, model, call)
+            graph, constants = trace_call(tracer, work, call)
         else:
-            graph = tracer.trace(model, concrete_args=concrete or None)
+            graph = tracer.trace(work, concrete_args=concrete or None)
         if getattr(tracer, "specialised", None):
             add_shape_guards(graph, positional, path)
     except ModelError:
@@ -102,10 +102,10 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, *, leaf_types=(
         error.failed_in, error.reason = tracer.failed_in, f"{type(exc).__name__}: {reason}"
         raise error from None
     _refuse_unquotable(graph)
-    root = model
+    root = work
     if constants:  # tensors made while tracing live beside the module's own attributes
         targets = {n.target for n in graph.nodes if n.op in ("call_module", "get_attr")}
-        root = {t: constants[t] if t in constants else _fetch(model, t) for t in targets}
+        root = {t: constants[t] if t in constants else _fetch(work, t) for t in targets}
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
     captured = Captured(model, gm, None, {}, tuple(leaf_types), tuple(leaf_paths), path, {p: "" for p in opaque}, call)
     if example_inputs is not None or call is not None:
@@ -113,8 +113,12 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, *, leaf_types=(
         try:
             captured.shapes = propagate(gm, graph, positional)
         except PropagationError as err:
-            shapes = ", ".join(shape_text(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in positional)
-            raise ModelError(f"the original model fails on example inputs {shapes} at node '{err.node.name}': {type(err.exc).__name__}: {str(err.exc).splitlines()[0] if str(err.exc) else ''}; fix: pass inputs the original model accepts") from None
+            # The graph does not replay the example call (the model itself may still run:
+            # capture() then finds out by running it).
+            reason = f"{type(err.exc).__name__}: {str(err.exc).strip().splitlines()[0] if str(err.exc).strip() else ''}"
+            error = TraceError(f"the graph traced from {type(model).__name__} fails on the example inputs at node '{err.node.name}': {reason}; fix: pass inputs the model accepts, or make the failing module a leaf")
+            error.failed_in, error.reason = None, reason
+            raise error from None
     return captured
 
 

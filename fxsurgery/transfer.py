@@ -15,9 +15,11 @@ import torch
 from torch import fx, nn
 
 from .errors import TransferError
-from .match import format_table, label
-from .rewrite import Edited, Slot
-from .shapes import clone, root_of, shape_text
+from .assemble import assemble
+from .match import format_table, frozen_by
+from .rewrite import Rewritten
+from .shapes import shape_text
+from .spec import Freeze
 
 STATUSES = ("transferred", "adapted", "new", "dropped")
 
@@ -119,94 +121,112 @@ def _entry(name, t, kind, status, **kw) -> Entry:
     return Entry(name, status, tuple(t.shape), str(t.dtype).replace("torch.", ""), kind, **kw)
 
 
-def transfer(edited: Edited, *, strict: bool = False) -> tuple[fx.GraphModule, TransferReport]:
-    """Build the regenerated module with copies of the original tensors, and report."""
-    model = edited.captured.model
-    copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(new) -> (new, original)
-
-    def blank(t: torch.Tensor) -> torch.Tensor:
-        made = torch.empty_like(t, memory_format=torch.preserve_format)
-        copies[id(made)] = (made, t)
-        return made
-
-    memo: dict = {}  # one memo for all: a tensor tied across modules stays one tensor
-    table, sources = {}, {}
-    for path, slot in edited.modules.items():
-        if slot.rule is None:
-            table[path] = clone(slot.value, blank, memo)
-            sources[path] = slot.source
-        else:
-            table[path] = slot.value
-    for path, slot in edited.tensors.items():
-        table[path] = clone(_Holder(slot.value), blank, memo).value
-    gm = fx.GraphModule(root_of(table), edited.graph, class_name=type(model).__name__)
+def transfer(rewritten: Rewritten, *, strict: bool = False) -> tuple[nn.Module, TransferReport]:
+    """Build the new module, fill it with copies of the original tensors, freeze, and report."""
+    model = rewritten.capture.model
+    built = assemble(rewritten)
+    module = built.module
+    filled, kept = set(), {}
     with torch.no_grad():
-        for made, original in copies.values():
-            made.copy_(original)
-        for path, slot in edited.modules.items():
-            if slot.keep:
-                _keep(edited, path, slot, gm.get_submodule(path))
-    for name in edited.frozen:
-        gm.get_parameter(name).requires_grad_(False)
-    originals = dict(model.named_modules())
-    for path, sub in gm.named_modules():
-        if path not in table:  # containers follow the original's mode; leaves kept their own
-            sub.training = originals[path].training if path in originals else model.training
+        for _, t, _ in _tensors(module):
+            if id(t) in built.copies and id(t) not in filled:
+                t.copy_(built.copies[id(t)][1])
+                filled.add(id(t))
+        for path, new, old, rule in built.keeps:
+            kept.update(_keep(rewritten, path, new, old, rule))
+    rule_of = _maker(module, built.made_by)
+    _freeze(rewritten, module, rule_of)
+    _follow_modes(module, model)
 
-    report = TransferReport(rules={m.index: m.label for m in edited.plan.matches})
+    report = TransferReport(rules={m.index: m.label for m in rewritten.plan.matches})
+    names: dict[int, list[str]] = {}
+    for name, t, _ in _tensors(model):
+        names.setdefault(id(t), []).append(name)
     used: set[str] = set()
-    known = {n for n, _, _ in _tensors(model)}
-    for name, t, kind in _tensors(gm):
-        owner = _owner(name, edited)
-        slot = edited.modules.get(owner) if owner in edited.modules else edited.tensors.get(name)
+    for name, t, kind in _tensors(module):
         frozen = kind == "parameter" and not t.requires_grad
-        if slot is None or (slot.rule is not None and not slot.keep):
-            rule = slot.rule if slot is not None else None
-            report.entries.append(_entry(name, t, kind, "new", rule=rule, frozen=frozen))
-            continue
-        source = name if owner not in edited.modules else f"{slot.source}{name[len(owner):]}"
-        used.add(source)
-        op = f"kept by {label(slot.rule, edited.rule_of(slot.rule).rule)}" if slot.keep else ""
-        if source not in known:
-            op = "constant captured from the forward code"
-        report.entries.append(_entry(name, t, kind, "transferred", source=source, rule=slot.rule if slot.keep else None, op=op, frozen=frozen))
+        if id(t) in built.copies:
+            sources = names[id(built.copies[id(t)][1])]
+            source = name if name in sources else sources[0]
+            used.add(source)
+            report.entries.append(_entry(name, t, kind, "transferred", source=source, frozen=frozen))
+        elif id(t) in built.constants:
+            report.entries.append(_entry(name, t, kind, "transferred", source=name, op="constant captured from the forward code", frozen=frozen))
+        elif id(t) in kept:
+            source, rule = kept[id(t)]
+            used.add(source)
+            report.entries.append(_entry(name, t, kind, "transferred", source=source, rule=rule,
+                                         op=f"kept by {rewritten.rule_of(rule).label}", frozen=frozen))
+        else:
+            report.entries.append(_entry(name, t, kind, "new", rule=rule_of(name), frozen=frozen))
     for name, t, kind in _tensors(model):
         if name not in used:
             report.entries.append(_entry(name, t, kind, "dropped"))
     _check_strict(report, strict)
-    return gm, report
+    return module, report
 
 
-class _Holder(nn.Module):
-    """Lets `clone` copy a lone tensor with the shared memo."""
-
-    def __init__(self, value):
-        super().__init__()
-        if isinstance(value, nn.Parameter):
-            self.value = value
-        else:
-            self.register_buffer("value", value)
-
-
-def _owner(name: str, edited: Edited) -> str:
-    """The module target of the new graph that holds tensor `name`."""
-    parts = name.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        prefix = ".".join(parts[:i])
-        if prefix in edited.modules:
-            return prefix
-    return ""
+def _maker(module: nn.Module, made_by: dict[int, int]):
+    """name -> the rule that made the module holding that tensor (or module), else None."""
+    def rule_of(name: str) -> int | None:
+        parts = name.split(".")
+        for i in range(len(parts), -1, -1):
+            try:
+                holder = module.get_submodule(".".join(parts[:i]))
+            except AttributeError:
+                continue
+            if id(holder) in made_by:
+                return made_by[id(holder)]
+        return None
+    return rule_of
 
 
-def _keep(edited: Edited, path: str, slot: Slot, module: nn.Module) -> None:
-    """Replace(weights="keep"): copy the replaced module's tensors, names and shapes equal."""
-    original = dict((n, t) for n, t, _ in _tensors(edited.captured.model.get_submodule(slot.source)))
-    for name, t, _ in _tensors(module):
+def _is_container(module: nn.Module) -> bool:
+    return type(module) is nn.Module or isinstance(module, fx.GraphModule)
+
+
+def _freeze(rewritten: Rewritten, module: nn.Module, rule_of) -> None:
+    """Each Freeze rule acts on the new module's parameters, except those a later rule made."""
+    originals = dict(rewritten.capture.model.named_modules())
+    modules = dict(module.named_modules())
+
+    def type_of(path):
+        here = modules.get(path)
+        if here is None or _is_container(here):
+            return type(originals[path]) if path in originals else type(here)
+        return type(here)
+
+    params = dict(module.named_parameters(remove_duplicate=False))
+    for m in rewritten.plan.matches:
+        if isinstance(m.rule, Freeze):
+            frozen, _ = frozen_by(m.rule, list(params), type_of)
+            for name in frozen:
+                maker = rule_of(name)
+                if maker is None or maker < m.index:
+                    params[name].requires_grad_(False)
+                    params[name].grad = None
+
+
+def _follow_modes(module: nn.Module, model: nn.Module) -> None:
+    """Containers the assembly made take the original's train/eval mode; real modules keep theirs."""
+    originals = dict(model.named_modules())
+    for path, sub in module.named_modules():
+        if _is_container(sub):
+            sub.training = originals[path].training if path in originals else model.training
+
+
+def _keep(rewritten: Rewritten, path: str, new: nn.Module, old: nn.Module, rule: int) -> dict[int, tuple[str, int]]:
+    """weights="keep": copy the replaced module's tensors, names and shapes equal."""
+    original = {n: t for n, t, _ in _tensors(old)}
+    kept = {}
+    for name, t, _ in _tensors(new):
         src = original.get(name)
         if src is None or src.shape != t.shape:
             have = shape_text(src.shape) if src is not None else "nothing"
-            raise TransferError(f"{label(slot.rule, edited.rule_of(slot.rule).rule)}: weights 'keep' cannot fill {path}.{name} {shape_text(t.shape)}: the replaced module has {have} there; fix: use weights: new")
+            raise TransferError(f"{rewritten.rule_of(rule).label}: weights 'keep' cannot fill {path}.{name} {shape_text(t.shape)}: the replaced module has {have} there; fix: use weights: new")
         t.copy_(src)
+        kept[id(t)] = (f"{path}.{name}", rule)
+    return kept
 
 
 def _check_strict(report: TransferReport, strict: bool) -> None:

@@ -1,20 +1,35 @@
-"""Check the rewritten graph: lint, dead-code elimination, shape propagation.
+"""Check the rewritten model: lint, dead-code elimination, shape propagation.
 
 torch.fx's lint checks only the graph's wiring, so a layer fed the wrong
 shape passes it and fails at run time; shapes are therefore propagated on
 fake tensors, and a mismatch is reported against the rule that caused it.
+Where opaque Python sits between graphs, the assembled module is run once
+on fake tensors as well, and a failure names the rule nearest to it.
 """
 
 from __future__ import annotations
 
-from torch import fx
+import torch
+from torch import fx, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils import _pytree as pytree
 
 from .errors import ValidateError
-from .rewrite import Edited, shape_failure
-from .shapes import PropagationError, propagate, root_of
+from .graphedit import Edited, shape_failure
+from .rewrite import Rewritten
+from .shapes import PropagationError, clone, propagate, quiet_fake_tensors, root_of
 
 
-def validate(edited: Edited) -> Edited:
+def _impure(node: fx.Node) -> bool:
+    """torch.fx's notion, plus in-place tensor ops: `x.add_(pos)` has no users but matters
+    (torchvision's MViT adds its position embedding that way)."""
+    if node.is_impure():
+        return True
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return node.op in ("call_method", "call_function") and name.endswith("_") and not name.startswith("_")
+
+
+def validate_graph(edited: Edited) -> Edited:
     """Lint, drop dead nodes and unused targets, then give every node a shape."""
     shadow = fx.GraphModule(root_of(edited.table()), edited.graph)  # owns the graph for purity checks
     try:
@@ -22,7 +37,7 @@ def validate(edited: Edited) -> Edited:
     except Exception as exc:
         last = edited.plan.matches[-1].label if edited.plan.matches else "the rules"
         raise ValidateError(f"{last}: the rewritten graph is malformed: {exc}; fix: check the order of the rules") from None
-    edited.graph.eliminate_dead_code()
+    edited.graph.eliminate_dead_code(is_impure_node=_impure)
     used = {n.target for n in edited.graph.nodes if n.op in ("call_module", "get_attr")}
     for table in (edited.modules, edited.tensors):
         for target in [t for t in table if t not in used]:
@@ -34,3 +49,50 @@ def validate(edited: Edited) -> Edited:
         except PropagationError as err:
             raise shape_failure(err, edited) from None
     return edited
+
+
+def validate(rewritten: Rewritten) -> Rewritten:
+    """Check every edited graph."""
+    for edited in rewritten.graphs.values():
+        validate_graph(edited)
+    return rewritten
+
+
+def check_module(module: nn.Module, rewritten: Rewritten) -> None:
+    """Run the assembled module once on fake tensors; blame the rule nearest to a failure."""
+    inputs = rewritten.example_inputs()
+    if inputs is None or not rewritten.capture.opaque:
+        return
+    mode = FakeTensorMode(allow_non_fake_inputs=False)
+    fake = clone(module, mode.from_tensor)
+    open_paths: list[str] = []
+    handles = []
+    for path, sub in fake.named_modules():
+        handles.append(sub.register_forward_pre_hook(lambda m, a, p=path: open_paths.append(p)))
+        handles.append(sub.register_forward_hook(lambda m, a, o: open_paths.pop()))
+    try:
+        with mode, quiet_fake_tensors(), torch.no_grad():
+            fake(*pytree.tree_map(lambda x: mode.from_tensor(x) if isinstance(x, torch.Tensor) else x, inputs))
+    except Exception as exc:
+        where = open_paths[-1] if open_paths else ""
+        culprit = _nearest_rule(rewritten, where)
+        if culprit is None:
+            return  # fake tensors could not run this code; nothing the rules did is to blame
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ValidateError(f"{culprit.label}: after this rule, '{where or '(the model)'}' ({type(module.get_submodule(where)).__name__}) "
+                            f"fails: {type(exc).__name__}: {first}; fix: keep what that module passes on "
+                            f"(its output's type and shape) as it was") from None
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _nearest_rule(rewritten: Rewritten, where: str):
+    """The last rule that edited `where` or something inside it."""
+    touched = [e.rule for e in rewritten.edits if e.path == where or e.path.startswith(where + ".") or not where]
+    for m in rewritten.plan.matches:
+        for site in m.sites:
+            module = site.module if site.module is not None else (site.region or "")
+            if site.region is not None and (module == where or module.startswith(where + ".") or not where):
+                touched.append(m.index)
+    return rewritten.rule_of(max(touched)) if touched else None

@@ -42,6 +42,8 @@ class ValueProxy(fx.Proxy):
         return value
 
     def __getattr__(self, name):
+        if name.startswith("__") and name.endswith("__"):  # protocol probes (numpy, cuda), not tensor attributes
+            raise AttributeError(name)
         return ValueAttribute(self, name)
 
     def __bool__(self):

@@ -60,7 +60,7 @@ def test_inspect_table_and_json():
     assert code == 0
     assert stdout.splitlines()[0] == ("ResNet: 11,689,512 parameters (11,689,512 trainable), 71 graph nodes "
                                       "(placeholder 1, call_module 60, call_function 9, output 1); traced completely")
-    assert any(line.split() == ["fc", "Linear", "[1,", "1000]", "513,000", "1"] for line in stdout.splitlines())
+    assert any(line.split() == ["fc", "Linear", "[1,", "1000]", "513,000", "1", "graph"] for line in stdout.splitlines())
     assert not any(line.startswith("layer1.0") for line in stdout.splitlines())
     code, stdout, _ = cli("inspect", RESNET, "--input", "1x3x64x64", "--json")
     info = json.loads(stdout)

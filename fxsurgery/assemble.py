@@ -1,0 +1,111 @@
+"""Build the new module's structure: a blank copy of the original with the edits in place.
+
+The original is copied whole, every tensor as an empty one of the same
+shape, dtype and device (one copy per tensor, so ties stay ties). Each edited
+graph becomes a GraphModule installed where its module was, calling the
+copies of the original modules it uses; module edits for opaque code are
+installed last. Values are filled in afterwards, only for tensors that made it
+into the new module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from .modules import Around
+from .rewrite import ModuleEdit, Rewritten
+from .shapes import clone, root_of
+from .shim import install_adapter
+from .sites import join
+
+
+@dataclass
+class Assembly:
+    """The new module and where each of its tensors and modules came from."""
+
+    module: nn.Module
+    copies: dict[int, tuple[torch.Tensor, torch.Tensor]]   # id(blank) -> (blank, original)
+    made_by: dict[int, int] = field(default_factory=dict)   # id(module a rule made) -> rule
+    constants: set[int] = field(default_factory=set)        # ids of tensors captured from forward code
+    keeps: list[tuple[str, nn.Module, nn.Module, int]] = field(default_factory=list)  # path, new, old, rule
+
+
+def put(root: nn.Module, path: str, module: nn.Module) -> nn.Module:
+    """Install `module` at `path` (the root itself when `path` is empty); returns the root."""
+    if not path:
+        return module
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    parent._modules[name] = module
+    return root
+
+
+def _constant(value: torch.Tensor) -> torch.Tensor:
+    made = value.detach().clone()
+    return nn.Parameter(made, requires_grad=value.requires_grad) if isinstance(value, nn.Parameter) else made
+
+
+def assemble(rewritten: Rewritten) -> Assembly:
+    capture = rewritten.capture
+    memo: dict = {}  # one memo for the whole model: a tensor tied across modules stays one tensor
+    root = clone(capture.model, lambda t: torch.empty_like(t, memory_format=torch.preserve_format), memo)
+    copies = {}
+    for sub in capture.model.modules():
+        for t in [*sub._parameters.values(), *sub._buffers.values()]:
+            if t is not None:
+                copies[id(memo[id(t)])] = (memo[id(t)], t)
+    built = Assembly(root, copies)
+    for region in sorted(capture.regions, key=lambda r: (bool(r.path), r.path.count("."))):
+        edited = rewritten.graphs[region.path]
+        table = {}
+        for path, slot in edited.modules.items():
+            if slot.rule is None:  # the graph calls a copy of the original; use the original's blank copy
+                table[path] = memo[id(region.model.get_submodule(slot.source))]
+                continue
+            table[path] = slot.value
+            built.made_by[id(slot.value)] = slot.rule
+            if slot.keep:
+                built.keeps.append((join(region.path, path), slot.value, region.model.get_submodule(slot.source), slot.rule))
+        for path, slot in edited.tensors.items():
+            if id(slot.value) in memo:
+                table[path] = memo[id(slot.value)]
+            else:
+                table[path] = _constant(slot.value)
+                built.constants.add(id(table[path]))
+        gm = fx.GraphModule(root_of(table), edited.graph, class_name=type(region.model).__name__)
+        if region.call is not None:
+            install_adapter(gm, region.call, region.path)
+            _carry_attributes(memo[id(region.model)], gm)
+        built.module = put(built.module, region.path, gm)
+    for edit in rewritten.edits:
+        _apply(built, edit, capture.model)
+    return built
+
+
+_MODULE_STATE = set(vars(nn.Module())) | {"forward"}
+
+
+def _carry_attributes(source: nn.Module, gm: fx.GraphModule) -> None:
+    """Opaque code may read plain attributes of a module a graph now stands for
+    (RAFT reads `update_block.hidden_state_size`): give the graph module those too."""
+    for name, value in vars(source).items():
+        if name not in _MODULE_STATE and not name.startswith("_") and not hasattr(gm, name):
+            setattr(gm, name, value)
+
+
+def _apply(built: Assembly, edit: ModuleEdit, original: nn.Module) -> None:
+    if edit.kind in ("replace", "delete"):
+        built.module = put(built.module, edit.path, edit.module)
+        built.made_by[id(edit.module)] = edit.rule
+        if edit.keep:
+            built.keeps.append((edit.path, edit.module, original.get_submodule(edit.path), edit.rule))
+        return
+    current = built.module.get_submodule(edit.path)
+    wrapper = Around(current, edit.before, edit.after, edit.cut_in, edit.cut_out)
+    for part in (edit.before, edit.after):
+        if part is not None:
+            built.made_by[id(part)] = edit.rule
+    built.module = put(built.module, edit.path, wrapper)

@@ -1,0 +1,409 @@
+"""Edit one captured graph as a plan says.
+
+The result is a graph plus a table of what each call_module / get_attr target
+holds (`Slot`): an original module or tensor (with its path in the original,
+for the transfer stage) or a module a rule made (with the rule's number).
+Nodes a rule makes or rewires carry `meta["fxs_rule"]`, so later errors name
+the rule that caused them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import fx, nn
+
+from .errors import FxsError, RewriteError, ValidateError
+from .match import Match, Plan, label
+from .sites import Site
+from .shapes import Meta, PropagationError, adapt, propagate, root_of, shape_text
+from .spec import Delete, Detach, Freeze, Insert, New, Replace, describe, fresh
+from .trace import Captured
+
+
+@dataclass
+class Slot:
+    """What a target of the new graph holds, and where it came from."""
+
+    value: Any
+    source: str | None        # path in the original model; None when a rule made it
+    rule: int | None = None   # the rule that made or replaced it
+    keep: bool = False        # Replace(weights="keep"): copy the source's tensors
+
+
+@dataclass(frozen=True)
+class InputChange:
+    """An example input whose shape the rules changed."""
+
+    name: str
+    before: tuple
+    after: tuple
+    rule: int
+    why: str
+
+    def __str__(self) -> str:
+        return f"{self.name}: {shape_text(self.before)} -> {shape_text(self.after)} because {self.why}"
+
+
+@dataclass
+class Edited:
+    """The rewritten graph, its target table and the bookkeeping of who did what."""
+
+    captured: Captured
+    plan: Plan
+    graph: fx.Graph
+    modules: dict[str, Slot]
+    tensors: dict[str, Slot]
+    inputs: dict[str, InputChange] = field(default_factory=dict)
+    shapes: dict[str, Meta] = field(default_factory=dict)
+
+    def table(self) -> dict[str, Any]:
+        return {**{p: s.value for p, s in self.modules.items()}, **{p: s.value for p, s in self.tensors.items()}}
+
+    def example_inputs(self) -> tuple | None:
+        """The graph's example inputs, adapted where the rules changed the interface."""
+        original = self.captured.example_inputs
+        if original is None:
+            return None
+        names = self.captured.input_names()
+        return tuple(adapt(x, self.inputs[n].after) if n in self.inputs else x for n, x in zip(names, original))
+
+    def rule_of(self, index: int) -> Match:
+        return self.plan.matches[index - 1]
+
+
+def snake(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
+
+
+def expected_input(module: nn.Module, shape: tuple) -> tuple:
+    """The input shape `module` accepts, derived from the one it was given."""
+    shape = list(shape)
+    if isinstance(module, nn.Linear) and shape:
+        shape[-1] = module.in_features
+    elif isinstance(module, (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase)) and len(shape) > 1:
+        shape[1] = module.in_channels if hasattr(module, "in_channels") else module.num_features
+    elif isinstance(module, nn.LayerNorm):
+        n = len(module.normalized_shape)
+        shape[-n:] = module.normalized_shape
+    return tuple(shape)
+
+
+def fit_call(target: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Arguments of an old call, trimmed to what `target` accepts.
+
+    `inplace=` is dropped where the new target does not take it: in-place is
+    a memory optimisation, never part of the value a node produces.
+    """
+    fn = target.forward if isinstance(target, nn.Module) else target
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return args, {k: v for k, v in kwargs.items() if k != "inplace"}
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in params}
+    try:
+        inspect.signature(fn).bind(*args, **kwargs)
+        return args, kwargs
+    except TypeError:
+        return args[:1], {}
+
+
+class Rewriter:
+    """Applies matches in rule order to a copy of the captured graph."""
+
+    def __init__(self, captured: Captured, plan: Plan):
+        self.captured, self.plan = captured, plan
+        self.graph = fx.Graph()
+        out = self.graph.graph_copy(captured.graph, {})
+        self.graph.output(out)
+        self.alias: dict[str, str] = {}
+        self.by_name = {n.name: n for n in self.graph.nodes}
+        gm = captured.gm
+        self.edited = Edited(captured, plan, self.graph, {}, {}, shapes=dict(captured.shapes))
+        for n in self.graph.nodes:
+            if n.op == "call_module":
+                self.edited.modules[n.target] = Slot(gm.get_submodule(n.target), n.target)
+            elif n.op == "get_attr":
+                self.edited.tensors[n.target] = Slot(_fetch(gm, n.target), n.target)
+        self.dirty = False
+
+    # -- lookups ---------------------------------------------------------------
+    def node(self, name: str) -> fx.Node:
+        while name in self.alias:
+            name = self.alias[name]
+        return self.by_name[name]
+
+    def added(self, node: fx.Node, m: Match, like: fx.Node) -> fx.Node:
+        """Register a node a rule made, inside the modules that hold the node it sits by."""
+        stack = dict(like.meta.get("nn_module_stack", {}))
+        if like.op == "call_module":  # beside a module call, not inside that module
+            stack = {k: v for k, v in stack.items() if like.target.startswith(v[0] + ".")}
+        if node.op == "call_module":
+            stack = {k: v for k, v in stack.items() if node.target.startswith(v[0] + ".")}
+            stack[node.target] = (node.target, type(self.edited.modules[node.target].value))
+        node.meta.update(fxs_rule=m.index, nn_module_stack=stack)
+        self.by_name[node.name] = node
+        return node
+
+    def meta(self, name: str) -> Meta | None:
+        if self.dirty:
+            self.repropagate()
+        while name in self.alias:
+            name = self.alias[name]
+        return self.edited.shapes.get(name)
+
+    def shape_in(self, site: Site) -> tuple | None:
+        tensors = self.tensor_inputs(site)
+        meta = self.meta(tensors[0]) if tensors else None
+        return meta.shape if meta and meta.is_tensor else None
+
+    def tensor_inputs(self, site: Site) -> list[str]:
+        if not self.edited.shapes:
+            return list(site.inputs)
+        return [name for name in site.inputs if (self.meta(name) or Meta(None, None, "?")).is_tensor]
+
+    def repropagate(self) -> None:
+        self.dirty = False
+        if self.captured.example_inputs is None:
+            return
+        try:
+            self.edited.shapes = propagate(root_of(self.edited.table()), self.graph, self.edited.example_inputs())
+        except PropagationError as err:
+            raise shape_failure(err, self.edited) from None
+
+    # -- the recipe ------------------------------------------------------------
+    def run(self) -> Edited:
+        region = self.captured.path
+        for m in self.plan.matches:
+            sites = [s for s in m.sites if s.region == region]
+            if sites and not isinstance(m.rule, Freeze):  # freezing acts on the assembled module
+                {Delete: self.delete, Replace: self.replace, Insert: self.insert, Detach: self.detach}[type(m.rule)](m, sites)
+        return self.edited
+
+    def fail(self, m: Match, site: Site | None, problem: str, fix: str):
+        where = f" at '{site}'" if site else ""
+        raise RewriteError(f"{m.label}{where}: {problem}; fix: {fix}")
+
+    def one_input(self, m: Match, site: Site) -> fx.Node:
+        inputs = self.tensor_inputs(site)
+        if len(inputs) != 1:
+            self.fail(m, site, f"it reads {len(inputs)} tensors ({', '.join(inputs) or 'none'}), so there is no single input to pass on",
+                      "replace it instead, or select a node with one input")
+        return self.node(inputs[0])
+
+    def one_output(self, m: Match, site: Site) -> fx.Node:
+        if site.output is None:
+            self.fail(m, site, f"its value leaves through {len(site.outputs)} nodes ({', '.join(site.outputs)})",
+                      "select a module or node with a single output")
+        return self.node(site.output)
+
+    def erase(self, site: Site) -> None:
+        for name in reversed(site.nodes):
+            node = self.by_name.get(name)
+            if node is not None and not node.users:
+                self.graph.erase_node(node)
+                del self.by_name[name]
+
+    def fresh_path(self, base: str) -> str:
+        taken = set(self.edited.modules) | set(self.edited.tensors)
+        def free(p):
+            return p not in taken and not any(t.startswith(p + ".") or p.startswith(t + ".") for t in taken)
+        path, k = base, 1
+        while not free(path):
+            path, k = f"{base}_{k}", k + 1
+        return path
+
+    def build(self, m: Match, spec: Any, shape: tuple | None, site: Site) -> nn.Module:
+        if not isinstance(spec, New):
+            return fresh(spec)
+        try:
+            return spec.build(shape)
+        except FxsError as exc:
+            raise RewriteError(f"{m.label} at '{site}': {exc.message}") from None
+        except Exception as exc:
+            self.fail(m, site, f"cannot build {spec} for incoming shape {shape_text(shape) if shape else 'unknown'}: {exc}",
+                      "give the missing constructor arguments explicitly")
+
+    def note_input(self, m: Match, node: fx.Node, wanted: tuple | None, why: str) -> None:
+        """Record that an example input must change shape (a placeholder now feeds another layer)."""
+        original = self.captured.shapes.get(node.name)
+        if node.op != "placeholder" or wanted is None or original is None or tuple(wanted) == original.shape:
+            return
+        if self.captured.path or self.captured.call is not None:
+            self.fail(m, None, f"the input '{node.name}' of the graph at '{self.captured.path}' would change shape "
+                      f"from {shape_text(original.shape)} to {shape_text(wanted)}, but opaque code calls it",
+                      "keep the shapes at that boundary, or make the calling module traceable")
+        self.edited.inputs[node.name] = InputChange(node.name, original.shape, tuple(wanted), m.index, f"{label(m.index, m.rule)} {why}")
+
+    # -- actions ---------------------------------------------------------------
+    def delete(self, m: Match, sites: list[Site]) -> None:
+        for site in sites:
+            source = self.one_input(m, site)
+            out = self.one_output(m, site)
+            expected = self.meta(out.name)
+            users = list(out.users)
+            out.replace_all_uses_with(source)
+            for user in users:
+                user.meta["fxs_rewired"] = m.index  # read for blame, without claiming the node
+            self.erase(site)
+            self.note_input(m, source, expected.shape if expected and expected.is_tensor else None,
+                            f"deleted {site.path or site.key}, so its consumers read this input")
+            self.dirty = True
+
+    def replace(self, m: Match, sites: list[Site]) -> None:
+        replacement = m.rule.replacement
+        by_path: dict[str | None, list[Site]] = {}
+        for site in sites:
+            by_path.setdefault(site.path if site.module in m.modules else None, []).append(site)
+        for path, sites in by_path.items():
+            if path is not None and not callable_only(replacement):
+                self.replace_module(m, path, sites)
+            else:
+                for site in sites:
+                    self.replace_call(m, site)
+        self.dirty = True
+
+    def replace_module(self, m: Match, path: str, sites: list[Site]) -> None:
+        needs_shape = isinstance(m.rule.replacement, New) and m.rule.replacement.missing()
+        shapes = {self.shape_in(s) for s in sites} if needs_shape else {None}
+        if len(shapes) > 1:
+            self.fail(m, sites[0], f"'{path}' is called with different shapes ({', '.join(shape_text(s) for s in shapes if s)})",
+                      "replace each call site separately or give the shape arguments explicitly")
+        module = self.build(m, m.rule.replacement, next(iter(shapes)), sites[0])
+        self.edited.modules[path] = Slot(module, path, m.index, keep=m.rule.weights == "keep")
+        for site in sites:
+            inputs = [self.node(n) for n in site.inputs]
+            if inputs:
+                self.note_input(m, inputs[0], expected_input(module, self.meta(inputs[0].name).shape) if self.meta(inputs[0].name) and self.meta(inputs[0].name).is_tensor else None,
+                                f"replaced {path} with {describe(module)}")
+            if site.leaf:
+                self.node(site.nodes[0]).meta["fxs_rule"] = m.index
+                continue
+            out = self.one_output(m, site)
+            with self.graph.inserting_after(out):
+                new = self.added(self.graph.call_module(path, tuple(self.node(n) for n in self.tensor_inputs(site))), m, out)
+            out.replace_all_uses_with(new)
+            self.alias[out.name] = new.name
+            self.erase(site)
+        for target in [t for t in self.edited.modules if t.startswith(path + ".")]:
+            del self.edited.modules[target]
+
+    def replace_call(self, m: Match, site: Site) -> None:
+        out = self.one_output(m, site)
+        old = self.node(site.nodes[0]) if site.leaf else None
+        args = tuple(old.args) if old is not None else tuple(self.node(n) for n in self.tensor_inputs(site))
+        kwargs = dict(old.kwargs) if old is not None else {}
+        replacement = m.rule.replacement
+        with self.graph.inserting_after(out):
+            if callable_only(replacement):
+                args, kwargs = fit_call(replacement, args, kwargs)
+                new = self.graph.call_function(replacement, args, kwargs)
+            else:
+                module = self.build(m, replacement, self.shape_in(site), site)
+                path = self.fresh_path(site.key.split("@")[0].replace(".", "_"))
+                self.edited.modules[path] = Slot(module, None, m.index)
+                args, kwargs = fit_call(module, args, kwargs)
+                new = self.graph.call_module(path, args, kwargs)
+        self.added(new, m, out)
+        out.replace_all_uses_with(new)
+        self.alias[out.name] = new.name
+        self.erase(site)
+
+    def insert(self, m: Match, sites: list[Site]) -> None:
+        rule = m.rule
+        for site in sites:
+            if rule.after is not None:
+                anchor = self.one_output(m, site)
+                meta = self.meta(anchor.name)
+            else:
+                anchor = self.one_input(m, site)
+                meta = self.meta(anchor.name)
+            module = self.build(m, rule.module, meta.shape if meta and meta.is_tensor else None, site)
+            where = site.path or site.key or self.captured.path.rpartition(".")[2]
+            base = rule.name or f"{where.split('@')[0]}_{snake(type(module).__name__)}"
+            path = self.fresh_path(base)
+            self.edited.modules[path] = Slot(module, None, m.index)
+            self.splice(m, site, anchor, lambda value: self.graph.call_module(path, (value,)))
+        self.dirty = True
+
+    def detach(self, m: Match, sites: list[Site]) -> None:
+        for site in sites:
+            anchors = [self.one_output(m, site)] if m.rule.after is not None else [self.node(n) for n in self.tensor_inputs(site)]
+            for anchor in anchors:
+                meta = self.meta(anchor.name)
+                if meta is not None and not meta.is_tensor:
+                    self.fail(m, site, f"value '{anchor.name}' has type {meta.kind}, not Tensor; only tensors carry gradients",
+                              "detach a node whose value is a tensor")
+                new = self.splice(m, site, anchor, lambda value: self.graph.create_node(
+                    "call_method", "detach", (value,), name=f"{value.name}_detach"))
+                if meta is not None:
+                    self.edited.shapes[new.name] = meta
+
+    def splice(self, m: Match, site: Site, anchor: fx.Node, make) -> fx.Node:
+        """Put a new node on the anchor's edges: its users (after=) or the site's reads (before=)."""
+        inside = {self.node(n) for n in site.nodes if n in self.by_name or n in self.alias}
+        after = m.rule.after is not None
+        readers = [u for u in anchor.users if (u not in inside) == after]
+        point = anchor if after else min(inside, key=_order(self.graph))
+        with (self.graph.inserting_after(point) if after else self.graph.inserting_before(point)):
+            new = self.added(make(anchor), m, anchor)
+        for user in readers:
+            if user is not new:
+                user.replace_input_with(anchor, new)
+        return new
+
+
+def callable_only(thing: Any) -> bool:
+    return callable(thing) and not isinstance(thing, (nn.Module, New, type))
+
+
+def _order(graph: fx.Graph):
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    return lambda n: position[n]
+
+
+def _fetch(root: nn.Module, target: str) -> Any:
+    value = root
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def blame(edited: Edited, node: fx.Node) -> Match | None:
+    """The rule that made, changed or rewired `node` or, nearest first, a node upstream of it."""
+    queue, seen = [node], {node}
+    while queue:
+        candidate = queue.pop(0)
+        index = candidate.meta.get("fxs_rule", candidate.meta.get("fxs_rewired"))
+        if index is None and candidate.op == "call_module" and candidate.target in edited.modules:
+            index = edited.modules[candidate.target].rule
+        if index is not None:
+            return edited.rule_of(index)
+        for arg in candidate.all_input_nodes:
+            if arg not in seen:
+                seen.add(arg)
+                queue.append(arg)
+    return None
+
+
+def shape_failure(err: PropagationError, edited: Edited) -> ValidateError:
+    """A one-line error for a node that fails on its new inputs, naming the rule."""
+    node, exc = err.node, err.exc
+    culprit = blame(edited, node)
+    where = f"{culprit.label} at node '{node.name}' [{node.op}]" if culprit else f"node '{node.name}' [{node.op}]"
+    incoming = [err.metas.get(a.name) for a in node.all_input_nodes]
+    shape = next((mt.shape for mt in incoming if mt is not None and mt.is_tensor), None)
+    module = edited.modules[node.target].value if node.op == "call_module" and node.target in edited.modules else None
+    if module is not None and shape is not None:
+        wanted = expected_input(module, shape)
+        made = culprit is not None and edited.modules[node.target].rule == culprit.index
+        if wanted != tuple(shape):
+            fix = (f"drop the shape argument and let it be inferred (fxs.new), or set it to match {shape_text(shape)}" if made
+                   else "replace this layer too (fxs.new infers its input size), or insert a layer that maps the shape")
+            return ValidateError(f"{where}: {describe(module)} does not fit the incoming shape {shape_text(shape)}; fix: {fix}")
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return ValidateError(f"{where}: {type(exc).__name__}: {first}; fix: check that the rule's replacement fits the shapes around it (inspect the model with 'fxsurgery inspect')")

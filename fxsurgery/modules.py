@@ -1,0 +1,61 @@
+"""The small modules rules put into opaque code, where there is no graph to edit."""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.utils import _pytree as pytree
+
+
+def _detach(value):
+    return pytree.tree_map(lambda t: t.detach() if hasattr(t, "detach") else t, value)
+
+
+class Skip(nn.Module):
+    """What a deleted module becomes in opaque code: its first argument passes through."""
+
+    def forward(self, x, *args, **kwargs):
+        return x
+
+
+class Call(nn.Module):
+    """A function in a module's place (`Replace(nn.ReLU, F.gelu)` inside opaque code)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args, **kwargs):
+        kwargs.pop("inplace", None)
+        return self.fn(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return getattr(self.fn, "__qualname__", repr(self.fn))
+
+
+class Around(nn.Module):
+    """A module with something before or after it, or gradients cut at its edges.
+
+    `before` maps the first argument, `after` the output; `cut_in` / `cut_out`
+    detach every tensor going in / coming out (values unchanged, no gradient
+    crosses). The wrapped module keeps its tensors under `module.`.
+    """
+
+    def __init__(self, module: nn.Module, before: nn.Module | None = None, after: nn.Module | None = None,
+                 cut_in: bool = False, cut_out: bool = False):
+        super().__init__()
+        self.module = module
+        self.before, self.after = before, after
+        self.cut_in, self.cut_out = cut_in, cut_out
+
+    def forward(self, *args, **kwargs):
+        if self.cut_in:
+            args, kwargs = _detach((args, kwargs))
+        if self.before is not None:
+            args = (self.before(args[0]),) + tuple(args[1:])
+        out = self.module(*args, **kwargs)
+        if self.after is not None:
+            out = self.after(out)
+        return _detach(out) if self.cut_out else out
+
+    def extra_repr(self) -> str:
+        return ", ".join(f for f, on in (("cut_in", self.cut_in), ("cut_out", self.cut_out)) if on)
