@@ -77,8 +77,7 @@ def assemble(rewritten: Rewritten) -> Assembly:
                 built.constants.add(id(table[path]))
         gm = fx.GraphModule(root_of(table), edited.graph, class_name=type(region.model).__name__)
         if region.call is not None:
-            install_adapter(gm, region.call, region.path)
-            _carry_attributes(memo[id(region.model)], gm)
+            install_adapter(gm, region.call, region.path, _plain_attributes(memo[id(region.model)], gm))
         built.module = put(built.module, region.path, gm)
     for edit in rewritten.edits:
         _apply(built, edit, capture.model)
@@ -88,12 +87,11 @@ def assemble(rewritten: Rewritten) -> Assembly:
 _MODULE_STATE = set(vars(nn.Module())) | {"forward"}
 
 
-def _carry_attributes(source: nn.Module, gm: fx.GraphModule) -> None:
+def _plain_attributes(source: nn.Module, gm: fx.GraphModule) -> dict:
     """Opaque code may read plain attributes of a module a graph now stands for
-    (RAFT reads `update_block.hidden_state_size`): give the graph module those too."""
-    for name, value in vars(source).items():
-        if name not in _MODULE_STATE and not name.startswith("_") and not hasattr(gm, name):
-            setattr(gm, name, value)
+    (RAFT reads `update_block.hidden_state_size`): the graph module gets those too."""
+    return {name: value for name, value in vars(source).items()
+            if name not in _MODULE_STATE and not name.startswith("_") and not hasattr(gm, name)}
 
 
 def _apply(built: Assembly, edit: ModuleEdit, original: nn.Module) -> None:

@@ -136,7 +136,8 @@ def _materialise(value):
 
 def record_calls(model: nn.Module, inputs: tuple) -> dict[str, Call]:
     """Each module's first call during one forward pass, on a copy: fake tensors, else real ones."""
-    mode = FakeTensorMode(allow_non_fake_inputs=False)
+    # Tensors a forward makes from Python values stay real; the model's own are fake.
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
     try:
         fake = clone(model, mode.from_tensor)
         with mode, quiet_fake_tensors(), torch.no_grad():

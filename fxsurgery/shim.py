@@ -84,19 +84,36 @@ def _same(a: Any, b: Any) -> bool:
     return a is b or (type(a) is type(b) and a == b)
 
 
-def install_adapter(gm: fx.GraphModule, spec: CallSpec, where: str) -> None:
-    """Make `gm` callable as the original module was: same arguments, same output structure."""
-    graph_forward = type(gm).forward
+class _Adapter:
+    """Makes a graph module callable as the module it stands for; re-applied to deep copies
+    (torch.fx rebuilds a GraphModule when copying it and keeps no instance attributes)."""
 
-    def forward(self, *args, **kwargs):
-        leaves, got = pytree.tree_flatten((args, kwargs))
+    def __init__(self, spec: CallSpec, where: str, attributes: dict):
+        self.spec, self.where, self.attributes = spec, where, attributes
+
+    def __call__(self, gm: fx.GraphModule) -> None:
+        spec, where = self.spec, self.where
+        graph_forward = type(gm).forward
         fixed = [i for i in range(len(spec.constants)) if i not in spec.tensors]
-        if got != spec.in_spec or any(not _same(leaves[i], spec.constants[i]) for i in fixed):
-            raise RuntimeError(
-                f"'{where}' was captured as a graph for calls like the example's; this call passes other "
-                f"non-tensor arguments. Capture again with example inputs that call it this way.")
-        flat = graph_forward(self, *[leaves[i] for i in spec.tensors])
-        return pytree.tree_unflatten(list(flat), spec.out_spec)
 
-    gm.forward = types.MethodType(forward, gm)
-    gm._fxsurgery_call = spec
+        def forward(self, *args, **kwargs):
+            leaves, got = pytree.tree_flatten((args, kwargs))
+            if got != spec.in_spec or any(not _same(leaves[i], spec.constants[i]) for i in fixed):
+                raise RuntimeError(
+                    f"'{where}' was captured as a graph for calls like the example's; this call passes other "
+                    f"non-tensor arguments. Capture again with example inputs that call it this way.")
+            flat = graph_forward(self, *[leaves[i] for i in spec.tensors])
+            return pytree.tree_unflatten(list(flat), spec.out_spec)
+
+        gm.forward = types.MethodType(forward, gm)
+        gm._fxsurgery_call = spec
+        for name, value in self.attributes.items():
+            setattr(gm, name, value)
+        if self not in gm._deepcopy_hooks:
+            gm._deepcopy_hooks.append(self)
+
+
+def install_adapter(gm: fx.GraphModule, spec: CallSpec, where: str, attributes: dict | None = None) -> None:
+    """Make `gm` callable as the original module was: same arguments, same output structure,
+    and the plain attributes opaque callers read from it."""
+    _Adapter(spec, where, dict(attributes or {}))(gm)

@@ -9,6 +9,8 @@ on fake tensors as well, and a failure names the rule nearest to it.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -58,33 +60,43 @@ def validate(rewritten: Rewritten) -> Rewritten:
     return rewritten
 
 
-def check_module(module: nn.Module, rewritten: Rewritten) -> None:
-    """Run the assembled module once on fake tensors; blame the rule nearest to a failure."""
-    inputs = rewritten.example_inputs()
-    if inputs is None or not rewritten.capture.opaque:
-        return
-    mode = FakeTensorMode(allow_non_fake_inputs=False)
-    fake = clone(module, mode.from_tensor)
+def _run(module: nn.Module, inputs: tuple, fake: bool) -> tuple[BaseException | None, str]:
+    """Run a copy of `module` (fake or real tensors); the failure and the innermost module it was in."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
+    copy = clone(module, mode.from_tensor if fake else (lambda t: t.detach().clone()))
     open_paths: list[str] = []
     handles = []
-    for path, sub in fake.named_modules():
+    for path, sub in copy.named_modules():
         handles.append(sub.register_forward_pre_hook(lambda m, a, p=path: open_paths.append(p)))
-        handles.append(sub.register_forward_hook(lambda m, a, o: open_paths.pop()))
+        handles.append(sub.register_forward_hook(lambda m, a, o: open_paths.pop() and None))  # None: output unchanged
     try:
-        with mode, quiet_fake_tensors(), torch.no_grad():
-            fake(*pytree.tree_map(lambda x: mode.from_tensor(x) if isinstance(x, torch.Tensor) else x, inputs))
+        with (mode or contextlib.nullcontext()), quiet_fake_tensors(), torch.no_grad():
+            copy(*pytree.tree_map(lambda x: mode.from_tensor(x) if fake and isinstance(x, torch.Tensor) else x, inputs))
+        return None, ""
     except Exception as exc:
-        where = open_paths[-1] if open_paths else ""
-        culprit = _nearest_rule(rewritten, where)
-        if culprit is None:
-            return  # fake tensors could not run this code; nothing the rules did is to blame
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ValidateError(f"{culprit.label}: after this rule, '{where or '(the model)'}' ({type(module.get_submodule(where)).__name__}) "
-                            f"fails: {type(exc).__name__}: {first}; fix: keep what that module passes on "
-                            f"(its output's type and shape) as it was") from None
+        return exc, open_paths[-1] if open_paths else ""
     finally:
         for h in handles:
             h.remove()
+
+
+def check_module(module: nn.Module, rewritten: Rewritten) -> None:
+    """Run the assembled module once (fake tensors, else a real copy); blame the rule nearest to a failure."""
+    inputs = rewritten.example_inputs()
+    if inputs is None or not rewritten.capture.opaque:
+        return
+    exc, where = _run(module, inputs, fake=True)
+    if exc is not None:  # fake tensors cannot run every model (data-dependent code): run it for real
+        exc, where = _run(module, inputs, fake=False)
+    if exc is None:
+        return
+    culprit = _nearest_rule(rewritten, where)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    what = f"{type(exc).__name__}: {first}"
+    if culprit is None:
+        raise ValidateError(f"the rewritten model fails in '{where or '(the model)'}': {what}; fix: check the rules that touch it")
+    raise ValidateError(f"{culprit.label}: after this rule, '{where or '(the model)'}' ({type(module.get_submodule(where)).__name__}) "
+                        f"fails: {what}; fix: keep what that module passes on (its output's type and shape) as it was")
 
 
 def _nearest_rule(rewritten: Rewritten, where: str):
