@@ -53,6 +53,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-module", action="append", default=[], metavar="PKG")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("diff", help="write the graph before and after the rules as HTML or SVG")
+    model_args(p)
+    p.add_argument("rules", nargs="+", help="rule files (YAML)")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="diff.html (one self-contained page) or diff.svg")
+    p.add_argument("--set", action="append", default=[], metavar="K=V", help="override a rule-file param")
+    p.add_argument("--allow-module", action="append", default=[], metavar="PKG", help="let rule files name classes from PKG")
+
     p = sub.add_parser("map-weights", help="map a checkpoint of the original model into a saved surgery's layout")
     p.add_argument("checkpoint", help="weights of the original architecture (.safetensors or weights-only .pt)")
     p.add_argument("surgery", help="a directory written by apply -o / save()")
@@ -72,18 +79,10 @@ def _model(args):
 
 
 def cmd_apply(args) -> int:
-    from .modelref import parse_inputs
-    from .pipeline import apply
-    params = parse_overrides(args.set)
-    rules = [load_rules(path, params=params, allow=args.allow_module) for path in args.rules]
-    inputs = parse_inputs(args.input) or None
     if args.output and os.path.exists(args.output) and not args.force and not args.dry_run:
         from .errors import SaveError
         raise SaveError(f"{args.output}: already exists; fix: choose another output directory or pass --force")
-    model = _model(args)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the plan's warnings are printed below
-        result = apply(model, rules, inputs, strict=args.strict, leaf_paths=args.leaf)
+    result = _result(args)
     written = None
     if args.output and not args.dry_run:
         written = str(result.save(args.output, force=args.force, formats=args.format))
@@ -125,6 +124,26 @@ def cmd_check(args) -> int:
     return 0
 
 
+def _result(args):
+    """Load the rules and the model and run the surgery, printing nothing."""
+    from .modelref import parse_inputs
+    from .pipeline import apply
+    params = parse_overrides(args.set)
+    rules = [load_rules(path, params=params, allow=args.allow_module) for path in args.rules]
+    inputs = parse_inputs(args.input) or None
+    model = _model(args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the plan's warnings are printed by the caller
+        return apply(model, rules, inputs, strict=getattr(args, "strict", False), leaf_paths=args.leaf)
+
+
+def cmd_diff(args) -> int:
+    from .diff import check_suffix, write
+    check_suffix(args.output)
+    print(f"wrote {write(_result(args), args.output)}")
+    return 0
+
+
 def cmd_map_weights(args) -> int:
     from .replay import write_mapped
     mapped = write_mapped(args.checkpoint, args.surgery, args.output)
@@ -140,8 +159,8 @@ def cmd_demo(args) -> int:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    command = {"apply": cmd_apply, "inspect": cmd_inspect, "check": cmd_check, "map-weights": cmd_map_weights,
-               "demo": cmd_demo}[args.command]
+    command = {"apply": cmd_apply, "inspect": cmd_inspect, "check": cmd_check, "diff": cmd_diff,
+               "map-weights": cmd_map_weights, "demo": cmd_demo}[args.command]
     try:
         return command(args)
     except FxsError as exc:

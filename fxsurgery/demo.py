@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torchvision
 
+from .diff import write as write_diff
 from .pipeline import SurgeryResult, apply
 from .export import load
 
@@ -46,6 +47,7 @@ def run(out: str | Path = "fxsurgery-demo", *, echo=print) -> SurgeryResult:
     echo(f"\nbefore: {before[0]:,} parameters, {before[1]:,} trainable; "
          f"after: {after[0]:,} parameters, {after[1]:,} trainable")
     result.save(out, force=True)
+    write_diff(result, Path(out) / "diff.html")  # beside the saved files; load() checks only its own
     reloaded = load(out)
     model.eval(), result.module.eval(), reloaded.eval()
     with torch.no_grad():
@@ -53,7 +55,7 @@ def run(out: str | Path = "fxsurgery-demo", *, echo=print) -> SurgeryResult:
         logits = result.module(x)
     echo(f"output: {list(logits.shape)} (was {list(model(x).shape)}); "
          f"reloaded from {out}/: outputs {'bit-identical' if same else 'DIFFERENT'}")
-    echo(f"wrote {out}/model.py, model.safetensors, surgery.json in {time.perf_counter() - start:.1f} s")
+    echo(f"wrote {out}/model.py, model.safetensors, surgery.json, diff.html in {time.perf_counter() - start:.1f} s")
     if not same:
         raise RuntimeError("the saved model does not reproduce the result's outputs")
     return result

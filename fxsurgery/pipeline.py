@@ -76,6 +76,11 @@ class SurgeryResult:
             "coverage": self.capture.coverage() if self.capture is not None else None,
         }
 
+    def diff(self, path: str | os.PathLike) -> Path:
+        """Write the graph before and after as one self-contained HTML page or an SVG, chosen by the suffix."""
+        from .diff import write  # the view sits above the pipeline; imported when asked for
+        return write(self, path)
+
     def save(self, directory: str | os.PathLike, *, force: bool = False, formats=()) -> Path:
         """Write model.py + model.safetensors + surgery.json (atomically), plus any `formats`
         ("pt2", "onnx", "torchscript"), each verified on the example inputs."""

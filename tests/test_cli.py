@@ -22,7 +22,8 @@ def test_demo_writes_a_reloadable_model(tmp_path):
     out = tmp_path / "demo"
     code, stdout, stderr = cli("demo", "-o", out)
     assert code == 0 and stderr == ""
-    assert sorted(os.listdir(out)) == ["model.py", "model.safetensors", "surgery.json"]
+    assert sorted(os.listdir(out)) == ["diff.html", "model.py", "model.safetensors", "surgery.json"]
+    assert 'data-node="avgpool_dropout"' in (out / "diff.html").read_text()
     record = json.loads((out / "surgery.json").read_text())
     assert record["report"]["counts"] == {"transferred": 120, "adapted": 0, "new": 2, "dropped": 2, "frozen": 45}
     assert [m["matches"] for m in record["matches"]] == [1, 30, 1, 1]
@@ -160,3 +161,16 @@ def test_a_saved_directory_is_a_model_reference(tmp_path):
     code, stdout, _ = cli("inspect", out, "--input", "1x3x64x64", "--json")
     assert code == 0
     assert next(r for r in json.loads(stdout)["modules"] if r["path"] == "fc")["output"] == "[1, 10]"
+
+
+def test_diff_command_writes_html_or_svg(tmp_path):
+    rules = os.path.join(RULES, "resnet-finetune.yaml")
+    code, stdout, _ = cli("diff", RESNET, rules, "--input", "1x3x64x64", "-o", tmp_path / "d.svg")
+    assert code == 0 and stdout == f"wrote {tmp_path / 'd.svg'}\n"
+    svg = (tmp_path / "d.svg").read_text()
+    assert svg.startswith("<svg") or svg.startswith("<?xml")
+    assert "avgpool_dropout" in svg
+    code, _, stderr = cli("diff", RESNET, rules, "--input", "1x3x64x64", "-o", tmp_path / "d.png")
+    assert code == 2 and stderr == (f"fxsurgery: error: {tmp_path / 'd.png'}: cannot tell the format from the suffix '.png'; "
+                                    "fix: name the file .html or .svg\n")
+    assert sorted(os.listdir(tmp_path)) == ["d.svg"]
