@@ -31,6 +31,7 @@ class Assembly:
     made_by: dict[int, int] = field(default_factory=dict)   # id(module a rule made) -> rule
     constants: set[int] = field(default_factory=set)        # ids of tensors captured from forward code
     keeps: list[tuple[str, nn.Module, nn.Module, int]] = field(default_factory=list)  # path, new, old, rule
+    wrappers: set[int] = field(default_factory=set)         # ids of the Around modules made here
 
 
 def put(root: nn.Module, path: str, module: nn.Module) -> nn.Module:
@@ -102,8 +103,17 @@ def _apply(built: Assembly, edit: ModuleEdit, original: nn.Module) -> None:
             built.keeps.append((edit.path, edit.module, original.get_submodule(edit.path), edit.rule))
         return
     current = built.module.get_submodule(edit.path)
-    wrapper = Around(current, edit.before, edit.after, edit.cut_in, edit.cut_out)
     for part in (edit.before, edit.after):
         if part is not None:
             built.made_by[id(part)] = edit.rule
+    free = (isinstance(current, Around) and id(current) in built.wrappers
+            and not (edit.before is not None and current.before is not None)
+            and not (edit.after is not None and current.after is not None))
+    if free:  # one wrapper per module while its slots last: names stay module.<...>
+        current.before = edit.before if edit.before is not None else current.before
+        current.after = edit.after if edit.after is not None else current.after
+        current.cut_in, current.cut_out = current.cut_in or edit.cut_in, current.cut_out or edit.cut_out
+        return
+    wrapper = Around(current, edit.before, edit.after, edit.cut_in, edit.cut_out)
+    built.wrappers.add(id(wrapper))
     built.module = put(built.module, edit.path, wrapper)

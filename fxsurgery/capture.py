@@ -210,7 +210,7 @@ class _Walker:
         policy = self.policy
         while True:
             try:
-                spec = call_spec(call.args, call.kwargs) if call is not None and path else None
+                spec = call_spec(module, call.args, call.kwargs) if call is not None and path else None
                 example = call.args if call is not None and not path else None
                 captured = trace(module, example, call=spec, leaf_types=policy.leaf_types,
                                  leaf_paths=policy.leaf_paths, opaque=opaque, path=path)

@@ -12,6 +12,7 @@ refuses, with a clear error, a call whose fixed arguments differ.
 
 from __future__ import annotations
 
+import inspect
 import types
 from dataclasses import dataclass
 from typing import Any
@@ -34,9 +35,32 @@ class CallSpec:
     constants: list            # every leaf of the example call; tensors are inputs
     tensors: list[int]         # positions of the tensor leaves
     out_spec: Any = None
+    signature: Any = None      # the module's forward signature: calls are compared bound to it
 
     def tensor_inputs(self) -> tuple:
         return tuple(self.constants[i] for i in self.tensors)
+
+    def flatten(self, args: tuple, kwargs: dict) -> tuple[list, Any]:
+        return pytree.tree_flatten(normalise(self.signature, args, kwargs))
+
+
+def normalise(signature, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A call as (args, kwargs) with every default filled in: `m(x)` and `m(x, mask=None)` compare equal."""
+    if signature is None:
+        return tuple(args), dict(kwargs)
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError:
+        return tuple(args), dict(kwargs)
+    bound.apply_defaults()
+    return tuple(bound.args), dict(bound.kwargs)
+
+
+def signature_of(module: nn.Module):
+    try:
+        return inspect.signature(module.forward)
+    except (TypeError, ValueError):
+        return None
 
 
 class _Shim(nn.Module):
@@ -54,12 +78,13 @@ class _Shim(nn.Module):
         return flat
 
 
-def call_spec(args: tuple, kwargs: dict) -> CallSpec:
-    leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+def call_spec(module: nn.Module, args: tuple, kwargs: dict) -> CallSpec:
+    signature = signature_of(module)
+    leaves, spec = pytree.tree_flatten(normalise(signature, args, kwargs))
     for leaf in leaves:
         if not isinstance(leaf, (torch.Tensor,) + _PRIMITIVE):
             raise TraceError(f"called with a {type(leaf).__name__}, which a graph cannot take as an input")
-    return CallSpec(spec, leaves, [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)])
+    return CallSpec(spec, leaves, [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)], signature=signature)
 
 
 def trace_call(tracer: fx.Tracer, module: nn.Module, spec: CallSpec) -> tuple[fx.Graph, dict]:
@@ -97,7 +122,7 @@ class _Adapter:
         fixed = [i for i in range(len(spec.constants)) if i not in spec.tensors]
 
         def forward(self, *args, **kwargs):
-            leaves, got = pytree.tree_flatten((args, kwargs))
+            leaves, got = spec.flatten(args, kwargs)
             if got != spec.in_spec or any(not _same(leaves[i], spec.constants[i]) for i in fixed):
                 raise RuntimeError(
                     f"'{where}' was captured as a graph for calls like the example's; this call passes other "

@@ -56,8 +56,8 @@ def _caller_origin() -> Origin:
 def _qualname(obj: Any) -> str:
     module = getattr(obj, "__module__", None) or ""
     name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", repr(obj))
-    for public in ("torch.nn.functional", "torch.nn", "torch"):
-        if module.startswith(public) and getattr(sys.modules.get(public), name, None) is obj:
+    for public in ("torch.nn.functional", "torch.nn", "torch"):  # F.gelu lives in torch._C._nn
+        if module.startswith("torch") and getattr(sys.modules.get(public), name, None) is obj:
             return f"{public}.{name}"
     return f"{module}.{name}" if module else name
 

@@ -9,6 +9,8 @@ a module invocation is the set of nodes whose stack holds its key.
 from __future__ import annotations
 
 import inspect
+import os
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,7 +98,7 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, *, leaf_types=(
         raise
     except Exception as exc:
         where = f"module '{tracer.failed_in}'" if tracer.failed_in else f"{type(model).__name__}.forward"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = (str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__) + _origin(exc)
         fix = f"leaf_paths=['{tracer.failed_in}'] (--leaf {tracer.failed_in})" if tracer.failed_in else "make the untraceable part a leaf module"
         error = TraceError(f"cannot trace {where}: {type(exc).__name__}: {reason}; fix: {fix}")
         error.failed_in, error.reason = tracer.failed_in, f"{type(exc).__name__}: {reason}"
@@ -172,3 +174,16 @@ def _fetch(root: nn.Module, target: str):
     for part in target.split("."):
         root = getattr(root, part)
     return root
+
+
+_OWN = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
+
+
+def _origin(exc: BaseException) -> str:
+    """' (at file.py:123)': the model's own line that tracing could not follow."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_OWN)]
+    if not frames:
+        return ""
+    frame = frames[-1]
+    short = os.path.join(*frame.filename.split(os.sep)[-2:])
+    return f" (at {short}:{frame.lineno})"

@@ -100,11 +100,15 @@ def check_module(module: nn.Module, rewritten: Rewritten) -> None:
 
 
 def _nearest_rule(rewritten: Rewritten, where: str):
-    """The last rule that edited `where` or something inside it."""
-    touched = [e.rule for e in rewritten.edits if e.path == where or e.path.startswith(where + ".") or not where]
+    """The last rule that edited `where` or something inside it; else inside its parent, and so on up."""
+    edited = [(e.path, e.rule) for e in rewritten.edits]
     for m in rewritten.plan.matches:
-        for site in m.sites:
-            module = site.module if site.module is not None else (site.region or "")
-            if site.region is not None and (module == where or module.startswith(where + ".") or not where):
-                touched.append(m.index)
-    return rewritten.rule_of(max(touched)) if touched else None
+        edited += [(s.module if s.module is not None else s.region, m.index) for s in m.sites if s.region is not None]
+    scope = where
+    while True:
+        touched = [rule for path, rule in edited if not scope or path == scope or path.startswith(scope + ".")]
+        if touched:
+            return rewritten.rule_of(max(touched))
+        if not scope:
+            return None
+        scope = scope.rpartition(".")[0]

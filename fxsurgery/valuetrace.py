@@ -47,10 +47,10 @@ class ValueProxy(fx.Proxy):
         return ValueAttribute(self, name)
 
     def __bool__(self):
-        return bool(self._concrete("bool"))
+        return _decide(bool, self._concrete("bool"))
 
     def __index__(self):
-        return operator.index(self._concrete("index"))
+        return _decide(operator.index, self._concrete("index"))
 
     def __len__(self):
         value = self._value()
@@ -63,6 +63,14 @@ class ValueProxy(fx.Proxy):
 
     def __setitem__(self, key, value):
         self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+
+def _decide(convert, value):
+    """A Python value from an example value; tensor contents are unknown on fake tensors."""
+    try:
+        return convert(value)
+    except Exception:
+        raise fx.proxy.TraceError("control flow depends on tensor values (data-dependent), which no graph can hold") from None
 
 
 class ValueAttribute(ValueProxy, Attribute):

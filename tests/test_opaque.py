@@ -1,0 +1,166 @@
+"""Rules where torch.fx cannot trace: modules in opaque code, graph boundaries, specialised graphs."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import fxsurgery as fxs
+from corpus import BY_NAME
+from fxsurgery import Delete, Detach, Freeze, Insert, Replace
+
+
+class Gate(nn.Module):
+    """A model whose own forward branches on data: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+        self.head = nn.Linear(8, 3)
+        self.scale = 2.0
+
+    def forward(self, x):
+        h = self.stem(x)
+        if h.sum() > 0:  # data-dependent: the root stays Python
+            h = F.relu(h) * self.scale
+        return self.head(h)
+
+
+@pytest.fixture
+def gate():
+    torch.manual_seed(0)
+    return Gate()
+
+
+X = (torch.randn(2, 4),)
+
+
+def test_capture_keeps_the_root_as_python_and_traces_its_children(gate):
+    result = fxs.apply(gate, [], example_inputs=X)
+    coverage = result.coverage()
+    assert coverage["traced"] == ["stem"]
+    assert list(coverage["opaque"]) == [""]
+    assert coverage["opaque"][""] == ("TraceError: control flow depends on tensor values (data-dependent), which no graph "
+                                      f"can hold (at tests/test_opaque.py:{Gate.forward.__code__.co_firstlineno + 2})")
+    assert coverage["traced_share"] == pytest.approx((4 * 8 + 8) / (4 * 8 + 8 + 8 * 3 + 3))
+    assert isinstance(result.module, Gate) and isinstance(result.module.stem, torch.fx.GraphModule)
+    x = torch.randn(5, 4)
+    assert torch.equal(result.module(x), gate(x))
+    assert result.report.counts() == {"transferred": 4, "adapted": 0, "new": 0, "dropped": 0, "frozen": 0}
+
+
+def test_replace_in_opaque_code_infers_shapes_and_transfers_the_rest(gate):
+    result = fxs.apply(gate, [Replace("head", fxs.new(nn.Linear, out_features=5))], example_inputs=X)
+    assert (result.module.head.in_features, result.module.head.out_features) == (8, 5)
+    assert result.module(torch.randn(3, 4)).shape == (3, 5)
+    assert result.report.new == ["head.weight", "head.bias"]
+    assert torch.equal(result.module.stem.get_submodule("0").weight, gate.stem[0].weight)
+    assert result.plan.matches[0].sites[0].region is None
+
+
+def test_insert_and_detach_around_a_module_in_opaque_code(gate):
+    torch.manual_seed(1)
+    scale = nn.Linear(8, 8)
+    result = fxs.apply(gate, [Insert(scale, before="head"), Detach(before="head")], example_inputs=X)
+    m = result.module
+    x = torch.randn(3, 4)
+    h = gate.stem(x)
+    h = F.relu(h) * 2.0 if h.sum() > 0 else h
+    assert torch.equal(m(x), gate.head(scale(h)))
+    # the wrapped head keeps its tensors under head.module, reported as the originals
+    entry = result.report.entry("head.module.weight")
+    assert (entry.status, entry.source) == ("transferred", "head.weight")
+    assert result.report.new == ["head.before.weight", "head.before.bias"]
+    m(x).sum().backward()
+    assert m.stem.get_submodule("0").weight.grad is None and m.head.module.weight.grad is not None
+
+
+def test_delete_in_opaque_code_passes_the_input_on(gate):
+    result = fxs.apply(gate, [Delete("head")], example_inputs=X)
+    x = torch.randn(3, 4)
+    h = gate.stem(x)
+    assert torch.equal(result.module(x), F.relu(h) * 2.0 if h.sum() > 0 else h)
+    assert result.report.dropped == ["head.weight", "head.bias"]
+
+
+def test_freeze_by_type_reaches_graphs_and_opaque_code(gate):
+    result = fxs.apply(gate, [Freeze(nn.Linear)], example_inputs=X)
+    assert result.report.frozen == ["stem.0.weight", "stem.0.bias", "head.weight", "head.bias"]
+    assert all(p.requires_grad for p in gate.parameters())
+
+
+def test_a_call_hidden_in_opaque_code_is_named_in_the_error(gate):
+    rule = Replace(F.relu, F.gelu)
+    with pytest.raises(fxs.MatchError) as err:
+        fxs.apply(gate, [rule], example_inputs=X)
+    message = str(err.value)
+    assert message.startswith(f"rule 1 'replace torch.nn.functional.relu with torch.nn.functional.gelu' "
+                              f"({rule.origin}) matched nothing: no call of torch.nn.functional.relu (functions called: none); "
+                              "opaque code may call it, which rules cannot see ((the model): TraceError: control flow depends on tensor values")
+    assert message.endswith("; fix: correct the selector or add 'optional: true'")
+
+
+def test_breaking_what_opaque_code_expects_names_the_rule(gate):
+    rule = Replace("stem", nn.Linear(4, 6))
+    with pytest.raises(fxs.ValidateError) as err:
+        fxs.apply(gate, [rule], example_inputs=X)
+    assert str(err.value).startswith(f"rule 1 'replace stem with Linear(in_features=4, out_features=6, bias=True)' ({rule.origin}): "
+                                     "after this rule, 'head' (Linear) fails: RuntimeError:")
+
+
+def test_a_graph_called_from_opaque_code_refuses_other_arguments():
+    case = BY_NAME["hf/vit"]
+    model = case.build()
+    result = fxs.apply(model, [], example_inputs=case.inputs())
+    vit = result.module.vit
+    assert isinstance(vit, torch.fx.GraphModule)
+    pixels = case.inputs()[0]
+    assert torch.equal(vit(pixels).last_hidden_state, model.vit(pixels).last_hidden_state)
+    with pytest.raises(RuntimeError) as err:
+        vit(pixels, interpolate_pos_encoding=True)
+    assert str(err.value) == ("'vit' was captured as a graph for calls like the example's; this call passes other "
+                              "non-tensor arguments. Capture again with example inputs that call it this way.")
+    # a deep copy (as optimizers' EMA helpers make) still answers as the module did
+    assert torch.equal(copy.deepcopy(result.module)(pixels).logits, model(pixels).logits)
+
+
+def test_a_graph_boundary_takes_inserts_without_renaming_anything():
+    case = BY_NAME["hf/vit"]
+    model = case.build()
+    result = fxs.apply(model, [Insert(fxs.new(nn.LayerNorm), after="vit")], example_inputs=case.inputs())
+    assert result.report.new == ["vit.vit_layer_norm.weight", "vit.vit_layer_norm.bias"]
+    assert not [e for e in result.report.entries if e.status == "transferred" and e.name != e.source]
+
+
+class Sliced(nn.Module):
+    """Slices a table by the input's length: plain torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(16, 4))
+
+    def forward(self, x):
+        return x + self.table[: x.shape[0]]
+
+
+def test_specialised_graphs_guard_their_input_shapes():
+    torch.manual_seed(0)
+    model = Sliced()
+    result = fxs.apply(model, [], example_inputs=(torch.randn(8, 4),))
+    assert result.coverage()["opaque"] == {}
+    x = torch.randn(8, 4)
+    assert torch.equal(result.module(x), model(x))
+    with pytest.raises(Exception, match=r"'the model' was traced on input 'x' of shape \[8, 4\] and its code reads that shape"):
+        result.module(torch.randn(5, 4))
+
+
+def test_the_original_is_never_written_to_by_tracing():
+    case = BY_NAME["tv/fasterrcnn_mobilenet_v3_large_fpn"]
+    model = case.build()
+    anchors = model.rpn.anchor_generator.cell_anchors  # the forward caches these on itself
+    fxs.apply(model, [], example_inputs=case.inputs())
+    assert model.rpn.anchor_generator.cell_anchors is anchors
+    with torch.no_grad():
+        model(*case.inputs())  # still runs: no tracing proxies were left behind
