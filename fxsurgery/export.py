@@ -25,7 +25,7 @@ from torch import fx, nn
 
 from .version import __version__
 from .codegen import generate, rename_path
-from .errors import SaveError
+from .errors import SaveError, TraceError
 from .formats import export_as
 from .trace import trace
 
@@ -112,7 +112,15 @@ def leaf_paths(module: nn.Module) -> list[str]:
 def _as_graph_module(module: nn.Module) -> fx.GraphModule:
     if isinstance(module, fx.GraphModule):
         return module
-    return trace(module, leaf_paths=leaf_paths(module)).gm
+    try:
+        return trace(module, leaf_paths=leaf_paths(module)).gm
+    except TraceError as err:
+        graphs = [p for p, m in module.named_modules() if isinstance(m, fx.GraphModule)]
+        inside = f" (its graphs: {', '.join(graphs[:3])})" if graphs else ""
+        raise SaveError(f"cannot write model.py for {type(module).__name__}: part of its forward stays Python{inside}: "
+                        f"{getattr(err, 'reason', None) or err.message}; fix: save its weights with "
+                        "safetensors.torch.save_model(module, path) and rebuild the architecture in code, "
+                        "or make the model traceable (leaf_paths=)") from None
 
 
 def _source(gm: fx.GraphModule, work: Path, **facts) -> tuple[str, dict[str, str]]:

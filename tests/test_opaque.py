@@ -164,3 +164,14 @@ def test_the_original_is_never_written_to_by_tracing():
     assert model.rpn.anchor_generator.cell_anchors is anchors
     with torch.no_grad():
         model(*case.inputs())  # still runs: no tracing proxies were left behind
+
+
+def test_saving_a_model_with_opaque_code_says_why_and_writes_nothing(gate, tmp_path):
+    result = fxs.apply(gate, [Freeze("stem")], example_inputs=X)
+    with pytest.raises(fxs.SaveError) as err:
+        result.save(tmp_path / "o")
+    assert str(err.value).startswith("cannot write model.py for Gate: part of its forward stays Python (its graphs: stem): "
+                                     "TraceError: control flow depends on tensor values")
+    assert str(err.value).endswith("; fix: save its weights with safetensors.torch.save_model(module, path) and rebuild "
+                                   "the architecture in code, or make the model traceable (leaf_paths=)")
+    assert list(tmp_path.iterdir()) == []
