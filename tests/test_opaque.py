@@ -171,7 +171,7 @@ def test_saving_a_model_with_opaque_code_says_why_and_writes_nothing(gate, tmp_p
     with pytest.raises(fxs.SaveError) as err:
         result.save(tmp_path / "o")
     assert str(err.value).startswith("cannot write model.py for Gate: part of its forward stays Python (its graphs: stem): "
-                                     "TraceError: control flow depends on tensor values")
+                                     "TraceError: symbolically traced variables cannot be used as inputs to control flow")
     assert str(err.value).endswith("; fix: save its weights with safetensors.torch.save_model(module, path) and rebuild "
                                    "the architecture in code, or make the model traceable (leaf_paths=)")
     assert list(tmp_path.iterdir()) == []
