@@ -257,7 +257,7 @@ def _rule(item: Any, origin: Origin, resolver: _Resolver):
         found = ", ".join(map(str, item)) or "nothing"
         raise RuleError(f"{source}:{line}: a rule needs exactly one action ({', '.join(ACTIONS)}), found {found}; fix: split it into one rule per action")
     action = actions[0]
-    extra = {"delete": (), "replace": ("with", "weights"), "insert": (), "detach": (), "freeze": ("except",)}[action]
+    extra = {"delete": (), "replace": ("with", "weights"), "insert": (), "detach": (), "freeze": ("except", "bn")}[action]
     _check_keys(item, (action, "optional") + extra, source, f"'{action}' rule")
     optional = _flag(item, "optional", source)
     body, body_line = item[action], item.key_lines[action]
@@ -269,7 +269,10 @@ def _rule(item: Any, origin: Origin, resolver: _Resolver):
         if not isinstance(excl, list):
             raise RuleError(f"{source}:{item.key_lines['except']}: 'except' must be a list of selectors; fix: e.g. except: ['layer4.*', fc]")
         sels = [_selector(e, item.key_lines.get("except", line), resolver) for e in excl]
-        return Freeze(_selector(body, body_line, resolver), exclude=tuple(sels), optional=optional, origin=origin)
+        bn = item.get("bn")
+        if bn not in (None, "eval"):
+            raise RuleError(f"{source}:{item.key_lines['bn']}: bn: {bn!r} is not known; fix: write 'bn: eval' (BatchNorm keeps its running statistics) or leave it out")
+        return Freeze(_selector(body, body_line, resolver), exclude=tuple(sels), bn=bn, optional=optional, origin=origin)
     if action == "replace":
         if "with" not in item:
             raise RuleError(f"{source}:{line}: replace needs 'with:'; fix: add e.g. 'with: {{module: torch.nn.GELU}}'")

@@ -59,3 +59,18 @@ class Around(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f for f, on in (("cut_in", self.cut_in), ("cut_out", self.cut_out)) if on)
+
+
+class StayEval:
+    """A forward pre-hook: the module runs in eval mode whatever `.train()` set.
+
+    Freeze(..., bn="eval") puts it on BatchNorm layers: they normalise with
+    their running statistics and never update them.
+    """
+
+    def __call__(self, module: nn.Module, args) -> None:
+        module.training = False
+
+
+def stays_eval(module: nn.Module) -> bool:
+    return any(isinstance(h, StayEval) for h in module._forward_pre_hooks.values())

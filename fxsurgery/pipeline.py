@@ -13,6 +13,7 @@ from torch import fx, nn
 from .loader import load_rules
 from .match import Plan, match
 from .capture import Capture, capture
+from .gradflow import GradientFlow, gradient_flow
 from .graphedit import InputChange
 from .rewrite import rewrite
 from .export import save
@@ -41,18 +42,54 @@ class SurgeryResult:
     original: Captured | None = None          # the traced original, when one graph holds it all
     shapes: dict[str, Meta] = field(default_factory=dict)  # node name -> shape in the new graph
     capture: Capture | None = None            # every graph and opaque module of the original
+    _flow: GradientFlow | None = field(default=None, repr=False)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """What an optimizer should get: parameters that require grad, each object once."""
+        """What an optimizer should get: parameters that will receive a gradient, each object once.
+
+        Frozen parameters and those a detach cuts off from every output are left out.
+        """
+        flow = self.gradient_flow.status
         seen, out = set(), []
-        for p in self.module.parameters():
-            if p.requires_grad and id(p) not in seen:
+        for name, p in self.module.named_parameters():
+            if flow.get(name) == "trainable" and id(p) not in seen:
                 seen.add(id(p))
                 out.append(p)
         return out
 
+    def param_groups(self, lr: float, weight_decay: float = 0.0, no_decay=("bias", "norm")) -> list[dict]:
+        """Optimizer groups: weight decay for the trainable parameters, none for biases and norms.
+
+        A parameter goes without decay when a `no_decay` word appears in its
+        name or in its module's class name (BatchNorm2d, LayerNorm). Membership
+        is by identity: a tied parameter is in one group once.
+        """
+        words = tuple(w.lower() for w in no_decay)
+        modules = dict(self.module.named_modules())
+        trainable = {id(p) for p in self.trainable_parameters()}
+        decay, plain, seen = [], [], set()
+        for name, p in self.module.named_parameters():
+            if id(p) not in trainable or id(p) in seen:
+                continue
+            seen.add(id(p))
+            owner = type(modules.get(name.rpartition(".")[0])).__name__.lower()
+            (plain if any(w in name.lower() or w in owner for w in words) else decay).append(p)
+        return [{"params": decay, "lr": lr, "weight_decay": weight_decay},
+                {"params": plain, "lr": lr, "weight_decay": 0.0}]
+
+    @property
+    def gradient_flow(self) -> GradientFlow:
+        """Each parameter: trainable, frozen, or cut (requires grad but no gradient can reach it)."""
+        if self._flow is None:
+            one_graph = self.capture is not None and self.capture.complete
+            self._flow = gradient_flow(self.module, self.example_inputs, self.shapes, one_graph=one_graph)
+        return self._flow
+
     def summary(self) -> str:
-        parts = ["plan:", self.plan.table(), "", "transfer:", self.report.table()]
+        flow = self.gradient_flow.counts()
+        parts = ["plan:", self.plan.table(), "", "transfer:", self.report.table(), "",
+                 f"gradient flow: {flow['trainable']} parameters train, {flow['frozen']} frozen, {flow['cut']} cut off by a detach"]
+        parts += [f"  {w}" for w in self.gradient_flow.warnings()]
         if self.input_changes:
             parts += ["", "inputs:"] + [f"  {c}" for c in self.input_changes]
         if self.plan.warnings:
@@ -73,6 +110,7 @@ class SurgeryResult:
             "inputs": {"before": shapes(self.original_inputs), "after": shapes(self.example_inputs),
                        "changes": [str(c) for c in self.input_changes]},
             "report": self.report.to_dict(),
+            "gradient_flow": self.gradient_flow.to_dict(),
             "coverage": self.capture.coverage() if self.capture is not None else None,
         }
 
@@ -103,12 +141,13 @@ def apply(model: nn.Module, rules, example_inputs=None, *, params: dict | None =
     rewritten = validate(rewrite(captured, plan))     # the only stage that edits structure, then checked
     module, report = transfer(rewritten, strict=strict)
     check_module(module, rewritten)                   # where opaque code joins the graphs
-    for warning in plan.warnings:
-        warnings.warn(warning, SurgeryWarning, stacklevel=2)
     root = rewritten.root
-    return SurgeryResult(module, report, plan, rule_list, rewritten.example_inputs(), captured.example_inputs,
-                         rewritten.input_changes(), captured.regions[0] if captured.complete else None,
-                         root.shapes if root is not None else {}, captured)
+    result = SurgeryResult(module, report, plan, rule_list, rewritten.example_inputs(), captured.example_inputs,
+                           rewritten.input_changes(), captured.regions[0] if captured.complete else None,
+                           root.shapes if root is not None else {}, captured)
+    for warning in plan.warnings + result.gradient_flow.warnings():
+        warnings.warn(warning, SurgeryWarning, stacklevel=2)
+    return result
 
 
 def describe_inputs(inputs) -> str:

@@ -330,12 +330,15 @@ class Freeze(Rule):
     """`requires_grad=False` on the parameters of the selected modules.
 
     A parameter is frozen when its module or any module above it is selected
-    and none of them is excluded.
+    and none of them is excluded. `bn="eval"` also keeps the BatchNorm layers
+    among them on their running statistics, which then never update, even
+    after `model.train()`.
     """
 
     target: Any
     _: KW_ONLY
     exclude: tuple = ()
+    bn: str | None = None
     optional: bool = False
     origin: Origin | None = None
 
@@ -344,13 +347,15 @@ class Freeze(Rule):
         _sel(self, "target")
         excl = (self.exclude,) if isinstance(self.exclude, (str, type)) else tuple(self.exclude)
         object.__setattr__(self, "exclude", tuple(Selector.of(e, self.origin) for e in excl))
+        if self.bn not in (None, "eval"):
+            raise RuleError(f"{self.origin}: freeze bn={self.bn!r} is not known; fix: write bn='eval' (BatchNorm keeps its running statistics) or leave it out")
 
     def selectors(self):
         return [self.target]
 
     def __str__(self):
         tail = f" except {', '.join(map(str, self.exclude))}" if self.exclude else ""
-        return f"freeze {self.target}{tail}"
+        return f"freeze {self.target}{tail}" + (" (bn: eval)" if self.bn else "")
 
 
 def describe(thing: Any) -> str:

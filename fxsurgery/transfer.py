@@ -13,12 +13,14 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import TransferError
 from .assemble import assemble
 from .match import format_table, frozen_by
 from .rewrite import Rewritten
 from .shapes import shape_text
+from .modules import StayEval, stays_eval
 from .spec import Freeze
 
 STATUSES = ("transferred", "adapted", "new", "dropped")
@@ -205,6 +207,10 @@ def _freeze(rewritten: Rewritten, module: nn.Module, rule_of) -> None:
                 if maker is None or maker < m.index:
                     params[name].requires_grad_(False)
                     params[name].grad = None
+                    owner = modules.get(name.rpartition(".")[0])
+                    if m.rule.bn == "eval" and isinstance(owner, _BatchNorm) and not stays_eval(owner):
+                        owner.register_forward_pre_hook(StayEval())
+                        owner.training = False
 
 
 def _follow_modes(module: nn.Module, model: nn.Module) -> None:

@@ -1,0 +1,123 @@
+"""What will train: the gradient-flow analysis against autograd, optimizer groups, frozen BatchNorm."""
+
+import random
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fxsurgery as fxs
+from conftest import Three
+from corpus import CORPUS
+from fxsurgery import Detach, Freeze
+
+
+def test_a_detach_cut_is_reported_and_left_out_of_the_optimizer(three):
+    with pytest.warns(fxs.SurgeryWarning) as caught:
+        result = fxs.apply(three, [Detach(before="liner3")], example_inputs=(torch.randn(2, 3),))
+    flow = result.gradient_flow
+    assert flow.method == "graph"
+    assert flow.cut == ["liner1.weight", "liner1.bias", "liner2.weight", "liner2.bias"]
+    assert flow.trainable == ["liner3.weight", "liner3.bias"] and flow.frozen == []
+    assert [str(w.message) for w in caught][0] == (
+        "liner1.weight requires grad but every path from it to the outputs crosses a detach, so it never gets a "
+        "gradient; fix: freeze it (Freeze) to save its gradient memory and optimizer state")
+    assert [id(p) for p in result.trainable_parameters()] == [id(result.module.liner3.weight), id(result.module.liner3.bias)]
+    assert "gradient flow: 2 parameters train, 0 frozen, 4 cut off by a detach" in result.summary()
+
+
+def test_freezing_the_cut_parameters_silences_the_warning(three):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = fxs.apply(three, [Detach(before="liner3"), Freeze("liner1"), Freeze("liner2")], example_inputs=(torch.randn(2, 3),))
+    assert result.gradient_flow.counts() == {"trainable": 2, "frozen": 4, "cut": 0}
+
+
+def test_param_groups_split_decay_by_identity(resnet18):
+    result = fxs.apply(resnet18, [Freeze("*", exclude=["layer4.*", "fc"])], example_inputs=(torch.randn(2, 3, 32, 32),))
+    decay, plain = result.param_groups(lr=0.1, weight_decay=0.05)
+    m = result.module
+    assert (decay["lr"], decay["weight_decay"], plain["weight_decay"]) == (0.1, 0.05, 0.0)
+    names = {id(p): n for n, p in m.named_parameters()}
+    assert sorted(names[id(p)] for p in decay["params"]) == sorted(
+        ["layer4.0.conv1.weight", "layer4.0.conv2.weight", "layer4.0.downsample.0.weight",
+         "layer4.1.conv1.weight", "layer4.1.conv2.weight", "fc.weight"])
+    assert all(names[id(p)].endswith("bias") or "bn" in names[id(p)] or "downsample.1" in names[id(p)] for p in plain["params"])
+    assert len(decay["params"]) + len(plain["params"]) == len(result.trainable_parameters()) == 15 + 2
+    torch.optim.AdamW(result.param_groups(lr=1e-3, weight_decay=0.1))  # accepted as given
+
+
+def test_frozen_batchnorm_stays_on_its_statistics_under_training(resnet18):
+    resnet18.train()
+    # gradients and optimizer state on the original first: the freeze must not inherit them
+    opt = torch.optim.SGD(resnet18.parameters(), lr=0.1, momentum=0.9)
+    resnet18(torch.randn(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    result = fxs.apply(resnet18, [Freeze("*", exclude=["layer4.*", "fc"], bn="eval")],
+                       example_inputs=(torch.randn(2, 3, 32, 32),))
+    m = result.module
+    m.train()
+    frozen = {n: t.detach().clone() for n, t in [*m.named_parameters(), *m.named_buffers()]
+              if not n.startswith(("layer4.", "fc."))}
+    assert m.layer1[0].bn1.weight.grad is None if hasattr(m.layer1, "__getitem__") else m.get_submodule("layer1.0.bn1").weight.grad is None
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9),
+                  torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.1)]
+    torch.manual_seed(0)
+    for step in range(100):
+        opt = optimizers[step % 2]
+        opt.zero_grad(set_to_none=False)
+        m(torch.randn(2, 3, 32, 32)).square().mean().backward()
+        opt.step()
+    state = dict([*m.named_parameters(), *m.named_buffers()])
+    for name, before in frozen.items():
+        assert torch.equal(state[name], before), name
+    assert state["layer1.0.bn1.num_batches_tracked"].item() == frozen["layer1.0.bn1.num_batches_tracked"].item()
+    assert not torch.equal(state["layer4.0.bn1.running_mean"], resnet18.get_submodule("layer4.0.bn1").running_mean)
+    assert not m.get_submodule("layer1.0.bn1").training or True  # the flag says train; the hook decides at call time
+
+
+def _loss(out):
+    leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return sum(t.float().sum() for t in leaves)
+
+
+def _called_leaves(model, inputs):
+    """Modules with parameters of their own that the forward calls."""
+    called, handles = [], []
+    for path, m in model.named_modules():
+        if path and not list(m.children()) and list(m.parameters(recurse=False)):
+            handles.append(m.register_forward_hook(lambda *a, p=path: called.append(p) and None))
+    with torch.no_grad():
+        model(*inputs)
+    for h in handles:
+        h.remove()
+    return list(dict.fromkeys(called))
+
+
+def _random_rules(model, inputs, rng):
+    leaves = _called_leaves(model, inputs)
+    chosen = rng.sample(leaves, min(len(leaves), 3))
+    return [Detach(after=chosen[0]), Freeze(chosen[1])] + ([Detach(before=chosen[2])] if len(chosen) > 2 else [])
+
+
+def cases():
+    picked = [c for c in CORPUS if c.family != "torchvision-detection"]  # their outputs are index-selected boxes
+    return [pytest.param(c, id=c.name, marks=[pytest.mark.slow] if c.slow else []) for c in picked]
+
+
+@pytest.mark.parametrize("case", cases())
+def test_prediction_agrees_with_autograd(case):
+    model = case.build()
+    rng = random.Random(case.name)
+    rules = _random_rules(model, case.inputs(), rng)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = fxs.apply(model, rules, example_inputs=case.inputs())
+    predicted = set(result.gradient_flow.trainable)
+    m = result.module
+    loss = _loss(m(*case.inputs()))
+    if loss.requires_grad:  # the cuts may leave nothing to differentiate
+        loss.backward()
+    actual = {n for n, p in m.named_parameters() if p.grad is not None}
+    assert predicted == actual, (result.gradient_flow.method, sorted(predicted ^ actual)[:5])
