@@ -56,8 +56,9 @@ class Capture:
 
     @property
     def complete(self) -> bool:
-        """True when one graph holds the whole model."""
-        return len(self.regions) == 1 and self.regions[0].path == "" and not self.opaque
+        """True when one graph, with the model's own signature, holds the whole model."""
+        return (len(self.regions) == 1 and self.regions[0].path == "" and not self.opaque
+                and self.regions[0].call is None)
 
     def region(self, path: str) -> Captured | None:
         return next((r for r in self.regions if r.path == path), None)
@@ -169,7 +170,7 @@ def capture(model: nn.Module, example_inputs: tuple | None = None, *, leaf_types
     result = Capture(model, inputs, [], {}, calls)
     walker = _Walker(result, Tracer(leaf_types, leaf_paths))
     walker.walk(model, "", Call(inputs, {}) if inputs is not None else None)
-    if result.regions and result.regions[0].path == "":
+    if result.regions and result.regions[0].path == "" and result.regions[0].call is None:
         result.example_inputs = result.regions[0].example_inputs
     return result
 
@@ -208,16 +209,20 @@ class _Walker:
             return "called with different non-tensor arguments at different places"
         opaque: dict[str, str] = {}
         policy = self.policy
+        as_called = bool(path)  # the model itself is first traced through its signature
         while True:
             try:
-                spec = call_spec(module, call.args, call.kwargs) if call is not None and path else None
-                example = call.args if call is not None and not path else None
+                spec = call_spec(module, call.args, call.kwargs) if call is not None and as_called else None
+                example = call.args if call is not None and not as_called else None
                 captured = trace(module, example, call=spec, leaf_types=policy.leaf_types,
                                  leaf_paths=policy.leaf_paths, opaque=opaque, path=path)
                 captured.opaque = opaque
                 return captured
             except TraceError as err:
                 failed_in = getattr(err, "failed_in", None)
+                if not failed_in and not as_called and call is not None:
+                    as_called = True  # decorated or **kwargs forwards trace as they are called
+                    continue
                 if not failed_in or failed_in in opaque:
                     return getattr(err, "reason", None) or err.message
                 kind = type(module.get_submodule(failed_in))

@@ -48,7 +48,9 @@ class Rewritten:
     @property
     def root(self) -> Edited | None:
         """The graph of the whole model, when there is one."""
-        return self.graphs.get("") if self.capture.regions and self.capture.regions[0].path == "" else None
+        regions = self.capture.regions
+        own = regions and regions[0].path == "" and regions[0].call is None  # called as the model is
+        return self.graphs.get("") if own else None
 
     def example_inputs(self) -> tuple | None:
         root = self.root

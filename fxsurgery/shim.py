@@ -31,14 +31,17 @@ _PRIMITIVE = (type(None), bool, int, float, str, torch.dtype, torch.device)
 class CallSpec:
     """How a graph's flat inputs and outputs map back to the module's call form."""
 
-    in_spec: Any
-    constants: list            # every leaf of the example call; tensors are inputs
+    in_spec: Any               # the call bound to the forward's signature, defaults filled in
+    constants: list            # its leaves; the tensors among them are the graph's inputs
     tensors: list[int]         # positions of the tensor leaves
+    order: list[int]           # the graph's inputs, as positions among `constants`
+    call_spec: Any             # the call as it was made, which the shim repeats while tracing
+    call_leaves: list
     out_spec: Any = None
     signature: Any = None      # the module's forward signature: calls are compared bound to it
 
     def tensor_inputs(self) -> tuple:
-        return tuple(self.constants[i] for i in self.tensors)
+        return tuple(self.constants[i] for i in self.order)
 
     def flatten(self, args: tuple, kwargs: dict) -> tuple[list, Any]:
         return pytree.tree_flatten(normalise(self.signature, args, kwargs))
@@ -70,10 +73,12 @@ class _Shim(nn.Module):
         self.spec = spec
 
     def forward(self, *tensors):
-        leaves = list(self.spec.constants)
-        for i, t in zip(self.spec.tensors, tensors):
+        # the call exactly as it was made: decorated forwards may add keywords of their own
+        leaves = list(self.spec.call_leaves)
+        positions = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
+        for i, t in zip(positions, tensors):
             leaves[i] = t
-        args, kwargs = pytree.tree_unflatten(leaves, self.spec.in_spec)
+        args, kwargs = pytree.tree_unflatten(leaves, self.spec.call_spec)
         flat, self.spec.out_spec = pytree.tree_flatten(self.inner(*args, **kwargs))
         return flat
 
@@ -81,17 +86,20 @@ class _Shim(nn.Module):
 def call_spec(module: nn.Module, args: tuple, kwargs: dict) -> CallSpec:
     signature = signature_of(module)
     leaves, spec = pytree.tree_flatten(normalise(signature, args, kwargs))
+    call_leaves, call_in_spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
     for leaf in leaves:
         if not isinstance(leaf, (torch.Tensor,) + _PRIMITIVE):
             raise TraceError(f"called with a {type(leaf).__name__}, which a graph cannot take as an input")
-    return CallSpec(spec, leaves, [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)], signature=signature)
+    where = {id(v): i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)}  # binding keeps the objects
+    order = [where[id(v)] for v in call_leaves if isinstance(v, torch.Tensor)]
+    return CallSpec(spec, leaves, sorted(where.values()), order, call_in_spec, call_leaves, signature=signature)
 
 
 def trace_call(tracer: fx.Tracer, module: nn.Module, spec: CallSpec) -> tuple[fx.Graph, dict]:
     """The graph of `module` called as `spec` says, with paths relative to `module`,
     and the constants tracing attached to the shim (target -> tensor)."""
     shim = _Shim(module, spec)
-    graph = tracer.trace(shim, concrete_args=tuple(PH for _ in spec.tensors))
+    graph = tracer.trace(shim, concrete_args=tuple(PH for _ in spec.order))
     constants = {}
     for node in graph.nodes:
         if node.op == "get_attr" and not node.target.startswith("inner."):
@@ -125,9 +133,9 @@ class _Adapter:
             leaves, got = spec.flatten(args, kwargs)
             if got != spec.in_spec or any(not _same(leaves[i], spec.constants[i]) for i in fixed):
                 raise RuntimeError(
-                    f"'{where}' was captured as a graph for calls like the example's; this call passes other "
+                    f"'{where or 'the model'}' was captured as a graph for calls like the example's; this call passes other "
                     f"non-tensor arguments. Capture again with example inputs that call it this way.")
-            flat = graph_forward(self, *[leaves[i] for i in spec.tensors])
+            flat = graph_forward(self, *[leaves[i] for i in spec.order])
             return pytree.tree_unflatten(list(flat), spec.out_spec)
 
         gm.forward = types.MethodType(forward, gm)

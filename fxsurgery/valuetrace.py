@@ -26,6 +26,8 @@ from .shapes import clone, quiet_fake_tensors
 from .tracer import Tracer
 
 _MISSING = object()
+# Tensor attributes that do not change from call to call: read them from the example.
+_STATIC = {"dtype", "device", "ndim", "layout", "is_cuda", "is_floating_point", "is_complex"}
 
 
 class ValueProxy(fx.Proxy):
@@ -44,6 +46,9 @@ class ValueProxy(fx.Proxy):
     def __getattr__(self, name):
         if name.startswith("__") and name.endswith("__"):  # protocol probes (numpy, cuda), not tensor attributes
             raise AttributeError(name)
+        value = self._value()
+        if name in _STATIC and isinstance(value, torch.Tensor):
+            return getattr(value, name)  # fixed for a given model: `torch.finfo(x.dtype)` needs the real one
         return ValueAttribute(self, name)
 
     def __bool__(self):

@@ -110,19 +110,19 @@ def test_breaking_what_opaque_code_expects_names_the_rule(gate):
                                      "after this rule, 'head' (Linear) fails: RuntimeError:")
 
 
-def test_a_graph_called_from_opaque_code_refuses_other_arguments():
-    case = BY_NAME["hf/vit"]
+def test_a_graph_traced_as_called_refuses_other_arguments():
+    case = BY_NAME["hf/vit"]  # its decorated forward only traces as it is called
     model = case.build()
     result = fxs.apply(model, [], example_inputs=case.inputs())
-    vit = result.module.vit
-    assert isinstance(vit, torch.fx.GraphModule)
+    assert isinstance(result.module, torch.fx.GraphModule) and result.coverage()["traced_share"] == 1.0
     pixels = case.inputs()[0]
-    assert torch.equal(vit(pixels).last_hidden_state, model.vit(pixels).last_hidden_state)
+    assert torch.equal(result.module(pixels).logits, model(pixels).logits)
+    assert torch.equal(result.module(pixel_values=pixels).logits, model(pixels).logits)  # the same call, bound
     with pytest.raises(RuntimeError) as err:
-        vit(pixels, interpolate_pos_encoding=True)
-    assert str(err.value) == ("'vit' was captured as a graph for calls like the example's; this call passes other "
+        result.module(pixels, interpolate_pos_encoding=True)
+    assert str(err.value) == ("'the model' was captured as a graph for calls like the example's; this call passes other "
                               "non-tensor arguments. Capture again with example inputs that call it this way.")
-    # a deep copy (as optimizers' EMA helpers make) still answers as the module did
+    # a deep copy (as EMA helpers make) still answers as the module did
     assert torch.equal(copy.deepcopy(result.module)(pixels).logits, model(pixels).logits)
 
 
@@ -130,7 +130,7 @@ def test_a_graph_boundary_takes_inserts_without_renaming_anything():
     case = BY_NAME["hf/vit"]
     model = case.build()
     result = fxs.apply(model, [Insert(fxs.new(nn.LayerNorm), after="vit")], example_inputs=case.inputs())
-    assert result.report.new == ["vit.vit_layer_norm.weight", "vit.vit_layer_norm.bias"]
+    assert result.report.new == ["vit_layer_norm.weight", "vit_layer_norm.bias"]
     assert not [e for e in result.report.entries if e.status == "transferred" and e.name != e.source]
 
 
