@@ -20,8 +20,8 @@ EXIT_INTERNAL = 3
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fxsurgery", description="Model surgery for PyTorch as checked graph rewrites.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="fxsurgery", description="Model surgery for PyTorch as checked graph rewrites.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def model_args(p):
         p.add_argument("model", help="package.module:factory, path/file.py:Name, a saved directory, or a pickled file")
@@ -157,7 +157,18 @@ def cmd_demo(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors as one line like every other error."""
+
+    def error(self, message):
+        print(f"fxsurgery: error: {message}; fix: see 'fxsurgery {self.prog.split()[-1]} --help'"
+              if " " in self.prog else f"fxsurgery: error: {message}; fix: see 'fxsurgery --help'", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
 def main(argv=None) -> int:
+    if not os.environ.get("FXSURGERY_DEBUG"):
+        warnings.simplefilter("ignore")  # library warnings are not ours to print; our own go through the report
     args = _parser().parse_args(argv)
     command = {"apply": cmd_apply, "inspect": cmd_inspect, "check": cmd_check, "diff": cmd_diff,
                "map-weights": cmd_map_weights, "demo": cmd_demo}[args.command]

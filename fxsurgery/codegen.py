@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import builtins
 import inspect
+import keyword
 import re
 import sys
 from typing import Any
@@ -97,18 +98,34 @@ def _layout(module: nn.Module) -> list:
     return sorted((k, tuple(v.shape)) for k, v in state.items())
 
 
+# Names the generated Model class defines itself: a submodule may not take them.
+_RESERVED = {"load", "forward"}
+
+
+def _safe(part: str) -> bool:
+    return bool(_SAFE_SEGMENT.fullmatch(part)) and not keyword.iskeyword(part)
+
+
 def safe_targets(gm: fx.GraphModule) -> dict[str, str]:
-    """target -> a path whose parts are plain names (unchanged where already safe)."""
-    renames, taken = {}, set()
-    for node in gm.graph.nodes:
-        if node.op not in ("call_module", "get_attr") or node.target in renames:
+    """target -> a path of plain ASCII names, unique (unchanged where already safe)."""
+    targets = list(dict.fromkeys(n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")))
+    def keeps(t):
+        parts = t.split(".")
+        return all(_safe(p) for p in parts) and parts[0] not in _RESERVED
+    renames = {t: t for t in targets if keeps(t)}
+    taken = set(renames.values())
+    for target in targets:
+        if target in renames:
             continue
-        parts = [p if _SAFE_SEGMENT.fullmatch(p) else (re.sub(r"\W+", "_", p).strip("_") or "m") for p in node.target.split(".")]
-        path = ".".join(parts)
-        base, k = path, 1
-        while path in taken and path != node.target:
+        parts = [p if _safe(p) else (re.sub(r"[^A-Za-z0-9_]+", "_", p).strip("_") or "m") for p in target.split(".")]
+        parts = [f"m_{p}" if p[0].isdigit() and not p.isdigit() or keyword.iskeyword(p) else p for p in parts]
+        if parts[0] in _RESERVED:
+            parts[0] = f"{parts[0]}_"
+        base = path = ".".join(parts)
+        k = 1
+        while path in taken:
             path, k = f"{base}_{k}", k + 1
-        renames[node.target] = path
+        renames[target] = path
         taken.add(path)
     return renames
 

@@ -15,6 +15,11 @@ class FxsError(Exception):
     def __str__(self) -> str:
         return self.message
 
+    @property
+    def problem(self) -> str:
+        """The message without its fix, for quoting inside another error."""
+        return self.message.split("; fix:")[0]
+
 
 class RuleError(FxsError):
     """A rule or a rule file is malformed (raised when it is loaded)."""

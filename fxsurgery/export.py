@@ -118,7 +118,7 @@ def _as_graph_module(module: nn.Module) -> fx.GraphModule:
         graphs = [p for p, m in module.named_modules() if isinstance(m, fx.GraphModule)]
         inside = f" (its graphs: {', '.join(graphs[:3])})" if graphs else ""
         raise SaveError(f"cannot write model.py for {type(module).__name__}: part of its forward stays Python{inside}: "
-                        f"{getattr(err, 'reason', None) or err.message}; fix: save its weights with "
+                        f"{getattr(err, 'reason', None) or err.problem}; fix: save its weights with "
                         "safetensors.torch.save_model(module, path) and rebuild the architecture in code, "
                         "or make the model traceable (leaf_paths=)") from None
 

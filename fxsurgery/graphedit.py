@@ -130,6 +130,7 @@ class Rewriter:
             elif n.op == "get_attr":
                 self.edited.tensors[n.target] = Slot(_fetch(gm, n.target), n.target)
         self.dirty = False
+        self._taken: set[str] | None = None
 
     # -- lookups ---------------------------------------------------------------
     def node(self, name: str) -> fx.Node:
@@ -161,10 +162,23 @@ class Rewriter:
         meta = self.meta(tensors[0]) if tensors else None
         return meta.shape if meta and meta.is_tensor else None
 
-    def tensor_inputs(self, site: Site) -> list[str]:
-        if not self.edited.shapes:
+    def current_inputs(self, site: Site) -> list[str]:
+        """What the site reads now: an earlier rule may have rewired it (a Delete upstream)."""
+        nodes = [self.node(n) for n in site.nodes if n in self.by_name or n in self.alias]
+        if not nodes:
             return list(site.inputs)
-        return [name for name in site.inputs if (self.meta(name) or Meta(None, None, "?")).is_tensor]
+        inside, inputs = set(nodes), []
+        for node in nodes:
+            for arg in node.all_input_nodes:
+                if arg not in inside and arg.name not in inputs:
+                    inputs.append(arg.name)
+        return inputs
+
+    def tensor_inputs(self, site: Site) -> list[str]:
+        inputs = self.current_inputs(site)
+        if not self.edited.shapes:
+            return inputs
+        return [name for name in inputs if (self.meta(name) or Meta(None, None, "?")).is_tensor]
 
     def repropagate(self) -> None:
         self.dirty = False
@@ -209,14 +223,23 @@ class Rewriter:
                 del self.by_name[name]
 
     def fresh_path(self, base: str) -> str:
-        taken = set(self.edited.modules) | set(self.edited.tensors)
+        if self._taken is None:  # every target and every module above one, kept as rules add more
+            self._taken = set()
+            for target in [*self.edited.modules, *self.edited.tensors]:
+                self._claim(target)
         def free(p):
-            return p not in taken and not any(t.startswith(p + ".") or p.startswith(t + ".") for t in taken)
+            parts = p.split(".")
+            above = {".".join(parts[:i]) for i in range(1, len(parts))}
+            return p not in self._taken and not any(a in self.edited.modules or a in self.edited.tensors for a in above)
         path, k = base, 1
         while not free(path):
             path, k = f"{base}_{k}", k + 1
+        self._claim(path)
         return path
 
+    def _claim(self, target: str) -> None:
+        parts = target.split(".")
+        self._taken.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
     def build(self, m: Match, spec: Any, shape: tuple | None, site: Site) -> nn.Module:
         if not isinstance(spec, New):
             return fresh(spec)
@@ -276,7 +299,7 @@ class Rewriter:
         module = self.build(m, m.rule.replacement, next(iter(shapes)), sites[0])
         self.edited.modules[path] = Slot(module, path, m.index, keep=m.rule.weights == "keep")
         for site in sites:
-            inputs = [self.node(n) for n in site.inputs]
+            inputs = [self.node(n) for n in self.current_inputs(site)]
             if inputs:
                 self.note_input(m, inputs[0], expected_input(module, self.meta(inputs[0].name).shape) if self.meta(inputs[0].name) and self.meta(inputs[0].name).is_tensor else None,
                                 f"replaced {path} with {describe(module)}")
@@ -289,8 +312,9 @@ class Rewriter:
             out.replace_all_uses_with(new)
             self.alias[out.name] = new.name
             self.erase(site)
-        for target in [t for t in self.edited.modules if t.startswith(path + ".")]:
-            del self.edited.modules[target]
+        if not all(s.leaf for s in sites):  # a traced-through module: its parts are gone with it
+            for target in [t for t in self.edited.modules if t.startswith(path + ".")]:
+                del self.edited.modules[target]
 
     def replace_call(self, m: Match, site: Site) -> None:
         out = self.one_output(m, site)
@@ -303,6 +327,7 @@ class Rewriter:
                 args, kwargs = fit_call(replacement, args, kwargs)
                 new = self.graph.call_function(replacement, args, kwargs)
             else:
+                self.one_input(m, site)  # a module takes one tensor: `add(a, b)` cannot become one
                 module = self.build(m, replacement, self.shape_in(site), site)
                 path = self.fresh_path(site.key.split("@")[0].replace(".", "_"))
                 self.edited.modules[path] = Slot(module, None, m.index)

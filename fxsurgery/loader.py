@@ -20,11 +20,12 @@ from torch import nn
 
 from .errors import RuleError
 from .spec import (Delete, Detach, Freeze, Insert, New, Origin, Replace, RuleSet,
-                   WEIGHT_POLICIES, check_kwargs)
+                   WEIGHT_POLICIES, check_kwargs, check_new)
 
 VERSION = 1
 DEFAULT_ALLOW = ("torch", "torchvision")
 ACTIONS = ("delete", "replace", "insert", "detach", "freeze")
+_MAX_DEPTH = 64
 _PARAM = re.compile(r"\$\{([^}\n]*)\}")
 # `${name}` is not valid YAML inside a flow mapping ({out_features: ${n}}), so
 # before parsing each one becomes a plain token that names it, same line.
@@ -43,7 +44,23 @@ class _List(list):
 
 
 class _LineLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, keeping line numbers and refusing duplicate keys."""
+    """PyYAML's safe loader, keeping line numbers and refusing duplicate keys and aliases.
+
+    Aliases (`*name`) are refused: a rule file never needs them, and a few
+    hundred bytes of nested aliases expand to millions of values.
+    """
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.MarkedYAMLError(problem="aliases (*name) are not allowed in rule files", problem_mark=event.start_mark)
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > _MAX_DEPTH:
+                raise yaml.MarkedYAMLError(problem=f"nested more than {_MAX_DEPTH} levels deep", problem_mark=self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
     def construct_mapping(self, node, deep=False):
         self.flatten_mapping(node)
@@ -68,17 +85,20 @@ _LineLoader.add_constructor("tag:yaml.org,2002:seq", _LineLoader.construct_seque
 
 
 def _parse_yaml(text: str, source: str) -> Any:
+    last = text.count("\n") + (0 if text.endswith("\n") or not text else 1)
     loader = _LineLoader(text)
+
+    def at(mark) -> int:  # PyYAML points one past the last line at the end of the stream
+        return max(1, min(mark.line + 1, last)) if mark else 1
     try:
         return loader.get_single_data()
     except yaml.constructor.ConstructorError as exc:
-        line = exc.problem_mark.line + 1 if exc.problem_mark else 0
+        line = at(exc.problem_mark)
         tag = re.search(r"tag '([^']*)'", str(exc.problem))
         what = f"tag {tag.group(1)!r}" if tag else "this value"
         raise RuleError(f"{source}:{line}: {what} is not allowed: a rule file is data, not code; fix: name classes by dotted path, e.g. 'module: torch.nn.ReLU'") from None
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else 0
+        line = at(exc.problem_mark or exc.context_mark)
         raise RuleError(f"{source}:{line}: YAML syntax error: {exc.problem or exc.context}; fix: correct the YAML at that line (indentation, quotes, ':' after keys)") from None
     except yaml.YAMLError as exc:
         raise RuleError(f"{source}: YAML error: {exc}; fix: correct the file") from None
@@ -94,8 +114,10 @@ def load_rules(path: str | os.PathLike, params: dict | None = None, allow=()) ->
             text = handle.read()
     except OSError as exc:
         raise RuleError(f"{source}: cannot read rule file: {exc.strerror}; fix: check the path") from None
-    except UnicodeDecodeError:
-        raise RuleError(f"{source}: not a UTF-8 text file; fix: pass a YAML rule file") from None
+    except UnicodeDecodeError as exc:
+        with open(source, "rb") as handle:
+            line = handle.read()[:exc.start].count(b"\n") + 1
+        raise RuleError(f"{source}:{line}: not UTF-8 text (byte {exc.object[exc.start]:#04x}); fix: save the rule file as UTF-8") from None
     return parse_rules(text, source, params=params, allow=allow)
 
 
@@ -106,7 +128,7 @@ def parse_rules(text: str, source: str = "<rules>", params: dict | None = None, 
     if doc is None:
         raise RuleError(f"{source}: the rule file is empty; fix: start it with 'fxsurgery: {VERSION}' and a 'rules:' list")
     if not isinstance(doc, _Map):
-        raise RuleError(f"{source}:1: a rule file is a mapping, got a {type(doc).__name__}; fix: start it with 'fxsurgery: {VERSION}' and a 'rules:' list")
+        raise RuleError(f"{source}:1: a rule file is a mapping, got {_kind(doc)}; fix: start it with 'fxsurgery: {VERSION}' and a 'rules:' list")
     _check_keys(doc, ("fxsurgery", "description", "params", "rules"), source, "the file")
     if "fxsurgery" not in doc:
         raise RuleError(f"{source}:{doc.line}: missing 'fxsurgery: {VERSION}'; fix: add it as the first line")
@@ -135,6 +157,21 @@ def parse_rules(text: str, source: str = "<rules>", params: dict | None = None, 
         item = _interpolate(item, values, source, line)
         rules.append(_rule(item, Origin(source, line), resolver))
     return RuleSet(tuple(rules), description=description, params=values, source=source)
+
+
+def _kind(value: Any) -> str:
+    """How a YAML value reads to a user: 'a list', 'a mapping', 'a str'..."""
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"a {type(value).__name__}"
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    """repr, cut short: a message quotes the value, never megabytes of it."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _interpolate(value: Any, params: dict, source: str, line: int) -> Any:
@@ -222,13 +259,13 @@ def _selector(value: Any, line: int, resolver: _Resolver) -> Any:
             return f"method:{name}"
         if kind in ("path", "node"):
             return name
-    raise RuleError(f"{resolver.source}:{line}: bad selector {value!r}; fix: write a glob string, {{type: torch.nn.ReLU}}, {{function: torch.relu}} or {{method: view}}")
+    raise RuleError(f"{resolver.source}:{line}: bad selector {_short(value)}; fix: write a glob string, {{type: torch.nn.ReLU}}, {{function: torch.relu}} or {{method: view}}")
 
 
 def _module_spec(spec: _Map, line: int, resolver: _Resolver, reserved=()) -> Any:
     """{module: dotted, **kwargs} -> New; {function: dotted} -> function."""
     if not isinstance(spec, dict):
-        raise RuleError(f"{resolver.source}:{line}: expected {{module: torch.nn.X, ...}} or {{function: ...}}, got {spec!r}; fix: e.g. 'with: {{module: torch.nn.GELU}}'")
+        raise RuleError(f"{resolver.source}:{line}: expected {{module: torch.nn.X, ...}} or {{function: ...}}, got {_short(spec)}; fix: e.g. 'with: {{module: torch.nn.GELU}}'")
     kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.items() if k not in ("module", "function") + tuple(reserved)}
     if "function" in spec:
         if "module" in spec or kwargs:
@@ -237,8 +274,9 @@ def _module_spec(spec: _Map, line: int, resolver: _Resolver, reserved=()) -> Any
     if "module" not in spec:
         raise RuleError(f"{resolver.source}:{line}: missing 'module:' (a dotted class name); fix: e.g. 'module: torch.nn.Linear'")
     cls = resolver(spec["module"], spec.key_lines["module"], "module")
-    check_kwargs(cls, kwargs, Origin(resolver.source, line))
-    return New(cls, kwargs)
+    for key in kwargs:  # an argument the class does not take is reported on its own line
+        check_kwargs(cls, {key: kwargs[key]}, Origin(resolver.source, spec.key_lines.get(key, line)))
+    return check_new(New(cls, kwargs), Origin(resolver.source, line))
 
 
 def _flag(item: _Map, key: str, source: str) -> bool:
@@ -251,7 +289,7 @@ def _flag(item: _Map, key: str, source: str) -> bool:
 def _rule(item: Any, origin: Origin, resolver: _Resolver):
     source, line = origin.file, origin.line
     if not isinstance(item, dict):
-        raise RuleError(f"{source}:{line}: a rule is a mapping such as '- delete: layer4', got {item!r}; fix: start each rule with one of {', '.join(ACTIONS)}")
+        raise RuleError(f"{source}:{line}: a rule is a mapping such as '- delete: layer4', got {_short(item)}; fix: start each rule with one of {', '.join(ACTIONS)}")
     actions = [k for k in item if k in ACTIONS]
     if len(actions) != 1:
         found = ", ".join(map(str, item)) or "nothing"

@@ -120,6 +120,10 @@ def _why_not(locator: Locator, sel: Selector) -> tuple[str, list[str]]:
         called = sorted({n.target for n in calls if n.op == "call_method"})
         return f"no call of method {sel.value} (methods called: {', '.join(called[:8]) or 'none'}){hidden}", []
     selected = select_modules(sel, locator.modules)
+    if selected and capture.opaque and not capture.calls:
+        return (f"{', '.join(selected[:3])} {'is' if len(selected) == 1 else 'are'} not called by traced code, and without "
+                f"example inputs the calls made by opaque code ({', '.join(p or '(the model)' for p in list(capture.opaque)[:2])}) "
+                f"are not known; pass example inputs (--input)"), []
     if selected:
         return f"{', '.join(selected[:3])} {'is' if len(selected) == 1 else 'are'} never called by the forward (inside a leaf module or unused)", []
     text = sel.value if sel.kind == "glob" else sel.value.pattern

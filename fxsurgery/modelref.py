@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import math
 import os
 import re
 import uuid
@@ -24,6 +25,7 @@ from .errors import ModelError
 from .export import load as load_saved
 from .shapes import shape_text
 
+_MAX_INPUT = 1 << 28  # values in one example input: 1 GiB of float32
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16, "half": torch.float16,
            "bfloat16": torch.bfloat16, "float64": torch.float64, "int64": torch.int64, "long": torch.int64,
            "int32": torch.int32, "bool": torch.bool}
@@ -36,8 +38,12 @@ def load_model(ref: str, *, trust_pickle: bool = False) -> nn.Module:
         return load_saved(path)
     if ":" in ref and not path.is_file():
         where, _, name = ref.rpartition(":")
+        if not where or not name:
+            raise ModelError(f"{ref}: expected package.module:factory or path/file.py:Name; fix: e.g. torchvision.models:resnet18")
         obj = _attribute(where, name, ref)
         return _instantiate(obj, ref)
+    if path.is_file() and path.suffix == ".py":
+        raise ModelError(f"{ref}: a Python file needs the name of its model, class or factory; fix: write {ref}:Name")
     if path.is_file():
         if not trust_pickle:
             raise ModelError(f"{ref}: a pickled model runs code from the file when loaded; fix: pass --trust-pickle if you trust it, or name a factory (package.module:factory)")
@@ -101,7 +107,10 @@ def load_weights(model: nn.Module, path: str) -> None:
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [f"{k} {shape_text(state[k].shape)} != {shape_text(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
+    # a strict load casts silently; a checkpoint in another dtype is a different model's weights
+    cast = [f"{k} {str(state[k].dtype).replace('torch.', '')} != {str(own[k].dtype).replace('torch.', '')}"
+            for k in own if k in state and state[k].shape == own[k].shape and state[k].dtype != own[k].dtype]
+    if missing or unexpected or wrong or cast:
         parts = []
         if missing:
             parts.append(f"missing {len(missing)} ({', '.join(missing[:3])})")
@@ -109,6 +118,8 @@ def load_weights(model: nn.Module, path: str) -> None:
             parts.append(f"unexpected {len(unexpected)} ({', '.join(unexpected[:3])})")
         if wrong:
             parts.append(f"wrong shape {len(wrong)} ({', '.join(wrong[:3])})")
+        if cast:
+            parts.append(f"wrong dtype {len(cast)} ({', '.join(cast[:3])})")
         raise ModelError(f"{path}: does not fit the model: {'; '.join(parts)}; fix: pass weights saved from this architecture")
     model.load_state_dict(state, strict=True)
 
@@ -124,6 +135,8 @@ def parse_inputs(specs) -> tuple:
                 raise ModelError(f"--input {spec!r}: cannot parse {part!r}; fix: write sizes joined by x, e.g. 1x3x224x224 (optionally :int64)")
             shape = tuple(int(d) for d in match.group(1).split("x"))
             dtype = _DTYPES[match.group(2) or "float32"]
+            if math.prod(shape) > _MAX_INPUT:
+                raise ModelError(f"--input {spec!r}: {math.prod(shape):,} values is more than an example needs; fix: use a batch of 1 and the model's usual size, e.g. 1x3x224x224")
             if dtype.is_floating_point:
                 out.append(torch.randn(shape, generator=generator).to(dtype))
             else:

@@ -8,10 +8,12 @@ are read from the checkpoint, tensors a rule made from the saved weights.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .codegen import rename_path
@@ -73,7 +75,9 @@ def write_mapped(checkpoint: str, surgery: str, output: str) -> dict[str, torch.
     try:
         save_file(unique, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, target)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise SaveError(f"{target}: cannot write: {exc.strerror}; fix: choose a writable path") from None
+    except (OSError, SafetensorError) as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0]
+        raise SaveError(f"{target}: cannot write: {reason}; fix: choose a writable path") from None
     return mapped

@@ -114,8 +114,12 @@ class GraphIndex:
 
 
 def outermost(paths: list[str]) -> list[str]:
+    """The paths with no other chosen path above them (linear: each path checks its own ancestors)."""
     chosen = set(paths)
-    return [p for p in paths if not any(p.startswith(q + ".") for q in chosen if q != p)]
+    def covered(p: str) -> bool:
+        parts = p.split(".")
+        return any(".".join(parts[:i]) in chosen for i in range(1, len(parts)))
+    return [p for p in paths if not covered(p)]
 
 
 def select_modules(sel: Selector, modules: dict[str, nn.Module]) -> list[str]:

@@ -56,9 +56,10 @@ def _caller_origin() -> Origin:
 def _qualname(obj: Any) -> str:
     module = getattr(obj, "__module__", None) or ""
     name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", repr(obj))
-    for public in ("torch.nn.functional", "torch.nn", "torch"):  # F.gelu lives in torch._C._nn
-        if module.startswith("torch") and getattr(sys.modules.get(public), name, None) is obj:
-            return f"{public}.{name}"
+    short = getattr(obj, "__name__", name)
+    for public in ("torch.nn.functional", "torch.nn", "torch"):  # F.gelu lives in torch._C._nn, torch.sigmoid elsewhere
+        if (module.startswith("torch") or not module) and getattr(sys.modules.get(public), short, None) is obj:
+            return f"{public}.{short}"
     return f"{module}.{name}" if module else name
 
 
@@ -164,7 +165,29 @@ def new(cls: type, **kwargs) -> New:
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise RuleError(f"{_caller_origin()}: fxs.new needs a torch.nn.Module class, got {cls!r}; fix: pass a class such as torch.nn.Linear")
     check_kwargs(cls, kwargs, _caller_origin())
-    return New(cls, dict(kwargs))
+    return check_new(New(cls, dict(kwargs)), _caller_origin())
+
+
+_PROBE_SIZE = 8  # stands in for an inferred size when a spec is checked
+
+
+def check_new(spec: New, origin: Origin) -> New:
+    """Build the module once with small stand-ins for the inferred sizes: a value the
+    class rejects (Dropout(p=2.0)) or an argument it needs (Conv2d's kernel_size) is
+    reported when the rule is written, not when it is applied."""
+    probe = {name: (_PROBE_SIZE,) if name == "normalized_shape" else _PROBE_SIZE for name in spec.missing()}
+    try:
+        spec.cls(**spec.kwargs, **probe)
+    except TypeError as exc:
+        missing = re.findall(r"missing \d+ required positional arguments?: (.*)", str(exc))
+        if not missing:
+            raise RuleError(f"{origin}: {_qualname(spec.cls)}({', '.join(f'{k}={v!r}' for k, v in spec.kwargs.items())}) is rejected: "
+                            f"{str(exc).strip().splitlines()[0]}; fix: change the arguments") from None
+        raise RuleError(f"{origin}: {_qualname(spec.cls)} needs {missing[0]}; fix: give it in the rule (e.g. kernel_size: 3)") from None
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RuleError(f"{origin}: {_qualname(spec.cls)}({', '.join(f'{k}={v!r}' for k, v in spec.kwargs.items())}) is rejected: {first}; fix: change the arguments") from None
+    return spec
 
 
 def check_kwargs(cls: type, kwargs: dict, origin: Origin) -> None:
@@ -349,6 +372,9 @@ class Freeze(Rule):
         object.__setattr__(self, "exclude", tuple(Selector.of(e, self.origin) for e in excl))
         if self.bn not in (None, "eval"):
             raise RuleError(f"{self.origin}: freeze bn={self.bn!r} is not known; fix: write bn='eval' (BatchNorm keeps its running statistics) or leave it out")
+        for sel in (self.target, *self.exclude):
+            if sel.kind in ("function", "method"):
+                raise RuleError(f"{self.origin}: freeze selects modules, not calls ({sel}); fix: name module paths or a module type, e.g. 'layer1.*' or {{type: torch.nn.Linear}}")
 
     def selectors(self):
         return [self.target]

@@ -9,8 +9,10 @@ a module invocation is the set of nodes whose stack holds its key.
 from __future__ import annotations
 
 import inspect
+import keyword
 import os
 import traceback
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,11 +165,28 @@ def specialise(model: nn.Module, args: tuple, kwargs: dict, complete: bool) -> t
 
 
 def _refuse_unquotable(graph: fx.Graph) -> None:
-    """torch.fx pastes module paths into generated code inside double quotes,
-    unescaped; a path holding a quote, backslash or line break would run as code."""
+    """Refuse module paths torch.fx would turn into wrong code.
+
+    torch.fx pastes a path into its generated code: a part that reads as an
+    identifier goes in bare (`self.import` does not parse; `self.ﬁ` is read by
+    Python as `self.fi`, another attribute), and any other part goes inside
+    double quotes unescaped (a quote in the name would run as code).
+    """
     for node in graph.nodes:
-        if node.op in ("call_module", "get_attr") and any(c in node.target for c in '"\\\n\r'):
-            raise TraceError(f"module path {node.target!r} contains a quote, backslash or line break, which torch.fx would write into generated code unescaped; fix: rename that submodule")
+        if node.op not in ("call_module", "get_attr"):
+            continue
+        for part in node.target.split("."):
+            if any(c in part for c in '"\\\n\r'):
+                why = "contains a quote, backslash or line break, which torch.fx would write into generated code unescaped"
+            elif part.isidentifier() and keyword.iskeyword(part):
+                why = f"has the Python keyword '{part}' as a name, which torch.fx would write as code that does not parse"
+            elif part.isidentifier() and unicodedata.normalize("NFKC", part) != part:
+                why = f"has '{part}', which Python reads as '{unicodedata.normalize('NFKC', part)}' in code torch.fx writes"
+            else:
+                continue
+            error = TraceError(f"module path {node.target!r} {why}; fix: rename that submodule")
+            error.failed_in, error.reason = None, f"module path {node.target!r} {why}"
+            raise error
 
 
 def _fetch(root: nn.Module, target: str):

@@ -80,7 +80,7 @@ HEAD = "fxsurgery: 1\nrules:\n"
 
 BAD = [
     ("yaml syntax", [HEAD + "  - delete: [fc\n"], [],
-     "{r0}:4: YAML syntax error: expected ',' or ']', but got '<stream end>'; fix: correct the YAML at that line (indentation, quotes, ':' after keys)"),
+     "{r0}:3: YAML syntax error: expected ',' or ']', but got '<stream end>'; fix: correct the YAML at that line (indentation, quotes, ':' after keys)"),
     ("unknown key", [HEAD + "  - delete: fc\n    because: yes\n"], [],
      "{r0}:4: unknown key 'because' in 'delete' rule; fix: allowed: delete, optional"),
     ("disallowed class", [HEAD + "  - replace: fc\n    with: {module: subprocess.Popen}\n"], [],

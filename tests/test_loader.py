@@ -69,11 +69,11 @@ HEAD = "fxsurgery: 1\nrules:\n"
 
 BAD = [
     ("syntax", HEAD + "  - delete: [fc\n",
-     "{path}:4: YAML syntax error: expected ',' or ']', but got '<stream end>'; fix: correct the YAML at that line (indentation, quotes, ':' after keys)"),
+     "{path}:3: YAML syntax error: expected ',' or ']', but got '<stream end>'; fix: correct the YAML at that line (indentation, quotes, ':' after keys)"),
     ("empty", "",
      "{path}: the rule file is empty; fix: start it with 'fxsurgery: 1' and a 'rules:' list"),
     ("not a mapping", "- delete: fc\n",
-     "{path}:1: a rule file is a mapping, got a _List; fix: start it with 'fxsurgery: 1' and a 'rules:' list"),
+     "{path}:1: a rule file is a mapping, got a list; fix: start it with 'fxsurgery: 1' and a 'rules:' list"),
     ("version", "fxsurgery: 2\nrules:\n  - delete: fc\n",
      "{path}:1: unsupported version fxsurgery: 2; fix: write 'fxsurgery: 1'"),
     ("no version", "rules:\n  - delete: fc\n",
