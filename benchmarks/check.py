@@ -1,0 +1,96 @@
+"""Check benchmark results against the goals and print which hold.
+
+    python -m benchmarks.check [benchmarks/results] [--strict]
+
+Prints a Markdown table (goal, measured, holds). A goal whose benchmark was
+not run, or skipped (no share mode, no GPU), reads "not measured". With
+--strict the exit status is 1 when any measured goal fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file (python benchmarks/NAME.py): import as the package
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    __package__ = "benchmarks"
+
+from .common import read_json
+
+Row = tuple[str, str, bool | None]  # goal, measured, holds (None: not measured)
+
+
+def _fmt(x: float | None, unit: str = "x") -> str:
+    return "not measured" if x is None else f"{x:.2f}{unit}"
+
+
+def _le(goal: str, value: float | None, limit: float, unit: str = "x") -> Row:
+    return goal, _fmt(value, unit), None if value is None else value <= limit
+
+
+def pipeline_rows(data: dict | None) -> list[Row]:
+    s = (data or {}).get("summary", {})
+    n = s.get("models", 0)
+    return [_le(f"pipeline: engine work beyond tracing <= 0.5x trace time (median over {n} models)",
+                s.get("overhead_over_trace_median"), 0.5)]
+
+
+def scaling_rows(data: dict | None) -> list[Row]:
+    exps = (data or {}).get("exponents", {})
+    rows = []
+    for key, what in (("fxs_pipeline", "full pipeline"), ("fxs_type_swap", "type swap (match + rewrite)")):
+        e = exps.get(key, {})
+        rows.append(_le(f"scaling: {what} exponent <= 1.1 ({e.get('points', 0)} sizes)", e.get("exponent"), 1.1, ""))
+    return rows
+
+
+def transfer_rows(data: dict | None) -> list[Row]:
+    s = (data or {}).get("summary", {})
+    model = (data or {}).get("model", "?")
+    return [
+        _le(f"transfer ({model}): copy time <= 1.1x load_state_dict", s.get("copy_over_load_state_dict"), 1.1),
+        _le(f"transfer ({model}): share time <= 1.1x load_state_dict(assign=True)", s.get("share_over_assign"), 1.1),
+        _le(f"transfer ({model}): copy peak RSS <= 2.1x model size", s.get("copy_peak_over_model"), 2.1),
+        _le(f"transfer ({model}): share peak RSS <= 1.1x model size", s.get("share_peak_over_model"), 1.1),
+    ]
+
+
+def speed_rows(data: dict | None) -> list[Row]:
+    if data is None:
+        return [("module speed: rewritten forward <= 1.02x original", "not measured", None)]
+    rows = []
+    for name, r in data["cpu"]["models"].items():
+        rows.append(_le(f"module speed (CPU) {name}: rewritten forward <= 1.02x original", r.get("ratio"), 1.02))
+    for key, r in data.get("gpu", {}).items():
+        if isinstance(r, dict) and ("ratio" in r or "error" in r):
+            rows.append(_le(f"module speed (GPU) {key}: rewritten forward <= 1.02x original", r.get("ratio"), 1.02))
+    return rows
+
+
+def check(out_dir: str | Path) -> list[Row]:
+    """Every goal with its measured figure; printed as a Markdown table."""
+    out_dir = Path(out_dir)
+    rows = (pipeline_rows(read_json(out_dir, "pipeline")) + scaling_rows(read_json(out_dir, "scaling"))
+            + transfer_rows(read_json(out_dir, "transfer")) + speed_rows(read_json(out_dir, "module_speed")))
+    print("| goal | measured | holds |")
+    print("|---|---|---|")
+    for goal, measured, holds in rows:
+        print(f"| {goal} | {measured} | {'-' if holds is None else 'yes' if holds else 'NO'} |")
+    measured = [h for _, _, h in rows if h is not None]
+    print(f"\n{sum(measured)} of {len(measured)} measured goals hold; {len(rows) - len(measured)} not measured.")
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.check", description=__doc__.splitlines()[0])
+    p.add_argument("out", nargs="?", default="benchmarks/results")
+    p.add_argument("--strict", action="store_true", help="exit 1 if a measured goal fails")
+    a = p.parse_args(argv)
+    rows = check(a.out)
+    return 1 if a.strict and any(h is False for _, _, h in rows) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
