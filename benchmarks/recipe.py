@@ -15,7 +15,7 @@ from fxsurgery.loader import load_rules
 from fxsurgery.match import match
 from fxsurgery.rewrite import rewrite
 from fxsurgery.spec import flatten
-from fxsurgery.transfer import transfer
+from fxsurgery.weights import transfer
 from fxsurgery.validate import check_module, validate
 
 STAGES = ("capture", "match", "rewrite", "validate", "transfer", "check")

@@ -55,8 +55,7 @@ def share_mode() -> dict | None:
     """How to ask the transfer stage to share tensors, if it can (a feature another change may add)."""
     import importlib
 
-    # the submodule, not `fxsurgery.transfer`: the package exports a function under that name
-    stage = importlib.import_module("fxsurgery.transfer")
+    stage = importlib.import_module("fxsurgery.weights")
     params = inspect.signature(stage.transfer).parameters
     if "mode" in params:
         return {"mode": "share"}
@@ -76,7 +75,7 @@ def _step(variant: str, name: str, model, inputs):
     import torch
 
     import fxsurgery as fxs
-    from fxsurgery.transfer import transfer
+    from fxsurgery.weights import transfer
 
     from .recipe import prepared
 
@@ -98,7 +97,7 @@ def _step(variant: str, name: str, model, inputs):
         return (lambda: fxs.apply(model, [], example_inputs=inputs).module), "fxs.apply(model, [])"
     kwargs = {} if variant == "fxs_copy" else share_mode()
     rewritten = prepared(model, [], inputs)
-    return (lambda: transfer(rewritten, **kwargs)[0]), f"fxsurgery.transfer.transfer(rewritten, **{kwargs})"
+    return (lambda: transfer(rewritten, **kwargs)[0]), f"fxsurgery.weights.transfer(rewritten, **{kwargs})"
 
 
 def child(variant: str, name: str, size: int) -> dict:

@@ -16,13 +16,12 @@ from .pipeline import SurgeryResult, SurgeryWarning, apply
 from .replay import map_weights
 from .export import load, save
 from .spec import Delete, Detach, Freeze, Insert, Replace, RuleSet, new
-from .trace import trace
-from .transfer import TransferReport
-from .transfer import transfer_modules as transfer
+from .weights import TransferReport
+from .weights import transfer_modules as transfer
 from .version import __version__
 
 __all__ = [
-    "apply", "new", "load_rules", "transfer", "trace", "save", "load", "map_weights",
+    "apply", "new", "load_rules", "transfer", "save", "load", "map_weights",
     "Delete", "Replace", "Insert", "Detach", "Freeze", "RuleSet",
     "SurgeryResult", "TransferReport", "SurgeryWarning",
     "FxsError", "RuleError", "ModelError", "TraceError", "MatchError", "RewriteError",

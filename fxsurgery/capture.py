@@ -160,7 +160,7 @@ def record_calls(model: nn.Module, inputs: tuple) -> dict[str, Call]:
 def capture(model: nn.Module, example_inputs: tuple | None = None, *, leaf_types=(), leaf_paths=()) -> Capture:
     """Graphs for everything torch.fx can trace; opaque modules (with reasons) for the rest."""
     try:
-        whole = trace(model, example_inputs, leaf_types=leaf_types, leaf_paths=leaf_paths)
+        whole = trace(model, example_inputs, leaf_types=leaf_types, leaf_paths=leaf_paths, values=False)
         return Capture(model, whole.example_inputs, [whole])
     except TraceError:
         pass

@@ -150,12 +150,29 @@ class Rewriter:
         self.by_name[node.name] = node
         return node
 
-    def meta(self, name: str) -> Meta | None:
-        if self.dirty:
-            self.repropagate()
+    def meta(self, name: str, fresh: bool = True) -> Meta | None:
+        """A node's shape; `fresh`: propagate again first if an earlier rule changed what feeds it."""
         while name in self.alias:
             name = self.alias[name]
+        if fresh and self.dirty and self._stale(name):
+            self.repropagate()
         return self.edited.shapes.get(name)
+
+    def _stale(self, name: str) -> bool:
+        """Whether a rule made, rewired or swapped `name` or anything upstream of it."""
+        start = self.by_name.get(name)
+        stack, seen = [start] if start is not None else [], set()
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            slot = self.edited.modules.get(node.target) if node.op == "call_module" else None
+            if ("fxs_rule" in node.meta or "fxs_rewired" in node.meta or node.name not in self.edited.shapes
+                    or (slot is not None and slot.rule is not None)):
+                return True
+            stack.extend(node.all_input_nodes)
+        return start is None
 
     def shape_in(self, site: Site) -> tuple | None:
         tensors = self.tensor_inputs(site)
@@ -178,7 +195,7 @@ class Rewriter:
         inputs = self.current_inputs(site)
         if not self.edited.shapes:
             return inputs
-        return [name for name in inputs if (self.meta(name) or Meta(None, None, "?")).is_tensor]
+        return [name for name in inputs if (self.meta(name, fresh=False) or Meta(None, None, "?")).is_tensor]
 
     def repropagate(self) -> None:
         self.dirty = False
@@ -267,7 +284,8 @@ class Rewriter:
         for site in sites:
             source = self.one_input(m, site)
             out = self.one_output(m, site)
-            expected = self.meta(out.name)
+            # what the consumers expected matters only where they will now read a model input
+            expected = self.meta(out.name) if source.op == "placeholder" else None
             users = list(out.users)
             out.replace_all_uses_with(source)
             for user in users:
@@ -300,7 +318,7 @@ class Rewriter:
         self.edited.modules[path] = Slot(module, path, m.index, keep=m.rule.weights == "keep")
         for site in sites:
             inputs = [self.node(n) for n in self.current_inputs(site)]
-            if inputs:
+            if inputs and inputs[0].op == "placeholder":  # the model's input must now fit the new module
                 self.note_input(m, inputs[0], expected_input(module, self.meta(inputs[0].name).shape) if self.meta(inputs[0].name) and self.meta(inputs[0].name).is_tensor else None,
                                 f"replaced {path} with {describe(module)}")
             if site.leaf:
@@ -341,12 +359,8 @@ class Rewriter:
     def insert(self, m: Match, sites: list[Site]) -> None:
         rule = m.rule
         for site in sites:
-            if rule.after is not None:
-                anchor = self.one_output(m, site)
-                meta = self.meta(anchor.name)
-            else:
-                anchor = self.one_input(m, site)
-                meta = self.meta(anchor.name)
+            anchor = self.one_output(m, site) if rule.after is not None else self.one_input(m, site)
+            meta = self.meta(anchor.name, fresh=isinstance(rule.module, New) and bool(rule.module.missing()))
             module = self.build(m, rule.module, meta.shape if meta and meta.is_tensor else None, site)
             where = site.path or site.key or self.captured.path.rpartition(".")[2]
             base = rule.name or f"{where.split('@')[0]}_{snake(type(module).__name__)}"
@@ -359,7 +373,7 @@ class Rewriter:
         for site in sites:
             anchors = [self.one_output(m, site)] if m.rule.after is not None else [self.node(n) for n in self.tensor_inputs(site)]
             for anchor in anchors:
-                meta = self.meta(anchor.name)
+                meta = self.meta(anchor.name, fresh=False)  # only whether it is a tensor
                 if meta is not None and not meta.is_tensor:
                     self.fail(m, site, f"value '{anchor.name}' has type {meta.kind}, not Tensor; only tensors carry gradients",
                               "detach a node whose value is a tensor")

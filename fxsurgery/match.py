@@ -182,7 +182,8 @@ def _check_conflicts(m: Match, touched: dict[str, Match]) -> None:
         verb = "deleted" if isinstance(earlier.rule, Delete) else "replaced"
         raise MatchError(f"{m.label} conflicts with {earlier.label}: node '{name}' was already {verb}; fix: drop one of the two rules")
     m.sites = kept
-    m.modules = [p for p in m.modules if any(s.module == p for s in kept)]
+    kept_modules = {s.module for s in kept}
+    m.modules = [p for p in m.modules if p in kept_modules]
     if destructive:
         for site in kept:
             names = [(site.region, n) for n in site.nodes] if site.region is not None else [(None, site.key)]

@@ -20,7 +20,7 @@ from .export import save
 from .shapes import Meta, shape_text
 from .spec import Rule, flatten
 from .trace import Captured
-from .transfer import TransferReport, transfer
+from .weights import TransferReport, transfer
 from .validate import check_module, validate
 
 

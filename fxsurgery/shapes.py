@@ -163,9 +163,25 @@ class _Recorder(fx.Interpreter):
         return value
 
 
-def propagate(root: nn.Module, graph: fx.Graph, inputs: tuple) -> dict[str, Meta]:
-    """Run `graph` over `root` on fake copies of `inputs`; a Meta per node name."""
+def _on_meta(root: nn.Module, graph: fx.Graph, inputs: tuple) -> dict[str, Meta] | None:
+    """Shapes on the meta device: the cheapest run there is, when the code allows it."""
     metas: dict[str, Meta] = {}
+    try:
+        meta_root = clone(root, lambda t: t.detach().to("meta"))
+        with _quiet(_FAKE_LOGGER), torch.no_grad():
+            _Recorder(meta_root, graph, metas).run(*(x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs))
+        return metas
+    except Exception:  # data-dependent code, or tensors made on another device: fake tensors know better
+        return None
+
+
+def propagate(root: nn.Module, graph: fx.Graph, inputs: tuple) -> dict[str, Meta]:
+    """Run `graph` over `root` on shape-only copies of `inputs` (meta, else fake, else a real copy);
+    a Meta per node name."""
+    metas = _on_meta(root, graph, inputs)
+    if metas is not None:
+        return metas
+    metas = {}
     mode = FakeTensorMode(allow_non_fake_inputs=False)
     try:
         fake_root = clone(root, mode.from_tensor)

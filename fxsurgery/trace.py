@@ -64,7 +64,7 @@ def path_of(node: fx.Node) -> str:
 
 
 def trace(model: nn.Module, example_inputs: tuple | None = None, *, leaf_types=(), leaf_paths=(),
-          opaque=(), path: str = "", call: CallSpec | None = None) -> Captured:
+          opaque=(), path: str = "", call: CallSpec | None = None, values: bool = True) -> Captured:
     """Trace `model` (never modified) as one graph; with example inputs, give every node a shape.
 
     Arguments that are not tensors (None, flags, sizes) are specialised to
@@ -72,6 +72,7 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, *, leaf_types=(
     otherwise take `if mask is not None` as true for every call. The graph
     keeps torch.fx's guards, so a call with other values fails loudly.
     Raises TraceError (with `.failed_in`, the innermost module that failed).
+    `values=False` traces with plain torch.fx proxies: faster, and enough for most models.
     """
     if not isinstance(model, nn.Module):
         raise ModelError(f"expected a torch.nn.Module, got {type(model).__name__}; fix: pass the model instance")
@@ -87,7 +88,9 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, *, leaf_types=(
     known = example_inputs is not None or call is not None
     work = share(model)  # traced in place of the model: forward code may write to `self`
     options = dict(leaf_types=leaf_types, leaf_paths=leaf_paths, opaque=opaque, prefix="inner." if call else "")
-    tracer = ValueTracer(example=positional, **options) if known else Tracer(**options)
+    # with example values, Python that reads shapes can be followed (valuetrace.py); that costs
+    # a fake run per node, so callers first try without (`values=False`)
+    tracer = ValueTracer(example=positional, **options) if known and values else Tracer(**options)
     try:
         constants = {}
         if call is not None:  # traced as it was called (see shim.py)

@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import fxsurgery as fxs
+from fxsurgery.trace import trace
 import fxsurgery.cli as cli_module
 from fxsurgery import (Delete, Detach, Freeze, Insert, MatchError, ModelError, Replace, RewriteError, RuleError,
                        SaveError, TraceError, TransferError, ValidateError)
@@ -693,6 +694,6 @@ def test_usage_error_is_one_line(argv, tmp_path, monkeypatch):
 
 def test_python_trace_of_an_unquotable_name():
     with pytest.raises(TraceError) as err:
-        fxs.trace(_models().Quoted())
+        trace(_models().Quoted())
     assert str(err.value) == ("module path 'fc\"2' contains a quote, backslash or line break, which torch.fx would write "
                               "into generated code unescaped; fix: rename that submodule")

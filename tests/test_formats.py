@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import fxsurgery as fxs
+from fxsurgery.trace import trace
 from conftest import RULES, cli
 from fxsurgery import Freeze, Replace
 
@@ -65,7 +66,7 @@ class Scaled(nn.Module):
 
 
 def test_a_format_that_fails_says_why_and_writes_nothing(tmp_path):
-    gm = fxs.trace(Scaled(), leaf_types=(Scale,)).gm
+    gm = trace(Scaled(), leaf_types=(Scale,)).gm
     with pytest.raises(fxs.SaveError) as err:
         fxs.save(gm, tmp_path / "o", formats=("torchscript",), example_inputs=(torch.randn(4),))
     assert str(err.value).startswith("cannot write torchscript: ")

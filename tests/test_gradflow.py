@@ -5,10 +5,8 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 
 import fxsurgery as fxs
-from conftest import Three
 from corpus import CORPUS
 from fxsurgery import Detach, Freeze
 

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import fxsurgery as fxs
+from fxsurgery.trace import trace
 from fxsurgery import Freeze, Insert, Replace
 import fxsurgery.export as export_module
 
@@ -64,7 +65,7 @@ def test_model_py_runs_without_fxsurgery(result, tmp_path):
 
 def test_save_load_save_is_byte_identical(result, tmp_path):
     result.save(tmp_path / "a")
-    again = fxs.trace(fxs.load(tmp_path / "a")).gm
+    again = trace(fxs.load(tmp_path / "a")).gm
     fxs.save(again, tmp_path / "b")
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
 
@@ -117,7 +118,7 @@ def test_a_module_name_that_would_break_out_of_quotes_is_refused(tmp_path):
     canary = tmp_path / "PWNED"
     name = f'x"); open({str(canary)!r}, "w"); ("'
     with pytest.raises(fxs.TraceError) as err:
-        fxs.trace(hostile(name))
+        trace(hostile(name))
     assert str(err.value) == (f"module path {name!r} contains a quote, backslash or line break, which torch.fx would "
                               "write into generated code unescaped; fix: rename that submodule")
     assert not canary.exists()
@@ -126,7 +127,7 @@ def test_a_module_name_that_would_break_out_of_quotes_is_refused(tmp_path):
 def test_odd_module_names_become_identifiers_in_model_py(tmp_path):
     name = "x; import os; os_remove('model_py')"
     model = hostile(name)
-    fxs.save(fxs.trace(model).gm, tmp_path / "o")
+    fxs.save(trace(model).gm, tmp_path / "o")
     source = (tmp_path / "o" / "model.py").read_text()
     assert name not in source and "import os;" not in source
     loaded = fxs.load(tmp_path / "o")
