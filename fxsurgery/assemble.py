@@ -30,7 +30,7 @@ class Assembly:
     copies: dict[int, tuple[torch.Tensor, torch.Tensor]]   # id(blank) -> (blank, original)
     made_by: dict[int, int] = field(default_factory=dict)   # id(module a rule made) -> rule
     constants: set[int] = field(default_factory=set)        # ids of tensors captured from forward code
-    keeps: list[tuple[str, nn.Module, nn.Module, int]] = field(default_factory=list)  # path, new, old, rule
+    keeps: list[tuple] = field(default_factory=list)  # (path, new, old, rule, policy): tensors a policy carries over
     wrappers: set[int] = field(default_factory=set)         # ids of the Around modules made here
 
 
@@ -68,8 +68,9 @@ def assemble(rewritten: Rewritten) -> Assembly:
                 continue
             table[path] = slot.value
             built.made_by[id(slot.value)] = slot.rule
-            if slot.keep:
-                built.keeps.append((join(region.path, path), slot.value, region.model.get_submodule(slot.source), slot.rule))
+            if slot.weights != "new":
+                built.keeps.append((join(region.path, path), slot.value, region.model.get_submodule(slot.source),
+                                    slot.rule, slot.weights))
         for path, slot in edited.tensors.items():
             if id(slot.value) in memo:
                 table[path] = memo[id(slot.value)]
@@ -99,8 +100,8 @@ def _apply(built: Assembly, edit: ModuleEdit, original: nn.Module) -> None:
     if edit.kind in ("replace", "delete"):
         built.module = put(built.module, edit.path, edit.module)
         built.made_by[id(edit.module)] = edit.rule
-        if edit.keep:
-            built.keeps.append((edit.path, edit.module, original.get_submodule(edit.path), edit.rule))
+        if edit.weights != "new":
+            built.keeps.append((edit.path, edit.module, original.get_submodule(edit.path), edit.rule, edit.weights))
         return
     current = built.module.get_submodule(edit.path)
     for part in (edit.before, edit.after):

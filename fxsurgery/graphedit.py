@@ -31,7 +31,7 @@ class Slot:
     value: Any
     source: str | None        # path in the original model; None when a rule made it
     rule: int | None = None   # the rule that made or replaced it
-    keep: bool = False        # Replace(weights="keep"): copy the source's tensors
+    weights: Any = "new"      # Replace(weights=...): how the replaced module's tensors fill this one
 
 
 @dataclass(frozen=True)
@@ -315,7 +315,7 @@ class Rewriter:
             self.fail(m, sites[0], f"'{path}' is called with different shapes ({', '.join(shape_text(s) for s in shapes if s)})",
                       "replace each call site separately or give the shape arguments explicitly")
         module = self.build(m, m.rule.replacement, next(iter(shapes)), sites[0])
-        self.edited.modules[path] = Slot(module, path, m.index, keep=m.rule.weights == "keep")
+        self.edited.modules[path] = Slot(module, path, m.index, weights=m.rule.weights)
         for site in sites:
             inputs = [self.node(n) for n in self.current_inputs(site)]
             if inputs and inputs[0].op == "placeholder":  # the model's input must now fit the new module

@@ -20,7 +20,7 @@ from torch import nn
 
 from .errors import RuleError
 from .spec import (Delete, Detach, Freeze, Insert, New, Origin, Replace, RuleSet,
-                   WEIGHT_POLICIES, check_kwargs, check_new)
+                   check_kwargs, check_new, check_policy)
 
 VERSION = 1
 DEFAULT_ALLOW = ("torch", "torchvision")
@@ -314,9 +314,7 @@ def _rule(item: Any, origin: Origin, resolver: _Resolver):
     if action == "replace":
         if "with" not in item:
             raise RuleError(f"{source}:{line}: replace needs 'with:'; fix: add e.g. 'with: {{module: torch.nn.GELU}}'")
-        weights = item.get("weights", "new")
-        if weights not in WEIGHT_POLICIES:
-            raise RuleError(f"{source}:{item.key_lines['weights']}: unknown weights policy {weights!r}; fix: use one of {', '.join(WEIGHT_POLICIES)}")
+        weights = check_policy(item.get("weights", "new"), Origin(source, item.key_lines.get("weights", line)))
         replacement = _module_spec(item["with"], item.key_lines["with"], resolver)
         return Replace(_selector(body, body_line, resolver), replacement, weights=weights, optional=optional, origin=origin)
     if not isinstance(body, dict):

@@ -8,6 +8,7 @@ the transfer stage installs them when it assembles the new module.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 from torch.utils import _pytree as pytree
@@ -33,7 +34,7 @@ class ModuleEdit:
     after: nn.Module | None = None      # wrap: applied to the output
     cut_in: bool = False                # wrap: detach what goes in
     cut_out: bool = False               # wrap: detach what comes out
-    keep: bool = False                  # replace: copy the old module's tensors (weights="keep")
+    weights: Any = "new"                # replace: how the old module's tensors fill the new one
 
 
 @dataclass
@@ -96,7 +97,7 @@ def module_edits(capture: Capture, plan: Plan) -> list[ModuleEdit]:
                 edits.append(ModuleEdit(path, m.index, "delete", module=Skip()))
             elif isinstance(rule, Replace):
                 module = Call(rule.replacement) if callable_only(rule.replacement) else _build(m, rule.replacement, shape_in, path)
-                edits.append(ModuleEdit(path, m.index, "replace", module=module, keep=rule.weights == "keep"))
+                edits.append(ModuleEdit(path, m.index, "replace", module=module, weights=rule.weights))
             elif isinstance(rule, Insert):
                 after = rule.after is not None
                 module = _build(m, rule.module, shape_out if after else shape_in, path)

@@ -214,7 +214,19 @@ def _module_like(value: Any, origin: Origin, what: str) -> Any:
     raise RuleError(f"{origin}: {what} {value!r} is not a module, a module class, fxs.new(...) spec{' or a function' if what == 'replacement' else ''}; fix: pass e.g. nn.Dropout(0.2) or fxs.new(nn.Linear, out_features=10)")
 
 
-WEIGHT_POLICIES = ("new", "keep")
+WEIGHT_POLICIES = ("new", "keep", "slice", "pad", "adapt_input_channels")
+
+
+def check_policy(weights: Any, origin: Origin) -> Any:
+    """A weights policy: one of WEIGHT_POLICIES, or {"select": [indices]} (keep those rows)."""
+    if isinstance(weights, str) and weights in WEIGHT_POLICIES:
+        return weights
+    if isinstance(weights, dict) and list(weights) == ["select"]:
+        rows = weights["select"]
+        if isinstance(rows, (list, tuple)) and rows and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in rows):
+            return {"select": tuple(rows)}
+    raise RuleError(f"{origin}: unknown weights policy {weights!r}; fix: use one of {', '.join(WEIGHT_POLICIES)}, "
+                    "or {select: [row indices]}")
 
 
 @dataclass(frozen=True)
@@ -270,15 +282,20 @@ class Delete(Rule):
 class Replace(Rule):
     """Swap the selected modules or calls for a module, a spec or a function.
 
-    `weights="new"` (default) keeps the replacement's own initialisation;
-    `weights="keep"` copies the replaced module's tensors when their names
-    and shapes all agree.
+    The replaced module's tensors fill the replacement as `weights` says:
+    `"new"` (default): none, the replacement keeps its own initialisation;
+    `"keep"`: copied, names and shapes equal; `"slice"`: the leading block of
+    each (the first k classes); `{"select": [i, j, ...]}`: those rows (a
+    classifier reduced to some of its classes keeps theirs exactly); `"pad"`:
+    the original block in place, the rest initialised; `"adapt_input_channels"`:
+    a convolution's filters over new input channels (timm's rule: 3 -> 1 sums
+    them, 3 -> N repeats them and scales by 3/N).
     """
 
     target: Any
     replacement: Any
     _: KW_ONLY
-    weights: str = "new"
+    weights: Any = "new"
     optional: bool = False
     origin: Origin | None = None
 
@@ -286,8 +303,7 @@ class Replace(Rule):
         super().__post_init__()
         _sel(self, "target")
         object.__setattr__(self, "replacement", _module_like(self.replacement, self.origin, "replacement"))
-        if self.weights not in WEIGHT_POLICIES:
-            raise RuleError(f"{self.origin}: unknown weights policy {self.weights!r}; fix: use one of {', '.join(WEIGHT_POLICIES)}")
+        object.__setattr__(self, "weights", check_policy(self.weights, self.origin))
 
     def selectors(self):
         return [self.target]

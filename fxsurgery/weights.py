@@ -21,6 +21,7 @@ from .match import format_table, frozen_by
 from .rewrite import Rewritten
 from .shapes import shape_text
 from .modules import StayEval, stays_eval
+from .policies import carry
 from .spec import Freeze
 
 STATUSES = ("transferred", "adapted", "new", "dropped")
@@ -134,8 +135,8 @@ def transfer(rewritten: Rewritten, *, strict: bool = False) -> tuple[nn.Module, 
             if id(t) in built.copies and id(t) not in filled:
                 t.copy_(built.copies[id(t)][1])
                 filled.add(id(t))
-        for path, new, old, rule in built.keeps:
-            kept.update(_keep(rewritten, path, new, old, rule))
+        for path, new, old, rule, policy in built.keeps:
+            kept.update(_carry(rewritten, path, new, old, rule, policy))
     rule_of = _maker(module, built.made_by)
     _freeze(rewritten, module, rule_of)
     _follow_modes(module, model)
@@ -155,10 +156,11 @@ def transfer(rewritten: Rewritten, *, strict: bool = False) -> tuple[nn.Module, 
         elif id(t) in built.constants:
             report.entries.append(_entry(name, t, kind, "transferred", source=name, op="constant captured from the forward code", frozen=frozen))
         elif id(t) in kept:
-            source, rule = kept[id(t)]
+            source, rule, op = kept[id(t)]
             used.add(source)
-            report.entries.append(_entry(name, t, kind, "transferred", source=source, rule=rule,
-                                         op=f"kept by {rewritten.rule_of(rule).label}", frozen=frozen))
+            status = "adapted" if op else "transferred"
+            report.entries.append(_entry(name, t, kind, status, source=source, rule=rule,
+                                         op=f"{op or 'kept'} by {rewritten.rule_of(rule).label}", frozen=frozen))
         else:
             report.entries.append(_entry(name, t, kind, "new", rule=rule_of(name), frozen=frozen))
     for name, t, kind in _tensors(model):
@@ -221,18 +223,23 @@ def _follow_modes(module: nn.Module, model: nn.Module) -> None:
             sub.training = originals[path].training if path in originals else model.training
 
 
-def _keep(rewritten: Rewritten, path: str, new: nn.Module, old: nn.Module, rule: int) -> dict[int, tuple[str, int]]:
-    """weights="keep": copy the replaced module's tensors, names and shapes equal."""
+def _carry(rewritten: Rewritten, path: str, new: nn.Module, old: nn.Module, rule: int, policy) -> dict:
+    """The replaced module's tensors into the replacement, as the rule's weights policy says."""
     original = {n: t for n, t, _ in _tensors(old)}
-    kept = {}
+    label = rewritten.rule_of(rule).label
+    carried = {}
     for name, t, _ in _tensors(new):
         src = original.get(name)
-        if src is None or src.shape != t.shape:
-            have = shape_text(src.shape) if src is not None else "nothing"
-            raise TransferError(f"{rewritten.rule_of(rule).label}: weights 'keep' cannot fill {path}.{name} {shape_text(t.shape)}: the replaced module has {have} there; fix: use weights: new")
-        t.copy_(src)
-        kept[id(t)] = (f"{path}.{name}", rule)
-    return kept
+        try:
+            if src is None:
+                raise ValueError("the replaced module has nothing there")
+            op = carry(policy, src, t)
+        except ValueError as exc:
+            shown = policy if isinstance(policy, str) else "select"
+            fix = "use weights: new" if policy == "keep" else "choose another weights policy, or weights: new"
+            raise TransferError(f"{label}: weights '{shown}' cannot fill {path}.{name} {shape_text(t.shape)}: {exc}; fix: {fix}") from None
+        carried[id(t)] = (f"{path}.{name}", rule, op)
+    return carried
 
 
 def _check_strict(report: TransferReport, strict: bool) -> None:

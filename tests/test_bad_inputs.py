@@ -171,7 +171,8 @@ CASES = [
     load_error("detach takes a string", "type_detach_string", 3, "detach takes a mapping; fix: e.g. 'detach: {after: layer3}'"),
     load_error("with is a string", "type_with_string", 4,
                "expected {module: torch.nn.X, ...} or {function: ...}, got 'torch.nn.GELU'; fix: e.g. 'with: {module: torch.nn.GELU}'"),
-    load_error("weights is a number", "type_weights_int", 5, "unknown weights policy 1; fix: use one of new, keep"),
+    load_error("weights is a number", "type_weights_int", 5, "unknown weights policy 1; fix: use one of new, keep, slice, pad, "
+               "adapt_input_channels, or {select: [row indices]}"),
     load_error("rule is a string", "type_rule_string", 3,
                "a rule is a mapping such as '- delete: layer4', got 'delete fc'; fix: start each rule with one of delete, replace, insert, detach, freeze"),
     load_error("insert name with a space", "type_insert_name", 3,

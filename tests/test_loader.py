@@ -113,7 +113,7 @@ BAD = [
     ("replace without with", HEAD + "  - replace: fc\n",
      "{path}:3: replace needs 'with:'; fix: add e.g. 'with: {{module: torch.nn.GELU}}'"),
     ("bad weights", HEAD + "  - replace: fc\n    with: {module: torch.nn.Identity}\n    weights: copy\n",
-     "{path}:5: unknown weights policy 'copy'; fix: use one of new, keep"),
+     "{path}:5: unknown weights policy 'copy'; fix: use one of new, keep, slice, pad, adapt_input_channels, or {{select: [row indices]}}"),
     ("bad selector", HEAD + "  - delete: {kind: torch.nn.ReLU}\n",
      "{path}:3: bad selector {{'kind': 'torch.nn.ReLU'}}; fix: write a glob string, {{type: torch.nn.ReLU}}, {{function: torch.relu}} or {{method: view}}"),
     ("bad regex", HEAD + "  - delete: 're:layer(['\n",

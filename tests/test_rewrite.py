@@ -228,7 +228,7 @@ def test_rule_arguments_are_checked_when_built():
         Insert(nn.ReLU())
     with pytest.raises(fxs.RuleError, match=r"torch.nn.Linear does not take 'outfeatures'; fix: use its arguments \(in_features, out_features, bias\)"):
         fxs.new(nn.Linear, outfeatures=3)
-    with pytest.raises(fxs.RuleError, match=r"unknown weights policy 'copy'; fix: use one of new, keep"):
+    with pytest.raises(fxs.RuleError, match=r"unknown weights policy 'copy'; fix: use one of new, keep, slice, pad, adapt_input_channels"):
         Replace("fc", nn.Identity(), weights="copy")
     with pytest.raises(fxs.RuleError, match=r"bad regular expression 're:\(': "):
         Delete("re:(")
