@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.fx.graph import _custom_builtins
+from torch.utils import _pytree as pytree
 
 from .errors import SaveError
 
@@ -179,9 +180,17 @@ def generate(gm: fx.GraphModule, *, class_name: str, frozen: list[str], ties: di
             raise SaveError(f"cannot write model.py: attribute '{old}' is a {type(value).__name__}; fix: keep only modules and tensors as graph attributes")
     eval_paths = sorted(rename_path(p, renames) for p, t in modes.items() if not t)
     train_mode = "all" if not eval_paths else ("none" if len(eval_paths) == len(modes) else "some")
-    forward = "\n".join("    " + line if line else line for line in code.src.strip("\n").splitlines())
+    call = getattr(gm, "_fxsurgery_call", None)
+    graph_src = code.src.strip("\n")
+    if call is not None:  # the graph takes the call's tensors flattened: model.py restores the call form
+        graph_src = graph_src.replace("def forward(", "def _graph(", 1)
+    forward = "\n".join("    " + line if line else line for line in graph_src.splitlines())
     used = {name: obj for name, obj in code.globals.items() if re.search(rf"\b{re.escape(name)}\b", code.src)}
     imports = _imports(used) + [f"import {p}" for p in packages if p not in ("torch", "torch.nn")]
+    if call is not None:
+        prelude, method, modules = _adapter(call, class_name)
+        imports += ["import inspect", "from torch.utils import _pytree as pytree"] + [f"import {m}" for m in modules]
+        forward = method + "\n\n" + forward
     src = _TEMPLATE.format(
         header=f"{class_name} after surgery, written by fxsurgery. Load: Model.load(directory).",
         class_name=class_name,
@@ -195,7 +204,55 @@ def generate(gm: fx.GraphModule, *, class_name: str, frozen: list[str], ties: di
                else "for path, module in self.named_modules():\n            module.training = path not in EVAL"),
         forward=forward,
     )
+    if call is not None:
+        src = src.replace("\n\ndef _put(", "\n\n" + prelude + "\n\ndef _put(", 1)
     return src, renames
+
+
+def _literal_source(value: Any, what: str) -> str:
+    if not _literal(value):
+        raise SaveError(f"cannot write model.py: {what} is a {type(value).__name__}, not a literal; fix: save the model traced with a plain call")
+    return _render(value)
+
+
+def _spec_modules(spec) -> set[str]:
+    """Modules whose classes a tree spec names (ModelOutput types must be imported to load it)."""
+    found, stack = set(), [spec]
+    while stack:
+        node = stack.pop()
+        if node.type is not None and node.type.__module__ not in ("builtins", "collections"):
+            found.add(node.type.__module__)
+        stack.extend(node.children_specs)
+    return found
+
+
+def _adapter(call, class_name: str) -> tuple[str, str, list[str]]:
+    """Module constants and a forward that calls the graph as the original module was called."""
+    params = []
+    for p in call.signature.parameters.values():
+        default = "" if p.default is p.empty else f", default={_literal_source(p.default, f'the default of {p.name}')}"
+        params.append(f"    inspect.Parameter({p.name!r}, inspect.Parameter.{p.kind.name}{default}),")
+    fixed = {i: v for i, v in enumerate(call.constants) if i not in call.tensors}
+    fixed_src = "{" + ", ".join(f"{i}: {_literal_source(v, 'a fixed argument')}" for i, v in fixed.items()) + "}"
+    prelude = (
+        "# How the model is called: the graph takes the call's tensors, flattened, and the\n"
+        "# other arguments are fixed to the example's (a call with other values is refused).\n"
+        "SIGNATURE = inspect.Signature([\n" + "\n".join(params) + "\n])\n"
+        f"CALL = pytree.treespec_loads({pytree.treespec_dumps(call.in_spec)!r})\n"
+        f"FIXED = {fixed_src}\n"
+        f"ORDER = {list(call.order)!r}\n"
+        f"OUTPUT = pytree.treespec_loads({pytree.treespec_dumps(call.out_spec)!r})\n\n\n"
+        "def _same(a, b):\n    return a is b or (type(a) is type(b) and a == b)")
+    method = (
+        "    def forward(self, *args, **kwargs):\n"
+        f'        """Called as {class_name} was called; other non-tensor arguments are refused."""\n'
+        "        bound = SIGNATURE.bind(*args, **kwargs)\n"
+        "        bound.apply_defaults()\n"
+        "        leaves, spec = pytree.tree_flatten((tuple(bound.args), dict(bound.kwargs)))\n"
+        "        if spec != CALL or any(not _same(leaves[i], value) for i, value in FIXED.items()):\n"
+        "            raise RuntimeError(\"this model was saved for calls like its example's; this call passes other non-tensor arguments\")\n"
+        "        return pytree.tree_unflatten(list(self._graph(*[leaves[i] for i in ORDER])), OUTPUT)")
+    return prelude, method, sorted(_spec_modules(call.in_spec) | _spec_modules(call.out_spec))
 
 
 def _tuple(items: list[str]) -> str:

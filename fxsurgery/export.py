@@ -131,6 +131,8 @@ def _source(gm: fx.GraphModule, work: Path, **facts) -> tuple[str, dict[str, str
     export -> load -> export writes the same file.
     """
     first, renames = generate(gm, **facts)
+    if getattr(gm, "_fxsurgery_call", None) is not None:
+        return first, renames  # called through an adapter: its forward is not the graph's to re-trace
     (work / "model.py").write_text(first, encoding="utf-8")
     with torch.device("meta"):
         rebuilt = _import(work / "model.py").Model()

@@ -131,3 +131,60 @@ def test_export_load_export_is_identical(tmp_path):
     for name in ("model.py", "model.safetensors"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert "class Model(nn.Module):\n    _fxsurgery_class = 'ResNet'" in (tmp_path / "b" / "model.py").read_text()
+
+
+@pytest.mark.parametrize("name", ["hf/gpt2", "hf/bert", "hf/t5"])
+def test_transformers_round_trip_in_a_python_without_fxsurgery(name, tmp_path):
+    """A transformers model, traced as it is called, saved with a new head frozen below it,
+    reloads in a separate process where importing fxsurgery fails, with identical outputs."""
+    import subprocess
+    import sys
+
+    from corpus import BY_NAME
+    case = BY_NAME[name]
+    model = case.build()
+    inputs = case.inputs()
+    rules = [Freeze("*", exclude=[case.head] if case.head else [])]
+    if case.head:
+        rules.insert(0, Replace(case.head, fxs.new(nn.Linear, out_features=11)))
+    result = fxs.apply(model, rules, example_inputs=inputs)
+    result.save(tmp_path / "o")
+    with torch.no_grad():
+        want = case.output(result.module(*inputs))
+    save_file({"want": want.contiguous(), **{f"in{i}": x for i, x in enumerate(inputs) if x is not None}},
+              str(tmp_path / "io.safetensors"))
+    slots = [f"io['in{i}']" if x is not None else "None" for i, x in enumerate(inputs)]
+    script = (
+        "import sys; sys.modules['fxsurgery'] = None\n"
+        "import torch; from safetensors.torch import load_file\n"
+        f"sys.path.insert(0, {str(tmp_path / 'o')!r}); from model import Model\n"
+        f"m = Model.load({str(tmp_path / 'o')!r}).eval(); io = load_file({str(tmp_path / 'io.safetensors')!r})\n"
+        f"out = m({', '.join(slots)})\n"
+        "got = out.logits if hasattr(out, 'logits') else out.last_hidden_state\n"
+        "assert torch.equal(got, io['want']); print('identical')\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.stdout == "identical\n", proc.stderr[-2000:]
+    if name == "hf/gpt2":
+        loaded = fxs.load(tmp_path / "o")
+        assert loaded.transformer.wte.weight is not loaded.lm_head.weight  # the new head is its own tensor
+
+
+def test_a_tied_language_model_keeps_its_tie_through_surgery_and_save(tmp_path):
+    from corpus import BY_NAME
+    case = BY_NAME["hf/gpt2"]
+    model = case.build()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    result = fxs.apply(model, [Freeze("transformer.h.*")], example_inputs=case.inputs())
+    m = result.module
+    assert m.get_parameter("lm_head.weight") is m.get_parameter("transformer.wte.weight")
+    assert result.report.entry("lm_head.weight").source == "lm_head.weight"
+    result.save(tmp_path / "o")
+    loaded = fxs.load(tmp_path / "o")
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    record = json.loads((tmp_path / "o" / "surgery.json").read_text())
+    assert record["ties"] == {"lm_head.weight": "transformer.wte.weight"}
+    opt = torch.optim.SGD(loaded.parameters(), lr=0.1)
+    before = loaded.lm_head.weight.detach().clone()
+    loaded(*case.inputs()).logits.sum().backward()
+    opt.step()
+    assert torch.equal(loaded.lm_head.weight, before.add(loaded.lm_head.weight.grad, alpha=-0.1))  # updated once
