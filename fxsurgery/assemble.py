@@ -10,6 +10,8 @@ into the new module.
 
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass, field
 
 import torch
@@ -49,15 +51,18 @@ def _constant(value: torch.Tensor) -> torch.Tensor:
     return nn.Parameter(made, requires_grad=value.requires_grad) if isinstance(value, nn.Parameter) else made
 
 
-def assemble(rewritten: Rewritten) -> Assembly:
+def assemble(rewritten: Rewritten, share: bool = False) -> Assembly:
+    """`share`: the new module takes the original's tensors themselves instead of blank copies."""
     capture = rewritten.capture
-    memo: dict = {}  # one memo for the whole model: a tensor tied across modules stays one tensor
-    root = clone(capture.model, lambda t: torch.empty_like(t, memory_format=torch.preserve_format), memo)
-    copies = {}
-    for sub in capture.model.modules():
-        for t in [*sub._parameters.values(), *sub._buffers.values()]:
-            if t is not None:
-                copies[id(memo[id(t)])] = (memo[id(t)], t)
+    tensors = [t for sub in capture.model.modules() for t in [*sub._parameters.values(), *sub._buffers.values()]
+               if t is not None]
+    if share:
+        memo: dict = {id(t): t for t in tensors}
+        root = copy.deepcopy(capture.model, memo)
+    else:
+        memo = {}  # one memo for the whole model: a tensor tied across modules stays one tensor
+        root = clone(capture.model, lambda t: torch.empty_like(t, memory_format=torch.preserve_format), memo)
+    copies = {id(memo[id(t)]): (memo[id(t)], t) for t in tensors}
     built = Assembly(root, copies)
     for region in sorted(capture.regions, key=lambda r: (bool(r.path), r.path.count("."))):
         edited = rewritten.graphs[region.path]

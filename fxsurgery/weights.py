@@ -124,15 +124,21 @@ def _entry(name, t, kind, status, **kw) -> Entry:
     return Entry(name, status, tuple(t.shape), str(t.dtype).replace("torch.", ""), kind, **kw)
 
 
-def transfer(rewritten: Rewritten, *, strict: bool = False) -> tuple[nn.Module, TransferReport]:
-    """Build the new module, fill it with copies of the original tensors, freeze, and report."""
+def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True) -> tuple[nn.Module, TransferReport]:
+    """Build the new module, fill it with copies of the original tensors, freeze, and report.
+
+    `copy=False`: the new module takes the original's tensors (no second copy
+    in memory); the original is then consumed, and refuses to run.
+    """
     model = rewritten.capture.model
-    built = assemble(rewritten)
+    built = assemble(rewritten, share=not copy)
     module = built.module
     filled, kept = set(), {}
+    if not copy:
+        _consume(model)
     with torch.no_grad():
         for _, t, _ in _tensors(module):
-            if id(t) in built.copies and id(t) not in filled:
+            if copy and id(t) in built.copies and id(t) not in filled:
                 t.copy_(built.copies[id(t)][1])
                 filled.add(id(t))
         for path, new, old, rule, policy in built.keeps:
@@ -168,6 +174,19 @@ def transfer(rewritten: Rewritten, *, strict: bool = False) -> tuple[nn.Module, 
             report.entries.append(_entry(name, t, kind, "dropped"))
     _check_strict(report, strict)
     return module, report
+
+
+class _Consumed:
+    """A forward pre-hook on a model whose tensors a copy=False surgery took."""
+
+    def __call__(self, module, args):
+        raise RuntimeError("this model's tensors now belong to the result of a surgery made with copy=False; "
+                           "use result.module")
+
+
+def _consume(model: nn.Module) -> None:
+    model.register_forward_pre_hook(_Consumed())
+    model._fxsurgery_consumed = True
 
 
 def _maker(module: nn.Module, made_by: dict[int, int]):
@@ -251,14 +270,44 @@ def _check_strict(report: TransferReport, strict: bool) -> None:
         raise TransferError(f"strict: {len(undeclared)} tensors are new and no rule declared them: {shown}; fix: provide their weights or drop strict")
 
 
-def transfer_modules(src: nn.Module, dst: nn.Module, *, strict: bool = False) -> TransferReport:
+def narrows(source: torch.dtype, target: torch.dtype) -> bool:
+    """A cast that loses information: float to integer, or to fewer bits of the same kind."""
+    if source == target:
+        return False
+    if source.is_floating_point and not target.is_floating_point:
+        return True
+    if source.is_floating_point == target.is_floating_point:
+        return torch.finfo(target).bits < torch.finfo(source).bits if target.is_floating_point else \
+            torch.iinfo(target).bits < torch.iinfo(source).bits if target != torch.bool else True
+    return False
+
+
+def _ties(module: nn.Module) -> dict[str, list[str]]:
+    """name -> every name of the same tensor, for tensors reachable at several paths."""
+    names: dict[int, list[str]] = {}
+    for name, t, _ in _tensors(module):
+        names.setdefault(id(t), []).append(name)
+    return {n: group for group in names.values() if len(group) > 1 for n in group}
+
+
+def transfer_modules(src: nn.Module, dst: nn.Module, *, strict: bool = False, allow_cast: bool = False) -> TransferReport:
     """Copy every tensor of `src` into `dst` where names and shapes agree; report all.
 
     This is "filter the state dict by the new model's keys", done right: each
     tensor of `dst` is transferred (or adapted by a dtype cast) or new, each
     unused tensor of `src` is dropped, and nothing is silently left behind.
+    A cast that narrows (float32 -> bfloat16, float -> int) is an error unless
+    `allow_cast`; one tensor of `src` at several paths (a tie) must be one
+    tensor in `dst` too.
     """
     source = {n: t for n, t, _ in _tensors(src)}
+    src_ties, dst_ties = _ties(src), _ties(dst)
+    for name, group in src_ties.items():
+        present = [n for n in group if n in dict((m, 1) for m, _, _ in _tensors(dst))]
+        if len(present) > 1 and sorted(dst_ties.get(name, [name])) != sorted(present):
+            raise TransferError(f"transfer: {', '.join(present)} are one tensor in the source but separate in the "
+                                f"destination, so the tie would split; fix: tie them in the destination first "
+                                f"(dst.{present[1]} = dst.{present[0]}), or copy them one by one")
     report = TransferReport()
     used = set()
     with torch.no_grad():
@@ -269,6 +318,10 @@ def transfer_modules(src: nn.Module, dst: nn.Module, *, strict: bool = False) ->
                 op = f"source has {shape_text(s.shape)}" if s is not None else ""
                 report.entries.append(_entry(name, t, kind, "new", op=op, frozen=frozen))
                 continue
+            if narrows(s.dtype, t.dtype) and not allow_cast:
+                cast = f"{s.dtype} -> {t.dtype}".replace("torch.", "")
+                raise TransferError(f"transfer: {name} would be cast {cast}, which loses precision; fix: cast the "
+                                    "destination to the source's dtype first, or pass allow_cast=True")
             t.copy_(s)
             used.add(name)
             if s.dtype != t.dtype:

@@ -103,3 +103,50 @@ def test_strict_accepts_tensors_that_rules_declare(resnet18):
     result = fxs.apply(resnet18, [Replace("fc", fxs.new(nn.Linear, out_features=3))],
                        example_inputs=(torch.randn(1, 3, 64, 64),), strict=True)
     assert [e.rule for e in result.report.entries if e.status == "new"] == [1, 1]
+
+
+def test_a_narrowing_cast_is_refused_unless_allowed():
+    torch.manual_seed(0)
+    src, dst = nn.Linear(3, 2), nn.Linear(3, 2).to(torch.bfloat16)
+    with pytest.raises(fxs.TransferError) as err:
+        fxs.transfer(src, dst)
+    assert str(err.value) == ("transfer: weight would be cast float32 -> bfloat16, which loses precision; fix: cast "
+                              "the destination to the source's dtype first, or pass allow_cast=True")
+    report = fxs.transfer(src, dst, allow_cast=True)
+    assert report.entry("weight").op == "cast float32 -> bfloat16"
+    assert torch.equal(dst.weight, src.weight.to(torch.bfloat16))
+
+
+def test_a_transfer_that_would_split_a_tie_says_so():
+    class Tied(nn.Module):
+        def __init__(self, tie):
+            super().__init__()
+            self.embed, self.head = nn.Embedding(5, 4), nn.Linear(4, 5, bias=False)
+            if tie:
+                self.head.weight = self.embed.weight
+
+    src = Tied(tie=True)
+    with pytest.raises(fxs.TransferError) as err:
+        fxs.transfer(src, Tied(tie=False))
+    assert str(err.value) == ("transfer: embed.weight, head.weight are one tensor in the source but separate in the "
+                              "destination, so the tie would split; fix: tie them in the destination first "
+                              "(dst.head.weight = dst.embed.weight), or copy them one by one")
+    dst = Tied(tie=True)
+    fxs.transfer(src, dst)
+    assert dst.head.weight is dst.embed.weight and torch.equal(dst.embed.weight, src.embed.weight)
+
+
+def test_share_mode_takes_the_original_tensors_and_consumes_the_original(resnet18):
+    resnet18.eval()
+    x = torch.randn(2, 3, 32, 32)
+    original = dict(resnet18.named_parameters())
+    result = fxs.apply(resnet18, [Replace("fc", fxs.new(nn.Linear, out_features=3))], example_inputs=(x,), copy=False)
+    m = result.module.eval()
+    assert m.get_parameter("layer1.0.conv1.weight") is original["layer1.0.conv1.weight"]
+    assert result.report.counts()["transferred"] == 120 and result.report.new == ["fc.weight", "fc.bias"]
+    with pytest.raises(RuntimeError, match="this model's tensors now belong to the result of a surgery made with copy=False"):
+        resnet18(x)
+    torch.manual_seed(1)
+    other = torchvision.models.resnet18(weights=None).eval()
+    want = other(x)
+    assert torch.equal(fxs.apply(other, [], example_inputs=(x,), copy=False).module.eval()(x), want)
