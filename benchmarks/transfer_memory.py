@@ -6,7 +6,9 @@ Variants, each in a fresh subprocess so that peak memory does not mix:
 - `load_state_dict_assign`: the destination built on the meta device, load_state_dict(sd, assign=True);
 - `fxs_copy`: fxsurgery's transfer stage (copy mode) after an empty surgery;
 - `fxs_share`: the transfer stage in share mode, where the package has one;
-- `fxs_apply`: the whole of fxs.apply(model, []) (peak memory of the pipeline; time not compared).
+- `fxs_apply`: the whole of fxs.apply(model, []) (peak memory of the pipeline; time not compared);
+- `fxs_stream`: the model built inside fxs.empty_weights() and filled from a sharded
+  safetensors checkpoint (4 shards) by fxs.apply(..., weights=index): the large-model path.
 Peak RSS is the step's own high-water mark (/proc/self/clear_refs resets
 VmHWM just before it), less the process's RSS before the model was built,
 over the bytes of the model's tensors: 2.0 is "the original and one copy".
@@ -24,7 +26,7 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("deepcopy", "load_state_dict", "load_state_dict_assign", "fxs_copy", "fxs_share", "fxs_apply")
+VARIANTS = ("deepcopy", "load_state_dict", "load_state_dict_assign", "fxs_copy", "fxs_share", "fxs_apply", "fxs_stream")
 GOALS = {"copy_over_load_state_dict_max": 1.1, "share_over_assign_max": 1.1,
          "copy_peak_over_model_max": 2.1, "share_peak_over_model_max": 1.1}
 
@@ -57,6 +59,8 @@ def share_mode() -> dict | None:
 
     stage = importlib.import_module("fxsurgery.weights")
     params = inspect.signature(stage.transfer).parameters
+    if "copy" in params:
+        return {"copy": False}
     if "mode" in params:
         return {"mode": "share"}
     if "share" in params:
@@ -64,10 +68,39 @@ def share_mode() -> dict | None:
     return None
 
 
+SYNTHETIC = "synthetic2g"  # 8 x Linear(8192, 8192): 2.15 GB of float32
+
+
 def _build(name: str):
+    if name == SYNTHETIC:
+        from torch import nn
+        return nn.Sequential(*[nn.Linear(8192, 8192) for _ in range(8)]).eval()
     from torchvision.models import get_model
 
     return get_model(name, weights=None).eval()
+
+
+def _inputs(name: str, size: int):
+    import torch
+    return (torch.randn(1, 8192),) if name == SYNTHETIC else (torch.randn(1, 3, size, size),)
+
+
+def _shard(model, parts: int = 4) -> str:
+    """The model's weights as a sharded safetensors checkpoint with an index, in a temporary folder."""
+    import tempfile
+
+    from safetensors.torch import save_file
+    folder = tempfile.mkdtemp(prefix="fxs-bench-")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    names, weight_map = list(state), {}
+    for i in range(parts):
+        file = f"model-{i + 1:05d}-of-{parts:05d}.safetensors"
+        save_file({k: state[k] for k in names[i::parts]}, os.path.join(folder, file))
+        weight_map.update({k: file for k in names[i::parts]})
+    index = os.path.join(folder, "model.safetensors.index.json")
+    with open(index, "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    return index
 
 
 def _step(variant: str, name: str, model, inputs):
@@ -95,6 +128,14 @@ def _step(variant: str, name: str, model, inputs):
         return load, f"meta-device build, {'load_state_dict(sd, assign=True)' if assign else 'to_empty + load_state_dict(sd)'}"
     if variant == "fxs_apply":
         return (lambda: fxs.apply(model, [], example_inputs=inputs).module), "fxs.apply(model, [])"
+    if variant == "fxs_stream":
+        index = _shard(model)
+
+        def stream():
+            with fxs.empty_weights():
+                empty = _build(name)
+            return fxs.apply(empty, [], example_inputs=inputs, weights=index).module
+        return stream, "fxs.empty_weights() build, fxs.apply(model, [], weights=<4-shard index.json>)"
     kwargs = {} if variant == "fxs_copy" else share_mode()
     rewritten = prepared(model, [], inputs)
     return (lambda: transfer(rewritten, **kwargs)[0]), f"fxsurgery.weights.transfer(rewritten, **{kwargs})"
@@ -114,8 +155,11 @@ def child(variant: str, name: str, size: int) -> dict:
     model = _build(name)
     tensors = list(model.parameters()) + list(model.buffers())
     model_bytes = sum(t.numel() * t.element_size() for t in tensors)
-    inputs = (torch.randn(1, 3, size, size),)
+    inputs = _inputs(name, size)
     step, recipe = _step(variant, name, model, inputs)
+    if variant == "fxs_stream":  # the weights are on disk now: the original is not in memory on this path
+        del model, tensors
+        gc.collect()
     gc.collect()
     before = _status("VmRSS")
     reset = _reset_peak()
@@ -124,11 +168,12 @@ def child(variant: str, name: str, size: int) -> dict:
     seconds = time.perf_counter() - t0
     peak = _status("VmHWM")
     first_new = next(iter(made.parameters()))
+    shares = variant != "fxs_stream" and first_new.data_ptr() == tensors[0].data_ptr()
     return {"variant": variant, "recipe": recipe, "seconds": seconds, "model_bytes": model_bytes,
             "rss_base": base_rss, "rss_before_step": before, "peak_rss": peak, "peak_reset": reset,
             "peak_over_model": (peak - base_rss) / model_bytes,
             "step_extra_over_model": (peak - before) / model_bytes,
-            "shares_storage": first_new.data_ptr() == tensors[0].data_ptr()}
+            "shares_storage": shares}
 
 
 def _spawn(variant: str, name: str, size: int, threads: int) -> dict:
@@ -174,7 +219,7 @@ def run(quick: bool = False, repeats: int | None = None, model: str | None = Non
     def over(a, b):
         return rows[a]["seconds"] / rows[b]["seconds"] if "seconds" in rows.get(a, {}) and "seconds" in rows.get(b, {}) else None
 
-    return {"benchmark": "transfer", "goal": GOALS, "model": name, "input": [1, 3, 224, 224],
+    return {"benchmark": "transfer", "goal": GOALS, "model": name, "input": list(_inputs(name, 224)[0].shape),
             "share_mode": share_mode() is not None and "supported" or "absent: fxs_share skipped",
             "variants": rows,
             "summary": {"copy_over_load_state_dict": over("fxs_copy", "load_state_dict"),
@@ -182,7 +227,8 @@ def run(quick: bool = False, repeats: int | None = None, model: str | None = Non
                         "deepcopy_over_load_state_dict": over("deepcopy", "load_state_dict"),
                         "copy_peak_over_model": rows.get("fxs_copy", {}).get("peak_over_model"),
                         "share_peak_over_model": rows.get("fxs_share", {}).get("peak_over_model"),
-                        "apply_peak_over_model": rows.get("fxs_apply", {}).get("peak_over_model")}}
+                        "apply_peak_over_model": rows.get("fxs_apply", {}).get("peak_over_model"),
+                        "stream_peak_over_model": rows.get("fxs_stream", {}).get("peak_over_model")}}
 
 
 def main(argv=None) -> None:

@@ -9,6 +9,7 @@
     result.module, result.report, result.save("out/"), fxs.load("out/")
 """
 
+from .checkpoint import Checkpoint, empty_weights
 from .errors import (FxsError, MatchError, ModelError, RewriteError, RuleError, SaveError,
                      TraceError, TransferError, ValidateError)
 from .loader import load_rules
@@ -16,13 +17,18 @@ from .pipeline import SurgeryResult, SurgeryWarning, apply
 from .replay import map_weights
 from .export import load, save
 from .spec import Delete, Detach, Freeze, Insert, Replace, RuleSet, new
+from .pattern import Chain, Output, Pattern, Rewrite, pattern
+from .library import (AddLoRA, AdaptInputChannels, DropDropout, FoldBatchNorm, FoldLinearBatchNorm,
+                      SwapActivation)
 from .weights import TransferReport
 from .weights import transfer_modules as transfer
 from .version import __version__
 
 __all__ = [
-    "apply", "new", "load_rules", "transfer", "save", "load", "map_weights",
+    "apply", "new", "load_rules", "transfer", "save", "load", "map_weights", "empty_weights", "Checkpoint",
     "Delete", "Replace", "Insert", "Detach", "Freeze", "RuleSet",
+    "Rewrite", "Output", "Pattern", "pattern", "Chain",
+    "FoldBatchNorm", "FoldLinearBatchNorm", "DropDropout", "SwapActivation", "AddLoRA", "AdaptInputChannels",
     "SurgeryResult", "TransferReport", "SurgeryWarning",
     "FxsError", "RuleError", "ModelError", "TraceError", "MatchError", "RewriteError",
     "ValidateError", "TransferError", "SaveError", "__version__",

@@ -34,6 +34,8 @@ class Assembly:
     constants: set[int] = field(default_factory=set)        # ids of tensors captured from forward code
     keeps: list[tuple] = field(default_factory=list)  # (path, new, old, rule, policy): tensors a policy carries over
     wrappers: set[int] = field(default_factory=set)         # ids of the Around modules made here
+    derived: list[tuple] = field(default_factory=list)  # (path, module, source paths, rule): tensors a pattern computed
+    frozen: dict[str, int] = field(default_factory=dict)  # module path -> the pattern rule that freezes it
 
 
 def put(root: nn.Module, path: str, module: nn.Module) -> nn.Module:
@@ -51,6 +53,13 @@ def _constant(value: torch.Tensor) -> torch.Tensor:
     return nn.Parameter(made, requires_grad=value.requires_grad) if isinstance(value, nn.Parameter) else made
 
 
+def _blank(t: torch.Tensor) -> torch.Tensor:
+    """Room for a tensor's values; a model built without weights (meta) gets them on the CPU."""
+    if t.is_meta:
+        return torch.empty(t.shape, dtype=t.dtype)
+    return torch.empty_like(t, memory_format=torch.preserve_format)
+
+
 def assemble(rewritten: Rewritten, share: bool = False) -> Assembly:
     """`share`: the new module takes the original's tensors themselves instead of blank copies."""
     capture = rewritten.capture
@@ -61,7 +70,7 @@ def assemble(rewritten: Rewritten, share: bool = False) -> Assembly:
         root = copy.deepcopy(capture.model, memo)
     else:
         memo = {}  # one memo for the whole model: a tensor tied across modules stays one tensor
-        root = clone(capture.model, lambda t: torch.empty_like(t, memory_format=torch.preserve_format), memo)
+        root = clone(capture.model, _blank, memo)
     copies = {id(memo[id(t)]): (memo[id(t)], t) for t in tensors}
     built = Assembly(root, copies)
     for region in sorted(capture.regions, key=lambda r: (bool(r.path), r.path.count("."))):
@@ -71,8 +80,11 @@ def assemble(rewritten: Rewritten, share: bool = False) -> Assembly:
             if slot.rule is None:  # the graph calls a copy of the original; use the original's blank copy
                 table[path] = memo[id(region.model.get_submodule(slot.source))]
                 continue
-            table[path] = slot.value
-            built.made_by[id(slot.value)] = slot.rule
+            table[path] = _adopt(slot.value, memo)
+            built.made_by[id(table[path])] = slot.rule
+            if slot.sources:
+                built.derived.append((join(region.path, path), table[path],
+                                      tuple(join(region.path, s) for s in slot.sources), slot.rule))
             if slot.weights != "new":
                 built.keeps.append((join(region.path, path), slot.value, region.model.get_submodule(slot.source),
                                     slot.rule, slot.weights))
@@ -82,6 +94,7 @@ def assemble(rewritten: Rewritten, share: bool = False) -> Assembly:
             else:
                 table[path] = _constant(slot.value)
                 built.constants.add(id(table[path]))
+        built.frozen.update({join(region.path, p): rule for p, rule in edited.frozen.items()})
         gm = fx.GraphModule(root_of(table), edited.graph, class_name=type(region.model).__name__)
         if region.call is not None:
             install_adapter(gm, region.call, region.path, _plain_attributes(memo[id(region.model)], gm))
@@ -89,6 +102,18 @@ def assemble(rewritten: Rewritten, share: bool = False) -> Assembly:
     for edit in rewritten.edits:
         _apply(built, edit, capture.model)
     return built
+
+
+def _adopt(module: nn.Module, memo: dict) -> nn.Module:
+    """A module a rule made may hold modules of the original (a pattern that wraps
+    one): those become their copies, so the user's model is never part of the result."""
+    if id(module) in memo:
+        return memo[id(module)]
+    for sub in list(module.modules()):
+        for name, child in sub._modules.items():
+            if child is not None and id(child) in memo:
+                sub._modules[name] = memo[id(child)]
+    return module
 
 
 _MODULE_STATE = set(vars(nn.Module())) | {"forward"}

@@ -146,10 +146,12 @@ def record_calls(model: nn.Module, inputs: tuple) -> dict[str, Call]:
             calls = _hooked_run(fake, fake_inputs, lambda x: x)
         return {p: Call(pytree.tree_map(_materialise, c.args), pytree.tree_map(_materialise, c.kwargs), c.output,
                         c.count, c.varies) for p, c in calls.items()}
-    except Exception:  # data-dependent Python needs real values: run a real copy
-        pass
-    real = clone(model, lambda t: t.detach().clone())
+    except Exception as exc:  # data-dependent Python needs real values: run a real copy
+        failure = exc
     try:
+        if any(t.is_meta for t in model.parameters()):
+            raise failure  # built without weights: fake tensors were the only way to run it
+        real = clone(model, lambda t: t.detach().clone())
         with torch.no_grad():
             return _hooked_run(real, inputs, lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x)
     except Exception as exc:

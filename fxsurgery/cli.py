@@ -7,6 +7,7 @@ non-zero exit status, no traceback, and nothing written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -26,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     def model_args(p):
         p.add_argument("model", help="package.module:factory, path/file.py:Name, a saved directory, or a pickled file")
         p.add_argument("--input", action="append", metavar="SHAPE", help="example input, e.g. 1x3x224x224 (repeat for several)")
-        p.add_argument("--weights", metavar="FILE", help="load these weights (safetensors) into the model first")
+        p.add_argument("--weights", metavar="FILE", help="the model's weights: .safetensors, a sharded *.index.json, or a weights-only .pt")
         p.add_argument("--trust-pickle", action="store_true", help="allow MODEL to be a pickled model file")
         p.add_argument("--leaf", action="append", default=[], metavar="GLOB", help="treat modules at these paths as leaves")
         p.add_argument("--json", action="store_true", help="print JSON for machines")
@@ -71,11 +72,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _model(args):
-    from .modelref import load_model, load_weights
-    model = load_model(args.model, trust_pickle=args.trust_pickle)
-    if args.weights:
-        load_weights(model, args.weights)
-    return model
+    """The model, and the checkpoint its values come from (None: its own).
+
+    With --weights the model is built without memory for its parameters and
+    the checkpoint, checked against it by its headers, is read tensor by tensor
+    into the result: the model's memory is never needed twice.
+    """
+    from .checkpoint import Checkpoint, empty_weights
+    from .modelref import load_model
+    checkpoint = Checkpoint(args.weights) if args.weights else None
+    with empty_weights() if checkpoint is not None else contextlib.nullcontext():
+        model = load_model(args.model, trust_pickle=args.trust_pickle)
+    if checkpoint is not None:
+        checkpoint.check({k: (tuple(v.shape), v.dtype) for k, v in model.state_dict(keep_vars=True).items()})
+    return model, checkpoint
 
 
 def cmd_apply(args) -> int:
@@ -103,7 +113,7 @@ def cmd_inspect(args) -> int:
     from .capture import capture
     from .modelref import parse_inputs
     from .overview import overview, overview_table
-    info = overview(capture(_model(args), parse_inputs(args.input) or None, leaf_paths=args.leaf))
+    info = overview(capture(_model(args)[0], parse_inputs(args.input) or None, leaf_paths=args.leaf))
     print(json.dumps(info, indent=2) if args.json else overview_table(info, args.depth))
     return 0
 
@@ -131,10 +141,10 @@ def _result(args):
     params = parse_overrides(args.set)
     rules = [load_rules(path, params=params, allow=args.allow_module) for path in args.rules]
     inputs = parse_inputs(args.input) or None
-    model = _model(args)
+    model, checkpoint = _model(args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the plan's warnings are printed by the caller
-        return apply(model, rules, inputs, strict=getattr(args, "strict", False), leaf_paths=args.leaf)
+        return apply(model, rules, inputs, strict=getattr(args, "strict", False), leaf_paths=args.leaf, weights=checkpoint)
 
 
 def cmd_diff(args) -> int:

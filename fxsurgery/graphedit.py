@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import re
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ from .sites import Site
 from .shapes import Meta, PropagationError, adapt, propagate, root_of, shape_text
 from .spec import Delete, Detach, Freeze, Insert, New, Replace, describe, fresh
 from .trace import Captured
+from .pattern import Output, Rewrite
 
 
 @dataclass
@@ -32,6 +34,7 @@ class Slot:
     source: str | None        # path in the original model; None when a rule made it
     rule: int | None = None   # the rule that made or replaced it
     weights: Any = "new"      # Replace(weights=...): how the replaced module's tensors fill this one
+    sources: tuple = ()       # pattern rules: the modules its tensors were derived from (graph paths)
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class Edited:
     tensors: dict[str, Slot]
     inputs: dict[str, InputChange] = field(default_factory=dict)
     shapes: dict[str, Meta] = field(default_factory=dict)
+    frozen: dict[str, int] = field(default_factory=dict)   # module path -> the pattern rule that freezes it
 
     def table(self) -> dict[str, Any]:
         return {**{p: s.value for p, s in self.modules.items()}, **{p: s.value for p, s in self.tensors.items()}}
@@ -208,11 +212,13 @@ class Rewriter:
 
     # -- the recipe ------------------------------------------------------------
     def run(self) -> Edited:
+        from .chainedit import cut_output, rewrite_chains  # pattern edits, built on this class
         region = self.captured.path
         for m in self.plan.matches:
             sites = [s for s in m.sites if s.region == region]
             if sites and not isinstance(m.rule, Freeze):  # freezing acts on the assembled module
-                {Delete: self.delete, Replace: self.replace, Insert: self.insert, Detach: self.detach}[type(m.rule)](m, sites)
+                {Delete: self.delete, Replace: self.replace, Insert: self.insert, Detach: self.detach,
+                 Rewrite: partial(rewrite_chains, self), Output: partial(cut_output, self)}[type(m.rule)](m, sites)
         return self.edited
 
     def fail(self, m: Match, site: Site | None, problem: str, fix: str):
@@ -257,6 +263,7 @@ class Rewriter:
     def _claim(self, target: str) -> None:
         parts = target.split(".")
         self._taken.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+
     def build(self, m: Match, spec: Any, shape: tuple | None, site: Site) -> nn.Module:
         if not isinstance(spec, New):
             return fresh(spec)

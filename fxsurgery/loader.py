@@ -19,12 +19,14 @@ import yaml
 from torch import nn
 
 from .errors import RuleError
+from .pattern import Chain, Output, Pattern, Rewrite, instantiate
 from .spec import (Delete, Detach, Freeze, Insert, New, Origin, Replace, RuleSet,
                    check_kwargs, check_new, check_policy)
 
 VERSION = 1
 DEFAULT_ALLOW = ("torch", "torchvision")
-ACTIONS = ("delete", "replace", "insert", "detach", "freeze")
+ACTIONS = ("delete", "replace", "insert", "detach", "freeze", "rewrite", "use", "output")
+PATTERN_KEYS = ("select", "per_site")
 _MAX_DEPTH = 64
 _PARAM = re.compile(r"\$\{([^}\n]*)\}")
 # `${name}` is not valid YAML inside a flow mapping ({out_features: ${n}}), so
@@ -240,6 +242,10 @@ class _Resolver:
             raise RuleError(f"{where}: {dotted!r} is not a class or function of an allowed package; fix: name a class or function defined in torch/torchvision or an allowed module")
         if want == "module" and not (isinstance(obj, type) and issubclass(obj, nn.Module)):
             raise RuleError(f"{where}: {dotted!r} is not a torch.nn.Module class; fix: name a Module class such as torch.nn.GELU")
+        if want == "pattern" and not (isinstance(obj, Pattern) or (isinstance(obj, type) and issubclass(obj, Pattern))):
+            raise RuleError(f"{where}: {dotted!r} is not a Pattern; fix: name a fxsurgery.Pattern subclass or a function decorated with @fxsurgery.pattern(...)")
+        if want == "element" and not ((isinstance(obj, type) and issubclass(obj, nn.Module)) or (callable(obj) and not isinstance(obj, type))):
+            raise RuleError(f"{where}: {dotted!r} is neither a Module class nor a function; fix: e.g. torch.nn.ReLU or torch.nn.functional.relu")
         if want == "function" and (isinstance(obj, type) or not callable(obj)):
             raise RuleError(f"{where}: {dotted!r} is not a function; fix: name a function such as torch.nn.functional.gelu, or use 'module:' for a class")
         return obj
@@ -295,10 +301,15 @@ def _rule(item: Any, origin: Origin, resolver: _Resolver):
         found = ", ".join(map(str, item)) or "nothing"
         raise RuleError(f"{source}:{line}: a rule needs exactly one action ({', '.join(ACTIONS)}), found {found}; fix: split it into one rule per action")
     action = actions[0]
-    extra = {"delete": (), "replace": ("with", "weights"), "insert": (), "detach": (), "freeze": ("except", "bn")}[action]
+    if action in ("rewrite", "use"):
+        return _pattern_rule(item, action, origin, resolver)
+    extra = {"delete": (), "replace": ("with", "weights"), "insert": (), "detach": (), "freeze": ("except", "bn"),
+             "output": ()}[action]
     _check_keys(item, (action, "optional") + extra, source, f"'{action}' rule")
     optional = _flag(item, "optional", source)
     body, body_line = item[action], item.key_lines[action]
+    if action == "output":
+        return Output(_selector(body, body_line, resolver), optional=optional, origin=origin)
     if action == "delete":
         return Delete(_selector(body, body_line, resolver), optional=optional, origin=origin)
     if action == "freeze":
@@ -332,6 +343,54 @@ def _rule(item: Any, origin: Origin, resolver: _Resolver):
     if not isinstance(module, New):
         raise RuleError(f"{source}:{body_line}: insert takes a module, not a function; fix: use 'module: torch.nn.X'")
     return Insert(module, **anchor, name=name, optional=optional, origin=origin)
+
+
+def _element(value: Any, line: int, resolver: _Resolver) -> Any:
+    """A pattern element: a Module class or function by dotted name, or 'method:NAME'."""
+    if isinstance(value, str) and value.startswith("method:"):
+        if not value[len("method:"):].isidentifier():
+            raise RuleError(f"{resolver.source}:{line}: bad method element {value!r}; fix: write method:NAME, e.g. method:relu")
+        return value
+    return resolver(value, line, "element")
+
+
+def _pattern_rule(item: _Map, action: str, origin: Origin, resolver: _Resolver):
+    """`rewrite: NAME` (a built-in), `rewrite: {pattern: [...], with: {...}}` or `use: pkg.mod:Name`;
+    the rule's other keys are the pattern's params."""
+    from .library import BUILTINS
+    source, line = resolver.source, item.key_lines[action]
+    body = item[action]
+    params = {k: v for k, v in item.items() if k not in (action, "optional") + PATTERN_KEYS}
+    if action == "rewrite" and isinstance(body, dict):
+        _check_keys(body, ("pattern", "with"), source, "'rewrite'")
+        _check_keys(item, (action, "optional") + PATTERN_KEYS, source, "'rewrite' rule")
+        chain = body.get("pattern")
+        if not isinstance(chain, list) or not chain or "with" not in body:
+            raise RuleError(f"{source}:{line}: a chain rewrite needs 'pattern: [...]' and 'with: {{module: ...}}'; "
+                            "fix: e.g. {pattern: [torch.nn.Conv2d, torch.nn.ReLU], with: {module: torch.nn.Identity}}")
+        elements = [_element(e, chain.line, resolver) for e in chain]
+        thing = Chain(elements, _module_spec(body["with"], body.key_lines["with"], resolver))
+    elif action == "rewrite":
+        if body not in BUILTINS:
+            close = difflib.get_close_matches(str(body), list(BUILTINS), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"built-ins: {', '.join(BUILTINS)}; or 'use: package.module:Pattern'"
+            raise RuleError(f"{source}:{line}: unknown rewrite {_short(body)}; fix: {hint}")
+        thing = BUILTINS[body]
+    else:
+        dotted = body.replace(":", ".", 1) if isinstance(body, str) else body
+        thing = resolver(dotted, line, "pattern")
+    for key, value in list(params.items()):
+        at = item.key_lines.get(key, line)
+        if key == "to":
+            params[key] = resolver(value, at, "module")
+        elif key == "of":
+            params[key] = tuple(_element(v, at, resolver) for v in (value if isinstance(value, list) else [value]))
+    select = item.get("select")
+    if select is not None and not isinstance(select, str):
+        raise RuleError(f"{source}:{item.key_lines['select']}: select is a glob or 're:REGEX' over module paths; fix: e.g. select: 're:.*attn.*'")
+    pattern = instantiate(thing, params, origin)
+    return Rewrite(pattern, select=select, per_site=_flag(item, "per_site", source),
+                   optional=_flag(item, "optional", source), origin=origin)
 
 
 def parse_overrides(pairs) -> dict:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from .errors import MatchError
 from .capture import Capture
 from .sites import Locator, Site, select_modules
+from .chains import find, missing_reason
+from .pattern import Output, Rewrite
 from .spec import Delete, Detach, Freeze, Insert, Replace, Rule, Selector
 
 
@@ -27,7 +29,9 @@ class Match:
     modules: list[str] = field(default_factory=list)
     reason: str = ""
     nearest: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)  # sites an earlier rule removed
+    skipped: list[str] = field(default_factory=list)  # sites an earlier rule removed, matches left alone (why)
+    found: dict = field(default_factory=dict)          # pattern rules: Site -> chains.Found
+    near: list[str] = field(default_factory=list)      # pattern rules: near misses and why, for --explain
 
     @property
     def count(self) -> int:
@@ -41,7 +45,7 @@ class Match:
         return {"rule": self.index, "action": self.rule.action, "text": str(self.rule),
                 "origin": str(self.rule.origin), "matches": self.count,
                 "sites": [s.where for s in self.sites], "modules": list(self.modules),
-                "reason": self.reason, "skipped": list(self.skipped)}
+                "reason": self.reason, "skipped": list(self.skipped), "near_misses": list(self.near)}
 
 
 def label(index: int, rule: Rule) -> str:
@@ -65,6 +69,23 @@ class Plan:
 
     def to_dict(self) -> list[dict]:
         return [m.to_dict() for m in self.matches]
+
+    def explain(self, limit: int = 5) -> str:
+        """Per rule: what it matched, what it left alone and why, and its nearest misses."""
+        lines = []
+        for m in self.matches:
+            lines.append(f"{m.label}: {m.count} match{'es' if m.count != 1 else ''}")
+            if not m.count and not (m.skipped or m.near):
+                near = f" (closest: {', '.join(m.nearest)})" if m.nearest else ""
+                lines.append(f"  why nothing: {m.reason}{near}")
+            for text in m.skipped[:limit]:
+                lines.append(f"  left alone: {text}")
+            for text in m.near[:limit]:
+                lines.append(f"  near miss: {text}")
+            hidden = max(0, len(m.skipped) - limit) + max(0, len(m.near) - limit)
+            if hidden:
+                lines.append(f"  ... and {hidden} more (--json lists them all)")
+        return "\n".join(lines)
 
 
 def format_table(rows: list[tuple]) -> str:
@@ -149,9 +170,22 @@ def match(capture: Capture, rules: list[Rule]) -> Plan:
                     plan.matches.append(m)
                     continue
                 m.reason, m.nearest = _why_not(locator, rule.target) if not chosen else ("every selected parameter is excluded", [])
+        elif isinstance(rule, Rewrite):
+            found, m.skipped, m.near = find(locator, rule)
+            m.sites, m.found = [f.site for f in found], {f.site: f for f in found}
+            m.modules = list(dict.fromkeys(s.module for s in m.sites if s.module is not None))
+            if not m.sites:
+                m.reason = (missing_reason(locator, rule) if not (m.skipped or m.near)
+                            else f"every candidate was left alone: {(m.skipped or m.near)[0]}")
+            elif capture.opaque:
+                plan.warnings.append(f"{m.label}: calls inside opaque code ({', '.join(p or '(the model)' for p in list(capture.opaque)[:3])}) are not seen and stay as they are")
+            _check_conflicts(m, touched)
         else:
             sel = rule.selectors()[0]
             m.sites, m.modules = locator.select(sel, boundary=isinstance(rule, (Insert, Detach)))
+            if isinstance(rule, Output) and len(m.sites) > 1:
+                raise MatchError(f"{m.label} selects {len(m.sites)} places ({', '.join(s.where for s in m.sites[:3])}); "
+                                 "fix: select exactly one module or node whose value the model returns")
             if not m.sites:
                 m.reason, m.nearest = _why_not(locator, sel)
             elif sel.kind in ("function", "method") and capture.opaque:
@@ -166,7 +200,7 @@ def match(capture: Capture, rules: list[Rule]) -> Plan:
 
 def _check_conflicts(m: Match, touched: dict[str, Match]) -> None:
     """Skip sites an earlier rule deleted or replaced; a rule left with none conflicts."""
-    destructive = isinstance(m.rule, (Delete, Replace))
+    destructive = isinstance(m.rule, (Delete, Replace, Rewrite))
     kept, clash = [], None
     for site in m.sites:
         names = [(site.region, n) for n in site.nodes] if site.region is not None else [(None, site.key)]

@@ -20,10 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import read_state_dict, strip_prefixes
 from .errors import ModelError
 from .export import load as load_saved
-from .shapes import shape_text
 
 _MAX_INPUT = 1 << 28  # values in one example input: 1 GiB of float32
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16, "half": torch.float16,
@@ -98,30 +96,6 @@ def _instantiate(obj, ref: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ModelError(f"{ref}: returned a {type(model).__name__}, not a torch.nn.Module; fix: name a factory that returns a model")
     return model
-
-
-def load_weights(model: nn.Module, path: str) -> None:
-    """Load a safetensors (or weights-only torch) file into a model just built, strictly."""
-    state = strip_prefixes(read_state_dict(path), where=path)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {shape_text(state[k].shape)} != {shape_text(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
-    # a strict load casts silently; a checkpoint in another dtype is a different model's weights
-    cast = [f"{k} {str(state[k].dtype).replace('torch.', '')} != {str(own[k].dtype).replace('torch.', '')}"
-            for k in own if k in state and state[k].shape == own[k].shape and state[k].dtype != own[k].dtype]
-    if missing or unexpected or wrong or cast:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} ({', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} ({', '.join(unexpected[:3])})")
-        if wrong:
-            parts.append(f"wrong shape {len(wrong)} ({', '.join(wrong[:3])})")
-        if cast:
-            parts.append(f"wrong dtype {len(cast)} ({', '.join(cast[:3])})")
-        raise ModelError(f"{path}: does not fit the model: {'; '.join(parts)}; fix: pass weights saved from this architecture")
-    model.load_state_dict(state, strict=True)
 
 
 def parse_inputs(specs) -> tuple:

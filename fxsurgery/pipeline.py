@@ -127,11 +127,15 @@ class SurgeryResult:
 
 
 def apply(model: nn.Module, rules, example_inputs=None, *, params: dict | None = None, allow=(),
-          strict: bool = False, leaf_types=(), leaf_paths=(), copy: bool = True) -> SurgeryResult:
+          strict: bool = False, leaf_types=(), leaf_paths=(), copy: bool = True, weights=None) -> SurgeryResult:
     """Apply `rules` to `model` (never modified) and return the regenerated module.
 
     `copy=False` hands the original's tensors to the new module instead of
     copying them (half the memory); the original then refuses to run.
+    `weights` (a .safetensors file, a sharded *.index.json, or a weights-only
+    .pt) gives the original's values, read tensor by tensor into the new
+    layout: build the original inside `fxs.empty_weights()` and a large model
+    never needs its memory twice.
 
     >>> result = apply(resnet18(), [Replace("fc", new(nn.Linear, out_features=10))],
     ...                example_inputs=(torch.randn(1, 3, 224, 224),))
@@ -142,7 +146,7 @@ def apply(model: nn.Module, rules, example_inputs=None, *, params: dict | None =
     captured = capture(model, example_inputs, leaf_types=leaf_types, leaf_paths=leaf_paths)
     plan = match(captured, rule_list)                 # read-only
     rewritten = validate(rewrite(captured, plan))     # the only stage that edits structure, then checked
-    module, report = transfer(rewritten, strict=strict, copy=copy)
+    module, report = transfer(rewritten, strict=strict, copy=copy, weights=weights)
     check_module(module, rewritten)                   # where opaque code joins the graphs
     root = rewritten.root
     result = SurgeryResult(module, report, plan, rule_list, rewritten.example_inputs(), captured.example_inputs,

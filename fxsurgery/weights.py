@@ -9,6 +9,7 @@ is `dropped`. The original model is never modified: tensors are copied.
 from __future__ import annotations
 
 from collections import defaultdict
+import os
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -17,6 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import TransferError
 from .assemble import assemble
+from .checkpoint import Checkpoint
 from .match import format_table, frozen_by
 from .rewrite import Rewritten
 from .shapes import shape_text
@@ -124,27 +126,36 @@ def _entry(name, t, kind, status, **kw) -> Entry:
     return Entry(name, status, tuple(t.shape), str(t.dtype).replace("torch.", ""), kind, **kw)
 
 
-def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True) -> tuple[nn.Module, TransferReport]:
+def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True,
+             weights: str | os.PathLike | Checkpoint | None = None) -> tuple[nn.Module, TransferReport]:
     """Build the new module, fill it with copies of the original tensors, freeze, and report.
 
     `copy=False`: the new module takes the original's tensors (no second copy
     in memory); the original is then consumed, and refuses to run.
+    `weights`: a checkpoint of the original whose values fill the new module,
+    read tensor by tensor (the original may then be built without weights,
+    see `empty_weights`).
     """
     model = rewritten.capture.model
-    built = assemble(rewritten, share=not copy)
+    checkpoint = weights if isinstance(weights, Checkpoint) or weights is None else Checkpoint(weights)
+    if checkpoint is not None:
+        checkpoint.check({k: (tuple(v.shape), v.dtype) for k, v in model.state_dict(keep_vars=True).items()})
+    built = assemble(rewritten, share=not copy and checkpoint is None)
     module = built.module
-    filled, kept = set(), {}
-    if not copy:
+    kept = {}
+    if not copy and checkpoint is None:
         _consume(model)
     with torch.no_grad():
-        for _, t, _ in _tensors(module):
-            if copy and id(t) in built.copies and id(t) not in filled:
-                t.copy_(built.copies[id(t)][1])
-                filled.add(id(t))
+        if copy or checkpoint is not None:
+            _fill(module, built, model, checkpoint)
         for path, new, old, rule, policy in built.keeps:
-            kept.update(_carry(rewritten, path, new, old, rule, policy))
+            kept.update(_carry(rewritten, path, new, old, rule, policy, checkpoint))
+        derived_from = _derived(rewritten, built, kept)
     rule_of = _maker(module, built.made_by)
     _freeze(rewritten, module, rule_of)
+    for path, rule in built.frozen.items():
+        for p in module.get_submodule(path).parameters():
+            p.requires_grad_(False)
     _follow_modes(module, model)
 
     report = TransferReport(rules={m.index: m.label for m in rewritten.plan.matches})
@@ -169,11 +180,30 @@ def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True) -
                                          op=f"{op or 'kept'} by {rewritten.rule_of(rule).label}", frozen=frozen))
         else:
             report.entries.append(_entry(name, t, kind, "new", rule=rule_of(name), frozen=frozen))
+    used.update(n for n, _, _ in _tensors(model) if any(n.startswith(p + ".") for p in derived_from))
     for name, t, kind in _tensors(model):
         if name not in used:
             report.entries.append(_entry(name, t, kind, "dropped"))
     _check_strict(report, strict)
     return module, report
+
+
+def _derived(rewritten: Rewritten, built, kept: dict) -> set[str]:
+    """Tensors a pattern computed from original modules (a folded convolution):
+    adapted, from those modules, whose tensors are then used, not dropped."""
+    sources_used: set[str] = set()
+    for path, made, sources, rule in built.derived:
+        label = rewritten.rule_of(rule).label
+        for name, t, _ in _tensors(made):
+            if id(t) in built.copies:
+                continue  # an original tensor it kept: transferred like any other
+            if t.is_meta:
+                raise TransferError(f"{label}: {path}.{name} is computed from {', '.join(sources)}, which have no values "
+                                    "(the model was built without weights); fix: load the weights into the model "
+                                    "before this rule, or leave the rule out")
+            kept[id(t)] = (", ".join(sources), rule, "computed")
+        sources_used.update(sources)
+    return sources_used
 
 
 class _Consumed:
@@ -242,9 +272,41 @@ def _follow_modes(module: nn.Module, model: nn.Module) -> None:
             sub.training = originals[path].training if path in originals else model.training
 
 
-def _carry(rewritten: Rewritten, path: str, new: nn.Module, old: nn.Module, rule: int, policy) -> dict:
+def _fill(module: nn.Module, built, model: nn.Module, checkpoint: Checkpoint | None) -> None:
+    """Copy each original tensor that reached the new module into its blank copy;
+    from the checkpoint where one is given (one shard open at a time)."""
+    names: dict[int, list[str]] = {}
+    for name, t, _ in _tensors(model):
+        names.setdefault(id(t), []).append(name)
+    wanted: dict[str, list[torch.Tensor]] = {}
+    done = set()
+    for _, t, _ in _tensors(module):
+        if id(t) not in built.copies or id(t) in done:
+            continue
+        done.add(id(t))
+        original = built.copies[id(t)][1]
+        stored = [n for n in names.get(id(original), []) if checkpoint is not None and n in checkpoint.keys]
+        if stored:
+            wanted.setdefault(stored[0], []).append(t)
+        elif original.is_meta:
+            raise TransferError(f"{names.get(id(original), ['a tensor'])[0]} has no values (the model was built without "
+                                "weights) and the checkpoint has none for it; fix: pass a checkpoint that holds it")
+        else:
+            t.copy_(original)
+    if checkpoint is not None:
+        for name, value in checkpoint.read(wanted):
+            for t in wanted[name]:
+                t.copy_(value)
+
+
+def _carry(rewritten: Rewritten, path: str, new: nn.Module, old: nn.Module, rule: int, policy,
+           checkpoint: Checkpoint | None = None) -> dict:
     """The replaced module's tensors into the replacement, as the rule's weights policy says."""
     original = {n: t for n, t, _ in _tensors(old)}
+    if checkpoint is not None:  # the replaced module may have no values of its own: read them
+        prefix = next((p for p, m in rewritten.capture.model.named_modules() if m is old), path)
+        stored = {n: f"{prefix}.{n}" for n in original if f"{prefix}.{n}" in checkpoint.keys}
+        original.update({n: v for n, v in ((n, dict(checkpoint.read([k]))[k]) for n, k in stored.items())})
     label = rewritten.rule_of(rule).label
     carried = {}
     for name, t, _ in _tensors(new):

@@ -1,5 +1,7 @@
 """Weight transfer: every tensor accounted for, values bit-exact, the original untouched."""
 
+import os
+
 import pytest
 import torch
 import torchvision
@@ -7,7 +9,7 @@ from torch import nn
 
 import fxsurgery as fxs
 from fxsurgery import Delete, Freeze, Insert, Replace
-from conftest import assert_state_equal, state_copy
+from conftest import RULES, assert_state_equal, state_copy
 
 
 def busy_batchnorm(model):
@@ -150,3 +152,47 @@ def test_share_mode_takes_the_original_tensors_and_consumes_the_original(resnet1
     other = torchvision.models.resnet18(weights=None).eval()
     want = other(x)
     assert torch.equal(fxs.apply(other, [], example_inputs=(x,), copy=False).module.eval()(x), want)
+
+
+def _shards(model, folder, parts=3):
+    """The model's state dict as a sharded safetensors checkpoint with an index, as Hugging Face writes them."""
+    import json
+    from safetensors.torch import save_file
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    names = list(state)
+    weight_map = {}
+    for i in range(parts):
+        chunk = names[i::parts]
+        file = f"model-{i + 1:05d}-of-{parts:05d}.safetensors"
+        save_file({k: state[k] for k in chunk}, str(folder / file))
+        weight_map.update({k: file for k in chunk})
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return index
+
+
+def test_streaming_weights_into_a_model_built_without_them(resnet18, tmp_path):
+    resnet18.eval()
+    index = _shards(resnet18, tmp_path)
+    rules = [Replace("fc", fxs.new(nn.Linear, out_features=4)), Freeze("layer1")]
+    with fxs.empty_weights():
+        empty = torchvision.models.resnet18(weights=None).eval()
+    assert all(p.is_meta for p in empty.parameters()) and not any(b.is_meta for b in empty.buffers())
+    torch.manual_seed(3)
+    streamed = fxs.apply(empty, rules, example_inputs=(torch.randn(1, 3, 32, 32),), weights=str(index)).module.eval()
+    torch.manual_seed(3)
+    direct = fxs.apply(resnet18, rules, example_inputs=(torch.randn(1, 3, 32, 32),)).module.eval()
+    a, b = streamed.state_dict(), direct.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not any(p.is_meta for p in streamed.parameters())
+
+
+def test_cli_streams_a_sharded_checkpoint(resnet18, tmp_path):
+    from conftest import cli
+    index = _shards(resnet18, tmp_path, parts=2)
+    out = tmp_path / "o"
+    code, stdout, stderr = cli("apply", "torchvision.models:resnet18", os.path.join(RULES, "classifier-head.yaml"),
+                               "--input", "1x3x64x64", "--weights", index, "-o", out)
+    assert code == 0, stderr
+    loaded = fxs.load(out)
+    assert torch.equal(loaded.get_submodule("layer1.0.conv1").weight, resnet18.layer1[0].conv1.weight)

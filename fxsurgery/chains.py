@@ -1,0 +1,176 @@
+"""Find the matches of pattern rules: chains of calls, through an index by (op, target).
+
+Candidates for a chain's first element come from an index of each graph's
+calls by module type, function or method name, built once per graph; a
+chain is then followed user by user. So matching costs one pass to index
+and then work proportional to the matches, never a scan per match.
+
+A match is rewritten only when it is safe: an inner value used outside the
+chain, or a module also called somewhere the rule does not rewrite the same
+way, leaves the match alone with a reason (per_site: each match gets its
+own copy instead). Near misses are kept for `--explain`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from torch import fx, nn
+
+from .pattern import Pattern, Rewrite, element_text
+from .sites import GraphIndex, Locator, Site, join
+
+
+@dataclass(frozen=True)
+class Found:
+    """One chain in one graph: its nodes, the modules they call, where its replacement goes."""
+
+    site: Site
+    nodes: tuple[str, ...]
+    modules: tuple[str | None, ...]   # module target per element (relative to the graph), None for calls
+    install: str | None               # the path the replacement takes; None: a fresh path for this match
+
+
+class CallIndex:
+    """A graph's call nodes by (op, key): module type, function, method name."""
+
+    def __init__(self, index: GraphIndex):
+        self.index = index
+        self.gm = index.captured.gm
+        self.position: dict[fx.Node, int] = {}
+        self.by: dict[tuple, list[fx.Node]] = defaultdict(list)
+        self.calls: dict[str, int] = defaultdict(int)   # module target -> number of call sites
+        for i, n in enumerate(index.nodes.values()):
+            self.position[n] = i
+            if n.op == "call_module":
+                self.by[("module", type(self.gm.get_submodule(n.target)))].append(n)
+                self.calls[n.target] += 1
+            elif n.op == "call_function":
+                self.by[("function", n.target)].append(n)
+            elif n.op == "call_method":
+                self.by[("method", n.target)].append(n)
+
+    def hits(self, node: fx.Node, alternatives: tuple) -> bool:
+        for a in alternatives:
+            if isinstance(a, str):
+                if node.op == "call_method" and node.target == a[len("method:"):]:
+                    return True
+            elif isinstance(a, type):
+                if node.op == "call_module" and isinstance(self.gm.get_submodule(node.target), a):
+                    return True
+            elif node.op == "call_function" and node.target is a:
+                return True
+        return False
+
+    def candidates(self, alternatives: tuple) -> list[fx.Node]:
+        found: list[fx.Node] = []
+        for a in alternatives:
+            if isinstance(a, str):
+                found += self.by.get(("method", a[len("method:"):]), [])
+            elif isinstance(a, type):
+                found += [n for (op, t), nodes in self.by.items() if op == "module" and issubclass(t, a) for n in nodes]
+            else:
+                found += self.by.get(("function", a), [])
+        return sorted(set(found), key=self.position.__getitem__)
+
+    def module(self, node: fx.Node):
+        return self.gm.get_submodule(node.target) if node.op == "call_module" else node
+
+    def text(self, node: fx.Node) -> str:
+        where = join(self.index.region, node.target) if node.op == "call_module" else join(self.index.region, node.name)
+        kind = type(self.gm.get_submodule(node.target)).__name__ if node.op == "call_module" else (
+            getattr(node.target, "__name__", str(node.target)))
+        return f"{where} ({kind})"
+
+
+def _follow(ix: CallIndex, start: fx.Node, elements: list[tuple]) -> tuple[list[fx.Node], str]:
+    """The chain from `start`, or the nodes so far and why it stops."""
+    chain = [start]
+    for alternatives in elements[1:]:
+        prev = chain[-1]
+        users = list(prev.users)
+        if len(users) != 1:
+            shown = ", ".join(u.name for u in users[:3])
+            return chain, f"{ix.text(prev)} is read by {len(users)} nodes ({shown}): its value is used outside the pattern"
+        user = users[0]
+        if not ix.hits(user, alternatives):
+            return chain, f"{ix.text(prev)} is followed by {ix.text(user)}, not {element_text(alternatives)}"
+        if not user.args or user.args[0] is not prev:
+            return chain, f"{ix.text(user)} reads {ix.text(prev)} but not as its first argument"
+        chain.append(user)
+    return chain, ""
+
+
+def find(locator: Locator, rule: Rewrite) -> tuple[list[Found], list[str], list[str]]:
+    """(matches, skipped with reasons, near misses) of a pattern rule over every graph."""
+    pattern: Pattern = rule.pattern
+    elements = pattern.elements()
+    found: list[Found] = []
+    skipped: list[str] = []
+    near: list[str] = []
+    regions = sorted(locator.indexes, key=lambda ix: (bool(ix.region), ix.region.count(".")))  # the model's graph first
+    for index in regions:
+        ix = CallIndex(index)
+        chains = []
+        for start in ix.candidates(elements[0]):
+            name = join(index.region, start.target if start.op == "call_module" else start.name)
+            if rule.select is not None and not rule.select.matches_name(name):
+                continue
+            chain, why = _follow(ix, start, elements)
+            if why:
+                near.append(why)
+                continue
+            matched = [ix.module(n) for n in chain]
+            problem = pattern.check(*matched)
+            if problem:
+                skipped.append(f"{' + '.join(ix.text(n) for n in chain)}: {problem}")
+                continue
+            chains.append(chain)
+            if pattern.first_only:
+                break
+        found += _placed(ix, chains, rule, skipped)
+        if pattern.first_only and (found or skipped):
+            break
+    return found, skipped, near
+
+
+def _placed(ix: CallIndex, chains: list[list[fx.Node]], rule: Rewrite, skipped: list[str]) -> list[Found]:
+    """Where each chain's replacement goes; chains that would change a shared module are skipped."""
+    matched_calls: dict[str, int] = defaultdict(int)
+    for chain in chains:
+        for n in chain:
+            if n.op == "call_module":
+                matched_calls[n.target] += 1
+    out = []
+    for chain in chains:
+        targets = [n.target if n.op == "call_module" else None for n in chain]
+        shared = [t for t in targets if t is not None and ix.calls[t] > 1]
+        first = targets[0]
+        if not shared:
+            install = first
+        elif len(chain) == 1 and matched_calls[first] == ix.calls[first]:
+            install = first  # every call of the module is rewritten the same way: one replacement serves all
+        elif rule.per_site:
+            install = None
+        else:
+            t = shared[0]
+            skipped.append(f"{' + '.join(ix.text(n) for n in chain)}: {join(ix.index.region, t)} is called at "
+                           f"{ix.calls[t]} places and rewriting one would change the others; per_site: true gives each match its own copy")
+            continue
+        names = [n.name for n in chain]
+        key = first if first is not None and ix.calls[first] == 1 else chain[0].name
+        site = ix.index._site(key, first, names, len(chain) == 1 and chain[0].op == "call_module")
+        out.append(Found(site, tuple(names), tuple(targets), install))
+    return out
+
+
+def missing_reason(locator: Locator, rule: Rewrite) -> str:
+    """Why a pattern matched nothing at all: what its first element would have needed."""
+    head = rule.pattern.elements()[0]
+    kinds = [a for a in head if isinstance(a, type) and issubclass(a, nn.Module)]
+    where = f" selected by {rule.select}" if rule.select is not None else ""
+    if kinds:
+        present = sorted({type(m).__name__ for m in locator.modules.values()})
+        return f"no call of {element_text(head)}{where} in the traced graphs (types present: {', '.join(present[:8])})"
+    return f"no call of {element_text(head)}{where} in the traced graphs"
