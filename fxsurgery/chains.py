@@ -170,7 +170,12 @@ def missing_reason(locator: Locator, rule: Rewrite) -> str:
     head = rule.pattern.elements()[0]
     kinds = [a for a in head if isinstance(a, type) and issubclass(a, nn.Module)]
     where = f" selected by {rule.select}" if rule.select is not None else ""
+    text = f"no call of {element_text(head)}{where} in the traced graphs"
     if kinds:
         present = sorted({type(m).__name__ for m in locator.modules.values()})
-        return f"no call of {element_text(head)}{where} in the traced graphs (types present: {', '.join(present[:8])})"
-    return f"no call of {element_text(head)}{where} in the traced graphs"
+        text += f" (types present: {', '.join(present[:8])})"
+    opaque = locator.capture.opaque
+    if opaque:
+        shown = "; ".join(f"{p or '(the model)'}: {why}" for p, why in list(opaque.items())[:2])
+        text += f"; opaque code may call it, which pattern rules cannot see ({shown})"
+    return text

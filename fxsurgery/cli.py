@@ -1,4 +1,4 @@
-"""The `fxsurgery` command: apply, inspect, check, demo.
+"""The `fxsurgery` command: apply, inspect, check, diff, map-weights, rules, demo.
 
 Bad input ends with one line on stderr naming the problem and the fix, a
 non-zero exit status, no traceback, and nothing written.
@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-module", action="append", default=[], metavar="PKG", help="let rule files name classes from PKG")
     p.add_argument("--strict", action="store_true", help="fail when a tensor is new and no rule declared it")
     p.add_argument("--dry-run", action="store_true", help="show the plan and report, write nothing")
+    p.add_argument("--explain", action="store_true", help="per rule: what matched, what was left alone and why, near misses")
     p.add_argument("--force", action="store_true", help="replace an existing output directory written by fxsurgery")
     p.add_argument("--format", action="append", default=[], choices=["pt2", "onnx", "torchscript"],
                    help="also write model.pt2 / model.onnx / model.torchscript.pt, verified on the inputs")
@@ -65,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="weights of the original architecture (.safetensors or weights-only .pt)")
     p.add_argument("surgery", help="a directory written by apply -o / save()")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="the mapped weights (.safetensors)")
+
+    p = sub.add_parser("rules", help="list the shipped rule files with their descriptions and params")
+    p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("demo", help="run the embedded default end to end (ResNet-18, random weights)")
     p.add_argument("-o", "--output", default="fxsurgery-demo", metavar="DIR")
@@ -100,6 +104,8 @@ def cmd_apply(args) -> int:
         print(json.dumps({**result.to_dict(), "output": written, "dry_run": args.dry_run}, indent=2, default=str))
         return 0
     print(result.summary())
+    if args.explain:
+        print("\nexplain:\n" + result.plan.explain())
     if written:
         print(f"\nwrote {written}/ (model.py, model.safetensors, surgery.json)")
     elif args.dry_run:
@@ -122,7 +128,7 @@ def cmd_check(args) -> int:
     params = parse_overrides(args.set)
     results = []
     for path in args.rules:
-        ruleset = load_rules(path, params=params, allow=args.allow_module)
+        ruleset = load_rules(shipped(path), params=params, allow=args.allow_module)
         results.append({"file": path, "rules": [str(r) for r in ruleset], "params": ruleset.params})
     if args.json:
         print(json.dumps(results, indent=2, default=str))
@@ -139,7 +145,7 @@ def _result(args):
     from .modelref import parse_inputs
     from .pipeline import apply
     params = parse_overrides(args.set)
-    rules = [load_rules(path, params=params, allow=args.allow_module) for path in args.rules]
+    rules = [load_rules(shipped(path), params=params, allow=args.allow_module) for path in args.rules]
     inputs = parse_inputs(args.input) or None
     model, checkpoint = _model(args)
     with warnings.catch_warnings():
@@ -158,6 +164,32 @@ def cmd_map_weights(args) -> int:
     from .replay import write_mapped
     mapped = write_mapped(args.checkpoint, args.surgery, args.output)
     print(f"wrote {args.output}: {len(mapped)} tensors in the layout of {args.surgery}")
+    return 0
+
+
+def shipped(path: str) -> str:
+    """A rule file path, or the name of a shipped one ('fold-bn' for rules/fold-bn.yaml)."""
+    if os.path.exists(path) or os.sep in path:
+        return path
+    from .demo import rules_dir
+    candidate = rules_dir() / (path if path.endswith(".yaml") else f"{path}.yaml")
+    return str(candidate) if candidate.is_file() else path
+
+
+def cmd_rules(args) -> int:
+    from .demo import rules_dir
+    listed = []
+    for path in sorted(rules_dir().glob("*.yaml")):
+        ruleset = load_rules(path)
+        listed.append({"name": path.stem, "description": ruleset.description, "params": ruleset.params,
+                       "rules": [str(r) for r in ruleset]})
+    if args.json:
+        print(json.dumps(listed, indent=2, default=str))
+        return 0
+    for item in listed:
+        params = ", ".join(f"{k}={v}" for k, v in item["params"].items()) or "none"
+        print(f"{item['name']}\n  {item['description']}\n  params: {params}\n")
+    print(f"{len(listed)} rule files; use one by name: fxsurgery apply MODEL {listed[0]['name']} --set k=v")
     return 0
 
 
@@ -181,7 +213,7 @@ def main(argv=None) -> int:
         warnings.simplefilter("ignore")  # library warnings are not ours to print; our own go through the report
     args = _parser().parse_args(argv)
     command = {"apply": cmd_apply, "inspect": cmd_inspect, "check": cmd_check, "diff": cmd_diff,
-               "map-weights": cmd_map_weights, "demo": cmd_demo}[args.command]
+               "map-weights": cmd_map_weights, "rules": cmd_rules, "demo": cmd_demo}[args.command]
     try:
         return command(args)
     except FxsError as exc:

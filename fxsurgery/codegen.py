@@ -48,6 +48,11 @@ def _literal(value: Any) -> bool:
 def constructor(module: nn.Module, path: str) -> str:
     """Source that rebuilds `module` (without its tensor values), verified by rebuilding."""
     cls = type(module)
+    if isinstance(module, nn.Sequential) and cls.forward is nn.Sequential.forward and \
+            list(module._modules) == [str(i) for i in range(len(module))]:
+        # a Sequential by another name (torchvision.ops.MLP) runs as one: rebuild it from its parts
+        parts = [constructor(child, f"{path}.{i}") for i, child in enumerate(module)]
+        return f"torch.nn.Sequential({', '.join(parts)})"
     try:
         params = list(inspect.signature(cls.__init__).parameters.values())[1:]
     except (TypeError, ValueError):

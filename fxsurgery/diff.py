@@ -37,15 +37,15 @@ COLOURS = {"deleted": "#cf222e", "inserted": "#1a7f37", "replaced": "#bc4c00",
 MEANING = {
     "deleted": "an original node that is gone",
     "inserted": "a node or module an Insert rule added",
-    "replaced": "a module or call a Replace rule changed",
+    "replaced": "a module or call a Replace or pattern rule changed",
     "cut": "a detach a Detach rule added, and the edges it cuts (no gradient crosses)",
     "frozen": "a module whose parameters are all frozen in the new module",
     "kept": "unchanged",
 }
 # A tensor of the transfer report takes the colour of the node status that means the same.
 TENSOR_STATUS = {"new": "inserted", "adapted": "replaced", "dropped": "deleted", "transferred": "kept"}
-_MADE = {"insert": "inserted", "detach": "cut", "replace": "replaced"}
-_RULE_STATUS = {"delete": "deleted", "freeze": "frozen", **_MADE}
+_MADE = {"insert": "inserted", "detach": "cut", "replace": "replaced", "rewrite": "replaced"}
+_RULE_STATUS = {"delete": "deleted", "freeze": "frozen", "output": "deleted", **_MADE}  # output: what follows is cut off
 _STRUCTURAL = ("deleted", "inserted", "replaced", "cut")
 
 
@@ -106,7 +106,7 @@ class _Facts:
         self.actions = {m.index: m.rule.action for m in matches}
         self.labels = {m.index: m.label for m in matches}
         self.sites = {name: (_RULE_STATUS[m.rule.action], m.index) for m in matches   # original node -> (status, rule)
-                      if m.rule.action in ("delete", "replace") for s in m.sites for name in s.nodes}
+                      if m.rule.action in ("delete", "replace", "rewrite") for s in m.sites for name in s.nodes}
         self.site_paths = {m.index: [s.path for s in m.sites if s.path is not None] for m in matches}
         self.frozen = _frozen_modules(result.module, result.plan)   # module path -> Freeze rule
         self.before = {n.name for n in result.original.graph.nodes}

@@ -153,8 +153,9 @@ def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True,
         derived_from = _derived(rewritten, built, kept)
     rule_of = _maker(module, built.made_by)
     _freeze(rewritten, module, rule_of)
-    for path, rule in built.frozen.items():
-        for p in module.get_submodule(path).parameters():
+    present = dict(module.named_modules())
+    for path in built.frozen:  # an adapter's base; gone when a later rule cut the model short
+        for p in present[path].parameters() if path in present else ():
             p.requires_grad_(False)
     _follow_modes(module, model)
 

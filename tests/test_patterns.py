@@ -1,0 +1,337 @@
+"""Pattern rules: built-in rewrites against their maths, safety on shared modules, programmatic rules."""
+
+import os
+import re
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import fxsurgery as fxs
+from conftest import assert_state_equal, cli, state_copy
+
+
+def randomise_bn(model):
+    torch.manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            if m.affine:
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+class ConvBN(nn.Module):
+    def __init__(self, conv, bn):
+        super().__init__()
+        self.conv, self.bn = conv, bn
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+@pytest.mark.parametrize("conv, bn, shape", [
+    (nn.Conv1d(4, 6, 3, padding=1, groups=2), nn.BatchNorm1d(6), (2, 4, 10)),
+    (nn.Conv2d(4, 8, 3, stride=2, dilation=2, bias=False), nn.BatchNorm2d(8), (2, 4, 12, 12)),
+    (nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8, affine=False), (2, 8, 6, 6)),
+    (nn.Conv3d(2, 4, 2, groups=2), nn.BatchNorm3d(4), (1, 2, 4, 4, 4)),
+], ids=["conv1d-grouped", "conv2d-no-bias-dilated", "depthwise-bn-not-affine", "conv3d-grouped"])
+def test_fold_bn_matches_the_formula_and_the_original(conv, bn, shape):
+    torch.manual_seed(0)
+    model = randomise_bn(ConvBN(conv, bn))
+    x = torch.randn(shape)
+    result = fxs.apply(model, [fxs.Rewrite(fxs.FoldBatchNorm)], example_inputs=(x,))
+    fused = result.module.conv
+    # W' = W * gamma / sigma, b' = (b - mu) * gamma / sigma + beta, by hand in float64
+    sigma = (bn.running_var.double() + bn.eps).sqrt()
+    gamma = bn.weight.double() if bn.affine else torch.ones(bn.num_features, dtype=torch.float64)
+    beta = bn.bias.double() if bn.affine else torch.zeros(bn.num_features, dtype=torch.float64)
+    b = conv.bias.double() if conv.bias is not None else torch.zeros_like(sigma)
+    want_w = conv.weight.double() * (gamma / sigma).reshape(-1, *[1] * (conv.weight.dim() - 1))
+    assert torch.equal(fused.weight, want_w.float())
+    assert torch.equal(fused.bias, ((b - bn.running_mean.double()) * gamma / sigma + beta).float())
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in result.module.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x), model(x), rtol=1e-5, atol=1e-5)
+    assert result.report.entry("conv.weight").status == "adapted"
+    assert result.report.entry("conv.weight").source == "conv, bn"
+    assert result.report.dropped == []   # the BatchNorm's tensors were used: folded in
+
+
+def test_fold_bn_on_resnet50_leaves_no_batchnorm_and_keeps_the_output():
+    model = randomise_bn(torchvision.models.resnet50())
+    saved = state_copy(model)
+    x = torch.randn(2, 3, 96, 96)
+    result = fxs.apply(model, [fxs.Rewrite(fxs.FoldBatchNorm)], example_inputs=(x,))
+    assert result.plan.matches[0].count == 53
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in result.module.modules()) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x), model(x), rtol=1e-4, atol=1e-4)
+    assert result.report.counts() == {"transferred": 2, "adapted": 106, "new": 0, "dropped": 0, "frozen": 0}
+    assert_state_equal(model, saved)
+
+
+def test_fold_linear_bn():
+    torch.manual_seed(0)
+    model = randomise_bn(nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.ReLU(), nn.Linear(7, 3, bias=False), nn.BatchNorm1d(3)))
+    x = torch.randn(4, 5)
+    result = fxs.apply(model, [fxs.Rewrite(fxs.FoldLinearBatchNorm)], example_inputs=(x,))
+    assert result.plan.matches[0].count == 2
+    assert [type(m).__name__ for m in result.module.children()] == ["Linear", "ReLU", "Linear"]
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+class Reused(nn.Module):
+    """One convolution called twice, each call followed by its own BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn_a, self.bn_b = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn_a(self.conv(x)) + self.bn_b(self.conv(x * 2))
+
+
+def test_a_reused_convolution_is_left_alone_with_the_reason():
+    model = randomise_bn(Reused())
+    x = torch.randn(2, 3, 8, 8)
+    result = fxs.apply(model, [fxs.Rewrite(fxs.FoldBatchNorm, optional=True)], example_inputs=(x,))
+    m = result.plan.matches[0]
+    reason = "is called at 2 places and rewriting one would change the others; per_site: true gives each match its own copy"
+    assert m.count == 0 and m.skipped == [f"conv (Conv2d) + bn_a (BatchNorm2d): conv {reason}",
+                                          f"conv (Conv2d) + bn_b (BatchNorm2d): conv {reason}"]
+    with torch.no_grad():
+        assert torch.equal(result.module(x), model(x))
+
+
+def test_a_reused_convolution_per_site_gets_a_copy_per_match():
+    model = randomise_bn(Reused())
+    x = torch.randn(2, 3, 8, 8)
+    result = fxs.apply(model, [fxs.Rewrite(fxs.FoldBatchNorm, per_site=True)], example_inputs=(x,))
+    assert result.plan.matches[0].count == 2
+    convs = [n for n, m in result.module.named_modules() if isinstance(m, nn.Conv2d)]
+    assert convs == ["conv_1", "conv_2"] and not any(isinstance(m, nn.BatchNorm2d) for m in result.module.modules())
+    with torch.no_grad():
+        assert (result.module(x) - model(x)).abs().max() < 1e-5   # torch.fx's fuse() is off by 0.59 here
+    assert [result.report.entry(f"conv_{i}.weight").source for i in (1, 2)] == ["conv, bn_a", "conv, bn_b"]
+
+
+class Leaky(nn.Module):
+    """The convolution's output is also read outside the pattern."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def test_an_inner_value_used_outside_the_pattern_is_a_near_miss():
+    model = randomise_bn(Leaky())
+    x = torch.randn(1, 3, 4, 4)
+    result = fxs.apply(model, [fxs.Rewrite(fxs.FoldBatchNorm, optional=True)], example_inputs=(x,))
+    m = result.plan.matches[0]
+    assert m.count == 0 and m.near == ["conv (Conv2d) is read by 2 nodes (bn, add): its value is used outside the pattern"]
+    with torch.no_grad():
+        assert torch.equal(result.module(x), model(x))
+
+
+class Activations(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(self.act(x)) + F.relu(x) + torch.relu(-x) + x.relu() * 2
+
+
+def test_swap_activation_in_module_function_and_method_form():
+    torch.manual_seed(0)
+    model = Activations()
+    x = torch.randn(3, 4)
+    result = fxs.apply(model, [fxs.Rewrite(fxs.SwapActivation(to=nn.GELU))], example_inputs=(x,))
+    assert result.plan.matches[0].count == 4
+    assert isinstance(result.module.act, nn.GELU)
+    assert sum(n.target is F.gelu for n in result.module.graph.nodes) == 3
+    want = model.fc(F.gelu(x)) + F.gelu(x) + F.gelu(-x) + F.gelu(x) * 2
+    assert torch.equal(result.module(x), want)
+
+
+def test_drop_dropout_module_and_function_forms():
+    class Drops(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.drop, self.fc = nn.Dropout(0.5), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(F.dropout(self.drop(x), 0.3, self.training))
+
+    model = Drops().train()
+    x = torch.randn(5, 4)
+    result = fxs.apply(model, [fxs.Rewrite(fxs.DropDropout)], example_inputs=(x,))
+    assert result.plan.matches[0].count == 2
+    assert torch.equal(result.module.train()(x), model.fc(x))   # no randomness left, even in training mode
+
+
+def test_lora_outputs_unchanged_base_frozen_adapters_train(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    saved = state_copy(model)
+    x = torch.randn(4, 6)
+    result = fxs.apply(model, [fxs.Rewrite(fxs.AddLoRA(rank=2, alpha=4), select="0")], example_inputs=(x,))
+    new = result.module
+    assert torch.equal(new(x), model(x))                       # B = 0 at insertion
+    assert (new.get_submodule("0_lora.lora_a").weight.shape, new.get_submodule("0_lora.lora_b").weight.shape) == \
+        (torch.Size([2, 6]), torch.Size([8, 2]))
+    flow = result.gradient_flow.status
+    assert {k: v for k, v in flow.items() if k.startswith("0")} == {
+        "0.weight": "frozen", "0.bias": "frozen", "0_lora.lora_a.weight": "trainable", "0_lora.lora_b.weight": "trainable"}
+    assert {e.name: (e.status, e.rule) for e in result.report.entries if "lora" in e.name} == {
+        "0_lora.lora_a.weight": ("new", 1), "0_lora.lora_b.weight": ("new", 1)}
+    opt = torch.optim.SGD(result.trainable_parameters(), lr=0.1)
+    new(x).square().sum().backward()
+    opt.step()
+    assert torch.equal(new.get_submodule("0").weight, saved["0.weight"])   # the base never moves
+    assert not torch.equal(new(x), model(x))                                 # the adapter does
+    assert_state_equal(model, saved)
+    result.save(tmp_path / "out")                               # plain torch modules: model.py needs no fxsurgery
+    loaded = fxs.load(tmp_path / "out")
+    assert torch.equal(loaded(x), new(x))
+    source = (tmp_path / "out" / "model.py").read_text()
+    assert "import fxsurgery" not in source and "from fxsurgery" not in source and "torch.nn.Linear(in_features=6, out_features=2, bias=False)" in source
+
+
+def test_adapt_input_channels_takes_the_first_convolution_by_graph_position():
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 64, 64)
+    result = fxs.apply(model, [fxs.Rewrite(fxs.AdaptInputChannels(in_channels=1))], example_inputs=(x,))
+    assert result.plan.matches[0].sites[0].where == "conv1" and result.module.conv1.in_channels == 1
+    assert [str(c) for c in result.input_changes] == [
+        "x: [1, 3, 64, 64] -> [1, 1, 64, 64] because rule 1 'rewrite adapt_input_channels -> 1' "
+        f"({result.plan.matches[0].rule.origin}) made conv1 Conv2d(1, 64, kernel_size=(7, 7), stride=(2, 2), padding=(3, 3), bias=False)"]
+    entry = result.report.entry("conv1.weight")
+    assert (entry.status, entry.source) == ("adapted", "conv1")
+    grey = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(result.module.eval()(grey), model(grey.expand(-1, 3, -1, -1)), rtol=1e-4, atol=1e-4)
+
+
+def test_output_returns_the_named_layer_and_drops_the_rest():
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 64, 64)
+    result = fxs.apply(model, [fxs.Output("layer2")], example_inputs=(x,))
+    trunk = nn.Sequential(*list(model.children())[:6])
+    with torch.no_grad():
+        assert torch.equal(result.module(x), trunk(x))
+    dropped = result.report.dropped
+    assert dropped and all(n.split(".")[0] in ("layer3", "layer4", "fc") for n in dropped)
+    assert len(dropped) == sum(1 for k in model.state_dict() if k.split(".")[0] in ("layer3", "layer4", "fc"))
+
+
+def test_a_chain_replaced_by_a_new_module_infers_its_shape():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    rule = fxs.Rewrite(fxs.Chain([nn.Linear, nn.ReLU], fxs.new(nn.Linear, out_features=8)))
+    result = fxs.apply(model, [rule], example_inputs=(torch.randn(3, 4),))
+    assert result.plan.matches[0].count == 1
+    assert [type(m).__name__ for m in result.module.children()] == ["Linear", "Linear"]
+    assert result.module.get_submodule("0").in_features == 4
+    assert {(e.name, e.status) for e in result.report.entries if e.name.startswith("0.")} == {
+        ("0.weight", "new"), ("0.bias", "new"), ("0.weight", "dropped"), ("0.bias", "dropped")}
+
+
+# -- programmatic rules -----------------------------------------------------------------------------
+
+class ScaleByTwo(fxs.Pattern):
+    """ReLU followed by Dropout becomes 2 * ReLU: a user's rule with a check."""
+
+    pattern = (nn.ReLU, nn.Dropout)
+
+    def check(self, relu, drop):
+        return None if drop.p < 0.9 else f"p={drop.p} is too large"
+
+    def rewrite(self, relu, drop):
+        return lambda x: torch.relu(x) * 2
+
+
+def test_a_pattern_class_with_a_check():
+    model = nn.Sequential(nn.ReLU(), nn.Dropout(0.5), nn.ReLU(), nn.Dropout(0.95)).eval()
+    x = torch.randn(3, 4)
+    result = fxs.apply(model, [fxs.Rewrite(ScaleByTwo())], example_inputs=(x,))
+    m = result.plan.matches[0]
+    assert m.count == 1 and m.skipped == ["2 (ReLU) + 3 (Dropout): p=0.95 is too large"]
+    assert torch.equal(result.module(x), torch.relu(torch.relu(x) * 2))
+
+
+def test_a_decorated_function_used_from_yaml(tmp_path, monkeypatch):
+    package = tmp_path / "myrules"
+    package.mkdir()
+    (package / "__init__.py").write_text(textwrap.dedent('''
+        import torch
+        import fxsurgery as fxs
+
+        @fxs.pattern(torch.nn.Linear, torch.nn.ReLU)
+        def fused_linear_relu(linear, relu):
+            """Linear then ReLU as one Sequential."""
+            return torch.nn.Sequential(torch.nn.Linear(linear.in_features, linear.out_features), torch.nn.ReLU())
+    '''))
+    rules = tmp_path / "r.yaml"
+    rules.write_text("fxsurgery: 1\nrules:\n  - use: myrules:fused_linear_relu\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, out, err = cli("apply", f"{tmp_path}/models.py:Net", rules, "--input", "2x4", "--dry-run")
+    assert (code, err) == (2, f"fxsurgery: error: {rules}:3: 'myrules.fused_linear_relu' is outside the allowlist "
+                              "(torch, torchvision); fix: use a public torch/torchvision name, or allow its package with --allow-module\n")
+    (tmp_path / "models.py").write_text("import torch\nclass Net(torch.nn.Sequential):\n"
+                                        "    def __init__(self):\n        super().__init__(torch.nn.Linear(4, 4), torch.nn.ReLU())\n")
+    code, out, err = cli("apply", f"{tmp_path}/models.py:Net", rules, "--input", "2x4", "--dry-run",
+                         "--allow-module", "myrules", "--explain")
+    assert (code, err) == (0, "")
+    assert f"rule 1 'rewrite fused_linear_relu' ({rules}:3): 1 match\n" in out
+
+
+def test_explain_lists_what_was_left_alone_and_near_misses():
+    model = randomise_bn(Leaky())
+    result = fxs.apply(model, [fxs.Rewrite(fxs.FoldBatchNorm, optional=True)], example_inputs=(torch.randn(1, 3, 4, 4),))
+    origin = result.plan.matches[0].rule.origin
+    assert result.plan.explain() == (
+        f"rule 1 'rewrite fold_bn (conv + batchnorm -> conv)' ({origin}): 0 matches\n"
+        "  near miss: conv (Conv2d) is read by 2 nodes (bn, add): its value is used outside the pattern")
+
+
+def test_fxsurgery_rules_lists_every_shipped_file():
+    code, out, err = cli("rules")
+    shipped = sorted(f[:-5] for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "rules")) if f.endswith(".yaml"))
+    assert code == 0 and err == ""
+    assert [line for line in out.splitlines() if line and not line.startswith(" ")][:-1] == shipped
+    assert "  params: channels=1" in out and out.endswith(f"{len(shipped)} rule files; use one by name: "
+                                                          f"fxsurgery apply MODEL {shipped[0]} --set k=v\n")
+
+
+def test_a_shipped_rule_file_by_name(tmp_path):
+    code, out, err = cli("apply", "torchvision.models:resnet18", "fold-bn", "--input", "2x3x32x32", "--dry-run")
+    assert (code, err) == (0, "")
+    assert re.search(r"^1  rewrite fold_bn \(conv \+ batchnorm -> conv\) +20 +conv1, layer1.0.conv1,", out, re.M)
+
+
+def test_patterns_see_only_traced_code_and_say_so():
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "bad_inputs"))
+    from models import Branchy  # noqa: E402  (without example inputs its forward stays opaque Python)
+    rule = fxs.Rewrite(fxs.SwapActivation(to=nn.GELU, of=nn.Linear))
+    with pytest.raises(fxs.MatchError) as err:
+        fxs.apply(Branchy(), [rule])
+    text = str(err.value)
+    assert text.startswith(
+        f"rule 1 'rewrite swap_activation torch.nn.Linear -> GELU' ({rule.origin}) matched nothing: no call of torch.nn.Linear "
+        "in the traced graphs (types present: Branchy, Linear); opaque code may call it, which pattern rules cannot see "
+        "((the model): TraceError: symbolically traced variables cannot be used as inputs to control flow")
+    assert text.endswith("models.py:95)); fix: correct the selector or add 'optional: true'")
