@@ -15,7 +15,8 @@ from typing import Any
 from torch import fx, nn
 
 from .chains import Found
-from .graphedit import Rewriter, Slot, expected_input, fit_call, snake
+from .fitting import expected_input, fit_call, snake
+from .graphedit import Rewriter, Slot
 from .match import Match
 from .sites import Site
 from .spec import New, describe
@@ -36,6 +37,7 @@ def rewrite_chains(rw: Rewriter, m: Match, sites: list[Site]) -> None:
         if found.install is not None and found.install in made:
             replacement = made[found.install]
         else:
+            _check_values(rw, m, site, found, matched)
             replacement = pattern.rewrite(*matched)
             if isinstance(replacement, New):
                 replacement = rw.build(m, replacement, rw.shape_in(site), site)
@@ -55,6 +57,16 @@ def rewrite_chains(rw: Rewriter, m: Match, sites: list[Site]) -> None:
             rw.fail(m, site, f"{pattern.describe()}.rewrite returned {type(replacement).__name__}",
                     "return an nn.Module, a function, or None to drop the match")
     rw.dirty = True
+
+
+def _check_values(rw: Rewriter, m: Match, site: Site, found: Found, matched: list) -> None:
+    """Weights computed from the match need its values: a model built without weights has none."""
+    if m.rule.pattern.weights != "derived":
+        return
+    if any(t.is_meta for obj in matched if isinstance(obj, nn.Module) for t in [*obj.parameters(), *obj.buffers()]):
+        sources = ", ".join(t for t in found.modules if t is not None)
+        rw.fail(m, site, f"its weights are computed from {sources}, which have no values (the model was built without weights)",
+                "load the weights into the model before this rule, or leave the rule out")
 
 
 def _swap(rw: Rewriter, m: Match, site: Site, last: fx.Node, new: fx.Node) -> None:

@@ -9,15 +9,15 @@ the rule that caused them.
 
 from __future__ import annotations
 
-import inspect
-import re
 from functools import partial
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import fx, nn
 
-from .errors import FxsError, RewriteError, ValidateError
+from .blame import shape_failure
+from .errors import FxsError, RewriteError
+from .fitting import expected_input, fit_call, snake
 from .match import Match, Plan, label
 from .sites import Site
 from .shapes import Meta, PropagationError, adapt, propagate, root_of, shape_text
@@ -77,43 +77,6 @@ class Edited:
 
     def rule_of(self, index: int) -> Match:
         return self.plan.matches[index - 1]
-
-
-def snake(name: str) -> str:
-    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
-
-
-def expected_input(module: nn.Module, shape: tuple) -> tuple:
-    """The input shape `module` accepts, derived from the one it was given."""
-    shape = list(shape)
-    if isinstance(module, nn.Linear) and shape:
-        shape[-1] = module.in_features
-    elif isinstance(module, (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase)) and len(shape) > 1:
-        shape[1] = module.in_channels if hasattr(module, "in_channels") else module.num_features
-    elif isinstance(module, nn.LayerNorm):
-        n = len(module.normalized_shape)
-        shape[-n:] = module.normalized_shape
-    return tuple(shape)
-
-
-def fit_call(target: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Arguments of an old call, trimmed to what `target` accepts.
-
-    `inplace=` is dropped where the new target does not take it: in-place is
-    a memory optimisation, never part of the value a node produces.
-    """
-    fn = target.forward if isinstance(target, nn.Module) else target
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return args, {k: v for k, v in kwargs.items() if k != "inplace"}
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        kwargs = {k: v for k, v in kwargs.items() if k in params}
-    try:
-        inspect.signature(fn).bind(*args, **kwargs)
-        return args, kwargs
-    except TypeError:
-        return args[:1], {}
 
 
 class Rewriter:
@@ -352,7 +315,11 @@ class Rewriter:
                 args, kwargs = fit_call(replacement, args, kwargs)
                 new = self.graph.call_function(replacement, args, kwargs)
             else:
-                self.one_input(m, site)  # a module takes one tensor: `add(a, b)` cannot become one
+                source = self.one_input(m, site)  # a module takes one tensor: `add(a, b)` cannot become one
+                if args and args[0] is not source:  # `cat([v, v])` reads one tensor, but inside a list
+                    kind = "a list" if isinstance(args[0], (list, tuple)) else f"a {type(args[0]).__name__}"
+                    self.fail(m, site, f"it reads '{source.name}' inside {kind}, not as its first argument, "
+                              "so a module cannot take its place", "replace it with a function, or select another node")
                 module = self.build(m, replacement, self.shape_in(site), site)
                 path = self.fresh_path(site.key.split("@")[0].replace(".", "_"))
                 self.edited.modules[path] = Slot(module, None, m.index)
@@ -417,39 +384,3 @@ def _fetch(root: nn.Module, target: str) -> Any:
     for part in target.split("."):
         value = getattr(value, part)
     return value
-
-
-def blame(edited: Edited, node: fx.Node) -> Match | None:
-    """The rule that made, changed or rewired `node` or, nearest first, a node upstream of it."""
-    queue, seen = [node], {node}
-    while queue:
-        candidate = queue.pop(0)
-        index = candidate.meta.get("fxs_rule", candidate.meta.get("fxs_rewired"))
-        if index is None and candidate.op == "call_module" and candidate.target in edited.modules:
-            index = edited.modules[candidate.target].rule
-        if index is not None:
-            return edited.rule_of(index)
-        for arg in candidate.all_input_nodes:
-            if arg not in seen:
-                seen.add(arg)
-                queue.append(arg)
-    return None
-
-
-def shape_failure(err: PropagationError, edited: Edited) -> ValidateError:
-    """A one-line error for a node that fails on its new inputs, naming the rule."""
-    node, exc = err.node, err.exc
-    culprit = blame(edited, node)
-    where = f"{culprit.label} at node '{node.name}' [{node.op}]" if culprit else f"node '{node.name}' [{node.op}]"
-    incoming = [err.metas.get(a.name) for a in node.all_input_nodes]
-    shape = next((mt.shape for mt in incoming if mt is not None and mt.is_tensor), None)
-    module = edited.modules[node.target].value if node.op == "call_module" and node.target in edited.modules else None
-    if module is not None and shape is not None:
-        wanted = expected_input(module, shape)
-        made = culprit is not None and edited.modules[node.target].rule == culprit.index
-        if wanted != tuple(shape):
-            fix = (f"drop the shape argument and let it be inferred (fxs.new), or set it to match {shape_text(shape)}" if made
-                   else "replace this layer too (fxs.new infers its input size), or insert a layer that maps the shape")
-            return ValidateError(f"{where}: {describe(module)} does not fit the incoming shape {shape_text(shape)}; fix: {fix}")
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return ValidateError(f"{where}: {type(exc).__name__}: {first}; fix: check that the rule's replacement fits the shapes around it (inspect the model with 'fxsurgery inspect')")

@@ -17,7 +17,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
 
 from .errors import ValidateError
-from .graphedit import Edited, shape_failure
+from .blame import shape_failure
+from .graphedit import Edited
 from .rewrite import Rewritten
 from .shapes import PropagationError, clone, propagate, quiet_fake_tensors, root_of
 

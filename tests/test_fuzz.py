@@ -369,6 +369,18 @@ def test_found_by_fuzzing_a_glob_replacing_a_concatenation():
     assert_returns_a_tensor(result)
 
 
+def test_found_by_fuzzing_a_module_replacing_a_concatenation_of_one_value():
+    """cat([v, v]) reads one tensor, but inside a list: a module in its place would get the list."""
+    torch.manual_seed(0)
+    model = Net((Op("conv", (0,), 1), Op("cat", (1, 1), 2)), 1).eval()
+    rule = Replace(torch.cat, nn.Identity())
+    with pytest.raises(fxs.RewriteError) as err:
+        fxs.apply(model, [rule], example_inputs=(torch.randn(2, 1, SIZE, SIZE),))
+    assert str(err.value) == (f"rule 1 'replace torch.cat with Identity()' ({rule.origin}) at 'cat': it reads 'm0' inside "
+                              "a list, not as its first argument, so a module cannot take its place; fix: replace it with "
+                              "a function, or select another node")
+
+
 def test_found_by_fuzzing_delete_then_replace_its_consumer():
     """Delete('m1') then Replace('m2') where m2 reads m1: the replacement reads what m1 read."""
     torch.manual_seed(0)

@@ -335,3 +335,19 @@ def test_patterns_see_only_traced_code_and_say_so():
         "in the traced graphs (types present: Branchy, Linear); opaque code may call it, which pattern rules cannot see "
         "((the model): TraceError: symbolically traced variables cannot be used as inputs to control flow")
     assert text.endswith("models.py:95)); fix: correct the selector or add 'optional: true'")
+
+
+def test_a_fold_on_a_model_built_without_weights_is_refused_with_the_fix(tmp_path):
+    from safetensors.torch import save_file
+    model = randomise_bn(ConvBN(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    with fxs.empty_weights():
+        empty = ConvBN(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    rule = fxs.Rewrite(fxs.FoldBatchNorm)
+    with pytest.raises(fxs.RewriteError) as err:
+        fxs.apply(empty, [rule], example_inputs=(torch.randn(1, 3, 6, 6),), weights=str(path))
+    assert str(err.value) == (
+        f"rule 1 'rewrite fold_bn (conv + batchnorm -> conv)' ({rule.origin}) at 'conv': its weights are computed from "
+        "conv, bn, which have no values (the model was built without weights); fix: load the weights into the model "
+        "before this rule, or leave the rule out")

@@ -382,7 +382,7 @@ def test_no_other_deserialiser_that_runs_code():
             elif isinstance(node, ast.Attribute) and node.attr in ("FullLoader", "UnsafeLoader", "Loader") and _dotted(node.value) == "yaml":
                 found.append(f"{path.name}:{node.lineno} yaml.{node.attr}")
     assert found == []
-    from fxsurgery.loader import _LineLoader
+    from fxsurgery.yamlread import _LineLoader
     assert issubclass(_LineLoader, yaml.SafeLoader)
     assert not issubclass(_LineLoader, (yaml.FullLoader, yaml.UnsafeLoader))
 

@@ -1,0 +1,46 @@
+"""How a new module or function fits the call it takes over: names, input shapes, arguments."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from typing import Any
+
+from torch import nn
+
+
+def snake(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
+
+
+def expected_input(module: nn.Module, shape: tuple) -> tuple:
+    """The input shape `module` accepts, derived from the one it was given."""
+    shape = list(shape)
+    if isinstance(module, nn.Linear) and shape:
+        shape[-1] = module.in_features
+    elif isinstance(module, (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase)) and len(shape) > 1:
+        shape[1] = module.in_channels if hasattr(module, "in_channels") else module.num_features
+    elif isinstance(module, nn.LayerNorm):
+        n = len(module.normalized_shape)
+        shape[-n:] = module.normalized_shape
+    return tuple(shape)
+
+
+def fit_call(target: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Arguments of an old call, trimmed to what `target` accepts.
+
+    `inplace=` is dropped where the new target does not take it: in-place is
+    a memory optimisation, never part of the value a node produces.
+    """
+    fn = target.forward if isinstance(target, nn.Module) else target
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return args, {k: v for k, v in kwargs.items() if k != "inplace"}
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in params}
+    try:
+        inspect.signature(fn).bind(*args, **kwargs)
+        return args, kwargs
+    except TypeError:
+        return args[:1], {}
