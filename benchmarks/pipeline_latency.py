@@ -14,6 +14,8 @@ import warnings
 
 import torch
 
+from fxsurgery.progress import bar
+
 from .common import interleave, log, medians, ratio
 from .models import build, selected, six_rules
 from .recipe import STAGES, run_stages
@@ -61,7 +63,8 @@ def run(quick: bool = False, repeats: int | None = None, models: list[str] | Non
     warnings.simplefilter("ignore")  # torchvision's init warnings would drown the log
     _warm_up()
     rows, failed = [], []
-    for surgery in selected(quick, models):
+    chosen = selected(quick, models)
+    for surgery in bar(chosen, "pipeline", total=len(chosen), unit="model"):
         try:
             row = measure_model(surgery, repeats)
         except Exception as exc:  # a model that fails is a finding, not the end of the run

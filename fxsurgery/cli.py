@@ -15,6 +15,7 @@ import warnings
 
 from .errors import FxsError
 from .loader import load_rules, parse_overrides
+from .progress import quiet
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 3
@@ -31,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--trust-pickle", action="store_true", help="allow MODEL to be a pickled model file")
         p.add_argument("--leaf", action="append", default=[], metavar="GLOB", help="treat modules at these paths as leaves")
         p.add_argument("--json", action="store_true", help="print JSON for machines")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("apply", help="apply rule files to a model")
     model_args(p)
@@ -63,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-module", action="append", default=[], metavar="PKG", help="let rule files name classes from PKG")
 
     p = sub.add_parser("map-weights", help="map a checkpoint of the original model into a saved surgery's layout")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("checkpoint", help="weights of the original architecture (.safetensors or weights-only .pt)")
     p.add_argument("surgery", help="a directory written by apply -o / save()")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="the mapped weights (.safetensors)")
@@ -72,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the embedded default end to end (ResNet-18, random weights)")
     p.add_argument("-o", "--output", default="fxsurgery-demo", metavar="DIR")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
@@ -215,7 +219,8 @@ def main(argv=None) -> int:
     command = {"apply": cmd_apply, "inspect": cmd_inspect, "check": cmd_check, "diff": cmd_diff,
                "map-weights": cmd_map_weights, "rules": cmd_rules, "demo": cmd_demo}[args.command]
     try:
-        return command(args)
+        with quiet(getattr(args, "quiet", False)):
+            return command(args)
     except FxsError as exc:
         print(f"fxsurgery: error: {exc.message}", file=sys.stderr)
         return EXIT_BAD_INPUT

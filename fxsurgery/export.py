@@ -26,6 +26,7 @@ from torch import fx, nn
 from .version import __version__
 from .codegen import generate, rename_path
 from .errors import SaveError, TraceError
+from .progress import bar
 from .formats import export_as
 from .trace import trace
 
@@ -165,7 +166,7 @@ def save(module: nn.Module, directory: str | os.PathLike, *, force: bool = False
         # the same model must give the same bytes every time.
         save_file({rename_path(k, renames): v for k, v in tensors.items()}, str(work / "model.safetensors"),
                   metadata={"format": "pt"})
-        exported = {fmt: export_as(fmt, gm, work, example_inputs) for fmt in formats}
+        exported = {fmt: export_as(fmt, gm, work, example_inputs) for fmt in bar(formats, "export", unit="format")}
         doc = {"fxsurgery": __version__, "format": FORMAT, "torch": torch.__version__, "class": class_name,
                "renamed": {k: v for k, v in renames.items() if k != v},
                "ties": {rename_path(a, renames): rename_path(o, renames) for a, o in ties.items()},

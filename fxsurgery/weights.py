@@ -24,6 +24,7 @@ from .rewrite import Rewritten
 from .shapes import shape_text
 from .modules import StayEval, stays_eval
 from .policies import carry
+from .progress import bar
 from .spec import Freeze
 
 STATUSES = ("transferred", "adapted", "new", "dropped")
@@ -281,7 +282,8 @@ def _fill(module: nn.Module, built, model: nn.Module, checkpoint: Checkpoint | N
         names.setdefault(id(t), []).append(name)
     wanted: dict[str, list[torch.Tensor]] = {}
     done = set()
-    for _, t, _ in _tensors(module):
+    listed = list(_tensors(module))
+    for _, t, _ in bar(listed, "transfer", total=len(listed), unit="tensor"):
         if id(t) not in built.copies or id(t) in done:
             continue
         done.add(id(t))
@@ -295,7 +297,7 @@ def _fill(module: nn.Module, built, model: nn.Module, checkpoint: Checkpoint | N
         else:
             t.copy_(original)
     if checkpoint is not None:
-        for name, value in checkpoint.read(wanted):
+        for name, value in bar(checkpoint.read(wanted), "read checkpoint", total=len(wanted), unit="tensor"):
             for t in wanted[name]:
                 t.copy_(value)
 
