@@ -40,7 +40,8 @@ def pipeline_rows(data: dict | None) -> list[Row]:
 def scaling_rows(data: dict | None) -> list[Row]:
     exps = (data or {}).get("exponents", {})
     rows = []
-    for key, what in (("fxs_pipeline", "full pipeline"), ("fxs_type_swap", "type swap (match + rewrite)")):
+    for key, what in (("fxs_pipeline", "full pipeline"), ("fxs_type_swap", "type swap (match + rewrite)"),
+                      ("fxs_pattern_swap", "pattern-rule swap (match + rewrite)")):
         e = exps.get(key, {})
         rows.append(_le(f"scaling: {what} exponent <= 1.1 ({e.get('points', 0)} sizes)", e.get("exponent"), 1.1, ""))
     return rows
@@ -55,6 +56,23 @@ def transfer_rows(data: dict | None) -> list[Row]:
         _le(f"transfer ({model}): copy peak RSS <= 2.1x model size", s.get("copy_peak_over_model"), 2.1),
         _le(f"transfer ({model}): share peak RSS <= 1.1x model size", s.get("share_peak_over_model"), 1.1),
     ]
+
+
+def stream_rows(data: dict | None) -> list[Row]:
+    s = (data or {}).get("summary", {})
+    model = (data or {}).get("model", "?")
+    return [_le(f"transfer ({model}): streaming from a 4-shard checkpoint, peak RSS <= 1.3x model size "
+                "(the result plus one shard)", s.get("stream_peak_over_model"), 1.3)]
+
+
+def pattern_rows(scaling: dict | None, speed: dict | None) -> list[Row]:
+    two = (scaling or {}).get("two_users", {})
+    fold = (speed or {}).get("conv_bn_fold", {})
+    speedup = fold.get("speedup")
+    return [_le(f"patterns: ReLU->GELU pattern rule on {two.get('nodes', '12k')} nodes (two users each), time / replace_pattern <= 1",
+                two.get("pattern_swap_over_replace_pattern"), 1.0),
+            ("patterns: conv+bn fold on resnet50 runs faster than the original (CPU, eval)",
+             _fmt(speedup), None if speedup is None else speedup > 1.0)]
 
 
 def speed_rows(data: dict | None) -> list[Row]:
@@ -73,7 +91,9 @@ def check(out_dir: str | Path) -> list[Row]:
     """Every goal with its measured figure; printed as a Markdown table."""
     out_dir = Path(out_dir)
     rows = (pipeline_rows(read_json(out_dir, "pipeline")) + scaling_rows(read_json(out_dir, "scaling"))
-            + transfer_rows(read_json(out_dir, "transfer")) + speed_rows(read_json(out_dir, "module_speed")))
+            + transfer_rows(read_json(out_dir, "transfer")) + transfer_rows(read_json(out_dir, "transfer_large"))
+            + stream_rows(read_json(out_dir, "transfer_large")) + speed_rows(read_json(out_dir, "module_speed"))
+            + pattern_rows(read_json(out_dir, "scaling"), read_json(out_dir, "module_speed")))
     print("| goal | measured | holds |")
     print("|---|---|---|")
     for goal, measured, holds in rows:

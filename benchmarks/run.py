@@ -5,8 +5,10 @@
     python -m benchmarks.run --only scaling --sizes 1000         # one benchmark, smaller
     python -m benchmarks.check benchmarks/results                # which goals hold
 
-Benchmarks: pipeline, scaling, transfer, module_speed (which includes the
-GPU comparison where torch.cuda.is_available()).
+Benchmarks: pipeline, scaling, transfer (vit_l_16), transfer_large (a 2.15 GB
+synthetic model, with streaming from a sharded checkpoint), module_speed
+(with the conv+bn fold speed-up, and the GPU comparison where
+torch.cuda.is_available()).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ if __package__ in (None, ""):  # run as a file (python benchmarks/NAME.py): impo
 
 from .common import log, machine, write_json
 
-NAMES = ("pipeline", "scaling", "transfer", "module_speed")
+NAMES = ("pipeline", "scaling", "transfer", "transfer_large", "module_speed")
 
 
 def _csv(text: str) -> list[str]:
@@ -62,9 +64,10 @@ def _run_one(name: str, args) -> dict:
         from . import scaling
         sizes = tuple(int(s) for s in args.sizes) if args.sizes else None
         return scaling.run(args.quick, sizes, args.budget)
-    if name == "transfer":
+    if name in ("transfer", "transfer_large"):
         from . import transfer_memory
-        return transfer_memory.run(args.quick, args.repeats, threads=args.threads)
+        model = transfer_memory.SYNTHETIC if name == "transfer_large" else None
+        return transfer_memory.run(args.quick, args.repeats, model=model, threads=args.threads)
     from . import module_speed
     return module_speed.run(args.quick, args.repeats, _known(args.models, module_speed.MODELS))
 

@@ -12,7 +12,8 @@ nodes per block, so N nodes is N/3 blocks. Two spellings of the same model:
   of the same model. Both sides' outputs are counted (GELU calls) to show the
   two did the same edit.
 The `two_users` case is the shape from the issue (12k nodes, each relu output
-read twice: `h = relu(lin(x)); h + lin2(h)`).
+read twice: `h = relu(lin(x)); h + lin2(h)`), swapped three ways: Replace of
+the function, the SwapActivation pattern rule, and replace_pattern.
 
 A measurement whose predicted time (from the sizes before it) exceeds the
 budget is skipped and recorded as such, not silently dropped.
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx import subgraph_rewriter
 
-from fxsurgery import Replace
+from fxsurgery import Replace, Rewrite, SwapActivation
 
 from .common import fit_exponent, interleave, log, medians
 from .recipe import STAGES, run_stages
@@ -138,11 +139,13 @@ def _repeats(nodes: int, quick: bool) -> int:
 def measure_size(nodes: int, repeats: int, budget: Budget) -> dict:
     inputs = (torch.randn(1, 8),)
     by_module, by_function = chain(ModuleBlock, nodes), chain(FunctionBlock, nodes)
-    kept = {"fxs_module": [], "fxs_function": [], "fx_function": []}
+    kept = {"fxs_module": [], "fxs_function": [], "fxs_pattern": [], "fx_function": []}
     candidates = {
         "fx_trace": lambda: fx.symbolic_trace(by_module),
         "fxs_module": lambda: _fxs_side(by_module, [Replace(nn.ReLU, nn.GELU())], inputs, kept["fxs_module"]),
         "fxs_function": lambda: _fxs_side(by_function, [Replace(F.relu, F.gelu)], inputs, kept["fxs_function"]),
+        "fxs_pattern": lambda: _fxs_side(by_function, [Rewrite(SwapActivation(to=nn.GELU, of=F.relu))], inputs,
+                                         kept["fxs_pattern"]),
         "fx_function": lambda: _fx_side(by_function, kept["fx_function"]),
     }
     skipped = {}
@@ -159,7 +162,7 @@ def measure_size(nodes: int, repeats: int, budget: Budget) -> dict:
         budget.record(name, nodes, row["median_s"][name]["total"])
     if kept["fxs_module"]:
         row["replaced"]["fxs_module"] = sum(isinstance(m, nn.GELU) for m in kept["fxs_module"][0].modules())
-    for name in ("fxs_function", "fx_function"):
+    for name in ("fxs_function", "fxs_pattern", "fx_function"):
         if kept[name]:
             row["replaced"][name] = _gelu_calls(kept[name][0])
     return row
@@ -168,22 +171,25 @@ def measure_size(nodes: int, repeats: int, budget: Budget) -> dict:
 def measure_two_users(nodes: int, repeats: int) -> dict:
     """The issue's shape: replace_pattern was quoted at 14.2 s for 12k nodes."""
     model, inputs = chain(TwoUsersBlock, nodes, per_block=4), (torch.randn(1, 8),)
-    kept = {"fxs_function": [], "fx_function": []}
+    kept = {"fxs_function": [], "fxs_pattern": [], "fx_function": []}
     runs = interleave({
         "fxs_function": lambda: _fxs_side(model, [Replace(F.relu, F.gelu)], inputs, kept["fxs_function"]),
+        "fxs_pattern": lambda: _fxs_side(model, [Rewrite(SwapActivation(to=nn.GELU, of=F.relu))], inputs, kept["fxs_pattern"]),
         "fx_function": lambda: _fx_side(model, kept["fx_function"]),
     }, repeats)
     med = {k: medians(v) for k, v in runs.items()}
     return {"nodes": len(fx.symbolic_trace(model).graph.nodes), "repeats": repeats, "median_s": med,
             "replaced": {k: _gelu_calls(v[0]) for k, v in kept.items()},
             "swap_fxs_over_replace_pattern": med["fxs_function"]["swap"] / med["fx_function"]["replace_pattern"],
+            "pattern_swap_over_replace_pattern": med["fxs_pattern"]["swap"] / med["fx_function"]["replace_pattern"],
             "end_to_end_fxs_over_fx": med["fxs_function"]["total"] / med["fx_function"]["total"]}
 
 
 def _exponents(rows: list[dict]) -> dict:
     series = {
         "fxs_pipeline": ("fxs_module", "total"), "fxs_type_swap": ("fxs_module", "swap"),
-        "fxs_function_swap": ("fxs_function", "swap"), "fx_replace_pattern": ("fx_function", "replace_pattern"),
+        "fxs_function_swap": ("fxs_function", "swap"), "fxs_pattern_swap": ("fxs_pattern", "swap"),
+        "fx_replace_pattern": ("fx_function", "replace_pattern"),
         "fx_trace": ("fx_trace", "total"),
     }
     out = {}
@@ -219,5 +225,5 @@ def run(quick: bool = False, sizes: tuple[int, ...] | None = None, budget_s: flo
         result["two_users"] = measure_two_users(TWO_USERS_NODES, 1 if quick else 2)
         t = result["two_users"]
         log(f"scaling two_users {t['nodes']} nodes: replace_pattern {t['median_s']['fx_function']['replace_pattern']:.2f}s, "
-            f"fxsurgery swap {t['median_s']['fxs_function']['swap']:.2f}s")
+            f"fxsurgery swap {t['median_s']['fxs_function']['swap']:.2f}s, pattern rule {t['median_s']['fxs_pattern']['swap']:.2f}s")
     return result

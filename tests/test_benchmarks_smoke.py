@@ -31,7 +31,7 @@ def test_quick_scaling_run_writes_positive_figures(tmp_path):
         assert data["machine"][key], key
     (row,) = data["sizes"]
     assert row["nodes"] >= 300
-    assert set(row["median_s"]) == {"fx_trace", "fxs_module", "fxs_function", "fx_function"}
+    assert set(row["median_s"]) == {"fx_trace", "fxs_module", "fxs_function", "fxs_pattern", "fx_function"}
     for name, stages in row["median_s"].items():
         assert stages["total"] > 0, name
     for stage in ("capture", "match", "rewrite", "validate", "transfer", "swap"):
@@ -39,7 +39,7 @@ def test_quick_scaling_run_writes_positive_figures(tmp_path):
     assert row["median_s"]["fx_function"]["replace_pattern"] > 0
     # both sides made the same edit: one GELU per block
     blocks = row["nodes_requested"] // 3
-    assert row["replaced"] == {"fxs_module": blocks, "fxs_function": blocks, "fx_function": blocks}
+    assert row["replaced"] == {"fxs_module": blocks, "fxs_function": blocks, "fxs_pattern": blocks, "fx_function": blocks}
     # the check script reads it and says the single size cannot give an exponent
     assert "| goal | measured | holds |" in proc.stdout
 
