@@ -5,6 +5,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+import fxsurgery as fxs
 
 from conftest import ROOT
 
@@ -12,7 +15,8 @@ EXAMPLES = sorted(f for f in os.listdir(os.path.join(ROOT, "examples")) if f.end
 
 
 def test_there_are_examples():
-    assert len(EXAMPLES) == 7
+    assert EXAMPLES == ["delete_and_insert.py", "delete_first_layer.py", "detach_cut.py", "fold_for_inference.py",
+                        "freeze_and_optimizer.py", "replace_first_layer.py", "resnet_new_head.py", "train_after_surgery.py"]
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
@@ -23,13 +27,21 @@ def test_example(name, tmp_path):
     assert os.listdir(tmp_path) == []  # examples leave nothing behind
 
 
-def test_readme_python_example_runs(tmp_path, monkeypatch):
+def test_readme_python_examples_run(tmp_path, monkeypatch):
     text = open(os.path.join(ROOT, "README.md")).read()
-    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
     monkeypatch.chdir(tmp_path)
     namespace = {}
-    exec(compile(code, "README.md", "exec"), namespace)  # the README's own example, as users run it
+    for code in blocks:  # the README's own examples, in order, as users run them
+        exec(compile(code, "README.md", "exec"), namespace)
     result = namespace["result"]
     assert result.report.new == ["fc.weight", "fc.bias"]
     assert {n.split(".")[0] for n, p in result.module.named_parameters() if p.requires_grad} == {"layer4", "fc"}
     assert sorted(os.listdir(tmp_path / "out")) == ["model.py", "model.safetensors", "surgery.json"]
+    folded, tuned = namespace["folded"], namespace["tuned"]
+    assert folded.plan.matches[0].count == 53
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.module.modules())
+    assert folded.report.entry("conv1.weight").op.startswith("computed by rule 1 'rewrite fold_bn")
+    assert tuned.plan.matches[0].count == 24
+    assert tuned.gradient_flow.status["encoder.layers.encoder_layer_0.mlp.0.weight"] == "frozen"
+    assert issubclass(namespace["linear_relu"], fxs.Pattern)
