@@ -17,7 +17,7 @@ from .pipeline import SurgeryResult, SurgeryWarning, apply
 from .replay import map_weights
 from .export import load, save
 from .spec import Delete, Detach, Freeze, Insert, Replace, RuleSet, new
-from .pattern import Chain, Output, Pattern, Rewrite, pattern
+from .pattern import Chain, Output, Pattern, Rewrite, calls, pattern
 from .library import (AddLoRA, AdaptInputChannels, DropDropout, FoldBatchNorm, FoldLinearBatchNorm,
                       SwapActivation)
 from .weights import TransferReport
@@ -27,7 +27,7 @@ from .version import __version__
 __all__ = [
     "apply", "new", "load_rules", "transfer", "save", "load", "map_weights", "empty_weights", "Checkpoint",
     "Delete", "Replace", "Insert", "Detach", "Freeze", "RuleSet",
-    "Rewrite", "Output", "Pattern", "pattern", "Chain",
+    "Rewrite", "Output", "Pattern", "pattern", "calls", "Chain",
     "FoldBatchNorm", "FoldLinearBatchNorm", "DropDropout", "SwapActivation", "AddLoRA", "AdaptInputChannels",
     "SurgeryResult", "TransferReport", "SurgeryWarning",
     "FxsError", "RuleError", "ModelError", "TraceError", "MatchError", "RewriteError",

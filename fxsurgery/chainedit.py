@@ -22,8 +22,17 @@ from .sites import Site
 from .spec import New, describe
 
 
-def _torch_own(module: nn.Module) -> bool:
-    return type(module).__module__.split(".")[0] in ("torch", "torchvision")
+def _torch_own(thing: Any) -> bool:
+    """torch's or torchvision's own module or function: model.py can name it."""
+    owner = type(thing) if isinstance(thing, nn.Module) else thing
+    return (getattr(owner, "__module__", None) or "torch").split(".")[0] in ("torch", "torchvision", "_operator", "builtins")
+
+
+def _call_args(rw: Rewriter, found: Found, first: fx.Node) -> tuple[tuple, dict]:
+    """What the replacement is called with: the DAG's inputs, or the chain's first call's arguments."""
+    if found.inputs is not None:
+        return tuple(rw.node(n) for n in found.inputs), {}
+    return tuple(first.args), dict(first.kwargs)
 
 
 def rewrite_chains(rw: Rewriter, m: Match, sites: list[Site]) -> None:
@@ -43,14 +52,15 @@ def rewrite_chains(rw: Rewriter, m: Match, sites: list[Site]) -> None:
                 replacement = rw.build(m, replacement, rw.shape_in(site), site)
             if found.install is not None:
                 made[found.install] = replacement
+        args, kwargs = _call_args(rw, found, first)
         if replacement is None:
-            _drop(rw, m, site, first, last)
-        elif isinstance(replacement, nn.Module) and not _torch_own(replacement):
-            _inline(rw, m, site, found, replacement, matched, first, last)
+            _drop(rw, m, site, args, last)
+        elif callable(replacement) and not _torch_own(replacement):
+            _inline(rw, m, site, found, replacement, matched, args, kwargs, last)
         elif isinstance(replacement, nn.Module):
-            _call(rw, m, site, found, replacement, first, last)
+            _call(rw, m, site, found, replacement, first, args, kwargs, last)
         elif callable(replacement):
-            args, kwargs = fit_call(replacement, tuple(first.args), dict(first.kwargs))
+            args, kwargs = fit_call(replacement, args, kwargs)
             with rw.graph.inserting_after(last):
                 _swap(rw, m, site, last, rw.added(rw.graph.call_function(replacement, args, kwargs), m, last))
         else:
@@ -75,8 +85,8 @@ def _swap(rw: Rewriter, m: Match, site: Site, last: fx.Node, new: fx.Node) -> No
     rw.erase(site)
 
 
-def _drop(rw: Rewriter, m: Match, site: Site, first: fx.Node, last: fx.Node) -> None:
-    source = first.args[0] if first.args else None
+def _drop(rw: Rewriter, m: Match, site: Site, args: tuple, last: fx.Node) -> None:
+    source = args[0] if args else None
     if not isinstance(source, fx.Node):
         rw.fail(m, site, "the match has no input node whose value could pass on", "rewrite it to a module instead of None")
     for user in list(last.users):
@@ -85,7 +95,8 @@ def _drop(rw: Rewriter, m: Match, site: Site, first: fx.Node, last: fx.Node) -> 
     rw.erase(site)
 
 
-def _call(rw: Rewriter, m: Match, site: Site, found: Found, module: nn.Module, first: fx.Node, last: fx.Node) -> None:
+def _call(rw: Rewriter, m: Match, site: Site, found: Found, module: nn.Module, first: fx.Node, args: tuple,
+          kwargs: dict, last: fx.Node) -> None:
     if found.install is not None:
         path = found.install
     else:
@@ -94,55 +105,79 @@ def _call(rw: Rewriter, m: Match, site: Site, found: Found, module: nn.Module, f
     if path not in rw.edited.modules or rw.edited.modules[path].value is not module:
         sources = tuple(t for t in found.modules if t is not None) if m.rule.pattern.weights == "derived" else ()
         rw.edited.modules[path] = Slot(module, found.install, m.index, sources=sources)
-    args, kwargs = fit_call(module, tuple(first.args), dict(first.kwargs))
-    if first.args and isinstance(first.args[0], fx.Node) and first.args[0].op == "placeholder":
-        meta = rw.meta(first.args[0].name)
+    args, kwargs = fit_call(module, args, kwargs)
+    if args and isinstance(args[0], fx.Node) and args[0].op == "placeholder":
+        meta = rw.meta(args[0].name)
         if meta is not None and meta.is_tensor:  # the model's input must now fit the new module
-            rw.note_input(m, first.args[0], expected_input(module, meta.shape), f"made {path} {describe(module)}")
+            rw.note_input(m, args[0], expected_input(module, meta.shape), f"made {path} {describe(module)}")
     with rw.graph.inserting_after(last):
         new = rw.added(rw.graph.call_module(path, args, kwargs), m, last)
     _swap(rw, m, site, last, new)
 
 
-def _inline(rw: Rewriter, m: Match, site: Site, found: Found, module: nn.Module, matched: list, first: fx.Node,
+def _inline(rw: Rewriter, m: Match, site: Site, found: Found, module: Any, matched: list, args: tuple, kwargs: dict,
             last: fx.Node) -> None:
-    try:
-        graph = fx.Tracer().trace(module)
-    except Exception as exc:
-        rw.fail(m, site, f"{type(module).__name__} returned by {m.rule.pattern.describe()} cannot be traced: "
-                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", "return a torch.nn module or a traceable one")
+    what = type(module).__name__ if isinstance(module, nn.Module) else getattr(module, "__name__", "the function")
     reused = {id(obj): n.target for obj, n in zip(matched, [rw.node(x) for x in found.nodes]) if isinstance(obj, nn.Module)}
-    base = found.modules[0] or first.name
-    prefix = rw.fresh_path(f"{base.replace('.', '_') if found.install is None else base}_{getattr(m.rule.pattern, 'name', '') or snake(type(module).__name__)}")
+    tracer = _Inliner(reused)
+    try:
+        graph = tracer.trace(module)
+    except Exception as exc:
+        rw.fail(m, site, f"{what} returned by {m.rule.pattern.describe()} cannot be traced: "
+                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", "return a torch.nn module or a traceable one")
+    root = tracer.root  # the module itself, or where tracing a function kept its constants
+    base = found.modules[0] or rw.node(found.nodes[0]).name
+    named = m.rule.pattern.name or snake(type(module).__name__ if isinstance(module, nn.Module) else what)
+    prefix = None
     if m.rule.pattern.freeze_matched:
         rw.edited.frozen.update({t: m.index for t in found.modules if t is not None})
     for node in graph.nodes:
         if node.op == "call_module":
-            obj = module.get_submodule(node.target)
-            if id(obj) in reused:
-                node.target = reused[id(obj)]
-            else:
-                node.target = f"{prefix}.{node.target}"
-                rw.edited.modules[node.target] = Slot(obj, None, m.index)
+            if node.target in tracer.used:
+                continue  # a module of the match, called where it is
+            obj = root.get_submodule(node.target)
+            prefix = prefix or rw.fresh_path(f"{base.replace('.', '_') if found.install is None else base}_{named}")
+            node.target = f"{prefix}.{node.target}"
+            rw.edited.modules[node.target] = Slot(obj, None, m.index)
         elif node.op == "get_attr":
-            obj = module
+            obj = root
             for part in node.target.split("."):
                 obj = getattr(obj, part)
+            prefix = prefix or rw.fresh_path(f"{base.replace('.', '_') if found.install is None else base}_{named}")
             node.target = f"{prefix}.{node.target}"
             rw.edited.tensors[node.target] = Slot(obj, None, m.index)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != len(first.args) or first.kwargs:
-        rw.fail(m, site, f"{type(module).__name__}.forward takes {len(placeholders)} inputs, the match passes {len(first.args)}",
-                "make its forward take what the matched call takes")
-    values = dict(zip(placeholders, first.args))
+    if kwargs or len(args) > len(placeholders):  # options of the old call (inplace=...) are not inputs
+        args, kwargs = args[:len(placeholders)], {}
+    if len(placeholders) != len(args):
+        rw.fail(m, site, f"{what} takes {len(placeholders)} inputs, the match passes {len(args)}",
+                "make it take what the match reads")
+    values = dict(zip(placeholders, args))
     before = set(rw.graph.nodes)
     with rw.graph.inserting_before(last.next):
         out = rw.graph.graph_copy(graph, values)
     for node in [n for n in rw.graph.nodes if n not in before]:
         rw.added(node, m, last)
     if not isinstance(out, fx.Node):
-        rw.fail(m, site, f"{type(module).__name__}.forward returns {type(out).__name__}", "return one tensor")
+        rw.fail(m, site, f"{what} returns {type(out).__name__}", "return one tensor")
     _swap(rw, m, site, last, out)
+
+
+class _Inliner(fx.Tracer):
+    """Traces a replacement; modules of the match it calls stay calls of their paths in the graph."""
+
+    def __init__(self, reused: dict[int, str]):
+        super().__init__()
+        self.reused, self.used = reused, set()
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return id(m) in self.reused or super().is_leaf_module(m, qualname)
+
+    def path_of_module(self, mod: nn.Module) -> str:
+        if id(mod) in self.reused:
+            self.used.add(self.reused[id(mod)])
+            return self.reused[id(mod)]
+        return super().path_of_module(mod)
 
 
 def cut_output(rw: Rewriter, m: Match, sites: list[Site]) -> None:

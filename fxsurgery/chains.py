@@ -16,9 +16,11 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+from typing import Any
+
 from torch import fx, nn
 
-from .pattern import Pattern, Rewrite, element_text
+from .pattern import Pattern, Rewrite, calls, dag_graph, element_text
 from .sites import GraphIndex, Locator, Site, join
 
 
@@ -30,6 +32,7 @@ class Found:
     nodes: tuple[str, ...]
     modules: tuple[str | None, ...]   # module target per element (relative to the graph), None for calls
     install: str | None               # the path the replacement takes; None: a fresh path for this match
+    inputs: tuple[str, ...] | None = None   # DAG patterns: the nodes bound to the pattern's inputs, in order
 
 
 class CallIndex:
@@ -105,6 +108,8 @@ def _follow(ix: CallIndex, start: fx.Node, elements: list[tuple]) -> tuple[list[
 def find(locator: Locator, rule: Rewrite) -> tuple[list[Found], list[str], list[str]]:
     """(matches, skipped with reasons, near misses) of a pattern rule over every graph."""
     pattern: Pattern = rule.pattern
+    if pattern.is_dag:
+        return find_dag(locator, rule)
     elements = pattern.elements()
     found: list[Found] = []
     skipped: list[str] = []
@@ -132,6 +137,90 @@ def find(locator: Locator, rule: Rewrite) -> tuple[list[Found], list[str], list[
         found += _placed(ix, chains, rule, skipped)
         if pattern.first_only and (found or skipped):
             break
+    return found, skipped, near
+
+
+def _key(pnode: fx.Node) -> tuple:
+    """What a pattern node must call, as an index key element."""
+    if pnode.op == "call_method":
+        return (f"method:{pnode.target}",)
+    if isinstance(pnode.target, calls):
+        return (pnode.target.cls,)
+    return (pnode.target,)
+
+
+def _bind(ix: CallIndex, pnode: fx.Node, gnode: Any, mapping: dict, inputs: dict) -> str:
+    """Match the pattern's `pnode` at `gnode`, backwards through arguments; '' or why not."""
+    if pnode.op == "placeholder":
+        if inputs.setdefault(pnode, gnode) is not gnode:
+            return f"{pnode.name} would be two different values"
+        return ""
+    if not isinstance(gnode, fx.Node) or not ix.hits(gnode, _key(pnode)):
+        shown = ix.text(gnode) if isinstance(gnode, fx.Node) else repr(gnode)
+        return f"{shown} is not {getattr(pnode.target, '__name__', pnode.target)}"
+    if mapping.setdefault(pnode, gnode) is not gnode:
+        return f"{pnode.name} would be two different nodes"
+    if len(pnode.args) != len(gnode.args):
+        return f"{ix.text(gnode)} takes {len(gnode.args)} arguments, the pattern {len(pnode.args)}"
+    for pa, ga in [*zip(pnode.args, gnode.args), *((pnode.kwargs[k], gnode.kwargs.get(k)) for k in pnode.kwargs)]:
+        why = _bind_arg(ix, pa, ga, mapping, inputs)
+        if why:
+            return why
+    return ""
+
+
+def _bind_arg(ix: CallIndex, pa: Any, ga: Any, mapping: dict, inputs: dict) -> str:
+    if isinstance(pa, fx.Node):
+        return _bind(ix, pa, ga, mapping, inputs)
+    if isinstance(pa, (list, tuple)):
+        if not isinstance(ga, (list, tuple)) or len(pa) != len(ga):
+            return f"{ga!r} does not have the pattern's {len(pa)} items"
+        return next((w for w in (_bind_arg(ix, a, g, mapping, inputs) for a, g in zip(pa, ga)) if w), "")
+    return "" if pa == ga else f"argument {ga!r} is not the pattern's {pa!r}"
+
+
+def find_dag(locator: Locator, rule: Rewrite) -> tuple[list[Found], list[str], list[str]]:
+    """Matches of a pattern written as a function: anchored at its output, candidates from the index."""
+    pattern = rule.pattern
+    graph = dag_graph(pattern, rule.origin)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    anchor = next(n for n in graph.nodes if n.op == "output").args[0]
+    found, skipped, near = [], [], []
+    for index in sorted(locator.indexes, key=lambda ix: (bool(ix.region), ix.region.count("."))):
+        ix = CallIndex(index)
+        chains, taken = [], set()
+        for start in ix.candidates(_key(anchor)):
+            mapping, inputs = {}, {}
+            why = _bind(ix, anchor, start, mapping, inputs)
+            matched = sorted(mapping.values(), key=ix.position.__getitem__)
+            inside = set(matched)
+            if not why:
+                leak = next((g for p, g in mapping.items() if p is not anchor and any(u not in inside for u in g.users)), None)
+                why = f"{ix.text(leak)} is also read outside the pattern" if leak is not None else ""
+            first = matched[0] if matched else start
+            name = join(index.region, first.target if first.op == "call_module" else first.name)
+            if rule.select is not None and not rule.select.matches_name(name):
+                continue
+            if why:
+                near.append(f"at {ix.text(start)}: {why}")
+                continue
+            if inside & taken:
+                skipped.append(f"{' + '.join(ix.text(n) for n in matched)}: overlaps an earlier match")
+                continue
+            problem = pattern.check(*[ix.module(n) for n in matched])
+            if problem:
+                skipped.append(f"{' + '.join(ix.text(n) for n in matched)}: {problem}")
+                continue
+            taken |= inside
+            chains.append((matched, tuple(inputs[p].name if isinstance(inputs.get(p), fx.Node) else None
+                                          for p in placeholders)))
+        placed = _placed(ix, [c for c, _ in chains], rule, skipped)
+        by_nodes = {tuple(n.name for n in c): ins for c, ins in chains}
+        for f in placed:
+            if None in by_nodes[f.nodes]:
+                skipped.append(f"{f.site.where}: a pattern input is bound to a constant, not a node")
+                continue
+            found.append(Found(f.site, f.nodes, f.modules, f.install, by_nodes[f.nodes]))
     return found, skipped, near
 
 

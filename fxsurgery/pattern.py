@@ -2,8 +2,14 @@
 
 A pattern is a chain of elements, each a module class, a function or
 `"method:NAME"` (a tuple of them is a choice): `(nn.Conv2d, nn.BatchNorm2d)`
-matches a convolution whose only consumer is a BatchNorm. A `Pattern` says
-what a match becomes:
+matches a convolution whose only consumer is a BatchNorm. Or any DAG,
+written as a function of its inputs (`fxs.calls(nn.Linear)(x)` stands for a
+call of any Linear):
+
+    def pattern(self, x, y):
+        return torch.relu(fxs.calls(nn.Linear)(x)) + y
+
+A `Pattern` says what a match becomes:
 
     class FoldBN(fxs.Pattern):
         pattern = (nn.Conv2d, nn.BatchNorm2d)
@@ -13,7 +19,9 @@ what a match becomes:
             return fold(conv, bn)
 
 Each element of a match is passed as the module it calls (call_module) or as
-the fx.Node (functions and methods). The tensors of what `rewrite` returns are
+the fx.Node (functions and methods), in graph order. What `rewrite` returns
+takes the chain's first call's arguments, or the DAG's inputs in order; a
+Python function or module of your own is traced and inlined. The tensors of what `rewrite` returns are
 reported as adapted from the matched modules (`weights = "derived"`) or as new
 (`weights = "new"`); original modules it reuses (an adapter around a Linear)
 are transferred like any others. `freeze` lists parameter globs, relative to
@@ -23,13 +31,14 @@ the new module, that start frozen.
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, Callable
 
-from torch import nn
+from torch import fx, nn
 
 from .errors import RuleError
-from .spec import Origin, Rule, Selector, _qualname, _sel, check_kwargs, describe
+from .spec import Origin, Rule, Selector, _caller_origin, _qualname, _sel, check_kwargs, describe
 
 
 class Pattern:
@@ -56,6 +65,45 @@ class Pattern:
     def elements(self) -> list[tuple]:
         """The pattern as a list of alternatives per position."""
         return [e if isinstance(e, tuple) else (e,) for e in self.pattern]
+
+    @property
+    def is_dag(self) -> bool:
+        """A pattern written as a function of its inputs (any DAG), rather than a chain."""
+        return callable(self.pattern) and not isinstance(self.pattern, (tuple, list))
+
+
+class calls:
+    """In a DAG pattern, a call of any module of a type: `fxs.calls(nn.Conv2d)(x)`."""
+
+    def __init__(self, cls: type):
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise RuleError(f"{_caller_origin()}: fxs.calls needs a torch.nn.Module class, got {cls!r}; fix: e.g. fxs.calls(nn.Conv2d)")
+        self.cls, self.__name__ = cls, f"calls_{cls.__name__}"
+
+    def __call__(self, *args):
+        proxy = next(a for a in args if isinstance(a, fx.Proxy))
+        return proxy.tracer.create_proxy("call_function", self, args, {})
+
+    def __repr__(self) -> str:
+        return f"fxs.calls({_qualname(self.cls)})"
+
+
+def dag_graph(p: Pattern, origin: Origin) -> fx.Graph:
+    """The graph of a DAG pattern, traced from its function."""
+    fn = p.pattern
+    try:
+        if inspect.ismethod(fn):  # `def pattern(self, x, y)`: trace it with self fixed, then drop self's placeholder
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # fx cannot guard an object argument, and says so
+                self_name = next(iter(inspect.signature(fn.__func__).parameters))
+                graph = fx.symbolic_trace(fn.__func__, concrete_args={self_name: fn.__self__}).graph
+            graph.erase_node(next(n for n in graph.nodes if n.op == "placeholder"))
+            return graph
+        return fx.symbolic_trace(fn).graph
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RuleError(f"{origin}: pattern {p.describe()} cannot be traced: {first}; fix: write it with torch "
+                        "functions, tensor methods and fxs.calls(ModuleClass)(x)") from None
 
 
 def element_text(alternatives: tuple) -> str:
@@ -93,6 +141,14 @@ class Chain(Pattern):
 
 
 def check_pattern(p: Pattern, origin: Origin) -> Pattern:
+    if p.is_dag:
+        graph = dag_graph(p, origin)
+        calls_ = [n for n in graph.nodes if n.op in ("call_function", "call_method", "call_module")]
+        output = next(n for n in graph.nodes if n.op == "output")
+        if not calls_ or not isinstance(output.args[0], fx.Node) or output.args[0].op == "placeholder":
+            raise RuleError(f"{origin}: pattern {p.describe()} must return the value of a call; fix: e.g. "
+                            "def pattern(self, x, y): return torch.relu(x) + y")
+        return p
     if not p.elements():
         raise RuleError(f"{origin}: pattern {p.describe()} has no elements; fix: set pattern = (nn.Conv2d, nn.BatchNorm2d) or similar")
     for alternatives in p.elements():
@@ -189,4 +245,4 @@ def takes(cls: type) -> list[str]:
             if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
-__all__ = ["Pattern", "pattern", "Chain", "Rewrite", "Output", "Selector", "instantiate", "takes"]
+__all__ = ["Pattern", "pattern", "calls", "Chain", "Rewrite", "Output", "Selector", "instantiate", "takes"]

@@ -44,4 +44,4 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     assert folded.report.entry("conv1.weight").op.startswith("computed by rule 1 'rewrite fold_bn")
     assert tuned.plan.matches[0].count == 24
     assert tuned.gradient_flow.status["encoder.layers.encoder_layer_0.mlp.0.weight"] == "frozen"
-    assert issubclass(namespace["linear_relu"], fxs.Pattern)
+    assert issubclass(namespace["linear_relu"], fxs.Pattern) and namespace["GeluResidual"]().is_dag

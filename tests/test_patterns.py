@@ -351,3 +351,57 @@ def test_a_fold_on_a_model_built_without_weights_is_refused_with_the_fix(tmp_pat
         f"rule 1 'rewrite fold_bn (conv + batchnorm -> conv)' ({rule.origin}) at 'conv': its weights are computed from "
         "conv, bn, which have no values (the model was built without weights); fix: load the weights into the model "
         "before this rule, or leave the rule out")
+
+
+# -- DAG patterns ------------------------------------------------------------------------------------
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x)) + x          # matches
+        g = torch.relu(self.b(h)) + h * 2      # matches: y is any value
+        r = torch.relu(self.c(g))
+        return r + g + r                       # relu(c(g)) is read twice: a near miss
+
+
+class GeluResidual(fxs.Pattern):
+    """relu(linear(x)) + y becomes gelu(linear(x)) + y."""
+
+    def pattern(self, x, y):
+        return torch.relu(fxs.calls(nn.Linear)(x)) + y
+
+    def rewrite(self, linear, relu, add):
+        return lambda x, y: F.gelu(linear(x)) + y
+
+
+def test_a_dag_pattern_matches_through_an_index_and_inlines_its_replacement(tmp_path):
+    torch.manual_seed(0)
+    model = Residual()
+    x = torch.randn(3, 4)
+    result = fxs.apply(model, [fxs.Rewrite(GeluResidual())], example_inputs=(x,))
+    m = result.plan.matches[0]
+    assert [s.where for s in m.sites] == ["a", "b"]
+    assert m.near == ["at add_2 (add): relu_2 (relu) is also read outside the pattern",   # r + g, r read twice
+                      "at add_3 (add): add_2 (add) is not relu"]                          # (r + g) + r
+    h = F.gelu(model.a(x)) + x
+    g = F.gelu(model.b(h)) + h * 2
+    r = torch.relu(model.c(g))
+    assert torch.equal(result.module(x), r + g + r)
+    assert result.report.counts() == {"transferred": 6, "adapted": 0, "new": 0, "dropped": 0, "frozen": 0}
+    result.save(tmp_path / "out")                        # the lambda was inlined: plain torch in model.py
+    assert torch.equal(fxs.load(tmp_path / "out")(x), result.module(x))
+
+
+def test_a_dag_pattern_must_return_a_call():
+    class Nothing(fxs.Pattern):
+        def pattern(self, x):
+            return x
+
+    with pytest.raises(fxs.RuleError) as err:
+        fxs.Rewrite(Nothing())
+    line = sys._getframe().f_lineno - 1
+    assert str(err.value) == (f"tests/test_patterns.py:{line}: pattern Nothing must return the value of a call; "
+                              "fix: e.g. def pattern(self, x, y): return torch.relu(x) + y")
