@@ -100,7 +100,7 @@ def assemble(rewritten: Rewritten, share: bool = False) -> Assembly:
             install_adapter(gm, region.call, region.path, _plain_attributes(memo[id(region.model)], gm))
         built.module = put(built.module, region.path, gm)
     for edit in rewritten.edits:
-        _apply(built, edit, capture.model)
+        _apply(built, edit, capture.model, memo)
     return built
 
 
@@ -126,12 +126,16 @@ def _plain_attributes(source: nn.Module, gm: fx.GraphModule) -> dict:
             if name not in _MODULE_STATE and not name.startswith("_") and not hasattr(gm, name)}
 
 
-def _apply(built: Assembly, edit: ModuleEdit, original: nn.Module) -> None:
+def _apply(built: Assembly, edit: ModuleEdit, original: nn.Module, memo: dict) -> None:
     if edit.kind in ("replace", "delete"):
-        built.module = put(built.module, edit.path, edit.module)
-        built.made_by[id(edit.module)] = edit.rule
+        made = _adopt(edit.module, memo)
+        built.module = put(built.module, edit.path, made)
+        built.made_by[id(made)] = edit.rule
+        if edit.sources:
+            built.derived.append((edit.path, made, edit.sources, edit.rule))
+        built.frozen.update({join(edit.path, p): edit.rule for p in edit.freeze})
         if edit.weights != "new":
-            built.keeps.append((edit.path, edit.module, original.get_submodule(edit.path), edit.rule, edit.weights))
+            built.keeps.append((edit.path, made, original.get_submodule(edit.path), edit.rule, edit.weights))
         return
     current = built.module.get_submodule(edit.path)
     for part in (edit.before, edit.after):

@@ -137,7 +137,28 @@ def find(locator: Locator, rule: Rewrite) -> tuple[list[Found], list[str], list[
         found += _placed(ix, chains, rule, skipped)
         if pattern.first_only and (found or skipped):
             break
+    if len(elements) == 1 and not (pattern.first_only and (found or skipped)):
+        found += _in_opaque_code(locator, rule, skipped)
     return found, skipped, near
+
+
+def _in_opaque_code(locator: Locator, rule: Rewrite, skipped: list[str]) -> list[Found]:
+    """A one-module pattern also reaches modules that opaque code calls: the module itself is swapped."""
+    kinds = tuple(a for a in rule.pattern.elements()[0] if isinstance(a, type))
+    out = []
+    for path in locator.capture.calls:
+        module = locator.modules.get(path)
+        if not kinds or not isinstance(module, kinds) or (rule.select is not None and not rule.select.matches_name(path)):
+            continue
+        sites = [s for s in locator.module_sites(path, boundary=False) if s.region is None]
+        if not sites:
+            continue  # it sits in a graph: matched there
+        problem = rule.pattern.check(module)
+        if problem:
+            skipped.append(f"{path} ({type(module).__name__}): {problem}")
+            continue
+        out.append(Found(sites[0], (), (path,), path))
+    return out
 
 
 def _key(pnode: fx.Node) -> tuple:
@@ -266,5 +287,10 @@ def missing_reason(locator: Locator, rule: Rewrite) -> str:
     opaque = locator.capture.opaque
     if opaque:
         shown = "; ".join(f"{p or '(the model)'}: {why}" for p, why in list(opaque.items())[:2])
-        text += f"; opaque code may call it, which pattern rules cannot see ({shown})"
+        single = len(rule.pattern.elements()) == 1 and not rule.pattern.is_dag and len(kinds) == len(head)
+        if single and not locator.capture.calls:
+            text += (f"; opaque code may call it, and without example inputs its calls are not known ({shown}); "
+                     "pass example inputs (--input)")
+        else:
+            text += f"; opaque code may call it, which pattern rules cannot see ({shown})"
     return text

@@ -177,7 +177,7 @@ def match(capture: Capture, rules: list[Rule]) -> Plan:
             if not m.sites:
                 m.reason = (missing_reason(locator, rule) if not (m.skipped or m.near)
                             else f"every candidate was left alone: {(m.skipped or m.near)[0]}")
-            elif capture.opaque:
+            elif capture.opaque and not _modules_only(rule):
                 plan.warnings.append(f"{m.label}: calls inside opaque code ({', '.join(p or '(the model)' for p in list(capture.opaque)[:3])}) are not seen and stay as they are")
             _check_conflicts(m, touched)
         else:
@@ -196,6 +196,12 @@ def match(capture: Capture, rules: list[Rule]) -> Plan:
             raise MatchError(f"{m.label} matched nothing: {m.reason}{near}; fix: correct the selector or add 'optional: true'")
         plan.matches.append(m)
     return plan
+
+
+def _modules_only(rule: Rewrite) -> bool:
+    """A one-module pattern reaches opaque code too; chains and calls there stay unseen."""
+    p = rule.pattern
+    return not p.is_dag and len(p.elements()) == 1 and all(isinstance(a, type) for a in p.elements()[0])
 
 
 def _check_conflicts(m: Match, touched: dict[str, Match]) -> None:

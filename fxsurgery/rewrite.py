@@ -19,6 +19,7 @@ from .graphedit import Edited, InputChange, Rewriter, callable_only
 from .match import Match, Plan
 from .modules import Call, Skip
 from .shapes import Meta, shape_text
+from .pattern import Rewrite
 from .spec import Delete, Detach, Insert, New, Replace, fresh
 
 
@@ -35,6 +36,8 @@ class ModuleEdit:
     cut_in: bool = False                # wrap: detach what goes in
     cut_out: bool = False               # wrap: detach what comes out
     weights: Any = "new"                # replace: how the old module's tensors fill the new one
+    sources: tuple = ()                 # replace by a pattern: the modules its tensors were computed from
+    freeze: tuple = ()                  # replace by a pattern: paths (below the new module) that start frozen
 
 
 @dataclass
@@ -105,7 +108,24 @@ def module_edits(capture: Capture, plan: Plan) -> list[ModuleEdit]:
                              else ModuleEdit(path, m.index, "wrap", before=module))
             elif isinstance(rule, Detach):
                 edits.append(ModuleEdit(path, m.index, "wrap", cut_out=rule.after is not None, cut_in=rule.before is not None))
+            elif isinstance(rule, Rewrite):
+                edits.append(_pattern_edit(m, capture.model.get_submodule(path), path, shape_in))
     return edits
+
+
+def _pattern_edit(m: Match, module: nn.Module, path: str, shape_in: tuple | None) -> ModuleEdit:
+    """A one-module pattern on a module that opaque code calls: the module itself is swapped."""
+    pattern = m.rule.pattern
+    made = pattern.rewrite(module)
+    if made is None:
+        return ModuleEdit(path, m.index, "delete", module=Skip())
+    if isinstance(made, New):
+        made = _build(m, made, shape_in, path)
+    if not isinstance(made, nn.Module):
+        made = Call(made)
+    inside = [p for p, sub in made.named_modules() if sub is module] if pattern.freeze_matched else []
+    return ModuleEdit(path, m.index, "replace", module=made,
+                      sources=(path,) if pattern.weights == "derived" else (), freeze=tuple(inside))
 
 
 def rewrite(capture: Capture, plan: Plan) -> Rewritten:

@@ -178,3 +178,19 @@ def test_saving_a_model_with_opaque_code_says_why_and_writes_nothing(gate, tmp_p
     assert str(err.value).endswith("; fix: save its weights with safetensors.torch.save_model(module, path) and rebuild "
                                    "the architecture in code, or make the model traceable (leaf_paths=)")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_one_module_pattern_reaches_a_module_that_opaque_code_calls(gate):
+    result = fxs.apply(gate, [fxs.Rewrite(fxs.AddLoRA(rank=2, alpha=2), select="head")], example_inputs=X)
+    site = result.plan.matches[0].sites[0]
+    assert (site.where, site.region) == ("head", None)
+    x = torch.randn(3, 4)
+    assert torch.equal(result.module(x), gate(x))                       # B = 0
+    head = result.module.head
+    assert head.base is not gate.head and torch.equal(head.base.weight, gate.head.weight)
+    flow = {k: v for k, v in result.gradient_flow.status.items() if k.startswith("head")}
+    assert flow == {"head.base.weight": "frozen", "head.base.bias": "frozen",
+                    "head.lora_a.weight": "trainable", "head.lora_b.weight": "trainable"}
+    assert {(e.name, e.status) for e in result.report.entries if e.name.startswith("head")} == {
+        ("head.base.weight", "transferred"), ("head.base.bias", "transferred"),
+        ("head.lora_a.weight", "new"), ("head.lora_b.weight", "new")}

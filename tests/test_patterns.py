@@ -332,9 +332,9 @@ def test_patterns_see_only_traced_code_and_say_so():
     text = str(err.value)
     assert text.startswith(
         f"rule 1 'rewrite swap_activation torch.nn.Linear -> GELU' ({rule.origin}) matched nothing: no call of torch.nn.Linear "
-        "in the traced graphs (types present: Branchy, Linear); opaque code may call it, which pattern rules cannot see "
-        "((the model): TraceError: symbolically traced variables cannot be used as inputs to control flow")
-    assert text.endswith("models.py:95)); fix: correct the selector or add 'optional: true'")
+        "in the traced graphs (types present: Branchy, Linear); opaque code may call it, and without example inputs its "
+        "calls are not known ((the model): TraceError: symbolically traced variables cannot be used as inputs to control flow")
+    assert text.endswith("models.py:95)); pass example inputs (--input); fix: correct the selector or add 'optional: true'")
 
 
 def test_a_fold_on_a_model_built_without_weights_is_refused_with_the_fix(tmp_path):
