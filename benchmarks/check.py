@@ -61,8 +61,11 @@ def transfer_rows(data: dict | None) -> list[Row]:
 def stream_rows(data: dict | None) -> list[Row]:
     s = (data or {}).get("summary", {})
     model = (data or {}).get("model", "?")
-    return [_le(f"transfer ({model}): streaming from a 4-shard checkpoint, peak RSS <= 1.3x model size "
-                "(the result plus one shard)", s.get("stream_peak_over_model"), 1.3)]
+    copy = s.get("copy_peak_over_model")
+    stream = s.get("stream_peak_over_model")
+    return [(f"transfer ({model}): streaming from a 4-shard checkpoint peaks below copying a loaded model "
+             f"({_fmt(copy)} of the model's size)", _fmt(stream),
+             None if stream is None or copy is None else stream < copy)]
 
 
 def pattern_rows(scaling: dict | None, speed: dict | None) -> list[Row]:

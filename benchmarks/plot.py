@@ -37,11 +37,13 @@ def _scaling(ax, data):
     series = [("fxs_module", "total", "fxsurgery pipeline (type swap)", "-o"),
               ("fxs_module", "swap", "fxsurgery match+rewrite (type swap)", "-s"),
               ("fxs_function", "swap", "fxsurgery match+rewrite (F.relu)", "--s"),
+              ("fxs_pattern", "swap", "fxsurgery pattern rule swap (F.relu)", "-.d"),
               ("fx_function", "replace_pattern", "torch.fx replace_pattern (F.relu)", "-^"),
               ("fx_trace", "total", "torch.fx symbolic_trace", ":.")]
     exps = data.get("exponents", {})
     labels = {"fxs_module/total": "fxs_pipeline", "fxs_module/swap": "fxs_type_swap",
-              "fxs_function/swap": "fxs_function_swap", "fx_function/replace_pattern": "fx_replace_pattern",
+              "fxs_function/swap": "fxs_function_swap", "fxs_pattern/swap": "fxs_pattern_swap",
+              "fx_function/replace_pattern": "fx_replace_pattern",
               "fx_trace/total": "fx_trace"}
     for name, stage, label, style in series:
         pts = [(r["nodes"], r["median_s"][name][stage]) for r in data["sizes"] if name in r["median_s"]]
@@ -55,6 +57,9 @@ def _scaling(ax, data):
                    color="black", zorder=3, label="replace_pattern, relu read twice")
         ax.scatter([two["nodes"]], [two["median_s"]["fxs_function"]["swap"]], marker="*", s=80,
                    color="grey", zorder=3, label="fxsurgery swap, relu read twice")
+        if "fxs_pattern" in two["median_s"]:
+            ax.scatter([two["nodes"]], [two["median_s"]["fxs_pattern"]["swap"]], marker="P", s=60,
+                       color="tab:purple", zorder=3, label="fxsurgery pattern rule, relu read twice")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("graph nodes")
