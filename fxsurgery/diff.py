@@ -13,9 +13,7 @@ deleted, inserted, replaced, cut, frozen or kept (see MEANING).
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
 import os
 import tempfile
 from collections import Counter
@@ -25,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from torch import fx, nn
 
-from .diff_assets import _CSS, _JS
+from .diff_assets import _CSS, _JS, _csp
 from .diff_svg import draw, esc
 from .errors import SaveError
 from .shapes import shape_text
@@ -240,13 +238,6 @@ def _status_css() -> str:
     css = [f'[data-status="{s}"]{{--c:{c};--bg:{c}1a}}' for s, c in COLOURS.items()]
     css += [f'[data-status="{t}"]{{--c:{COLOURS[s]};--bg:{COLOURS[s]}1a}}' for t, s in TENSOR_STATUS.items()]
     return "\n".join(css + [f"td.fz{{color:{COLOURS['frozen']}}}"])
-
-
-def _csp() -> str:
-    # Only this page's own script may run and nothing may be fetched: a name
-    # that escaping missed still could not execute or call out.
-    digest = base64.b64encode(hashlib.sha256(_JS.encode()).digest()).decode()
-    return f"default-src 'none'; style-src 'unsafe-inline'; script-src 'sha256-{digest}'"
 
 
 def _node_html(item: Item) -> str:

@@ -1,5 +1,8 @@
 """The diff page's own stylesheet and script, inline in every page (nothing is fetched)."""
 
+import base64
+import hashlib
+
 _CSS = """:root{font:13px/1.4 system-ui,sans-serif;color:#1f2328;background:#fff}
 body{margin:16px 20px}h1{font-size:18px;margin:0}h2{font-size:15px;margin:4px 0 8px}h2 small{font-weight:400;color:#57606a}
 .fxs-summary{color:#57606a;margin:4px 0 4px 12px}.fxs-tools{margin:6px 0 10px}.fxs-tools button{font:inherit;margin-right:6px}
@@ -36,3 +39,10 @@ _JS = """(function () {
   document.getElementById("fxs-status").textContent = groups.length + " module groups, " + nodes.length + " nodes";
 })();
 """
+
+
+def _csp() -> str:
+    # Only this page's own script may run and nothing may be fetched: a name
+    # that escaping missed still could not execute or call out.
+    digest = base64.b64encode(hashlib.sha256(_JS.encode()).digest()).decode()
+    return f"default-src 'none'; style-src 'unsafe-inline'; script-src 'sha256-{digest}'"
