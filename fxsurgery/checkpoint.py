@@ -133,7 +133,11 @@ class Checkpoint:
             raise ModelError(f"{self.path}: does not fit the model: {'; '.join(parts)}; fix: pass weights saved from this architecture")
 
     def read(self, names) -> Iterator[tuple[str, torch.Tensor]]:
-        """(model name, tensor) for each name, one file open at a time."""
+        """(model name, tensor) for each name, one tensor in memory at a time.
+
+        The file is opened again for each tensor: safetensors maps the whole
+        file, and pages a tensor touched stay resident while the map lives.
+        """
         names = list(names)
         if self.state is not None:
             for name in names:
@@ -144,9 +148,11 @@ class Checkpoint:
         for name in names:
             by_file.setdefault(self.files[self.keys[name]], []).append(name)
         for file, group in by_file.items():
-            with safe_open(file, framework="pt") as handle:
-                for name in group:
-                    yield name, handle.get_tensor(self.keys[name])
+            for name in group:
+                with safe_open(file, framework="pt") as handle:
+                    tensor = handle.get_tensor(self.keys[name])
+                yield name, tensor
+                del tensor
 
 
 @contextlib.contextmanager
