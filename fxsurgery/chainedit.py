@@ -38,6 +38,7 @@ def _call_args(rw: Rewriter, found: Found, first: fx.Node) -> tuple[tuple, dict]
 def rewrite_chains(rw: Rewriter, m: Match, sites: list[Site]) -> None:
     pattern = m.rule.pattern
     made: dict[str, Any] = {}  # install path -> the replacement every site there shares
+    prefixes: dict[int, str] = {}  # id(inlined replacement) -> where its own modules live, once for all its sites
     for site in sites:
         found: Found = m.found[site]
         nodes = [rw.node(n) for n in found.nodes]
@@ -56,7 +57,7 @@ def rewrite_chains(rw: Rewriter, m: Match, sites: list[Site]) -> None:
         if replacement is None:
             _drop(rw, m, site, args, last)
         elif callable(replacement) and not _torch_own(replacement):
-            _inline(rw, m, site, found, replacement, matched, args, kwargs, last)
+            _inline(rw, m, site, found, replacement, matched, args, kwargs, last, prefixes)
         elif isinstance(replacement, nn.Module):
             _call(rw, m, site, found, replacement, first, args, kwargs, last)
         elif callable(replacement):
@@ -116,7 +117,7 @@ def _call(rw: Rewriter, m: Match, site: Site, found: Found, module: nn.Module, f
 
 
 def _inline(rw: Rewriter, m: Match, site: Site, found: Found, module: Any, matched: list, args: tuple, kwargs: dict,
-            last: fx.Node) -> None:
+            last: fx.Node, prefixes: dict[int, str]) -> None:
     what = type(module).__name__ if isinstance(module, nn.Module) else getattr(module, "__name__", "the function")
     reused = {id(obj): n.target for obj, n in zip(matched, [rw.node(x) for x in found.nodes]) if isinstance(obj, nn.Module)}
     tracer = _Inliner(reused)
@@ -128,7 +129,7 @@ def _inline(rw: Rewriter, m: Match, site: Site, found: Found, module: Any, match
     root = tracer.root  # the module itself, or where tracing a function kept its constants
     base = found.modules[0] or rw.node(found.nodes[0]).name
     named = m.rule.pattern.name or snake(type(module).__name__ if isinstance(module, nn.Module) else what)
-    prefix = None
+    prefix = prefixes.get(id(module))
     if m.rule.pattern.freeze_matched:
         rw.edited.frozen.update({t: m.index for t in found.modules if t is not None})
     for node in graph.nodes:
@@ -136,14 +137,14 @@ def _inline(rw: Rewriter, m: Match, site: Site, found: Found, module: Any, match
             if node.target in tracer.used:
                 continue  # a module of the match, called where it is
             obj = root.get_submodule(node.target)
-            prefix = prefix or rw.fresh_path(f"{base.replace('.', '_') if found.install is None else base}_{named}")
+            prefix = prefixes.setdefault(id(module), prefix or rw.fresh_path(f"{base.replace('.', '_') if found.install is None else base}_{named}"))
             node.target = f"{prefix}.{node.target}"
             rw.edited.modules[node.target] = Slot(obj, None, m.index)
         elif node.op == "get_attr":
             obj = root
             for part in node.target.split("."):
                 obj = getattr(obj, part)
-            prefix = prefix or rw.fresh_path(f"{base.replace('.', '_') if found.install is None else base}_{named}")
+            prefix = prefixes.setdefault(id(module), prefix or rw.fresh_path(f"{base.replace('.', '_') if found.install is None else base}_{named}"))
             node.target = f"{prefix}.{node.target}"
             rw.edited.tensors[node.target] = Slot(obj, None, m.index)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]

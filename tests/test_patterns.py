@@ -405,3 +405,21 @@ def test_a_dag_pattern_must_return_a_call():
     line = sys._getframe().f_lineno - 1
     assert str(err.value) == (f"tests/test_patterns.py:{line}: pattern Nothing must return the value of a call; "
                               "fix: e.g. def pattern(self, x, y): return torch.relu(x) + y")
+
+
+def test_lora_on_a_linear_called_twice_is_one_adapter_for_both_calls():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(self.fc(x))
+
+    torch.manual_seed(0)
+    model, x = Twice(), torch.randn(2, 4)
+    result = fxs.apply(model, [fxs.Rewrite(fxs.AddLoRA(rank=2))], example_inputs=(x,))
+    assert result.plan.matches[0].count == 2
+    assert [n for n, _ in result.module.named_parameters()] == ["fc.weight", "fc.bias", "fc_lora.lora_a.weight",
+                                                                 "fc_lora.lora_b.weight"]
+    assert torch.equal(result.module(x), model(x))
