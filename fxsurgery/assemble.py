@@ -36,6 +36,7 @@ class Assembly:
     wrappers: set[int] = field(default_factory=set)         # ids of the Around modules made here
     derived: list[tuple] = field(default_factory=list)  # (path, module, source paths, rule): tensors a pattern computed
     frozen: dict[str, int] = field(default_factory=dict)  # module path -> the pattern rule that freezes it
+    made_tensors: dict[int, tuple] = field(default_factory=dict)  # id(tensor a rule made) -> (rule, source paths)
 
 
 def put(root: nn.Module, path: str, module: nn.Module) -> nn.Module:
@@ -76,11 +77,15 @@ def assemble(rewritten: Rewritten, share: bool = False) -> Assembly:
     for region in sorted(capture.regions, key=lambda r: (bool(r.path), r.path.count("."))):
         edited = rewritten.graphs[region.path]
         table = {}
+        # a graph calls copies of the original's modules (they share its tensors): a module a rule
+        # made may hold one of those, which must become the new module's copy too
+        seen = {id(sub): memo[id(region.model.get_submodule(path))] for path, sub in region.gm.named_modules()
+                if _has(region.model, path) and id(region.model.get_submodule(path)) in memo}
         for path, slot in edited.modules.items():
             if slot.rule is None:  # the graph calls a copy of the original; use the original's blank copy
                 table[path] = memo[id(region.model.get_submodule(slot.source))]
                 continue
-            table[path] = _adopt(slot.value, memo)
+            table[path] = _adopt(slot.value, {**memo, **seen})
             built.made_by[id(table[path])] = slot.rule
             if slot.sources:
                 built.derived.append((join(region.path, path), table[path],
@@ -91,6 +96,9 @@ def assemble(rewritten: Rewritten, share: bool = False) -> Assembly:
         for path, slot in edited.tensors.items():
             if id(slot.value) in memo:
                 table[path] = memo[id(slot.value)]
+            elif slot.rule is not None:  # a tensor an inlined replacement holds: made by its rule
+                table[path] = slot.value
+                built.made_tensors[id(slot.value)] = (slot.rule, tuple(join(region.path, s) for s in slot.sources))
             else:
                 table[path] = _constant(slot.value)
                 built.constants.add(id(table[path]))
@@ -102,6 +110,14 @@ def assemble(rewritten: Rewritten, share: bool = False) -> Assembly:
     for edit in rewritten.edits:
         _apply(built, edit, capture.model, memo)
     return built
+
+
+def _has(root: nn.Module, path: str) -> bool:
+    try:
+        root.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
 
 
 def _adopt(module: nn.Module, memo: dict) -> nn.Module:

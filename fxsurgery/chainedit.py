@@ -42,6 +42,10 @@ def rewrite_chains(rw: Rewriter, m: Match, sites: list[Site]) -> None:
     for site in sites:
         found: Found = m.found[site]
         nodes = [rw.node(n) for n in found.nodes]
+        changed = _changed(nodes)
+        if changed:  # an earlier rule of this run rewired the match since it was planned
+            m.skipped.append(f"{site.where}: {changed}")
+            continue
         first, last = nodes[0], nodes[-1]
         matched = [rw.captured.gm.get_submodule(n.target) if n.op == "call_module" else n for n in nodes]
         if found.install is not None and found.install in made:
@@ -68,6 +72,18 @@ def rewrite_chains(rw: Rewriter, m: Match, sites: list[Site]) -> None:
             rw.fail(m, site, f"{pattern.describe()}.rewrite returned {type(replacement).__name__}",
                     "return an nn.Module, a function, or None to drop the match")
     rw.dirty = True
+
+
+def _changed(nodes: list[fx.Node]) -> str:
+    """Why a planned match no longer holds in the graph as edited so far ('' when it does)."""
+    inside = set(nodes)
+    if len(inside) != len(nodes):
+        return "an earlier rule merged its nodes"
+    for node in nodes[:-1]:
+        outside = [u.name for u in node.users if u not in inside]
+        if outside:
+            return f"an earlier rule made {', '.join(outside[:3])} read {node.name}, inside the match"
+    return ""
 
 
 def _check_values(rw: Rewriter, m: Match, site: Site, found: Found, matched: list) -> None:
@@ -129,6 +145,7 @@ def _inline(rw: Rewriter, m: Match, site: Site, found: Found, module: Any, match
     root = tracer.root  # the module itself, or where tracing a function kept its constants
     base = found.modules[0] or rw.node(found.nodes[0]).name
     named = m.rule.pattern.name or snake(type(module).__name__ if isinstance(module, nn.Module) else what)
+    sources = tuple(t for t in found.modules if t is not None) if m.rule.pattern.weights == "derived" else ()
     prefix = prefixes.get(id(module))
     if m.rule.pattern.freeze_matched:
         rw.edited.frozen.update({t: m.index for t in found.modules if t is not None})
@@ -139,14 +156,14 @@ def _inline(rw: Rewriter, m: Match, site: Site, found: Found, module: Any, match
             obj = root.get_submodule(node.target)
             prefix = prefixes.setdefault(id(module), prefix or rw.fresh_path(f"{base.replace('.', '_') if found.install is None else base}_{named}"))
             node.target = f"{prefix}.{node.target}"
-            rw.edited.modules[node.target] = Slot(obj, None, m.index)
+            rw.edited.modules[node.target] = Slot(obj, None, m.index, sources=sources)
         elif node.op == "get_attr":
             obj = root
             for part in node.target.split("."):
                 obj = getattr(obj, part)
             prefix = prefixes.setdefault(id(module), prefix or rw.fresh_path(f"{base.replace('.', '_') if found.install is None else base}_{named}"))
             node.target = f"{prefix}.{node.target}"
-            rw.edited.tensors[node.target] = Slot(obj, None, m.index)
+            rw.edited.tensors[node.target] = Slot(obj, None, m.index, sources=sources)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if kwargs or len(args) > len(placeholders):  # options of the old call (inplace=...) are not inputs
         args, kwargs = args[:len(placeholders)], {}

@@ -101,6 +101,9 @@ def _follow(ix: CallIndex, start: fx.Node, elements: list[tuple]) -> tuple[list[
             return chain, f"{ix.text(prev)} is followed by {ix.text(user)}, not {element_text(alternatives)}"
         if not user.args or user.args[0] is not prev:
             return chain, f"{ix.text(user)} reads {ix.text(prev)} but not as its first argument"
+        others = [a.name for a in user.all_input_nodes if a is not prev]
+        if others:  # a replacement takes the chain's input only: `add(fc(x), x)` would lose x
+            return chain, f"{ix.text(user)} also reads {', '.join(others[:3])}, which the chain does not pass on"
         chain.append(user)
     return chain, ""
 
@@ -127,9 +130,12 @@ def find(locator: Locator, rule: Rewrite) -> tuple[list[Found], list[str], list[
                 near.append(why)
                 continue
             matched = [ix.module(n) for n in chain]
-            problem = pattern.check(*matched)
+            shapes = [getattr(index.captured.shapes.get(n.name), "shape", None) for n in chain]
+            problem = pattern.check(*matched) or pattern.check_shapes(*shapes)
             if problem:
                 skipped.append(f"{' + '.join(ix.text(n) for n in chain)}: {problem}")
+                if pattern.first_only:  # the first in graph order, or none
+                    break
                 continue
             chains.append(chain)
             if pattern.first_only:
@@ -156,8 +162,12 @@ def _in_opaque_code(locator: Locator, rule: Rewrite, skipped: list[str]) -> list
         problem = rule.pattern.check(module)
         if problem:
             skipped.append(f"{path} ({type(module).__name__}): {problem}")
+            if rule.pattern.first_only:
+                break
             continue
         out.append(Found(sites[0], (), (path,), path))
+        if rule.pattern.first_only:
+            break
     return out
 
 
@@ -183,6 +193,9 @@ def _bind(ix: CallIndex, pnode: fx.Node, gnode: Any, mapping: dict, inputs: dict
         return f"{pnode.name} would be two different nodes"
     if len(pnode.args) != len(gnode.args):
         return f"{ix.text(gnode)} takes {len(gnode.args)} arguments, the pattern {len(pnode.args)}"
+    extra = [k for k in gnode.kwargs if k not in pnode.kwargs]
+    if extra:
+        return f"{ix.text(gnode)} is called with {', '.join(extra)}=, which the pattern does not name"
     for pa, ga in [*zip(pnode.args, gnode.args), *((pnode.kwargs[k], gnode.kwargs.get(k)) for k in pnode.kwargs)]:
         why = _bind_arg(ix, pa, ga, mapping, inputs)
         if why:
@@ -277,6 +290,8 @@ def _placed(ix: CallIndex, chains: list[list[fx.Node]], rule: Rewrite, skipped: 
 
 def missing_reason(locator: Locator, rule: Rewrite) -> str:
     """Why a pattern matched nothing at all: what its first element would have needed."""
+    if rule.pattern.is_dag:
+        return f"nothing in the traced graphs has the shape of {rule.pattern.describe()}"
     head = rule.pattern.elements()[0]
     kinds = [a for a in head if isinstance(a, type) and issubclass(a, nn.Module)]
     where = f" selected by {rule.select}" if rule.select is not None else ""

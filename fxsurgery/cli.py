@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--leaf", action="append", default=[], metavar="GLOB", help="treat modules at these paths as leaves")
         p.add_argument("--json", action="store_true", help="print JSON for machines")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--eval", action="store_true", help="put the model in eval mode first (inference rewrites: fold-bn)")
 
     p = sub.add_parser("apply", help="apply rule files to a model")
     model_args(p)
@@ -93,6 +94,8 @@ def _model(args):
         model = load_model(args.model, trust_pickle=args.trust_pickle)
     if checkpoint is not None:
         checkpoint.check({k: (tuple(v.shape), v.dtype) for k, v in model.state_dict(keep_vars=True).items()})
+    if getattr(args, "eval", False):
+        model.eval()
     return model, checkpoint
 
 

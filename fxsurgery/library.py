@@ -32,6 +32,9 @@ def _bn_scale(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.
 
 
 def _bn_problem(layer: nn.Module, bn: nn.Module, out: int) -> str | None:
+    if bn.training:
+        return (f"{type(bn).__name__} is in training mode, where it normalises with batch statistics: "
+                "call .eval() on the model before folding")
     if bn.running_mean is None:
         return f"{type(bn).__name__} keeps no running statistics (track_running_stats=False), so it is not an affine map"
     if bn.num_features != out:
@@ -78,6 +81,12 @@ class FoldLinearBatchNorm(Pattern):
 
     def check(self, linear, bn):
         return _bn_problem(linear, bn, linear.out_features)
+
+    def check_shapes(self, linear_out, bn_out):
+        if linear_out is not None and len(linear_out) != 2:
+            return (f"the Linear's output has {len(linear_out)} dimensions: BatchNorm1d then normalises dimension 1, "
+                    "not the Linear's features")
+        return None
 
     def rewrite(self, linear, bn):
         s, t = _bn_scale(bn)

@@ -298,7 +298,7 @@ def _pattern_rule(item: _Map, action: str, origin: Origin, resolver: _Resolver):
         elements = [_element(e, chain.line, resolver) for e in chain]
         thing = Chain(elements, _module_spec(body["with"], body.key_lines["with"], resolver))
     elif action == "rewrite":
-        if body not in BUILTINS:
+        if not isinstance(body, str) or body not in BUILTINS:
             close = difflib.get_close_matches(str(body), list(BUILTINS), n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"built-ins: {', '.join(BUILTINS)}; or 'use: package.module:Pattern'"
             raise RuleError(f"{source}:{line}: unknown rewrite {_short(body)}; fix: {hint}")

@@ -211,7 +211,7 @@ def _check_conflicts(m: Match, touched: dict[str, Match]) -> None:
     for site in m.sites:
         names = [(site.region, n) for n in site.nodes] if site.region is not None else [(None, site.key)]
         hit = next(((name[1], touched[name]) for name in names if name in touched
-                    and (destructive or touched[name].rule.action == "delete")), None)
+                    and (destructive or touched[name].rule.action in ("delete", "rewrite"))), None)
         if hit is None:
             kept.append(site)
         else:
@@ -219,7 +219,7 @@ def _check_conflicts(m: Match, touched: dict[str, Match]) -> None:
             m.skipped.append(f"{site.where} (gone after {hit[1].label})")
     if clash and not kept:
         name, earlier = clash
-        verb = "deleted" if isinstance(earlier.rule, Delete) else "replaced"
+        verb = {"delete": "deleted", "rewrite": "rewritten"}.get(earlier.rule.action, "replaced")
         raise MatchError(f"{m.label} conflicts with {earlier.label}: node '{name}' was already {verb}; fix: drop one of the two rules")
     m.sites = kept
     kept_modules = {s.module for s in kept}

@@ -24,8 +24,8 @@ takes the chain's first call's arguments, or the DAG's inputs in order; a
 Python function or module of your own is traced and inlined. The tensors of what `rewrite` returns are
 reported as adapted from the matched modules (`weights = "derived"`) or as new
 (`weights = "new"`); original modules it reuses (an adapter around a Linear)
-are transferred like any others. `freeze` lists parameter globs, relative to
-the new module, that start frozen.
+are transferred like any others. `freeze_matched` freezes the matched
+modules' own parameters (an adapter's base).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from typing import Any, Callable
 from torch import fx, nn
 
 from .errors import RuleError
-from .spec import Origin, Rule, Selector, _caller_origin, _qualname, _sel, check_kwargs, describe
+from .spec import Origin, Rule, Selector, _caller_origin, _qualname, _sel, check_kwargs, describe, fresh
 
 
 class Pattern:
@@ -46,13 +46,16 @@ class Pattern:
 
     pattern: tuple = ()
     weights: str = "derived"      # derived | new
-    freeze: tuple = ()            # parameter globs of the new module that start frozen
     first_only: bool = False      # only the first match in graph order (the input layer)
     freeze_matched: bool = False  # the matched modules' parameters start frozen (an adapter's base)
     name: str = ""                # names what the rewrite adds: <path>_<name>
 
     def check(self, *matched) -> str | None:
         """Why this match must be left alone, or None to rewrite it."""
+        return None
+
+    def check_shapes(self, *shapes) -> str | None:
+        """Why this match must be left alone, from the traced output shape of each element (None: unknown)."""
         return None
 
     def rewrite(self, *matched) -> Any:
@@ -134,7 +137,7 @@ class Chain(Pattern):
         self.replacement = replacement
 
     def rewrite(self, *matched):
-        return self.replacement
+        return fresh(self.replacement)  # one module per match, never the rule's own object
 
     def describe(self) -> str:
         return f"[{', '.join(element_text(e) for e in self.elements())}] -> {describe(self.replacement)}"

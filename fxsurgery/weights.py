@@ -172,6 +172,13 @@ def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True,
             source = name if name in sources else sources[0]
             used.add(source)
             report.entries.append(_entry(name, t, kind, "transferred", source=source, frozen=frozen))
+        elif id(t) in built.made_tensors:
+            rule, sources = built.made_tensors[id(t)]
+            status = "adapted" if sources else "new"
+            op = f"computed by {rewritten.rule_of(rule).label}" if sources else ""
+            report.entries.append(_entry(name, t, kind, status, source=", ".join(sources) or None, rule=rule, op=op,
+                                         frozen=frozen))
+            derived_from.update(sources)
         elif id(t) in built.constants:
             report.entries.append(_entry(name, t, kind, "transferred", source=name, op="constant captured from the forward code", frozen=frozen))
         elif id(t) in kept:

@@ -318,7 +318,7 @@ def test_fxsurgery_rules_lists_every_shipped_file():
 
 
 def test_a_shipped_rule_file_by_name(tmp_path):
-    code, out, err = cli("apply", "torchvision.models:resnet18", "fold-bn", "--input", "2x3x32x32", "--dry-run")
+    code, out, err = cli("apply", "torchvision.models:resnet18", "fold-bn", "--input", "2x3x32x32", "--dry-run", "--eval")
     assert (code, err) == (0, "")
     assert re.search(r"^1  rewrite fold_bn \(conv \+ batchnorm -> conv\) +20 +conv1, layer1.0.conv1,", out, re.M)
 
@@ -423,3 +423,90 @@ def test_lora_on_a_linear_called_twice_is_one_adapter_for_both_calls():
     assert [n for n, _ in result.module.named_parameters()] == ["fc.weight", "fc.bias", "fc_lora.lora_a.weight",
                                                                  "fc_lora.lora_b.weight"]
     assert torch.equal(result.module(x), model(x))
+
+
+# -- found by review -----------------------------------------------------------------------------------
+
+class LinearRelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act = nn.Linear(4, 4), nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.fc(x))
+
+
+def test_a_replacement_that_wraps_a_matched_module_gets_a_copy():
+    class Wrap(fxs.Pattern):
+        pattern = (nn.Linear, nn.ReLU)
+
+        def rewrite(self, linear, relu):
+            return nn.Sequential(linear, nn.GELU())
+
+    model = LinearRelu()
+    saved = state_copy(model)
+    result = fxs.apply(model, [fxs.Rewrite(Wrap()), fxs.Freeze("fc")], example_inputs=(torch.randn(2, 4),))
+    assert result.module.fc[0].weight is not model.fc.weight and model.fc.weight.requires_grad
+    assert result.report.entry("fc.0.weight").status == "transferred"
+    assert_state_equal(model, saved)
+
+
+def test_a_match_an_earlier_rule_rewired_is_left_alone():
+    model = randomise_bn(ConvBN(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)))
+    x = torch.randn(2, 3, 8, 8)
+    result = fxs.apply(model, [fxs.Output("conv"), fxs.Rewrite(fxs.FoldBatchNorm, optional=True)], example_inputs=(x,))
+    assert result.plan.matches[1].skipped == ["conv: an earlier rule made output read conv, inside the match"]
+    assert torch.equal(result.module(x), model.conv(x))
+
+
+def test_a_rule_on_a_node_an_earlier_rewrite_removed_conflicts():
+    model = randomise_bn(ConvBN(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)))
+    fold, insert = fxs.Rewrite(fxs.FoldBatchNorm), fxs.Insert(nn.Identity(), after="conv")
+    with pytest.raises(fxs.MatchError) as err:
+        fxs.apply(model, [fold, insert], example_inputs=(torch.randn(2, 3, 8, 8),))
+    assert str(err.value) == (f"rule 2 'insert Identity() after conv' ({insert.origin}) conflicts with rule 1 'rewrite fold_bn "
+                              f"(conv + batchnorm -> conv)' ({fold.origin}): node 'conv' was already rewritten; fix: drop one "
+                              "of the two rules")
+
+
+def test_what_a_fold_leaves_alone():
+    train = ConvBN(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).train()
+    result = fxs.apply(train, [fxs.Rewrite(fxs.FoldBatchNorm, optional=True)], example_inputs=(torch.randn(2, 3, 8, 8),))
+    assert result.plan.matches[0].skipped == ["conv (Conv2d) + bn (BatchNorm2d): BatchNorm2d is in training mode, where it "
+                                              "normalises with batch statistics: call .eval() on the model before folding"]
+    seq = randomise_bn(ConvBN(nn.Linear(8, 8), nn.BatchNorm1d(8)))      # [N, 8, 8]: BN normalises dim 1
+    result = fxs.apply(seq, [fxs.Rewrite(fxs.FoldLinearBatchNorm, optional=True)], example_inputs=(torch.randn(2, 8, 8),))
+    assert result.plan.matches[0].skipped == ["conv (Linear) + bn (BatchNorm1d): the Linear's output has 3 dimensions: "
+                                              "BatchNorm1d then normalises dimension 1, not the Linear's features"]
+    grouped = nn.Sequential(nn.Conv2d(3, 3, 3, groups=3), nn.Conv2d(3, 8, 1))
+    result = fxs.apply(grouped, [fxs.Rewrite(fxs.AdaptInputChannels(1), optional=True)],
+                       example_inputs=(torch.randn(2, 3, 8, 8),))
+    assert result.plan.matches[0].count == 0   # the first convolution or none, never the second
+
+
+def test_a_chain_with_a_module_instance_gets_one_copy_per_match():
+    rep = nn.Conv2d(8, 8, 3, padding=1)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+    result = fxs.apply(model.eval(), [fxs.Rewrite(fxs.Chain([nn.Conv2d, nn.BatchNorm2d], rep))],
+                       example_inputs=(torch.randn(1, 8, 6, 6),))
+    first, second = result.module.get_submodule("0"), result.module.get_submodule("2")
+    assert first is not second and first is not rep and second is not rep
+
+
+def test_a_dag_pattern_needs_the_calls_keywords_to_match():
+    class Sum(fxs.Pattern):
+        def pattern(self, x):
+            return torch.sum(x)
+
+        def rewrite(self, s):
+            return torch.sum
+
+    class M(nn.Module):
+        def forward(self, x):
+            return torch.sum(x, dim=1)
+
+    result = fxs.apply(M(), [fxs.Rewrite(Sum(), optional=True)], example_inputs=(torch.randn(2, 4),))
+    assert result.plan.matches[0].near == ["at sum_1 (sum): sum_1 (sum) is called with dim=, which the pattern does not name"]
+    nothing = fxs.apply(nn.Sequential(nn.Linear(4, 4)), [fxs.Rewrite(GeluResidual(), optional=True)],
+                        example_inputs=(torch.randn(2, 4),))
+    assert nothing.plan.matches[0].reason == "nothing in the traced graphs has the shape of GeluResidual"
