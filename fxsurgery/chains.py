@@ -140,7 +140,7 @@ def find(locator: Locator, rule: Rewrite) -> tuple[list[Found], list[str], list[
             chains.append(chain)
             if pattern.first_only:
                 break
-        found += _placed(ix, chains, rule, skipped)
+        found += _placed(ix, chains, rule, skipped, locator.capture.calls)
         if pattern.first_only and (found or skipped):
             break
     if len(elements) == 1 and not (pattern.first_only and (found or skipped)):
@@ -248,7 +248,7 @@ def find_dag(locator: Locator, rule: Rewrite) -> tuple[list[Found], list[str], l
             taken |= inside
             chains.append((matched, tuple(inputs[p].name if isinstance(inputs.get(p), fx.Node) else None
                                           for p in placeholders)))
-        placed = _placed(ix, [c for c, _ in chains], rule, skipped)
+        placed = _placed(ix, [c for c, _ in chains], rule, skipped, locator.capture.calls)
         by_nodes = {tuple(n.name for n in c): ins for c, ins in chains}
         for f in placed:
             if None in by_nodes[f.nodes]:
@@ -258,8 +258,19 @@ def find_dag(locator: Locator, rule: Rewrite) -> tuple[list[Found], list[str], l
     return found, skipped, near
 
 
-def _placed(ix: CallIndex, chains: list[list[fx.Node]], rule: Rewrite, skipped: list[str]) -> list[Found]:
-    """Where each chain's replacement goes; chains that would change a shared module are skipped."""
+def _placed(ix: CallIndex, chains: list[list[fx.Node]], rule: Rewrite, skipped: list[str], calls: dict) -> list[Found]:
+    """Where each chain's replacement goes; chains that would change a shared module are skipped.
+
+    A module's calls count those in this graph and, from the example run, those
+    made elsewhere (opaque code calling it directly, another graph)."""
+    region = ix.index.region
+    runs = calls[region].count if region and region in calls else 1  # how often this graph itself ran
+
+    def count(target: str) -> int:
+        recorded = calls.get(join(region, target))
+        beyond = recorded.count - ix.calls[target] * runs if recorded is not None else 0
+        return ix.calls[target] + max(0, beyond)
+
     matched_calls: dict[str, int] = defaultdict(int)
     for chain in chains:
         for n in chain:
@@ -268,21 +279,21 @@ def _placed(ix: CallIndex, chains: list[list[fx.Node]], rule: Rewrite, skipped: 
     out = []
     for chain in chains:
         targets = [n.target if n.op == "call_module" else None for n in chain]
-        shared = [t for t in targets if t is not None and ix.calls[t] > 1]
+        shared = [t for t in targets if t is not None and count(t) > 1]
         first = targets[0]
         if not shared:
             install = first
-        elif len(chain) == 1 and matched_calls[first] == ix.calls[first]:
+        elif len(chain) == 1 and matched_calls[first] == count(first):
             install = first  # every call of the module is rewritten the same way: one replacement serves all
         elif rule.per_site:
             install = None
         else:
             t = shared[0]
             skipped.append(f"{' + '.join(ix.text(n) for n in chain)}: {join(ix.index.region, t)} is called at "
-                           f"{ix.calls[t]} places and rewriting one would change the others; per_site: true gives each match its own copy")
+                           f"{count(t)} places and rewriting one would change the others; per_site: true gives each match its own copy")
             continue
         names = [n.name for n in chain]
-        key = first if first is not None and ix.calls[first] == 1 else chain[0].name
+        key = first if first is not None and ix.calls[first] == 1 else chain[0].name  # a site key is per graph
         site = ix.index._site(key, first, names, len(chain) == 1 and chain[0].op == "call_module")
         out.append(Found(site, tuple(names), tuple(targets), install))
     return out

@@ -510,3 +510,23 @@ def test_a_dag_pattern_needs_the_calls_keywords_to_match():
     nothing = fxs.apply(nn.Sequential(nn.Linear(4, 4)), [fxs.Rewrite(GeluResidual(), optional=True)],
                         example_inputs=(torch.randn(2, 4),))
     assert nothing.plan.matches[0].reason == "nothing in the traced graphs has the shape of GeluResidual"
+
+
+def test_a_module_also_called_by_opaque_code_is_not_folded():
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = ConvBN(nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3))
+
+        def forward(self, x):
+            y = self.block(x)
+            return y + self.block.conv(x) if y.sum() > 0 else y - self.block.conv(x)   # data-dependent: stays Python
+
+    model = randomise_bn(Outer())
+    x = torch.randn(2, 3, 8, 8)
+    result = fxs.apply(model, [fxs.Rewrite(fxs.FoldBatchNorm, optional=True)], example_inputs=(x,))
+    assert result.plan.matches[0].skipped == [
+        "block.conv (Conv2d) + block.bn (BatchNorm2d): block.conv is called at 2 places and rewriting one would change "
+        "the others; per_site: true gives each match its own copy"]
+    with torch.no_grad():
+        assert torch.equal(result.module(x), model(x))
