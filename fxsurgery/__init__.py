@@ -21,7 +21,7 @@ from .pattern import Chain, Output, Pattern, Rewrite, calls, pattern
 from .library import (AddLoRA, AdaptInputChannels, DropDropout, FoldBatchNorm, FoldLinearBatchNorm,
                       SwapActivation)
 from .weights import TransferReport
-from .weights import transfer_modules as transfer
+from .pairwise import transfer_modules as transfer
 from .version import __version__
 
 __all__ = [
