@@ -79,8 +79,9 @@ def assemble(rewritten: Rewritten, share: bool = False) -> Assembly:
         table = {}
         # a graph calls copies of the original's modules (they share its tensors): a module a rule
         # made may hold one of those, which must become the new module's copy too
+        made = any(slot.rule is not None for slot in edited.modules.values())
         seen = {id(sub): memo[id(region.model.get_submodule(path))] for path, sub in region.gm.named_modules()
-                if _has(region.model, path) and id(region.model.get_submodule(path)) in memo}
+                if _has(region.model, path) and id(region.model.get_submodule(path)) in memo} if made else {}
         for path, slot in edited.modules.items():
             if slot.rule is None:  # the graph calls a copy of the original; use the original's blank copy
                 table[path] = memo[id(region.model.get_submodule(slot.source))]

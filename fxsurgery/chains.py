@@ -54,6 +54,13 @@ class CallIndex:
             elif n.op == "call_method":
                 self.by[("method", n.target)].append(n)
 
+    @classmethod
+    def of(cls, index: GraphIndex) -> "CallIndex":
+        """The index of a graph, built once however many pattern rules read it."""
+        if getattr(index, "calls_index", None) is None:
+            index.calls_index = cls(index)
+        return index.calls_index
+
     def hits(self, node: fx.Node, alternatives: tuple) -> bool:
         for a in alternatives:
             if isinstance(a, str):
@@ -119,7 +126,7 @@ def find(locator: Locator, rule: Rewrite) -> tuple[list[Found], list[str], list[
     near: list[str] = []
     regions = sorted(locator.indexes, key=lambda ix: (bool(ix.region), ix.region.count(".")))  # the model's graph first
     for index in regions:
-        ix = CallIndex(index)
+        ix = CallIndex.of(index)
         chains = []
         for start in ix.candidates(elements[0]):
             name = join(index.region, start.target if start.op == "call_module" else start.name)
@@ -221,7 +228,7 @@ def find_dag(locator: Locator, rule: Rewrite) -> tuple[list[Found], list[str], l
     anchor = next(n for n in graph.nodes if n.op == "output").args[0]
     found, skipped, near = [], [], []
     for index in sorted(locator.indexes, key=lambda ix: (bool(ix.region), ix.region.count("."))):
-        ix = CallIndex(index)
+        ix = CallIndex.of(index)
         chains, taken = [], set()
         for start in ix.candidates(_key(anchor)):
             mapping, inputs = {}, {}

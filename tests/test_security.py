@@ -18,7 +18,6 @@ never appears through fxsurgery.
 from __future__ import annotations
 
 import ast
-import contextlib
 import hashlib
 import io
 import json
@@ -38,10 +37,10 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import save_file
+from test_bad_inputs import run_cli as bad_inputs_cli
 from torch import nn
 
 import fxsurgery as fxs
-import fxsurgery.cli as cli_module
 from fxsurgery import Freeze
 from fxsurgery.checkpoint import read_state_dict
 
@@ -57,29 +56,7 @@ def write(path: Path, text: str) -> str:
 
 def run_cli(*argv):
     """(exit status, stdout, stderr, the exception the command raised or None), in-process."""
-    raised = []
-    names = [n for n in dir(cli_module) if n.startswith("cmd_")]
-    originals = {n: getattr(cli_module, n) for n in names}
-
-    def wrap(fn):
-        def command(args):
-            try:
-                return fn(args)
-            except BaseException as exc:
-                raised.append(exc)
-                raise
-        return command
-
-    out, err = io.StringIO(), io.StringIO()
-    for n in names:
-        setattr(cli_module, n, wrap(originals[n]))
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = cli_module.main([str(a) for a in argv])
-    finally:
-        for n, fn in originals.items():
-            setattr(cli_module, n, fn)
-    return code, out.getvalue(), err.getvalue(), (raised[0] if raised else None)
+    return bad_inputs_cli([str(a) for a in argv])
 
 
 def assert_refused(result, error=fxs.FxsError):
