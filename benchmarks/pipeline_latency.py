@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from fxsurgery.progress import bar
+from fxsurgery._progress import bar
 
 from .common import interleave, log, medians, ratio
 from .models import build, selected, six_rules

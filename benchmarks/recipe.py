@@ -11,11 +11,10 @@ import time
 from torch import nn
 
 from fxsurgery.capture import capture
-from fxsurgery.loader import load_rules
 from fxsurgery.match import match
 from fxsurgery.rewrite import rewrite
-from fxsurgery.spec import flatten
-from fxsurgery.weights import transfer
+from fxsurgery.spec import flatten, load_rules
+from fxsurgery.transfer import transfer
 from fxsurgery.validate import check_module, validate
 
 STAGES = ("capture", "match", "rewrite", "validate", "transfer", "check")

@@ -58,7 +58,7 @@ def share_mode() -> dict | None:
     """How to ask the transfer stage to share tensors, if it can (a feature another change may add)."""
     import importlib
 
-    stage = importlib.import_module("fxsurgery.weights")
+    stage = importlib.import_module("fxsurgery.transfer")
     params = inspect.signature(stage.transfer).parameters
     if "copy" in params:
         return {"copy": False}
@@ -116,7 +116,7 @@ def _step(variant: str, name: str, model, inputs):
     import torch
 
     import fxsurgery as fxs
-    from fxsurgery.weights import transfer
+    from fxsurgery.transfer import transfer
 
     from .recipe import prepared
 
@@ -146,7 +146,7 @@ def _step(variant: str, name: str, model, inputs):
         return stream, "fxs.empty_weights() build, fxs.apply(model, [], weights=<4-shard index.json>)"
     kwargs = {} if variant == "fxs_copy" else share_mode()
     rewritten = prepared(model, [], inputs)
-    return (lambda: transfer(rewritten, **kwargs)[0]), f"fxsurgery.weights.transfer(rewritten, **{kwargs})"
+    return (lambda: transfer(rewritten, **kwargs)[0]), f"fxsurgery.transfer.transfer(rewritten, **{kwargs})"
 
 
 def child(variant: str, name: str, size: int) -> dict:
@@ -154,8 +154,6 @@ def child(variant: str, name: str, size: int) -> dict:
     import torch
     import torchvision.models  # noqa: F401  (libraries loaded before the baseline: not the model's cost)
 
-    import fxsurgery.capture  # noqa: F401
-    import fxsurgery.validate  # noqa: F401
 
     gc.collect()
     base_rss = _status("VmRSS")

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from corpus import CORPUS  # noqa: E402
 
 import fxsurgery as fxs  # noqa: E402
-from fxsurgery.progress import bar  # noqa: E402
+from fxsurgery._progress import bar  # noqa: E402
 
 
 def plain_fx(model) -> str:

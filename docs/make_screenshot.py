@@ -26,13 +26,13 @@ def demo_page(directory: Path) -> Path:
     """Write the demo surgery's diff (ResNet-18, random weights, rules/resnet-finetune.yaml) into `directory`."""
     sys.path.insert(0, str(ROOT))
     import fxsurgery as fxs
-    from fxsurgery import diff
+    from fxsurgery.views import _diff as diff
 
     os.chdir(ROOT)   # rule labels then read 'rules/resnet-finetune.yaml:8', as in the README
     torch.manual_seed(0)
     result = fxs.apply(torchvision.models.resnet18(weights=None), ["rules/resnet-finetune.yaml"],
                        example_inputs=(torch.randn(1, 3, 224, 224),))
-    return diff.write(result, directory / "demo-diff.html")
+    return diff.diff(result, directory / "demo-diff.html")
 
 
 def main() -> int:

@@ -1,10 +1,9 @@
 """Delete the first layer and add a new one after the last."""
 import torch
 from torch import nn
-
-import fxsurgery as fxs
 from walkthrough import M
 
+import fxsurgery as fxs
 
 torch.manual_seed(0)
 model = M()

@@ -4,10 +4,9 @@ The input shape changes with it ([1, 3] -> [1, 2]); the result says so and
 carries example inputs that fit.
 """
 import torch
-
-import fxsurgery as fxs
 from walkthrough import M
 
+import fxsurgery as fxs
 
 torch.manual_seed(0)
 model = M()

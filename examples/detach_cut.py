@@ -4,10 +4,9 @@ Detach inserts `Tensor.detach()` (never the in-place `detach_()`), so values
 are untouched and nothing upstream of the cut receives a gradient.
 """
 import torch
-
-import fxsurgery as fxs
 from walkthrough import M3
 
+import fxsurgery as fxs
 
 torch.manual_seed(0)
 model = M3()

@@ -10,9 +10,9 @@ weight decay keep moving it. fxsurgery's result has fresh tensors without
 """
 import torch
 from torch import nn
+from walkthrough import M
 
 import fxsurgery as fxs
-from walkthrough import M
 
 
 def steps(model, params, n=3):

@@ -1,10 +1,9 @@
 """Replace the first layer by a wider one: the rest keeps its weights exactly."""
 import torch
 from torch import nn
-
-import fxsurgery as fxs
 from walkthrough import M
 
+import fxsurgery as fxs
 
 torch.manual_seed(0)
 model = M()

@@ -1,10 +1,9 @@
 """The surgered model trains like any module; the original never moves with it."""
 import torch
 from torch import nn
-
-import fxsurgery as fxs
 from walkthrough import M
 
+import fxsurgery as fxs
 
 torch.manual_seed(0)
 model = M()

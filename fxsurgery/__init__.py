@@ -9,23 +9,38 @@
     result.module, result.report, result.save("out/"), fxs.load("out/")
 """
 
-from .checkpoint import Checkpoint, empty_weights
-from .errors import (FxsError, MatchError, ModelError, RewriteError, RuleError, SaveError,
-                     TraceError, TransferError, ValidateError)
-from .loader import load_rules
+from .errors import FxsError, MatchError, ModelError, RewriteError, RuleError, SaveError, TraceError, TransferError, ValidateError
+from .export import load, map_weights, save
 from .pipeline import SurgeryResult, SurgeryWarning, apply
-from .replay import map_weights
-from .export import load, save
-from .spec import Delete, Detach, Freeze, Insert, Replace, RuleSet, new
-from .pattern import Chain, Output, Pattern, Rewrite, calls, pattern
-from .library import (AddLoRA, AdaptInputChannels, DropDropout, FoldBatchNorm, FoldLinearBatchNorm,
-                      SwapActivation)
-from .weights import TransferReport
-from .pairwise import transfer_modules as transfer
+from .spec import (
+    AdaptInputChannels,
+    AddLoRA,
+    Chain,
+    Delete,
+    Detach,
+    DropDropout,
+    FoldBatchNorm,
+    FoldLinearBatchNorm,
+    Freeze,
+    Insert,
+    Output,
+    Pattern,
+    Replace,
+    Rewrite,
+    RuleSet,
+    SwapActivation,
+    calls,
+    load_rules,
+    new,
+    pattern,
+)
+from .transfer import Checkpoint, TransferReport, empty_weights
+from .transfer import transfer_modules as transfer
 from .version import __version__
+from .views import diff
 
 __all__ = [
-    "apply", "new", "load_rules", "transfer", "save", "load", "map_weights", "empty_weights", "Checkpoint",
+    "apply", "new", "load_rules", "transfer", "save", "load", "map_weights", "diff", "empty_weights", "Checkpoint",
     "Delete", "Replace", "Insert", "Detach", "Freeze", "RuleSet",
     "Rewrite", "Output", "Pattern", "pattern", "calls", "Chain",
     "FoldBatchNorm", "FoldLinearBatchNorm", "DropDropout", "SwapActivation", "AddLoRA", "AdaptInputChannels",
@@ -33,3 +48,11 @@ __all__ = [
     "FxsError", "RuleError", "ModelError", "TraceError", "MatchError", "RewriteError",
     "ValidateError", "TransferError", "SaveError", "__version__",
 ]
+
+# The API is fxsurgery.NAME wherever it is defined: reprs, error messages and
+# pickles name the public path, not the engine module behind it.
+for _name in __all__:
+    _obj = globals()[_name]
+    if isinstance(_obj, type) or callable(_obj):
+        _obj.__module__ = __name__
+del _name, _obj

@@ -4,6 +4,8 @@ Every message is a single line that says where (rule file and line, or the
 Python rule), what went wrong, and the fix. The CLI prints it as it is.
 """
 
+from __future__ import annotations
+
 
 class FxsError(Exception):
     """Base of every error fxsurgery raises on bad input."""
@@ -30,7 +32,17 @@ class ModelError(FxsError):
 
 
 class TraceError(FxsError):
-    """The model's forward cannot be captured as a graph."""
+    """The model's forward cannot be captured as a graph.
+
+    `failed_in` is the innermost module whose code failed (None: the model's own
+    forward, or no module in particular); `reason` is the failure without the
+    fix, quoted where the module stays opaque (None: the message says it all).
+    """
+
+    def __init__(self, message: str, *, failed_in: str | None = None, reason: str | None = None):
+        super().__init__(message)
+        self.failed_in = failed_in
+        self.reason = reason
 
 
 class MatchError(FxsError):

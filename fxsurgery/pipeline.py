@@ -10,25 +10,20 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from .loader import load_rules
-from .match import Plan, match
-from .capture import Capture, capture
-from .gradflow import GradientFlow, gradient_flow
-from .graphedit import InputChange
-from .rewrite import rewrite
+from .capture import Capture, Captured, Meta, capture
 from .export import save
-from .shapes import Meta, shape_text
-from .spec import Rule, flatten
-from .trace import Captured
-from .weights import TransferReport, transfer
-from .validate import check_module, validate
+from .match import Plan, match
+from .rewrite import InputChange, rewrite
+from .spec import Rule, flatten, load_rules
+from .transfer import TransferReport, transfer
+from .validate import GradientFlow, check_module, gradient_flow, validate
 
 
 class SurgeryWarning(UserWarning):
     """Something worth reading that is not an error (e.g. freezing a module without parameters)."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SurgeryResult:
     """The regenerated module and everything said about how it was made."""
 
@@ -114,11 +109,6 @@ class SurgeryResult:
             "coverage": self.capture.coverage() if self.capture is not None else None,
         }
 
-    def diff(self, path: str | os.PathLike) -> Path:
-        """Write the graph before and after as one self-contained HTML page or an SVG, chosen by the suffix."""
-        from .diff import write  # the view sits above the pipeline; imported when asked for
-        return write(self, path)
-
     def save(self, directory: str | os.PathLike, *, force: bool = False, formats=()) -> Path:
         """Write model.py + model.safetensors + surgery.json (atomically), plus any `formats`
         ("pt2", "onnx", "torchscript"), each verified on the example inputs."""
@@ -149,13 +139,11 @@ def apply(model: nn.Module, rules, example_inputs=None, *, params: dict | None =
     module, report = transfer(rewritten, strict=strict, copy=copy, weights=weights)
     check_module(module, rewritten)                   # where opaque code joins the graphs
     root = rewritten.root
-    result = SurgeryResult(module, report, plan, rule_list, rewritten.example_inputs(), captured.example_inputs,
-                           rewritten.input_changes(), captured.regions[0] if captured.complete else None,
-                           root.shapes if root is not None else {}, captured)
+    result = SurgeryResult(module=module, report=report, plan=plan, rules=rule_list,
+                           example_inputs=rewritten.example_inputs(), original_inputs=captured.example_inputs,
+                           input_changes=rewritten.input_changes(),
+                           original=captured.regions[0] if captured.complete else None,
+                           shapes=root.shapes if root is not None else {}, capture=captured)
     for warning in plan.warnings + result.gradient_flow.warnings():
         warnings.warn(warning, SurgeryWarning, stacklevel=2)
     return result
-
-
-def describe_inputs(inputs) -> str:
-    return ", ".join(shape_text(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs or ())

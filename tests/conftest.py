@@ -18,7 +18,8 @@ RULES = os.path.join(ROOT, "rules")
 
 
 sys.path.insert(0, os.path.join(ROOT, "examples"))
-from walkthrough import M as Two, M3 as Three  # noqa: E402  (the walkthrough's models)
+from walkthrough import M3 as Three  # noqa: E402
+from walkthrough import M as Two  # noqa: E402  (the walkthrough's models)
 
 
 @pytest.fixture

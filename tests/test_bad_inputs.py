@@ -34,10 +34,23 @@ from safetensors.torch import save_file
 from torch import nn
 
 import fxsurgery as fxs
-from fxsurgery.trace import trace
 import fxsurgery.cli as cli_module
-from fxsurgery import (Delete, Detach, Freeze, Insert, MatchError, ModelError, Replace, RewriteError, RuleError,
-                       SaveError, TraceError, TransferError, ValidateError)
+from fxsurgery import (
+    Delete,
+    Detach,
+    Freeze,
+    Insert,
+    MatchError,
+    ModelError,
+    Replace,
+    RewriteError,
+    RuleError,
+    SaveError,
+    TraceError,
+    TransferError,
+    ValidateError,
+)
+from fxsurgery.capture import trace
 
 BAD = Path(__file__).resolve().parent / "bad_inputs"
 RULES = BAD / "rules"
@@ -259,7 +272,7 @@ CASES = [
     load_error("built-in param the pattern rejects", "rewrite_bad_param", 3,
                "AddLoRA(rank=0) fails: rank must be a positive integer, got 0; fix: correct its params"),
     load_error("built-in param that does not exist", "rewrite_unknown_param", 3,
-               "fxsurgery.library.AddLoRA does not take 'rnk'; fix: use its arguments (rank, alpha)"),
+               "fxsurgery.AddLoRA does not take 'rnk'; fix: use its arguments (rank, alpha)"),
     load_error("use: outside the allowlist", "use_not_allowed", 3,
                "'os.path.join' is outside the allowlist (torch, torchvision)" + ALLOW_FIX),
     load_error("use: of something that is not a Pattern", "use_not_pattern", 3,

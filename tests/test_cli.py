@@ -5,9 +5,9 @@ import os
 
 import pytest
 import torch
+from conftest import RULES, cli, cli_process
 
 import fxsurgery as fxs
-from conftest import RULES, cli, cli_process
 
 RESNET = "torchvision.models:resnet18"
 

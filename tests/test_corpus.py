@@ -8,10 +8,10 @@ import warnings
 
 import pytest
 import torch
+from corpus import ACTIVATIONS, CORPUS
 from torch import nn
 
 import fxsurgery as fxs
-from corpus import ACTIVATIONS, CORPUS
 from fxsurgery import Freeze, Replace
 
 # Models with two classifier heads (a distillation head beside the class head)

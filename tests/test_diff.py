@@ -15,12 +15,12 @@ from html.parser import HTMLParser
 import pytest
 import torch
 import torchvision
+from conftest import RULES
 from torch import nn
 
 import fxsurgery as fxs
-from fxsurgery import diff
-from fxsurgery.diff_svg import BOX_H, BOX_W
-from conftest import RULES
+from fxsurgery.views import _diff as diff
+from fxsurgery.views._svg import BOX_H, BOX_W
 
 CHROMIUM = "/usr/bin/chromium"
 SVG = "{http://www.w3.org/2000/svg}"
@@ -302,19 +302,19 @@ def test_svg_frames_never_overlap_a_node_they_do_not_hold(drawing):
 def test_write_chooses_by_suffix_and_replaces_atomically(demo, page, drawing, tmp_path):
     target = tmp_path / "diff.html"
     target.write_text("old")
-    assert diff.write(demo, target) == target and target.read_text() == page
-    assert diff.write(demo, str(tmp_path / "diff.svg")).read_text() == drawing
+    assert fxs.diff(demo, target) == target and target.read_text() == page
+    assert fxs.diff(demo, str(tmp_path / "diff.svg")).read_text() == drawing
     assert sorted(os.listdir(tmp_path)) == ["diff.html", "diff.svg"]      # no temporary file left
     assert stat.S_IMODE(os.stat(target).st_mode) == 0o644
     with pytest.raises(fxs.SaveError) as err:
-        diff.write(demo, tmp_path / "diff.png")
+        fxs.diff(demo, tmp_path / "diff.png")
     assert str(err.value) == f"{tmp_path / 'diff.png'}: cannot tell the format from the suffix '.png'; fix: name the file .html or .svg"
     with pytest.raises(fxs.SaveError) as err:
-        diff.write(demo, tmp_path / "missing" / "diff.html")
+        fxs.diff(demo, tmp_path / "missing" / "diff.html")
     assert str(err.value) == f"{tmp_path / 'missing' / 'diff.html'}: cannot write there: No such file or directory; fix: choose a writable directory"
     assert sorted(os.listdir(tmp_path)) == ["diff.html", "diff.svg"]
     with pytest.raises(fxs.SaveError) as err:
-        diff.write(dataclasses.replace(demo, original=None), tmp_path / "diff.html")
+        fxs.diff(dataclasses.replace(demo, original=None), tmp_path / "diff.html")
     assert str(err.value) == "the result has no traced original or no graph, so there is nothing to compare; fix: make it with fxs.apply"
 
 

@@ -6,10 +6,9 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT
 
 import fxsurgery as fxs
-
-from conftest import ROOT
 
 EXAMPLES = sorted(f for f in os.listdir(os.path.join(ROOT, "examples")) if f.endswith(".py") and f != "walkthrough.py")
 

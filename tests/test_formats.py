@@ -6,13 +6,13 @@ import os
 import pytest
 import torch
 import torchvision
+from conftest import RULES, cli
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 import fxsurgery as fxs
-from fxsurgery.trace import trace
-from conftest import RULES, cli
 from fxsurgery import Freeze, Replace
+from fxsurgery.capture import trace
 
 RULE_FILE = os.path.join(RULES, "resnet-finetune.yaml")
 

@@ -5,9 +5,9 @@ import warnings
 
 import pytest
 import torch
+from corpus import CORPUS
 
 import fxsurgery as fxs
-from corpus import CORPUS
 from fxsurgery import Detach, Freeze
 
 

@@ -7,8 +7,7 @@ from torch import nn
 
 import fxsurgery as fxs
 from fxsurgery import Delete, Detach, Freeze, Insert, Replace
-from fxsurgery.loader import parse_overrides
-from fxsurgery.spec import New
+from fxsurgery.spec import New, parse_overrides
 
 DESIGN_EXAMPLE = """\
 fxsurgery: 1

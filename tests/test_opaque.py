@@ -4,11 +4,11 @@ import copy
 
 import pytest
 import torch
+from corpus import BY_NAME
 from torch import nn
 from torch.nn import functional as F
 
 import fxsurgery as fxs
-from corpus import BY_NAME
 from fxsurgery import Delete, Detach, Freeze, Insert, Replace
 
 

@@ -8,12 +8,11 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_state_equal, cli, state_copy
+from test_patterns import ConvBN, Leaky, randomise_bn
 from torch import nn
 
 import fxsurgery as fxs
-from conftest import assert_state_equal, cli, state_copy
-from test_patterns import ConvBN, Leaky, randomise_bn
-
 
 # -- programmatic rules -----------------------------------------------------------------------------
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from conftest import assert_state_equal, state_copy
 from torch import nn
 
 import fxsurgery as fxs
-from conftest import assert_state_equal, state_copy
 
 
 def randomise_bn(model):

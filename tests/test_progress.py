@@ -5,7 +5,7 @@ import io
 
 import pytest
 
-import fxsurgery.progress as progress
+import fxsurgery._progress as progress
 from fxsurgery.cli import main
 
 

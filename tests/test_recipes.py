@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torchvision
+from conftest import Two, assert_state_equal, state_copy
 from torch import nn
 
 import fxsurgery as fxs
-from conftest import Two, assert_state_equal, state_copy
 from fxsurgery import Delete, Detach, Freeze, Insert, Replace
 
 

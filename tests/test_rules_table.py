@@ -6,9 +6,10 @@ from collections import Counter
 import pytest
 import torch
 import torchvision
+from conftest import RULES, assert_state_equal, state_copy
 
 import fxsurgery as fxs
-from conftest import RULES, assert_state_equal, state_copy
+
 
 def histogram(module, types):
     counts = Counter(type(m).__name__ for m in module.modules())

@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 import fxsurgery as fxs
-from fxsurgery.trace import trace
+import fxsurgery.export._save as export_module
 from fxsurgery import Freeze, Insert, Replace
-import fxsurgery.export as export_module
+from fxsurgery.capture import trace
 
 X = torch.randn(2, 3, 64, 64)
 

@@ -42,7 +42,7 @@ from torch import nn
 
 import fxsurgery as fxs
 from fxsurgery import Freeze
-from fxsurgery.checkpoint import read_state_dict
+from fxsurgery.transfer import read_state_dict
 
 PACKAGE = Path(fxs.__file__).resolve().parent
 HEAD = "fxsurgery: 1\nrules:\n"
@@ -317,16 +317,16 @@ def _dotted(node: ast.AST) -> str:
 
 def test_torch_load_is_weights_only_except_the_trust_pickle_path():
     unsafe, unmarked = [], []
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in sorted(PACKAGE.rglob("*.py")):  # every stage's modules
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module in ("torch", "torch.serialization"):
-                assert "load" not in [a.name for a in node.names], f"{path.name}:{node.lineno} imports load by name"
+                assert "load" not in [a.name for a in node.names], f"{path.relative_to(PACKAGE).as_posix()}:{node.lineno} imports load by name"
         for call in _calls(tree):
             if _dotted(call.func) not in ("torch.load", "torch.serialization.load"):
                 continue
             flag = next((k.value for k in call.keywords if k.arg == "weights_only"), None)
-            where = f"{path.name}:{call.lineno}"
+            where = f"{path.relative_to(PACKAGE).as_posix()}:{call.lineno}"
             if isinstance(flag, ast.Constant) and flag.value is True:
                 continue
             if isinstance(flag, ast.Constant) and flag.value is False:
@@ -334,12 +334,12 @@ def test_torch_load_is_weights_only_except_the_trust_pickle_path():
             else:
                 unmarked.append(where)
     assert unmarked == [], f"torch.load without an explicit weights_only=True: {unmarked}"
-    assert len(unsafe) == 1 and unsafe[0].startswith("modelref.py:"), f"torch.load(weights_only=False) at {unsafe}"
-    source = (PACKAGE / "modelref.py").read_text(encoding="utf-8")
+    assert len(unsafe) == 1 and unsafe[0].startswith("cli/_modelref.py:"), f"torch.load(weights_only=False) at {unsafe}"
+    source = (PACKAGE / "cli" / "_modelref.py").read_text(encoding="utf-8")
     lines = source.splitlines()
     line = int(unsafe[0].split(":")[1])
     guard = "\n".join(lines[max(0, line - 6):line])
-    assert "trust_pickle" in guard, f"modelref.py:{line} is not behind the --trust-pickle check"
+    assert "trust_pickle" in guard, f"cli/_modelref.py:{line} is not behind the --trust-pickle check"
 
 
 def test_no_other_deserialiser_that_runs_code():
@@ -347,21 +347,21 @@ def test_no_other_deserialiser_that_runs_code():
     banned_calls = {"yaml.load", "yaml.load_all", "yaml.unsafe_load", "yaml.full_load", "yaml.unsafe_load_all",
                     "yaml.full_load_all", "numpy.load", "np.load", "eval", "exec"}
     found = []
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in sorted(PACKAGE.rglob("*.py")):  # every stage's modules
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
-                found += [f"{path.name}:{node.lineno} import {a.name}" for a in node.names if a.name.split(".")[0] in banned_modules]
+                found += [f"{path.relative_to(PACKAGE).as_posix()}:{node.lineno} import {a.name}" for a in node.names if a.name.split(".")[0] in banned_modules]
             elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in banned_modules:
-                found.append(f"{path.name}:{node.lineno} from {node.module}")
+                found.append(f"{path.relative_to(PACKAGE).as_posix()}:{node.lineno} from {node.module}")
             elif isinstance(node, ast.Call) and _dotted(node.func) in banned_calls:
-                found.append(f"{path.name}:{node.lineno} {_dotted(node.func)}(...)")
+                found.append(f"{path.relative_to(PACKAGE).as_posix()}:{node.lineno} {_dotted(node.func)}(...)")
             elif isinstance(node, ast.Attribute) and node.attr in ("FullLoader", "UnsafeLoader", "Loader") and _dotted(node.value) == "yaml":
-                found.append(f"{path.name}:{node.lineno} yaml.{node.attr}")
+                found.append(f"{path.relative_to(PACKAGE).as_posix()}:{node.lineno} yaml.{node.attr}")
     assert found == []
-    from fxsurgery.yamlread import _LineLoader
-    assert issubclass(_LineLoader, yaml.SafeLoader)
-    assert not issubclass(_LineLoader, (yaml.FullLoader, yaml.UnsafeLoader))
+    from fxsurgery.spec._yaml import LineLoader
+    assert issubclass(LineLoader, yaml.SafeLoader)
+    assert not issubclass(LineLoader, (yaml.FullLoader, yaml.UnsafeLoader))
 
 
 class Payload:
@@ -584,7 +584,7 @@ def test_malformed_safetensors_allocate_nothing_large(tmp_path):
     save_file({"w": torch.zeros(4, 4)}, str(good))
     script = (
         "import json, resource, sys, time\n"
-        "from fxsurgery.checkpoint import read_state_dict\n"
+        "from fxsurgery.transfer._checkpoint import read_state_dict\n"
         "from fxsurgery.errors import FxsError\n"
         "read_state_dict(sys.argv[1])\n"
         "out = []\n"

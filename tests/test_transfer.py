@@ -5,11 +5,11 @@ import os
 import pytest
 import torch
 import torchvision
+from conftest import RULES, assert_state_equal, state_copy
 from torch import nn
 
 import fxsurgery as fxs
 from fxsurgery import Delete, Freeze, Insert, Replace
-from conftest import RULES, assert_state_equal, state_copy
 
 
 def busy_batchnorm(model):
@@ -157,6 +157,7 @@ def test_share_mode_takes_the_original_tensors_and_consumes_the_original(resnet1
 def _shards(model, folder, parts=3):
     """The model's state dict as a sharded safetensors checkpoint with an index, as Hugging Face writes them."""
     import json
+
     from safetensors.torch import save_file
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     names = list(state)

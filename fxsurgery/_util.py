@@ -1,0 +1,31 @@
+"""Helpers that several stages need: one of each, in the lowest layer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def shape_text(shape) -> str:
+    """[1, 3, 224, 224]: a shape as people write it."""
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def format_table(rows: list[tuple]) -> str:
+    """Rows as left-aligned columns, the first row a header underlined with dashes."""
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def first_line(exc: BaseException, default: str = "") -> str:
+    """The first line of an exception's message: errors here are one line, whatever a library raised."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else default
+
+
+def get_path(root: Any, target: str) -> Any:
+    """The object at a dotted path below `root` (`layer1.0.conv1.weight`), as torch.fx targets name them."""
+    for part in target.split("."):
+        root = getattr(root, part)
+    return root

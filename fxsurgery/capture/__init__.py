@@ -1,0 +1,235 @@
+"""Capture any model: graphs where torch.fx can trace, opaque Python where it cannot.
+
+The whole model is traced first. Where that fails, the module whose own
+code failed is kept as an opaque leaf (with every module of its type, which
+fails the same way) and tracing is retried; where the failing code is the
+traced module's own forward, that module stays opaque and each of its
+children is captured on its own, recursively. Children are traced on the
+arguments they were actually called with (recorded once, on fake tensors
+where possible), so shape-dependent Python is specialised to that call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils import _pytree as pytree
+
+from .._util import first_line, get_path
+from ..errors import ModelError, TraceError
+from ._call_shim import adapter_call, call_spec, install_adapter
+from ._copying import clone, root_of
+from ._shapes import Meta, PropagationError, adapt, propagate, quiet_fake_tensors
+from ._trace import Captured, module_stack, trace
+from ._tracer import Tracer
+
+__all__ = [
+    "adapter_call", "Call", "Capture", "Captured", "Meta", "PropagationError", "adapt", "capture", "clone", "install_adapter",
+    "module_stack", "propagate", "quiet_fake_tensors", "record_calls", "root_of", "trace",
+]
+
+
+@dataclass
+class Call:
+    """How a module was called by the example forward (first call), and what it returned."""
+
+    args: tuple
+    kwargs: dict
+    output: Any = None       # pytree of Meta
+    count: int = 1
+    varies: bool = False     # later calls passed other non-tensor values
+    signature: Any = None
+
+    def first_tensor(self) -> Meta | None:
+        for leaf in pytree.tree_leaves((self.args, self.kwargs)):
+            if isinstance(leaf, torch.Tensor):
+                return Meta.of(leaf)
+        return None
+
+
+@dataclass
+class Capture:
+    """The model as graphs (traced regions) and opaque modules, with the example calls."""
+
+    model: nn.Module
+    example_inputs: tuple | None
+    regions: list[Captured]
+    opaque: dict[str, str] = field(default_factory=dict)   # module path -> why its forward stays Python
+    calls: dict[str, Call] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        """True when one graph, with the model's own signature, holds the whole model."""
+        return (len(self.regions) == 1 and self.regions[0].path == "" and not self.opaque
+                and self.regions[0].call is None)
+
+    def coverage(self) -> dict:
+        """Traced regions, opaque modules with reasons, and the share of parameters in graphs."""
+        traced = set()
+        for region in self.regions:
+            leaves = {n.target for n in region.graph.nodes if n.op in ("call_module", "get_attr")}
+            for target in leaves:
+                if target in region.opaque:
+                    continue
+                obj = region.gm.get_submodule(target) if isinstance(get_path(region.gm, target), nn.Module) else get_path(region.gm, target)
+                tensors = obj.parameters() if isinstance(obj, nn.Module) else [obj]
+                traced.update(id(p) for p in tensors if isinstance(p, nn.Parameter))
+        params = {id(p): p.numel() for p in self.model.parameters()}
+        total = sum(params.values())
+        inside = sum(n for i, n in params.items() if i in traced)
+        return {"traced": [r.path for r in self.regions], "opaque": dict(self.opaque),
+                "traced_share": inside / total if total else 1.0}
+
+
+
+def _skeleton(args, kwargs):
+    """The non-tensor part of a call, for telling whether calls differ."""
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    return spec, tuple("T" if isinstance(v, torch.Tensor) else repr(v) for v in leaves)
+
+
+def _hooked_run(model: nn.Module, inputs: tuple, convert) -> dict[str, Call]:
+    calls: dict[str, Call] = {}
+    handles = []
+
+    def pre(path):
+        def hook(module, args, kwargs):
+            skeleton = _skeleton(args, kwargs)
+            if path not in calls:
+                calls[path] = Call(pytree.tree_map(convert, args), pytree.tree_map(convert, kwargs), signature=skeleton)
+            else:
+                calls[path].count += 1
+                calls[path].varies |= skeleton != calls[path].signature
+        return hook
+
+    def post(path):
+        def hook(module, args, kwargs, output):
+            if calls[path].output is None:
+                calls[path].output = pytree.tree_map(Meta.of, output)
+        return hook
+
+    for path, sub in model.named_modules():
+        handles.append(sub.register_forward_pre_hook(pre(path), with_kwargs=True))
+        handles.append(sub.register_forward_hook(post(path), with_kwargs=True))
+    try:
+        model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def _materialise(value):
+    """A real tensor standing in for a recorded fake one (same shape, dtype, device)."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.is_floating_point():
+        return torch.randn(value.shape, dtype=value.dtype, device=value.device)
+    if value.dtype == torch.bool:
+        return torch.ones(value.shape, dtype=value.dtype, device=value.device)
+    return torch.zeros(value.shape, dtype=value.dtype, device=value.device)
+
+
+def record_calls(model: nn.Module, inputs: tuple) -> dict[str, Call]:
+    """Each module's first call during one forward pass, on a copy: fake tensors, else real ones."""
+    # Tensors a forward makes from Python values stay real; the model's own are fake.
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    try:
+        fake = clone(model, mode.from_tensor)
+        with mode, quiet_fake_tensors(), torch.no_grad():
+            fake_inputs = pytree.tree_map(lambda x: mode.from_tensor(x) if isinstance(x, torch.Tensor) else x, inputs)
+            calls = _hooked_run(fake, fake_inputs, lambda x: x)
+        return {p: Call(pytree.tree_map(_materialise, c.args), pytree.tree_map(_materialise, c.kwargs), c.output,
+                        c.count, c.varies) for p, c in calls.items()}
+    except Exception as exc:  # data-dependent Python needs real values: run a real copy
+        failure = exc
+    try:
+        if any(t.is_meta for t in model.parameters()):
+            raise failure  # built without weights: fake tensors were the only way to run it
+        real = clone(model, lambda t: t.detach().clone())
+        with torch.no_grad():
+            return _hooked_run(real, inputs, lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x)
+    except Exception as exc:
+        first = first_line(exc)
+        raise ModelError(f"the original model fails on the example inputs: {type(exc).__name__}: {first}; "
+                         "fix: pass inputs the original model accepts") from None
+
+
+def capture(model: nn.Module, example_inputs: tuple | None = None, *, leaf_types=(), leaf_paths=()) -> Capture:
+    """Graphs for everything torch.fx can trace; opaque modules (with reasons) for the rest."""
+    try:
+        whole = trace(model, example_inputs, leaf_types=leaf_types, leaf_paths=leaf_paths, values=False)
+        return Capture(model, whole.example_inputs, [whole])
+    except TraceError:
+        pass
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (
+        (example_inputs,) if example_inputs is not None else None)
+    calls = record_calls(model, inputs) if inputs is not None else {}
+    result = Capture(model, inputs, [], {}, calls)
+    walker = _Walker(result, Tracer(leaf_types, leaf_paths))
+    walker.walk(model, "", Call(inputs, {}) if inputs is not None else None)
+    if result.regions and result.regions[0].path == "" and result.regions[0].call is None:
+        result.example_inputs = result.regions[0].example_inputs
+    return result
+
+
+class _Walker:
+    def __init__(self, capture: Capture, policy: Tracer):
+        self.capture, self.policy = capture, policy
+
+    def join(self, path: str, name: str) -> str:
+        return f"{path}.{name}" if path else name
+
+    def children(self, module: nn.Module, path: str) -> None:
+        for name, child in module.named_children():
+            child_path = self.join(path, name)
+            # torch.fx counts ModuleList/ModuleDict as leaves; they hold modules but never run
+            if isinstance(child, (nn.ModuleList, nn.ModuleDict)) or not self.policy.is_leaf_module(child, child_path):
+                self.walk(child, child_path, self.capture.calls.get(child_path))
+
+    def walk(self, module: nn.Module, path: str, call: Call | None) -> None:
+        if path and call is None:
+            self.children(module, path)  # a container that is never called itself
+            return
+        region = self.region(module, path, call)
+        if isinstance(region, str):
+            self.capture.opaque[path] = region
+            self.children(module, path)
+            return
+        self.capture.regions.append(region)
+        for rel, why in region.opaque.items():
+            self.capture.opaque[self.join(path, rel)] = why
+            self.children(module.get_submodule(rel), self.join(path, rel))
+
+    def region(self, module: nn.Module, path: str, call: Call | None) -> Captured | str:
+        """A graph of `module` with as few opaque leaves as needed, or why there is none."""
+        if call is not None and call.varies:
+            return "called with different non-tensor arguments at different places"
+        opaque: dict[str, str] = {}
+        policy = self.policy
+        as_called = bool(path)  # the model itself is first traced through its signature
+        while True:
+            try:
+                spec = call_spec(module, call.args, call.kwargs) if call is not None and as_called else None
+                example = call.args if call is not None and not as_called else None
+                captured = trace(module, example, call=spec, leaf_types=policy.leaf_types,
+                                 leaf_paths=policy.leaf_paths, opaque=opaque, path=path)
+                captured.opaque = opaque
+                return captured
+            except TraceError as err:
+                failed_in = err.failed_in
+                if not failed_in and not as_called and call is not None:
+                    as_called = True  # decorated or **kwargs forwards trace as they are called
+                    continue
+                if not failed_in or failed_in in opaque:
+                    return err.reason or err.message
+                kind = type(module.get_submodule(failed_in))
+                for rel, sub in module.named_modules():
+                    if rel and type(sub) is kind and not any(rel.startswith(o + ".") for o in opaque):
+                        opaque[rel] = err.reason  # the same code fails the same way: spare the retries
+            except ModelError as err:
+                return f"its recorded call cannot be replayed: {err.message}"

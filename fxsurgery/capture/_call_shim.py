@@ -1,0 +1,162 @@
+"""Trace a module as it is called, not as its signature reads.
+
+Modules inside opaque code are often called with keyword arguments their
+signature collects in `**kwargs`, or have decorated forwards whose code
+object torch.fx cannot read ("co_varnames is too small"). Tracing a shim
+that calls the module with the recorded arguments avoids both: the graph
+takes the call's tensors (flattened) as inputs, every other argument is
+fixed to the recorded value, and the graph returns the flattened output.
+An adapter installed as the module's forward restores the call form and
+refuses, with a clear error, a call whose fixed arguments differ.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx._symbolic_trace import PH
+from torch.utils import _pytree as pytree
+
+from ..errors import TraceError
+
+_PRIMITIVE = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+
+@dataclass
+class CallSpec:
+    """How a graph's flat inputs and outputs map back to the module's call form."""
+
+    in_spec: Any               # the call bound to the forward's signature, defaults filled in
+    constants: list            # its leaves; the tensors among them are the graph's inputs
+    tensors: list[int]         # positions of the tensor leaves
+    order: list[int]           # the graph's inputs, as positions among `constants`
+    call_spec: Any             # the call as it was made, which the shim repeats while tracing
+    call_leaves: list
+    out_spec: Any = None
+    signature: Any = None      # the module's forward signature: calls are compared bound to it
+
+    def tensor_inputs(self) -> tuple:
+        return tuple(self.constants[i] for i in self.order)
+
+    def flatten(self, args: tuple, kwargs: dict) -> tuple[list, Any]:
+        return pytree.tree_flatten(normalise(self.signature, args, kwargs))
+
+
+def normalise(signature, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A call as (args, kwargs) with every default filled in: `m(x)` and `m(x, mask=None)` compare equal."""
+    if signature is None:
+        return tuple(args), dict(kwargs)
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError:
+        return tuple(args), dict(kwargs)
+    bound.apply_defaults()
+    return tuple(bound.args), dict(bound.kwargs)
+
+
+def signature_of(module: nn.Module):
+    try:
+        return inspect.signature(module.forward)
+    except (TypeError, ValueError):
+        return None
+
+
+class _Shim(nn.Module):
+    def __init__(self, inner: nn.Module, spec: CallSpec):
+        super().__init__()
+        self.inner = inner
+        self.spec = spec
+
+    def forward(self, *tensors):
+        # the call exactly as it was made: decorated forwards may add keywords of their own
+        leaves = list(self.spec.call_leaves)
+        positions = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
+        for i, t in zip(positions, tensors):
+            leaves[i] = t
+        args, kwargs = pytree.tree_unflatten(leaves, self.spec.call_spec)
+        flat, self.spec.out_spec = pytree.tree_flatten(self.inner(*args, **kwargs))
+        return flat
+
+
+def call_spec(module: nn.Module, args: tuple, kwargs: dict) -> CallSpec:
+    signature = signature_of(module)
+    leaves, spec = pytree.tree_flatten(normalise(signature, args, kwargs))
+    call_leaves, call_in_spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+    for leaf in leaves:
+        if not isinstance(leaf, (torch.Tensor,) + _PRIMITIVE):
+            raise TraceError(f"called with a {type(leaf).__name__}, which a graph cannot take as an input")
+    where = {id(v): i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)}  # binding keeps the objects
+    order = [where[id(v)] for v in call_leaves if isinstance(v, torch.Tensor)]
+    return CallSpec(spec, leaves, sorted(where.values()), order, call_in_spec, call_leaves, signature=signature)
+
+
+def trace_call(tracer: fx.Tracer, module: nn.Module, spec: CallSpec) -> tuple[fx.Graph, dict]:
+    """The graph of `module` called as `spec` says, with paths relative to `module`,
+    and the constants tracing attached to the shim (target -> tensor)."""
+    shim = _Shim(module, spec)
+    graph = tracer.trace(shim, concrete_args=tuple(PH for _ in spec.order))
+    constants = {}
+    for node in graph.nodes:
+        if node.op == "get_attr" and not node.target.startswith("inner."):
+            constants[node.target] = getattr(shim, node.target)
+        elif node.op in ("call_module", "get_attr") and node.target.startswith("inner."):
+            node.target = node.target[len("inner."):]
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            node.meta["nn_module_stack"] = {k[len("inner."):]: (v[0][len("inner."):], v[1])
+                                            for k, v in stack.items() if k.startswith("inner.")}
+    return graph, constants
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a is b or (type(a) is type(b) and a == b)
+
+
+class _Adapter:
+    """Makes a graph module callable as the module it stands for; re-applied to deep copies
+    (torch.fx rebuilds a GraphModule when copying it and keeps no instance attributes)."""
+
+    def __init__(self, spec: CallSpec, where: str, attributes: dict):
+        self.spec, self.where, self.attributes = spec, where, attributes
+
+    def __call__(self, gm: fx.GraphModule) -> None:
+        spec, where = self.spec, self.where
+        graph_forward = type(gm).forward
+        fixed = [i for i in range(len(spec.constants)) if i not in spec.tensors]
+
+        def forward(self, *args, **kwargs):
+            leaves, got = spec.flatten(args, kwargs)
+            if got != spec.in_spec or any(not _same(leaves[i], spec.constants[i]) for i in fixed):
+                raise RuntimeError(
+                    f"'{where or 'the model'}' was captured as a graph for calls like the example's; this call passes other "
+                    f"non-tensor arguments. Capture again with example inputs that call it this way.")
+            flat = graph_forward(self, *[leaves[i] for i in spec.order])
+            return pytree.tree_unflatten(list(flat), spec.out_spec)
+
+        gm.forward = types.MethodType(forward, gm)
+        setattr(gm, _CALL_ATTR, spec)
+        for name, value in self.attributes.items():
+            setattr(gm, name, value)
+        if self not in gm._deepcopy_hooks:
+            gm._deepcopy_hooks.append(self)
+
+
+# The adapter's call form travels with the GraphModule (deep copies included);
+# the export stage reads it through `adapter_call`, never by attribute name.
+_CALL_ATTR = "_fxsurgery_call"
+
+
+def adapter_call(gm: nn.Module) -> CallSpec | None:
+    """The call form an adapter installed on `gm` restores, or None for a plain graph."""
+    return getattr(gm, _CALL_ATTR, None)
+
+
+def install_adapter(gm: fx.GraphModule, spec: CallSpec, where: str, attributes: dict | None = None) -> None:
+    """Make `gm` callable as the original module was: same arguments, same output structure,
+    and the plain attributes opaque callers read from it."""
+    _Adapter(spec, where, dict(attributes or {}))(gm)

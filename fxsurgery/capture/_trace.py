@@ -1,0 +1,196 @@
+"""Capture a model's forward as a torch.fx graph, with provenance and shapes.
+
+torch.fx records, for every node, the stack of module calls it was made in
+(`node.meta["nn_module_stack"]`, keyed `path` or `path@k` for the k-th extra
+call of a module). That stack is the provenance the rest of the pipeline uses:
+a module invocation is the set of nodes whose stack holds its key.
+"""
+
+from __future__ import annotations
+
+import inspect
+import keyword
+import os
+import traceback
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from .._util import first_line, get_path
+from ..errors import ModelError, TraceError
+from ._call_shim import CallSpec, trace_call
+from ._copying import share
+from ._shapes import Meta, PropagationError, propagate
+from ._tracer import Tracer
+from ._values import ValueTracer, add_shape_guards
+
+
+@dataclass
+class Captured:
+    """The traced original: its graph, the module it runs on, and shapes."""
+
+    model: nn.Module
+    gm: fx.GraphModule
+    example_inputs: tuple | None
+    shapes: dict[str, Meta] = field(default_factory=dict)
+    leaf_types: tuple = ()
+    leaf_paths: tuple = ()
+    path: str = ""                                       # where this graph's module sits in the model
+    opaque: dict[str, str] = field(default_factory=dict)  # leaves kept as Python -> why (relative paths)
+    call: CallSpec | None = None                         # traced as called from opaque code (shim.py)
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.gm.graph
+
+    def input_names(self) -> list[str]:
+        return [n.name for n in self.graph.nodes if n.op == "placeholder"]
+
+
+def module_stack(node: fx.Node) -> list[tuple[str, str]]:
+    """(invocation key, module path) pairs from the root outwards."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return [(key, value[0]) for key, value in stack.items()]
+
+
+def trace(model: nn.Module, example_inputs: tuple | None = None, *, leaf_types=(), leaf_paths=(),
+          opaque=(), path: str = "", call: CallSpec | None = None, values: bool = True) -> Captured:
+    """Trace `model` (never modified) as one graph; with example inputs, give every node a shape.
+
+    Arguments that are not tensors (None, flags, sizes) are specialised to
+    the values of the example call, or to their defaults: torch.fx would
+    otherwise take `if mask is not None` as true for every call. The graph
+    keeps torch.fx's guards, so a call with other values fails loudly.
+    Raises TraceError (with `.failed_in`, the innermost module that failed).
+    `values=False` traces with plain torch.fx proxies: faster, and enough for most models.
+    """
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"expected a torch.nn.Module, got {type(model).__name__}; fix: pass the model instance")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
+        raise ModelError(f"example_inputs must be a tuple of inputs, got {type(example_inputs).__name__}; fix: pass (torch.randn(1, 3, 224, 224),)")
+    concrete, positional = {}, None
+    if call is not None:
+        positional = call.tensor_inputs()
+    else:
+        concrete, positional = specialise(model, tuple(example_inputs or ()), {}, complete=example_inputs is not None)
+    known = example_inputs is not None or call is not None
+    work = share(model)  # traced in place of the model: forward code may write to `self`
+    options = dict(leaf_types=leaf_types, leaf_paths=leaf_paths, opaque=opaque, prefix="inner." if call else "")
+    # with example values, Python that reads shapes can be followed (valuetrace.py); that costs
+    # a fake run per node, so callers first try without (`values=False`)
+    tracer = ValueTracer(example=positional, **options) if known and values else Tracer(**options)
+    try:
+        constants = {}
+        if call is not None:  # traced as it was called (see shim.py)
+            graph, constants = trace_call(tracer, work, call)
+        else:
+            graph = tracer.trace(work, concrete_args=concrete or None)
+        if getattr(tracer, "specialised", None):
+            add_shape_guards(graph, positional, path)
+    except ModelError:
+        raise
+    except Exception as exc:
+        where = f"module '{tracer.failed_in}'" if tracer.failed_in else f"{type(model).__name__}.forward"
+        reason = (first_line(exc, type(exc).__name__)) + _origin(exc)
+        fix = f"leaf_paths=['{tracer.failed_in}'] (--leaf {tracer.failed_in})" if tracer.failed_in else "make the untraceable part a leaf module"
+        raise TraceError(f"cannot trace {where}: {type(exc).__name__}: {reason}; fix: {fix}",
+                         failed_in=tracer.failed_in, reason=f"{type(exc).__name__}: {reason}") from None
+    _refuse_unquotable(graph)
+    root = work
+    if constants:  # tensors made while tracing live beside the module's own attributes
+        targets = {n.target for n in graph.nodes if n.op in ("call_module", "get_attr")}
+        root = {t: constants[t] if t in constants else get_path(work, t) for t in targets}
+    gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
+    captured = Captured(model, gm, None, {}, tuple(leaf_types), tuple(leaf_paths), path, {p: "" for p in opaque}, call)
+    if example_inputs is not None or call is not None:
+        captured.example_inputs = positional
+        try:
+            captured.shapes = propagate(gm, graph, positional)
+        except PropagationError as err:
+            # The graph does not replay the example call (the model itself may still run:
+            # capture() then finds out by running it).
+            reason = f"{type(err.exc).__name__}: {first_line(err.exc)}"
+            raise TraceError(f"the graph traced from {type(model).__name__} fails on the example inputs at node '{err.node.name}': {reason}; fix: "
+                             f"pass inputs the model accepts, or make the failing module a leaf", reason=reason) from None
+    return captured
+
+
+def _has_tensor(value: Any) -> bool:
+    return any(isinstance(v, torch.Tensor) for v in pytree.tree_leaves(value))
+
+
+def specialise(model: nn.Module, args: tuple, kwargs: dict, complete: bool) -> tuple[dict, tuple]:
+    """(concrete_args for torch.fx, the example call as one value per forward parameter).
+
+    Tensors stay inputs; every other value of the call, and every default the
+    call leaves out, is fixed. With `complete`, the call must cover every
+    parameter without a default.
+    """
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}, tuple(args)
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        if complete and kwargs:
+            raise TraceError(f"cannot trace {type(model).__name__}.forward: it takes *args/**kwargs; fix: make it a leaf")
+        return {}, tuple(args)  # torch.fx decides; positional inputs are all we know
+    try:
+        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
+    except TypeError as exc:
+        names = ", ".join(p.name for p in params)
+        raise ModelError(f"example inputs do not fit {type(model).__name__}.forward({names}): {exc}; fix: pass one input per argument") from None
+    concrete, positional = {}, []
+    for p in params:
+        value = bound.arguments.get(p.name, p.default)
+        if value is p.empty:
+            if complete:
+                raise ModelError(f"example inputs leave out '{p.name}' of {type(model).__name__}.forward; fix: pass one input per argument")
+            positional.append(None)
+            continue
+        positional.append(value)
+        if not _has_tensor(value):
+            concrete[p.name] = value
+    return concrete, tuple(positional)
+
+
+def _refuse_unquotable(graph: fx.Graph) -> None:
+    """Refuse module paths torch.fx would turn into wrong code.
+
+    torch.fx pastes a path into its generated code: a part that reads as an
+    identifier goes in bare (`self.import` does not parse; `self.ﬁ` is read by
+    Python as `self.fi`, another attribute), and any other part goes inside
+    double quotes unescaped (a quote in the name would run as code).
+    """
+    for node in graph.nodes:
+        if node.op not in ("call_module", "get_attr"):
+            continue
+        for part in node.target.split("."):
+            if any(c in part for c in '"\\\n\r'):
+                why = "contains a quote, backslash or line break, which torch.fx would write into generated code unescaped"
+            elif part.isidentifier() and keyword.iskeyword(part):
+                why = f"has the Python keyword '{part}' as a name, which torch.fx would write as code that does not parse"
+            elif part.isidentifier() and unicodedata.normalize("NFKC", part) != part:
+                why = f"has '{part}', which Python reads as '{unicodedata.normalize('NFKC', part)}' in code torch.fx writes"
+            else:
+                continue
+            raise TraceError(f"module path {node.target!r} {why}; fix: rename that submodule")
+
+
+
+_OWN = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
+
+
+def _origin(exc: BaseException) -> str:
+    """' (at file.py:123)': the model's own line that tracing could not follow."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_OWN)]
+    if not frames:
+        return ""
+    frame = frames[-1]
+    short = os.path.join(*frame.filename.split(os.sep)[-2:])
+    return f" (at {short}:{frame.lineno})"

@@ -1,0 +1,173 @@
+"""Tracing with example values: symbolic where torch.fx can be, concrete where Python insists.
+
+Every node also gets the value it takes on the example call, computed on a
+fake copy of the module (shapes and dtypes, no weights touched). Python that
+plain torch.fx cannot follow then works: `b, t, c = x.shape` unpacks,
+`x[..., :n] = y` records a setitem, `for h in heads` iterates a tuple output.
+Where Python needs a number (slice bounds, `range`, `if n > 1`), the example's
+number is used: the graph is then specialised to the example's input shapes,
+and guards in the graph raise a clear error when other shapes come in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx._symbolic_trace import _orig_module_call, _orig_module_getattr
+from torch.fx.proxy import Attribute
+from torch.utils import _pytree as pytree
+
+from .._util import get_path
+from ._copying import clone
+from ._shapes import quiet_fake_tensors
+from ._tracer import Tracer
+
+_MISSING = object()
+# Tensor attributes that do not change from call to call: read them from the example.
+_STATIC = {"dtype", "device", "ndim", "layout", "is_cuda", "is_floating_point", "is_complex"}
+
+
+class ValueProxy(fx.Proxy):
+    """A proxy that knows its example value."""
+
+    def _value(self):
+        return self.tracer.values.get(self.node, _MISSING)
+
+    def _concrete(self, why: str):
+        value = self._value()
+        if value is _MISSING:
+            raise fx.proxy.TraceError("symbolically traced variables cannot be used as inputs to control flow")
+        self.tracer.specialised.append(why)
+        return value
+
+    def __getattr__(self, name):
+        if name.startswith("__") and name.endswith("__"):  # protocol probes (numpy, cuda), not tensor attributes
+            raise AttributeError(name)
+        value = self._value()
+        if name in _STATIC and isinstance(value, torch.Tensor):
+            return getattr(value, name)  # fixed for a given model: `torch.finfo(x.dtype)` needs the real one
+        return ValueAttribute(self, name)
+
+    def __bool__(self):
+        return _decide(bool, self._concrete("bool"))
+
+    def __index__(self):
+        return _decide(operator.index, self._concrete("index"))
+
+    def __len__(self):
+        value = self._value()
+        if isinstance(value, (tuple, list, torch.Size)):
+            return len(value)  # structure, not shape: nothing to guard
+        return len(self._concrete("len"))
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __setitem__(self, key, value):
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+
+def _decide(convert, value):
+    """A Python value from an example value; tensor contents are unknown on fake tensors."""
+    try:
+        return convert(value)
+    except Exception:
+        raise fx.proxy.TraceError("control flow depends on tensor values (data-dependent), which no graph can hold") from None
+
+
+class ValueAttribute(ValueProxy, Attribute):
+    """`proxy.attr`, created lazily as torch.fx does, with a value."""
+
+
+
+@contextlib.contextmanager
+def _unpatched_modules():
+    """torch.fx patches Module.__call__/__getattr__ while tracing; the fake copy must run unpatched."""
+    patched = nn.Module.__call__, nn.Module.__getattr__
+    nn.Module.__call__, nn.Module.__getattr__ = _orig_module_call, _orig_module_getattr
+    try:
+        yield
+    finally:
+        nn.Module.__call__, nn.Module.__getattr__ = patched
+
+
+class ValueTracer(Tracer):
+    """Our tracer, computing each node's value on a fake copy of the root."""
+
+    def __init__(self, *args, example: tuple = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.values: dict[fx.Node, Any] = {}
+        self.specialised: list[str] = []
+        self.example = list(example)
+        self.mode = FakeTensorMode(allow_non_fake_inputs=True)
+        self.fake_root = None
+
+    def trace(self, root, concrete_args=None):
+        self.fake_root = clone(root, self.mode.from_tensor)
+        self._inputs = iter(self.example)
+        with quiet_fake_tensors():
+            return super().trace(root, concrete_args=concrete_args)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return ValueProxy(node, self)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        self.values[proxy.node] = self._evaluate(kind, target, args, kwargs)
+        return proxy
+
+    def _fake(self, value):
+        if isinstance(value, fx.Proxy):
+            return self.values.get(value.node, _MISSING)
+        if isinstance(value, torch.Tensor) and not isinstance(value, torch._subclasses.FakeTensor):
+            return self.mode.from_tensor(value)
+        return value
+
+    def _evaluate(self, kind, target, args, kwargs):
+        if kind == "placeholder":
+            value = next(self._inputs, _MISSING)
+            return self.mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
+        if kind == "output":
+            return _MISSING
+        args, kwargs = pytree.tree_map(self._fake, (args, kwargs), is_leaf=lambda x: isinstance(x, fx.Proxy))
+        if any(v is _MISSING for v in pytree.tree_leaves((args, kwargs))):
+            return _MISSING
+        try:
+            with self.mode, _unpatched_modules():
+                if kind == "call_function":
+                    return target(*args, **kwargs)
+                if kind == "call_method":
+                    return getattr(args[0], target)(*args[1:], **kwargs)
+                if kind == "call_module":
+                    return self.fake_root.get_submodule(target)(*args, **kwargs)
+                if kind == "get_attr":
+                    try:
+                        return get_path(self.fake_root, target)
+                    except AttributeError:  # a constant torch.fx attached to the root while tracing
+                        return self.mode.from_tensor(get_path(self.root, target))
+        except Exception:  # the value stays unknown; tracing goes on symbolically
+            return _MISSING
+        return _MISSING
+
+
+def add_shape_guards(graph: fx.Graph, inputs: tuple, where: str) -> None:
+    """Assert, in the graph itself, that each tensor input has the example's shape."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    anchor = placeholders[-1]
+    for node, value in zip(placeholders, inputs):
+        if not isinstance(value, torch.Tensor):
+            continue
+        shape = tuple(int(d) for d in value.shape)
+        message = (f"'{where or 'the model'}' was traced on input '{node.name}' of shape {list(shape)} and its code "
+                   f"reads that shape; capture it again with example inputs of the shape you will use")
+        with graph.inserting_after(anchor):
+            size = graph.call_function(getattr, (node, "shape"))
+        with graph.inserting_after(size):
+            same = graph.call_function(operator.eq, (size, shape))
+        with graph.inserting_after(same):
+            anchor = graph.call_function(torch._assert, (same, message))

@@ -1,0 +1,120 @@
+"""Model references on the command line: factories, files, saved directories.
+
+    package.module:factory      torchvision.models:resnet18 (called with no arguments)
+    path/file.py:Name           a class, factory or instance in a Python file
+    DIR                         a directory written by save()
+    FILE.pt                     a pickled model, only with --trust-pickle
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import math
+import os
+import re
+import uuid
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ModelError
+from ..export import load as load_saved
+
+_MAX_INPUT = 1 << 28  # values in one example input: 1 GiB of float32
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16, "half": torch.float16,
+           "bfloat16": torch.bfloat16, "float64": torch.float64, "int64": torch.int64, "long": torch.int64,
+           "int32": torch.int32, "bool": torch.bool}
+
+
+def load_model(ref: str, *, trust_pickle: bool = False) -> nn.Module:
+    """The nn.Module a reference names (see the module docstring)."""
+    path = Path(ref)
+    if path.is_dir():
+        return load_saved(path)
+    if ":" in ref and not path.is_file():
+        where, _, name = ref.rpartition(":")
+        if not where or not name:
+            raise ModelError(f"{ref}: expected package.module:factory or path/file.py:Name; fix: e.g. torchvision.models:resnet18")
+        obj = _attribute(where, name, ref)
+        return _instantiate(obj, ref)
+    if path.is_file() and path.suffix == ".py":
+        raise ModelError(f"{ref}: a Python file needs the name of its model, class or factory; fix: write {ref}:Name")
+    if path.is_file():
+        if not trust_pickle:
+            raise ModelError(f"{ref}: a pickled model runs code from the file when loaded; fix: pass --trust-pickle if you trust it, or name a factory "
+                             f"(package.module:factory)")
+        try:
+            model = torch.load(ref, map_location="cpu", weights_only=False)  # the user vouched for it with --trust-pickle
+        except Exception as exc:
+            raise ModelError(f"{ref}: cannot load the pickled model: {type(exc).__name__}: {exc}; fix: check the file") from None
+        if not isinstance(model, nn.Module):
+            raise ModelError(f"{ref}: holds a {type(model).__name__}, not a model; fix: pass it as --weights to a factory instead")
+        return model
+    raise ModelError(f"{ref}: no such file or directory, and not of the form package.module:factory; fix: e.g. torchvision.models:resnet18")
+
+
+def _attribute(where: str, name: str, ref: str):
+    if where.endswith(".py"):
+        if not os.path.isfile(where):
+            raise ModelError(f"{ref}: file {where} does not exist; fix: check the path")
+        spec = importlib.util.spec_from_file_location(f"_fxsurgery_user_{uuid.uuid4().hex}", where)
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            raise ModelError(f"{ref}: importing {where} failed: {type(exc).__name__}: {exc}; fix: run the file with python to see why") from None
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as exc:
+            raise ModelError(f"{ref}: cannot import {where!r}: {exc}; fix: install the package or correct the name") from None
+    if not hasattr(module, name):
+        names = [n for n in dir(module) if not n.startswith("_")]
+        close = [n for n in names if n.lower().startswith(name.lower()[:3])][:3]
+        hint = f"did you mean {', '.join(close)}?" if close else "check the name"
+        raise ModelError(f"{ref}: {where} has no attribute {name!r}; fix: {hint}")
+    return getattr(module, name)
+
+
+def _instantiate(obj, ref: str) -> nn.Module:
+    if isinstance(obj, nn.Module):
+        return obj
+    if not callable(obj):
+        raise ModelError(f"{ref}: is a {type(obj).__name__}, not a model, a model class or a factory; fix: name an nn.Module class or a function returning one")
+    try:
+        inspect.signature(obj).bind()
+    except TypeError:
+        raise ModelError(f"{ref}: needs arguments to build a model; fix: name a factory that takes none (wrap it in a function in a .py file)") from None
+    except ValueError:
+        pass
+    try:
+        model = obj()
+    except Exception as exc:
+        raise ModelError(f"{ref}: building the model failed: {type(exc).__name__}: {exc}; fix: check the factory") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"{ref}: returned a {type(model).__name__}, not a torch.nn.Module; fix: name a factory that returns a model")
+    return model
+
+
+def parse_inputs(specs) -> tuple:
+    """`--input 1x3x224x224` (repeatable; `:int64` etc. for other dtypes) to example tensors."""
+    out = []
+    generator = torch.Generator().manual_seed(0)
+    for spec in specs or []:
+        for part in spec.split(","):
+            match = re.fullmatch(r"\s*(\d+(?:x\d+)*)(?::(\w+))?\s*", part)
+            if not match or (match.group(2) and match.group(2) not in _DTYPES):
+                raise ModelError(f"--input {spec!r}: cannot parse {part!r}; fix: write sizes joined by x, e.g. 1x3x224x224 (optionally :int64)")
+            shape = tuple(int(d) for d in match.group(1).split("x"))
+            dtype = _DTYPES[match.group(2) or "float32"]
+            if math.prod(shape) > _MAX_INPUT:
+                raise ModelError(f"--input {spec!r}: {math.prod(shape):,} values is more than an example needs; fix: use a batch of 1 and the model's "
+                                 f"usual size, e.g. 1x3x224x224")
+            if dtype.is_floating_point:
+                out.append(torch.randn(shape, generator=generator).to(dtype))
+            else:
+                out.append(torch.zeros(shape, dtype=dtype))
+    return tuple(out)

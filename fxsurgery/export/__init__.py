@@ -1,0 +1,16 @@
+"""Export: a result leaves as files and comes back.
+
+`save` writes model.py + model.safetensors + surgery.json atomically (and,
+on request, pt2 / ONNX / TorchScript, each verified); `load` rebuilds the
+module; `map_weights` replays a saved surgery's weight mapping on another
+checkpoint of the original architecture.
+"""
+
+from ._load import load
+from ._record import read_record
+from ._replay import map_weights, write_mapped
+from ._save import save
+
+__all__ = [
+    "load", "map_weights", "read_record", "save", "write_mapped",
+]

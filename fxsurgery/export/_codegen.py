@@ -1,0 +1,346 @@
+"""Write a GraphModule as readable, standalone PyTorch source (model.py).
+
+`__init__` rebuilds each leaf module from its constructor arguments (read
+back from the module's attributes and checked by rebuilding it), `forward` is
+torch.fx's code for the graph. Module paths that are not plain names are
+renamed to safe identifiers, so no name reaches the source unescaped.
+"""
+
+from __future__ import annotations
+
+import builtins
+import inspect
+import keyword
+import re
+import sys
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.graph import _custom_builtins
+from torch.utils import _pytree as pytree
+
+from .._util import get_path
+from ..capture import adapter_call
+from ..errors import SaveError
+
+_SAFE_SEGMENT = re.compile(r"[A-Za-z0-9_]+")
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def public_name(obj: Any) -> str:
+    """`torch.nn.Conv2d` rather than `torch.nn.modules.conv.Conv2d`, where it is the same object."""
+    module, name = obj.__module__, obj.__qualname__
+    parts = module.split(".")
+    for i in range(1, len(parts) + 1):
+        candidate = ".".join(parts[:i])
+        if getattr(sys.modules.get(candidate), name, None) is obj:
+            return f"{candidate}.{name}"
+    return f"{module}.{name}"
+
+
+def _literal(value: Any) -> bool:
+    if isinstance(value, _PLAIN):
+        return not (isinstance(value, float) and value != value)
+    if isinstance(value, (tuple, list)):
+        return all(_literal(v) for v in value)
+    return isinstance(value, torch.dtype)
+
+
+def constructor(module: nn.Module, path: str) -> str:
+    """Source that rebuilds `module` (without its tensor values), verified by rebuilding."""
+    cls = type(module)
+    if isinstance(module, nn.Sequential) and cls.forward is nn.Sequential.forward and \
+            list(module._modules) == [str(i) for i in range(len(module))]:
+        # a Sequential by another name (torchvision.ops.MLP) runs as one: rebuild it from its parts
+        parts = [constructor(child, f"{path}.{i}") for i, child in enumerate(module)]
+        return f"torch.nn.Sequential({', '.join(parts)})"
+    try:
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    except (TypeError, ValueError):
+        params = []
+    kwargs = {}
+    for p in params:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in ("device", "dtype") or p.name.startswith("_"):
+            continue
+        if hasattr(module, p.name):
+            value = getattr(module, p.name)
+            if isinstance(value, torch.Tensor) or (value is None and p.name in ("bias", "weight") and p.default is True):
+                value = value is not None  # `bias=True` is stored as a tensor (or None)
+        elif p.default is not p.empty:
+            continue
+        else:
+            raise SaveError(f"cannot write model.py: module '{path}' ({public_name(cls)}) does not keep its constructor argument '{p.name}'; fix: make "
+                            f"it a torch.nn module or save with a format that does not rebuild it")
+        if not _literal(value):
+            raise SaveError(f"cannot write model.py: module '{path}' ({public_name(cls)}) argument '{p.name}' is a {type(value).__name__}, not a "
+                            f"literal; fix: use a module whose arguments are plain values")
+        if p.default is p.empty or value != p.default:
+            kwargs[p.name] = value
+    try:
+        rebuilt = cls(**kwargs)
+    except Exception as exc:
+        raise SaveError(f"cannot write model.py: module '{path}' ({public_name(cls)}) cannot be rebuilt from its attributes: {exc}; fix: use a "
+                        f"torch.nn module there") from None
+    if repr(rebuilt) != repr(module) or _layout(rebuilt) != _layout(module):
+        raise SaveError(f"cannot write model.py: module '{path}' ({public_name(cls)}) rebuilt from its attributes differs from the original; fix: use "
+                        f"a torch.nn module there")
+    args = ", ".join(f"{k}={_render(v)}" for k, v in kwargs.items())
+    return f"{public_name(cls)}({args})"
+
+
+def _dtype_suffix(module: nn.Module, path: str) -> str:
+    """`.to(dtype)` where a module's floating tensors are not in the default dtype."""
+    dtypes = {t.dtype for t in module.state_dict().values() if t.is_floating_point()}
+    if not dtypes or dtypes == {torch.get_default_dtype()}:
+        return ""
+    if len(dtypes) > 1:
+        raise SaveError(f"cannot write model.py: module '{path}' mixes dtypes {sorted(map(str, dtypes))}; fix: cast it to one dtype first")
+    return f".to({dtypes.pop()})"
+
+
+def _render(value: Any) -> str:
+    if isinstance(value, torch.dtype):
+        return str(value)
+    return repr(value)
+
+
+def _layout(module: nn.Module) -> list:
+    state = module.state_dict(keep_vars=True)
+    return sorted((k, tuple(v.shape)) for k, v in state.items())
+
+
+# Names the generated Model class defines itself: a submodule may not take them.
+_RESERVED = {"load", "forward"}
+
+
+def _safe(part: str) -> bool:
+    return bool(_SAFE_SEGMENT.fullmatch(part)) and not keyword.iskeyword(part)
+
+
+def safe_targets(gm: fx.GraphModule) -> dict[str, str]:
+    """target -> a path of plain ASCII names, unique (unchanged where already safe)."""
+    targets = list(dict.fromkeys(n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")))
+    def keeps(t):
+        parts = t.split(".")
+        return all(_safe(p) for p in parts) and parts[0] not in _RESERVED
+    renames = {t: t for t in targets if keeps(t)}
+    taken = set(renames.values())
+    for target in targets:
+        if target in renames:
+            continue
+        parts = [p if _safe(p) else (re.sub(r"[^A-Za-z0-9_]+", "_", p).strip("_") or "m") for p in target.split(".")]
+        parts = [f"m_{p}" if p[0].isdigit() and not p.isdigit() or keyword.iskeyword(p) else p for p in parts]
+        if parts[0] in _RESERVED:
+            parts[0] = f"{parts[0]}_"
+        base = path = ".".join(parts)
+        k = 1
+        while path in taken:
+            path, k = f"{base}_{k}", k + 1
+        renames[target] = path
+        taken.add(path)
+    return renames
+
+
+def _imports(global_names: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, obj in sorted(global_names.items()):
+        if name in _custom_builtins:
+            lines.append(_custom_builtins[name].import_str)
+        elif getattr(builtins, name, None) is obj:
+            continue
+        elif inspect.ismodule(obj):
+            lines.append(f"import {obj.__name__} as {name}" if obj.__name__ != name else f"import {name}")
+        else:
+            module, qual = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+            if not module or not qual or "<" in qual:
+                raise SaveError(f"cannot write model.py: the forward calls {obj!r}, which has no importable name; fix: use a named function")
+            lines.append(f"from {module} import {qual.split('.')[0]} as {name}" if "." not in qual else f"import {module}\n{name} = {module}.{qual}")
+    return sorted(set(lines))
+
+
+def generate(gm: fx.GraphModule, *, class_name: str, frozen: list[str], ties: dict[str, str],
+             non_persistent: list[str], modes: dict[str, bool]) -> tuple[str, dict[str, str]]:
+    """model.py source for `gm`, and the renames applied to unsafe paths."""
+    renames = safe_targets(gm)
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}), type_expr=out.type)
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            node.target = renames[node.target]
+    code = graph.python_code(root_module="self", verbose=False)
+    body = []
+    done, packages = set(), set()
+    for old, new in renames.items():
+        if new in done:
+            continue
+        done.add(new)
+        value = gm.get_submodule(old) if _is_module(gm, old) else get_path(gm, old)
+        if isinstance(value, nn.Module):
+            body.append(f"        _put(self, {new!r}, {constructor(value, old)}{_dtype_suffix(value, old)})")
+            packages.add(public_name(type(value)).rpartition(".")[0])
+        elif isinstance(value, torch.Tensor):
+            empty = f"torch.empty({tuple(value.shape)!r}, dtype={value.dtype})"
+            if isinstance(value, nn.Parameter):
+                body.append(f"        _put(self, {new!r}, nn.Parameter({empty}, requires_grad={value.requires_grad}))")
+            else:
+                persistent = old not in non_persistent
+                body.append(f"        _put(self, {new!r}, {empty}, persistent={persistent})")
+        else:
+            raise SaveError(f"cannot write model.py: attribute '{old}' is a {type(value).__name__}; fix: keep only modules and tensors as graph attributes")
+    eval_paths = sorted(rename_path(p, renames) for p, t in modes.items() if not t)
+    train_mode = "all" if not eval_paths else ("none" if len(eval_paths) == len(modes) else "some")
+    call = adapter_call(gm)
+    graph_src = code.src.strip("\n")
+    if call is not None:  # the graph takes the call's tensors flattened: model.py restores the call form
+        graph_src = graph_src.replace("def forward(", "def _graph(", 1)
+    forward = "\n".join("    " + line if line else line for line in graph_src.splitlines())
+    used = {name: obj for name, obj in code.globals.items() if re.search(rf"\b{re.escape(name)}\b", code.src)}
+    imports = _imports(used) + [f"import {p}" for p in packages if p not in ("torch", "torch.nn")]
+    if call is not None:
+        prelude, method, modules = _adapter(call, class_name)
+        imports += ["import inspect", "from torch.utils import _pytree as pytree"] + [f"import {m}" for m in modules]
+        forward = method + "\n\n" + forward
+    src = _TEMPLATE.format(
+        header=f"{class_name} after surgery, written by fxsurgery. Load: Model.load(directory).",
+        class_name=class_name,
+        imports="\n".join(line for line in imports if line not in ("import torch",)),
+        frozen=_tuple([rename_path(n, renames) for n in frozen]),
+        ties=repr({rename_path(a, renames): rename_path(c, renames) for a, c in ties.items()}),
+        non_persistent=_tuple([rename_path(n, renames) for n in non_persistent]),
+        eval_paths=_tuple(eval_paths) if train_mode == "some" else "()",
+        body="\n".join(body) or "        pass",
+        train=("self.train(True)" if train_mode == "all" else "self.train(False)" if train_mode == "none"
+               else "for path, module in self.named_modules():\n            module.training = path not in EVAL"),
+        forward=forward,
+    )
+    if call is not None:
+        src = src.replace("\n\ndef _put(", "\n\n" + prelude + "\n\ndef _put(", 1)
+    return src, renames
+
+
+def _literal_source(value: Any, what: str) -> str:
+    if not _literal(value):
+        raise SaveError(f"cannot write model.py: {what} is a {type(value).__name__}, not a literal; fix: save the model traced with a plain call")
+    return _render(value)
+
+
+def _spec_modules(spec) -> set[str]:
+    """Modules whose classes a tree spec names (ModelOutput types must be imported to load it)."""
+    found, stack = set(), [spec]
+    while stack:
+        node = stack.pop()
+        if node.type is not None and node.type.__module__ not in ("builtins", "collections"):
+            found.add(node.type.__module__)
+        stack.extend(node.children_specs)
+    return found
+
+
+def _adapter(call, class_name: str) -> tuple[str, str, list[str]]:
+    """Module constants and a forward that calls the graph as the original module was called."""
+    params = []
+    for p in call.signature.parameters.values():
+        default = "" if p.default is p.empty else f", default={_literal_source(p.default, f'the default of {p.name}')}"
+        params.append(f"    inspect.Parameter({p.name!r}, inspect.Parameter.{p.kind.name}{default}),")
+    fixed = {i: v for i, v in enumerate(call.constants) if i not in call.tensors}
+    fixed_src = "{" + ", ".join(f"{i}: {_literal_source(v, 'a fixed argument')}" for i, v in fixed.items()) + "}"
+    prelude = (
+        "# How the model is called: the graph takes the call's tensors, flattened, and the\n"
+        "# other arguments are fixed to the example's (a call with other values is refused).\n"
+        "SIGNATURE = inspect.Signature([\n" + "\n".join(params) + "\n])\n"
+        f"CALL = pytree.treespec_loads({pytree.treespec_dumps(call.in_spec)!r})\n"
+        f"FIXED = {fixed_src}\n"
+        f"ORDER = {list(call.order)!r}\n"
+        f"OUTPUT = pytree.treespec_loads({pytree.treespec_dumps(call.out_spec)!r})\n\n\n"
+        "def _same(a, b):\n    return a is b or (type(a) is type(b) and a == b)")
+    method = (
+        "    def forward(self, *args, **kwargs):\n"
+        f'        """Called as {class_name} was called; other non-tensor arguments are refused."""\n'
+        "        bound = SIGNATURE.bind(*args, **kwargs)\n"
+        "        bound.apply_defaults()\n"
+        "        leaves, spec = pytree.tree_flatten((tuple(bound.args), dict(bound.kwargs)))\n"
+        "        if spec != CALL or any(not _same(leaves[i], value) for i, value in FIXED.items()):\n"
+        "            raise RuntimeError(\"this model was saved for calls like its example's; this call passes other non-tensor arguments\")\n"
+        "        return pytree.tree_unflatten(list(self._graph(*[leaves[i] for i in ORDER])), OUTPUT)")
+    return prelude, method, sorted(_spec_modules(call.in_spec) | _spec_modules(call.out_spec))
+
+
+def _tuple(items: list[str]) -> str:
+    if not items:
+        return "()"
+    return "(\n" + "".join(f"    {i!r},\n" for i in items) + ")"
+
+
+def rename_path(name: str, renames: dict[str, str]) -> str:
+    """A tensor or module path with its module prefix renamed."""
+    for old in sorted(renames, key=len, reverse=True):
+        if name == old or name.startswith(old + "."):
+            return renames[old] + name[len(old):]
+    return name
+
+
+def _is_module(gm: nn.Module, target: str) -> bool:
+    return isinstance(get_path(gm, target), nn.Module)
+
+
+
+_TEMPLATE = '''\
+"""{header}"""
+import os
+
+import torch
+from torch import nn
+{imports}
+
+# Parameters that do not train, tensors shared between paths (alias: owner),
+# buffers kept out of the state dict, and modules in eval mode.
+FROZEN = {frozen}
+TIES = {ties}
+NON_PERSISTENT = {non_persistent}
+EVAL = {eval_paths}
+
+
+def _put(root, path, value, persistent=True):
+    *parents, name = path.split(".")
+    for part in parents:
+        if part not in root._modules:
+            root.add_module(part, nn.Module())
+        root = root._modules[part]
+    if isinstance(value, nn.Module):
+        root.add_module(name, value)
+    elif isinstance(value, nn.Parameter):
+        root.register_parameter(name, value)
+    else:
+        root.register_buffer(name, value, persistent=persistent)
+
+
+class Model(nn.Module):
+    _fxsurgery_class = {class_name!r}
+
+    def __init__(self):
+        super().__init__()
+{body}
+        for alias, owner in TIES.items():
+            _put(self, alias, self.get_parameter(owner))
+        for name in FROZEN:
+            self.get_parameter(name).requires_grad_(False)
+        {train}
+
+    @classmethod
+    def load(cls, directory, device="cpu"):
+        """The model with the weights of model.safetensors in `directory`."""
+        from safetensors.torch import load_file
+
+        tensors = load_file(os.path.join(directory, "model.safetensors"))
+        model = cls().to(device)
+        state = {{k: v for k, v in tensors.items() if k not in NON_PERSISTENT}}
+        # Copy into the model's own (aligned) tensors rather than adopting the
+        # file's buffers: kernels may pick another summation order on odd alignments.
+        model.load_state_dict({{**state, **{{a: state[o] for a, o in TIES.items()}}}}, strict=True)
+        for name in NON_PERSISTENT:
+            _put(model, name, tensors[name].to(device, copy=True), persistent=False)
+        return model
+
+{forward}
+'''

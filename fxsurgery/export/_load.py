@@ -1,0 +1,30 @@
+"""Read a saved directory back into a module."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from torch import nn
+
+from ..errors import SaveError
+from ._record import FORMAT, digest, import_source, read_record
+
+
+def load(directory: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a saved module from model.py and model.safetensors (no pickle)."""
+    directory = Path(directory)
+    record = read_record(directory)
+    if record.get("format") != FORMAT:
+        raise SaveError(f"{directory}: unsupported format {record.get('format')!r}; fix: write it again with this fxsurgery")
+    if record.get("hash") != digest(directory):
+        raise SaveError(f"{directory}: model.py or model.safetensors changed since it was written (hash mismatch); fix: write the directory again with save()")
+    try:
+        return import_source(directory / "model.py").Model.load(str(directory), device=device)
+    except SafetensorError as exc:
+        raise SaveError(f"{directory / 'model.safetensors'}: cannot read weights: {exc}; fix: write the directory again with save()") from None
+    except Exception as exc:
+        raise SaveError(f"{directory}: cannot rebuild the model: {type(exc).__name__}: {exc}; fix: write the directory again with save()") from None
+

@@ -1,0 +1,46 @@
+"""What a saved directory holds: its files, its record (surgery.json) and the hash over them."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import uuid
+from pathlib import Path
+
+from ..errors import SaveError
+
+FILES = ("model.py", "model.safetensors", "surgery.json")
+
+
+FORMAT = 1
+
+
+def digest(directory: Path) -> str:
+    h = hashlib.sha256()
+    for name in ("model.py", "model.safetensors"):
+        with open(directory / name, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def import_source(path: Path):
+    """Import a model.py by path under a fresh name (it is source, read it before trusting it)."""
+    spec = importlib.util.spec_from_file_location(f"_fxsurgery_saved_{uuid.uuid4().hex}", path)
+    code = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(code)
+    return code
+
+
+def read_record(directory: str | os.PathLike) -> dict:
+    directory = Path(directory)
+    missing = [f for f in FILES if not (directory / f).is_file()]
+    if missing:
+        raise SaveError(f"{directory}: not an fxsurgery output (missing {', '.join(missing)}); fix: pass a directory written by save()")
+    try:
+        return json.loads((directory / "surgery.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SaveError(f"{directory / 'surgery.json'}: not valid JSON ({exc}); fix: write the directory again with save()") from None
+

@@ -1,0 +1,170 @@
+"""Write a result as model.py + model.safetensors + surgery.json, atomically.
+
+Nothing here unpickles: weights are safetensors, the record is JSON, and the
+module is rebuilt by the generated source. Writes are atomic: everything goes
+into a temporary directory beside the target, which is renamed into place
+only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import fx, nn
+
+from .._progress import bar
+from ..capture import adapter_call, trace
+from ..errors import SaveError, TraceError
+from ..version import __version__
+from ._codegen import generate, rename_path
+from ._formats import export_as
+from ._record import FORMAT, digest, import_source
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike, force: bool = False):
+    """Yield a temporary directory that becomes `target` only if the block succeeds."""
+    target = Path(target)
+    if target.exists() and not force:
+        raise SaveError(f"{target}: already exists; fix: choose another output directory or pass --force (force=True)")
+    if target.exists() and not (target / "surgery.json").is_file():
+        raise SaveError(f"{target}: exists and is not an fxsurgery output, refusing to replace it; fix: choose another output directory")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as exc:
+        raise SaveError(f"{target}: cannot write there: {exc.strerror}; fix: choose a writable output directory") from None
+    try:
+        yield work
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(target, old)
+            os.rename(work, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(work, target)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def ties_of(module: nn.Module) -> dict[str, str]:
+    """alias -> owner for every parameter reachable at more than one path."""
+    first: dict[int, str] = {}
+    ties = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            ties[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return ties
+
+
+def _tensors(module: nn.Module, ties: dict[str, str]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    out, non_persistent, seen = {}, [], set()
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if name not in ties:
+            out[name] = p
+    for path, sub in module.named_modules():
+        for name, b in sub._buffers.items():
+            if b is None:
+                continue
+            full = f"{path}.{name}" if path else name
+            out[full] = b
+            if name in sub._non_persistent_buffers_set:
+                non_persistent.append(full)
+    tensors = {}
+    for name, t in out.items():
+        t = t.detach().contiguous()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else None
+        tensors[name] = t.clone() if key in seen else t  # safetensors refuses shared memory
+        if key is not None:
+            seen.add(key)
+    return tensors, non_persistent
+
+
+
+
+def leaf_paths(module: nn.Module) -> list[str]:
+    """Paths of every module that is not a bare container (what a GraphModule or model.py calls)."""
+    return [p for p, m in module.named_modules() if p and type(m) is not nn.Module]
+
+
+def _as_graph_module(module: nn.Module) -> fx.GraphModule:
+    if isinstance(module, fx.GraphModule):
+        return module
+    try:
+        return trace(module, leaf_paths=leaf_paths(module)).gm
+    except TraceError as err:
+        graphs = [p for p, m in module.named_modules() if isinstance(m, fx.GraphModule)]
+        inside = f" (its graphs: {', '.join(graphs[:3])})" if graphs else ""
+        raise SaveError(f"cannot write model.py for {type(module).__name__}: part of its forward stays Python{inside}: "
+                        f"{err.reason or err.problem}; fix: save its weights with "
+                        "safetensors.torch.save_model(module, path) and rebuild the architecture in code, "
+                        "or make the model traceable (leaf_paths=)") from None
+
+
+def _source(gm: fx.GraphModule, work: Path, **facts) -> tuple[str, dict[str, str]]:
+    """model.py for `gm`, in the form a later export of the loaded model reproduces.
+
+    The source is generated, imported on the meta device (no weights), traced
+    again and regenerated: node names then are the ones a re-trace gives, so
+    export -> load -> export writes the same file.
+    """
+    first, renames = generate(gm, **facts)
+    if adapter_call(gm) is not None:
+        return first, renames  # called through an adapter: its forward is not the graph's to re-trace
+    (work / "model.py").write_text(first, encoding="utf-8")
+    with torch.device("meta"):
+        rebuilt = import_source(work / "model.py").Model()
+    again = trace(rebuilt, leaf_paths=leaf_paths(rebuilt)).gm
+    second, _ = generate(again, **{**facts, "frozen": [rename_path(n, renames) for n in facts["frozen"]],
+                                   "ties": {rename_path(a, renames): rename_path(o, renames) for a, o in facts["ties"].items()},
+                                   "non_persistent": [rename_path(n, renames) for n in facts["non_persistent"]],
+                                   "modes": {rename_path(p, renames): t for p, t in facts["modes"].items()}})
+    return second, renames
+
+
+def save(module: nn.Module, directory: str | os.PathLike, *, force: bool = False, record: dict | None = None,
+         formats=(), example_inputs: tuple | None = None) -> Path:
+    """Write `module` as model.py + model.safetensors + surgery.json, atomically.
+
+    `formats` adds model.pt2 (torch.export), model.onnx or model.torchscript.pt,
+    each checked against the module on `example_inputs`.
+    """
+    gm = _as_graph_module(module)
+    class_name = getattr(module, "_fxsurgery_class", None) or type(module).__name__
+    ties = ties_of(gm)
+    tensors, non_persistent = _tensors(gm, ties)
+    frozen = [n for n, p in gm.named_parameters() if not p.requires_grad]
+    with atomic_directory(directory, force) as work:
+        modes = {p: m.training for p, m in module.named_modules()}
+        source, renames = _source(gm, work, class_name=class_name, frozen=frozen, ties=ties,
+                                  non_persistent=non_persistent, modes=modes)
+        (work / "model.py").write_text(source, encoding="utf-8")
+        # One metadata key only: safetensors writes metadata in hash order, and
+        # the same model must give the same bytes every time.
+        save_file({rename_path(k, renames): v for k, v in tensors.items()}, str(work / "model.safetensors"),
+                  metadata={"format": "pt"})
+        exported = {fmt: export_as(fmt, gm, work, example_inputs) for fmt in bar(formats, "export", unit="format")}
+        doc = {"fxsurgery": __version__, "format": FORMAT, "torch": torch.__version__, "class": class_name,
+               "renamed": {k: v for k, v in renames.items() if k != v},
+               "ties": {rename_path(a, renames): rename_path(o, renames) for a, o in ties.items()},
+               "non_persistent": [rename_path(n, renames) for n in non_persistent],
+               **(record or {}), "formats": exported, "hash": digest(work)}
+        (work / "surgery.json").write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
+    return Path(directory)
+
+
+
+
+
+

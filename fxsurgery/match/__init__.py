@@ -1,0 +1,203 @@
+"""Resolve rules against the traced graph: read-only, a plan of matches.
+
+A site is where a rule acts: one invocation of a module (a leaf call, or the
+nodes traced through a non-leaf module's forward), or one function or method
+call. "Did not match" is a value with a reason and the nearest names; it
+becomes an error only when the rule must match.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+
+from .._util import format_table
+from ..capture import Capture
+from ..errors import MatchError
+from ..spec import Delete, Detach, Freeze, Insert, Output, Replace, Rewrite, Rule, Selector, frozen_by
+from ._patterns import Found, find, missing_reason
+from ._sites import Locator, Site, join, select_modules
+
+__all__ = [
+    "Found", "Locator", "Match", "Plan", "Site", "join", "label", "match",
+]
+
+
+@dataclass
+class Match:
+    """What one rule selected, or why it selected nothing."""
+
+    index: int
+    rule: Rule
+    sites: list[Site] = field(default_factory=list)
+    modules: list[str] = field(default_factory=list)
+    reason: str = ""
+    nearest: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # sites an earlier rule removed, matches left alone (why)
+    found: dict = field(default_factory=dict)          # pattern rules: Site -> chains.Found
+    near: list[str] = field(default_factory=list)      # pattern rules: near misses and why, for --explain
+
+    @property
+    def count(self) -> int:
+        return len(self.modules) if isinstance(self.rule, Freeze) else len(self.sites)
+
+    @property
+    def label(self) -> str:
+        return label(self.index, self.rule)
+
+    def to_dict(self) -> dict:
+        return {"rule": self.index, "action": self.rule.action, "text": str(self.rule),
+                "origin": str(self.rule.origin), "matches": self.count,
+                "sites": [s.where for s in self.sites], "modules": list(self.modules),
+                "reason": self.reason, "skipped": list(self.skipped), "near_misses": list(self.near)}
+
+
+def label(index: int, rule: Rule) -> str:
+    return f"rule {index} '{rule}' ({rule.origin})"
+
+
+@dataclass
+class Plan:
+    """The matches of every rule, in order, and warnings worth reading."""
+
+    matches: list[Match]
+    warnings: list[str] = field(default_factory=list)
+
+    def table(self) -> str:
+        rows = [("#", "rule", "matches", "where")]
+        for m in self.matches:
+            where = m.modules if isinstance(m.rule, Freeze) else [s.where for s in m.sites]
+            shown = ", ".join(where[:4]) + (f", ... (+{len(where) - 4})" if len(where) > 4 else "")
+            rows.append((str(m.index), str(m.rule), str(m.count), shown or f"- ({m.reason})"))
+        return format_table(rows)
+
+    def to_dict(self) -> list[dict]:
+        return [m.to_dict() for m in self.matches]
+
+    def explain(self, limit: int = 5) -> str:
+        """Per rule: what it matched, what it left alone and why, and its nearest misses."""
+        lines = []
+        for m in self.matches:
+            lines.append(f"{m.label}: {m.count} match{'es' if m.count != 1 else ''}")
+            if not m.count and not (m.skipped or m.near):
+                near = f" (closest: {', '.join(m.nearest)})" if m.nearest else ""
+                lines.append(f"  why nothing: {m.reason}{near}")
+            for text in m.skipped[:limit]:
+                lines.append(f"  left alone: {text}")
+            for text in m.near[:limit]:
+                lines.append(f"  near miss: {text}")
+            hidden = max(0, len(m.skipped) - limit) + max(0, len(m.near) - limit)
+            if hidden:
+                lines.append(f"  ... and {hidden} more (--json lists them all)")
+        return "\n".join(lines)
+
+
+def _why_not(locator: Locator, sel: Selector) -> tuple[str, list[str]]:
+    capture = locator.capture
+    hidden = ""
+    if capture.opaque:
+        shown = "; ".join(f"{p or '(the model)'}: {why}" for p, why in list(capture.opaque.items())[:2])
+        hidden = f"; opaque code may call it, which rules cannot see ({shown})"
+    calls = [n for ix in locator.indexes for n in ix.nodes.values()]
+    if sel.kind == "type":
+        present = sorted({type(m).__name__ for m in locator.modules.values()})
+        return f"no module of type {sel.value.__name__} (types present: {', '.join(present[:8])})", []
+    if sel.kind == "function":
+        called = sorted({getattr(n.target, "__name__", str(n.target)) for n in calls if n.op == "call_function"})
+        return f"no call of {sel.text} (functions called: {', '.join(called[:8]) or 'none'}){hidden}", []
+    if sel.kind == "method":
+        called = sorted({n.target for n in calls if n.op == "call_method"})
+        return f"no call of method {sel.value} (methods called: {', '.join(called[:8]) or 'none'}){hidden}", []
+    selected = select_modules(sel, locator.modules)
+    if selected and capture.opaque and not capture.calls:
+        return (f"{', '.join(selected[:3])} {'is' if len(selected) == 1 else 'are'} not called by traced code, and without "
+                f"example inputs the calls made by opaque code ({', '.join(p or '(the model)' for p in list(capture.opaque)[:2])}) "
+                f"are not known; pass example inputs (--input)"), []
+    if selected:
+        return f"{', '.join(selected[:3])} {'is' if len(selected) == 1 else 'are'} never called by the forward (inside a leaf module or unused)", []
+    text = sel.value if sel.kind == "glob" else sel.value.pattern
+    nearest = difflib.get_close_matches(text, locator.names(), n=3, cutoff=0.5)
+    return f"no module path or node name matches {sel.text!r}", nearest
+
+
+def match(capture: Capture, rules: list[Rule]) -> Plan:
+    """Resolve every rule against the captured model; raise where one must match."""
+    locator = Locator(capture)
+    plan = Plan([])
+    touched: dict[tuple, Match] = {}  # (graph, node) or (None, module) -> the rule that deleted or replaced it
+    params = [n for n, _ in capture.model.named_parameters(remove_duplicate=False)]
+    for i, rule in enumerate(rules, start=1):
+        m = Match(i, rule)
+        if isinstance(rule, Freeze):
+            frozen, owners = frozen_by(rule, params, lambda p: type(locator.modules.get(p)))
+            m.modules = owners
+            if not owners:
+                chosen = select_modules(rule.target, locator.modules)
+                if chosen and not rule.exclude:
+                    plan.warnings.append(f"{m.label}: {', '.join(chosen[:3])} {'has' if len(chosen) == 1 else 'have'} no parameters; nothing to freeze")
+                    plan.matches.append(m)
+                    continue
+                m.reason, m.nearest = _why_not(locator, rule.target) if not chosen else ("every selected parameter is excluded", [])
+        elif isinstance(rule, Rewrite):
+            found, m.skipped, m.near = find(locator, rule)
+            m.sites, m.found = [f.site for f in found], {f.site: f for f in found}
+            m.modules = list(dict.fromkeys(s.module for s in m.sites if s.module is not None))
+            if not m.sites:
+                m.reason = (missing_reason(locator, rule) if not (m.skipped or m.near)
+                            else f"every candidate was left alone: {(m.skipped or m.near)[0]}")
+            elif capture.opaque and not _modules_only(rule):
+                plan.warnings.append(f"{m.label}: calls inside opaque code ({', '.join(p or '(the model)' for p in list(capture.opaque)[:3])}) are not "
+                                     f"seen and stay as they are")
+            _check_conflicts(m, touched)
+        else:
+            sel = rule.selectors()[0]
+            m.sites, m.modules = locator.select(sel, boundary=isinstance(rule, (Insert, Detach)))
+            if isinstance(rule, Output) and len(m.sites) > 1:
+                raise MatchError(f"{m.label} selects {len(m.sites)} places ({', '.join(s.where for s in m.sites[:3])}); "
+                                 "fix: select exactly one module or node whose value the model returns")
+            if not m.sites:
+                m.reason, m.nearest = _why_not(locator, sel)
+            elif sel.kind in ("function", "method") and capture.opaque:
+                plan.warnings.append(f"{m.label}: calls inside opaque code ({', '.join(p or '(the model)' for p in list(capture.opaque)[:3])}) are not "
+                                     f"seen and stay as they are")
+            _check_conflicts(m, touched)
+        if not m.count and not rule.optional:
+            near = f"; closest: {', '.join(m.nearest)}" if m.nearest else ""
+            raise MatchError(f"{m.label} matched nothing: {m.reason}{near}; fix: correct the selector or add 'optional: true'")
+        plan.matches.append(m)
+    return plan
+
+
+def _modules_only(rule: Rewrite) -> bool:
+    """A one-module pattern reaches opaque code too; chains and calls there stay unseen."""
+    p = rule.pattern
+    return not p.is_dag and len(p.elements()) == 1 and all(isinstance(a, type) for a in p.elements()[0])
+
+
+def _check_conflicts(m: Match, touched: dict[str, Match]) -> None:
+    """Skip sites an earlier rule deleted or replaced; a rule left with none conflicts."""
+    destructive = isinstance(m.rule, (Delete, Replace, Rewrite))
+    kept, clash = [], None
+    for site in m.sites:
+        names = [(site.region, n) for n in site.nodes] if site.region is not None else [(None, site.key)]
+        hit = next(((name[1], touched[name]) for name in names if name in touched
+                    and (destructive or touched[name].rule.action in ("delete", "rewrite"))), None)
+        if hit is None:
+            kept.append(site)
+        else:
+            clash = clash or hit
+            m.skipped.append(f"{site.where} (gone after {hit[1].label})")
+    if clash and not kept:
+        name, earlier = clash
+        verb = {"delete": "deleted", "rewrite": "rewritten"}.get(earlier.rule.action, "replaced")
+        raise MatchError(f"{m.label} conflicts with {earlier.label}: node '{name}' was already {verb}; fix: drop one of the two rules")
+    m.sites = kept
+    kept_modules = {s.module for s in kept}
+    m.modules = [p for p in m.modules if p in kept_modules]
+    if destructive:
+        for site in kept:
+            names = [(site.region, n) for n in site.nodes] if site.region is not None else [(None, site.key)]
+            for name in names:
+                touched[name] = m
+
+

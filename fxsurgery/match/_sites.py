@@ -1,0 +1,179 @@
+"""Where rules act: sites in the captured graphs, or modules inside opaque code.
+
+A site is one invocation of a module (a leaf call, or the nodes traced
+through a non-leaf module's forward), one function or method call, the
+boundary of a whole graph, or a module that opaque Python calls. Selectors
+see the whole model: a module path or type selects wherever the module sits.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, replace
+
+from torch import fx, nn
+
+from ..capture import Capture, Captured, module_stack
+from ..spec import Selector
+
+
+@dataclass(frozen=True)
+class Site:
+    """One place a rule acts on."""
+
+    key: str                  # invocation key ('layer1.0.relu@1') or node name, relative to its graph
+    path: str | None          # module path relative to its graph; None for function/method calls
+    leaf: bool                # a single node (or a module in opaque code)
+    nodes: tuple[str, ...]    # node names, in graph order
+    inputs: tuple[str, ...]   # nodes outside the site that it reads
+    outputs: tuple[str, ...]  # site nodes read outside the site
+    region: str | None = ""   # the graph's module path ('' = the model's); None = a module in opaque code
+
+    @property
+    def output(self) -> str | None:
+        return self.outputs[0] if len(self.outputs) == 1 else None
+
+    @property
+    def module(self) -> str | None:
+        """The module's path in the model, or None for a function or method call."""
+        if self.path is None:
+            return None
+        return join(self.region or "", self.path)
+
+    @property
+    def where(self) -> str:
+        return self.key if not self.region else join(self.region, self.key)
+
+    def __str__(self) -> str:
+        return self.where
+
+
+def join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path and name else (path or name)
+
+
+def relative(path: str, root: str) -> str | None:
+    """`path` seen from `root`, or None when it is not below it."""
+    if not root:
+        return path
+    if path == root:
+        return ""
+    return path[len(root) + 1:] if path.startswith(root + ".") else None
+
+
+class GraphIndex:
+    """Nodes by name, module invocations by path, calls by target: built once per graph."""
+
+    def __init__(self, captured: Captured):
+        self.captured = captured
+        self.region = captured.path
+        self.nodes = {n.name: n for n in captured.graph.nodes}
+        self.keys: dict[str, list[str]] = defaultdict(list)       # path -> invocation keys
+        self.members: dict[str, list[str]] = defaultdict(list)    # key -> node names
+        for n in captured.graph.nodes:
+            for key, path in module_stack(n):
+                if key not in self.members:
+                    self.keys[path].append(key)
+                self.members[key].append(n.name)
+
+    def module_sites(self, path: str) -> list[Site]:
+        return [self.invocation(key, path) for key in self.keys.get(path, [])]
+
+    def _site(self, key, path, names, leaf) -> Site:
+        inside = set(names)
+        inputs: list[str] = []
+        outputs: list[str] = []
+        for name in names:
+            node = self.nodes[name]
+            for arg in node.all_input_nodes:
+                if arg.name not in inside and arg.name not in inputs:
+                    inputs.append(arg.name)
+            if any(u.name not in inside for u in node.users):
+                outputs.append(name)
+        return Site(key, path, leaf, tuple(names), tuple(inputs), tuple(outputs), self.region)
+
+    def invocation(self, key: str, path: str | None) -> Site:
+        names = self.members[key]
+        return self._site(key, path, names, len(names) == 1 and self.nodes[names[0]].op == "call_module")
+
+    def boundary(self) -> Site:
+        """The whole graph as one site: its inputs and what it returns."""
+        names = [n.name for n in self.captured.graph.nodes if n.op not in ("placeholder", "output")]
+        site = self._site("", "", names, False)
+        placeholders = tuple(n.name for n in self.captured.graph.nodes if n.op == "placeholder")
+        returned = [n for n in self.captured.graph.nodes if n.op == "output"][0].all_input_nodes
+        return replace(site, inputs=placeholders, outputs=tuple(n.name for n in returned))
+
+    def call_site(self, node: fx.Node) -> Site:
+        inputs = tuple(dict.fromkeys(a.name for a in node.all_input_nodes))
+        return Site(node.name, None, True, (node.name,), inputs, (node.name,), self.region)
+
+    def calls(self) -> list[str]:
+        return [n.name for n in self.nodes.values() if n.op.startswith("call")]
+
+
+def outermost(paths: list[str]) -> list[str]:
+    """The paths with no other chosen path above them (linear: each path checks its own ancestors)."""
+    chosen = set(paths)
+    def covered(p: str) -> bool:
+        parts = p.split(".")
+        return any(".".join(parts[:i]) in chosen for i in range(1, len(parts)))
+    return [p for p in paths if not covered(p)]
+
+
+def select_modules(sel: Selector, modules: dict[str, nn.Module]) -> list[str]:
+    """Module paths selected by a glob, regex or type selector."""
+    if sel.kind == "type":
+        return [p for p, m in modules.items() if isinstance(m, sel.value)]
+    if sel.kind in ("glob", "regex"):
+        return [p for p in modules if p and sel.matches_name(p)]
+    return []
+
+
+class Locator:
+    """Selectors resolved over every graph of a capture and its opaque code."""
+
+    def __init__(self, capture: Capture):
+        self.capture = capture
+        self.modules = dict(capture.model.named_modules())
+        # deepest first: a module inside a nested graph belongs to that graph
+        self.indexes = [GraphIndex(r) for r in sorted(capture.regions, key=lambda r: -r.path.count(".") - bool(r.path))]
+
+    def module_sites(self, path: str, boundary: bool) -> list[Site]:
+        for index in self.indexes:
+            rel = relative(path, index.region)
+            if rel and index.keys.get(rel):
+                return index.module_sites(rel)
+        for index in self.indexes:
+            if index.region == path and path:
+                return [index.boundary()] if boundary else [Site(path, path, True, (), (), (), None)]
+        if path in self.capture.calls:
+            return [Site(path, path, True, (), (), (), None)]
+        return []
+
+    def select(self, sel: Selector, boundary: bool) -> tuple[list[Site], list[str]]:
+        """Sites and module paths a selector picks; `boundary`: a whole graph is one site."""
+        if sel.kind in ("function", "method"):
+            op = "call_function" if sel.kind == "function" else "call_method"
+            hit = (lambda n: n.target is sel.value) if sel.kind == "function" else (lambda n: n.target == sel.value)
+            return [ix.call_site(n) for ix in self.indexes for n in ix.nodes.values() if n.op == op and hit(n)], []
+        sites, paths = [], []
+        for path in outermost(select_modules(sel, self.modules)):
+            found = self.module_sites(path, boundary)
+            if found:
+                sites += found
+                paths.append(path)
+        if sel.kind in ("glob", "regex"):
+            covered = {(s.region, name) for s in sites for name in s.nodes}
+            for ix in self.indexes:
+                for n in ix.nodes.values():
+                    if n.op.startswith("call") and (ix.region, n.name) not in covered and sel.matches_name(n.name):
+                        site = (next(s for s in ix.module_sites(n.target) if n.name in s.nodes)
+                                if n.op == "call_module" else ix.call_site(n))
+                        sites.append(site)
+                        covered.update((ix.region, name) for name in site.nodes)
+        return sites, paths
+
+    def names(self) -> list[str]:
+        """Every module path and call-node name, for 'did you mean'."""
+        return list(dict.fromkeys([p for p in self.modules if p] + [c for ix in self.indexes for c in ix.calls()]))

@@ -1,0 +1,143 @@
+"""Apply a plan: the only stage that edits structure.
+
+Sites in captured graphs are edited graph by graph (graphedit.py). Modules
+that opaque Python calls are swapped, skipped or wrapped instead (ModuleEdit);
+the transfer stage installs them when it assembles the new module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from ..capture import Capture, Captured, Meta
+from ..match import Match, Plan
+from ..spec import Delete, Detach, Freeze, Insert, New, Output, Replace, Rewrite
+from ._blame import shape_failure
+from ._edited import Edited, InputChange
+from ._editor import Rewriter, callable_only
+from ._fitting import build
+from ._pattern_edits import cut_output, rewrite_chains
+from ._wrappers import Around, Call, Skip, StayEval, stays_eval
+
+__all__ = [
+    "Around", "Edited", "InputChange", "ModuleEdit", "Rewritten", "StayEval", "module_edits", "rewrite",
+    "shape_failure", "stays_eval",
+]
+
+
+@dataclass
+class ModuleEdit:
+    """A change to a module that opaque code calls: replaced, skipped, or wrapped."""
+
+    path: str
+    rule: int
+    kind: str                           # replace | delete | wrap
+    module: nn.Module | None = None     # replace: the new module
+    before: nn.Module | None = None     # wrap: applied to the first argument
+    after: nn.Module | None = None      # wrap: applied to the output
+    cut_in: bool = False                # wrap: detach what goes in
+    cut_out: bool = False               # wrap: detach what comes out
+    weights: Any = "new"                # replace: how the old module's tensors fill the new one
+    sources: tuple = ()                 # replace by a pattern: the modules its tensors were computed from
+    freeze: tuple = ()                  # replace by a pattern: paths (below the new module) that start frozen
+
+
+@dataclass
+class Rewritten:
+    """Every edited graph and every module edit, with the plan that made them."""
+
+    capture: Capture
+    plan: Plan
+    graphs: dict[str, Edited]
+    edits: list[ModuleEdit] = field(default_factory=list)
+
+    @property
+    def root(self) -> Edited | None:
+        """The graph of the whole model, when there is one."""
+        regions = self.capture.regions
+        own = regions and regions[0].path == "" and regions[0].call is None  # called as the model is
+        return self.graphs.get("") if own else None
+
+    def example_inputs(self) -> tuple | None:
+        root = self.root
+        return root.example_inputs() if root is not None else self.capture.example_inputs
+
+    def input_changes(self) -> list[InputChange]:
+        return list(self.root.inputs.values()) if self.root is not None else []
+
+    def rule_of(self, index: int) -> Match:
+        return self.plan.matches[index - 1]
+
+
+def _first_tensor(tree) -> tuple | None:
+    """The shape of the first tensor in a recorded output (a pytree of Meta)."""
+    for leaf in pytree.tree_leaves(tree):
+        if isinstance(leaf, Meta) and leaf.is_tensor:
+            return leaf.shape
+    return None
+
+
+def module_edits(capture: Capture, plan: Plan) -> list[ModuleEdit]:
+    """Edits for the sites that sit in opaque code (modules with no graph around them)."""
+    edits = []
+    for m in plan.matches:
+        for site in (s for s in m.sites if s.region is None):
+            path, call = site.path, capture.calls.get(site.path)
+            shape_in = call.first_tensor().shape if call is not None and call.first_tensor() else None
+            shape_out = _first_tensor(call.output) if call is not None else None
+            rule = m.rule
+            if isinstance(rule, Delete):
+                edits.append(ModuleEdit(path, m.index, "delete", module=Skip()))
+            elif isinstance(rule, Replace):
+                module = Call(rule.replacement) if callable_only(rule.replacement) else build(m, rule.replacement, shape_in, path)
+                edits.append(ModuleEdit(path, m.index, "replace", module=module, weights=rule.weights))
+            elif isinstance(rule, Insert):
+                after = rule.after is not None
+                module = build(m, rule.module, shape_out if after else shape_in, path)
+                edits.append(ModuleEdit(path, m.index, "wrap", after=module) if after
+                             else ModuleEdit(path, m.index, "wrap", before=module))
+            elif isinstance(rule, Detach):
+                edits.append(ModuleEdit(path, m.index, "wrap", cut_out=rule.after is not None, cut_in=rule.before is not None))
+            elif isinstance(rule, Rewrite):
+                edits.append(_pattern_edit(m, capture.model.get_submodule(path), path, shape_in))
+    return edits
+
+
+def _pattern_edit(m: Match, module: nn.Module, path: str, shape_in: tuple | None) -> ModuleEdit:
+    """A one-module pattern on a module that opaque code calls: the module itself is swapped."""
+    pattern = m.rule.pattern
+    made = pattern.rewrite(module)
+    if made is None:
+        return ModuleEdit(path, m.index, "delete", module=Skip())
+    if isinstance(made, New):
+        made = build(m, made, shape_in, path)
+    if not isinstance(made, nn.Module):
+        made = Call(made)
+    inside = [p for p, sub in made.named_modules() if sub is module] if pattern.freeze_matched else []
+    return ModuleEdit(path, m.index, "replace", module=made,
+                      sources=(path,) if pattern.weights == "derived" else (), freeze=tuple(inside))
+
+
+def rewrite(capture: Capture, plan: Plan) -> Rewritten:
+    """Edit every captured graph, and plan the module edits in opaque code."""
+    graphs = {region.path: _edit_graph(region, plan) for region in capture.regions}
+    return Rewritten(capture, plan, graphs, module_edits(capture, plan))
+
+
+# What each rule kind does to a graph; freezing acts on the assembled module, in the transfer stage.
+ACTIONS = {Delete: Rewriter.delete, Replace: Rewriter.replace, Insert: Rewriter.insert, Detach: Rewriter.detach,
+           Rewrite: rewrite_chains, Output: cut_output}
+
+
+def _edit_graph(region: Captured, plan: Plan) -> Edited:
+    """Apply every match that has sites in this graph, in rule order."""
+    editor = Rewriter(region, plan)
+    for m in plan.matches:
+        sites = [s for s in m.sites if s.region == region.path]
+        if sites and not isinstance(m.rule, Freeze):
+            ACTIONS[type(m.rule)](editor, m, sites)
+    return editor.edited

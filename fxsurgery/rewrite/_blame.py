@@ -1,0 +1,54 @@
+"""Which rule a failing node owes its inputs to, and the one-line error that says so."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import fx
+
+from .._util import first_line, shape_text
+from ..capture import PropagationError
+from ..errors import ValidateError
+from ..match import Match
+from ..spec import describe
+from ._fitting import expected_input
+
+if TYPE_CHECKING:  # graphedit raises these errors, so it imports this module
+    from ._edited import Edited
+
+
+def blame(edited: Edited, node: fx.Node) -> Match | None:
+    """The rule that made, changed or rewired `node` or, nearest first, a node upstream of it."""
+    queue, seen = [node], {node}
+    while queue:
+        candidate = queue.pop(0)
+        index = candidate.meta.get("fxs_rule", candidate.meta.get("fxs_rewired"))
+        if index is None and candidate.op == "call_module" and candidate.target in edited.modules:
+            index = edited.modules[candidate.target].rule
+        if index is not None:
+            return edited.rule_of(index)
+        for arg in candidate.all_input_nodes:
+            if arg not in seen:
+                seen.add(arg)
+                queue.append(arg)
+    return None
+
+
+def shape_failure(err: PropagationError, edited: Edited) -> ValidateError:
+    """A one-line error for a node that fails on its new inputs, naming the rule."""
+    node, exc = err.node, err.exc
+    culprit = blame(edited, node)
+    where = f"{culprit.label} at node '{node.name}' [{node.op}]" if culprit else f"node '{node.name}' [{node.op}]"
+    incoming = [err.metas.get(a.name) for a in node.all_input_nodes]
+    shape = next((mt.shape for mt in incoming if mt is not None and mt.is_tensor), None)
+    module = edited.modules[node.target].value if node.op == "call_module" and node.target in edited.modules else None
+    if module is not None and shape is not None:
+        wanted = expected_input(module, shape)
+        made = culprit is not None and edited.modules[node.target].rule == culprit.index
+        if wanted != tuple(shape):
+            fix = (f"drop the shape argument and let it be inferred (fxs.new), or set it to match {shape_text(shape)}" if made
+                   else "replace this layer too (fxs.new infers its input size), or insert a layer that maps the shape")
+            return ValidateError(f"{where}: {describe(module)} does not fit the incoming shape {shape_text(shape)}; fix: {fix}")
+    first = first_line(exc)
+    return ValidateError(f"{where}: {type(exc).__name__}: {first}; fix: check that the rule's replacement fits the shapes around it (inspect the model "
+                         f"with 'fxsurgery inspect')")

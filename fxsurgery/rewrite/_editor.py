@@ -1,0 +1,307 @@
+"""Edit one captured graph as a plan says.
+
+The result is a graph plus a table of what each call_module / get_attr target
+holds (`Slot`): an original module or tensor (with its path in the original,
+for the transfer stage) or a module a rule made (with the rule's number).
+Nodes a rule makes or rewires carry `meta["fxs_rule"]`, so later errors name
+the rule that caused them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import fx, nn
+
+from .._util import get_path, shape_text
+from ..capture import Captured, Meta, PropagationError, propagate, root_of
+from ..errors import RewriteError
+from ..match import Match, Plan, Site, label
+from ..spec import New, describe
+from ._blame import shape_failure
+from ._edited import Edited, InputChange, Slot
+from ._fitting import build, expected_input, fit_call, snake
+
+
+@dataclass
+class Rewriter:
+    """Applies matches in rule order to a copy of the captured graph."""
+
+    def __init__(self, captured: Captured, plan: Plan):
+        self.captured, self.plan = captured, plan
+        self.graph = fx.Graph()
+        out = self.graph.graph_copy(captured.graph, {})
+        self.graph.output(out)
+        self.alias: dict[str, str] = {}
+        self.by_name = {n.name: n for n in self.graph.nodes}
+        gm = captured.gm
+        self.edited = Edited(captured, plan, self.graph, {}, {}, shapes=dict(captured.shapes))
+        for n in self.graph.nodes:
+            if n.op == "call_module":
+                self.edited.modules[n.target] = Slot(gm.get_submodule(n.target), n.target)
+            elif n.op == "get_attr":
+                self.edited.tensors[n.target] = Slot(get_path(gm, n.target), n.target)
+        self.dirty = False
+        self._taken: set[str] | None = None
+
+    # -- lookups ---------------------------------------------------------------
+    def node(self, name: str) -> fx.Node:
+        while name in self.alias:
+            name = self.alias[name]
+        return self.by_name[name]
+
+    def added(self, node: fx.Node, m: Match, like: fx.Node) -> fx.Node:
+        """Register a node a rule made, inside the modules that hold the node it sits by."""
+        stack = dict(like.meta.get("nn_module_stack", {}))
+        if like.op == "call_module":  # beside a module call, not inside that module
+            stack = {k: v for k, v in stack.items() if like.target.startswith(v[0] + ".")}
+        if node.op == "call_module":
+            stack = {k: v for k, v in stack.items() if node.target.startswith(v[0] + ".")}
+            stack[node.target] = (node.target, type(self.edited.modules[node.target].value))
+        node.meta.update(fxs_rule=m.index, nn_module_stack=stack)
+        self.by_name[node.name] = node
+        return node
+
+    def meta(self, name: str, fresh: bool = True) -> Meta | None:
+        """A node's shape; `fresh`: propagate again first if an earlier rule changed what feeds it."""
+        while name in self.alias:
+            name = self.alias[name]
+        if fresh and self.dirty and self._stale(name):
+            self.repropagate()
+        return self.edited.shapes.get(name)
+
+    def _stale(self, name: str) -> bool:
+        """Whether a rule made, rewired or swapped `name` or anything upstream of it."""
+        start = self.by_name.get(name)
+        stack, seen = [start] if start is not None else [], set()
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            slot = self.edited.modules.get(node.target) if node.op == "call_module" else None
+            if ("fxs_rule" in node.meta or "fxs_rewired" in node.meta or node.name not in self.edited.shapes
+                    or (slot is not None and slot.rule is not None)):
+                return True
+            stack.extend(node.all_input_nodes)
+        return start is None
+
+    def shape_in(self, site: Site) -> tuple | None:
+        tensors = self.tensor_inputs(site)
+        meta = self.meta(tensors[0]) if tensors else None
+        return meta.shape if meta and meta.is_tensor else None
+
+    def current_inputs(self, site: Site) -> list[str]:
+        """What the site reads now: an earlier rule may have rewired it (a Delete upstream)."""
+        nodes = [self.node(n) for n in site.nodes if n in self.by_name or n in self.alias]
+        if not nodes:
+            return list(site.inputs)
+        inside, inputs = set(nodes), []
+        for node in nodes:
+            for arg in node.all_input_nodes:
+                if arg not in inside and arg.name not in inputs:
+                    inputs.append(arg.name)
+        return inputs
+
+    def tensor_inputs(self, site: Site) -> list[str]:
+        inputs = self.current_inputs(site)
+        if not self.edited.shapes:
+            return inputs
+        return [name for name in inputs if (self.meta(name, fresh=False) or Meta(None, None, "?")).is_tensor]
+
+    def repropagate(self) -> None:
+        self.dirty = False
+        if self.captured.example_inputs is None:
+            return
+        try:
+            self.edited.shapes = propagate(root_of(self.edited.table()), self.graph, self.edited.example_inputs())
+        except PropagationError as err:
+            raise shape_failure(err, self.edited) from None
+
+    def fail(self, m: Match, site: Site | None, problem: str, fix: str):
+        where = f" at '{site}'" if site else ""
+        raise RewriteError(f"{m.label}{where}: {problem}; fix: {fix}")
+
+    def one_input(self, m: Match, site: Site) -> fx.Node:
+        inputs = self.tensor_inputs(site)
+        if len(inputs) != 1:
+            self.fail(m, site, f"it reads {len(inputs)} tensors ({', '.join(inputs) or 'none'}), so there is no single input to pass on",
+                      "replace it instead, or select a node with one input")
+        return self.node(inputs[0])
+
+    def one_output(self, m: Match, site: Site) -> fx.Node:
+        if site.output is None:
+            self.fail(m, site, f"its value leaves through {len(site.outputs)} nodes ({', '.join(site.outputs)})",
+                      "select a module or node with a single output")
+        return self.node(site.output)
+
+    def erase(self, site: Site) -> None:
+        for name in reversed(site.nodes):
+            node = self.by_name.get(name)
+            if node is not None and not node.users:
+                self.graph.erase_node(node)
+                del self.by_name[name]
+
+    def fresh_path(self, base: str) -> str:
+        if self._taken is None:  # every target and every module above one, kept as rules add more
+            self._taken = set()
+            for target in [*self.edited.modules, *self.edited.tensors]:
+                self._claim(target)
+        def free(p):
+            parts = p.split(".")
+            above = {".".join(parts[:i]) for i in range(1, len(parts))}
+            return p not in self._taken and not any(a in self.edited.modules or a in self.edited.tensors for a in above)
+        path, k = base, 1
+        while not free(path):
+            path, k = f"{base}_{k}", k + 1
+        self._claim(path)
+        return path
+
+    def _claim(self, target: str) -> None:
+        parts = target.split(".")
+        self._taken.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+
+    def note_input(self, m: Match, node: fx.Node, wanted: tuple | None, why: str) -> None:
+        """Record that an example input must change shape (a placeholder now feeds another layer)."""
+        original = self.captured.shapes.get(node.name)
+        if node.op != "placeholder" or wanted is None or original is None or tuple(wanted) == original.shape:
+            return
+        if self.captured.path or self.captured.call is not None:
+            self.fail(m, None, f"the input '{node.name}' of the graph at '{self.captured.path}' would change shape "
+                      f"from {shape_text(original.shape)} to {shape_text(wanted)}, but opaque code calls it",
+                      "keep the shapes at that boundary, or make the calling module traceable")
+        self.edited.inputs[node.name] = InputChange(node.name, original.shape, tuple(wanted), m.index, f"{label(m.index, m.rule)} {why}")
+
+    # -- actions ---------------------------------------------------------------
+    def delete(self, m: Match, sites: list[Site]) -> None:
+        for site in sites:
+            source = self.one_input(m, site)
+            out = self.one_output(m, site)
+            # what the consumers expected matters only where they will now read a model input
+            expected = self.meta(out.name) if source.op == "placeholder" else None
+            users = list(out.users)
+            out.replace_all_uses_with(source)
+            for user in users:
+                user.meta["fxs_rewired"] = m.index  # read for blame, without claiming the node
+            self.erase(site)
+            self.note_input(m, source, expected.shape if expected and expected.is_tensor else None,
+                            f"deleted {site.path or site.key}, so its consumers read this input")
+            self.dirty = True
+
+    def replace(self, m: Match, sites: list[Site]) -> None:
+        replacement = m.rule.replacement
+        by_path: dict[str | None, list[Site]] = {}
+        for site in sites:
+            by_path.setdefault(site.path if site.module in m.modules else None, []).append(site)
+        for path, sites in by_path.items():
+            if path is not None and not callable_only(replacement):
+                self.replace_module(m, path, sites)
+            else:
+                for site in sites:
+                    self.replace_call(m, site)
+        self.dirty = True
+
+    def replace_module(self, m: Match, path: str, sites: list[Site]) -> None:
+        needs_shape = isinstance(m.rule.replacement, New) and m.rule.replacement.missing()
+        shapes = {self.shape_in(s) for s in sites} if needs_shape else {None}
+        if len(shapes) > 1:
+            self.fail(m, sites[0], f"'{path}' is called with different shapes ({', '.join(shape_text(s) for s in shapes if s)})",
+                      "replace each call site separately or give the shape arguments explicitly")
+        module = build(m, m.rule.replacement, next(iter(shapes)), sites[0])
+        self.edited.modules[path] = Slot(module, path, m.index, weights=m.rule.weights)
+        for site in sites:
+            inputs = [self.node(n) for n in self.current_inputs(site)]
+            if inputs and inputs[0].op == "placeholder":  # the model's input must now fit the new module
+                meta = self.meta(inputs[0].name)
+                self.note_input(m, inputs[0], expected_input(module, meta.shape) if meta and meta.is_tensor else None,
+                                f"replaced {path} with {describe(module)}")
+            if site.leaf:
+                self.node(site.nodes[0]).meta["fxs_rule"] = m.index
+                continue
+            out = self.one_output(m, site)
+            with self.graph.inserting_after(out):
+                new = self.added(self.graph.call_module(path, tuple(self.node(n) for n in self.tensor_inputs(site))), m, out)
+            out.replace_all_uses_with(new)
+            self.alias[out.name] = new.name
+            self.erase(site)
+        if not all(s.leaf for s in sites):  # a traced-through module: its parts are gone with it
+            for target in [t for t in self.edited.modules if t.startswith(path + ".")]:
+                del self.edited.modules[target]
+
+    def replace_call(self, m: Match, site: Site) -> None:
+        out = self.one_output(m, site)
+        old = self.node(site.nodes[0]) if site.leaf else None
+        args = tuple(old.args) if old is not None else tuple(self.node(n) for n in self.tensor_inputs(site))
+        kwargs = dict(old.kwargs) if old is not None else {}
+        replacement = m.rule.replacement
+        with self.graph.inserting_after(out):
+            if callable_only(replacement):
+                args, kwargs = fit_call(replacement, args, kwargs)
+                new = self.graph.call_function(replacement, args, kwargs)
+            else:
+                source = self.one_input(m, site)  # a module takes one tensor: `add(a, b)` cannot become one
+                if args and args[0] is not source:  # `cat([v, v])` reads one tensor, but inside a list
+                    kind = "a list" if isinstance(args[0], (list, tuple)) else f"a {type(args[0]).__name__}"
+                    self.fail(m, site, f"it reads '{source.name}' inside {kind}, not as its first argument, "
+                              "so a module cannot take its place", "replace it with a function, or select another node")
+                module = build(m, replacement, self.shape_in(site), site)
+                path = self.fresh_path(site.key.split("@")[0].replace(".", "_"))
+                self.edited.modules[path] = Slot(module, None, m.index)
+                args, kwargs = fit_call(module, args, kwargs)
+                new = self.graph.call_module(path, args, kwargs)
+        self.added(new, m, out)
+        out.replace_all_uses_with(new)
+        self.alias[out.name] = new.name
+        self.erase(site)
+
+    def insert(self, m: Match, sites: list[Site]) -> None:
+        rule = m.rule
+        for site in sites:
+            anchor = self.one_output(m, site) if rule.after is not None else self.one_input(m, site)
+            meta = self.meta(anchor.name, fresh=isinstance(rule.module, New) and bool(rule.module.missing()))
+            module = build(m, rule.module, meta.shape if meta and meta.is_tensor else None, site)
+            where = site.path or site.key or self.captured.path.rpartition(".")[2]
+            base = rule.name or f"{where.split('@')[0]}_{snake(type(module).__name__)}"
+            path = self.fresh_path(base)
+            self.edited.modules[path] = Slot(module, None, m.index)
+            self.splice(m, site, anchor, lambda value, path=path: self.graph.call_module(path, (value,)))
+        self.dirty = True
+
+    def detach(self, m: Match, sites: list[Site]) -> None:
+        for site in sites:
+            anchors = [self.one_output(m, site)] if m.rule.after is not None else [self.node(n) for n in self.tensor_inputs(site)]
+            for anchor in anchors:
+                meta = self.meta(anchor.name, fresh=False)  # only whether it is a tensor
+                if meta is not None and not meta.is_tensor:
+                    self.fail(m, site, f"value '{anchor.name}' has type {meta.kind}, not Tensor; only tensors carry gradients",
+                              "detach a node whose value is a tensor")
+                new = self.splice(m, site, anchor, lambda value: self.graph.create_node(
+                    "call_method", "detach", (value,), name=f"{value.name}_detach"))
+                if meta is not None:
+                    self.edited.shapes[new.name] = meta
+
+    def splice(self, m: Match, site: Site, anchor: fx.Node, make) -> fx.Node:
+        """Put a new node on the anchor's edges: its users (after=) or the site's reads (before=)."""
+        inside = {self.node(n) for n in site.nodes if n in self.by_name or n in self.alias}
+        after = m.rule.after is not None
+        readers = [u for u in anchor.users if (u not in inside) == after]
+        point = anchor if after else min(inside, key=_order(self.graph))
+        with (self.graph.inserting_after(point) if after else self.graph.inserting_before(point)):
+            new = self.added(make(anchor), m, anchor)
+        for user in readers:
+            if user is not new:
+                user.replace_input_with(anchor, new)
+        return new
+
+
+def callable_only(thing: Any) -> bool:
+    return callable(thing) and not isinstance(thing, (nn.Module, New, type))
+
+
+def _order(graph: fx.Graph):
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    return lambda n: position[n]
+
+
+

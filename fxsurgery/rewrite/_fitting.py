@@ -1,0 +1,63 @@
+"""How a new module or function fits the call it takes over: names, input shapes, arguments."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from typing import Any
+
+from torch import nn
+
+from .._util import shape_text
+from ..errors import FxsError, RewriteError
+from ..spec import New, fresh
+
+
+def snake(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
+
+
+def expected_input(module: nn.Module, shape: tuple) -> tuple:
+    """The input shape `module` accepts, derived from the one it was given."""
+    shape = list(shape)
+    if isinstance(module, nn.Linear) and shape:
+        shape[-1] = module.in_features
+    elif isinstance(module, (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase)) and len(shape) > 1:
+        shape[1] = module.in_channels if hasattr(module, "in_channels") else module.num_features
+    elif isinstance(module, nn.LayerNorm):
+        n = len(module.normalized_shape)
+        shape[-n:] = module.normalized_shape
+    return tuple(shape)
+
+
+def fit_call(target: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Arguments of an old call, trimmed to what `target` accepts.
+
+    `inplace=` is dropped where the new target does not take it: in-place is
+    a memory optimisation, never part of the value a node produces.
+    """
+    fn = target.forward if isinstance(target, nn.Module) else target
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return args, {k: v for k, v in kwargs.items() if k != "inplace"}
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in params}
+    try:
+        inspect.signature(fn).bind(*args, **kwargs)
+        return args, kwargs
+    except TypeError:
+        return args[:1], {}
+
+
+def build(m, spec: Any, shape: tuple | None, where) -> nn.Module:
+    """The module a rule asks for: a copy of an instance, or a `fxs.new` spec built for the incoming shape."""
+    if not isinstance(spec, New):
+        return fresh(spec)
+    try:
+        return spec.build(shape)
+    except FxsError as exc:
+        raise RewriteError(f"{m.label} at '{where}': {exc.message}") from None
+    except Exception as exc:
+        raise RewriteError(f"{m.label} at '{where}': cannot build {spec} for incoming shape "
+                           f"{shape_text(shape) if shape else 'unknown'}: {exc}; fix: give the missing constructor arguments explicitly") from None

@@ -1,0 +1,209 @@
+"""Rewrite matched chains in a graph, and cut a graph short at a node.
+
+A chain's replacement is what its Pattern returns: a module (called where
+the chain was, on the chain's first arguments), a function, or None (the
+consumers read the chain's input). A module whose class is not torch's own
+(an adapter written in Python) is traced and its graph inlined, so the
+result stays plain torch code: modules of the match that it reuses keep
+their paths and weights, its own modules go under `<path>_<name>`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import fx, nn
+
+from .._util import first_line, get_path
+from ..match import Found, Match, Site
+from ..spec import New, describe
+from ._edited import Slot
+from ._editor import Rewriter
+from ._fitting import expected_input, fit_call, snake
+
+
+def _torch_own(thing: Any) -> bool:
+    """torch's or torchvision's own module or function: model.py can name it."""
+    owner = type(thing) if isinstance(thing, nn.Module) else thing
+    return (getattr(owner, "__module__", None) or "torch").split(".")[0] in ("torch", "torchvision", "_operator", "builtins")
+
+
+def _call_args(rw: Rewriter, found: Found, first: fx.Node) -> tuple[tuple, dict]:
+    """What the replacement is called with: the DAG's inputs, or the chain's first call's arguments."""
+    if found.inputs is not None:
+        return tuple(rw.node(n) for n in found.inputs), {}
+    return tuple(first.args), dict(first.kwargs)
+
+
+def rewrite_chains(rw: Rewriter, m: Match, sites: list[Site]) -> None:
+    pattern = m.rule.pattern
+    made: dict[str, Any] = {}  # install path -> the replacement every site there shares
+    prefixes: dict[int, str] = {}  # id(inlined replacement) -> where its own modules live, once for all its sites
+    for site in sites:
+        found: Found = m.found[site]
+        nodes = [rw.node(n) for n in found.nodes]
+        changed = _changed(nodes)
+        if changed:  # an earlier rule of this run rewired the match since it was planned
+            m.skipped.append(f"{site.where}: {changed}")
+            continue
+        first, last = nodes[0], nodes[-1]
+        matched = [rw.captured.gm.get_submodule(n.target) if n.op == "call_module" else n for n in nodes]
+        if found.install is not None and found.install in made:
+            replacement = made[found.install]
+        else:
+            _check_values(rw, m, site, found, matched)
+            replacement = pattern.rewrite(*matched)
+            if isinstance(replacement, New):
+                replacement = rw.build(m, replacement, rw.shape_in(site), site)
+            if found.install is not None:
+                made[found.install] = replacement
+        args, kwargs = _call_args(rw, found, first)
+        if replacement is None:
+            _drop(rw, m, site, args, last)
+        elif callable(replacement) and not _torch_own(replacement):
+            _inline(rw, m, site, found, replacement, matched, args, kwargs, last, prefixes)
+        elif isinstance(replacement, nn.Module):
+            _call(rw, m, site, found, replacement, first, args, kwargs, last)
+        elif callable(replacement):
+            args, kwargs = fit_call(replacement, args, kwargs)
+            with rw.graph.inserting_after(last):
+                _swap(rw, site, last, rw.added(rw.graph.call_function(replacement, args, kwargs), m, last))
+        else:
+            rw.fail(m, site, f"{pattern.describe()}.rewrite returned {type(replacement).__name__}",
+                    "return an nn.Module, a function, or None to drop the match")
+    rw.dirty = True
+
+
+def _changed(nodes: list[fx.Node]) -> str:
+    """Why a planned match no longer holds in the graph as edited so far ('' when it does)."""
+    inside = set(nodes)
+    if len(inside) != len(nodes):
+        return "an earlier rule merged its nodes"
+    for node in nodes[:-1]:
+        outside = [u.name for u in node.users if u not in inside]
+        if outside:
+            return f"an earlier rule made {', '.join(outside[:3])} read {node.name}, inside the match"
+    return ""
+
+
+def _check_values(rw: Rewriter, m: Match, site: Site, found: Found, matched: list) -> None:
+    """Weights computed from the match need its values: a model built without weights has none."""
+    if m.rule.pattern.weights != "derived":
+        return
+    if any(t.is_meta for obj in matched if isinstance(obj, nn.Module) for t in [*obj.parameters(), *obj.buffers()]):
+        sources = ", ".join(t for t in found.modules if t is not None)
+        rw.fail(m, site, f"its weights are computed from {sources}, which have no values (the model was built without weights)",
+                "load the weights into the model before this rule, or leave the rule out")
+
+
+def _swap(rw: Rewriter, site: Site, last: fx.Node, new: fx.Node) -> None:
+    last.replace_all_uses_with(new)
+    rw.alias[last.name] = new.name
+    rw.erase(site)
+
+
+def _drop(rw: Rewriter, m: Match, site: Site, args: tuple, last: fx.Node) -> None:
+    source = args[0] if args else None
+    if not isinstance(source, fx.Node):
+        rw.fail(m, site, "the match has no input node whose value could pass on", "rewrite it to a module instead of None")
+    for user in list(last.users):
+        user.meta["fxs_rewired"] = m.index
+    last.replace_all_uses_with(source)
+    rw.erase(site)
+
+
+def _call(rw: Rewriter, m: Match, site: Site, found: Found, module: nn.Module, first: fx.Node, args: tuple,
+          kwargs: dict, last: fx.Node) -> None:
+    if found.install is not None:
+        path = found.install
+    else:
+        name = m.rule.pattern.name
+        path = rw.fresh_path(f"{(found.modules[0] or first.name).replace('.', '_')}{'_' + name if name else ''}")
+    if path not in rw.edited.modules or rw.edited.modules[path].value is not module:
+        sources = tuple(t for t in found.modules if t is not None) if m.rule.pattern.weights == "derived" else ()
+        rw.edited.modules[path] = Slot(module, found.install, m.index, sources=sources)
+    args, kwargs = fit_call(module, args, kwargs)
+    if args and isinstance(args[0], fx.Node) and args[0].op == "placeholder":
+        meta = rw.meta(args[0].name)
+        if meta is not None and meta.is_tensor:  # the model's input must now fit the new module
+            rw.note_input(m, args[0], expected_input(module, meta.shape), f"made {path} {describe(module)}")
+    with rw.graph.inserting_after(last):
+        new = rw.added(rw.graph.call_module(path, args, kwargs), m, last)
+    _swap(rw, site, last, new)
+
+
+def _inline(rw: Rewriter, m: Match, site: Site, found: Found, module: Any, matched: list, args: tuple, kwargs: dict,
+            last: fx.Node, prefixes: dict[int, str]) -> None:
+    what = type(module).__name__ if isinstance(module, nn.Module) else getattr(module, "__name__", "the function")
+    reused = {id(obj): n.target for obj, n in zip(matched, [rw.node(x) for x in found.nodes]) if isinstance(obj, nn.Module)}
+    tracer = _Inliner(reused)
+    try:
+        graph = tracer.trace(module)
+    except Exception as exc:
+        rw.fail(m, site, f"{what} returned by {m.rule.pattern.describe()} cannot be traced: "
+                f"{first_line(exc, type(exc).__name__)}", "return a torch.nn module or a traceable one")
+    root = tracer.root  # the module itself, or where tracing a function kept its constants
+    base = found.modules[0] or rw.node(found.nodes[0]).name
+    named = m.rule.pattern.name or snake(type(module).__name__ if isinstance(module, nn.Module) else what)
+    sources = tuple(t for t in found.modules if t is not None) if m.rule.pattern.weights == "derived" else ()
+    prefix = prefixes.get(id(module))
+    if m.rule.pattern.freeze_matched:
+        rw.edited.frozen.update({t: m.index for t in found.modules if t is not None})
+    for node in graph.nodes:
+        if node.op == "call_module":
+            if node.target in tracer.used:
+                continue  # a module of the match, called where it is
+            obj = root.get_submodule(node.target)
+            prefix = prefixes.setdefault(id(module), prefix or rw.fresh_path(f"{base.replace('.', '_') if found.install is None else base}_{named}"))
+            node.target = f"{prefix}.{node.target}"
+            rw.edited.modules[node.target] = Slot(obj, None, m.index, sources=sources)
+        elif node.op == "get_attr":
+            obj = get_path(root, node.target)
+            prefix = prefixes.setdefault(id(module), prefix or rw.fresh_path(f"{base.replace('.', '_') if found.install is None else base}_{named}"))
+            node.target = f"{prefix}.{node.target}"
+            rw.edited.tensors[node.target] = Slot(obj, None, m.index, sources=sources)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if kwargs or len(args) > len(placeholders):  # options of the old call (inplace=...) are not inputs
+        args, kwargs = args[:len(placeholders)], {}
+    if len(placeholders) != len(args):
+        rw.fail(m, site, f"{what} takes {len(placeholders)} inputs, the match passes {len(args)}",
+                "make it take what the match reads")
+    values = dict(zip(placeholders, args))
+    before = set(rw.graph.nodes)
+    with rw.graph.inserting_before(last.next):
+        out = rw.graph.graph_copy(graph, values)
+    for node in [n for n in rw.graph.nodes if n not in before]:
+        rw.added(node, m, last)
+    if not isinstance(out, fx.Node):
+        rw.fail(m, site, f"{what} returns {type(out).__name__}", "return one tensor")
+    _swap(rw, site, last, out)
+
+
+class _Inliner(fx.Tracer):
+    """Traces a replacement; modules of the match it calls stay calls of their paths in the graph."""
+
+    def __init__(self, reused: dict[int, str]):
+        super().__init__()
+        self.reused, self.used = reused, set()
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return id(m) in self.reused or super().is_leaf_module(m, qualname)
+
+    def path_of_module(self, mod: nn.Module) -> str:
+        if id(mod) in self.reused:
+            self.used.add(self.reused[id(mod)])
+            return self.reused[id(mod)]
+        return super().path_of_module(mod)
+
+
+def cut_output(rw: Rewriter, m: Match, sites: list[Site]) -> None:
+    """The graph returns the site's value; what only fed later nodes is removed by validation."""
+    site = sites[0]
+    if rw.captured.path or rw.captured.call is not None:
+        rw.fail(m, site, f"the output of the graph at '{rw.captured.path}' goes back into opaque code that expects it",
+                "select a module of the model's own graph")
+    value = rw.one_output(m, site)
+    output = next(n for n in rw.graph.nodes if n.op == "output")
+    output.args = (value,)
+    output.meta["fxs_rule"] = m.index
+    rw.dirty = True

@@ -1,0 +1,223 @@
+"""Built-in patterns: the rewrites people write by hand, with their maths.
+
+Each is a `Pattern` usable from Python (`Rewrite(FoldBatchNorm())`) and from
+rule files by name (`- rewrite: fold_bn`), its params as keys of the rule.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _policies as policies
+from ._pattern import Pattern, element_text
+
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+            F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
+RELUS = (nn.ReLU, F.relu, torch.relu, "method:relu")
+
+
+def _bn_scale(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, t) with bn(x) = s * x + t per channel, in eval mode: s = γ/σ, t = β − μ·γ/σ."""
+    sigma = torch.sqrt(bn.running_var.double() + bn.eps)
+    gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(sigma)
+    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(sigma)
+    s = gamma / sigma
+    return s, beta - bn.running_mean.double() * s
+
+
+def _bn_problem(bn: nn.Module, out: int) -> str | None:
+    if bn.training:
+        return (f"{type(bn).__name__} is in training mode, where it normalises with batch statistics: "
+                "call .eval() on the model before folding")
+    if bn.running_mean is None:
+        return f"{type(bn).__name__} keeps no running statistics (track_running_stats=False), so it is not an affine map"
+    if bn.num_features != out:
+        return f"{type(bn).__name__} has {bn.num_features} features, the layer before it {out}"
+    return None
+
+
+class FoldBatchNorm(Pattern):
+    """Fold an eval-mode BatchNorm into the convolution before it.
+
+    bn(conv(x)) = s·(W∗x + b) + t with s = γ/σ, σ = sqrt(var + eps), t = β − μ·s, so
+        W' = W · s  (per output channel)      b' = (b − μ)·γ/σ + β  (b = 0 without bias)
+    Conv1d/2d/3d, any groups, dilation and padding. Computed in float64, stored
+    in the convolution's dtype. The result equals the original in eval mode.
+    """
+
+    pattern = (CONVS, NORMS)
+
+    def check(self, conv, bn):
+        return _bn_problem(bn, conv.out_channels)
+
+    def rewrite(self, conv, bn):
+        s, t = _bn_scale(bn)
+        fused = type(conv)(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                           padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True,
+                           padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
+        b = conv.bias.double() if conv.bias is not None else torch.zeros_like(s)
+        with torch.no_grad():
+            fused.weight.copy_(conv.weight.double() * s.reshape(-1, *([1] * (conv.weight.dim() - 1))))
+            fused.bias.copy_(b * s + t)
+        return fused
+
+    def describe(self):
+        return "fold_bn (conv + batchnorm -> conv)"
+
+
+class FoldLinearBatchNorm(Pattern):
+    """Fold an eval-mode BatchNorm1d into the Linear before it.
+
+    bn(Wx + b) = s·(Wx + b) + t:   W' = diag(s)·W,   b' = (b − μ)·γ/σ + β.
+    """
+
+    pattern = (nn.Linear, nn.BatchNorm1d)
+
+    def check(self, linear, bn):
+        return _bn_problem(bn, linear.out_features)
+
+    def check_shapes(self, linear_out, bn_out):
+        if linear_out is not None and len(linear_out) != 2:
+            return (f"the Linear's output has {len(linear_out)} dimensions: BatchNorm1d then normalises dimension 1, "
+                    "not the Linear's features")
+        return None
+
+    def rewrite(self, linear, bn):
+        s, t = _bn_scale(bn)
+        fused = nn.Linear(linear.in_features, linear.out_features, device=linear.weight.device, dtype=linear.weight.dtype)
+        b = linear.bias.double() if linear.bias is not None else torch.zeros_like(s)
+        with torch.no_grad():
+            fused.weight.copy_(linear.weight.double() * s[:, None])
+            fused.bias.copy_(b * s + t)
+        return fused
+
+    def describe(self):
+        return "fold_linear_bn (linear + batchnorm1d -> linear)"
+
+
+class DropDropout(Pattern):
+    """Remove dropout, modules and functions: dropout(x) -> x (exact in eval mode)."""
+
+    pattern = (DROPOUTS,)
+
+    def rewrite(self, dropout):
+        return None
+
+    def describe(self):
+        return "drop_dropout"
+
+
+_FUNCTIONAL = {nn.GELU: F.gelu, nn.SiLU: F.silu, nn.ReLU: F.relu, nn.Mish: F.mish, nn.Hardswish: F.hardswish,
+               nn.Tanh: torch.tanh, nn.Sigmoid: torch.sigmoid, nn.ELU: F.elu, nn.LeakyReLU: F.leaky_relu}
+
+
+class SwapActivation(Pattern):
+    """Swap an activation in every form: modules become `to()`, function and method
+    calls become its functional form (`nn.GELU` -> `F.gelu`). Weights: none.
+    A module called at several places is swapped once, for all of them."""
+
+    weights = "new"
+
+    def __init__(self, to=nn.GELU, of=RELUS):
+        if not (isinstance(to, type) and issubclass(to, nn.Module)):
+            raise ValueError(f"to= must be a Module class, got {to!r}")
+        self.to = to
+        self.pattern = (tuple(of) if isinstance(of, (list, tuple)) else (of,),)
+
+    def rewrite(self, activation):
+        if isinstance(activation, nn.Module):
+            return self.to()
+        return _FUNCTIONAL.get(self.to, self.to())
+
+    def describe(self):
+        return f"swap_activation {element_text(self.pattern[0])} -> {self.to.__name__}"
+
+
+class LoRA(nn.Module):
+    """y = base(x) + B(A(x)) · alpha / rank: a low-rank update beside a frozen Linear.
+
+    A starts as Kaiming-uniform (as in LoRA), B as zeros, so y = base(x) at insertion.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base = base
+        self.lora_a = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_b = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_b.weight)
+        self.scale = alpha / rank
+
+    def forward(self, x):
+        return self.base(x) + self.lora_b(self.lora_a(x)) * self.scale
+
+
+class AddLoRA(Pattern):
+    """Low-rank adapters on Linear layers (select them by path: `select: 're:.*(q|v)_proj'`).
+
+    Each becomes y = W x + b + (alpha/rank) · B A x with A: [rank, in], B: [out, rank];
+    B = 0 so outputs are unchanged at insertion; the base weights are frozen and
+    keep their paths; A and B are new, at `<path>_lora.lora_a` / `.lora_b`.
+    """
+
+    weights = "new"
+    freeze_matched = True
+    pattern = (nn.Linear,)
+    name = "lora"
+
+    def __init__(self, rank: int = 8, alpha: float = 16.0):
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        self.rank, self.alpha = rank, float(alpha)
+
+    def rewrite(self, linear):
+        return LoRA(linear, self.rank, self.alpha)
+
+    def describe(self):
+        return f"lora (rank {self.rank}, alpha {self.alpha:g})"
+
+
+class AdaptInputChannels(Pattern):
+    """The first convolution in graph order takes `in_channels` inputs.
+
+    Its filters are adapted as timm does: 3 -> 1 sums them over the input
+    channels (W' = Σ_c W[:, c]), 3 -> N repeats them and scales by 3/N, so a
+    grey image gives the output its RGB replica gave. The model's input
+    changes shape with it (reported).
+    """
+
+    pattern = (CONVS,)
+    first_only = True
+
+    def __init__(self, in_channels: int = 1):
+        if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
+            raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
+        self.in_channels = in_channels
+
+    def check(self, conv):
+        if conv.groups != 1:
+            return f"the first convolution is grouped ({conv.groups} groups)"
+        return None
+
+    def rewrite(self, conv):
+        new = type(conv)(self.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                         dilation=conv.dilation, bias=conv.bias is not None, padding_mode=conv.padding_mode,
+                         device=conv.weight.device, dtype=conv.weight.dtype)
+        with torch.no_grad():
+            policies.adapt_input_channels(conv.weight, new.weight)
+            if conv.bias is not None:
+                new.bias.copy_(conv.bias)
+        return new
+
+    def describe(self):
+        return f"adapt_input_channels -> {self.in_channels}"
+
+
+BUILTINS = {"fold_bn": FoldBatchNorm, "fold_linear_bn": FoldLinearBatchNorm, "drop_dropout": DropDropout,
+            "swap_activation": SwapActivation, "lora": AddLoRA, "adapt_input_channels": AdaptInputChannels}

@@ -1,0 +1,342 @@
+"""Rule files: YAML data turned into rules, every error with file and line.
+
+A rule file is data, never code: it is parsed by PyYAML's safe loader (tags
+that build Python objects are refused), and it names classes and functions by
+dotted path, resolved only inside an allowlist (torch, torchvision and what
+the user allows).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import os
+import re
+from typing import Any
+
+import yaml
+from torch import nn
+
+from ..errors import RuleError
+from ._new import New, check_kwargs, check_new, check_policy
+from ._pattern import Chain, Output, Pattern, Rewrite, instantiate
+from ._rules import Delete, Detach, Freeze, Insert, Replace, RuleSet
+from ._selector import Origin
+from ._yaml import YamlList, YamlMap, parse_yaml
+
+VERSION = 1
+DEFAULT_ALLOW = ("torch", "torchvision")
+ACTIONS = ("delete", "replace", "insert", "detach", "freeze", "rewrite", "use", "output")
+PATTERN_KEYS = ("select", "per_site")
+_PARAM = re.compile(r"\$\{([^}\n]*)\}")
+# `${name}` is not valid YAML inside a flow mapping ({out_features: ${n}}), so
+# before parsing each one becomes a plain token that names it, same line.
+_TOKEN = re.compile(r"__fxsparam_([0-9a-f]*)__")
+
+
+def load_rules(path: str | os.PathLike, params: dict | None = None, allow=()) -> RuleSet:
+    """Load a rule file; `params` override the file's `params:` defaults."""
+    source = os.fspath(path)
+    try:
+        with open(source, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise RuleError(f"{source}: cannot read rule file: {exc.strerror}; fix: check the path") from None
+    except UnicodeDecodeError as exc:
+        with open(source, "rb") as handle:
+            line = handle.read()[:exc.start].count(b"\n") + 1
+        raise RuleError(f"{source}:{line}: not UTF-8 text (byte {exc.object[exc.start]:#04x}); fix: save the rule file as UTF-8") from None
+    return parse_rules(text, source, params=params, allow=allow)
+
+
+def parse_rules(text: str, source: str = "<rules>", params: dict | None = None, allow=()) -> RuleSet:
+    """Rules from the text of a rule file (see load_rules)."""
+    text = _PARAM.sub(lambda m: f"__fxsparam_{m.group(1).encode().hex()}__", text)
+    doc = parse_yaml(text, source)
+    if doc is None:
+        raise RuleError(f"{source}: the rule file is empty; fix: start it with 'fxsurgery: {VERSION}' and a 'rules:' list")
+    if not isinstance(doc, YamlMap):
+        raise RuleError(f"{source}:1: a rule file is a mapping, got {_kind(doc)}; fix: start it with 'fxsurgery: {VERSION}' and a 'rules:' list")
+    _check_keys(doc, ("fxsurgery", "description", "params", "rules"), source, "the file")
+    if "fxsurgery" not in doc:
+        raise RuleError(f"{source}:{doc.line}: missing 'fxsurgery: {VERSION}'; fix: add it as the first line")
+    if doc["fxsurgery"] != VERSION or isinstance(doc["fxsurgery"], bool):
+        raise RuleError(f"{source}:{doc.key_lines['fxsurgery']}: unsupported version fxsurgery: {doc['fxsurgery']!r}; fix: write 'fxsurgery: {VERSION}'")
+    description = doc.get("description", "")
+    if not isinstance(description, str):
+        raise RuleError(f"{source}:{doc.key_lines['description']}: description must be text; fix: quote it")
+    defaults = doc.get("params") or YamlMap()
+    if not isinstance(defaults, dict):
+        raise RuleError(f"{source}:{doc.key_lines['params']}: params must be a mapping of name: default; fix: e.g. 'params: {{num_classes: 10}}'")
+    values = dict(defaults)
+    for name, value in (params or {}).items():
+        if name not in defaults:
+            declared = ", ".join(defaults) or "none"
+            raise RuleError(f"{source}: unknown param {name!r} (the file declares: {declared}); fix: use a declared name or add it under 'params:'")
+        values[name] = value
+    items = doc.get("rules")
+    if not isinstance(items, list) or not items:
+        line = doc.key_lines.get("rules", doc.line)
+        raise RuleError(f"{source}:{line}: 'rules' must be a non-empty list; fix: add rules such as '- delete: layer4'")
+    resolver = _Resolver(source, allow)
+    rules = []
+    for item in items:
+        line = getattr(item, "line", items.line)
+        item = _interpolate(item, values, source, line)
+        rules.append(_rule(item, Origin(source, line), resolver))
+    return RuleSet(tuple(rules), description=description, params=values, source=source)
+
+
+def _kind(value: Any) -> str:
+    """How a YAML value reads to a user: 'a list', 'a mapping', 'a str'..."""
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"a {type(value).__name__}"
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    """repr, cut short: a message quotes the value, never megabytes of it."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _interpolate(value: Any, params: dict, source: str, line: int) -> Any:
+    if isinstance(value, YamlMap):
+        out = YamlMap({k: _interpolate(v, params, source, value.key_lines.get(k, line)) for k, v in value.items()})
+        out.line, out.key_lines = value.line, value.key_lines
+        return out
+    if isinstance(value, list):
+        out = YamlList(_interpolate(v, params, source, getattr(value, "line", line)) for v in value)
+        out.line = getattr(value, "line", line)
+        return out
+    if not isinstance(value, str) or "__fxsparam_" not in value:
+        return value
+    names = [bytes.fromhex(h).decode() for h in _TOKEN.findall(value)]
+    for name in names:
+        if name not in params:
+            declared = ", ".join(params) or "none"
+            raise RuleError(f"{source}:{line}: unknown param ${{{name}}} (declared: {declared}); fix: declare it under 'params:' or correct the name")
+    whole = _TOKEN.fullmatch(value)
+    if whole:
+        return params[names[0]]
+    return _TOKEN.sub(lambda m: str(params[bytes.fromhex(m.group(1)).decode()]), value)
+
+
+def _check_keys(mapping: YamlMap, allowed, source: str, where: str) -> None:
+    for key in mapping:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"allowed: {', '.join(allowed)}"
+            raise RuleError(f"{source}:{mapping.key_lines.get(key, mapping.line)}: unknown key {key!r} in {where}; fix: {hint}")
+
+
+class _Resolver:
+    """Dotted names to objects, only inside the allowlist."""
+
+    def __init__(self, source: str, allow):
+        self.source = source
+        self.allow = tuple(DEFAULT_ALLOW) + tuple(allow)
+
+    def _allowed(self, dotted: str) -> bool:
+        return any(dotted == a or dotted.startswith(a + ".") for a in self.allow)
+
+    def __call__(self, dotted: Any, line: int, want: str) -> Any:
+        where = f"{self.source}:{line}"
+        if not isinstance(dotted, str) or not all(p.isidentifier() for p in dotted.split(".")):
+            raise RuleError(f"{where}: {dotted!r} is not a dotted name; fix: write e.g. torch.nn.Linear")
+        if not self._allowed(dotted) or any(p.startswith("_") for p in dotted.split(".")[1:]):
+            raise RuleError(f"{where}: {dotted!r} is outside the allowlist ({', '.join(self.allow)}); fix: use a public torch/torchvision name, or "
+                            f"allow its package with --allow-module")
+        parts = dotted.split(".")
+        obj, i = None, len(parts)
+        while i > 0:
+            try:
+                obj = importlib.import_module(".".join(parts[:i]))
+                break
+            except ImportError:
+                i -= 1
+        if obj is None:
+            raise RuleError(f"{where}: cannot import {parts[0]!r}; fix: install it or correct the name")
+        for j, part in enumerate(parts[i:], start=i):
+            if not hasattr(obj, part):
+                close = difflib.get_close_matches(part, [n for n in dir(obj) if not n.startswith("_")], n=1)
+                hint = f"did you mean {'.'.join(parts[:j] + close)}?" if close else "check the spelling"
+                raise RuleError(f"{where}: {dotted!r} does not exist; fix: {hint}")
+            obj = getattr(obj, part)
+        if inspect.ismodule(obj) or not self._allowed(getattr(obj, "__module__", None) or parts[0]):
+            raise RuleError(f"{where}: {dotted!r} is not a class or function of an allowed package; fix: name a class or function defined in "
+                            f"torch/torchvision or an allowed module")
+        if want == "module" and not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+            raise RuleError(f"{where}: {dotted!r} is not a torch.nn.Module class; fix: name a Module class such as torch.nn.GELU")
+        if want == "pattern" and not (isinstance(obj, Pattern) or (isinstance(obj, type) and issubclass(obj, Pattern))):
+            raise RuleError(f"{where}: {dotted!r} is not a Pattern; fix: name a fxsurgery.Pattern subclass or a function decorated with "
+                            f"@fxsurgery.pattern(...)")
+        if want == "element" and not ((isinstance(obj, type) and issubclass(obj, nn.Module)) or (callable(obj) and not isinstance(obj, type))):
+            raise RuleError(f"{where}: {dotted!r} is neither a Module class nor a function; fix: e.g. torch.nn.ReLU or torch.nn.functional.relu")
+        if want == "function" and (isinstance(obj, type) or not callable(obj)):
+            raise RuleError(f"{where}: {dotted!r} is not a function; fix: name a function such as torch.nn.functional.gelu, or use 'module:' for a class")
+        return obj
+
+
+def _selector(value: Any, line: int, resolver: _Resolver) -> Any:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and len(value) == 1:
+        (kind, name), = value.items()
+        line = value.key_lines.get(kind, line)
+        if kind == "type":
+            return resolver(name, line, "module")
+        if kind == "function":
+            return resolver(name, line, "function")
+        if kind == "method":
+            return f"method:{name}"
+        if kind in ("path", "node"):
+            return name
+    raise RuleError(f"{resolver.source}:{line}: bad selector {_short(value)}; fix: write a glob string, {{type: torch.nn.ReLU}}, "
+                    f"{{function: torch.relu}} or {{method: view}}")
+
+
+def _module_spec(spec: YamlMap, line: int, resolver: _Resolver, reserved=()) -> Any:
+    """{module: dotted, **kwargs} -> New; {function: dotted} -> function."""
+    if not isinstance(spec, dict):
+        raise RuleError(f"{resolver.source}:{line}: expected {{module: torch.nn.X, ...}} or {{function: ...}}, got {_short(spec)}; fix: e.g. 'with: "
+                        f"{{module: torch.nn.GELU}}'")
+    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.items() if k not in ("module", "function") + tuple(reserved)}
+    if "function" in spec:
+        if "module" in spec or kwargs:
+            raise RuleError(f"{resolver.source}:{line}: a function replacement takes no other keys; fix: keep only 'function:'")
+        return resolver(spec["function"], spec.key_lines["function"], "function")
+    if "module" not in spec:
+        raise RuleError(f"{resolver.source}:{line}: missing 'module:' (a dotted class name); fix: e.g. 'module: torch.nn.Linear'")
+    cls = resolver(spec["module"], spec.key_lines["module"], "module")
+    for key in kwargs:  # an argument the class does not take is reported on its own line
+        check_kwargs(cls, {key: kwargs[key]}, Origin(resolver.source, spec.key_lines.get(key, line)))
+    return check_new(New(cls, kwargs), Origin(resolver.source, line))
+
+
+def _flag(item: YamlMap, key: str, source: str) -> bool:
+    value = item.get(key, False)
+    if not isinstance(value, bool):
+        raise RuleError(f"{source}:{item.key_lines[key]}: {key!r} must be true or false, got {value!r}; fix: write '{key}: true'")
+    return value
+
+
+def _rule(item: Any, origin: Origin, resolver: _Resolver):
+    source, line = origin.file, origin.line
+    if not isinstance(item, dict):
+        raise RuleError(f"{source}:{line}: a rule is a mapping such as '- delete: layer4', got {_short(item)}; fix: start each rule with one of "
+                        f"{', '.join(ACTIONS)}")
+    actions = [k for k in item if k in ACTIONS]
+    if len(actions) != 1:
+        found = ", ".join(map(str, item)) or "nothing"
+        fix = "split it into one rule per action" if actions else f"start it with one of {', '.join(ACTIONS)}"
+        raise RuleError(f"{source}:{line}: a rule needs exactly one action ({', '.join(ACTIONS)}), found {found}; fix: {fix}")
+    action = actions[0]
+    if action in ("rewrite", "use"):
+        return _pattern_rule(item, action, origin, resolver)
+    extra = {"delete": (), "replace": ("with", "weights"), "insert": (), "detach": (), "freeze": ("except", "bn"),
+             "output": ()}[action]
+    _check_keys(item, (action, "optional") + extra, source, f"'{action}' rule")
+    optional = _flag(item, "optional", source)
+    body, body_line = item[action], item.key_lines[action]
+    if action == "output":
+        return Output(_selector(body, body_line, resolver), optional=optional, origin=origin)
+    if action == "delete":
+        return Delete(_selector(body, body_line, resolver), optional=optional, origin=origin)
+    if action == "freeze":
+        excl = item.get("except", [])
+        excl = [excl] if isinstance(excl, (str, dict)) else excl
+        if not isinstance(excl, list):
+            raise RuleError(f"{source}:{item.key_lines['except']}: 'except' must be a list of selectors; fix: e.g. except: ['layer4.*', fc]")
+        sels = [_selector(e, item.key_lines.get("except", line), resolver) for e in excl]
+        bn = item.get("bn")
+        if bn not in (None, "eval"):
+            raise RuleError(f"{source}:{item.key_lines['bn']}: bn: {bn!r} is not known; fix: write 'bn: eval' (BatchNorm keeps its running statistics) "
+                            f"or leave it out")
+        return Freeze(_selector(body, body_line, resolver), exclude=tuple(sels), bn=bn, optional=optional, origin=origin)
+    if action == "replace":
+        if "with" not in item:
+            raise RuleError(f"{source}:{line}: replace needs 'with:'; fix: add e.g. 'with: {{module: torch.nn.GELU}}'")
+        weights = check_policy(item.get("weights", "new"), Origin(source, item.key_lines.get("weights", line)))
+        replacement = _module_spec(item["with"], item.key_lines["with"], resolver)
+        return Replace(_selector(body, body_line, resolver), replacement, weights=weights, optional=optional, origin=origin)
+    if not isinstance(body, dict):
+        example = "{after: avgpool, module: torch.nn.Dropout, p: 0.2}" if action == "insert" else "{after: layer3}"
+        raise RuleError(f"{source}:{body_line}: {action} takes a mapping; fix: e.g. '{action}: {example}'")
+    anchors = [k for k in ("after", "before") if k in body]
+    if len(anchors) != 1:
+        raise RuleError(f"{source}:{body_line}: {action} needs exactly one of 'after' or 'before'; fix: e.g. '{action}: {{after: layer3}}'")
+    anchor = {anchors[0]: _selector(body[anchors[0]], body.key_lines[anchors[0]], resolver)}
+    if action == "detach":
+        _check_keys(body, ("after", "before"), source, "'detach'")
+        return Detach(**anchor, optional=optional, origin=origin)
+    name = body.get("name")
+    module = _module_spec(body, body_line, resolver, reserved=("after", "before", "name"))
+    if not isinstance(module, New):
+        raise RuleError(f"{source}:{body_line}: insert takes a module, not a function; fix: use 'module: torch.nn.X'")
+    return Insert(module, **anchor, name=name, optional=optional, origin=origin)
+
+
+def _element(value: Any, line: int, resolver: _Resolver) -> Any:
+    """A pattern element: a Module class or function by dotted name, or 'method:NAME'."""
+    if isinstance(value, str) and value.startswith("method:"):
+        if not value[len("method:"):].isidentifier():
+            raise RuleError(f"{resolver.source}:{line}: bad method element {value!r}; fix: write method:NAME, e.g. method:relu")
+        return value
+    return resolver(value, line, "element")
+
+
+def _pattern_rule(item: YamlMap, action: str, origin: Origin, resolver: _Resolver):
+    """`rewrite: NAME` (a built-in), `rewrite: {pattern: [...], with: {...}}` or `use: pkg.mod:Name`;
+    the rule's other keys are the pattern's params."""
+    from ._builtins import BUILTINS
+    source, line = resolver.source, item.key_lines[action]
+    body = item[action]
+    params = {k: v for k, v in item.items() if k not in (action, "optional") + PATTERN_KEYS}
+    if action == "rewrite" and isinstance(body, dict):
+        _check_keys(body, ("pattern", "with"), source, "'rewrite'")
+        _check_keys(item, (action, "optional") + PATTERN_KEYS, source, "'rewrite' rule")
+        chain = body.get("pattern")
+        if not isinstance(chain, list) or not chain or "with" not in body:
+            raise RuleError(f"{source}:{line}: a chain rewrite needs 'pattern: [...]' and 'with: {{module: ...}}'; "
+                            "fix: e.g. {pattern: [torch.nn.Conv2d, torch.nn.ReLU], with: {module: torch.nn.Identity}}")
+        elements = [_element(e, chain.line, resolver) for e in chain]
+        thing = Chain(elements, _module_spec(body["with"], body.key_lines["with"], resolver))
+    elif action == "rewrite":
+        if not isinstance(body, str) or body not in BUILTINS:
+            close = difflib.get_close_matches(str(body), list(BUILTINS), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"built-ins: {', '.join(BUILTINS)}; or 'use: package.module:Pattern'"
+            raise RuleError(f"{source}:{line}: unknown rewrite {_short(body)}; fix: {hint}")
+        thing = BUILTINS[body]
+    else:
+        dotted = body.replace(":", ".", 1) if isinstance(body, str) else body
+        thing = resolver(dotted, line, "pattern")
+    for key, value in list(params.items()):
+        at = item.key_lines.get(key, line)
+        if key == "to":
+            params[key] = resolver(value, at, "module")
+        elif key == "of":
+            params[key] = tuple(_element(v, at, resolver) for v in (value if isinstance(value, list) else [value]))
+    select = item.get("select")
+    if select is not None and not isinstance(select, str):
+        raise RuleError(f"{source}:{item.key_lines['select']}: select is a glob or 're:REGEX' over module paths; fix: e.g. select: 're:.*attn.*'")
+    pattern = instantiate(thing, params, origin)
+    return Rewrite(pattern, select=select, per_site=_flag(item, "per_site", source),
+                   optional=_flag(item, "optional", source), origin=origin)
+
+
+def parse_overrides(pairs) -> dict:
+    """`--set k=v` strings to params; values are read as YAML scalars (37 -> int)."""
+    out = {}
+    for pair in pairs or []:
+        name, sep, raw = pair.partition("=")
+        if not sep or not name.strip():
+            raise RuleError(f"--set {pair!r}: expected NAME=VALUE; fix: e.g. --set num_classes=37")
+        try:
+            out[name.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            out[name.strip()] = raw
+    return out

@@ -1,0 +1,128 @@
+"""What rules build: `fxs.new` specs whose shape arguments come from the graph,
+checked when the rule is written, and the weight policies by name."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .._util import first_line
+from ..errors import RuleError
+from ._selector import Origin, caller_origin, qualname
+
+
+@dataclass(frozen=True)
+class New:
+    """A module to build per match, shape arguments inferred from the graph.
+
+    `fxs.new(nn.Linear, out_features=10)` on an input of shape [N, 512]
+    builds `nn.Linear(in_features=512, out_features=10)`.
+    """
+
+    cls: type
+    kwargs: dict = field(default_factory=dict)
+
+    # constructor argument -> how it is read from the incoming shape
+    INFERRED = {
+        "in_features": lambda shape: shape[-1],
+        "in_channels": lambda shape: shape[1],
+        "num_features": lambda shape: shape[1],
+        "num_channels": lambda shape: shape[1],
+        "normalized_shape": lambda shape: shape[-1],
+        "embed_dim": lambda shape: shape[-1],
+        "d_model": lambda shape: shape[-1],
+    }
+
+    def missing(self) -> list[str]:
+        """Constructor arguments that will be inferred from the incoming shape."""
+        params = inspect.signature(self.cls).parameters
+        return [p for p in self.INFERRED if p in params and p not in self.kwargs]
+
+    def build(self, shape: tuple[int, ...] | None) -> nn.Module:
+        kwargs = dict(self.kwargs)
+        needed = self.missing()
+        if needed and shape is None:
+            raise RuleError(f"cannot infer {', '.join(needed)} of {self.cls.__name__} without example inputs; fix: pass example_inputs (--input) or "
+                            f"give {needed[0]} explicitly")
+        for name in needed:
+            kwargs[name] = int(self.INFERRED[name](shape))
+        return self.cls(**kwargs)
+
+    def __str__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+        return f"{self.cls.__name__}({args})"
+
+
+def new(cls: type, **kwargs) -> New:
+    """A module spec whose shape arguments are inferred from the traced shapes."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise RuleError(f"{caller_origin()}: fxs.new needs a torch.nn.Module class, got {cls!r}; fix: pass a class such as torch.nn.Linear")
+    check_kwargs(cls, kwargs, caller_origin())
+    return check_new(New(cls, dict(kwargs)), caller_origin())
+
+
+_PROBE_SIZE = 8  # stands in for an inferred size when a spec is checked
+
+
+def check_new(spec: New, origin: Origin) -> New:
+    """Build the module once with small stand-ins for the inferred sizes: a value the
+    class rejects (Dropout(p=2.0)) or an argument it needs (Conv2d's kernel_size) is
+    reported when the rule is written, not when it is applied."""
+    probe = {name: (_PROBE_SIZE,) if name == "normalized_shape" else _PROBE_SIZE for name in spec.missing()}
+    try:
+        spec.cls(**spec.kwargs, **probe)
+    except TypeError as exc:
+        missing = re.findall(r"missing \d+ required positional arguments?: (.*)", str(exc))
+        if not missing:
+            raise RuleError(f"{origin}: {qualname(spec.cls)}({', '.join(f'{k}={v!r}' for k, v in spec.kwargs.items())}) is rejected: "
+                            f"{first_line(exc)}; fix: change the arguments") from None
+        raise RuleError(f"{origin}: {qualname(spec.cls)} needs {missing[0]}; fix: give it in the rule (e.g. kernel_size: 3)") from None
+    except Exception as exc:
+        first = first_line(exc, type(exc).__name__)
+        raise RuleError(f"{origin}: {qualname(spec.cls)}({', '.join(f'{k}={v!r}' for k, v in spec.kwargs.items())}) is rejected: {first}; fix: change "
+                        f"the arguments") from None
+    return spec
+
+
+def check_kwargs(cls: type, kwargs: dict, origin: Origin) -> None:
+    """Reject constructor arguments the class does not take, at load time."""
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = [k for k in kwargs if k not in params]
+    if unknown:
+        takes = ", ".join(p for p in params if p not in ("self", "device", "dtype"))
+        raise RuleError(f"{origin}: {qualname(cls)} does not take {', '.join(map(repr, unknown))}; fix: use its arguments ({takes})")
+
+
+def module_like(value: Any, origin: Origin, what: str) -> Any:
+    if isinstance(value, (New, nn.Module)):
+        return value
+    if isinstance(value, type) and issubclass(value, nn.Module):
+        return New(value, {})
+    if what == "replacement" and callable(value) and not isinstance(value, type):
+        return value
+    raise RuleError(f"{origin}: {what} {value!r} is not a module, a module class, fxs.new(...) "
+                    f"spec{' or a function' if what == 'replacement' else ''}; fix: pass e.g. nn.Dropout(0.2) or fxs.new(nn.Linear, out_features=10)")
+
+
+WEIGHT_POLICIES = ("new", "keep", "slice", "pad", "adapt_input_channels")
+
+
+def check_policy(weights: Any, origin: Origin) -> Any:
+    """A weights policy: one of WEIGHT_POLICIES, or {"select": [indices]} (keep those rows)."""
+    if isinstance(weights, str) and weights in WEIGHT_POLICIES:
+        return weights
+    if isinstance(weights, dict) and list(weights) == ["select"]:
+        rows = weights["select"]
+        if isinstance(rows, (list, tuple)) and rows and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in rows):
+            return {"select": tuple(rows)}
+    raise RuleError(f"{origin}: unknown weights policy {weights!r}; fix: use one of {', '.join(WEIGHT_POLICIES)}, "
+                    "or {select: [row indices]}")

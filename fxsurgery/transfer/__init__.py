@@ -1,0 +1,199 @@
+"""Move weights into the regenerated module and account for every tensor.
+
+Each parameter and buffer of the new module is `transferred` (the original's
+values, bit for bit), `adapted` (derived from original values, e.g. a cast)
+or `new` (made by a rule that says so); each original tensor that is not used
+is `dropped`. The original model is never modified: tensors are copied.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from .._progress import bar
+from .._util import shape_text
+from ..errors import TransferError
+from ..rewrite import Rewritten
+from ..spec import carry
+from ._assemble import assemble
+from ._checkpoint import Checkpoint, empty_weights, read_state_dict, strip_prefixes
+from ._freeze import follow_modes, freeze
+from ._pairwise import transfer_modules
+from ._report import TransferReport, check_strict, entry, tensors_of
+
+__all__ = [
+    "Checkpoint", "TransferReport", "empty_weights", "read_state_dict", "strip_prefixes", "transfer",
+    "transfer_modules",
+]
+
+
+def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True,
+             weights: str | os.PathLike | Checkpoint | None = None) -> tuple[nn.Module, TransferReport]:
+    """Build the new module, fill it with copies of the original tensors, freeze, and report.
+
+    `copy=False`: the new module takes the original's tensors (no second copy
+    in memory); the original is then consumed, and refuses to run.
+    `weights`: a checkpoint of the original whose values fill the new module,
+    read tensor by tensor (the original may then be built without weights,
+    see `empty_weights`).
+    """
+    model = rewritten.capture.model
+    checkpoint = weights if isinstance(weights, Checkpoint) or weights is None else Checkpoint(weights)
+    if checkpoint is not None:
+        checkpoint.check({k: (tuple(v.shape), v.dtype) for k, v in model.state_dict(keep_vars=True).items()})
+    built = assemble(rewritten, share=not copy and checkpoint is None)
+    module = built.module
+    kept = {}
+    if not copy and checkpoint is None:
+        _consume(model)
+    with torch.no_grad():
+        if copy or checkpoint is not None:
+            _fill(module, built, model, checkpoint)
+        for path, new, old, rule, policy in built.keeps:
+            kept.update(_carry(rewritten, path, new, old, rule, policy, checkpoint))
+        derived_from = _derived(rewritten, built, kept)
+    rule_of = _maker(module, built.made_by)
+    freeze(rewritten, module, rule_of)
+    present = dict(module.named_modules())
+    for path in built.frozen:  # an adapter's base; gone when a later rule cut the model short
+        for p in present[path].parameters() if path in present else ():
+            p.requires_grad_(False)
+    follow_modes(module, model)
+
+    report = TransferReport(rules={m.index: m.label for m in rewritten.plan.matches})
+    names: dict[int, list[str]] = {}
+    for name, t, _ in tensors_of(model):
+        names.setdefault(id(t), []).append(name)
+    used: set[str] = set()
+    for name, t, kind in tensors_of(module):
+        frozen = kind == "parameter" and not t.requires_grad
+        if id(t) in built.copies:
+            sources = names[id(built.copies[id(t)][1])]
+            source = name if name in sources else sources[0]
+            used.add(source)
+            report.entries.append(entry(name, t, kind, "transferred", source=source, frozen=frozen))
+        elif id(t) in built.made_tensors:
+            rule, sources = built.made_tensors[id(t)]
+            status = "adapted" if sources else "new"
+            op = f"computed by {rewritten.rule_of(rule).label}" if sources else ""
+            report.entries.append(entry(name, t, kind, status, source=", ".join(sources) or None, rule=rule, op=op,
+                                         frozen=frozen))
+            derived_from.update(sources)
+        elif id(t) in built.constants:
+            report.entries.append(entry(name, t, kind, "transferred", source=name, op="constant captured from the forward code", frozen=frozen))
+        elif id(t) in kept:
+            source, rule, op = kept[id(t)]
+            used.add(source)
+            status = "adapted" if op else "transferred"
+            report.entries.append(entry(name, t, kind, status, source=source, rule=rule,
+                                         op=f"{op or 'kept'} by {rewritten.rule_of(rule).label}", frozen=frozen))
+        else:
+            report.entries.append(entry(name, t, kind, "new", rule=rule_of(name), frozen=frozen))
+    used.update(n for n, _, _ in tensors_of(model) if any(n.startswith(p + ".") for p in derived_from))
+    for name, t, kind in tensors_of(model):
+        if name not in used:
+            report.entries.append(entry(name, t, kind, "dropped"))
+    check_strict(report, strict)
+    return module, report
+
+
+def _derived(rewritten: Rewritten, built, kept: dict) -> set[str]:
+    """Tensors a pattern computed from original modules (a folded convolution):
+    adapted, from those modules, whose tensors are then used, not dropped."""
+    sources_used: set[str] = set()
+    for path, made, sources, rule in built.derived:
+        label = rewritten.rule_of(rule).label
+        for name, t, _ in tensors_of(made):
+            if id(t) in built.copies:
+                continue  # an original tensor it kept: transferred like any other
+            if t.is_meta:
+                raise TransferError(f"{label}: {path}.{name} is computed from {', '.join(sources)}, which have no values "
+                                    "(the model was built without weights); fix: load the weights into the model "
+                                    "before this rule, or leave the rule out")
+            kept[id(t)] = (", ".join(sources), rule, "computed")
+        sources_used.update(sources)
+    return sources_used
+
+
+class _Consumed:
+    """A forward pre-hook on a model whose tensors a copy=False surgery took."""
+
+    def __call__(self, module, args):
+        raise RuntimeError("this model's tensors now belong to the result of a surgery made with copy=False; "
+                           "use result.module")
+
+
+def _consume(model: nn.Module) -> None:
+    model.register_forward_pre_hook(_Consumed())
+
+
+def _maker(module: nn.Module, made_by: dict[int, int]):
+    """name -> the rule that made the module holding that tensor (or module), else None."""
+    def rule_of(name: str) -> int | None:
+        parts = name.split(".")
+        for i in range(len(parts), -1, -1):
+            try:
+                holder = module.get_submodule(".".join(parts[:i]))
+            except AttributeError:
+                continue
+            if id(holder) in made_by:
+                return made_by[id(holder)]
+        return None
+    return rule_of
+
+
+def _fill(module: nn.Module, built, model: nn.Module, checkpoint: Checkpoint | None) -> None:
+    """Copy each original tensor that reached the new module into its blank copy;
+    from the checkpoint where one is given (one shard open at a time)."""
+    names: dict[int, list[str]] = {}
+    for name, t, _ in tensors_of(model):
+        names.setdefault(id(t), []).append(name)
+    wanted: dict[str, list[torch.Tensor]] = {}
+    done = set()
+    listed = list(tensors_of(module))
+    for _, t, _ in bar(listed, "transfer", total=len(listed), unit="tensor"):
+        if id(t) not in built.copies or id(t) in done:
+            continue
+        done.add(id(t))
+        original = built.copies[id(t)][1]
+        stored = [n for n in names.get(id(original), []) if checkpoint is not None and n in checkpoint.keys]
+        if stored:
+            wanted.setdefault(stored[0], []).append(t)
+        elif original.is_meta:
+            raise TransferError(f"{names.get(id(original), ['a tensor'])[0]} has no values (the model was built without "
+                                "weights) and the checkpoint has none for it; fix: pass a checkpoint that holds it")
+        else:
+            t.copy_(original)
+    if checkpoint is not None:
+        for name, value in bar(checkpoint.read(wanted), "read checkpoint", total=len(wanted), unit="tensor"):
+            for t in wanted[name]:
+                t.copy_(value)
+
+
+def _carry(rewritten: Rewritten, path: str, new: nn.Module, old: nn.Module, rule: int, policy,
+           checkpoint: Checkpoint | None = None) -> dict:
+    """The replaced module's tensors into the replacement, as the rule's weights policy says."""
+    original = {n: t for n, t, _ in tensors_of(old)}
+    if checkpoint is not None:  # the replaced module may have no values of its own: read them
+        prefix = next((p for p, m in rewritten.capture.model.named_modules() if m is old), path)
+        stored = {n: f"{prefix}.{n}" for n in original if f"{prefix}.{n}" in checkpoint.keys}
+        original.update({n: v for n, v in ((n, dict(checkpoint.read([k]))[k]) for n, k in stored.items())})
+    label = rewritten.rule_of(rule).label
+    carried = {}
+    for name, t, _ in tensors_of(new):
+        src = original.get(name)
+        try:
+            if src is None:
+                raise ValueError("the replaced module has nothing there")
+            op = carry(policy, src, t)
+        except ValueError as exc:
+            shown = policy if isinstance(policy, str) else "select"
+            fix = "use weights: new" if policy == "keep" else "choose another weights policy, or weights: new"
+            raise TransferError(f"{label}: weights '{shown}' cannot fill {path}.{name} {shape_text(t.shape)}: {exc}; fix: {fix}") from None
+        carried[id(t)] = (f"{path}.{name}", rule, op)
+    return carried
+
+

@@ -1,0 +1,168 @@
+"""Build the new module's structure: a blank copy of the original with the edits in place.
+
+The original is copied whole, every tensor as an empty one of the same
+shape, dtype and device (one copy per tensor, so ties stay ties). Each edited
+graph becomes a GraphModule installed where its module was, calling the
+copies of the original modules it uses; module edits for opaque code are
+installed last. Values are filled in afterwards, only for tensors that made it
+into the new module.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from ..capture import clone, install_adapter, root_of
+from ..match import join
+from ..rewrite import Around, ModuleEdit, Rewritten
+
+
+@dataclass
+class Assembly:
+    """The new module and where each of its tensors and modules came from."""
+
+    module: nn.Module
+    copies: dict[int, tuple[torch.Tensor, torch.Tensor]]   # id(blank) -> (blank, original)
+    made_by: dict[int, int] = field(default_factory=dict)   # id(module a rule made) -> rule
+    constants: set[int] = field(default_factory=set)        # ids of tensors captured from forward code
+    keeps: list[tuple] = field(default_factory=list)  # (path, new, old, rule, policy): tensors a policy carries over
+    wrappers: set[int] = field(default_factory=set)         # ids of the Around modules made here
+    derived: list[tuple] = field(default_factory=list)  # (path, module, source paths, rule): tensors a pattern computed
+    frozen: dict[str, int] = field(default_factory=dict)  # module path -> the pattern rule that freezes it
+    made_tensors: dict[int, tuple] = field(default_factory=dict)  # id(tensor a rule made) -> (rule, source paths)
+
+
+def put(root: nn.Module, path: str, module: nn.Module) -> nn.Module:
+    """Install `module` at `path` (the root itself when `path` is empty); returns the root."""
+    if not path:
+        return module
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    parent._modules[name] = module
+    return root
+
+
+def _constant(value: torch.Tensor) -> torch.Tensor:
+    made = value.detach().clone()
+    return nn.Parameter(made, requires_grad=value.requires_grad) if isinstance(value, nn.Parameter) else made
+
+
+def _blank(t: torch.Tensor) -> torch.Tensor:
+    """Room for a tensor's values; a model built without weights (meta) gets them on the CPU."""
+    if t.is_meta:
+        return torch.empty(t.shape, dtype=t.dtype)
+    return torch.empty_like(t, memory_format=torch.preserve_format)
+
+
+def assemble(rewritten: Rewritten, share: bool = False) -> Assembly:
+    """`share`: the new module takes the original's tensors themselves instead of blank copies."""
+    capture = rewritten.capture
+    tensors = [t for sub in capture.model.modules() for t in [*sub._parameters.values(), *sub._buffers.values()]
+               if t is not None]
+    if share:
+        memo: dict = {id(t): t for t in tensors}
+        root = copy.deepcopy(capture.model, memo)
+    else:
+        memo = {}  # one memo for the whole model: a tensor tied across modules stays one tensor
+        root = clone(capture.model, _blank, memo)
+    copies = {id(memo[id(t)]): (memo[id(t)], t) for t in tensors}
+    built = Assembly(root, copies)
+    for region in sorted(capture.regions, key=lambda r: (bool(r.path), r.path.count("."))):
+        edited = rewritten.graphs[region.path]
+        table = {}
+        # a graph calls copies of the original's modules (they share its tensors): a module a rule
+        # made may hold one of those, which must become the new module's copy too
+        made = any(slot.rule is not None for slot in edited.modules.values())
+        seen = {id(sub): memo[id(region.model.get_submodule(path))] for path, sub in region.gm.named_modules()
+                if _has(region.model, path) and id(region.model.get_submodule(path)) in memo} if made else {}
+        for path, slot in edited.modules.items():
+            if slot.rule is None:  # the graph calls a copy of the original; use the original's blank copy
+                table[path] = memo[id(region.model.get_submodule(slot.source))]
+                continue
+            table[path] = _adopt(slot.value, {**memo, **seen})
+            built.made_by[id(table[path])] = slot.rule
+            if slot.sources:
+                built.derived.append((join(region.path, path), table[path],
+                                      tuple(join(region.path, s) for s in slot.sources), slot.rule))
+            if slot.weights != "new":
+                built.keeps.append((join(region.path, path), slot.value, region.model.get_submodule(slot.source),
+                                    slot.rule, slot.weights))
+        for path, slot in edited.tensors.items():
+            if id(slot.value) in memo:
+                table[path] = memo[id(slot.value)]
+            elif slot.rule is not None:  # a tensor an inlined replacement holds: made by its rule
+                table[path] = slot.value
+                built.made_tensors[id(slot.value)] = (slot.rule, tuple(join(region.path, s) for s in slot.sources))
+            else:
+                table[path] = _constant(slot.value)
+                built.constants.add(id(table[path]))
+        built.frozen.update({join(region.path, p): rule for p, rule in edited.frozen.items()})
+        gm = fx.GraphModule(root_of(table), edited.graph, class_name=type(region.model).__name__)
+        if region.call is not None:
+            install_adapter(gm, region.call, region.path, _plain_attributes(memo[id(region.model)], gm))
+        built.module = put(built.module, region.path, gm)
+    for edit in rewritten.edits:
+        _apply(built, edit, capture.model, memo)
+    return built
+
+
+def _has(root: nn.Module, path: str) -> bool:
+    try:
+        root.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def _adopt(module: nn.Module, memo: dict) -> nn.Module:
+    """A module a rule made may hold modules of the original (a pattern that wraps
+    one): those become their copies, so the user's model is never part of the result."""
+    if id(module) in memo:
+        return memo[id(module)]
+    for sub in list(module.modules()):
+        for name, child in sub._modules.items():
+            if child is not None and id(child) in memo:
+                sub._modules[name] = memo[id(child)]
+    return module
+
+
+_MODULE_STATE = set(vars(nn.Module())) | {"forward"}
+
+
+def _plain_attributes(source: nn.Module, gm: fx.GraphModule) -> dict:
+    """Opaque code may read plain attributes of a module a graph now stands for
+    (RAFT reads `update_block.hidden_state_size`): the graph module gets those too."""
+    return {name: value for name, value in vars(source).items()
+            if name not in _MODULE_STATE and not name.startswith("_") and not hasattr(gm, name)}
+
+
+def _apply(built: Assembly, edit: ModuleEdit, original: nn.Module, memo: dict) -> None:
+    if edit.kind in ("replace", "delete"):
+        made = _adopt(edit.module, memo)
+        built.module = put(built.module, edit.path, made)
+        built.made_by[id(made)] = edit.rule
+        if edit.sources:
+            built.derived.append((edit.path, made, edit.sources, edit.rule))
+        built.frozen.update({join(edit.path, p): edit.rule for p in edit.freeze})
+        if edit.weights != "new":
+            built.keeps.append((edit.path, made, original.get_submodule(edit.path), edit.rule, edit.weights))
+        return
+    current = built.module.get_submodule(edit.path)
+    for part in (edit.before, edit.after):
+        if part is not None:
+            built.made_by[id(part)] = edit.rule
+    free = (isinstance(current, Around) and id(current) in built.wrappers
+            and not (edit.before is not None and current.before is not None)
+            and not (edit.after is not None and current.after is not None))
+    if free:  # one wrapper per module while its slots last: names stay module.<...>
+        current.before = edit.before if edit.before is not None else current.before
+        current.after = edit.after if edit.after is not None else current.after
+        current.cut_in, current.cut_out = current.cut_in or edit.cut_in, current.cut_out or edit.cut_out
+        return
+    wrapper = Around(current, edit.before, edit.after, edit.cut_in, edit.cut_out)
+    built.wrappers.add(id(wrapper))
+    built.module = put(built.module, edit.path, wrapper)

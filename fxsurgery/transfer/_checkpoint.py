@@ -1,0 +1,175 @@
+"""Checkpoint files: read safely, and undo the prefixes wrappers add to keys.
+
+Weights are read from safetensors, or from torch files with
+`weights_only=True`; nothing here runs code from a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from .._util import first_line, shape_text
+from ..errors import ModelError
+
+# DataParallel / DistributedDataParallel and torch.compile wrap a model and
+# prefix every key of its state dict.
+PREFIXES = ("module.", "_orig_mod.")
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors file, or of a weights-only torch checkpoint."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ModelError(f"{path}: no such weights file; fix: check the path")
+    try:
+        if path.endswith(".safetensors"):
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state) if isinstance(state, dict) else state
+    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as exc:
+        first = first_line(exc, type(exc).__name__)
+        raise ModelError(f"{path}: cannot read weights: {first}; fix: pass a complete .safetensors file (or a weights-only .pt)") from None
+    except Exception as exc:  # torch's weights-only unpickler refuses anything that is not plain data
+        raise ModelError(f"{path}: refused: {type(exc).__name__}: {first_line(exc)}; fix: save the weights with safetensors") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{path}: does not hold a state dict of tensors; fix: save model.state_dict() to safetensors")
+    return state
+
+
+def strip_prefixes(state: dict, where: str = "the checkpoint") -> dict:
+    """Drop `module.` / `_orig_mod.` when every key carries it; a partial prefix is an error."""
+    for prefix in PREFIXES:
+        carrying = [k for k in state if k.startswith(prefix)]
+        if carrying and len(carrying) == len(state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+        elif carrying:
+            bare = [k for k in state if not k.startswith(prefix)]
+            raise ModelError(f"{where}: {len(carrying)} keys start with {prefix!r} ({carrying[0]}, ...) but {len(bare)} do not ({bare[0]}, ...); fix: "
+                             f"save the weights of one model, unwrapped")
+    return state
+
+
+_SAFE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                "BOOL": torch.bool}
+
+
+class Checkpoint:
+    """Weights by name, read one tensor at a time: a .safetensors file, a sharded
+    `*.index.json` (as Hugging Face writes them), or a weights-only torch file.
+
+    Names and shapes come from the file headers, so a checkpoint is checked
+    against a model before a byte of weights is read; tensors are then read
+    shard by shard, each straight into its destination.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self.files: dict[str, str] = {}       # name in the file -> safetensors file
+        self.state: dict[str, torch.Tensor] | None = None
+        self.meta: dict[str, tuple[tuple, torch.dtype]] = {}
+        if self.path.endswith(".json"):
+            self._index()
+        elif self.path.endswith(".safetensors"):
+            self._headers([self.path])
+        else:
+            self.state = read_state_dict(self.path)
+            self.meta = {k: (tuple(v.shape), v.dtype) for k, v in self.state.items()}
+        stripped = strip_prefixes(dict.fromkeys(self.meta), where=self.path)
+        self.keys = dict(zip(stripped, self.meta))  # model name -> name in the file
+
+    def _index(self) -> None:
+        import json
+        try:
+            with open(self.path, encoding="utf-8") as handle:
+                weight_map = json.load(handle)["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ModelError(f"{self.path}: not a sharded checkpoint index ({type(exc).__name__}); fix: pass the "
+                             "*.safetensors.index.json written beside the shards") from None
+        folder = os.path.dirname(self.path)
+        shards = sorted(set(weight_map.values()))
+        self._headers([os.path.join(folder, s) for s in shards])
+        missing = [k for k in weight_map if k not in self.meta]
+        if missing:
+            raise ModelError(f"{self.path}: the index names {len(missing)} tensors its shards lack ({missing[0]}, ...); "
+                             "fix: pass a complete set of shards")
+
+    def _headers(self, files: list[str]) -> None:
+        from safetensors import safe_open
+        for file in files:
+            if not os.path.isfile(file):
+                raise ModelError(f"{file}: no such weights file; fix: check the path")
+            try:
+                with safe_open(file, framework="pt") as handle:
+                    for key in handle.keys():
+                        view = handle.get_slice(key)
+                        self.meta[key] = (tuple(view.get_shape()), _SAFE_DTYPES.get(view.get_dtype(), view.get_dtype()))
+                        self.files[key] = file
+            except (SafetensorError, OSError) as exc:
+                first = first_line(exc, type(exc).__name__)
+                raise ModelError(f"{file}: cannot read weights: {first}; fix: pass a complete .safetensors file (or a weights-only .pt)") from None
+
+    def check(self, own: dict[str, tuple[tuple, torch.dtype]]) -> None:
+        """Every tensor `own` names (name -> (shape, dtype)) is here, with that shape and dtype; nothing else is."""
+        missing = [k for k in own if k not in self.keys]
+        unexpected = [k for k in self.keys if k not in own]
+        meta = {k: self.meta[f] for k, f in self.keys.items()}
+        wrong = [f"{k} {shape_text(meta[k][0])} != {shape_text(own[k][0])}" for k in own if k in meta and meta[k][0] != tuple(own[k][0])]
+        # a strict load casts silently; a checkpoint in another dtype is a different model's weights
+        cast = [f"{k} {str(meta[k][1]).replace('torch.', '')} != {str(own[k][1]).replace('torch.', '')}"
+                for k in own if k in meta and meta[k][0] == tuple(own[k][0]) and meta[k][1] != own[k][1]]
+        if missing or unexpected or wrong or cast:
+            parts = []
+            for what, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong), ("wrong dtype", cast)):
+                if items:
+                    parts.append(f"{what} {len(items)} ({', '.join(items[:3])})")
+            raise ModelError(f"{self.path}: does not fit the model: {'; '.join(parts)}; fix: pass weights saved from this architecture")
+
+    def read(self, names) -> Iterator[tuple[str, torch.Tensor]]:
+        """(model name, tensor) for each name, one tensor in memory at a time.
+
+        The file is opened again for each tensor: safetensors maps the whole
+        file, and pages a tensor touched stay resident while the map lives.
+        """
+        names = list(names)
+        if self.state is not None:
+            for name in names:
+                yield name, self.state[self.keys[name]]
+            return
+        from safetensors import safe_open
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[self.keys[name]], []).append(name)
+        for file, group in by_file.items():
+            for name in group:
+                with safe_open(file, framework="pt") as handle:
+                    tensor = handle.get_tensor(self.keys[name])
+                yield name, tensor
+                del tensor
+
+
+@contextlib.contextmanager
+def empty_weights():
+    """Build a model without memory for its parameters: they go to the meta device
+    as they are registered, while buffers (computed at construction, like rotary
+    tables) stay real. Weights come later, from a Checkpoint."""
+    register = nn.Module.register_parameter
+
+    def to_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = to_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register

@@ -1,0 +1,49 @@
+"""Freeze rules act on the assembled module; train/eval modes follow the original."""
+
+from __future__ import annotations
+
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..rewrite import Rewritten, StayEval, stays_eval
+from ..spec import Freeze, frozen_by
+
+
+def _is_container(module: nn.Module) -> bool:
+    return type(module) is nn.Module or isinstance(module, fx.GraphModule)
+
+
+def freeze(rewritten: Rewritten, module: nn.Module, rule_of) -> None:
+    """Each Freeze rule acts on the new module's parameters, except those a later rule made."""
+    originals = dict(rewritten.capture.model.named_modules())
+    modules = dict(module.named_modules())
+
+    def type_of(path):
+        here = modules.get(path)
+        if here is None or _is_container(here):
+            return type(originals[path]) if path in originals else type(here)
+        return type(here)
+
+    params = dict(module.named_parameters(remove_duplicate=False))
+    for m in rewritten.plan.matches:
+        if isinstance(m.rule, Freeze):
+            frozen, _ = frozen_by(m.rule, list(params), type_of)
+            for name in frozen:
+                maker = rule_of(name)
+                if maker is None or maker < m.index:
+                    params[name].requires_grad_(False)
+                    params[name].grad = None
+                    owner = modules.get(name.rpartition(".")[0])
+                    if m.rule.bn == "eval" and isinstance(owner, _BatchNorm) and not stays_eval(owner):
+                        owner.register_forward_pre_hook(StayEval())
+                        owner.training = False
+
+
+def follow_modes(module: nn.Module, model: nn.Module) -> None:
+    """Containers the assembly made take the original's train/eval mode; real modules keep theirs."""
+    originals = dict(model.named_modules())
+    for path, sub in module.named_modules():
+        if _is_container(sub):
+            sub.training = originals[path].training if path in originals else model.training
+
+

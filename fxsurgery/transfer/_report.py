@@ -1,0 +1,121 @@
+"""The transfer report: one entry per tensor, transferred, adapted, new or dropped, with where it came from."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+
+from .._util import format_table, shape_text
+from ..errors import TransferError
+
+STATUSES = ("transferred", "adapted", "new", "dropped")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """The fate of one tensor."""
+
+    name: str
+    status: str
+    shape: tuple
+    dtype: str
+    kind: str = "parameter"           # parameter | buffer
+    source: str | None = None         # the original tensor it came from
+    rule: int | None = None           # the rule that made it (new) or kept it
+    op: str = ""                      # how it was derived (adapted)
+    frozen: bool = False
+
+
+@dataclass
+class TransferReport:
+    """Tensor by tensor: transferred, adapted, new, dropped, and which are frozen."""
+
+    entries: list[Entry] = field(default_factory=list)
+    rules: dict[int, str] = field(default_factory=dict)  # rule number -> label
+
+    def _names(self, status: str) -> list[str]:
+        return [e.name for e in self.entries if e.status == status]
+
+    @property
+    def transferred(self) -> list[str]:
+        return self._names("transferred")
+
+    @property
+    def adapted(self) -> list[str]:
+        return self._names("adapted")
+
+    @property
+    def new(self) -> list[str]:
+        return self._names("new")
+
+    @property
+    def dropped(self) -> list[str]:
+        return self._names("dropped")
+
+    @property
+    def frozen(self) -> list[str]:
+        return [e.name for e in self.entries if e.frozen]
+
+    def counts(self) -> dict[str, int]:
+        out = {s: len(self._names(s)) for s in STATUSES}
+        out["frozen"] = len(self.frozen)
+        return out
+
+    def entry(self, name: str) -> Entry:
+        return next(e for e in self.entries if e.name == name and e.status != "dropped")
+
+    def to_dict(self) -> dict:
+        entries = []
+        for e in self.entries:
+            d = asdict(e)
+            d["shape"] = list(e.shape)
+            entries.append(d)
+        return {"counts": self.counts(), "entries": entries}
+
+    def table(self) -> str:
+        """A row per top-level module with counts, then a line per tensor that is not plainly transferred."""
+        groups: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        for e in self.entries:
+            top = e.name.split(".")[0] if "." in e.name else "(root)"
+            groups[top][e.status] += 1
+            groups[top]["frozen"] += e.frozen
+        rows = [("module", *STATUSES, "frozen")]
+        for top, c in groups.items():
+            rows.append((top, *(str(c[s]) for s in STATUSES), str(c["frozen"])))
+        c = self.counts()
+        rows.append(("total", *(str(c[s]) for s in STATUSES), str(c["frozen"])))
+        lines = [format_table(rows)]
+        for e in self.entries:
+            if e.status == "transferred" and not e.op:
+                continue
+            why = {"new": f"made by {self.rules.get(e.rule, 'no rule')}" if e.rule else "no rule declared it",
+                   "dropped": "not used by the new module",
+                   "adapted": f"{e.op} from {e.source}",
+                   "transferred": f"{e.op} from {e.source}"}[e.status]
+            lines.append(f"  {e.status:<11} {e.name} {shape_text(e.shape)} {e.dtype}: {why}")
+        return "\n".join(lines)
+
+
+def tensors_of(module: nn.Module):
+    """(name, tensor, kind) for every parameter and buffer, ties listed at each path."""
+    for name, t in module.named_parameters(remove_duplicate=False):
+        yield name, t, "parameter"
+    for name, t in module.named_buffers(remove_duplicate=False):
+        yield name, t, "buffer"
+
+
+def entry(name, t, kind, status, **kw) -> Entry:
+    return Entry(name, status, tuple(t.shape), str(t.dtype).replace("torch.", ""), kind, **kw)
+
+
+def check_strict(report: TransferReport, strict: bool) -> None:
+    if not strict:
+        return
+    undeclared = [e.name for e in report.entries if e.status == "new" and e.rule is None]
+    if undeclared:
+        shown = ", ".join(undeclared[:5]) + (f" (+{len(undeclared) - 5} more)" if len(undeclared) > 5 else "")
+        raise TransferError(f"strict: {len(undeclared)} tensors are new and no rule declared them: {shown}; fix: provide their weights or drop strict")
+
+

@@ -1,0 +1,116 @@
+"""Check the rewritten model: lint, dead-code elimination, shape propagation.
+
+torch.fx's lint checks only the graph's wiring, so a layer fed the wrong
+shape passes it and fails at run time; shapes are therefore propagated on
+fake tensors, and a mismatch is reported against the rule that caused it.
+Where opaque Python sits between graphs, the assembled module is run once
+on fake tensors as well, and a failure names the rule nearest to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import fx, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils import _pytree as pytree
+
+from .._util import first_line
+from ..capture import PropagationError, clone, propagate, quiet_fake_tensors, root_of
+from ..errors import ValidateError
+from ..rewrite import Edited, Rewritten, shape_failure
+from ._gradflow import GradientFlow, gradient_flow, in_place
+
+__all__ = [
+    "GradientFlow", "check_module", "gradient_flow", "validate", "validate_graph",
+]
+
+
+def _impure(node: fx.Node) -> bool:
+    """torch.fx's notion, plus in-place tensor ops: `x.add_(pos)` has no users but matters
+    (torchvision's MViT adds its position embedding that way)."""
+    return node.is_impure() or in_place(node)
+
+
+def validate_graph(edited: Edited) -> Edited:
+    """Lint, drop dead nodes and unused targets, then give every node a shape."""
+    shadow = fx.GraphModule(root_of(edited.table()), edited.graph)  # owns the graph for purity checks
+    try:
+        edited.graph.lint()
+    except Exception as exc:
+        last = edited.plan.matches[-1].label if edited.plan.matches else "the rules"
+        raise ValidateError(f"{last}: the rewritten graph is malformed: {exc}; fix: check the order of the rules") from None
+    edited.graph.eliminate_dead_code(is_impure_node=_impure)
+    used = {n.target for n in edited.graph.nodes if n.op in ("call_module", "get_attr")}
+    for table in (edited.modules, edited.tensors):
+        for target in [t for t in table if t not in used]:
+            del table[target]
+    del shadow
+    if edited.captured.example_inputs is not None:
+        try:
+            edited.shapes = propagate(root_of(edited.table()), edited.graph, edited.example_inputs())
+        except PropagationError as err:
+            raise shape_failure(err, edited) from None
+    return edited
+
+
+def validate(rewritten: Rewritten) -> Rewritten:
+    """Check every edited graph."""
+    for edited in rewritten.graphs.values():
+        validate_graph(edited)
+    return rewritten
+
+
+def _run(module: nn.Module, inputs: tuple, fake: bool) -> tuple[BaseException | None, str]:
+    """Run a copy of `module` (fake or real tensors); the failure and the innermost module it was in."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
+    copy = clone(module, mode.from_tensor if fake else (lambda t: t.detach().clone()))
+    open_paths: list[str] = []
+    handles = []
+    for path, sub in copy.named_modules():
+        handles.append(sub.register_forward_pre_hook(lambda m, a, p=path: open_paths.append(p)))
+        handles.append(sub.register_forward_hook(lambda m, a, o: open_paths.pop() and None))  # None: output unchanged
+    try:
+        with (mode or contextlib.nullcontext()), quiet_fake_tensors(), torch.no_grad():
+            copy(*pytree.tree_map(lambda x: mode.from_tensor(x) if fake and isinstance(x, torch.Tensor) else x, inputs))
+        return None, ""
+    except Exception as exc:
+        return exc, open_paths[-1] if open_paths else ""
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def check_module(module: nn.Module, rewritten: Rewritten) -> None:
+    """Run the assembled module once (fake tensors, else a real copy); blame the rule nearest to a failure."""
+    inputs = rewritten.example_inputs()
+    if inputs is None or not rewritten.capture.opaque:
+        return
+    exc, where = _run(module, inputs, fake=True)
+    if exc is not None:  # fake tensors cannot run every model (data-dependent code): run it for real
+        exc, where = _run(module, inputs, fake=False)
+    if exc is None:
+        return
+    culprit = _nearest_rule(rewritten, where)
+    first = first_line(exc)
+    what = f"{type(exc).__name__}: {first}"
+    if culprit is None:
+        raise ValidateError(f"the rewritten model fails in '{where or '(the model)'}': {what}; fix: check the rules that touch it")
+    raise ValidateError(f"{culprit.label}: after this rule, '{where or '(the model)'}' ({type(module.get_submodule(where)).__name__}) "
+                        f"fails: {what}; fix: keep what that module passes on (its output's type and shape) as it was")
+
+
+def _nearest_rule(rewritten: Rewritten, where: str):
+    """The last rule that edited `where` or something inside it; else inside its parent, and so on up."""
+    edited = [(e.path, e.rule) for e in rewritten.edits]
+    for m in rewritten.plan.matches:
+        edited += [(s.module if s.module is not None else s.region, m.index) for s in m.sites if s.region is not None]
+    scope = where
+    while True:
+        touched = [rule for path, rule in edited if not scope or path == scope or path.startswith(scope + ".")]
+        if touched:
+            return rewritten.rule_of(max(touched))
+        if not scope:
+            return None
+        scope = scope.rpartition(".")[0]

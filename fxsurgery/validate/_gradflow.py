@@ -1,0 +1,182 @@
+"""What will train: each parameter is trainable, frozen, or cut off by a detach.
+
+A parameter trains when it requires grad and some path from it to an
+output carries gradients. The paths are read from a graph with networkx:
+where one torch.fx graph holds the whole model, that graph, with the edges
+into `detach` removed and values that are not floating point (indices,
+masks, shapes) carrying nothing; where opaque Python remains, the graph
+autograd records for one forward pass on fake tensors (no real compute).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+from torch import fx, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils import _pytree as pytree
+
+from .._util import get_path
+from ..capture import Meta, clone, quiet_fake_tensors
+
+STATUSES = ("trainable", "frozen", "cut")
+_DETACH = {torch.detach, torch.Tensor.detach}
+
+
+@dataclass
+class GradientFlow:
+    """Parameter name -> trainable | frozen | cut, and how that was worked out."""
+
+    status: dict[str, str] = field(default_factory=dict)
+    method: str = "graph"
+
+    def names(self, status: str) -> list[str]:
+        return [n for n, s in self.status.items() if s == status]
+
+    @property
+    def trainable(self) -> list[str]:
+        return self.names("trainable")
+
+    @property
+    def frozen(self) -> list[str]:
+        return self.names("frozen")
+
+    @property
+    def cut(self) -> list[str]:
+        return self.names("cut")
+
+    def warnings(self) -> list[str]:
+        """One line per cut parameter, with the fix."""
+        return [f"{name} requires grad but every path from it to the outputs crosses a detach, so it never "
+                f"gets a gradient; fix: freeze it (Freeze) to save its gradient memory and optimizer state"
+                for name in self.cut]
+
+    def counts(self) -> dict[str, int]:
+        return {s: len(self.names(s)) for s in STATUSES}
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "counts": self.counts(), "status": dict(self.status)}
+
+
+# Arguments read only for their shape, dtype or device: no gradient flows back into them.
+_LIKE_METHODS = {"reshape_as", "view_as", "expand_as", "type_as"}           # all but `self`
+_SHAPE_METHODS = {"new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "size", "dim", "numel"}
+_SHAPE_FUNCTIONS = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like,
+                    torch.rand_like, torch.randn_like, torch.randint_like}
+
+
+def _differentiable_inputs(node: fx.Node) -> list[fx.Node]:
+    if node.op == "call_method" and node.target in _SHAPE_METHODS:
+        return []
+    if node.op == "call_function" and node.target in _SHAPE_FUNCTIONS:
+        return []
+    if node.op == "call_method" and node.target in _LIKE_METHODS:
+        return [node.args[0]] if isinstance(node.args[0], fx.Node) else []
+    return node.all_input_nodes
+
+
+def in_place(node: fx.Node) -> bool:
+    """`x.add_(y)`: a call that writes into its first argument (torch's trailing-underscore convention)."""
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return node.op in ("call_method", "call_function") and name.endswith("_") and not name.startswith("_")
+
+
+def _is_cut(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target == "detach") or (node.op == "call_function" and node.target in _DETACH)
+
+
+def _from_graph(gm: fx.GraphModule, shapes: dict[str, Meta]) -> set[int]:
+    """ids of the parameters some gradient-carrying path joins to the output."""
+    graph = nx.DiGraph()
+    output = None
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    for node in gm.graph.nodes:
+        graph.add_node(node.name)
+        mutated = node.args[0] if in_place(node) and node.args and isinstance(node.args[0], fx.Node) else None
+        for later in (mutated.users if mutated is not None else ()):
+            if order[later] > order[node]:
+                graph.add_edge(node.name, later.name)  # `x.add_(p)`: whoever reads x afterwards reads p too
+        meta = shapes.get(node.name)
+        if meta is None or not meta.is_tensor:  # sizes and numbers carry nothing; containers may hold tensors
+            carries = meta is None or meta.kind in ("tuple", "list", "dict", "immutable_list", "immutable_dict")
+        else:
+            carries = meta.dtype.is_floating_point or meta.dtype.is_complex
+        if node.op == "output":
+            output = node.name
+        if _is_cut(node) or not carries:
+            continue  # nothing flows back into a detach, or through an integer or boolean value
+        for arg in _differentiable_inputs(node):
+            graph.add_edge(arg.name, node.name)
+    live = nx.ancestors(graph, output) | {output}
+    reached: set[int] = set()
+    for node in gm.graph.nodes:
+        if node.name not in live:
+            continue
+        if node.op == "call_module":
+            reached.update(id(p) for p in gm.get_submodule(node.target).parameters())
+        elif node.op == "get_attr":
+            value = get_path(gm, node.target)
+            if isinstance(value, nn.Parameter):
+                reached.add(id(value))
+    return reached
+
+
+def _forward(module: nn.Module, inputs: tuple, fake: bool):
+    """A copy of `module` (fake tensors, or real ones) and its output on `inputs`, with autograd on."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
+    copy = clone(module, mode.from_tensor if fake else (lambda t: t.detach().clone()))
+    convert = (lambda x: mode.from_tensor(x) if isinstance(x, torch.Tensor) else x) if fake else (lambda x: x)
+    with (mode or contextlib.nullcontext()), quiet_fake_tensors(), torch.enable_grad():
+        return copy, copy(*pytree.tree_map(convert, inputs))
+
+
+def _from_autograd(module: nn.Module, inputs: tuple) -> set[int]:
+    """ids of the parameters autograd links to an output, from one forward pass (fake tensors
+    where the code allows, else a real copy: data-dependent Python needs real values)."""
+    try:
+        copy, out = _forward(module, inputs, fake=True)
+    except Exception:
+        copy, out = _forward(module, inputs, fake=False)
+    ours = dict(module.named_parameters(remove_duplicate=False))
+    original = {id(p): id(ours[n]) for n, p in copy.named_parameters(remove_duplicate=False)}
+    roots = [t.grad_fn for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    graph = nx.DiGraph()
+    leaves = {}  # autograd node -> the parameter it accumulates into
+    stack, seen = list(roots), set()
+    while stack:
+        fn = stack.pop()
+        if id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        graph.add_node(id(fn))
+        if getattr(fn, "variable", None) is not None:
+            leaves[id(fn)] = fn.variable
+        for child, _ in fn.next_functions:
+            if child is not None:
+                graph.add_edge(id(fn), id(child))
+                stack.append(child)
+    live = set()
+    for root in roots:
+        live |= nx.descendants(graph, id(root)) | {id(root)}
+    return {original[id(v)] for fid, v in leaves.items() if fid in live and id(v) in original}
+
+
+def gradient_flow(module: nn.Module, inputs: tuple | None = None, shapes: dict[str, Meta] | None = None,
+                  one_graph: bool = False) -> GradientFlow:
+    """Trainable, frozen or cut, for every parameter of `module` (one name per tensor).
+
+    `one_graph`: `module` is a GraphModule holding the whole model, read as it is.
+    """
+    if one_graph:
+        reached, method = _from_graph(module, shapes or {}), "graph"
+    elif inputs is not None:
+        reached, method = _from_autograd(module, inputs), "autograd graph of one forward pass"
+    else:
+        reached, method = {id(p) for p in module.parameters()}, "assumed: no example inputs"
+    flow = GradientFlow(method=method)
+    for name, p in module.named_parameters():
+        flow.status[name] = "frozen" if not p.requires_grad else ("trainable" if id(p) in reached else "cut")
+    return flow

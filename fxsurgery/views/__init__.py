@@ -1,0 +1,13 @@
+"""Views for people: what a model is made of, and what a surgery changed.
+
+`overview` lists a captured model's modules, nodes, shapes and what traced
+(`fxsurgery inspect`); `diff` draws the graph before and after a surgery as a
+self-contained HTML page or an SVG (`fxsurgery diff`).
+"""
+
+from ._diff import check_suffix, diff
+from ._inspect import overview, overview_table
+
+__all__ = [
+    "check_suffix", "diff", "overview", "overview_table",
+]
