@@ -19,7 +19,7 @@ from ..match import Found, Match, Site
 from ..spec import New, describe
 from ._edited import Slot
 from ._editor import Rewriter
-from ._fitting import expected_input, fit_call, snake
+from ._fitting import build, expected_input, fit_call, snake
 
 
 def _torch_own(thing: Any) -> bool:
@@ -54,7 +54,7 @@ def rewrite_chains(rw: Rewriter, m: Match, sites: list[Site]) -> None:
             _check_values(rw, m, site, found, matched)
             replacement = pattern.rewrite(*matched)
             if isinstance(replacement, New):
-                replacement = rw.build(m, replacement, rw.shape_in(site), site)
+                replacement = build(m, replacement, rw.shape_in(site), site)
             if found.install is not None:
                 made[found.install] = replacement
         args, kwargs = _call_args(rw, found, first)
@@ -197,13 +197,26 @@ class _Inliner(fx.Tracer):
 
 
 def cut_output(rw: Rewriter, m: Match, sites: list[Site]) -> None:
-    """The graph returns the site's value; what only fed later nodes is removed by validation."""
-    site = sites[0]
+    """The graph returns the sites' values: the value itself for one `Output(sel)` at one place,
+    otherwise a dict keyed as the Output rules name them (later rules add to it). What only fed
+    later nodes is removed by validation."""
     if rw.captured.path or rw.captured.call is not None:
-        rw.fail(m, site, f"the output of the graph at '{rw.captured.path}' goes back into opaque code that expects it",
+        rw.fail(m, sites[0], f"the output of the graph at '{rw.captured.path}' goes back into opaque code that expects it",
                 "select a module of the model's own graph")
-    value = rw.one_output(m, site)
+    values = {m.names.get(site, site.where): rw.one_output(m, site) for site in sites}
     output = next(n for n in rw.graph.nodes if n.op == "output")
-    output.args = (value,)
+    if rw.cut_keys is None:   # the first Output rule: what the model returned before is gone
+        entries = {}
+    elif isinstance(output.args[0], dict):
+        entries = dict(output.args[0])
+    else:                     # an earlier Output returned one value: it keeps its name in the dict
+        entries = {rw.cut_keys[0]: output.args[0]}
+    twice = next((k for k in values if k in entries), None)
+    if twice is not None:
+        rw.fail(m, None, f"an earlier Output rule already returns {twice!r}", "give this output another name")
+    entries.update(values)
+    plain = rw.cut_keys is None and not m.rule.keyed and len(values) == 1
+    rw.cut_keys = list(entries)
+    output.args = (next(iter(entries.values())),) if plain else (entries,)
     output.meta["fxs_rule"] = m.index
     rw.dirty = True
