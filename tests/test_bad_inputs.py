@@ -289,9 +289,8 @@ CASES = [
                label(1, "rewrite fold_linear_bn (linear + batchnorm1d -> linear)", "rewrite_nothing", 3),
                " matched nothing: every candidate was left alone: fc (Linear) is followed by output (output), not "
                "torch.nn.BatchNorm1d" + OPTIONAL_FIX, error=MatchError),
-    rule_error("output at two places", "output_two_sites", label(1, "output layer1.*", "output_two_sites", 3),
-               " selects 2 places (layer1.0, layer1.1); fix: select exactly one module or node whose value the model returns",
-               error=MatchError),
+    load_error("output name given twice", "output_name_twice", 3,
+               "output name 'feat' is given twice; fix: give each output its own name"),
     # -- constructor arguments the class rejects (checked when the file is loaded) ---------------
     load_error("unknown constructor argument", "ctor_unknown_kwarg", 4,
                "torch.nn.Linear does not take 'bias_init'; fix: use its arguments (in_features, out_features, bias)"),

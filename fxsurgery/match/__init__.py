@@ -36,6 +36,7 @@ class Match:
     skipped: list[str] = field(default_factory=list)  # sites an earlier rule removed, matches left alone (why)
     found: dict = field(default_factory=dict)          # pattern rules: Site -> chains.Found
     near: list[str] = field(default_factory=list)      # pattern rules: near misses and why, for --explain
+    names: dict = field(default_factory=dict)          # Output: Site -> the key its value is returned under
 
     @property
     def count(self) -> int:
@@ -149,12 +150,12 @@ def match(capture: Capture, rules: list[Rule]) -> Plan:
                 plan.warnings.append(f"{m.label}: calls inside opaque code ({', '.join(p or '(the model)' for p in list(capture.opaque)[:3])}) are not "
                                      f"seen and stay as they are")
             _check_conflicts(m, touched)
+        elif isinstance(rule, Output):
+            _match_outputs(m, locator)
+            _check_conflicts(m, touched)
         else:
             sel = rule.selectors()[0]
             m.sites, m.modules = locator.select(sel, boundary=isinstance(rule, (Insert, Detach)))
-            if isinstance(rule, Output) and len(m.sites) > 1:
-                raise MatchError(f"{m.label} selects {len(m.sites)} places ({', '.join(s.where for s in m.sites[:3])}); "
-                                 "fix: select exactly one module or node whose value the model returns")
             if not m.sites:
                 m.reason, m.nearest = _why_not(locator, sel)
             elif sel.kind in ("function", "method") and capture.opaque:
@@ -166,6 +167,37 @@ def match(capture: Capture, rules: list[Rule]) -> Plan:
             raise MatchError(f"{m.label} matched nothing: {m.reason}{near}; fix: correct the selector or add 'optional: true'")
         plan.matches.append(m)
     return plan
+
+
+def _match_outputs(m: Match, locator: Locator) -> None:
+    """Each selector of an Output rule, with the key its value is returned under.
+
+    One place per selector keeps the name given; a selector that matches
+    several places returns each under its own name (a module path, or the
+    call's name where one module is called more than once).
+    """
+    rule = m.rule
+    for sel, name in zip(rule.at, rule.names):
+        sites, paths = locator.select(sel, boundary=False)
+        if not sites:
+            reason, nearest = _why_not(locator, sel)
+            if rule.optional:
+                m.skipped.append(f"{sel.text}: {reason}")
+                continue
+            m.sites, m.modules, m.names, m.reason, m.nearest = [], [], {}, reason, nearest
+            return
+        modules = [s.module for s in sites]
+        keys = [name] if len(sites) == 1 else [s.module if s.module and modules.count(s.module) == 1 else s.where for s in sites]
+        for site, key in zip(sites, keys):
+            if site in m.names:
+                raise MatchError(f"{m.label}: {sel.text!r} selects {site.where}, which is already returned as {m.names[site]!r}; "
+                                 "fix: select each place once")
+            if key in m.names.values():
+                raise MatchError(f"{m.label}: two places would be returned as {key!r}; fix: name the outputs, e.g. "
+                                 "Output({'layer1': 'feat1', 'layer2': 'feat2'})")
+            m.names[site] = key
+        m.sites += sites
+        m.modules += [p for p in paths if p not in m.modules]
 
 
 def _modules_only(rule: Rewrite) -> bool:

@@ -44,6 +44,7 @@ class Rewriter:
                 self.edited.tensors[n.target] = Slot(get_path(gm, n.target), n.target)
         self.dirty = False
         self._taken: set[str] | None = None
+        self.cut_keys: list[str] | None = None  # Output rules: the keys the graph returns, in order
 
     # -- lookups ---------------------------------------------------------------
     def node(self, name: str) -> fx.Node:

@@ -199,6 +199,18 @@ def _selector(value: Any, line: int, resolver: _Resolver) -> Any:
                     f"{{function: torch.relu}} or {{method: view}}")
 
 
+_SELECTOR_KINDS = ("type", "function", "method", "path", "node")
+
+
+def _outputs(value: Any, line: int, resolver: _Resolver) -> Any:
+    """`output: layer3`, `output: [layer1, layer2]`, or `output: {layer1: feat1, layer2: feat2}` (names)."""
+    if isinstance(value, list):
+        return [_selector(v, getattr(value, "line", line), resolver) for v in value]
+    if isinstance(value, dict) and not (len(value) == 1 and next(iter(value)) in _SELECTOR_KINDS):
+        return {_selector(k, value.key_lines.get(k, line), resolver): v for k, v in value.items()}
+    return _selector(value, line, resolver)
+
+
 def _module_spec(spec: YamlMap, line: int, resolver: _Resolver, reserved=()) -> Any:
     """{module: dotted, **kwargs} -> New; {function: dotted} -> function."""
     if not isinstance(spec, dict):
@@ -243,7 +255,7 @@ def _rule(item: Any, origin: Origin, resolver: _Resolver):
     optional = _flag(item, "optional", source)
     body, body_line = item[action], item.key_lines[action]
     if action == "output":
-        return Output(_selector(body, body_line, resolver), optional=optional, origin=origin)
+        return Output(_outputs(body, body_line, resolver), optional=optional, origin=origin)
     if action == "delete":
         return Delete(_selector(body, body_line, resolver), optional=optional, origin=origin)
     if action == "freeze":

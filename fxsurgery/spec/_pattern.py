@@ -221,28 +221,55 @@ class Rewrite(Rule):
         return f"rewrite {self.pattern.describe()}{where}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Output(Rule):
-    """End the model at a node: the graph returns its value, and everything after it goes.
+    """End the model at one node, or return several as a dict.
 
-    A feature extractor: `Output("layer3")` returns layer3's output; modules
-    that only fed later layers are dropped from the new module (and reported).
+    `Output("layer3")` returns layer3's output. Several selectors, a list, or
+    one selector that matches several places return a dict of them, keyed by
+    the selectors as written (or by each place's name when one selector matches
+    several), in the order given; `Output({"layer1": "feat1", "layer4": "out"})`
+    names the keys as torchvision's `create_feature_extractor(return_nodes=...)`
+    does. Several Output rules add to one dict. What only fed later layers is
+    dropped from the new module (and reported).
     """
 
-    at: Any
-    _: KW_ONLY
+    at: tuple                      # one Selector per output
+    names: tuple                   # the key of each output in the returned dict
+    keyed: bool                    # False: Output(one selector) returns the value itself
     optional: bool = False
     origin: Origin | None = None
 
-    def __post_init__(self):
-        super().__post_init__()
-        check_selector(self, "at")
+    def __init__(self, *at, optional: bool = False, origin: Origin | None = None):
+        keyed = len(at) != 1 or isinstance(at[0], (list, tuple, dict))
+        if len(at) == 1 and isinstance(at[0], (list, tuple)):
+            at = tuple(at[0])
+        names = None
+        if len(at) == 1 and isinstance(at[0], dict):
+            names, at = tuple(at[0].values()), tuple(at[0].keys())
+        for field_name, value in (("optional", optional), ("origin", origin), ("keyed", keyed)):
+            object.__setattr__(self, field_name, value)
+        self.__post_init__()  # the origin first: errors below name it
+        if not at:
+            raise RuleError(f"{self.origin}: output needs at least one selector; fix: e.g. Output('layer3') or Output('layer1', 'layer2')")
+        selectors = tuple(Selector.of(a, self.origin) for a in at)
+        names = tuple(sel.text for sel in selectors) if names is None else names
+        bad = next((n for n in names if not isinstance(n, str) or not n), None)
+        if bad is not None:
+            raise RuleError(f"{self.origin}: output name {bad!r} is not a non-empty string; fix: name each output with a string, "
+                            "e.g. {'layer1': 'feat1'}")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise RuleError(f"{self.origin}: output name {twice[0]!r} is given twice; fix: give each output its own name")
+        object.__setattr__(self, "at", selectors)
+        object.__setattr__(self, "names", names)
 
     def selectors(self):
-        return [self.at]
+        return list(self.at)
 
     def __str__(self):
-        return f"output {self.at}"
+        shown = [s.text if n == s.text else f"{s.text} as {n}" for s, n in zip(self.at, self.names)]
+        return f"output {', '.join(shown)}"
 
 
 def takes(cls: type) -> list[str]:

@@ -1,0 +1,148 @@
+"""Output rules: one value, or a dict of named feature maps as torchvision's create_feature_extractor returns.
+
+The reference is torchvision's own feature extraction
+(pytorch/vision, torchvision/models/feature_extraction.py; its cases in
+test/test_backbone_utils.py pick `return_nodes` the same way): for the same
+nodes, the same dict with bitwise-equal tensors.
+"""
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+import fxsurgery as fxs
+from fxsurgery import MatchError, Output, RuleError
+
+# One model per torchvision classification family, with an input size it accepts.
+LIGHT = {"resnet18": 64, "mobilenet_v2": 64, "mobilenet_v3_small": 64, "efficientnet_b0": 64, "regnet_y_400mf": 64,
+         "shufflenet_v2_x0_5": 64, "mnasnet0_5": 64, "squeezenet1_1": 64, "densenet121": 64, "googlenet": 64,
+         "convnext_tiny": 64}
+HEAVY = {"alexnet": 64, "vgg11": 64, "inception_v3": 96, "swin_t": 64, "vit_b_16": 224, "maxvit_t": 224}
+
+
+def _return_nodes(model: nn.Module) -> dict[str, str]:
+    """Three module outputs spread over the network, named as torchvision's node names name them."""
+    _, nodes = get_graph_node_names(model)
+    paths = dict(model.named_modules())
+    names = [n for n in nodes if n in paths and n.count(".") <= 1 and not isinstance(paths[n], (nn.Linear, nn.Dropout))]
+    chosen = [names[len(names) // 4], names[len(names) // 2], names[3 * len(names) // 4]]
+    return {n: f"feat{i}" for i, n in enumerate(dict.fromkeys(chosen))}
+
+
+def _same_as_torchvision(name: str, size: int) -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    x = torch.randn(2, 3, size, size)
+    nodes = _return_nodes(model)
+    result = fxs.apply(model, [Output(nodes)], example_inputs=(x[:1],))
+    reference = create_feature_extractor(model, return_nodes=nodes)
+    with torch.no_grad():
+        got, want = result.module(x), reference(x)
+    assert list(got) == list(want) == list(nodes.values())
+    for key in want:
+        assert torch.equal(got[key], want[key]), (name, key)
+
+
+@pytest.mark.parametrize("name", sorted(LIGHT))
+def test_feature_maps_equal_create_feature_extractor(name):
+    _same_as_torchvision(name, LIGHT[name])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(HEAVY))
+def test_feature_maps_equal_create_feature_extractor_large(name):
+    _same_as_torchvision(name, HEAVY[name])
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18().eval()
+
+
+def _trunk(model, upto):
+    names = [n for n, _ in model.named_children()]
+    return nn.Sequential(*[getattr(model, n) for n in names[:names.index(upto) + 1]])
+
+
+def test_one_selector_returns_the_value_itself(resnet):
+    x = torch.randn(1, 3, 64, 64)
+    result = fxs.apply(resnet, [Output("layer2")], example_inputs=(x,))
+    with torch.no_grad():
+        assert torch.equal(result.module(x), _trunk(resnet, "layer2")(x))
+
+
+def test_several_selectors_and_several_rules_return_one_dict_in_order(resnet):
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = {"layer1": _trunk(resnet, "layer1")(x), "layer3": _trunk(resnet, "layer3")(x)}
+    for rules in ([Output("layer1", "layer3")], [Output(["layer1", "layer3"])], [Output("layer1"), Output("layer3")]):
+        result = fxs.apply(resnet, rules, example_inputs=(x[:1],))
+        with torch.no_grad():
+            got = result.module(x)
+        assert list(got) == ["layer1", "layer3"]
+        assert all(torch.equal(got[k], want[k]) for k in want)
+        # what fed only layer4 and fc is gone, and said so
+        assert sorted({n.split(".")[0] for n in result.report.dropped}) == ["fc", "layer4"]
+    assert [m.count for m in result.plan.matches] == [1, 1]
+
+
+def test_one_selector_matching_several_places_keys_them_by_path(resnet):
+    x = torch.randn(1, 3, 64, 64)
+    result = fxs.apply(resnet, [Output("re:layer[23]\\.1")], example_inputs=(x,))
+    with torch.no_grad():
+        got = result.module(x)
+        layer3_1 = resnet.layer3(_trunk(resnet, "layer2")(x))
+    assert list(got) == ["layer2.1", "layer3.1"]
+    assert torch.equal(got["layer3.1"], layer3_1)
+    assert str(result.plan.matches[0].rule) == "output re:layer[23]\\.1"
+
+
+def test_rule_files_name_outputs(tmp_path, resnet):
+    path = tmp_path / "features.yaml"
+    path.write_text("fxsurgery: 1\nrules:\n  - output: {layer1: low, layer4: high}\n")
+    x = torch.randn(1, 3, 64, 64)
+    result = fxs.apply(resnet, [str(path)], example_inputs=(x,))
+    with torch.no_grad():
+        got = result.module(x)
+    assert list(got) == ["low", "high"]
+    assert torch.equal(got["high"], _trunk(resnet, "layer4")(x))
+    assert str(result.plan.matches[0].rule) == "output layer1 as low, layer4 as high"
+    listed = tmp_path / "list.yaml"
+    listed.write_text("fxsurgery: 1\nrules:\n  - output: [layer2, avgpool]\n")
+    assert list(fxs.apply(resnet, [str(listed)], example_inputs=(x,)).module(x)) == ["layer2", "avgpool"]
+
+
+def test_saved_feature_extractor_returns_the_dict(tmp_path, resnet):
+    x = torch.randn(2, 3, 64, 64)
+    result = fxs.apply(resnet, [Output({"layer1": "c2", "layer2": "c3"})], example_inputs=(x[:1],))
+    loaded = fxs.load(result.save(tmp_path / "out"))
+    with torch.no_grad():
+        got, want = loaded(x), result.module(x)
+    assert list(got) == ["c2", "c3"] and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_output_errors_name_the_rule_and_the_fix(resnet):
+    x = torch.randn(1, 3, 64, 64)
+    with pytest.raises(MatchError) as err:
+        fxs.apply(resnet, [Output("layer1", "layer9")], example_inputs=(x,))
+    assert str(err.value).endswith("matched nothing: no module path or node name matches 'layer9'; closest: layer4, layer3, layer2; "
+                                   "fix: correct the selector or add 'optional: true'")
+    with pytest.raises(MatchError) as err:
+        fxs.apply(resnet, [Output("layer1", "layer*")], example_inputs=(x,))
+    assert str(err.value).endswith("'layer*' selects layer1, which is already returned as 'layer1'; fix: select each place once")
+    with pytest.raises(RuleError) as err:
+        Output({"layer1": "f", "layer2": "f"})
+    assert str(err.value).endswith("output name 'f' is given twice; fix: give each output its own name")
+    with pytest.raises(RuleError) as err:
+        Output()
+    assert str(err.value).endswith("output needs at least one selector; fix: e.g. Output('layer3') or Output('layer1', 'layer2')")
+
+
+def test_optional_selector_that_matches_nothing_is_left_out(resnet):
+    x = torch.randn(1, 3, 64, 64)
+    result = fxs.apply(resnet, [Output("layer1", "layer9", optional=True)], example_inputs=(x,))
+    assert list(result.module(x)) == ["layer1"]
+    assert result.plan.matches[0].skipped == ["layer9: no module path or node name matches 'layer9'"]
