@@ -1,7 +1,7 @@
 """fxsurgery: model surgery for PyTorch as checked graph rewrites.
 
     import fxsurgery as fxs
-    from fxsurgery import Delete, Replace, Insert, Detach, Freeze
+    from fxsurgery import Delete, Replace, Insert, Detach, Freeze, Layers
 
     result = fxs.apply(model, [Replace("fc", fxs.new(nn.Linear, out_features=10)),
                                Freeze("*", exclude=["layer4.*", "fc"])],
@@ -23,6 +23,7 @@ from .spec import (
     FoldLinearBatchNorm,
     Freeze,
     Insert,
+    Layers,
     Output,
     Pattern,
     Replace,
@@ -41,7 +42,7 @@ from .views import diff
 
 __all__ = [
     "apply", "new", "load_rules", "transfer", "save", "load", "map_weights", "diff", "empty_weights", "Checkpoint",
-    "Delete", "Replace", "Insert", "Detach", "Freeze", "RuleSet",
+    "Delete", "Replace", "Insert", "Detach", "Freeze", "Layers", "RuleSet",
     "Rewrite", "Output", "Pattern", "pattern", "calls", "Chain",
     "FoldBatchNorm", "FoldLinearBatchNorm", "DropDropout", "SwapActivation", "AddLoRA", "AdaptInputChannels",
     "SurgeryResult", "TransferReport", "SurgeryWarning",

@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import fx, nn
+from torch import nn
 
-from .capture import Capture, Captured, Meta, capture
-from .export import save
+from .capture import Capture, Captured, Meta, capture, capture_kept
+from .errors import SaveError
+from .export import save, save_pretrained
 from .match import Plan, match
 from .rewrite import InputChange, rewrite
 from .spec import Rule, flatten, load_rules
@@ -25,9 +26,9 @@ class SurgeryWarning(UserWarning):
 
 @dataclass(kw_only=True)
 class SurgeryResult:
-    """The regenerated module and everything said about how it was made."""
+    """The new module (regenerated, or the original's class kept) and everything said about how it was made."""
 
-    module: fx.GraphModule
+    module: nn.Module                         # a GraphModule, or (keep_class) an instance of the original's class
     report: TransferReport
     plan: Plan
     rules: list[Rule]
@@ -80,6 +81,12 @@ class SurgeryResult:
             self._flow = gradient_flow(self.module, self.example_inputs, self.shapes, one_graph=one_graph)
         return self._flow
 
+    @property
+    def mode(self) -> str:
+        """'kept class LlamaForCausalLM' (keep_class) or 'regenerated graph module'."""
+        kept = self.capture is not None and self.capture.kept
+        return f"kept class {type(self.module).__name__}" if kept else "regenerated graph module"
+
     def summary(self) -> str:
         flow = self.gradient_flow.counts()
         parts = ["plan:", self.plan.table(), "", "transfer:", self.report.table(), "",
@@ -99,6 +106,7 @@ class SurgeryResult:
         def shapes(inputs):
             return [list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs or ()]
         return {
+            "mode": self.mode,
             "rules": [{"rule": i, "text": str(r), "origin": str(r.origin)} for i, r in enumerate(self.rules, start=1)],
             "matches": self.plan.to_dict(),
             "warnings": list(self.plan.warnings),
@@ -111,14 +119,26 @@ class SurgeryResult:
 
     def save(self, directory: str | os.PathLike, *, force: bool = False, formats=()) -> Path:
         """Write model.py + model.safetensors + surgery.json (atomically), plus any `formats`
-        ("pt2", "onnx", "torchscript"), each verified on the example inputs."""
+        ("pt2", "onnx", "torchscript"), each verified on the example inputs.
+        A kept transformers model is written by its own `save_pretrained` (plus surgery.json)."""
+        if self.capture is not None and self.capture.kept and hasattr(self.module, "save_pretrained"):
+            if formats:
+                raise SaveError(f"formats {', '.join(formats)}: a kept {type(self.module).__name__} is saved by its own "
+                                "save_pretrained; fix: leave formats out, or apply with keep_class=False")
+            return save_pretrained(self.module, directory, force=force, record=self.to_dict())
         return save(self.module, directory, force=force, record=self.to_dict(), formats=formats,
                     example_inputs=self.example_inputs)
 
 
 def apply(model: nn.Module, rules, example_inputs=None, *, params: dict | None = None, allow=(),
-          strict: bool = False, leaf_types=(), leaf_paths=(), copy: bool = True, weights=None) -> SurgeryResult:
+          strict: bool = False, leaf_types=(), leaf_paths=(), copy: bool = True, weights=None,
+          keep_class: bool | None = None) -> SurgeryResult:
     """Apply `rules` to `model` (never modified) and return the regenerated module.
+
+    `keep_class=True` returns an instance of the model's own class instead (a
+    copy): its code runs as written and rules swap, wrap or remove the modules
+    it calls; a configuration follows the edit (`num_hidden_layers`,
+    `num_labels`). `None` (default): kept for transformers `PreTrainedModel`s.
 
     `copy=False` hands the original's tensors to the new module instead of
     copying them (half the memory); the original then refuses to run.
@@ -133,7 +153,9 @@ def apply(model: nn.Module, rules, example_inputs=None, *, params: dict | None =
     torch.Size([2, 10])
     """
     rule_list = flatten(rules, lambda path: load_rules(path, params=params, allow=allow))
-    captured = capture(model, example_inputs, leaf_types=leaf_types, leaf_paths=leaf_paths)
+    kept = _is_pretrained(model) if keep_class is None else keep_class
+    captured = (capture_kept(model, example_inputs) if kept
+                else capture(model, example_inputs, leaf_types=leaf_types, leaf_paths=leaf_paths))
     plan = match(captured, rule_list)                 # read-only
     rewritten = validate(rewrite(captured, plan))     # the only stage that edits structure, then checked
     module, report = transfer(rewritten, strict=strict, copy=copy, weights=weights)
@@ -147,3 +169,9 @@ def apply(model: nn.Module, rules, example_inputs=None, *, params: dict | None =
     for warning in plan.warnings + result.gradient_flow.warnings():
         warnings.warn(warning, SurgeryWarning, stacklevel=2)
     return result
+
+
+def _is_pretrained(model: nn.Module) -> bool:
+    """A transformers PreTrainedModel (by name: fxsurgery never imports transformers)."""
+    return any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers.") for c in type(model).__mro__)
+

@@ -113,7 +113,7 @@ def test_breaking_what_opaque_code_expects_names_the_rule(gate):
 def test_a_graph_traced_as_called_refuses_other_arguments():
     case = BY_NAME["hf/vit"]  # its decorated forward only traces as it is called
     model = case.build()
-    result = fxs.apply(model, [], example_inputs=case.inputs())
+    result = fxs.apply(model, [], example_inputs=case.inputs(), keep_class=False)
     assert isinstance(result.module, torch.fx.GraphModule) and result.coverage()["traced_share"] == 1.0
     pixels = case.inputs()[0]
     assert torch.equal(result.module(pixels).logits, model(pixels).logits)
@@ -129,7 +129,8 @@ def test_a_graph_traced_as_called_refuses_other_arguments():
 def test_a_graph_boundary_takes_inserts_without_renaming_anything():
     case = BY_NAME["hf/vit"]
     model = case.build()
-    result = fxs.apply(model, [Insert(fxs.new(nn.LayerNorm), after="vit")], example_inputs=case.inputs())
+    result = fxs.apply(model, [Insert(fxs.new(nn.LayerNorm), after="vit")], example_inputs=case.inputs(),
+                       keep_class=False)
     assert result.report.new == ["vit_layer_norm.weight", "vit_layer_norm.bias"]
     assert not [e for e in result.report.entries if e.status == "transferred" and e.name != e.source]
 

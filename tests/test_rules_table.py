@@ -106,7 +106,8 @@ def test_rule_file(row):
         name, kwargs = (which, {}) if isinstance(which, str) else which
         original, inputs = model(name, **kwargs), (torch.randn(2, 3, size, size),)
     saved = state_copy(original)
-    result = fxs.apply(original, [fxs.load_rules(os.path.join(RULES, path), params=params)], example_inputs=inputs)
+    result = fxs.apply(original, [fxs.load_rules(os.path.join(RULES, path), params=params)], example_inputs=inputs,
+                       keep_class=False)
     assert [m.count for m in result.plan.matches] == matches
     assert histogram(original, before) == before
     assert histogram(result.module, after) == after

@@ -28,7 +28,8 @@ from ._trace import Captured, module_stack, trace
 from ._tracer import Tracer
 
 __all__ = [
-    "adapter_call", "Call", "Capture", "Captured", "Meta", "PropagationError", "adapt", "capture", "clone", "install_adapter",
+    "KEPT", "adapter_call", "Call", "Capture", "Captured", "Meta", "PropagationError", "adapt", "capture", "capture_kept", "clone",
+    "install_adapter",
     "module_stack", "propagate", "quiet_fake_tensors", "record_calls", "root_of", "trace",
 ]
 
@@ -60,6 +61,7 @@ class Capture:
     regions: list[Captured]
     opaque: dict[str, str] = field(default_factory=dict)   # module path -> why its forward stays Python
     calls: dict[str, Call] = field(default_factory=dict)
+    kept: bool = False       # keep_class: the model's own code runs as written, rules act on its modules
 
     @property
     def complete(self) -> bool:
@@ -157,6 +159,21 @@ def record_calls(model: nn.Module, inputs: tuple) -> dict[str, Call]:
         first = first_line(exc)
         raise ModelError(f"the original model fails on the example inputs: {type(exc).__name__}: {first}; "
                          "fix: pass inputs the original model accepts") from None
+
+
+KEPT = "kept as its own class (keep_class=True): its code runs as written, rules act on the modules it calls"
+
+
+def capture_kept(model: nn.Module, example_inputs: tuple | None = None) -> Capture:
+    """The model as it is: no graph; every module it calls is a site, with the call it got.
+
+    Without example inputs every module counts as called, with no shapes known.
+    """
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (
+        (example_inputs,) if example_inputs is not None else None)
+    calls = (record_calls(model, inputs) if inputs is not None
+             else {path: Call((), {}) for path, _ in model.named_modules() if path})
+    return Capture(model, inputs, [], {"": KEPT}, calls, kept=True)
 
 
 def capture(model: nn.Module, example_inputs: tuple | None = None, *, leaf_types=(), leaf_paths=()) -> Capture:

@@ -9,8 +9,8 @@ checkpoint of the original architecture.
 from ._load import load
 from ._record import read_record
 from ._replay import map_weights, write_mapped
-from ._save import save
+from ._save import save, save_pretrained
 
 __all__ = [
-    "load", "map_weights", "read_record", "save", "write_mapped",
+    "load", "map_weights", "read_record", "save", "save_pretrained", "write_mapped",
 ]

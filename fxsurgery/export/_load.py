@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from ._record import FORMAT, digest, import_source, read_record
 def load(directory: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a saved module from model.py and model.safetensors (no pickle)."""
     directory = Path(directory)
+    _refuse_pretrained(directory)
     record = read_record(directory)
     if record.get("format") != FORMAT:
         raise SaveError(f"{directory}: unsupported format {record.get('format')!r}; fix: write it again with this fxsurgery")
@@ -27,4 +29,15 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu") -> nn
         raise SaveError(f"{directory / 'model.safetensors'}: cannot read weights: {exc}; fix: write the directory again with save()") from None
     except Exception as exc:
         raise SaveError(f"{directory}: cannot rebuild the model: {type(exc).__name__}: {exc}; fix: write the directory again with save()") from None
+
+
+def _refuse_pretrained(directory: Path) -> None:
+    """A kept-class result is written by its library (save_pretrained) and read back by it."""
+    try:
+        record = json.loads((directory / "surgery.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if isinstance(record, dict) and record.get("saved_by") == "save_pretrained":
+        raise SaveError(f"{directory}: holds a {record.get('class')} written by save_pretrained (keep_class=True); "
+                        f"fix: load it with {record.get('class')}.from_pretrained({str(directory)!r})")
 

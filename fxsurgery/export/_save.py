@@ -164,7 +164,16 @@ def save(module: nn.Module, directory: str | os.PathLike, *, force: bool = False
     return Path(directory)
 
 
+def save_pretrained(module: nn.Module, directory: str | os.PathLike, *, force: bool = False, record: dict | None = None) -> Path:
+    """Write a model kept as its own class with its own `save_pretrained`, and surgery.json beside it.
 
-
-
+    The directory is the library's own format: `from_pretrained` reloads it
+    without fxsurgery, its configuration already following the edit.
+    """
+    with atomic_directory(directory, force) as work:
+        module.save_pretrained(work)
+        doc = {"fxsurgery": __version__, "format": FORMAT, "torch": torch.__version__, "class": type(module).__name__,
+               "saved_by": "save_pretrained", **(record or {})}
+        (work / "surgery.json").write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
+    return Path(directory)
 

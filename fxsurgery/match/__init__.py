@@ -11,10 +11,12 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 
+from torch import nn
+
 from .._util import format_table
 from ..capture import Capture
 from ..errors import MatchError
-from ..spec import Delete, Detach, Freeze, Insert, Output, Replace, Rewrite, Rule, Selector, frozen_by
+from ..spec import Delete, Detach, Freeze, Insert, Layers, Output, Replace, Rewrite, Rule, Selector, frozen_by
 from ._patterns import Found, find, missing_reason
 from ._sites import Locator, Site, join, select_modules
 
@@ -129,7 +131,13 @@ def match(capture: Capture, rules: list[Rule]) -> Plan:
     params = [n for n, _ in capture.model.named_parameters(remove_duplicate=False)]
     for i, rule in enumerate(rules, start=1):
         m = Match(i, rule)
-        if isinstance(rule, Freeze):
+        if capture.kept:
+            _check_kept(m)
+        if isinstance(rule, Layers):
+            m.sites, m.modules = _layer_sites(m, locator)
+            if not m.sites:
+                m.reason, m.nearest = _why_not(locator, rule.target)
+        elif isinstance(rule, Freeze):
             frozen, owners = frozen_by(rule, params, lambda p: type(locator.modules.get(p)))
             m.modules = owners
             if not owners:
@@ -198,6 +206,34 @@ def _match_outputs(m: Match, locator: Locator) -> None:
             m.names[site] = key
         m.sites += sites
         m.modules += [p for p in paths if p not in m.modules]
+
+
+def _check_kept(m: Match) -> None:
+    """keep_class runs the model's own code: a rule that must edit inside a forward is refused."""
+    rule = m.rule
+    inside = (isinstance(rule, Output) or (isinstance(rule, Rewrite) and not _modules_only(rule))
+              or any(sel.kind in ("function", "method") for sel in ([] if isinstance(rule, Rewrite) else rule.selectors())))
+    if inside:
+        raise MatchError(f"{m.label} edits code inside a forward, which keep_class=True runs as written; "
+                         "fix: pass keep_class=False for a regenerated module")
+
+
+def _layer_sites(m: Match, locator: Locator) -> tuple[list[Site], list[str]]:
+    """Each selected nn.ModuleList is one site; every index of the order must name one of its layers."""
+    if not locator.capture.kept:
+        raise MatchError(f"{m.label} rearranges a module list the forward loops over, which a graph has unrolled; "
+                         "fix: pass keep_class=True")
+    paths = select_modules(m.rule.target, locator.modules)
+    for path in paths:
+        layers = locator.modules[path]
+        if not isinstance(layers, nn.ModuleList):
+            raise MatchError(f"{m.label}: {path} is a {type(layers).__name__}, not an nn.ModuleList; "
+                             "fix: select the list that holds the layers, e.g. 'model.layers'")
+        bad = next((i for i in m.rule.order if i >= len(layers)), None)
+        if bad is not None:
+            raise MatchError(f"{m.label}: index {bad} is out of range for {path}, which holds {len(layers)} layers; "
+                             f"fix: use indices 0 to {len(layers) - 1}")
+    return [Site(p, p, True, (), (), (), None) for p in paths], paths
 
 
 def _modules_only(rule: Rewrite) -> bool:

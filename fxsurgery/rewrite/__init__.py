@@ -15,7 +15,7 @@ from torch.utils import _pytree as pytree
 
 from ..capture import Capture, Captured, Meta
 from ..match import Match, Plan
-from ..spec import Delete, Detach, Freeze, Insert, New, Output, Replace, Rewrite
+from ..spec import Delete, Detach, Freeze, Insert, Layers, New, Output, Replace, Rewrite
 from ._blame import shape_failure
 from ._edited import Edited, InputChange
 from ._editor import Rewriter, callable_only
@@ -31,11 +31,11 @@ __all__ = [
 
 @dataclass
 class ModuleEdit:
-    """A change to a module that opaque code calls: replaced, skipped, or wrapped."""
+    """A change to a module that opaque code calls: replaced, skipped, wrapped, or a layer list rearranged."""
 
     path: str
     rule: int
-    kind: str                           # replace | delete | wrap
+    kind: str                           # replace | delete | wrap | layers
     module: nn.Module | None = None     # replace: the new module
     before: nn.Module | None = None     # wrap: applied to the first argument
     after: nn.Module | None = None      # wrap: applied to the output
@@ -44,6 +44,7 @@ class ModuleEdit:
     weights: Any = "new"                # replace: how the old module's tensors fill the new one
     sources: tuple = ()                 # replace by a pattern: the modules its tensors were computed from
     freeze: tuple = ()                  # replace by a pattern: paths (below the new module) that start frozen
+    order: tuple = ()                   # layers: new layer i is old layer order[i]
 
 
 @dataclass
@@ -90,7 +91,9 @@ def module_edits(capture: Capture, plan: Plan) -> list[ModuleEdit]:
             shape_in = call.first_tensor().shape if call is not None and call.first_tensor() else None
             shape_out = _first_tensor(call.output) if call is not None else None
             rule = m.rule
-            if isinstance(rule, Delete):
+            if isinstance(rule, Layers):
+                edits.append(ModuleEdit(path, m.index, "layers", order=rule.order))
+            elif isinstance(rule, Delete):
                 edits.append(ModuleEdit(path, m.index, "delete", module=Skip()))
             elif isinstance(rule, Replace):
                 module = Call(rule.replacement) if callable_only(rule.replacement) else build(m, rule.replacement, shape_in, path)

@@ -21,13 +21,13 @@ from torch import nn
 from ..errors import RuleError
 from ._new import New, check_kwargs, check_new, check_policy
 from ._pattern import Chain, Output, Pattern, Rewrite, instantiate
-from ._rules import Delete, Detach, Freeze, Insert, Replace, RuleSet
+from ._rules import Delete, Detach, Freeze, Insert, Layers, Replace, RuleSet
 from ._selector import Origin
 from ._yaml import YamlList, YamlMap, parse_yaml
 
 VERSION = 1
 DEFAULT_ALLOW = ("torch", "torchvision")
-ACTIONS = ("delete", "replace", "insert", "detach", "freeze", "rewrite", "use", "output")
+ACTIONS = ("delete", "replace", "insert", "detach", "freeze", "layers", "rewrite", "use", "output")
 PATTERN_KEYS = ("select", "per_site")
 _PARAM = re.compile(r"\$\{([^}\n]*)\}")
 # `${name}` is not valid YAML inside a flow mapping ({out_features: ${n}}), so
@@ -250,12 +250,20 @@ def _rule(item: Any, origin: Origin, resolver: _Resolver):
     if action in ("rewrite", "use"):
         return _pattern_rule(item, action, origin, resolver)
     extra = {"delete": (), "replace": ("with", "weights"), "insert": (), "detach": (), "freeze": ("except", "bn"),
-             "output": ()}[action]
+             "output": (), "layers": ("order",)}[action]
     _check_keys(item, (action, "optional") + extra, source, f"'{action}' rule")
     optional = _flag(item, "optional", source)
     body, body_line = item[action], item.key_lines[action]
     if action == "output":
         return Output(_outputs(body, body_line, resolver), optional=optional, origin=origin)
+    if action == "layers":
+        if "order" not in item:
+            raise RuleError(f"{source}:{line}: layers needs 'order:' (the layer indices to keep, in order); fix: e.g. 'order: [0, 1, 1, 2, 3]'")
+        order = item["order"]
+        if not isinstance(order, list):
+            raise RuleError(f"{source}:{item.key_lines['order']}: layers order must be a list of layer indices, got {_short(order)}; "
+                            "fix: e.g. 'order: [0, 1, 3]'")
+        return Layers(_selector(body, body_line, resolver), order=tuple(order), optional=optional, origin=origin)
     if action == "delete":
         return Delete(_selector(body, body_line, resolver), optional=optional, origin=origin)
     if action == "freeze":

@@ -191,6 +191,47 @@ class Freeze(Rule):
         return f"freeze {self.target}{tail}" + (" (bn: eval)" if self.bn else "")
 
 
+@dataclass(frozen=True)
+class Layers(Rule):
+    """Rearrange an `nn.ModuleList` the forward iterates: layer i of the result is `order[i]` of the original.
+
+    An index left out deletes that layer, one written twice duplicates it (the
+    copy gets its own tensors, transferred from the source layer), a permuted
+    list reorders. The forward must loop over the list, so the rule acts on the
+    model as it is (`keep_class=True`).
+
+    >>> Layers("model.layers", order=[0, 1, 2, 1, 2, 3])   # 4 layers -> 6, layers 1 and 2 run twice
+    """
+
+    target: Any
+    _: KW_ONLY
+    order: tuple = ()
+    optional: bool = False
+    origin: Origin | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_selector(self, "target")
+        if self.target.kind not in ("glob", "regex"):
+            raise RuleError(f"{self.origin}: layers selects a module list by path, not {self.target}; fix: name its path, e.g. 'model.layers'")
+        order = self.order
+        if isinstance(order, (str, bytes)) or not hasattr(order, "__iter__"):
+            raise RuleError(f"{self.origin}: layers order must be a list of layer indices, got {order!r}; fix: e.g. order=[0, 1, 3]")
+        order = tuple(order)
+        if not order:
+            raise RuleError(f"{self.origin}: layers order is empty, which would remove every layer; fix: list at least one layer index")
+        bad = [i for i in order if isinstance(i, bool) or not isinstance(i, int) or i < 0]
+        if bad:
+            raise RuleError(f"{self.origin}: layers order holds {bad[0]!r}, not a layer index; fix: use integers from 0, e.g. order=[0, 1, 3]")
+        object.__setattr__(self, "order", order)
+
+    def selectors(self):
+        return [self.target]
+
+    def __str__(self):
+        return f"layers {self.target} order={list(self.order)}"
+
+
 def describe(thing: Any) -> str:
     """Short text for a replacement or inserted module."""
     if isinstance(thing, New):

@@ -20,6 +20,7 @@ from ..rewrite import Rewritten
 from ..spec import carry
 from ._assemble import assemble
 from ._checkpoint import Checkpoint, empty_weights, read_state_dict, strip_prefixes
+from ._conventions import follow_conventions
 from ._freeze import follow_modes, freeze
 from ._pairwise import transfer_modules
 from ._report import TransferReport, check_strict, entry, tensors_of
@@ -64,6 +65,8 @@ def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True,
     follow_modes(module, model)
 
     report = TransferReport(rules={m.index: m.label for m in rewritten.plan.matches})
+    if rewritten.capture.kept:
+        report.notes = [f"result mode: kept class {type(module).__name__}", *follow_conventions(module, rewritten)]
     names: dict[int, list[str]] = {}
     for name, t, _ in tensors_of(model):
         names.setdefault(id(t), []).append(name)

@@ -140,7 +140,28 @@ def _plain_attributes(source: nn.Module, gm: fx.GraphModule) -> dict:
             if name not in _MODULE_STATE and not name.startswith("_") and not hasattr(gm, name)}
 
 
+def _rearrange(built: Assembly, edit: ModuleEdit) -> None:
+    """Layer i of the new list is layer order[i]; a layer's second use is a blank copy of
+    its own, whose tensors are filled from the same original tensors (transferred from it)."""
+    layers = built.module.get_submodule(edit.path)
+    used: set[int] = set()
+    rearranged = []
+    for i in edit.order:
+        layer = layers[i]
+        if i in used:
+            memo: dict = {}
+            layer = clone(layer, _blank, memo)
+            built.copies.update({id(new): (new, built.copies[old][1]) for old, new in memo.items()
+                                 if isinstance(new, torch.Tensor) and old in built.copies})
+        used.add(i)
+        rearranged.append(layer)
+    built.module = put(built.module, edit.path, type(layers)(rearranged))
+
+
 def _apply(built: Assembly, edit: ModuleEdit, original: nn.Module, memo: dict) -> None:
+    if edit.kind == "layers":
+        _rearrange(built, edit)
+        return
     if edit.kind in ("replace", "delete"):
         made = _adopt(edit.module, memo)
         built.module = put(built.module, edit.path, made)

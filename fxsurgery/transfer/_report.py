@@ -34,6 +34,7 @@ class TransferReport:
 
     entries: list[Entry] = field(default_factory=list)
     rules: dict[int, str] = field(default_factory=dict)  # rule number -> label
+    notes: list[str] = field(default_factory=list)        # the result mode, and what followed the edit (configuration)
 
     def _names(self, status: str) -> list[str]:
         return [e.name for e in self.entries if e.status == status]
@@ -72,7 +73,7 @@ class TransferReport:
             d = asdict(e)
             d["shape"] = list(e.shape)
             entries.append(d)
-        return {"counts": self.counts(), "entries": entries}
+        return {"counts": self.counts(), "notes": list(self.notes), "entries": entries}
 
     def table(self) -> str:
         """A row per top-level module with counts, then a line per tensor that is not plainly transferred."""
@@ -86,7 +87,7 @@ class TransferReport:
             rows.append((top, *(str(c[s]) for s in STATUSES), str(c["frozen"])))
         c = self.counts()
         rows.append(("total", *(str(c[s]) for s in STATUSES), str(c["frozen"])))
-        lines = [format_table(rows)]
+        lines = [*self.notes, format_table(rows)]
         for e in self.entries:
             if e.status == "transferred" and not e.op:
                 continue

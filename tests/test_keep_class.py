@@ -1,0 +1,295 @@
+"""keep_class: the result is the model's own class, and its configuration follows the edit.
+
+Every result is compared with the same edit made by hand on a copy (the
+ModuleList and the configuration edited directly): logits, greedy generate(),
+and a save_pretrained / from_pretrained round trip that never imports fxsurgery's
+output format.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fxsurgery as fxs
+from fxsurgery import Freeze, Layers, MatchError, Replace, RuleError
+
+transformers = pytest.importorskip("transformers")
+
+
+def llama():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=64, vocab_size=100, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def gpt2():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=32, n_layer=4, n_head=2, vocab_size=100, bos_token_id=98, eos_token_id=99)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def bert():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=37,
+                                     vocab_size=100)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+STACKS = {"llama": (llama, "model.layers"), "gpt2": (gpt2, "transformer.h"), "bert": (bert, "bert.encoder.layer")}
+ORDERS = {"delete": [0, 3], "duplicate": [0, 1, 2, 1, 2, 3]}
+SHAPES = [(1, 5), (2, 9)]  # two batch sizes, two sequence lengths
+
+
+def ids(batch, length, seed=1):
+    return torch.randint(0, 100, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def by_hand(model, path, order):
+    """The edit as a user writes it: a new ModuleList of copies, the count and each layer_idx set."""
+    hand = copy.deepcopy(model)
+    stack = hand.get_submodule(path)
+    parent, _, name = path.rpartition(".")
+    setattr(hand.get_submodule(parent), name, nn.ModuleList([copy.deepcopy(stack[i]) for i in order]))
+    hand.config.num_hidden_layers = len(order)
+    for i, layer in enumerate(hand.get_submodule(path)):
+        for sub in layer.modules():
+            if hasattr(sub, "layer_idx"):
+                sub.layer_idx = i
+    return hand
+
+
+def tensors(module):
+    return {n: t for n, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]}
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, model.config.to_dict()
+
+
+def assert_unchanged(model, before):
+    state, config = before
+    now = model.state_dict()
+    assert list(now) == list(state)
+    assert all(torch.equal(now[k], state[k]) for k in state)
+    assert model.config.to_dict() == config
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+def apply(model, rules, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fxs.apply(model, rules, example_inputs=(ids(1, 5),), **kw)
+
+
+@pytest.mark.parametrize("edit", list(ORDERS))
+@pytest.mark.parametrize("family", list(STACKS))
+def test_a_layer_edit_keeps_the_class_and_equals_the_edit_by_hand(family, edit, tmp_path):
+    build, path = STACKS[family]
+    model, order = build(), ORDERS[edit]
+    before = snapshot(model)
+    result = apply(model, [Layers(path, order=order)])
+    hand = by_hand(model, path, order)
+    got = result.module
+
+    assert type(got) is type(model) and result.mode == f"kept class {type(model).__name__}"
+    assert got.config.num_hidden_layers == len(order) and model.config.num_hidden_layers == 4
+    assert len(got.get_submodule(path)) == len(order)
+    for batch, length in SHAPES:
+        x = ids(batch, length, seed=batch + length)
+        assert torch.allclose(logits(got, x), logits(hand, x), atol=1e-6, rtol=0)
+    if family != "bert":
+        x = ids(2, 6)
+        kw = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, attention_mask=torch.ones_like(x),
+                  pad_token_id=0)
+        with torch.no_grad():
+            tokens = got.generate(x, **kw)
+        assert tokens.shape == (2, 26)
+        assert torch.equal(tokens, hand.generate(x, **kw))
+
+    # Each tensor of layer i comes from layer order[i]; the layers left out are dropped.
+    report, per_layer = result.report, len(tensors(model.get_submodule(path)[0]))
+    total = len(tensors(model))
+    counts = report.counts()
+    assert counts == {"transferred": total + (len(order) - 4) * per_layer, "adapted": 0, "new": 0,
+                      "dropped": (4 - len(set(order))) * per_layer, "frozen": 0}
+    for i, j in enumerate(order):
+        for name in tensors(model.get_submodule(path)[0]):
+            entry = report.entry(f"{path}.{i}.{name}")
+            assert (entry.status, entry.source) == ("transferred", f"{path}.{j}.{name}")
+    assert sorted(report.dropped) == sorted(f"{path}.{j}.{n}" for j in set(range(4)) - set(order)
+                                            for n in tensors(model.get_submodule(path)[0]))
+    assert report.notes[:2] == [f"result mode: kept class {type(model).__name__}",
+                                f"config.num_hidden_layers: 4 -> {len(order)} ({result.plan.matches[0].label})"]
+    # The copies of a duplicated layer are tensors of their own.
+    if edit == "duplicate":
+        first, second = got.get_submodule(path)[1], got.get_submodule(path)[3]
+        assert all(a.data_ptr() != b.data_ptr() for a, b in zip(first.parameters(), second.parameters()))
+
+    # save_pretrained / from_pretrained: transformers alone rebuilds the same model.
+    result.save(tmp_path / "out")
+    loaded = type(model).from_pretrained(tmp_path / "out").eval()
+    assert loaded.config.num_hidden_layers == len(order)
+    x = ids(2, 9)
+    assert torch.equal(logits(loaded, x), logits(got, x))
+    assert_unchanged(model, before)
+
+
+def test_a_new_head_sets_num_labels_and_reloads(tmp_path):
+    model = bert()
+    before = snapshot(model)
+    result = apply(model, [Replace("classifier", fxs.new(nn.Linear, out_features=5))])
+    got = result.module
+    hand = copy.deepcopy(model)
+    hand.classifier = nn.Linear(32, 5)
+    hand.classifier.load_state_dict(got.classifier.state_dict())
+    hand.config.num_labels, hand.num_labels = 5, 5
+
+    assert isinstance(got, transformers.BertForSequenceClassification)
+    assert (got.config.num_labels, got.num_labels, model.config.num_labels) == (5, 5, 2)
+    assert got.config.id2label == {i: f"LABEL_{i}" for i in range(5)}
+    assert got.config.label2id == {f"LABEL_{i}": i for i in range(5)}
+    for batch, length in SHAPES:
+        x = ids(batch, length)
+        assert logits(got, x).shape == (batch, 5)
+        assert torch.allclose(logits(got, x), logits(hand, x), atol=1e-6, rtol=0)
+    assert result.report.new == ["classifier.weight", "classifier.bias"]
+    assert sorted(result.report.dropped) == ["classifier.bias", "classifier.weight"]
+    assert result.report.counts()["transferred"] == len(tensors(model)) - 2
+    assert result.report.notes[1] == f"config.num_labels: 2 -> 5, id2label/label2id remade ({result.plan.matches[0].label})"
+
+    result.save(tmp_path / "out")
+    loaded = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+    x = ids(2, 9)
+    assert loaded.config.num_labels == 5
+    assert torch.equal(logits(loaded, x), logits(got, x))
+    with pytest.raises(fxs.SaveError) as err:
+        fxs.load(tmp_path / "out")
+    assert str(err.value) == (f"{tmp_path / 'out'}: holds a BertForSequenceClassification written by save_pretrained "
+                              f"(keep_class=True); fix: load it with BertForSequenceClassification.from_pretrained("
+                              f"{str(tmp_path / 'out')!r})")
+    assert_unchanged(model, before)
+
+
+def test_training_the_trainable_parameters_lowers_the_loss_and_leaves_frozen_ones_alone():
+    model = bert()
+    result = apply(model, [Replace("classifier", fxs.new(nn.Linear, out_features=3)), Freeze("bert.*")])
+    got = result.module
+    trainable = result.trainable_parameters()
+    assert [id(p) for p in trainable] == [id(got.classifier.weight), id(got.classifier.bias)]
+    assert result.gradient_flow.counts() == {"trainable": 2, "frozen": len(list(model.parameters())) - 2, "cut": 0}
+    assert len(result.report.frozen) == len(list(model.parameters())) - 2
+    frozen = {n: p.detach().clone() for n, p in got.named_parameters() if not p.requires_grad}
+    x, y = ids(4, 8), torch.tensor([0, 1, 2, 1])
+    optimizer = torch.optim.Adam(trainable, lr=0.05)
+    losses = []
+    for _ in range(10):
+        loss = got(x, labels=y).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0] and losses == sorted(losses, reverse=True)
+    assert all(torch.equal(p, frozen[n]) for n, p in got.named_parameters() if n in frozen)
+
+
+def test_the_default_keeps_transformers_models_and_regenerates_others():
+    model = gpt2()
+    assert fxs.apply(model, [], example_inputs=(ids(1, 5),)).mode == "kept class GPT2LMHeadModel"
+    regenerated = apply(model, [], keep_class=False)
+    assert regenerated.mode == "regenerated graph module"
+    assert any(isinstance(m, torch.fx.GraphModule) for m in regenerated.module.modules())
+    plain = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    assert fxs.apply(plain, [], example_inputs=(torch.randn(1, 4),)).mode == "regenerated graph module"
+
+
+def test_keeping_the_order_changes_nothing():
+    model = llama()
+    result = apply(model, [Layers("model.layers", order=[0, 1, 2, 3])])
+    x = ids(2, 9)
+    assert torch.equal(logits(result.module, x), logits(model, x))
+    assert result.report.counts()["dropped"] == 0 and result.report.counts()["transferred"] == len(tensors(model))
+    assert result.report.notes == ["result mode: kept class LlamaForCausalLM"]
+    assert result.module.config.to_dict() == model.config.to_dict()
+
+
+def test_an_index_out_of_range_is_refused():
+    rule = Layers("model.layers", order=[0, 4])
+    with pytest.raises(MatchError) as err:
+        apply(llama(), [rule])
+    assert str(err.value) == (f"rule 1 'layers model.layers order=[0, 4]' ({rule.origin}): index 4 is out of range for "
+                              "model.layers, which holds 4 layers; fix: use indices 0 to 3")
+
+
+class Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([nn.Linear(4, 4) for _ in range(3)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x
+
+
+def test_any_module_keeps_its_class_on_request():
+    model, x = Stack(), torch.randn(3, 4)
+    result = fxs.apply(model, [Layers("layers", order=[2, 0])], example_inputs=(x,), keep_class=True)
+    assert type(result.module) is Stack and result.mode == "kept class Stack"
+    want = torch.tanh(model.layers[0](torch.tanh(model.layers[2](x))))
+    assert torch.equal(result.module(x), want)
+    assert [(e.name, e.source) for e in result.report.entries if e.status == "transferred"] == [
+        ("layers.0.weight", "layers.2.weight"), ("layers.0.bias", "layers.2.bias"),
+        ("layers.1.weight", "layers.0.weight"), ("layers.1.bias", "layers.0.bias")]
+    assert result.report.dropped == ["layers.1.weight", "layers.1.bias"]
+
+
+def test_layers_without_keep_class_and_call_rules_with_it_are_refused():
+    rule = Layers("layers", order=[0])
+    with pytest.raises(MatchError) as err:
+        fxs.apply(Stack(), [rule], example_inputs=(torch.randn(1, 4),))
+    assert str(err.value) == (f"rule 1 'layers layers order=[0]' ({rule.origin}) rearranges a module list the forward loops "
+                              "over, which a graph has unrolled; fix: pass keep_class=True")
+    rule = Replace(torch.nn.functional.silu, torch.nn.functional.gelu)
+    with pytest.raises(MatchError) as err:
+        apply(llama(), [rule])
+    assert str(err.value) == (f"rule 1 'replace torch.nn.functional.silu with torch.nn.functional.gelu' ({rule.origin}) "
+                              "edits code inside a forward, which keep_class=True runs as written; "
+                              "fix: pass keep_class=False for a regenerated module")
+
+
+@pytest.mark.parametrize("order, message", [
+    ([], "layers order is empty, which would remove every layer; fix: list at least one layer index"),
+    ([0, -1], "layers order holds -1, not a layer index; fix: use integers from 0, e.g. order=[0, 1, 3]"),
+    ([0, True], "layers order holds True, not a layer index; fix: use integers from 0, e.g. order=[0, 1, 3]"),
+])
+def test_bad_orders_fail_when_the_rule_is_built(order, message):
+    with pytest.raises(RuleError) as err:
+        Layers("model.layers", order=order)
+    assert str(err.value).split(": ", 1)[1] == message
+
+
+def test_layers_in_a_rule_file(tmp_path):
+    path = tmp_path / "rules.yaml"
+    path.write_text("fxsurgery: 1\nrules:\n  - layers: model.layers\n    order: [0, 1, 1, 3]\n")
+    (rule,) = fxs.load_rules(path).rules
+    assert (rule, str(rule.origin)) == (Layers("model.layers", order=(0, 1, 1, 3), origin=rule.origin), f"{path}:3")
+    assert apply(llama(), [rule]).module.config.num_hidden_layers == 4
+    path.write_text("fxsurgery: 1\nrules:\n  - layers: model.layers\n    order: [0, 1]\n    keep: 2\n")
+    with pytest.raises(RuleError) as err:
+        fxs.load_rules(path)
+    assert str(err.value) == f"{path}:5: unknown key 'keep' in 'layers' rule; fix: allowed: layers, optional, order"
+    path.write_text("fxsurgery: 1\nrules:\n  - layers: model.layers\n    order: []\n")
+    with pytest.raises(RuleError) as err:
+        fxs.load_rules(path)
+    assert str(err.value) == f"{path}:3: layers order is empty, which would remove every layer; fix: list at least one layer index"
