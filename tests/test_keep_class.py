@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import fxsurgery as fxs
-from fxsurgery import Freeze, Layers, MatchError, Replace, RuleError
+from fxsurgery import Detach, Freeze, Layers, MatchError, Replace, RuleError
 
 transformers = pytest.importorskip("transformers")
 
@@ -200,6 +200,18 @@ def test_training_the_trainable_parameters_lowers_the_loss_and_leaves_frozen_one
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0] and losses == sorted(losses, reverse=True)
     assert all(torch.equal(p, frozen[n]) for n, p in got.named_parameters() if n in frozen)
+
+
+def test_a_detach_wraps_the_layer_and_cuts_what_lies_before_it():
+    model = llama()
+    result = apply(model, [Detach(after="model.layers.1")])
+    flow = result.gradient_flow.status
+    assert type(result.module.model.layers[1]).__name__ == "Around"
+    assert (flow["model.embed_tokens.weight"], flow["model.layers.1.module.mlp.up_proj.weight"]) == ("cut", "cut")
+    assert (flow["model.layers.2.mlp.up_proj.weight"], flow["lm_head.weight"]) == ("trainable", "trainable")
+    assert result.gradient_flow.counts() == {"trainable": 2 * 9 + 2, "frozen": 0, "cut": 2 * 9 + 1}
+    x = ids(2, 9)
+    assert torch.equal(logits(result.module, x), logits(model, x))
 
 
 def test_the_default_keeps_transformers_models_and_regenerates_others():
