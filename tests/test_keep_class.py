@@ -144,6 +144,25 @@ def test_a_layer_edit_keeps_the_class_and_equals_the_edit_by_hand(family, edit, 
     assert_unchanged(model, before)
 
 
+def test_layer_types_follow_the_order(tmp_path):
+    torch.manual_seed(0)
+    types = ["full_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    config = transformers.Qwen2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=64, vocab_size=100, max_position_embeddings=64, layer_types=types,
+                                      sliding_window=4, use_sliding_window=True)
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    result = apply(model, [Layers("model.layers", order=[1, 1, 2])])
+    hand = by_hand(model, "model.layers", [1, 1, 2])
+    hand.config.layer_types = [types[1], types[1], types[2]]
+    assert result.module.config.layer_types == hand.config.layer_types and model.config.layer_types == types
+    x = ids(2, 9)
+    assert torch.allclose(logits(result.module, x), logits(hand, x), atol=1e-6, rtol=0)
+    result.save(tmp_path / "out")
+    loaded = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert loaded.config.layer_types == hand.config.layer_types
+    assert torch.equal(logits(loaded, x), logits(result.module, x))
+
+
 def test_a_new_head_sets_num_labels_and_reloads(tmp_path):
     model = bert()
     before = snapshot(model)
