@@ -117,9 +117,10 @@ class SurgeryResult:
             "coverage": self.capture.coverage() if self.capture is not None else None,
         }
 
-    def save(self, directory: str | os.PathLike, *, force: bool = False, formats=()) -> Path:
+    def save(self, directory: str | os.PathLike, *, force: bool = False, formats=(), extra=None) -> Path:
         """Write model.py + model.safetensors + surgery.json (atomically), plus any `formats`
-        ("pt2", "onnx", "torchscript"), each verified on the example inputs.
+        ("pt2", "onnx", "torchscript"), each verified on the example inputs, and `extra`
+        files ({name: write(path)}), listed as fxsurgery's own.
         A kept transformers model is written by its own `save_pretrained` (plus surgery.json)."""
         if self.capture is not None and self.capture.kept and hasattr(self.module, "save_pretrained"):
             if formats:
@@ -127,7 +128,7 @@ class SurgeryResult:
                                 "save_pretrained; fix: leave formats out, or apply with keep_class=False")
             return save_pretrained(self.module, directory, force=force, record=self.to_dict())
         return save(self.module, directory, force=force, record=self.to_dict(), formats=formats,
-                    example_inputs=self.example_inputs)
+                    example_inputs=self.example_inputs, extra=extra)
 
 
 def apply(model: nn.Module, rules, example_inputs=None, *, params: dict | None = None, allow=(),

@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="fail when a tensor is new and no rule declared it")
     p.add_argument("--dry-run", action="store_true", help="show the plan and report, write nothing")
     p.add_argument("--explain", action="store_true", help="per rule: what matched, what was left alone and why, near misses")
-    p.add_argument("--force", action="store_true", help="replace an existing output directory written by fxsurgery")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory holding only files fxsurgery wrote")
     p.add_argument("--format", action="append", default=[], choices=["pt2", "onnx", "torchscript"],
                    help="also write model.pt2 / model.onnx / model.torchscript.pt, verified on the inputs")
 
@@ -106,9 +106,9 @@ def _model(args):
 
 
 def cmd_apply(args) -> int:
-    if args.output and os.path.exists(args.output) and not args.force and not args.dry_run:
-        from ..errors import SaveError
-        raise SaveError(f"{args.output}: already exists; fix: choose another output directory or pass --force")
+    if args.output and not args.dry_run:
+        from ..export import check_target
+        check_target(args.output, args.force, flag="--force")  # before the surgery: fail fast, write nothing
     result = _result(args)
     written = None
     if args.output and not args.dry_run:

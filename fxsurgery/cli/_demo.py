@@ -46,8 +46,7 @@ def run(out: str | Path = "fxsurgery-demo", *, echo=print) -> SurgeryResult:
     before, after = _trainable(model), _trainable(result.module)
     echo(f"\nbefore: {before[0]:,} parameters, {before[1]:,} trainable; "
          f"after: {after[0]:,} parameters, {after[1]:,} trainable")
-    result.save(out, force=True)
-    write_diff(result, Path(out) / "diff.html")  # beside the saved files; load() checks only its own
+    result.save(out, force=True, extra={"diff.html": lambda path: write_diff(result, path)})
     reloaded = load(out)
     model.eval(), result.module.eval(), reloaded.eval()
     with torch.no_grad():

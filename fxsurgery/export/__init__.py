@@ -6,11 +6,12 @@ module; `map_weights` replays a saved surgery's weight mapping on another
 checkpoint of the original architecture.
 """
 
+from ._atomic import check_target
 from ._load import load
 from ._record import read_record
 from ._replay import map_weights, write_mapped
 from ._save import save, save_pretrained
 
 __all__ = [
-    "load", "map_weights", "read_record", "save", "save_pretrained", "write_mapped",
+    "check_target", "load", "map_weights", "read_record", "save", "save_pretrained", "write_mapped",
 ]

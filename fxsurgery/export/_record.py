@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -10,6 +11,7 @@ import uuid
 from pathlib import Path
 
 from ..errors import SaveError
+from ._atomic import recover
 
 FILES = ("model.py", "model.safetensors", "surgery.json")
 
@@ -36,6 +38,8 @@ def import_source(path: Path):
 
 def read_record(directory: str | os.PathLike) -> dict:
     directory = Path(directory)
+    with contextlib.suppress(OSError):
+        recover(directory)  # a replacement a killed run left half done
     missing = [f for f in FILES if not (directory / f).is_file()]
     if missing:
         raise SaveError(f"{directory}: not an fxsurgery output (missing {', '.join(missing)}); fix: pass a directory written by save()")

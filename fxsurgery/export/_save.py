@@ -2,18 +2,14 @@
 
 Nothing here unpickles: weights are safetensors, the record is JSON, and the
 module is rebuilt by the generated source. Writes are atomic: everything goes
-into a temporary directory beside the target, which is renamed into place
-only when complete.
+into a temporary directory beside the target, which takes its place only
+when complete, crash-safely (_atomic.py); surgery.json lists the files written.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 
 import torch
@@ -24,36 +20,10 @@ from .._progress import bar
 from ..capture import adapter_call, trace
 from ..errors import SaveError, TraceError
 from ..version import __version__
+from ._atomic import MARKER, replacing
 from ._codegen import generate, rename_path
 from ._formats import export_as
 from ._record import FORMAT, digest, import_source
-
-
-@contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike, force: bool = False):
-    """Yield a temporary directory that becomes `target` only if the block succeeds."""
-    target = Path(target)
-    if target.exists() and not force:
-        raise SaveError(f"{target}: already exists; fix: choose another output directory or pass --force (force=True)")
-    if target.exists() and not (target / "surgery.json").is_file():
-        raise SaveError(f"{target}: exists and is not an fxsurgery output, refusing to replace it; fix: choose another output directory")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    except OSError as exc:
-        raise SaveError(f"{target}: cannot write there: {exc.strerror}; fix: choose a writable output directory") from None
-    try:
-        yield work
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(target, old)
-            os.rename(work, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(work, target)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
 
 
 def ties_of(module: nn.Module) -> dict[str, str]:
@@ -134,18 +104,19 @@ def _source(gm: fx.GraphModule, work: Path, **facts) -> tuple[str, dict[str, str
 
 
 def save(module: nn.Module, directory: str | os.PathLike, *, force: bool = False, record: dict | None = None,
-         formats=(), example_inputs: tuple | None = None) -> Path:
+         formats=(), example_inputs: tuple | None = None, extra=None) -> Path:
     """Write `module` as model.py + model.safetensors + surgery.json, atomically.
 
     `formats` adds model.pt2 (torch.export), model.onnx or model.torchscript.pt,
-    each checked against the module on `example_inputs`.
+    each checked against the module on `example_inputs`; `extra` maps more file
+    names to functions that write them.
     """
     gm = _as_graph_module(module)
     class_name = getattr(module, "_fxsurgery_class", None) or type(module).__name__
     ties = ties_of(gm)
     tensors, non_persistent = _tensors(gm, ties)
     frozen = [n for n, p in gm.named_parameters() if not p.requires_grad]
-    with atomic_directory(directory, force) as work:
+    with replacing(directory, force) as work:
         modes = {p: m.training for p, m in module.named_modules()}
         source, renames = _source(gm, work, class_name=class_name, frozen=frozen, ties=ties,
                                   non_persistent=non_persistent, modes=modes)
@@ -155,11 +126,13 @@ def save(module: nn.Module, directory: str | os.PathLike, *, force: bool = False
         save_file({rename_path(k, renames): v for k, v in tensors.items()}, str(work / "model.safetensors"),
                   metadata={"format": "pt"})
         exported = {fmt: export_as(fmt, gm, work, example_inputs) for fmt in bar(formats, "export", unit="format")}
+        for name, write in (extra or {}).items():  # written by fxsurgery (a diff page): --force may replace them
+            write(work / name)
         doc = {"fxsurgery": __version__, "format": FORMAT, "torch": torch.__version__, "class": class_name,
                "renamed": {k: v for k, v in renames.items() if k != v},
                "ties": {rename_path(a, renames): rename_path(o, renames) for a, o in ties.items()},
                "non_persistent": [rename_path(n, renames) for n in non_persistent],
-               **(record or {}), "formats": exported, "hash": digest(work)}
+               **(record or {}), "formats": exported, "hash": digest(work), "files": _listed(work)}
         (work / "surgery.json").write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
     return Path(directory)
 
@@ -170,10 +143,14 @@ def save_pretrained(module: nn.Module, directory: str | os.PathLike, *, force: b
     The directory is the library's own format: `from_pretrained` reloads it
     without fxsurgery, its configuration already following the edit.
     """
-    with atomic_directory(directory, force) as work:
+    with replacing(directory, force) as work:
         module.save_pretrained(work)
         doc = {"fxsurgery": __version__, "format": FORMAT, "torch": torch.__version__, "class": type(module).__name__,
-               "saved_by": "save_pretrained", **(record or {})}
+               "saved_by": "save_pretrained", **(record or {}), "files": _listed(work)}
         (work / "surgery.json").write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
     return Path(directory)
 
+
+def _listed(work: Path) -> list[str]:
+    """The files this output holds, as written by fxsurgery: what --force may replace."""
+    return sorted({*os.listdir(work), "surgery.json"} - {MARKER})

@@ -1,0 +1,250 @@
+"""Crash-safe replacement of an output directory.
+
+A new output is written into `.{name}.fxsurgery-tmp-{hex}` beside the target,
+created with the umask's modes and holding the marker file `.fxsurgery-partial`
+(the writer's pid) until every file in it is written and fsynced. Then it
+takes the target's place:
+
+- where the kernel can swap two paths (Linux renameat2 RENAME_EXCHANGE), in one
+  step: the path holds the complete old or the complete new output at every
+  instant;
+- elsewhere in two renames, target -> `.{name}.fxsurgery-old-{hex}` and
+  temp -> target. A run killed between them leaves the path empty for a moment;
+  the next run (`recover`) finishes the move, or puts the old output back when
+  the new one is not complete.
+
+The displaced output is marked, renamed to `.{name}.fxsurgery-trash-{hex}` and
+removed, marker last. `recover` removes only directories with these names that
+hold the marker, are empty, or hold a complete output and nothing else: never
+a directory fxsurgery did not make, and never the temp directory of a run that
+is still alive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+from ..errors import SaveError
+
+MARKER = ".fxsurgery-partial"
+RECORD = "surgery.json"
+# Names written before surgery.json listed its files.
+LEGACY = ("model.py", "model.safetensors", RECORD, "model.pt2", "model.onnx", "model.onnx.data", "model.torchscript.pt")
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step; False where the system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    errno = ctypes.get_errno()
+    if errno in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this file system cannot swap
+        return False
+    raise OSError(errno, os.strerror(errno), str(b))
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def umask() -> int:
+    try:  # Linux says it without changing it
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def finish_tree(directory: Path) -> None:
+    """Give every file in `directory` the umask's modes (safetensors makes them private) and flush it, then the directory."""
+    mode = 0o666 & ~umask()
+    for entry in os.scandir(directory):
+        if entry.is_file(follow_symlinks=False):
+            os.chmod(entry.path, mode)
+            with open(entry.path, "rb") as handle:
+                os.fsync(handle.fileno())
+    fsync_dir(directory)
+
+
+def listed_files(directory: Path) -> set[str] | None:
+    """The files an fxsurgery output in `directory` says it wrote (None: not an output)."""
+    try:
+        record = json.loads((directory / RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or "fxsurgery" not in record:
+        return None
+    files = record.get("files")
+    if not isinstance(files, list):
+        return set(LEGACY)
+    return {f for f in files if isinstance(f, str) and f and "/" not in f and "\\" not in f and f not in (".", "..")}
+
+
+def foreign_files(directory: Path) -> list[str]:
+    """Entries of an fxsurgery output that fxsurgery did not write."""
+    ours = listed_files(directory) or set()
+    return sorted(e for e in os.listdir(directory) if e not in ours and e != RECORD)
+
+
+def _complete(directory: Path) -> bool:
+    return not (directory / MARKER).exists() and listed_files(directory) is not None and not foreign_files(directory)
+
+
+def _ours(parent: Path, name: str) -> list[tuple[str, str, Path]]:
+    pattern = re.compile(rf"\.{re.escape(name)}\.fxsurgery-(tmp|old|trash)-([0-9a-f]{{16}})")
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return []
+    return [(m[1], m[2], parent / e) for e in sorted(entries) if (m := pattern.fullmatch(e)) and (parent / e).is_dir()]
+
+
+def _alive_elsewhere(directory: Path) -> bool:
+    """True when the marker names another live process on this host (its run is still writing)."""
+    try:
+        pid, host = (directory / MARKER).read_text().split()
+        pid = int(pid)
+    except (OSError, ValueError):
+        return False
+    if host != socket.gethostname() or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _mark(directory: Path) -> None:
+    with open(directory / MARKER, "w") as handle:
+        handle.write(f"{os.getpid()} {socket.gethostname()}\n")
+
+
+def _remove(directory: Path) -> None:
+    """Delete one of our directories, its marker last, so a kill midway leaves it recognisable."""
+    for entry in os.scandir(directory):
+        if entry.name != MARKER:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(directory / MARKER)
+    os.rmdir(directory)
+
+
+def _dispose(directory: Path, parent: Path, name: str, token: str) -> None:
+    """Mark a displaced output, move it to a trash name and remove it."""
+    _mark(directory)
+    trash = parent / f".{name}.fxsurgery-trash-{token}"
+    os.rename(directory, trash)
+    _remove(trash)
+
+
+def recover(target: str | os.PathLike) -> None:
+    """Finish or roll back a replacement of `target` that a killed run left, and remove its temp directories."""
+    target = Path(target)
+    parent, name = target.parent, target.name
+    entries = _ours(parent, name)
+    if not entries:
+        return
+    if not os.path.lexists(target):
+        for kind, token, path in entries:
+            if kind == "old" and _complete(path):
+                new = parent / f".{name}.fxsurgery-tmp-{token}"
+                os.rename(new if new.is_dir() and _complete(new) else path, target)  # forward, or back
+                fsync_dir(parent)
+                break
+    for kind, token, path in _ours(parent, name):
+        if kind == "trash" or (path / MARKER).exists() and not _alive_elsewhere(path) or not os.listdir(path):
+            _remove(path)
+        elif _complete(path):
+            _dispose(path, parent, name, token)
+    fsync_dir(parent)
+
+
+def check_target(target: str | os.PathLike, force: bool, flag: str = "--force (force=True)") -> None:
+    """Refuse an output path that cannot be written or replaced, before any work is done."""
+    target = Path(target)
+    with contextlib.suppress(OSError):
+        recover(target)
+    if os.path.islink(target):
+        raise SaveError(f"{target}: is a symbolic link (to {os.readlink(target)}); "
+                        "fix: pass the directory it points to, or remove the link")
+    if not os.path.lexists(target):
+        return
+    if not force:
+        raise SaveError(f"{target}: already exists; fix: choose another output directory or pass {flag}")
+    if not target.is_dir() or listed_files(target) is None:
+        raise SaveError(f"{target}: exists and is not an fxsurgery output, refusing to replace it; fix: choose another output directory")
+    foreign = foreign_files(target)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise SaveError(f"{target}: holds files fxsurgery did not write ({shown}), refusing to replace it; "
+                        "fix: move them out of the directory or choose another output directory")
+
+
+@contextlib.contextmanager
+def replacing(target: str | os.PathLike, force: bool = False):
+    """Yield a new directory that becomes `target`, crash-safely, only if the block succeeds.
+
+    The block must write surgery.json last, listing its files.
+    """
+    target = Path(target)
+    check_target(target, force)
+    parent, name = target.parent, target.name
+    token = secrets.token_hex(8)
+    work = parent / f".{name}.fxsurgery-tmp-{token}"
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(work, 0o777)  # the umask decides the modes, as for any directory the user makes
+    except OSError as exc:
+        raise SaveError(f"{target}: cannot write there: {exc.strerror}; fix: choose a writable output directory") from None
+    try:
+        _mark(work)
+        yield work
+        finish_tree(work)
+        os.unlink(work / MARKER)
+        fsync_dir(work)
+        if not os.path.lexists(target):
+            os.rename(work, target)
+        elif _exchange(work, target):
+            fsync_dir(parent)
+            _dispose(work, parent, name, token)
+        else:
+            old = parent / f".{name}.fxsurgery-old-{token}"
+            os.rename(target, old)
+            os.rename(work, target)
+            fsync_dir(parent)
+            _dispose(old, parent, name, token)
+        fsync_dir(parent)
+    except BaseException:
+        # `work` holds either the unfinished new output or, after a swap, the old one: neither is needed.
+        shutil.rmtree(work, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            recover(target)  # puts the old output back if the failure came between two renames
+        raise
