@@ -107,7 +107,25 @@ def assemble(rewritten: Rewritten, share: bool = False) -> Assembly:
         built.module = put(built.module, region.path, gm)
     for edit in rewritten.edits:
         _apply(built, edit, capture.model, memo)
+    _keep_non_persistent(built, capture.model)
     return built
+
+
+def _keep_non_persistent(built: Assembly, original: nn.Module) -> None:
+    """A buffer the original keeps out of its state_dict (Llama's rotary inv_freq) stays out of the new one.
+
+    A graph reads such a buffer with get_attr, and torch.fx registers what it
+    copies as an ordinary (persistent) buffer: the mark is put back here. A
+    constant captured from forward code was in no state_dict either.
+    """
+    hidden = {id(b) for sub in original.modules() for name, b in sub._buffers.items()
+              if b is not None and name in sub._non_persistent_buffers_set}
+    if not hidden and not built.constants:
+        return
+    for sub in built.module.modules():
+        for name, b in sub._buffers.items():
+            if b is not None and (id(b) in built.constants or id(built.copies.get(id(b), (None, b))[1]) in hidden):
+                sub._non_persistent_buffers_set.add(name)
 
 
 def _has(root: nn.Module, path: str) -> bool:

@@ -1,0 +1,78 @@
+"""Transfers keep what the original said about its tensors.
+
+- A non-persistent buffer (Llama's rotary inv_freq) stays non-persistent: the
+  original's state_dict loads strictly into the result, and a save lists it.
+- A new module gets the dtype and device of what it replaces: a bf16 or fp16
+  model stays runnable, and its saved copy too.
+- weights="keep" on one side of a tie (a GPT head sharing wte's Parameter)
+  keeps the tie, or refuses saying why; it never reports a split tie as
+  transferred.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fxsurgery as fxs
+from fxsurgery import Replace
+
+
+def tiny_llama():
+    import transformers
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+                                      use_cache=False, attn_implementation="eager")
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+class Rotary(nn.Module):
+    """A hand model with a non-persistent buffer beside a persistent one."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("scale", torch.arange(4.0), persistent=False)
+        self.register_buffer("shift", torch.ones(4))
+
+    def forward(self, x):
+        return self.fc(x) * self.scale + self.shift
+
+
+# -- non-persistent buffers ---------------------------------------------------------------------
+
+def test_non_persistent_buffers_stay_non_persistent_in_a_hand_model(tmp_path):
+    model = Rotary()
+    result = fxs.apply(model, [Replace("fc", fxs.new(nn.Linear, out_features=4), weights="keep")],
+                       example_inputs=(torch.randn(2, 4),))
+    assert list(result.module.state_dict()) == ["shift", "fc.weight", "fc.bias"]
+    result.module.load_state_dict(model.state_dict(), strict=True)
+    assert torch.equal(result.module.scale, torch.arange(4.0))
+    result.save(tmp_path / "o")
+    assert json.loads((tmp_path / "o" / "surgery.json").read_text())["non_persistent"] == ["scale"]
+    loaded = fxs.load(tmp_path / "o")
+    loaded.load_state_dict(model.state_dict(), strict=True)
+    x = torch.randn(2, 4)
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_llama_rotary_inv_freq_stays_non_persistent():
+    model = tiny_llama()
+    ids = torch.randint(0, 100, (1, 8))
+    result = fxs.apply(model, [Replace("lm_head", fxs.new(nn.Linear, out_features=10, bias=False))],
+                       example_inputs=(ids,))
+    original = {k: v for k, v in model.state_dict().items() if not k.startswith("lm_head.")}
+    assert not any("inv_freq" in k for k in model.state_dict())
+    assert not any("inv_freq" in k for k in result.module.state_dict())
+    missing, unexpected = result.module.load_state_dict(original, strict=False)
+    assert (missing, unexpected) == (["lm_head.weight"], [])
+    same = fxs.apply(model, [fxs.Freeze("model.embed_tokens")], example_inputs=(ids,))
+    same.module.load_state_dict(model.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.equal(same.module(ids).logits if hasattr(same.module(ids), "logits") else same.module(ids)["logits"],
+                           model(ids).logits)
