@@ -76,3 +76,38 @@ def test_llama_rotary_inv_freq_stays_non_persistent():
     with torch.no_grad():
         assert torch.equal(same.module(ids).logits if hasattr(same.module(ids), "logits") else same.module(ids)["logits"],
                            model(ids).logits)
+
+
+# -- dtype and device of new modules -------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_new_module_takes_the_dtype_it_replaces(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).to(dtype)
+    x = torch.randn(2, 8, dtype=dtype)
+    result = fxs.apply(model, [Replace("2", fxs.new(nn.Linear, out_features=10))], example_inputs=(x,))
+    assert result.module.get_submodule("2").weight.dtype == dtype
+    assert result.report.entry("2.weight").dtype == str(dtype).replace("torch.", "")
+    assert result.module(x).shape == (2, 10) and result.module(x).dtype == dtype
+
+
+def test_a_bf16_resnet18_keeps_running_after_a_new_head(tmp_path):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).to(torch.bfloat16).eval()
+    x = torch.randn(1, 3, 32, 32, dtype=torch.bfloat16)
+    result = fxs.apply(model, [Replace("fc", fxs.new(nn.Linear, out_features=10))], example_inputs=(x,))
+    assert {p.dtype for p in result.module.parameters()} == {torch.bfloat16}
+    out = result.module(x)
+    assert out.shape == (1, 10) and out.dtype == torch.bfloat16
+    result.save(tmp_path / "o")
+    loaded = fxs.load(tmp_path / "o").eval()
+    assert torch.equal(loaded(x), out)
+
+
+def test_an_inserted_module_takes_the_dtype_of_its_neighbour():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4)).to(torch.float16)
+    x = torch.randn(2, 8, dtype=torch.float16)
+    result = fxs.apply(model, [fxs.Insert(fxs.new(nn.LayerNorm), after="0")], example_inputs=(x,))
+    assert {p.dtype for p in result.module.parameters()} == {torch.float16}
+    assert result.module(x).dtype == torch.float16

@@ -15,7 +15,7 @@ from torch.utils import _pytree as pytree
 
 from ..capture import Capture, Captured, Meta
 from ..match import Match, Plan
-from ..spec import Delete, Detach, Freeze, Insert, Layers, New, Output, Replace, Rewrite
+from ..spec import Delete, Detach, Freeze, Insert, Layers, New, Output, Replace, Rewrite, like
 from ._blame import shape_failure
 from ._edited import Edited, InputChange
 from ._editor import Rewriter, callable_only
@@ -96,11 +96,12 @@ def module_edits(capture: Capture, plan: Plan) -> list[ModuleEdit]:
             elif isinstance(rule, Delete):
                 edits.append(ModuleEdit(path, m.index, "delete", module=Skip()))
             elif isinstance(rule, Replace):
-                module = Call(rule.replacement) if callable_only(rule.replacement) else build(m, rule.replacement, shape_in, path)
+                owner = like(capture.model.get_submodule(path))
+                module = Call(rule.replacement) if callable_only(rule.replacement) else build(m, rule.replacement, shape_in, path, owner)
                 edits.append(ModuleEdit(path, m.index, "replace", module=module, weights=rule.weights))
             elif isinstance(rule, Insert):
                 after = rule.after is not None
-                module = build(m, rule.module, shape_out if after else shape_in, path)
+                module = build(m, rule.module, shape_out if after else shape_in, path, like(capture.model.get_submodule(path)))
                 edits.append(ModuleEdit(path, m.index, "wrap", after=module) if after
                              else ModuleEdit(path, m.index, "wrap", before=module))
             elif isinstance(rule, Detach):
@@ -117,7 +118,7 @@ def _pattern_edit(m: Match, module: nn.Module, path: str, shape_in: tuple | None
     if made is None:
         return ModuleEdit(path, m.index, "delete", module=Skip())
     if isinstance(made, New):
-        made = build(m, made, shape_in, path)
+        made = build(m, made, shape_in, path, like(module))
     if not isinstance(made, nn.Module):
         made = Call(made)
     inside = [p for p, sub in made.named_modules() if sub is module] if pattern.freeze_matched else []

@@ -9,6 +9,7 @@ the rule that caused them.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ from .._util import get_path, shape_text
 from ..capture import Captured, Meta, PropagationError, propagate, root_of
 from ..errors import RewriteError
 from ..match import Match, Plan, Site, label
-from ..spec import New, describe
+from ..spec import New, describe, like
 from ._blame import shape_failure
 from ._edited import Edited, InputChange, Slot
 from ._fitting import build, expected_input, fit_call, snake
@@ -87,6 +88,16 @@ class Rewriter:
                 return True
             stack.extend(node.all_input_nodes)
         return start is None
+
+    def like(self, site: Site) -> tuple:
+        """The dtype and device a module built at `site` takes (spec.like)."""
+        tensors = self.tensor_inputs(site)
+        meta = self.meta(tensors[0], fresh=False) if tensors else None
+        owner = None
+        if site.path:
+            with contextlib.suppress(AttributeError):
+                owner = self.captured.model.get_submodule(site.path)
+        return like(owner, meta.dtype if meta is not None and meta.is_tensor else None)
 
     def shape_in(self, site: Site) -> tuple | None:
         tensors = self.tensor_inputs(site)
@@ -209,7 +220,7 @@ class Rewriter:
         if len(shapes) > 1:
             self.fail(m, sites[0], f"'{path}' is called with different shapes ({', '.join(shape_text(s) for s in shapes if s)})",
                       "replace each call site separately or give the shape arguments explicitly")
-        module = build(m, m.rule.replacement, next(iter(shapes)), sites[0])
+        module = build(m, m.rule.replacement, next(iter(shapes)), sites[0], self.like(sites[0]))
         self.edited.modules[path] = Slot(module, path, m.index, weights=m.rule.weights)
         for site in sites:
             inputs = [self.node(n) for n in self.current_inputs(site)]
@@ -246,7 +257,7 @@ class Rewriter:
                     kind = "a list" if isinstance(args[0], (list, tuple)) else f"a {type(args[0]).__name__}"
                     self.fail(m, site, f"it reads '{source.name}' inside {kind}, not as its first argument, "
                               "so a module cannot take its place", "replace it with a function, or select another node")
-                module = build(m, replacement, self.shape_in(site), site)
+                module = build(m, replacement, self.shape_in(site), site, self.like(site))
                 path = self.fresh_path(site.key.split("@")[0].replace(".", "_"))
                 self.edited.modules[path] = Slot(module, None, m.index)
                 args, kwargs = fit_call(module, args, kwargs)
@@ -261,7 +272,7 @@ class Rewriter:
         for site in sites:
             anchor = self.one_output(m, site) if rule.after is not None else self.one_input(m, site)
             meta = self.meta(anchor.name, fresh=isinstance(rule.module, New) and bool(rule.module.missing()))
-            module = build(m, rule.module, meta.shape if meta and meta.is_tensor else None, site)
+            module = build(m, rule.module, meta.shape if meta and meta.is_tensor else None, site, self.like(site))
             where = site.path or site.key or self.captured.path.rpartition(".")[2]
             base = rule.name or f"{where.split('@')[0]}_{snake(type(module).__name__)}"
             path = self.fresh_path(base)

@@ -50,12 +50,13 @@ def fit_call(target: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return args[:1], {}
 
 
-def build(m, spec: Any, shape: tuple | None, where) -> nn.Module:
-    """The module a rule asks for: a copy of an instance, or a `fxs.new` spec built for the incoming shape."""
+def build(m, spec: Any, shape: tuple | None, where, like: tuple = (None, None)) -> nn.Module:
+    """The module a rule asks for: a copy of an instance, or a `fxs.new` spec built for the incoming shape,
+    in the dtype and device `like` gives (those of what it replaces or sits beside: `spec.like`)."""
     if not isinstance(spec, New):
         return fresh(spec)
     try:
-        return spec.build(shape)
+        return spec.build(shape, like)
     except FxsError as exc:
         raise RewriteError(f"{m.label} at '{where}': {exc.message}") from None
     except Exception as exc:

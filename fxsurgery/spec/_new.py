@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from .._util import first_line
@@ -42,7 +43,9 @@ class New:
         params = inspect.signature(self.cls).parameters
         return [p for p in self.INFERRED if p in params and p not in self.kwargs]
 
-    def build(self, shape: tuple[int, ...] | None) -> nn.Module:
+    def build(self, shape: tuple[int, ...] | None, like: tuple = (None, None)) -> nn.Module:
+        """`like`: the (dtype, device) of what the module replaces or sits beside (see `like`);
+        a bf16 model gets a bf16 module unless the spec names its own dtype."""
         kwargs = dict(self.kwargs)
         needed = self.missing()
         if needed and shape is None:
@@ -50,11 +53,24 @@ class New:
                             f"give {needed[0]} explicitly")
         for name in needed:
             kwargs[name] = int(self.INFERRED[name](shape))
-        return self.cls(**kwargs)
+        module = self.cls(**kwargs)
+        dtype, device = like
+        dtype = None if "dtype" in kwargs else dtype
+        device = None if "device" in kwargs else device
+        return module.to(device=device, dtype=dtype) if dtype is not None or device is not None else module
 
     def __str__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
         return f"{self.cls.__name__}({args})"
+
+
+def like(module: nn.Module | None, dtype_in: torch.dtype | None = None) -> tuple:
+    """(dtype, device) for a module built in place of `module`: those of its first floating
+    tensor, else the incoming tensor's floating dtype (None: the defaults)."""
+    for t in (*module.parameters(), *module.buffers()) if module is not None else ():
+        if t.is_floating_point():
+            return t.dtype, (None if t.is_meta else t.device)
+    return (dtype_in if dtype_in is not None and dtype_in.is_floating_point else None), None
 
 
 def new(cls: type, **kwargs) -> New:
