@@ -111,3 +111,84 @@ def test_an_inserted_module_takes_the_dtype_of_its_neighbour():
     result = fxs.apply(model, [fxs.Insert(fxs.new(nn.LayerNorm), after="0")], example_inputs=(x,))
     assert {p.dtype for p in result.module.parameters()} == {torch.float16}
     assert result.module(x).dtype == torch.float16
+
+
+# -- ties ------------------------------------------------------------------------------------------
+
+class TiedLM(nn.Module):
+    """GPT-style: the head's weight is the embedding's Parameter."""
+
+    def __init__(self, vocab=20, dim=8):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, dim)
+        self.body = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.wte.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.body(self.wte(ids))))
+
+
+def test_keep_on_a_tied_head_keeps_the_tie(tmp_path):
+    torch.manual_seed(0)
+    model = TiedLM()
+    ids = torch.randint(0, 20, (2, 5))
+    result = fxs.apply(model, [Replace("head", fxs.new(nn.Linear, out_features=20, bias=False), weights="keep")],
+                       example_inputs=(ids,))
+    module = result.module
+    assert module.head.weight is module.wte.weight
+    assert torch.equal(module.head.weight, model.wte.weight) and torch.equal(module(ids), model(ids))
+    entry = result.report.entry("head.weight")
+    assert (entry.status, entry.source) == ("transferred", "head.weight")
+    result.save(tmp_path / "o")
+    assert json.loads((tmp_path / "o" / "surgery.json").read_text())["ties"] == {"head.weight": "wte.weight"}
+    loaded = fxs.load(tmp_path / "o")
+    assert loaded.head.weight is loaded.wte.weight
+
+
+def test_keep_on_both_sides_of_a_tie_keeps_it():
+    torch.manual_seed(0)
+    model = TiedLM()
+    ids = torch.randint(0, 20, (2, 5))
+    result = fxs.apply(model, [Replace("wte", fxs.new(nn.Embedding, num_embeddings=20, embedding_dim=8), weights="keep"),
+                               Replace("head", fxs.new(nn.Linear, out_features=20, bias=False), weights="keep")],
+                       example_inputs=(ids,))
+    assert result.module.head.weight is result.module.wte.weight
+    assert torch.equal(result.module(ids), model(ids))
+
+
+def test_keep_that_would_split_a_tie_refuses_with_the_reason():
+    torch.manual_seed(0)
+    model = TiedLM()
+    ids = torch.randint(0, 20, (2, 5))
+    with pytest.raises(fxs.TransferError) as err:
+        fxs.apply(model, [Replace("head", fxs.new(nn.Linear, out_features=20, bias=False, dtype=torch.float64),
+                                  weights="keep")], example_inputs=(ids,))
+    assert str(err.value).startswith("rule 1 'replace head with Linear(out_features=20, bias=False, dtype=torch.float64)' (")
+    assert str(err.value).endswith(
+        "): weights 'keep' would untie head.weight from wte.weight (one tensor in the original): the replacement's is "
+        "[20, 8] float64 on cpu, that one [20, 8] float32 on cpu; fix: build the replacement to match it, "
+        "or use weights: new for an untied tensor")
+
+
+def test_slice_of_a_tied_head_says_it_unties():
+    torch.manual_seed(0)
+    model = TiedLM()
+    ids = torch.randint(0, 20, (2, 5))
+    result = fxs.apply(model, [Replace("head", fxs.new(nn.Linear, out_features=10, bias=False), weights="slice")],
+                       example_inputs=(ids,))
+    entry = result.report.entry("head.weight")
+    assert entry.status == "adapted"
+    assert entry.op.startswith("slice [20, 8] -> [10, 8] (untied from wte.weight) by rule 1 ")
+    assert torch.equal(result.module.head.weight, model.wte.weight[:10])
+
+
+def test_keep_on_an_untied_head_is_a_plain_copy():  # the must-not-match twin
+    torch.manual_seed(0)
+    model = TiedLM()
+    model.head.weight = nn.Parameter(model.wte.weight.detach().clone())
+    ids = torch.randint(0, 20, (2, 5))
+    result = fxs.apply(model, [Replace("head", fxs.new(nn.Linear, out_features=20, bias=False), weights="keep")],
+                       example_inputs=(ids,))
+    assert result.module.head.weight is not result.module.wte.weight
+    assert result.report.entry("head.weight").op.startswith("kept by rule 1 ")

@@ -24,6 +24,7 @@ from ._conventions import follow_conventions
 from ._freeze import follow_modes, freeze
 from ._pairwise import transfer_modules
 from ._report import TransferReport, check_strict, entry, tensors_of
+from ._tying import Ties
 
 __all__ = [
     "Checkpoint", "TransferReport", "empty_weights", "read_state_dict", "strip_prefixes", "transfer",
@@ -53,8 +54,9 @@ def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True,
     with torch.no_grad():
         if copy or checkpoint is not None:
             _fill(module, built, model, checkpoint)
+        ties = Ties(model, module, built.copies)
         for path, new, old, rule, policy in built.keeps:
-            kept.update(_carry(rewritten, path, new, old, rule, policy, checkpoint))
+            kept.update(_carry(rewritten, path, new, old, rule, policy, checkpoint, ties))
         derived_from = _derived(rewritten, built, kept)
     rule_of = _maker(module, built.made_by)
     freeze(rewritten, module, rule_of)
@@ -177,21 +179,29 @@ def _fill(module: nn.Module, built, model: nn.Module, checkpoint: Checkpoint | N
 
 
 def _carry(rewritten: Rewritten, path: str, new: nn.Module, old: nn.Module, rule: int, policy,
-           checkpoint: Checkpoint | None = None) -> dict:
-    """The replaced module's tensors into the replacement, as the rule's weights policy says."""
+           checkpoint: Checkpoint | None, ties: Ties) -> dict:
+    """The replaced module's tensors into the replacement, as the rule's weights policy says;
+    a tensor the original shares with another path stays shared (_tying.py)."""
     original = {n: t for n, t, _ in tensors_of(old)}
+    identity = dict(original)
     if checkpoint is not None:  # the replaced module may have no values of its own: read them
         prefix = next((p for p, m in rewritten.capture.model.named_modules() if m is old), path)
         stored = {n: f"{prefix}.{n}" for n in original if f"{prefix}.{n}" in checkpoint.keys}
         original.update({n: v for n, v in ((n, dict(checkpoint.read([k]))[k]) for n, k in stored.items())})
     label = rewritten.rule_of(rule).label
     carried = {}
-    for name, t, _ in tensors_of(new):
+    for name, t, _ in list(tensors_of(new)):
         src = original.get(name)
+        tied, note = ties.keep(label, path, new, name, t, identity[name], policy) if src is not None else (False, "")
+        if tied:
+            continue  # the new module's copy of the shared tensor: transferred like any other
         try:
             if src is None:
                 raise ValueError("the replaced module has nothing there")
             op = carry(policy, src, t)
+            if not op and policy == "keep":
+                ties.carried(identity[name], t)
+            op = f"{op} ({note})" if op and note else op or note
         except ValueError as exc:
             shown = policy if isinstance(policy, str) else "select"
             fix = "use weights: new" if policy == "keep" else "choose another weights policy, or weights: new"
