@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from test_bad_inputs import run_cli
 
 import fxsurgery as fxs

@@ -15,7 +15,6 @@ import os
 import re
 from typing import Any
 
-import yaml
 from torch import nn
 
 from ..errors import RuleError
@@ -23,7 +22,7 @@ from ._new import New, check_kwargs, check_new, check_policy
 from ._pattern import Chain, Output, Pattern, Rewrite, instantiate
 from ._rules import Delete, Detach, Freeze, Insert, Layers, Replace, RuleSet
 from ._selector import Origin
-from ._yaml import YamlList, YamlMap, parse_yaml
+from ._yaml import YamlList, YamlMap, parse_yaml, read_value
 
 VERSION = 1
 DEFAULT_ALLOW = ("torch", "torchvision")
@@ -355,8 +354,8 @@ def parse_overrides(pairs) -> dict:
         name, sep, raw = pair.partition("=")
         if not sep or not name.strip():
             raise RuleError(f"--set {pair!r}: expected NAME=VALUE; fix: e.g. --set num_classes=37")
-        try:
-            out[name.strip()] = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            out[name.strip()] = raw
+        value = read_value(raw, f"--set {pair!r}") if raw.strip() else ""
+        if isinstance(value, dict):
+            raise RuleError(f"--set {pair!r}: a param takes a number, text or a list, not a mapping; fix: e.g. --set num_classes=37")
+        out[name.strip()] = value
     return out

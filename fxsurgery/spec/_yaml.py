@@ -86,3 +86,21 @@ def parse_yaml(text: str, source: str) -> Any:
         raise RuleError(f"{source}: YAML error: {exc}; fix: correct the file") from None
     finally:
         loader.dispose()
+
+
+def read_value(raw: str, where: str) -> Any:
+    """A command-line value as a YAML scalar or list (37 -> int); text when it is not YAML.
+
+    Aliases are refused as in rule files: `--set` must not expand either.
+    """
+    loader = LineLoader(raw)
+    try:
+        return loader.get_single_data()
+    except yaml.MarkedYAMLError as exc:
+        if "aliases" in str(exc.problem):
+            raise RuleError(f"{where}: aliases (*name) are not allowed; fix: write the value itself") from None
+        return raw
+    except yaml.YAMLError:
+        return raw
+    finally:
+        loader.dispose()
