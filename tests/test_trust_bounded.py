@@ -18,7 +18,7 @@ def test_checking_a_rule_file_builds_its_modules_on_the_meta_device(tmp_path):
     """117 bytes of YAML declaring Embedding(250000, 1000): 1 GB if built, a few MB when checked on meta."""
     (tmp_path / "big.yaml").write_text(BIG)
     assert len(BIG) == 117
-    script = ("import resource, sys, torch, torchvision\nfrom fxsurgery.loader import load_rules\n"
+    script = ("import resource, sys, torch, torchvision\nfrom fxsurgery.spec import load_rules\n"
               "a = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\nload_rules(sys.argv[1])\n"
               "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - a) // 1024)")
     grown = subprocess.run([sys.executable, "-c", script, str(tmp_path / "big.yaml")], capture_output=True, text=True,
@@ -41,5 +41,5 @@ def test_set_refuses_a_mapping(tmp_path):
 
 
 def test_set_still_reads_scalars_lists_and_text():
-    from fxsurgery.loader import parse_overrides
+    from fxsurgery.spec import parse_overrides
     assert parse_overrides(["a=37", "b=[1, 2]", "c=text", "d=: x", "e="]) == {"a": 37, "b": [1, 2], "c": "text", "d": ": x", "e": ""}
