@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from .._progress import quiet
 from .._util import first_line
@@ -33,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
 
     def model_args(p):
         p.add_argument("model", help="package.module:factory, path/file.py:Name, a saved directory, or a pickled file")
-        p.add_argument("--input", action="append", metavar="SHAPE", help="example input, e.g. 1x3x224x224 (repeat for several)")
+        p.add_argument("--input", action="append", metavar="SHAPE", help="example input: sizes joined by x, e.g. 1x3x224x224; integer inputs (token ids) "
+                       "with a dtype, e.g. 1x16:int64 (repeat for several inputs)")
         p.add_argument("--weights", metavar="FILE", help="the model's weights: .safetensors, a sharded *.index.json, or a weights-only .pt")
         p.add_argument("--trust-pickle", action="store_true", help="allow MODEL to be a pickled model file")
         p.add_argument("--leaf", action="append", default=[], metavar="GLOB", help="treat modules at these paths as leaves")
@@ -120,7 +122,7 @@ def cmd_apply(args) -> int:
     if args.explain:
         print("\nexplain:\n" + result.plan.explain())
     if written:
-        print(f"\nwrote {written}/ (model.py, model.safetensors, surgery.json)")
+        print(f"\nwrote {written}/ ({', '.join(_files(written))})")
     elif args.dry_run:
         print("\ndry run: nothing written")
     else:
@@ -242,6 +244,14 @@ def main(argv=None) -> int:
         first = first_line(exc)
         print(f"fxsurgery: internal error: {type(exc).__name__}: {first} (set FXSURGERY_DEBUG=1 for the traceback)", file=sys.stderr)
         return EXIT_INTERNAL
+
+
+def _files(directory: str) -> list[str]:
+    """What an output holds, as its surgery.json lists it (every format written)."""
+    try:
+        return json.loads((Path(directory) / "surgery.json").read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError):
+        return sorted(os.listdir(directory))
 
 
 if __name__ == "__main__":

@@ -102,6 +102,9 @@ def _why_not(locator: Locator, sel: Selector) -> tuple[str, list[str]]:
         shown = "; ".join(f"{p or '(the model)'}: {why}" for p, why in list(capture.opaque.items())[:2])
         hidden = f"; opaque code may call it, which rules cannot see ({shown})"
     calls = [n for ix in locator.indexes for n in ix.nodes.values()]
+    if sel.kind == "any":  # the first member that selects nothing says why
+        missing = next((m for m in sel.value if not select_modules(m, locator.modules)), sel.value[0])
+        return _why_not(locator, missing)
     if sel.kind == "type":
         present = sorted({type(m).__name__ for m in locator.modules.values()})
         return f"no module of type {sel.value.__name__} (types present: {', '.join(present[:8])})", []
@@ -140,7 +143,11 @@ def match(capture: Capture, rules: list[Rule]) -> Plan:
         elif isinstance(rule, Freeze):
             frozen, owners = frozen_by(rule, params, lambda p: type(locator.modules.get(p)))
             m.modules = owners
-            if not owners:
+            idle = [s for s in (rule.target.value if rule.target.kind == "any" else ()) if not select_modules(s, locator.modules)]
+            if idle and not rule.optional:  # each selector of a list must select something, as one alone must
+                m.modules = []
+                m.reason, m.nearest = _why_not(locator, idle[0])
+            elif not owners:
                 chosen = select_modules(rule.target, locator.modules)
                 if chosen and not rule.exclude:
                     plan.warnings.append(f"{m.label}: {', '.join(chosen[:3])} {'has' if len(chosen) == 1 else 'have'} no parameters; nothing to freeze")

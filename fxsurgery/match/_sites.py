@@ -122,7 +122,9 @@ def outermost(paths: list[str]) -> list[str]:
 
 
 def select_modules(sel: Selector, modules: dict[str, nn.Module]) -> list[str]:
-    """Module paths selected by a glob, regex or type selector."""
+    """Module paths selected by a glob, regex or type selector, or by any of several."""
+    if sel.kind == "any":
+        return list(dict.fromkeys(p for member in sel.value for p in select_modules(member, modules)))
     if sel.kind == "type":
         return [p for p, m in modules.items() if isinstance(m, sel.value)]
     if sel.kind in ("glob", "regex"):

@@ -275,7 +275,8 @@ def _rule(item: Any, origin: Origin, resolver: _Resolver):
         if bn not in (None, "eval"):
             raise RuleError(f"{source}:{item.key_lines['bn']}: bn: {bn!r} is not known; fix: write 'bn: eval' (BatchNorm keeps its running statistics) "
                             f"or leave it out")
-        return Freeze(_selector(body, body_line, resolver), exclude=tuple(sels), bn=bn, optional=optional, origin=origin)
+        target = [_selector(t, body_line, resolver) for t in body] if isinstance(body, list) else _selector(body, body_line, resolver)
+        return Freeze(target, exclude=tuple(sels), bn=bn, optional=optional, origin=origin)
     if action == "replace":
         if "with" not in item:
             raise RuleError(f"{source}:{line}: replace needs 'with:'; fix: add e.g. 'with: {{module: torch.nn.GELU}}'")

@@ -173,12 +173,15 @@ class Freeze(Rule):
 
     def __post_init__(self):
         super().__post_init__()
+        if isinstance(self.target, (list, tuple)):
+            object.__setattr__(self, "target", Selector.any_of(self.target, self.origin))
         check_selector(self, "target")
         excl = (self.exclude,) if isinstance(self.exclude, (str, type)) else tuple(self.exclude)
         object.__setattr__(self, "exclude", tuple(Selector.of(e, self.origin) for e in excl))
         if self.bn not in (None, "eval"):
             raise RuleError(f"{self.origin}: freeze bn={self.bn!r} is not known; fix: write bn='eval' (BatchNorm keeps its running statistics) or leave it out")
-        for sel in (self.target, *self.exclude):
+        targets = self.target.value if self.target.kind == "any" else (self.target,)
+        for sel in (*targets, *self.exclude):
             if sel.kind in ("function", "method"):
                 raise RuleError(f"{self.origin}: freeze selects modules, not calls ({sel}); fix: name module paths or a module type, e.g. 'layer1.*' "
                                 f"or {{type: torch.nn.Linear}}")
@@ -296,6 +299,8 @@ def frozen_by(rule: Freeze, params: list[str], type_of) -> tuple[list[str], list
     target and none of them is excluded. `type_of(path)` gives a module's class.
     """
     def hit(sel: Selector, path: str) -> bool:
+        if sel.kind == "any":
+            return any(hit(member, path) for member in sel.value)
         if sel.kind == "type":
             return isinstance(type_of(path), type) and issubclass(type_of(path), sel.value)
         return sel.matches_name(path)

@@ -69,7 +69,7 @@ class Selector:
     'glob'
     """
 
-    kind: str  # glob | regex | type | function | method
+    kind: str  # glob | regex | type | function | method | any (value: the member selectors)
     value: Any
     text: str
 
@@ -101,8 +101,18 @@ class Selector:
         raise RuleError(f"{where}cannot select by {spec!r} ({type(spec).__name__}); fix: use a path glob, 're:REGEX', 'method:NAME', a Module class or "
                         f"a function")
 
+    @classmethod
+    def any_of(cls, specs, origin: Origin | None = None) -> "Selector":
+        """Several selectors as one: what any of them selects (`Freeze(["conv1", "layer1.*"])`)."""
+        members = tuple(cls.of(s, origin) for s in specs)
+        if not members:
+            raise RuleError(f"{f'{origin}: ' if origin else ''}an empty list selects nothing; fix: name at least one module path or type")
+        return members[0] if len(members) == 1 else cls("any", members, ", ".join(m.text for m in members))
+
     def matches_name(self, name: str) -> bool:
         """True when a module path or node name is selected (glob and regex only)."""
+        if self.kind == "any":
+            return any(m.matches_name(name) for m in self.value)
         if self.kind == "glob":
             return fnmatch.fnmatchcase(name, self.value)
         if self.kind == "regex":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
@@ -65,7 +66,13 @@ class TransferReport:
         return out
 
     def entry(self, name: str) -> Entry:
-        return next(e for e in self.entries if e.name == name and e.status != "dropped")
+        """The fate of the new module's tensor `name`, else of the original's (dropped) tensor of that name."""
+        for dropped in (False, True):
+            found = next((e for e in self.entries if e.name == name and (e.status == "dropped") == dropped), None)
+            if found is not None:
+                return found
+        nearest = difflib.get_close_matches(name, list(dict.fromkeys(e.name for e in self.entries)), n=3, cutoff=0.6)
+        raise KeyError(f"no tensor {name!r} in the new module or the original" + (f"; closest: {', '.join(nearest)}" if nearest else ""))
 
     def to_dict(self) -> dict:
         entries = []

@@ -1,0 +1,73 @@
+"""First-day papercuts, each with the behaviour a user expects: lists where a list is natural,
+a report that answers for every tensor, a CLI that says what it wrote and how to give token ids."""
+
+import json
+
+import pytest
+import torch
+import torchvision
+from conftest import cli
+
+import fxsurgery as fxs
+from fxsurgery import Freeze, MatchError, Output, Replace
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18().eval()
+
+
+def test_freeze_takes_a_list_as_exclude_does(resnet, tmp_path):
+    x = torch.randn(1, 3, 64, 64)
+    result = fxs.apply(resnet, [Freeze(["conv1", "layer1.*"])], example_inputs=(x,))
+    frozen = sorted(n for n, p in result.module.named_parameters() if not p.requires_grad)
+    want = sorted(n for n, _ in resnet.named_parameters() if n.startswith(("conv1.", "layer1.")))
+    assert frozen == want and len(want) == 13
+    assert str(result.plan.matches[0].rule) == "freeze conv1, layer1.*"
+    path = tmp_path / "freeze.yaml"
+    path.write_text('fxsurgery: 1\nrules:\n  - freeze: [conv1, "layer1.*"]\n')
+    again = fxs.apply(resnet, [str(path)], example_inputs=(x,))
+    assert sorted(n for n, p in again.module.named_parameters() if not p.requires_grad) == want
+
+
+def test_a_list_member_that_selects_nothing_is_an_error_not_a_silent_skip(resnet):
+    x = torch.randn(1, 3, 64, 64)
+    with pytest.raises(MatchError) as err:
+        fxs.apply(resnet, [Freeze(["conv1", "layer9"])], example_inputs=(x,))
+    assert str(err.value).endswith("matched nothing: no module path or node name matches 'layer9'; closest: layer4, layer3, layer2; "
+                                   "fix: correct the selector or add 'optional: true'")
+    # its must-not-match twin: optional, the rest is frozen and nothing else
+    result = fxs.apply(resnet, [Freeze(["conv1", "layer9"], optional=True)], example_inputs=(x,))
+    assert sorted(n for n, p in result.module.named_parameters() if not p.requires_grad) == ["conv1.weight"]
+
+
+def test_report_entry_answers_for_dropped_tensors_and_names_unknown_ones(resnet):
+    x = torch.randn(1, 3, 64, 64)
+    result = fxs.apply(resnet, [Output("layer2"), Replace("layer2.1.conv2", torch.nn.Conv2d(128, 128, 3, padding=1))],
+                       example_inputs=(x,))
+    assert result.report.entry("layer4.0.conv1.weight").status == "dropped"
+    assert result.report.entry("layer2.1.conv2.weight").status == "new"
+    with pytest.raises(KeyError) as err:
+        result.report.entry("layer2.1.conv9.weight")
+    assert err.value.args[0] == ("no tensor 'layer2.1.conv9.weight' in the new module or the original; "
+                                 "closest: layer2.1.conv2.weight, layer2.1.conv1.weight, layer4.1.conv2.weight")
+
+
+def test_cli_lists_every_file_it_wrote(tmp_path):
+    out = tmp_path / "out"
+    code, stdout, _ = cli("apply", "torchvision.models:resnet18", "rules/classifier-head.yaml", "--input", "1x3x64x64",
+                          "-o", out, "--format", "torchscript")
+    assert code == 0
+    listed = json.loads((out / "surgery.json").read_text())["files"]
+    assert listed == ["model.py", "model.safetensors", "model.torchscript.pt", "surgery.json"]
+    assert stdout.rstrip().splitlines()[-1] == f"wrote {out}/ (model.py, model.safetensors, model.torchscript.pt, surgery.json)"
+
+
+def test_cli_help_says_how_to_give_token_ids(capsys):
+    from fxsurgery.cli import main
+    with pytest.raises(SystemExit) as done:
+        main(["apply", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "integer inputs (token ids) with a dtype, e.g. 1x16:int64" in text
