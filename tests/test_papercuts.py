@@ -71,3 +71,18 @@ def test_cli_help_says_how_to_give_token_ids(capsys):
     assert done.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "integer inputs (token ids) with a dtype, e.g. 1x16:int64" in text
+
+
+def test_a_surgery_in_which_no_rule_matched_writes_nothing_and_says_why(tmp_path):
+    out = tmp_path / "out"
+    code, _, stderr = cli("apply", "torchvision.models:resnet18", "fold-bn", "--input", "1x3x64x64", "-o", out)
+    assert code == 2 and not out.exists()
+    assert stderr.startswith("fxsurgery: error: nothing to change: no rule matched (rule 1 'rewrite fold_bn (conv + batchnorm -> conv)' (")
+    assert stderr.rstrip().endswith(
+        "every candidate was left alone: conv1 (Conv2d) + bn1 (BatchNorm2d): BatchNorm2d is in training mode, where it normalises with "
+        "batch statistics: call .eval() on the model before folding); fix: check the selectors against 'fxsurgery inspect MODEL' "
+        "(inference rewrites such as fold-bn need --eval)")
+    assert stderr.count("\n") == 1
+    # its twin: in eval mode the same rules fold every BatchNorm
+    code, stdout, _ = cli("apply", "torchvision.models:resnet18", "fold-bn", "--input", "1x3x64x64", "--eval", "-o", out)
+    assert code == 0 and "BatchNorm" not in (out / "model.py").read_text()

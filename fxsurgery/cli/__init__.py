@@ -112,6 +112,7 @@ def cmd_apply(args) -> int:
         from ..export import check_target
         check_target(args.output, args.force, flag="--force")  # before the surgery: fail fast, write nothing
     result = _result(args)
+    _refuse_no_op(result)
     written = None
     if args.output and not args.dry_run:
         written = str(result.save(args.output, force=args.force, formats=args.format))
@@ -244,6 +245,16 @@ def main(argv=None) -> int:
         first = first_line(exc)
         print(f"fxsurgery: internal error: {type(exc).__name__}: {first} (set FXSURGERY_DEBUG=1 for the traceback)", file=sys.stderr)
         return EXIT_INTERNAL
+
+
+def _refuse_no_op(result) -> None:
+    """A surgery in which no rule matched would write the original again: say why instead."""
+    matches = result.plan.matches
+    if matches and all(m.count == 0 for m in matches):
+        first = matches[0]
+        from ..errors import MatchError
+        raise MatchError(f"nothing to change: no rule matched ({first.label}: {first.reason or 'no match'}); fix: check the selectors "
+                         "against 'fxsurgery inspect MODEL' (inference rewrites such as fold-bn need --eval)")
 
 
 def _files(directory: str) -> list[str]:
