@@ -165,7 +165,7 @@ def apply(model: nn.Module, rules, example_inputs=None, *, params: dict | None =
     result = SurgeryResult(module=module, report=report, plan=plan, rules=rule_list,
                            example_inputs=rewritten.example_inputs(), original_inputs=captured.example_inputs,
                            input_changes=rewritten.input_changes(),
-                           original=captured.regions[0] if captured.complete else None,
+                           original=_one_graph(captured),
                            shapes=root.shapes if root is not None else {}, capture=captured)
     for warning in plan.warnings + result.gradient_flow.warnings():
         warnings.warn(warning, SurgeryWarning, stacklevel=2)
@@ -176,3 +176,11 @@ def _is_pretrained(model: nn.Module) -> bool:
     """A transformers PreTrainedModel (by name: fxsurgery never imports transformers)."""
     return any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers.") for c in type(model).__mro__)
 
+
+def _one_graph(captured: Capture) -> Captured | None:
+    """The graph of the whole original, when one graph holds it (called as the model is, or through
+    the adapter that restores its call form); None when opaque code or a kept class runs it."""
+    regions = captured.regions
+    if len(regions) == 1 and regions[0].path == "" and not captured.opaque and not captured.kept:
+        return regions[0]
+    return None

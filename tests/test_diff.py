@@ -315,7 +315,8 @@ def test_write_chooses_by_suffix_and_replaces_atomically(demo, page, drawing, tm
     assert sorted(os.listdir(tmp_path)) == ["diff.html", "diff.svg"]
     with pytest.raises(fxs.SaveError) as err:
         fxs.diff(dataclasses.replace(demo, original=None), tmp_path / "diff.html")
-    assert str(err.value) == "the result has no traced original or no graph, so there is nothing to compare; fix: make it with fxs.apply"
+    assert str(err.value) == ("the result has no graph of the whole original, so there is no single graph to compare; "
+                              "fix: make the model traceable (leaf_paths=) or list what changed with 'fxsurgery apply --explain'")
 
 
 # -- in a browser --------------------------------------------------------------------

@@ -86,3 +86,21 @@ def test_a_surgery_in_which_no_rule_matched_writes_nothing_and_says_why(tmp_path
     # its twin: in eval mode the same rules fold every BatchNorm
     code, stdout, _ = cli("apply", "torchvision.models:resnet18", "fold-bn", "--input", "1x3x64x64", "--eval", "-o", out)
     assert code == 0 and "BatchNorm" not in (out / "model.py").read_text()
+
+
+def test_diff_of_a_transformers_model_captured_through_its_call_form(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, vocab_size=100)
+    model = transformers.BertForSequenceClassification(config).eval()
+    ids = torch.randint(0, 100, (1, 8))
+    result = fxs.apply(model, [Freeze("bert.embeddings.*")], example_inputs=(ids,), keep_class=False)
+    page = fxs.diff(result, tmp_path / "diff.html").read_text()
+    assert "<h1>fxsurgery diff: BertForSequenceClassification, 1 rules</h1>" in page
+    assert page.count('data-status="frozen" data-op="call_module"') == 8   # the four embedding modules, in each pane
+    kept = fxs.apply(model, [Freeze("bert.embeddings.*")], example_inputs=(ids,))
+    with pytest.raises(fxs.SaveError) as err:
+        fxs.diff(kept, tmp_path / "kept.html")
+    assert str(err.value) == ("the result keeps the class BertForSequenceClassification and runs its own code, so there is no graph "
+                              "to draw; fix: apply with keep_class=False to see the graphs before and after")
+    assert not (tmp_path / "kept.html").exists()

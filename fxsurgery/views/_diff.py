@@ -205,8 +205,14 @@ def _group_status(group: Group, frozen: dict) -> str:
 
 def sides(result: SurgeryResult) -> tuple[Side, Side]:
     """The before and after graphs of `result`, each node and module group with its status."""
+    if result.capture is not None and result.capture.kept:
+        raise SaveError(f"the result keeps the class {type(result.module).__name__} and runs its own code, so there is no graph to draw; "
+                        "fix: apply with keep_class=False to see the graphs before and after")
     if result.original is None or not isinstance(result.module, fx.GraphModule):
-        raise SaveError("the result has no traced original or no graph, so there is nothing to compare; fix: make it with fxs.apply")
+        opaque = ", ".join(p or "(the model)" for p in list(result.capture.opaque)[:3]) if result.capture is not None else ""
+        why = f"part of the original stays Python ({opaque})" if opaque else "the result has no graph of the whole original"
+        raise SaveError(f"{why}, so there is no single graph to compare; fix: make the model traceable (leaf_paths=) "
+                        "or list what changed with 'fxsurgery apply --explain'")
     facts, kind = _Facts(result), type(result.original.model).__name__
     after, made = [], {}
     for node in result.module.graph.nodes:
