@@ -250,10 +250,10 @@ def main(argv=None) -> int:
 def _refuse_no_op(result) -> None:
     """A surgery in which no rule matched would write the original again: say why instead."""
     matches = result.plan.matches
-    if matches and all(m.count == 0 for m in matches):
+    if matches and all(m.count == 0 and m.reason for m in matches):  # (a warning said why a match changes nothing)
         first = matches[0]
         from ..errors import MatchError
-        raise MatchError(f"nothing to change: no rule matched ({first.label}: {first.reason or 'no match'}); fix: check the selectors "
+        raise MatchError(f"nothing to change: no rule matched ({first.label}: {first.reason}); fix: check the selectors "
                          "against 'fxsurgery inspect MODEL' (inference rewrites such as fold-bn need --eval)")
 
 
