@@ -72,6 +72,7 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, *, leaf_types=(
         raise ModelError(f"expected a torch.nn.Module, got {type(model).__name__}; fix: pass the model instance")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    _refuse_dotted_names(model)
     if example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
         raise ModelError(f"example_inputs must be a tuple of inputs, got {type(example_inputs).__name__}; fix: pass (torch.randn(1, 3, 224, 224),)")
     concrete, positional = {}, None
@@ -159,6 +160,15 @@ def specialise(model: nn.Module, args: tuple, kwargs: dict, complete: bool) -> t
     return concrete, tuple(positional)
 
 
+def _refuse_dotted_names(model: nn.Module) -> None:
+    """A submodule name holding a dot reads as a path to another module everywhere a path is used."""
+    for module in model.modules():
+        for name in module._modules:
+            if not isinstance(name, str) or "." in name:
+                raise TraceError(f"module name {name!r} in {type(module).__name__} contains a dot, which reads as a path to another module; "
+                                 "fix: rename that submodule")
+
+
 def _refuse_unquotable(graph: fx.Graph) -> None:
     """Refuse module paths torch.fx would turn into wrong code.
 
@@ -173,6 +183,8 @@ def _refuse_unquotable(graph: fx.Graph) -> None:
         for part in node.target.split("."):
             if any(c in part for c in '"\\\n\r'):
                 why = "contains a quote, backslash or line break, which torch.fx would write into generated code unescaped"
+            elif "\x00" in part or any("\ud800" <= c <= "\udfff" for c in part):
+                why = "contains a NUL or a lone surrogate, which Python source cannot hold"
             elif part.isidentifier() and keyword.iskeyword(part):
                 why = f"has the Python keyword '{part}' as a name, which torch.fx would write as code that does not parse"
             elif part.isidentifier() and unicodedata.normalize("NFKC", part) != part:

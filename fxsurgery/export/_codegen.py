@@ -23,6 +23,7 @@ from torch.utils import _pytree as pytree
 from .._util import get_path
 from ..capture import adapter_call
 from ..errors import SaveError
+from ._names import check_structure, docstring_text, dotted, method_name
 
 _SAFE_SEGMENT = re.compile(r"[A-Za-z0-9_]+")
 _PLAIN = (bool, int, float, str, type(None))
@@ -85,8 +86,8 @@ def constructor(module: nn.Module, path: str) -> str:
     if repr(rebuilt) != repr(module) or _layout(rebuilt) != _layout(module):
         raise SaveError(f"cannot write model.py: module '{path}' ({public_name(cls)}) rebuilt from its attributes differs from the original; fix: use "
                         f"a torch.nn module there")
-    args = ", ".join(f"{k}={_render(v)}" for k, v in kwargs.items())
-    return f"{public_name(cls)}({args})"
+    args = ", ".join(f"{dotted(k, f'module {path!r} argument')}={_render(v)}" for k, v in kwargs.items())
+    return f"{dotted(public_name(cls), f'the class of module {path!r}')}({args})"
 
 
 def _dtype_suffix(module: nn.Module, path: str) -> str:
@@ -102,6 +103,8 @@ def _dtype_suffix(module: nn.Module, path: str) -> str:
 def _render(value: Any) -> str:
     if isinstance(value, torch.dtype):
         return str(value)
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        return f"float({str(value)!r})"
     return repr(value)
 
 
@@ -115,7 +118,8 @@ _RESERVED = {"load", "forward"}
 
 
 def _safe(part: str) -> bool:
-    return bool(_SAFE_SEGMENT.fullmatch(part)) and not keyword.iskeyword(part)
+    mangled = part.startswith("__") and not part.endswith("__")  # `self.__x` in a class body reads `self._Model__x`
+    return bool(_SAFE_SEGMENT.fullmatch(part)) and not keyword.iskeyword(part) and not hasattr(nn.Module, part) and not mangled
 
 
 def safe_targets(gm: fx.GraphModule) -> dict[str, str]:
@@ -133,6 +137,8 @@ def safe_targets(gm: fx.GraphModule) -> dict[str, str]:
         parts = [f"m_{p}" if p[0].isdigit() and not p.isdigit() or keyword.iskeyword(p) else p for p in parts]
         if parts[0] in _RESERVED:
             parts[0] = f"{parts[0]}_"
+        parts = [f"{p}_" if hasattr(nn.Module, p) else p for p in parts]  # `__init__`, `to`: attributes of every module
+        parts = [f"m{p}" if p.startswith("__") and not p.endswith("__") else p for p in parts]
         base = path = ".".join(parts)
         k = 1
         while path in taken:
@@ -155,6 +161,8 @@ def _imports(global_names: dict[str, Any]) -> list[str]:
             module, qual = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
             if not module or not qual or "<" in qual:
                 raise SaveError(f"cannot write model.py: the forward calls {obj!r}, which has no importable name; fix: use a named function")
+            dotted(module, "the forward calls from module")
+            dotted(qual, f"the forward calls from {module}")
             lines.append(f"from {module} import {qual.split('.')[0]} as {name}" if "." not in qual else f"import {module}\n{name} = {module}.{qual}")
     return sorted(set(lines))
 
@@ -163,6 +171,9 @@ def generate(gm: fx.GraphModule, *, class_name: str, frozen: list[str], ties: di
              non_persistent: list[str], modes: dict[str, bool]) -> tuple[str, dict[str, str]]:
     """model.py source for `gm`, and the renames applied to unsafe paths."""
     renames = safe_targets(gm)
+    for node in gm.graph.nodes:
+        if node.op == "call_method":
+            method_name(node.name, node.target)
     out = next(n for n in gm.graph.nodes if n.op == "output")
     graph = fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}), type_expr=out.type)
@@ -179,7 +190,7 @@ def generate(gm: fx.GraphModule, *, class_name: str, frozen: list[str], ties: di
         value = gm.get_submodule(old) if _is_module(gm, old) else get_path(gm, old)
         if isinstance(value, nn.Module):
             body.append(f"        _put(self, {new!r}, {constructor(value, old)}{_dtype_suffix(value, old)})")
-            packages.add(public_name(type(value)).rpartition(".")[0])
+            packages.add(dotted(public_name(type(value)), f"the class of module {old!r}").rpartition(".")[0])
         elif isinstance(value, torch.Tensor):
             empty = f"torch.empty({tuple(value.shape)!r}, dtype={value.dtype})"
             if isinstance(value, nn.Parameter):
@@ -203,7 +214,7 @@ def generate(gm: fx.GraphModule, *, class_name: str, frozen: list[str], ties: di
         imports += ["import inspect", "from torch.utils import _pytree as pytree"] + [f"import {m}" for m in modules]
         forward = method + "\n\n" + forward
     src = _TEMPLATE.format(
-        header=f"{class_name} after surgery, written by fxsurgery. Load: Model.load(directory).",
+        header=f"{docstring_text(class_name)} after surgery, written by fxsurgery. Load: Model.load(directory).",
         class_name=class_name,
         imports="\n".join(line for line in imports if line not in ("import torch",)),
         frozen=_tuple([rename_path(n, renames) for n in frozen]),
@@ -217,6 +228,7 @@ def generate(gm: fx.GraphModule, *, class_name: str, frozen: list[str], ties: di
     )
     if call is not None:
         src = src.replace("\n\ndef _put(", "\n\n" + prelude + "\n\ndef _put(", 1)
+    check_structure(src)
     return src, renames
 
 
@@ -256,7 +268,7 @@ def _adapter(call, class_name: str) -> tuple[str, str, list[str]]:
         "def _same(a, b):\n    return a is b or (type(a) is type(b) and a == b)")
     method = (
         "    def forward(self, *args, **kwargs):\n"
-        f'        """Called as {class_name} was called; other non-tensor arguments are refused."""\n'
+        f'        """Called as {docstring_text(class_name)} was called; other non-tensor arguments are refused."""\n'
         "        bound = SIGNATURE.bind(*args, **kwargs)\n"
         "        bound.apply_defaults()\n"
         "        leaves, spec = pytree.tree_flatten((tuple(bound.args), dict(bound.kwargs)))\n"

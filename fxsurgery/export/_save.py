@@ -23,6 +23,7 @@ from ..version import __version__
 from ._atomic import MARKER, replacing
 from ._codegen import generate, rename_path
 from ._formats import export_as
+from ._names import shown
 from ._record import FORMAT, digest, import_source
 
 
@@ -76,7 +77,7 @@ def _as_graph_module(module: nn.Module) -> fx.GraphModule:
     except TraceError as err:
         graphs = [p for p, m in module.named_modules() if isinstance(m, fx.GraphModule)]
         inside = f" (its graphs: {', '.join(graphs[:3])})" if graphs else ""
-        raise SaveError(f"cannot write model.py for {type(module).__name__}: part of its forward stays Python{inside}: "
+        raise SaveError(f"cannot write model.py for {shown(type(module).__name__)}: part of its forward stays Python{inside}: "
                         f"{err.reason or err.problem}; fix: save its weights with "
                         "safetensors.torch.save_model(module, path) and rebuild the architecture in code, "
                         "or make the model traceable (leaf_paths=)") from None

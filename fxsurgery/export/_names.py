@@ -1,0 +1,81 @@
+"""What generated source may hold: escaped text, plain dotted names, and a fixed top-level structure.
+
+Every name model.py takes from the model (its class, its submodules' classes,
+the functions and methods its forward calls) is either checked to be a plain
+ASCII dotted name or written as escaped text; `check_structure` then parses
+the whole file and refuses anything beyond the docstring, imports, constants,
+helper functions and `class Model`, before the file is ever imported.
+"""
+
+from __future__ import annotations
+
+import ast
+import keyword
+import re
+
+from ..errors import SaveError
+
+_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+_HELPERS = {"_put", "_same"}
+_METHODS = {"__init__", "load", "forward", "_graph"}
+_FORBIDDEN = {"exec", "eval", "compile", "__import__", "breakpoint", "globals", "locals", "vars", "system", "popen"}
+
+
+def docstring_text(text: str) -> str:
+    """`text` for inside a triple-quoted docstring: plain ASCII escapes, no quote can end it."""
+    if re.fullmatch(r"[A-Za-z0-9_ .,:()-]*", text):
+        return text
+    return ascii(text).replace('"', "\\x22")
+
+
+def shown(name: str) -> str:
+    """A name for a one-line message: as it is when printable, else escaped."""
+    return name if name.isprintable() else ascii(name)
+
+
+def is_dotted(name: object) -> bool:
+    """A plain ASCII dotted name of non-keywords: `torch.nn.Linear`."""
+    return isinstance(name, str) and _DOTTED.fullmatch(name) is not None and not any(keyword.iskeyword(p) for p in name.split("."))
+
+
+def dotted(name: object, what: str) -> str:
+    if not is_dotted(name):
+        raise SaveError(f"cannot write model.py: {what} {name!r} is not a plain dotted name; fix: define it in an importable module under a Python name")
+    return name
+
+
+def method_name(node_name: str, target: object) -> str:
+    if not (isinstance(target, str) and target.isascii() and target.isidentifier() and not keyword.iskeyword(target)):
+        raise SaveError(f"cannot write model.py: node '{node_name}' calls the method {target!r}, which is not a plain name; "
+                        "fix: call methods by their Python names")
+    return target
+
+
+def check_structure(source: str) -> None:
+    """Refuse generated source with any statement outside model.py's fixed layout."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError) as exc:
+        raise SaveError(f"cannot write model.py: the generated source does not parse ({exc}); fix: report this with the model's "
+                        "class and module names") from None
+    problems = []
+    for stmt in tree.body[1:]:
+        if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+            continue
+        if isinstance(stmt, ast.Assign) and all(isinstance(t, ast.Name) for t in stmt.targets):
+            continue
+        if isinstance(stmt, ast.FunctionDef) and stmt.name in _HELPERS:
+            continue
+        if isinstance(stmt, ast.ClassDef) and stmt.name == "Model" and all(
+                (isinstance(s, ast.FunctionDef) and s.name in _METHODS)
+                or (isinstance(s, ast.Assign) and isinstance(s.value, ast.Constant)) for s in stmt.body):
+            continue
+        problems.append(f"line {stmt.lineno}")
+    first = tree.body[0] if tree.body else None
+    if not (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)):
+        problems.insert(0, "line 1 (no docstring)")
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    problems += [f"a use of {n!r}" for n in sorted(names & _FORBIDDEN)]
+    if problems:
+        raise SaveError(f"cannot write model.py: the generated source has statements outside its fixed layout ({', '.join(problems[:3])}); "
+                        "fix: rename the model's classes and modules to plain Python names")
