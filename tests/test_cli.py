@@ -22,7 +22,7 @@ def test_demo_writes_a_reloadable_model(tmp_path):
     out = tmp_path / "demo"
     code, stdout, stderr = cli("demo", "-o", out)
     assert code == 0 and stderr == ""
-    assert sorted(os.listdir(out)) == ["diff.html", "model.py", "model.safetensors", "surgery.json"]
+    assert sorted(os.listdir(out)) == ["diff.html", "graph.json", "model.py", "model.safetensors", "surgery.json"]
     assert 'data-node="avgpool_dropout"' in (out / "diff.html").read_text()
     record = json.loads((out / "surgery.json").read_text())
     assert record["report"]["counts"] == {"transferred": 120, "adapted": 0, "new": 2, "dropped": 2, "frozen": 45}

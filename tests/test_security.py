@@ -449,7 +449,7 @@ def _rehash(directory: Path) -> None:
     """Make surgery.json's hash match the files again, as someone who replaced them would."""
     record = json.loads((directory / "surgery.json").read_text())
     h = hashlib.sha256()
-    for name in ("model.py", "model.safetensors"):
+    for name in ("model.py", "model.safetensors", "graph.json"):
         h.update((directory / name).read_bytes())
     record["hash"] = "sha256:" + h.hexdigest()
     (directory / "surgery.json").write_text(json.dumps(record))

@@ -55,8 +55,8 @@ def leftovers(parent: Path) -> list[str]:
 
 def test_record_lists_the_files_written(tmp_path):
     fxs.save(small(0), tmp_path / "o")
-    assert record(tmp_path / "o")["files"] == ["model.py", "model.safetensors", "surgery.json"]
-    assert sorted(os.listdir(tmp_path / "o")) == ["model.py", "model.safetensors", "surgery.json"]
+    assert record(tmp_path / "o")["files"] == ["graph.json", "model.py", "model.safetensors", "surgery.json"]
+    assert sorted(os.listdir(tmp_path / "o")) == ["graph.json", "model.py", "model.safetensors", "surgery.json"]
 
 
 def test_force_refuses_a_directory_with_other_files(tmp_path):
@@ -116,7 +116,7 @@ def test_output_modes_follow_the_umask(tmp_path, umask, mode):
         os.umask(previous)
     assert (tmp_path / "o").stat().st_mode & 0o777 == mode
     assert {f: (tmp_path / "o" / f).stat().st_mode & 0o777 for f in os.listdir(tmp_path / "o")} == \
-        dict.fromkeys(["model.py", "model.safetensors", "surgery.json"], 0o666 & ~umask)
+        dict.fromkeys(["graph.json", "model.py", "model.safetensors", "surgery.json"], 0o666 & ~umask)
 
 
 def test_files_and_directories_are_fsynced(tmp_path, monkeypatch):

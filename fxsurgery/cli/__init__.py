@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
                        "with a dtype, e.g. 1x16:int64 (repeat for several inputs)")
         p.add_argument("--weights", metavar="FILE", help="the model's weights: .safetensors, a sharded *.index.json, or a weights-only .pt")
         p.add_argument("--trust-pickle", action="store_true", help="allow MODEL to be a pickled model file")
+        p.add_argument("--trust-code", action="store_true", help="load a saved directory by importing its model.py (runs its code)")
         p.add_argument("--leaf", action="append", default=[], metavar="GLOB", help="treat modules at these paths as leaves")
         p.add_argument("--json", action="store_true", help="print JSON for machines")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -99,7 +100,8 @@ def _model(args):
     from ._modelref import load_model
     checkpoint = Checkpoint(args.weights) if args.weights else None
     with empty_weights() if checkpoint is not None else contextlib.nullcontext():
-        model = load_model(args.model, trust_pickle=args.trust_pickle)
+        model = load_model(args.model, trust_pickle=args.trust_pickle, trust_code=args.trust_code,
+                           allow=tuple(getattr(args, "allow_module", ())))
     if checkpoint is not None:
         checkpoint.check({k: (tuple(v.shape), v.dtype) for k, v in model.state_dict(keep_vars=True).items()})
     if getattr(args, "eval", False):

@@ -2,7 +2,8 @@
 
     package.module:factory      torchvision.models:resnet18 (called with no arguments)
     path/file.py:Name           a class, factory or instance in a Python file
-    DIR                         a directory written by save()
+    DIR                         a directory written by save(), rebuilt from its graph.json
+                                (its model.py is imported only with --trust-code)
     FILE.pt                     a pickled model, only with --trust-pickle
 """
 
@@ -29,11 +30,11 @@ _DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.fl
            "int32": torch.int32, "bool": torch.bool}
 
 
-def load_model(ref: str, *, trust_pickle: bool = False) -> nn.Module:
+def load_model(ref: str, *, trust_pickle: bool = False, trust_code: bool = False, allow: tuple[str, ...] = ()) -> nn.Module:
     """The nn.Module a reference names (see the module docstring)."""
     path = Path(ref)
     if path.is_dir():
-        return load_saved(path)
+        return load_saved(path, trust_code=trust_code, allow=allow)
     if ":" in ref and not path.is_file():
         where, _, name = ref.rpartition(":")
         if not where or not name:

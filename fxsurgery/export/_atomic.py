@@ -38,7 +38,7 @@ from ..errors import SaveError
 MARKER = ".fxsurgery-partial"
 RECORD = "surgery.json"
 # Names written before surgery.json listed its files.
-LEGACY = ("model.py", "model.safetensors", RECORD, "model.pt2", "model.onnx", "model.onnx.data", "model.torchscript.pt")
+LEGACY = ("model.py", "model.safetensors", "graph.json", RECORD, "model.pt2", "model.onnx", "model.onnx.data", "model.torchscript.pt")
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 

@@ -50,12 +50,23 @@ def _literal(value: Any) -> bool:
 
 def constructor(module: nn.Module, path: str) -> str:
     """Source that rebuilds `module` (without its tensor values), verified by rebuilding."""
+    return _render_spec(constructor_spec(module, path), path)
+
+
+def _render_spec(spec: dict, path: str) -> str:
+    if "items" in spec:
+        return f"torch.nn.Sequential({', '.join(_render_spec(s, f'{path}.{i}') for i, s in enumerate(spec['items']))})"
+    args = ", ".join(f"{dotted(k, f'module {path!r} argument')}={_render(v)}" for k, v in spec["kwargs"].items())
+    return f"{dotted(spec['class'], f'the class of module {path!r}')}({args})"
+
+
+def constructor_spec(module: nn.Module, path: str) -> dict:
+    """{"class": dotted name, "kwargs": literals} that rebuild `module` (or {"class", "items"} for a Sequential)."""
     cls = type(module)
     if isinstance(module, nn.Sequential) and cls.forward is nn.Sequential.forward and \
             list(module._modules) == [str(i) for i in range(len(module))]:
         # a Sequential by another name (torchvision.ops.MLP) runs as one: rebuild it from its parts
-        parts = [constructor(child, f"{path}.{i}") for i, child in enumerate(module)]
-        return f"torch.nn.Sequential({', '.join(parts)})"
+        return {"class": "torch.nn.Sequential", "items": [constructor_spec(child, f"{path}.{i}") for i, child in enumerate(module)]}
     try:
         params = list(inspect.signature(cls.__init__).parameters.values())[1:]
     except (TypeError, ValueError):
@@ -86,18 +97,23 @@ def constructor(module: nn.Module, path: str) -> str:
     if repr(rebuilt) != repr(module) or _layout(rebuilt) != _layout(module):
         raise SaveError(f"cannot write model.py: module '{path}' ({public_name(cls)}) rebuilt from its attributes differs from the original; fix: use "
                         f"a torch.nn module there")
-    args = ", ".join(f"{dotted(k, f'module {path!r} argument')}={_render(v)}" for k, v in kwargs.items())
-    return f"{dotted(public_name(cls), f'the class of module {path!r}')}({args})"
+    return {"class": public_name(cls), "kwargs": kwargs}
+
+
+def module_dtype(module: nn.Module, path: str) -> torch.dtype | None:
+    """The dtype of a module's floating tensors where it is not the default one."""
+    dtypes = {t.dtype for t in module.state_dict().values() if t.is_floating_point()}
+    if not dtypes or dtypes == {torch.get_default_dtype()}:
+        return None
+    if len(dtypes) > 1:
+        raise SaveError(f"cannot write model.py: module '{path}' mixes dtypes {sorted(map(str, dtypes))}; fix: cast it to one dtype first")
+    return dtypes.pop()
 
 
 def _dtype_suffix(module: nn.Module, path: str) -> str:
     """`.to(dtype)` where a module's floating tensors are not in the default dtype."""
-    dtypes = {t.dtype for t in module.state_dict().values() if t.is_floating_point()}
-    if not dtypes or dtypes == {torch.get_default_dtype()}:
-        return ""
-    if len(dtypes) > 1:
-        raise SaveError(f"cannot write model.py: module '{path}' mixes dtypes {sorted(map(str, dtypes))}; fix: cast it to one dtype first")
-    return f".to({dtypes.pop()})"
+    dtype = module_dtype(module, path)
+    return "" if dtype is None else f".to({dtype})"
 
 
 def _render(value: Any) -> str:
@@ -168,8 +184,11 @@ def _imports(global_names: dict[str, Any]) -> list[str]:
 
 
 def generate(gm: fx.GraphModule, *, class_name: str, frozen: list[str], ties: dict[str, str],
-             non_persistent: list[str], modes: dict[str, bool]) -> tuple[str, dict[str, str]]:
-    """model.py source for `gm`, and the renames applied to unsafe paths."""
+             non_persistent: list[str], modes: dict[str, bool], entries: list | None = None) -> tuple[str, dict[str, str]]:
+    """model.py source for `gm`, and the renames applied to unsafe paths.
+
+    `entries`, when given, receives each attribute as data: (path, module or tensor, persistent).
+    """
     renames = safe_targets(gm)
     for node in gm.graph.nodes:
         if node.op == "call_method":
@@ -188,6 +207,8 @@ def generate(gm: fx.GraphModule, *, class_name: str, frozen: list[str], ties: di
             continue
         done.add(new)
         value = gm.get_submodule(old) if _is_module(gm, old) else get_path(gm, old)
+        if entries is not None:
+            entries.append((new, old, value, old not in non_persistent))
         if isinstance(value, nn.Module):
             body.append(f"        _put(self, {new!r}, {constructor(value, old)}{_dtype_suffix(value, old)})")
             packages.add(dotted(public_name(type(value)), f"the class of module {old!r}").rpartition(".")[0])

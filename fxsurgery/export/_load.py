@@ -11,18 +11,33 @@ from safetensors import SafetensorError
 from torch import nn
 
 from ..errors import SaveError
+from ._graphdata import GRAPH
+from ._rebuild import rebuild
 from ._record import FORMAT, digest, import_source, read_record
 
 
-def load(directory: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a saved module from model.py and model.safetensors (no pickle)."""
+def load(directory: str | os.PathLike, device: str | torch.device = "cpu", *, trust_code: bool = False,
+         allow: tuple[str, ...] | list[str] = ()) -> nn.Module:
+    """Rebuild a saved module from graph.json and model.safetensors: data only, no pickle, no code from the directory.
+
+    Functions, methods and module classes in graph.json resolve against an
+    allowlist (torch, torch.nn, torchvision, operator, math, and the packages
+    in `allow`). `trust_code=True` imports the directory's model.py instead
+    (it runs whatever that file holds: read it first).
+    """
     directory = Path(directory)
     _refuse_pretrained(directory)
     record = read_record(directory)
     if record.get("format") != FORMAT:
         raise SaveError(f"{directory}: unsupported format {record.get('format')!r}; fix: write it again with this fxsurgery")
     if record.get("hash") != digest(directory):
-        raise SaveError(f"{directory}: model.py or model.safetensors changed since it was written (hash mismatch); fix: write the directory again with save()")
+        raise SaveError(f"{directory}: model.py, model.safetensors or graph.json changed since it was written (hash mismatch); "
+                        "fix: write the directory again with save()")
+    if not trust_code:
+        if not (directory / GRAPH).is_file():
+            raise SaveError(f"{directory}: has no graph.json (written by an older fxsurgery), and loading its model.py would run its code; "
+                            "fix: read model.py and load with trust_code=True (--trust-code) if you trust it, or write the directory again with save()")
+        return rebuild(directory, tuple(allow), device)
     try:
         return import_source(directory / "model.py").Model.load(str(directory), device=device)
     except SafetensorError as exc:

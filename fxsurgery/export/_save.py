@@ -23,6 +23,7 @@ from ..version import __version__
 from ._atomic import MARKER, replacing
 from ._codegen import generate, rename_path
 from ._formats import export_as
+from ._graphdata import GRAPH, describe
 from ._names import shown
 from ._record import FORMAT, digest, import_source
 
@@ -83,25 +84,29 @@ def _as_graph_module(module: nn.Module) -> fx.GraphModule:
                         "or make the model traceable (leaf_paths=)") from None
 
 
-def _source(gm: fx.GraphModule, work: Path, **facts) -> tuple[str, dict[str, str]]:
-    """model.py for `gm`, in the form a later export of the loaded model reproduces.
+def _source(gm: fx.GraphModule, work: Path, **facts) -> tuple[str, dict[str, str], dict]:
+    """model.py for `gm`, in the form a later export of the loaded model reproduces, and graph.json's content.
 
     The source is generated, imported on the meta device (no weights), traced
     again and regenerated: node names then are the ones a re-trace gives, so
-    export -> load -> export writes the same file.
+    export -> load -> export writes the same file. graph.json describes that
+    re-traced graph.
     """
     first, renames = generate(gm, **facts)
-    if adapter_call(gm) is not None:
-        return first, renames  # called through an adapter: its forward is not the graph's to re-trace
+    if adapter_call(gm) is not None:  # called through an adapter: its forward is not the graph's to re-trace
+        return first, renames, {"fxsurgery_graph": 1, "class": facts["class_name"],
+                                "unsupported": "it is called through a call adapter that model.py implements"}
     (work / "model.py").write_text(first, encoding="utf-8")
     with torch.device("meta"):
         rebuilt = import_source(work / "model.py").Model()
     again = trace(rebuilt, leaf_paths=leaf_paths(rebuilt)).gm
-    second, _ = generate(again, **{**facts, "frozen": [rename_path(n, renames) for n in facts["frozen"]],
-                                   "ties": {rename_path(a, renames): rename_path(o, renames) for a, o in facts["ties"].items()},
-                                   "non_persistent": [rename_path(n, renames) for n in facts["non_persistent"]],
-                                   "modes": {rename_path(p, renames): t for p, t in facts["modes"].items()}})
-    return second, renames
+    renamed = {**facts, "frozen": [rename_path(n, renames) for n in facts["frozen"]],
+               "ties": {rename_path(a, renames): rename_path(o, renames) for a, o in facts["ties"].items()},
+               "non_persistent": [rename_path(n, renames) for n in facts["non_persistent"]],
+               "modes": {rename_path(p, renames): t for p, t in facts["modes"].items()}}
+    entries = []
+    second, _ = generate(again, **renamed, entries=entries)
+    return second, renames, describe(again, entries, **renamed)
 
 
 def save(module: nn.Module, directory: str | os.PathLike, *, force: bool = False, record: dict | None = None,
@@ -119,9 +124,10 @@ def save(module: nn.Module, directory: str | os.PathLike, *, force: bool = False
     frozen = [n for n, p in gm.named_parameters() if not p.requires_grad]
     with replacing(directory, force) as work:
         modes = {p: m.training for p, m in module.named_modules()}
-        source, renames = _source(gm, work, class_name=class_name, frozen=frozen, ties=ties,
-                                  non_persistent=non_persistent, modes=modes)
+        source, renames, description = _source(gm, work, class_name=class_name, frozen=frozen, ties=ties,
+                                               non_persistent=non_persistent, modes=modes)
         (work / "model.py").write_text(source, encoding="utf-8")
+        (work / GRAPH).write_text(json.dumps(description, indent=1) + "\n", encoding="utf-8")
         # One metadata key only: safetensors writes metadata in hash order, and
         # the same model must give the same bytes every time.
         save_file({rename_path(k, renames): v for k, v in tensors.items()}, str(work / "model.safetensors"),

@@ -1,0 +1,169 @@
+"""Rebuild a module from graph.json against an allowlist: no code from the directory runs.
+
+Functions resolve only inside torch's operator namespaces, `operator`, `math`
+and a few builtins; methods are tensor method names; module classes come
+from torch.nn, torchvision and the packages the caller allows. Everything
+else in the file is data: checked for type, and refused with the entry named.
+"""
+
+from __future__ import annotations
+
+import builtins
+import importlib
+import keyword
+import math
+import operator
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional
+from torch import fx, nn
+
+from ..errors import SaveError
+from ._graphdata import GRAPH
+
+OPS = ("placeholder", "get_attr", "call_function", "call_method", "call_module", "output")
+MODULE_PACKAGES = ("torch.nn", "torchvision")
+_OPERATOR = {"add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "neg", "pos", "abs", "invert", "and_", "or_",
+             "xor", "lshift", "rshift", "eq", "ne", "lt", "le", "gt", "ge", "getitem", "setitem", "not_", "is_", "is_not",
+             "contains", "truth", "index", "iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul", "iand",
+             "ior", "ixor", "ilshift", "irshift"}
+_BUILTINS = {"getattr", "len", "int", "float", "bool", "tuple", "list", "slice", "range", "min", "max", "abs", "round", "sum", "all", "any"}
+_TORCH_DENIED = {"load", "save", "from_file", "compile", "manual_seed", "seed", "set_num_threads", "set_num_interop_threads"}
+_METHODS_DENIED = {"apply_", "map_", "map2_", "register_hook", "register_post_accumulate_grad_hook", "set_", "share_memory_"}
+_CONTAINER_METHODS = {"items", "keys", "values", "get"}
+_NAMESPACES = {
+    "torch": torch, "torch.functional": torch.functional, "torch.nn.functional": torch.nn.functional,
+    "torch.fft": torch.fft, "torch.linalg": torch.linalg, "torch.special": torch.special,
+    "torch._C._nn": torch._C._nn, "torch._C._fft": torch._C._fft, "torch._C._linalg": torch._C._linalg,
+    "torch._C._special": torch._C._special, "math": math, "operator": operator,
+}
+ALLOWED = "torch, torch.nn.functional, torch.fft, torch.linalg, torch.special, operator, math and builtins " + ", ".join(sorted(_BUILTINS))
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_PART = re.compile(r"[A-Za-z0-9_]+")
+FIX = "fix: write the directory again with save(), or read model.py and load with trust_code=True (--trust-code) if you trust it"
+
+
+class Bad(Exception):
+    """A malformed entry; the loader adds the file and the entry."""
+
+
+def _identifier(name: Any) -> bool:
+    return isinstance(name, str) and _IDENT.fullmatch(name) is not None and not keyword.iskeyword(name)
+
+
+def function(name: Any) -> Any:
+    """The callable a call_function target names, if the allowlist holds it."""
+    if not isinstance(name, str):
+        raise Bad(f"target is a {type(name).__name__}, not a name")
+    space, _, attr = name.rpartition(".")
+    refused = Bad(f"target {name!r} is not allowed (allowed: {ALLOWED})")
+    if space == "builtins":
+        if attr not in _BUILTINS:
+            raise refused
+        return getattr(builtins, attr)
+    module = _NAMESPACES.get(space)
+    if module is None or not _identifier(attr) or (attr.startswith("_") and name != "torch._assert"):
+        raise refused
+    if space == "operator" and attr not in _OPERATOR:
+        raise refused
+    if space == "torch" and name != "torch._assert" and (attr in _TORCH_DENIED or not hasattr(torch._C._VariableFunctions, attr)):
+        raise refused
+    value = getattr(module, attr, None)
+    if value is None or not callable(value) or isinstance(value, type):
+        raise refused
+    return value
+
+
+def method(name: Any) -> str:
+    if not (_identifier(name) and not name.startswith("_") and name not in _METHODS_DENIED
+            and (hasattr(torch.Tensor, name) or name in _CONTAINER_METHODS)):
+        raise Bad(f"method {name!r} is not a tensor method")
+    return name
+
+
+def path(value: Any) -> str:
+    parts = value.split(".") if isinstance(value, str) else [None]
+    if not all(isinstance(p, str) and _PART.fullmatch(p) and not keyword.iskeyword(p) and not hasattr(nn.Module, p) for p in parts):
+        raise Bad(f"path {value!r} is not a dotted path of plain names")
+    return value
+
+
+def decode(value: Any, env: dict[str, fx.Node]) -> Any:
+    """A JSON argument back to its Python value; `{"node": name}` only for names in `env`."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, list):
+        return [decode(v, env) for v in value]
+    if not (isinstance(value, dict) and len(value) == 1):
+        raise Bad(f"holds a {type(value).__name__} that is not a tagged value")
+    (tag, x), = value.items()
+    if tag == "node":
+        if not isinstance(x, str) or x not in env:
+            raise Bad(f"refers to node {x!r}, which no earlier node defines")
+        return env[x]
+    if tag in ("tuple", "size", "slice", "dict") and not isinstance(x, list):
+        raise Bad(f"{tag} is a {type(x).__name__}, not a list")
+    if tag == "tuple":
+        return tuple(decode(v, env) for v in x)
+    if tag == "size" and all(type(v) is int for v in x):
+        return torch.Size(x)
+    if tag == "slice" and len(x) == 3:
+        return slice(*(decode(v, env) for v in x))
+    if tag == "dict" and all(isinstance(kv, list) and len(kv) == 2 and isinstance(kv[0], (str, int)) for kv in x):
+        return {k: decode(v, env) for k, v in x}
+    if tag == "ellipsis" and x is None:
+        return Ellipsis
+    if tag == "float" and x in ("inf", "-inf", "nan"):
+        return float(x)
+    if tag == "device" and isinstance(x, str) and re.fullmatch(r"[a-z]+(:\d+)?", x):
+        return torch.device(x)
+    if tag in ("dtype", "memory_format", "layout") and _identifier(x) and isinstance(getattr(torch, x, None), getattr(torch, tag)):
+        return getattr(torch, x)
+    raise Bad(f"holds a malformed {tag!r} value")
+
+
+def module_class(name: Any, allow: tuple[str, ...]) -> type:
+    packages = MODULE_PACKAGES + tuple(allow)
+    if not (isinstance(name, str) and all(_identifier(p) for p in name.split("."))):
+        raise Bad(f"module class {name!r} is not a dotted name")
+    if not any(name.startswith(p + ".") for p in packages):
+        raise Bad(f"module class {name!r} is outside the allowed packages ({', '.join(packages)}); pass allow=({name.split('.')[0]!r},) "
+                  f"(--allow-module {name.split('.')[0]}) if you trust it")
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            found: Any = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            found = getattr(found, attr, None)
+        if isinstance(found, type) and issubclass(found, nn.Module):
+            return found
+        break
+    raise Bad(f"module class {name!r} does not name a torch.nn.Module class")
+
+
+def build_module(spec: Any, allow: tuple[str, ...]) -> nn.Module:
+    if not isinstance(spec, dict) or set(spec) not in ({"class", "kwargs"}, {"class", "items"}):
+        raise Bad("module is not {class, kwargs} or {class, items}")
+    cls = module_class(spec["class"], allow)
+    if "items" in spec:
+        if cls is not nn.Sequential or not isinstance(spec["items"], list):
+            raise Bad("items are for a torch.nn.Sequential only")
+        return nn.Sequential(*(build_module(s, allow) for s in spec["items"]))
+    kwargs = spec["kwargs"]
+    if not isinstance(kwargs, dict) or not all(_identifier(k) and not k.startswith("_") for k in kwargs):
+        raise Bad("module kwargs are not a mapping of plain argument names")
+    try:
+        return cls(**{k: decode(v, {}) for k, v in kwargs.items()})
+    except Bad:
+        raise
+    except Exception as exc:
+        raise Bad(f"{spec['class']}(...) fails: {type(exc).__name__}: {exc}") from None
+
+
+def entry_error(directory: Path, what: str, exc: Exception) -> SaveError:
+    return SaveError(f"{directory / GRAPH}: {what}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; {FIX}")

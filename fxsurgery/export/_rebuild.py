@@ -1,0 +1,201 @@
+"""A saved directory back to a GraphModule from graph.json and model.safetensors, importing nothing it holds.
+
+Modules and tensors are built on the meta device first, their shapes and
+dtypes checked against the weights file, and only then allocated: a graph.json
+that declares huge layers fails before it allocates anything.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import fx, nn
+
+from ..errors import SaveError
+from ._graphdata import GRAPH, VERSION
+from ._graphload import FIX, OPS, Bad, build_module, decode, entry_error, function, method, path
+
+
+def _put(root: nn.Module, target: str, value: Any, persistent: bool = True) -> None:
+    *parents, name = target.split(".")
+    for part in parents:
+        if part not in root._modules:
+            root.add_module(part, nn.Module())
+        root = root._modules[part]
+    if isinstance(value, nn.Module):
+        root.add_module(name, value)
+    elif isinstance(value, nn.Parameter):
+        root.register_parameter(name, value)
+    else:
+        root.register_buffer(name, value, persistent=persistent)
+
+
+def _tensor(spec: Any, keys: set[str]) -> tuple[list[int], torch.dtype]:
+    if not isinstance(spec, dict) or set(spec) != keys:
+        raise Bad(f"tensor entry is not {{{', '.join(sorted(keys))}}}")
+    shape, dtype = spec["shape"], decode({"dtype": spec["dtype"]}, {})
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        raise Bad("shape is not a list of sizes")
+    return shape, dtype
+
+
+def _attribute(root: nn.Module, entry: Any, allow: tuple[str, ...]) -> None:
+    if not isinstance(entry, dict) or len(set(entry) & {"module", "parameter", "buffer"}) != 1:
+        raise Bad("is not one module, parameter or buffer")
+    target = path(entry.get("path"))
+    if "module" in entry:
+        module = build_module(entry["module"], allow)
+        if entry.get("dtype") is not None:
+            module = module.to(decode({"dtype": entry["dtype"]}, {}))
+        _put(root, target, module)
+    elif "parameter" in entry:
+        shape, dtype = _tensor(entry["parameter"], {"shape", "dtype", "requires_grad"})
+        _put(root, target, nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=entry["parameter"]["requires_grad"] is True))
+    else:
+        shape, dtype = _tensor(entry["buffer"], {"shape", "dtype", "persistent"})
+        _put(root, target, torch.empty(shape, dtype=dtype), persistent=entry["buffer"]["persistent"] is not False)
+
+
+def _resolves(root: nn.Module, target: str, kind: type) -> bool:
+    value: Any = root
+    for part in target.split("."):
+        value = value._modules.get(part) if part in value._modules else getattr(value, part, None) if isinstance(value, nn.Module) else None
+        if value is None:
+            return False
+    return isinstance(value, kind)
+
+
+def _node(graph: fx.Graph, root: nn.Module, entry: Any, env: dict[str, fx.Node]) -> fx.Node:
+    if not isinstance(entry, dict) or set(entry) != {"op", "name", "target", "args", "kwargs", "type"}:
+        raise Bad("is not {op, name, target, args, kwargs, type}")
+    if entry["type"] not in (None, "torch.Tensor"):
+        raise Bad(f"type {entry['type']!r} is not torch.Tensor or null")
+    op, name, target = entry["op"], entry["name"], entry["target"]
+    if op not in OPS:
+        raise Bad(f"unknown op {op!r}")
+    if not (isinstance(name, str) and name.isascii() and name.isidentifier()) or name in env:
+        raise Bad(f"name {name!r} is not a new plain name")
+    args, kwargs = decode(entry["args"], env), decode(entry["kwargs"], env)
+    if not isinstance(args, tuple) or not isinstance(kwargs, dict) or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
+        raise Bad("args are not a tuple or kwargs not a mapping of names")
+    if op == "call_function":
+        target = function(target)
+        if target is getattr and not (len(args) >= 2 and isinstance(args[1], str) and not args[1].startswith("_")):
+            raise Bad("getattr reads an attribute that is not a plain public name")
+    elif op == "call_method":
+        target = method(target)
+    elif op in ("call_module", "get_attr"):
+        if not _resolves(root, path(target), nn.Module if op == "call_module" else (nn.Module, torch.Tensor)):
+            raise Bad(f"target {target!r} is no {'module' if op == 'call_module' else 'attribute'} graph.json declares")
+    elif op == "placeholder" and not (isinstance(target, str) and target.lstrip("*").isascii() and target.lstrip("*").isidentifier()):
+        raise Bad(f"placeholder target {target!r} is not a plain name")
+    return graph.create_node(op, target, args, kwargs, name=name, type_expr=torch.Tensor if entry["type"] else None)
+
+
+def _graph(directory: Path, doc: dict, root: nn.Module) -> fx.Graph:
+    graph, env = fx.Graph(), {}
+    nodes = doc.get("nodes")
+    if not isinstance(nodes, list) or not nodes:
+        raise entry_error(directory, "nodes", Bad("is not a list of nodes"))
+    for i, entry in enumerate(nodes):
+        try:
+            node = _node(graph, root, entry, env)
+        except Bad as exc:
+            raise entry_error(directory, f"nodes[{i}] {entry.get('name') if isinstance(entry, dict) else None!r}", exc) from None
+        if node.name != entry["name"]:
+            raise entry_error(directory, f"nodes[{i}] {entry['name']!r}", Bad(f"name is taken (torch.fx named it {node.name!r})"))
+        env[node.name] = node
+    if [n.op for n in graph.nodes].count("output") != 1 or nodes[-1]["op"] != "output":
+        raise entry_error(directory, "nodes", Bad("do not end in exactly one output"))
+    return graph
+
+
+def _strings(doc: dict, key: str, kind: type) -> Any:
+    value = doc.get(key)
+    items = value.items() if isinstance(value, dict) else value
+    if not isinstance(value, kind) or not all(isinstance(x, str) for x in (sum(items, ()) if kind is dict else items)):
+        raise Bad(f"is not a {kind.__name__} of names")
+    return value
+
+
+def rebuild(directory: Path, allow: tuple[str, ...], device: str | torch.device) -> fx.GraphModule:
+    """The module graph.json describes, with the weights of model.safetensors."""
+    try:
+        doc = json.loads((directory / GRAPH).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise SaveError(f"{directory / GRAPH}: not valid JSON ({type(exc).__name__}); {FIX}") from None
+    if not isinstance(doc, dict) or doc.get("fxsurgery_graph") != VERSION:
+        raise SaveError(f"{directory / GRAPH}: not a graph description of version {VERSION}; {FIX}")
+    if "unsupported" in doc:
+        raise SaveError(f"{directory}: graph.json cannot describe this model ({doc['unsupported']}), so loading it means importing model.py; "
+                        "fix: read model.py and load with trust_code=True (--trust-code) if you trust it")
+    root = nn.Module()
+    attributes = doc.get("attributes") if isinstance(doc.get("attributes"), list) else None
+    if attributes is None:
+        raise entry_error(directory, "attributes", Bad("is not a list"))
+    try:
+        ties, frozen, evals = _strings(doc, "ties", dict), _strings(doc, "frozen", list), _strings(doc, "eval", list)
+        for alias in ties:
+            path(alias)
+    except Bad as exc:
+        raise entry_error(directory, "ties, frozen or eval", exc) from None
+    with torch.device("meta"):
+        for i, entry in enumerate(attributes):
+            try:
+                _attribute(root, entry, allow)
+            except Bad as exc:
+                raise entry_error(directory, f"attributes[{i}] {entry.get('path') if isinstance(entry, dict) else None!r}", exc) from None
+        for alias, owner in ties.items():
+            try:
+                _put(root, alias, root.get_parameter(owner))
+            except (AttributeError, KeyError, TypeError) as exc:
+                raise entry_error(directory, f"ties {alias!r}", exc) from None
+    graph = _graph(directory, doc, root)
+    try:
+        graph.lint()
+        gm = fx.GraphModule(root, graph, class_name="Model")
+    except Exception as exc:
+        raise entry_error(directory, "nodes", exc) from None
+    non_persistent = {f"{p}.{n}" if p else n for p, m in root.named_modules() for n in m._non_persistent_buffers_set}
+    return _with_weights(directory, gm, doc, ties, frozen, evals, non_persistent, device)
+
+
+def _with_weights(directory: Path, gm: fx.GraphModule, doc: dict, ties: dict, frozen: list, evals: list, non_persistent: set,
+                  device) -> fx.GraphModule:
+    for alias, owner in ties.items():
+        _put(gm, alias, gm.get_parameter(owner))
+    expected = {k: v for k, v in gm.state_dict(keep_vars=True).items() if k not in ties}
+    expected.update({k: gm.get_buffer(k) for k in non_persistent})
+    try:
+        tensors = load_file(str(directory / "model.safetensors"))
+    except (SafetensorError, OSError) as exc:
+        raise SaveError(f"{directory / 'model.safetensors'}: cannot read weights: {exc}; fix: write the directory again with save()") from None
+    differ = sorted(set(tensors) ^ set(expected)) or [k for k in expected if (tensors[k].shape, tensors[k].dtype) != (expected[k].shape, expected[k].dtype)]
+    if differ:
+        raise SaveError(f"{directory}: model.safetensors does not hold the tensors graph.json declares (first: {differ[0]!r}); {FIX}")
+    gm = gm.to_empty(device=device)
+    for alias, owner in ties.items():  # to_empty gives each path its own tensor
+        _put(gm, alias, gm.get_parameter(owner))
+    for name in non_persistent:  # GraphModule copied them as persistent buffers
+        _put(gm, name, gm.get_buffer(name), persistent=False)
+    try:
+        for name in frozen:
+            gm.get_parameter(name).requires_grad_(False)
+    except AttributeError as exc:
+        raise entry_error(directory, "frozen", exc) from None
+    state = {k: v for k, v in tensors.items() if k not in non_persistent}
+    gm.load_state_dict({**state, **{a: state[o] for a, o in ties.items()}}, strict=True)
+    for name in non_persistent:
+        _put(gm, name, tensors[name].to(device, copy=True), persistent=False)
+    modes = doc.get("modes")
+    gm.train(not evals)
+    if evals and len(evals) != modes:
+        for p, module in gm.named_modules():
+            module.training = p not in evals
+    gm._fxsurgery_class = doc.get("class") if isinstance(doc.get("class"), str) else "Model"
+    return gm
