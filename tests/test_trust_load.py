@@ -1,0 +1,195 @@
+"""Loading a saved directory runs no code from it: graph.json is data, model.py is imported only with trust_code=True.
+
+Each saved directory gets a model.py that writes a marker file when imported
+(and a hash forged to match, as whoever shared the directory could do); the
+marker must never appear, while the module loads and computes bit for bit
+what the saved one computes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from test_bad_inputs import run_cli
+from torch import nn
+
+import fxsurgery as fxs
+from fxsurgery import Detach, Freeze, Insert, Replace
+
+ALLOWED = ("torch, torch.nn.functional, torch.fft, torch.linalg, torch.special, operator, math and builtins abs, all, any, bool, "
+           "float, getattr, int, len, list, max, min, range, round, slice, sum, tuple")
+FIX = "fix: write the directory again with save(), or read model.py and load with trust_code=True (--trust-code) if you trust it"
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 6)
+        self.mid = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.mid(self.emb(ids))))
+
+
+class Buffers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("scale", torch.rand(4), persistent=False)
+        self.register_buffer("shift", torch.rand(4))
+
+    def forward(self, x):
+        return self.fc(x) * self.scale + self.shift
+
+
+def _resnet(rules):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    x = torch.randn(2, 3, 64, 64)
+    return fxs.apply(model, rules, example_inputs=(x[:1],)), (x,)
+
+
+CASES = {
+    "resnet18": lambda: _resnet([]),
+    "insert, replace, detach": lambda: _resnet([Replace("fc", fxs.new(nn.Linear, out_features=10)), Detach(after="layer3"),
+                                                Insert(nn.Identity(), after="avgpool"), Freeze("layer1.*")]),
+    "tied weights": lambda: (torch.manual_seed(0), fxs.apply(Tied(), [], example_inputs=(torch.tensor([[1, 2]]),)))[1:] + ((torch.tensor([[1, 2, 3]]),),),
+    "non-persistent buffers": lambda: (torch.manual_seed(0), fxs.apply(Buffers(), [], example_inputs=(torch.randn(1, 4),)))[1:] + ((torch.randn(3, 4),),),
+}
+
+
+def rehash(directory: Path) -> None:
+    """Make surgery.json's hash match the files again, as someone who changed them would."""
+    record = json.loads((directory / "surgery.json").read_text())
+    h = hashlib.sha256()
+    for name in ("model.py", "model.safetensors", "graph.json"):
+        h.update((directory / name).read_bytes())
+    record["hash"] = "sha256:" + h.hexdigest()
+    (directory / "surgery.json").write_text(json.dumps(record))
+
+
+def booby_trap(directory: Path, marker: Path) -> None:
+    """model.py writes `marker` when it is imported, and otherwise still works."""
+    source = (directory / "model.py").read_text()
+    (directory / "model.py").write_text(f"open({str(marker)!r}, 'w').close()\n" + source)
+    rehash(directory)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_load_imports_no_model_py(tmp_path, case):
+    result, inputs = CASES[case]()
+    result.save(tmp_path / "o")
+    marker = tmp_path / "imported"
+    booby_trap(tmp_path / "o", marker)
+    loaded = fxs.load(tmp_path / "o")
+    assert not marker.exists()
+    with torch.no_grad():
+        assert torch.equal(loaded(*inputs), result.module(*inputs))
+    want = result.module.state_dict()
+    got = loaded.state_dict()
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert [n for n, p in loaded.named_parameters() if not p.requires_grad] == [n for n, p in result.module.named_parameters() if not p.requires_grad]
+    assert {p: m.training for p, m in loaded.named_modules()} == {p: m.training for p, m in result.module.named_modules()}
+    if case == "tied weights":
+        assert loaded.head.weight is loaded.emb.weight
+    if case == "non-persistent buffers":
+        assert "scale" not in got and torch.equal(loaded.scale, result.module.scale)
+    assert run_cli(["inspect", str(tmp_path / "o")])[0] == 0
+    assert not marker.exists()
+    # trust_code=True imports model.py, as before
+    trusted = fxs.load(tmp_path / "o", trust_code=True)
+    assert marker.exists()
+    with torch.no_grad():
+        assert torch.equal(trusted(*inputs), result.module(*inputs))
+
+
+def test_cli_apply_on_a_saved_directory_runs_none_of_its_code(tmp_path):
+    result, _ = CASES["non-persistent buffers"]()
+    result.save(tmp_path / "o")
+    marker = tmp_path / "imported"
+    booby_trap(tmp_path / "o", marker)
+    rules = tmp_path / "r.yaml"
+    rules.write_text("fxsurgery: 1\nrules:\n  - freeze: fc\n")
+    code, _, err, _ = run_cli(["apply", str(tmp_path / "o"), str(rules), "--input=2x4", "-o", str(tmp_path / "out"), "--quiet"])
+    assert code == 0, err
+    assert not marker.exists()
+    assert run_cli(["apply", str(tmp_path / "o"), str(rules), "--input=2x4", "--dry-run", "--trust-code", "--quiet"])[0] == 0
+    assert marker.exists()
+
+
+def _tamper(tmp_path, change):
+    torch.manual_seed(0)
+    fxs.apply(Buffers(), [], example_inputs=(torch.randn(1, 4),)).save(tmp_path / "o")
+    doc = json.loads((tmp_path / "o" / "graph.json").read_text())
+    change(doc)
+    (tmp_path / "o" / "graph.json").write_text(json.dumps(doc))
+    rehash(tmp_path / "o")
+    with pytest.raises(fxs.SaveError) as err:
+        fxs.load(tmp_path / "o")
+    return str(err.value)
+
+
+def _node(doc, op):
+    return next(n for n in doc["nodes"] if n["op"] == op)
+
+
+@pytest.mark.parametrize("target", ["torch.ops.aten.add", "os.system", "builtins.eval", "subprocess.run", "torch.load", "operator.methodcaller"])
+def test_a_target_outside_the_allowlist_is_refused(tmp_path, target):
+    def change(doc):
+        node = doc["nodes"][3]
+        assert node["name"] == "mul" and node["op"] == "call_function"
+        node["target"] = target
+    message = _tamper(tmp_path, change)
+    assert message == f"{tmp_path / 'o' / 'graph.json'}: nodes[3] 'mul': target {target!r} is not allowed (allowed: {ALLOWED}); {FIX}"
+
+
+@pytest.mark.parametrize("what, change, problem", [
+    ("unknown op", lambda d: d["nodes"][3].update(op="call_python"), "nodes[3] 'mul': unknown op 'call_python'"),
+    ("reference to nothing", lambda d: d["nodes"][3].update(args={"tuple": [{"node": "ghost"}, 1]}),
+     "nodes[3] 'mul': refers to node 'ghost', which no earlier node defines"),
+    ("reference to a later node", lambda d: d["nodes"][2].update(args={"tuple": [{"node": "add"}]}),
+     "nodes[2] 'scale': refers to node 'add', which no earlier node defines"),
+    ("args of the wrong type", lambda d: d["nodes"][3].update(args="x"), "nodes[3] 'mul': args are not a tuple or kwargs not a mapping of names"),
+    ("private method", lambda d: _node(d, "call_function").update(op="call_method", target="__class__"),
+     "nodes[3] 'mul': method '__class__' is not a tensor method"),
+    ("private getattr", lambda d: d["nodes"][3].update(target="builtins.getattr", args={"tuple": [{"node": "x"}, "__class__"]}),
+     "nodes[3] 'mul': getattr reads an attribute that is not a plain public name"),
+    ("module class outside the allowlist", lambda d: d["attributes"][0]["module"].update({"class": "os.system"}),
+     "attributes[0] 'fc': module class 'os.system' is outside the allowed packages (torch.nn, torchvision); pass allow=('os',) "
+     "(--allow-module os) if you trust it"),
+    ("path with code", lambda d: d["attributes"][0].update(path="fc; import os"),
+     "attributes[0] 'fc; import os': path 'fc; import os' is not a dotted path of plain names"),
+])
+def test_a_tampered_description_is_refused(tmp_path, what, change, problem):
+    assert _tamper(tmp_path, change) == f"{tmp_path / 'o' / 'graph.json'}: {problem}; {FIX}"
+
+
+def test_declared_shapes_are_checked_before_anything_is_allocated(tmp_path):
+    def change(doc):
+        doc["attributes"][0]["module"]["kwargs"] = {"in_features": 1 << 30, "out_features": 1 << 30}
+    assert _tamper(tmp_path, change) == (f"{tmp_path / 'o'}: model.safetensors does not hold the tensors graph.json declares "
+                                         f"(first: 'fc.weight'); {FIX}")
+
+
+def test_a_directory_without_graph_json_needs_trust_code(tmp_path):
+    torch.manual_seed(0)
+    fxs.apply(Buffers(), [], example_inputs=(torch.randn(1, 4),)).save(tmp_path / "o")
+    (tmp_path / "o" / "graph.json").unlink()
+    record = json.loads((tmp_path / "o" / "surgery.json").read_text())
+    h = hashlib.sha256()
+    for name in ("model.py", "model.safetensors"):
+        h.update((tmp_path / "o" / name).read_bytes())
+    (tmp_path / "o" / "surgery.json").write_text(json.dumps({**record, "hash": "sha256:" + h.hexdigest()}))
+    with pytest.raises(fxs.SaveError) as err:
+        fxs.load(tmp_path / "o")
+    assert str(err.value) == (f"{tmp_path / 'o'}: has no graph.json (written by an older fxsurgery), and loading its model.py would run its "
+                              "code; fix: read model.py and load with trust_code=True (--trust-code) if you trust it, or write the directory "
+                              "again with save()")
+    assert fxs.load(tmp_path / "o", trust_code=True).fc.in_features == 4
