@@ -60,8 +60,8 @@ def test_cli_lists_every_file_it_wrote(tmp_path):
                           "-o", out, "--format", "torchscript")
     assert code == 0
     listed = json.loads((out / "surgery.json").read_text())["files"]
-    assert listed == ["model.py", "model.safetensors", "model.torchscript.pt", "surgery.json"]
-    assert stdout.rstrip().splitlines()[-1] == f"wrote {out}/ (model.py, model.safetensors, model.torchscript.pt, surgery.json)"
+    assert listed == ["graph.json", "model.py", "model.safetensors", "model.torchscript.pt", "surgery.json"]
+    assert stdout.rstrip().splitlines()[-1] == f"wrote {out}/ (graph.json, model.py, model.safetensors, model.torchscript.pt, surgery.json)"
 
 
 def test_cli_help_says_how_to_give_token_ids(capsys):

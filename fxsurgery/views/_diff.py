@@ -19,17 +19,14 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from torch import fx, nn
 
 from .._util import shape_text
 from ..errors import SaveError
+from ..pipeline import SurgeryResult
 from ._assets import CSS, JS, csp
 from ._svg import draw, esc
-
-if TYPE_CHECKING:   # only for the annotations: nothing below the facade imports the pipeline
-    from ..pipeline import SurgeryResult
 
 COLOURS = {"deleted": "#cf222e", "inserted": "#1a7f37", "replaced": "#bc4c00",
            "cut": "#8250df", "frozen": "#0969da", "kept": "#8c959f"}
@@ -210,9 +207,9 @@ def sides(result: SurgeryResult) -> tuple[Side, Side]:
                         "fix: apply with keep_class=False to see the graphs before and after")
     if result.original is None or not isinstance(result.module, fx.GraphModule):
         opaque = ", ".join(p or "(the model)" for p in list(result.capture.opaque)[:3]) if result.capture is not None else ""
-        why = f"part of the original stays Python ({opaque})" if opaque else "the result has no graph of the whole original"
-        raise SaveError(f"{why}, so there is no single graph to compare; fix: make the model traceable (leaf_paths=) "
-                        "or list what changed with 'fxsurgery apply --explain'")
+        raise SaveError(f"{f'part of the original stays Python ({opaque})' if opaque else 'the result has no graph of the whole original'}, "
+                        "so there is no single graph to compare; fix: make the model traceable (leaf_paths=) or list what changed "
+                        "with 'fxsurgery apply --explain'")
     facts, kind = _Facts(result), type(result.original.model).__name__
     after, made = [], {}
     for node in result.module.graph.nodes:
