@@ -9,7 +9,7 @@
     result.module, result.report, result.save("out/"), fxs.load("out/")
 """
 
-from .errors import FxsError, MatchError, ModelError, RewriteError, RuleError, SaveError, TraceError, TransferError, ValidateError
+from .errors import FxsError, MatchError, ModeError, ModelError, RewriteError, RuleError, SaveError, TraceError, TransferError, ValidateError
 from .export import load, map_weights, save
 from .pipeline import SurgeryResult, SurgeryWarning, apply
 from .spec import (
@@ -46,7 +46,7 @@ __all__ = [
     "Rewrite", "Output", "Pattern", "pattern", "calls", "Chain",
     "FoldBatchNorm", "FoldLinearBatchNorm", "DropDropout", "SwapActivation", "AddLoRA", "AdaptInputChannels",
     "SurgeryResult", "TransferReport", "SurgeryWarning",
-    "FxsError", "RuleError", "ModelError", "TraceError", "MatchError", "RewriteError",
+    "FxsError", "RuleError", "ModelError", "ModeError", "TraceError", "MatchError", "RewriteError",
     "ValidateError", "TransferError", "SaveError", "__version__",
 ]
 

@@ -63,3 +63,7 @@ class TransferError(FxsError):
 
 class SaveError(FxsError):
     """A surgery result cannot be written or read back."""
+
+
+class ModeError(FxsError):
+    """What the original decides from `self.training` cannot be kept live in the result."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .capture import Capture, Captured, Meta, capture, capture_kept
+from .capture import Capture, Captured, Meta, capture, capture_kept, track
 from .errors import SaveError
 from .export import save, save_pretrained
 from .match import Plan, match
@@ -133,7 +133,7 @@ class SurgeryResult:
 
 def apply(model: nn.Module, rules, example_inputs=None, *, params: dict | None = None, allow=(),
           strict: bool = False, leaf_types=(), leaf_paths=(), copy: bool = True, weights=None,
-          keep_class: bool | None = None) -> SurgeryResult:
+          keep_class: bool | None = None, modes: bool = True) -> SurgeryResult:
     """Apply `rules` to `model` (never modified) and return the regenerated module.
 
     `keep_class=True` returns an instance of the model's own class instead (a
@@ -146,7 +146,10 @@ def apply(model: nn.Module, rules, example_inputs=None, *, params: dict | None =
     `weights` (a .safetensors file, a sharded *.index.json, or a weights-only
     .pt) gives the original's values, read tensor by tensor into the new
     layout: build the original inside `fxs.empty_weights()` and a large model
-    never needs its memory twice.
+    never needs its memory twice. What the original decides from
+    `self.training` (dropout, stochastic depth, `if self.training:`), the result
+    decides from its own mode at run time (modes.py); `modes=False` keeps the
+    captured mode's decisions as constants (a kept class runs its own code, so its modes are live anyway).
 
     >>> result = apply(resnet18(), [Replace("fc", new(nn.Linear, out_features=10))],
     ...                example_inputs=(torch.randn(1, 3, 224, 224),))
@@ -157,9 +160,16 @@ def apply(model: nn.Module, rules, example_inputs=None, *, params: dict | None =
     kept = _is_pretrained(model) if keep_class is None else keep_class
     captured = (capture_kept(model, example_inputs) if kept
                 else capture(model, example_inputs, leaf_types=leaf_types, leaf_paths=leaf_paths))
+    # what the original decides from self.training, the result decides at run time (capture/_modes.py);
+    # where the code itself differs by mode, the surgery is also made in the other mode
+    live = track(model, captured, lambda other: _quiet(apply, other, rule_list, example_inputs, strict=strict,
+                                                       leaf_types=leaf_types, leaf_paths=leaf_paths, weights=weights,
+                                                       modes=False, keep_class=False)) if modes and not kept else None
     plan = match(captured, rule_list)                 # read-only
     rewritten = validate(rewrite(captured, plan))     # the only stage that edits structure, then checked
     module, report = transfer(rewritten, strict=strict, copy=copy, weights=weights)
+    if live is not None:
+        module = live.keep(module, plan)
     check_module(module, rewritten)                   # where opaque code joins the graphs
     root = rewritten.root
     result = SurgeryResult(module=module, report=report, plan=plan, rules=rule_list,
@@ -184,3 +194,10 @@ def _one_graph(captured: Capture) -> Captured | None:
     if len(regions) == 1 and regions[0].path == "" and not captured.opaque and not captured.kept:
         return regions[0]
     return None
+
+
+def _quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SurgeryWarning)
+        return fn(*args, **kwargs)
+

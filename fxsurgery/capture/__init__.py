@@ -23,11 +23,15 @@ from .._util import first_line, get_path
 from ..errors import ModelError, TraceError
 from ._call_shim import adapter_call, call_spec, install_adapter
 from ._copying import clone, root_of
+from ._dualgraph import ModeGraphModule, current, dual_source, trace_modes
+from ._livemodes import keep_mode_reads
+from ._modes import track
 from ._shapes import Meta, PropagationError, adapt, propagate, quiet_fake_tensors
 from ._trace import Captured, module_stack, trace
 from ._tracer import Tracer
 
 __all__ = [
+    "ModeGraphModule", "current", "dual_source", "keep_mode_reads", "trace_modes", "track",
     "KEPT", "adapter_call", "Call", "Capture", "Captured", "Meta", "PropagationError", "adapt", "capture", "capture_kept", "clone",
     "install_adapter",
     "module_stack", "propagate", "quiet_fake_tensors", "record_calls", "root_of", "trace",

@@ -6,6 +6,9 @@ import fnmatch
 
 from torch import fx, nn
 
+from ._dualgraph import current
+from ._livemodes import read_modes
+
 
 class Tracer(fx.Tracer):
     """torch.fx's tracer with a leaf policy the user can extend.
@@ -32,6 +35,19 @@ class Tracer(fx.Tracer):
         if qualname == self.prefix.rstrip("."):
             return None
         return qualname[len(self.prefix):] if qualname.startswith(self.prefix) else qualname
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        args = super().create_args_for_root(root_fn, is_module, concrete_args)
+        self._modes = read_modes(self, self.root)  # code fxsurgery wrote reads the mode as a graph value
+        return args
+
+    def trace(self, root, concrete_args=None):
+        self._modes = None
+        try:
+            return super().trace(current(root), concrete_args=concrete_args)  # a graph per mode: its mode's
+        finally:
+            if self._modes is not None:
+                self._modes.restore()
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         qualname = self._relative(qualname)

@@ -184,7 +184,7 @@ def _imports(global_names: dict[str, Any]) -> list[str]:
 
 
 def generate(gm: fx.GraphModule, *, class_name: str, frozen: list[str], ties: dict[str, str],
-             non_persistent: list[str], modes: dict[str, bool], entries: list | None = None) -> tuple[str, dict[str, str]]:
+             non_persistent: list[str], modes: dict[str, bool], stay_eval=(), entries: list | None = None) -> tuple[str, dict[str, str]]:
     """model.py source for `gm`, and the renames applied to unsafe paths.
 
     `entries`, when given, receives each attribute as data: (path, module or tensor, persistent).
@@ -207,6 +207,8 @@ def generate(gm: fx.GraphModule, *, class_name: str, frozen: list[str], ties: di
             continue
         done.add(new)
         value = gm.get_submodule(old) if _is_module(gm, old) else get_path(gm, old)
+        if isinstance(value, bool) and new.rpartition(".")[2] == "training":
+            continue  # the mode, read at run time (capture/_modes.py): every module has it
         if entries is not None:
             entries.append((new, old, value, old not in non_persistent))
         if isinstance(value, nn.Module):
@@ -237,6 +239,10 @@ def generate(gm: fx.GraphModule, *, class_name: str, frozen: list[str], ties: di
     src = _TEMPLATE.format(
         header=f"{docstring_text(class_name)} after surgery, written by fxsurgery. Load: Model.load(directory).",
         class_name=class_name,
+        live=("\n    _fxsurgery_live_modes = True  # forward reads self.training at run time"
+              if any(n.op == "get_attr" and n.target == "training" for n in gm.graph.nodes) else "")
+             + (_STAY.format(paths=_tuple([rename_path(p, renames) for p in stay_eval]).replace("\n", "\n    "))
+                if stay_eval else ""),
         imports="\n".join(line for line in imports if line not in ("import torch",)),
         frozen=_tuple([rename_path(n, renames) for n in frozen]),
         ties=repr({rename_path(a, renames): rename_path(c, renames) for a, c in ties.items()}),
@@ -244,7 +250,8 @@ def generate(gm: fx.GraphModule, *, class_name: str, frozen: list[str], ties: di
         eval_paths=_tuple(eval_paths) if train_mode == "some" else "()",
         body="\n".join(body) or "        pass",
         train=("self.train(True)" if train_mode == "all" else "self.train(False)" if train_mode == "none"
-               else "for path, module in self.named_modules():\n            module.training = path not in EVAL"),
+               else "for path, module in self.named_modules():\n            module.training = path not in EVAL")
+              + (_STAY_INIT if stay_eval else ""),
         forward=forward,
     )
     if call is not None:
@@ -318,6 +325,19 @@ def _is_module(gm: nn.Module, target: str) -> bool:
 
 
 
+# Modules frozen with Freeze(..., bn="eval"): in eval mode whatever .train() says.
+_STAY = '''
+    STAY_EVAL = {paths}
+
+    def train(self, mode=True):
+        """As nn.Module.train, except STAY_EVAL (BatchNorm frozen on its statistics) stays in eval mode."""
+        super().train(mode)
+        for path in self.STAY_EVAL:
+            self.get_submodule(path).training = False
+        return self'''
+_STAY_INIT = "\n        for path in self.STAY_EVAL:\n            self.get_submodule(path).training = False"
+
+
 _TEMPLATE = '''\
 """{header}"""
 import os
@@ -349,7 +369,7 @@ def _put(root, path, value, persistent=True):
 
 
 class Model(nn.Module):
-    _fxsurgery_class = {class_name!r}
+    _fxsurgery_class = {class_name!r}{live}
 
     def __init__(self):
         super().__init__()

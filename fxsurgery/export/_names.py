@@ -17,7 +17,7 @@ from ..errors import SaveError
 
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _HELPERS = {"_put", "_same"}
-_METHODS = {"__init__", "load", "forward", "_graph"}
+_METHODS = {"__init__", "load", "forward", "_graph", "train", "_forward_train", "_forward_eval"}  # train: STAY_EVAL
 _FORBIDDEN = {"exec", "eval", "compile", "__import__", "breakpoint", "globals", "locals", "vars", "system", "popen"}
 
 
@@ -68,7 +68,8 @@ def check_structure(source: str) -> None:
             continue
         if isinstance(stmt, ast.ClassDef) and stmt.name == "Model" and all(
                 (isinstance(s, ast.FunctionDef) and s.name in _METHODS)
-                or (isinstance(s, ast.Assign) and isinstance(s.value, ast.Constant)) for s in stmt.body):
+                or (isinstance(s, ast.Assign) and (isinstance(s.value, ast.Constant) or (isinstance(s.value, ast.Tuple) and all(
+                    isinstance(e, ast.Constant) for e in s.value.elts)))) for s in stmt.body):
             continue
         problems.append(f"line {stmt.lineno}")
     first = tree.body[0] if tree.body else None

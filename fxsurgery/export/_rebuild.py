@@ -89,6 +89,8 @@ def _node(graph: fx.Graph, root: nn.Module, entry: Any, env: dict[str, fx.Node])
             raise Bad("getattr reads an attribute that is not a plain public name")
     elif op == "call_method":
         target = method(target)
+    elif op == "get_attr" and target == "training":
+        pass  # the module's own train/eval mode, read at run time (capture/_modes.py)
     elif op in ("call_module", "get_attr"):
         if not _resolves(root, path(target), nn.Module if op == "call_module" else (nn.Module, torch.Tensor)):
             raise Bad(f"target {target!r} is no {'module' if op == 'call_module' else 'attribute'} graph.json declares")

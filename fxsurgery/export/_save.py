@@ -17,8 +17,9 @@ from safetensors.torch import save_file
 from torch import fx, nn
 
 from .._progress import bar
-from ..capture import adapter_call, trace
+from ..capture import ModeGraphModule, adapter_call, current, dual_source, keep_mode_reads, trace, trace_modes
 from ..errors import SaveError, TraceError
+from ..rewrite import stays_eval
 from ..version import __version__
 from ._atomic import MARKER, replacing
 from ._codegen import generate, rename_path
@@ -74,7 +75,10 @@ def _as_graph_module(module: nn.Module) -> fx.GraphModule:
     if isinstance(module, fx.GraphModule):
         return module
     try:
-        return trace(module, leaf_paths=leaf_paths(module)).gm
+        with keep_mode_reads():  # code fxsurgery wrote reads self.training: the graph does too
+            if getattr(type(module), "_fxsurgery_modes", None):  # a loaded model.py with a forward per mode
+                return trace_modes(module, lambda view: trace(view, leaf_paths=leaf_paths(view)).gm)
+            return trace(module, leaf_paths=leaf_paths(module)).gm
     except TraceError as err:
         graphs = [p for p, m in module.named_modules() if isinstance(m, fx.GraphModule)]
         inside = f" (its graphs: {', '.join(graphs[:3])})" if graphs else ""
@@ -92,21 +96,28 @@ def _source(gm: fx.GraphModule, work: Path, **facts) -> tuple[str, dict[str, str
     export -> load -> export writes the same file. graph.json describes that
     re-traced graph.
     """
-    first, renames = generate(gm, **facts)
+    dual = isinstance(gm, ModeGraphModule)
+    make = (lambda g, **f: dual_source(g, generate, **f)) if dual else generate
+    first, renames = make(gm, **facts)
     if adapter_call(gm) is not None:  # called through an adapter: its forward is not the graph's to re-trace
         return first, renames, {"fxsurgery_graph": 1, "class": facts["class_name"],
                                 "unsupported": "it is called through a call adapter that model.py implements"}
     (work / "model.py").write_text(first, encoding="utf-8")
     with torch.device("meta"):
         rebuilt = import_source(work / "model.py").Model()
-    again = trace(rebuilt, leaf_paths=leaf_paths(rebuilt)).gm
+    again = _as_graph_module(rebuilt)
     renamed = {**facts, "frozen": [rename_path(n, renames) for n in facts["frozen"]],
+               "stay_eval": [rename_path(p, renames) for p in facts.get("stay_eval", ())],
                "ties": {rename_path(a, renames): rename_path(o, renames) for a, o in facts["ties"].items()},
                "non_persistent": [rename_path(n, renames) for n in facts["non_persistent"]],
                "modes": {rename_path(p, renames): t for p, t in facts["modes"].items()}}
+    if dual:  # a graph per train/eval mode: model.py holds both and picks by self.training
+        second, _ = make(again, **renamed)
+        return second, renames, {"fxsurgery_graph": 1, "class": facts["class_name"],
+                                 "unsupported": "it runs a different graph in train and in eval mode, which model.py implements"}
     entries = []
     second, _ = generate(again, **renamed, entries=entries)
-    return second, renames, describe(again, entries, **renamed)
+    return second, renames, describe(again, entries, **{k: v for k, v in renamed.items() if k != "stay_eval"})
 
 
 def save(module: nn.Module, directory: str | os.PathLike, *, force: bool = False, record: dict | None = None,
@@ -125,14 +136,15 @@ def save(module: nn.Module, directory: str | os.PathLike, *, force: bool = False
     with replacing(directory, force) as work:
         modes = {p: m.training for p, m in module.named_modules()}
         source, renames, description = _source(gm, work, class_name=class_name, frozen=frozen, ties=ties,
-                                               non_persistent=non_persistent, modes=modes)
+                                               non_persistent=non_persistent, modes=modes,
+                                               stay_eval=[p for p, m in module.named_modules() if stays_eval(m)])
         (work / "model.py").write_text(source, encoding="utf-8")
         (work / GRAPH).write_text(json.dumps(description, indent=1) + "\n", encoding="utf-8")
         # One metadata key only: safetensors writes metadata in hash order, and
         # the same model must give the same bytes every time.
         save_file({rename_path(k, renames): v for k, v in tensors.items()}, str(work / "model.safetensors"),
                   metadata={"format": "pt"})
-        exported = {fmt: export_as(fmt, gm, work, example_inputs) for fmt in bar(formats, "export", unit="format")}
+        exported = {fmt: export_as(fmt, current(gm), work, example_inputs) for fmt in bar(formats, "export", unit="format")}
         for name, write in (extra or {}).items():  # written by fxsurgery (a diff page): --force may replace them
             write(work / name)
         doc = {"fxsurgery": __version__, "format": FORMAT, "torch": torch.__version__, "class": class_name,

@@ -1,0 +1,281 @@
+"""Modes stay live: what the original decides from self.training, the result decides at run time."""
+
+import copy
+import importlib.util
+import uuid
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+import transformers
+from torch import nn
+
+import fxsurgery as fxs
+from fxsurgery import Freeze
+from fxsurgery.capture import ModeGraphModule
+
+
+class TrainEval(nn.Module):
+    """Branches on self.training as torch.fx's own _TrainEvalModel does: 101 in train mode, 0 in eval."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        if self.training:
+            return self.fc(x) * 0 + 101
+        return self.fc(x) * 0
+
+
+class Drops(nn.Module):
+    """Dropout written as functions of self.training (constants in a traced graph)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        x = F.dropout(self.fc(x), 0.5, self.training)
+        q = x.view(2, 1, 4, 8)
+        return F.scaled_dot_product_attention(q, q, q, dropout_p=0.25 if self.training else 0.0)
+
+
+def _import_model_py(directory):
+    """model.py as a user imports it: by path, no fxsurgery involved."""
+    spec = importlib.util.spec_from_file_location(f"saved_{uuid.uuid4().hex}", directory / "model.py")
+    code = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(code)
+    return code.Model.load(str(directory))
+
+
+def _same_in_train(original, module, *inputs, seed=1):
+    """Outputs in train mode from the same random state."""
+    original.train(), module.train()
+    torch.manual_seed(seed)
+    expected = original(*inputs)
+    torch.manual_seed(seed)
+    return expected, module(*inputs)
+
+
+def _logits(out):
+    return out.logits if hasattr(out, "logits") else out["logits"] if isinstance(out, dict) else out[0]
+
+
+@pytest.mark.parametrize("captured_in", ["train", "eval"])
+def test_branches_on_training_follow_the_mode(captured_in, tmp_path):
+    torch.manual_seed(0)
+    model = TrainEval().train(captured_in == "train")
+    x = torch.ones(1, 3)
+    result = fxs.apply(model, [], example_inputs=(x,))
+    assert isinstance(result.module, ModeGraphModule)
+    assert torch.equal(result.module.eval()(x), torch.zeros(1, 3))
+    assert torch.equal(result.module.train()(x), torch.full((1, 3), 101.0))
+    assert model.training == (captured_in == "train")  # the user's model keeps its mode
+    copied = copy.deepcopy(result.module)
+    assert torch.equal(copied.eval()(x), torch.zeros(1, 3)) and torch.equal(copied.train()(x), torch.full((1, 3), 101.0))
+    result.save(tmp_path / "o")
+    saved = _import_model_py(tmp_path / "o")
+    assert torch.equal(saved.eval()(x), torch.zeros(1, 3))
+    assert torch.equal(saved.train()(x), torch.full((1, 3), 101.0))
+    result.module.eval()
+    result.save(tmp_path / "ts", formats=("torchscript",))  # a format records one mode: the current one
+    scripted = torch.jit.load(str(tmp_path / "ts" / "model.torchscript.pt"))
+    assert torch.equal(scripted(x), torch.zeros(1, 3))
+    with pytest.raises(fxs.SaveError) as err:  # two graphs are code, not data: loading them is a choice
+        fxs.load(tmp_path / "o")
+    assert "graph.json cannot describe this model (it runs a different graph in train and in eval mode" in str(err.value)
+    again = fxs.load(tmp_path / "o", trust_code=True)
+    fxs.save(again.train(), tmp_path / "again")  # a loaded model with a forward per mode saves as it was
+    assert (tmp_path / "again" / "model.py").read_text() == (tmp_path / "o" / "model.py").read_text().replace(
+        f"self.train({captured_in == 'train'})", "self.train(True)")
+
+
+def test_dropout_constants_read_the_mode(tmp_path):
+    torch.manual_seed(0)
+    model = Drops().train()
+    x = torch.randn(8, 8)
+    result = fxs.apply(model, [], example_inputs=(x,))
+    code = result.module.code
+    assert "training = self.training" in code and "training * 0.25" in code and "training = training" in code
+    assert torch.equal(result.module.eval()(x), model.eval()(x))
+    expected, got = _same_in_train(model, result.module, x)
+    assert torch.equal(got, expected)
+    result.save(tmp_path / "o")
+    saved = _import_model_py(tmp_path / "o")
+    assert torch.equal(saved.eval()(x), model.eval()(x))
+    expected, got = _same_in_train(model, saved, x)
+    assert torch.equal(got, expected)
+
+
+def test_nothing_read_from_the_mode_leaves_the_graph_alone(resnet18):
+    resnet18.train()  # BatchNorm and Dropout modules are called, so their own mode decides: nothing to add
+    result = fxs.apply(resnet18, [], example_inputs=(torch.randn(2, 3, 32, 32),))
+    assert type(result.module).__mro__[1] is torch.fx.GraphModule
+    assert not any(n.op == "get_attr" and n.target == "training" for n in result.module.graph.nodes)
+    assert "training" not in result.module.code
+
+
+def test_timm_dropout_and_drop_path_follow_the_mode(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", drop_rate=0.5, drop_path_rate=0.2, num_classes=10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 64, 64)
+    result = fxs.apply(model, [Freeze("conv1")], example_inputs=(x,))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the model was not run in train mode
+    assert isinstance(result.module, ModeGraphModule)  # timm's drop_path returns early in eval mode: two graphs
+    assert not result.module.get_parameter("conv1.0.weight").requires_grad
+    assert torch.equal(result.module.eval()(x), model.eval()(x))
+    expected, got = _same_in_train(model, result.module, x)
+    assert torch.equal(got, expected)
+    model.eval(), result.module.eval()
+    result.save(tmp_path / "o")
+    saved = _import_model_py(tmp_path / "o")
+    assert torch.equal(saved.eval()(x), model(x))
+    expected, got = _same_in_train(model, saved, x)
+    assert torch.equal(got, expected)
+
+
+def test_timm_dropout_only_is_one_graph():
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", drop_rate=0.5, num_classes=10)
+    x = torch.randn(2, 3, 64, 64)
+    result = fxs.apply(model, [Freeze("conv1")], example_inputs=(x,))
+    assert not isinstance(result.module, ModeGraphModule)
+    assert [n.kwargs["training"].name for n in result.module.graph.nodes if n.target is F.dropout] == ["training"]
+    assert torch.equal(result.module.eval()(x), model.eval()(x))
+    expected, got = _same_in_train(model, result.module, x)
+    assert torch.equal(got, expected)
+
+
+def test_swin_stochastic_depth_and_attention_dropout():
+    torch.manual_seed(0)
+    model = torchvision.models.swin_t(num_classes=10, dropout=0.1, attention_dropout=0.1)
+    x = torch.randn(1, 3, 64, 64)
+    result = fxs.apply(model, [], example_inputs=(x,))
+    live = [n for n in result.module.graph.nodes if any(getattr(a, "name", None) == "training" for a in
+                                                        [*n.args, *n.kwargs.values()])]
+    assert {n.target.__name__ for n in live} == {"stochastic_depth", "shifted_window_attention"}
+    assert torch.equal(result.module.eval()(x), model.eval()(x))
+    expected, got = _same_in_train(model, result.module, x)
+    assert torch.equal(got, expected)
+
+
+def test_bert_attention_dropout_follows_the_mode(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=37, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+                                     attn_implementation="sdpa")
+    model = transformers.BertForSequenceClassification(config)
+    ids = torch.randint(0, 100, (2, 8))
+    result = fxs.apply(model, [], example_inputs=(ids,))
+    model.eval(), result.module.eval()
+    first, second = _logits(result.module(ids)), _logits(result.module(ids))
+    assert torch.equal(first, second) and torch.equal(first, model(ids).logits)
+    expected, got = _same_in_train(model, result.module, ids)
+    assert torch.equal(_logits(got), expected.logits)
+    torch.manual_seed(2)
+    assert not torch.equal(_logits(result.module(ids)), expected.logits)  # train mode does drop
+
+
+def test_frozen_batchnorm_stays_eval_in_both_graphs(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", drop_rate=0.5, drop_path_rate=0.2, num_classes=10)
+    x = torch.randn(2, 3, 64, 64)
+    result = fxs.apply(model, [Freeze("*", exclude=["fc"], bn="eval")], example_inputs=(x,))
+    module = result.module.train()
+    stats = {k: v.clone() for k, v in module.state_dict().items() if "running" in k}
+    reference = copy.deepcopy(model).train()
+    for sub in reference.modules():
+        if isinstance(sub, nn.BatchNorm2d):
+            sub.eval()
+    torch.manual_seed(3)
+    expected = reference(x)
+    torch.manual_seed(3)
+    assert torch.equal(module(x), expected)  # dropout and drop path train, BatchNorm stays on its statistics
+    assert all(torch.equal(v, module.state_dict()[k]) for k, v in stats.items())
+    assert torch.equal(module.eval()(x), model.eval()(x))
+    result.save(tmp_path / "o")
+    saved = _import_model_py(tmp_path / "o").train()
+    assert not saved.get_submodule("layer1.0.bn1").training and saved.get_submodule("layer1.0").training
+    torch.manual_seed(3)
+    assert torch.equal(saved(x), expected)
+    assert all(torch.equal(v, saved.state_dict()[k]) for k, v in stats.items())
+
+
+class Gate(nn.Module):
+    def forward(self, x):
+        return x + 1 if self.training else x * 2
+
+
+class Opaque(nn.Module):
+    """Data-dependent Python at the top: the model is not one graph, its child is."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = Gate()
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = x + 1
+        return self.gate(x)
+
+
+@pytest.mark.parametrize("captured_in", ["train", "eval"])
+def test_branch_outside_one_graph_runs_in_its_mode_only(captured_in):
+    model = Opaque().train(captured_in == "train")
+    x = torch.ones(2)
+    result = fxs.apply(model, [], example_inputs=(x,))
+    assert result.capture.opaque == {"": result.capture.opaque[""]} and [r.path for r in result.capture.regions] == ["gate"]
+    assert torch.equal(result.module(x), model(x))
+    other = "eval" if captured_in == "train" else "train"
+    with pytest.raises(AssertionError) as err:
+        result.module.train(captured_in != "train")(x)
+    assert str(err.value) == (f"'gate' was captured in {captured_in} mode and runs other code in {other} mode (from "
+                              f"node '{'add' if captured_in == 'train' else 'mul'}'), inside a model that is not one "
+                              "graph; capture the model again in the mode you run it in")
+
+
+def test_mode_read_of_a_module_in_another_mode_is_refused():
+    model = nn.Sequential(nn.Linear(8, 8), Drops()).train()
+    model[1].eval()
+    with pytest.raises(fxs.ModeError) as err:
+        fxs.apply(model, [], example_inputs=(torch.randn(8, 8),))
+    assert str(err.value) == ("'Sequential' at node 'dropout': reads self.training of a module in another mode than "
+                              "the model; fix: call model.train() or model.eval() before the surgery")
+
+
+@pytest.mark.parametrize("make", [Drops, TrainEval])
+def test_a_result_operated_on_again_keeps_its_modes(make):
+    torch.manual_seed(0)
+    model = make().train()
+    x = torch.randn(8, 8) if make is Drops else torch.ones(1, 3)
+    first = fxs.apply(model, [Freeze("fc")], example_inputs=(x,)).module
+    again = fxs.apply(first, [fxs.Replace("fc", nn.Identity())], example_inputs=(x,)).module
+    direct = fxs.apply(model, [fxs.Replace("fc", nn.Identity())], example_inputs=(x,)).module
+    assert torch.equal(again.eval()(x), direct.eval()(x))
+    expected, got = _same_in_train(direct, again, x)
+    assert torch.equal(got, expected)
+
+
+def test_a_directory_loaded_as_data_keeps_the_mode_live(tmp_path):
+    class Dropping(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return F.dropout(self.fc(x), 0.5, self.training)
+
+    torch.manual_seed(0)
+    model, x = Dropping().train(), torch.randn(2, 4)
+    fxs.apply(model, [Freeze("fc")], example_inputs=(x,)).save(tmp_path / "o")
+    loaded = fxs.load(tmp_path / "o")   # graph.json, no model.py imported
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), model.eval()(x))
+        torch.manual_seed(1)
+        dropped = loaded.train()(x)
+        torch.manual_seed(1)
+        assert torch.equal(dropped, model.train()(x)) and not torch.equal(dropped, model.eval()(x))
