@@ -41,7 +41,7 @@ def test_apply_writes_and_reports(tmp_path):
                           "--input", "1x3x64x64", "-o", out)
     assert code == 0
     assert "1  replace fc with Linear(out_features=37)  1        fc" in stdout
-    assert f"wrote {out}/ (model.py, model.safetensors, surgery.json)" in stdout
+    assert f"wrote {out}/ (graph.json, model.py, model.safetensors, surgery.json)" in stdout
     assert fxs.load(out).fc.out_features == 37
 
 

@@ -256,13 +256,15 @@ def test_kills_at_random_moments_of_a_large_save(tmp_path, killer):
     old, new = record(pristine)["hash"], record(tmp_path / "ref")["hash"]
     shutil.rmtree(tmp_path / "ref")
     states = {"save": set(), "force": set()}
-    for i in range(40):
-        mode = "save" if i % 2 == 0 else "force"
+    # 40 kills at random moments, and for each mode one at once and one run left to finish (no kill),
+    # so both outcomes are seen however slow the machine is at the moment
+    plan = [("save" if i % 2 == 0 else "force", rng.uniform(0, took * 1.1)) for i in range(40)]
+    plan += [(mode, delay) for mode in ("save", "force") for delay in (0.0, None)]
+    for i, (mode, delay) in enumerate(plan):
         if out.exists():
             shutil.rmtree(out)
         if mode == "force":
             shutil.copytree(pristine, out, copy_function=os.link)  # hard links: cheap, and a save never writes in place
-        delay = rng.uniform(0, took * 1.1)
         killer(op="save", name="new", path=str(out), force=mode == "force", delay=delay)
         if mode == "force":  # before any recovery
             state = complete(out, {"old": old, "new": new})
