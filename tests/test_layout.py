@@ -102,3 +102,12 @@ def test_ruff_catches_a_lint_error(broken_copy):
     done = _run([_tool("ruff"), "check", "fxsurgery"], broken_copy)
     assert done.returncode == 1
     assert "fxsurgery/_util.py:1:8: F401" in done.stdout
+
+
+def test_readme_stage_table_names_every_module():
+    rows = {line.split("|")[1].strip(): line for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+            if line.startswith("| ") and line.split("|")[1].strip() in STAGES}
+    missing = [f"{stage}/{p.stem}" for stage in STAGES for p in (PACKAGE / stage).glob("_*.py") if not p.stem.startswith("__")
+               if f"`{p.stem}`" not in rows.get(stage, "")]
+    assert sorted(rows) == sorted(STAGES) and missing == []
+    assert "docs/architecture.md" in (ROOT / "README.md").read_text(encoding="utf-8")
