@@ -1,7 +1,9 @@
 """Shared models and helpers: small hand-written modules and real torchvision models."""
 
 import contextlib
+import hashlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -64,3 +66,15 @@ def cli_process(*args, cwd=None):
     proc = subprocess.run([sys.executable, "-m", "fxsurgery.cli", *map(str, args)],
                           capture_output=True, text=True, cwd=cwd or ROOT)
     return proc.returncode, proc.stdout, proc.stderr
+
+
+def rehash(directory) -> None:
+    """Make surgery.json's hash match the files again, as someone who replaced them would."""
+    from pathlib import Path
+    directory = Path(directory)
+    record = json.loads((directory / "surgery.json").read_text())
+    h = hashlib.sha256()
+    for name in ("model.py", "model.safetensors", "graph.json"):
+        h.update((directory / name).read_bytes())
+    record["hash"] = "sha256:" + h.hexdigest()
+    (directory / "surgery.json").write_text(json.dumps(record))

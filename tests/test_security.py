@@ -18,7 +18,6 @@ never appears through fxsurgery.
 from __future__ import annotations
 
 import ast
-import hashlib
 import io
 import json
 import os
@@ -36,6 +35,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import rehash
 from safetensors.torch import save_file
 from test_bad_inputs import run_cli as bad_inputs_cli
 from torch import nn
@@ -445,24 +445,15 @@ def test_a_pickle_as_a_rule_file_is_refused(hostile, name):
     assert not canary.exists()
 
 
-def _rehash(directory: Path) -> None:
-    """Make surgery.json's hash match the files again, as someone who replaced them would."""
-    record = json.loads((directory / "surgery.json").read_text())
-    h = hashlib.sha256()
-    for name in ("model.py", "model.safetensors", "graph.json"):
-        h.update((directory / name).read_bytes())
-    record["hash"] = "sha256:" + h.hexdigest()
-    (directory / "surgery.json").write_text(json.dumps(record))
 
-
-@pytest.mark.parametrize("rehash", [False, True], ids=["hash kept", "hash forged"])
+@pytest.mark.parametrize("forge", [False, True], ids=["hash kept", "hash forged"])
 @pytest.mark.parametrize("target, name", [("model.safetensors", "state.pt"), ("model.safetensors", "raw.pkl"),
                                           ("surgery.json", "raw.pkl")])
-def test_load_refuses_replaced_files(hostile, target, name, rehash):
+def test_load_refuses_replaced_files(hostile, target, name, forge):
     canary, files, saved = hostile
     (saved / target).write_bytes((files / name).read_bytes())
-    if rehash and target != "surgery.json":
-        _rehash(saved)
+    if forge and target != "surgery.json":
+        rehash(saved)
     with pytest.raises(fxs.SaveError) as err:
         fxs.load(saved)
     assert str(err.value).startswith(str(saved)) and FIX.search(str(err.value)) and "\n" not in str(err.value)
@@ -565,7 +556,7 @@ def test_malformed_weights_in_a_saved_directory(tmp_path, name):
     saved = tmp_path / "saved"
     fxs.apply(Small(), [Freeze("fc1")], example_inputs=(torch.randn(2, 4),)).save(saved)
     (saved / "model.safetensors").write_bytes(MALFORMED[name])
-    _rehash(saved)
+    rehash(saved)
     with pytest.raises(fxs.SaveError) as err:
         fxs.load(saved)
     assert FIX.search(str(err.value)) and "\n" not in str(err.value)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from conftest import rehash
 from test_bad_inputs import run_cli
 from torch import nn
 
@@ -64,15 +65,6 @@ CASES = {
     "non-persistent buffers": lambda: (torch.manual_seed(0), fxs.apply(Buffers(), [], example_inputs=(torch.randn(1, 4),)))[1:] + ((torch.randn(3, 4),),),
 }
 
-
-def rehash(directory: Path) -> None:
-    """Make surgery.json's hash match the files again, as someone who changed them would."""
-    record = json.loads((directory / "surgery.json").read_text())
-    h = hashlib.sha256()
-    for name in ("model.py", "model.safetensors", "graph.json"):
-        h.update((directory / name).read_bytes())
-    record["hash"] = "sha256:" + h.hexdigest()
-    (directory / "surgery.json").write_text(json.dumps(record))
 
 
 def booby_trap(directory: Path, marker: Path) -> None:

@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 from .._util import first_line, get_path
 from ..errors import ModelError, TraceError
 from ._call_shim import adapter_call, call_spec, install_adapter
-from ._copying import clone, root_of
+from ._copying import assign, clone, root_of
 from ._dualgraph import ModeGraphModule, current, dual_source, trace_modes
 from ._livemodes import keep_mode_reads
 from ._modes import track
@@ -31,6 +31,7 @@ from ._trace import Captured, module_stack, trace
 from ._tracer import Tracer
 
 __all__ = [
+    "assign",
     "ModeGraphModule", "current", "dual_source", "keep_mode_reads", "trace_modes", "track",
     "KEPT", "adapter_call", "Call", "Capture", "Captured", "Meta", "PropagationError", "adapt", "capture", "capture_kept", "clone",
     "install_adapter",

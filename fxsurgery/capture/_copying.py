@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 
-def assign(root: nn.Module, path: str, value: Any) -> None:
-    """Install a module or tensor at a dotted path, creating empty parents."""
+def assign(root: nn.Module, path: str, value: Any, persistent: bool = True) -> None:
+    """Install a module or tensor at a dotted path, creating empty parents (a buffer `persistent` or not)."""
     *parents, name = path.split(".")
     for part in parents:
         child = root._modules.get(part)
@@ -23,7 +23,7 @@ def assign(root: nn.Module, path: str, value: Any) -> None:
     elif isinstance(value, nn.Parameter):
         root.register_parameter(name, value)
     elif isinstance(value, torch.Tensor):
-        root.register_buffer(name, value)
+        root.register_buffer(name, value, persistent=persistent)
     else:
         setattr(root, name, value)
 

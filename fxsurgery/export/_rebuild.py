@@ -16,23 +16,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import fx, nn
 
+from ..capture import assign
 from ..errors import SaveError
 from ._graphdata import GRAPH, VERSION
 from ._graphload import FIX, OPS, Bad, build_module, decode, entry_error, function, method, path
-
-
-def _put(root: nn.Module, target: str, value: Any, persistent: bool = True) -> None:
-    *parents, name = target.split(".")
-    for part in parents:
-        if part not in root._modules:
-            root.add_module(part, nn.Module())
-        root = root._modules[part]
-    if isinstance(value, nn.Module):
-        root.add_module(name, value)
-    elif isinstance(value, nn.Parameter):
-        root.register_parameter(name, value)
-    else:
-        root.register_buffer(name, value, persistent=persistent)
 
 
 def _tensor(spec: Any, keys: set[str]) -> tuple[list[int], torch.dtype]:
@@ -52,13 +39,13 @@ def _attribute(root: nn.Module, entry: Any, allow: tuple[str, ...]) -> None:
         module = build_module(entry["module"], allow)
         if entry.get("dtype") is not None:
             module = module.to(decode({"dtype": entry["dtype"]}, {}))
-        _put(root, target, module)
+        assign(root, target, module)
     elif "parameter" in entry:
         shape, dtype = _tensor(entry["parameter"], {"shape", "dtype", "requires_grad"})
-        _put(root, target, nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=entry["parameter"]["requires_grad"] is True))
+        assign(root, target, nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=entry["parameter"]["requires_grad"] is True))
     else:
         shape, dtype = _tensor(entry["buffer"], {"shape", "dtype", "persistent"})
-        _put(root, target, torch.empty(shape, dtype=dtype), persistent=entry["buffer"]["persistent"] is not False)
+        assign(root, target, torch.empty(shape, dtype=dtype), persistent=entry["buffer"]["persistent"] is not False)
 
 
 def _resolves(root: nn.Module, target: str, kind: type) -> bool:
@@ -154,7 +141,7 @@ def rebuild(directory: Path, allow: tuple[str, ...], device: str | torch.device)
                 raise entry_error(directory, f"attributes[{i}] {entry.get('path') if isinstance(entry, dict) else None!r}", exc) from None
         for alias, owner in ties.items():
             try:
-                _put(root, alias, root.get_parameter(owner))
+                assign(root, alias, root.get_parameter(owner))
             except (AttributeError, KeyError, TypeError) as exc:
                 raise entry_error(directory, f"ties {alias!r}", exc) from None
     graph = _graph(directory, doc, root)
@@ -170,7 +157,7 @@ def rebuild(directory: Path, allow: tuple[str, ...], device: str | torch.device)
 def _with_weights(directory: Path, gm: fx.GraphModule, doc: dict, ties: dict, frozen: list, evals: list, non_persistent: set,
                   device) -> fx.GraphModule:
     for alias, owner in ties.items():
-        _put(gm, alias, gm.get_parameter(owner))
+        assign(gm, alias, gm.get_parameter(owner))
     expected = {k: v for k, v in gm.state_dict(keep_vars=True).items() if k not in ties}
     expected.update({k: gm.get_buffer(k) for k in non_persistent})
     try:
@@ -182,9 +169,9 @@ def _with_weights(directory: Path, gm: fx.GraphModule, doc: dict, ties: dict, fr
         raise SaveError(f"{directory}: model.safetensors does not hold the tensors graph.json declares (first: {differ[0]!r}); {FIX}")
     gm = gm.to_empty(device=device)
     for alias, owner in ties.items():  # to_empty gives each path its own tensor
-        _put(gm, alias, gm.get_parameter(owner))
+        assign(gm, alias, gm.get_parameter(owner))
     for name in non_persistent:  # GraphModule copied them as persistent buffers
-        _put(gm, name, gm.get_buffer(name), persistent=False)
+        assign(gm, name, gm.get_buffer(name), persistent=False)
     try:
         for name in frozen:
             gm.get_parameter(name).requires_grad_(False)
@@ -193,7 +180,7 @@ def _with_weights(directory: Path, gm: fx.GraphModule, doc: dict, ties: dict, fr
     state = {k: v for k, v in tensors.items() if k not in non_persistent}
     gm.load_state_dict({**state, **{a: state[o] for a, o in ties.items()}}, strict=True)
     for name in non_persistent:
-        _put(gm, name, tensors[name].to(device, copy=True), persistent=False)
+        assign(gm, name, tensors[name].to(device, copy=True), persistent=False)
     modes = doc.get("modes")
     gm.train(not evals)
     if evals and len(evals) != modes:
