@@ -146,3 +146,23 @@ def test_optional_selector_that_matches_nothing_is_left_out(resnet):
     result = fxs.apply(resnet, [Output("layer1", "layer9", optional=True)], example_inputs=(x,))
     assert list(result.module(x)) == ["layer1"]
     assert result.plan.matches[0].skipped == ["layer9: no module path or node name matches 'layer9'"]
+
+
+def test_an_optional_output_that_matches_nothing_says_why_and_the_cli_writes_nothing(resnet, tmp_path):
+    from conftest import cli
+    x = torch.randn(1, 3, 64, 64)
+    result = fxs.apply(resnet, [Output("zz", "yy", optional=True)], example_inputs=(x,))
+    assert result.plan.matches[0].reason == ("zz: no module path or node name matches 'zz'; "
+                                             "yy: no module path or node name matches 'yy'")
+    rules = tmp_path / "none.yaml"
+    rules.write_text("fxsurgery: 1\nrules:\n  - output: [zz, yy]\n    optional: true\n")
+    code, _, stderr = cli("apply", "torchvision.models:resnet18", rules, "--input", "1x3x64x64", "-o", tmp_path / "o")
+    assert code == 2 and not (tmp_path / "o").exists()
+    assert "nothing to change: no rule matched (rule 1 'output zz, yy'" in stderr and stderr.count("\n") == 1
+
+
+def test_a_type_given_as_an_output_name_points_to_selecting_by_type():
+    with pytest.raises(RuleError) as err:
+        Output({"type": nn.ReLU})
+    assert str(err.value).endswith("output name <class 'torch.nn.modules.activation.ReLU'> is not a non-empty string; fix: name each "
+                                   "output with a string, e.g. {'layer1': 'feat1'}; to select by ReLU, pass it itself, e.g. Output(ReLU)")

@@ -213,6 +213,8 @@ def _match_outputs(m: Match, locator: Locator) -> None:
             m.names[site] = key
         m.sites += sites
         m.modules += [p for p in paths if p not in m.modules]
+    if not m.sites and m.skipped:  # every selector optional and none matched: say why
+        m.reason = "; ".join(m.skipped[:3])
 
 
 def _check_kept(m: Match) -> None:

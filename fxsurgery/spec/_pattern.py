@@ -256,8 +256,10 @@ class Output(Rule):
         names = tuple(sel.text for sel in selectors) if names is None else names
         bad = next((n for n in names if not isinstance(n, str) or not n), None)
         if bad is not None:
+            hint = (f"; to select by {bad.__name__ if isinstance(bad, type) else 'it'}, pass it itself, e.g. Output({getattr(bad, '__name__', 'fn')})"
+                    if callable(bad) else "")
             raise RuleError(f"{self.origin}: output name {bad!r} is not a non-empty string; fix: name each output with a string, "
-                            "e.g. {'layer1': 'feat1'}")
+                            f"e.g. {{'layer1': 'feat1'}}{hint}")
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
             raise RuleError(f"{self.origin}: output name {twice[0]!r} is given twice; fix: give each output its own name")
