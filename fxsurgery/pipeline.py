@@ -148,7 +148,7 @@ def apply(model: nn.Module, rules, example_inputs=None, *, params: dict | None =
     layout: build the original inside `fxs.empty_weights()` and a large model
     never needs its memory twice. What the original decides from
     `self.training` (dropout, stochastic depth, `if self.training:`), the result
-    decides from its own mode at run time (modes.py); `modes=False` keeps the
+    decides from its own mode at run time (capture/_modes.py); `modes=False` keeps the
     captured mode's decisions as constants (a kept class runs its own code, so its modes are live anyway).
 
     >>> result = apply(resnet18(), [Replace("fc", new(nn.Linear, out_features=10))],

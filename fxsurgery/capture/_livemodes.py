@@ -1,6 +1,6 @@
 """Tracing code that fxsurgery wrote keeps its `self.training` reads as graph values.
 
-A result whose graph reads the mode (modes.py) runs `training = self.training`;
+A result whose graph reads the mode (_modes.py) runs `training = self.training`;
 traced again (model.py is re-traced when saved, a loaded model.py when saved
 anew), that read would become a constant. While tracing, those modules'
 `training` is a proxy of a get_attr node instead; nodes nobody read are removed.
@@ -19,7 +19,7 @@ _KEEP = contextvars.ContextVar("fxsurgery_keep_mode_reads", default=False)
 @contextlib.contextmanager
 def keep_mode_reads():
     """Within: tracing code fxsurgery wrote keeps its mode reads (export re-traces its own output).
-    Outside (capture), they trace as constants of the mode, which modes.py makes live again."""
+    Outside (capture), they trace as constants of the mode, which _modes.py makes live again."""
     token = _KEEP.set(True)
     try:
         yield

@@ -41,7 +41,7 @@ class Captured:
     leaf_paths: tuple = ()
     path: str = ""                                       # where this graph's module sits in the model
     opaque: dict[str, str] = field(default_factory=dict)  # leaves kept as Python -> why (relative paths)
-    call: CallSpec | None = None                         # traced as called from opaque code (shim.py)
+    call: CallSpec | None = None                         # traced as called from opaque code (_call_shim.py)
 
     @property
     def graph(self) -> fx.Graph:
@@ -83,12 +83,12 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, *, leaf_types=(
     known = example_inputs is not None or call is not None
     work = share(model)  # traced in place of the model: forward code may write to `self`
     options = dict(leaf_types=leaf_types, leaf_paths=leaf_paths, opaque=opaque, prefix="inner." if call else "")
-    # with example values, Python that reads shapes can be followed (valuetrace.py); that costs
+    # with example values, Python that reads shapes can be followed (_values.py); that costs
     # a fake run per node, so callers first try without (`values=False`)
     tracer = ValueTracer(example=positional, **options) if known and values else Tracer(**options)
     try:
         constants = {}
-        if call is not None:  # traced as it was called (see shim.py)
+        if call is not None:  # traced as it was called (see _call_shim.py)
             graph, constants = trace_call(tracer, work, call)
         else:
             graph = tracer.trace(work, concrete_args=concrete or None)

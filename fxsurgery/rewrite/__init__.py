@@ -1,6 +1,6 @@
 """Apply a plan: the only stage that edits structure.
 
-Sites in captured graphs are edited graph by graph (graphedit.py). Modules
+Sites in captured graphs are edited graph by graph (_editor.py). Modules
 that opaque Python calls are swapped, skipped or wrapped instead (ModuleEdit);
 the transfer stage installs them when it assembles the new module.
 """

@@ -13,7 +13,7 @@ from ..match import Match
 from ..spec import describe
 from ._fitting import expected_input
 
-if TYPE_CHECKING:  # graphedit raises these errors, so it imports this module
+if TYPE_CHECKING:  # annotations only: the editor (which imports this module) makes Edited
     from ._edited import Edited
 
 
