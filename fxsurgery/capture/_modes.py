@@ -135,7 +135,7 @@ def _retrace(model: nn.Module, region, calls: bool) -> fx.Graph:
     module = model.get_submodule(region.path) if region.path else model
     example = region.example_inputs if region.call is None else None
     return trace(module, example, call=region.call, leaf_types=region.leaf_types, leaf_paths=region.leaf_paths,
-                 opaque=tuple(region.opaque), path=region.path, values=calls).graph
+                 opaque=tuple(region.opaque), path=region.path, values=calls, shapes=False).graph
 
 
 def _owners_in_mode(model: nn.Module, region, change: Change, graph: fx.Graph) -> bool:

@@ -58,7 +58,8 @@ def module_stack(node: fx.Node) -> list[tuple[str, str]]:
 
 
 def trace(model: nn.Module, example_inputs: tuple | None = None, *, leaf_types=(), leaf_paths=(),
-          opaque=(), path: str = "", call: CallSpec | None = None, values: bool = True) -> Captured:
+          opaque=(), path: str = "", call: CallSpec | None = None, values: bool = True,
+          shapes: bool = True) -> Captured:
     """Trace `model` (never modified) as one graph; with example inputs, give every node a shape.
 
     Arguments that are not tensors (None, flags, sizes) are specialised to
@@ -67,6 +68,7 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, *, leaf_types=(
     keeps torch.fx's guards, so a call with other values fails loudly.
     Raises TraceError (with `.failed_in`, the innermost module that failed).
     `values=False` traces with plain torch.fx proxies: faster, and enough for most models.
+    `shapes=False` skips shape propagation, for callers that only compare graphs.
     """
     if not isinstance(model, nn.Module):
         raise ModelError(f"expected a torch.nn.Module, got {type(model).__name__}; fix: pass the model instance")
@@ -111,6 +113,7 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, *, leaf_types=(
     captured = Captured(model, gm, None, {}, tuple(leaf_types), tuple(leaf_paths), path, {p: "" for p in opaque}, call)
     if example_inputs is not None or call is not None:
         captured.example_inputs = positional
+    if (example_inputs is not None or call is not None) and shapes:
         try:
             captured.shapes = propagate(gm, graph, positional)
         except PropagationError as err:
