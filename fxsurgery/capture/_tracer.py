@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import re
 
 from torch import fx, nn
 
@@ -72,3 +73,35 @@ class Tracer(fx.Tracer):
             raise
         finally:
             self._open.pop()
+
+
+_FX_SUFFIX = re.compile(r"_[0-9]+$")
+
+
+def qualified_names(graph: fx.Graph) -> dict[str, str]:
+    """Node name -> module-qualified name, as torchvision's feature extraction names nodes.
+
+    A module call is named by its path (`layer1.0.relu`), a function or
+    method call by the module it was made in and its op (`layer1.0.add`);
+    the n-th repeat of a name gets `_n` (`layer1.0.relu_1`, the block's
+    second call of its ReLU). Unlike torchvision, a module path keeps its own
+    digits (a module named `conv_1` is `conv_1`): only torch.fx's
+    graph-wide counter is taken off op names. Computed from
+    `nn_module_stack`, so it holds for graphs edited after tracing too.
+    """
+    names: dict[str, str] = {}
+    seen: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "output":
+            continue
+        if node.op == "call_module":
+            base = str(node.target)
+        else:
+            stack = list((node.meta.get("nn_module_stack") or {}).values())
+            owner = stack[-1][0] if stack and node.op != "placeholder" else ""
+            op = _FX_SUFFIX.sub("", node.name)
+            base = f"{owner}.{op}" if owner else op
+        k = seen.get(base, 0)
+        seen[base] = k + 1
+        names[node.name] = base if k == 0 else f"{base}_{k}"
+    return names
