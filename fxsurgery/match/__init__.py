@@ -270,6 +270,8 @@ def _check_conflicts(m: Match, touched: dict[str, Match]) -> None:
     destructive = isinstance(m.rule, (Delete, Replace, Rewrite))
     kept, clash = [], None
     for site in m.sites:
+        if isinstance(m.rule, (Delete, Replace)):
+            _supersede(m, site, touched)
         names = [(site.region, n) for n in site.nodes] if site.region is not None else [(None, site.key)]
         hit = next(((name[1], touched[name]) for name in names if name in touched
                     and (destructive or touched[name].rule.action in ("delete", "rewrite"))), None)
@@ -292,3 +294,28 @@ def _check_conflicts(m: Match, touched: dict[str, Match]) -> None:
                 touched[name] = m
 
 
+
+
+def _supersede(m: Match, site: Site, touched: dict) -> None:
+    """Earlier edits lying wholly inside a module this rule deletes or replaces go with it.
+
+    `[Replace(nn.ReLU, nn.GELU()), Delete("layer4.2")]` means what the
+    reverse order means: the block goes, and the ReLUs swapped inside it are
+    left alone (said in the earlier rule's `skipped`).
+    """
+    if site.region is None:
+        return
+    inside = set(site.nodes)
+    earlier = {id(touched[(site.region, n)]): touched[(site.region, n)] for n in site.nodes if (site.region, n) in touched}
+    for e in earlier.values():
+        gone = [s for s in e.sites if s.region == site.region and set(s.nodes) < inside]
+        if not gone:
+            continue
+        e.sites = [s for s in e.sites if s not in gone]
+        e.skipped += [f"{s.shown} (inside {site.shown}, which {m.label} removes)" for s in gone]
+        left = {s.module for s in e.sites}
+        e.modules = [p for p in e.modules if p in left]
+        for s in gone:
+            e.found.pop(s, None)
+            for n in s.nodes:
+                touched.pop((s.region, n), None)
