@@ -17,11 +17,11 @@ from .._util import format_table
 from ..capture import Capture
 from ..errors import MatchError
 from ..spec import Delete, Detach, Freeze, Insert, Layers, Output, Replace, Rewrite, Rule, Selector, frozen_by
-from ._patterns import Found, find, missing_reason
+from ._patterns import Constant, Found, find, missing_reason
 from ._sites import Ambiguous, Locator, Site, exact, join, select_modules
 
 __all__ = [
-    "Found", "Locator", "Match", "Plan", "Site", "join", "label", "match",
+    "Constant", "Found", "Locator", "Match", "Plan", "Site", "join", "label", "match",
 ]
 
 
