@@ -7,6 +7,7 @@ import re
 
 from torch import fx, nn
 
+from .._progress import counter
 from ._dualgraph import current
 from ._livemodes import read_modes
 
@@ -45,10 +46,18 @@ class Tracer(fx.Tracer):
     def trace(self, root, concrete_args=None):
         self._modes = None
         try:
-            return super().trace(current(root), concrete_args=concrete_args)  # a graph per mode: its mode's
+            with counter("capture", unit="node") as self._count:   # a large model takes a while to trace
+                return super().trace(current(root), concrete_args=concrete_args)  # a graph per mode: its mode's
         finally:
+            self._count = None
             if self._modes is not None:
                 self._modes.restore()
+
+    def create_node(self, *args, **kwargs):
+        node = super().create_node(*args, **kwargs)
+        if getattr(self, "_count", None) is not None:
+            self._count.update(1)
+        return node
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         qualname = self._relative(qualname)
