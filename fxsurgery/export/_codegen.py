@@ -274,8 +274,7 @@ def _spec_modules(spec) -> set[str]:
         node = stack.pop()
         if node.type is not None and node.type.__module__ not in ("builtins", "collections"):
             found.add(node.type.__module__)
-        # children() where torch has it: reading children_specs warns (FutureWarning) on every save
-        stack.extend(node.children() if callable(getattr(type(node), "children", None)) else node.children_specs)
+        stack.extend(node.children() if callable(getattr(type(node), "children", None)) else node.children_specs)  # the latter warns
     return found
 
 
