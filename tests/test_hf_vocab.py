@@ -14,7 +14,7 @@ import torch
 from hf_models import apply, assert_unchanged, generate, gpt2, ids, llama, logits, qwen2, snapshot, t5, tensors, trim_by_hand
 from torch import nn
 
-from fxsurgery import Replace
+from fxsurgery import MatchError, Replace, TransferError
 
 transformers = pytest.importorskip("transformers")
 
@@ -123,3 +123,26 @@ def test_a_token_whose_row_is_gone_is_unset_and_said():
     label = result.plan.matches[0].label
     assert (result.module.config.bos_token_id, result.module.config.eos_token_id) == (None, None)
     assert f"config.eos_token_id: 99 -> None (its row is not kept) ({label})" in result.report.notes
+
+
+def test_t5s_shared_embedding_is_never_called_and_the_error_says_which_module_calls_its_weight():
+    rule = Replace("shared", nn.Embedding(K, 32), weights={"select": ROWS})
+    with pytest.raises(MatchError) as err:
+        apply(t5(), [rule], inputs(t5()))
+    assert str(err.value) == (f"rule 1 'replace shared with Embedding({K}, 32)' ({rule.origin}) matched nothing: shared is never "
+                              "called by the forward (inside a leaf module or unused); its weights are called through "
+                              "encoder.embed_tokens: select that; fix: correct the selector or add 'optional: true'")
+
+
+def test_a_tied_output_with_a_bias_over_the_vocabulary_is_refused_with_the_fix():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+                                     vocab_size=100)
+    model = transformers.BertForMaskedLM(config).eval()
+    rule = Replace("bert.embeddings.word_embeddings", nn.Embedding(K, 32), weights={"select": ROWS})
+    with pytest.raises(TransferError) as err:
+        apply(model, [rule])
+    assert str(err.value) == (f"rule 1 'replace bert.embeddings.word_embeddings with Embedding({K}, 32)' ({rule.origin}): "
+                              "cls.predictions.decoder shares the embedding's weight and has a bias over the vocabulary, "
+                              "which the embedding's replacement does not resize; fix: replace it too, by a module of the "
+                              "new size")

@@ -145,15 +145,16 @@ def vocabulary(site: Site) -> list[str]:
     made = site.built.made_by
     shared = [p for p, sub in original.named_modules(remove_duplicate=False)
               if p != edit.path and getattr(sub, "weight", None) is old.weight and id(module.get_submodule(p)) not in made]
+    biased = next((p for p in shared if getattr(module.get_submodule(p), "bias", None) is not None), None)
+    if biased is not None:
+        raise TransferError(f"{label}: {biased} shares the embedding's weight and has a bias over the vocabulary, which "
+                            "the embedding's replacement does not resize; fix: replace it too, by a module of the new size")
     for p in shared:
         sub = module.get_submodule(p)
         sub.weight = new.weight
         for attr in ("num_embeddings", "out_features"):
             if hasattr(sub, attr):
                 setattr(sub, attr, after)
-        if getattr(sub, "bias", None) is not None:
-            raise TransferError(f"{label}: {p} shares the embedding's weight and has a bias over the vocabulary, which "
-                                "the embedding's replacement does not resize; fix: replace it too, by a module of the new size")
     if shared:
         notes.append(f"{', '.join(shared)}: share the new {edit.path}.weight, as they shared the old one ({label})")
     head = original.get_output_embeddings() if hasattr(original, "get_output_embeddings") else None
@@ -194,9 +195,10 @@ def _renumber(module: nn.Module, weights, before: int, after: int, label: str) -
             if not ids or not all(isinstance(i, int) and 0 <= i < before for i in ids):
                 continue  # unset, or not a token of this vocabulary
             moved = [new_id.get(i) for i in ids]
-            now = moved if isinstance(value, list) else moved[0]
-            if None in moved:
-                now = [i for i in moved if i is not None] or None if isinstance(value, list) else None
+            if isinstance(value, list):  # several eos ids: those whose rows are kept
+                now = [i for i in moved if i is not None] or None
+            else:
+                now = moved[0]
             if now != value:
                 setattr(config, key, now)
                 gone = " (its row is not kept)" if None in moved else ""
