@@ -125,8 +125,15 @@ class SurgeryResult:
         """Write model.py + model.safetensors + surgery.json (atomically), plus any `formats`
         ("pt2", "onnx", "torchscript"), each verified on the example inputs, and `extra`
         files ({name: write(path)}), listed as fxsurgery's own.
-        A kept transformers model is written by its own `save_pretrained` (plus surgery.json)."""
-        if self.capture is not None and self.capture.kept and hasattr(self.module, "save_pretrained"):
+        A kept transformers model is written by its own `save_pretrained` (plus surgery.json), which
+        `formats=("hf",)` demands: `from_pretrained` reloads it without fxsurgery."""
+        pretrained = self.capture is not None and self.capture.kept and hasattr(self.module, "save_pretrained")
+        if "hf" in formats:
+            if not pretrained:
+                raise SaveError(f"format hf: the result is a {self.mode}, which has no save_pretrained; fix: apply to a "
+                                "transformers model (kept as its class by default), or leave format hf out")
+            formats = tuple(f for f in formats if f != "hf")
+        if pretrained:
             if formats:
                 raise SaveError(f"formats {', '.join(formats)}: a kept {type(self.module).__name__} is saved by its own "
                                 "save_pretrained; fix: leave formats out, or apply with keep_class=False")

@@ -41,6 +41,10 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     assert kept.mode == "kept class LlamaForCausalLM" and kept.module.config.num_hidden_layers == 6
     assert kept.report.entry("model.layers.3.mlp.up_proj.weight").source == "model.layers.1.mlp.up_proj.weight"
     assert (tmp_path / "llama-out" / "config.json").is_file()
+    trimmed, lora = namespace["trimmed"], namespace["lora"]
+    assert (trimmed.module.config.vocab_size, trimmed.module.config.num_hidden_layers) == (50, 2)
+    assert trimmed.module.lm_head.weight.shape == (50, 32) and namespace["tokens"].shape == (1, 8)
+    assert sum(p.numel() for p in lora.trainable_parameters()) == 3584
     folded, tuned = namespace["folded"], namespace["tuned"]
     assert folded.plan.matches[0].count == 53
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.module.modules())

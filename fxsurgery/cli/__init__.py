@@ -56,8 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--explain", action="store_true", help="per rule: what matched, what was left alone and why, near misses")
     p.add_argument("--profile", action="store_true", help="seconds spent in each stage, loading and saving included")
     p.add_argument("--force", action="store_true", help="replace an existing output directory holding only files fxsurgery wrote")
-    p.add_argument("--format", action="append", default=[], choices=["pt2", "onnx", "torchscript"],
-                   help="also write model.pt2 / model.onnx / model.torchscript.pt, verified on the inputs")
+    p.add_argument("--format", action="append", default=[], choices=["pt2", "onnx", "torchscript", "hf"],
+                   help="also write model.pt2 / model.onnx / model.torchscript.pt, verified on the inputs; hf: the "
+                   "directory is the transformers model's own save_pretrained (what a transformers model gets by default)")
 
     p = sub.add_parser("inspect", help="show modules, shapes and parameters as the graph sees them")
     model_args(p)

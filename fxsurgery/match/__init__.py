@@ -120,7 +120,8 @@ def _why_not(locator: Locator, sel: Selector) -> tuple[str, list[str]]:
                 f"example inputs the calls made by opaque code ({', '.join(p or '(the model)' for p in list(capture.opaque)[:2])}) "
                 f"are not known; pass example inputs (--input)"), []
     if selected:
-        return f"{', '.join(selected[:3])} {'is' if len(selected) == 1 else 'are'} never called by the forward (inside a leaf module or unused)", []
+        return (f"{', '.join(selected[:3])} {'is' if len(selected) == 1 else 'are'} never called by the forward (inside a leaf module "
+                f"or unused){_called_through(capture, selected[0])}"), []
     text = sel.value if sel.kind == "glob" else sel.value.pattern
     nearest = difflib.get_close_matches(text, locator.names(), n=3, cutoff=0.5)
     return f"no module path or node name matches {sel.text!r}", nearest
@@ -229,6 +230,17 @@ def _match_outputs(m: Match, locator: Locator) -> None:
         m.modules += [p for p in paths if p not in m.modules]
     if not m.sites and m.skipped:  # every selector optional and none matched: say why
         m.reason = "; ".join(m.skipped[:3])
+
+
+def _called_through(capture: Capture, path: str) -> str:
+    """Where a module that is never called has its weights called (T5's `shared` through encoder.embed_tokens)."""
+    own = {id(t) for t in capture.model.get_submodule(path).parameters()}
+    if not own or not capture.calls:
+        return ""
+    for other, module in capture.model.named_modules(remove_duplicate=False):
+        if other != path and other in capture.calls and own & {id(t) for t in module.parameters(recurse=False)}:
+            return f"; its weights are called through {other}: select that"
+    return ""
 
 
 def _check_kept(m: Match) -> None:
