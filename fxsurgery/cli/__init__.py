@@ -96,13 +96,14 @@ def _model(args):
     the checkpoint, checked against it by its headers, is read tensor by tensor
     into the result: the model's memory is never needed twice.
     """
-    from ..transfer import Checkpoint, empty_weights
+    from ..transfer import Checkpoint, empty_weights, refuse_own_loading
     from ._modelref import load_model
     checkpoint = Checkpoint(args.weights) if args.weights else None
     with empty_weights() if checkpoint is not None else contextlib.nullcontext():
         model = load_model(args.model, trust_pickle=args.trust_pickle, trust_code=args.trust_code,
                            allow=tuple(getattr(args, "allow_module", ())))
     if checkpoint is not None:
+        refuse_own_loading(model)  # before the names are compared: its own code may rename them
         checkpoint.check({k: (tuple(v.shape), v.dtype) for k, v in model.state_dict(keep_vars=True).items()})
     if getattr(args, "eval", False):
         model.eval()
@@ -241,6 +242,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("fxsurgery: interrupted; nothing written", file=sys.stderr)
         return 130
+    except SystemExit as exc:  # the model's own code called sys.exit: that is no success
+        print(f"fxsurgery: error: the model's code exited the process (SystemExit: {exc.code}); fix: remove the "
+              "sys.exit/exit call from the code the model runs", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except Exception as exc:  # a bug of ours: one line, and the traceback only on request
         if os.environ.get("FXSURGERY_DEBUG"):
             raise
