@@ -143,3 +143,38 @@ def test_a_model_reference_that_exits_is_an_error(tmp_path):
     assert stderr == ("fxsurgery: error: sys:exit: building the model exited the process (SystemExit: None); "
                       "fix: name a factory that returns a model\n")
     assert not (tmp_path / "o").exists()
+
+
+class ReadsItsWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x) + self.fc.weight.sum()  # the line the warning names
+
+
+def test_a_replaced_module_whose_tensor_the_forward_reads_is_a_warning_naming_the_line():
+    import inspect
+
+    from fxsurgery.pipeline import SurgeryWarning
+    torch.manual_seed(0)
+    rule = Replace("fc", fxs.new(nn.Linear, out_features=4))
+    with pytest.warns(SurgeryWarning) as caught:
+        fxs.apply(ReadsItsWeight(), [rule], example_inputs=(torch.randn(1, 4),))
+    lines, start = inspect.getsourcelines(ReadsItsWeight.forward)
+    line = start + next(i for i, text in enumerate(lines) if "self.fc.weight" in text)
+    assert [str(w.message) for w in caught] == [
+        f"rule 1 'replace fc with Linear(out_features=4)' ({rule.origin}): the forward also reads fc.weight directly "
+        f"(node 'fc_weight', {__file__}:{line} `return self.fc(x) + self.fc.weight.sum()  # the line the warning names`): "
+        "that read is not replaced, so fc.weight keeps the replaced module's tensor; fix: make the forward call the module "
+        "instead of reading its tensors, or rewrite that read too"]
+
+
+def test_a_replaced_module_only_called_gives_no_such_warning():
+    import warnings
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fxs.apply(Net(nn.Linear(4, 4)), [Replace("block", fxs.new(nn.Linear, out_features=4))],
+                  example_inputs=(torch.randn(1, 4),))

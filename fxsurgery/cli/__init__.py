@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .._progress import quiet
 from .._util import first_line
-from ..errors import FxsError
+from ..errors import FxsError, bounded
 from ..spec import load_rules, parse_overrides
 
 __all__ = [
@@ -222,8 +222,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with usage errors as one line like every other error."""
 
     def error(self, message):
-        print(f"fxsurgery: error: {message}; fix: see 'fxsurgery {self.prog.split()[-1]} --help'"
-              if " " in self.prog else f"fxsurgery: error: {message}; fix: see 'fxsurgery --help'", file=sys.stderr)
+        fix = f"see 'fxsurgery {self.prog.split()[-1]} --help'" if " " in self.prog else "see 'fxsurgery --help'"
+        print(f"fxsurgery: error: {bounded(f'{message}; fix: {fix}')}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
 
 
@@ -237,7 +237,7 @@ def main(argv=None) -> int:
         with quiet(getattr(args, "quiet", False)):
             return command(args)
     except FxsError as exc:
-        print(f"fxsurgery: error: {exc.message}", file=sys.stderr)
+        print(f"fxsurgery: error: {bounded(exc.message)}", file=sys.stderr)  # bounded already, unless a subclass skipped it
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("fxsurgery: interrupted; nothing written", file=sys.stderr)
@@ -250,7 +250,8 @@ def main(argv=None) -> int:
         if os.environ.get("FXSURGERY_DEBUG"):
             raise
         first = first_line(exc)
-        print(f"fxsurgery: internal error: {type(exc).__name__}: {first} (set FXSURGERY_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(f"fxsurgery: internal error: {bounded(f'{type(exc).__name__}: {first}', 240)} (set FXSURGERY_DEBUG=1 for the traceback)",
+              file=sys.stderr)
         return EXIT_INTERNAL
 
 
