@@ -6,7 +6,6 @@ Python rule), what went wrong, and the fix. The CLI prints it as it is.
 
 from __future__ import annotations
 
-
 LIMIT = 300  # characters in one error message
 
 

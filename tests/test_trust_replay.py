@@ -172,3 +172,22 @@ def test_the_source_of_an_adapted_tensor_is_checked_by_its_own_shape(tmp_path):
         fxs.map_weights(state, tmp_path / "o")
     assert str(err.value) == ("the checkpoint's 'fc.weight' has shape [3, 6], the surgery read [5, 6]; "
                               "fix: pass a checkpoint of the original architecture")
+
+
+@pytest.mark.parametrize("tamper", [
+    lambda r: r["fc.weight"].update(op="unknown"),
+    lambda r: r["fc.weight"].update(policy={"select": [99, 0, 1]}),
+    lambda r: r["fc.weight"].update(reads=["src"]),
+])
+def test_a_tampered_recipe_is_a_one_line_error(tmp_path, tamper):
+    import json
+    model = _randomised(Head(), 1)
+    fxs.apply(model, [Replace("fc", fxs.new(nn.Linear, out_features=3), weights={"select": [2, 0, 1]})],
+              example_inputs=(torch.randn(2, 4),)).save(tmp_path / "o")
+    record = json.loads((tmp_path / "o" / "surgery.json").read_text())
+    tamper(record["report"]["recipes"])
+    (tmp_path / "o" / "surgery.json").write_text(json.dumps(record))
+    with pytest.raises(fxs.SaveError) as err:
+        fxs.map_weights(_randomised(Head(), 2).state_dict(), tmp_path / "o")
+    assert str(err.value).startswith(f"{tmp_path / 'o' / 'surgery.json'}: cannot replay fc.weight (")
+    assert str(err.value).endswith("); fix: write the directory again with save()")

@@ -52,12 +52,7 @@ def map_weights(state_dict: dict, surgery: str | os.PathLike) -> dict[str, torch
         if entry["status"] == "new" or entry["op"].startswith("constant"):
             out[name] = saved[name]
         elif entry["name"] in recipes:
-            recipe = recipes[entry["name"]]
-            for source, (shape, dtype) in recipe.get("read", {}).items():
-                _fits(state, source, name, shape, dtype)
-            dst = saved[name].clone()  # what a policy leaves alone (pad) stays as the rule initialised it
-            replay(recipe, lambda source: state[source], dst)
-            out[name] = dst
+            out[name] = _replayed(directory, recipes[entry["name"]], state, name, saved[name])
         elif entry["status"] == "adapted":
             raise SaveError(f"{name} is {entry['op']} from {entry['source']}, which map-weights cannot recompute (only weights "
                             "policies and built-in patterns replay); fix: apply the rules again with --weights CHECKPOINT")
@@ -68,11 +63,28 @@ def map_weights(state_dict: dict, surgery: str | os.PathLike) -> dict[str, torch
     return out
 
 
+def _replayed(directory: Path, recipe, state: dict, name: str, initial: torch.Tensor) -> torch.Tensor:
+    """`name` computed again from the checkpoint by its recipe; a recipe that does not work says so (a tampered record)."""
+    try:
+        for source, (shape, dtype) in recipe.get("read", {}).items():
+            _fits(state, source, name, shape, dtype)
+        dst = initial.clone()  # what a policy leaves alone (pad) stays as the rule initialised it
+        replay(recipe, lambda source: _fits(state, source, name, dst.shape, None), dst)
+        return dst
+    except SaveError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+        raise SaveError(f"{directory / 'surgery.json'}: cannot replay {name} ({type(exc).__name__}: {first_line(exc)}); "
+                        "fix: write the directory again with save()") from None
+
+
 def _fits(state: dict, source: str, name: str, shape, dtype: str) -> torch.Tensor:
     """The checkpoint's `source`, which must have the shape and dtype the surgery read."""
     if source not in state:
         raise SaveError(f"the checkpoint has no '{source}', which {name} is made from; fix: pass a checkpoint of the original architecture")
     tensor = state[source]
+    if dtype is None:  # read by a recipe: checked against what the surgery read, above
+        return tensor
     if list(tensor.shape) != list(shape):
         raise SaveError(f"the checkpoint's '{source}' has shape {list(tensor.shape)}, the surgery read {list(shape)}; fix: pass a checkpoint of "
                         f"the original architecture")
