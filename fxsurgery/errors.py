@@ -52,6 +52,7 @@ class FxsError(Exception):
     """Base of every error fxsurgery raises on bad input; its message is one line of at most 300 characters."""
 
     def __init__(self, message: str):
+        self.full = str(message)  # as written, before bounding: for a program that needs every detail
         message = bounded(message)
         super().__init__(message)
         self.message = message
