@@ -191,3 +191,20 @@ def test_a_tampered_recipe_is_a_one_line_error(tmp_path, tamper):
         fxs.map_weights(_randomised(Head(), 2).state_dict(), tmp_path / "o")
     assert str(err.value).startswith(f"{tmp_path / 'o' / 'surgery.json'}: cannot replay fc.weight (")
     assert str(err.value).endswith("); fix: write the directory again with save()")
+
+
+@pytest.mark.parametrize("tamper, found", [
+    (lambda r: r.pop("report"), "KeyError: 'report'"),
+    (lambda r: r["report"]["entries"][0].pop("op"), "KeyError: 'op'"),
+    (lambda r: r["report"].update(entries=[7]), "TypeError: 'int' object is not subscriptable"),
+])
+def test_a_tampered_record_is_a_one_line_error(tmp_path, tamper, found):
+    import json
+    fxs.apply(_randomised(Head(), 1), [fxs.Freeze("body")], example_inputs=(torch.randn(2, 4),)).save(tmp_path / "o")
+    record = json.loads((tmp_path / "o" / "surgery.json").read_text())
+    tamper(record)
+    (tmp_path / "o" / "surgery.json").write_text(json.dumps(record))
+    with pytest.raises(fxs.SaveError) as err:
+        fxs.map_weights(_randomised(Head(), 2).state_dict(), tmp_path / "o")
+    assert str(err.value) == (f"{tmp_path / 'o' / 'surgery.json'}: not a record map-weights can read ({found}); "
+                              "fix: write the directory again with save()")

@@ -38,6 +38,14 @@ def map_weights(state_dict: dict, surgery: str | os.PathLike) -> dict[str, torch
     directory = directory.parent if directory.name == "surgery.json" else directory
     record = read_record(directory)
     state = strip_prefixes(state_dict, where="the checkpoint")
+    try:
+        return _mapped(directory, record, state)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:  # a record save() did not write
+        raise SaveError(f"{directory / 'surgery.json'}: not a record map-weights can read ({type(exc).__name__}: "
+                        f"{first_line(exc)}); fix: write the directory again with save()") from None
+
+
+def _mapped(directory: Path, record: dict, state: dict) -> dict[str, torch.Tensor]:
     saved = _Saved(directory)
     skip = set(record.get("ties", {})) | set(record.get("non_persistent", []))
     renames = record.get("renamed", {})
