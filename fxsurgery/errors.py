@@ -6,11 +6,54 @@ Python rule), what went wrong, and the fix. The CLI prints it as it is.
 
 from __future__ import annotations
 
+LIMIT = 300  # characters in one error message
+
+
+def _middle(text: str, keep: int) -> str:
+    """`text` cut to `keep` characters by an ellipsis in its middle: both ends stay readable."""
+    if len(text) <= keep:
+        return text
+    head = (keep - 3) // 2
+    return text[:head] + "..." + text[len(text) - (keep - 3 - head):]
+
+
+def _shorten_words(text: str, room: int) -> str:
+    """Shorten the longest words (paths, reprs, names) in their middle until `text` fits `room`."""
+    words = text.split(" ")
+    while len(" ".join(words)) > room:
+        longest = max(range(len(words)), key=lambda i: len(words[i]))
+        if len(words[longest]) <= 24:
+            break
+        words[longest] = _middle(words[longest], max(24, len(words[longest]) - (len(" ".join(words)) - room)))
+    return " ".join(words)
+
+
+def bounded(message: str, limit: int = LIMIT) -> str:
+    """One line of at most `limit` characters: "where: problem; fix: ..." with the fix kept whole.
+
+    The problem's long words are shortened in their middle first, then the
+    problem itself; the where (file, rule, path) only when that is not enough.
+    """
+    text = str(message)
+    line = " ".join(text.splitlines()) if any(c in text for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029") else text
+    if len(line) <= limit:
+        return line
+    body, sep, fix = line.partition("; fix:")
+    fix = _middle(fix, limit // 2) if sep else ""
+    room = limit - len(sep) - len(fix)
+    where, colon, problem = body.partition(": ")
+    if colon and len(where) + 2 < room - 40:  # keep the where whole while the problem keeps 40 characters
+        problem = _middle(_shorten_words(problem, room - len(where) - 2), room - len(where) - 2)
+        return where + colon + problem + sep + fix
+    return _middle(_shorten_words(body, room), room) + sep + fix
+
 
 class FxsError(Exception):
-    """Base of every error fxsurgery raises on bad input."""
+    """Base of every error fxsurgery raises on bad input; its message is one line of at most 300 characters."""
 
     def __init__(self, message: str):
+        self.full = str(message)  # as written, before bounding: for a program that needs every detail
+        message = bounded(message)
         super().__init__(message)
         self.message = message
 

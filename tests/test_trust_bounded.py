@@ -43,3 +43,42 @@ def test_set_refuses_a_mapping(tmp_path):
 def test_set_still_reads_scalars_lists_and_text():
     from fxsurgery.spec import parse_overrides
     assert parse_overrides(["a=37", "b=[1, 2]", "c=text", "d=: x", "e="]) == {"a": 37, "b": [1, 2], "c": "text", "d": ": x", "e": ""}
+
+
+# -- every error message is one line of at most 300 characters ------------------------------------
+
+def _shape_of_a_bounded_message(message: str, starts: str, fix: str) -> None:
+    assert len(message) <= 300 and "\n" not in message
+    assert message.startswith(starts) and message.endswith(fix) and "..." in message
+
+
+def test_a_huge_rule_selector_gives_a_bounded_message_with_its_fix_whole():
+    import torch
+    from torch import nn
+    huge = "layer." + "x" * 5000
+    with __import__("pytest").raises(fxs.MatchError) as err:
+        fxs.apply(nn.Sequential(nn.Linear(4, 4)), [fxs.Replace(huge, nn.Identity())], example_inputs=(torch.randn(1, 4),))
+    message = str(err.value)
+    assert message == err.value.message
+    _shape_of_a_bounded_message(message, "rule 1 'replace layer.xxx", "; fix: " + message.split("; fix: ")[1])
+    assert len(message.split("; fix: ")[1]) > 20  # the fix is there, not cut away
+
+
+def test_a_huge_path_on_the_command_line_gives_a_bounded_line(tmp_path):
+    path = str(tmp_path / ("d" * 200) / ("e" * 200) / ("f" * 200) / "rules.yaml")
+    code, stdout, stderr, raised = run_cli(["check", path])
+    assert (code, stdout) == (2, "") and stderr.count("\n") == 1
+    line = stderr.removeprefix("fxsurgery: error: ").rstrip("\n")
+    _shape_of_a_bounded_message(line, str(tmp_path)[:20], "; fix: check the path")
+    assert line == raised.message
+
+
+def test_a_message_spread_over_lines_becomes_one():
+    err = fxs.RuleError("first\nsecond\r\nthird; fix: do it")
+    assert str(err) == "first second third; fix: do it"
+
+
+def test_short_messages_are_left_alone():
+    text = "r.yaml:3: unknown key 'foo'; fix: use one of replace, delete"
+    assert fxs.RuleError(text).message == text
+    assert fxs.RuleError("x" * 299 + ";").message == "x" * 299 + ";"

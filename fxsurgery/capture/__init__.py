@@ -169,11 +169,27 @@ def record_calls(model: nn.Module, inputs: tuple) -> dict[str, Call]:
 KEPT = "kept as its own class (keep_class=True): its code runs as written, rules act on the modules it calls"
 
 
+def refuse_hooked_weights(model: nn.Module) -> None:
+    """Old-style weight_norm / spectral_norm compute a module's weight in a forward pre-hook:
+    the weight is then no tensor of the module's own, and cannot be copied or traced."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+    for path, sub in model.named_modules():
+        for hook in sub._forward_pre_hooks.values():
+            kind = {WeightNorm: "weight_norm", SpectralNorm: "spectral_norm"}.get(type(hook))
+            if kind is not None:
+                where = f"model.{path}" if path else "model"
+                raise ModelError(f"{path or '(the model)'}: uses torch.nn.utils.{kind}, whose weight a hook recomputes before "
+                                 f"each call; fix: use torch.nn.utils.parametrizations.{kind}, or call "
+                                 f"torch.nn.utils.remove_{kind}({where}) first")
+
+
 def capture_kept(model: nn.Module, example_inputs: tuple | None = None) -> Capture:
     """The model as it is: no graph; every module it calls is a site, with the call it got.
 
     Without example inputs every module counts as called, with no shapes known.
     """
+    refuse_hooked_weights(model)
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (
         (example_inputs,) if example_inputs is not None else None)
     calls = (record_calls(model, inputs) if inputs is not None
@@ -183,6 +199,7 @@ def capture_kept(model: nn.Module, example_inputs: tuple | None = None) -> Captu
 
 def capture(model: nn.Module, example_inputs: tuple | None = None, *, leaf_types=(), leaf_paths=()) -> Capture:
     """Graphs for everything torch.fx can trace; opaque modules (with reasons) for the rest."""
+    refuse_hooked_weights(model)
     try:
         whole = trace(model, example_inputs, leaf_types=leaf_types, leaf_paths=leaf_paths, values=False)
         return Capture(model, whole.example_inputs, [whole])

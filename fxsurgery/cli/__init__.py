@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .._progress import quiet
 from .._util import first_line, format_table
-from ..errors import FxsError
+from ..errors import FxsError, bounded
 from ..spec import load_rules, parse_overrides
 
 __all__ = [
@@ -108,13 +108,14 @@ def _model(args):
     the checkpoint, checked against it by its headers, is read tensor by tensor
     into the result: the model's memory is never needed twice.
     """
-    from ..transfer import Checkpoint, empty_weights
+    from ..transfer import Checkpoint, empty_weights, refuse_own_loading
     from ._modelref import load_model
     checkpoint = Checkpoint(args.weights) if args.weights else None
     with empty_weights() if checkpoint is not None else contextlib.nullcontext():
         model = load_model(args.model, trust_pickle=args.trust_pickle, trust_code=args.trust_code,
                            allow=tuple(getattr(args, "allow_module", ())))
     if checkpoint is not None:
+        refuse_own_loading(model)  # before the names are compared: its own code may rename them
         checkpoint.check({k: (tuple(v.shape), v.dtype) for k, v in model.state_dict(keep_vars=True).items()})
     if getattr(args, "eval", False):
         model.eval()
@@ -240,8 +241,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with usage errors as one line like every other error."""
 
     def error(self, message):
-        print(f"fxsurgery: error: {message}; fix: see 'fxsurgery {self.prog.split()[-1]} --help'"
-              if " " in self.prog else f"fxsurgery: error: {message}; fix: see 'fxsurgery --help'", file=sys.stderr)
+        fix = f"see 'fxsurgery {self.prog.split()[-1]} --help'" if " " in self.prog else "see 'fxsurgery --help'"
+        print(f"fxsurgery: error: {bounded(f'{message}; fix: {fix}')}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
 
 
@@ -255,16 +256,21 @@ def main(argv=None) -> int:
         with quiet(getattr(args, "quiet", False)):
             return command(args)
     except FxsError as exc:
-        print(f"fxsurgery: error: {exc.message}", file=sys.stderr)
+        print(f"fxsurgery: error: {bounded(exc.message)}", file=sys.stderr)  # bounded already, unless a subclass skipped it
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("fxsurgery: interrupted; nothing written", file=sys.stderr)
         return 130
+    except SystemExit as exc:  # the model's own code called sys.exit: that is no success
+        print(f"fxsurgery: error: the model's code exited the process (SystemExit: {exc.code}); fix: remove the "
+              "sys.exit/exit call from the code the model runs", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except Exception as exc:  # a bug of ours: one line, and the traceback only on request
         if os.environ.get("FXSURGERY_DEBUG"):
             raise
         first = first_line(exc)
-        print(f"fxsurgery: internal error: {type(exc).__name__}: {first} (set FXSURGERY_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(f"fxsurgery: internal error: {bounded(f'{type(exc).__name__}: {first}', 240)} (set FXSURGERY_DEBUG=1 for the traceback)",
+              file=sys.stderr)
         return EXIT_INTERNAL
 
 

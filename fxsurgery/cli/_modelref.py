@@ -65,6 +65,9 @@ def _attribute(where: str, name: str, ref: str):
         module = importlib.util.module_from_spec(spec)
         try:
             spec.loader.exec_module(module)
+        except SystemExit as exc:
+            raise ModelError(f"{ref}: importing {where} exited the process (SystemExit: {exc.code}); fix: keep the file's "
+                             "script part under `if __name__ == '__main__':`") from None
         except Exception as exc:
             raise ModelError(f"{ref}: importing {where} failed: {type(exc).__name__}: {exc}; fix: run the file with python to see why") from None
     else:
@@ -93,6 +96,9 @@ def _instantiate(obj, ref: str) -> nn.Module:
         pass
     try:
         model = obj()
+    except SystemExit as exc:  # sys.exit, exit(): would end the command as if it had succeeded
+        raise ModelError(f"{ref}: building the model exited the process (SystemExit: {exc.code}); "
+                         "fix: name a factory that returns a model") from None
     except Exception as exc:
         raise ModelError(f"{ref}: building the model failed: {type(exc).__name__}: {exc}; fix: check the factory") from None
     if not isinstance(model, nn.Module):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import json
 import os
 import re
@@ -53,10 +54,10 @@ def _exchange(a: Path, b: Path) -> bool:
         return False
     if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
         return True
-    errno = ctypes.get_errno()
-    if errno in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this file system cannot swap
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # this file system cannot swap
         return False
-    raise OSError(errno, os.strerror(errno), str(b))
+    raise OSError(code, os.strerror(code), str(b))
 
 
 def fsync_dir(path: Path) -> None:
@@ -242,9 +243,13 @@ def replacing(target: str | os.PathLike, force: bool = False):
             fsync_dir(parent)
             _dispose(old, parent, name, token)
         fsync_dir(parent)
-    except BaseException:
+    except BaseException as exc:
         # `work` holds either the unfinished new output or, after a swap, the old one: neither is needed.
         shutil.rmtree(work, ignore_errors=True)
         with contextlib.suppress(OSError):
             recover(target)  # puts the old output back if the failure came between two renames
+        if isinstance(exc, OSError):  # a full disk, a quota, a file system gone read-only
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            fix = "free some space, or choose an output directory on another disk" if full else "choose a writable output directory"
+            raise SaveError(f"{target}: cannot write: {exc.strerror or exc}; fix: {fix}") from None
         raise

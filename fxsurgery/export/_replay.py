@@ -14,31 +14,42 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .._util import first_line
 from ..errors import SaveError
+from ..spec import replay
 from ..transfer import read_state_dict, strip_prefixes
 from ._codegen import rename_path
 from ._record import read_record
-
-_DTYPES = {str(d).replace("torch.", ""): d for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64,
-                                                      torch.int64, torch.int32, torch.int8, torch.uint8, torch.bool)}
 
 
 def map_weights(state_dict: dict, surgery: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The state dict of the surgered module, built from a checkpoint of the original.
 
     `surgery` is a directory written by save() or its surgery.json. The result
-    loads into the saved model with `load_state_dict(..., strict=True)`.
+    loads into the saved model with `load_state_dict(..., strict=True)`. A
+    tensor a rule adapted (rows selected, a BatchNorm folded, input channels
+    adapted) is computed again from the checkpoint exactly as apply computed it;
+    one whose recipe the record lacks (a user's pattern) is refused, and so is
+    a checkpoint tensor of another dtype than the surgery read: nothing is cast.
     """
     directory = Path(surgery)
     directory = directory.parent if directory.name == "surgery.json" else directory
     record = read_record(directory)
     state = strip_prefixes(state_dict, where="the checkpoint")
-    saved = None
+    try:
+        return _mapped(directory, record, state)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:  # a record save() did not write
+        raise SaveError(f"{directory / 'surgery.json'}: not a record map-weights can read ({type(exc).__name__}: "
+                        f"{first_line(exc)}); fix: write the directory again with save()") from None
+
+
+def _mapped(directory: Path, record: dict, state: dict) -> dict[str, torch.Tensor]:
+    saved = _Saved(directory)
     skip = set(record.get("ties", {})) | set(record.get("non_persistent", []))
     renames = record.get("renamed", {})
+    recipes = record["report"].get("recipes", {})
     out = {}
     for entry in record["report"]["entries"]:
         if entry["status"] == "dropped":
@@ -46,22 +57,66 @@ def map_weights(state_dict: dict, surgery: str | os.PathLike) -> dict[str, torch
         name = rename_path(entry["name"], renames)
         if name in skip:
             continue
-        constant = entry["op"].startswith("constant")
-        if entry["status"] == "new" or constant:
-            saved = saved if saved is not None else load_file(str(directory / "model.safetensors"))
+        if entry["status"] == "new" or entry["op"].startswith("constant"):
             out[name] = saved[name]
-            continue
-        source = entry["source"]
-        if source not in state:
-            raise SaveError(f"the checkpoint has no '{source}', which {name} is copied from; fix: pass a checkpoint of the original architecture")
-        tensor = state[source]
-        if list(tensor.shape) != list(entry["shape"]):
-            raise SaveError(f"the checkpoint's '{source}' has shape {list(tensor.shape)}, the surgery read {entry['shape']}; fix: pass a checkpoint of "
-                            f"the original architecture")
-        out[name] = tensor.to(_DTYPES.get(entry["dtype"], tensor.dtype))
+        elif entry["name"] in recipes:
+            out[name] = _replayed(directory, recipes[entry["name"]], state, name, saved[name])
+        elif entry["status"] == "adapted":
+            raise SaveError(f"{name} is {entry['op']} from {entry['source']}, which map-weights cannot recompute (only weights "
+                            "policies and built-in patterns replay); fix: apply the rules again with --weights CHECKPOINT")
+        else:
+            out[name] = _fits(state, entry["source"], name, entry["shape"], entry["dtype"])
     for alias, owner in record.get("ties", {}).items():
         out[alias] = out[owner]
     return out
+
+
+def _replayed(directory: Path, recipe, state: dict, name: str, initial: torch.Tensor) -> torch.Tensor:
+    """`name` computed again from the checkpoint by its recipe; a recipe that does not work says so (a tampered record)."""
+    try:
+        for source, (shape, dtype) in recipe.get("read", {}).items():
+            _fits(state, source, name, shape, dtype)
+        dst = initial.clone()  # what a policy leaves alone (pad) stays as the rule initialised it
+        replay(recipe, lambda source: _fits(state, source, name, dst.shape, None), dst)
+        return dst
+    except SaveError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+        raise SaveError(f"{directory / 'surgery.json'}: cannot replay {name} ({type(exc).__name__}: {first_line(exc)}); "
+                        "fix: write the directory again with save()") from None
+
+
+def _fits(state: dict, source: str, name: str, shape, dtype: str) -> torch.Tensor:
+    """The checkpoint's `source`, which must have the shape and dtype the surgery read."""
+    if source not in state:
+        raise SaveError(f"the checkpoint has no '{source}', which {name} is made from; fix: pass a checkpoint of the original architecture")
+    tensor = state[source]
+    if dtype is None:  # read by a recipe: checked against what the surgery read, above
+        return tensor
+    if list(tensor.shape) != list(shape):
+        raise SaveError(f"the checkpoint's '{source}' has shape {list(tensor.shape)}, the surgery read {list(shape)}; fix: pass a checkpoint of "
+                        f"the original architecture")
+    found = str(tensor.dtype).replace("torch.", "")
+    if found != dtype:
+        raise SaveError(f"the checkpoint's '{source}' is {found}, the surgery read {dtype}; fix: pass a {dtype} checkpoint "
+                        "(map-weights casts nothing, as --weights does not)")
+    return tensor
+
+
+class _Saved:
+    """The saved directory's own tensors, read one at a time when needed."""
+
+    def __init__(self, directory: Path):
+        self.file = str(directory / "model.safetensors")
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+        try:
+            with safe_open(self.file, framework="pt") as handle:
+                return handle.get_tensor(name)
+        except (SafetensorError, OSError) as exc:
+            raise SaveError(f"{self.file}: cannot read {name}: {first_line(exc, type(exc).__name__)}; fix: write the directory "
+                            "again with save()") from None
 
 
 def write_mapped(checkpoint: str, surgery: str, output: str) -> dict[str, torch.Tensor]:

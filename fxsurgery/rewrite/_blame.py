@@ -1,10 +1,12 @@
-"""Which rule a failing node owes its inputs to, and the one-line error that says so."""
+"""Which rule a failing node owes its inputs to, and the one-line error that says so;
+the source line a node came from."""
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING
 
-from torch import fx
+from torch import fx, nn
 
 from .._util import first_line, shape_text
 from ..capture import PropagationError
@@ -52,3 +54,24 @@ def shape_failure(err: PropagationError, edited: Edited) -> ValidateError:
     first = first_line(exc)
     return ValidateError(f"{where}: {type(exc).__name__}: {first}; fix: check that the rule's replacement fits the shapes around it (inspect the model "
                          f"with 'fxsurgery inspect')")
+
+
+def source_line(model: nn.Module, node: fx.Node, above: str) -> str:
+    """Where the forward code reads `node`'s target ("file.py:12 `code`"): the node's recorded
+    stack trace, else the line of a forward above the module `above` (innermost first) that names it; '' if none."""
+    if node.stack_trace:
+        last = [line.strip() for line in node.stack_trace.strip().splitlines() if line.strip()]
+        return " ".join(last[-2:])
+    parts = str(node.target).split(".")
+    for i in range(len(above.split(".")) - 1, -1, -1):
+        try:
+            owner = model.get_submodule(".".join(parts[:i]))
+            lines, start = inspect.getsourcelines(type(owner).forward)
+            file = inspect.getsourcefile(type(owner).forward)
+        except (AttributeError, OSError, TypeError):
+            continue
+        wanted = "self." + ".".join(parts[i:])
+        for offset, line in enumerate(lines):
+            if wanted in line:
+                return f"{file}:{start + offset} `{line.strip()}`"
+    return ""

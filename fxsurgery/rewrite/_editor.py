@@ -18,9 +18,9 @@ from torch import fx, nn
 from .._util import get_path, shape_text
 from ..capture import Captured, Meta, PropagationError, propagate, root_of
 from ..errors import RewriteError
-from ..match import Match, Plan, Site, label
+from ..match import Match, Plan, Site, join, label
 from ..spec import New, describe, like
-from ._blame import shape_failure
+from ._blame import shape_failure, source_line
 from ._edited import Edited, InputChange, Slot
 from ._fitting import build, expected_input, fit_call, snake
 
@@ -240,6 +240,17 @@ class Rewriter:
         if not all(s.leaf for s in sites):  # a traced-through module: its parts are gone with it
             for target in [t for t in self.edited.modules if t.startswith(path + ".")]:
                 del self.edited.modules[target]
+        self.warn_direct_reads(m, path)
+
+    def warn_direct_reads(self, m: Match, path: str) -> None:
+        """The forward may read a replaced module's tensors itself (`self.fc.weight`): those reads are not replaced."""
+        for node in self.graph.nodes:
+            if node.op == "get_attr" and str(node.target).startswith(path + "."):
+                line = source_line(self.captured.model, node, path)
+                self.plan.warnings.append(
+                    f"{m.label}: the forward also reads {join(self.captured.path, node.target)} directly (node '{node.name}'"
+                    f"{', ' + line if line else ''}): that read is not replaced, so {node.target} keeps the replaced module's "
+                    "tensor; fix: make the forward call the module instead of reading its tensors, or rewrite that read too")
 
     def replace_call(self, m: Match, site: Site) -> None:
         out = self.one_output(m, site)

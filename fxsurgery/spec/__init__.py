@@ -7,7 +7,7 @@ and YAML rule files (`load_rules`). Every rule remembers the file and line, or
 the Python line, it came from.
 """
 
-from ._builtins import AdaptInputChannels, AddLoRA, DropDropout, FoldBatchNorm, FoldLinearBatchNorm, SwapActivation
+from ._builtins import AdaptInputChannels, AddLoRA, DropDropout, FoldBatchNorm, FoldLinearBatchNorm, SwapActivation, replay
 from ._load import load_rules, parse_overrides
 from ._new import New, like, new
 from ._pattern import Chain, Output, Pattern, Rewrite, calls, dag_graph, element_text, pattern
@@ -19,5 +19,5 @@ __all__ = [
     "AdaptInputChannels", "AddLoRA", "Chain", "Delete", "Detach", "DropDropout", "FoldBatchNorm",
     "FoldLinearBatchNorm", "Freeze", "Insert", "Layers", "New", "Output", "Pattern", "Replace", "Rewrite", "Rule",
     "RuleSet", "Selector", "SwapActivation", "calls", "carry", "dag_graph", "describe", "element_text",
-    "flatten", "fresh", "frozen_by", "like", "load_rules", "new", "parse_overrides", "pattern",
+    "flatten", "fresh", "frozen_by", "like", "load_rules", "new", "parse_overrides", "pattern", "replay",
 ]

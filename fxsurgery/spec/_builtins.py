@@ -22,13 +22,41 @@ DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropou
 RELUS = (nn.ReLU, F.relu, torch.relu, "method:relu")
 
 
-def _bn_scale(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, t) with bn(x) = s * x + t per channel, in eval mode: s = γ/σ, t = β − μ·γ/σ."""
-    sigma = torch.sqrt(bn.running_var.double() + bn.eps)
-    gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(sigma)
-    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(sigma)
+def folded(weight, bias, mean, var, gamma, beta, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W', b') in float64 for a layer (weight, bias) followed by an eval-mode BatchNorm:
+    s = γ/σ, σ = sqrt(var + eps), W' = W·s per output channel, b' = (b − μ)·s + β.
+    One function for the rewrite and for map-weights' replay, so both give the same bits."""
+    sigma = torch.sqrt(var.double() + eps)
+    gamma = gamma.double() if gamma is not None else torch.ones_like(sigma)
+    beta = beta.double() if beta is not None else torch.zeros_like(sigma)
     s = gamma / sigma
-    return s, beta - bn.running_mean.double() * s
+    t = beta - mean.double() * s
+    b = bias.double() if bias is not None else torch.zeros_like(s)
+    return weight.double() * s.reshape(-1, *([1] * (weight.dim() - 1))), b * s + t
+
+
+def _fold_recipe(layer: nn.Module, bn: nn.Module) -> dict:
+    """How map-weights recomputes a fold from a checkpoint: which tensors it reads (module index, name)."""
+    reads = {"weight": (0, "weight"), "mean": (1, "running_mean"), "var": (1, "running_var")}
+    reads.update({role: where for role, where, t in (("bias", (0, "bias"), layer.bias), ("gamma", (1, "weight"), bn.weight),
+                                                      ("beta", (1, "bias"), bn.bias)) if t is not None})
+    return {part: {"op": "fold", "part": part, "eps": float(bn.eps), "reads": reads} for part in ("weight", "bias")}
+
+
+def replay(recipe: dict, read, dst: torch.Tensor) -> None:
+    """Fill `dst` as a rewrite or weights policy filled it, from tensors `read(name)` of a checkpoint.
+
+    `recipe` is what the transfer report recorded (report.recipes): a weights
+    policy ({"op": "policy"}) or a built-in fold ({"op": "fold"}).
+    """
+    tensors = {role: read(name) for role, name in recipe["reads"].items()}
+    if recipe["op"] == "policy":
+        policy = recipe["policy"]
+        policies.carry({"select": tuple(policy["select"])} if isinstance(policy, dict) else policy, tensors["src"], dst)
+        return
+    weight, bias = folded(tensors["weight"], tensors.get("bias"), tensors["mean"], tensors["var"], tensors.get("gamma"),
+                          tensors.get("beta"), recipe["eps"])
+    dst.copy_(weight if recipe["part"] == "weight" else bias)
 
 
 def _bn_problem(bn: nn.Module, out: int) -> str | None:
@@ -57,15 +85,17 @@ class FoldBatchNorm(Pattern):
         return _bn_problem(bn, conv.out_channels)
 
     def rewrite(self, conv, bn):
-        s, t = _bn_scale(bn)
         fused = type(conv)(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
                            padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True,
                            padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
-        b = conv.bias.double() if conv.bias is not None else torch.zeros_like(s)
         with torch.no_grad():
-            fused.weight.copy_(conv.weight.double() * s.reshape(-1, *([1] * (conv.weight.dim() - 1))))
-            fused.bias.copy_(b * s + t)
+            weight, bias = folded(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+            fused.weight.copy_(weight)
+            fused.bias.copy_(bias)
         return fused
+
+    def recipe(self, conv, bn):
+        return _fold_recipe(conv, bn)
 
     def describe(self):
         return "fold_bn (conv + batchnorm -> conv)"
@@ -89,13 +119,15 @@ class FoldLinearBatchNorm(Pattern):
         return None
 
     def rewrite(self, linear, bn):
-        s, t = _bn_scale(bn)
         fused = nn.Linear(linear.in_features, linear.out_features, device=linear.weight.device, dtype=linear.weight.dtype)
-        b = linear.bias.double() if linear.bias is not None else torch.zeros_like(s)
         with torch.no_grad():
-            fused.weight.copy_(linear.weight.double() * s[:, None])
-            fused.bias.copy_(b * s + t)
+            weight, bias = folded(linear.weight, linear.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+            fused.weight.copy_(weight)
+            fused.bias.copy_(bias)
         return fused
+
+    def recipe(self, linear, bn):
+        return _fold_recipe(linear, bn)
 
     def describe(self):
         return "fold_linear_bn (linear + batchnorm1d -> linear)"
@@ -214,6 +246,12 @@ class AdaptInputChannels(Pattern):
             if conv.bias is not None:
                 new.bias.copy_(conv.bias)
         return new
+
+    def recipe(self, conv):
+        out = {"weight": {"op": "policy", "policy": "adapt_input_channels", "reads": {"src": (0, "weight")}}}
+        if conv.bias is not None:
+            out["bias"] = {"op": "policy", "policy": "keep", "reads": {"src": (0, "bias")}}
+        return out
 
     def describe(self):
         return f"adapt_input_channels -> {self.in_channels}"

@@ -66,6 +66,12 @@ class Pattern:
         """What the chain becomes: an nn.Module, a function, or None (consumers read its input)."""
         raise NotImplementedError
 
+    def recipe(self, *modules) -> dict | None:
+        """How `fxsurgery map-weights` recomputes what `rewrite` made from another checkpoint
+        of the original: {tensor name in what rewrite returns: a recipe `replay` understands,
+        its "reads" as (index of the matched module, tensor name)}. None: it cannot."""
+        return None
+
     def describe(self) -> str:
         return type(self).__name__
 

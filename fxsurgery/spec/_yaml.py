@@ -23,6 +23,10 @@ class YamlList(list):
     line: int = 0
 
 
+class _KeyNotText(yaml.MarkedYAMLError):
+    pass
+
+
 class LineLoader(yaml.SafeLoader):
     """PyYAML's safe loader, keeping line numbers and refusing duplicate keys and aliases.
 
@@ -47,6 +51,9 @@ class LineLoader(yaml.SafeLoader):
         out, lines = YamlMap(), {}
         for key_node, value_node in node.value:
             key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (list, dict)):  # `? [a, b]`: YAML allows it, no rule file means it
+                raise _KeyNotText(problem=f"a key must be text, not a {'list' if isinstance(key, list) else 'mapping'}",
+                                  problem_mark=key_node.start_mark)
             if key in out:
                 raise yaml.MarkedYAMLError(problem=f"duplicate key {key!r}", problem_mark=key_node.start_mark)
             out[key] = self.construct_object(value_node, deep=True)
@@ -72,6 +79,8 @@ def parse_yaml(text: str, source: str) -> Any:
         return max(1, min(mark.line + 1, last)) if mark else 1
     try:
         return loader.get_single_data()
+    except _KeyNotText as exc:
+        raise RuleError(f"{source}:{at(exc.problem_mark)}: {exc.problem}; fix: write the key as a plain word") from None
     except yaml.constructor.ConstructorError as exc:
         line = at(exc.problem_mark)
         tag = re.search(r"tag '([^']*)'", str(exc.problem))

@@ -27,7 +27,7 @@ from ._report import TransferReport, check_strict, entry, tensors_of
 from ._tying import Ties
 
 __all__ = [
-    "Checkpoint", "TransferReport", "empty_weights", "read_state_dict", "strip_prefixes", "transfer",
+    "Checkpoint", "TransferReport", "empty_weights", "read_state_dict", "refuse_own_loading", "strip_prefixes", "transfer",
     "transfer_modules",
 ]
 
@@ -45,10 +45,11 @@ def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True,
     model = rewritten.capture.model
     checkpoint = weights if isinstance(weights, Checkpoint) or weights is None else Checkpoint(weights)
     if checkpoint is not None:
+        refuse_own_loading(model)
         checkpoint.check({k: (tuple(v.shape), v.dtype) for k, v in model.state_dict(keep_vars=True).items()})
     built = assemble(rewritten, share=not copy and checkpoint is None)
     module = built.module
-    kept = {}
+    kept, recipes = {}, {}
     if not copy and checkpoint is None:
         _consume(model)
     with torch.no_grad():
@@ -58,8 +59,8 @@ def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True,
         notes = follow_conventions(module, rewritten, built) if rewritten.capture.kept else []
         ties = Ties(model, module, built.copies)
         for path, new, old, rule, policy in built.keeps:
-            kept.update(_carry(rewritten, path, new, old, rule, policy, checkpoint, ties))
-        derived_from = _derived(rewritten, built, kept)
+            kept.update(_carry(rewritten, path, new, old, rule, policy, checkpoint, ties, recipes))
+        derived_from = _derived(rewritten, built, kept, recipes)
     rule_of = _maker(module, built.made_by)
     freeze(rewritten, module, rule_of)
     present = dict(module.named_modules())
@@ -97,6 +98,8 @@ def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True,
             status = "adapted" if op else "transferred"
             report.entries.append(entry(name, t, kind, status, source=source, rule=rule,
                                          op=f"{op or 'kept'} by {rewritten.rule_of(rule).label}", frozen=frozen))
+            if id(t) in recipes:
+                report.recipes[name] = recipes[id(t)]
         else:
             report.entries.append(entry(name, t, kind, "new", rule=rule_of(name), frozen=frozen))
     used.update(n for n, _, _ in tensors_of(model) if any(n.startswith(p + ".") for p in derived_from))
@@ -108,13 +111,51 @@ def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True,
     return module, report
 
 
-def _derived(rewritten: Rewritten, built, kept: dict) -> set[str]:
+def refuse_own_loading(model: nn.Module) -> None:
+    """A checkpoint read tensor by tensor bypasses the code a model runs on load_state_dict
+    (a pre-hook that renames old keys, a `_load_from_state_dict` that converts values):
+    such a model is refused. torch's own (BatchNorm's handling of old versions) is not."""
+    for path, sub in model.named_modules():
+        why = None
+        for kind, table in (("pre-hook", sub._load_state_dict_pre_hooks), ("post-hook", sub._load_state_dict_post_hooks)):
+            hooks = [getattr(h, "hook", h) for h in table.values()]
+            foreign = [h for h in hooks if not _from_torch(h)]
+            if foreign and why is None:
+                why = f"has a load_state_dict {kind} ({_name(foreign[0])})"
+        owner = next(c for c in type(sub).__mro__ if "_load_from_state_dict" in vars(c))
+        if why is None and not _from_torch(owner):
+            why = f"overrides _load_from_state_dict ({owner.__qualname__}._load_from_state_dict)"
+        if why is not None:
+            raise TransferError(f"weights=: {path or '(the model)'} ({type(sub).__name__}) {why}, which reading the checkpoint "
+                                "tensor by tensor would bypass; fix: build the model, load the checkpoint with "
+                                "model.load_state_dict, and apply without weights= (--weights)")
+
+
+def _from_torch(obj) -> bool:
+    module = getattr(obj, "__module__", None) or getattr(getattr(obj, "__func__", None), "__module__", "") or ""
+    return module == "torch" or module.startswith("torch.")
+
+
+def _name(hook) -> str:
+    return getattr(hook, "__qualname__", None) or type(hook).__qualname__
+
+
+def _derived(rewritten: Rewritten, built, kept: dict, recipes: dict) -> set[str]:
     """Tensors a pattern computed from original modules (a folded convolution):
-    adapted, from those modules, whose tensors are then used, not dropped."""
+    adapted, from those modules, whose tensors are then used, not dropped;
+    with the pattern's recipe for recomputing them, where it has one."""
     sources_used: set[str] = set()
+    model = rewritten.capture.model
     for path, made, sources, rule in built.derived:
         label = rewritten.rule_of(rule).label
+        recipe = getattr(getattr(rewritten.rule_of(rule).rule, "pattern", None), "recipe", None)
+        try:
+            how = recipe(*[model.get_submodule(s) for s in sources]) if recipe is not None else None
+        except AttributeError:
+            how = None
         for name, t, _ in tensors_of(made):
+            if how and name in how:
+                recipes[id(t)] = _resolved(how[name], sources, model)
             if id(t) in built.copies:
                 continue  # an original tensor it kept: transferred like any other
             if t.is_meta:
@@ -181,14 +222,25 @@ def _fill(module: nn.Module, built, model: nn.Module, checkpoint: Checkpoint | N
                 t.copy_(value)
 
 
+def _resolved(recipe: dict, sources, model: nn.Module) -> dict:
+    """A recipe's reads (matched module index, tensor name) as names of the original's tensors,
+    with the shape and dtype each had."""
+    reads, read = {}, {}
+    for role, (i, name) in recipe["reads"].items():
+        t = getattr(model.get_submodule(sources[i]), name)
+        reads[role] = f"{sources[i]}.{name}"
+        read[reads[role]] = [list(t.shape), str(t.dtype).replace("torch.", "")]
+    return {**recipe, "reads": reads, "read": read}
+
+
 def _carry(rewritten: Rewritten, path: str, new: nn.Module, old: nn.Module, rule: int, policy,
-           checkpoint: Checkpoint | None, ties: Ties) -> dict:
+           checkpoint: Checkpoint | None, ties: Ties, recipes: dict) -> dict:
     """The replaced module's tensors into the replacement, as the rule's weights policy says;
     a tensor the original shares with another path stays shared (_tying.py)."""
     original = {n: t for n, t, _ in tensors_of(old)}
     identity = dict(original)
+    prefix = next((p for p, m in rewritten.capture.model.named_modules() if m is old), path)
     if checkpoint is not None:  # the replaced module may have no values of its own: read them
-        prefix = next((p for p, m in rewritten.capture.model.named_modules() if m is old), path)
         stored = {n: f"{prefix}.{n}" for n in original if f"{prefix}.{n}" in checkpoint.keys}
         original.update({n: v for n, v in ((n, dict(checkpoint.read([k]))[k]) for n, k in stored.items())})
     label = rewritten.rule_of(rule).label
@@ -210,6 +262,10 @@ def _carry(rewritten: Rewritten, path: str, new: nn.Module, old: nn.Module, rule
             fix = "use weights: new" if policy == "keep" else "choose another weights policy, or weights: new"
             raise TransferError(f"{label}: weights '{shown}' cannot fill {path}.{name} {shape_text(t.shape)}: {exc}; fix: {fix}") from None
         carried[id(t)] = (f"{path}.{name}", rule, op)
+        if op:  # how map-weights makes it again from another checkpoint
+            recipes[id(t)] = {"op": "policy", "policy": {"select": list(policy["select"])} if isinstance(policy, dict) else policy,
+                              "reads": {"src": f"{prefix}.{name}"},
+                              "read": {f"{prefix}.{name}": [list(src.shape), str(src.dtype).replace("torch.", "")]}}
     return carried
 
 

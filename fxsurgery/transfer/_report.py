@@ -36,6 +36,7 @@ class TransferReport:
     entries: list[Entry] = field(default_factory=list)
     rules: dict[int, str] = field(default_factory=dict)  # rule number -> label
     notes: list[str] = field(default_factory=list)        # the result mode, and what followed the edit (configuration)
+    recipes: dict[str, dict] = field(default_factory=dict)  # adapted tensor -> how to make it again (map-weights)
 
     def _names(self, status: str) -> list[str]:
         return [e.name for e in self.entries if e.status == status]
@@ -80,7 +81,7 @@ class TransferReport:
             d = asdict(e)
             d["shape"] = list(e.shape)
             entries.append(d)
-        return {"counts": self.counts(), "notes": list(self.notes), "entries": entries}
+        return {"counts": self.counts(), "notes": list(self.notes), "entries": entries, "recipes": dict(self.recipes)}
 
     def table(self) -> str:
         """A row per top-level module with counts, then a line per tensor that is not plainly transferred."""

@@ -1,0 +1,180 @@
+"""What used to end in an internal error (exit 3) or a false success is a one-line error with a fix.
+
+- Weights streamed with `weights=` would bypass a model's own state-dict
+  loading code (`_load_from_state_dict` overrides, load_state_dict pre-hooks):
+  such a model is refused, naming the module and the reason.
+- Old-style `torch.nn.utils.weight_norm`, complex YAML keys, a full disk while
+  saving, a model reference that exits the process.
+"""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from test_bad_inputs import run_cli
+from torch import nn
+
+import fxsurgery as fxs
+from fxsurgery import Freeze, Replace
+
+
+class Renamed(nn.Module):
+    """A layer renamed in a later version: a pre-hook maps the old checkpoint key to the new one."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self._register_load_state_dict_pre_hook(self._rename)
+
+    @staticmethod
+    def _rename(state, prefix, *args):
+        if prefix + "dense.weight" in state:
+            state[prefix + "proj.weight"] = state.pop(prefix + "dense.weight")
+            state[prefix + "proj.bias"] = state.pop(prefix + "dense.bias")
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+class Scaled(nn.Linear):
+    """Stores its weight halved: its own loading code doubles it back."""
+
+    def _load_from_state_dict(self, state, prefix, *args, **kwargs):
+        if prefix + "weight" in state:
+            state[prefix + "weight"] = state[prefix + "weight"] * 2
+        super()._load_from_state_dict(state, prefix, *args, **kwargs)
+
+
+class Net(nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.block(x))
+
+
+@pytest.mark.parametrize("block, why", [
+    (Renamed, "has a load_state_dict pre-hook (Renamed._rename)"),
+    (lambda: Scaled(4, 4), "overrides _load_from_state_dict (Scaled._load_from_state_dict)"),
+])
+def test_streamed_weights_refuse_a_model_with_its_own_loading_code(tmp_path, block, why):
+    torch.manual_seed(0)
+    model = Net(block())
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    with fxs.empty_weights():
+        empty = Net(block())
+    with pytest.raises(fxs.TransferError) as err:
+        fxs.apply(empty, [Freeze("head")], example_inputs=(torch.randn(1, 4),), weights=tmp_path / "w.safetensors")
+    assert str(err.value) == (f"weights=: block ({type(empty.block).__name__}) {why}, which reading the checkpoint tensor "
+                              "by tensor would bypass; fix: build the model, load the checkpoint with "
+                              "model.load_state_dict, and apply without weights= (--weights)")
+    # its own loading code still works, and a surgery on the loaded model is exact
+    model.load_state_dict(model.state_dict())
+    result = fxs.apply(model, [Freeze("head")], example_inputs=(torch.randn(1, 4),))
+    x = torch.randn(3, 4)
+    assert torch.equal(result.module(x), model(x))
+
+
+def test_torch_own_loading_code_is_not_refused(tmp_path):
+    """BatchNorm overrides _load_from_state_dict (old checkpoints without num_batches_tracked): still streamed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).eval()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    with fxs.empty_weights():
+        empty = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).eval()
+    result = fxs.apply(empty, [Freeze("0")], example_inputs=(torch.randn(2, 4),), weights=tmp_path / "w.safetensors")
+    x = torch.randn(3, 4)
+    assert torch.equal(result.module.eval()(x), model(x))
+
+
+class OldNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.utils.weight_norm(nn.Linear(4, 4))
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_old_style_weight_norm_is_refused_with_the_fix():
+    with pytest.warns(FutureWarning):
+        model = OldNorm()
+    with pytest.raises(fxs.ModelError) as err:
+        fxs.apply(model, [Replace("fc", nn.Identity())], example_inputs=(torch.randn(1, 4),))
+    assert str(err.value) == ("fc: uses torch.nn.utils.weight_norm, whose weight a hook recomputes before each call; "
+                              "fix: use torch.nn.utils.parametrizations.weight_norm, or call "
+                              "torch.nn.utils.remove_weight_norm(model.fc) first")
+
+
+def test_complex_yaml_keys_are_a_rule_error(tmp_path):
+    (tmp_path / "r.yaml").write_text("fxsurgery: 1\nrules:\n  - ? [a, b]\n    : fc\n")
+    code, stdout, stderr, raised = run_cli(["check", str(tmp_path / "r.yaml")])
+    assert (code, stdout, type(raised)) == (2, "", fxs.RuleError)
+    assert stderr == (f"fxsurgery: error: {tmp_path / 'r.yaml'}:3: a key must be text, not a list; "
+                      "fix: write the key as a plain word\n")
+
+
+def test_a_full_disk_while_saving_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    import fxsurgery.export._save as saving
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(saving, "save_file", full)
+    torch.manual_seed(0)
+    result = fxs.apply(nn.Sequential(nn.Linear(4, 4)), [Freeze("0")], example_inputs=(torch.randn(1, 4),))
+    with pytest.raises(fxs.SaveError) as err:
+        result.save(tmp_path / "o")
+    assert str(err.value) == (f"{tmp_path / 'o'}: cannot write: No space left on device; "
+                              "fix: free some space, or choose an output directory on another disk")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_model_reference_that_exits_is_an_error(tmp_path):
+    (tmp_path / "r.yaml").write_text("fxsurgery: 1\nrules:\n  - freeze: '*'\n")
+    code, stdout, stderr, raised = run_cli(["apply", "sys:exit", str(tmp_path / "r.yaml"), "--input", "1x4",
+                                            "-o", str(tmp_path / "o")])
+    assert (code, stdout, type(raised)) == (2, "", fxs.ModelError)
+    assert stderr == ("fxsurgery: error: sys:exit: building the model exited the process (SystemExit: None); "
+                      "fix: name a factory that returns a model\n")
+    assert not (tmp_path / "o").exists()
+
+
+class ReadsItsWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x) + self.fc.weight.sum()  # the line the warning names
+
+
+def test_a_replaced_module_whose_tensor_the_forward_reads_is_a_warning_naming_the_line():
+    import inspect
+
+    from fxsurgery.pipeline import SurgeryWarning
+    torch.manual_seed(0)
+    rule = Replace("fc", fxs.new(nn.Linear, out_features=4))
+    with pytest.warns(SurgeryWarning) as caught:
+        fxs.apply(ReadsItsWeight(), [rule], example_inputs=(torch.randn(1, 4),))
+    lines, start = inspect.getsourcelines(ReadsItsWeight.forward)
+    line = start + next(i for i, text in enumerate(lines) if "self.fc.weight" in text)
+    assert [str(w.message) for w in caught] == [
+        f"rule 1 'replace fc with Linear(out_features=4)' ({rule.origin}): the forward also reads fc.weight directly "
+        f"(node 'fc_weight', {__file__}:{line} `return self.fc(x) + self.fc.weight.sum()  # the line the warning names`): "
+        "that read is not replaced, so fc.weight keeps the replaced module's tensor; fix: make the forward call the module "
+        "instead of reading its tensors, or rewrite that read too"]
+
+
+def test_a_replaced_module_only_called_gives_no_such_warning():
+    import warnings
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fxs.apply(Net(nn.Linear(4, 4)), [Replace("block", fxs.new(nn.Linear, out_features=4))],
+                  example_inputs=(torch.randn(1, 4),))

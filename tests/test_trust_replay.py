@@ -1,0 +1,210 @@
+"""map-weights reproduces every tensor apply adapted, bit for bit, or refuses saying why.
+
+Each test applies rules to one checkpoint, saves, then maps a second
+checkpoint of the same architecture through the saved directory and compares
+the mapped tensors bitwise with what apply computes from that second
+checkpoint directly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from conftest import RULES
+from safetensors.torch import load_file, save_file
+from test_bad_inputs import run_cli
+from torch import nn
+
+import fxsurgery as fxs
+from fxsurgery import Replace, Rewrite
+
+
+class Head(nn.Module):
+    def __init__(self, classes=5):
+        super().__init__()
+        self.body = nn.Linear(4, 6)
+        self.fc = nn.Linear(6, classes)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.body(x)))
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 2, 1)
+        self.bn2 = nn.BatchNorm2d(2, affine=False)
+
+    def forward(self, x):
+        return self.bn2(self.conv2(torch.relu(self.bn(self.conv(x)))))
+
+
+def _randomised(model: nn.Module, seed: int) -> nn.Module:
+    """The same architecture with other values everywhere, BatchNorm statistics included."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.is_floating_point():
+                t.copy_(torch.rand_like(t) + 0.5)
+    return model.eval()
+
+
+def _bitwise(mapped: dict, direct: nn.Module) -> None:
+    want = direct.state_dict()
+    assert sorted(mapped) == sorted(want)
+    for name, t in want.items():
+        assert mapped[name].dtype == t.dtype, name
+        assert torch.equal(mapped[name], t), name
+
+
+def _replayed(model_factory, rules, inputs, tmp_path, seed=7):
+    """(mapped, direct): the second checkpoint mapped through the save of the first, and apply on the second."""
+    first = _randomised(model_factory(), 1)
+    torch.manual_seed(seed)
+    fxs.apply(first, rules, example_inputs=inputs).save(tmp_path / "o")
+    second = _randomised(model_factory(), 2)
+    torch.manual_seed(seed)
+    direct = fxs.apply(second, rules, example_inputs=inputs).module
+    save_file({k: v.contiguous() for k, v in second.state_dict().items()}, str(tmp_path / "ckpt.safetensors"))
+    code, stdout, stderr, raised = run_cli(["map-weights", str(tmp_path / "ckpt.safetensors"), str(tmp_path / "o"),
+                                            "-o", str(tmp_path / "mapped.safetensors")])
+    assert (code, stderr) == (0, ""), raised
+    return load_file(str(tmp_path / "mapped.safetensors")), direct
+
+
+@pytest.mark.parametrize("classes", [3, 5])
+def test_a_row_selection_is_replayed_permuted(tmp_path, classes):
+    """[2, 0, 1] of 3 rows keeps the shape: copied unpermuted, it would pass every shape check."""
+    factory = lambda: Head(classes)  # noqa: E731
+    mapped, direct = _replayed(factory, [Replace("fc", fxs.new(nn.Linear, out_features=3), weights={"select": [2, 0, 1]})],
+                               (torch.randn(2, 4),), tmp_path)
+    second = _randomised(factory(), 2)
+    assert torch.equal(mapped["fc.weight"], second.fc.weight[[2, 0, 1]])
+    _bitwise(mapped, direct)
+
+
+@pytest.mark.parametrize("policy", ["slice", "pad"])
+def test_slice_and_pad_are_replayed(tmp_path, policy):
+    out = 3 if policy == "slice" else 8
+    mapped, direct = _replayed(Head, [Replace("fc", fxs.new(nn.Linear, out_features=out), weights=policy)],
+                               (torch.randn(2, 4),), tmp_path)
+    _bitwise(mapped, direct)
+
+
+def test_folded_batchnorms_are_recomputed_from_the_checkpoint(tmp_path):
+    mapped, direct = _replayed(ConvNet, [Rewrite(fxs.FoldBatchNorm())], (torch.randn(1, 3, 8, 8),), tmp_path)
+    assert sorted(mapped) == ["conv.bias", "conv.weight", "conv2.bias", "conv2.weight"]
+    _bitwise(mapped, direct)
+
+
+def test_a_folded_resnet_maps_bit_for_bit(tmp_path):
+    factory = lambda: torchvision.models.resnet18(weights=None, num_classes=10)  # noqa: E731
+    mapped, direct = _replayed(factory, [str(Path(RULES) / "fold-bn.yaml")], (torch.randn(1, 3, 32, 32),), tmp_path)
+    _bitwise(mapped, direct)
+
+
+def test_input_channel_adaptation_is_replayed(tmp_path):
+    factory = lambda: torchvision.models.resnet18(weights=None, num_classes=10)  # noqa: E731
+    rules = [Rewrite(fxs.AdaptInputChannels(in_channels=1))]
+    mapped, direct = _replayed(factory, rules, (torch.randn(1, 3, 32, 32),), tmp_path)
+    second = _randomised(factory(), 2)
+    assert torch.equal(mapped["conv1.weight"], second.conv1.weight.sum(dim=1, keepdim=True))
+    _bitwise(mapped, direct)
+
+
+def test_input_channels_by_a_weights_policy_are_replayed(tmp_path):
+    rules = [Replace("body", fxs.new(nn.Linear, in_features=6, out_features=6), weights="adapt_input_channels")]
+    mapped, direct = _replayed(Head, rules, (torch.randn(2, 4),), tmp_path)
+    _bitwise(mapped, direct)
+
+
+class Scaled(fxs.Pattern):
+    """A user pattern: its maths lives in Python map-weights does not have."""
+
+    pattern = (nn.Linear,)
+
+    def rewrite(self, linear):
+        made = nn.Linear(linear.in_features, linear.out_features)
+        with torch.no_grad():
+            made.weight.copy_(linear.weight * 2)
+            made.bias.copy_(linear.bias)
+        return made
+
+
+def test_a_tensor_a_user_pattern_computed_is_refused_with_the_reason(tmp_path):
+    model = _randomised(Head(), 1)
+    rule = Rewrite(Scaled(), select="fc")
+    fxs.apply(model, [rule], example_inputs=(torch.randn(2, 4),)).save(tmp_path / "o")
+    with pytest.raises(fxs.SaveError) as err:
+        fxs.map_weights(_randomised(Head(), 2).state_dict(), tmp_path / "o")
+    assert str(err.value) == (f"fc.weight is computed by rule 1 'rewrite Scaled in fc' ({rule.origin}) from fc, which map-weights cannot "
+                              "recompute (only weights policies and built-in patterns replay); fix: apply the rules "
+                              "again with --weights CHECKPOINT")
+
+
+def test_a_cast_is_refused_like_weights_refuses_it(tmp_path):
+    model = _randomised(Head(), 1)
+    fxs.apply(model, [Replace("fc", fxs.new(nn.Linear, out_features=3), weights={"select": [2, 0, 1]})],
+              example_inputs=(torch.randn(2, 4),)).save(tmp_path / "o")
+    half = {k: v.half().contiguous() for k, v in _randomised(Head(), 2).state_dict().items()}
+    save_file(half, str(tmp_path / "half.safetensors"))
+    code, stdout, stderr, raised = run_cli(["map-weights", str(tmp_path / "half.safetensors"), str(tmp_path / "o"),
+                                            "-o", str(tmp_path / "m.safetensors")])
+    assert code == 2 and type(raised) is fxs.SaveError
+    assert stderr == ("fxsurgery: error: the checkpoint's 'body.weight' is float16, the surgery read float32; "
+                      "fix: pass a float32 checkpoint (map-weights casts nothing, as --weights does not)\n")
+    assert not (tmp_path / "m.safetensors").exists()
+    with pytest.raises(fxs.SaveError, match="the checkpoint's 'fc.weight' is float16, the surgery read float32"):
+        fxs.map_weights({**_randomised(Head(), 2).state_dict(), "fc.weight": half["fc.weight"]}, tmp_path / "o")
+
+
+def test_the_source_of_an_adapted_tensor_is_checked_by_its_own_shape(tmp_path):
+    model = _randomised(Head(), 1)
+    fxs.apply(model, [Replace("fc", fxs.new(nn.Linear, out_features=3), weights="slice")],
+              example_inputs=(torch.randn(2, 4),)).save(tmp_path / "o")
+    state = {**_randomised(Head(), 2).state_dict(), "fc.weight": torch.zeros(3, 6)}
+    with pytest.raises(fxs.SaveError) as err:
+        fxs.map_weights(state, tmp_path / "o")
+    assert str(err.value) == ("the checkpoint's 'fc.weight' has shape [3, 6], the surgery read [5, 6]; "
+                              "fix: pass a checkpoint of the original architecture")
+
+
+@pytest.mark.parametrize("tamper", [
+    lambda r: r["fc.weight"].update(op="unknown"),
+    lambda r: r["fc.weight"].update(policy={"select": [99, 0, 1]}),
+    lambda r: r["fc.weight"].update(reads=["src"]),
+])
+def test_a_tampered_recipe_is_a_one_line_error(tmp_path, tamper):
+    import json
+    model = _randomised(Head(), 1)
+    fxs.apply(model, [Replace("fc", fxs.new(nn.Linear, out_features=3), weights={"select": [2, 0, 1]})],
+              example_inputs=(torch.randn(2, 4),)).save(tmp_path / "o")
+    record = json.loads((tmp_path / "o" / "surgery.json").read_text())
+    tamper(record["report"]["recipes"])
+    (tmp_path / "o" / "surgery.json").write_text(json.dumps(record))
+    with pytest.raises(fxs.SaveError) as err:
+        fxs.map_weights(_randomised(Head(), 2).state_dict(), tmp_path / "o")
+    assert str(err.value).startswith(f"{tmp_path / 'o' / 'surgery.json'}: cannot replay fc.weight (")
+    assert str(err.value).endswith("); fix: write the directory again with save()")
+
+
+@pytest.mark.parametrize("tamper, found", [
+    (lambda r: r.pop("report"), "KeyError: 'report'"),
+    (lambda r: r["report"]["entries"][0].pop("op"), "KeyError: 'op'"),
+    (lambda r: r["report"].update(entries=[7]), "TypeError: 'int' object is not subscriptable"),
+])
+def test_a_tampered_record_is_a_one_line_error(tmp_path, tamper, found):
+    import json
+    fxs.apply(_randomised(Head(), 1), [fxs.Freeze("body")], example_inputs=(torch.randn(2, 4),)).save(tmp_path / "o")
+    record = json.loads((tmp_path / "o" / "surgery.json").read_text())
+    tamper(record)
+    (tmp_path / "o" / "surgery.json").write_text(json.dumps(record))
+    with pytest.raises(fxs.SaveError) as err:
+        fxs.map_weights(_randomised(Head(), 2).state_dict(), tmp_path / "o")
+    assert str(err.value) == (f"{tmp_path / 'o' / 'surgery.json'}: not a record map-weights can read ({found}); "
+                              "fix: write the directory again with save()")
