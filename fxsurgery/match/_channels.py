@@ -249,6 +249,10 @@ class Walk:
             self._reshape(user, node, dim, index)
         elif name in ("mean", "sum", "amax", "amin"):
             self._reduce(user, node, dim, index)
+        elif name == "layer_norm" and user.args[0] is node:
+            if dim >= self.ndim(node) - len(_arg(user, 1, "normalized_shape")):
+                raise Unprunable(user.name, "LayerNorm normalises over these channels, so removing one changes the others")
+            self._add(user, dim, index, node)
         else:
             raise Unprunable(user.name, f"'{name}' is not known to keep channels apart and zero where they were zero")
 
