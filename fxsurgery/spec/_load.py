@@ -310,6 +310,8 @@ def _prune_rule(item: YamlMap, target: Any, optional: bool, origin: Origin) -> P
         at = Origin(origin.file, item.key_lines.get(key, origin.line))
         if key == "importance" and value not in IMPORTANCE:
             raise RuleError(f"{at}: prune importance {_short(value)} is not known; fix: write 'importance: l1' or 'importance: l2'")
+        if key == "amount" and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1):
+            raise RuleError(f"{at}: prune amount must be a fraction between 0 and 1 (exclusive), got {_short(value)}; fix: e.g. 'amount: 0.5'")
         if key in ("channels", "neurons") and not isinstance(value, list):
             raise RuleError(f"{at}: prune {key} must be a list of indices, got {_short(value)}; fix: e.g. '{key}: [0, 3, 5]'")
     return Prune(target, **kwargs, optional=optional, origin=origin)
