@@ -159,3 +159,14 @@ def test_bert_intermediate_neurons_exact():
         got, want = result.module(*inputs), reference(*inputs)
     torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, rtol=0, atol=1e-5)
     assert result.module.get_submodule("encoder.layer.0.output.dense").in_features == model.config.intermediate_size - 2
+
+
+def test_two_prune_rules_on_one_layer_compose_their_kept_indices():
+    torch.manual_seed(0)
+    model, x = torchvision.models.resnet18().eval(), torch.randn(1, 3, 32, 32)
+    result = fxs.apply(model, [Prune("layer3.1.conv2", channels=[0, 2]), Prune("layer4.0.conv1", channels=[1])], example_inputs=(x,))
+    # layer4.0.conv1 loses input channels 0 and 2 (rule 1: layer3's residual stream) and output channel 1 (rule 2)
+    want = model.layer4[0].conv1.weight[[0] + list(range(2, 512))][:, [1] + list(range(3, 256))]
+    assert torch.equal(result.module.get_submodule("layer4.0.conv1").weight, want)
+    assert result.report.entry("layer4.0.conv1.weight").op.startswith(
+        "dim 0 keeps 511 of 512: [0, 2-511]; dim 1 keeps 254 of 256: [1, 3-255] by rule 2")
