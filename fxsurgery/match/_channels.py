@@ -22,8 +22,9 @@ _ZERO_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish, nn.
                  nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity, nn.Softshrink, nn.Hardshrink,
                  nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
                  nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-                 nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.UpsamplingNearest2d, nn.StochasticDepth
-                 if hasattr(nn, "StochasticDepth") else nn.Identity)
+                 nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.UpsamplingNearest2d)
+# by name, so that match never imports torchvision: drops whole samples (or nothing, in eval), never a channel
+_ZERO_BY_NAME = ("StochasticDepth",)
 _ZERO_NAMES = {"relu", "relu_", "relu6", "gelu", "silu", "silu_", "hardswish", "hardswish_", "mish", "leaky_relu", "elu",
                "tanh", "hardtanh", "hardtanh_", "dropout", "dropout1d", "dropout2d", "dropout3d", "contiguous", "clone",
                "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
@@ -362,7 +363,7 @@ class Walk:
         elif isinstance(mod, nn.LayerNorm):
             if dim >= self.ndim(node) - len(mod.normalized_shape):
                 raise Unprunable(node.name, "LayerNorm normalises over these channels, so removing one changes the others")
-        elif not isinstance(mod, _ZERO_MODULES):
+        elif not isinstance(mod, _ZERO_MODULES) and type(mod).__name__ not in _ZERO_BY_NAME:
             raise Unprunable(node.name, f"module '{node.target}' ({type(mod).__name__}) is not known to keep channels apart")
         if backward:
             self._add(node.args[0], dim, index)
