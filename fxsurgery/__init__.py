@@ -26,6 +26,7 @@ from .spec import (
     Layers,
     Output,
     Pattern,
+    Prune,
     Replace,
     Rewrite,
     RuleSet,
@@ -42,7 +43,7 @@ from .views import diff
 
 __all__ = [
     "apply", "new", "load_rules", "transfer", "save", "load", "map_weights", "diff", "empty_weights", "Checkpoint",
-    "Delete", "Replace", "Insert", "Detach", "Freeze", "Layers", "RuleSet",
+    "Delete", "Replace", "Insert", "Detach", "Freeze", "Layers", "Prune", "RuleSet",
     "Rewrite", "Output", "Pattern", "pattern", "calls", "Chain",
     "FoldBatchNorm", "FoldLinearBatchNorm", "DropDropout", "SwapActivation", "AddLoRA", "AdaptInputChannels",
     "SurgeryResult", "TransferReport", "SurgeryWarning",

@@ -188,7 +188,7 @@ CASES = [
     load_error("weights is a number", "type_weights_int", 5, "unknown weights policy 1; fix: use one of new, keep, slice, pad, "
                "adapt_input_channels, or {select: [row indices]}"),
     load_error("rule is a string", "type_rule_string", 3,
-               "a rule is a mapping such as '- delete: layer4', got 'delete fc'; fix: start each rule with one of delete, replace, insert, detach, freeze, layers, rewrite, use, output"),
+               "a rule is a mapping such as '- delete: layer4', got 'delete fc'; fix: start each rule with one of delete, replace, insert, detach, freeze, layers, rewrite, use, output, prune"),
     load_error("insert name with a space", "type_insert_name", 3,
                "insert name 'drop out' is not a module path; fix: use identifiers joined by dots"),
     # a value the class rejects is found when the file is loaded, on the line of the `with:`

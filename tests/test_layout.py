@@ -22,7 +22,7 @@ STAGES = ["spec", "capture", "match", "rewrite", "validate", "transfer", "export
 # The public API. A change here is a change of the contract: update it on purpose.
 API = [
     "AdaptInputChannels", "AddLoRA", "Chain", "Checkpoint", "Delete", "Detach", "DropDropout", "FoldBatchNorm",
-    "FoldLinearBatchNorm", "Freeze", "FxsError", "Insert", "Layers", "MatchError", "ModeError", "ModelError", "Output", "Pattern", "Replace",
+    "FoldLinearBatchNorm", "Freeze", "FxsError", "Insert", "Layers", "MatchError", "ModeError", "ModelError", "Output", "Pattern", "Prune", "Replace",
     "Rewrite", "RewriteError", "RuleError", "RuleSet", "SaveError", "SurgeryResult", "SurgeryWarning", "SwapActivation",
     "TraceError", "TransferError", "TransferReport", "ValidateError", "__version__", "apply", "calls", "diff",
     "empty_weights", "load", "load_rules", "map_weights", "new", "pattern", "save", "transfer",

@@ -92,6 +92,9 @@ ROWS = [
     ("insert-norm.yaml", {}, "resnet18", 64, [1], {"BatchNorm1d": 0}, {"BatchNorm1d": 1}, norm_eps),
     ("mlp-head.yaml", {"num_classes": 7}, "resnet18", 64, [1],
      {"Linear": 1, "ReLU": 9, "Dropout": 0}, {"Linear": 2, "ReLU": 10, "Dropout": 2}, "differs"),
+    # resnet18: 8 blocks, each conv1 loses half its filters (bn1 and conv2 follow); 20 convolutions before and after
+    ("prune-half.yaml", {}, "resnet18", 64, [8], {"Conv2d": 20}, {"Conv2d": 20}, "differs"),
+    ("prune-half.yaml", {"amount": 0.25, "importance": "l2"}, "resnet50", 64, [16], {"Conv2d": 53}, {"Conv2d": 53}, "differs"),
     # bert (2 layers, 13 Linear with the pooler): query and value of each layer get A and B; outputs unchanged at insertion (B = 0)
     ("lora.yaml", {"rank": 4}, "bert", None, [4], {"Linear": 13}, {"Linear": 21}, "equal"),
 ]

@@ -63,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="show modules, shapes and parameters as the graph sees them")
     model_args(p)
     p.add_argument("--depth", type=int, help="show modules down to this depth")
+    p.add_argument("--groups", action="store_true", help="list the dependency groups: layers whose channels Prune removes together")
 
     p = sub.add_parser("check", help="validate rule files without a model")
     p.add_argument("rules", nargs="+")
@@ -157,7 +158,13 @@ def cmd_inspect(args) -> int:
     from ..capture import capture
     from ..views import overview, overview_table
     from ._modelref import parse_inputs
-    info = overview(capture(_model(args)[0], parse_inputs(args.input) or None, leaf_paths=args.leaf))
+    captured = capture(_model(args)[0], parse_inputs(args.input) or None, leaf_paths=args.leaf)
+    if args.groups:
+        from ..views import dependency_groups, groups_table
+        rows = dependency_groups(captured)
+        print(json.dumps(rows, indent=2) if args.json else groups_table(rows))
+        return 0
+    info = overview(captured)
     print(json.dumps(info, indent=2) if args.json else overview_table(info, args.depth))
     return 0
 

@@ -17,11 +17,12 @@ from .._util import format_table
 from ..capture import Capture
 from ..errors import MatchError
 from ..spec import Delete, Detach, Freeze, Insert, Layers, Output, Replace, Rewrite, Rule, Selector, frozen_by
+from ._groups import Group, Unprunable, group_of, groups, zeroed
 from ._patterns import Constant, Found, find, missing_reason
 from ._sites import Ambiguous, Locator, Site, exact, join, select_modules
 
 __all__ = [
-    "Constant", "Found", "Locator", "Match", "Plan", "Site", "join", "label", "match",
+    "Constant", "Found", "Group", "Locator", "Match", "Plan", "Site", "Unprunable", "group_of", "groups", "join", "label", "match", "zeroed",
 ]
 
 

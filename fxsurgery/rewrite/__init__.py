@@ -14,13 +14,15 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..capture import Capture, Captured, Meta
+from ..errors import RewriteError
 from ..match import Match, Plan
-from ..spec import Delete, Detach, Freeze, Insert, Layers, New, Output, Replace, Rewrite, like
+from ..spec import Delete, Detach, Freeze, Insert, Layers, New, Output, Prune, Replace, Rewrite, like
 from ._blame import shape_failure
 from ._edited import Edited, InputChange
 from ._editor import Rewriter, callable_only
 from ._fitting import build
 from ._pattern_edits import cut_output, rewrite_chains
+from ._prune import prune
 from ._wrappers import Around, Call, Skip, StayEval, stays_eval
 
 __all__ = [
@@ -92,6 +94,9 @@ def module_edits(capture: Capture, plan: Plan) -> list[ModuleEdit]:
             shape_in = call.first_tensor().shape if call is not None and call.first_tensor() else None
             shape_out = _first_tensor(call.output) if call is not None else None
             rule = m.rule
+            if isinstance(rule, Prune):  # channels are followed through a graph, and opaque code has none
+                raise RewriteError(f"{m.label}: '{path}' is called by opaque code ({'kept class' if capture.kept else 'not traced'}), "
+                                   "so the layers its channels reach are not known; fix: pass keep_class=False, or make that code traceable")
             if isinstance(rule, Layers):
                 edits.append(ModuleEdit(path, m.index, "layers", order=rule.order))
             elif isinstance(rule, Delete):
@@ -152,7 +157,7 @@ def rewrite(capture: Capture, plan: Plan) -> Rewritten:
 
 # What each rule kind does to a graph; freezing acts on the assembled module, in the transfer stage.
 ACTIONS = {Delete: Rewriter.delete, Replace: Rewriter.replace, Insert: Rewriter.insert, Detach: Rewriter.detach,
-           Rewrite: rewrite_chains, Output: cut_output}
+           Rewrite: rewrite_chains, Output: cut_output, Prune: prune}
 
 
 def _edit_graph(region: Captured, plan: Plan) -> Edited:

@@ -20,13 +20,14 @@ from torch import nn
 from ..errors import RuleError
 from ._new import New, check_kwargs, check_new, check_policy
 from ._pattern import Chain, Output, Pattern, Rewrite, instantiate
+from ._prune import IMPORTANCE, Prune
 from ._rules import Delete, Detach, Freeze, Insert, Layers, Replace, RuleSet
 from ._selector import Origin
 from ._yaml import YamlList, YamlMap, parse_yaml, read_value
 
 VERSION = 1
 DEFAULT_ALLOW = ("torch", "torchvision")
-ACTIONS = ("delete", "replace", "insert", "detach", "freeze", "layers", "rewrite", "use", "output")
+ACTIONS = ("delete", "replace", "insert", "detach", "freeze", "layers", "rewrite", "use", "output", "prune")
 PATTERN_KEYS = ("select", "per_site")
 _PARAM = re.compile(r"\$\{([^}\n]*)\}")
 # `${name}` is not valid YAML inside a flow mapping ({out_features: ${n}}), so
@@ -249,7 +250,7 @@ def _rule(item: Any, origin: Origin, resolver: _Resolver):
     if action in ("rewrite", "use"):
         return _pattern_rule(item, action, origin, resolver)
     extra = {"delete": (), "replace": ("with", "weights"), "insert": (), "detach": (), "freeze": ("except", "bn"),
-             "output": (), "layers": ("order",)}[action]
+             "output": (), "layers": ("order",), "prune": ("channels", "amount", "importance", "neurons")}[action]
     _check_keys(item, (action, "optional") + extra, source, f"'{action}' rule")
     optional = _flag(item, "optional", source)
     body, body_line = item[action], item.key_lines[action]
@@ -263,6 +264,8 @@ def _rule(item: Any, origin: Origin, resolver: _Resolver):
             raise RuleError(f"{source}:{item.key_lines['order']}: layers order must be a list of layer indices, got {_short(order)}; "
                             "fix: e.g. 'order: [0, 1, 3]'")
         return Layers(_selector(body, body_line, resolver), order=tuple(order), optional=optional, origin=origin)
+    if action == "prune":
+        return _prune_rule(item, _selector(body, body_line, resolver), optional, origin)
     if action == "delete":
         return Delete(_selector(body, body_line, resolver), optional=optional, origin=origin)
     if action == "freeze":
@@ -298,6 +301,20 @@ def _rule(item: Any, origin: Origin, resolver: _Resolver):
     if not isinstance(module, New):
         raise RuleError(f"{source}:{body_line}: insert takes a module, not a function; fix: use 'module: torch.nn.X'")
     return Insert(module, **anchor, name=name, optional=optional, origin=origin)
+
+
+def _prune_rule(item: YamlMap, target: Any, optional: bool, origin: Origin) -> Prune:
+    """`prune: SEL` with `channels: [...]`, `neurons: [...]` or `amount: 0.5` (and `importance: l1 | l2`)."""
+    kwargs = {k: item[k] for k in ("channels", "amount", "importance", "neurons") if k in item}
+    for key, value in kwargs.items():
+        at = Origin(origin.file, item.key_lines.get(key, origin.line))
+        if key == "importance" and value not in IMPORTANCE:
+            raise RuleError(f"{at}: prune importance {_short(value)} is not known; fix: write 'importance: l1' or 'importance: l2'")
+        if key == "amount" and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1):
+            raise RuleError(f"{at}: prune amount must be a fraction between 0 and 1 (exclusive), got {_short(value)}; fix: e.g. 'amount: 0.5'")
+        if key in ("channels", "neurons") and not isinstance(value, list):
+            raise RuleError(f"{at}: prune {key} must be a list of indices, got {_short(value)}; fix: e.g. '{key}: [0, 3, 5]'")
+    return Prune(target, **kwargs, optional=optional, origin=origin)
 
 
 def _element(value: Any, line: int, resolver: _Resolver) -> Any:

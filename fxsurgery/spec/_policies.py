@@ -10,11 +10,13 @@ what does not fit.
     pad                    dst[:s0, :s1, ...] = src                 (dst no smaller; the rest as initialised)
     adapt_input_channels   W' = sum_c W[:, c]               (3 -> 1)
                            W' = repeat(W)[:, :N] * 3 / N    (3 -> N), other tensors kept
+    Kept (prune)           dst = src[kept_0][:, kept_1]...          (the indices each sliced axis keeps)
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -72,8 +74,42 @@ def adapt_input_channels(src: torch.Tensor, dst: torch.Tensor) -> str:
     return f"adapt input channels {old} -> {new} (repeat, scale {old}/{new})"
 
 
-def carry(policy, src: torch.Tensor, dst: torch.Tensor) -> str:
-    """Fill `dst` from `src` by `policy`; the operation ('' when it is a plain copy)."""
+def ranges(indices) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8': kept indices in a report stay readable."""
+    parts, run = [], []
+    for i in indices:
+        if run and i != run[-1] + 1:
+            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+            run = []
+        run.append(i)
+    if run:
+        parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Kept:
+    """A pruned module's tensors: for each tensor name, the indices kept along each sliced axis."""
+
+    axes: dict  # tensor name -> {axis: tuple of kept indices}
+
+    def fill(self, name: str, src: torch.Tensor, dst: torch.Tensor) -> str:
+        axes = self.axes.get(name, {})
+        out = src
+        for axis, kept in sorted(axes.items()):
+            out = out.index_select(axis, torch.tensor(kept, dtype=torch.long, device=src.device))
+        if out.shape != dst.shape:
+            raise ValueError(f"keeping {', '.join(f'{len(k)} on dim {a}' for a, k in sorted(axes.items()))} of "
+                             f"{shape_text(src.shape)} does not give {shape_text(dst.shape)}")
+        dst.copy_(out)
+        return "; ".join(f"dim {a} keeps {len(k)} of {src.shape[a]}: [{ranges(k)}]" for a, k in sorted(axes.items())
+                         if len(k) != src.shape[a])
+
+
+def carry(policy, src: torch.Tensor, dst: torch.Tensor, name: str = "") -> str:
+    """Fill `dst` (the tensor `name` of the new module) from `src` by `policy`; the operation ('' when it is a plain copy)."""
+    if isinstance(policy, Kept):
+        return policy.fill(name, src, dst)
     if isinstance(policy, dict):
         return select(policy["select"], src, dst)
     return {"keep": keep, "slice": slice_, "pad": pad, "adapt_input_channels": adapt_input_channels}[policy](src, dst)

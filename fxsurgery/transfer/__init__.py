@@ -90,6 +90,7 @@ def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True,
             report.entries.append(entry(name, t, kind, status, source=", ".join(sources) or None, rule=rule, op=op,
                                          frozen=frozen))
             derived_from.update(sources)
+            used.update(sources)  # a tensor a rule sliced (Prune) names itself as its source
         elif id(t) in built.constants:
             report.entries.append(entry(name, t, kind, "transferred", source=name, op="constant captured from the forward code", frozen=frozen))
         elif id(t) in kept:
@@ -253,7 +254,7 @@ def _carry(rewritten: Rewritten, path: str, new: nn.Module, old: nn.Module, rule
         try:
             if src is None:
                 raise ValueError("the replaced module has nothing there")
-            op = carry(policy, src, t)
+            op = carry(policy, src, t, name=name)
             if not op and policy == "keep":
                 ties.carried(identity[name], t)
             op = f"{op} ({note})" if op and note else op or note

@@ -1,13 +1,15 @@
 """Views for people: what a model is made of, and what a surgery changed.
 
 `overview` lists a captured model's modules, nodes, shapes and what traced
-(`fxsurgery inspect`); `diff` draws the graph before and after a surgery as a
+(`fxsurgery inspect`); `dependency_groups`, the layers that lose channels together
+(`fxsurgery inspect --groups`); `diff` draws the graph before and after a surgery as a
 self-contained HTML page or an SVG (`fxsurgery diff`).
 """
 
 from ._diff import check_suffix, diff
+from ._groups import dependency_groups, groups_table
 from ._inspect import overview, overview_table
 
 __all__ = [
-    "check_suffix", "diff", "overview", "overview_table",
+    "check_suffix", "dependency_groups", "diff", "groups_table", "overview", "overview_table",
 ]

@@ -26,6 +26,7 @@ from .._util import shape_text
 from ..errors import SaveError
 from ..pipeline import SurgeryResult
 from ._assets import CSS, JS, csp
+from ._groups import pruned_modules
 from ._svg import draw, esc
 
 COLOURS = {"deleted": "#cf222e", "inserted": "#1a7f37", "replaced": "#bc4c00",
@@ -33,7 +34,7 @@ COLOURS = {"deleted": "#cf222e", "inserted": "#1a7f37", "replaced": "#bc4c00",
 MEANING = {
     "deleted": "an original node that is gone",
     "inserted": "a node or module an Insert rule added",
-    "replaced": "a module or call a Replace or pattern rule changed",
+    "replaced": "a module or call a Replace, pattern or Prune rule changed (a pruned one shows its new width)",
     "cut": "a detach a Detach rule added, and the edges it cuts (no gradient crosses)",
     "frozen": "a module whose parameters are all frozen in the new module",
     "kept": "unchanged",
@@ -106,6 +107,7 @@ class _Facts:
         self.site_paths = {m.index: [s.path for s in m.sites if s.path is not None] for m in matches}
         self.frozen = _frozen_modules(result.module, result.plan)   # module path -> Freeze rule
         self.before = {n.name for n in result.original.graph.nodes}
+        self.pruned = pruned_modules(result.report, self.actions)   # module path -> ("replaced", the Prune rule)
 
 
 def _frozen_modules(module: nn.Module, plan) -> dict[str, int | None]:
@@ -157,7 +159,7 @@ def _after_status(node: fx.Node, facts: _Facts) -> tuple[str, int | None]:
             return _MADE[action], rule
         # a later Delete rewired it and its provenance now names that rule
         return ("cut" if node.op == "call_method" and node.target == "detach" else "inserted"), rule
-    site = facts.sites.get(node.name)
+    site = facts.sites.get(node.name) or (facts.pruned.get(node.target) if node.op == "call_module" else None)
     if site and site[0] == "replaced":
         return site
     if node.op == "call_module" and node.target in facts.frozen:
@@ -170,7 +172,7 @@ def _before_status(node: fx.Node, facts: _Facts, after: dict[str, Item]) -> tupl
         return facts.sites[node.name]
     if node.name not in after:
         return "deleted", None        # left dead by a rule and eliminated
-    return (after[node.name].status, after[node.name].rule) if after[node.name].status == "frozen" else ("kept", None)
+    return (after[node.name].status, after[node.name].rule) if after[node.name].status in ("frozen", "replaced") else ("kept", None)
 
 
 def _item(node: fx.Node, gm: nn.Module, shapes: dict, status: tuple, facts: _Facts) -> Item:
