@@ -16,7 +16,7 @@ from .export import save, save_pretrained
 from .match import Plan, match
 from .rewrite import InputChange, rewrite
 from .spec import Rule, flatten, load_rules
-from .transfer import TransferReport, transfer
+from .transfer import TransferReport, pending_of, register, transfer
 from .validate import GradientFlow, check_module, gradient_flow, validate
 
 
@@ -117,23 +117,27 @@ class SurgeryResult:
             "coverage": self.capture.coverage() if self.capture is not None else None,
         }
 
-    def save(self, directory: str | os.PathLike, *, force: bool = False, formats=(), extra=None) -> Path:
+    def save(self, directory: str | os.PathLike, *, force: bool = False, formats=(), extra=None,
+             max_shard_size: int | str = "5GB") -> Path:
         """Write model.py + model.safetensors + surgery.json (atomically), plus any `formats`
         ("pt2", "onnx", "torchscript"), each verified on the example inputs, and `extra`
-        files ({name: write(path)}), listed as fxsurgery's own.
+        files ({name: write(path)}), listed as fxsurgery's own. Weights above `max_shard_size`
+        (bytes, or "5GB", "500MB") are written as model-0000k-of-0000n.safetensors shards with an index.
         A kept transformers model is written by its own `save_pretrained` (plus surgery.json)."""
         if self.capture is not None and self.capture.kept and hasattr(self.module, "save_pretrained"):
             if formats:
                 raise SaveError(f"formats {', '.join(formats)}: a kept {type(self.module).__name__} is saved by its own "
                                 "save_pretrained; fix: leave formats out, or apply with keep_class=False")
-            return save_pretrained(self.module, directory, force=force, record=self.to_dict())
+            return save_pretrained(self.module, directory, force=force, record=self.to_dict(),
+                                   max_shard_size=max_shard_size, lazy=pending_of(self.module))
         return save(self.module, directory, force=force, record=self.to_dict(), formats=formats,
-                    example_inputs=self.example_inputs, extra=extra)
+                    example_inputs=self.example_inputs, extra=extra, max_shard_size=max_shard_size,
+                    lazy=pending_of(self.module))
 
 
 def apply(model: nn.Module, rules, example_inputs=None, *, params: dict | None = None, allow=(),
           strict: bool = False, leaf_types=(), leaf_paths=(), copy: bool = True, weights=None,
-          keep_class: bool | None = None, modes: bool = True) -> SurgeryResult:
+          keep_class: bool | None = None, modes: bool = True, stream: bool = False) -> SurgeryResult:
     """Apply `rules` to `model` (never modified) and return the regenerated module.
 
     `keep_class=True` returns an instance of the model's own class instead (a
@@ -150,6 +154,9 @@ def apply(model: nn.Module, rules, example_inputs=None, *, params: dict | None =
     `self.training` (dropout, stochastic depth, `if self.training:`), the result
     decides from its own mode at run time (capture/_modes.py); `modes=False` keeps the
     captured mode's decisions as constants (a kept class runs its own code, so its modes are live anyway).
+    `stream=True` (with `weights`): nothing is materialised; the tensors read from
+    the checkpoint stay on meta in `result.module` and flow one at a time into the
+    output shards of `result.save`.
 
     >>> result = apply(resnet18(), [Replace("fc", new(nn.Linear, out_features=10))],
     ...                example_inputs=(torch.randn(1, 3, 224, 224),))
@@ -164,12 +171,14 @@ def apply(model: nn.Module, rules, example_inputs=None, *, params: dict | None =
     # where the code itself differs by mode, the surgery is also made in the other mode
     live = track(model, captured, lambda other: _quiet(apply, other, rule_list, example_inputs, strict=strict,
                                                        leaf_types=leaf_types, leaf_paths=leaf_paths, weights=weights,
-                                                       modes=False, keep_class=False)) if modes and not kept else None
+                                                       modes=False, keep_class=False, stream=stream)) if modes and not kept else None
     plan = match(captured, rule_list)                 # read-only
     rewritten = validate(rewrite(captured, plan))     # the only stage that edits structure, then checked
-    module, report = transfer(rewritten, strict=strict, copy=copy, weights=weights)
+    module, report = transfer(rewritten, strict=strict, copy=copy, weights=weights, stream=stream)
     if live is not None:
+        pending = {**pending_of(module), **(pending_of(live.other.module) if live.other is not None else {})}
         module = live.keep(module, plan)
+        register(module, pending)
     check_module(module, rewritten)                   # where opaque code joins the graphs
     root = rewritten.root
     result = SurgeryResult(module=module, report=report, plan=plan, rules=rule_list,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .._progress import quiet
 from .._util import first_line
-from ..errors import FxsError
+from ..errors import FxsError, ModelError
 from ..spec import load_rules, parse_overrides
 
 __all__ = [
@@ -56,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing output directory holding only files fxsurgery wrote")
     p.add_argument("--format", action="append", default=[], choices=["pt2", "onnx", "torchscript"],
                    help="also write model.pt2 / model.onnx / model.torchscript.pt, verified on the inputs")
+    p.add_argument("--stream", action="store_true", help="with --weights: read each tensor when its output shard is "
+                   "written, never the whole model (for models larger than memory)")
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="weights above this go into shards with an "
+                   "index: bytes, or e.g. 2GB, 500MB (default 5GB)")
 
     p = sub.add_parser("inspect", help="show modules, shapes and parameters as the graph sees them")
     model_args(p)
@@ -76,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("map-weights", help="map a checkpoint of the original model into a saved surgery's layout")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("checkpoint", help="weights of the original architecture (.safetensors or weights-only .pt)")
+    p.add_argument("checkpoint", help="weights of the original architecture (.safetensors, a sharded *.index.json, or weights-only .pt)")
     p.add_argument("surgery", help="a directory written by apply -o / save()")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="the mapped weights (.safetensors)")
 
@@ -110,14 +114,18 @@ def _model(args):
 
 
 def cmd_apply(args) -> int:
+    from ..export import check_target, parse_size
+    parse_size(args.max_shard_size, "--max-shard-size")
+    if args.stream and not args.weights:
+        raise ModelError("--stream reads the model's tensors from --weights, and none was given; "
+                         "fix: pass --weights (a .safetensors file or a sharded *.index.json)")
     if args.output and not args.dry_run:
-        from ..export import check_target
         check_target(args.output, args.force, flag="--force")  # before the surgery: fail fast, write nothing
     result = _result(args)
     _refuse_no_op(result)
     written = None
     if args.output and not args.dry_run:
-        written = str(result.save(args.output, force=args.force, formats=args.format))
+        written = str(result.save(args.output, force=args.force, formats=args.format, max_shard_size=args.max_shard_size))
     if args.json:
         print(json.dumps({**result.to_dict(), "output": written, "dry_run": args.dry_run}, indent=2, default=str))
         return 0
@@ -168,7 +176,8 @@ def _result(args):
     model, checkpoint = _model(args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the plan's warnings are printed by the caller
-        return apply(model, rules, inputs, strict=getattr(args, "strict", False), leaf_paths=args.leaf, weights=checkpoint)
+        return apply(model, rules, inputs, strict=getattr(args, "strict", False), leaf_paths=args.leaf, weights=checkpoint,
+                     stream=getattr(args, "stream", False))
 
 
 def cmd_diff(args) -> int:

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .._util import first_line
 from ..errors import SaveError
-from ..transfer import read_state_dict, strip_prefixes
+from ..transfer import Checkpoint, read_state_dict, strip_prefixes
 from ._codegen import rename_path
 from ._record import read_record
+from ._shards import read as read_weights
 
 _DTYPES = {str(d).replace("torch.", ""): d for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64,
                                                       torch.int64, torch.int32, torch.int8, torch.uint8, torch.bool)}
@@ -48,7 +49,7 @@ def map_weights(state_dict: dict, surgery: str | os.PathLike) -> dict[str, torch
             continue
         constant = entry["op"].startswith("constant")
         if entry["status"] == "new" or constant:
-            saved = saved if saved is not None else load_file(str(directory / "model.safetensors"))
+            saved = saved if saved is not None else read_weights(directory)
             out[name] = saved[name]
             continue
         source = entry["source"]
@@ -66,7 +67,11 @@ def map_weights(state_dict: dict, surgery: str | os.PathLike) -> dict[str, torch
 
 def write_mapped(checkpoint: str, surgery: str, output: str) -> dict[str, torch.Tensor]:
     """`fxsurgery map-weights`: read a checkpoint file, map it, write safetensors atomically."""
-    state = strip_prefixes(read_state_dict(checkpoint), where=checkpoint)
+    if str(checkpoint).endswith(".json"):  # a sharded checkpoint's index: read shard by shard
+        sharded = Checkpoint(checkpoint)
+        state = dict(sharded.read(list(sharded.keys)))
+    else:
+        state = strip_prefixes(read_state_dict(checkpoint), where=checkpoint)
     mapped = map_weights(state, surgery)
     ties = read_record(Path(surgery)).get("ties", {})
     unique = {k: v.contiguous() for k, v in mapped.items() if k not in ties}
