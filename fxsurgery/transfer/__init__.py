@@ -24,16 +24,18 @@ from ._conventions import follow_conventions
 from ._freeze import follow_modes, freeze
 from ._pairwise import transfer_modules
 from ._report import TransferReport, check_strict, entry, tensors_of
+from ._stream import Read, carry_streamed, pending_of, register
+from ._stream import blank as stream_blank
 from ._tying import Ties
 
 __all__ = [
-    "Checkpoint", "TransferReport", "empty_weights", "read_state_dict", "strip_prefixes", "transfer",
-    "transfer_modules",
+    "Checkpoint", "TransferReport", "empty_weights", "pending_of", "read_state_dict", "register", "strip_prefixes",
+    "transfer", "transfer_modules",
 ]
 
 
 def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True,
-             weights: str | os.PathLike | Checkpoint | None = None) -> tuple[nn.Module, TransferReport]:
+             weights: str | os.PathLike | Checkpoint | None = None, stream: bool = False) -> tuple[nn.Module, TransferReport]:
     """Build the new module, fill it with copies of the original tensors, freeze, and report.
 
     `copy=False`: the new module takes the original's tensors (no second copy
@@ -41,22 +43,28 @@ def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True,
     `weights`: a checkpoint of the original whose values fill the new module,
     read tensor by tensor (the original may then be built without weights,
     see `empty_weights`).
+    `stream`: tensors read from `weights` stay on meta in the new module, each
+    read when export writes it (_stream.py; `pending_of(module)`).
     """
     model = rewritten.capture.model
     checkpoint = weights if isinstance(weights, Checkpoint) or weights is None else Checkpoint(weights)
     if checkpoint is not None:
         checkpoint.check({k: (tuple(v.shape), v.dtype) for k, v in model.state_dict(keep_vars=True).items()})
-    built = assemble(rewritten, share=not copy and checkpoint is None)
+    if stream and checkpoint is None:
+        raise TransferError("stream=True reads the tensors from a checkpoint, and none was given; "
+                            "fix: pass weights= (a .safetensors file or a sharded *.index.json)")
+    built = assemble(rewritten, share=not copy and checkpoint is None, **({"blank": stream_blank} if stream else {}))
     module = built.module
+    pending: dict = {}
     kept = {}
     if not copy and checkpoint is None:
         _consume(model)
     with torch.no_grad():
         if copy or checkpoint is not None:
-            _fill(module, built, model, checkpoint)
+            _fill(module, built, model, checkpoint, pending if stream else None)
         ties = Ties(model, module, built.copies)
         for path, new, old, rule, policy in built.keeps:
-            kept.update(_carry(rewritten, path, new, old, rule, policy, checkpoint, ties))
+            kept.update(_carry(rewritten, path, new, old, rule, policy, checkpoint, ties, stream))
         derived_from = _derived(rewritten, built, kept)
     rule_of = _maker(module, built.made_by)
     freeze(rewritten, module, rule_of)
@@ -102,6 +110,7 @@ def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True,
         if name not in used:
             report.entries.append(entry(name, t, kind, "dropped"))
     check_strict(report, strict)
+    register(module, pending)
     return module, report
 
 
@@ -150,9 +159,10 @@ def _maker(module: nn.Module, made_by: dict[int, int]):
     return rule_of
 
 
-def _fill(module: nn.Module, built, model: nn.Module, checkpoint: Checkpoint | None) -> None:
+def _fill(module: nn.Module, built, model: nn.Module, checkpoint: Checkpoint | None, pending: dict | None) -> None:
     """Copy each original tensor that reached the new module into its blank copy;
-    from the checkpoint where one is given (one shard open at a time)."""
+    from the checkpoint where one is given (one shard open at a time); when
+    streaming (`pending`), a tensor the checkpoint holds is only noted, read at save."""
     names: dict[int, list[str]] = {}
     for name, t, _ in tensors_of(model):
         names.setdefault(id(t), []).append(name)
@@ -172,21 +182,25 @@ def _fill(module: nn.Module, built, model: nn.Module, checkpoint: Checkpoint | N
                                 "weights) and the checkpoint has none for it; fix: pass a checkpoint that holds it")
         else:
             t.copy_(original)
-    if checkpoint is not None:
+    if pending is not None:
+        pending.update({id(t): Read(checkpoint, name) for name, ts in wanted.items() for t in ts})
+    elif checkpoint is not None:
         for name, value in bar(checkpoint.read(wanted), "read checkpoint", total=len(wanted), unit="tensor"):
             for t in wanted[name]:
                 t.copy_(value)
 
 
 def _carry(rewritten: Rewritten, path: str, new: nn.Module, old: nn.Module, rule: int, policy,
-           checkpoint: Checkpoint | None, ties: Ties) -> dict:
+           checkpoint: Checkpoint | None, ties: Ties, stream: bool = False) -> dict:
     """The replaced module's tensors into the replacement, as the rule's weights policy says;
     a tensor the original shares with another path stays shared (_tying.py)."""
     original = {n: t for n, t, _ in tensors_of(old)}
     identity = dict(original)
+    stored = {}
     if checkpoint is not None:  # the replaced module may have no values of its own: read them
         prefix = next((p for p, m in rewritten.capture.model.named_modules() if m is old), path)
         stored = {n: f"{prefix}.{n}" for n in original if f"{prefix}.{n}" in checkpoint.keys}
+    if checkpoint is not None and not stream:
         original.update({n: v for n, v in ((n, dict(checkpoint.read([k]))[k]) for n, k in stored.items())})
     label = rewritten.rule_of(rule).label
     carried = {}
@@ -198,7 +212,8 @@ def _carry(rewritten: Rewritten, path: str, new: nn.Module, old: nn.Module, rule
         try:
             if src is None:
                 raise ValueError("the replaced module has nothing there")
-            op = carry(policy, src, t)
+            op = (carry_streamed(policy, checkpoint, stored[name], src, t) if stream and name in stored
+                  else carry(policy, src, t))
             if not op and policy == "keep":
                 ties.carried(identity[name], t)
             op = f"{op} ({note})" if op and note else op or note
