@@ -12,11 +12,11 @@ from torch import nn
 
 from .capture import Capture, Captured, Meta, capture, capture_kept, track
 from .errors import SaveError
-from .export import save, save_pretrained
+from .export import footprint, parse_size, save, save_pretrained
 from .match import Plan, match
 from .rewrite import InputChange, rewrite
 from .spec import Rule, flatten, load_rules
-from .transfer import TransferReport, pending_of, register, transfer
+from .transfer import TransferReport, pending_of, refuse_dtensors, register, transfer
 from .validate import GradientFlow, check_module, gradient_flow, validate
 
 
@@ -117,6 +117,17 @@ class SurgeryResult:
             "coverage": self.capture.coverage() if self.capture is not None else None,
         }
 
+    def footprint(self, max_shard_size: int | str = "5GB") -> dict:
+        """What save() would write (bytes, shards) and its predicted peak memory above imports, from shapes alone."""
+        return footprint(self.module, pending_of(self.module), parse_size(max_shard_size))
+
+    def footprint_text(self, max_shard_size: int | str = "5GB") -> str:
+        f = self.footprint(max_shard_size)
+        how = "streamed shard by shard" if f["streamed"] else "from memory"
+        return (f"output: {_gb(f['output_bytes'])} in {f['shards']} file{'s' if f['shards'] > 1 else ''} "
+                f"(largest {_gb(f['largest_shard_bytes'])}); predicted peak memory above imports: "
+                f"{_gb(f['predicted_peak_bytes'])} ({how})")
+
     def save(self, directory: str | os.PathLike, *, force: bool = False, formats=(), extra=None,
              max_shard_size: int | str = "5GB") -> Path:
         """Write model.py + model.safetensors + surgery.json (atomically), plus any `formats`
@@ -133,6 +144,10 @@ class SurgeryResult:
         return save(self.module, directory, force=force, record=self.to_dict(), formats=formats,
                     example_inputs=self.example_inputs, extra=extra, max_shard_size=max_shard_size,
                     lazy=pending_of(self.module))
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def apply(model: nn.Module, rules, example_inputs=None, *, params: dict | None = None, allow=(),
@@ -164,6 +179,7 @@ def apply(model: nn.Module, rules, example_inputs=None, *, params: dict | None =
     torch.Size([2, 10])
     """
     rule_list = flatten(rules, lambda path: load_rules(path, params=params, allow=allow))
+    refuse_dtensors(model)
     kept = _is_pretrained(model) if keep_class is None else keep_class
     captured = (capture_kept(model, example_inputs) if kept
                 else capture(model, example_inputs, leaf_types=leaf_types, leaf_paths=leaf_paths))

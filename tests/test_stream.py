@@ -112,16 +112,21 @@ def test_a_regenerated_module_streams_into_the_same_shard_files(tmp_path):
     assert torch.equal(fxs.load(tmp_path / "s")(x[0]), model(x[0])[:, :4])
 
 
-def test_stream_without_weights_and_formats_of_a_streamed_result_are_refused(tmp_path):
+def test_a_plan_without_weights_saves_nothing_and_formats_of_a_streamed_result_are_refused(tmp_path):
     from conftest import RULES, cli
+    with fxs.empty_weights():
+        empty = torchvision.models.resnet18().eval()
+    plan = fxs.apply(empty, [Freeze("layer1")], (torch.randn(1, 3, 32, 32),), stream=True)
+    assert plan.report.counts() == {"transferred": 122, "adapted": 0, "new": 0, "dropped": 0, "frozen": 12}
     with pytest.raises(fxs.TransferError) as err:
-        fxs.apply(torchvision.models.resnet18(), [], stream=True)
-    assert str(err.value) == ("stream=True reads the tensors from a checkpoint, and none was given; "
-                              "fix: pass weights= (a .safetensors file or a sharded *.index.json)")
+        plan.save(tmp_path / "o")
+    assert str(err.value) == ("conv1.weight has no values (the model was built without weights) and no checkpoint was given; "
+                              "fix: apply with weights= a checkpoint of the model (--weights)")
+    assert os.listdir(tmp_path) == []
     code, _, stderr = cli("apply", "torchvision.models:resnet18", os.path.join(RULES, "classifier-head.yaml"), "--stream",
                           "-o", tmp_path / "o")
     assert (code, stderr) == (2, "fxsurgery: error: --stream reads the model's tensors from --weights, and none was given; "
-                                 "fix: pass --weights (a .safetensors file or a sharded *.index.json)\n")
+                                 "fix: pass --weights (a .safetensors file or a sharded *.index.json), or --dry-run for the plan alone\n")
     model = torchvision.models.resnet18().eval()
     save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
     with fxs.empty_weights():
@@ -133,6 +138,29 @@ def test_stream_without_weights_and_formats_of_a_streamed_result_are_refused(tmp
     assert str(err.value) == ("formats onnx: a streamed result holds no weights in memory to export; "
                               "fix: leave formats out, or apply without stream")
     assert not (tmp_path / "o").exists()
+
+
+def test_dry_run_predicts_the_output_and_the_memory_of_a_plan_on_meta(tmp_path):
+    from conftest import cli
+    (tmp_path / "tiny.py").write_text("import transformers\n\ndef build():\n    return transformers.LlamaForCausalLM(transformers.LlamaConfig("
+                                      "vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, "
+                                      "num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()\n")
+    (tmp_path / "drop.yaml").write_text("fxsurgery: 1\nrules:\n  - layers: model.layers\n    order: [0, 3]\n")
+    code, out, err = cli("apply", f"{tmp_path}/tiny.py:build", tmp_path / "drop.yaml", "--input", "1x8:int64", "--stream",
+                         "--dry-run", "--max-shard-size", "40KB", "--json")
+    assert code == 0, err
+    # embed 128x64, two layers of (64x64 q, o; 32x64 k, v; three 128x64 MLP matrices; two norms of 64), norm, lm_head: float32
+    layer = (2 * 64 * 64 + 2 * 32 * 64 + 3 * 128 * 64 + 2 * 64) * 4
+    total = 2 * 128 * 64 * 4 + 2 * layer + 64 * 4
+    footprint = json.loads(out)["footprint"]
+    assert footprint["output_bytes"] == total == 361_728 and footprint["streamed"] is True
+    assert footprint["predicted_peak_bytes"] == 2 * footprint["largest_shard_bytes"] + 128 * 64 * 4  # nothing else resident
+    code, out, err = cli("apply", f"{tmp_path}/tiny.py:build", tmp_path / "drop.yaml", "--input", "1x8:int64", "--stream",
+                         "--dry-run", "--max-shard-size", "40KB")
+    assert code == 0, err
+    assert out.endswith(f"output: 0.4 MB in {footprint['shards']} files (largest {footprint['largest_shard_bytes'] / 1e6:.1f} MB); "
+                        f"predicted peak memory above imports: {footprint['predicted_peak_bytes'] / 1e6:.1f} MB "
+                        "(streamed shard by shard)\ndry run: nothing written\n")
 
 
 def test_cli_streams_into_shards(tmp_path):

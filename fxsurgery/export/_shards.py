@@ -169,3 +169,30 @@ def lazy_names(module: torch.nn.Module, lazy: dict | None) -> dict[str, Callable
         return {}
     named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
     return {name: lazy[id(t)] for name, t in named if id(t) in lazy}
+
+
+def footprint(module: torch.nn.Module, lazy: dict, limit: int) -> dict:
+    """What saving `module` writes and about how much memory it takes, from shapes alone.
+
+    Streamed (`lazy`): the tensors already in memory (made by rules, buffers),
+    one output shard as tensors and once more as the bytes safetensors
+    serialises, and the largest tensor being read. In memory: the module's bytes.
+    """
+    seen: set[int] = set()
+    sizes, resident, largest = [], 0, 0
+    for name, t in module.state_dict(keep_vars=True).items():
+        if id(t) in seen:  # a tie: written once
+            continue
+        seen.add(id(t))
+        sizes.append((name, nbytes(t)))
+        if id(t) in lazy:
+            largest = max(largest, nbytes(t))
+        elif not t.is_meta:
+            resident += nbytes(t)
+    total = sum(b for _, b in sizes)
+    groups = plan(sizes, limit) if total > limit else [[n for n, _ in sizes]]
+    size = dict(sizes)
+    biggest = max((sum(size[n] for n in g) for g in groups), default=0)
+    peak = resident + 2 * biggest + largest if lazy else total + biggest
+    return {"output_bytes": total, "shards": len(groups) if total > limit else 1, "largest_shard_bytes": biggest,
+            "streamed": bool(lazy), "predicted_peak_bytes": peak}

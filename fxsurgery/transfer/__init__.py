@@ -21,15 +21,17 @@ from ..spec import carry
 from ._assemble import assemble
 from ._checkpoint import Checkpoint, empty_weights, read_state_dict, strip_prefixes
 from ._conventions import follow_conventions
+from ._dcp import DcpCheckpoint, open_checkpoint, refuse_dtensors
 from ._freeze import follow_modes, freeze
 from ._pairwise import transfer_modules
 from ._report import TransferReport, check_strict, entry, tensors_of
-from ._stream import Read, carry_streamed, pending_of, register
+from ._stream import Missing, Read, carry_streamed, pending_of, register
 from ._stream import blank as stream_blank
 from ._tying import Ties
 
 __all__ = [
-    "Checkpoint", "TransferReport", "empty_weights", "pending_of", "read_state_dict", "register", "strip_prefixes",
+    "Checkpoint", "DcpCheckpoint", "TransferReport", "empty_weights", "open_checkpoint", "pending_of", "read_state_dict",
+    "refuse_dtensors", "register", "strip_prefixes",
     "transfer", "transfer_modules",
 ]
 
@@ -44,15 +46,13 @@ def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True,
     read tensor by tensor (the original may then be built without weights,
     see `empty_weights`).
     `stream`: tensors read from `weights` stay on meta in the new module, each
-    read when export writes it (_stream.py; `pending_of(module)`).
+    read when export writes it (_stream.py; `pending_of(module)`); without
+    `weights`, a model built on meta gives the plan alone (it cannot be saved).
     """
     model = rewritten.capture.model
-    checkpoint = weights if isinstance(weights, Checkpoint) or weights is None else Checkpoint(weights)
+    checkpoint = None if weights is None else open_checkpoint(weights)
     if checkpoint is not None:
         checkpoint.check({k: (tuple(v.shape), v.dtype) for k, v in model.state_dict(keep_vars=True).items()})
-    if stream and checkpoint is None:
-        raise TransferError("stream=True reads the tensors from a checkpoint, and none was given; "
-                            "fix: pass weights= (a .safetensors file or a sharded *.index.json)")
     built = assemble(rewritten, share=not copy and checkpoint is None, **({"blank": stream_blank} if stream else {}))
     module = built.module
     pending: dict = {}
@@ -177,6 +177,8 @@ def _fill(module: nn.Module, built, model: nn.Module, checkpoint: Checkpoint | N
         stored = [n for n in names.get(id(original), []) if checkpoint is not None and n in checkpoint.keys]
         if stored:
             wanted.setdefault(stored[0], []).append(t)
+        elif original.is_meta and pending is not None:  # a plan without weights: saving it says what is missing
+            pending[id(t)] = Missing(names.get(id(original), ["a tensor"])[0])
         elif original.is_meta:
             raise TransferError(f"{names.get(id(original), ['a tensor'])[0]} has no values (the model was built without "
                                 "weights) and the checkpoint has none for it; fix: pass a checkpoint that holds it")

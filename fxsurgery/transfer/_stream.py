@@ -17,6 +17,7 @@ import weakref
 import torch
 from torch import nn
 
+from ..errors import TransferError
 from ..spec import carry
 from ._checkpoint import Checkpoint
 
@@ -53,9 +54,23 @@ class Read:
         return f"Read({self.checkpoint.path!r}, {self.name!r})"
 
 
+class Missing:
+    """A tensor of a plan made without weights: writing it is refused."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self) -> torch.Tensor:
+        raise TransferError(f"{self.name} has no values (the model was built without weights) and no checkpoint was given; "
+                            "fix: apply with weights= a checkpoint of the model (--weights)")
+
+
 def read_block(checkpoint: Checkpoint, name: str, index: tuple | None) -> torch.Tensor:
     """The checkpoint's tensor `name`, or only `index` (a tuple of slices) of it."""
     key = checkpoint.keys[name]
+    if hasattr(checkpoint, "tensor"):  # a DCP directory: the whole tensor, then the block
+        whole = checkpoint.tensor(key)
+        return whole if index is None else whole[index].clone()
     if checkpoint.state is not None:
         whole = checkpoint.state[key]
         return whole if index is None else whole[index]
