@@ -15,11 +15,11 @@ from torch import nn
 
 from .capture import Capture, Captured, Meta, capture, capture_kept, track
 from .errors import SaveError
-from .export import save, save_pretrained
+from .export import footprint, parse_size, save, save_pretrained
 from .match import Plan, match
 from .rewrite import InputChange, rewrite
 from .spec import Rule, flatten, load_rules
-from .transfer import TransferReport, transfer
+from .transfer import TransferReport, pending_of, refuse_dtensors, register, transfer
 from .validate import GradientFlow, check_module, gradient_flow, validate
 
 
@@ -121,10 +121,23 @@ class SurgeryResult:
             "coverage": self.capture.coverage() if self.capture is not None else None,
         }
 
-    def save(self, directory: str | os.PathLike, *, force: bool = False, formats=(), extra=None) -> Path:
+    def footprint(self, max_shard_size: int | str = "5GB") -> dict:
+        """What save() would write (bytes, shards) and its predicted peak memory above imports, from shapes alone."""
+        return footprint(self.module, pending_of(self.module), parse_size(max_shard_size))
+
+    def footprint_text(self, max_shard_size: int | str = "5GB") -> str:
+        f = self.footprint(max_shard_size)
+        how = "streamed shard by shard" if f["streamed"] else "from memory"
+        return (f"output: {_gb(f['output_bytes'])} in {f['shards']} file{'s' if f['shards'] > 1 else ''} "
+                f"(largest {_gb(f['largest_shard_bytes'])}); predicted peak memory above imports: "
+                f"{_gb(f['predicted_peak_bytes'])} ({how})")
+
+    def save(self, directory: str | os.PathLike, *, force: bool = False, formats=(), extra=None,
+             max_shard_size: int | str = "5GB") -> Path:
         """Write model.py + model.safetensors + surgery.json (atomically), plus any `formats`
         ("pt2", "onnx", "torchscript"), each verified on the example inputs, and `extra`
-        files ({name: write(path)}), listed as fxsurgery's own.
+        files ({name: write(path)}), listed as fxsurgery's own. Weights above `max_shard_size`
+        (bytes, or "5GB", "500MB") are written as model-0000k-of-0000n.safetensors shards with an index.
         A kept transformers model is written by its own `save_pretrained` (plus surgery.json), which
         `formats=("hf",)` demands: `from_pretrained` reloads it without fxsurgery."""
         pretrained = self.capture is not None and self.capture.kept and hasattr(self.module, "save_pretrained")
@@ -137,14 +150,20 @@ class SurgeryResult:
             if formats:
                 raise SaveError(f"formats {', '.join(formats)}: a kept {type(self.module).__name__} is saved by its own "
                                 "save_pretrained; fix: leave formats out, or apply with keep_class=False")
-            return save_pretrained(self.module, directory, force=force, record=self.to_dict())
+            return save_pretrained(self.module, directory, force=force, record=self.to_dict(),
+                                   max_shard_size=max_shard_size, lazy=pending_of(self.module))
         return save(self.module, directory, force=force, record=self.to_dict(), formats=formats,
-                    example_inputs=self.example_inputs, extra=extra)
+                    example_inputs=self.example_inputs, extra=extra, max_shard_size=max_shard_size,
+                    lazy=pending_of(self.module))
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def apply(model: nn.Module, rules, example_inputs=None, *, params: dict | None = None, allow=(),
           strict: bool = False, leaf_types=(), leaf_paths=(), copy: bool = True, weights=None,
-          keep_class: bool | None = None, modes: bool = True) -> SurgeryResult:
+          keep_class: bool | None = None, modes: bool = True, stream: bool = False) -> SurgeryResult:
     """Apply `rules` to `model` (never modified) and return the regenerated module.
 
     `keep_class=True` returns an instance of the model's own class instead (a
@@ -161,6 +180,9 @@ def apply(model: nn.Module, rules, example_inputs=None, *, params: dict | None =
     `self.training` (dropout, stochastic depth, `if self.training:`), the result
     decides from its own mode at run time (capture/_modes.py); `modes=False` keeps the
     captured mode's decisions as constants (a kept class runs its own code, so its modes are live anyway).
+    `stream=True` (with `weights`): nothing is materialised; the tensors read from
+    the checkpoint stay on meta in `result.module` and flow one at a time into the
+    output shards of `result.save`.
 
     >>> result = apply(resnet18(), [Replace("fc", new(nn.Linear, out_features=10))],
     ...                example_inputs=(torch.randn(1, 3, 224, 224),))
@@ -171,6 +193,7 @@ def apply(model: nn.Module, rules, example_inputs=None, *, params: dict | None =
     with _gc_deferred():
         with clock("rules"):
             rule_list = flatten(rules, lambda path: load_rules(path, params=params, allow=allow))
+        refuse_dtensors(model)
         kept = _is_pretrained(model) if keep_class is None else keep_class
         with clock("capture"):
             captured = (capture_kept(model, example_inputs) if kept
@@ -180,7 +203,7 @@ def apply(model: nn.Module, rules, example_inputs=None, *, params: dict | None =
         with clock("modes"):
             live = track(model, captured, lambda other: _quiet(apply, other, rule_list, example_inputs, strict=strict,
                                                                leaf_types=leaf_types, leaf_paths=leaf_paths, weights=weights,
-                                                               modes=False, keep_class=False)) if modes and not kept else None
+                                                               modes=False, keep_class=False, stream=stream)) if modes and not kept else None
         with clock("match"):
             plan = match(captured, rule_list)                 # read-only
         with clock("rewrite"):
@@ -188,9 +211,11 @@ def apply(model: nn.Module, rules, example_inputs=None, *, params: dict | None =
         with clock("validate"):
             validate(rewritten)
         with clock("transfer"):
-            module, report = transfer(rewritten, strict=strict, copy=copy, weights=weights)
+            module, report = transfer(rewritten, strict=strict, copy=copy, weights=weights, stream=stream)
             if live is not None:
+                pending = {**pending_of(module), **(pending_of(live.other.module) if live.other is not None else {})}
                 module = live.keep(module, plan)
+                register(module, pending)
         with clock("validate"):
             check_module(module, rewritten)                   # where opaque code joins the graphs
         root = rewritten.root

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import fxsurgery as fxs
-import fxsurgery.export._save as export_module
+import fxsurgery.export._shards as weights_module
 from fxsurgery import Freeze, Insert, Replace
 from fxsurgery.capture import trace
 
@@ -154,7 +154,7 @@ def test_existing_directory_is_kept(result, tmp_path):
 def test_failure_between_files_leaves_nothing(result, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
-    monkeypatch.setattr(export_module, "save_file", boom)
+    monkeypatch.setattr(weights_module, "save_file", boom)
     with pytest.raises(OSError):
         result.save(tmp_path / "o")
     assert os.listdir(tmp_path) == []
@@ -163,7 +163,7 @@ def test_failure_between_files_leaves_nothing(result, tmp_path, monkeypatch):
 def test_failure_while_replacing_keeps_the_old_output(result, tmp_path, monkeypatch):
     result.save(tmp_path / "o")
     before = (tmp_path / "o" / "model.safetensors").read_bytes()
-    monkeypatch.setattr(export_module, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(weights_module, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
         result.save(tmp_path / "o", force=True)
     assert os.listdir(tmp_path) == ["o"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .._progress import quiet
 from .._util import first_line, format_table
-from ..errors import FxsError, bounded
+from ..errors import FxsError, ModelError, bounded
 from ..spec import load_rules, parse_overrides
 
 __all__ = [
@@ -37,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("model", help="package.module:factory, path/file.py:Name, a saved directory, or a pickled file")
         p.add_argument("--input", action="append", metavar="SHAPE", help="example input: sizes joined by x, e.g. 1x3x224x224; integer inputs (token ids) "
                        "with a dtype, e.g. 1x16:int64 (repeat for several inputs)")
-        p.add_argument("--weights", metavar="FILE", help="the model's weights: .safetensors, a sharded *.index.json, or a weights-only .pt")
+        p.add_argument("--weights", metavar="FILE", help="the model's weights: .safetensors, a sharded *.index.json, a weights-only .pt, "
+                       "or a torch.distributed.checkpoint directory")
         p.add_argument("--trust-pickle", action="store_true", help="allow MODEL to be a pickled model file")
         p.add_argument("--trust-code", action="store_true", help="load a saved directory by importing its model.py (runs its code)")
         p.add_argument("--leaf", action="append", default=[], metavar="GLOB", help="treat modules at these paths as leaves")
@@ -56,9 +57,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--explain", action="store_true", help="per rule: what matched, what was left alone and why, near misses")
     p.add_argument("--profile", action="store_true", help="seconds spent in each stage, loading and saving included")
     p.add_argument("--force", action="store_true", help="replace an existing output directory holding only files fxsurgery wrote")
-    p.add_argument("--format", action="append", default=[], choices=["pt2", "onnx", "torchscript", "hf"],
-                   help="also write model.pt2 / model.onnx / model.torchscript.pt, verified on the inputs; hf: the "
-                   "directory is the transformers model's own save_pretrained (what a transformers model gets by default)")
+    p.add_argument("--format", action="append", default=[], choices=["pt2", "onnx", "torchscript", "hf", "dcp"],
+                   help="also write model.pt2 / model.onnx / model.torchscript.pt, verified on the inputs, or the weights "
+                   "as a torch.distributed.checkpoint directory model.dcp/; hf: the directory is the transformers model's "
+                   "own save_pretrained (what a transformers model gets by default)")
+    p.add_argument("--stream", action="store_true", help="with --weights: read each tensor when its output shard is "
+                   "written, never the whole model (for models larger than memory)")
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="weights above this go into shards with an "
+                   "index: bytes, or e.g. 2GB, 500MB (default 5GB)")
 
     p = sub.add_parser("inspect", help="show modules, shapes and parameters as the graph sees them")
     model_args(p)
@@ -80,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("map-weights", help="map a checkpoint of the original model into a saved surgery's layout")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("checkpoint", help="weights of the original architecture (.safetensors or weights-only .pt)")
+    p.add_argument("checkpoint", help="weights of the original architecture (.safetensors, a sharded *.index.json, or weights-only .pt)")
     p.add_argument("surgery", help="a directory written by apply -o / save()")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="the mapped weights (.safetensors)")
 
@@ -109,10 +115,11 @@ def _model(args):
     the checkpoint, checked against it by its headers, is read tensor by tensor
     into the result: the model's memory is never needed twice.
     """
-    from ..transfer import Checkpoint, empty_weights, refuse_own_loading
+    from ..transfer import empty_weights, open_checkpoint, refuse_own_loading
     from ._modelref import load_model
-    checkpoint = Checkpoint(args.weights) if args.weights else None
-    with empty_weights() if checkpoint is not None else contextlib.nullcontext():
+    checkpoint = open_checkpoint(args.weights) if args.weights else None
+    meta = checkpoint is not None or getattr(args, "stream", False)  # --stream --dry-run alone: the plan on meta
+    with empty_weights() if meta else contextlib.nullcontext():
         model = load_model(args.model, trust_pickle=args.trust_pickle, trust_code=args.trust_code,
                            allow=tuple(getattr(args, "allow_module", ())))
     if checkpoint is not None:
@@ -124,8 +131,12 @@ def _model(args):
 
 
 def cmd_apply(args) -> int:
+    from ..export import check_target, parse_size
+    parse_size(args.max_shard_size, "--max-shard-size")
+    if args.stream and not args.weights and not args.dry_run:
+        raise ModelError("--stream reads the model's tensors from --weights, and none was given; "
+                         "fix: pass --weights (a .safetensors file or a sharded *.index.json), or --dry-run for the plan alone")
     if args.output and not args.dry_run:
-        from ..export import check_target
         check_target(args.output, args.force, flag="--force")  # before the surgery: fail fast, write nothing
     start = time.perf_counter()
     result = _result(args)
@@ -134,11 +145,12 @@ def cmd_apply(args) -> int:
     written = None
     start = time.perf_counter()
     if args.output and not args.dry_run:
-        written = str(result.save(args.output, force=args.force, formats=args.format))
+        written = str(result.save(args.output, force=args.force, formats=args.format, max_shard_size=args.max_shard_size))
     profile = {"load model (imports included)": loaded, **result.timings, "save": time.perf_counter() - start}
     if args.json:
         extra = {"profile": profile} if args.profile else {}
-        print(json.dumps({**result.to_dict(), "output": written, "dry_run": args.dry_run, **extra}, indent=2, default=str))
+        print(json.dumps({**result.to_dict(), "output": written, "dry_run": args.dry_run,
+                          "footprint": result.footprint(args.max_shard_size), **extra}, indent=2, default=str))
         return 0
     print(result.summary())
     if args.explain:
@@ -148,7 +160,7 @@ def cmd_apply(args) -> int:
     if written:
         print(f"\nwrote {written}/ ({', '.join(_files(written))})")
     elif args.dry_run:
-        print("\ndry run: nothing written")
+        print(f"\n{result.footprint_text(args.max_shard_size)}\ndry run: nothing written")
     else:
         print("\nnothing written (pass -o DIR to save the result)")
     return 0
@@ -195,7 +207,8 @@ def _result(args):
     model, checkpoint = _model(args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the plan's warnings are printed by the caller
-        return apply(model, rules, inputs, strict=getattr(args, "strict", False), leaf_paths=args.leaf, weights=checkpoint)
+        return apply(model, rules, inputs, strict=getattr(args, "strict", False), leaf_paths=args.leaf, weights=checkpoint,
+                     stream=getattr(args, "stream", False))
 
 
 def cmd_diff(args) -> int:

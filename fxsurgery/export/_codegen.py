@@ -308,9 +308,7 @@ def _adapter(call, class_name: str) -> tuple[str, str, list[str]]:
 
 
 def _tuple(items: list[str]) -> str:
-    if not items:
-        return "()"
-    return "(\n" + "".join(f"    {i!r},\n" for i in items) + ")"
+    return "(\n" + "".join(f"    {i!r},\n" for i in items) + ")" if items else "()"
 
 
 def rename_path(name: str, renames: dict[str, str]) -> str:
@@ -323,7 +321,6 @@ def rename_path(name: str, renames: dict[str, str]) -> str:
 
 def _is_module(gm: nn.Module, target: str) -> bool:
     return isinstance(get_path(gm, target), nn.Module)
-
 
 
 # Modules frozen with Freeze(..., bn="eval"): in eval mode whatever .train() says.
@@ -341,7 +338,9 @@ _STAY_INIT = "\n        for path in self.STAY_EVAL:\n            self.get_submod
 
 _TEMPLATE = '''\
 """{header}"""
+import json
 import os
+import pathlib
 
 import torch
 from torch import nn
@@ -383,14 +382,15 @@ class Model(nn.Module):
 
     @classmethod
     def load(cls, directory, device="cpu"):
-        """The model with the weights of model.safetensors in `directory`."""
+        """The model with the weights of model.safetensors (or its shards) in `directory`."""
         from safetensors.torch import load_file
-
-        tensors = load_file(os.path.join(directory, "model.safetensors"))
+        index, tensors = os.path.join(directory, "model.safetensors.index.json"), {{}}
+        shards = json.loads(pathlib.Path(index).read_text())["weight_map"] if os.path.exists(index) else {{}}
+        for file in sorted(set(shards.values())) or ["model.safetensors"]:
+            tensors.update(load_file(os.path.join(directory, file)))
         model = cls().to(device)
         state = {{k: v for k, v in tensors.items() if k not in NON_PERSISTENT}}
-        # Copy into the model's own (aligned) tensors rather than adopting the
-        # file's buffers: kernels may pick another summation order on odd alignments.
+        # into the model's own (aligned) tensors, not the file's buffers: kernels may sum in another order on odd alignments
         model.load_state_dict({{**state, **{{a: state[o] for a, o in TIES.items()}}}}, strict=True)
         for name in NON_PERSISTENT:
             _put(model, name, tensors[name].to(device, copy=True), persistent=False)

@@ -17,6 +17,7 @@ from torch import fx
 
 from .._util import first_line
 from ..errors import SaveError
+from ._dcp import write_dcp
 
 FORMATS = {"pt2": "model.pt2", "onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
 TOLERANCE = {"pt2": 1e-5, "onnx": 1e-4, "torchscript": 1e-5}
@@ -81,8 +82,10 @@ def _write(fmt: str, gm: fx.GraphModule, path: Path, inputs: tuple):
 
 def export_as(fmt: str, gm: fx.GraphModule, work: Path, example_inputs: tuple | None) -> dict:
     """Write `gm` in `fmt` into `work`, verified on `example_inputs`; a record of what was written."""
+    if fmt == "dcp":  # weights only: checked by reading them back, not by running them
+        return write_dcp(gm, work)
     if fmt not in FORMATS:
-        raise SaveError(f"unknown format {fmt!r}; fix: use one of {', '.join(FORMATS)}")
+        raise SaveError(f"unknown format {fmt!r}; fix: use one of {', '.join(FORMATS)}, dcp")
     if example_inputs is None:
         raise SaveError(f"cannot write {fmt} without example inputs; fix: pass example_inputs (--input)")
     path = work / FORMATS[fmt]

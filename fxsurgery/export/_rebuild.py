@@ -12,14 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import fx, nn
 
 from ..capture import assign
 from ..errors import SaveError
 from ._graphdata import GRAPH, VERSION
 from ._graphload import FIX, OPS, Bad, build_module, decode, entry_error, function, method, path
+from ._shards import read as read_weights
 
 
 def _tensor(spec: Any, keys: set[str]) -> tuple[list[int], torch.dtype]:
@@ -160,10 +159,7 @@ def _with_weights(directory: Path, gm: fx.GraphModule, doc: dict, ties: dict, fr
         assign(gm, alias, gm.get_parameter(owner))
     expected = {k: v for k, v in gm.state_dict(keep_vars=True).items() if k not in ties}
     expected.update({k: gm.get_buffer(k) for k in non_persistent})
-    try:
-        tensors = load_file(str(directory / "model.safetensors"))
-    except (SafetensorError, OSError) as exc:
-        raise SaveError(f"{directory / 'model.safetensors'}: cannot read weights: {exc}; fix: write the directory again with save()") from None
+    tensors = read_weights(directory)
     differ = sorted(set(tensors) ^ set(expected)) or [k for k in expected if (tensors[k].shape, tensors[k].dtype) != (expected[k].shape, expected[k].dtype)]
     if differ:
         raise SaveError(f"{directory}: model.safetensors does not hold the tensors graph.json declares (first: {differ[0]!r}); {FIX}")

@@ -12,17 +12,26 @@ from pathlib import Path
 
 from ..errors import SaveError
 from ._atomic import recover
+from ._shards import folded, has_weights, shard_files
 
-FILES = ("model.py", "model.safetensors", "surgery.json")
+FILES = ("model.py", "model.safetensors", "surgery.json")  # model.safetensors, or shards and their index
 
 
 FORMAT = 1
 
 
-def digest(directory: Path) -> str:
-    """Over model.py, model.safetensors and graph.json (where written): it detects damage, it proves no origin."""
+def digest(directory: Path, shard_hashes: dict[str, str] | None = None) -> str:
+    """Over model.py, the weights and graph.json (where written): it detects damage, it proves no origin.
+
+    Sharded weights count as the index and each shard's own sha256 (`shard_hashes`
+    where the writer just computed them), so a shard is read once to check it.
+    """
     h = hashlib.sha256()
+    sharded = shard_files(directory) is not None
     for name in ("model.py", "model.safetensors", "graph.json")[:3 if (directory / "graph.json").exists() else 2]:
+        if name == "model.safetensors" and sharded:
+            h.update(folded(directory, shard_hashes))
+            continue
         with open(directory / name, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 h.update(block)
@@ -41,7 +50,7 @@ def read_record(directory: str | os.PathLike) -> dict:
     directory = Path(directory)
     with contextlib.suppress(OSError):
         recover(directory)  # a replacement a killed run left half done
-    missing = [f for f in FILES if not (directory / f).is_file()]
+    missing = [f for f in FILES if not (directory / f).is_file() and not (f == "model.safetensors" and has_weights(directory))]
     if missing:
         raise SaveError(f"{directory}: not an fxsurgery output (missing {', '.join(missing)}); fix: pass a directory written by save()")
     try:

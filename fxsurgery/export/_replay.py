@@ -19,9 +19,10 @@ from safetensors.torch import save_file
 from .._util import first_line
 from ..errors import SaveError
 from ..spec import replay
-from ..transfer import read_state_dict, strip_prefixes
+from ..transfer import Checkpoint, read_state_dict, strip_prefixes
 from ._codegen import rename_path
 from ._record import read_record
+from ._shards import SINGLE, shard_files
 
 
 def map_weights(state_dict: dict, surgery: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -104,24 +105,33 @@ def _fits(state: dict, source: str, name: str, shape, dtype: str) -> torch.Tenso
 
 
 class _Saved:
-    """The saved directory's own tensors, read one at a time when needed."""
+    """The saved directory's own tensors (model.safetensors or its shards), read one at a time when needed."""
 
     def __init__(self, directory: Path):
-        self.file = str(directory / "model.safetensors")
+        self.directory = directory
 
     def __getitem__(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
-        try:
-            with safe_open(self.file, framework="pt") as handle:
-                return handle.get_tensor(name)
-        except (SafetensorError, OSError) as exc:
-            raise SaveError(f"{self.file}: cannot read {name}: {first_line(exc, type(exc).__name__)}; fix: write the directory "
-                            "again with save()") from None
+        files = shard_files(self.directory) or [SINGLE]
+        for file in files:
+            path = str(self.directory / file)
+            try:
+                with safe_open(path, framework="pt") as handle:
+                    if name in handle.keys():
+                        return handle.get_tensor(name)
+            except (SafetensorError, OSError) as exc:
+                raise SaveError(f"{path}: cannot read {name}: {first_line(exc, type(exc).__name__)}; fix: write the directory "
+                                "again with save()") from None
+        raise SaveError(f"{self.directory}: holds no tensor {name}; fix: write the directory again with save()")
 
 
 def write_mapped(checkpoint: str, surgery: str, output: str) -> dict[str, torch.Tensor]:
     """`fxsurgery map-weights`: read a checkpoint file, map it, write safetensors atomically."""
-    state = strip_prefixes(read_state_dict(checkpoint), where=checkpoint)
+    if str(checkpoint).endswith(".json"):  # a sharded checkpoint's index: read shard by shard
+        sharded = Checkpoint(checkpoint)
+        state = dict(sharded.read(list(sharded.keys)))
+    else:
+        state = strip_prefixes(read_state_dict(checkpoint), where=checkpoint)
     mapped = map_weights(state, surgery)
     ties = read_record(Path(surgery)).get("ties", {})
     unique = {k: v.contiguous() for k, v in mapped.items() if k not in ties}

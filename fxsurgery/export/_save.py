@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import fx, nn
 
 from .._progress import bar
@@ -26,7 +25,10 @@ from ._codegen import generate, rename_path
 from ._formats import export_as
 from ._graphdata import GRAPH, describe
 from ._names import shown
+from ._pretrained import write_pretrained
 from ._record import FORMAT, digest, import_source
+from ._shards import DEFAULT_MAX, lazy_names, parse_size
+from ._shards import write as write_weights
 
 
 def ties_of(module: nn.Module) -> dict[str, str]:
@@ -121,16 +123,24 @@ def _source(gm: fx.GraphModule, work: Path, **facts) -> tuple[str, dict[str, str
 
 
 def save(module: nn.Module, directory: str | os.PathLike, *, force: bool = False, record: dict | None = None,
-         formats=(), example_inputs: tuple | None = None, extra=None) -> Path:
+         formats=(), example_inputs: tuple | None = None, extra=None, max_shard_size: int | str = DEFAULT_MAX,
+         lazy: dict | None = None) -> Path:
     """Write `module` as model.py + model.safetensors + surgery.json, atomically.
 
     `formats` adds model.pt2 (torch.export), model.onnx or model.torchscript.pt,
     each checked against the module on `example_inputs`; `extra` maps more file
-    names to functions that write them.
+    names to functions that write them. Weights above `max_shard_size` go into
+    shards with an index (_shards.py); `lazy` maps id(tensor) of meta tensors
+    to functions that read their values, called shard by shard.
     """
+    limit = parse_size(max_shard_size)
     gm = _as_graph_module(module)
     class_name = getattr(module, "_fxsurgery_class", None) or type(module).__name__
     ties = ties_of(gm)
+    readers = lazy_names(gm, lazy)
+    if readers and formats:
+        raise SaveError(f"formats {', '.join(formats)}: a streamed result holds no weights in memory to export; "
+                        "fix: leave formats out, or apply without stream")
     tensors, non_persistent = _tensors(gm, ties)
     frozen = [n for n, p in gm.named_parameters() if not p.requires_grad]
     with replacing(directory, force) as work:
@@ -142,8 +152,8 @@ def save(module: nn.Module, directory: str | os.PathLike, *, force: bool = False
         (work / GRAPH).write_text(json.dumps(description, indent=1) + "\n", encoding="utf-8")
         # One metadata key only: safetensors writes metadata in hash order, and
         # the same model must give the same bytes every time.
-        save_file({rename_path(k, renames): v for k, v in tensors.items()}, str(work / "model.safetensors"),
-                  metadata={"format": "pt"})
+        hashes = write_weights(work, {rename_path(k, renames): readers.get(k, v) for k, v in tensors.items()},
+                               {rename_path(k, renames): v for k, v in tensors.items()}, limit)
         exported = {fmt: export_as(fmt, current(gm), work, example_inputs) for fmt in bar(formats, "export", unit="format")}
         for name, write in (extra or {}).items():  # written by fxsurgery (a diff page): --force may replace them
             write(work / name)
@@ -151,21 +161,28 @@ def save(module: nn.Module, directory: str | os.PathLike, *, force: bool = False
                "renamed": {k: v for k, v in renames.items() if k != v},
                "ties": {rename_path(a, renames): rename_path(o, renames) for a, o in ties.items()},
                "non_persistent": [rename_path(n, renames) for n in non_persistent],
-               **(record or {}), "formats": exported, "hash": digest(work), "files": _listed(work)}
+               **(record or {}), "formats": exported, "hash": digest(work, hashes),
+               **({"shards": hashes} if hashes else {}), "files": _listed(work)}
         (work / "surgery.json").write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
     return Path(directory)
 
 
-def save_pretrained(module: nn.Module, directory: str | os.PathLike, *, force: bool = False, record: dict | None = None) -> Path:
+def save_pretrained(module: nn.Module, directory: str | os.PathLike, *, force: bool = False, record: dict | None = None,
+                    max_shard_size: int | str = DEFAULT_MAX, lazy: dict | None = None) -> Path:
     """Write a model kept as its own class with its own `save_pretrained`, and surgery.json beside it.
 
     The directory is the library's own format: `from_pretrained` reloads it
-    without fxsurgery, its configuration already following the edit.
+    without fxsurgery, its configuration already following the edit. A streamed
+    result (`lazy`) is written shard by shard in that format (_pretrained.py).
     """
+    limit = parse_size(max_shard_size)
     with replacing(directory, force) as work:
-        module.save_pretrained(work)
+        hashes = write_pretrained(module, work, limit, lazy, ties_of(module)) if lazy else {}
+        if not lazy:
+            module.save_pretrained(work, max_shard_size=limit)
         doc = {"fxsurgery": __version__, "format": FORMAT, "torch": torch.__version__, "class": type(module).__name__,
-               "saved_by": "save_pretrained", **(record or {}), "files": _listed(work)}
+               "saved_by": "save_pretrained", **(record or {}), **({"shards": hashes} if hashes else {}),
+               "files": _listed(work)}
         (work / "surgery.json").write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
     return Path(directory)
 

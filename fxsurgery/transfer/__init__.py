@@ -21,19 +21,22 @@ from ..spec import carry
 from ._assemble import assemble
 from ._checkpoint import Checkpoint, empty_weights, read_state_dict, strip_prefixes
 from ._conventions import follow_conventions
+from ._dcp import DcpCheckpoint, open_checkpoint, refuse_dtensors
 from ._freeze import follow_modes, freeze
 from ._pairwise import transfer_modules
 from ._report import TransferReport, check_strict, entry, tensors_of
+from ._stream import Missing, Read, carry_streamed, pending_of, register
+from ._stream import blank as stream_blank
 from ._tying import Ties
 
 __all__ = [
-    "Checkpoint", "TransferReport", "empty_weights", "read_state_dict", "refuse_own_loading", "strip_prefixes", "transfer",
-    "transfer_modules",
+    "Checkpoint", "DcpCheckpoint", "TransferReport", "empty_weights", "open_checkpoint", "pending_of", "read_state_dict",
+    "refuse_dtensors", "refuse_own_loading", "register", "strip_prefixes", "transfer", "transfer_modules",
 ]
 
 
 def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True,
-             weights: str | os.PathLike | Checkpoint | None = None) -> tuple[nn.Module, TransferReport]:
+             weights: str | os.PathLike | Checkpoint | None = None, stream: bool = False) -> tuple[nn.Module, TransferReport]:
     """Build the new module, fill it with copies of the original tensors, freeze, and report.
 
     `copy=False`: the new module takes the original's tensors (no second copy
@@ -41,25 +44,28 @@ def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True,
     `weights`: a checkpoint of the original whose values fill the new module,
     read tensor by tensor (the original may then be built without weights,
     see `empty_weights`).
+    `stream`: tensors read from `weights` stay on meta in the new module, each
+    read when export writes it (_stream.py; `pending_of(module)`); without
+    `weights`, a model built on meta gives the plan alone (it cannot be saved).
     """
     model = rewritten.capture.model
-    checkpoint = weights if isinstance(weights, Checkpoint) or weights is None else Checkpoint(weights)
+    checkpoint = None if weights is None else open_checkpoint(weights)
     if checkpoint is not None:
         refuse_own_loading(model)
         checkpoint.check({k: (tuple(v.shape), v.dtype) for k, v in model.state_dict(keep_vars=True).items()})
-    built = assemble(rewritten, share=not copy and checkpoint is None)
+    built = assemble(rewritten, share=not copy and checkpoint is None, **({"blank": stream_blank} if stream else {}))
     module = built.module
-    kept, recipes = {}, {}
+    kept, recipes, pending = {}, {}, {}
     if not copy and checkpoint is None:
         _consume(model)
     with torch.no_grad():
         if copy or checkpoint is not None:
-            _fill(module, built, model, checkpoint)
+            _fill(module, built, model, checkpoint, pending if stream else None)
         # the configuration follows the edit; an adapter may add a module the weights policies then fill
         notes = follow_conventions(module, rewritten, built) if rewritten.capture.kept else []
         ties = Ties(model, module, built.copies)
         for path, new, old, rule, policy in built.keeps:
-            kept.update(_carry(rewritten, path, new, old, rule, policy, checkpoint, ties, recipes))
+            kept.update(_carry(rewritten, path, new, old, rule, policy, checkpoint, ties, recipes, stream))
         derived_from = _derived(rewritten, built, kept, recipes)
     rule_of = _maker(module, built.made_by)
     freeze(rewritten, module, rule_of)
@@ -109,6 +115,7 @@ def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True,
         if name not in used:
             report.entries.append(entry(name, t, kind, "dropped"))
     check_strict(report, strict)
+    register(module, pending)
     return module, report
 
 
@@ -195,9 +202,10 @@ def _maker(module: nn.Module, made_by: dict[int, int]):
     return rule_of
 
 
-def _fill(module: nn.Module, built, model: nn.Module, checkpoint: Checkpoint | None) -> None:
+def _fill(module: nn.Module, built, model: nn.Module, checkpoint: Checkpoint | None, pending: dict | None) -> None:
     """Copy each original tensor that reached the new module into its blank copy;
-    from the checkpoint where one is given (one shard open at a time)."""
+    from the checkpoint where one is given (one shard open at a time); when
+    streaming (`pending`), a tensor the checkpoint holds is only noted, read at save."""
     names: dict[int, list[str]] = {}
     for name, t, _ in tensors_of(model):
         names.setdefault(id(t), []).append(name)
@@ -212,12 +220,16 @@ def _fill(module: nn.Module, built, model: nn.Module, checkpoint: Checkpoint | N
         stored = [n for n in names.get(id(original), []) if checkpoint is not None and n in checkpoint.keys]
         if stored:
             wanted.setdefault(stored[0], []).append(t)
+        elif original.is_meta and pending is not None:  # a plan without weights: saving it says what is missing
+            pending[id(t)] = Missing(names.get(id(original), ["a tensor"])[0])
         elif original.is_meta:
             raise TransferError(f"{names.get(id(original), ['a tensor'])[0]} has no values (the model was built without "
                                 "weights) and the checkpoint has none for it; fix: pass a checkpoint that holds it")
         else:
             t.copy_(original)
-    if checkpoint is not None:
+    if pending is not None:
+        pending.update({id(t): Read(checkpoint, name) for name, ts in wanted.items() for t in ts})
+    elif checkpoint is not None:
         for name, value in bar(checkpoint.read(wanted), "read checkpoint", total=len(wanted), unit="tensor"):
             for t in wanted[name]:
                 t.copy_(value)
@@ -235,14 +247,16 @@ def _resolved(recipe: dict, sources, model: nn.Module) -> dict:
 
 
 def _carry(rewritten: Rewritten, path: str, new: nn.Module, old: nn.Module, rule: int, policy,
-           checkpoint: Checkpoint | None, ties: Ties, recipes: dict) -> dict:
+           checkpoint: Checkpoint | None, ties: Ties, recipes: dict, stream: bool = False) -> dict:
     """The replaced module's tensors into the replacement, as the rule's weights policy says;
     a tensor the original shares with another path stays shared (_tying.py)."""
     original = {n: t for n, t, _ in tensors_of(old)}
     identity = dict(original)
     prefix = next((p for p, m in rewritten.capture.model.named_modules() if m is old), path)
+    stored = {}
     if checkpoint is not None:  # the replaced module may have no values of its own: read them
         stored = {n: f"{prefix}.{n}" for n in original if f"{prefix}.{n}" in checkpoint.keys}
+    if checkpoint is not None and not stream:
         original.update({n: v for n, v in ((n, dict(checkpoint.read([k]))[k]) for n, k in stored.items())})
     label = rewritten.rule_of(rule).label
     carried = {}
@@ -254,7 +268,8 @@ def _carry(rewritten: Rewritten, path: str, new: nn.Module, old: nn.Module, rule
         try:
             if src is None:
                 raise ValueError("the replaced module has nothing there")
-            op = carry(policy, src, t, name=name)
+            op = (carry_streamed(policy, checkpoint, stored[name], src, t, name_in_new=name) if stream and name in stored
+                  else carry(policy, src, t, name=name))
             if not op and policy == "keep":
                 ties.carried(identity[name], t)
             op = f"{op} ({note})" if op and note else op or note

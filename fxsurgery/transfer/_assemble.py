@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import fx, nn
@@ -34,6 +35,7 @@ class Assembly:
     derived: list[tuple] = field(default_factory=list)  # (path, module, source paths, rule): tensors a pattern computed
     frozen: dict[str, int] = field(default_factory=dict)  # module path -> the pattern rule that freezes it
     made_tensors: dict[int, tuple] = field(default_factory=dict)  # id(tensor a rule made) -> (rule, source paths)
+    blank: Callable = None  # room for one tensor's values (a streamed result keeps meta tensors on meta)
 
 
 def put(root: nn.Module, path: str, module: nn.Module) -> nn.Module:
@@ -58,8 +60,9 @@ def _blank(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(t, memory_format=torch.preserve_format)
 
 
-def assemble(rewritten: Rewritten, share: bool = False) -> Assembly:
-    """`share`: the new module takes the original's tensors themselves instead of blank copies."""
+def assemble(rewritten: Rewritten, share: bool = False, blank: Callable = _blank) -> Assembly:
+    """`share`: the new module takes the original's tensors themselves instead of blank copies;
+    `blank` makes the room for a copy."""
     capture = rewritten.capture
     tensors = [t for sub in capture.model.modules() for t in [*sub._parameters.values(), *sub._buffers.values()]
                if t is not None]
@@ -68,9 +71,9 @@ def assemble(rewritten: Rewritten, share: bool = False) -> Assembly:
         root = copy.deepcopy(capture.model, memo)
     else:
         memo = {}  # one memo for the whole model: a tensor tied across modules stays one tensor
-        root = clone(capture.model, _blank, memo)
+        root = clone(capture.model, blank, memo)
     copies = {id(memo[id(t)]): (memo[id(t)], t) for t in tensors}
-    built = Assembly(root, copies)
+    built = Assembly(root, copies, blank=blank)
     for region in sorted(capture.regions, key=lambda r: (bool(r.path), r.path.count("."))):
         edited = rewritten.graphs[region.path]
         table = {}
@@ -172,7 +175,7 @@ def _rearrange(built: Assembly, edit: ModuleEdit) -> None:
         layer = layers[i]
         if i in used:
             memo: dict = {}
-            layer = clone(layer, _blank, memo)
+            layer = clone(layer, built.blank, memo)
             built.copies.update({id(new): (new, built.copies[old][1]) for old, new in memo.items()
                                  if isinstance(new, torch.Tensor) and old in built.copies})
         used.add(i)

@@ -20,7 +20,7 @@ from .._util import first_line
 from ..capture import PropagationError, clone, propagate, quiet_fake_tensors, root_of
 from ..errors import ValidateError
 from ..rewrite import Edited, Rewritten, shape_failure
-from ._gradflow import GradientFlow, gradient_flow, in_place
+from ._gradflow import GradientFlow, fake_of, gradient_flow, in_place
 
 __all__ = [
     "GradientFlow", "check_module", "gradient_flow", "validate", "validate_graph",
@@ -65,7 +65,7 @@ def validate(rewritten: Rewritten) -> Rewritten:
 def _run(module: nn.Module, inputs: tuple, fake: bool) -> tuple[BaseException | None, str]:
     """Run a copy of `module` (fake or real tensors); the failure and the innermost module it was in."""
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
-    copy = clone(module, mode.from_tensor if fake else (lambda t: t.detach().clone()))
+    copy = clone(module, (lambda t: fake_of(mode, t)) if fake else (lambda t: t.detach().clone()))
     open_paths: list[str] = []
     handles = []
     for path, sub in copy.named_modules():

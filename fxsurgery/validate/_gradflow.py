@@ -124,10 +124,18 @@ def _from_graph(gm: fx.GraphModule, shapes: dict[str, Meta]) -> set[int]:
     return reached
 
 
+def fake_of(mode: FakeTensorMode, t: torch.Tensor) -> torch.Tensor:
+    """A fake copy of `t`; a meta tensor (a streamed result's, read at save) as a CPU one, like the rest."""
+    if not t.is_meta:
+        return mode.from_tensor(t)
+    with mode:
+        return torch.empty(t.shape, dtype=t.dtype, device="cpu")
+
+
 def _forward(module: nn.Module, inputs: tuple, fake: bool):
     """A copy of `module` (fake tensors, or real ones) and its output on `inputs`, with autograd on."""
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
-    copy = clone(module, mode.from_tensor if fake else (lambda t: t.detach().clone()))
+    copy = clone(module, (lambda t: fake_of(mode, t)) if fake else (lambda t: t.detach().clone()))
     convert = (lambda x: mode.from_tensor(x) if isinstance(x, torch.Tensor) else x) if fake else (lambda x: x)
     with (mode or contextlib.nullcontext()), quiet_fake_tensors(), torch.enable_grad():
         return copy, copy(*pytree.tree_map(convert, inputs))

@@ -1,0 +1,187 @@
+"""Benchmark: large models. Sharded save and load, streamed surgery memory, a 70B plan on meta.
+
+- `save`: `result.save(DIR, max_shard_size=...)` (model.py + graph.json generated,
+  every shard hashed) against `safetensors.torch.save_file` of the same tensors
+  (one file) and `safetensors.torch.save_model`; rounds interleaved, median ratio.
+- `load`: `fxs.load(DIR)` (graph.json rebuilt, hash checked) against
+  `safetensors.torch.load_file` + the module built on meta and `load_state_dict(assign=True)`.
+- `stream`: a Llama-style transformers model (a few hundred MB, float32)
+  written as a sharded checkpoint shard by shard; in a fresh process built in
+  `fxs.empty_weights()`, two layers deleted and the embedding frozen, streamed
+  into 100 MB output shards. Peak RSS (VmHWM) against the process's RSS after
+  imports and the meta build, and against the model's bytes; the in-memory
+  `weights=` path beside it.
+- `plan`: a Llama 70B configuration built on meta and planned (stream=True, no
+  weights): seconds and peak RSS over imports.
+
+    python -m benchmarks.large_models --out benchmarks/results [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from .common import machine
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def _sequential(width: int, depth: int):
+    from torch import nn
+    return nn.Sequential(*[nn.Linear(width, width) for _ in range(depth)]).eval()
+
+
+def save_and_load(rounds: int, width: int, depth: int, folder: str) -> dict:
+    import torch
+    from safetensors.torch import load_file, save_file, save_model
+
+    import fxsurgery as fxs
+    torch.manual_seed(0)
+    model = _sequential(width, depth)
+    result = fxs.apply(model, [], example_inputs=(torch.randn(1, width),))
+    state = {k: v.contiguous() for k, v in result.module.state_dict().items()}
+    size = sum(t.numel() * t.element_size() for t in state.values())
+    shard = max(size // 4, 1)
+    times: dict[str, list[float]] = {k: [] for k in ("fxs_save", "fxs_save_one", "save_file", "save_model", "fxs_load", "load_file")}
+
+    def timed(key, fn):
+        start = time.perf_counter()
+        fn()
+        times[key].append(time.perf_counter() - start)
+
+    for r in range(rounds):
+        out = os.path.join(folder, f"r{r}")
+        steps = [("save_file", lambda out=out: save_file(state, out + ".safetensors", metadata={"format": "pt"})),
+                 ("save_model", lambda out=out: save_model(result.module, out + "-m.safetensors")),
+                 ("fxs_save", lambda out=out: result.save(out, max_shard_size=shard)),
+                 ("fxs_save_one", lambda out=out: result.save(out + "-one"))]
+        for key, fn in steps[r % len(steps):] + steps[:r % len(steps)]:
+            timed(key, fn)
+
+        def baseline(out=out):
+            with torch.device("meta"):
+                m = _sequential(width, depth)
+            m.load_state_dict(load_file(out + ".safetensors"), assign=True)
+        loads = [("load_file", baseline), ("fxs_load", lambda out=out: fxs.load(out))]
+        for key, fn in loads[r % 2:] + loads[:r % 2]:
+            timed(key, fn)
+    median = {k: statistics.median(v) for k, v in times.items()}
+    return {"model_bytes": size, "max_shard_size": shard, "rounds": rounds, "seconds": median,
+            "save_sharded_over_save_file": median["fxs_save"] / median["save_file"],
+            "save_sharded_over_save_model": median["fxs_save"] / median["save_model"],
+            "save_one_over_save_file": median["fxs_save_one"] / median["save_file"],
+            "load_over_load_file": median["fxs_load"] / median["load_file"]}
+
+
+LLAMA = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+             num_key_value_heads=4, max_position_embeddings=256)
+LLAMA_70B = dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                 num_key_value_heads=8, max_position_embeddings=8192)
+
+
+def write_checkpoint(folder: str, parts: int, config: dict) -> tuple[str, int]:
+    """A random checkpoint of the Llama-style model, written shard by shard (never whole in memory)."""
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    import fxsurgery as fxs
+    with fxs.empty_weights():
+        meta = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
+    shapes = {k: (tuple(v.shape), v.dtype) for k, v in meta.state_dict(keep_vars=True).items()}
+    names = list(shapes)
+    weight_map, generator = {}, torch.Generator().manual_seed(0)
+    for k in range(parts):
+        file = f"model-{k + 1:05d}-of-{parts:05d}.safetensors"
+        chunk = names[k::parts]
+        save_file({n: torch.randn(shapes[n][0], generator=generator).to(shapes[n][1]) * 0.02 for n in chunk},
+                  os.path.join(folder, file))
+        weight_map.update({n: file for n in chunk})
+    index = os.path.join(folder, "model.safetensors.index.json")
+    with open(index, "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    return index, sum(torch.Size(s).numel() * torch.empty(0, dtype=d).element_size() for s, d in shapes.values())
+
+
+def child(kind: str, index: str, out: str) -> dict:
+    """One surgery in this fresh process: its peak RSS above the RSS after imports and the meta build."""
+    import torch
+    import transformers
+
+    import fxsurgery as fxs
+    config = transformers.LlamaConfig(**(LLAMA_70B if kind == "plan" else LLAMA))
+    with fxs.empty_weights():
+        model = transformers.LlamaForCausalLM(config).eval()
+    layers = config.num_hidden_layers
+    rules = [fxs.Layers("model.layers", order=[i for i in range(layers) if i not in (2, layers - 3)]),
+             fxs.Freeze("model.embed_tokens")]
+    base = _status("VmRSS")
+    start = time.perf_counter()
+    ids = (torch.zeros(1, 8, dtype=torch.long),)
+    if kind == "plan":
+        result = fxs.apply(model, rules, ids, stream=True)
+    else:
+        result = fxs.apply(model, rules, ids, weights=index, stream=kind == "stream")
+        result.save(out, max_shard_size="100MB")
+    seconds = time.perf_counter() - start
+    return {"kind": kind, "seconds": seconds, "rss_after_imports": base, "peak": _status("VmHWM"),
+            "entries": len(result.report.entries)}
+
+
+def _in_child(kind: str, index: str, out: str) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.large_models", "--child", kind, "--index", index, "--out", out],
+                          capture_output=True, text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(quick: bool = False) -> dict:
+    folder = tempfile.mkdtemp(prefix="fxs-large-")
+    try:
+        width, depth = (1024, 4) if quick else (4096, 6)
+        figures = {"save_load": save_and_load(1 if quick else 5, width, depth, folder)}
+        index, size = write_checkpoint(folder, 6, LLAMA)
+        for kind in ("stream", "memory", "plan"):
+            out = os.path.join(folder, f"out-{kind}")
+            got = _in_child(kind, index, out)
+            got["peak_over_imports"] = got["peak"] - got["rss_after_imports"]
+            if kind != "plan":
+                got["model_bytes"] = size
+                got["peak_over_imports_per_model"] = got["peak_over_imports"] / size
+                got["files"] = sorted(os.listdir(out))
+                shutil.rmtree(out)
+            figures[kind] = got
+        return {"name": "large_models", "machine": machine(), **figures}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--child", choices=("stream", "memory", "plan"))
+    p.add_argument("--index")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args(argv)
+    if a.child:
+        print(json.dumps(child(a.child, a.index, a.out)))
+        return
+    figures = run(a.quick)
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "large_models.json"), "w") as f:
+        json.dump(figures, f, indent=2)
+    print(json.dumps({k: v for k, v in figures.items() if k != "machine"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""A kept transformers model, streamed: its configuration as its library writes it, its weights shard by shard.
+
+`save_pretrained` needs every tensor in memory; a streamed result holds its
+checkpoint's tensors on meta. Its configuration files are written by the
+library (`config.save_pretrained`, `generation_config.save_pretrained`) and its
+weights by _shards.py in the layout the library reads back
+(`model.safetensors`, or `model-0000k-of-0000n.safetensors` + index), tied
+parameters once under their first name, as `save_pretrained` writes them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from ._shards import lazy_names, write
+
+
+def write_pretrained(module: nn.Module, work: Path, limit: int, lazy: dict, ties: dict[str, str]) -> dict[str, str]:
+    """Write config.json (and generation_config.json) and the weights into `work`; {shard: sha256}."""
+    config = module.config
+    config.architectures = [type(module).__name__]
+    config.save_pretrained(work)
+    generation = getattr(module, "generation_config", None)
+    if generation is not None and getattr(module, "can_generate", lambda: False)():
+        generation.save_pretrained(work)
+    readers = lazy_names(module, lazy)
+    state = {k: v.detach() for k, v in module.state_dict(keep_vars=True).items() if k not in ties}
+    return write(work, {k: readers.get(k, v) for k, v in state.items()}, state, limit)

@@ -1,0 +1,77 @@
+"""torch.distributed.checkpoint in and out, and models whose parameters are DTensors.
+
+DCP in: a checkpoint written by dcp.save fills a model built on meta, in
+memory and streamed, to the same tensors as the surgery of the model itself.
+DCP out: `--format dcp` writes model.dcp/, which dcp.load reads back to the
+tensors of model.safetensors.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+import torchvision
+from safetensors.torch import load_file
+
+import fxsurgery as fxs
+from fxsurgery import Freeze, Replace
+
+X = (torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)),)
+RULES = [Replace("fc", fxs.new(torch.nn.Linear, out_features=4), weights="slice"), Freeze("layer1")]
+
+
+def _tensors(directory) -> dict[str, torch.Tensor]:
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            out.update(load_file(str(directory / name)))
+    return out
+
+
+def test_a_dcp_checkpoint_fills_a_meta_model_as_the_model_itself(tmp_path):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    dcp.save(model.state_dict(), storage_writer=dcp.FileSystemWriter(str(tmp_path / "ck")), no_dist=True)
+    fxs.apply(model, RULES, X).save(tmp_path / "direct")
+    want = _tensors(tmp_path / "direct")
+    for stream in (False, True):
+        with fxs.empty_weights():
+            empty = torchvision.models.resnet18(num_classes=10).eval()
+        out = tmp_path / f"stream{stream}"
+        fxs.apply(empty, RULES, X, weights=str(tmp_path / "ck"), stream=stream).save(out, max_shard_size="20MB")
+        got = _tensors(out)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert torch.equal(want["fc.weight"], model.fc.weight[:4])
+
+
+def test_format_dcp_writes_the_saved_tensors(tmp_path):
+    from conftest import RULES as RULE_FILES
+    from conftest import cli
+    code, _, stderr = cli("apply", "torchvision.models:resnet18", os.path.join(RULE_FILES, "classifier-head.yaml"),
+                          "--input", "1x3x64x64", "--format", "dcp", "-o", tmp_path / "o")
+    assert code == 0, stderr
+    saved = load_file(str(tmp_path / "o" / "model.safetensors"))
+    back = {k: torch.empty_like(v) for k, v in saved.items()}
+    dcp.load(back, storage_reader=dcp.FileSystemReader(str(tmp_path / "o" / "model.dcp")), no_dist=True)
+    assert all(torch.equal(back[k], saved[k]) for k in saved) and len(saved) == 122
+    assert "model.dcp" in __import__("json").loads((tmp_path / "o" / "surgery.json").read_text())["files"]
+
+
+def test_a_model_of_dtensors_is_refused_with_the_route_that_works(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.tensor import DeviceMesh, Replicate, distribute_tensor
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+        mesh = DeviceMesh("cpu", [0])
+        model[0].weight = torch.nn.Parameter(distribute_tensor(model[0].weight.detach(), mesh, [Replicate()]))
+        with pytest.raises(fxs.ModelError) as err:
+            fxs.apply(model, [Freeze("0")], (torch.randn(1, 4),))
+    finally:
+        dist.destroy_process_group()
+    assert str(err.value) == ("0.weight is a DTensor (a sharded model: fully_shard or tensor parallel); fxsurgery works on the "
+                              "whole model; fix: build the model inside fxs.empty_weights() without sharding it, save its weights "
+                              "with dcp.save(model.state_dict(), DIR) and apply with weights=DIR (--weights DIR) and stream=True")

@@ -1,0 +1,180 @@
+"""Streaming transfer: a model built on meta, its checkpoint read tensor by tensor into output shards.
+
+Each streamed output is compared with the in-memory surgery of the same model
+with its weights: the same tensors bit for bit (and, where both are written by
+fxsurgery's own writer, the same shard files byte for byte).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import load_file, save_file
+
+import fxsurgery as fxs
+from fxsurgery import Freeze, Layers, Replace
+from fxsurgery.transfer import pending_of
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = [3, 4, 5, 6, 7, 40, 41, 42, 90, 2]  # the rows a trimmed vocabulary keeps, in its new order
+
+
+def llama_config():
+    return transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+
+def write_shards(state: dict, folder, parts: int):
+    """A Hugging Face style sharded checkpoint, written shard by shard."""
+    names = list(state)
+    weight_map = {}
+    for k in range(parts):
+        file = f"model-{k + 1:05d}-of-{parts:05d}.safetensors"
+        save_file({n: state[n].contiguous() for n in names[k::parts]}, str(folder / file))
+        weight_map.update({n: file for n in names[k::parts]})
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return index
+
+
+def tensors_in(directory) -> dict[str, torch.Tensor]:
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            out.update(load_file(str(directory / name)))
+    return out
+
+
+def test_llama_layer_deletion_vocab_trim_and_freeze_stream_as_in_memory(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(llama_config()).eval()
+    index = write_shards(model.state_dict(), tmp_path, parts=5)
+    rows = {"select": VOCAB}
+    rules = [Layers("model.layers", order=[0, 2, 3]),
+             Replace("model.embed_tokens", fxs.new(torch.nn.Embedding, num_embeddings=len(VOCAB), embedding_dim=64), weights=rows),
+             Replace("lm_head", fxs.new(torch.nn.Linear, out_features=len(VOCAB), bias=False), weights=rows),
+             Freeze("model.embed_tokens")]
+    ids = (torch.tensor([[1, 2, 3, 4]]),)
+    reads = []
+    stream = importlib.import_module("fxsurgery.transfer._stream")
+    real = stream.read_block
+    monkeypatch.setattr(stream, "read_block", lambda c, n, i: reads.append((n, i)) or real(c, n, i))
+    with fxs.empty_weights():
+        empty = transformers.LlamaForCausalLM(llama_config()).eval()
+    streamed = fxs.apply(empty, rules, ids, weights=str(index), stream=True)
+    # the plan on meta: nothing read but the rows the trimmed vocabulary keeps, in runs of consecutive rows
+    assert [n for n, _ in reads] == ["model.embed_tokens.weight"] * 4 + ["lm_head.weight"] * 4
+    assert [(i[0].start, i[0].stop) for _, i in reads[:4]] == [(3, 8), (40, 43), (90, 91), (2, 3)]
+    metas = [n for n, t in streamed.module.state_dict(keep_vars=True).items() if t.is_meta]
+    assert len(metas) == len(pending_of(streamed.module)) == 3 * 9 + 1  # three layers of nine tensors, the final norm
+    streamed.save(tmp_path / "s", max_shard_size="30KB")
+    direct = fxs.apply(model, rules, ids)
+    direct.save(tmp_path / "d", max_shard_size="30KB")
+    a, b = tensors_in(tmp_path / "s"), tensors_in(tmp_path / "d")
+    assert a.keys() == b.keys() and len(a) == 3 * 9 + 3
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(a["model.embed_tokens.weight"], model.model.embed_tokens.weight[VOCAB])
+    assert torch.equal(a["model.layers.1.mlp.up_proj.weight"], model.model.layers[2].mlp.up_proj.weight)
+    # in state-dict order with 30 kB shards: the 32 kB MLP matrices alone, five shards per layer, one more at the end
+    weight_map = json.loads((tmp_path / "s" / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = {f: [n for n, g in weight_map.items() if g == f] for f in set(weight_map.values())}
+    assert len(shards) == 16 and sorted(shards) == [f"model-{k:05d}-of-00016.safetensors" for k in range(1, 17)]
+    assert all(sum(a[n].numel() * 4 for n in names) <= 30_000 or len(names) == 1 for names in shards.values())
+    assert json.loads((tmp_path / "s" / "surgery.json").read_text())["report"]["counts"] == \
+           json.loads((tmp_path / "d" / "surgery.json").read_text())["report"]["counts"]
+    # (the written configuration keeps vocab_size 128 on both paths: set it for the reload)
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "s", vocab_size=len(VOCAB)).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(*ids).logits, direct.module(*ids).logits)
+
+
+def test_a_regenerated_module_streams_into_the_same_shard_files(tmp_path):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    index = write_shards(model.state_dict(), tmp_path, parts=4)
+    rules = [Replace("fc", fxs.new(torch.nn.Linear, out_features=4), weights="slice"), Freeze("layer1")]
+    x = (torch.randn(1, 3, 32, 32),)
+    with fxs.empty_weights():
+        empty = torchvision.models.resnet18(num_classes=10).eval()
+    fxs.apply(empty, rules, x, weights=str(index), stream=True).save(tmp_path / "s", max_shard_size="8MB")
+    fxs.apply(model, rules, x).save(tmp_path / "d", max_shard_size="8MB")
+    names = sorted(os.listdir(tmp_path / "d"))
+    assert sorted(os.listdir(tmp_path / "s")) == names and "model-00009-of-00009.safetensors" in names
+    for name in names:
+        if name != "surgery.json":
+            assert (tmp_path / "s" / name).read_bytes() == (tmp_path / "d" / name).read_bytes(), name
+    assert torch.equal(fxs.load(tmp_path / "s")(x[0]), model(x[0])[:, :4])
+
+
+def test_a_plan_without_weights_saves_nothing_and_formats_of_a_streamed_result_are_refused(tmp_path):
+    from conftest import RULES, cli
+    with fxs.empty_weights():
+        empty = torchvision.models.resnet18().eval()
+    plan = fxs.apply(empty, [Freeze("layer1")], (torch.randn(1, 3, 32, 32),), stream=True)
+    assert plan.report.counts() == {"transferred": 122, "adapted": 0, "new": 0, "dropped": 0, "frozen": 12}
+    with pytest.raises(fxs.TransferError) as err:
+        plan.save(tmp_path / "o")
+    assert str(err.value) == ("conv1.weight has no values (the model was built without weights) and no checkpoint was given; "
+                              "fix: apply with weights= a checkpoint of the model (--weights)")
+    assert os.listdir(tmp_path) == []
+    code, _, stderr = cli("apply", "torchvision.models:resnet18", os.path.join(RULES, "classifier-head.yaml"), "--stream",
+                          "-o", tmp_path / "o")
+    assert (code, stderr) == (2, "fxsurgery: error: --stream reads the model's tensors from --weights, and none was given; "
+                                 "fix: pass --weights (a .safetensors file or a sharded *.index.json), or --dry-run for the plan alone\n")
+    model = torchvision.models.resnet18().eval()
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    with fxs.empty_weights():
+        empty = torchvision.models.resnet18().eval()
+    x = (torch.randn(1, 3, 32, 32),)
+    result = fxs.apply(empty, [Freeze("layer1")], x, weights=str(tmp_path / "w.safetensors"), stream=True)
+    with pytest.raises(fxs.SaveError) as err:
+        result.save(tmp_path / "o", formats=["onnx"])
+    assert str(err.value) == ("formats onnx: a streamed result holds no weights in memory to export; "
+                              "fix: leave formats out, or apply without stream")
+    assert not (tmp_path / "o").exists()
+
+
+def test_dry_run_predicts_the_output_and_the_memory_of_a_plan_on_meta(tmp_path):
+    from conftest import cli
+    (tmp_path / "tiny.py").write_text("import transformers\n\ndef build():\n    return transformers.LlamaForCausalLM(transformers.LlamaConfig("
+                                      "vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, "
+                                      "num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()\n")
+    (tmp_path / "drop.yaml").write_text("fxsurgery: 1\nrules:\n  - layers: model.layers\n    order: [0, 3]\n")
+    code, out, err = cli("apply", f"{tmp_path}/tiny.py:build", tmp_path / "drop.yaml", "--input", "1x8:int64", "--stream",
+                         "--dry-run", "--max-shard-size", "40KB", "--json")
+    assert code == 0, err
+    # embed 128x64, two layers of (64x64 q, o; 32x64 k, v; three 128x64 MLP matrices; two norms of 64), norm, lm_head: float32
+    layer = (2 * 64 * 64 + 2 * 32 * 64 + 3 * 128 * 64 + 2 * 64) * 4
+    total = 2 * 128 * 64 * 4 + 2 * layer + 64 * 4
+    footprint = json.loads(out)["footprint"]
+    assert footprint["output_bytes"] == total == 361_728 and footprint["streamed"] is True
+    assert footprint["predicted_peak_bytes"] == 2 * footprint["largest_shard_bytes"] + 128 * 64 * 4  # nothing else resident
+    code, out, err = cli("apply", f"{tmp_path}/tiny.py:build", tmp_path / "drop.yaml", "--input", "1x8:int64", "--stream",
+                         "--dry-run", "--max-shard-size", "40KB")
+    assert code == 0, err
+    assert out.endswith(f"output: 0.4 MB in {footprint['shards']} files (largest {footprint['largest_shard_bytes'] / 1e6:.1f} MB); "
+                        f"predicted peak memory above imports: {footprint['predicted_peak_bytes'] / 1e6:.1f} MB "
+                        "(streamed shard by shard)\ndry run: nothing written\n")
+
+
+def test_cli_streams_into_shards(tmp_path):
+    from conftest import RULES, cli
+    model = torchvision.models.resnet18().eval()
+    index = write_shards(model.state_dict(), tmp_path, parts=4)
+    rules = os.path.join(RULES, "classifier-head.yaml")
+    for flag, out in (("--stream", tmp_path / "s"), (None, tmp_path / "d")):
+        args = ["apply", "torchvision.models:resnet18", rules, "--input", "1x3x64x64", "--weights", index, "-o", out,
+                "--max-shard-size", "20MB"] + ([flag] if flag else [])
+        torch.manual_seed(0)  # the new head's initial values
+        code, _, stderr = cli(*args)
+        assert code == 0, stderr
+    a, b = tensors_in(tmp_path / "s"), tensors_in(tmp_path / "d")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(f for f in os.listdir(tmp_path / "s") if f.startswith("model-")) == \
+           [f"model-0000{k}-of-00003.safetensors" for k in (1, 2, 3)]
