@@ -98,6 +98,11 @@ class SurgeryResult:
             parts += ["", "warnings:"] + [f"  {w}" for w in self.plan.warnings]
         return "\n".join(parts)
 
+    @property
+    def specialised(self) -> dict[str, dict[int, str]]:
+        """{input: {dim: why}}: the input dims the result accepts at their example size only."""
+        return self.capture.specialised() if self.capture is not None else {}
+
     def coverage(self) -> dict:
         """Traced graphs, opaque modules with the reason each stays Python, share of parameters in graphs."""
         return self.capture.coverage()
@@ -115,6 +120,7 @@ class SurgeryResult:
             "report": self.report.to_dict(),
             "gradient_flow": self.gradient_flow.to_dict(),
             "coverage": self.capture.coverage() if self.capture is not None else None,
+            "specialised": {name: {str(d): why for d, why in dims.items()} for name, dims in self.specialised.items()},
         }
 
     def save(self, directory: str | os.PathLike, *, force: bool = False, formats=(), extra=None) -> Path:
@@ -133,7 +139,7 @@ class SurgeryResult:
 
 def apply(model: nn.Module, rules, example_inputs=None, *, params: dict | None = None, allow=(),
           strict: bool = False, leaf_types=(), leaf_paths=(), copy: bool = True, weights=None,
-          keep_class: bool | None = None, modes: bool = True) -> SurgeryResult:
+          keep_class: bool | None = None, modes: bool = True, dynamic_shapes="auto") -> SurgeryResult:
     """Apply `rules` to `model` (never modified) and return the regenerated module.
 
     `keep_class=True` returns an instance of the model's own class instead (a
@@ -150,6 +156,10 @@ def apply(model: nn.Module, rules, example_inputs=None, *, params: dict | None =
     `self.training` (dropout, stochastic depth, `if self.training:`), the result
     decides from its own mode at run time (capture/_modes.py); `modes=False` keeps the
     captured mode's decisions as constants (a kept class runs its own code, so its modes are live anyway).
+    Where the forward's Python needs a size (`if seq_len > 4:`), `dynamic_shapes="auto"` guards
+    that decision alone and every other size stays general (`result.specialised` lists the dims
+    a decision pins); None guards every input's whole example shape; a torch.export-style spec
+    ({input name or position: {dim: name}}) must stay dynamic where declared, static elsewhere.
 
     >>> result = apply(resnet18(), [Replace("fc", new(nn.Linear, out_features=10))],
     ...                example_inputs=(torch.randn(1, 3, 224, 224),))
@@ -159,12 +169,14 @@ def apply(model: nn.Module, rules, example_inputs=None, *, params: dict | None =
     rule_list = flatten(rules, lambda path: load_rules(path, params=params, allow=allow))
     kept = _is_pretrained(model) if keep_class is None else keep_class
     captured = (capture_kept(model, example_inputs) if kept
-                else capture(model, example_inputs, leaf_types=leaf_types, leaf_paths=leaf_paths))
+                else capture(model, example_inputs, leaf_types=leaf_types, leaf_paths=leaf_paths,
+                             dynamic_shapes=dynamic_shapes))
     # what the original decides from self.training, the result decides at run time (capture/_modes.py);
     # where the code itself differs by mode, the surgery is also made in the other mode
-    live = track(model, captured, lambda other: _quiet(apply, other, rule_list, example_inputs, strict=strict,
-                                                       leaf_types=leaf_types, leaf_paths=leaf_paths, weights=weights,
-                                                       modes=False, keep_class=False)) if modes and not kept else None
+    other = dict(strict=strict, leaf_types=leaf_types, leaf_paths=leaf_paths, weights=weights, modes=False,
+                 keep_class=False, dynamic_shapes=dynamic_shapes)
+    live = track(model, captured, lambda flipped: _quiet(apply, flipped, rule_list, example_inputs, **other)
+                 ) if modes and not kept else None
     plan = match(captured, rule_list)                 # read-only
     rewritten = validate(rewrite(captured, plan))     # the only stage that edits structure, then checked
     module, report = transfer(rewritten, strict=strict, copy=copy, weights=weights)
