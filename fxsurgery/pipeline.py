@@ -134,7 +134,18 @@ class SurgeryResult:
                                 "save_pretrained; fix: leave formats out, or apply with keep_class=False")
             return save_pretrained(self.module, directory, force=force, record=self.to_dict())
         return save(self.module, directory, force=force, record=self.to_dict(), formats=formats,
-                    example_inputs=self.example_inputs, extra=extra)
+                    example_inputs=self.example_inputs, extra=extra, static=self._static_dims())
+
+    def _static_dims(self) -> list | None:
+        """Per example input, the dims exports keep static: those capture specialised (tensor inputs
+        in order, as the graph takes them); None when the capture was exact (dynamic_shapes=None)."""
+        root = self.capture.regions[0] if self.capture is not None and self.capture.regions else None
+        if root is None or root.path or root.dynamic is None:
+            return None
+        pinned = self.specialised
+        names = iter(root.input_names())
+        return [set(pinned.get(next(names, ""), {})) if isinstance(x, torch.Tensor) else set()
+                for x in self.example_inputs or ()]
 
 
 def apply(model: nn.Module, rules, example_inputs=None, *, params: dict | None = None, allow=(),

@@ -121,12 +121,13 @@ def _source(gm: fx.GraphModule, work: Path, **facts) -> tuple[str, dict[str, str
 
 
 def save(module: nn.Module, directory: str | os.PathLike, *, force: bool = False, record: dict | None = None,
-         formats=(), example_inputs: tuple | None = None, extra=None) -> Path:
+         formats=(), example_inputs: tuple | None = None, extra=None, static: list | None = None) -> Path:
     """Write `module` as model.py + model.safetensors + surgery.json, atomically.
 
     `formats` adds model.pt2 (torch.export), model.onnx or model.torchscript.pt,
-    each checked against the module on `example_inputs`; `extra` maps more file
-    names to functions that write them.
+    each checked against the module on `example_inputs` (pt2 and ONNX keep every dim dynamic except
+    those in `static`, a set of dims per input; None: all static); `extra` maps more file names to
+    functions that write them.
     """
     gm = _as_graph_module(module)
     class_name = getattr(module, "_fxsurgery_class", None) or type(module).__name__
@@ -144,7 +145,7 @@ def save(module: nn.Module, directory: str | os.PathLike, *, force: bool = False
         # the same model must give the same bytes every time.
         save_file({rename_path(k, renames): v for k, v in tensors.items()}, str(work / "model.safetensors"),
                   metadata={"format": "pt"})
-        exported = {fmt: export_as(fmt, current(gm), work, example_inputs) for fmt in bar(formats, "export", unit="format")}
+        exported = {fmt: export_as(fmt, current(gm), work, example_inputs, static) for fmt in bar(formats, "export", unit="format")}
         for name, write in (extra or {}).items():  # written by fxsurgery (a diff page): --force may replace them
             write(work / name)
         doc = {"fxsurgery": __version__, "format": FORMAT, "torch": torch.__version__, "class": class_name,
