@@ -214,3 +214,25 @@ def test_a_model_captured_without_weights_runs_once_filled(tmp_path):
     for b, s in ((2, 8), (3, 5), (2, 64)):
         x = _ids(b, s, seed=s)
         assert torch.allclose(_out(result.module(x)), full(x).logits, atol=1e-5)
+
+
+def test_saved_bert_model_py_pt2_and_onnx_take_any_batch_and_sequence_length(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    model = _bert()
+    result = fxs.apply(model, [Freeze("bert.embeddings")], example_inputs=(_ids(2, 8),), keep_class=False)
+    out = result.save(tmp_path / "o", formats=("pt2", "onnx"))
+    record = __import__("json").loads((out / "surgery.json").read_text())
+    for fmt in ("pt2", "onnx"):
+        assert record["formats"][fmt]["dynamic"] == ["dim 0 of input 0: 3", "dim 1 of input 0: 9"]
+    loaded = fxs.load(out, trust_code=True)  # model.py: the call adapter is code
+    program = torch.export.load(str(out / "model.pt2")).module()
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    (name,) = [i.name for i in session.get_inputs()]
+    for batch, seq in ((1, 5), (4, 5), (1, 64), (4, 64)):  # two batch sizes, two sequence lengths
+        x = _ids(batch, seq, seed=seq)
+        with torch.no_grad():
+            want = model(x).logits
+            assert torch.allclose(_out(loaded(x)), want, atol=1e-5)
+            assert torch.allclose(_out(program(x)), want, atol=1e-5)
+        got = torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+        assert torch.allclose(got, want, atol=1e-4)
