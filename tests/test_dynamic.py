@@ -236,3 +236,16 @@ def test_saved_bert_model_py_pt2_and_onnx_take_any_batch_and_sequence_length(tmp
             assert torch.allclose(_out(program(x)), want, atol=1e-5)
         got = torch.from_numpy(session.run(None, {name: x.numpy()})[0])
         assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_inspect_lists_the_dims_a_decision_specialised(tmp_path):
+    from conftest import cli
+    source = tmp_path / "loop.py"
+    source.write_text("from torch import nn\n\n\nclass Loop(nn.Module):\n    def forward(self, x):\n"
+                      "        return sum(x[i] for i in range(x.shape[0]))\n")
+    code, stdout, _ = cli("inspect", f"{source}:Loop", "--input", "3x5")
+    assert code == 0
+    why = f"`x.shape[0]` is 3 at {tmp_path.name}/loop.py:6 (return sum(x[i] for i in range(x.shape[0])))"
+    assert stdout.splitlines()[-1] == f"  specialised dim 0 of input 'x': {why}"
+    code, stdout, _ = cli("inspect", f"{source}:Loop", "--input", "3x5", "--json")
+    assert __import__("json").loads(stdout)["specialised"] == {"x": {"0": why}}

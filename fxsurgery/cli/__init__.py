@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing output directory holding only files fxsurgery wrote")
     p.add_argument("--format", action="append", default=[], choices=["pt2", "onnx", "torchscript"],
                    help="also write model.pt2 / model.onnx / model.torchscript.pt, verified on the inputs")
+    p.add_argument("--dynamic-shapes", choices=["auto", "none"], default="auto",
+                   help="auto: guard only the size decisions the code makes (default); none: only the example's shapes")
 
     p = sub.add_parser("inspect", help="show modules, shapes and parameters as the graph sees them")
     model_args(p)
@@ -168,7 +170,9 @@ def _result(args):
     model, checkpoint = _model(args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the plan's warnings are printed by the caller
-        return apply(model, rules, inputs, strict=getattr(args, "strict", False), leaf_paths=args.leaf, weights=checkpoint)
+        dynamic = None if getattr(args, "dynamic_shapes", "auto") == "none" else "auto"
+        return apply(model, rules, inputs, strict=getattr(args, "strict", False), leaf_paths=args.leaf, weights=checkpoint,
+                     dynamic_shapes=dynamic)
 
 
 def cmd_diff(args) -> int:
