@@ -208,12 +208,13 @@ def probe(gm: fx.GraphModule, graph: fx.Graph, example: tuple, decisions: list[D
                         for p, v in zip(placeholders, example)]
                 with mode, torch.no_grad():
                     values = _Prober(root, graph=graph).run_all(*args)
-                outcomes.append(values)
-            for d in decisions:
-                differs = [not (d.node in values and _same(d.kind, values[d.node], d.value)) for values in outcomes]
-                if any(differs):
+                outcomes.append([not (d.node in values and _same(d.kind, values[d.node], d.value)) for d in decisions])
+                if not any(outcomes[0]):
+                    break  # nothing changed with this dim: a second probe cannot make it pinned
+            for i, d in enumerate(decisions):
+                if any(o[i] for o in outcomes):
                     d.depends += group
-                if all(differs):
+                if len(outcomes) > 1 and all(o[i] for o in outcomes):
                     d.forces += group
     for d in decisions:
         d.example = {name: tuple(int(s) for s in v.shape) for name, v in tensors.items()}
