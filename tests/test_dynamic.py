@@ -71,13 +71,19 @@ def _head_swapped(model, path, result):
     return reference
 
 
-@pytest.mark.parametrize("name", ["resnet18", "vit_b_16"])
+def _small_vit():
+    """torchvision's ViT code at a small size (vit_b_16 itself runs as a slow case)."""
+    from torchvision.models.vision_transformer import VisionTransformer
+    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "small_vit", pytest.param("vit_b_16", marks=pytest.mark.slow)])
 def test_torchvision_models_run_at_any_batch_size(name):
     tv = pytest.importorskip("torchvision")
     torch.manual_seed(0)
-    model = getattr(tv.models, name)().eval()
+    model = (_small_vit() if name == "small_vit" else getattr(tv.models, name)()).eval()
     head = "fc" if name == "resnet18" else "heads.head"
-    size = 64 if name == "resnet18" else 224
+    size = {"resnet18": 64, "small_vit": 32, "vit_b_16": 224}[name]
     result = fxs.apply(model, [Replace(head, fxs.new(nn.Linear, out_features=5)), Freeze("conv1" if name == "resnet18" else "conv_proj")],
                        example_inputs=(torch.randn(2, 3, size, size),))
     assert result.specialised == {}
