@@ -27,6 +27,21 @@ def bar(items: Iterable[T], desc: str, total: int | None = None, unit: str = "it
                     dynamic_ncols=True)
 
 
+class _Silent:
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def counter(desc: str, unit: str = "it"):
+    """A bar with no known total (`capture: 1234 node`), advanced by `.update()`; silent as `bar` is."""
+    if _QUIET or not _terminal():
+        yield _Silent()
+        return
+    with tqdm(desc=desc, total=None, unit=unit, delay=DELAY, leave=False, file=sys.stderr, dynamic_ncols=True) as t:
+        yield t
+
+
 def _terminal() -> bool:
     isatty = getattr(sys.stderr, "isatty", None)
     return bool(isatty and isatty())

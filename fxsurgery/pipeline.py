@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +41,7 @@ class SurgeryResult:
     original: Captured | None = None          # the traced original, when one graph holds it all
     shapes: dict[str, Meta] = field(default_factory=dict)  # node name -> shape in the new graph
     capture: Capture | None = None            # every graph and opaque module of the original
+    timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds (`fxsurgery apply --profile`)
     _flow: GradientFlow | None = field(default=None, repr=False)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -127,8 +131,15 @@ class SurgeryResult:
         """Write model.py + model.safetensors + surgery.json (atomically), plus any `formats`
         ("pt2", "onnx", "torchscript"), each verified on the example inputs, and `extra`
         files ({name: write(path)}), listed as fxsurgery's own.
-        A kept transformers model is written by its own `save_pretrained` (plus surgery.json)."""
-        if self.capture is not None and self.capture.kept and hasattr(self.module, "save_pretrained"):
+        A kept transformers model is written by its own `save_pretrained` (plus surgery.json), which
+        `formats=("hf",)` demands: `from_pretrained` reloads it without fxsurgery."""
+        pretrained = self.capture is not None and self.capture.kept and hasattr(self.module, "save_pretrained")
+        if "hf" in formats:
+            if not pretrained:
+                raise SaveError(f"format hf: the result is a {self.mode}, which has no save_pretrained; fix: apply to a "
+                                "transformers model (kept as its class by default), or leave format hf out")
+            formats = tuple(f for f in formats if f != "hf")
+        if pretrained:
             if formats:
                 raise SaveError(f"formats {', '.join(formats)}: a kept {type(self.module).__name__} is saved by its own "
                                 "save_pretrained; fix: leave formats out, or apply with keep_class=False")
@@ -177,32 +188,78 @@ def apply(model: nn.Module, rules, example_inputs=None, *, params: dict | None =
     >>> result.module(torch.randn(2, 3, 224, 224)).shape
     torch.Size([2, 10])
     """
-    rule_list = flatten(rules, lambda path: load_rules(path, params=params, allow=allow))
-    kept = _is_pretrained(model) if keep_class is None else keep_class
-    captured = (capture_kept(model, example_inputs) if kept
-                else capture(model, example_inputs, leaf_types=leaf_types, leaf_paths=leaf_paths,
-                             dynamic_shapes=dynamic_shapes))
-    # what the original decides from self.training, the result decides at run time (capture/_modes.py);
-    # where the code itself differs by mode, the surgery is also made in the other mode
-    other = dict(strict=strict, leaf_types=leaf_types, leaf_paths=leaf_paths, weights=weights, modes=False,
-                 keep_class=False, dynamic_shapes=dynamic_shapes)
-    live = track(model, captured, lambda flipped: _quiet(apply, flipped, rule_list, example_inputs, **other)
-                 ) if modes and not kept else None
-    plan = match(captured, rule_list)                 # read-only
-    rewritten = validate(rewrite(captured, plan))     # the only stage that edits structure, then checked
-    module, report = transfer(rewritten, strict=strict, copy=copy, weights=weights)
-    if live is not None:
-        module = live.keep(module, plan)
-    check_module(module, rewritten)                   # where opaque code joins the graphs
-    root = rewritten.root
-    result = SurgeryResult(module=module, report=report, plan=plan, rules=rule_list,
-                           example_inputs=rewritten.example_inputs(), original_inputs=captured.example_inputs,
-                           input_changes=rewritten.input_changes(),
-                           original=_one_graph(captured),
-                           shapes=root.shapes if root is not None else {}, capture=captured)
-    for warning in plan.warnings + result.gradient_flow.warnings():
+    clock = _Stopwatch()
+    with _gc_deferred():
+        with clock("rules"):
+            rule_list = flatten(rules, lambda path: load_rules(path, params=params, allow=allow))
+        kept = _is_pretrained(model) if keep_class is None else keep_class
+        with clock("capture"):
+            captured = (capture_kept(model, example_inputs) if kept
+                        else capture(model, example_inputs, leaf_types=leaf_types, leaf_paths=leaf_paths,
+                                     dynamic_shapes=dynamic_shapes))
+        # what the original decides from self.training, the result decides at run time (capture/_modes.py);
+        # where the code itself differs by mode, the surgery is also made in the other mode
+        with clock("modes"):
+            other = dict(strict=strict, leaf_types=leaf_types, leaf_paths=leaf_paths, weights=weights, modes=False,
+                         keep_class=False, dynamic_shapes=dynamic_shapes)
+            live = track(model, captured, lambda flipped: _quiet(apply, flipped, rule_list, example_inputs, **other)
+                         ) if modes and not kept else None
+        with clock("match"):
+            plan = match(captured, rule_list)                 # read-only
+        with clock("rewrite"):
+            rewritten = rewrite(captured, plan)               # the only stage that edits structure
+        with clock("validate"):
+            validate(rewritten)
+        with clock("transfer"):
+            module, report = transfer(rewritten, strict=strict, copy=copy, weights=weights)
+            if live is not None:
+                module = live.keep(module, plan)
+        with clock("validate"):
+            check_module(module, rewritten)                   # where opaque code joins the graphs
+        root = rewritten.root
+        result = SurgeryResult(module=module, report=report, plan=plan, rules=rule_list,
+                               example_inputs=rewritten.example_inputs(), original_inputs=captured.example_inputs,
+                               input_changes=rewritten.input_changes(),
+                               original=_one_graph(captured),
+                               shapes=root.shapes if root is not None else {}, capture=captured, timings=clock.times)
+        with clock("gradient flow"):
+            flow = result.gradient_flow
+    for warning in plan.warnings + flow.warnings():
         warnings.warn(warning, SurgeryWarning, stacklevel=2)
     return result
+
+
+class _Stopwatch:
+    """Seconds per stage, summed over the stage's pieces."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[stage] = self.times.get(stage, 0.0) + time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def _gc_deferred():
+    """No cyclic garbage collection during a surgery.
+
+    A surgery allocates millions of small objects that live until it ends (nodes,
+    their argument tuples, fake tensors); each full collection walks all of them,
+    and the number of collections grows with the graph, so without this the
+    pipeline grows superlinearly with the node count. Cycles made meanwhile are
+    collected by the next collection after the surgery."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _is_pretrained(model: nn.Module) -> bool:

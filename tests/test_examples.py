@@ -43,6 +43,10 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     assert kept.mode == "kept class LlamaForCausalLM" and kept.module.config.num_hidden_layers == 6
     assert kept.report.entry("model.layers.3.mlp.up_proj.weight").source == "model.layers.1.mlp.up_proj.weight"
     assert (tmp_path / "llama-out" / "config.json").is_file()
+    trimmed, lora = namespace["trimmed"], namespace["lora"]
+    assert (trimmed.module.config.vocab_size, trimmed.module.config.num_hidden_layers) == (50, 2)
+    assert trimmed.module.lm_head.weight.shape == (50, 32) and namespace["tokens"].shape == (1, 8)
+    assert sum(p.numel() for p in lora.trainable_parameters()) == 3584
     folded, tuned = namespace["folded"], namespace["tuned"]
     assert folded.plan.matches[0].count == 53
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.module.modules())
@@ -50,3 +54,49 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     assert tuned.plan.matches[0].count == 24
     assert tuned.gradient_flow.status["encoder.layers.encoder_layer_0.mlp.0.weight"] == "frozen"
     assert issubclass(namespace["linear_relu"], fxs.Pattern) and namespace["GeluResidual"]().is_dag
+
+
+def _first_day():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    return text.split("## First day", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_first_day_backbone_equals_create_feature_extractor():
+    from torchvision.models.feature_extraction import create_feature_extractor
+    code = _first_day().split("```python\n", 1)[1].split("```", 1)[0]
+    namespace = {"torch": torch, "torchvision": __import__("torchvision"), "fxs": fxs}
+    exec(compile(code, "README.md", "exec"), namespace)
+    maps, pyramid, backbone = namespace["maps"], namespace["pyramid"], namespace["backbone"]
+    reference = create_feature_extractor(backbone, return_nodes={"layer2": "c3", "layer3": "c4", "layer4": "c5"})
+    with torch.no_grad():
+        want = reference(namespace["images"])
+    assert list(maps) == ["c3", "c4", "c5"] and all(torch.equal(maps[k], want[k]) for k in want)
+    assert [tuple(v.shape) for v in pyramid.values()] == [(2, 256, 28, 28), (2, 256, 14, 14), (2, 256, 7, 7)]
+    assert namespace["features"].report.dropped == ["fc.weight", "fc.bias"]
+
+
+def test_readme_first_day_transformers_classifier_from_the_cli(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    from conftest import cli
+    section = _first_day()
+    for block in section.split("```python\n")[2:] + section.split("```yaml\n")[1:]:
+        body = block.split("```", 1)[0]
+        name = body.splitlines()[0].lstrip("# ").split(":")[0]   # each file's first line names it
+        (tmp_path / name).write_text(body)
+    commands = section.split("```bash\n", 1)[1].split("```", 1)[0].strip().splitlines()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    outputs = []
+    for line in commands:
+        assert line.startswith("fxsurgery ")
+        code, stdout, stderr = cli(*line.split()[1:])
+        assert code == 0, stderr
+        outputs.append(stdout)
+    assert "classifier" in outputs[0] and "Linear" in outputs[0]
+    assert outputs[1].rstrip().splitlines()[-1] == "wrote bert-out/ (config.json, model.safetensors, surgery.json)"
+    model = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "bert-out")
+    assert model.config.num_labels == 3 and sorted(model.config.id2label) == [0, 1, 2]
+    with torch.no_grad():
+        assert model(input_ids=torch.randint(0, 100, (2, 16))).logits.shape == (2, 3)
+    # every backbone tensor transferred, the head new, the old head dropped
+    assert "total       41           0        2    2        0" in outputs[1]

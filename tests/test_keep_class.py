@@ -9,10 +9,10 @@ output format.
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
+from hf_models import apply, assert_unchanged, bert, by_hand, gpt2, ids, llama, logits, snapshot, tensors
 from torch import nn
 
 import fxsurgery as fxs
@@ -21,74 +21,9 @@ from fxsurgery import Detach, Freeze, Layers, MatchError, Replace, RuleError
 transformers = pytest.importorskip("transformers")
 
 
-def llama():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                                      intermediate_size=64, vocab_size=100, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def gpt2():
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_embd=32, n_layer=4, n_head=2, vocab_size=100, bos_token_id=98, eos_token_id=99)
-    return transformers.GPT2LMHeadModel(config).eval()
-
-
-def bert():
-    torch.manual_seed(0)
-    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=37,
-                                     vocab_size=100)
-    return transformers.BertForSequenceClassification(config).eval()
-
-
 STACKS = {"llama": (llama, "model.layers"), "gpt2": (gpt2, "transformer.h"), "bert": (bert, "bert.encoder.layer")}
 ORDERS = {"delete": [0, 3], "duplicate": [0, 1, 2, 1, 2, 3]}
 SHAPES = [(1, 5), (2, 9)]  # two batch sizes, two sequence lengths
-
-
-def ids(batch, length, seed=1):
-    return torch.randint(0, 100, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def by_hand(model, path, order):
-    """The edit as a user writes it: a new ModuleList of copies, the count and each layer_idx set."""
-    hand = copy.deepcopy(model)
-    stack = hand.get_submodule(path)
-    parent, _, name = path.rpartition(".")
-    setattr(hand.get_submodule(parent), name, nn.ModuleList([copy.deepcopy(stack[i]) for i in order]))
-    hand.config.num_hidden_layers = len(order)
-    for i, layer in enumerate(hand.get_submodule(path)):
-        for sub in layer.modules():
-            if hasattr(sub, "layer_idx"):
-                sub.layer_idx = i
-    return hand
-
-
-def tensors(module):
-    return {n: t for n, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]}
-
-
-def snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, model.config.to_dict()
-
-
-def assert_unchanged(model, before):
-    state, config = before
-    now = model.state_dict()
-    assert list(now) == list(state)
-    assert all(torch.equal(now[k], state[k]) for k in state)
-    assert model.config.to_dict() == config
-
-
-def logits(model, x):
-    with torch.no_grad():
-        return model(x).logits
-
-
-def apply(model, rules, **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fxs.apply(model, rules, example_inputs=(ids(1, 5),), **kw)
 
 
 @pytest.mark.parametrize("edit", list(ORDERS))

@@ -167,8 +167,8 @@ def test_a_dag_pattern_must_return_a_call():
     with pytest.raises(fxs.RuleError) as err:
         fxs.Rewrite(Nothing())
     line = sys._getframe().f_lineno - 1
-    assert str(err.value) == (f"tests/test_pattern_rules.py:{line}: pattern Nothing must return the value of a call; "
-                              "fix: e.g. def pattern(self, x, y): return torch.relu(x) + y")
+    assert str(err.value) == (f"tests/test_pattern_rules.py:{line}: pattern Nothing must return the value of a call, "
+                              "or a tuple of distinct calls; fix: e.g. def pattern(self, x, y): return torch.relu(x) + y")
 
 
 def test_lora_on_a_linear_called_twice_is_one_adapter_for_both_calls():

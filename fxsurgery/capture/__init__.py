@@ -30,14 +30,14 @@ from ._livemodes import keep_mode_reads
 from ._modes import track
 from ._shapes import Meta, PropagationError, adapt, propagate, quiet_fake_tensors
 from ._trace import Captured, module_stack, trace
-from ._tracer import Tracer
+from ._tracer import Tracer, qualified_names
 
 __all__ = [
     "assign",
     "ModeGraphModule", "current", "dual_source", "keep_mode_reads", "trace_modes", "track",
     "KEPT", "adapter_call", "Call", "Capture", "Captured", "Meta", "PropagationError", "adapt", "capture", "capture_kept", "clone",
     "install_adapter",
-    "module_stack", "propagate", "quiet_fake_tensors", "record_calls", "root_of", "trace",
+    "module_stack", "propagate", "qualified_names", "quiet_fake_tensors", "record_calls", "root_of", "trace",
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -36,6 +37,46 @@ def root_of(table: dict[str, Any]) -> nn.Module:
     return root
 
 
+_ATOMIC = (type(None), bool, int, float, str)
+
+
+def _plain(cls: type) -> bool:
+    """A module class copied as nn.Module's own state is (no copy hooks of its own)."""
+    return (getattr(cls, "__deepcopy__", None) is None and cls.__reduce_ex__ is object.__reduce_ex__
+            and cls.__reduce__ is object.__reduce__ and cls.__getstate__ is nn.Module.__getstate__
+            and cls.__setstate__ is nn.Module.__setstate__ and "__slots__" not in cls.__dict__)
+
+
+def _copy_tree(module: nn.Module, memo: dict) -> nn.Module:
+    """copy.deepcopy(module, memo), module by module without the pickle protocol's detour.
+
+    What deepcopy does for a module (its __dict__ copied, its tensors taken from `memo`)
+    costs most of a capture on long graphs when done generically; a class that
+    customises copying is handed to copy.deepcopy as it is."""
+    if id(module) in memo:
+        return memo[id(module)]
+    cls = type(module)
+    if not _plain(cls):
+        return copy.deepcopy(module, memo)
+    new = cls.__new__(cls)
+    memo[id(module)] = new
+    state = {}
+    for key, value in module.__dict__.items():
+        if key == "_compiled_call_impl":  # what nn.Module.__getstate__ leaves out
+            continue
+        if key == "_modules":
+            state[key] = type(value)((k, None if c is None else _copy_tree(c, memo)) for k, c in value.items())
+        elif type(value) in _ATOMIC:
+            state[key] = value
+        elif type(value) in (dict, OrderedDict) and not value:
+            state[key] = type(value)()
+        else:
+            state[key] = copy.deepcopy(value, memo)
+    new.__dict__.update(state)
+    copy._keep_alive(module, memo)  # as deepcopy does: `memo` must keep what it keys by id alive
+    return new
+
+
 def clone(module: nn.Module, make, memo: dict | None = None) -> nn.Module:
     """Deep-copy a module's structure, each tensor replaced by `make(tensor)`.
 
@@ -48,7 +89,7 @@ def clone(module: nn.Module, make, memo: dict | None = None) -> nn.Module:
                 if t is not None and id(t) not in memo:
                     made = make(t)
                     memo[id(t)] = nn.Parameter(made, requires_grad=t.requires_grad) if param else made
-    return copy.deepcopy(module, memo)
+    return _copy_tree(module, memo)
 
 
 def share(module: nn.Module) -> nn.Module:
@@ -63,6 +104,6 @@ def share(module: nn.Module) -> nn.Module:
         for t in [*sub._parameters.values(), *sub._buffers.values()]:
             if t is not None:
                 memo[id(t)] = t
-    return copy.deepcopy(module, memo)
+    return _copy_tree(module, memo)
 
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode, UnsupportedOperatorException
 from torch.fx.immutable_collections import immutable_dict, immutable_list
@@ -22,8 +24,6 @@ from torch.fx.immutable_collections import immutable_dict, immutable_list
 from .._util import shape_text
 from ._copying import clone
 
-# Fake tensors log every failing op with a traceback; the failure is reported
-# once, as a one-line error naming the rule, so the log is silenced meanwhile.
 # Fake tensors log every failing op with a traceback; the failure is reported
 # once, as a one-line error naming the rule, so the log is silenced meanwhile.
 _FAKE_LOGGER = logging.getLogger("torch._subclasses.fake_tensor")
@@ -37,6 +37,33 @@ def _quiet(logger: logging.Logger):
         yield
     finally:
         logger.setLevel(level)
+
+
+# Ops whose output has the shape, dtype and layout of their tensor inputs when those all agree.
+# On meta and fake tensors torch runs them through Python reference code (about a millisecond
+# each, most of a long chain's shape pass); here their output is made directly.
+_SAME_SHAPE_CALLS = {torch.relu, F.relu, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.gelu, F.silu, F.hardswish,
+                     F.hardsigmoid, F.relu6, F.mish, torch.neg, operator.neg, torch.exp,
+                     operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div}
+_SAME_SHAPE_METHODS = {"relu", "sigmoid", "tanh", "neg", "exp", "add", "sub", "mul", "div"}
+
+
+def _same_shape_op(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The output of an elementwise op whose tensor inputs agree in shape, dtype and device (else None: run it)."""
+    if kwargs and set(kwargs) != {"inplace"} or kwargs.get("inplace"):
+        return None
+    first = args[0] if args else None
+    if not isinstance(first, torch.Tensor) or not first.dtype.is_floating_point:
+        return None
+    if not _shape_only(first):
+        return None
+    for other in args[1:]:
+        if isinstance(other, torch.Tensor):
+            if other.shape != first.shape or other.dtype != first.dtype or other.device != first.device:
+                return None
+        elif type(other) not in (int, float):
+            return None
+    return torch.empty_like(first)
 
 
 _NEEDS_REAL = (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException)
@@ -92,6 +119,32 @@ class _Recorder(fx.Interpreter):
         # (torchvision's swin3d does), as they can when the generated code calls them
         return _mutable(super().map_nodes_to_values(args, n))
 
+    def call_module(self, target, args, kwargs):
+        module = self.fetch_attr(target)
+        if len(args) == 1 and not kwargs and _shape_only(args[0]):
+            made = None
+            if type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+                made = _same_shape_norm(module, args[0])
+            elif type(module) is nn.Linear:
+                made = _linear(module, args[0])
+            if made is not None:
+                return made
+        return super().call_module(target, args, kwargs)
+
+    def call_function(self, target, args, kwargs):
+        if target in _SAME_SHAPE_CALLS:
+            same = _same_shape_op(args, kwargs)
+            if same is not None:
+                return same
+        return super().call_function(target, args, kwargs)
+
+    def call_method(self, target, args, kwargs):
+        if target in _SAME_SHAPE_METHODS:
+            same = _same_shape_op(args, kwargs)
+            if same is not None:
+                return same
+        return super().call_method(target, args, kwargs)
+
     def run_node(self, n):
         try:
             value = super().run_node(n)
@@ -103,11 +156,55 @@ class _Recorder(fx.Interpreter):
         return value
 
 
+def _shape_only(x: Any) -> bool:
+    """A tensor without values (meta or fake): real ones run, data-dependent code needs their values."""
+    return isinstance(x, torch.Tensor) and (x.is_meta or isinstance(x, torch._subclasses.FakeTensor))
+
+
+def _linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
+    """nn.Linear's output without running it: on meta tensors a 2-d input decomposes into Python
+    reference code (milliseconds per call). Anything that would fail runs the module for its error."""
+    if x.dim() < 1 or x.shape[-1] != module.in_features or x.dtype != module.weight.dtype or x.device != module.weight.device:
+        return None
+    return x.new_empty((*x.shape[:-1], module.out_features))
+
+
+def _same_shape_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """BatchNorm's output without running it: on meta and fake tensors it runs a decomposition that
+    costs milliseconds per call (most of a ResNet's shape pass), for an output shaped as its input.
+    The checks the module itself makes come first; anything unusual runs the module."""
+    if not x.dtype.is_floating_point:
+        return None
+    if module.weight is not None and module.weight.dtype != x.dtype:
+        return None
+    module._check_input_dim(x)  # the module's own error for a wrong rank
+    if x.dim() < 2 or x.shape[1] != module.num_features:
+        return None  # running it raises the error a real run would
+    if module.training or module.running_mean is None:
+        F._verify_batch_size(x.size())  # batch statistics need more than one value per channel
+    return torch.empty_like(x)
+
+
+def _structure(root: nn.Module) -> nn.Module:
+    """What an interpreter of `root`'s graph reads (its modules and tensors), without the GraphModule:
+    copying one deep-copies and recompiles its code, a large part of a long graph's shape pass."""
+    if not isinstance(root, fx.GraphModule):
+        return root
+    shell = nn.Module()
+    shell._modules.update(root._modules)
+    shell._parameters.update(root._parameters)
+    shell._buffers.update(root._buffers)
+    for name, value in vars(root).items():  # constants torch.fx attached as plain attributes
+        if isinstance(value, torch.Tensor) and name not in vars(shell):
+            vars(shell)[name] = value
+    return shell
+
+
 def _on_meta(root: nn.Module, graph: fx.Graph, inputs: tuple) -> dict[str, Meta] | None:
     """Shapes on the meta device: the cheapest run there is, when the code allows it."""
     metas: dict[str, Meta] = {}
     try:
-        meta_root = clone(root, lambda t: t.detach().to("meta"))
+        meta_root = clone(_structure(root), lambda t: t.detach().to("meta"))
         with _quiet(_FAKE_LOGGER), torch.no_grad():
             _Recorder(meta_root, graph, metas).run(*(x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs))
         return metas
@@ -124,7 +221,7 @@ def propagate(root: nn.Module, graph: fx.Graph, inputs: tuple) -> dict[str, Meta
     metas = {}
     mode = FakeTensorMode(allow_non_fake_inputs=False)
     try:
-        fake_root = clone(root, mode.from_tensor)
+        fake_root = clone(_structure(root), mode.from_tensor)
         with mode, _quiet(_FAKE_LOGGER):
             fake_inputs = tuple(mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs)
             _Recorder(fake_root, graph, metas).run(*fake_inputs)

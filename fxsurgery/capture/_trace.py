@@ -63,7 +63,7 @@ def module_stack(node: fx.Node) -> list[tuple[str, str]]:
 
 def trace(model: nn.Module, example_inputs: tuple | None = None, *, leaf_types=(), leaf_paths=(),
           opaque=(), path: str = "", call: CallSpec | None = None, values: bool = True,
-          dynamic: str | None = "auto") -> Captured:
+          dynamic: str | None = "auto", shapes: bool = True) -> Captured:
     """Trace `model` (never modified) as one graph; with example inputs, give every node a shape.
 
     Arguments that are not tensors (None, flags, sizes) are specialised to
@@ -74,6 +74,7 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, *, leaf_types=(
     `values=False` traces with plain torch.fx proxies: faster, and enough for most models.
     Where Python needs a number, the example's is used and the graph asserts that decision
     (`dynamic="auto"`) or the whole example shape of every input (`dynamic=None`).
+    `shapes=False` skips shape propagation, for callers that only compare graphs.
     """
     if not isinstance(model, nn.Module):
         raise ModelError(f"expected a torch.nn.Module, got {type(model).__name__}; fix: pass the model instance")
@@ -122,6 +123,7 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, *, leaf_types=(
                         decisions, dynamic)
     if example_inputs is not None or call is not None:
         captured.example_inputs = positional
+    if (example_inputs is not None or call is not None) and shapes:
         try:
             captured.shapes = propagate(gm, graph, positional)
         except PropagationError as err:

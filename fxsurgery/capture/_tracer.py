@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import fnmatch
+import re
 
 from torch import fx, nn
 
+from .._progress import counter
 from ._dualgraph import current
 from ._livemodes import read_modes
 
@@ -44,10 +46,18 @@ class Tracer(fx.Tracer):
     def trace(self, root, concrete_args=None):
         self._modes = None
         try:
-            return super().trace(current(root), concrete_args=concrete_args)  # a graph per mode: its mode's
+            with counter("capture", unit="node") as self._count:   # a large model takes a while to trace
+                return super().trace(current(root), concrete_args=concrete_args)  # a graph per mode: its mode's
         finally:
+            self._count = None
             if self._modes is not None:
                 self._modes.restore()
+
+    def create_node(self, *args, **kwargs):
+        node = super().create_node(*args, **kwargs)
+        if getattr(self, "_count", None) is not None:
+            self._count.update(1)
+        return node
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         qualname = self._relative(qualname)
@@ -72,3 +82,35 @@ class Tracer(fx.Tracer):
             raise
         finally:
             self._open.pop()
+
+
+_FX_SUFFIX = re.compile(r"_[0-9]+$")
+
+
+def qualified_names(graph: fx.Graph) -> dict[str, str]:
+    """Node name -> module-qualified name, as torchvision's feature extraction names nodes.
+
+    A module call is named by its path (`layer1.0.relu`), a function or
+    method call by the module it was made in and its op (`layer1.0.add`);
+    the n-th repeat of a name gets `_n` (`layer1.0.relu_1`, the block's
+    second call of its ReLU). Unlike torchvision, a module path keeps its own
+    digits (a module named `conv_1` is `conv_1`): only torch.fx's
+    graph-wide counter is taken off op names. Computed from
+    `nn_module_stack`, so it holds for graphs edited after tracing too.
+    """
+    names: dict[str, str] = {}
+    seen: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "output":
+            continue
+        if node.op == "call_module":
+            base = str(node.target)
+        else:
+            stack = list((node.meta.get("nn_module_stack") or {}).values())
+            owner = stack[-1][0] if stack and node.op != "placeholder" else ""
+            op = _FX_SUFFIX.sub("", node.name)
+            base = f"{owner}.{op}" if owner else op
+        k = seen.get(base, 0)
+        seen[base] = k + 1
+        names[node.name] = base if k == 0 else f"{base}_{k}"
+    return names

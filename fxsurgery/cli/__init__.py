@@ -11,11 +11,12 @@ import contextlib
 import json
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
 from .._progress import quiet
-from .._util import first_line
+from .._util import first_line, format_table
 from ..errors import FxsError
 from ..spec import load_rules, parse_overrides
 
@@ -53,9 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="fail when a tensor is new and no rule declared it")
     p.add_argument("--dry-run", action="store_true", help="show the plan and report, write nothing")
     p.add_argument("--explain", action="store_true", help="per rule: what matched, what was left alone and why, near misses")
+    p.add_argument("--profile", action="store_true", help="seconds spent in each stage, loading and saving included")
     p.add_argument("--force", action="store_true", help="replace an existing output directory holding only files fxsurgery wrote")
-    p.add_argument("--format", action="append", default=[], choices=["pt2", "onnx", "torchscript"],
-                   help="also write model.pt2 / model.onnx / model.torchscript.pt, verified on the inputs")
+    p.add_argument("--format", action="append", default=[], choices=["pt2", "onnx", "torchscript", "hf"],
+                   help="also write model.pt2 / model.onnx / model.torchscript.pt, verified on the inputs; hf: the "
+                   "directory is the transformers model's own save_pretrained (what a transformers model gets by default)")
     p.add_argument("--dynamic-shapes", choices=["auto", "none"], default="auto",
                    help="auto: guard only the size decisions the code makes (default); none: only the example's shapes")
 
@@ -91,6 +94,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _profile_table(profile: dict[str, float]) -> str:
+    """Seconds and share of the total per stage, in pipeline order."""
+    total = sum(profile.values()) or 1.0
+    rows = [("stage", "seconds", "share")]
+    rows += [(stage, f"{t:.3f}", f"{100 * t / total:.0f}%") for stage, t in profile.items()]
+    rows.append(("total", f"{sum(profile.values()):.3f}", "100%"))
+    return format_table(rows)
+
+
 def _model(args):
     """The model, and the checkpoint its values come from (None: its own).
 
@@ -115,17 +127,24 @@ def cmd_apply(args) -> int:
     if args.output and not args.dry_run:
         from ..export import check_target
         check_target(args.output, args.force, flag="--force")  # before the surgery: fail fast, write nothing
+    start = time.perf_counter()
     result = _result(args)
+    loaded = time.perf_counter() - start - sum(result.timings.values())
     _refuse_no_op(result)
     written = None
+    start = time.perf_counter()
     if args.output and not args.dry_run:
         written = str(result.save(args.output, force=args.force, formats=args.format))
+    profile = {"load model (imports included)": loaded, **result.timings, "save": time.perf_counter() - start}
     if args.json:
-        print(json.dumps({**result.to_dict(), "output": written, "dry_run": args.dry_run}, indent=2, default=str))
+        extra = {"profile": profile} if args.profile else {}
+        print(json.dumps({**result.to_dict(), "output": written, "dry_run": args.dry_run, **extra}, indent=2, default=str))
         return 0
     print(result.summary())
     if args.explain:
         print("\nexplain:\n" + result.plan.explain())
+    if args.profile:
+        print("\n" + _profile_table(profile))
     if written:
         print(f"\nwrote {written}/ ({', '.join(_files(written))})")
     elif args.dry_run:

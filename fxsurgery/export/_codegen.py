@@ -90,7 +90,8 @@ def constructor_spec(module: nn.Module, path: str) -> dict:
         if p.default is p.empty or value != p.default:
             kwargs[p.name] = value
     try:
-        rebuilt = cls(**kwargs)
+        with torch.device("meta"):  # only its structure is compared: no memory, no random init (most of a save's time)
+            rebuilt = cls(**kwargs)
     except Exception as exc:
         raise SaveError(f"cannot write model.py: module '{path}' ({public_name(cls)}) cannot be rebuilt from its attributes: {exc}; fix: use a "
                         f"torch.nn module there") from None
@@ -273,7 +274,7 @@ def _spec_modules(spec) -> set[str]:
         node = stack.pop()
         if node.type is not None and node.type.__module__ not in ("builtins", "collections"):
             found.add(node.type.__module__)
-        stack.extend(node.children_specs)
+        stack.extend(node.children() if callable(getattr(type(node), "children", None)) else node.children_specs)  # the latter warns
     return found
 
 

@@ -37,6 +37,20 @@ def _tensors(value) -> list[torch.Tensor]:
     return []
 
 
+def output_names(value, prefix: str = "") -> list[str]:
+    """ONNX names for a module's outputs, after what it returns: `output` for one tensor, the keys of a dict
+    (`c3`, `c4`), `output_0`, `output_1` for a tuple; in the order `_tensors` lists them."""
+    if isinstance(value, torch.Tensor):
+        return [prefix or "output"]
+    if isinstance(value, (list, tuple)):
+        return [n for i, v in enumerate(value) for n in output_names(v, f"{prefix or 'output'}_{i}")]
+    if isinstance(value, dict):
+        return [n for k, v in value.items() for n in output_names(v, f"{prefix}_{k}" if prefix else str(k))]
+    return []
+
+
+
+
 def dynamic_spec(inputs: tuple, static: list | None):
     """torch.export's dynamic_shapes for `inputs`: every dim of every tensor `Dim.AUTO` (torch keeps it
     dynamic where the graph allows) except those in `static` (a set of dims per input); None: all static."""
@@ -101,7 +115,10 @@ def _write(fmt: str, gm: fx.GraphModule, path: Path, inputs: tuple, dynamic=None
         warnings.simplefilter("ignore")
         # One file unless the weights pass protobuf's 2 GB limit.
         large = sum(t.numel() * t.element_size() for t in gm.state_dict().values()) > 1.5e9
-        torch.onnx.export(gm, inputs, str(path), dynamo=True, verbose=False, external_data=large, dynamic_shapes=dynamic)
+        with torch.no_grad():
+            names = output_names(gm(*inputs))   # else ONNX names outputs after the last op (`linear`)
+        torch.onnx.export(gm, inputs, str(path), dynamo=True, verbose=False, external_data=large, output_names=names,
+                          dynamic_shapes=dynamic)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
 

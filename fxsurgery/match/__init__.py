@@ -17,11 +17,11 @@ from .._util import format_table
 from ..capture import Capture
 from ..errors import MatchError
 from ..spec import Delete, Detach, Freeze, Insert, Layers, Output, Replace, Rewrite, Rule, Selector, frozen_by
-from ._patterns import Found, find, missing_reason
-from ._sites import Locator, Site, join, select_modules
+from ._patterns import Constant, Found, find, missing_reason
+from ._sites import Ambiguous, Locator, Site, exact, join, select_modules
 
 __all__ = [
-    "Found", "Locator", "Match", "Plan", "Site", "join", "label", "match",
+    "Constant", "Found", "Locator", "Match", "Plan", "Site", "join", "label", "match",
 ]
 
 
@@ -69,7 +69,7 @@ class Plan:
     def table(self) -> str:
         rows = [("#", "rule", "matches", "where")]
         for m in self.matches:
-            where = m.modules if isinstance(m.rule, Freeze) else [s.where for s in m.sites]
+            where = m.modules if isinstance(m.rule, Freeze) else [s.shown for s in m.sites]
             shown = ", ".join(where[:4]) + (f", ... (+{len(where) - 4})" if len(where) > 4 else "")
             rows.append((str(m.index), str(m.rule), str(m.count), shown or f"- ({m.reason})"))
         return format_table(rows)
@@ -120,7 +120,8 @@ def _why_not(locator: Locator, sel: Selector) -> tuple[str, list[str]]:
                 f"example inputs the calls made by opaque code ({', '.join(p or '(the model)' for p in list(capture.opaque)[:2])}) "
                 f"are not known; pass example inputs (--input)"), []
     if selected:
-        return f"{', '.join(selected[:3])} {'is' if len(selected) == 1 else 'are'} never called by the forward (inside a leaf module or unused)", []
+        return (f"{', '.join(selected[:3])} {'is' if len(selected) == 1 else 'are'} never called by the forward (inside a leaf module "
+                f"or unused){_called_through(capture, selected[0])}"), []
     text = sel.value if sel.kind == "glob" else sel.value.pattern
     nearest = difflib.get_close_matches(text, locator.names(), n=3, cutoff=0.5)
     return f"no module path or node name matches {sel.text!r}", nearest
@@ -134,54 +135,63 @@ def match(capture: Capture, rules: list[Rule]) -> Plan:
     params = [n for n, _ in capture.model.named_parameters(remove_duplicate=False)]
     for i, rule in enumerate(rules, start=1):
         m = Match(i, rule)
-        if capture.kept:
-            _check_kept(m)
-        if isinstance(rule, Layers):
-            m.sites, m.modules = _layer_sites(m, locator)
-            if not m.sites:
-                m.reason, m.nearest = _why_not(locator, rule.target)
-        elif isinstance(rule, Freeze):
-            frozen, owners = frozen_by(rule, params, lambda p: type(locator.modules.get(p)))
-            m.modules = owners
-            idle = [s for s in (rule.target.value if rule.target.kind == "any" else ()) if not select_modules(s, locator.modules)]
-            if idle and not rule.optional:  # each selector of a list must select something, as one alone must
-                m.modules = []
-                m.reason, m.nearest = _why_not(locator, idle[0])
-            elif not owners:
-                chosen = select_modules(rule.target, locator.modules)
-                if chosen and not rule.exclude:
-                    plan.warnings.append(f"{m.label}: {', '.join(chosen[:3])} {'has' if len(chosen) == 1 else 'have'} no parameters; nothing to freeze")
-                    plan.matches.append(m)
-                    continue
-                m.reason, m.nearest = _why_not(locator, rule.target) if not chosen else ("every selected parameter is excluded", [])
-        elif isinstance(rule, Rewrite):
-            found, m.skipped, m.near = find(locator, rule)
-            m.sites, m.found = [f.site for f in found], {f.site: f for f in found}
-            m.modules = list(dict.fromkeys(s.module for s in m.sites if s.module is not None))
-            if not m.sites:
-                m.reason = (missing_reason(locator, rule) if not (m.skipped or m.near)
-                            else f"every candidate was left alone: {(m.skipped or m.near)[0]}")
-            elif capture.opaque and not _modules_only(rule):
-                plan.warnings.append(f"{m.label}: calls inside opaque code ({', '.join(p or '(the model)' for p in list(capture.opaque)[:3])}) are not "
-                                     f"seen and stay as they are")
-            _check_conflicts(m, touched)
-        elif isinstance(rule, Output):
-            _match_outputs(m, locator)
-            _check_conflicts(m, touched)
-        else:
-            sel = rule.selectors()[0]
-            m.sites, m.modules = locator.select(sel, boundary=isinstance(rule, (Insert, Detach)))
-            if not m.sites:
-                m.reason, m.nearest = _why_not(locator, sel)
-            elif sel.kind in ("function", "method") and capture.opaque:
-                plan.warnings.append(f"{m.label}: calls inside opaque code ({', '.join(p or '(the model)' for p in list(capture.opaque)[:3])}) are not "
-                                     f"seen and stay as they are")
-            _check_conflicts(m, touched)
-        if not m.count and not rule.optional:
+        try:
+            settled = _match_one(m, locator, capture, plan, touched, params)
+        except Ambiguous as exc:
+            raise MatchError(f"{m.label}: {exc}") from None
+        if not m.count and not rule.optional and not settled:
             near = f"; closest: {', '.join(m.nearest)}" if m.nearest else ""
             raise MatchError(f"{m.label} matched nothing: {m.reason}{near}; fix: correct the selector or add 'optional: true'")
         plan.matches.append(m)
     return plan
+
+
+def _match_one(m: Match, locator: Locator, capture: Capture, plan: Plan, touched: dict, params: list[str]) -> bool:
+    """Resolve one rule into `m`; True when it needs no match (a warning said why)."""
+    rule = m.rule
+    if capture.kept:
+        _check_kept(m)
+    if isinstance(rule, Layers):
+        m.sites, m.modules = _layer_sites(m, locator)
+        if not m.sites:
+            m.reason, m.nearest = _why_not(locator, rule.target)
+    elif isinstance(rule, Freeze):
+        frozen, owners = frozen_by(rule, params, lambda p: type(locator.modules.get(p)))
+        m.modules = owners
+        idle = [s for s in (rule.target.value if rule.target.kind == "any" else ()) if not select_modules(s, locator.modules)]
+        if idle and not rule.optional:  # each selector of a list must select something, as one alone must
+            m.modules = []
+            m.reason, m.nearest = _why_not(locator, idle[0])
+        elif not owners:
+            chosen = select_modules(rule.target, locator.modules)
+            if chosen and not rule.exclude:
+                plan.warnings.append(f"{m.label}: {', '.join(chosen[:3])} {'has' if len(chosen) == 1 else 'have'} no parameters; nothing to freeze")
+                return True  # a warning, not a miss
+            m.reason, m.nearest = _why_not(locator, rule.target) if not chosen else ("every selected parameter is excluded", [])
+    elif isinstance(rule, Rewrite):
+        found, m.skipped, m.near = find(locator, rule)
+        m.sites, m.found = [f.site for f in found], {f.site: f for f in found}
+        m.modules = list(dict.fromkeys(s.module for s in m.sites if s.module is not None))
+        if not m.sites:
+            m.reason = (missing_reason(locator, rule) if not (m.skipped or m.near)
+                        else f"every candidate was left alone: {(m.skipped or m.near)[0]}")
+        elif capture.opaque and not _modules_only(rule):
+            plan.warnings.append(f"{m.label}: calls inside opaque code ({', '.join(p or '(the model)' for p in list(capture.opaque)[:3])}) are not "
+                                 f"seen and stay as they are")
+        _check_conflicts(m, touched)
+    elif isinstance(rule, Output):
+        _match_outputs(m, locator)
+        _check_conflicts(m, touched)
+    else:
+        sel = rule.selectors()[0]
+        m.sites, m.modules = locator.select(sel, boundary=isinstance(rule, (Insert, Detach)))
+        if not m.sites:
+            m.reason, m.nearest = _why_not(locator, sel)
+        elif sel.kind in ("function", "method") and capture.opaque:
+            plan.warnings.append(f"{m.label}: calls inside opaque code ({', '.join(p or '(the model)' for p in list(capture.opaque)[:3])}) are not "
+                                 f"seen and stay as they are")
+        _check_conflicts(m, touched)
+    return False
 
 
 def _match_outputs(m: Match, locator: Locator) -> None:
@@ -189,11 +199,16 @@ def _match_outputs(m: Match, locator: Locator) -> None:
 
     One place per selector keeps the name given; a selector that matches
     several places returns each under its own name (a module path, or the
-    call's name where one module is called more than once).
+    call's qualified name where one module is called more than once). A
+    name is a value, as in torchvision's `return_nodes`: a module called
+    several times (`layer1.0.relu`) returns its first call, `layer1.0.relu_1`
+    its second.
     """
     rule = m.rule
     for sel, name in zip(rule.at, rule.names):
-        sites, paths = locator.select(sel, boundary=False)
+        sites, paths = (locator.named(sel.value), []) if exact(sel) else ([], [])
+        if not sites:
+            sites, paths = locator.select(sel, boundary=False)
         if not sites:
             reason, nearest = _why_not(locator, sel)
             if rule.optional:
@@ -202,7 +217,7 @@ def _match_outputs(m: Match, locator: Locator) -> None:
             m.sites, m.modules, m.names, m.reason, m.nearest = [], [], {}, reason, nearest
             return
         modules = [s.module for s in sites]
-        keys = [name] if len(sites) == 1 else [s.module if s.module and modules.count(s.module) == 1 else s.where for s in sites]
+        keys = [name] if len(sites) == 1 else [s.module if s.module and modules.count(s.module) == 1 else s.shown for s in sites]
         for site, key in zip(sites, keys):
             if site in m.names:
                 raise MatchError(f"{m.label}: {sel.text!r} selects {site.where}, which is already returned as {m.names[site]!r}; "
@@ -215,6 +230,17 @@ def _match_outputs(m: Match, locator: Locator) -> None:
         m.modules += [p for p in paths if p not in m.modules]
     if not m.sites and m.skipped:  # every selector optional and none matched: say why
         m.reason = "; ".join(m.skipped[:3])
+
+
+def _called_through(capture: Capture, path: str) -> str:
+    """Where a module that is never called has its weights called (T5's `shared` through encoder.embed_tokens)."""
+    own = {id(t) for t in capture.model.get_submodule(path).parameters()}
+    if not own or not capture.calls:
+        return ""
+    for other, module in capture.model.named_modules(remove_duplicate=False):
+        if other != path and other in capture.calls and own & {id(t) for t in module.parameters(recurse=False)}:
+            return f"; its weights are called through {other}: select that"
+    return ""
 
 
 def _check_kept(m: Match) -> None:
@@ -256,6 +282,8 @@ def _check_conflicts(m: Match, touched: dict[str, Match]) -> None:
     destructive = isinstance(m.rule, (Delete, Replace, Rewrite))
     kept, clash = [], None
     for site in m.sites:
+        if isinstance(m.rule, (Delete, Replace)):
+            _supersede(m, site, touched)
         names = [(site.region, n) for n in site.nodes] if site.region is not None else [(None, site.key)]
         hit = next(((name[1], touched[name]) for name in names if name in touched
                     and (destructive or touched[name].rule.action in ("delete", "rewrite"))), None)
@@ -278,3 +306,28 @@ def _check_conflicts(m: Match, touched: dict[str, Match]) -> None:
                 touched[name] = m
 
 
+
+
+def _supersede(m: Match, site: Site, touched: dict) -> None:
+    """Earlier edits lying wholly inside a module this rule deletes or replaces go with it.
+
+    `[Replace(nn.ReLU, nn.GELU()), Delete("layer4.2")]` means what the
+    reverse order means: the block goes, and the ReLUs swapped inside it are
+    left alone (said in the earlier rule's `skipped`).
+    """
+    if site.region is None:
+        return
+    inside = set(site.nodes)
+    earlier = {id(touched[(site.region, n)]): touched[(site.region, n)] for n in site.nodes if (site.region, n) in touched}
+    for e in earlier.values():
+        gone = [s for s in e.sites if s.region == site.region and set(s.nodes) < inside]
+        if not gone:
+            continue
+        e.sites = [s for s in e.sites if s not in gone]
+        e.skipped += [f"{s.shown} (inside {site.shown}, which {m.label} removes)" for s in gone]
+        left = {s.module for s in e.sites}
+        e.modules = [p for p in e.modules if p in left]
+        for s in gone:
+            e.found.pop(s, None)
+            for n in s.nodes:
+                touched.pop((s.region, n), None)

@@ -17,8 +17,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import fx, nn
 
+from .._util import get_path
 from ..spec import Pattern, Rewrite, calls, dag_graph, element_text
 from ._sites import GraphIndex, Locator, Site, join
 
@@ -31,7 +33,15 @@ class Found:
     nodes: tuple[str, ...]
     modules: tuple[str | None, ...]   # module target per element (relative to the graph), None for calls
     install: str | None               # the path the replacement takes; None: a fresh path for this match
-    inputs: tuple[str, ...] | None = None   # DAG patterns: the nodes bound to the pattern's inputs, in order
+    inputs: tuple | None = None       # DAG patterns: what the pattern's inputs bind, in order: node names or Constants
+    outputs: tuple[str, ...] | None = None  # DAG patterns with several outputs: the node of each, in the pattern's order
+
+
+@dataclass(frozen=True)
+class Constant:
+    """A pattern input bound to a value written in the model's code (`torch.add(x, 2)` binds 2)."""
+
+    value: Any
 
 
 class CallIndex:
@@ -181,6 +191,8 @@ def _key(pnode: fx.Node) -> tuple:
     """What a pattern node must call, as an index key element."""
     if pnode.op == "call_method":
         return (f"method:{pnode.target}",)
+    if pnode.op == "get_attr":
+        return ()
     if isinstance(pnode.target, calls):
         return (pnode.target.cls,)
     return (pnode.target,)
@@ -188,7 +200,10 @@ def _key(pnode: fx.Node) -> tuple:
 
 def _bind(ix: CallIndex, pnode: fx.Node, gnode: Any, mapping: dict, inputs: dict) -> str:
     """Match the pattern's `pnode` at `gnode`, backwards through arguments; '' or why not."""
-    if pnode.op == "placeholder":
+    if pnode.op == "get_attr":  # as torch.fx's matcher: a tensor attribute of the pattern matches any the model reads
+        if not (isinstance(gnode, fx.Node) and gnode.op == "get_attr" and isinstance(get_path(ix.gm, gnode.target), torch.Tensor)):
+            return f"{ix.text(gnode) if isinstance(gnode, fx.Node) else repr(gnode)} is not a tensor attribute of the model"
+    if pnode.op in ("placeholder", "get_attr"):
         if inputs.setdefault(pnode, gnode) is not gnode:
             return f"{pnode.name} would be two different values"
         return ""
@@ -219,24 +234,72 @@ def _bind_arg(ix: CallIndex, pa: Any, ga: Any, mapping: dict, inputs: dict) -> s
     return "" if pa == ga else f"argument {ga!r} is not the pattern's {pa!r}"
 
 
+def _anchors(graph: fx.Graph) -> list[fx.Node]:
+    """The pattern's outputs: one call, or each of a tuple of them."""
+    out = next(n for n in graph.nodes if n.op == "output").args[0]
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def _bind_also(ix: CallIndex, pnode: fx.Node, mapping: dict, inputs: dict) -> str:
+    """Bind another output of the pattern among the readers of what is bound already."""
+    if pnode in mapping:
+        return ""
+    bound = [g for g in [*mapping.values(), *inputs.values()] if isinstance(g, fx.Node)]
+    readers = sorted({u for g in bound for u in g.users if u not in mapping.values() and ix.hits(u, _key(pnode))},
+                     key=ix.position.__getitem__)
+    for g in readers:
+        m2, i2 = dict(mapping), dict(inputs)
+        if not _bind(ix, pnode, g, m2, i2):
+            mapping.update(m2)
+            inputs.update(i2)
+            return ""
+    return f"no {getattr(pnode.target, '__name__', pnode.target)} reads the same values (the pattern's output {pnode.name})"
+
+
+def _check_bound(ix: CallIndex, pattern: Pattern, placeholders: list, anchors: list, mapping: dict, inputs: dict) -> str:
+    """Why a full binding cannot be rewritten: a leak, a value read too early, a constant that fails its test."""
+    matched = sorted(mapping.values(), key=ix.position.__getitem__)
+    inside = set(matched)
+    outs = {mapping[a] for a in anchors}
+    leak = next((g for g in matched if g not in outs and any(u not in inside for u in g.users)), None)
+    if leak is not None:
+        return f"{ix.text(leak)} is also read outside the pattern"
+    last = ix.position[matched[-1]]
+    early = next((u for g in outs for u in g.users if u not in inside and ix.position[u] < last), None)
+    if early is not None:
+        return f"{ix.text(early)} reads a value of the match before the match ends"
+    tests = pattern.constants or {}
+    for p in placeholders:
+        if p.name not in tests:
+            continue
+        bound = inputs.get(p)
+        if isinstance(bound, fx.Node):
+            return f"{p.name} is bound to {ix.text(bound)}, not to a constant"
+        if tests[p.name] is not None and not tests[p.name](bound):
+            return f"{p.name} = {bound!r} fails the pattern's test"
+    return ""
+
+
 def find_dag(locator: Locator, rule: Rewrite) -> tuple[list[Found], list[str], list[str]]:
-    """Matches of a pattern written as a function: anchored at its output, candidates from the index."""
+    """Matches of a pattern written as a function: anchored at its (first) output, candidates from the index."""
     pattern = rule.pattern
     graph = dag_graph(pattern, rule.origin)
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    anchor = next(n for n in graph.nodes if n.op == "output").args[0]
+    # an attribute the pattern reads binds like one more input, after its own: it stays in the model and
+    # the replacement takes it (`x + self.a` -> `lambda x, a: ...`)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"] + [n for n in graph.nodes if n.op == "get_attr"]
+    anchors = _anchors(graph)
     found, skipped, near = [], [], []
     for index in sorted(locator.indexes, key=lambda ix: (bool(ix.region), ix.region.count("."))):
         ix = CallIndex.of(index)
         chains, taken = [], set()
-        for start in ix.candidates(_key(anchor)):
+        for start in ix.candidates(_key(anchors[0])):
             mapping, inputs = {}, {}
-            why = _bind(ix, anchor, start, mapping, inputs)
+            why = _bind(ix, anchors[0], start, mapping, inputs)
+            for other in anchors[1:]:
+                why = why or _bind_also(ix, other, mapping, inputs)
+            why = why or _check_bound(ix, pattern, placeholders, anchors, mapping, inputs)
             matched = sorted(mapping.values(), key=ix.position.__getitem__)
             inside = set(matched)
-            if not why:
-                leak = next((g for p, g in mapping.items() if p is not anchor and any(u not in inside for u in g.users)), None)
-                why = f"{ix.text(leak)} is also read outside the pattern" if leak is not None else ""
             first = matched[0] if matched else start
             name = join(index.region, first.target if first.op == "call_module" else first.name)
             if rule.select is not None and not rule.select.matches_name(name):
@@ -252,15 +315,14 @@ def find_dag(locator: Locator, rule: Rewrite) -> tuple[list[Found], list[str], l
                 skipped.append(f"{' + '.join(ix.text(n) for n in matched)}: {problem}")
                 continue
             taken |= inside
-            chains.append((matched, tuple(inputs[p].name if isinstance(inputs.get(p), fx.Node) else None
-                                          for p in placeholders)))
-        placed = _placed(ix, [c for c, _ in chains], rule, skipped, locator.capture.calls)
-        by_nodes = {tuple(n.name for n in c): ins for c, ins in chains}
+            bound = tuple(inputs[p].name if isinstance(inputs.get(p), fx.Node) else Constant(inputs.get(p)) for p in placeholders)
+            outs = tuple(mapping[a].name for a in anchors) if len(anchors) > 1 else None
+            chains.append((matched, bound, outs))
+        placed = _placed(ix, [c for c, _, _ in chains], rule, skipped, locator.capture.calls)
+        by_nodes = {tuple(n.name for n in c): (ins, outs) for c, ins, outs in chains}
         for f in placed:
-            if None in by_nodes[f.nodes]:
-                skipped.append(f"{f.site.where}: a pattern input is bound to a constant, not a node")
-                continue
-            found.append(Found(f.site, f.nodes, f.modules, f.install, by_nodes[f.nodes]))
+            ins, outs = by_nodes[f.nodes]
+            found.append(Found(f.site, f.nodes, f.modules, f.install, ins, outs))
     return found, skipped, near
 
 

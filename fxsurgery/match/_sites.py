@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 from torch import fx, nn
 
-from ..capture import Capture, Captured, module_stack
+from ..capture import Capture, Captured, module_stack, qualified_names
 from ..spec import Selector
 
 
@@ -28,6 +28,7 @@ class Site:
     inputs: tuple[str, ...]   # nodes outside the site that it reads
     outputs: tuple[str, ...]  # site nodes read outside the site
     region: str | None = ""   # the graph's module path ('' = the model's); None = a module in opaque code
+    name: str = ""            # a single call's qualified name ('layer2.0.add', 'layer1.0.relu_1'), relative to its graph
 
     @property
     def output(self) -> str | None:
@@ -43,6 +44,11 @@ class Site:
     @property
     def where(self) -> str:
         return self.key if not self.region else join(self.region, self.key)
+
+    @property
+    def shown(self) -> str:
+        """How the user names it: a call by its qualified name, a module invocation by its key."""
+        return join(self.region or "", self.name) if self.name else self.where
 
     def __str__(self) -> str:
         return self.where
@@ -68,6 +74,7 @@ class GraphIndex:
         self.captured = captured
         self.region = captured.path
         self.nodes = {n.name: n for n in captured.graph.nodes}
+        self.qualified = qualified_names(captured.graph)   # node name -> 'layer2.0.add' (relative to the graph)
         self.keys: dict[str, list[str]] = defaultdict(list)       # path -> invocation keys
         self.members: dict[str, list[str]] = defaultdict(list)    # key -> node names
         for n in captured.graph.nodes:
@@ -90,7 +97,8 @@ class GraphIndex:
                     inputs.append(arg.name)
             if any(u.name not in inside for u in node.users):
                 outputs.append(name)
-        return Site(key, path, leaf, tuple(names), tuple(inputs), tuple(outputs), self.region)
+        name = self.qualified[names[0]] if len(names) == 1 and names[0] in self.qualified else ""
+        return Site(key, path, leaf, tuple(names), tuple(inputs), tuple(outputs), self.region, name)
 
     def invocation(self, key: str, path: str | None) -> Site:
         names = self.members[key]
@@ -106,10 +114,24 @@ class GraphIndex:
 
     def call_site(self, node: fx.Node) -> Site:
         inputs = tuple(dict.fromkeys(a.name for a in node.all_input_nodes))
-        return Site(node.name, None, True, (node.name,), inputs, (node.name,), self.region)
+        return Site(node.name, None, True, (node.name,), inputs, (node.name,), self.region, self.qualified[node.name])
 
     def calls(self) -> list[str]:
         return [n.name for n in self.nodes.values() if n.op.startswith("call")]
+
+    def node_site(self, node: fx.Node) -> Site:
+        """The site of one call node: its module invocation, or the call itself."""
+        if node.op == "call_module":
+            return next(s for s in self.module_sites(node.target) if node.name in s.nodes)
+        return self.call_site(node)
+
+    def called(self, name: str) -> str:
+        """A node's qualified name as the model sees it (the graph's own path in front)."""
+        return join(self.region, self.qualified.get(name, name))
+
+
+class Ambiguous(Exception):
+    """A name that names several nodes (a qualified name here, a flat name there)."""
 
 
 def outermost(paths: list[str]) -> list[str]:
@@ -166,16 +188,42 @@ class Locator:
                 sites += found
                 paths.append(path)
         if sel.kind in ("glob", "regex"):
+            if not sites and exact(sel):
+                return self.named(sel.value), []
             covered = {(s.region, name) for s in sites for name in s.nodes}
             for ix in self.indexes:
                 for n in ix.nodes.values():
-                    if n.op.startswith("call") and (ix.region, n.name) not in covered and sel.matches_name(n.name):
-                        site = (next(s for s in ix.module_sites(n.target) if n.name in s.nodes)
-                                if n.op == "call_module" else ix.call_site(n))
+                    if (n.op.startswith("call") and (ix.region, n.name) not in covered
+                            and (sel.matches_name(n.name) or sel.matches_name(ix.called(n.name)))):
+                        site = ix.node_site(n)
                         sites.append(site)
                         covered.update((ix.region, name) for name in site.nodes)
         return sites, paths
 
+    def named(self, name: str) -> list[Site]:
+        """The one call a name names: a qualified name (`layer2.0.add`) or a torch.fx node name (`add_2`).
+
+        Raises Ambiguous when the name is one node's qualified name and
+        another's node name (a module's own `add` and its child's, which
+        torch.fx named `add`).
+        """
+        hits = [(ix, n) for ix in self.indexes for n in ix.nodes.values()
+                if n.op.startswith("call") and name in (ix.called(n.name), n.name)]
+        if len(hits) > 1:
+            shown = ", ".join(f"{ix.called(n.name)} (node '{n.name}')" for ix, n in hits)
+            # a node's qualified name, unless that is the ambiguous name itself: then its node name (unique)
+            handles = [ix.called(n.name) if ix.called(n.name) != name else n.name for ix, n in hits]
+            raise Ambiguous(f"{name!r} names {len(hits)} nodes: {shown}; fix: write {' or '.join(handles)}")
+        return [ix.node_site(n) for ix, n in hits]
+
+    def qualified(self) -> list[str]:
+        """Every call's qualified name, in graph order."""
+        return [ix.called(n.name) for ix in self.indexes for n in ix.nodes.values() if n.op.startswith("call")]
+
     def names(self) -> list[str]:
-        """Every module path and call-node name, for 'did you mean'."""
-        return list(dict.fromkeys([p for p in self.modules if p] + [c for ix in self.indexes for c in ix.calls()]))
+        """Every module path, qualified name and call-node name, for 'did you mean'."""
+        return list(dict.fromkeys([p for p in self.modules if p] + self.qualified() + [c for ix in self.indexes for c in ix.calls()]))
+
+
+def exact(sel: Selector) -> bool:
+    return sel.kind == "glob" and not any(c in sel.value for c in "*?[")

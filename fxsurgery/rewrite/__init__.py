@@ -45,6 +45,7 @@ class ModuleEdit:
     sources: tuple = ()                 # replace by a pattern: the modules its tensors were computed from
     freeze: tuple = ()                  # replace by a pattern: paths (below the new module) that start frozen
     order: tuple = ()                   # layers: new layer i is old layer order[i]
+    inserted: int | None = None         # layers: the position that holds `module` (an Insert into the list)
 
 
 @dataclass
@@ -102,13 +103,30 @@ def module_edits(capture: Capture, plan: Plan) -> list[ModuleEdit]:
             elif isinstance(rule, Insert):
                 after = rule.after is not None
                 module = build(m, rule.module, shape_out if after else shape_in, path, like(capture.model.get_submodule(path)))
-                edits.append(ModuleEdit(path, m.index, "wrap", after=module) if after
-                             else ModuleEdit(path, m.index, "wrap", before=module))
+                edits.append(_into_list(capture, path, m.index, module, after)
+                             or (ModuleEdit(path, m.index, "wrap", after=module) if after
+                                 else ModuleEdit(path, m.index, "wrap", before=module)))
             elif isinstance(rule, Detach):
                 edits.append(ModuleEdit(path, m.index, "wrap", cut_out=rule.after is not None, cut_in=rule.before is not None))
             elif isinstance(rule, Rewrite):
                 edits.append(_pattern_edit(m, capture.model.get_submodule(path), path, shape_in))
     return edits
+
+
+def _into_list(capture: Capture, path: str, rule: int, module: nn.Module, after: bool) -> ModuleEdit | None:
+    """A layer inserted beside a layer of its own class in a module list (a copy of a decoder layer)
+    joins the list, as Layers would place it: the model's code then runs it like any other layer
+    (with its own KV-cache slot), and the configuration counts it."""
+    parent, _, index = path.rpartition(".")
+    if not parent or not index.isdigit():
+        return None
+    stack = capture.model.get_submodule(parent)
+    if not isinstance(stack, nn.ModuleList) or type(module) is not type(stack[int(index)]):
+        return None
+    i = int(index)
+    at = i + 1 if after else i
+    order = (*range(at), i, *range(at, len(stack)))  # the new layer counts as one like layer i
+    return ModuleEdit(parent, rule, "layers", module=module, order=order, inserted=at)
 
 
 def _pattern_edit(m: Match, module: nn.Module, path: str, shape_in: tuple | None) -> ModuleEdit:

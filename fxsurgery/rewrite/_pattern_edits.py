@@ -10,12 +10,13 @@ their paths and weights, its own modules go under `<path>_<name>`.
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 from torch import fx, nn
 
 from .._util import first_line, get_path
-from ..match import Found, Match, Site
+from ..match import Constant, Found, Match, Site
 from ..spec import New, describe
 from ._edited import Slot
 from ._editor import Rewriter
@@ -31,7 +32,7 @@ def _torch_own(thing: Any) -> bool:
 def _call_args(rw: Rewriter, found: Found, first: fx.Node) -> tuple[tuple, dict]:
     """What the replacement is called with: the DAG's inputs, or the chain's first call's arguments."""
     if found.inputs is not None:
-        return tuple(rw.node(n) for n in found.inputs), {}
+        return tuple(n.value if isinstance(n, Constant) else rw.node(n) for n in found.inputs), {}
     return tuple(first.args), dict(first.kwargs)
 
 
@@ -42,7 +43,7 @@ def rewrite_chains(rw: Rewriter, m: Match, sites: list[Site]) -> None:
     for site in sites:
         found: Found = m.found[site]
         nodes = [rw.node(n) for n in found.nodes]
-        changed = _changed(nodes)
+        changed = _changed(nodes, set(found.outputs or ()))
         if changed:  # an earlier rule of this run rewired the match since it was planned
             m.skipped.append(f"{site.where}: {changed}")
             continue
@@ -67,19 +68,21 @@ def rewrite_chains(rw: Rewriter, m: Match, sites: list[Site]) -> None:
         elif callable(replacement):
             args, kwargs = fit_call(replacement, args, kwargs)
             with rw.graph.inserting_after(last):
-                _swap(rw, site, last, rw.added(rw.graph.call_function(replacement, args, kwargs), m, last))
+                _swap(rw, site, last, rw.added(rw.graph.call_function(replacement, args, kwargs), m, last), m, found)
         else:
             rw.fail(m, site, f"{pattern.describe()}.rewrite returned {type(replacement).__name__}",
                     "return an nn.Module, a function, or None to drop the match")
     rw.dirty = True
 
 
-def _changed(nodes: list[fx.Node]) -> str:
+def _changed(nodes: list[fx.Node], outputs: set) -> str:
     """Why a planned match no longer holds in the graph as edited so far ('' when it does)."""
     inside = set(nodes)
     if len(inside) != len(nodes):
         return "an earlier rule merged its nodes"
     for node in nodes[:-1]:
+        if node.name in outputs:  # one of several outputs: read outside by design
+            continue
         outside = [u.name for u in node.users if u not in inside]
         if outside:
             return f"an earlier rule made {', '.join(outside[:3])} read {node.name}, inside the match"
@@ -96,15 +99,31 @@ def _check_values(rw: Rewriter, m: Match, site: Site, found: Found, matched: lis
                 "load the weights into the model before this rule, or leave the rule out")
 
 
-def _swap(rw: Rewriter, site: Site, last: fx.Node, new: fx.Node) -> None:
-    last.replace_all_uses_with(new)
-    rw.alias[last.name] = new.name
+def _swap(rw: Rewriter, site: Site, last: fx.Node, new, m: Match | None = None, found: Found | None = None) -> None:
+    """Consumers read the replacement; with several pattern outputs, each reads its item of it."""
+    if found is None or found.outputs is None:
+        last.replace_all_uses_with(new)
+        rw.alias[last.name] = new.name
+        rw.erase(site)
+        return
+    if isinstance(new, (tuple, list)) and len(new) != len(found.outputs):
+        rw.fail(m, site, f"the replacement returns {len(new)} values for the pattern's {len(found.outputs)} outputs",
+                "return one value per output of the pattern")
+    anchor = new if isinstance(new, fx.Node) else last
+    for i, name in enumerate(found.outputs):
+        if isinstance(new, fx.Node):
+            with rw.graph.inserting_after(anchor):
+                anchor = value = rw.added(rw.graph.call_function(operator.getitem, (new, i)), m, last)
+        else:
+            value = new[i]
+        rw.node(name).replace_all_uses_with(value)
+        rw.alias[name] = value.name
     rw.erase(site)
 
 
 def _drop(rw: Rewriter, m: Match, site: Site, args: tuple, last: fx.Node) -> None:
     source = args[0] if args else None
-    if not isinstance(source, fx.Node):
+    if not isinstance(source, fx.Node) or m.found[site].outputs:
         rw.fail(m, site, "the match has no input node whose value could pass on", "rewrite it to a module instead of None")
     for user in list(last.users):
         user.meta["fxs_rewired"] = m.index
@@ -129,7 +148,7 @@ def _call(rw: Rewriter, m: Match, site: Site, found: Found, module: nn.Module, f
             rw.note_input(m, args[0], expected_input(module, meta.shape), f"made {path} {describe(module)}")
     with rw.graph.inserting_after(last):
         new = rw.added(rw.graph.call_module(path, args, kwargs), m, last)
-    _swap(rw, site, last, new)
+    _swap(rw, site, last, new, m, found)
 
 
 def _inline(rw: Rewriter, m: Match, site: Site, found: Found, module: Any, matched: list, args: tuple, kwargs: dict,
@@ -174,9 +193,9 @@ def _inline(rw: Rewriter, m: Match, site: Site, found: Found, module: Any, match
         out = rw.graph.graph_copy(graph, values)
     for node in [n for n in rw.graph.nodes if n not in before]:
         rw.added(node, m, last)
-    if not isinstance(out, fx.Node):
+    if not isinstance(out, fx.Node) and not (found.outputs and isinstance(out, (tuple, list))):
         rw.fail(m, site, f"{what} returns {type(out).__name__}", "return one tensor")
-    _swap(rw, site, last, out)
+    _swap(rw, site, last, out, m, found)
 
 
 class _Inliner(fx.Tracer):

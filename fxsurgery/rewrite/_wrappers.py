@@ -5,6 +5,8 @@ from __future__ import annotations
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from ._fitting import fit_call
+
 
 def _detach(value):
     return pytree.tree_map(lambda t: t.detach() if hasattr(t, "detach") else t, value)
@@ -35,7 +37,9 @@ class Call(nn.Module):
 class Around(nn.Module):
     """A module with something before or after it, or gradients cut at its edges.
 
-    `before` maps the first argument, `after` the output; `cut_in` / `cut_out`
+    `before` maps the first argument, `after` the output (the first element of a
+    tuple), each called with the wrapped module's other arguments as far as its
+    forward takes them; `cut_in` / `cut_out`
     detach every tensor going in / coming out (values unchanged, no gradient
     crosses). The wrapped module keeps its tensors under `module.`.
     """
@@ -51,14 +55,28 @@ class Around(nn.Module):
         if self.cut_in:
             args, kwargs = _detach((args, kwargs))
         if self.before is not None:
-            args = (self.before(args[0]),) + tuple(args[1:])
+            args = (_first(_fed(self.before, args[0], args, kwargs)),) + tuple(args[1:])
         out = self.module(*args, **kwargs)
         if self.after is not None:
-            out = self.after(out)
+            made = _fed(self.after, _first(out), args, kwargs)
+            out = (_first(made), *out[1:]) if isinstance(out, tuple) else _first(made)
         return _detach(out) if self.cut_out else out
 
     def extra_repr(self) -> str:
         return ", ".join(f for f, on in (("cut_in", self.cut_in), ("cut_out", self.cut_out)) if on)
+
+
+def _first(value):
+    """A layer that returns a tuple (hidden_states, ...) passes its first element on."""
+    return value[0] if isinstance(value, tuple) else value
+
+
+def _fed(module: nn.Module, first, args: tuple, kwargs: dict):
+    """`module` called with what the wrapped module receives, `first` in place of its first argument,
+    as far as its forward takes them: an inserted decoder layer gets attention_mask, position_embeddings...
+    by name; a Dropout gets `first` alone."""
+    args, kwargs = fit_call(module, (first, *args[1:]), kwargs)
+    return module(*args, **kwargs)
 
 
 class StayEval:

@@ -52,6 +52,7 @@ class Pattern:
     first_only: bool = False      # only the first match in graph order (the input layer)
     freeze_matched: bool = False  # the matched modules' parameters start frozen (an adapter's base)
     name: str = ""                # names what the rewrite adds: <path>_<name>
+    constants: Any = None         # DAG patterns: {input name: test or None}: inputs that bind a constant of the code
 
     def check(self, *matched) -> str | None:
         """Why this match must be left alone, or None to rewrite it."""
@@ -150,10 +151,16 @@ def check_pattern(p: Pattern, origin: Origin) -> Pattern:
     if p.is_dag:
         graph = dag_graph(p, origin)
         calls_ = [n for n in graph.nodes if n.op in ("call_function", "call_method", "call_module")]
-        output = next(n for n in graph.nodes if n.op == "output")
-        if not calls_ or not isinstance(output.args[0], fx.Node) or output.args[0].op == "placeholder":
-            raise RuleError(f"{origin}: pattern {p.describe()} must return the value of a call; fix: e.g. "
+        out = next(n for n in graph.nodes if n.op == "output").args[0]
+        outs = list(out) if isinstance(out, (tuple, list)) and out else [out]
+        if not calls_ or any(not isinstance(o, fx.Node) or o.op == "placeholder" for o in outs) or len(set(outs)) != len(outs):
+            raise RuleError(f"{origin}: pattern {p.describe()} must return the value of a call, or a tuple of distinct calls; fix: e.g. "
                             "def pattern(self, x, y): return torch.relu(x) + y")
+        names = [n.name for n in graph.nodes if n.op == "placeholder"]
+        unknown = sorted(set(p.constants or {}) - set(names))
+        if unknown:
+            raise RuleError(f"{origin}: pattern {p.describe()}: constants names {unknown[0]!r}, which is not an input of the pattern; "
+                            f"fix: name one of {', '.join(names)}")
         return p
     if not p.elements():
         raise RuleError(f"{origin}: pattern {p.describe()} has no elements; fix: set pattern = (nn.Conv2d, nn.BatchNorm2d) or similar")

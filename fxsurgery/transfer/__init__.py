@@ -54,6 +54,8 @@ def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True,
     with torch.no_grad():
         if copy or checkpoint is not None:
             _fill(module, built, model, checkpoint)
+        # the configuration follows the edit; an adapter may add a module the weights policies then fill
+        notes = follow_conventions(module, rewritten, built) if rewritten.capture.kept else []
         ties = Ties(model, module, built.copies)
         for path, new, old, rule, policy in built.keeps:
             kept.update(_carry(rewritten, path, new, old, rule, policy, checkpoint, ties))
@@ -68,7 +70,7 @@ def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True,
 
     report = TransferReport(rules={m.index: m.label for m in rewritten.plan.matches})
     if rewritten.capture.kept:
-        report.notes = [f"result mode: kept class {type(module).__name__}", *follow_conventions(module, rewritten)]
+        report.notes = [f"result mode: kept class {type(module).__name__}", *notes]
     names: dict[int, list[str]] = {}
     for name, t, _ in tensors_of(model):
         names.setdefault(id(t), []).append(name)
@@ -98,6 +100,7 @@ def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True,
         else:
             report.entries.append(entry(name, t, kind, "new", rule=rule_of(name), frozen=frozen))
     used.update(n for n, _, _ in tensors_of(model) if any(n.startswith(p + ".") for p in derived_from))
+    used.update(n for group in names.values() if used.intersection(group) for n in group)  # one tensor, tied: used at every path
     for name, t, kind in tensors_of(model):
         if name not in used:
             report.entries.append(entry(name, t, kind, "dropped"))

@@ -164,7 +164,11 @@ def _rearrange(built: Assembly, edit: ModuleEdit) -> None:
     layers = built.module.get_submodule(edit.path)
     used: set[int] = set()
     rearranged = []
-    for i in edit.order:
+    for at, i in enumerate(edit.order):
+        if at == edit.inserted:  # a layer an Insert made
+            built.made_by[id(edit.module)] = edit.rule
+            rearranged.append(edit.module)
+            continue
         layer = layers[i]
         if i in used:
             memo: dict = {}

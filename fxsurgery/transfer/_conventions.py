@@ -11,9 +11,13 @@ conventions; each returns a line per change it made.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 
+from ..errors import TransferError
 from ..rewrite import ModuleEdit, Rewritten
+from ._assemble import Assembly, put
 
 
 def _config(module: nn.Module):
@@ -22,18 +26,58 @@ def _config(module: nn.Module):
     return config if hasattr(config, "to_json_string") and hasattr(config, "num_hidden_layers") else None
 
 
-def layer_count(module: nn.Module, original: nn.Module, edit: ModuleEdit, label: str) -> list[str]:
-    """`num_hidden_layers`, `layer_types` and each layer's `layer_idx` after a layer stack is rearranged."""
+@dataclass
+class Site:
+    """What an adapter sees: the new module (structure in place, values being filled), the original,
+    the edit and its rule's label, and the assembly, where an adapter that makes a module says
+    how its tensors are filled (`built.keeps`)."""
+
+    module: nn.Module
+    original: nn.Module
+    edit: ModuleEdit
+    label: str
+    built: Assembly
+
+
+def _counted_by(module: nn.Module, path: str) -> list[tuple[object, str]]:
+    """(configuration, key) pairs that count the layers of the list at `path`.
+
+    The model's own configuration counts them; a stack that keeps a copy of its
+    own (T5's encoder and decoder) is counted there too, and a decoder stack
+    by the model's `num_decoder_layers` when it has one.
+    """
+    root = _config(module)
+    parts = path.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        owner = _config(module.get_submodule(".".join(parts[:i])))
+        if owner is not None and owner is not root:
+            decoder = getattr(owner, "is_decoder", False) and hasattr(root, "num_decoder_layers")
+            return [(root, "num_decoder_layers" if decoder else "num_hidden_layers"), (owner, "num_hidden_layers")]
+    return [(root, "num_hidden_layers")]
+
+
+def _key(config, key: str) -> str:
+    """The name a configuration stores a key under (T5 keeps num_hidden_layers as num_layers)."""
+    return getattr(config, "attribute_map", {}).get(key, key)
+
+
+def layer_count(site: Site) -> list[str]:
+    """`num_hidden_layers` (`num_decoder_layers`), `layer_types` and each layer's `layer_idx` after a layer stack is rearranged."""
+    module, edit, label = site.module, site.edit, site.label
     config = _config(module)
     if edit.kind != "layers" or config is None:
         return []
-    before = config.num_hidden_layers
-    if len(original.get_submodule(edit.path)) != before:
+    counts = _counted_by(module, edit.path)
+    root, key = counts[0]
+    before = getattr(root, key)
+    if len(site.original.get_submodule(edit.path)) != before:
         return []  # not the stack the configuration counts
     notes = []
     if len(edit.order) != before:
-        config.num_hidden_layers = len(edit.order)
-        notes.append(f"config.num_hidden_layers: {before} -> {len(edit.order)} ({label})")
+        for n, (cfg, k) in enumerate(counts):
+            setattr(cfg, k, len(edit.order))
+            where = "config" if n == 0 else f"{edit.path.rpartition('.')[0]}.config"
+            notes.append(f"{where}.{k if n == 0 else _key(cfg, k)}: {before} -> {len(edit.order)} ({label})")
     types = getattr(config, "layer_types", None)
     if isinstance(types, (list, tuple)) and len(types) == before and list(edit.order) != list(range(before)):
         config.layer_types = [types[i] for i in edit.order]
@@ -53,8 +97,9 @@ def layer_count(module: nn.Module, original: nn.Module, edit: ModuleEdit, label:
 HEADS = ("classifier", "score")
 
 
-def label_count(module: nn.Module, original: nn.Module, edit: ModuleEdit, label: str) -> list[str]:
+def label_count(site: Site) -> list[str]:
     """`num_labels` (and with it `id2label`/`label2id`) after a classification head becomes a Linear of N outputs."""
+    module, edit, label = site.module, site.edit, site.label
     config = _config(module)
     if edit.kind != "replace" or config is None or edit.path.rpartition(".")[2] not in HEADS:
         return []
@@ -68,14 +113,115 @@ def label_count(module: nn.Module, original: nn.Module, edit: ModuleEdit, label:
     return [f"config.num_labels: {before} -> {head.out_features}, id2label/label2id remade ({label})"]
 
 
-ADAPTERS = (layer_count, label_count)
+def _path_of(root: nn.Module, module: nn.Module | None) -> str | None:
+    return next((p for p, sub in root.named_modules(remove_duplicate=False) if sub is module), None) if module is not None else None
 
 
-def follow_conventions(module: nn.Module, rewritten: Rewritten) -> list[str]:
-    """Run every adapter on every module edit, in rule order; the changes they made."""
+def vocabulary(site: Site) -> list[str]:
+    """`vocab_size` after the input embedding is replaced by one of another size, and the rest of the vocabulary with it.
+
+    As transformers' `resize_token_embeddings` resizes input and output
+    embeddings together: each module that shared the old embedding's weight
+    (tied output embeddings, T5's `encoder.embed_tokens`) shares the new one,
+    so tied stays tied; an output embedding with a weight of its own becomes a
+    Linear of the new size, filled by the same weights policy from the old one
+    (`{select: rows}` keeps those token ids in both).
+    """
+    module, original, edit, label = site.module, site.original, site.edit, site.label
+    config = _config(module)
+    if edit.kind != "replace" or config is None or not isinstance(edit.module, nn.Embedding):
+        return []
+    old = original.get_submodule(edit.path)
+    embeddings = original.get_input_embeddings() if hasattr(original, "get_input_embeddings") else None
+    if not isinstance(old, nn.Embedding) or getattr(embeddings, "weight", None) is not old.weight:
+        return []  # not the vocabulary (T5 calls encoder.embed_tokens, which holds the weight of `shared`)
+    new = module.get_submodule(edit.path)
+    before, after = config.vocab_size, new.num_embeddings
+    if (before == after and not isinstance(edit.weights, dict)) or old.num_embeddings != before:
+        return []  # the same tokens in the same rows (a select may also reorder them)
+    config.vocab_size = after
+    notes = [f"config.vocab_size: {before} -> {after} ({label})"] if after != before else []
+    notes += _renumber(module, edit.weights, before, after, label)
+    made = site.built.made_by
+    shared = [p for p, sub in original.named_modules(remove_duplicate=False)
+              if p != edit.path and getattr(sub, "weight", None) is old.weight and id(module.get_submodule(p)) not in made]
+    biased = next((p for p in shared if getattr(module.get_submodule(p), "bias", None) is not None), None)
+    if biased is not None:
+        raise TransferError(f"{label}: {biased} shares the embedding's weight and has a bias over the vocabulary, which "
+                            "the embedding's replacement does not resize; fix: replace it too, by a module of the new size")
+    for p in shared:
+        sub = module.get_submodule(p)
+        sub.weight = new.weight
+        for attr in ("num_embeddings", "out_features"):
+            if hasattr(sub, attr):
+                setattr(sub, attr, after)
+    if shared:
+        notes.append(f"{', '.join(shared)}: share the new {edit.path}.weight, as they shared the old one ({label})")
+    head = original.get_output_embeddings() if hasattr(original, "get_output_embeddings") else None
+    path = _path_of(original, head)
+    if path is None or path in shared or not isinstance(head, nn.Linear) or head.out_features != before \
+            or id(module.get_submodule(path)) in made:
+        return notes
+    w = head.weight
+    resized = nn.Linear(head.in_features, after, bias=head.bias is not None, device=w.device, dtype=w.dtype)
+    put(module, path, resized)
+    made[id(resized)] = edit.rule
+    if edit.weights != "new":
+        site.built.keeps.append((path, resized, head, edit.rule, edit.weights))
+    notes.append(f"{path}: {before} -> {after} outputs, weights {_policy(edit.weights)} as {edit.path} ({label})")
+    return notes
+
+
+SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+
+
+def _renumber(module: nn.Module, weights, before: int, after: int, label: str) -> list[str]:
+    """Special token ids follow their rows: token i of a `{select: rows}` vocabulary is old token rows[i].
+
+    In the configuration and the generation configuration (what `generate()`
+    reads); an id whose row is gone becomes None, said in a note.
+    """
+    if isinstance(weights, dict):
+        new_id = {old: i for i, old in reversed(list(enumerate(weights["select"])))}
+    elif weights == "slice":
+        new_id = {i: i for i in range(after)}
+    else:
+        return []  # rows kept in place (pad, new): ids keep their meaning
+    notes = []
+    for where, config in (("config", module.config), ("generation_config", getattr(module, "generation_config", None))):
+        for key in SPECIAL_TOKENS:
+            value = getattr(config, key, None)
+            ids = value if isinstance(value, list) else [value]
+            if not ids or not all(isinstance(i, int) and 0 <= i < before for i in ids):
+                continue  # unset, or not a token of this vocabulary
+            moved = [new_id.get(i) for i in ids]
+            if isinstance(value, list):  # several eos ids: those whose rows are kept
+                now = [i for i in moved if i is not None] or None
+            else:
+                now = moved[0]
+            if now != value:
+                setattr(config, key, now)
+                gone = " (its row is not kept)" if None in moved else ""
+                notes.append(f"{where}.{key}: {value} -> {now}{gone} ({label})")
+    return notes
+
+
+def _policy(weights) -> str:
+    return f"select {len(weights['select'])} rows" if isinstance(weights, dict) else weights
+
+
+ADAPTERS = (layer_count, label_count, vocabulary)
+
+
+def follow_conventions(module: nn.Module, rewritten: Rewritten, built: Assembly) -> list[str]:
+    """Run every adapter on every module edit, in rule order; the changes they made.
+
+    Run once the structure is assembled and before the weights policies fill
+    it: an adapter may add a module for them to fill.
+    """
     notes = []
     for edit in rewritten.edits:
-        label = rewritten.rule_of(edit.rule).label
+        site = Site(module, rewritten.capture.model, edit, rewritten.rule_of(edit.rule).label, built)
         for adapter in ADAPTERS:
-            notes += adapter(module, rewritten.capture.model, edit, label)
+            notes += adapter(site)
     return notes

@@ -95,6 +95,9 @@ class TransferReport:
         c = self.counts()
         rows.append(("total", *(str(c[s]) for s in STATUSES), str(c["frozen"])))
         lines = [*self.notes, format_table(rows)]
+        # one line per tensor, but a run of tensors one rule made the same way (a fold over 53 convolutions)
+        # is summarised after its first few: --json lists each
+        groups: dict[tuple, list[str]] = {}
         for e in self.entries:
             if e.status == "transferred" and not e.op:
                 continue
@@ -102,8 +105,15 @@ class TransferReport:
                    "dropped": "not used by the new module",
                    "adapted": f"{e.op} from {e.source}",
                    "transferred": f"{e.op} from {e.source}"}[e.status]
-            lines.append(f"  {e.status:<11} {e.name} {shape_text(e.shape)} {e.dtype}: {why}")
+            key = (e.status, e.op if e.status in ("adapted", "transferred") else why)
+            groups.setdefault(key, []).append(f"  {e.status:<11} {e.name} {shape_text(e.shape)} {e.dtype}: {why}")
+        for (status, _), group in groups.items():
+            lines += group if len(group) <= SHOWN + 2 else [
+                *group[:SHOWN], f"  {status:<11} ... and {len(group) - SHOWN} more the same way (--json lists each)"]
         return "\n".join(lines)
+
+
+SHOWN = 4  # lines of a run of alike tensors shown before the summary
 
 
 def tensors_of(module: nn.Module):

@@ -24,6 +24,7 @@ class Ties:
         for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
             self.paths.setdefault(id(t), []).append(name)
         present = {id(t) for t in [*module.parameters(), *module.buffers()]}
+        self.now = dict([*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)])
         self.home: dict[int, torch.Tensor] = {id(original): blank for blank, original in copies.values()
                                               if id(blank) in present}
 
@@ -34,7 +35,8 @@ class Ties:
     def keep(self, label: str, path: str, new: nn.Module, name: str, t: torch.Tensor, src: torch.Tensor,
              policy) -> tuple[bool, str]:
         """(True, '') when `new`'s tensor `name` now is the shared tensor; else (False, a note for the op)."""
-        partners = self.partners(src, path)
+        # a partner that holds the replacement's tensor in the new module is still tied (a convention followed the edit)
+        partners = [p for p in self.partners(src, path) if self.now.get(p) is not t]
         home = self.home.get(id(src))
         if not partners or home is None:
             return False, ""

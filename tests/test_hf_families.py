@@ -1,0 +1,114 @@
+"""Layer edits, generation and training on kept transformers models, family by family.
+
+Qwen2 and T5 (both stacks, and the counts each keeps: num_layers,
+num_decoder_layers, the stacks' own configuration copies) against the edit
+made by hand; for Llama, Qwen2, GPT-2 and T5, 20 steps of training on
+`result.trainable_parameters()` lower the loss and leave every frozen tensor
+bitwise as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hf_models import apply, assert_unchanged, generate, gpt2, ids, llama, logits, qwen2, relayer, snapshot, t5
+
+from fxsurgery import Freeze, Layers
+
+transformers = pytest.importorskip("transformers")
+
+ORDERS = {"delete": [0, 3], "duplicate": [0, 1, 2, 1, 2, 3]}  # T5's block 0 holds the relative position bias: kept first
+
+
+def inputs(model):
+    return (ids(1, 5), None, ids(1, 4)) if model.config.is_encoder_decoder else (ids(1, 5),)
+
+
+def run(model, x):
+    extra = {"decoder_input_ids": x.roll(1, dims=1)} if model.config.is_encoder_decoder else {}
+    return logits(model, x, **extra)
+
+
+def t5_by_hand(model, order):
+    hand = copy.deepcopy(model)
+    relayer(hand, "encoder.block", order, counts=("num_layers",))
+    relayer(hand, "decoder.block", order, counts=("num_decoder_layers",))
+    hand.encoder.config.num_layers = hand.decoder.config.num_layers = len(order)
+    return hand
+
+
+@pytest.mark.parametrize("edit", list(ORDERS))
+def test_t5_both_stacks_follow_their_counts(edit, tmp_path):
+    model, order = t5(), ORDERS[edit]
+    before = snapshot(model)
+    result = apply(model, [Layers("encoder.block", order=order), Layers("decoder.block", order=order)], inputs(model))
+    got, hand = result.module, t5_by_hand(model, order)
+    n = len(order)
+    assert (got.config.num_layers, got.config.num_decoder_layers, got.encoder.config.num_layers,
+            got.decoder.config.num_layers) == (n, n, n, n)
+    first, second = (m.label for m in result.plan.matches)
+    assert result.report.notes[1:3] == [f"config.num_hidden_layers: 4 -> {n} ({first})",
+                                        f"encoder.config.num_layers: 4 -> {n} ({first})"]
+    assert f"config.num_decoder_layers: 4 -> {n} ({second})" in result.report.notes
+    assert f"decoder.config.num_layers: 4 -> {n} ({second})" in result.report.notes
+    for batch, length in [(1, 5), (3, 9)]:
+        x = ids(batch, length, seed=batch)
+        assert torch.allclose(run(got, x), run(hand, x), atol=1e-6, rtol=0)
+    x = ids(2, 6)
+    tokens = generate(got, x)
+    assert tokens.shape == (2, 21) and torch.equal(tokens, generate(hand, x))
+    result.save(tmp_path / "out")
+    loaded = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
+    assert (loaded.config.num_layers, loaded.config.num_decoder_layers) == (n, n)
+    assert torch.equal(run(loaded, x), run(got, x)) and torch.equal(generate(loaded, x), tokens)
+    assert_unchanged(model, before)
+
+
+def test_qwen2_layer_deletion_equals_the_edit_by_hand(tmp_path):
+    model = qwen2()
+    result = apply(model, [Layers("model.layers", order=[0, 3])])
+    hand = relayer(copy.deepcopy(model), "model.layers", [0, 3])
+    x = ids(2, 6)
+    assert torch.allclose(run(result.module, x), run(hand, x), atol=1e-6, rtol=0)
+    assert torch.equal(generate(result.module, x), generate(hand, x))
+    result.save(tmp_path / "out")
+    loaded = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert torch.equal(run(loaded, x), run(result.module, x))
+
+
+# (builder, layer list, the last kept layer's prefix): every family deletes two layers and trains the last one
+TRAIN = {"llama": (llama, "model.layers", "model.layers.1."), "qwen2": (qwen2, "model.layers", "model.layers.1."),
+         "gpt2": (gpt2, "transformer.h", "transformer.h.1."), "t5": (t5, "decoder.block", "decoder.block.1.")}
+
+
+@pytest.mark.parametrize("family", list(TRAIN))
+def test_training_the_trainable_parameters_of_a_pruned_model(family):
+    build, path, last = TRAIN[family]
+    model = build()
+    result = apply(model, [Layers(path, order=[0, 3]), Freeze("*", exclude=[f"{last}*"])], inputs(model))
+    got = result.module.train()
+    trainable = result.trainable_parameters()
+    names = {id(p): n for n, p in got.named_parameters()}
+    assert trainable and all(names[id(p)].startswith(last) for p in trainable)
+    assert len(trainable) == len([n for n, _ in got.named_parameters() if n.startswith(last)])
+    frozen = {n: p.detach().clone() for n, p in got.named_parameters() if not p.requires_grad}
+    assert len(frozen) == len(list(got.parameters())) - len(trainable)
+    x = ids(4, 8, seed=3)
+    extra = {"decoder_input_ids": x.roll(1, dims=1)} if model.config.is_encoder_decoder else {}
+    optimizer = torch.optim.Adam(trainable, lr=1e-2)
+    losses = []
+    torch.manual_seed(0)
+    for _ in range(20):
+        loss = got(x, labels=x, **extra).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.95 * losses[0]
+    assert all(torch.equal(p, frozen[n]) for n, p in got.named_parameters() if n in frozen)
+    # other batch sizes and lengths run after training
+    got.eval()
+    for batch, length in [(1, 3), (5, 12)]:
+        assert run(got, ids(batch, length)).shape == (batch, length, 100)

@@ -1,0 +1,148 @@
+"""A vocabulary trim on a kept transformers model: the embedding replaced with some of its rows.
+
+`Replace(<input embedding>, nn.Embedding(K, d), weights={"select": rows})`:
+`config.vocab_size` becomes K, the output embedding keeps the same rows (one
+tensor with the input embedding when the model ties them), special token ids
+follow their rows; compared with the trim made by hand, in logits, greedy
+generate() and a save_pretrained / from_pretrained round trip.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_models import apply, assert_unchanged, generate, gpt2, ids, llama, logits, qwen2, snapshot, t5, tensors, trim_by_hand
+from torch import nn
+
+from fxsurgery import MatchError, Replace, TransferError
+
+transformers = pytest.importorskip("transformers")
+
+# token i of the trimmed vocabulary is old token ROWS[i]: 0, 1 (T5's pad and eos) and 98, 99 (GPT-2's bos and eos) kept
+ROWS = [99, 98, 0, 1, *range(2, 97, 2)]
+K = len(ROWS)
+FAMILIES = {"llama": (llama, "model.embed_tokens"), "llama-tied": (lambda: llama(tie=True), "model.embed_tokens"),
+            "qwen2": (qwen2, "model.embed_tokens"), "gpt2": (gpt2, "transformer.wte"),
+            "t5": (t5, "encoder.embed_tokens")}  # T5 calls encoder.embed_tokens, which holds `shared`'s weight
+
+
+def trim(model, path, rows=ROWS, weights=None):
+    width = model.get_input_embeddings().embedding_dim
+    return apply(model, [Replace(path, nn.Embedding(len(rows), width), weights=weights or {"select": rows})], inputs(model))
+
+
+def inputs(model):
+    """Example inputs; an encoder-decoder model is called with (input_ids, attention_mask, decoder_input_ids)."""
+    return (ids(1, 5), None, ids(1, 4)) if model.config.is_encoder_decoder else (ids(1, 5),)
+
+
+def run(model, x):
+    """Logits; an encoder-decoder model decodes x shifted by one."""
+    extra = {"decoder_input_ids": x.roll(1, dims=1)} if model.config.is_encoder_decoder else {}
+    return logits(model, x, **extra)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_vocabulary_trim_equals_the_trim_by_hand(family, tmp_path):
+    build, path = FAMILIES[family]
+    model = build()
+    before = snapshot(model)
+    result = trim(model, path)
+    got, hand = result.module, trim_by_hand(model, ROWS)
+
+    assert type(got) is type(model) and got.config.vocab_size == K and model.config.vocab_size == 100
+    tied = model.config.tie_word_embeddings
+    assert (got.get_output_embeddings().weight is got.get_input_embeddings().weight) is tied
+    assert got.get_output_embeddings().weight.shape == (K, 32) and got.get_output_embeddings().out_features == K
+    for batch, length in [(1, 5), (3, 11)]:
+        x = ids(batch, length, seed=batch + length, vocab=K)
+        assert run(got, x).shape[-1] == K
+        assert torch.allclose(run(got, x), run(hand, x), atol=1e-6, rtol=0)
+    x = ids(2, 6, vocab=K)
+    tokens = generate(got, x)
+    assert torch.equal(tokens, generate(hand, x)) and tokens.shape[1] == (21 if model.config.is_encoder_decoder else 26)
+
+    report, label = result.report, result.plan.matches[0].label
+    embedding, head = f"{path}.weight", [p for p, m in got.named_modules() if m is got.get_output_embeddings()][0]
+    entry = report.entry(embedding)
+    assert (entry.status, entry.source, entry.shape) == ("adapted", embedding, (K, 32))
+    assert entry.op == f"select rows {ROWS} of [100, 32] by {label}"
+    head_entry = report.entry(f"{head}.weight")
+    assert (head_entry.status, head_entry.source) == ("adapted", embedding if tied else f"{head}.weight")
+    assert report.counts()["dropped"] == 0 and report.counts()["new"] == 0
+    assert report.counts()["transferred"] == len(tensors(got)) - report.counts()["adapted"]
+    assert report.notes[1] == f"config.vocab_size: 100 -> {K} ({label})"
+    if not tied:
+        assert f"{head}: 100 -> {K} outputs, weights select {K} rows as {path} ({label})" in report.notes
+    specials = {k: getattr(model.config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+                if isinstance(getattr(model.config, k, None), int) and 0 <= getattr(model.config, k) < 100}
+    for key, old in specials.items():
+        assert getattr(got.config, key) == ROWS.index(old) == getattr(hand.config, key)
+        assert f"config.{key}: {old} -> {ROWS.index(old)} ({label})" in report.notes
+
+    # transformers alone reloads it: the new vocabulary size, the tie, the same logits and tokens
+    result.save(tmp_path / "out")
+    loaded = type(model).from_pretrained(tmp_path / "out").eval()
+    assert loaded.config.vocab_size == K
+    assert (loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight) is tied
+    assert torch.equal(run(loaded, x), run(got, x))
+    assert torch.equal(generate(loaded, x), tokens)
+    assert_unchanged(model, before)
+
+
+def test_a_reordered_vocabulary_keeps_its_size_and_moves_the_head_rows_with_it():
+    model = gpt2()
+    rows = list(reversed(range(100)))
+    result = trim(model, "transformer.wte", rows=rows)
+    got, hand = result.module, trim_by_hand(model, rows)
+    x = ids(2, 7)
+    assert got.config.vocab_size == 100 and got.lm_head.weight is got.transformer.wte.weight
+    assert torch.equal(run(got, x), run(hand, x))
+    assert torch.equal(run(got, x), run(model, 99 - x).flip(-1))
+    label = result.plan.matches[0].label
+    assert result.report.notes[1:] == [f"config.bos_token_id: 98 -> 1 ({label})", f"config.eos_token_id: 99 -> 0 ({label})",
+                                       f"generation_config.bos_token_id: 98 -> 1 ({label})",
+                                       f"generation_config.eos_token_id: 99 -> 0 ({label})",
+                                       f"lm_head: share the new transformer.wte.weight, as they shared the old one ({label})"]
+
+
+def test_an_embedding_kept_as_it_is_leaves_the_vocabulary_alone():
+    model = llama(tie=True)
+    result = trim(model, "model.embed_tokens", rows=list(range(100)), weights="keep")
+    got = result.module
+    assert result.report.notes == ["result mode: kept class LlamaForCausalLM"]
+    assert got.config.to_dict() == model.config.to_dict() and got.lm_head.weight is got.model.embed_tokens.weight
+    x = ids(2, 7)
+    assert torch.equal(run(got, x), run(model, x))
+
+
+def test_a_token_whose_row_is_gone_is_unset_and_said():
+    model = gpt2()
+    rows = list(range(50))  # bos 98 and eos 99 are not kept
+    result = trim(model, "transformer.wte", rows=rows)
+    label = result.plan.matches[0].label
+    assert (result.module.config.bos_token_id, result.module.config.eos_token_id) == (None, None)
+    assert f"config.eos_token_id: 99 -> None (its row is not kept) ({label})" in result.report.notes
+
+
+def test_t5s_shared_embedding_is_never_called_and_the_error_says_which_module_calls_its_weight():
+    rule = Replace("shared", nn.Embedding(K, 32), weights={"select": ROWS})
+    with pytest.raises(MatchError) as err:
+        apply(t5(), [rule], inputs(t5()))
+    assert str(err.value) == (f"rule 1 'replace shared with Embedding({K}, 32)' ({rule.origin}) matched nothing: shared is never "
+                              "called by the forward (inside a leaf module or unused); its weights are called through "
+                              "encoder.embed_tokens: select that; fix: correct the selector or add 'optional: true'")
+
+
+def test_a_tied_output_with_a_bias_over_the_vocabulary_is_refused_with_the_fix():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+                                     vocab_size=100)
+    model = transformers.BertForMaskedLM(config).eval()
+    rule = Replace("bert.embeddings.word_embeddings", nn.Embedding(K, 32), weights={"select": ROWS})
+    with pytest.raises(TransferError) as err:
+        apply(model, [rule])
+    assert str(err.value) == (f"rule 1 'replace bert.embeddings.word_embeddings with Embedding({K}, 32)' ({rule.origin}): "
+                              "cls.predictions.decoder shares the embedding's weight and has a bias over the vocabulary, "
+                              "which the embedding's replacement does not resize; fix: replace it too, by a module of the "
+                              "new size")

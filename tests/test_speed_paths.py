@@ -1,0 +1,183 @@
+"""The shortcuts that make the pipeline fast give what the slow paths give.
+
+Shape passes make some outputs without running the op (capture/_shapes.py),
+module trees are copied without the pickle protocol (capture/_copying.py),
+cyclic garbage collection waits for the surgery to end (pipeline.py). Each is
+checked against the path it replaces, and `apply --profile` against its own sums.
+"""
+
+import gc
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from conftest import RULES, cli
+from torch import fx, nn
+
+import fxsurgery as fxs
+from fxsurgery.capture import _shapes, clone, propagate
+from fxsurgery.capture._copying import share
+
+
+def _slow_paths(monkeypatch):
+    monkeypatch.setattr(_shapes, "_linear", lambda module, x: None)
+    monkeypatch.setattr(_shapes, "_same_shape_norm", lambda module, x: None)
+    monkeypatch.setattr(_shapes, "_same_shape_op", lambda args, kwargs: None)
+
+
+class Mixed(nn.Module):
+    """Each shortcut, and inputs that must not take it (broadcasting, integer dtype, other dtype)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.bn = nn.BatchNorm1d(6)
+        self.to_half = nn.Linear(6, 3).half()
+
+    def forward(self, x, ids):
+        h = self.bn(self.lin(x))
+        h = F.gelu(h) + torch.sigmoid(h) * 2 - h.relu() / 3.0
+        h = h + torch.ones(6)              # broadcasting: runs the op
+        n = ids + 1                        # integers: runs the op
+        return self.to_half(h.half()), n.mul(2), torch.tanh(x.double())
+
+
+@pytest.mark.parametrize("build, inputs", [
+    (lambda: torchvision.models.resnet18(), (torch.randn(2, 3, 64, 64),)),
+    (lambda: torchvision.models.mobilenet_v3_small(), (torch.randn(2, 3, 64, 64),)),
+    (lambda: torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32),
+     (torch.randn(3, 3, 32, 32),)),
+    (lambda: Mixed(), (torch.randn(4, 6), torch.arange(5))),
+], ids=["resnet18", "mobilenet_v3_small", "vit", "mixed"])
+def test_shortcuts_give_the_shapes_and_dtypes_of_running_the_ops(build, inputs, monkeypatch):
+    model = build()
+    for mode in (model.train, model.eval):
+        mode()
+        gm = fx.symbolic_trace(model)
+        fast = propagate(gm, gm.graph, inputs)
+        with monkeypatch.context() as m:
+            _slow_paths(m)
+            slow = propagate(gm, gm.graph, inputs)
+        assert fast == slow and len(fast) == len(gm.graph.nodes)
+
+
+@pytest.mark.parametrize("module, x", [
+    (nn.BatchNorm2d(4), torch.randn(2, 3, 5, 5)),          # wrong channel count
+    (nn.BatchNorm2d(3), torch.randn(2, 3, 5)),             # wrong rank: the module's own check
+    (nn.BatchNorm2d(3), torch.randn(1, 3, 1, 1)),          # one value per channel in training mode
+    (nn.Linear(4, 2), torch.randn(2, 5)),                  # wrong input features
+], ids=["bn-channels", "bn-rank", "bn-batch", "linear-features"])
+def test_shortcuts_fail_as_running_the_op_fails(module, x, monkeypatch):
+    gm = fx.symbolic_trace(nn.Sequential(module))
+    with pytest.raises(_shapes.PropagationError) as fast:
+        propagate(gm, gm.graph, (x,))
+    _slow_paths(monkeypatch)
+    with pytest.raises(_shapes.PropagationError) as slow:
+        propagate(gm, gm.graph, (x,))
+    assert (type(fast.value.exc), str(fast.value.exc)) == (type(slow.value.exc), str(slow.value.exc))
+
+
+class Nonzero(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.lin(x) + x)
+        return torch.nonzero(h)  # its shape depends on values: propagated on a real copy
+
+
+def test_real_tensors_run_the_ops():
+    """Data-dependent code is propagated on real copies: there every value must be real."""
+    torch.manual_seed(0)
+    model, x = Nonzero(), torch.randn(5, 4)
+    gm = fx.symbolic_trace(model)
+    metas = propagate(gm, gm.graph, (x,))
+    assert metas["nonzero"].shape == tuple(model(x).shape) and 0 < model(x).shape[0] < 20
+
+
+class Custom(nn.Module):
+    """A module that customises copying is copied its own way."""
+
+    copies = 0
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.notes = {"calls": [1, 2]}
+
+    def __deepcopy__(self, memo):
+        Custom.copies += 1
+        new = Custom()
+        new.lin = self.lin
+        return new
+
+
+def test_module_trees_copy_as_deepcopy_does():
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), Custom())
+    model[0].register_forward_hook(lambda m, a, o: o * 2)
+    model.tag = {"kept": [1]}
+    model[0].weight.requires_grad_(False)
+    shared = share(model)
+    assert shared is not model and shared[0] is not model[0]
+    assert shared[0].weight is model[0].weight and shared[2].lin.weight is model[2].lin.weight
+    assert Custom.copies == 1
+    assert shared.tag == {"kept": [1]} and shared.tag is not model.tag
+    x = torch.randn(2, 3)
+    assert torch.equal(shared[0](x), model[0](x))               # the hook came along
+    assert list(shared[0]._forward_hooks) == list(model[0]._forward_hooks)
+    assert shared[0]._forward_hooks is not model[0]._forward_hooks
+    copied = clone(model, lambda t: t.detach().clone())
+    assert not copied[0].weight.requires_grad and copied[0].weight is not model[0].weight
+    assert torch.equal(copied[0].weight, model[0].weight)
+    tied = nn.Sequential(nn.Linear(2, 2, bias=False), nn.Linear(2, 2, bias=False))
+    tied[1].weight = tied[0].weight
+    again = clone(tied, lambda t: t.detach().clone())
+    assert again[1].weight is again[0].weight                   # ties stay ties
+
+
+def test_collection_waits_for_the_surgery_and_comes_back():
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append(gc.isenabled())
+            return x.relu()
+
+    model = nn.Sequential(nn.Linear(2, 2), Probe())
+    assert gc.isenabled()
+    fxs.apply(model, [fxs.Freeze("0")], example_inputs=(torch.randn(1, 2),))
+    assert gc.isenabled() and seen and not any(seen)
+    with pytest.raises(fxs.MatchError):
+        fxs.apply(model, [fxs.Freeze("nothing.here")], example_inputs=(torch.randn(1, 2),))
+    assert gc.isenabled()
+
+
+STAGES = ["load model (imports included)", "rules", "capture", "modes", "match", "rewrite", "validate", "transfer",
+          "gradient flow", "save"]
+
+
+def test_profile_lists_every_stage_in_order(tmp_path):
+    args = ("apply", "torchvision.models:resnet18", os.path.join(RULES, "classifier-head.yaml"), "--set", "num_classes=3",
+            "--input", "2x3x64x64", "--profile")
+    code, stdout, _ = cli(*args, "-o", tmp_path / "o")
+    assert code == 0
+    table = stdout[stdout.index("stage "):stdout.index("\n\nwrote")].splitlines()
+    assert table[0].split() == ["stage", "seconds", "share"]
+    rows = [line.rsplit(None, 2) for line in table[2:]]
+    assert [r[0].strip() for r in rows] == STAGES + ["total"]
+    seconds = [float(r[1]) for r in rows]
+    assert abs(sum(seconds[:-1]) - seconds[-1]) <= 0.001 * len(seconds) and seconds[-1] > 0
+    code, stdout, _ = cli(*args, "--json", "--dry-run")
+    profile = json.loads(stdout)["profile"]
+    assert list(profile) == STAGES and profile["save"] < 0.01 and all(v >= 0 for v in profile.values())
+    code, stdout, _ = cli(*args[:-1], "--json", "--dry-run")
+    assert "profile" not in json.loads(stdout)
+
+
+def test_result_times_its_stages():
+    result = fxs.apply(nn.Sequential(nn.Linear(2, 2)), [fxs.Freeze("0")], example_inputs=(torch.randn(1, 2),))
+    assert list(result.timings) == STAGES[1:-1] and all(t >= 0 for t in result.timings.values())
