@@ -8,7 +8,8 @@
 Benchmarks: pipeline, scaling, transfer (vit_l_16), transfer_large (a 2.15 GB
 synthetic model, with streaming from a sharded checkpoint), module_speed
 (with the conv+bn fold speed-up, and the GPU comparison where
-torch.cuda.is_available()).
+torch.cuda.is_available()), capture_dynamic (capture time with guards on
+size decisions against guards on whole input shapes).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ if __package__ in (None, ""):  # run as a file (python benchmarks/NAME.py): impo
 
 from .common import log, machine, write_json
 
-NAMES = ("pipeline", "scaling", "transfer", "transfer_large", "module_speed")
+NAMES = ("pipeline", "scaling", "transfer", "transfer_large", "module_speed", "capture_dynamic")
 
 
 def _csv(text: str) -> list[str]:
@@ -68,6 +69,9 @@ def _run_one(name: str, args) -> dict:
         from . import transfer_memory
         model = transfer_memory.SYNTHETIC if name == "transfer_large" else None
         return transfer_memory.run(args.quick, args.repeats, model=model, threads=args.threads)
+    if name == "capture_dynamic":
+        from . import capture_dynamic
+        return capture_dynamic.run(args.quick, args.repeats, _known(args.models, capture_dynamic.MODELS))
     from . import module_speed
     return module_speed.run(args.quick, args.repeats, _known(args.models, module_speed.MODELS))
 

@@ -102,6 +102,11 @@ class SurgeryResult:
             parts += ["", "warnings:"] + [f"  {w}" for w in self.plan.warnings]
         return "\n".join(parts)
 
+    @property
+    def specialised(self) -> dict[str, dict[int, str]]:
+        """{input: {dim: why}}: the input dims the result accepts at their example size only."""
+        return self.capture.specialised() if self.capture is not None else {}
+
     def coverage(self) -> dict:
         """Traced graphs, opaque modules with the reason each stays Python, share of parameters in graphs."""
         return self.capture.coverage()
@@ -119,6 +124,7 @@ class SurgeryResult:
             "report": self.report.to_dict(),
             "gradient_flow": self.gradient_flow.to_dict(),
             "coverage": self.capture.coverage() if self.capture is not None else None,
+            "specialised": {name: {str(d): why for d, why in dims.items()} for name, dims in self.specialised.items()},
         }
 
     def footprint(self, max_shard_size: int | str = "5GB") -> dict:
@@ -154,7 +160,18 @@ class SurgeryResult:
                                    max_shard_size=max_shard_size, lazy=pending_of(self.module))
         return save(self.module, directory, force=force, record=self.to_dict(), formats=formats,
                     example_inputs=self.example_inputs, extra=extra, max_shard_size=max_shard_size,
-                    lazy=pending_of(self.module))
+                    lazy=pending_of(self.module), static=self._static_dims())
+
+    def _static_dims(self) -> list | None:
+        """Per example input, the dims exports keep static: those capture specialised (tensor inputs
+        in order, as the graph takes them); None when the capture was exact (dynamic_shapes=None)."""
+        root = self.capture.regions[0] if self.capture is not None and self.capture.regions else None
+        if root is None or root.path or root.dynamic is None:
+            return None
+        pinned = self.specialised
+        names = iter(root.input_names())
+        return [set(pinned.get(next(names, ""), {})) if isinstance(x, torch.Tensor) else set()
+                for x in self.example_inputs or ()]
 
 
 def _gb(n: int) -> str:
@@ -163,7 +180,8 @@ def _gb(n: int) -> str:
 
 def apply(model: nn.Module, rules, example_inputs=None, *, params: dict | None = None, allow=(),
           strict: bool = False, leaf_types=(), leaf_paths=(), copy: bool = True, weights=None,
-          keep_class: bool | None = None, modes: bool = True, stream: bool = False) -> SurgeryResult:
+          keep_class: bool | None = None, modes: bool = True, stream: bool = False,
+          dynamic_shapes="auto") -> SurgeryResult:
     """Apply `rules` to `model` (never modified) and return the regenerated module.
 
     `keep_class=True` returns an instance of the model's own class instead (a
@@ -183,6 +201,10 @@ def apply(model: nn.Module, rules, example_inputs=None, *, params: dict | None =
     `stream=True` (with `weights`): nothing is materialised; the tensors read from
     the checkpoint stay on meta in `result.module` and flow one at a time into the
     output shards of `result.save`.
+    Where the forward's Python needs a size (`if seq_len > 4:`), `dynamic_shapes="auto"` guards
+    that decision alone and every other size stays general (`result.specialised` lists the dims
+    a decision pins); None guards every input's whole example shape; a torch.export-style spec
+    ({input name or position: {dim: name}}) must stay dynamic where declared, static elsewhere.
 
     >>> result = apply(resnet18(), [Replace("fc", new(nn.Linear, out_features=10))],
     ...                example_inputs=(torch.randn(1, 3, 224, 224),))
@@ -197,13 +219,15 @@ def apply(model: nn.Module, rules, example_inputs=None, *, params: dict | None =
         kept = _is_pretrained(model) if keep_class is None else keep_class
         with clock("capture"):
             captured = (capture_kept(model, example_inputs) if kept
-                        else capture(model, example_inputs, leaf_types=leaf_types, leaf_paths=leaf_paths))
+                        else capture(model, example_inputs, leaf_types=leaf_types, leaf_paths=leaf_paths,
+                                     dynamic_shapes=dynamic_shapes))
         # what the original decides from self.training, the result decides at run time (capture/_modes.py);
         # where the code itself differs by mode, the surgery is also made in the other mode
         with clock("modes"):
-            live = track(model, captured, lambda other: _quiet(apply, other, rule_list, example_inputs, strict=strict,
-                                                               leaf_types=leaf_types, leaf_paths=leaf_paths, weights=weights,
-                                                               modes=False, keep_class=False, stream=stream)) if modes and not kept else None
+            other = dict(strict=strict, leaf_types=leaf_types, leaf_paths=leaf_paths, weights=weights, modes=False,
+                         keep_class=False, stream=stream, dynamic_shapes=dynamic_shapes)
+            live = track(model, captured, lambda flipped: _quiet(apply, flipped, rule_list, example_inputs, **other)
+                         ) if modes and not kept else None
         with clock("match"):
             plan = match(captured, rule_list)                 # read-only
         with clock("rewrite"):

@@ -37,6 +37,8 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     assert result.report.new == ["fc.weight", "fc.bias"]
     assert {n.split(".")[0] for n, p in result.module.named_parameters() if p.requires_grad} == {"layer4", "fc"}
     assert sorted(os.listdir(tmp_path / "out")) == ["graph.json", "model.py", "model.safetensors", "surgery.json"]
+    general = namespace["general"]
+    assert general.specialised == {} and general.mode == "regenerated graph module"
     kept = namespace["kept"]
     assert kept.mode == "kept class LlamaForCausalLM" and kept.module.config.num_hidden_layers == 6
     assert kept.report.entry("model.layers.3.mlp.up_proj.weight").source == "model.layers.1.mlp.up_proj.weight"

@@ -144,20 +144,30 @@ class Sliced(nn.Module):
 
     def forward(self, x):
         rows = x.shape[0]
-        if rows > 4:  # Python reads the size: the graph holds one branch, for inputs of this shape
+        if rows > 4:  # Python reads the size: the graph holds this branch and guards the decision
             return x + self.table[:rows]
         return x
 
 
-def test_specialised_graphs_guard_their_input_shapes():
+def test_specialised_graphs_guard_the_decision_not_the_shape():
     torch.manual_seed(0)
     model = Sliced()
     result = fxs.apply(model, [], example_inputs=(torch.randn(8, 4),))
     assert result.coverage()["opaque"] == {}
-    x = torch.randn(8, 4)
-    assert torch.equal(result.module(x), model(x))
-    with pytest.raises(Exception, match=r"'the model' was traced on input 'x' of shape \[8, 4\] and its code reads that shape"):
-        result.module(torch.randn(5, 4))
+    for rows in (8, 5, 16):  # the same side of `rows > 4`: the graph runs
+        x = torch.randn(rows, 4)
+        assert torch.equal(result.module(x), model(x))
+    with pytest.raises(AssertionError) as err:
+        result.module(torch.randn(3, 4))
+    assert str(err.value) == (
+        "'the model' was captured where `x.shape[0] > 4` is True at tests/test_opaque.py:147 (if rows > 4:  # Python "
+        "reads the size: the graph holds this branch and guards the decision); this call gives another value, and the "
+        "graph holds only the code for that one; fix: capture again with example inputs like this call's, or make the "
+        "module running that line a leaf (leaf_paths=)")
+    # dynamic_shapes=None: the whole example shape, as before
+    exact = fxs.apply(model, [], example_inputs=(torch.randn(8, 4),), dynamic_shapes=None)
+    with pytest.raises(AssertionError, match=r"'the model' was traced on input 'x' of shape \[8, 4\] and its code reads that shape"):
+        exact.module(torch.randn(5, 4))
 
 
 def test_the_original_is_never_written_to_by_tracing():

@@ -11,6 +11,7 @@ where possible), so shape-dependent Python is specialised to that call.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ from ..errors import ModelError, TraceError
 from ._call_shim import adapter_call, call_spec, install_adapter
 from ._copying import assign, clone, root_of
 from ._dualgraph import ModeGraphModule, current, dual_source, trace_modes
+from ._guards import apply_spec, specialised
 from ._livemodes import keep_mode_reads
 from ._modes import track
 from ._shapes import Meta, PropagationError, adapt, propagate, quiet_fake_tensors
@@ -73,6 +75,22 @@ class Capture:
         """True when one graph, with the model's own signature, holds the whole model."""
         return (len(self.regions) == 1 and self.regions[0].path == "" and not self.opaque
                 and self.regions[0].call is None)
+
+    def specialised(self) -> dict[str, dict[int, str]]:
+        """{input: {dim: why}}: dims of the model's inputs that a decision of its code, a dynamic_shapes
+        spec or dynamic_shapes=None pins to the example's size; every other dim stays general."""
+        root = self.regions[0] if self.regions and self.regions[0].path == "" else None
+        if root is None or root.example_inputs is None:
+            return {}
+        names = root.input_names()
+        if root.dynamic is None and root.decisions:
+            return {n: {d: "dynamic_shapes=None" for d in range(v.dim())}
+                    for n, v in zip(names, root.example_inputs) if isinstance(v, torch.Tensor)}
+        out = {name: dict(dims) for name, dims in getattr(root, "static", {}).items()}
+        for name, dims in specialised(root.decisions).items():
+            for dim, why in dims.items():
+                out.setdefault(name, {}).setdefault(dim, why)
+        return {name: dict(sorted(dims.items())) for name, dims in out.items()}
 
     def coverage(self) -> dict:
         """Traced regions, opaque modules with reasons, and the share of parameters in graphs."""
@@ -197,28 +215,54 @@ def capture_kept(model: nn.Module, example_inputs: tuple | None = None) -> Captu
     return Capture(model, inputs, [], {"": KEPT}, calls, kept=True)
 
 
-def capture(model: nn.Module, example_inputs: tuple | None = None, *, leaf_types=(), leaf_paths=()) -> Capture:
-    """Graphs for everything torch.fx can trace; opaque modules (with reasons) for the rest."""
+def capture(model: nn.Module, example_inputs: tuple | None = None, *, leaf_types=(), leaf_paths=(),
+            dynamic_shapes="auto") -> Capture:
+    """Graphs for everything torch.fx can trace; opaque modules (with reasons) for the rest.
+
+    Where Python needs a size, `dynamic_shapes="auto"` guards that decision only (every other
+    size stays general), None guards every input's whole example shape, and a torch.export-style
+    spec ({input: {dim: name}}) declares which dims must stay dynamic (the rest are static).
+    """
     refuse_hooked_weights(model)
+    dynamic = None if dynamic_shapes is None else "auto"
     try:
-        whole = trace(model, example_inputs, leaf_types=leaf_types, leaf_paths=leaf_paths, values=False)
-        return Capture(model, whole.example_inputs, [whole])
+        whole = trace(model, example_inputs, leaf_types=leaf_types, leaf_paths=leaf_paths, values=False, dynamic=dynamic)
+        return _specced(Capture(model, whole.example_inputs, [whole]), dynamic_shapes)
     except TraceError:
         pass
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (
         (example_inputs,) if example_inputs is not None else None)
     calls = record_calls(model, inputs) if inputs is not None else {}
     result = Capture(model, inputs, [], {}, calls)
-    walker = _Walker(result, Tracer(leaf_types, leaf_paths))
+    walker = _Walker(result, Tracer(leaf_types, leaf_paths), dynamic)
     walker.walk(model, "", Call(inputs, {}) if inputs is not None else None)
     if result.regions and result.regions[0].path == "" and result.regions[0].call is None:
         result.example_inputs = result.regions[0].example_inputs
+    return _specced(result, dynamic_shapes)
+
+
+def _specced(result: Capture, spec) -> Capture:
+    """Check a dynamic_shapes spec against the whole model's graph and make its undeclared dims static."""
+    if spec is None or isinstance(spec, str):
+        if spec not in (None, "auto"):
+            raise ModelError(f"dynamic_shapes={spec!r} is not known; fix: pass 'auto', None or {{input: {{dim: name}}}}")
+        return result
+    root = result.regions[0] if result.regions and result.regions[0].path == "" else None
+    if root is None or result.example_inputs is None:
+        raise ModelError("dynamic_shapes names input dims, but no graph takes the model's own inputs (it is opaque or "
+                         "captured without example inputs); fix: pass example_inputs, or dynamic_shapes='auto'")
+    try:
+        params = list(inspect.signature(result.model.forward).parameters)
+    except (TypeError, ValueError):
+        params = []
+    root.static = apply_spec(root.gm, root.decisions, spec, tuple(root.example_inputs), tuple(result.example_inputs),
+                             params, root.path)
     return result
 
 
 class _Walker:
-    def __init__(self, capture: Capture, policy: Tracer):
-        self.capture, self.policy = capture, policy
+    def __init__(self, capture: Capture, policy: Tracer, dynamic: str | None = "auto"):
+        self.capture, self.policy, self.dynamic = capture, policy, dynamic
 
     def join(self, path: str, name: str) -> str:
         return f"{path}.{name}" if path else name
@@ -256,7 +300,7 @@ class _Walker:
                 spec = call_spec(module, call.args, call.kwargs) if call is not None and as_called else None
                 example = call.args if call is not None and not as_called else None
                 captured = trace(module, example, call=spec, leaf_types=policy.leaf_types,
-                                 leaf_paths=policy.leaf_paths, opaque=opaque, path=path)
+                                 leaf_paths=policy.leaf_paths, opaque=opaque, path=path, dynamic=self.dynamic)
                 captured.opaque = opaque
                 return captured
             except TraceError as err:

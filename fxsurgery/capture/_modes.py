@@ -34,6 +34,7 @@ from torch import fx, nn
 from ..errors import FxsError, ModeError
 from ._copying import share
 from ._dualgraph import join
+from ._guards import GUARD
 from ._trace import module_stack, trace
 
 _NUMBER = (bool, int, float)
@@ -118,7 +119,8 @@ def _compare(a: Any, b: Any, where: tuple, out: list) -> bool:
 def diff(graph: fx.Graph, other: fx.Graph) -> tuple[list[Change], str | None]:
     """(constants that differ, None) or ([], the first node where the code differs)."""
     changes: list[Change] = []
-    nodes, others = list(graph.nodes), list(other.nodes)
+    # guards are added after tracing (messages may say more once probed): not code of either mode
+    nodes, others = ([n for n in g.nodes if not n.meta.get(GUARD)] for g in (graph, other))
     for a, b in zip(nodes, others):
         found: list = []
         same = (a.op == b.op and a.name == b.name and (a.target is b.target or a.target == b.target)
@@ -135,7 +137,8 @@ def _retrace(model: nn.Module, region, calls: bool) -> fx.Graph:
     module = model.get_submodule(region.path) if region.path else model
     example = region.example_inputs if region.call is None else None
     return trace(module, example, call=region.call, leaf_types=region.leaf_types, leaf_paths=region.leaf_paths,
-                 opaque=tuple(region.opaque), path=region.path, values=calls, shapes=False).graph
+                 opaque=tuple(region.opaque), path=region.path, values=calls, dynamic=region.dynamic,
+                 shapes=False).graph
 
 
 def _owners_in_mode(model: nn.Module, region, change: Change, graph: fx.Graph) -> bool:

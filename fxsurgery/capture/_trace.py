@@ -24,6 +24,7 @@ from .._util import first_line, get_path
 from ..errors import ModelError, TraceError
 from ._call_shim import CallSpec, trace_call
 from ._copying import share
+from ._guards import Decision, add_decision_guards, probe, unique
 from ._shapes import Meta, PropagationError, propagate
 from ._tracer import Tracer
 from ._values import ValueTracer, add_shape_guards
@@ -42,6 +43,9 @@ class Captured:
     path: str = ""                                       # where this graph's module sits in the model
     opaque: dict[str, str] = field(default_factory=dict)  # leaves kept as Python -> why (relative paths)
     call: CallSpec | None = None                         # traced as called from opaque code (_call_shim.py)
+    decisions: list[Decision] = field(default_factory=list)  # where Python took a number; each guarded (_guards.py)
+    dynamic: str | None = "auto"                         # "auto": guards on decisions; None: on whole input shapes
+    static: dict = field(default_factory=dict)           # input -> {dim: why}: dims a dynamic_shapes spec left static
 
     @property
     def graph(self) -> fx.Graph:
@@ -59,7 +63,7 @@ def module_stack(node: fx.Node) -> list[tuple[str, str]]:
 
 def trace(model: nn.Module, example_inputs: tuple | None = None, *, leaf_types=(), leaf_paths=(),
           opaque=(), path: str = "", call: CallSpec | None = None, values: bool = True,
-          shapes: bool = True) -> Captured:
+          dynamic: str | None = "auto", shapes: bool = True) -> Captured:
     """Trace `model` (never modified) as one graph; with example inputs, give every node a shape.
 
     Arguments that are not tensors (None, flags, sizes) are specialised to
@@ -68,6 +72,8 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, *, leaf_types=(
     keeps torch.fx's guards, so a call with other values fails loudly.
     Raises TraceError (with `.failed_in`, the innermost module that failed).
     `values=False` traces with plain torch.fx proxies: faster, and enough for most models.
+    Where Python needs a number, the example's is used and the graph asserts that decision
+    (`dynamic="auto"`) or the whole example shape of every input (`dynamic=None`).
     `shapes=False` skips shape propagation, for callers that only compare graphs.
     """
     if not isinstance(model, nn.Module):
@@ -94,8 +100,11 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, *, leaf_types=(
             graph, constants = trace_call(tracer, work, call)
         else:
             graph = tracer.trace(work, concrete_args=concrete or None)
-        if getattr(tracer, "specialised", None):
+        decisions = unique(getattr(tracer, "decisions", []))
+        if decisions and dynamic is None:
             add_shape_guards(graph, positional, path)
+        elif decisions:
+            add_decision_guards(graph, decisions, path)
     except ModelError:
         raise
     except Exception as exc:
@@ -110,7 +119,8 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, *, leaf_types=(
         targets = {n.target for n in graph.nodes if n.op in ("call_module", "get_attr")}
         root = {t: constants[t] if t in constants else get_path(work, t) for t in targets}
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
-    captured = Captured(model, gm, None, {}, tuple(leaf_types), tuple(leaf_paths), path, {p: "" for p in opaque}, call)
+    captured = Captured(model, gm, None, {}, tuple(leaf_types), tuple(leaf_paths), path, {p: "" for p in opaque}, call,
+                        decisions, dynamic)
     if example_inputs is not None or call is not None:
         captured.example_inputs = positional
     if (example_inputs is not None or call is not None) and shapes:
@@ -122,6 +132,9 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, *, leaf_types=(
             reason = f"{type(err.exc).__name__}: {first_line(err.exc)}"
             raise TraceError(f"the graph traced from {type(model).__name__} fails on the example inputs at node '{err.node.name}': {reason}; fix: "
                              f"pass inputs the model accepts, or make the failing module a leaf", reason=reason) from None
+        if decisions and dynamic is not None:
+            probe(gm, graph, positional, decisions, path)
+            gm.recompile()
     return captured
 
 

@@ -24,12 +24,14 @@ from torch.utils import _pytree as pytree
 
 from .._util import get_path
 from ._copying import clone
+from ._guards import Decision, source_line
 from ._shapes import quiet_fake_tensors
 from ._tracer import Tracer
 
 _MISSING = object()
 # Tensor attributes that do not change from call to call: read them from the example.
-_STATIC = {"dtype", "device", "ndim", "layout", "is_cuda", "is_floating_point", "is_complex"}
+# `device` is not among them: a tensor the forward makes on `x.device` must follow x at run time.
+_STATIC = {"dtype", "ndim", "layout", "is_floating_point", "is_complex"}
 
 
 class ValueProxy(fx.Proxy):
@@ -38,11 +40,16 @@ class ValueProxy(fx.Proxy):
     def _value(self):
         return self.tracer.values.get(self.node, _MISSING)
 
-    def _concrete(self, why: str):
+    def _concrete(self):
         value = self._value()
         if value is _MISSING:
             raise fx.proxy.TraceError("symbolically traced variables cannot be used as inputs to control flow")
-        self.tracer.specialised.append(why)
+        return value
+
+    def _decided(self, kind: str, value):
+        """Python took `value` for this node: the graph asserts it (_guards.py), unless a value is being computed."""
+        if not self.tracer.evaluating:
+            self.tracer.decisions.append(Decision(self.node, kind, value, source_line()))
         return value
 
     def __getattr__(self, name):
@@ -54,16 +61,16 @@ class ValueProxy(fx.Proxy):
         return ValueAttribute(self, name)
 
     def __bool__(self):
-        return _decide(bool, self._concrete("bool"))
+        return self._decided("bool", _decide(bool, self._concrete()))
 
     def __index__(self):
-        return _decide(operator.index, self._concrete("index"))
+        return self._decided("index", _decide(operator.index, self._concrete()))
 
     def __len__(self):
         value = self._value()
         if isinstance(value, (tuple, list, torch.Size)):
             return len(value)  # structure, not shape: nothing to guard
-        return len(self._concrete("len"))
+        return self._decided("len", len(self._concrete()))
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
@@ -102,7 +109,8 @@ class ValueTracer(Tracer):
     def __init__(self, *args, example: tuple = (), **kwargs):
         super().__init__(*args, **kwargs)
         self.values: dict[fx.Node, Any] = {}
-        self.specialised: list[str] = []
+        self.decisions: list[Decision] = []
+        self.evaluating = False  # computing a value: numbers Python reads then are not decisions of the graph
         self.example = list(example)
         self.mode = FakeTensorMode(allow_non_fake_inputs=True)
         self.fake_root = None
@@ -124,6 +132,8 @@ class ValueTracer(Tracer):
     def _fake(self, value):
         if isinstance(value, fx.Proxy):
             return self.values.get(value.node, _MISSING)
+        if isinstance(value, slice):  # `x[:, :n]`: the graph keeps n; the value needs its number
+            return slice(*(self._fake(v) for v in (value.start, value.stop, value.step)))
         if isinstance(value, torch.Tensor) and not isinstance(value, torch._subclasses.FakeTensor):
             return self.mode.from_tensor(value)
         return value
@@ -137,6 +147,7 @@ class ValueTracer(Tracer):
         args, kwargs = pytree.tree_map(self._fake, (args, kwargs), is_leaf=lambda x: isinstance(x, fx.Proxy))
         if any(v is _MISSING for v in pytree.tree_leaves((args, kwargs))):
             return _MISSING
+        self.evaluating = True
         try:
             with self.mode, _unpatched_modules():
                 if kind == "call_function":
@@ -152,6 +163,8 @@ class ValueTracer(Tracer):
                         return self.mode.from_tensor(get_path(self.root, target))
         except Exception:  # the value stays unknown; tracing goes on symbolically
             return _MISSING
+        finally:
+            self.evaluating = False
         return _MISSING
 
 

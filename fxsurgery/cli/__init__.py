@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
                    "written, never the whole model (for models larger than memory)")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="weights above this go into shards with an "
                    "index: bytes, or e.g. 2GB, 500MB (default 5GB)")
+    p.add_argument("--dynamic-shapes", choices=["auto", "none"], default="auto",
+                   help="auto: guard only the size decisions the code makes (default); none: only the example's shapes")
 
     p = sub.add_parser("inspect", help="show modules, shapes and parameters as the graph sees them")
     model_args(p)
@@ -207,8 +209,9 @@ def _result(args):
     model, checkpoint = _model(args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the plan's warnings are printed by the caller
+        dynamic = None if getattr(args, "dynamic_shapes", "auto") == "none" else "auto"
         return apply(model, rules, inputs, strict=getattr(args, "strict", False), leaf_paths=args.leaf, weights=checkpoint,
-                     stream=getattr(args, "stream", False))
+                     stream=getattr(args, "stream", False), dynamic_shapes=dynamic)
 
 
 def cmd_diff(args) -> int:

@@ -8,6 +8,7 @@ written. A format that cannot express the model says why, in one line.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import warnings
 from pathlib import Path
@@ -49,10 +50,57 @@ def output_names(value, prefix: str = "") -> list[str]:
     return []
 
 
-def _write(fmt: str, gm: fx.GraphModule, path: Path, inputs: tuple):
+
+
+def dynamic_spec(inputs: tuple, static: list | None):
+    """torch.export's dynamic_shapes for `inputs`: every dim of every tensor `Dim.AUTO` (torch keeps it
+    dynamic where the graph allows) except those in `static` (a set of dims per input); None: all static."""
+    if static is None:
+        return None
+    return tuple({d: torch.export.Dim.AUTO for d in range(x.dim()) if d not in (static[i] if i < len(static) else ())}
+                 if isinstance(x, torch.Tensor) else None for i, x in enumerate(inputs))
+
+
+def variants(inputs: tuple, static: list | None) -> list[tuple[str, tuple]]:
+    """(what changed, inputs) with one dim of the example grown by one, for each dim that may vary:
+    the exported artefact is run there too. Dims of the same position and size grow together (ids, mask)."""
+    if static is None:
+        return []
+    groups: dict = {}
+    for i, x in enumerate(inputs):
+        if isinstance(x, torch.Tensor):
+            for d, size in enumerate(x.shape):
+                if d not in (static[i] if i < len(static) else ()):
+                    groups.setdefault((d, int(size)), []).append(i)
+    out = []
+    for (d, size), members in groups.items():
+        grown = list(inputs)
+        for i in members:
+            shape = list(inputs[i].shape)
+            shape[d] = size + 1
+            grown[i] = torch.cat([inputs[i], inputs[i].narrow(d, 0, 1)], dim=d) if inputs[i].shape[d] else inputs[i].new_zeros(shape)
+        out.append((f"dim {d} of input {', '.join(map(str, members))}: {size + 1}", tuple(grown)))
+    return out
+
+
+def _bound(gm: fx.GraphModule, dynamic):
+    """`dynamic` shaped as torch.export binds it: a forward taking `*args` (the call-form adapter) takes it whole."""
+    if dynamic is None:
+        return None
+    try:
+        params = list(inspect.signature(gm.forward).parameters.values())
+    except (TypeError, ValueError):
+        return dynamic
+    if params and params[0].kind is params[0].VAR_POSITIONAL:
+        return {params[0].name: dynamic}
+    return dynamic
+
+
+def _write(fmt: str, gm: fx.GraphModule, path: Path, inputs: tuple, dynamic=None):
     """Write one format and return a callable that runs what was written."""
+    dynamic = _bound(gm, dynamic)
     if fmt == "pt2":
-        program = torch.export.export(gm, inputs)
+        program = torch.export.export(gm, inputs, dynamic_shapes=dynamic)
         torch.export.save(program, str(path))
         return torch.export.load(str(path)).module()
     if fmt == "torchscript":
@@ -70,7 +118,8 @@ def _write(fmt: str, gm: fx.GraphModule, path: Path, inputs: tuple):
         large = sum(t.numel() * t.element_size() for t in gm.state_dict().values()) > 1.5e9
         with torch.no_grad():
             names = output_names(gm(*inputs))   # else ONNX names outputs after the last op (`linear`)
-        torch.onnx.export(gm, inputs, str(path), dynamo=True, verbose=False, external_data=large, output_names=names)
+        torch.onnx.export(gm, inputs, str(path), dynamo=True, verbose=False, external_data=large, output_names=names,
+                          dynamic_shapes=dynamic)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
 
@@ -80,8 +129,13 @@ def _write(fmt: str, gm: fx.GraphModule, path: Path, inputs: tuple):
     return run
 
 
-def export_as(fmt: str, gm: fx.GraphModule, work: Path, example_inputs: tuple | None) -> dict:
-    """Write `gm` in `fmt` into `work`, verified on `example_inputs`; a record of what was written."""
+def export_as(fmt: str, gm: fx.GraphModule, work: Path, example_inputs: tuple | None, static: list | None = None) -> dict:
+    """Write `gm` in `fmt` into `work`, verified on `example_inputs`; a record of what was written.
+
+    pt2 and ONNX keep every input dim dynamic except those `static` lists (a set of dims per input;
+    None: all static), and are also run with each such dim grown by one: `dynamic` in the record
+    lists those where the artefact matched the module (torch may still fix a dim the graph needs fixed).
+    """
     if fmt == "dcp":  # weights only: checked by reading them back, not by running them
         return write_dcp(gm, work)
     if fmt not in FORMATS:
@@ -95,7 +149,8 @@ def export_as(fmt: str, gm: fx.GraphModule, work: Path, example_inputs: tuple | 
         with torch.no_grad():
             expected = _tensors(gm(*example_inputs))
             try:
-                runner = _write(fmt, gm, path, tuple(example_inputs))
+                runner = _write(fmt, gm, path, tuple(example_inputs),
+                                dynamic_spec(tuple(example_inputs), static) if fmt != "torchscript" else None)
                 got = _tensors(runner(*example_inputs))
             except SaveError:
                 raise
@@ -108,4 +163,32 @@ def export_as(fmt: str, gm: fx.GraphModule, work: Path, example_inputs: tuple | 
     worst = max((float((g.float() - e.float()).abs().max()) for g, e in zip(got, expected) if e.numel()), default=0.0)
     if worst > TOLERANCE[fmt]:
         raise SaveError(f"{fmt} export differs from the module by {worst:.2e} (more than {TOLERANCE[fmt]:.0e}); fix: save without --format {fmt}")
-    return {"file": FORMATS[fmt], "max_abs_diff": worst}
+    record = {"file": FORMATS[fmt], "max_abs_diff": worst}
+    if fmt != "torchscript" and static is not None:
+        record["dynamic"] = _dynamic(gm, runner, tuple(example_inputs), static, TOLERANCE[fmt])
+    return record
+
+
+def _dynamic(gm: fx.GraphModule, runner, inputs: tuple, static: list, tolerance: float) -> list[str]:
+    """The grown-dim variants on which the written artefact runs and matches the module."""
+    kept = []
+    was_training = gm.training
+    gm.eval()
+    try:
+        for what, grown in variants(inputs, static):
+            with torch.no_grad():
+                try:
+                    expected = _tensors(gm(*grown))
+                except Exception:
+                    continue  # the module itself is specialised there (a guard): nothing to compare
+                try:
+                    got = _tensors(runner(*grown))
+                except Exception:
+                    continue
+            if len(got) == len(expected) and all(
+                    g.shape == e.shape and (not e.numel() or float((g.float() - e.float()).abs().max()) <= tolerance)
+                    for g, e in zip(got, expected)):
+                kept.append(what)
+    finally:
+        gm.train(was_training)
+    return kept

@@ -124,11 +124,12 @@ def _source(gm: fx.GraphModule, work: Path, **facts) -> tuple[str, dict[str, str
 
 def save(module: nn.Module, directory: str | os.PathLike, *, force: bool = False, record: dict | None = None,
          formats=(), example_inputs: tuple | None = None, extra=None, max_shard_size: int | str = DEFAULT_MAX,
-         lazy: dict | None = None) -> Path:
+         lazy: dict | None = None, static: list | None = None) -> Path:
     """Write `module` as model.py + model.safetensors + surgery.json, atomically.
 
     `formats` adds model.pt2 (torch.export), model.onnx or model.torchscript.pt,
-    each checked against the module on `example_inputs`; `extra` maps more file
+    each checked against the module on `example_inputs` (pt2 and ONNX keep every dim dynamic except
+    those in `static`, a set of dims per input; None: all static); `extra` maps more file
     names to functions that write them. Weights above `max_shard_size` go into
     shards with an index (_shards.py); `lazy` maps id(tensor) of meta tensors
     to functions that read their values, called shard by shard.
@@ -154,7 +155,7 @@ def save(module: nn.Module, directory: str | os.PathLike, *, force: bool = False
         # the same model must give the same bytes every time.
         hashes = write_weights(work, {rename_path(k, renames): readers.get(k, v) for k, v in tensors.items()},
                                {rename_path(k, renames): v for k, v in tensors.items()}, limit)
-        exported = {fmt: export_as(fmt, current(gm), work, example_inputs) for fmt in bar(formats, "export", unit="format")}
+        exported = {fmt: export_as(fmt, current(gm), work, example_inputs, static) for fmt in bar(formats, "export", unit="format")}
         for name, write in (extra or {}).items():  # written by fxsurgery (a diff page): --force may replace them
             write(work / name)
         doc = {"fxsurgery": __version__, "format": FORMAT, "torch": torch.__version__, "class": class_name,

@@ -61,7 +61,8 @@ def overview(capture: Capture) -> dict:
         inputs = {name: str(capture.regions[0].shapes.get(name, "")) for name in capture.regions[0].input_names()}
     return {"class": type(capture.model).__name__, "modules": rows, "nodes": sum(ops.values()),
             "ops": dict(ops), "parameters": total, "trainable": trainable, "inputs": inputs,
-            "coverage": capture.coverage()}
+            "coverage": capture.coverage(),
+            "specialised": {name: {str(d): why for d, why in dims.items()} for name, dims in capture.specialised().items()}}
 
 
 def overview_table(info: dict, depth: int | None = None) -> str:
@@ -82,4 +83,7 @@ def overview_table(info: dict, depth: int | None = None) -> str:
     lines = [head, format_table(rows)]
     for path, why in coverage["opaque"].items():
         lines.append(f"  opaque {path or '(the model)'}: {why}")
+    for name, dims in info.get("specialised", {}).items():  # every other input dim stays general
+        for dim, why in dims.items():
+            lines.append(f"  specialised dim {dim} of input '{name}': {why}")
     return "\n".join(lines)

@@ -1,0 +1,298 @@
+"""Guards on the decisions Python made while tracing, not on whole input shapes.
+
+Where the traced code needs a number (`if seq_len > 4:`, `range(n)`, a size
+passed to Python), the example's number is used and the graph holds only the
+branch taken. Each such decision becomes an assertion placed right after the
+node whose value was decided: at run time the graph recomputes that value and
+raises, naming the condition and the source line, when another call would
+have decided otherwise. Size reads stay graph nodes, so every other size flows.
+
+Which input dimensions a decision depends on is found by running the graph
+again on fake inputs with one dimension changed (torch's fake tensors: no
+weights touched) and seeing whether the decided value changes: a dimension
+that changes it at every probe is specialised by the decision.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from ..errors import ModelError
+from ._copying import clone
+from ._shapes import quiet_fake_tensors
+
+_OWN = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_SYMBOLS = {operator.gt: ">", operator.ge: ">=", operator.lt: "<", operator.le: "<=", operator.eq: "==",
+            operator.ne: "!=", operator.add: "+", operator.sub: "-", operator.mul: "*", operator.floordiv: "//",
+            operator.truediv: "/", operator.mod: "%", operator.and_: "&", operator.or_: "|"}
+GUARD = "fxsurgery_guard"  # node.meta key: the node asserts a decision (probes skip it)
+SPEC = "fxsurgery_spec_guard"  # node.meta key: the node asserts a dim dynamic_shapes leaves static
+
+
+@dataclass
+class Decision:
+    """One place where Python took the example's value of a graph node."""
+
+    node: fx.Node
+    kind: str                 # "bool", "index" or "len"
+    value: Any                # what Python got: True/False, an int
+    source: str = ""          # "modeling_bert.py:123 (if seq_length > 4:)"
+    depends: list[tuple[str, int]] = field(default_factory=list)   # (input, dim) whose change changes it
+    forces: list[tuple[str, int]] = field(default_factory=list)    # ... at every probe: specialised
+    guard: fx.Node | None = None                                   # the torch._assert node
+    example: dict = field(default_factory=dict)                    # input -> example shape, for messages
+
+    @property
+    def condition(self) -> str:
+        text = render(self.node)
+        return f"len({text})" if self.kind == "len" else text
+
+    def describe(self) -> str:
+        return f"`{self.condition}` is {self.value!r}" + (f" at {self.source}" if self.source else "")
+
+
+def source_line() -> str:
+    """'file.py:12 (the line)': the innermost frame of the model's own code (outside torch and fxsurgery)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not name.startswith(_OWN) and not name.startswith("<"):
+            import linecache
+            text = linecache.getline(name, frame.f_lineno).strip()
+            short = os.path.join(*name.split(os.sep)[-2:]) if os.sep in name else name
+            return f"{short}:{frame.f_lineno}" + (f" ({text})" if text else "")
+        frame = frame.f_back
+    return ""
+
+
+def render(node: Any, depth: int = 0) -> str:
+    """Python-like text of a node's value, down to the size reads it comes from."""
+    if not isinstance(node, fx.Node):
+        return repr(node)
+    if depth > 6:
+        return node.name
+    args = node.args
+    if node.op == "placeholder":
+        return node.name
+    if node.op == "call_function":
+        if node.target in _SYMBOLS and len(args) == 2:
+            text = f"{render(args[0], depth + 1)} {_SYMBOLS[node.target]} {render(args[1], depth + 1)}"
+            return f"({text})" if depth else text
+        if node.target is operator.getitem:
+            return f"{render(args[0], depth + 1)}[{render(args[1], depth + 1)}]"
+        if node.target is getattr:
+            return f"{render(args[0], depth + 1)}.{args[1]}"
+        if node.target is len:
+            return f"len({render(args[0], depth + 1)})"
+    if node.op == "call_method" and node.target in ("size", "dim") and args:
+        inner = ", ".join(render(a, depth + 1) for a in args[1:])
+        return f"{render(args[0], depth + 1)}.{node.target}({inner})"
+    return node.name
+
+
+def unique(decisions: list[Decision]) -> list[Decision]:
+    seen, out = set(), []
+    for d in decisions:
+        key = (d.node, d.kind, d.value)
+        if key not in seen:
+            seen.add(key)
+            out.append(d)
+    return out
+
+
+def dims_text(dims) -> str:
+    return ", ".join(f"dim {dim} of '{name}'" for name, dim in dims)
+
+
+def message(decision: Decision, where: str) -> str:
+    """The guard's error: the condition, its source line, the input dimensions it depends on, the fix."""
+    on = f" (it depends on {dims_text(decision.forces)})" if decision.forces else ""
+    ones = [(n, i) for n, i in decision.forces if decision.example.get(n, ())[i:i + 1] == (1,)]
+    hint = "; an example size of 1 takes size-1 branches, so capture with sizes of 2 or more" if ones else ""
+    return (f"'{where or 'the model'}' was captured where {decision.describe()}{on}; this call gives another value, and "
+            f"the graph holds only the code for that one; fix: capture again with example inputs like this call's{hint}, "
+            f"or make the module running that line a leaf (leaf_paths=)")
+
+
+def add_decision_guards(graph: fx.Graph, decisions: list[Decision], where: str) -> None:
+    """After each decided node, assert that it decides the same at run time."""
+    for decision in unique(decisions):
+        node = decision.node
+        if node.graph is not graph:
+            continue
+        stack = node.meta.get("nn_module_stack")
+        with graph.inserting_after(node):
+            if decision.kind == "bool":
+                test = node if decision.value else graph.call_function(operator.not_, (node,))
+            elif decision.kind == "len":
+                size = graph.call_function(len, (node,))
+                with graph.inserting_after(size):
+                    test = graph.call_function(operator.eq, (size, decision.value))
+            else:
+                test = graph.call_function(operator.eq, (node, decision.value))
+        with graph.inserting_after(test):
+            guard = decision.guard = graph.call_function(torch._assert, (test, message(decision, where)))
+        for made in {test, guard} - {node}:
+            made.meta[GUARD] = True
+            if stack is not None:
+                made.meta["nn_module_stack"] = dict(stack)
+        if decision.kind == "len":
+            size.meta[GUARD] = True
+            if stack is not None:
+                size.meta["nn_module_stack"] = dict(stack)
+
+
+class _Prober(fx.Interpreter):
+    """Runs every node it can, skipping guards; values of nodes that failed stay unknown."""
+
+    def run_all(self, *args) -> dict[fx.Node, Any]:
+        self.args_iter = iter(args)
+        values = {}
+        for node in self.graph.nodes:
+            if node.meta.get(GUARD) or node.op == "output":
+                continue
+            try:
+                self.env[node] = values[node] = self.run_node(node)
+            except Exception:
+                continue
+        return values
+
+
+def _groups(inputs: dict[str, torch.Tensor]) -> list[list[tuple[str, int]]]:
+    """Input dimensions that change together: same position and same example size (ids and mask)."""
+    groups: dict[tuple[int, int], list] = {}
+    for name, value in inputs.items():
+        for i, size in enumerate(value.shape):
+            groups.setdefault((i, int(size)), []).append((name, i))
+    return list(groups.values())
+
+
+def _probes(size: int) -> list[int]:
+    return [size + 1, size - 1 if size > 2 else size + 2]
+
+
+def _same(kind: str, got: Any, value: Any) -> bool:
+    try:
+        return (bool(got) if kind == "bool" else len(got) if kind == "len" else operator.index(got)) == value
+    except Exception:
+        return False
+
+
+def probe(gm: fx.GraphModule, graph: fx.Graph, example: tuple, decisions: list[Decision], where: str) -> None:
+    """Fill each decision's `depends` and `forces` (the input dimensions that change what it decided),
+    and say them in its guard's message."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    tensors = {p.name: v for p, v in zip(placeholders, example) if isinstance(v, torch.Tensor)}
+    if not decisions or not tensors:
+        return
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with quiet_fake_tensors():
+        root = clone(gm, mode.from_tensor)
+        for group in _groups(tensors):
+            outcomes = []
+            for size in _probes(int(tensors[group[0][0]].shape[group[0][1]])):
+                changed = {}
+                for name, dim in group:
+                    shape = list(tensors[name].shape)
+                    shape[dim] = size
+                    changed[name] = tensors[name].new_zeros(shape)
+                args = [mode.from_tensor(changed.get(p.name, v)) if isinstance(v, torch.Tensor) else v
+                        for p, v in zip(placeholders, example)]
+                with mode, torch.no_grad():
+                    values = _Prober(root, graph=graph).run_all(*args)
+                outcomes.append([not (d.node in values and _same(d.kind, values[d.node], d.value)) for d in decisions])
+                if not any(outcomes[0]):
+                    break  # nothing changed with this dim: a second probe cannot make it pinned
+            for i, d in enumerate(decisions):
+                if any(o[i] for o in outcomes):
+                    d.depends += group
+                if len(outcomes) > 1 and all(o[i] for o in outcomes):
+                    d.forces += group
+    for d in decisions:
+        d.example = {name: tuple(int(s) for s in v.shape) for name, v in tensors.items()}
+        if d.guard is not None and d.forces:
+            d.guard.args = (d.guard.args[0], message(d, where))
+
+
+def specialised(decisions: list[Decision]) -> dict[str, dict[int, str]]:
+    """{input: {dim: why}} for the dimensions some decision forces."""
+    out: dict[str, dict[int, str]] = {}
+    for d in unique(decisions):
+        for name, dim in d.forces:
+            out.setdefault(name, {}).setdefault(dim, d.describe())
+    return out
+
+
+def _dims(key, dims) -> list[int]:
+    """The dims a torch.export-style entry declares dynamic ({dim: name or Dim}, or one entry per dim)."""
+    if isinstance(dims, dict):
+        return [int(d) for d in dims]
+    if isinstance(dims, (list, tuple)):
+        return [i for i, d in enumerate(dims) if d is not None]
+    raise ModelError(f"dynamic_shapes[{key!r}] is a {type(dims).__name__}; fix: give {{dim: name}}, e.g. {{0: 'batch'}}")
+
+
+def _placeholder(key, names: list[str], values: list, example: tuple, params: list[str]) -> str:
+    """The graph input a dynamic_shapes key means: a position or a parameter name of the call, or an input name."""
+    if isinstance(key, str) and key in names:
+        return key
+    index = params.index(key) if isinstance(key, str) and key in params else key
+    if isinstance(index, int) and 0 <= index < len(example):
+        for name, value in zip(names, values):
+            if value is example[index] and isinstance(value, torch.Tensor):
+                return name
+    raise ModelError(f"dynamic_shapes names input {key!r}, which is no tensor input of the call (inputs: "
+                     f"{', '.join(params or names)}); fix: name a tensor input by position or name")
+
+
+def apply_spec(gm: fx.GraphModule, decisions: list[Decision], spec, values: tuple, example: tuple,
+               params: list[str], where: str) -> dict[str, dict[int, str]]:
+    """Check a torch.export-style spec against the decisions; guard every undeclared dim static.
+
+    `values` are the graph's example inputs, `example` the call as the user gave it (positions
+    and `params`, the forward's parameter names, name its inputs). Returns {input: {dim: why}}
+    for the static dims."""
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    names = [p.name for p in placeholders]
+    declared = {}
+    for key, dims in dict(spec).items():
+        name = _placeholder(key, names, values, example, params)
+        declared[name] = set(_dims(key, dims))
+    for d in unique(decisions):
+        for name, dim in d.forces:
+            if dim in declared.get(name, ()):
+                raise ModelError(f"dynamic_shapes declares dim {dim} of input '{name}' dynamic, but the code decides "
+                                 f"{d.describe()}, which holds only for its example size {d.example[name][dim]}; fix: "
+                                 f"leave that dim out of dynamic_shapes (it is then static), or change that line")
+    static: dict[str, dict[int, str]] = {}
+    anchor = placeholders[-1] if placeholders else None
+    for node, value in zip(placeholders, values):
+        if not isinstance(value, torch.Tensor):
+            continue
+        for dim, size in enumerate(value.shape):
+            if dim in declared.get(node.name, ()):
+                continue
+            static.setdefault(node.name, {})[dim] = "left out of dynamic_shapes"
+            text = (f"'{where or 'the model'}': dim {dim} of input '{node.name}' is static (dynamic_shapes leaves it "
+                    f"out) and was {int(size)} at capture; fix: declare it in dynamic_shapes")
+            with graph.inserting_after(anchor):
+                shape = graph.call_function(getattr, (node, "shape"))
+            with graph.inserting_after(shape):
+                read = graph.call_function(operator.getitem, (shape, dim))
+            with graph.inserting_after(read):
+                same = graph.call_function(operator.eq, (read, int(size)))
+            with graph.inserting_after(same):
+                anchor = graph.call_function(torch._assert, (same, text))
+            for made in (shape, read, same, anchor):
+                made.meta[GUARD] = made.meta[SPEC] = True
+    gm.recompile()
+    return static
