@@ -163,8 +163,10 @@ def mismatch(signature, captured: tuple, args: tuple, kwargs: dict, where: str) 
             continue
         if where:
             fix = "capture with example inputs that make the model call it this way"
-        elif new is None or new is absent:
+        elif (new is None or new is absent) and any(isinstance(v, torch.Tensor) for v in old_leaves):
             fix = f"give {name} as at capture, or capture without it"
+        elif new is None or new is absent:
+            fix = f"pass {name}={old!r} as at capture, or capture without it"
         elif any(isinstance(v, torch.Tensor) for v in new_leaves):
             fix = f"capture with {name} given, e.g. example_kwargs={{'{name}': ...}} (--input {name}=SHAPE:DTYPE)"
         else:
@@ -224,7 +226,7 @@ def install_adapter(gm: fx.GraphModule, spec: CallSpec, where: str, attributes: 
     _Adapter(spec, where, dict(attributes or {}))(gm)
 
 
-def keep_parameter_names(graph: fx.Graph, concrete: dict, class_name: str, path: str) -> None:
+def keep_parameter_names(graph: fx.Graph, concrete: dict, path: str) -> None:
     """Give fixed arguments their own names back, and their guards a message that says how to capture.
 
     torch.fx names the placeholder of a fixed argument `flag_1` (so `m(x, flag=True)`
@@ -232,7 +234,7 @@ def keep_parameter_names(graph: fx.Graph, concrete: dict, class_name: str, path:
     True but got another value".
     """
     taken = {n.target for n in graph.nodes if n.op == "placeholder"}
-    who = f"'{path}'" if path else f"'{class_name}'"
+    who = f"'{path}'" if path else "the model"  # as the adapter says it; a saved model.py is re-traced under another class name
     messages = {}
     for name, value in concrete.items():
         if isinstance(value, (tuple, list, dict)):

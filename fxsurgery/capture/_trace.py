@@ -94,7 +94,7 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, example_kwargs:
             graph, constants = trace_call(tracer, work, call)
         else:
             graph = tracer.trace(work, concrete_args=concrete or None)
-            keep_parameter_names(graph, concrete, type(model).__name__, path)
+            keep_parameter_names(graph, concrete, path)
         if getattr(tracer, "specialised", None):
             add_shape_guards(graph, positional, path)
     except ModelError:
