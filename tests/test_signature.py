@@ -211,3 +211,26 @@ def _saved(result, tmp_path):
     directory = tmp_path / type(result.module).__name__
     result.save(directory)
     return fxs.load(directory, trust_code=True)
+
+
+def test_the_cli_takes_keyword_inputs(tmp_path):
+    from conftest import RULES, cli
+    factory = tmp_path / "factory.py"
+    factory.write_text("import torch\nfrom torch import nn\n\n\nclass Masked(nn.Module):\n    def __init__(self):\n"
+                       "        super().__init__()\n        torch.manual_seed(0)\n        self.body = nn.Linear(4, 4)\n"
+                       "        self.fc = nn.Linear(4, 2)\n\n    def forward(self, x, mask=None):\n"
+                       "        y = self.body(x)\n        return self.fc(y if mask is None else y * mask)\n")
+    out = tmp_path / "out"
+    code, _, stderr = cli("apply", f"{factory}:Masked", f"{RULES}/freeze-backbone.yaml", "--input", "3x4", "--input", "mask=3x4",
+                          "-o", out)
+    assert (code, stderr) == (0, "")
+    loaded = fxs.load(out, trust_code=True)
+    namespace = {}
+    exec(compile(factory.read_text(), str(factory), "exec"), namespace)
+    assert torch.equal(loaded(X, mask=M), namespace["Masked"]()(X, mask=M))
+    with pytest.raises(TypeError) as err:
+        loaded(X)  # captured with a mask: the graph needs one
+    assert str(err.value) == "Model.forward() missing 1 required positional argument: 'mask'"
+    code, _, stderr = cli("apply", f"{factory}:Masked", f"{RULES}/freeze-backbone.yaml", "--input", "mask-2=2x8")
+    assert code != 0 and stderr == ("fxsurgery: error: --input 'mask-2=2x8': 'mask-2' is not a parameter name; "
+                                    "fix: write NAME=SIZES, e.g. attention_mask=1x16:int64\n")

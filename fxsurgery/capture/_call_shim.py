@@ -227,13 +227,20 @@ def install_adapter(gm: fx.GraphModule, spec: CallSpec, where: str, attributes: 
 
 
 def keep_parameter_names(graph: fx.Graph, concrete: dict, path: str) -> None:
-    """Give fixed arguments their own names back, and their guards a message that says how to capture.
+    """Give fixed arguments their own names back, and their guards a message that says how to capture;
+    an argument given a tensor at capture becomes required.
 
     torch.fx names the placeholder of a fixed argument `flag_1` (so `m(x, flag=True)`
     would be refused) and guards it with "flag has been specialized to have value
     True but got another value".
     """
     taken = {n.target for n in graph.nodes if n.op == "placeholder"}
+    fixed = {n.target for n in graph.nodes if n.op == "placeholder"
+             and any(n.target.startswith(f"{name}_") and n.target[len(name) + 1:].isdigit() for name in concrete)}
+    for node in graph.nodes:
+        if node.op == "placeholder" and node.target not in fixed and node.args:
+            # given a tensor at capture: the default (often None) is not the graph's to take
+            node.args = ()
     who = f"'{path}'" if path else "the model"  # as the adapter says it; a saved model.py is re-traced under another class name
     messages = {}
     for name, value in concrete.items():
@@ -252,7 +259,9 @@ def keep_parameter_names(graph: fx.Graph, concrete: dict, path: str) -> None:
         if node.op != "call_function" or len(node.args) != 2 or node.args[1] not in messages:
             continue
         node.args = (node.args[0], messages[node.args[1]])
-        if node.target is _assert_is_none:  # not side-effectful to torch.fx: dead-code elimination would drop it
+        if node.target is _assert_is_none:
+            # torch.fx's guard has no side effect to dead-code elimination (a tensor given there would be
+            # silently ignored) and model.py cannot call it: the same check with torch._assert
             with graph.inserting_before(node):
                 check = graph.call_function(operator.is_, (node.args[0], None))
             node.target, node.args = torch._assert, (check, node.args[1])
