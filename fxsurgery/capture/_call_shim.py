@@ -124,8 +124,9 @@ def _same(a: Any, b: Any) -> bool:
     return a is b or (type(a) is type(b) and a == b)
 
 
-def mismatch(signature, captured: tuple, args: tuple, kwargs: dict, where: str) -> str:
-    """Why a call (args, kwargs) is not the captured call form: one line naming the argument and the fix.
+def mismatch(signature, call, fixed: dict, args: tuple, kwargs: dict, where: str) -> str:
+    """Why a call (args, kwargs) is not the captured one (`call`: its tree spec, `fixed`: its non-tensor
+    leaves by position): one line naming the argument and the fix.
 
     Self-contained (torch and pytree only): model.py carries a copy of this function.
     """
@@ -152,6 +153,7 @@ def mismatch(signature, captured: tuple, args: tuple, kwargs: dict, where: str) 
             return f"a {type(value).__name__} holding tensors"
         return repr(value)
 
+    captured = pytree.tree_unflatten([fixed.get(i, torch.empty(0)) for i in range(call.num_leaves)], call)
     then, now = bound(*captured), bound(args, kwargs)
     who = f"'{where}'" if where else "the model"
     for name in list(then) + [n for n in now if n not in then]:
@@ -194,7 +196,7 @@ class _Adapter:
                 if spec.signature is None:
                     raise RuntimeError(mismatch_unsigned(where))
                 spec.signature.bind(*args, **kwargs)  # a call the forward itself refuses: Python's own TypeError
-                raise RuntimeError(mismatch(spec.signature, pytree.tree_unflatten(spec.constants, spec.in_spec),
+                raise RuntimeError(mismatch(spec.signature, spec.in_spec, {i: spec.constants[i] for i in fixed},
                                             args, kwargs, where))
             flat = graph_forward(self, *[leaves[i] for i in spec.order])
             return pytree.tree_unflatten(list(flat), spec.out_spec)

@@ -293,9 +293,7 @@ def _adapter(call, class_name: str) -> tuple[str, str, list[str]]:
         f"FIXED = {fixed_src}\n"
         f"ORDER = {list(call.order)!r}\n"
         f"OUTPUT = pytree.treespec_loads({pytree.treespec_dumps(call.out_spec)!r})\n\n\n"
-        "def _same(a, b):\n    return a is b or (type(a) is type(b) and a == b)\n\n\n"
-        "# Says which argument a refused call gives otherwise than the captured one, and how to capture it.\n"
-        + inspect.getsource(mismatch).strip("\n"))
+        "def _same(a, b):\n    return a is b or (type(a) is type(b) and a == b)\n\n\n" + inspect.getsource(mismatch).strip("\n"))
     method = (
         "    def forward(self, *args, **kwargs):\n"
         f'        """Called as {docstring_text(class_name)} was called: its parameters, by position or keyword, with their defaults."""\n'
@@ -304,8 +302,7 @@ def _adapter(call, class_name: str) -> tuple[str, str, list[str]]:
         "        leaves, spec = pytree.tree_flatten((tuple(bound.args), dict(bound.kwargs)))\n"
         "        if (spec != CALL or any(not _same(leaves[i], value) for i, value in FIXED.items())\n"
         "                or any(not isinstance(leaves[i], torch.Tensor) for i in ORDER)):\n"
-        "            captured = pytree.tree_unflatten([FIXED.get(i, torch.empty(0)) for i in range(CALL.num_leaves)], CALL)\n"
-        "            raise RuntimeError(mismatch(SIGNATURE, captured, args, kwargs, \"\"))\n"
+        "            raise RuntimeError(mismatch(SIGNATURE, CALL, FIXED, args, kwargs, \"\"))\n"
         "        return pytree.tree_unflatten(list(self._graph(*[leaves[i] for i in ORDER])), OUTPUT)")
     return prelude, method, sorted(_spec_modules(call.in_spec) | _spec_modules(call.out_spec))
 
