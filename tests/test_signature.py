@@ -204,7 +204,7 @@ def test_example_kwargs_that_do_not_fit_the_forward_are_refused():
     with pytest.raises(fxs.ModelError) as err:
         fxs.apply(Toy(), [], example_inputs=(X,), example_kwargs={"masks": M})
     assert str(err.value) == ("example inputs do not fit Toy.forward(x, mask, scale, shift): got an unexpected keyword "
-                              "argument 'masks'; fix: pass one input per argument, keyword-only ones in example_kwargs")
+                              "argument 'masks'; fix: pass one input per argument")
 
 
 def _saved(result, tmp_path):

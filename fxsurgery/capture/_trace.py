@@ -150,8 +150,7 @@ def specialise(model: nn.Module, args: tuple, kwargs: dict, complete: bool) -> t
         bound, problem = _per_parameter(params, args, kwargs), str(exc)  # a captured call handed back?
     if bound is None:
         names = ", ".join(p.name for p in params)
-        raise ModelError(f"example inputs do not fit {type(model).__name__}.forward({names}): {problem}; "
-                         "fix: pass one input per argument, keyword-only ones in example_kwargs") from None
+        raise ModelError(f"example inputs do not fit {type(model).__name__}.forward({names}): {problem}; fix: pass one input per argument") from None
     concrete, positional = {}, []
     for p in params:
         value = bound.arguments.get(p.name, p.default)
