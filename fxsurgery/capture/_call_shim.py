@@ -258,7 +258,7 @@ def keep_parameter_names(graph: fx.Graph, concrete: dict, path: str) -> None:
         messages[f"{name} has been specialized to have value {value} but got another value"] = (
             f"{who} was captured with {name}={value!r} and this call gives another {name}; fix: {fix}")
     for node in list(graph.nodes):
-        if node.op != "call_function" or len(node.args) != 2 or node.args[1] not in messages:
+        if node.op != "call_function" or len(node.args) != 2 or not isinstance(node.args[1], str) or node.args[1] not in messages:
             continue
         node.args = (node.args[0], messages[node.args[1]])
         if node.target is _assert_is_none:
