@@ -36,6 +36,7 @@ class SurgeryResult:
     plan: Plan
     rules: list[Rule]
     example_inputs: tuple | None = None
+    example_kwargs: dict = field(default_factory=dict)  # keyword inputs `module(*example_inputs, **example_kwargs)` needs
     original_inputs: tuple | None = None
     input_changes: list[InputChange] = field(default_factory=list)
     original: Captured | None = None          # the traced original, when one graph holds it all
@@ -82,7 +83,8 @@ class SurgeryResult:
         """Each parameter: trainable, frozen, or cut (requires grad but no gradient can reach it)."""
         if self._flow is None:
             one_graph = self.capture is not None and self.capture.complete
-            self._flow = gradient_flow(self.module, self.example_inputs, self.shapes, one_graph=one_graph)
+            self._flow = gradient_flow(self.module, self.example_inputs, self.shapes, one_graph=one_graph,
+                                       kwargs=self.example_kwargs)
         return self._flow
 
     @property
@@ -178,7 +180,8 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def apply(model: nn.Module, rules, example_inputs=None, *, params: dict | None = None, allow=(),
+def apply(model: nn.Module, rules, example_inputs=None, *, example_kwargs: dict | None = None,
+          params: dict | None = None, allow=(),
           strict: bool = False, leaf_types=(), leaf_paths=(), copy: bool = True, weights=None,
           keep_class: bool | None = None, modes: bool = True, stream: bool = False,
           dynamic_shapes="auto") -> SurgeryResult:
@@ -188,6 +191,11 @@ def apply(model: nn.Module, rules, example_inputs=None, *, params: dict | None =
     copy): its code runs as written and rules swap, wrap or remove the modules
     it calls; a configuration follows the edit (`num_hidden_layers`,
     `num_labels`). `None` (default): kept for transformers `PreTrainedModel`s.
+
+    `example_kwargs` are the example call's keyword inputs (`attention_mask=`,
+    `labels=`): the result takes the forward's parameters by position and by
+    keyword, with their defaults, and refuses (naming it) an argument the
+    example call did not cover, e.g. a tensor where the example had None.
 
     `copy=False` hands the original's tensors to the new module instead of
     copying them (half the memory); the original then refuses to run.
@@ -218,14 +226,14 @@ def apply(model: nn.Module, rules, example_inputs=None, *, params: dict | None =
         refuse_dtensors(model)
         kept = _is_pretrained(model) if keep_class is None else keep_class
         with clock("capture"):
-            captured = (capture_kept(model, example_inputs) if kept
-                        else capture(model, example_inputs, leaf_types=leaf_types, leaf_paths=leaf_paths,
+            captured = (capture_kept(model, example_inputs, example_kwargs) if kept
+                        else capture(model, example_inputs, example_kwargs, leaf_types=leaf_types, leaf_paths=leaf_paths,
                                      dynamic_shapes=dynamic_shapes))
         # what the original decides from self.training, the result decides at run time (capture/_modes.py);
         # where the code itself differs by mode, the surgery is also made in the other mode
         with clock("modes"):
-            other = dict(strict=strict, leaf_types=leaf_types, leaf_paths=leaf_paths, weights=weights, modes=False,
-                         keep_class=False, stream=stream, dynamic_shapes=dynamic_shapes)
+            other = dict(example_kwargs=example_kwargs, strict=strict, leaf_types=leaf_types, leaf_paths=leaf_paths,
+                         weights=weights, modes=False, keep_class=False, stream=stream, dynamic_shapes=dynamic_shapes)
             live = track(model, captured, lambda flipped: _quiet(apply, flipped, rule_list, example_inputs, **other)
                          ) if modes and not kept else None
         with clock("match"):
@@ -241,10 +249,11 @@ def apply(model: nn.Module, rules, example_inputs=None, *, params: dict | None =
                 module = live.keep(module, plan)
                 register(module, pending)
         with clock("validate"):
-            check_module(module, rewritten)                   # where opaque code joins the graphs
+            check_module(module, rewritten, captured.example_kwargs)  # where opaque code joins the graphs
         root = rewritten.root
         result = SurgeryResult(module=module, report=report, plan=plan, rules=rule_list,
-                               example_inputs=rewritten.example_inputs(), original_inputs=captured.example_inputs,
+                               example_inputs=rewritten.example_inputs(), example_kwargs=dict(captured.example_kwargs),
+                               original_inputs=captured.example_inputs,
                                input_changes=rewritten.input_changes(),
                                original=_one_graph(captured),
                                shapes=root.shapes if root is not None else {}, capture=captured, timings=clock.times)

@@ -120,8 +120,8 @@ def test_a_graph_traced_as_called_refuses_other_arguments():
     assert torch.equal(result.module(pixel_values=pixels).logits, model(pixels).logits)  # the same call, bound
     with pytest.raises(RuntimeError) as err:
         result.module(pixels, interpolate_pos_encoding=True)
-    assert str(err.value) == ("'the model' was captured as a graph for calls like the example's; this call passes other "
-                              "non-tensor arguments. Capture again with example inputs that call it this way.")
+    assert str(err.value) == ("the model was captured with interpolate_pos_encoding=None and this call gives "
+                              "interpolate_pos_encoding=True; fix: capture with example_kwargs={'interpolate_pos_encoding': True}")
     # a deep copy (as EMA helpers make) still answers as the module did
     assert torch.equal(copy.deepcopy(result.module)(pixels).logits, model(pixels).logits)
 

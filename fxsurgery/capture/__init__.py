@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 
 from .._util import first_line, get_path
 from ..errors import ModelError, TraceError
-from ._call_shim import adapter_call, call_spec, install_adapter
+from ._call_shim import adapter_call, call_spec, install_adapter, mismatch, normalise, signature_of
 from ._copying import assign, clone, root_of
 from ._dualgraph import ModeGraphModule, current, dual_source, trace_modes
 from ._guards import apply_spec, specialised
@@ -36,7 +36,7 @@ __all__ = [
     "assign",
     "ModeGraphModule", "current", "dual_source", "keep_mode_reads", "trace_modes", "track",
     "KEPT", "adapter_call", "Call", "Capture", "Captured", "Meta", "PropagationError", "adapt", "capture", "capture_kept", "clone",
-    "install_adapter",
+    "install_adapter", "mismatch",
     "module_stack", "propagate", "qualified_names", "quiet_fake_tensors", "record_calls", "root_of", "trace",
 ]
 
@@ -69,6 +69,7 @@ class Capture:
     opaque: dict[str, str] = field(default_factory=dict)   # module path -> why its forward stays Python
     calls: dict[str, Call] = field(default_factory=dict)
     kept: bool = False       # keep_class: the model's own code runs as written, rules act on its modules
+    example_kwargs: dict = field(default_factory=dict)  # the example call's keywords the positions cannot carry
 
     @property
     def complete(self) -> bool:
@@ -117,7 +118,7 @@ def _skeleton(args, kwargs):
     return spec, tuple("T" if isinstance(v, torch.Tensor) else repr(v) for v in leaves)
 
 
-def _hooked_run(model: nn.Module, inputs: tuple, convert) -> dict[str, Call]:
+def _hooked_run(model: nn.Module, inputs: tuple, kwargs: dict, convert) -> dict[str, Call]:
     calls: dict[str, Call] = {}
     handles = []
 
@@ -141,7 +142,7 @@ def _hooked_run(model: nn.Module, inputs: tuple, convert) -> dict[str, Call]:
         handles.append(sub.register_forward_pre_hook(pre(path), with_kwargs=True))
         handles.append(sub.register_forward_hook(post(path), with_kwargs=True))
     try:
-        model(*inputs)
+        model(*inputs, **kwargs)
     finally:
         for h in handles:
             h.remove()
@@ -159,15 +160,16 @@ def _materialise(value):
     return torch.zeros(value.shape, dtype=value.dtype, device=value.device)
 
 
-def record_calls(model: nn.Module, inputs: tuple) -> dict[str, Call]:
+def record_calls(model: nn.Module, inputs: tuple, kwargs: dict | None = None) -> dict[str, Call]:
     """Each module's first call during one forward pass, on a copy: fake tensors, else real ones."""
     # Tensors a forward makes from Python values stay real; the model's own are fake.
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     try:
         fake = clone(model, mode.from_tensor)
         with mode, quiet_fake_tensors(), torch.no_grad():
-            fake_inputs = pytree.tree_map(lambda x: mode.from_tensor(x) if isinstance(x, torch.Tensor) else x, inputs)
-            calls = _hooked_run(fake, fake_inputs, lambda x: x)
+            fake_inputs, fake_kwargs = pytree.tree_map(lambda x: mode.from_tensor(x) if isinstance(x, torch.Tensor) else x,
+                                                       (inputs, dict(kwargs or {})))
+            calls = _hooked_run(fake, fake_inputs, fake_kwargs, lambda x: x)
         return {p: Call(pytree.tree_map(_materialise, c.args), pytree.tree_map(_materialise, c.kwargs), c.output,
                         c.count, c.varies) for p, c in calls.items()}
     except Exception as exc:  # data-dependent Python needs real values: run a real copy
@@ -177,7 +179,7 @@ def record_calls(model: nn.Module, inputs: tuple) -> dict[str, Call]:
             raise failure  # built without weights: fake tensors were the only way to run it
         real = clone(model, lambda t: t.detach().clone())
         with torch.no_grad():
-            return _hooked_run(real, inputs, lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x)
+            return _hooked_run(real, inputs, dict(kwargs or {}), lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x)
     except Exception as exc:
         first = first_line(exc)
         raise ModelError(f"the original model fails on the example inputs: {type(exc).__name__}: {first}; "
@@ -202,42 +204,54 @@ def refuse_hooked_weights(model: nn.Module) -> None:
                                  f"torch.nn.utils.remove_{kind}({where}) first")
 
 
-def capture_kept(model: nn.Module, example_inputs: tuple | None = None) -> Capture:
+def _example_call(model: nn.Module, example_inputs, example_kwargs) -> tuple[tuple | None, dict]:
+    """(positional inputs or None, keyword inputs): the example call as given."""
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (
+        (example_inputs,) if example_inputs is not None else None)
+    if example_kwargs is not None and not isinstance(example_kwargs, dict):
+        raise ModelError(f"example_kwargs must be a dict of keyword inputs, got {type(example_kwargs).__name__}; "
+                         "fix: pass {'attention_mask': mask}")
+    kwargs = dict(example_kwargs or {})
+    return (() if inputs is None and kwargs else inputs), kwargs
+
+
+def capture_kept(model: nn.Module, example_inputs: tuple | None = None, example_kwargs: dict | None = None) -> Capture:
     """The model as it is: no graph; every module it calls is a site, with the call it got.
 
     Without example inputs every module counts as called, with no shapes known.
     """
     refuse_hooked_weights(model)
-    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (
-        (example_inputs,) if example_inputs is not None else None)
-    calls = (record_calls(model, inputs) if inputs is not None
+    inputs, kwargs = _example_call(model, example_inputs, example_kwargs)
+    calls = (record_calls(model, inputs, kwargs) if inputs is not None
              else {path: Call((), {}) for path, _ in model.named_modules() if path})
-    return Capture(model, inputs, [], {"": KEPT}, calls, kept=True)
+    return Capture(model, inputs, [], {"": KEPT}, calls, kept=True, example_kwargs=kwargs)
 
 
-def capture(model: nn.Module, example_inputs: tuple | None = None, *, leaf_types=(), leaf_paths=(),
-            dynamic_shapes="auto") -> Capture:
+def capture(model: nn.Module, example_inputs: tuple | None = None, example_kwargs: dict | None = None, *,
+            leaf_types=(), leaf_paths=(), dynamic_shapes="auto") -> Capture:
     """Graphs for everything torch.fx can trace; opaque modules (with reasons) for the rest.
 
+    `example_kwargs` are keyword inputs of the example call (`attention_mask=`, `labels=`).
     Where Python needs a size, `dynamic_shapes="auto"` guards that decision only (every other
     size stays general), None guards every input's whole example shape, and a torch.export-style
     spec ({input: {dim: name}}) declares which dims must stay dynamic (the rest are static).
     """
     refuse_hooked_weights(model)
     dynamic = None if dynamic_shapes is None else "auto"
+    inputs, kwargs = _example_call(model, example_inputs, example_kwargs)
     try:
-        whole = trace(model, example_inputs, leaf_types=leaf_types, leaf_paths=leaf_paths, values=False, dynamic=dynamic)
+        whole = trace(model, inputs, kwargs, leaf_types=leaf_types, leaf_paths=leaf_paths, values=False, dynamic=dynamic)
         return _specced(Capture(model, whole.example_inputs, [whole]), dynamic_shapes)
     except TraceError:
         pass
-    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (
-        (example_inputs,) if example_inputs is not None else None)
-    calls = record_calls(model, inputs) if inputs is not None else {}
+    calls = record_calls(model, inputs, kwargs) if inputs is not None else {}
     result = Capture(model, inputs, [], {}, calls)
     walker = _Walker(result, Tracer(leaf_types, leaf_paths), dynamic)
-    walker.walk(model, "", Call(inputs, {}) if inputs is not None else None)
+    walker.walk(model, "", Call(inputs, kwargs) if inputs is not None else None)
     if result.regions and result.regions[0].path == "" and result.regions[0].call is None:
-        result.example_inputs = result.regions[0].example_inputs
+        result.example_inputs = result.regions[0].example_inputs  # one value per forward parameter
+    elif kwargs:  # as positions wherever the forward allows, so that `module(*example_inputs)` is the example call
+        result.example_inputs, result.example_kwargs = normalise(signature_of(model), inputs, kwargs)
     return _specced(result, dynamic_shapes)
 
 
@@ -294,7 +308,7 @@ class _Walker:
             return "called with different non-tensor arguments at different places"
         opaque: dict[str, str] = {}
         policy = self.policy
-        as_called = bool(path)  # the model itself is first traced through its signature
+        as_called = bool(path) or bool(call is not None and call.kwargs)  # the model itself is first traced through its signature
         while True:
             try:
                 spec = call_spec(module, call.args, call.kwargs) if call is not None and as_called else None

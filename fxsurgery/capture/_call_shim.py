@@ -6,20 +6,22 @@ object torch.fx cannot read ("co_varnames is too small"). Tracing a shim
 that calls the module with the recorded arguments avoids both: the graph
 takes the call's tensors (flattened) as inputs, every other argument is
 fixed to the recorded value, and the graph returns the flattened output.
-An adapter installed as the module's forward restores the call form and
-refuses, with a clear error, a call whose fixed arguments differ.
+An adapter installed as the module's forward restores the call form (the
+forward's own signature: positions, keywords, defaults) and refuses, naming
+the argument, a call the captured one does not cover.
 """
 
 from __future__ import annotations
 
 import inspect
+import operator
 import types
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.fx._symbolic_trace import PH
+from torch.fx._symbolic_trace import PH, _assert_is_none
 from torch.utils import _pytree as pytree
 
 from ..errors import TraceError
@@ -113,8 +115,66 @@ def trace_call(tracer: fx.Tracer, module: nn.Module, spec: CallSpec) -> tuple[fx
     return graph, constants
 
 
+def mismatch_unsigned(where: str) -> str:
+    return (f"'{where or 'the model'}' was captured for calls like the example's and this call differs in its "
+            "non-tensor arguments; fix: capture with example inputs that call it this way")
+
+
 def _same(a: Any, b: Any) -> bool:
     return a is b or (type(a) is type(b) and a == b)
+
+
+def mismatch(signature, call, fixed: dict, args: tuple, kwargs: dict, where: str) -> str:
+    """Why a call (args, kwargs) is not the captured one (`call`: its tree spec, `fixed`: its non-tensor
+    leaves by position): one line naming the argument and the fix.
+
+    Self-contained (torch and pytree only): model.py carries a copy of this function.
+    """
+    def bound(a, k):
+        call = signature.bind(*a, **k)
+        call.apply_defaults()
+        named = {}
+        for name, value in call.arguments.items():
+            kind = signature.parameters[name].kind
+            if kind == kind.VAR_KEYWORD:
+                named.update(value)
+            else:
+                named[name] = value
+        return named
+
+    absent = object()
+
+    def shown(value):
+        if value is absent:
+            return "nothing"
+        if isinstance(value, torch.Tensor):
+            return "a tensor"
+        if any(isinstance(v, torch.Tensor) for v in pytree.tree_leaves(value)):
+            return f"a {type(value).__name__} holding tensors"
+        return repr(value)
+
+    captured = pytree.tree_unflatten([fixed.get(i, torch.empty(0)) for i in range(call.num_leaves)], call)
+    then, now = bound(*captured), bound(args, kwargs)
+    who = f"'{where}'" if where else "the model"
+    for name in list(then) + [n for n in now if n not in then]:
+        old, new = then.get(name, absent), now.get(name, absent)
+        old_leaves, old_spec = pytree.tree_flatten(old)
+        new_leaves, new_spec = pytree.tree_flatten(new)
+        if old_spec == new_spec and all(isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                                        or a is b or (type(a) is type(b) and a == b) for a, b in zip(old_leaves, new_leaves)):
+            continue
+        if where:
+            fix = "capture with example inputs that make the model call it this way"
+        elif (new is None or new is absent) and any(isinstance(v, torch.Tensor) for v in old_leaves):
+            fix = f"give {name} as at capture, or capture without it"
+        elif new is None or new is absent:
+            fix = f"pass {name}={old!r} as at capture, or capture without it"
+        elif any(isinstance(v, torch.Tensor) for v in new_leaves):
+            fix = f"capture with {name} given, e.g. example_kwargs={{'{name}': ...}} (--input {name}=SHAPE:DTYPE)"
+        else:
+            fix = f"capture with example_kwargs={{'{name}': {new!r}}}"
+        return f"{who} was captured with {name}={shown(old)} and this call gives {name}={shown(new)}; fix: {fix}"
+    return f"{who} was captured for calls like the example's; fix: capture with example inputs that call it this way"
 
 
 class _Adapter:
@@ -131,13 +191,19 @@ class _Adapter:
 
         def forward(self, *args, **kwargs):
             leaves, got = spec.flatten(args, kwargs)
-            if got != spec.in_spec or any(not _same(leaves[i], spec.constants[i]) for i in fixed):
-                raise RuntimeError(
-                    f"'{where or 'the model'}' was captured as a graph for calls like the example's; this call passes other "
-                    f"non-tensor arguments. Capture again with example inputs that call it this way.")
+            if (got != spec.in_spec or any(not _same(leaves[i], spec.constants[i]) for i in fixed)
+                    or any(not isinstance(leaves[i], torch.Tensor) for i in spec.tensors)):
+                if spec.signature is None:
+                    raise RuntimeError(mismatch_unsigned(where))
+                spec.signature.bind(*args, **kwargs)  # a call the forward itself refuses: Python's own TypeError
+                raise RuntimeError(mismatch(spec.signature, spec.in_spec, {i: spec.constants[i] for i in fixed},
+                                            args, kwargs, where))
             flat = graph_forward(self, *[leaves[i] for i in spec.order])
             return pytree.tree_unflatten(list(flat), spec.out_spec)
 
+        if spec.signature is not None:  # help() and inspect show the original's parameters
+            own = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+            forward.__signature__ = spec.signature.replace(parameters=[own, *spec.signature.parameters.values()])
         gm.forward = types.MethodType(forward, gm)
         setattr(gm, _CALL_ATTR, spec)
         for name, value in self.attributes.items():
@@ -160,3 +226,44 @@ def install_adapter(gm: fx.GraphModule, spec: CallSpec, where: str, attributes: 
     """Make `gm` callable as the original module was: same arguments, same output structure,
     and the plain attributes opaque callers read from it."""
     _Adapter(spec, where, dict(attributes or {}))(gm)
+
+
+def keep_parameter_names(graph: fx.Graph, concrete: dict, path: str) -> None:
+    """Give fixed arguments their own names back, and their guards a message that says how to capture;
+    an argument given a tensor at capture becomes required.
+
+    torch.fx names the placeholder of a fixed argument `flag_1` (so `m(x, flag=True)`
+    would be refused) and guards it with "flag has been specialized to have value
+    True but got another value".
+    """
+    taken = {n.target for n in graph.nodes if n.op == "placeholder"}
+    fixed = {n.target for n in graph.nodes if n.op == "placeholder"
+             and any(n.target.startswith(f"{name}_") and n.target[len(name) + 1:].isdigit() for name in concrete)}
+    for node in graph.nodes:
+        if node.op == "placeholder" and node.target not in fixed and node.args:
+            # given a tensor at capture: the default (often None) is not the graph's to take
+            node.args = ()
+    who = f"'{path}'" if path else "the model"  # as the adapter says it; a saved model.py is re-traced under another class name
+    messages = {}
+    for name, value in concrete.items():
+        if isinstance(value, (tuple, list, dict)):
+            continue  # one placeholder per leaf: no single name to give back
+        placeholder = next((n for n in graph.nodes if n.op == "placeholder" and n.target == f"{name}_1"), None)
+        if placeholder is not None and name not in taken:
+            placeholder.target = name
+        if value is None:
+            fix = f"capture with {name} given, e.g. example_kwargs={{'{name}': ...}} (--input {name}=SHAPE:DTYPE)"
+        else:
+            fix = f"capture with {name} set as you will call it, e.g. example_kwargs={{'{name}': ...}}"
+        messages[f"{name} has been specialized to have value {value} but got another value"] = (
+            f"{who} was captured with {name}={value!r} and this call gives another {name}; fix: {fix}")
+    for node in list(graph.nodes):
+        if node.op != "call_function" or len(node.args) != 2 or not isinstance(node.args[1], str) or node.args[1] not in messages:
+            continue
+        node.args = (node.args[0], messages[node.args[1]])
+        if node.target is _assert_is_none:
+            # torch.fx's guard has no side effect to dead-code elimination (a tensor given there would be
+            # silently ignored) and model.py cannot call it: the same check with torch._assert
+            with graph.inserting_before(node):
+                check = graph.call_function(operator.is_, (node.args[0], None))
+            node.target, node.args = torch._assert, (check, node.args[1])

@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 
 from .._util import first_line, get_path
 from ..errors import ModelError, TraceError
-from ._call_shim import CallSpec, trace_call
+from ._call_shim import CallSpec, keep_parameter_names, trace_call
 from ._copying import share
 from ._guards import Decision, add_decision_guards, probe, unique
 from ._shapes import Meta, PropagationError, propagate
@@ -61,7 +61,7 @@ def module_stack(node: fx.Node) -> list[tuple[str, str]]:
     return [(key, value[0]) for key, value in stack.items()]
 
 
-def trace(model: nn.Module, example_inputs: tuple | None = None, *, leaf_types=(), leaf_paths=(),
+def trace(model: nn.Module, example_inputs: tuple | None = None, example_kwargs: dict | None = None, *, leaf_types=(), leaf_paths=(),
           opaque=(), path: str = "", call: CallSpec | None = None, values: bool = True,
           dynamic: str | None = "auto", shapes: bool = True) -> Captured:
     """Trace `model` (never modified) as one graph; with example inputs, give every node a shape.
@@ -87,7 +87,9 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, *, leaf_types=(
     if call is not None:
         positional = call.tensor_inputs()
     else:
-        concrete, positional = specialise(model, tuple(example_inputs or ()), {}, complete=example_inputs is not None)
+        concrete, positional = specialise(model, tuple(example_inputs or ()), dict(example_kwargs or {}),
+                                          complete=example_inputs is not None or bool(example_kwargs))
+        example_inputs = positional if example_kwargs else example_inputs
     known = example_inputs is not None or call is not None
     work = share(model)  # traced in place of the model: forward code may write to `self`
     options = dict(leaf_types=leaf_types, leaf_paths=leaf_paths, opaque=opaque, prefix="inner." if call else "")
@@ -100,6 +102,7 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, *, leaf_types=(
             graph, constants = trace_call(tracer, work, call)
         else:
             graph = tracer.trace(work, concrete_args=concrete or None)
+            keep_parameter_names(graph, concrete, path)
         decisions = unique(getattr(tracer, "decisions", []))
         if decisions and dynamic is None:
             add_shape_guards(graph, positional, path)
@@ -158,10 +161,12 @@ def specialise(model: nn.Module, args: tuple, kwargs: dict, complete: bool) -> t
             raise TraceError(f"cannot trace {type(model).__name__}.forward: it takes *args/**kwargs; fix: make it a leaf")
         return {}, tuple(args)  # torch.fx decides; positional inputs are all we know
     try:
-        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
+        bound, problem = inspect.signature(model.forward).bind_partial(*args, **kwargs), ""
     except TypeError as exc:
+        bound, problem = _per_parameter(params, args, kwargs), str(exc)  # a captured call handed back?
+    if bound is None:
         names = ", ".join(p.name for p in params)
-        raise ModelError(f"example inputs do not fit {type(model).__name__}.forward({names}): {exc}; fix: pass one input per argument") from None
+        raise ModelError(f"example inputs do not fit {type(model).__name__}.forward({names}): {problem}; fix: pass one input per argument") from None
     concrete, positional = {}, []
     for p in params:
         value = bound.arguments.get(p.name, p.default)
@@ -174,6 +179,14 @@ def specialise(model: nn.Module, args: tuple, kwargs: dict, complete: bool) -> t
         if not _has_tensor(value):
             concrete[p.name] = value
     return concrete, tuple(positional)
+
+
+def _per_parameter(params: list, args: tuple, kwargs: dict):
+    """`args` as one value per parameter in order (what trace keeps as a graph's example inputs,
+    keyword-only ones included), or None when they are not that."""
+    if kwargs or len(args) > len(params):
+        return None
+    return inspect.BoundArguments(inspect.Signature(params), dict(zip((p.name for p in params), args)))
 
 
 def _refuse_dotted_names(model: nn.Module) -> None:

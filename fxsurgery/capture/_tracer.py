@@ -72,7 +72,12 @@ class Tracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
-        self._open.append(self.path_of_module(m))
+        try:
+            path = self.path_of_module(m)
+        except NameError:
+            # made by the forward itself (`loss_fct = CrossEntropyLoss()`): no path to call it by, so its code is traced
+            return forward(*args, **kwargs)
+        self._open.append(path)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:

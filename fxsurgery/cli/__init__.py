@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     def model_args(p):
         p.add_argument("model", help="package.module:factory, path/file.py:Name, a saved directory, or a pickled file")
         p.add_argument("--input", action="append", metavar="SHAPE", help="example input: sizes joined by x, e.g. 1x3x224x224; integer inputs (token ids) "
-                       "with a dtype, e.g. 1x16:int64 (repeat for several inputs)")
+                       "with a dtype, e.g. 1x16:int64 (repeat for several inputs); a keyword input as NAME=SIZES, e.g. attention_mask=1x16:int64")
         p.add_argument("--weights", metavar="FILE", help="the model's weights: .safetensors, a sharded *.index.json, a weights-only .pt, "
                        "or a torch.distributed.checkpoint directory")
         p.add_argument("--trust-pickle", action="store_true", help="allow MODEL to be a pickled model file")
@@ -172,7 +172,8 @@ def cmd_inspect(args) -> int:
     from ..capture import capture
     from ..views import overview, overview_table
     from ._modelref import parse_inputs
-    captured = capture(_model(args)[0], parse_inputs(args.input) or None, leaf_paths=args.leaf)
+    inputs, keywords = parse_inputs(args.input)
+    captured = capture(_model(args)[0], inputs or None, keywords or None, leaf_paths=args.leaf)
     if args.groups:
         from ..views import dependency_groups, groups_table
         rows = dependency_groups(captured)
@@ -205,13 +206,13 @@ def _result(args):
     from ._modelref import parse_inputs
     params = parse_overrides(args.set)
     rules = [load_rules(shipped(path), params=params, allow=args.allow_module) for path in args.rules]
-    inputs = parse_inputs(args.input) or None
+    inputs, keywords = parse_inputs(args.input)
     model, checkpoint = _model(args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the plan's warnings are printed by the caller
         dynamic = None if getattr(args, "dynamic_shapes", "auto") == "none" else "auto"
-        return apply(model, rules, inputs, strict=getattr(args, "strict", False), leaf_paths=args.leaf, weights=checkpoint,
-                     stream=getattr(args, "stream", False), dynamic_shapes=dynamic)
+        return apply(model, rules, inputs or None, example_kwargs=keywords or None, strict=getattr(args, "strict", False),
+                     leaf_paths=args.leaf, weights=checkpoint, stream=getattr(args, "stream", False), dynamic_shapes=dynamic)
 
 
 def cmd_diff(args) -> int:

@@ -106,22 +106,31 @@ def _instantiate(obj, ref: str) -> nn.Module:
     return model
 
 
-def parse_inputs(specs) -> tuple:
-    """`--input 1x3x224x224` (repeatable; `:int64` etc. for other dtypes) to example tensors."""
-    out = []
+def parse_inputs(specs) -> tuple[tuple, dict]:
+    """`--input 1x3x224x224` (repeatable; `:int64` etc. for other dtypes) to example tensors;
+    `--input attention_mask=1x16:int64` to a keyword input. (positional inputs, keyword inputs)."""
+    out, keywords = [], {}
     generator = torch.Generator().manual_seed(0)
     for spec in specs or []:
         for part in spec.split(","):
-            match = re.fullmatch(r"\s*(\d+(?:x\d+)*)(?::(\w+))?\s*", part)
+            name, _, text = part.rpartition("=")
+            name = name.strip()
+            if name and not name.isidentifier():
+                raise ModelError(f"--input {spec!r}: {name!r} is not a parameter name; fix: write NAME=SIZES, e.g. attention_mask=1x16:int64")
+            match = re.fullmatch(r"\s*(\d+(?:x\d+)*)(?::(\w+))?\s*", text)
             if not match or (match.group(2) and match.group(2) not in _DTYPES):
                 raise ModelError(f"--input {spec!r}: cannot parse {part!r}; fix: write sizes joined by x, e.g. 1x3x224x224 (optionally :int64)")
+            if keywords and not name:
+                raise ModelError(f"--input {spec!r}: a positional input after keyword ones; fix: give positional inputs first")
             shape = tuple(int(d) for d in match.group(1).split("x"))
             dtype = _DTYPES[match.group(2) or "float32"]
             if math.prod(shape) > _MAX_INPUT:
                 raise ModelError(f"--input {spec!r}: {math.prod(shape):,} values is more than an example needs; fix: use a batch of 1 and the model's "
                                  f"usual size, e.g. 1x3x224x224")
-            if dtype.is_floating_point:
-                out.append(torch.randn(shape, generator=generator).to(dtype))
+            value = (torch.randn(shape, generator=generator).to(dtype) if dtype.is_floating_point
+                     else torch.zeros(shape, dtype=dtype))
+            if name:
+                keywords[name] = value
             else:
-                out.append(torch.zeros(shape, dtype=dtype))
-    return tuple(out)
+                out.append(value)
+    return tuple(out), keywords

@@ -21,7 +21,7 @@ from torch.fx.graph import _custom_builtins
 from torch.utils import _pytree as pytree
 
 from .._util import get_path
-from ..capture import adapter_call
+from ..capture import adapter_call, mismatch
 from ..errors import SaveError
 from ._names import check_structure, docstring_text, dotted, method_name
 
@@ -294,15 +294,15 @@ def _adapter(call, class_name: str) -> tuple[str, str, list[str]]:
         f"FIXED = {fixed_src}\n"
         f"ORDER = {list(call.order)!r}\n"
         f"OUTPUT = pytree.treespec_loads({pytree.treespec_dumps(call.out_spec)!r})\n\n\n"
-        "def _same(a, b):\n    return a is b or (type(a) is type(b) and a == b)")
+        "def _same(a, b):\n    return a is b or (type(a) is type(b) and a == b)\n\n\n" + inspect.getsource(mismatch).strip("\n"))
     method = (
         "    def forward(self, *args, **kwargs):\n"
-        f'        """Called as {docstring_text(class_name)} was called; other non-tensor arguments are refused."""\n'
+        f'        """Called as {docstring_text(class_name)} was called: its parameters, by position or keyword, with their defaults."""\n'
         "        bound = SIGNATURE.bind(*args, **kwargs)\n"
         "        bound.apply_defaults()\n"
         "        leaves, spec = pytree.tree_flatten((tuple(bound.args), dict(bound.kwargs)))\n"
-        "        if spec != CALL or any(not _same(leaves[i], value) for i, value in FIXED.items()):\n"
-        "            raise RuntimeError(\"this model was saved for calls like its example's; this call passes other non-tensor arguments\")\n"
+        "        if spec != CALL or any(not _same(leaves[i], v) for i, v in FIXED.items()) or any(not torch.is_tensor(leaves[i]) for i in ORDER):\n"
+        "            raise RuntimeError(mismatch(SIGNATURE, CALL, FIXED, args, kwargs, \"\"))\n"
         "        return pytree.tree_unflatten(list(self._graph(*[leaves[i] for i in ORDER])), OUTPUT)")
     return prelude, method, sorted(_spec_modules(call.in_spec) | _spec_modules(call.out_spec))
 

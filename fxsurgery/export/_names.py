@@ -16,7 +16,7 @@ import re
 from ..errors import SaveError
 
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
-_HELPERS = {"_put", "_same"}
+_HELPERS = {"_put", "_same", "mismatch"}
 _METHODS = {"__init__", "load", "forward", "_graph", "train", "_forward_train", "_forward_eval"}  # train: STAY_EVAL
 _FORBIDDEN = {"exec", "eval", "compile", "__import__", "breakpoint", "globals", "locals", "vars", "system", "popen"}
 

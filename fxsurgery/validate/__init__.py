@@ -62,7 +62,7 @@ def validate(rewritten: Rewritten) -> Rewritten:
     return rewritten
 
 
-def _run(module: nn.Module, inputs: tuple, fake: bool) -> tuple[BaseException | None, str]:
+def _run(module: nn.Module, inputs: tuple, fake: bool, kwargs: dict | None = None) -> tuple[BaseException | None, str]:
     """Run a copy of `module` (fake or real tensors); the failure and the innermost module it was in."""
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
     copy = clone(module, (lambda t: fake_of(mode, t)) if fake else (lambda t: t.detach().clone()))
@@ -73,7 +73,9 @@ def _run(module: nn.Module, inputs: tuple, fake: bool) -> tuple[BaseException | 
         handles.append(sub.register_forward_hook(lambda m, a, o: open_paths.pop() and None))  # None: output unchanged
     try:
         with (mode or contextlib.nullcontext()), quiet_fake_tensors(), torch.no_grad():
-            copy(*pytree.tree_map(lambda x: mode.from_tensor(x) if fake and isinstance(x, torch.Tensor) else x, inputs))
+            args, keywords = pytree.tree_map(lambda x: mode.from_tensor(x) if fake and isinstance(x, torch.Tensor) else x,
+                                             (tuple(inputs), dict(kwargs or {})))
+            copy(*args, **keywords)
         return None, ""
     except Exception as exc:
         return exc, open_paths[-1] if open_paths else ""
@@ -82,14 +84,14 @@ def _run(module: nn.Module, inputs: tuple, fake: bool) -> tuple[BaseException | 
             h.remove()
 
 
-def check_module(module: nn.Module, rewritten: Rewritten) -> None:
+def check_module(module: nn.Module, rewritten: Rewritten, kwargs: dict | None = None) -> None:
     """Run the assembled module once (fake tensors, else a real copy); blame the rule nearest to a failure."""
     inputs = rewritten.example_inputs()
     if inputs is None or not rewritten.capture.opaque:
         return
-    exc, where = _run(module, inputs, fake=True)
+    exc, where = _run(module, inputs, fake=True, kwargs=kwargs)
     if exc is not None:  # fake tensors cannot run every model (data-dependent code): run it for real
-        exc, where = _run(module, inputs, fake=False)
+        exc, where = _run(module, inputs, fake=False, kwargs=kwargs)
     if exc is None:
         return
     culprit = _nearest_rule(rewritten, where)

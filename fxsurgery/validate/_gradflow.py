@@ -11,6 +11,7 @@ autograd records for one forward pass on fake tensors (no real compute).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -101,7 +102,9 @@ def _from_graph(gm: fx.GraphModule, shapes: dict[str, Meta]) -> set[int]:
                 graph.add_edge(node.name, later.name)  # `x.add_(p)`: whoever reads x afterwards reads p too
         meta = shapes.get(node.name)
         if meta is None or not meta.is_tensor:  # sizes and numbers carry nothing; containers may hold tensors
-            carries = meta is None or meta.kind in ("tuple", "list", "dict", "immutable_list", "immutable_dict")
+            carries = (meta is None or meta.kind in ("tuple", "list", "dict", "immutable_list", "immutable_dict")
+                       or node.op == "output" or (node.op == "call_function" and isinstance(node.target, type)))
+            # (a NamedTuple or dataclass built as the output)
         else:
             carries = meta.dtype.is_floating_point or meta.dtype.is_complex
         if node.op == "output":
@@ -132,25 +135,37 @@ def fake_of(mode: FakeTensorMode, t: torch.Tensor) -> torch.Tensor:
         return torch.empty(t.shape, dtype=t.dtype, device="cpu")
 
 
-def _forward(module: nn.Module, inputs: tuple, fake: bool):
+def _forward(module: nn.Module, inputs: tuple, fake: bool, kwargs: dict | None = None):
     """A copy of `module` (fake tensors, or real ones) and its output on `inputs`, with autograd on."""
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
     copy = clone(module, (lambda t: fake_of(mode, t)) if fake else (lambda t: t.detach().clone()))
     convert = (lambda x: mode.from_tensor(x) if isinstance(x, torch.Tensor) else x) if fake else (lambda x: x)
     with (mode or contextlib.nullcontext()), quiet_fake_tensors(), torch.enable_grad():
-        return copy, copy(*pytree.tree_map(convert, inputs))
+        args, keywords = pytree.tree_map(convert, (tuple(inputs), dict(kwargs or {})))
+        return copy, copy(*args, **keywords)
 
 
-def _from_autograd(module: nn.Module, inputs: tuple) -> set[int]:
+def _output_tensors(out) -> list[torch.Tensor]:
+    """The tensors of an output, dataclasses (which pytree does not open) included."""
+    found = []
+    for leaf in pytree.tree_leaves(out):
+        if isinstance(leaf, torch.Tensor):
+            found.append(leaf)
+        elif dataclasses.is_dataclass(leaf) and not isinstance(leaf, type):
+            found += _output_tensors([getattr(leaf, f.name) for f in dataclasses.fields(leaf)])
+    return found
+
+
+def _from_autograd(module: nn.Module, inputs: tuple, kwargs: dict | None = None) -> set[int]:
     """ids of the parameters autograd links to an output, from one forward pass (fake tensors
     where the code allows, else a real copy: data-dependent Python needs real values)."""
     try:
-        copy, out = _forward(module, inputs, fake=True)
+        copy, out = _forward(module, inputs, fake=True, kwargs=kwargs)
     except Exception:
-        copy, out = _forward(module, inputs, fake=False)
+        copy, out = _forward(module, inputs, fake=False, kwargs=kwargs)
     ours = dict(module.named_parameters(remove_duplicate=False))
     original = {id(p): id(ours[n]) for n, p in copy.named_parameters(remove_duplicate=False)}
-    roots = [t.grad_fn for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    roots = [t.grad_fn for t in _output_tensors(out) if t.grad_fn is not None]
     graph = nx.DiGraph()
     leaves = {}  # autograd node -> the parameter it accumulates into
     stack, seen = list(roots), set()
@@ -173,7 +188,7 @@ def _from_autograd(module: nn.Module, inputs: tuple) -> set[int]:
 
 
 def gradient_flow(module: nn.Module, inputs: tuple | None = None, shapes: dict[str, Meta] | None = None,
-                  one_graph: bool = False) -> GradientFlow:
+                  one_graph: bool = False, kwargs: dict | None = None) -> GradientFlow:
     """Trainable, frozen or cut, for every parameter of `module` (one name per tensor).
 
     `one_graph`: `module` is a GraphModule holding the whole model, read as it is.
@@ -181,7 +196,7 @@ def gradient_flow(module: nn.Module, inputs: tuple | None = None, shapes: dict[s
     if one_graph:
         reached, method = _from_graph(module, shapes or {}), "graph"
     elif inputs is not None:
-        reached, method = _from_autograd(module, inputs), "autograd graph of one forward pass"
+        reached, method = _from_autograd(module, inputs, kwargs), "autograd graph of one forward pass"
     else:
         reached, method = {id(p) for p in module.parameters()}, "assumed: no example inputs"
     flow = GradientFlow(method=method)
