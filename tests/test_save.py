@@ -155,7 +155,7 @@ def test_failure_between_files_leaves_nothing(result, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
     monkeypatch.setattr(weights_module, "save_file", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(fxs.SaveError, match="cannot write: disk full"):  # one line, no traceback
         result.save(tmp_path / "o")
     assert os.listdir(tmp_path) == []
 
@@ -164,7 +164,7 @@ def test_failure_while_replacing_keeps_the_old_output(result, tmp_path, monkeypa
     result.save(tmp_path / "o")
     before = (tmp_path / "o" / "model.safetensors").read_bytes()
     monkeypatch.setattr(weights_module, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
-    with pytest.raises(OSError):
+    with pytest.raises(fxs.SaveError, match="cannot write: disk full"):
         result.save(tmp_path / "o", force=True)
     assert os.listdir(tmp_path) == ["o"]
     assert (tmp_path / "o" / "model.safetensors").read_bytes() == before

@@ -82,3 +82,32 @@ def test_short_messages_are_left_alone():
     text = "r.yaml:3: unknown key 'foo'; fix: use one of replace, delete"
     assert fxs.RuleError(text).message == text
     assert fxs.RuleError("x" * 299 + ";").message == "x" * 299 + ";"
+
+
+HEAD = "fxsurgery: 1\nrules:\n  - replace: fc\n    with: {module: torch.nn.Linear, out_features: 250000}\n"
+SMALL = "fxsurgery: 1\nrules:\n  - replace: fc\n    with: {module: torch.nn.Linear, out_features: 10}\n"
+
+
+def _dry_run_growth(tmp_path, text: str) -> tuple[int, str]:
+    """MB the process grew while `apply --dry-run` ran with this rule file, and what it printed."""
+    rules = tmp_path / f"r{len(text)}.yaml"
+    rules.write_text(text)
+    script = ("import contextlib, io, resource, sys\nfrom fxsurgery.cli import main\nimport torchvision\n"
+              "a = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\nout = io.StringIO()\n"
+              "with contextlib.redirect_stdout(out):\n    code = main(['apply', 'torchvision.models:resnet18', sys.argv[1], "
+              "'--input', '2x3x32x32', '--eval', '--dry-run'])\n"
+              "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - a) // 1024, code)\nprint(out.getvalue())")
+    done = subprocess.run([sys.executable, "-c", script, str(rules)], capture_output=True, text=True, check=True,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}).stdout
+    first, _, printed = done.partition("\n")
+    grown, code = first.split()
+    assert code == "0", printed
+    return int(grown), printed
+
+
+def test_a_dry_run_builds_declared_modules_on_the_meta_device(tmp_path):
+    """A head of 250000 classes is 512 MB built; a dry run shows it without allocating it."""
+    huge, printed = _dry_run_growth(tmp_path, HEAD)
+    small, _ = _dry_run_growth(tmp_path, SMALL)
+    assert "new         fc.weight [250000, 512] float32: made by rule 1" in printed and "dry run: nothing written" in printed
+    assert huge - small < 100, f"the declared head grew the dry run by {huge - small} MB more than a small one"

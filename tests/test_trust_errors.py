@@ -120,7 +120,7 @@ def test_complex_yaml_keys_are_a_rule_error(tmp_path):
 
 
 def test_a_full_disk_while_saving_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
-    import fxsurgery.export._save as saving
+    import fxsurgery.export._shards as saving  # where the weights are written
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

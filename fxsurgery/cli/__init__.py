@@ -140,8 +140,10 @@ def cmd_apply(args) -> int:
                          "fix: pass --weights (a .safetensors file or a sharded *.index.json), or --dry-run for the plan alone")
     if args.output and not args.dry_run:
         check_target(args.output, args.force, flag="--force")  # before the surgery: fail fast, write nothing
+    from ..spec import planning
     start = time.perf_counter()
-    result = _result(args)
+    with planning() if args.dry_run else contextlib.nullcontext():  # declared modules on meta: shown, not allocated
+        result = _result(args)
     loaded = time.perf_counter() - start - sum(result.timings.values())
     _refuse_no_op(result)
     written = None

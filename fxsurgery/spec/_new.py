@@ -3,6 +3,8 @@ checked when the rule is written, and the weight policies by name."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
 import re
 from dataclasses import dataclass, field
@@ -14,6 +16,20 @@ from torch import nn
 from .._util import first_line
 from ..errors import RuleError
 from ._selector import Origin, caller_origin, qualname
+
+# A plan that writes nothing (--dry-run) builds declared modules on meta: 117 bytes of YAML
+# declaring a huge layer must not cost its memory just to be shown.
+_PLANNING = contextvars.ContextVar("fxsurgery_planning", default=False)
+
+
+@contextlib.contextmanager
+def planning():
+    """Modules that rules declare are built on the meta device meanwhile (their shapes, no memory)."""
+    token = _PLANNING.set(True)
+    try:
+        yield
+    finally:
+        _PLANNING.reset(token)
 
 
 @dataclass(frozen=True)
@@ -53,10 +69,11 @@ class New:
                             f"give {needed[0]} explicitly")
         for name in needed:
             kwargs[name] = int(self.INFERRED[name](shape))
-        module = self.cls(**kwargs)
+        with torch.device("meta") if _PLANNING.get() else contextlib.nullcontext():
+            module = self.cls(**kwargs)
         dtype, device = like
         dtype = None if "dtype" in kwargs else dtype
-        device = None if "device" in kwargs else device
+        device = None if "device" in kwargs or _PLANNING.get() else device
         return module.to(device=device, dtype=dtype) if dtype is not None or device is not None else module
 
     def __str__(self) -> str:
