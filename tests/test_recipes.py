@@ -1,4 +1,7 @@
-"""The fine-tuning walkthrough's recipes, each as a rule with exact numbers."""
+"""The fine-tuning walkthrough's recipes, each as a rule with exact numbers, in both result modes:
+a regenerated graph module and the model's own class kept (`keep_class=True`)."""
+
+import functools
 
 import pytest
 import torch
@@ -10,6 +13,25 @@ import fxsurgery as fxs
 from fxsurgery import Delete, Detach, Freeze, Insert, Replace
 
 
+@pytest.fixture(autouse=True, params=[False, True], ids=["graph", "kept class"])
+def result_mode(request, monkeypatch):
+    """Every recipe below runs in both result modes, with the same numbers."""
+    monkeypatch.setattr(fxs, "apply", functools.partial(fxs.apply, keep_class=request.param))
+    return request.param
+
+
+def refused_when_kept(result_mode, run, rule: str, line: int, module: str, shapes: str):
+    """A kept class runs its own code on the original's inputs: a rule that changes what the model
+    takes (its first layer deleted or widened) is refused there, where a graph adapts the input."""
+    if not result_mode:
+        return run()
+    with pytest.raises(fxs.ValidateError) as err:
+        run()
+    assert err.value.full == (f"{rule} (tests/test_recipes.py:{line}): after this rule, '{module}' (Linear) fails: RuntimeError: mat1 and mat2 "
+                              f"shapes cannot be multiplied ({shapes}); fix: keep what that module passes on (its output's type and shape) as it was")
+    return None
+
+
 def sgd_step(module, params, x, target):
     opt = torch.optim.SGD(params, lr=0.001, momentum=0.9)
     loss = nn.functional.mse_loss(module(x), target)
@@ -19,9 +41,12 @@ def sgd_step(module, params, x, target):
     return opt
 
 
-def test_delete_first_layer_passes_input_to_second(two):
+def test_delete_first_layer_passes_input_to_second(two, result_mode):
     saved = state_copy(two)
-    result = fxs.apply(two, [Delete("liner1")], example_inputs=(torch.randn(1, 3),))
+    result = refused_when_kept(result_mode, lambda: fxs.apply(two, [Delete("liner1")], example_inputs=(torch.randn(1, 3),)),
+                               "rule 1 'delete liner1'", 46, "liner2", "1x3 and 2x1")
+    if result is None:
+        return
     x = torch.tensor([[2.0, 1.0]])
     w2, b2 = two.liner2.weight, two.liner2.bias
     expected = (x[0, 0] * w2[0, 0] + x[0, 1] * w2[0, 1] + b2[0]).reshape(1, 1)
@@ -37,9 +62,12 @@ def test_delete_first_layer_passes_input_to_second(two):
     assert_state_equal(two, saved)
 
 
-def test_surgered_model_trains_and_original_does_not_move(two):
+def test_surgered_model_trains_and_original_does_not_move(two, result_mode):
     saved = state_copy(two)
-    result = fxs.apply(two, [Delete("liner1")], example_inputs=(torch.randn(1, 3),))
+    result = refused_when_kept(result_mode, lambda: fxs.apply(two, [Delete("liner1")], example_inputs=(torch.randn(1, 3),)),
+                               "rule 1 'delete liner1'", 67, "liner2", "1x3 and 2x1")
+    if result is None:
+        return
     w = result.module.liner2.weight
     before = w.detach().clone()
     x, target = torch.tensor([[2.0, 1.0]]), torch.tensor([[0.5]])
@@ -92,7 +120,7 @@ def test_freeze_matters_once_a_parameter_has_a_stale_grad(two):
     assert torch.equal(m.liner1.weight, kept)
 
 
-def test_detach_before_last_layer(three):
+def test_detach_before_last_layer(three, result_mode):
     x = torch.randn(4, 3)
     result = fxs.apply(three, [Detach(before="liner3")], example_inputs=(x,))
     m = result.module
@@ -102,14 +130,19 @@ def test_detach_before_last_layer(three):
     for name in ("liner1.weight", "liner1.bias", "liner2.weight", "liner2.bias"):
         assert m.get_parameter(name).grad is None, name
         assert torch.equal(m.get_parameter(name), before[name]), name
-    assert not torch.equal(m.liner3.weight, before["liner3.weight"])
-    assert [n.op for n in m.graph.nodes].count("call_method") == 1
+    last = next(n for n in before if n.startswith("liner3.") and n.endswith("weight"))  # kept: the detach wraps liner3
+    assert not torch.equal(m.get_parameter(last), before[last])
+    if not result_mode:
+        assert [n.op for n in m.graph.nodes].count("call_method") == 1
 
 
-def test_replace_first_layer_by_wider_one(two):
+def test_replace_first_layer_by_wider_one(two, result_mode):
     torch.manual_seed(1)
     wider = nn.Linear(4, 2)
-    result = fxs.apply(two, [Replace("liner1", wider)], example_inputs=(torch.randn(1, 3),))
+    result = refused_when_kept(result_mode, lambda: fxs.apply(two, [Replace("liner1", wider)], example_inputs=(torch.randn(1, 3),)),
+                               "rule 1 'replace liner1 with Linear(in_features=4, out_features=2, bias=True)'", 142, "liner1", "1x3 and 4x2")
+    if result is None:
+        return
     m = result.module
     assert torch.equal(m.liner2.weight, two.liner2.weight) and torch.equal(m.liner2.bias, two.liner2.bias)
     assert torch.equal(m.liner1.weight, wider.weight) and m.liner1 is not wider  # copied per match
@@ -120,10 +153,14 @@ def test_replace_first_layer_by_wider_one(two):
     assert str(result.input_changes[0]).startswith("x: [1, 3] -> [1, 4] because rule 1 'replace liner1 with Linear(")
 
 
-def test_delete_then_insert_after(two):
+def test_delete_then_insert_after(two, result_mode):
     torch.manual_seed(2)
     head = nn.Linear(1, 1)
-    result = fxs.apply(two, [Delete("liner1"), Insert(head, after="liner2")], example_inputs=(torch.randn(1, 3),))
+    result = refused_when_kept(result_mode, lambda: fxs.apply(two, [Delete("liner1"), Insert(head, after="liner2")],
+                                                              example_inputs=(torch.randn(1, 3),)),
+                               "rule 2 'insert Linear(in_features=1, out_features=1, bias=True) after liner2'", 159, "liner2.module", "1x3 and 2x1")
+    if result is None:
+        return
     m = result.module
     assert result.report.transferred == ["liner2.weight", "liner2.bias"]
     assert result.report.new == ["liner2_linear.weight", "liner2_linear.bias"]
