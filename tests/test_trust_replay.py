@@ -208,3 +208,17 @@ def test_a_tampered_record_is_a_one_line_error(tmp_path, tamper, found):
         fxs.map_weights(_randomised(Head(), 2).state_dict(), tmp_path / "o")
     assert str(err.value) == (f"{tmp_path / 'o' / 'surgery.json'}: not a record map-weights can read ({found}); "
                               "fix: write the directory again with save()")
+
+
+def test_a_pruned_surgery_maps_another_checkpoint_by_the_indices_it_kept(tmp_path):
+    """Prune slices every coupled tensor; map-weights keeps the same indices of another checkpoint."""
+    rules = [fxs.Prune("layer1.0.conv1", channels=[0, 5, 7]), fxs.Prune("layer3.1.conv2", channels=[1, 2, 200])]
+    inputs = (torch.randn(1, 3, 64, 64),)
+    torch.manual_seed(0)
+    first, second = torchvision.models.resnet18().eval(), torchvision.models.resnet18().eval()
+    fxs.apply(first, rules, example_inputs=inputs).save(tmp_path / "o")
+    mapped = fxs.map_weights(second.state_dict(), tmp_path / "o")
+    expected = fxs.apply(second, rules, example_inputs=inputs).module.state_dict()
+    assert sorted(mapped) == sorted(expected)
+    assert [k for k in expected if not torch.equal(mapped[k], expected[k])] == []
+    assert tuple(mapped["layer3.1.bn2.weight"].shape) == (253,)

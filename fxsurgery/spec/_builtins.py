@@ -52,7 +52,11 @@ def replay(recipe: dict, read, dst: torch.Tensor) -> None:
     tensors = {role: read(name) for role, name in recipe["reads"].items()}
     if recipe["op"] == "policy":
         policy = recipe["policy"]
-        policies.carry({"select": tuple(policy["select"])} if isinstance(policy, dict) else policy, tensors["src"], dst)
+        if isinstance(policy, dict) and "kept" in policy:  # a pruned tensor: the indices kept along each axis
+            policy = policies.Kept({"": {int(axis): tuple(kept) for axis, kept in policy["kept"].items()}})
+        elif isinstance(policy, dict):
+            policy = {"select": tuple(policy["select"])}
+        policies.carry(policy, tensors["src"], dst)
         return
     weight, bias = folded(tensors["weight"], tensors.get("bias"), tensors["mean"], tensors["var"], tensors.get("gamma"),
                           tensors.get("beta"), recipe["eps"])

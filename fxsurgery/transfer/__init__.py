@@ -17,7 +17,7 @@ from .._progress import bar
 from .._util import shape_text
 from ..errors import TransferError
 from ..rewrite import Rewritten
-from ..spec import carry
+from ..spec import Kept, carry
 from ._assemble import assemble
 from ._checkpoint import Checkpoint, empty_weights, read_state_dict, strip_prefixes
 from ._conventions import follow_conventions
@@ -279,9 +279,16 @@ def _carry(rewritten: Rewritten, path: str, new: nn.Module, old: nn.Module, rule
             raise TransferError(f"{label}: weights '{shown}' cannot fill {path}.{name} {shape_text(t.shape)}: {exc}; fix: {fix}") from None
         carried[id(t)] = (f"{path}.{name}", rule, op)
         if op:  # how map-weights makes it again from another checkpoint
-            recipes[id(t)] = {"op": "policy", "policy": {"select": list(policy["select"])} if isinstance(policy, dict) else policy,
+            recipes[id(t)] = {"op": "policy", "policy": _recorded(policy, name),
                               "reads": {"src": f"{prefix}.{name}"},
                               "read": {f"{prefix}.{name}": [list(src.shape), str(src.dtype).replace("torch.", "")]}}
     return carried
+
+
+def _recorded(policy, name: str):
+    """A weights policy as surgery.json holds it: a name, the rows selected, or (Prune) the indices kept per axis."""
+    if isinstance(policy, Kept):
+        return {"kept": {str(axis): list(kept) for axis, kept in policy.axes.get(name, {}).items()}}
+    return {"select": list(policy["select"])} if isinstance(policy, dict) else policy
 
 
