@@ -222,3 +222,21 @@ def test_a_pruned_surgery_maps_another_checkpoint_by_the_indices_it_kept(tmp_pat
     assert sorted(mapped) == sorted(expected)
     assert [k for k in expected if not torch.equal(mapped[k], expected[k])] == []
     assert tuple(mapped["layer3.1.bn2.weight"].shape) == (253,)
+
+
+def test_mapped_weights_reach_the_disk_before_they_take_their_name(tmp_path, monkeypatch):
+    """The file is fsynced, then renamed into place, then its directory fsynced: a crash leaves old or new."""
+    import os
+
+    synced = []
+    real = os.fsync
+
+    def record(fd):
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    _replayed(lambda: Head(3), [Replace("fc", fxs.new(nn.Linear, out_features=3), weights={"select": [2, 0, 1]})],
+              (torch.randn(2, 4),), tmp_path)
+    assert synced[-2:] == [".mapped.safetensors.tmp", tmp_path.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.safetensors", "mapped.safetensors", "o"]

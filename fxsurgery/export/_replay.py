@@ -20,6 +20,7 @@ from .._util import first_line
 from ..errors import SaveError
 from ..spec import replay
 from ..transfer import Checkpoint, read_state_dict, strip_prefixes
+from ._atomic import fsync_dir
 from ._codegen import rename_path
 from ._record import read_record
 from ._shards import SINGLE, shard_files
@@ -141,7 +142,10 @@ def write_mapped(checkpoint: str, surgery: str, output: str) -> dict[str, torch.
     tmp = target.with_name(f".{target.name}.tmp")
     try:
         save_file(unique, str(tmp), metadata={"format": "pt"})
+        with open(tmp, "rb") as handle:  # on disk before it takes the name: a crash leaves the old state or the new
+            os.fsync(handle.fileno())
         os.replace(tmp, target)
+        fsync_dir(target.parent)
     except (OSError, SafetensorError) as exc:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
