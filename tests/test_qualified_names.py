@@ -55,6 +55,8 @@ def test_flat_names_still_select_the_same_node(resnet):
     with torch.no_grad():
         assert torch.equal(flat.module(x), qualified.module(x))
     assert [s.nodes for s in flat.plan.matches[0].sites] == [("add_2",)] == [s.nodes for s in qualified.plan.matches[0].sites]
+    # the JSON plan (surgery.json, --json) shows the qualified name beside torch.fx's
+    assert {k: flat.plan.to_dict()[0][k] for k in ("sites", "names")} == {"sites": ["add_2"], "names": ["layer2.0.add"]}
 
 
 def test_a_misspelt_qualified_name_gets_the_nearest(resnet):

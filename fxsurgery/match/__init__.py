@@ -52,7 +52,7 @@ class Match:
     def to_dict(self) -> dict:
         return {"rule": self.index, "action": self.rule.action, "text": str(self.rule),
                 "origin": str(self.rule.origin), "matches": self.count,
-                "sites": [s.where for s in self.sites], "modules": list(self.modules),
+                "sites": [s.where for s in self.sites], "names": [s.shown for s in self.sites], "modules": list(self.modules),
                 "reason": self.reason, "skipped": list(self.skipped), "near_misses": list(self.near)}
 
 
