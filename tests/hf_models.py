@@ -96,9 +96,9 @@ def trim_by_hand(model, rows):
         head.weight = embedding.weight if tied else nn.Parameter(old_out.weight.data[index].clone())
         hand.set_output_embeddings(head)
     hand.config.vocab_size = len(rows)
-    for config in (hand.config, hand.generation_config):
+    for config in (hand.config, getattr(hand, "generation_config", None)):  # an encoder classifier has none
         for key in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
-            if getattr(config, key, None) in rows:
+            if config is not None and getattr(config, key, None) in rows:
                 setattr(config, key, rows.index(getattr(config, key)))
     return hand
 

@@ -112,3 +112,38 @@ def test_training_the_trainable_parameters_of_a_pruned_model(family):
     got.eval()
     for batch, length in [(1, 3), (5, 12)]:
         assert run(got, ids(batch, length)).shape == (batch, length, 100)
+
+
+CLASSIFIERS = {"llama": (llama, "LlamaForSequenceClassification"), "qwen2": (qwen2, "Qwen2ForSequenceClassification"),
+               "gpt2": (gpt2, "GPT2ForSequenceClassification")}
+
+
+@pytest.mark.parametrize("family", list(CLASSIFIERS))
+def test_a_new_classification_head_sets_num_labels_and_reloads(family, tmp_path):
+    """The decoder families' sequence classifiers (a `score` head on the last token): swapped, counted, reloaded."""
+    import fxsurgery as fxs
+    from fxsurgery import Replace
+
+    build, name = CLASSIFIERS[family]
+    config = copy.deepcopy(build().config)
+    config.pad_token_id = 0  # the last real token of each row is found by its padding
+    torch.manual_seed(0)
+    model = getattr(transformers, name)(config).eval()
+    before = snapshot(model)
+    result = apply(model, [Replace("score", fxs.new(torch.nn.Linear, out_features=5, bias=False))])
+    got = result.module
+    hand = copy.deepcopy(model)
+    hand.score = torch.nn.Linear(32, 5, bias=False)
+    hand.score.load_state_dict(got.score.state_dict())
+    hand.config.num_labels, hand.num_labels = 5, 5
+    assert type(got) is type(model) and (got.config.num_labels, got.num_labels, model.config.num_labels) == (5, 5, 2)
+    for batch, length in [(1, 5), (3, 11)]:
+        x = ids(batch, length, seed=batch)
+        assert logits(got, x).shape == (batch, 5)
+        assert torch.allclose(logits(got, x), logits(hand, x), atol=1e-6, rtol=0)
+    assert result.report.new == ["score.weight"] and result.report.dropped == ["score.weight"]
+    result.save(tmp_path / "out")
+    loaded = type(model).from_pretrained(tmp_path / "out").eval()
+    x = ids(2, 9)
+    assert loaded.config.num_labels == 5 and torch.equal(logits(loaded, x), logits(got, x))
+    assert_unchanged(model, before)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_models import apply, assert_unchanged, generate, gpt2, ids, llama, logits, qwen2, snapshot, t5, tensors, trim_by_hand
+from hf_models import apply, assert_unchanged, bert, generate, gpt2, ids, llama, logits, qwen2, snapshot, t5, tensors, trim_by_hand
 from torch import nn
 
 from fxsurgery import MatchError, Replace, TransferError
@@ -146,3 +146,21 @@ def test_a_tied_output_with_a_bias_over_the_vocabulary_is_refused_with_the_fix()
                               "cls.predictions.decoder shares the embedding's weight and has a bias over the vocabulary, "
                               "which the embedding's replacement does not resize; fix: replace it too, by a module of the "
                               "new size")
+
+
+def test_a_bert_classifier_keeps_its_logits_over_the_kept_tokens(tmp_path):
+    """An encoder without an output embedding: the input rows and vocab_size follow, nothing else."""
+    model = bert()
+    before = snapshot(model)
+    result = trim(model, "bert.embeddings.word_embeddings")
+    got, hand = result.module, trim_by_hand(model, ROWS)
+    assert type(got) is type(model) and got.config.vocab_size == K and got.get_output_embeddings() is None
+    for batch, length in [(1, 5), (3, 11)]:
+        x = ids(batch, length, seed=batch + length, vocab=K)
+        assert torch.allclose(logits(got, x), logits(hand, x), atol=1e-6, rtol=0)
+    assert result.report.counts()["dropped"] == 0 and result.report.counts()["adapted"] == 1
+    result.save(tmp_path / "out")
+    loaded = type(model).from_pretrained(tmp_path / "out").eval()
+    x = ids(2, 7, vocab=K)
+    assert loaded.config.vocab_size == K and torch.equal(logits(loaded, x), logits(got, x))
+    assert_unchanged(model, before)
