@@ -78,3 +78,13 @@ def rehash(directory) -> None:
         h.update((directory / name).read_bytes())
     record["hash"] = "sha256:" + h.hexdigest()
     (directory / "surgery.json").write_text(json.dumps(record))
+
+
+def tensors_in(directory) -> dict:
+    """Every tensor of the .safetensors files in a directory (one file or shards), by name."""
+    from safetensors.torch import load_file
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            out.update(load_file(os.path.join(directory, name)))
+    return out

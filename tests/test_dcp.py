@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 import torchvision
+from conftest import tensors_in
 from safetensors.torch import load_file
 
 import fxsurgery as fxs
@@ -23,26 +24,19 @@ X = (torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)),)
 RULES = [Replace("fc", fxs.new(torch.nn.Linear, out_features=4), weights="slice"), Freeze("layer1")]
 
 
-def _tensors(directory) -> dict[str, torch.Tensor]:
-    out = {}
-    for name in sorted(os.listdir(directory)):
-        if name.endswith(".safetensors"):
-            out.update(load_file(str(directory / name)))
-    return out
-
 
 def test_a_dcp_checkpoint_fills_a_meta_model_as_the_model_itself(tmp_path):
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10).eval()
     dcp.save(model.state_dict(), storage_writer=dcp.FileSystemWriter(str(tmp_path / "ck")), no_dist=True)
     fxs.apply(model, RULES, X).save(tmp_path / "direct")
-    want = _tensors(tmp_path / "direct")
+    want = tensors_in(tmp_path / "direct")
     for stream in (False, True):
         with fxs.empty_weights():
             empty = torchvision.models.resnet18(num_classes=10).eval()
         out = tmp_path / f"stream{stream}"
         fxs.apply(empty, RULES, X, weights=str(tmp_path / "ck"), stream=stream).save(out, max_shard_size="20MB")
-        got = _tensors(out)
+        got = tensors_in(out)
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert torch.equal(want["fc.weight"], model.fc.weight[:4])
 

@@ -14,6 +14,7 @@ import os
 import pytest
 import torch
 import torchvision
+from conftest import tensors_in
 from safetensors.torch import load_file, save_file
 
 import fxsurgery as fxs
@@ -34,13 +35,6 @@ def result(model):
     return fxs.apply(model, [Replace("fc", fxs.new(torch.nn.Linear, out_features=4)), Freeze("layer1")],
                      example_inputs=(X[:1],))
 
-
-def _tensors(directory) -> dict[str, torch.Tensor]:
-    out = {}
-    for name in sorted(os.listdir(directory)):
-        if name.endswith(".safetensors"):
-            out.update(load_file(str(directory / name)))
-    return out
 
 
 def test_sizes_parse_as_transformers_writes_them():
@@ -68,7 +62,7 @@ def test_sharded_save_holds_the_one_file_tensors_and_loads_the_same(result, mode
     assert index["metadata"] == {"total_size": 44_752_816}
     assert sorted(index["weight_map"]) == sorted(state) and set(index["weight_map"].values()) == set(files)
     assert all(10_000_000 >= os.path.getsize(many / f) - 20_000 for f in files)  # each shard within the limit (+ header)
-    sharded = _tensors(many)
+    sharded = tensors_in(many)
     assert sharded.keys() == state.keys() and all(torch.equal(sharded[k], state[k]) for k in state)
     record = json.loads((many / "surgery.json").read_text())
     assert record["shards"] == {f: "sha256:" + hashlib.sha256((many / f).read_bytes()).hexdigest() for f in files}

@@ -14,7 +14,8 @@ import os
 import pytest
 import torch
 import torchvision
-from safetensors.torch import load_file, save_file
+from conftest import tensors_in
+from safetensors.torch import save_file
 
 import fxsurgery as fxs
 from fxsurgery import Freeze, Layers, Replace
@@ -42,13 +43,6 @@ def write_shards(state: dict, folder, parts: int):
     index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return index
 
-
-def tensors_in(directory) -> dict[str, torch.Tensor]:
-    out = {}
-    for name in sorted(os.listdir(directory)):
-        if name.endswith(".safetensors"):
-            out.update(load_file(str(directory / name)))
-    return out
 
 
 def test_llama_layer_deletion_vocab_trim_and_freeze_stream_as_in_memory(tmp_path, monkeypatch):
