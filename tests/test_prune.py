@@ -178,15 +178,19 @@ class Scaled(nn.Module):
         return self.out(self.layer_scale * self.conv(x))
 
 
-def test_layer_scale_is_sliced_with_its_channels():
+def test_layer_scale_is_sliced_with_its_channels(tmp_path):
     torch.manual_seed(0)
     model, x = Scaled().eval(), torch.randn(2, 3, 4, 4)
     result = exact(model, x, "conv", [1, 5])
     assert result.module.layer_scale.shape == (4, 1, 1)
     entry = result.report.entry("layer_scale")
     assert (entry.status, entry.source) == ("adapted", "layer_scale")
-    assert torch.equal(result.module.layer_scale, model.layer_scale[[0, 2, 3, 4]])
+    assert entry.op.startswith("dim 0 keeps 4 of 6: [0, 2-4] by rule 1")
+    assert torch.equal(result.module.layer_scale, model.layer_scale[[0, 2, 3, 4]].double())
     assert not result.report.dropped
+    result.save(tmp_path / "o")  # map-weights slices another checkpoint's layer scale the same way
+    later = Scaled().eval().double()  # exact() ran in float64
+    assert torch.equal(fxs.map_weights(later.state_dict(), tmp_path / "o")["layer_scale"], later.layer_scale[[0, 2, 3, 4]])
 
 
 class Split(nn.Module):
