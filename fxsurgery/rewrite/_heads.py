@@ -25,7 +25,7 @@ from ..errors import RewriteError, RuleError
 from ..match import Heads, Match, Site, Unprunable, count_after, heads_of
 from ..spec import Kept
 from ._edited import Slot
-from ._prune import _shrink_modules, prune, shrink
+from ._prune import _compose, _shrink_modules, prune, shrink
 
 
 def prune_rule(editor, m: Match, sites: list[Site]) -> None:
@@ -34,8 +34,6 @@ def prune_rule(editor, m: Match, sites: list[Site]) -> None:
     if rest:
         prune(editor, m, rest)
     editor.dirty = True
-
-
 
 
 def _heads(editor, m: Match, site: Site) -> bool:
@@ -138,7 +136,14 @@ def in_graph(editor, m: Match, site: Site, module: nn.Module, layout: Heads) -> 
         _shrink_modules(editor, m, cuts)
         return
     node = editor.node(site.nodes[0])
+    calls = sum(1 for n in editor.graph.nodes if n.op == "call_module" and n.target == node.target)
+    if calls > 1:
+        editor.fail(m, site, f"'{site.path}' is called {calls} times, so its weights serve other calls too",
+                    "prune heads of an attention module called once")
     new, kept = shrunk(module, layout, heads)
+    before = editor.edited.modules[node.target].weights
+    if isinstance(before, Kept):  # pruned before: positions count in the original
+        kept = Kept(_compose(before.axes, kept.axes))
     editor.edited.modules[node.target] = Slot(new, node.target, m.index, weights=kept)
     if layout.kind == "packed":
         _spell_out(editor, m, site, node, module, layout.heads - len(heads))
