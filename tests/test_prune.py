@@ -223,7 +223,7 @@ def test_convnext_mlp_neurons_and_layer_norm_refused():
     with pytest.raises(RewriteError) as err:
         fxs.apply(model, [Prune("features.0.0", channels=[0])], example_inputs=(x.double(),))
     assert err.value.full == (
-        "rule 1 'prune features.0.0 channels=[0]' (tests/test_prune.py:220) at 'features.0.0': the output channels of "
+        "rule 1 'prune features.0.0 channels=[0]' (tests/test_prune.py:224) at 'features.0.0': the output channels of "
         "'features.0.0' cannot be removed: node 'layer_norm': LayerNorm normalises over these channels, so removing one "
         "changes the others; fix: select another layer, or add optional=True to leave such groups alone")
 
