@@ -195,3 +195,10 @@ def test_heads_on_a_convolution_and_bert_self_attention_are_refused():
         "the heads of 'bert.encoder.layer.0.attention.self' cannot be removed: node 'bert.encoder.layer.0.attention.self': "
         "BertSelfAttention holds the query, key and value but not the output projection; fix: select another attention module "
         "(one that holds its output projection too)")
+
+
+def test_two_heads_rules_on_one_kept_class_module_are_refused():
+    path = "bert.encoder.layer.1.attention"
+    with pytest.raises(RewriteError, match=rf"rule 2 .*: '{path}' was already swapped by an earlier rule, whose head numbers this "
+                                           r"one would not see; fix: prune its heads in one rule"):
+        fxs.apply(H.bert(), [Prune(path, heads=[0]), Prune(path, heads=[0])], example_inputs=(H.ids(1, 5),))

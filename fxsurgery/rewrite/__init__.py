@@ -97,6 +97,9 @@ def module_edits(capture: Capture, plan: Plan) -> list[ModuleEdit]:
             rule = m.rule
             if isinstance(rule, Prune) and rule.channels is None and rule.neurons is None:
                 made = opaque_heads(m, capture.model.get_submodule(path), path)  # heads stay inside their module
+                if made is not None and any(e.path == path for e in edits):
+                    raise RewriteError(f"{m.label}: '{path}' was already swapped by an earlier rule, whose head numbers this one "
+                                       "would not see; fix: prune its heads in one rule")
                 if made is not None:
                     edits.append(ModuleEdit(path, m.index, "replace", module=made[0], weights=made[1]))
                     continue
