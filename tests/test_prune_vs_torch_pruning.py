@@ -36,6 +36,8 @@ def count(module):
 @pytest.mark.parametrize("name, path, channels, linear", [
     ("resnet50", "layer3.2.conv3", [3, 100, 1023], False),                       # a residual stream: 7 writers, 7 readers
     ("mobilenet_v2", "features.2.conv.0.0", [0, 10, 95], False),                 # through a depthwise convolution
+    pytest.param("mobilenet_v3_small", "features.4.block.0.0", [1, 50, 95], False,  # through a squeeze-excitation gate
+                 marks=pytest.mark.slow),
     pytest.param("densenet121", "features.denseblock1.denselayer2.conv2", [0, 31], False,   # concat offsets in 5 readers
                  marks=pytest.mark.slow),
     pytest.param("convnext_tiny", "features.1.0.block.3", [0, 7, 100], True,                # MLP neurons, GELU between the Linears
