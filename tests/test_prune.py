@@ -178,15 +178,19 @@ class Scaled(nn.Module):
         return self.out(self.layer_scale * self.conv(x))
 
 
-def test_layer_scale_is_sliced_with_its_channels():
+def test_layer_scale_is_sliced_with_its_channels(tmp_path):
     torch.manual_seed(0)
     model, x = Scaled().eval(), torch.randn(2, 3, 4, 4)
     result = exact(model, x, "conv", [1, 5])
     assert result.module.layer_scale.shape == (4, 1, 1)
     entry = result.report.entry("layer_scale")
     assert (entry.status, entry.source) == ("adapted", "layer_scale")
-    assert torch.equal(result.module.layer_scale, model.layer_scale[[0, 2, 3, 4]])
+    assert entry.op.startswith("dim 0 keeps 4 of 6: [0, 2-4] by rule 1")
+    assert torch.equal(result.module.layer_scale, model.layer_scale[[0, 2, 3, 4]].double())
     assert not result.report.dropped
+    result.save(tmp_path / "o")  # map-weights slices another checkpoint's layer scale the same way
+    later = Scaled().eval().double()  # exact() ran in float64
+    assert torch.equal(fxs.map_weights(later.state_dict(), tmp_path / "o")["layer_scale"], later.layer_scale[[0, 2, 3, 4]])
 
 
 class Split(nn.Module):
@@ -219,7 +223,7 @@ def test_convnext_mlp_neurons_and_layer_norm_refused():
     with pytest.raises(RewriteError) as err:
         fxs.apply(model, [Prune("features.0.0", channels=[0])], example_inputs=(x.double(),))
     assert err.value.full == (
-        "rule 1 'prune features.0.0 channels=[0]' (tests/test_prune.py:220) at 'features.0.0': the output channels of "
+        "rule 1 'prune features.0.0 channels=[0]' (tests/test_prune.py:224) at 'features.0.0': the output channels of "
         "'features.0.0' cannot be removed: node 'layer_norm': LayerNorm normalises over these channels, so removing one "
         "changes the others; fix: select another layer, or add optional=True to leave such groups alone")
 
@@ -232,3 +236,52 @@ def test_vit_mlp_neurons():
     result = exact(model, torch.randn(2, 3, 32, 32), "encoder.layers.encoder_layer_1.mlp.0", [3, 4, 63], )
     mlp = result.module.get_submodule("encoder.layers.encoder_layer_1.mlp")
     assert (mlp.get_submodule("0").out_features, mlp.get_submodule("3").in_features) == (61, 61)
+
+
+@pytest.mark.parametrize("name, block, channels", [
+    ("mobilenet_v3_small", "features.4.block", [1, 50, 95]),   # expand -> depthwise -> SE (Hardsigmoid gate) -> project
+    pytest.param("efficientnet_b0", "features.2.0.block", [3, 7], marks=pytest.mark.slow),   # SiLU inside, Sigmoid gate
+])
+def test_squeeze_excitation_gate_loses_the_gated_channels(name, block, channels):
+    """The gate only multiplies removed (zero) channels: its layer loses those rows without being zeroed."""
+    model, x = tv(name), torch.randn(2, 3, 32, 32)
+    result = exact(model, x, f"{block}.0.0", channels)
+    se = next(p for p, m in model.named_modules() if p.startswith(block) and type(m).__name__ == "SqueezeExcitation")
+    width = model.get_submodule(f"{block}.0.0").out_channels
+    fc1, fc2 = result.module.get_submodule(f"{se}.fc1"), result.module.get_submodule(f"{se}.fc2")
+    assert (fc1.in_channels, fc2.out_channels) == (width - len(channels), width - len(channels))
+    kept = [c for c in range(width) if c not in channels]
+    assert torch.equal(fc2.bias, model.get_submodule(f"{se}.fc2").bias.double()[kept])
+    assert result.report.entry(f"{se}.fc2.weight").op.startswith(f"dim 0 keeps {len(kept)} of {width}")
+
+
+def test_timm_squeeze_excite_through_batch_norm_act():
+    """timm's BatchNormAct2d traces into F.batch_norm over the tensors the graph reads: each is cut."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=5)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                nn.init.uniform_(m.bias, -0.1, 0.1)
+    result = exact(model.eval(), torch.randn(2, 3, 32, 32), "blocks.2.0.conv_pw", [3, 7])   # 64 channels, SE with a Hardsigmoid gate
+    assert result.module.get_submodule("blocks.2.0.se.conv_expand").out_channels == 62
+    assert result.module.get_submodule("blocks.2.0.se.conv_reduce").in_channels == 62
+    assert result.module.get_submodule("blocks.2.0.bn1").running_mean.shape == (62,)
+
+
+class Gated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc, self.out = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 6, 1), nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        gate = torch.sigmoid(self.fc(y.mean((2, 3), keepdim=True)))
+        return self.out(y * gate) + gate.mean()
+
+
+def test_a_gate_read_elsewhere_is_refused():
+    with pytest.raises(RewriteError, match=r"node 'sigmoid': the gate's values are read by more than 'mul', the product they gate"):
+        fxs.apply(Gated().eval(), [Prune("conv", channels=[0])], example_inputs=(torch.randn(1, 3, 4, 4),))

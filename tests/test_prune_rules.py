@@ -87,8 +87,8 @@ def test_two_layers_of_one_group_must_agree():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({}, "prune needs exactly one of channels=, amount= or neurons=, got none"),
-    ({"channels": [1], "amount": 0.5}, "prune needs exactly one of channels=, amount= or neurons=, got channels, amount"),
+    ({}, "prune needs exactly one of channels=, amount=, neurons= or heads=, got none"),
+    ({"channels": [1], "amount": 0.5}, "prune needs exactly one of channels=, amount=, neurons= or heads=, got channels, amount"),
     ({"channels": []}, "prune channels is empty, so nothing would be removed"),
     ({"channels": [1, 1]}, "prune channels names 1 twice; fix: list each index once"),
     ({"channels": [-1]}, "prune channels holds -1, not an index"),

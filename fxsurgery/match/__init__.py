@@ -18,11 +18,13 @@ from ..capture import Capture
 from ..errors import MatchError
 from ..spec import Delete, Detach, Freeze, Insert, Layers, Output, Replace, Rewrite, Rule, Selector, frozen_by
 from ._groups import Group, Unprunable, group_of, groups, zeroed
+from ._heads import Heads, count_after, heads_of, zero_heads
 from ._patterns import Constant, Found, find, missing_reason
 from ._sites import Ambiguous, Locator, Site, exact, join, select_modules
 
 __all__ = [
-    "Constant", "Found", "Group", "Locator", "Match", "Plan", "Site", "Unprunable", "group_of", "groups", "join", "label", "match", "zeroed",
+    "Constant", "Found", "Group", "Heads", "Locator", "Match", "Plan", "Site", "Unprunable", "count_after", "group_of", "groups",
+    "heads_of", "join", "label", "match", "zero_heads", "zeroed",
 ]
 
 

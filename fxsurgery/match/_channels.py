@@ -5,6 +5,9 @@ input channels (sliced there, the walk stops), anything else carries them on.
 Backward, every other writer (the other operand of an add, the other inputs
 of a concat): each must lose the same channels. Ops that map a zero channel
 to zero and keep channels apart are followed; anything else is `Unprunable`.
+A gate (squeeze-excitation: `x * sigmoid(conv(...))`) multiplies the channels
+by values that need not be zero: those values only meet zeros, so the layer
+that makes them loses the same channels without being zeroed.
 """
 
 from __future__ import annotations
@@ -13,26 +16,7 @@ import math
 
 from torch import fx, nn
 
-from ._groupdata import Group, Index, Slice, Unprunable
-
-CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_NORM = (nn.modules.batchnorm._BatchNorm,)
-# f(0) = 0 and each channel on its own: a zeroed channel stays zero through these
-_ZERO_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish, nn.LeakyReLU, nn.ELU, nn.Tanh, nn.Hardtanh,
-                 nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity, nn.Softshrink, nn.Hardshrink,
-                 nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-                 nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.UpsamplingNearest2d)
-# by name, so that match never imports torchvision: drops whole samples (or nothing, in eval), never a channel
-_ZERO_BY_NAME = ("StochasticDepth",)
-_ZERO_NAMES = {"relu", "relu_", "relu6", "gelu", "silu", "silu_", "hardswish", "hardswish_", "mish", "leaky_relu", "elu",
-               "tanh", "hardtanh", "hardtanh_", "dropout", "dropout1d", "dropout2d", "dropout3d", "contiguous", "clone",
-               "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
-               "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool2d", "interpolate", "stochastic_depth",
-               "float", "to", "type_as", "detach"}
-_ADD = {"add", "add_", "iadd", "sub", "sub_", "isub"}
-_MUL = {"mul", "mul_", "imul"}
-_SIZE = {"size", "dim", "numel"}
+from ._groupdata import _ADD, _MUL, _NORM, _SIZE, _ZERO_BY_NAME, _ZERO_MODULES, _ZERO_NAMES, CONV, GATES, Group, Index, Slice, Unprunable, _grow, _shift
 
 
 def _name(node: fx.Node) -> str:
@@ -43,16 +27,6 @@ def _arg(node: fx.Node, pos: int, key: str, default=None):
     if key in node.kwargs:
         return node.kwargs[key]
     return node.args[pos] if len(node.args) > pos else default
-
-
-def _shift(index: Index, off: int, width: int) -> Index:
-    """Positions of a whole seen from the piece [off, off + width) of it."""
-    return tuple(tuple(x - off for x in ix if off <= x < off + width) for ix in index)
-
-
-def _grow(index: Index, k: int) -> Index:
-    """Each position becomes k consecutive ones (a flatten, a depthwise multiplier)."""
-    return tuple(tuple(p * k + t for p in ix for t in range(k)) for ix in index)
 
 
 class Walk:
@@ -177,6 +151,9 @@ class Walk:
             self._add(split.args[0], dim, index)
         elif name in ("permute", "transpose"):
             self._add(node.args[0], self._moved(node, dim, backward=True), index)
+        elif name == "batch_norm":
+            self._batch_norm(node, dim, index)
+            self._add(node.args[0], dim, index)
         else:
             raise Unprunable(node.name, f"'{name}' is followed only from its input to its output")
 
@@ -250,6 +227,9 @@ class Walk:
             self._reshape(user, node, dim, index)
         elif name in ("mean", "sum", "amax", "amin"):
             self._reduce(user, node, dim, index)
+        elif name == "batch_norm" and user.args[0] is node:
+            self._batch_norm(user, dim, index)
+            self._add(user, dim, index, node)
         elif name == "layer_norm" and user.args[0] is node:
             if dim >= self.ndim(node) - len(_arg(user, 1, "normalized_shape")):
                 raise Unprunable(user.name, "LayerNorm normalises over these channels, so removing one changes the others")
@@ -262,14 +242,14 @@ class Walk:
         if node.op not in ("call_function", "call_method"):
             raise Unprunable(node.name, f"{node.op} nodes are not followed")
         name = _name(node)
-        if name in _SIZE or (name == "getattr" and node.args[1] in ("shape", "dtype", "device")):
+        if name in _SIZE or (name == "getattr" and node.args[1] in ("shape", "dtype", "device", "ndim")):
             return None
         return name
 
     # -- the ops ------------------------------------------------------------------------
     def _operands(self, node, name, dim, index):
         """add/mul: every operand that holds the channels loses them too; a value added to all of them is refused."""
-        out_nd = self.ndim(node)
+        out_nd, held = self.ndim(node), []
         for a in [*node.args, *node.kwargs.values()]:
             if not isinstance(a, fx.Node):
                 if name in _ADD and a != 0:
@@ -282,7 +262,48 @@ class Walk:
                 if name in _ADD:
                     raise Unprunable(node.name, "it adds a value broadcast over the channels, so a removed channel would not be zero")
                 continue
-            self._add(a, a_dim, index)
+            held.append((a, a_dim))
+        gates = [(a, d) for a, d in held if name in _MUL and self._gate_op(a)] if len(held) > 1 else []
+        for a, a_dim in held:
+            if (a, a_dim) in gates and len(gates) < len(held):
+                self._gate(a, node, a_dim, index)
+            else:
+                self._add(a, a_dim, index)
+
+    def _batch_norm(self, node: fx.Node, dim: int, index: Index) -> None:
+        """F.batch_norm over tensors the graph reads (timm's BatchNormAct2d traced through): each is cut."""
+        if dim != 1:
+            raise Unprunable(node.name, "batch_norm normalises dim 1, not these channels")
+        for key, pos in (("running_mean", 1), ("running_var", 2), ("weight", 3), ("bias", 4)):
+            t = _arg(node, pos, key)
+            if isinstance(t, fx.Node) and t.op != "get_attr":
+                raise Unprunable(node.name, f"its {key} is computed, not a tensor of the model")
+            if isinstance(t, fx.Node):
+                self._slice(t, "", 0, index, key in ("weight", "bias"))
+
+    def _gate_op(self, node) -> bool:
+        mod = self.modules.get(node.target) if node.op == "call_module" else None
+        return (type(mod).__name__ in GATES) if mod is not None else node.op != "get_attr" and _name(node) in GATES
+
+    def _gate(self, node: fx.Node, mul: fx.Node, dim: int, index: Index) -> None:
+        """A gate's channels only multiply removed (zero) channels: back through the gate activation (and
+        elementwise ops) to the layer that makes them, which loses those rows without being zeroed."""
+        while True:
+            if len(node.users) > 1:
+                raise Unprunable(node.name, f"the gate's values are read by more than '{mul.name}', the product they gate")
+            if not self._visit(node, dim, index):
+                return
+            mod = self.modules.get(node.target) if node.op == "call_module" else None
+            if isinstance(mod, (*CONV, nn.Linear)) and dim == (1 if isinstance(mod, CONV) else self.ndim(node) - 1):
+                if isinstance(mod, CONV) and mod.groups != 1:
+                    raise Unprunable(node.name, "a gate made by a grouped convolution is not followed")
+                self._slice(node, "weight", 0, index, False)
+                self._slice(node, "bias", 0, index, False)
+                return
+            if not (self._gate_op(node) or isinstance(mod, _ZERO_MODULES)
+                    or (mod is None and node.op != "get_attr" and _name(node) in _ZERO_NAMES)):
+                raise Unprunable(node.name, "the gate is made by an op that is not followed channel by channel")
+            node = node.args[0]
 
     def _cat(self, node):
         parts = list(_arg(node, 0, "tensors"))

@@ -21,8 +21,9 @@ from ._blame import shape_failure
 from ._edited import Edited, InputChange
 from ._editor import Rewriter, callable_only
 from ._fitting import build
+from ._heads import opaque as opaque_heads
+from ._heads import prune_rule
 from ._pattern_edits import cut_output, rewrite_chains
-from ._prune import prune
 from ._wrappers import Around, Call, Skip, StayEval, stays_eval
 
 __all__ = [
@@ -94,6 +95,14 @@ def module_edits(capture: Capture, plan: Plan) -> list[ModuleEdit]:
             shape_in = call.first_tensor().shape if call is not None and call.first_tensor() else None
             shape_out = _first_tensor(call.output) if call is not None else None
             rule = m.rule
+            if isinstance(rule, Prune) and rule.channels is None and rule.neurons is None:
+                made = opaque_heads(m, capture.model.get_submodule(path), path)  # heads stay inside their module
+                if made is not None and any(e.path == path for e in edits):
+                    raise RewriteError(f"{m.label}: '{path}' was already swapped by an earlier rule, whose head numbers this one "
+                                       "would not see; fix: prune its heads in one rule")
+                if made is not None:
+                    edits.append(ModuleEdit(path, m.index, "replace", module=made[0], weights=made[1]))
+                    continue
             if isinstance(rule, Prune):  # channels are followed through a graph, and opaque code has none
                 raise RewriteError(f"{m.label}: '{path}' is called by opaque code ({'kept class' if capture.kept else 'not traced'}), "
                                    "so the layers its channels reach are not known; fix: pass keep_class=False, or make that code traceable")
@@ -157,7 +166,7 @@ def rewrite(capture: Capture, plan: Plan) -> Rewritten:
 
 # What each rule kind does to a graph; freezing acts on the assembled module, in the transfer stage.
 ACTIONS = {Delete: Rewriter.delete, Replace: Rewriter.replace, Insert: Rewriter.insert, Detach: Rewriter.detach,
-           Rewrite: rewrite_chains, Output: cut_output, Prune: prune}
+           Rewrite: rewrite_chains, Output: cut_output, Prune: prune_rule}
 
 
 def _edit_graph(region: Captured, plan: Plan) -> Edited:

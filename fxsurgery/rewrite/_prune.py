@@ -75,13 +75,14 @@ def _shrink_modules(editor, m: Match, cuts: dict[tuple, set]) -> None:
     for target, params in by_target.items():
         if "" in params:  # a tensor the graph reads itself: sliced here, reported as computed from the original
             slot = editor.edited.tensors[target]
-            value = slot.value
+            value, kept = slot.value, {}
             for axis, positions in params[""].items():
-                keep = [i for i in range(value.shape[axis]) if i not in positions]
-                value = value.index_select(axis, torch.tensor(keep, device=value.device))
+                kept[axis] = tuple(i for i in range(value.shape[axis]) if i not in positions)
+                value = value.index_select(axis, torch.tensor(kept[axis], device=value.device))
             made = nn.Parameter(value.detach().clone(), requires_grad=slot.value.requires_grad) \
                 if isinstance(slot.value, nn.Parameter) else value.detach().clone()
-            editor.edited.tensors[target] = Slot(made, slot.source, m.index, sources=(slot.source,))
+            kept = _compose(slot.weights.axes, {"": kept}) if isinstance(slot.weights, Kept) else {"": kept}
+            editor.edited.tensors[target] = Slot(made, slot.source, m.index, weights=Kept(kept), sources=(slot.source,))
             continue
         slot = editor.edited.modules[target]
         new, kept = shrink(slot.value, params)

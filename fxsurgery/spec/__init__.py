@@ -11,7 +11,7 @@ from ._builtins import AdaptInputChannels, AddLoRA, DropDropout, FoldBatchNorm, 
 from ._load import load_rules, parse_overrides
 from ._new import New, like, new, planning
 from ._pattern import Chain, Output, Pattern, Rewrite, calls, dag_graph, element_text, pattern
-from ._policies import Kept, carry
+from ._policies import Kept, carry, ranges
 from ._prune import Prune
 from ._rules import Delete, Detach, Freeze, Insert, Layers, Replace, Rule, RuleSet, describe, flatten, fresh, frozen_by
 from ._selector import Selector
@@ -20,5 +20,5 @@ __all__ = [
     "AdaptInputChannels", "AddLoRA", "Chain", "Delete", "Detach", "DropDropout", "FoldBatchNorm",
     "FoldLinearBatchNorm", "Freeze", "Insert", "Kept", "Layers", "New", "Output", "Pattern", "Prune", "Replace", "Rewrite", "Rule",
     "RuleSet", "Selector", "SwapActivation", "calls", "carry", "dag_graph", "describe", "element_text",
-    "flatten", "fresh", "frozen_by", "like", "load_rules", "new", "parse_overrides", "pattern", "planning", "replay",
+    "flatten", "fresh", "frozen_by", "like", "load_rules", "new", "parse_overrides", "pattern", "planning", "ranges", "replay",
 ]

@@ -250,7 +250,7 @@ def _rule(item: Any, origin: Origin, resolver: _Resolver):
     if action in ("rewrite", "use"):
         return _pattern_rule(item, action, origin, resolver)
     extra = {"delete": (), "replace": ("with", "weights"), "insert": (), "detach": (), "freeze": ("except", "bn"),
-             "output": (), "layers": ("order",), "prune": ("channels", "amount", "importance", "neurons")}[action]
+             "output": (), "layers": ("order",), "prune": ("channels", "amount", "importance", "neurons", "heads")}[action]
     _check_keys(item, (action, "optional") + extra, source, f"'{action}' rule")
     optional = _flag(item, "optional", source)
     body, body_line = item[action], item.key_lines[action]
@@ -304,15 +304,15 @@ def _rule(item: Any, origin: Origin, resolver: _Resolver):
 
 
 def _prune_rule(item: YamlMap, target: Any, optional: bool, origin: Origin) -> Prune:
-    """`prune: SEL` with `channels: [...]`, `neurons: [...]` or `amount: 0.5` (and `importance: l1 | l2`)."""
-    kwargs = {k: item[k] for k in ("channels", "amount", "importance", "neurons") if k in item}
+    """`prune: SEL` with `channels: [...]`, `neurons: [...]`, `heads: [...]` or `amount: 0.5` (and `importance: l1 | l2`)."""
+    kwargs = {k: item[k] for k in ("channels", "amount", "importance", "neurons", "heads") if k in item}
     for key, value in kwargs.items():
         at = Origin(origin.file, item.key_lines.get(key, origin.line))
         if key == "importance" and value not in IMPORTANCE:
             raise RuleError(f"{at}: prune importance {_short(value)} is not known; fix: write 'importance: l1' or 'importance: l2'")
         if key == "amount" and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1):
             raise RuleError(f"{at}: prune amount must be a fraction between 0 and 1 (exclusive), got {_short(value)}; fix: e.g. 'amount: 0.5'")
-        if key in ("channels", "neurons") and not isinstance(value, list):
+        if key in ("channels", "neurons", "heads") and not isinstance(value, list):
             raise RuleError(f"{at}: prune {key} must be a list of indices, got {_short(value)}; fix: e.g. '{key}: [0, 3, 5]'")
     return Prune(target, **kwargs, optional=optional, origin=origin)
 

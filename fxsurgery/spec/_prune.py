@@ -9,6 +9,12 @@ an importance score per output channel of the selected layer's weight W:
 
 `amount=a` removes floor(a * C) channels of lowest score (ties: the lower index
 goes first), never all of them.
+
+On an attention module (torch.nn.MultiheadAttention, transformers attention
+with q/k/v/o projections) the unit is a head: `heads=[...]` names key/value
+heads (with grouped-query attention each takes its group of query heads
+along), and `amount=` removes that fraction of them, scored over every
+weight the head owns (its q, k and v rows and its output projection columns).
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ class Prune(Rule):
     >>> Prune("layer1.0.conv1", channels=[0, 5])     # conv1 loses 2 filters, bn1 and conv2 follow
     >>> Prune({type: nn.Conv2d}, amount=0.3, importance="l2", optional=True)
     >>> Prune("mlp.0", neurons=[1, 2])               # hidden units of Linear -> act -> Linear
+    >>> Prune("encoder.layers.encoder_layer_0.self_attention", heads=[0, 5])   # attention heads
     """
 
     target: Any
@@ -60,17 +67,18 @@ class Prune(Rule):
     amount: float | None = None
     importance: Any = "l1"
     neurons: Any = None
+    heads: Any = None
     optional: bool = False
     origin: Any = None
 
     def __post_init__(self):
         super().__post_init__()
         check_selector(self, "target")
-        given = [k for k in ("channels", "amount", "neurons") if getattr(self, k) is not None]
+        given = [k for k in ("channels", "amount", "neurons", "heads") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise RuleError(f"{self.origin}: prune needs exactly one of channels=, amount= or neurons=, got "
+            raise RuleError(f"{self.origin}: prune needs exactly one of channels=, amount=, neurons= or heads=, got "
                             f"{', '.join(given) or 'none'}; fix: e.g. Prune('conv1', channels=[0, 3]) or Prune('conv1', amount=0.5)")
-        for key in ("channels", "neurons"):
+        for key in ("channels", "neurons", "heads"):
             if getattr(self, key) is not None:
                 object.__setattr__(self, key, _indices(getattr(self, key), self.origin, key))
         if self.amount is not None:
@@ -87,27 +95,32 @@ class Prune(Rule):
 
     @property
     def indices(self) -> tuple | None:
-        return self.channels if self.channels is not None else self.neurons
+        return next((v for v in (self.channels, self.neurons, self.heads) if v is not None), None)
+
+    @property
+    def key(self) -> str:
+        return next(k for k in ("channels", "neurons", "heads", "amount") if getattr(self, k) is not None)
 
     def __str__(self):
         if self.indices is not None:
-            key = "channels" if self.channels is not None else "neurons"
+            key = self.key
             return f"prune {self.target} {key}={list(self.indices)}"
         imp = self.importance if isinstance(self.importance, str) else getattr(self.importance, "__name__", "fn")
         return f"prune {self.target} amount={self.amount} ({imp})"
 
-    def choose(self, module: nn.Module, width: int, where: str) -> list[int]:
-        """The output channels of `module` (which has `width`) this rule removes."""
+    def choose(self, module: nn.Module, width: int, where: str, unit: str = "output channel", scores=None) -> list[int]:
+        """The output channels (or heads: `unit`, with their `scores`) of `module` (which has `width`) this rule removes."""
         if self.indices is not None:
             out = [i for i in self.indices if i >= width]
             if out:
-                raise RuleError(f"{self.origin}: {where} has {width} output channels, so channel {out[0]} does not exist; "
+                raise RuleError(f"{self.origin}: {where} has {width} {unit}s, so {unit.split()[-1]} {out[0]} does not exist; "
                                 f"fix: use indices 0 to {width - 1}")
             if len(self.indices) >= width:
-                raise RuleError(f"{self.origin}: removing all {width} output channels of {where} leaves nothing to compute; "
-                                "fix: keep at least one channel")
+                raise RuleError(f"{self.origin}: removing all {width} {unit}s of {where} leaves nothing to compute; "
+                                f"fix: keep at least one {unit.split()[-1]}")
             return list(self.indices)
-        scores = scores_of(self.importance, module, width)
+        if scores is None:
+            scores = scores_of(self.importance, module, width)
         count = min(int(self.amount * width), width - 1)
         order = sorted(range(width), key=lambda c: (float(scores[c]), c))
         return sorted(order[:count])

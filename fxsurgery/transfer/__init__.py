@@ -17,7 +17,7 @@ from .._progress import bar
 from .._util import shape_text
 from ..errors import TransferError
 from ..rewrite import Rewritten
-from ..spec import Kept, carry
+from ..spec import Kept, carry, ranges
 from ._assemble import assemble
 from ._checkpoint import Checkpoint, empty_weights, read_state_dict, strip_prefixes
 from ._conventions import follow_conventions
@@ -90,9 +90,11 @@ def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True,
             used.add(source)
             report.entries.append(entry(name, t, kind, "transferred", source=source, frozen=frozen))
         elif id(t) in built.made_tensors:
-            rule, sources = built.made_tensors[id(t)]
+            rule, sources, policy = built.made_tensors[id(t)]
             status = "adapted" if sources else "new"
             op = f"computed by {rewritten.rule_of(rule).label}" if sources else ""
+            if isinstance(policy, Kept) and len(sources) == 1:  # sliced by Prune: the indices it keeps, replayable
+                op, report.recipes[name] = _sliced(model, sources[0], t, policy, rewritten.rule_of(rule).label)
             report.entries.append(entry(name, t, kind, status, source=", ".join(sources) or None, rule=rule, op=op,
                                          frozen=frozen))
             derived_from.update(sources)
@@ -283,6 +285,15 @@ def _carry(rewritten: Rewritten, path: str, new: nn.Module, old: nn.Module, rule
                               "reads": {"src": f"{prefix}.{name}"},
                               "read": {f"{prefix}.{name}": [list(src.shape), str(src.dtype).replace("torch.", "")]}}
     return carried
+
+
+def _sliced(model: nn.Module, source: str, t: torch.Tensor, policy: Kept, label: str) -> tuple[str, dict]:
+    """A tensor the graph reads, sliced by Prune (a layer scale): its op names the kept indices; its recipe replays them."""
+    src = dict((n, v) for n, v, _ in tensors_of(model))[source]
+    op = "; ".join(f"dim {a} keeps {len(k)} of {src.shape[a]}: [{ranges(k)}]" for a, k in sorted(policy.axes[""].items()))
+    recipe = {"op": "policy", "policy": _recorded(policy, ""), "reads": {"src": source},
+              "read": {source: [list(src.shape), str(src.dtype).replace("torch.", "")]}}
+    return f"{op} by {label}", recipe
 
 
 def _recorded(policy, name: str):

@@ -34,7 +34,7 @@ class Assembly:
     wrappers: set[int] = field(default_factory=set)         # ids of the Around modules made here
     derived: list[tuple] = field(default_factory=list)  # (path, module, source paths, rule): tensors a pattern computed
     frozen: dict[str, int] = field(default_factory=dict)  # module path -> the pattern rule that freezes it
-    made_tensors: dict[int, tuple] = field(default_factory=dict)  # id(tensor a rule made) -> (rule, source paths)
+    made_tensors: dict[int, tuple] = field(default_factory=dict)  # id(tensor a rule made) -> (rule, source paths, policy)
     blank: Callable = None  # room for one tensor's values (a streamed result keeps meta tensors on meta)
 
 
@@ -99,7 +99,7 @@ def assemble(rewritten: Rewritten, share: bool = False, blank: Callable = _blank
                 table[path] = memo[id(slot.value)]
             elif slot.rule is not None:  # a tensor an inlined replacement holds: made by its rule
                 table[path] = slot.value
-                built.made_tensors[id(slot.value)] = (slot.rule, tuple(join(region.path, s) for s in slot.sources))
+                built.made_tensors[id(slot.value)] = (slot.rule, tuple(join(region.path, s) for s in slot.sources), slot.weights)
             else:
                 table[path] = _constant(slot.value)
                 built.constants.add(id(table[path]))

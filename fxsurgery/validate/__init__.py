@@ -43,6 +43,8 @@ def validate_graph(edited: Edited) -> Edited:
         raise ValidateError(f"{last}: the rewritten graph is malformed: {exc}; fix: check the order of the rules") from None
     edited.graph.eliminate_dead_code(is_impure_node=_impure)
     used = {n.target for n in edited.graph.nodes if n.op in ("call_module", "get_attr")}
+    # a module whose tensors the graph reads one by one (a MultiheadAttention whose heads were pruned) stays
+    used |= {t.rsplit(".", i)[0] for t in list(used) for i in range(1, t.count(".") + 1)}
     for table in (edited.modules, edited.tensors):
         for target in [t for t in table if t not in used]:
             del table[target]
