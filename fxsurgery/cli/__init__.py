@@ -15,7 +15,7 @@ import time
 import warnings
 from pathlib import Path
 
-from .._progress import quiet
+from .._progress import library_bars, quiet, working
 from .._util import first_line, format_table
 from ..errors import FxsError, ModelError, bounded
 from ..spec import load_rules, parse_overrides
@@ -121,7 +121,7 @@ def _model(args):
     from ._modelref import load_model
     checkpoint = open_checkpoint(args.weights) if args.weights else None
     meta = checkpoint is not None or getattr(args, "stream", False)  # --stream --dry-run alone: the plan on meta
-    with empty_weights() if meta else contextlib.nullcontext():
+    with empty_weights() if meta else contextlib.nullcontext(), working("load model"):
         model = load_model(args.model, trust_pickle=args.trust_pickle, trust_code=args.trust_code,
                            allow=tuple(getattr(args, "allow_module", ())))
     if checkpoint is not None:
@@ -279,7 +279,7 @@ def main(argv=None) -> int:
     command = {"apply": cmd_apply, "inspect": cmd_inspect, "check": cmd_check, "diff": cmd_diff,
                "map-weights": cmd_map_weights, "rules": cmd_rules, "demo": cmd_demo}[args.command]
     try:
-        with quiet(getattr(args, "quiet", False)):
+        with quiet(getattr(args, "quiet", False)), library_bars():
             return command(args)
     except FxsError as exc:
         print(f"fxsurgery: error: {bounded(exc.message)}", file=sys.stderr)  # bounded already, unless a subclass skipped it
