@@ -27,7 +27,7 @@ from ._copying import share
 from ._guards import Decision, add_decision_guards, probe, unique
 from ._shapes import Meta, PropagationError, propagate
 from ._tracer import Tracer
-from ._values import ValueTracer, add_shape_guards
+from ._values import ValueTracer, add_shape_guards, live_messages
 
 
 @dataclass
@@ -138,6 +138,8 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, example_kwargs:
         if decisions and dynamic is not None:
             probe(gm, graph, positional, decisions, path)
             gm.recompile()
+    if live_messages(graph, captured.shapes):
+        gm.recompile()
     return captured
 
 
