@@ -140,3 +140,32 @@ def test_exports_that_hold_numbers_as_constants_say_so(tmp_path):
     program = torch.export.load(str(tmp_path / "o" / "model.pt2")).module()
     with torch.no_grad():
         assert torch.equal(program(X, 0.5), model(X, 0.5))
+
+
+class DataDependent(nn.Module):
+    def forward(self, x):
+        return x if x.sum() > 0 else -x   # no graph holds this: the module stays opaque
+
+
+class PartlyTraced(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.sign = DataDependent()
+
+    def forward(self, x, scale: float = 1.0):
+        return self.sign(self.lin(x)) * scale
+
+
+@pytest.mark.parametrize("example", [dict(example_inputs=(X, 0.5)), dict(example_inputs=(X,), example_kwargs={"scale": 0.5})],
+                         ids=["positional", "keyword"])
+def test_a_float_stays_an_input_of_a_model_with_opaque_parts(example):
+    model = PartlyTraced().eval()
+    result = fxs.apply(model, [Freeze("lin")], keep_class=False, **example)
+    assert result.capture.opaque == {"sign": "TraceError: control flow depends on tensor values (data-dependent), which no graph "
+                                             "can hold (at tests/test_number_inputs.py:"
+                                             f"{inspect.getsourcelines(DataDependent.forward)[1] + 1})"}
+    with torch.no_grad():
+        for scale in (0.5, 2.0):
+            assert torch.equal(result.module(X, scale), model(X, scale))
+            assert torch.equal(result.module(X, scale=scale), model(X, scale=scale))
