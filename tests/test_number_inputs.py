@@ -134,12 +134,16 @@ def test_a_decision_on_the_float_or_an_int_is_guarded_by_name():
 def test_exports_that_hold_numbers_as_constants_say_so(tmp_path):
     model = Scaled().eval()
     result = fxs.apply(model, [Freeze("lin")], example_inputs=(X, 0.5), keep_class=False)
-    result.save(tmp_path / "o", formats=("pt2",))
+    result.save(tmp_path / "o", formats=("pt2", "torchscript"))
     # torch.export takes a float only as a constant: the record names it and its value
-    assert json.loads((tmp_path / "o" / "surgery.json").read_text())["formats"]["pt2"]["fixed"] == {"scale": 0.5}
+    formats = json.loads((tmp_path / "o" / "surgery.json").read_text())["formats"]
+    assert formats["pt2"]["fixed"] == {"scale": 0.5} and "fixed" not in formats["torchscript"]
     program = torch.export.load(str(tmp_path / "o" / "model.pt2")).module()
+    script = torch.jit.load(str(tmp_path / "o" / "model.torchscript.pt"))
     with torch.no_grad():
         assert torch.equal(program(X, 0.5), model(X, 0.5))
+        for scale in (0.5, 2.0):   # TorchScript takes the float at call time
+            assert torch.equal(script(X, scale), model(X, scale))
 
 
 class DataDependent(nn.Module):
