@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._progress import working
 from .capture import Capture, Captured, Meta, capture, capture_kept, track
 from .errors import SaveError
 from .export import footprint, parse_size, save, save_pretrained
@@ -158,11 +159,13 @@ class SurgeryResult:
             if formats:
                 raise SaveError(f"formats {', '.join(formats)}: a kept {type(self.module).__name__} is saved by its own "
                                 "save_pretrained; fix: leave formats out, or apply with keep_class=False")
-            return save_pretrained(self.module, directory, force=force, record=self.to_dict(),
-                                   max_shard_size=max_shard_size, lazy=pending_of(self.module))
-        return save(self.module, directory, force=force, record=self.to_dict(), formats=formats,
-                    example_inputs=self.example_inputs, extra=extra, max_shard_size=max_shard_size,
-                    lazy=pending_of(self.module), static=self._static_dims())
+            with working("save"):  # a large model's weights take a while to write and hash
+                return save_pretrained(self.module, directory, force=force, record=self.to_dict(),
+                                       max_shard_size=max_shard_size, lazy=pending_of(self.module))
+        with working("save"):
+            return save(self.module, directory, force=force, record=self.to_dict(), formats=formats,
+                        example_inputs=self.example_inputs, extra=extra, max_shard_size=max_shard_size,
+                        lazy=pending_of(self.module), static=self._static_dims())
 
     def _static_dims(self) -> list | None:
         """Per example input, the dims exports keep static: those capture specialised (tensor inputs

@@ -106,3 +106,35 @@ def test_diff_of_a_transformers_model_captured_through_its_call_form(tmp_path):
     assert str(err.value) == ("the result keeps the class BertForSequenceClassification and runs its own code, so there is no graph "
                               "to draw; fix: apply with keep_class=False to see the graphs before and after")
     assert not (tmp_path / "kept.html").exists()
+
+
+BERT = """
+import transformers
+def tiny_bert():
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=37, max_position_embeddings=64)
+    return transformers.BertForSequenceClassification(config).eval()
+"""
+
+
+def test_float_token_ids_are_told_to_take_a_dtype(tmp_path):
+    pytest.importorskip("transformers")
+    (tmp_path / "models.py").write_text(BERT)
+    code, _, stderr = cli("apply", f"{tmp_path / 'models.py'}:tiny_bert", "classifier-head", "--input", "1x16", "-o", tmp_path / "out")
+    assert code == 2 and not (tmp_path / "out").exists() and stderr.count("\n") == 1
+    assert stderr.startswith("fxsurgery: error: the original model fails on the example inputs: RuntimeError: Expected tensor for argument #1 'indices'")
+    assert stderr.endswith("; fix: token ids are integers: give them a dtype, e.g. --input 1x16:int64\n")
+    # twin: an image model given the wrong rank keeps the general fix
+    code, _, stderr = cli("apply", "torchvision.models:resnet18", "classifier-head", "--input", "1x3x64", "-o", tmp_path / "out")
+    assert code == 2 and stderr.endswith("; fix: pass inputs the original model accepts\n")
+
+
+def test_the_cli_diff_draws_a_transformers_model(tmp_path):
+    pytest.importorskip("transformers")
+    (tmp_path / "models.py").write_text(BERT)
+    (tmp_path / "freeze.yaml").write_text("fxsurgery: 1\nrules:\n  - freeze: bert.embeddings\n")
+    page = tmp_path / "diff.html"
+    code, stdout, stderr = cli("diff", f"{tmp_path / 'models.py'}:tiny_bert", tmp_path / "freeze.yaml", "--input", "1x16:int64", "-o", page)
+    # apply keeps a transformers model as its class, which has no graph; the page is drawn from the graph instead
+    assert (code, stdout, stderr) == (0, f"wrote {page}\n", "")
+    assert page.read_text().count('data-status="frozen" data-op="call_module"') == 8   # the four embedding modules, each pane

@@ -1,13 +1,16 @@
 """More first-day papercuts: a report that summarises a long run of alike tensors, ONNX outputs named after
-the model's outputs, no FutureWarning from saving a transformers model, a capture bar on a terminal."""
+the model's outputs, no FutureWarning from saving a transformers model, a capture bar on a terminal, a ViT's
+shape error that says the value the call gave (not "Proxy(getitem_2)")."""
 
 import fcntl
+import importlib.util
 import os
 import pty
 import struct
 import subprocess
 import sys
 import termios
+import uuid
 import warnings
 
 import pytest
@@ -91,3 +94,42 @@ def test_capture_shows_a_bar_on_a_terminal_only():
     piped = subprocess.run([sys.executable, "-c", CAPTURE], capture_output=True, text=True,
                            env={**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])})
     assert piped.returncode == 0 and "capture" not in piped.stderr
+
+
+def _vit():
+    torch.manual_seed(0)
+    return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,
+                                                mlp_dim=37, num_classes=10).eval()
+
+
+def _message(module, x) -> str:
+    with pytest.raises(AssertionError) as err:
+        module(x)
+    return str(err.value)
+
+
+def test_a_vit_shape_error_says_the_value_not_a_proxy(tmp_path):
+    model = _vit()
+    result = fxs.apply(model, [Replace("heads.head", torch.nn.Linear(32, 5))], example_inputs=(torch.randn(2, 3, 32, 32),))
+    result.save(tmp_path / "o")
+    spec = importlib.util.spec_from_file_location(f"saved_{uuid.uuid4().hex}", tmp_path / "o" / "model.py")
+    code = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(code)
+    saved = code.Model.load(str(tmp_path / "o"))
+    for bad, said in [(torch.randn(2, 3, 48, 32), "Wrong image height! Expected 32 but got 48!"),
+                      (torch.randn(2, 3, 32, 40), "Wrong image width! Expected 32 but got 40!")]:
+        assert _message(model, bad) == said   # the original's own words, which the result repeats
+        assert _message(result.module, bad) == said and _message(saved, bad) == said
+
+
+class Checked(torch.nn.Module):
+    def forward(self, x):
+        torch._assert(x.shape[1] == 4, f"{x.shape[1]} features (100% wrong), mean {x}")
+        return x * 2
+
+
+def test_a_message_built_from_a_tensor_names_it_instead():
+    result = fxs.apply(Checked(), [], example_inputs=(torch.randn(2, 4),))
+    # a size is formatted at call time; a tensor is not formatted on every call: its name stands in
+    assert _message(result.module, torch.randn(2, 3)) == "3 features (100% wrong), mean `x`"
+    assert torch.equal(result.module(torch.ones(2, 4)), torch.full((2, 4), 2.0))

@@ -308,12 +308,13 @@ class _Walker:
             return "called with different non-tensor arguments at different places"
         opaque: dict[str, str] = {}
         policy = self.policy
-        as_called = bool(path) or bool(call is not None and call.kwargs)  # the model itself is first traced through its signature
+        as_called = bool(path)  # the model itself is first traced through its signature (its keywords bound to it)
         while True:
             try:
                 spec = call_spec(module, call.args, call.kwargs) if call is not None and as_called else None
                 example = call.args if call is not None and not as_called else None
-                captured = trace(module, example, call=spec, leaf_types=policy.leaf_types,
+                keywords = call.kwargs if call is not None and not as_called else None
+                captured = trace(module, example, keywords, call=spec, leaf_types=policy.leaf_types,
                                  leaf_paths=policy.leaf_paths, opaque=opaque, path=path, dynamic=self.dynamic)
                 captured.opaque = opaque
                 return captured

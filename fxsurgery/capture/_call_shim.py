@@ -240,8 +240,9 @@ def keep_parameter_names(graph: fx.Graph, concrete: dict, path: str) -> None:
     fixed = {n.target for n in graph.nodes if n.op == "placeholder"
              and any(n.target.startswith(f"{name}_") and n.target[len(name) + 1:].isdigit() for name in concrete)}
     for node in graph.nodes:
-        if node.op == "placeholder" and node.target not in fixed and node.args:
-            # given a tensor at capture: the default (often None) is not the graph's to take
+        if node.op == "placeholder" and node.target not in fixed and node.args and not isinstance(node.args[0], float):
+            # given a tensor at capture: the default (often None) is not the graph's to take; a float's
+            # default is (a float input stays an input of the graph, _trace.py)
             node.args = ()
     who = f"'{path}'" if path else "the model"  # as the adapter says it; a saved model.py is re-traced under another class name
     messages = {}

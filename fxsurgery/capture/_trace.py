@@ -27,7 +27,7 @@ from ._copying import share
 from ._guards import Decision, add_decision_guards, probe, unique
 from ._shapes import Meta, PropagationError, propagate
 from ._tracer import Tracer
-from ._values import ValueTracer, add_shape_guards
+from ._values import ValueTracer, add_shape_guards, live_messages
 
 
 @dataclass
@@ -138,6 +138,8 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, example_kwargs:
         if decisions and dynamic is not None:
             probe(gm, graph, positional, decisions, path)
             gm.recompile()
+    if live_messages(graph, captured.shapes):
+        gm.recompile()
     return captured
 
 
@@ -176,10 +178,18 @@ def specialise(model: nn.Module, args: tuple, kwargs: dict, complete: bool) -> t
             positional.append(None)
             continue
         positional.append(value)
-        if not _has_tensor(value):
+        if not _has_tensor(value) and not _is_number_input(value, p):
             concrete[p.name] = value
     return concrete, tuple(positional)
 
+
+def _is_number_input(value: Any, param: inspect.Parameter) -> bool:
+    """A float (a scale, a temperature) stays an input of the graph: the call decides it, not the example.
+
+    An int or a flag stays fixed: such values pick branches, sizes and loop counts far more often
+    than they scale a tensor, and the graph guards them with a message naming the argument.
+    """
+    return isinstance(value, float) and param.kind is not param.VAR_KEYWORD
 
 def _per_parameter(params: list, args: tuple, kwargs: dict):
     """`args` as one value per parameter in order (what trace keeps as a graph's example inputs,

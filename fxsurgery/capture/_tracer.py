@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import fnmatch
 import re
 
@@ -40,6 +41,9 @@ class Tracer(fx.Tracer):
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
         args = super().create_args_for_root(root_fn, is_module, concrete_args)
+        for node in self.graph.find_nodes(op="placeholder"):
+            if isinstance(node.type, str):  # `from __future__ import annotations`: code can only name a builtin type
+                node.type = getattr(builtins, node.type, None) if isinstance(getattr(builtins, node.type, None), type) else None
         self._modes = read_modes(self, self.root)  # code fxsurgery wrote reads the mode as a graph value
         return args
 

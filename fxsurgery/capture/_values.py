@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import re
 from typing import Any
 
 import torch
@@ -24,8 +25,8 @@ from torch.utils import _pytree as pytree
 
 from .._util import get_path
 from ._copying import clone
-from ._guards import Decision, source_line
-from ._shapes import quiet_fake_tensors
+from ._guards import Decision, render, source_line
+from ._shapes import Meta, quiet_fake_tensors
 from ._tracer import Tracer
 
 _MISSING = object()
@@ -184,3 +185,63 @@ def add_shape_guards(graph: fx.Graph, inputs: tuple, where: str) -> None:
             same = graph.call_function(operator.eq, (size, shape))
         with graph.inserting_after(same):
             anchor = graph.call_function(torch._assert, (same, message))
+
+
+_PROXY_TEXT = re.compile(r"Proxy\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+def live_messages(graph: fx.Graph, shapes: dict[str, Meta]) -> bool:
+    """Make assert messages the forward built from traced values say the value of the call that fails.
+
+    `torch._assert(h == 224, f"Expected 224 but got {h}!")` is traced with the message already
+    formatted, and the proxy reads "Proxy(getitem_2)" in it. Such a message becomes a `%` format of
+    the graph's values, made on each call: "Expected 224 but got 48!", as the original says. A
+    value that is a tensor (or of unknown kind, without example inputs) is not formatted on every call:
+    the message names where it comes from instead (`x.shape[2]`). True when the graph changed.
+    """
+    nodes = {n.name: n for n in graph.nodes}
+    changed = False
+    for node in list(graph.find_nodes(op="call_function", target=torch._assert)):
+        text = node.args[1] if len(node.args) > 1 else None
+        if not isinstance(text, str) or not any(name in nodes for name in _PROXY_TEXT.findall(text)):
+            continue
+        parts = _PROXY_TEXT.split(text)   # text, name, text, name, ..., text
+        values = [nodes[name] for name in parts[1::2] if name in nodes and _printable(shapes.get(name), nodes[name])]
+        pieces = []
+        for i, part in enumerate(parts):
+            if i % 2 and part in nodes and _printable(shapes.get(part), nodes[part]):
+                pieces.append("%s")
+                continue
+            piece = part if i % 2 == 0 else f"`{render(nodes[part])}`" if part in nodes else f"Proxy({part})"
+            pieces.append(piece.replace("%", "%%") if values else piece)
+        template = "".join(pieces)
+        message = template
+        if values:
+            with graph.inserting_before(node):
+                message = graph.call_function(operator.mod, (template, tuple(values)))
+            shapes[message.name] = Meta(None, None, "str")
+        node.args = (node.args[0], message, *node.args[2:])
+        changed = True
+    return changed
+
+
+def _printable(meta: Meta | None, node: fx.Node) -> bool:
+    """A value cheap and short to format on every call: a size, a number, a shape (known from the
+    example call, or, without one, by being a size read)."""
+    if meta is not None:
+        return meta.kind in ("int", "float", "bool", "Size", "SymInt", "str", "NoneType", "dtype")
+    return _size_read(node)
+
+
+def _size_read(node) -> bool:
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_method":
+        return node.target in ("size", "dim", "numel")
+    if node.op != "call_function":
+        return False
+    if node.target is getattr:
+        return node.args[1] in ("shape", "ndim")
+    if node.target in (operator.getitem, len):
+        return _size_read(node.args[0])
+    return False

@@ -15,7 +15,7 @@ import time
 import warnings
 from pathlib import Path
 
-from .._progress import quiet
+from .._progress import library_bars, quiet, working
 from .._util import first_line, format_table
 from ..errors import FxsError, ModelError, bounded
 from ..spec import load_rules, parse_overrides
@@ -121,7 +121,7 @@ def _model(args):
     from ._modelref import load_model
     checkpoint = open_checkpoint(args.weights) if args.weights else None
     meta = checkpoint is not None or getattr(args, "stream", False)  # --stream --dry-run alone: the plan on meta
-    with empty_weights() if meta else contextlib.nullcontext():
+    with empty_weights() if meta else contextlib.nullcontext(), working("load model"):
         model = load_model(args.model, trust_pickle=args.trust_pickle, trust_code=args.trust_code,
                            allow=tuple(getattr(args, "allow_module", ())))
     if checkpoint is not None:
@@ -202,7 +202,7 @@ def cmd_check(args) -> int:
     return 0
 
 
-def _result(args):
+def _result(args, keep_class: bool | None = None):
     """Load the rules and the model and run the surgery, printing nothing."""
     from ..pipeline import apply
     from ._modelref import parse_inputs
@@ -214,13 +214,15 @@ def _result(args):
         warnings.simplefilter("ignore")  # the plan's warnings are printed by the caller
         dynamic = None if getattr(args, "dynamic_shapes", "auto") == "none" else "auto"
         return apply(model, rules, inputs or None, example_kwargs=keywords or None, strict=getattr(args, "strict", False),
-                     leaf_paths=args.leaf, weights=checkpoint, stream=getattr(args, "stream", False), dynamic_shapes=dynamic)
+                     leaf_paths=args.leaf, weights=checkpoint, stream=getattr(args, "stream", False), dynamic_shapes=dynamic,
+                     keep_class=keep_class)
 
 
 def cmd_diff(args) -> int:
     from ..views import check_suffix, diff
     check_suffix(args.output)
-    print(f"wrote {diff(_result(args), args.output)}")
+    # the page draws graphs: a transformers model (kept as its class by apply) is drawn from its graph
+    print(f"wrote {diff(_result(args, keep_class=False), args.output)}")
     return 0
 
 
@@ -279,10 +281,12 @@ def main(argv=None) -> int:
     command = {"apply": cmd_apply, "inspect": cmd_inspect, "check": cmd_check, "diff": cmd_diff,
                "map-weights": cmd_map_weights, "rules": cmd_rules, "demo": cmd_demo}[args.command]
     try:
-        with quiet(getattr(args, "quiet", False)):
+        with quiet(getattr(args, "quiet", False)), library_bars():
             return command(args)
     except FxsError as exc:
-        print(f"fxsurgery: error: {bounded(exc.message)}", file=sys.stderr)  # bounded already, unless a subclass skipped it
+        from ._modelref import integer_hint
+        message = integer_hint(exc.message, getattr(args, "input", None))
+        print(f"fxsurgery: error: {bounded(message)}", file=sys.stderr)  # bounded already, unless a subclass skipped it
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("fxsurgery: interrupted; nothing written", file=sys.stderr)

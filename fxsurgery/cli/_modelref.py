@@ -134,3 +134,16 @@ def parse_inputs(specs) -> tuple[tuple, dict]:
             else:
                 out.append(value)
     return tuple(out), keywords
+
+
+_WANTS_INTEGERS = re.compile(r"\b(Long|Int|indices|integer|index)\b")
+ACCEPTS = "; fix: pass inputs the original model accepts"
+
+
+def integer_hint(message: str, specs) -> str:
+    """Token ids given as floats (`--input 1x16`, no dtype) fail inside the model with a message about
+    Long/indices: the fix is a dtype on that --input, which the generic fix does not say."""
+    bare = [part for spec in specs or [] for part in spec.split(",") if ":" not in part]
+    if not bare or not message.endswith(ACCEPTS) or not _WANTS_INTEGERS.search(message):
+        return message
+    return message[:-len(ACCEPTS)] + f"; fix: token ids are integers: give them a dtype, e.g. --input {bare[0].strip()}:int64"

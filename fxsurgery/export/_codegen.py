@@ -23,7 +23,7 @@ from torch.utils import _pytree as pytree
 from .._util import get_path
 from ..capture import adapter_call, mismatch
 from ..errors import SaveError
-from ._names import check_structure, docstring_text, dotted, method_name
+from ._names import check_structure, docstring_text, dotted, method_name, without_wraps
 
 _SAFE_SEGMENT = re.compile(r"[A-Za-z0-9_]+")
 _PLAIN = (bool, int, float, str, type(None))
@@ -227,7 +227,7 @@ def generate(gm: fx.GraphModule, *, class_name: str, frozen: list[str], ties: di
     eval_paths = sorted(rename_path(p, renames) for p, t in modes.items() if not t)
     train_mode = "all" if not eval_paths else ("none" if len(eval_paths) == len(modes) else "some")
     call = adapter_call(gm)
-    graph_src = code.src.strip("\n")
+    graph_src = without_wraps(code.src).strip("\n")
     if call is not None:  # the graph takes the call's tensors flattened: model.py restores the call form
         graph_src = graph_src.replace("def forward(", "def _graph(", 1)
     forward = "\n".join("    " + line if line else line for line in graph_src.splitlines())

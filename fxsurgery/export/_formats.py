@@ -164,6 +164,9 @@ def export_as(fmt: str, gm: fx.GraphModule, work: Path, example_inputs: tuple | 
     if worst > TOLERANCE[fmt]:
         raise SaveError(f"{fmt} export differs from the module by {worst:.2e} (more than {TOLERANCE[fmt]:.0e}); fix: save without --format {fmt}")
     record = {"file": FORMATS[fmt], "max_abs_diff": worst}
+    numbers = [(n.target, v) for n, v in zip(gm.graph.find_nodes(op="placeholder"), example_inputs) if type(v) in (int, float)]
+    if numbers and fmt != "torchscript":  # torch.export and ONNX hold a number input as the example's value
+        record["fixed"] = dict(numbers)
     if fmt != "torchscript" and static is not None:
         record["dynamic"] = _dynamic(gm, runner, tuple(example_inputs), static, TOLERANCE[fmt])
     return record

@@ -80,3 +80,9 @@ def check_structure(source: str) -> None:
     if problems:
         raise SaveError(f"cannot write model.py: the generated source has statements outside its fixed layout ({', '.join(problems[:3])}); "
                         "fix: rename the model's classes and modules to plain Python names")
+
+
+def without_wraps(source: str) -> str:
+    """torch.fx's code for a graph calling a wrapped function (`math.sqrt` of a size) registers it with
+    `torch.fx._symbolic_trace.wrap("math_sqrt")` for re-tracing; model.py only imports it."""
+    return "\n".join(line for line in source.splitlines() if not line.startswith("torch.fx._symbolic_trace.wrap("))
