@@ -202,3 +202,22 @@ def test_two_heads_rules_on_one_kept_class_module_are_refused():
     with pytest.raises(RewriteError, match=rf"rule 2 .*: '{path}' was already swapped by an earlier rule, whose head numbers this "
                                            r"one would not see; fix: prune its heads in one rule"):
         fxs.apply(H.bert(), [Prune(path, heads=[0]), Prune(path, heads=[0])], example_inputs=(H.ids(1, 5),))
+
+
+def test_kept_class_with_pruned_heads_refuses_save_pretrained_and_saves_as_a_graph(tmp_path):
+    # a transformers config has one head count for every layer: from_pretrained could not rebuild
+    # layer 1 with one head fewer, so the kept class's own format is refused, nothing written
+    model = H.bert().double()
+    path = "bert.encoder.layer.1.attention"
+    kept = fxs.apply(model, [Prune(path, heads=[0])], example_inputs=(H.ids(2, 7),))
+    with pytest.raises(fxs.errors.SaveError) as err:
+        kept.save(tmp_path / "kept")
+    assert str(err.value) == (f"{type(model).__name__}: '{path}.self.query.weight' is [16, 32] but its config builds [32, 32], "
+                              "so from_pretrained could not reload it; fix: apply with keep_class=False (saved as model.py + safetensors)")
+    assert not (tmp_path / "kept").exists()
+    graph = fxs.apply(model, [Prune(path, heads=[0])], example_inputs=(H.ids(2, 7),), keep_class=False)
+    graph.save(tmp_path / "graph")
+    loaded = fxs.load(tmp_path / "graph", trust_code=True)  # a transformers call adapter lives in model.py
+    ids = H.ids(3, 9, seed=5)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, kept.module(ids).logits)

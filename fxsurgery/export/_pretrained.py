@@ -10,11 +10,31 @@ parameters once under their first name, as `save_pretrained` writes them.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
+import torch
 from torch import nn
 
+from ..errors import SaveError
 from ._shards import lazy_names, write
+
+
+def refuse_unloadable(module: nn.Module) -> None:
+    """Refuse a kept model its own configuration no longer builds (e.g. heads removed per layer,
+    which a transformers config cannot say): `from_pretrained` would refuse it, and nothing else reads
+    that format. The class is built from the config on meta, so this costs no weights."""
+    try:
+        with torch.device("meta"):
+            fresh = type(module)(copy.deepcopy(module.config))
+    except Exception:  # a class its config cannot build here: from_pretrained decides
+        return
+    shapes = {k: v.shape for k, v in fresh.state_dict().items()}
+    for name, tensor in module.state_dict().items():
+        if name in shapes and shapes[name] != tensor.shape:
+            raise SaveError(f"{type(module).__name__}: '{name}' is {list(tensor.shape)} but its config builds "
+                            f"{list(shapes[name])}, so from_pretrained could not reload it; "
+                            "fix: apply with keep_class=False (saved as model.py + safetensors)")
 
 
 def write_pretrained(module: nn.Module, work: Path, limit: int, lazy: dict, ties: dict[str, str]) -> dict[str, str]:

@@ -25,7 +25,7 @@ from ._codegen import generate, rename_path
 from ._formats import export_as
 from ._graphdata import GRAPH, describe
 from ._names import shown
-from ._pretrained import write_pretrained
+from ._pretrained import refuse_unloadable, write_pretrained
 from ._record import FORMAT, digest, import_source
 from ._shards import DEFAULT_MAX, lazy_names, parse_size
 from ._shards import write as write_weights
@@ -177,6 +177,7 @@ def save_pretrained(module: nn.Module, directory: str | os.PathLike, *, force: b
     result (`lazy`) is written shard by shard in that format (_pretrained.py).
     """
     limit = parse_size(max_shard_size)
+    refuse_unloadable(module)
     with replacing(directory, force) as work:
         hashes = write_pretrained(module, work, limit, lazy, ties_of(module)) if lazy else {}
         if not lazy:
