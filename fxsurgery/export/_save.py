@@ -20,12 +20,13 @@ from ..capture import ModeGraphModule, adapter_call, current, dual_source, keep_
 from ..errors import SaveError, TraceError
 from ..rewrite import stays_eval
 from ..version import __version__
-from ._atomic import MARKER, replacing
+from ._atomic import MARKER, meet, replacing
 from ._codegen import generate, rename_path
 from ._formats import export_as
 from ._graphdata import GRAPH, describe
 from ._names import shown
 from ._pretrained import write_pretrained
+from ._ranks import Ranks
 from ._record import FORMAT, digest, import_source
 from ._shards import DEFAULT_MAX, lazy_names, parse_size
 from ._shards import write as write_weights
@@ -124,7 +125,7 @@ def _source(gm: fx.GraphModule, work: Path, **facts) -> tuple[str, dict[str, str
 
 def save(module: nn.Module, directory: str | os.PathLike, *, force: bool = False, record: dict | None = None,
          formats=(), example_inputs: tuple | None = None, extra=None, max_shard_size: int | str = DEFAULT_MAX,
-         lazy: dict | None = None, static: list | None = None) -> Path:
+         lazy: dict | None = None, static: list | None = None, ranks: bool = False) -> Path:
     """Write `module` as model.py + model.safetensors + surgery.json, atomically.
 
     `formats` adds model.pt2 (torch.export), model.onnx or model.torchscript.pt,
@@ -132,9 +133,12 @@ def save(module: nn.Module, directory: str | os.PathLike, *, force: bool = False
     those in `static`, a set of dims per input; None: all static); `extra` maps more file
     names to functions that write them. Weights above `max_shard_size` go into
     shards with an index (_shards.py); `lazy` maps id(tensor) of meta tensors
-    to functions that read their values, called shard by shard.
+    to functions that read their values, called shard by shard. `ranks=True`:
+    this process is one of torchrun's ranks (RANK, WORLD_SIZE) writing this
+    output together, each its share of the shards (_ranks.py).
     """
     limit = parse_size(max_shard_size)
+    group = Ranks.from_env() if ranks else None
     gm = _as_graph_module(module)
     class_name = getattr(module, "_fxsurgery_class", None) or type(module).__name__
     ties = ties_of(gm)
@@ -144,7 +148,7 @@ def save(module: nn.Module, directory: str | os.PathLike, *, force: bool = False
                         "fix: leave formats out, or apply without stream")
     tensors, non_persistent = _tensors(gm, ties)
     frozen = [n for n, p in gm.named_parameters() if not p.requires_grad]
-    with replacing(directory, force) as work:
+    with replacing(directory, force, group) as work:
         modes = {p: m.training for p, m in module.named_modules()}
         source, renames, description = _source(gm, work, class_name=class_name, frozen=frozen, ties=ties,
                                                non_persistent=non_persistent, modes=modes,
@@ -155,6 +159,8 @@ def save(module: nn.Module, directory: str | os.PathLike, *, force: bool = False
         # the same model must give the same bytes every time.
         hashes = write_weights(work, {rename_path(k, renames): readers.get(k, v) for k, v in tensors.items()},
                                {rename_path(k, renames): v for k, v in tensors.items()}, limit)
+        if group is not None and group.rank:  # rank 0 writes the rest
+            return Path(directory)
         exported = {fmt: export_as(fmt, current(gm), work, example_inputs, static) for fmt in bar(formats, "export", unit="format")}
         for name, write in (extra or {}).items():  # written by fxsurgery (a diff page): --force may replace them
             write(work / name)
@@ -169,7 +175,7 @@ def save(module: nn.Module, directory: str | os.PathLike, *, force: bool = False
 
 
 def save_pretrained(module: nn.Module, directory: str | os.PathLike, *, force: bool = False, record: dict | None = None,
-                    max_shard_size: int | str = DEFAULT_MAX, lazy: dict | None = None) -> Path:
+                    max_shard_size: int | str = DEFAULT_MAX, lazy: dict | None = None, ranks: bool = False) -> Path:
     """Write a model kept as its own class with its own `save_pretrained`, and surgery.json beside it.
 
     The directory is the library's own format: `from_pretrained` reloads it
@@ -177,10 +183,15 @@ def save_pretrained(module: nn.Module, directory: str | os.PathLike, *, force: b
     result (`lazy`) is written shard by shard in that format (_pretrained.py).
     """
     limit = parse_size(max_shard_size)
-    with replacing(directory, force) as work:
+    group = Ranks.from_env() if ranks else None
+    with replacing(directory, force, group) as work:
         hashes = write_pretrained(module, work, limit, lazy, ties_of(module)) if lazy else {}
-        if not lazy:
+        if not lazy and (group is None or group.rank == 0):
             module.save_pretrained(work, max_shard_size=limit)
+        if not lazy and group is not None:  # written whole by rank 0 alone
+            meet(group, work, {})
+        if group is not None and group.rank:
+            return Path(directory)
         doc = {"fxsurgery": __version__, "format": FORMAT, "torch": torch.__version__, "class": type(module).__name__,
                "saved_by": "save_pretrained", **(record or {}), **({"shards": hashes} if hashes else {}),
                "files": _listed(work)}
