@@ -85,8 +85,11 @@ def finish_tree(directory: Path) -> None:
     for entry in os.scandir(directory):
         if entry.is_file(follow_symlinks=False):
             os.chmod(entry.path, mode)
-            with open(entry.path, "rb") as handle:
-                os.fsync(handle.fileno())
+            fd = os.open(entry.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     fsync_dir(directory)
 
 

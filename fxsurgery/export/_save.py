@@ -8,6 +8,7 @@ when complete, crash-safely (_atomic.py); surgery.json lists the files written.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -157,8 +158,9 @@ def save(module: nn.Module, directory: str | os.PathLike, *, force: bool = False
         (work / GRAPH).write_text(json.dumps(description, indent=1) + "\n", encoding="utf-8")
         # One metadata key only: safetensors writes metadata in hash order, and
         # the same model must give the same bytes every time.
+        written = hashlib.sha256((work / "model.py").read_bytes())  # the record's hash, fed while the weights are written
         hashes = write_weights(work, {rename_path(k, renames): readers.get(k, v) for k, v in tensors.items()},
-                               {rename_path(k, renames): v for k, v in tensors.items()}, limit)
+                               {rename_path(k, renames): v for k, v in tensors.items()}, limit, into=written)
         if group is not None and group.rank:  # rank 0 writes the rest
             return Path(directory)
         exported = {fmt: export_as(fmt, current(gm), work, example_inputs, static) for fmt in bar(formats, "export", unit="format")}
@@ -168,7 +170,7 @@ def save(module: nn.Module, directory: str | os.PathLike, *, force: bool = False
                "renamed": {k: v for k, v in renames.items() if k != v},
                "ties": {rename_path(a, renames): rename_path(o, renames) for a, o in ties.items()},
                "non_persistent": [rename_path(n, renames) for n in non_persistent],
-               **(record or {}), "formats": exported, "hash": digest(work, hashes),
+               **(record or {}), "formats": exported, "hash": digest(work, hashes, written),
                **({"shards": hashes} if hashes else {}), "files": _listed(work)}
         (work / "surgery.json").write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
     return Path(directory)
