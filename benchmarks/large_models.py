@@ -196,24 +196,39 @@ def ranks(index: str, folder: str, rounds: int) -> dict:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}  # torchrun gives each rank one thread: so does the one process
     apply = ["-m", "fxsurgery.cli", "apply", "llama_build.py:llama", "drop.yaml", "--input", "1x8:int64", "--weights", index,
-             "--stream", "--max-shard-size", "100MB", "--quiet"]
+             "--stream", "--max-shard-size", "100MB", "--quiet", "--json", "--profile"]
+    logs = os.path.join(folder, "rank-logs")
     commands = {"one": [sys.executable, *apply], "two": [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                          "--nproc-per-node", "2", *apply]}
+                                                          "--nproc-per-node", "2", "--log-dir", logs, "--redirects", "1", *apply]}
     times: dict[str, list[float]] = {k: [] for k in commands}
+    saves: dict[str, list[float]] = {k: [] for k in commands}
     for r in range(rounds):
         for key in (("one", "two") if r % 2 == 0 else ("two", "one")):
             out = os.path.join(folder, f"ranks-{key}")
+            shutil.rmtree(logs, ignore_errors=True)
             start = time.perf_counter()
-            subprocess.run([*commands[key], "-o", out], check=True, capture_output=True, cwd=folder, env=env)
+            done = subprocess.run([*commands[key], "-o", out], check=True, capture_output=True, text=True, cwd=folder, env=env)
             times[key].append(time.perf_counter() - start)
+            text = done.stdout if key == "one" else _rank_zero_stdout(logs)
+            saves[key].append(json.loads(text)["profile"]["save"])  # rank 0's save: its shards, the barrier, the rest
         files = sorted(os.listdir(os.path.join(folder, "ranks-one")))
         same = files == sorted(os.listdir(os.path.join(folder, "ranks-two"))) and all(
             _same(os.path.join(folder, "ranks-one", f), os.path.join(folder, "ranks-two", f)) for f in files)
         for key in commands:
             shutil.rmtree(os.path.join(folder, f"ranks-{key}"))
     median = {k: statistics.median(v) for k, v in times.items()}
-    return {"rounds": rounds, "seconds": median, "two_ranks_over_one": median["two"] / median["one"],
-            "byte_identical": same, "output_files": len(files)}
+    save = {k: statistics.median(v) for k, v in saves.items()}
+    return {"rounds": rounds, "seconds": median, "save_seconds": save, "two_ranks_over_one": median["two"] / median["one"],
+            "save_two_ranks_over_one": save["two"] / save["one"], "byte_identical": same, "output_files": len(files)}
+
+
+def _rank_zero_stdout(logs: str) -> str:
+    """Rank 0's stdout, which torchrun wrote under --log-dir (its layout varies between versions: searched)."""
+    for parent, _, names in os.walk(logs):
+        if os.path.basename(parent) == "0" and "stdout.log" in names:
+            with open(os.path.join(parent, "stdout.log")) as f:
+                return f.read()
+    raise FileNotFoundError(f"no rank 0 stdout.log under {logs}")
 
 
 def _same(a: str, b: str) -> bool:
