@@ -102,7 +102,7 @@ def save_and_load(rounds: int, width: int, depth: int, folder: str) -> dict:
 
 
 _WHERE = {"write the bytes (FileIO.write)": "<method 'write' of '_io.FileIO' objects>",
-          "wait for the hashing thread": "<method 'acquire' of '_thread.lock' objects>",
+          "wait for the hashing and fsync threads": "<method 'acquire' of '_thread.lock' objects>",
           "fsync": "<built-in method posix.fsync>",
           "model.py and graph.json (_source)": "_source"}
 
