@@ -1,7 +1,7 @@
 """Benchmark: large models. Sharded save and load, streamed surgery memory, a 70B plan on meta.
 
-- `save`: `result.save(DIR, max_shard_size=...)` (model.py + graph.json generated,
-  every shard hashed) against `safetensors.torch.save_file` of the same tensors
+- `save`: `result.save(DIR, max_shard_size=...)` of a 1.48 GB `nn.Sequential`
+  (model.py + graph.json generated, every shard hashed and fsynced) against `safetensors.torch.save_file` of the same tensors
   (one file) and `safetensors.torch.save_model`; rounds interleaved, median ratio.
 - `load`: `fxs.load(DIR)` (graph.json rebuilt, hash checked) against
   `safetensors.torch.load_file` + the module built on meta and `load_state_dict(assign=True)`.
@@ -13,8 +13,13 @@
   `weights=` path beside it.
 - `plan`: a Llama 70B configuration built on meta and planned (stream=True, no
   weights): seconds and peak RSS over imports.
+- `ranks`: the `stream` surgery as the CLI command, in one process and as two
+  torchrun ranks (`--nproc-per-node 2`, gloo), each whole command timed (imports
+  and the plan, which every rank makes, included); the two outputs compared
+  byte for byte. The save's profile (`sharded_save_profile_seconds`) says where
+  a sharded save's time goes.
 
-    python -m benchmarks.large_models --out benchmarks/results [--quick]
+    python -m benchmarks.large_models --out benchmarks/results [--quick] [--only save_load,ranks]
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ def _sequential(width: int, depth: int):
 
 
 def save_and_load(rounds: int, width: int, depth: int, folder: str) -> dict:
+    import cProfile
+    import pstats
+
     import torch
     from safetensors.torch import load_file, save_file, save_model
 
@@ -76,12 +84,40 @@ def save_and_load(rounds: int, width: int, depth: int, folder: str) -> dict:
         loads = [("load_file", baseline), ("fxs_load", lambda out=out: fxs.load(out))]
         for key, fn in loads[r % 2:] + loads[:r % 2]:
             timed(key, fn)
+        for path in (out, out + "-one"):  # a round writes four times the model: keep the disk free
+            shutil.rmtree(path)
+        for path in (out + ".safetensors", out + "-m.safetensors"):
+            os.unlink(path)
+    profiler = cProfile.Profile()  # where a sharded save's time goes
+    profiler.runcall(result.save, os.path.join(folder, "profiled"), max_shard_size=shard)
+    shutil.rmtree(os.path.join(folder, "profiled"))
     median = {k: statistics.median(v) for k, v in times.items()}
-    return {"model_bytes": size, "max_shard_size": shard, "rounds": rounds, "seconds": median,
+    best = {k: min(v) for k, v in times.items()}  # on a shared machine the fastest round is the least disturbed
+    return {"model_bytes": size, "max_shard_size": shard, "rounds": rounds, "seconds": median, "best_seconds": best,
+            "best_sharded_over_save_model": best["fxs_save"] / best["save_model"],
+            "best_one_over_save_model": best["fxs_save_one"] / best["save_model"],
+            "best_sharded_over_save_file": best["fxs_save"] / best["save_file"],
+            "best_one_over_save_file": best["fxs_save_one"] / best["save_file"],
             "save_sharded_over_save_file": median["fxs_save"] / median["save_file"],
             "save_sharded_over_save_model": median["fxs_save"] / median["save_model"],
             "save_one_over_save_file": median["fxs_save_one"] / median["save_file"],
-            "load_over_load_file": median["fxs_load"] / median["load_file"]}
+            "save_one_over_save_model": median["fxs_save_one"] / median["save_model"],
+            "load_over_load_file": median["fxs_load"] / median["load_file"],
+            "sharded_save_profile_seconds": _where(pstats.Stats(profiler))}
+
+
+_WHERE = {"write the bytes (FileIO.write)": "<method 'write' of '_io.FileIO' objects>",
+          "wait for the hashing and fsync threads": "<method 'acquire' of '_thread.lock' objects>",
+          "fsync": "<built-in method posix.fsync>",
+          "model.py and graph.json (_source)": "_source"}
+
+
+def _where(stats) -> dict:
+    """Seconds of a profiled save in the calls that matter (cumulative; the hashing runs in a thread beside the writes)."""
+    found = {"total": stats.total_tt}
+    for what, name in _WHERE.items():
+        found[what] = sum(v[3] for k, v in stats.stats.items() if k[2] == name)
+    return found
 
 
 LLAMA = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
@@ -145,12 +181,75 @@ def _in_child(kind: str, index: str, out: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+BUILD = """import transformers
+
+from benchmarks.large_models import LLAMA
+
+
+def llama():
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).eval()
+"""
+RULES = "fxsurgery: 1\nrules:\n  - layers: model.layers\n    order: [0, 1, 3, 4, 6, 7]\n  - freeze: model.embed_tokens\n"
+
+
+def ranks(index: str, folder: str, rounds: int) -> dict:
+    """The CLI's streamed surgery as one process and as two torchrun ranks: wall time of each whole command."""
+    with open(os.path.join(folder, "llama_build.py"), "w") as f:
+        f.write(BUILD)
+    with open(os.path.join(folder, "drop.yaml"), "w") as f:
+        f.write(RULES)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}  # torchrun gives each rank one thread: so does the one process
+    apply = ["-m", "fxsurgery", "apply", "llama_build.py:llama", "drop.yaml", "--input", "1x8:int64", "--weights", index,
+             "--stream", "--max-shard-size", "100MB", "--quiet", "--json", "--profile"]
+    logs = os.path.join(folder, "rank-logs")
+    commands = {"one": [sys.executable, *apply], "two": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                          "--nproc-per-node", "2", "--log-dir", logs, "--redirects", "1", *apply]}
+    times: dict[str, list[float]] = {k: [] for k in commands}
+    saves: dict[str, list[float]] = {k: [] for k in commands}
+    for r in range(rounds):
+        for key in (("one", "two") if r % 2 == 0 else ("two", "one")):
+            out = os.path.join(folder, f"ranks-{key}")
+            shutil.rmtree(logs, ignore_errors=True)
+            start = time.perf_counter()
+            done = subprocess.run([*commands[key], "-o", out], check=True, capture_output=True, text=True, cwd=folder, env=env)
+            times[key].append(time.perf_counter() - start)
+            text = done.stdout if key == "one" else _rank_zero_stdout(logs)
+            saves[key].append(json.loads(text)["profile"]["save"])  # rank 0's save: its shards, the barrier, the rest
+        files = sorted(os.listdir(os.path.join(folder, "ranks-one")))
+        same = files == sorted(os.listdir(os.path.join(folder, "ranks-two"))) and all(
+            _same(os.path.join(folder, "ranks-one", f), os.path.join(folder, "ranks-two", f)) for f in files)
+        for key in commands:
+            shutil.rmtree(os.path.join(folder, f"ranks-{key}"))
+    median = {k: statistics.median(v) for k, v in times.items()}
+    save = {k: statistics.median(v) for k, v in saves.items()}
+    return {"rounds": rounds, "seconds": median, "save_seconds": save, "all_seconds": times, "all_save_seconds": saves,
+            "two_ranks_over_one": median["two"] / median["one"],
+            "save_two_ranks_over_one": save["two"] / save["one"], "byte_identical": same, "output_files": len(files)}
+
+
+def _rank_zero_stdout(logs: str) -> str:
+    """Rank 0's stdout, which torchrun wrote under --log-dir (its layout varies between versions: searched)."""
+    for parent, _, names in os.walk(logs):
+        if os.path.basename(parent) == "0" and "stdout.log" in names:
+            with open(os.path.join(parent, "stdout.log")) as f:
+                return f.read()
+    raise FileNotFoundError(f"no rank 0 stdout.log under {logs}")
+
+
+def _same(a: str, b: str) -> bool:
+    with open(a, "rb") as x, open(b, "rb") as y:
+        return all(p == q for p, q in zip(iter(lambda: x.read(1 << 24), b""), iter(lambda: y.read(1 << 24), b""))) \
+            and os.path.getsize(a) == os.path.getsize(b)
+
+
 def run(quick: bool = False) -> dict:
     folder = tempfile.mkdtemp(prefix="fxs-large-")
     try:
-        width, depth = (1024, 4) if quick else (4096, 6)
+        width, depth = (1024, 4) if quick else (4096, 22)  # 1.48 GB of float32 in the full run
         figures = {"save_load": save_and_load(1 if quick else 5, width, depth, folder)}
         index, size = write_checkpoint(folder, 6, LLAMA)
+        figures["ranks"] = ranks(index, folder, 1 if quick else 3)
         for kind in ("stream", "memory", "plan"):
             out = os.path.join(folder, f"out-{kind}")
             got = _in_child(kind, index, out)
@@ -166,17 +265,37 @@ def run(quick: bool = False) -> dict:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def rerun(path: str, parts: list[str], quick: bool) -> dict:
+    """Measure `parts` ("save_load", "ranks") again into an existing results file (the rest kept)."""
+    with open(path) as f:
+        figures = json.load(f)
+    folder = tempfile.mkdtemp(prefix="fxs-large-")
+    try:
+        if "save_load" in parts:
+            figures["save_load"] = save_and_load(1 if quick else 5, *((1024, 4) if quick else (4096, 22)), folder)
+        if "ranks" in parts:
+            index, _ = write_checkpoint(folder, 6, LLAMA)
+            figures["ranks"] = ranks(index, folder, 1 if quick else 3)
+        return {**figures, "machine": machine()}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--child", choices=("stream", "memory", "plan"))
     p.add_argument("--index")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--only", help="comma-separated parts to measure again (save_load, ranks) into OUT/large_models.json")
     a = p.parse_args(argv)
     if a.child:
         print(json.dumps(child(a.child, a.index, a.out)))
         return
-    figures = run(a.quick)
+    if a.only:
+        figures = rerun(os.path.join(a.out, "large_models.json"), a.only.split(","), a.quick)
+    else:
+        figures = run(a.quick)
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "large_models.json"), "w") as f:
         json.dump(figures, f, indent=2)

@@ -142,13 +142,15 @@ class SurgeryResult:
                 f"{_gb(f['predicted_peak_bytes'])} ({how})")
 
     def save(self, directory: str | os.PathLike, *, force: bool = False, formats=(), extra=None,
-             max_shard_size: int | str = "5GB") -> Path:
+             max_shard_size: int | str = "5GB", ranks: bool = False) -> Path:
         """Write model.py + model.safetensors + surgery.json (atomically), plus any `formats`
         ("pt2", "onnx", "torchscript"), each verified on the example inputs, and `extra`
         files ({name: write(path)}), listed as fxsurgery's own. Weights above `max_shard_size`
         (bytes, or "5GB", "500MB") are written as model-0000k-of-0000n.safetensors shards with an index.
         A kept transformers model is written by its own `save_pretrained` (plus surgery.json), which
-        `formats=("hf",)` demands: `from_pretrained` reloads it without fxsurgery."""
+        `formats=("hf",)` demands: `from_pretrained` reloads it without fxsurgery.
+        `ranks=True`: this process is one of torchrun's ranks (RANK, WORLD_SIZE set), each of which
+        runs the same surgery and calls save: each writes its share of the shards, rank 0 the rest."""
         pretrained = self.capture is not None and self.capture.kept and hasattr(self.module, "save_pretrained")
         if "hf" in formats:
             if not pretrained:
@@ -161,11 +163,11 @@ class SurgeryResult:
                                 "save_pretrained; fix: leave formats out, or apply with keep_class=False")
             with working("save"):  # a large model's weights take a while to write and hash
                 return save_pretrained(self.module, directory, force=force, record=self.to_dict(),
-                                       max_shard_size=max_shard_size, lazy=pending_of(self.module))
+                                       max_shard_size=max_shard_size, lazy=pending_of(self.module), ranks=ranks)
         with working("save"):
             return save(self.module, directory, force=force, record=self.to_dict(), formats=formats,
                         example_inputs=self.example_inputs, extra=extra, max_shard_size=max_shard_size,
-                        lazy=pending_of(self.module), static=self._static_dims())
+                        lazy=pending_of(self.module), static=self._static_dims(), ranks=ranks)
 
     def _static_dims(self) -> list | None:
         """Per example input, the dims exports keep static: those capture specialised (tensor inputs

@@ -69,3 +69,26 @@ def test_a_model_of_dtensors_is_refused_with_the_route_that_works(tmp_path):
     assert str(err.value) == ("0.weight is a DTensor (a sharded model: fully_shard or tensor parallel); fxsurgery works on the "
                               "whole model; fix: build the model inside fxs.empty_weights() without sharding it, save its weights "
                               "with dcp.save(model.state_dict(), DIR) and apply with weights=DIR (--weights DIR) and stream=True")
+
+
+def test_selected_rows_of_a_dcp_checkpoint_are_loaded_alone(tmp_path, monkeypatch):
+    import torch.distributed.checkpoint.planner_helpers as helpers
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    dcp.save(model.state_dict(), storage_writer=dcp.FileSystemWriter(str(tmp_path / "ck")), no_dist=True)
+    rows = [1, 3, 4, 5, 9]
+    rules = [Replace("fc", fxs.new(torch.nn.Linear, out_features=5), weights={"select": rows})]
+    planned = []
+    real = helpers.create_read_items_for_chunk_list
+    monkeypatch.setattr(helpers, "create_read_items_for_chunk_list",
+                        lambda fqn, md, chunks: planned.append((fqn, [tuple(i.lengths) for i in real(fqn, md, chunks)]))
+                        or real(fqn, md, chunks))
+    with fxs.empty_weights():
+        empty = torchvision.models.resnet18(num_classes=10).eval()
+    fxs.apply(empty, rules, X, weights=str(tmp_path / "ck"), stream=True).save(tmp_path / "s")
+    # runs of consecutive rows, each a block DCP reads alone: 1, 3-5, 9 of the weight, then of the bias
+    # (every other tensor is read whole, when its output shard is written)
+    assert [p for p in planned if p[0].startswith("fc.")] == [("fc.weight", [(1, 512)]), ("fc.weight", [(3, 512)]), ("fc.weight", [(1, 512)]),
+                       ("fc.bias", [(1,)]), ("fc.bias", [(3,)]), ("fc.bias", [(1,)])]
+    got = tensors_in(tmp_path / "s")
+    assert torch.equal(got["fc.weight"], model.fc.weight[rows]) and torch.equal(got["fc.bias"], model.fc.bias[rows])

@@ -39,7 +39,7 @@ def test_public_api_snapshot():
 
 def test_top_level_holds_the_recipe_and_stages_hold_the_rest():
     modules = sorted(p.name for p in PACKAGE.glob("*.py"))
-    assert modules == ["__init__.py", "_progress.py", "_util.py", "errors.py", "pipeline.py", "version.py"]
+    assert modules == ["__init__.py", "__main__.py", "_progress.py", "_util.py", "errors.py", "pipeline.py", "version.py"]
     assert len(modules) <= 8
     assert sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__") == sorted(STAGES)
     for stage in STAGES:  # engine modules are private; the stage's __init__ is its surface

@@ -154,7 +154,7 @@ def test_existing_directory_is_kept(result, tmp_path):
 def test_failure_between_files_leaves_nothing(result, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
-    monkeypatch.setattr(weights_module, "save_file", boom)
+    monkeypatch.setattr(weights_module, "write_file", boom)
     with pytest.raises(fxs.SaveError, match="cannot write: disk full"):  # one line, no traceback
         result.save(tmp_path / "o")
     assert os.listdir(tmp_path) == []
@@ -163,7 +163,7 @@ def test_failure_between_files_leaves_nothing(result, tmp_path, monkeypatch):
 def test_failure_while_replacing_keeps_the_old_output(result, tmp_path, monkeypatch):
     result.save(tmp_path / "o")
     before = (tmp_path / "o" / "model.safetensors").read_bytes()
-    monkeypatch.setattr(weights_module, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(weights_module, "write_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(fxs.SaveError, match="cannot write: disk full"):
         result.save(tmp_path / "o", force=True)
     assert os.listdir(tmp_path) == ["o"]
@@ -208,3 +208,32 @@ def test_dtype_survives_the_round_trip(two, tmp_path):
     x = torch.randn(4, 3, dtype=torch.float64)
     assert torch.equal(loaded(x), model(x))
     assert "torch.nn.Linear(in_features=3, out_features=2).to(torch.float64)" in (tmp_path / "o" / "model.py").read_text()
+
+
+def test_weights_are_save_files_bytes_hashed_while_written(result, tmp_path, monkeypatch):
+    import hashlib
+    import importlib
+    writer = importlib.import_module("fxsurgery.export._writer")
+    record = importlib.import_module("fxsurgery.export._record")
+    generator = torch.Generator().manual_seed(0)
+    tensors = {}
+    for i, dtype in enumerate([torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+                               torch.int16, torch.int8, torch.uint8, torch.bool]):
+        tensors[f"layer.{i}.weight"] = (torch.randn(3, 5, generator=generator) * 9).to(dtype)
+        tensors[f"a{i}"] = (torch.randn(7, generator=generator) * 9).to(dtype)
+    tensors.update({"scalar": torch.tensor(3.0), "empty": torch.zeros(0, 4), 'q"uo\\te\n\u00e9': torch.ones(2),
+                    "t": torch.randn(4, 6, generator=generator).t().contiguous()})
+    for metadata in (None, {"format": "pt"}):
+        save_file(tensors, str(tmp_path / "ref.safetensors"), metadata=metadata)
+        got = writer.write_file(tmp_path / "mine.safetensors", tensors, metadata)
+        data = (tmp_path / "mine.safetensors").read_bytes()
+        assert data == (tmp_path / "ref.safetensors").read_bytes()
+        assert got == "sha256:" + hashlib.sha256(data).hexdigest()
+    # the record's hash, fed while the file was written, is the one read back from the files
+    reads = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda f, *a, **k: reads.append(os.path.basename(str(f))) or real_open(f, *a, **k))
+    result.save(tmp_path / "o")
+    monkeypatch.undo()
+    assert "model.safetensors" in reads and reads.count("model.safetensors") == 1  # written once, never read back
+    assert json.loads((tmp_path / "o" / "surgery.json").read_text())["hash"] == record.digest(tmp_path / "o")

@@ -172,3 +172,53 @@ def test_cli_streams_into_shards(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert sorted(f for f in os.listdir(tmp_path / "s") if f.startswith("model-")) == \
            [f"model-0000{k}-of-00003.safetensors" for k in (1, 2, 3)]
+
+
+def test_policies_read_only_what_they_use(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    index = write_shards(model.state_dict(), tmp_path, parts=4)
+    conv = fxs.new(torch.nn.Conv2d, in_channels=2, out_channels=64, kernel_size=7, stride=2, padding=3, bias=False)
+    rules = [Replace("conv1", conv, weights="adapt_input_channels"), Replace("fc", fxs.new(torch.nn.Linear, out_features=12),
+                                                                            weights="pad")]
+    x = (torch.randn(1, 3, 64, 64),)  # the original's input
+    reads = []
+    stream = importlib.import_module("fxsurgery.transfer._stream")
+    real = stream.read_block
+    monkeypatch.setattr(stream, "read_block", lambda c, n, i: reads.append((n, i)) or real(c, n, i))
+    with fxs.empty_weights():
+        empty = torchvision.models.resnet18(num_classes=10).eval()
+    torch.manual_seed(1)  # the padded rows keep their initial values: the same on both paths
+    streamed = fxs.apply(empty, rules, x, weights=str(index), stream=True)
+    # 3 -> 2 input channels uses the first two (scaled 3/2): only they are read; pad needs the whole source
+    assert reads == [("conv1.weight", (slice(0, 64), slice(0, 2))), ("fc.weight", None), ("fc.bias", None)]
+    streamed.save(tmp_path / "s")
+    torch.manual_seed(1)
+    fxs.apply(model, rules, x).save(tmp_path / "d")
+    a, b = tensors_in(tmp_path / "s"), tensors_in(tmp_path / "d")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(a["conv1.weight"], model.conv1.weight[:, :2] * 1.5)
+    assert torch.equal(a["fc.weight"][:10], model.fc.weight)
+
+
+def test_pruned_rows_are_read_alone(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    index = write_shards(model.state_dict(), tmp_path, parts=4)
+    rules = [fxs.Prune("layer1.0.conv1", channels=[0, 1, 2, 7, 40])]
+    x = (torch.randn(1, 3, 64, 64),)
+    reads = []
+    stream = importlib.import_module("fxsurgery.transfer._stream")
+    real = stream.read_block
+    monkeypatch.setattr(stream, "read_block", lambda c, n, i: reads.append((n, i)) or real(c, n, i))
+    with fxs.empty_weights():
+        empty = torchvision.models.resnet18(num_classes=10).eval()
+    streamed = fxs.apply(empty, rules, x, weights=str(index), stream=True)
+    streamed.save(tmp_path / "s")
+    fxs.apply(model, rules, x).save(tmp_path / "d")
+    a, b = tensors_in(tmp_path / "s"), tensors_in(tmp_path / "d")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["layer1.0.conv1.weight"].shape == (59, 64, 3, 3)
+    # the conv's kept rows in runs (3-6, 8-39, 41-63), its BatchNorm's likewise; the next conv keeps every row
+    rows = [(n, [(s[0].start, s[0].stop) for s in [i]]) for n, i in reads if i is not None]
+    assert rows[0] == ("layer1.0.conv1.weight", [(3, 7)]) and len(rows) == 3 * 5

@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
                    "own save_pretrained (what a transformers model gets by default)")
     p.add_argument("--stream", action="store_true", help="with --weights: read each tensor when its output shard is "
                    "written, never the whole model (for models larger than memory)")
+    p.add_argument("--seed", type=int, metavar="N", help="seed torch's generator first: new layers' initial values repeat "
+                   "(under torchrun every rank draws the same ones; by default from a seed derived from the launch)")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="weights above this go into shards with an "
                    "index: bytes, or e.g. 2GB, 500MB (default 5GB)")
     p.add_argument("--dynamic-shapes", choices=["auto", "none"], default="auto",
@@ -133,13 +135,17 @@ def _model(args):
 
 
 def cmd_apply(args) -> int:
-    from ..export import check_target, parse_size
+    from ..export import Ranks, check_target, parse_size
     parse_size(args.max_shard_size, "--max-shard-size")
+    ranks = Ranks.from_env() if args.output and not args.dry_run else None  # under torchrun: each rank its share of the shards
     if args.stream and not args.weights and not args.dry_run:
         raise ModelError("--stream reads the model's tensors from --weights, and none was given; "
                          "fix: pass --weights (a .safetensors file or a sharded *.index.json), or --dry-run for the plan alone")
     if args.output and not args.dry_run:
-        check_target(args.output, args.force, flag="--force")  # before the surgery: fail fast, write nothing
+        check_target(args.output, args.force, flag="--force", ranks=ranks)  # before the surgery: fail fast, write nothing
+    if args.seed is not None or ranks is not None:  # every rank must make the same new tensors: each writes some of them
+        import torch
+        torch.manual_seed(args.seed if args.seed is not None else ranks.seed())
     from ..spec import planning
     start = time.perf_counter()
     with planning() if args.dry_run else contextlib.nullcontext():  # declared modules on meta: shown, not allocated
@@ -149,7 +155,11 @@ def cmd_apply(args) -> int:
     written = None
     start = time.perf_counter()
     if args.output and not args.dry_run:
-        written = str(result.save(args.output, force=args.force, formats=args.format, max_shard_size=args.max_shard_size))
+        written = str(result.save(args.output, force=args.force, formats=args.format, max_shard_size=args.max_shard_size,
+                                  ranks=ranks is not None))
+        if ranks is not None and ranks.rank:  # its shards are on disk; rank 0 completes the output
+            print(f"rank {ranks.rank} of {ranks.size}: shards written; rank 0 completes {written}/")
+            return 0
     profile = {"load model (imports included)": loaded, **result.timings, "save": time.perf_counter() - start}
     if args.json:
         extra = {"profile": profile} if args.profile else {}

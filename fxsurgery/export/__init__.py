@@ -8,11 +8,12 @@ checkpoint of the original architecture.
 
 from ._atomic import check_target
 from ._load import load
+from ._ranks import Ranks
 from ._record import read_record
 from ._replay import map_weights, write_mapped
 from ._save import save, save_pretrained
 from ._shards import footprint, parse_size
 
 __all__ = [
-    "check_target", "footprint", "load", "map_weights", "parse_size", "read_record", "save", "save_pretrained", "write_mapped",
+    "Ranks", "check_target", "footprint", "load", "map_weights", "parse_size", "read_record", "save", "save_pretrained", "write_mapped",
 ]

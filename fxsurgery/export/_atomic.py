@@ -35,6 +35,7 @@ import sys
 from pathlib import Path
 
 from ..errors import SaveError
+from ._ranks import HASHES, Ranks, activated, discard, hand_over
 
 MARKER = ".fxsurgery-partial"
 RECORD = "surgery.json"
@@ -84,8 +85,11 @@ def finish_tree(directory: Path) -> None:
     for entry in os.scandir(directory):
         if entry.is_file(follow_symlinks=False):
             os.chmod(entry.path, mode)
-            with open(entry.path, "rb") as handle:
-                os.fsync(handle.fileno())
+            fd = os.open(entry.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     fsync_dir(directory)
 
 
@@ -140,12 +144,12 @@ def _alive_elsewhere(directory: Path) -> bool:
     return True
 
 
-def _mark(directory: Path) -> None:
+def mark(directory: Path) -> None:
     with open(directory / MARKER, "w") as handle:
         handle.write(f"{os.getpid()} {socket.gethostname()}\n")
 
 
-def _remove(directory: Path) -> None:
+def remove(directory: Path) -> None:
     """Delete one of our directories, its marker last, so a kill midway leaves it recognisable."""
     for entry in os.scandir(directory):
         if entry.name != MARKER:
@@ -160,17 +164,18 @@ def _remove(directory: Path) -> None:
 
 def _dispose(directory: Path, parent: Path, name: str, token: str) -> None:
     """Mark a displaced output, move it to a trash name and remove it."""
-    _mark(directory)
+    mark(directory)
     trash = parent / f".{name}.fxsurgery-trash-{token}"
     os.rename(directory, trash)
-    _remove(trash)
+    remove(trash)
 
 
-def recover(target: str | os.PathLike) -> None:
-    """Finish or roll back a replacement of `target` that a killed run left, and remove its temp directories."""
+def recover(target: str | os.PathLike, keep: set[str] = frozenset()) -> None:
+    """Finish or roll back a replacement of `target` that a killed run left, and remove its temp directories
+    (except those whose token is in `keep`: the other ranks of this run, _ranks.py)."""
     target = Path(target)
     parent, name = target.parent, target.name
-    entries = _ours(parent, name)
+    entries = [e for e in _ours(parent, name) if e[1] not in keep]
     if not entries:
         return
     if not os.path.lexists(target):
@@ -181,18 +186,24 @@ def recover(target: str | os.PathLike) -> None:
                 fsync_dir(parent)
                 break
     for kind, token, path in _ours(parent, name):
+        if token in keep:
+            continue
         if kind == "trash" or (path / MARKER).exists() and not _alive_elsewhere(path) or not os.listdir(path):
-            _remove(path)
+            remove(path)
         elif _complete(path):
             _dispose(path, parent, name, token)
     fsync_dir(parent)
 
 
-def check_target(target: str | os.PathLike, force: bool, flag: str = "--force (force=True)") -> None:
-    """Refuse an output path that cannot be written or replaced, before any work is done."""
+def check_target(target: str | os.PathLike, force: bool, flag: str = "--force (force=True)", ranks=None) -> None:
+    """Refuse an output path that cannot be written or replaced, before any work is done.
+
+    Of several ranks writing one output (`ranks`, _ranks.py) only rank 0 cleans
+    up after killed runs, leaving the other ranks' directories alone."""
     target = Path(target)
-    with contextlib.suppress(OSError):
-        recover(target)
+    if ranks is None or ranks.rank == 0:
+        with contextlib.suppress(OSError):
+            recover(target, ranks.tokens(target) if ranks is not None else frozenset())
     if os.path.islink(target):
         raise SaveError(f"{target}: is a symbolic link (to {os.readlink(target)}); "
                         "fix: pass the directory it points to, or remove the link")
@@ -210,13 +221,20 @@ def check_target(target: str | os.PathLike, force: bool, flag: str = "--force (f
 
 
 @contextlib.contextmanager
-def replacing(target: str | os.PathLike, force: bool = False):
+def replacing(target: str | os.PathLike, force: bool = False, ranks=None):
     """Yield a new directory that becomes `target`, crash-safely, only if the block succeeds.
 
-    The block must write surgery.json last, listing its files.
+    The block must write surgery.json last, listing its files. Of several ranks
+    writing one output (`ranks`), rank 0 gets that directory; another rank gets
+    a directory of its own, which rank 0 empties into it (_ranks.py).
     """
     target = Path(target)
-    check_target(target, force)
+    if ranks is not None and ranks.rank:
+        check_target(target, force, ranks=ranks)
+        with rank_share(ranks, target) as work:
+            yield work
+        return
+    check_target(target, force, ranks=ranks)
     parent, name = target.parent, target.name
     token = secrets.token_hex(8)
     work = parent / f".{name}.fxsurgery-tmp-{token}"
@@ -226,8 +244,9 @@ def replacing(target: str | os.PathLike, force: bool = False):
     except OSError as exc:
         raise SaveError(f"{target}: cannot write there: {exc.strerror}; fix: choose a writable output directory") from None
     try:
-        _mark(work)
-        yield work
+        mark(work)
+        with activated(ranks, target):
+            yield work
         finish_tree(work)
         os.unlink(work / MARKER)
         fsync_dir(work)
@@ -246,10 +265,63 @@ def replacing(target: str | os.PathLike, force: bool = False):
     except BaseException as exc:
         # `work` holds either the unfinished new output or, after a swap, the old one: neither is needed.
         shutil.rmtree(work, ignore_errors=True)
+        discard(ranks)
         with contextlib.suppress(OSError):
             recover(target)  # puts the old output back if the failure came between two renames
-        if isinstance(exc, OSError):  # a full disk, a quota, a file system gone read-only
-            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-            fix = "free some space, or choose an output directory on another disk" if full else "choose a writable output directory"
-            raise SaveError(f"{target}: cannot write: {exc.strerror or exc}; fix: {fix}") from None
-        raise
+        raise_written(target, exc)
+
+
+def raise_written(target: Path, exc: BaseException):
+    """Re-raise a failure while writing `target`: a full disk, a quota, a file system gone read-only in one line."""
+    if isinstance(exc, OSError):
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        fix = "free some space, or choose an output directory on another disk" if full else "choose a writable output directory"
+        raise SaveError(f"{target}: cannot write: {exc.strerror or exc}; fix: {fix}") from None
+    raise exc
+
+
+# -- several ranks writing one output (_ranks.py) --
+
+@contextlib.contextmanager
+def rank_share(ranks: Ranks, target: Path):
+    """Rank r > 0: its own directory beside `target`; after the barrier it belongs to rank 0."""
+    work = ranks.share(target, ranks.rank)
+    if work.exists():  # left by a killed launch that had the same master port: its name is this run's now
+        shutil.rmtree(work)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(work, 0o777)
+    except OSError as exc:
+        raise SaveError(f"{target}: cannot write there: {exc.strerror}; fix: choose a writable output directory") from None
+    mark(work)
+    try:
+        with activated(ranks, target):
+            yield work
+    except BaseException as exc:
+        shutil.rmtree(work, ignore_errors=True)
+        raise_written(target, exc)
+
+
+def meet(ranks: Ranks, work: Path, hashes: dict[str, str]) -> dict[str, str]:
+    """The one meeting of the ranks: after it rank 0 holds every shard ({shard: sha256} of the others')."""
+    if ranks.rank:
+        hand_over(work, hashes)
+    ranks.barrier()
+    return take_over(ranks, work) if ranks.rank == 0 else {}
+
+
+def take_over(ranks: Ranks, work: Path) -> dict[str, str]:
+    """Rank 0, after the barrier: move every other rank's shards into `work`; {shard: sha256}."""
+    hashes: dict[str, str] = {}
+    for r in range(1, ranks.size):
+        share = ranks.share(ranks.target, r)
+        try:
+            theirs = json.loads((share / HASHES).read_text(encoding="utf-8"))
+            for name in theirs:
+                os.rename(share / name, work / name)
+        except (OSError, ValueError) as exc:
+            raise SaveError(f"rank {r} of {ranks.size}: its shards are not in {share} ({type(exc).__name__}); "
+                            "fix: give every rank the same output directory on a shared file system") from None
+        hashes.update(theirs)
+        remove(share)
+    return hashes

@@ -20,15 +20,19 @@ FILES = ("model.py", "model.safetensors", "surgery.json")  # model.safetensors, 
 FORMAT = 1
 
 
-def digest(directory: Path, shard_hashes: dict[str, str] | None = None) -> str:
+def digest(directory: Path, shard_hashes: dict[str, str] | None = None, written=None) -> str:
     """Over model.py, the weights and graph.json (where written): it detects damage, it proves no origin.
 
     Sharded weights count as the index and each shard's own sha256 (`shard_hashes`
     where the writer just computed them), so a shard is read once to check it.
+    `written`: a sha256 object the writer fed model.py and then model.safetensors
+    (one file) as it wrote them: neither is read again.
     """
-    h = hashlib.sha256()
     sharded = shard_files(directory) is not None
-    for name in ("model.py", "model.safetensors", "graph.json")[:3 if (directory / "graph.json").exists() else 2]:
+    fed = written is not None and not sharded
+    h = written.copy() if fed else hashlib.sha256()
+    names = ("model.py", "model.safetensors", "graph.json")[:3 if (directory / "graph.json").exists() else 2]
+    for name in names[2 if fed else 0:]:
         if name == "model.safetensors" and sharded:
             h.update(folded(directory, shard_hashes))
             continue

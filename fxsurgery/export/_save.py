@@ -8,6 +8,7 @@ when complete, crash-safely (_atomic.py); surgery.json lists the files written.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -20,12 +21,13 @@ from ..capture import ModeGraphModule, adapter_call, current, dual_source, keep_
 from ..errors import SaveError, TraceError
 from ..rewrite import stays_eval
 from ..version import __version__
-from ._atomic import MARKER, replacing
+from ._atomic import MARKER, meet, replacing
 from ._codegen import generate, rename_path
 from ._formats import export_as
 from ._graphdata import GRAPH, describe
 from ._names import shown
 from ._pretrained import refuse_unloadable, write_pretrained
+from ._ranks import Ranks
 from ._record import FORMAT, digest, import_source
 from ._shards import DEFAULT_MAX, lazy_names, parse_size
 from ._shards import write as write_weights
@@ -124,7 +126,7 @@ def _source(gm: fx.GraphModule, work: Path, **facts) -> tuple[str, dict[str, str
 
 def save(module: nn.Module, directory: str | os.PathLike, *, force: bool = False, record: dict | None = None,
          formats=(), example_inputs: tuple | None = None, extra=None, max_shard_size: int | str = DEFAULT_MAX,
-         lazy: dict | None = None, static: list | None = None) -> Path:
+         lazy: dict | None = None, static: list | None = None, ranks: bool = False) -> Path:
     """Write `module` as model.py + model.safetensors + surgery.json, atomically.
 
     `formats` adds model.pt2 (torch.export), model.onnx or model.torchscript.pt,
@@ -132,9 +134,12 @@ def save(module: nn.Module, directory: str | os.PathLike, *, force: bool = False
     those in `static`, a set of dims per input; None: all static); `extra` maps more file
     names to functions that write them. Weights above `max_shard_size` go into
     shards with an index (_shards.py); `lazy` maps id(tensor) of meta tensors
-    to functions that read their values, called shard by shard.
+    to functions that read their values, called shard by shard. `ranks=True`:
+    this process is one of torchrun's ranks (RANK, WORLD_SIZE) writing this
+    output together, each its share of the shards (_ranks.py).
     """
     limit = parse_size(max_shard_size)
+    group = Ranks.from_env() if ranks else None
     gm = _as_graph_module(module)
     class_name = getattr(module, "_fxsurgery_class", None) or type(module).__name__
     ties = ties_of(gm)
@@ -144,7 +149,7 @@ def save(module: nn.Module, directory: str | os.PathLike, *, force: bool = False
                         "fix: leave formats out, or apply without stream")
     tensors, non_persistent = _tensors(gm, ties)
     frozen = [n for n, p in gm.named_parameters() if not p.requires_grad]
-    with replacing(directory, force) as work:
+    with replacing(directory, force, group) as work:
         modes = {p: m.training for p, m in module.named_modules()}
         source, renames, description = _source(gm, work, class_name=class_name, frozen=frozen, ties=ties,
                                                non_persistent=non_persistent, modes=modes,
@@ -153,8 +158,11 @@ def save(module: nn.Module, directory: str | os.PathLike, *, force: bool = False
         (work / GRAPH).write_text(json.dumps(description, indent=1) + "\n", encoding="utf-8")
         # One metadata key only: safetensors writes metadata in hash order, and
         # the same model must give the same bytes every time.
+        written = hashlib.sha256((work / "model.py").read_bytes())  # the record's hash, fed while the weights are written
         hashes = write_weights(work, {rename_path(k, renames): readers.get(k, v) for k, v in tensors.items()},
-                               {rename_path(k, renames): v for k, v in tensors.items()}, limit)
+                               {rename_path(k, renames): v for k, v in tensors.items()}, limit, into=written)
+        if group is not None and group.rank:  # rank 0 writes the rest
+            return Path(directory)
         exported = {fmt: export_as(fmt, current(gm), work, example_inputs, static) for fmt in bar(formats, "export", unit="format")}
         for name, write in (extra or {}).items():  # written by fxsurgery (a diff page): --force may replace them
             write(work / name)
@@ -162,14 +170,14 @@ def save(module: nn.Module, directory: str | os.PathLike, *, force: bool = False
                "renamed": {k: v for k, v in renames.items() if k != v},
                "ties": {rename_path(a, renames): rename_path(o, renames) for a, o in ties.items()},
                "non_persistent": [rename_path(n, renames) for n in non_persistent],
-               **(record or {}), "formats": exported, "hash": digest(work, hashes),
+               **(record or {}), "formats": exported, "hash": digest(work, hashes, written),
                **({"shards": hashes} if hashes else {}), "files": _listed(work)}
         (work / "surgery.json").write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
     return Path(directory)
 
 
 def save_pretrained(module: nn.Module, directory: str | os.PathLike, *, force: bool = False, record: dict | None = None,
-                    max_shard_size: int | str = DEFAULT_MAX, lazy: dict | None = None) -> Path:
+                    max_shard_size: int | str = DEFAULT_MAX, lazy: dict | None = None, ranks: bool = False) -> Path:
     """Write a model kept as its own class with its own `save_pretrained`, and surgery.json beside it.
 
     The directory is the library's own format: `from_pretrained` reloads it
@@ -178,10 +186,15 @@ def save_pretrained(module: nn.Module, directory: str | os.PathLike, *, force: b
     """
     limit = parse_size(max_shard_size)
     refuse_unloadable(module)
-    with replacing(directory, force) as work:
+    group = Ranks.from_env() if ranks else None
+    with replacing(directory, force, group) as work:
         hashes = write_pretrained(module, work, limit, lazy, ties_of(module)) if lazy else {}
-        if not lazy:
+        if not lazy and (group is None or group.rank == 0):
             module.save_pretrained(work, max_shard_size=limit)
+        if not lazy and group is not None:  # written whole by rank 0 alone
+            meet(group, work, {})
+        if group is not None and group.rank:
+            return Path(directory)
         doc = {"fxsurgery": __version__, "format": FORMAT, "torch": torch.__version__, "class": type(module).__name__,
                "saved_by": "save_pretrained", **(record or {}), **({"shards": hashes} if hashes else {}),
                "files": _listed(work)}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -24,6 +25,9 @@ from safetensors.torch import load_file, save_file
 
 from .._progress import bar
 from ..errors import SaveError
+from ._atomic import meet
+from ._ranks import active
+from ._writer import fsync_file, supported, write_file
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -79,35 +83,58 @@ def sha256(path: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def write(work: Path, tensors: dict[str, Value], shapes: dict[str, torch.Tensor], limit: int,
-          parts: tuple[int, int] = (0, 1)) -> dict[str, str]:
+def write(work: Path, tensors: dict[str, Value], shapes: dict[str, torch.Tensor], limit: int, into=None) -> dict[str, str]:
     """Write `tensors` into `work` as model.safetensors, or as shards + index above `limit` bytes.
 
     `shapes` gives each tensor's shape and dtype before it is read (a meta
-    tensor will do). Returns {shard file: sha256} (empty for one file).
-    `parts=(r, R)`: this writer writes only the shards k with k % R == r
-    (one of R processes writing one output); process 0 writes the index.
+    tensor will do). Returns {shard file: sha256} (empty for one file, whose
+    bytes go into the hash object `into` as they are written, where given).
+    Of several ranks writing one output (_ranks.py), this one writes the
+    shards k with k % N == rank; rank 0 also the index, and it takes the
+    other ranks' shards in once they are all written.
     """
+    ranks = active()
+    rank, size = (ranks.rank, ranks.size) if ranks is not None else (0, 1)
     sizes = [(name, nbytes(shapes[name])) for name in tensors]
     total = sum(size for _, size in sizes)
     metadata = {"format": "pt"}  # one key only: safetensors writes metadata in hash order
     if total <= limit:
-        if parts[0] == 0:
-            save_file({k: _real(v) for k, v in tensors.items()}, str(work / SINGLE), metadata=metadata)
+        if rank == 0:
+            _save({k: _real(v) for k, v in tensors.items()}, work / SINGLE, metadata, into)
+        if ranks is not None:
+            meet(ranks, work, {})
         return {}
     groups = plan(sizes, limit)
     n = len(groups)
     hashes = {}
-    mine = [(k, g) for k, g in enumerate(groups, start=1) if (k - 1) % parts[1] == parts[0]]
-    for k, group in bar(mine, "write shards", total=len(mine), unit="shard"):
-        file = shard_name(k, n)
-        save_file({name: _real(tensors[name]) for name in group}, str(work / file), metadata=metadata)
-        hashes[file] = sha256(work / file)  # read back while the file is still in the page cache
-    if parts[0] == 0:
+    mine = [(k, g) for k, g in enumerate(groups, start=1) if (k - 1) % size == rank]
+    with ThreadPoolExecutor(1, thread_name_prefix="fxsurgery-fsync") as flusher:  # a shard goes to disk while the next is written
+        flushed = []
+        for k, group in bar(mine, "write shards", total=len(mine), unit="shard"):
+            file = shard_name(k, n)
+            hashes[file] = _save({name: _real(tensors[name]) for name in group}, work / file, metadata)
+            flushed.append(flusher.submit(fsync_file, work / file))
+        for future in flushed:
+            future.result()  # a disk error surfaces here
+    if rank == 0:
         weight_map = {name: shard_name(k, n) for k, group in enumerate(groups, start=1) for name in group}
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (work / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    return hashes
+    if ranks is not None:
+        hashes.update(meet(ranks, work, hashes))
+    return dict(sorted(hashes.items()))
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict, into=None) -> str:
+    """Write one safetensors file; its sha256, computed while writing (_writer.py) where the dtypes allow."""
+    if supported(tensors):
+        return write_file(path, tensors, metadata, into)
+    save_file(tensors, str(path), metadata=metadata)
+    if into is not None:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                into.update(block)
+    return sha256(path)
 
 
 def shard_files(directory: Path) -> list[str] | None:

@@ -2,7 +2,8 @@
 
 The directory's `.metadata` is read by DCP's own `FileSystemReader`; each
 tensor is loaded by `dcp.load` into a tensor of its declared shape and dtype
-(no process group: `no_dist=True`), so only that tensor's chunks are read.
+(no process group: `no_dist=True`), so only that tensor's chunks are read;
+a block of rows or a leading slice is loaded alone through a planner (`region`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,35 @@ class DcpCheckpoint(Checkpoint):
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(holder, storage_reader=dcp.FileSystemReader(self.path), no_dist=True)
+        return holder[key]
+
+    def region(self, key: str, index: tuple) -> torch.Tensor:
+        """Only `index` (a tuple of slices, step 1, leading dims) of the tensor under `key`.
+
+        A planner asks DCP for that block alone, so only the saved chunks that
+        overlap it are read (a checkpoint written by N ranks holds N chunks of a
+        tensor); each chunk read is deserialised whole, as DCP stores it.
+        """
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+        from torch.distributed.checkpoint.planner import LoadPlan
+        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+        shape, dtype = self.meta[key]
+        bounds = [s.indices(n)[:2] for s, n in zip(index, shape)] + [(0, n) for n in shape[len(index):]]
+        block = ChunkStorageMetadata(offsets=torch.Size(a for a, _ in bounds), sizes=torch.Size(b - a for a, b in bounds))
+
+        holder = {key: torch.empty(tuple(block.sizes), dtype=dtype)}
+
+        class Block(dcp.DefaultLoadPlanner):
+            def create_local_plan(self):
+                return LoadPlan(create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [block]))
+
+            def lookup_tensor(self, index):  # the block's own tensor (offsets in the reads are relative to it)
+                return holder[key]
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(holder, storage_reader=dcp.FileSystemReader(self.path), planner=Block(), no_dist=True)
         return holder[key]
 
     def read(self, names) -> Iterator[tuple[str, torch.Tensor]]:

@@ -5,9 +5,11 @@ checkpoint on the meta device; each is registered here with a reader that
 fetches it (one tensor, straight from its source shard) when the export stage
 writes the output shard holding it. A replaced module's tensors carried over
 by a weights policy are filled at once, reading only what the policy uses:
-`select` reads the selected rows and `slice` the leading block, through
-safetensors slices; the operation and its checks are those of the in-memory
-path (the policy runs first on meta tensors).
+`select` reads the selected rows, `slice` the leading block, a pruned tensor
+its kept rows and `adapt_input_channels` to fewer (but more than one) input
+channels the first ones, through safetensors slices or a DCP planner (`pad`,
+`keep` and the sum to one channel need the whole source); the operation and
+its checks are those of the in-memory path (the policy runs first on meta tensors).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import TransferError
-from ..spec import carry
+from ..spec import Kept, carry
 from ._checkpoint import Checkpoint
 
 _PENDING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> {id(tensor): reader}
@@ -68,9 +70,8 @@ class Missing:
 def read_block(checkpoint: Checkpoint, name: str, index: tuple | None) -> torch.Tensor:
     """The checkpoint's tensor `name`, or only `index` (a tuple of slices) of it."""
     key = checkpoint.keys[name]
-    if hasattr(checkpoint, "tensor"):  # a DCP directory: the whole tensor, then the block
-        whole = checkpoint.tensor(key)
-        return whole if index is None else whole[index].clone()
+    if hasattr(checkpoint, "tensor"):  # a DCP directory: the block alone, through a planner
+        return checkpoint.tensor(key) if index is None else checkpoint.region(key, index)
     if checkpoint.state is not None:
         whole = checkpoint.state[key]
         return whole if index is None else whole[index]
@@ -102,6 +103,15 @@ def carry_streamed(policy, checkpoint: Checkpoint, name: str, src: torch.Tensor,
         dst.copy_(torch.cat(parts) if len(parts) > 1 else parts[0])
     elif policy == "slice" and src.dim() > 0:
         dst.copy_(read_block(checkpoint, name, tuple(slice(0, n) for n in dst.shape)))
-    else:
+    elif policy == "adapt_input_channels" and src.shape != dst.shape and 1 < dst.shape[1] < src.shape[1]:
+        # fewer input channels, but more than one: the first ones, scaled (the repeat is once; the sum needs all)
+        first = read_block(checkpoint, name, (slice(0, src.shape[0]), slice(0, dst.shape[1])))
+        dst.copy_(first * (src.shape[1] / dst.shape[1]))
+    elif isinstance(policy, Kept) and 0 in policy.axes.get(name_in_new, {}) and src.dim() > 0:
+        axes = policy.axes[name_in_new]  # pruned rows: the kept ones alone, then the other axes as in memory
+        parts = [read_block(checkpoint, name, (slice(a, b),)) for a, b in _runs(axes[0])]
+        rows = torch.cat(parts) if len(parts) > 1 else parts[0]
+        Kept({name_in_new: {a: k for a, k in axes.items() if a != 0}}).fill(name_in_new, rows, dst)
+    else:  # keep, pad and a sum over input channels use the whole source
         carry(policy, read_block(checkpoint, name, None), dst, name=name_in_new)
     return op
