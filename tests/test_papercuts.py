@@ -138,3 +138,18 @@ def test_the_cli_diff_draws_a_transformers_model(tmp_path):
     # apply keeps a transformers model as its class, which has no graph; the page is drawn from the graph instead
     assert (code, stdout, stderr) == (0, f"wrote {page}\n", "")
     assert page.read_text().count('data-status="frozen" data-op="call_module"') == 8   # the four embedding modules, each pane
+
+
+def test_a_model_built_without_weights_is_refused_for_its_own_reason(tmp_path):
+    # resnet18 in train mode on one 32x32 image reaches BatchNorm with one value per channel: built
+    # on meta (to be filled by weights=), the error used to blame the meta weights instead
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in torchvision.models.resnet18().state_dict().items()}, tmp_path / "w.safetensors")
+    with fxs.empty_weights():
+        model = torchvision.models.resnet18()
+    with pytest.raises(fxs.ModelError) as err:
+        fxs.apply(model, [Freeze("layer1")], example_inputs=(torch.randn(1, 3, 32, 32),), weights=tmp_path / "w.safetensors")
+    assert str(err.value) == ("the original model fails on the example inputs: ValueError: Expected more than 1 value per channel "
+                              "when training, got input size torch.Size([1, 512, 1, 1]); fix: pass inputs the original model accepts")
+    result = fxs.apply(model, [Freeze("layer1")], example_inputs=(torch.randn(2, 3, 32, 32),), weights=tmp_path / "w.safetensors")
+    assert result.report.frozen and all(not p.is_meta for p in result.module.parameters())

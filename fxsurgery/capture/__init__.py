@@ -164,8 +164,16 @@ def record_calls(model: nn.Module, inputs: tuple, kwargs: dict | None = None) ->
     """Each module's first call during one forward pass, on a copy: fake tensors, else real ones."""
     # Tensors a forward makes from Python values stay real; the model's own are fake.
     mode = FakeTensorMode(allow_non_fake_inputs=True)
+    device = next((t.device for t in pytree.tree_leaves((inputs, kwargs)) if isinstance(t, torch.Tensor)), torch.device("cpu"))
+
+    def faked(t: torch.Tensor) -> torch.Tensor:
+        if not t.is_meta:
+            return mode.from_tensor(t)
+        with mode:  # a model built without weights runs where its inputs are, as it will once filled
+            return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
+
     try:
-        fake = clone(model, mode.from_tensor)
+        fake = clone(model, faked)
         with mode, quiet_fake_tensors(), torch.no_grad():
             fake_inputs, fake_kwargs = pytree.tree_map(lambda x: mode.from_tensor(x) if isinstance(x, torch.Tensor) else x,
                                                        (inputs, dict(kwargs or {})))
