@@ -135,7 +135,7 @@ def diff(graph: fx.Graph, other: fx.Graph) -> tuple[list[Change], str | None]:
 
 def _retrace(model: nn.Module, region, calls: bool) -> fx.Graph:
     module = model.get_submodule(region.path) if region.path else model
-    example = region.example_inputs if region.call is None else None
+    example = (region.traced_at or region.example_inputs) if region.call is None else None
     return trace(module, example, call=region.call, leaf_types=region.leaf_types, leaf_paths=region.leaf_paths,
                  opaque=tuple(region.opaque), path=region.path, values=calls, dynamic=region.dynamic,
                  shapes=False).graph
