@@ -286,3 +286,24 @@ def test_a_batch_of_one_stays_pinned_where_the_code_needs_it():
                                           "(return sum(x[i] for i in range(x.shape[0])))"}}
     with pytest.raises(AssertionError, match="an example size of 1 takes size-1 branches"):
         result.module(torch.randn(2, 5))
+
+
+class Stem(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y[:, :, :4] if y.shape[2] > 4 else y
+
+
+def test_a_dim_the_weights_fix_is_not_blamed_on_a_decision():
+    """Probing 2 or 4 channels fails at the conv, before the decision: the channels are the weights' doing."""
+    torch.manual_seed(0)
+    model = Stem().eval()
+    result = fxs.apply(model, [], example_inputs=(torch.randn(2, 3, 8, 8),))
+    assert result.specialised == {}
+    for shape in ((1, 3, 8, 8), (3, 3, 12, 7)):
+        x = torch.randn(shape)
+        assert torch.equal(result.module(x), model(x))

@@ -216,7 +216,8 @@ def probe(gm: fx.GraphModule, graph: fx.Graph, example: tuple, decisions: list[D
                         for p, v in zip(placeholders, example)]
                 with mode, torch.no_grad():
                     values = _Prober(root, graph=graph).run_all(*args)
-                outcomes.append([not (d.node in values and _same(d.kind, values[d.node], d.value)) for d in decisions])
+                # a value the probe cannot compute (a conv taking only 3 channels) is the weights' doing, not the decision's
+                outcomes.append([d.node in values and not _same(d.kind, values[d.node], d.value) for d in decisions])
                 if not any(outcomes[0]):
                     break  # nothing changed with this dim: a second probe cannot make it pinned
             for i, d in enumerate(decisions):
@@ -357,9 +358,8 @@ def _outputs(gm: fx.GraphModule, example: tuple) -> list:
 
 
 def _equal(a: list, b: list) -> bool:
-    return len(a) == len(b) and all(
-        torch.equal(x, y) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else
-        (not isinstance(x, torch.Tensor) and not isinstance(y, torch.Tensor) and x == y) for x, y in zip(a, b))
+    return len(a) == len(b) and all(torch.equal(x, y) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else
+                                    (not isinstance(x, torch.Tensor) and not isinstance(y, torch.Tensor) and x == y) for x, y in zip(a, b))
 
 
 def beyond_size_one(result, inputs: tuple | None, kwargs: dict, recapture):
