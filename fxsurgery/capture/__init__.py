@@ -264,10 +264,9 @@ def _capture(model: nn.Module, inputs: tuple | None, kwargs: dict, *, leaf_types
 
 
 def _call_form(module: nn.Module, args: tuple, kwargs: dict) -> bool:
-    """True where a graph's own signature could not read as the forward's, so that the call form keeps
-    it (_call_shim.py): a tensor given after a parameter left at its default (the graph would take it
-    without a default, which Python refuses after one with a default), or another value than its
-    default given to a parameter that is no tensor (the graph would show that default and refuse it)."""
+    """True where a graph's own signature could not be Python: a tensor given after a parameter left at its
+    default (the graph takes it without a default, which Python refuses after one with a default); the
+    call form keeps the forward's own signature instead (_call_shim.py)."""
     signature = signature_of(module)
     try:
         given = signature.bind_partial(*args, **kwargs).arguments if signature is not None else {}
@@ -275,13 +274,9 @@ def _call_form(module: nn.Module, args: tuple, kwargs: dict) -> bool:
         return False
     defaulted = False
     for p in signature.parameters.values() if given else ():
-        value = given.get(p.name, p.default)
         if p.name not in given and p.default is not p.empty:
             defaulted = True
-        elif isinstance(value, torch.Tensor):
-            if defaulted:
-                return True
-        elif p.default is not p.empty and not (value is p.default or type(value) is type(p.default) and value == p.default):
+        elif defaulted and isinstance(given.get(p.name), torch.Tensor):
             return True
     return False
 
