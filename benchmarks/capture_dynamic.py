@@ -6,7 +6,11 @@ fake inputs with each input dim changed to find which dims a decision pins)
 is timed against `capture(..., dynamic_shapes=None)` (one guard on each
 input's whole example shape, no probing: what capture did before), interleaved
 rounds, median ratio per model. Models traced by plain torch.fx make no
-decision and cost the same either way.
+decision and cost the same either way; the corpus models below are those whose
+code decides on sizes. Where a decision pins a dim of size 1 (hf/gpt2 and
+hf/llama at batch 1), "auto" also captures again at 2 and checks that capture
+against the first on the example (two real forward passes): `specialised`
+lists the dims left pinned after that.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from fxsurgery.capture import capture
 from .common import interleave, log, medians
 from .module_speed import _corpus, _torchvision
 
-MODELS = {"resnet18": _torchvision("resnet18", 64), "hf/bert": _corpus("hf/bert"), "hf/gpt2": _corpus("hf/gpt2"),
-          "hf/llama": _corpus("hf/llama")}
+MODELS = {"resnet18": _torchvision("resnet18", 64),
+          **{name: _corpus(name) for name in ("hf/bert", "hf/gpt2", "hf/llama", "hf/t5", "hf/vit", "hf/whisper",
+                                              "timm/mobilevitv2_050", "timm/crossvit_9_240")}}
 
 
 def run(quick: bool = False, rounds: int | None = None, models: list[str] | None = None) -> dict:
@@ -31,9 +36,11 @@ def run(quick: bool = False, rounds: int | None = None, models: list[str] | None
         runs = interleave({"shape_guards": lambda m=model, x=inputs: capture(m, x, dynamic_shapes=None),
                            "decision_guards": lambda m=model, x=inputs: capture(m, x)}, rounds)
         before, after = medians(runs["shape_guards"])["total"], medians(runs["decision_guards"])["total"]
-        decisions = sum(len(r.decisions) for r in capture(model, inputs).regions)
+        captured = capture(model, inputs)
+        decisions = sum(len(r.decisions) for r in captured.regions)
+        pinned = {n: sorted(dims) for n, dims in captured.specialised().items()}
         rows[name] = {"shape_guards_s": before, "decision_guards_s": after, "ratio": after / before,
-                      "decisions": decisions, "rounds": rounds}
+                      "decisions": decisions, "specialised": pinned, "rounds": rounds}
         log(f"capture {name}: decision guards / shape guards {after / before:.3f} ({decisions} decisions)")
     ratios = [r["ratio"] for r in rows.values()]
     return {"benchmark": "capture_dynamic", "models": rows, "ratio_max": max(ratios) if ratios else None}

@@ -239,8 +239,8 @@ def apply(model: nn.Module, rules, example_inputs=None, *, example_kwargs: dict 
         with clock("modes"):
             other = dict(example_kwargs=example_kwargs, strict=strict, leaf_types=leaf_types, leaf_paths=leaf_paths,
                          weights=weights, modes=False, keep_class=False, stream=stream, dynamic_shapes=dynamic_shapes)
-            live = track(model, captured, lambda flipped: _quiet(apply, flipped, rule_list, example_inputs, **other)
-                         ) if modes and not kept else None
+            live = track(model, captured, lambda flipped, call=(example_inputs, example_kwargs): _quiet(
+                apply, flipped, rule_list, call[0], **{**other, "example_kwargs": call[1]})) if modes and not kept else None
         with clock("match"):
             plan = match(captured, rule_list)                 # read-only
         with clock("rewrite"):

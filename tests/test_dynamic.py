@@ -255,3 +255,55 @@ def test_inspect_lists_the_dims_a_decision_specialised(tmp_path):
     assert stdout.splitlines()[-1] == f"  specialised dim 0 of input 'x': {why}"
     code, stdout, _ = cli("inspect", f"{source}:Loop", "--input", "3x5", "--json")
     assert __import__("json").loads(stdout)["specialised"] == {"x": {"0": why}}
+
+
+def _llama():
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(_llama_config()).eval()
+
+
+@pytest.mark.parametrize("make", [_gpt2, _llama])
+def test_a_batch_of_one_does_not_pin_the_batch(make):
+    """At batch 1 `batch_size != position_ids.shape[0]` is False (other sizes: True); captured at 1, the graph is
+    captured again at 2, where the code (`position_ids.expand(batch_size, -1)`) also holds at 1."""
+    model = make()
+    example = _ids(1, 8)
+    result = fxs.apply(model, [Freeze("lm_head")], example_inputs=(example,), keep_class=False)
+    assert result.specialised == {}
+    assert [tuple(x.shape) for x in result.example_inputs if isinstance(x, torch.Tensor)] == [(1, 8)]
+    with torch.no_grad():
+        assert torch.equal(_out(result.module(example)), model(example).logits)  # the example, bit for bit
+    inputs = [(_ids(b, s, seed=b + s),) for b in (1, 3) for s in (5, 64)]
+    _same_in_both_modes(result, model, inputs)
+
+
+def test_a_batch_of_one_stays_pinned_where_the_code_needs_it():
+    """`range(x.shape[0])` decides for each size: captured at 1, the batch stays specialised, and says so."""
+    model = Loop()
+    result = fxs.apply(model, [], example_inputs=(torch.randn(1, 5),))
+    line = Loop.forward.__code__.co_firstlineno + 1
+    assert result.specialised == {"x": {0: f"`x.shape[0]` is 1 at tests/test_dynamic.py:{line} "
+                                          "(return sum(x[i] for i in range(x.shape[0])))"}}
+    with pytest.raises(AssertionError, match="an example size of 1 takes size-1 branches"):
+        result.module(torch.randn(2, 5))
+
+
+class Stem(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y[:, :, :4] if y.shape[2] > 4 else y
+
+
+def test_a_dim_the_weights_fix_is_not_blamed_on_a_decision():
+    """Probing 2 or 4 channels fails at the conv, before the decision: the channels are the weights' doing."""
+    torch.manual_seed(0)
+    model = Stem().eval()
+    result = fxs.apply(model, [], example_inputs=(torch.randn(2, 3, 8, 8),))
+    assert result.specialised == {}
+    for shape in ((1, 3, 8, 8), (3, 3, 12, 7)):
+        x = torch.randn(shape)
+        assert torch.equal(result.module(x), model(x))

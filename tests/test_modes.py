@@ -279,3 +279,33 @@ def test_a_directory_loaded_as_data_keeps_the_mode_live(tmp_path):
         dropped = loaded.train()(x)
         torch.manual_seed(1)
         assert torch.equal(dropped, model.train()(x)) and not torch.equal(dropped, model.eval()(x))
+
+
+class Distilled(nn.Module):
+    """Two heads in train mode, their mean in eval mode, behind a BatchNorm1d (which takes no batch of one
+    in train mode)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn = nn.Linear(4, 4), nn.BatchNorm1d(4)
+        self.head, self.dist = nn.Linear(4, 2), nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.bn(self.fc(x))
+        if self.training:
+            return self.head(y), self.dist(y)
+        return (self.head(y) + self.dist(y)) / 2
+
+
+def test_the_other_mode_is_captured_on_a_batch_of_two_where_one_fails():
+    torch.manual_seed(0)
+    model = Distilled().eval()
+    result = fxs.apply(model, [Freeze("fc")], example_inputs=(torch.randn(1, 4),))
+    reference = copy.deepcopy(model)
+    x = torch.randn(3, 4)
+    assert torch.equal(result.module(x), reference(x))
+    result.module.train()
+    reference.train()
+    for got, want in zip(result.module(x), reference(x)):
+        assert torch.equal(got, want)
+    assert torch.equal(result.module.get_submodule("bn").running_mean, reference.bn.running_mean)

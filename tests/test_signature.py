@@ -96,6 +96,7 @@ def test_saved_bert_keeps_the_signature_and_the_loss(bert_with_labels, tmp_path)
     model, result = bert_with_labels
     result.save(tmp_path / "out")
     loaded = fxs.load(tmp_path / "out", trust_code=True)
+    assert parameters(loaded) == parameters(model)  # model.py's call adapter shows the forward's own parameters
     reference = model(IDS, attention_mask=MASK, labels=LABELS)
     out = loaded(labels=LABELS, input_ids=IDS, attention_mask=MASK)
     assert type(out) is transformers.modeling_outputs.SequenceClassifierOutput
@@ -205,6 +206,39 @@ def test_example_kwargs_that_do_not_fit_the_forward_are_refused():
         fxs.apply(Toy(), [], example_inputs=(X,), example_kwargs={"masks": M})
     assert str(err.value) == ("example inputs do not fit Toy.forward(x, mask, scale, shift): got an unexpected keyword "
                               "argument 'masks'; fix: pass one input per argument")
+
+
+def parameters(module) -> list:
+    """What inspect shows of a module's forward: names, kinds (keyword-only or not) and defaults."""
+    return [(p.name, p.kind, p.default) for p in inspect.signature(module.forward).parameters.values()]
+
+
+class Shifted(nn.Module):
+    """A tensor given after a parameter left at its default, and keyword-only parameters."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x, mask=None, bias=None, *, scale: float = 2.0, shift=None):
+        y = self.linear(x) * scale + (0 if bias is None else bias)
+        return y if shift is None else y + shift
+
+
+@pytest.mark.parametrize("given", [{"bias": M}, {"shift": M}], ids=["bias", "shift"])
+def test_a_keyword_only_forward_keeps_its_signature_in_the_result_and_model_py(given, tmp_path):
+    model = Shifted().eval()
+    result = fxs.apply(model, [], example_inputs=(X,), example_kwargs=given)
+    assert parameters(result.module) == parameters(model)
+    assert [(name, kind.name) for name, kind, _ in parameters(model)][-2:] == [("scale", "KEYWORD_ONLY"),
+                                                                               ("shift", "KEYWORD_ONLY")]
+    loaded = _saved(result, tmp_path)
+    assert parameters(loaded) == parameters(model)
+    for module in (result.module, loaded):
+        assert torch.equal(module(X, **given), model(X, **given))
+        with pytest.raises(TypeError):
+            module(X, None, None, 2.0, None)  # keyword-only, as in the original
 
 
 def _saved(result, tmp_path):

@@ -25,7 +25,7 @@ from ..errors import ModelError, TraceError
 from ._call_shim import adapter_call, call_spec, install_adapter, mismatch, normalise, signature_of
 from ._copying import assign, clone, root_of
 from ._dualgraph import ModeGraphModule, current, dual_source, trace_modes
-from ._guards import apply_spec, specialised
+from ._guards import apply_spec, beyond_size_one, specialised
 from ._livemodes import keep_mode_reads
 from ._modes import track
 from ._shapes import Meta, PropagationError, adapt, propagate, quiet_fake_tensors
@@ -245,11 +245,19 @@ def capture(model: nn.Module, example_inputs: tuple | None = None, example_kwarg
     spec ({input: {dim: name}}) declares which dims must stay dynamic (the rest are static).
     """
     refuse_hooked_weights(model)
-    dynamic = None if dynamic_shapes is None else "auto"
     inputs, kwargs = _example_call(model, example_inputs, example_kwargs)
-    try:
-        whole = trace(model, inputs, kwargs, leaf_types=leaf_types, leaf_paths=leaf_paths, values=False, dynamic=dynamic)
-        return _specced(Capture(model, whole.example_inputs, [whole]), dynamic_shapes)
+    options = dict(leaf_types=leaf_types, leaf_paths=leaf_paths, dynamic=None if dynamic_shapes is None else "auto")
+    result = _capture(model, inputs, kwargs, **options)
+    if dynamic_shapes == "auto":  # a size-1 dim the code pins: captured again at 2 where that keeps it general
+        result = beyond_size_one(result, inputs, kwargs, lambda i, k: _capture(model, i, k, **options))
+    return _specced(result, dynamic_shapes)
+
+
+def _capture(model: nn.Module, inputs: tuple | None, kwargs: dict, *, leaf_types, leaf_paths, dynamic) -> Capture:
+    try:  # where a graph's own signature cannot read as the forward's, the call form keeps it (_call_shim.py)
+        if not _call_form(model, inputs or (), kwargs):
+            whole = trace(model, inputs, kwargs, leaf_types=leaf_types, leaf_paths=leaf_paths, values=False, dynamic=dynamic)
+            return Capture(model, whole.example_inputs, [whole])
     except TraceError:
         pass
     calls = record_calls(model, inputs, kwargs) if inputs is not None else {}
@@ -260,7 +268,25 @@ def capture(model: nn.Module, example_inputs: tuple | None = None, example_kwarg
         result.example_inputs = result.regions[0].example_inputs  # one value per forward parameter
     elif kwargs:  # as positions wherever the forward allows, so that `module(*example_inputs)` is the example call
         result.example_inputs, result.example_kwargs = normalise(signature_of(model), inputs, kwargs)
-    return _specced(result, dynamic_shapes)
+    return result
+
+
+def _call_form(module: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """True where a graph's own signature could not be Python: a tensor given after a parameter left at its
+    default (the graph takes it without a default, which Python refuses after one with a default); the
+    call form keeps the forward's own signature instead (_call_shim.py)."""
+    signature = signature_of(module)
+    try:
+        given = signature.bind_partial(*args, **kwargs).arguments if signature is not None else {}
+    except TypeError:
+        return False
+    defaulted = False
+    for p in signature.parameters.values() if given else ():
+        if p.name not in given and p.default is not p.empty:
+            defaulted = True
+        elif defaulted and isinstance(given.get(p.name), torch.Tensor):
+            return True
+    return False
 
 
 def _specced(result: Capture, spec) -> Capture:
@@ -316,7 +342,9 @@ class _Walker:
             return "called with different non-tensor arguments at different places"
         opaque: dict[str, str] = {}
         policy = self.policy
-        as_called = bool(path)  # the model itself is first traced through its signature (its keywords bound to it)
+        # the model itself is first traced through its signature (its keywords bound to it), unless
+        # that signature could not be Python (_call_form)
+        as_called = bool(path) or bool(call is not None and _call_form(module, call.args, call.kwargs))
         while True:
             try:
                 spec = call_spec(module, call.args, call.kwargs) if call is not None and as_called else None

@@ -11,6 +11,12 @@ Which input dimensions a decision depends on is found by running the graph
 again on fake inputs with one dimension changed (torch's fake tensors: no
 weights touched) and seeing whether the decided value changes: a dimension
 that changes it at every probe is specialised by the decision.
+
+An example size of 1 takes size-1 branches (`if batch != ids.shape[0]:`), so
+a decision pinning a size-1 dim has the model captured again with it at 2, kept
+where that leaves the dim general, its guards pass size 1 too, and it gives the
+example's outputs bit for bit (size-1 runs the code of sizes >= 2, as torch's
+size-oblivious guards assume); else the dim stays specialised.
 """
 
 from __future__ import annotations
@@ -18,16 +24,18 @@ from __future__ import annotations
 import operator
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils import _pytree as pytree
 
-from ..errors import ModelError
+from ..errors import FxsError, ModelError
 from ._copying import clone
-from ._shapes import quiet_fake_tensors
+from ._shapes import PropagationError, propagate, quiet_fake_tensors
 
 _OWN = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _SYMBOLS = {operator.gt: ">", operator.ge: ">=", operator.lt: "<", operator.le: "<=", operator.eq: "==",
@@ -208,7 +216,8 @@ def probe(gm: fx.GraphModule, graph: fx.Graph, example: tuple, decisions: list[D
                         for p, v in zip(placeholders, example)]
                 with mode, torch.no_grad():
                     values = _Prober(root, graph=graph).run_all(*args)
-                outcomes.append([not (d.node in values and _same(d.kind, values[d.node], d.value)) for d in decisions])
+                # a value the probe cannot compute (a conv taking only 3 channels) is the weights' doing, not the decision's
+                outcomes.append([d.node in values and not _same(d.kind, values[d.node], d.value) for d in decisions])
                 if not any(outcomes[0]):
                     break  # nothing changed with this dim: a second probe cannot make it pinned
             for i, d in enumerate(decisions):
@@ -296,3 +305,96 @@ def apply_spec(gm: fx.GraphModule, decisions: list[Decision], spec, values: tupl
                 made.meta[GUARD] = made.meta[SPEC] = True
     gm.recompile()
     return static
+
+
+def _size_one(decisions: list[Decision]) -> list[tuple[str, int]]:
+    """(input, dim) pairs some decision pins where the example's size was 1."""
+    out: list[tuple[str, int]] = []
+    for d in unique(decisions):
+        out += [(n, i) for n, i in d.forces if d.example.get(n, ())[i:i + 1] == (1,) and (n, i) not in out]
+    return out
+
+
+def _root(result):
+    return result.regions[0] if len(result.regions) == 1 and result.regions[0].path == "" else None
+
+
+def _relax(region, example: tuple, ones: list[tuple[str, int]]) -> None:
+    """Let each guard of `region` that decides otherwise on `example` (the size-1 call) pass where one of
+    `ones` is 1: the graph then runs its code for sizes >= 2 at size 1 as well."""
+    graph, gm = region.graph, region.gm
+    placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with quiet_fake_tensors():
+        args = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in example]
+        with mode, torch.no_grad():
+            values = _Prober(clone(gm, mode.from_tensor), graph=graph).run_all(*args)
+    for d in unique(region.decisions):
+        if d.guard is None or d.node in values and _same(d.kind, values[d.node], d.value):
+            continue
+        test, made = d.guard.args[0], []
+        with graph.inserting_before(d.guard):
+            for name, dim in ones:
+                made.append(graph.call_function(getattr, (placeholders[name], "shape")))
+                made.append(graph.call_function(operator.getitem, (made[-1], dim)))
+                made.append(graph.call_function(operator.eq, (made[-1], 1)))
+                test = graph.call_function(operator.or_, (test, made[-1]))
+                made.append(test)
+        for node in made:
+            node.meta[GUARD] = True
+        d.guard.args = (test, d.guard.args[1] + f"; at size 1 of {dims_text(ones)} it runs the code of sizes >= 2, "
+                        "checked at capture to give the example's outputs")
+    gm.recompile()
+
+
+def _outputs(gm: fx.GraphModule, example: tuple) -> list:
+    """The graph's outputs on the example, on a copy whose buffers are its own (train-mode BatchNorm
+    updates them), with a fixed seed (dropout draws the same masks each run)."""
+    params = {id(p): p for p in gm.parameters()}
+    copy = clone(gm, lambda t: t.detach().clone(), memo=dict(params))
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(0)
+        return pytree.tree_leaves(copy(*example))
+
+
+def _equal(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else
+                                    (not isinstance(x, torch.Tensor) and not isinstance(y, torch.Tensor) and x == y) for x, y in zip(a, b))
+
+
+def beyond_size_one(result, inputs: tuple | None, kwargs: dict, recapture):
+    """`result` (a Capture), or the capture `recapture(inputs, kwargs)` makes with every size-1 dim a decision
+    pins repeated to 2, where that one leaves those dims general and still gives the example's outputs."""
+    root = _root(result)
+    if root is None or root.example_inputs is None or root.dynamic is None or inputs is None:
+        return result
+    ones = _size_one(root.decisions)
+    if not ones or any(t.is_meta for t in [*result.model.parameters(), *result.model.buffers()]):
+        return result  # nothing pinned at 1, or no values to check a second capture against
+    names = root.input_names()
+    by_id = {id(v): n for n, v in zip(names, root.example_inputs) if isinstance(v, torch.Tensor)}
+
+    def widen(value):
+        name = by_id.get(id(value)) if isinstance(value, torch.Tensor) else None
+        for dim in (d for n, d in ones if n == name):
+            value = torch.cat([value, value], dim)  # repeated: token ids stay ids, masks stay masks
+        return value
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            wide = recapture(*pytree.tree_map(widen, (tuple(inputs), dict(kwargs))))
+        other = _root(wide)
+        if (other is None or other.input_names() != names or set(wide.opaque) != set(result.opaque)
+                or bool(wide.calls) != bool(result.calls)
+                or any(f in ones for d in other.decisions for f in d.forces)):
+            return result
+        _relax(other, tuple(root.example_inputs), ones)
+        if not _equal(_outputs(other.gm, root.example_inputs), _outputs(root.gm, root.example_inputs)):
+            return result
+        other.shapes = propagate(other.gm, other.graph, root.example_inputs)
+    except (FxsError, PropagationError, AssertionError, RuntimeError):
+        return result
+    other.traced_at, other.example_inputs = other.example_inputs, root.example_inputs
+    wide.example_inputs, wide.example_kwargs, wide.calls = result.example_inputs, result.example_kwargs, result.calls
+    return wide

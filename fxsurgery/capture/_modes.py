@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 
 from ..errors import FxsError, ModeError
 from ._copying import share
@@ -135,7 +136,7 @@ def diff(graph: fx.Graph, other: fx.Graph) -> tuple[list[Change], str | None]:
 
 def _retrace(model: nn.Module, region, calls: bool) -> fx.Graph:
     module = model.get_submodule(region.path) if region.path else model
-    example = region.example_inputs if region.call is None else None
+    example = (region.traced_at or region.example_inputs) if region.call is None else None
     return trace(module, example, call=region.call, leaf_types=region.leaf_types, leaf_paths=region.leaf_paths,
                  opaque=tuple(region.opaque), path=region.path, values=calls, dynamic=region.dynamic,
                  shapes=False).graph
@@ -155,7 +156,26 @@ def _owners_in_mode(model: nn.Module, region, change: Change, graph: fx.Graph) -
     return True
 
 
-def track(model: nn.Module, captured, rerun: Callable[[nn.Module], Any]) -> Modes:
+def _rerun(rerun: Callable, model: nn.Module, captured) -> Any:
+    """The surgery on `model` (the other mode); where it fails and the example has a batch of 1 (train-mode
+    BatchNorm takes no batch of one), made on the example repeated to a batch of 2 instead."""
+    try:
+        return rerun(model)
+    except FxsError:
+        call = (tuple(captured.example_inputs or ()), dict(captured.example_kwargs))
+        ones = [t for t in pytree.tree_leaves(call) if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 1]
+        if not ones:
+            raise
+        twice = pytree.tree_map(lambda t: torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 1
+                                else t, call)
+        try:
+            return rerun(model, twice)
+        except FxsError:
+            pass
+        raise
+
+
+def track(model: nn.Module, captured, rerun: Callable[..., Any]) -> Modes:
     """Compare the capture with one of a copy in the other mode; `rerun(copy)` makes the surgery
     on that copy when the code itself differs (one graph only)."""
     training = model.training
@@ -181,7 +201,7 @@ def track(model: nn.Module, captured, rerun: Callable[[nn.Module], Any]) -> Mode
                                                    ", and some of its modules are in another mode than the model")
                 continue
             try:
-                modes.other = rerun(other_model)
+                modes.other = _rerun(rerun, other_model, captured)
             except FxsError as err:
                 modes.guards[region.path] = f"{why}, where the surgery fails: {err.problem}"
                 continue

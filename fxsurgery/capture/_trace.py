@@ -46,6 +46,7 @@ class Captured:
     decisions: list[Decision] = field(default_factory=list)  # where Python took a number; each guarded (_guards.py)
     dynamic: str | None = "auto"                         # "auto": guards on decisions; None: on whole input shapes
     static: dict = field(default_factory=dict)           # input -> {dim: why}: dims a dynamic_shapes spec left static
+    traced_at: tuple | None = None                       # inputs traced on, where not example_inputs (_guards.py)
 
     @property
     def graph(self) -> fx.Graph:

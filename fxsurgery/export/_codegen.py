@@ -296,10 +296,10 @@ def _adapter(call, class_name: str) -> tuple[str, str, list[str]]:
         f"OUTPUT = pytree.treespec_loads({pytree.treespec_dumps(call.out_spec)!r})\n\n\n"
         "def _same(a, b):\n    return a is b or (type(a) is type(b) and a == b)\n\n\n" + inspect.getsource(mismatch).strip("\n"))
     method = (
+        "    @lambda f: setattr(f, '__signature__', inspect.Signature([inspect.Parameter('self', 1), *SIGNATURE.parameters.values()])) or f\n"
         "    def forward(self, *args, **kwargs):\n"
         f'        """Called as {docstring_text(class_name)} was called: its parameters, by position or keyword, with their defaults."""\n'
-        "        bound = SIGNATURE.bind(*args, **kwargs)\n"
-        "        bound.apply_defaults()\n"
+        "        bound = SIGNATURE.bind(*args, **kwargs)\n        bound.apply_defaults()\n"
         "        leaves, spec = pytree.tree_flatten((tuple(bound.args), dict(bound.kwargs)))\n"
         "        if spec != CALL or any(not _same(leaves[i], v) for i, v in FIXED.items()) or any(not torch.is_tensor(leaves[i]) for i in ORDER):\n"
         "            raise RuntimeError(mismatch(SIGNATURE, CALL, FIXED, args, kwargs, \"\"))\n"
