@@ -16,7 +16,7 @@ from typing import Any
 from torch import fx, nn
 
 from .._util import get_path, shape_text
-from ..capture import Captured, Meta, PropagationError, propagate, root_of
+from ..capture import Captured, Meta, PropagationError, propagate
 from ..errors import RewriteError
 from ..match import Match, Plan, Site, join, label
 from ..spec import New, describe, like
@@ -37,7 +37,8 @@ class Rewriter:
         self.alias: dict[str, str] = {}
         self.by_name = {n.name: n for n in self.graph.nodes}
         gm = captured.gm
-        self.edited = Edited(captured, plan, self.graph, {}, {}, shapes=dict(captured.shapes))
+        state = captured.shape_state.fork() if captured.shape_state is not None else None
+        self.edited = Edited(captured, plan, self.graph, {}, {}, shapes=dict(captured.shapes), shape_state=state)
         for n in self.graph.nodes:
             if n.op == "call_module":
                 self.edited.modules[n.target] = Slot(gm.get_submodule(n.target), n.target)
@@ -127,7 +128,8 @@ class Rewriter:
         if self.captured.example_inputs is None:
             return
         try:
-            self.edited.shapes = propagate(root_of(self.edited.table()), self.graph, self.edited.example_inputs())
+            self.edited.shapes = propagate(self.edited.table(), self.graph, self.edited.example_inputs(),
+                                           self.edited.shape_state)
         except PropagationError as err:
             raise shape_failure(err, self.edited) from None
 

@@ -16,8 +16,8 @@ from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
 
-from .._util import first_line
-from ..capture import PropagationError, clone, propagate, quiet_fake_tensors, root_of
+from .._util import first_line, get_path
+from ..capture import PropagationError, clone, propagate, quiet_fake_tensors
 from ..errors import ValidateError
 from ..rewrite import Edited, Rewritten, shape_failure
 from ._gradflow import GradientFlow, fake_of, gradient_flow, in_place
@@ -27,29 +27,51 @@ __all__ = [
 ]
 
 
-def _impure(node: fx.Node) -> bool:
+def _impure(node: fx.Node, table: dict) -> bool:
     """torch.fx's notion, plus in-place tensor ops: `x.add_(pos)` has no users but matters
-    (torchvision's MViT adds its position embedding that way)."""
-    return node.is_impure() or in_place(node)
+    (torchvision's MViT adds its position embedding that way). A node with users stays anyway:
+    its purity is not asked (torch's check costs tens of microseconds a node)."""
+    if node.users or in_place(node):
+        return True
+    if node.op == "call_module":  # what Node.is_impure reads from the graph's owning module
+        return bool(getattr(table.get(node.target), "_is_impure", False))
+    return node.is_impure()
+
+
+def _check_targets(graph: fx.Graph, table: dict) -> None:
+    """Every call_module / get_attr target is held by the table (or inside a module it holds)."""
+    for node in graph.nodes:
+        if node.op not in ("call_module", "get_attr") or node.target in table:
+            continue
+        parts = node.target.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            owner = table.get(".".join(parts[:i]))
+            if owner is not None:
+                try:
+                    get_path(owner, ".".join(parts[i:]))
+                    break
+                except AttributeError:
+                    pass
+        else:
+            raise RuntimeError(f"node '{node.name}' ({node.op}) reads '{node.target}', which nothing in the new model holds")
 
 
 def validate_graph(edited: Edited) -> Edited:
     """Lint, drop dead nodes and unused targets, then give every node a shape."""
-    shadow = fx.GraphModule(root_of(edited.table()), edited.graph)  # owns the graph for purity checks
-    try:
-        edited.graph.lint()
+    table = edited.table()
+    try:  # dead-code elimination lints the graph first, and changes nothing if that fails
+        _check_targets(edited.graph, table)
+        edited.graph.eliminate_dead_code(is_impure_node=lambda node: _impure(node, table))
     except Exception as exc:
         last = edited.plan.matches[-1].label if edited.plan.matches else "the rules"
         raise ValidateError(f"{last}: the rewritten graph is malformed: {exc}; fix: check the order of the rules") from None
-    edited.graph.eliminate_dead_code(is_impure_node=_impure)
     used = {n.target for n in edited.graph.nodes if n.op in ("call_module", "get_attr")}
-    for table in (edited.modules, edited.tensors):
-        for target in [t for t in table if t not in used]:
-            del table[target]
-    del shadow
+    for slots in (edited.modules, edited.tensors):
+        for target in [t for t in slots if t not in used]:
+            del slots[target]
     if edited.captured.example_inputs is not None:
         try:
-            edited.shapes = propagate(root_of(edited.table()), edited.graph, edited.example_inputs())
+            edited.shapes = propagate(edited.table(), edited.graph, edited.example_inputs(), edited.shape_state)
         except PropagationError as err:
             raise shape_failure(err, edited) from None
     return edited
