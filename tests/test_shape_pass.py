@@ -184,3 +184,20 @@ def test_graph_without_example_inputs_has_no_pass():
     captured, rewritten = _stages(gm_model, [Replace(nn.ReLU, nn.GELU())], None)
     assert captured.regions[0].shape_state is None and rewritten.root.shapes == {}
     assert isinstance(rewritten.root.graph, fx.Graph)
+
+
+@pytest.mark.skipif(transformers is None, reason="needs transformers")
+def test_the_check_and_the_gradient_flow_share_one_forward(monkeypatch):
+    """Where opaque code runs the graphs (a kept class), the check's fake forward records autograd's graph
+    too: one forward pass, and the flow a separate pass gives."""
+    from fxsurgery import Freeze
+    from fxsurgery.validate import _gradflow, gradient_flow
+    forwards, real = [], _gradflow._forward
+    monkeypatch.setattr(_gradflow, "_forward", lambda *a, **k: forwards.append(k.get("fake")) or real(*a, **k))
+    result = fxs.apply(bert(), [Freeze("bert.embeddings"), Detach(after="bert.encoder.layer.1.output")], (ids(2, 9),))
+    assert forwards == [True]
+    again = gradient_flow(result.module, result.example_inputs, one_graph=False, kwargs=result.example_kwargs)
+    assert forwards == [True, True]
+    assert result.gradient_flow.to_dict() == again.to_dict()
+    counts = result.gradient_flow.counts()
+    assert counts["frozen"] == 5 and counts["cut"] > 0 and counts["trainable"] > 0

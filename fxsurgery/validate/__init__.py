@@ -20,7 +20,7 @@ from .._util import first_line, get_path
 from ..capture import PropagationError, clone, propagate, quiet_fake_tensors
 from ..errors import ValidateError
 from ..rewrite import Edited, Rewritten, shape_failure
-from ._gradflow import GradientFlow, fake_of, gradient_flow, in_place
+from ._gradflow import GradientFlow, fake_flow, fake_of, gradient_flow, in_place
 
 __all__ = [
     "GradientFlow", "check_module", "gradient_flow", "validate", "validate_graph",
@@ -84,15 +84,23 @@ def validate(rewritten: Rewritten) -> Rewritten:
     return rewritten
 
 
+def _hooks(open_paths: list[str]):
+    """Forward hooks on a copy that keep the stack of modules running; returns their removal."""
+    def install(copy: nn.Module):
+        handles = []
+        for path, sub in copy.named_modules():
+            handles.append(sub.register_forward_pre_hook(lambda m, a, p=path: open_paths.append(p)))
+            handles.append(sub.register_forward_hook(lambda m, a, o: open_paths.pop() and None))  # None: output unchanged
+        return lambda: [h.remove() for h in handles]
+    return install
+
+
 def _run(module: nn.Module, inputs: tuple, fake: bool, kwargs: dict | None = None) -> tuple[BaseException | None, str]:
     """Run a copy of `module` (fake or real tensors); the failure and the innermost module it was in."""
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
     copy = clone(module, (lambda t: fake_of(mode, t)) if fake else (lambda t: t.detach().clone()))
     open_paths: list[str] = []
-    handles = []
-    for path, sub in copy.named_modules():
-        handles.append(sub.register_forward_pre_hook(lambda m, a, p=path: open_paths.append(p)))
-        handles.append(sub.register_forward_hook(lambda m, a, o: open_paths.pop() and None))  # None: output unchanged
+    remove = _hooks(open_paths)(copy)
     try:
         with (mode or contextlib.nullcontext()), quiet_fake_tensors(), torch.no_grad():
             args, keywords = pytree.tree_map(lambda x: mode.from_tensor(x) if fake and isinstance(x, torch.Tensor) else x,
@@ -102,20 +110,27 @@ def _run(module: nn.Module, inputs: tuple, fake: bool, kwargs: dict | None = Non
     except Exception as exc:
         return exc, open_paths[-1] if open_paths else ""
     finally:
-        for h in handles:
-            h.remove()
+        remove()
 
 
-def check_module(module: nn.Module, rewritten: Rewritten, kwargs: dict | None = None) -> None:
-    """Run the assembled module once (fake tensors, else a real copy); blame the rule nearest to a failure."""
+def check_module(module: nn.Module, rewritten: Rewritten, kwargs: dict | None = None) -> GradientFlow | None:
+    """Run the assembled module once (fake tensors, else a real copy); blame the rule nearest to a failure.
+
+    The fake run records autograd's graph too, and the gradient flow it gives is returned (None
+    where no run was needed, or where only a run without autograd or a real one passes): the
+    surgery makes one fake forward pass for both."""
     inputs = rewritten.example_inputs()
     if inputs is None or not rewritten.capture.opaque:
-        return
+        return None
+    try:
+        return fake_flow(module, inputs, kwargs)
+    except Exception:  # the runs below find out why, and where
+        pass
     exc, where = _run(module, inputs, fake=True, kwargs=kwargs)
     if exc is not None:  # fake tensors cannot run every model (data-dependent code): run it for real
         exc, where = _run(module, inputs, fake=False, kwargs=kwargs)
     if exc is None:
-        return
+        return None
     culprit = _nearest_rule(rewritten, where)
     first = first_line(exc)
     what = f"{type(exc).__name__}: {first}"
