@@ -46,6 +46,7 @@ class Rewriter:
                 self.edited.tensors[n.target] = Slot(get_path(gm, n.target), n.target)
         self.dirty = False
         self._taken: set[str] | None = None
+        self._reads: tuple | None = None  # (the rule, the graph's get_attr nodes) for warn_direct_reads
         self.cut_keys: list[str] | None = None  # Output rules: the keys the graph returns, in order
 
     # -- lookups ---------------------------------------------------------------
@@ -246,8 +247,10 @@ class Rewriter:
 
     def warn_direct_reads(self, m: Match, path: str) -> None:
         """The forward may read a replaced module's tensors itself (`self.fc.weight`): those reads are not replaced."""
-        for node in self.graph.nodes:
-            if node.op == "get_attr" and str(node.target).startswith(path + "."):
+        if self._reads is None or self._reads[0] is not m:  # the graph's reads, once per rule: not a walk per module
+            self._reads = (m, [n for n in self.graph.nodes if n.op == "get_attr"])
+        for node in self._reads[1]:
+            if not node._erased and str(node.target).startswith(path + "."):
                 line = source_line(self.captured.model, node, path)
                 self.plan.warnings.append(
                     f"{m.label}: the forward also reads {join(self.captured.path, node.target)} directly (node '{node.name}'"
