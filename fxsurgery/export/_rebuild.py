@@ -163,19 +163,18 @@ def _with_weights(directory: Path, gm: fx.GraphModule, doc: dict, ties: dict, fr
     differ = sorted(set(tensors) ^ set(expected)) or [k for k in expected if (tensors[k].shape, tensors[k].dtype) != (expected[k].shape, expected[k].dtype)]
     if differ:
         raise SaveError(f"{directory}: model.safetensors does not hold the tensors graph.json declares (first: {differ[0]!r}); {FIX}")
-    gm = gm.to_empty(device=device)
-    for alias, owner in ties.items():  # to_empty gives each path its own tensor
-        assign(gm, alias, gm.get_parameter(owner))
-    for name in non_persistent:  # GraphModule copied them as persistent buffers
-        assign(gm, name, gm.get_buffer(name), persistent=False)
     try:
         for name in frozen:
             gm.get_parameter(name).requires_grad_(False)
     except AttributeError as exc:
         raise entry_error(directory, "frozen", exc) from None
-    state = {k: v for k, v in tensors.items() if k not in non_persistent}
-    gm.load_state_dict({**state, **{a: state[o] for a, o in ties.items()}}, strict=True)
-    for name in non_persistent:
+    # the tensors read are the module's own (as load_state_dict(assign=True) makes them, requires_grad
+    # kept): no second allocation and copy of every weight; moved where another device is asked for
+    state = {k: v.to(device) for k, v in tensors.items() if k not in non_persistent}
+    gm.load_state_dict({**state, **{a: state[o] for a, o in ties.items()}}, strict=True, assign=True)
+    for alias, owner in ties.items():  # assigning gives each path its own Parameter: one object again
+        assign(gm, alias, gm.get_parameter(owner))
+    for name in non_persistent:  # GraphModule copied them as persistent buffers
         assign(gm, name, tensors[name].to(device, copy=True), persistent=False)
     modes = doc.get("modes")
     gm.train(not evals)
