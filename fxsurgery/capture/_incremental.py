@@ -27,9 +27,9 @@ from .._util import get_path
 from ._copying import clone, root_of
 from ._shapes import _FAKE_LOGGER, Meta, _quiet, _Recorder, full_pass, to_meta
 
-# In-place ops that change their input's shape or strides (a kept value would not say when).
+# In-place ops that change their input's metadata: shape, strides, requires_grad (a kept value would not say when).
 _RESHAPING = {"unsqueeze_", "squeeze_", "transpose_", "t_", "resize_", "resize_as_", "as_strided_", "set_",
-              "swapdims_", "swapaxes_"}
+              "swapdims_", "swapaxes_", "requires_grad_", "detach_"}
 _PLAIN = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.layout, torch.memory_format)
 
 

@@ -207,8 +207,9 @@ class Rewriter:
     def replace(self, m: Match, sites: list[Site]) -> None:
         replacement = m.rule.replacement
         by_path: dict[str | None, list[Site]] = {}
+        chosen = set(m.modules)  # a set: one look-up per site, not a walk of the list
         for site in sites:
-            by_path.setdefault(site.path if site.module in m.modules else None, []).append(site)
+            by_path.setdefault(site.path if site.module in chosen else None, []).append(site)
         for path, sites in by_path.items():
             if path is not None and not callable_only(replacement):
                 self.replace_module(m, path, sites)
