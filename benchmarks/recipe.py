@@ -12,6 +12,7 @@ from torch import nn
 
 from fxsurgery.capture import capture
 from fxsurgery.match import match
+from fxsurgery.pipeline import _gc_deferred
 from fxsurgery.rewrite import rewrite
 from fxsurgery.spec import flatten, load_rules
 from fxsurgery.transfer import transfer
@@ -31,19 +32,20 @@ def run_stages(model: nn.Module, rules, example_inputs, *, keep: list | None = N
         times[name] = now - t
         t = now
 
-    rule_list = flatten(rules, lambda path: load_rules(path))
-    captured = capture(model, example_inputs)
-    lap("capture")
-    plan = match(captured, rule_list)
-    lap("match")
-    rewritten = rewrite(captured, plan)
-    lap("rewrite")
-    rewritten = validate(rewritten)
-    lap("validate")
-    module, _report = transfer(rewritten)
-    lap("transfer")
-    check_module(module, rewritten)  # only does work where opaque code joins graphs
-    lap("check")
+    with _gc_deferred():  # as apply: no cyclic collection walks the surgery's objects midway
+        rule_list = flatten(rules, lambda path: load_rules(path))
+        captured = capture(model, example_inputs)
+        lap("capture")
+        plan = match(captured, rule_list)
+        lap("match")
+        rewritten = rewrite(captured, plan)
+        lap("rewrite")
+        rewritten = validate(rewritten)
+        lap("validate")
+        module, _report = transfer(rewritten)
+        lap("transfer")
+        check_module(module, rewritten)  # only does work where opaque code joins graphs
+        lap("check")
     if keep is not None:
         keep.append(module)
     return times

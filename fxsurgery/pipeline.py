@@ -254,14 +254,16 @@ def apply(model: nn.Module, rules, example_inputs=None, *, example_kwargs: dict 
                 module = live.keep(module, plan)
                 register(module, pending)
         with clock("validate"):
-            check_module(module, rewritten, captured.example_kwargs)  # where opaque code joins the graphs
+            # where opaque code joins the graphs; its fake run gives the gradient flow too
+            checked_flow = check_module(module, rewritten, captured.example_kwargs)
         root = rewritten.root
         result = SurgeryResult(module=module, report=report, plan=plan, rules=rule_list,
                                example_inputs=rewritten.example_inputs(), example_kwargs=dict(captured.example_kwargs),
                                original_inputs=captured.example_inputs,
                                input_changes=rewritten.input_changes(),
                                original=_one_graph(captured),
-                               shapes=root.shapes if root is not None else {}, capture=captured, timings=clock.times)
+                               shapes=root.shapes if root is not None else {}, capture=captured, timings=clock.times,
+                               _flow=checked_flow)
         with clock("gradient flow"):
             flow = result.gradient_flow
     for warning in plan.warnings + flow.warnings():

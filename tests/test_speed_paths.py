@@ -181,3 +181,36 @@ def test_profile_lists_every_stage_in_order(tmp_path):
 def test_result_times_its_stages():
     result = fxs.apply(nn.Sequential(nn.Linear(2, 2)), [fxs.Freeze("0")], example_inputs=(torch.randn(1, 2),))
     assert list(result.timings) == STAGES[1:-1] and all(t >= 0 for t in result.timings.values())
+
+
+class TiedHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.enc = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 11, bias=False)
+        self.head.weight = self.emb.weight
+        self.register_buffer("scale", torch.full((6,), 2.0), persistent=False)
+
+    def forward(self, ids):
+        return self.head(self.enc(self.emb(ids)) * self.scale)
+
+
+def test_load_hands_the_read_tensors_to_the_module(tmp_path):
+    """fxs.load assigns the tensors safetensors reads (no second allocation and copy): ties stay one
+    Parameter, frozen ones stay frozen, and training the loaded module never writes to the file."""
+    torch.manual_seed(0)
+    ids = torch.tensor([[1, 4, 7]])
+    result = fxs.apply(TiedHead().eval(), [fxs.Freeze("enc")], example_inputs=(ids,))
+    result.save(tmp_path / "m")
+    loaded = fxs.load(tmp_path / "m")
+    assert torch.equal(loaded(ids), result.module(ids))
+    assert loaded.head.weight is loaded.emb.weight and isinstance(loaded.emb.weight, nn.Parameter)
+    assert [n for n, p in loaded.named_parameters() if p.requires_grad] == ["emb.weight"]
+    assert torch.equal(loaded.scale, torch.full((6,), 2.0)) and "scale" not in loaded.state_dict()
+    before = {k: v.clone() for k, v in loaded.state_dict().items()}
+    with torch.no_grad():
+        for p in loaded.parameters():
+            p.add_(1.0)
+    again = fxs.load(tmp_path / "m")  # the file is as written: its hash still holds
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in before.items())

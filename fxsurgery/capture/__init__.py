@@ -26,6 +26,7 @@ from ._call_shim import adapter_call, call_spec, install_adapter, mismatch, norm
 from ._copying import assign, clone, root_of
 from ._dualgraph import ModeGraphModule, current, dual_source, trace_modes
 from ._guards import apply_spec, beyond_size_one, specialised
+from ._incremental import held_by
 from ._livemodes import keep_mode_reads
 from ._modes import track
 from ._shapes import Meta, PropagationError, adapt, propagate, quiet_fake_tensors
@@ -36,7 +37,7 @@ __all__ = [
     "assign",
     "ModeGraphModule", "current", "dual_source", "keep_mode_reads", "trace_modes", "track",
     "KEPT", "adapter_call", "Call", "Capture", "Captured", "Meta", "PropagationError", "adapt", "capture", "capture_kept", "clone",
-    "install_adapter", "mismatch",
+    "held_by", "install_adapter", "mismatch",
     "module_stack", "propagate", "qualified_names", "quiet_fake_tensors", "record_calls", "root_of", "trace",
 ]
 

@@ -22,7 +22,7 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicO
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from .._util import shape_text
-from ._copying import clone
+from ._copying import clone, root_of
 
 # Fake tensors log every failing op with a traceback; the failure is reported
 # once, as a one-line error naming the rule, so the log is silenced meanwhile.
@@ -63,7 +63,15 @@ def _same_shape_op(args: tuple, kwargs: dict) -> torch.Tensor | None:
                 return None
         elif type(other) not in (int, float):
             return None
-    return torch.empty_like(first)
+    return _empty_as(first)
+
+
+def _empty_as(x: torch.Tensor) -> torch.Tensor:
+    """torch.empty_like(x) for a contiguous tensor: on meta, empty_like runs Python reference code
+    (tens of microseconds, most of a long chain's shape pass); empty with the same shape is one call."""
+    if x.is_meta and x.is_contiguous():
+        return torch.empty(x.shape, dtype=x.dtype, device="meta")
+    return torch.empty_like(x)
 
 
 _NEEDS_REAL = (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException)
@@ -110,8 +118,9 @@ def _mutable(value):
 
 
 class _Recorder(fx.Interpreter):
-    def __init__(self, module, graph, metas):
-        super().__init__(module, graph=graph)
+    def __init__(self, module, graph, metas, keep: bool = False):
+        # `keep`: every node's value stays in `env` (a later pass re-runs only what changed)
+        super().__init__(module, garbage_collect_values=not keep, graph=graph)
         self.metas = metas
 
     def map_nodes_to_values(self, args, n):
@@ -147,7 +156,10 @@ class _Recorder(fx.Interpreter):
 
     def run_node(self, n):
         try:
-            value = super().run_node(n)
+            # fx.Interpreter.run_node without its context manager that records the current node for
+            # tracing machinery (none runs here): a tenth of a long chain's shape pass
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            value = getattr(self, n.op)(n.target, args, kwargs)
         except PropagationError:
             raise
         except Exception as exc:  # any failure of user code is reported against its node
@@ -166,7 +178,8 @@ def _linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
     reference code (milliseconds per call). Anything that would fail runs the module for its error."""
     if x.dim() < 1 or x.shape[-1] != module.in_features or x.dtype != module.weight.dtype or x.device != module.weight.device:
         return None
-    return x.new_empty((*x.shape[:-1], module.out_features))
+    shape = (*x.shape[:-1], module.out_features)
+    return torch.empty(shape, dtype=x.dtype, device="meta") if x.is_meta else x.new_empty(shape)
 
 
 def _same_shape_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -182,7 +195,7 @@ def _same_shape_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         return None  # running it raises the error a real run would
     if module.training or module.running_mean is None:
         F._verify_batch_size(x.size())  # batch statistics need more than one value per channel
-    return torch.empty_like(x)
+    return _empty_as(x)
 
 
 def _structure(root: nn.Module) -> nn.Module:
@@ -200,32 +213,46 @@ def _structure(root: nn.Module) -> nn.Module:
     return shell
 
 
-def _on_meta(root: nn.Module, graph: fx.Graph, inputs: tuple) -> dict[str, Meta] | None:
+def _on_meta(root: nn.Module, graph: fx.Graph, inputs: tuple, keep: bool) -> _Recorder | None:
     """Shapes on the meta device: the cheapest run there is, when the code allows it."""
-    metas: dict[str, Meta] = {}
     try:
-        meta_root = clone(_structure(root), lambda t: t.detach().to("meta"))
+        meta_root = clone(_structure(root), to_meta)
+        recorder = _Recorder(meta_root, graph, {}, keep)
         with _quiet(_FAKE_LOGGER), torch.no_grad():
-            _Recorder(meta_root, graph, metas).run(*(x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs))
-        return metas
+            recorder.run(*(x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs))
+        return recorder
     except Exception:  # data-dependent code, or tensors made on another device: fake tensors know better
         return None
 
 
-def propagate(root: nn.Module, graph: fx.Graph, inputs: tuple) -> dict[str, Meta]:
-    """Run `graph` over `root` on shape-only copies of `inputs` (meta, else fake, else a real copy);
-    a Meta per node name."""
-    metas = _on_meta(root, graph, inputs)
-    if metas is not None:
-        return metas
+def to_meta(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("meta")
+
+
+@dataclass
+class Pass:
+    """One full shape pass: a Meta per node name; with `keep`, each node's value and how it was made."""
+
+    metas: dict[str, Meta]
+    kind: str                                # "meta", "fake" or "real"
+    values: dict[str, Any]                   # node name -> its meta or fake value (`keep` only)
+    mode: FakeTensorMode | None = None       # the fake tensors' mode (kind "fake")
+
+
+def full_pass(root: nn.Module, graph: fx.Graph, inputs: tuple, keep: bool = False) -> Pass:
+    """Run `graph` over `root` on shape-only copies of `inputs` (meta, else fake, else a real copy)."""
+    recorder = _on_meta(root, graph, inputs, keep)
+    if recorder is not None:
+        return Pass(recorder.metas, "meta", {n.name: v for n, v in recorder.env.items()} if keep else {})
     metas = {}
     mode = FakeTensorMode(allow_non_fake_inputs=False)
     try:
         fake_root = clone(_structure(root), mode.from_tensor)
+        recorder = _Recorder(fake_root, graph, metas, keep)
         with mode, _quiet(_FAKE_LOGGER):
             fake_inputs = tuple(mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs)
-            _Recorder(fake_root, graph, metas).run(*fake_inputs)
-        return metas
+            recorder.run(*fake_inputs)
+        return Pass(metas, "fake", {n.name: v for n, v in recorder.env.items()} if keep else {}, mode)
     except PropagationError as err:
         if not isinstance(err.exc, _NEEDS_REAL):
             raise
@@ -234,7 +261,16 @@ def propagate(root: nn.Module, graph: fx.Graph, inputs: tuple) -> dict[str, Meta
     real_root = clone(root, lambda t: t.detach().clone())
     with torch.no_grad():
         _Recorder(real_root, graph, metas).run(*inputs)
-    return metas
+    return Pass(metas, "real", {})
+
+
+def propagate(root: nn.Module | dict, graph: fx.Graph, inputs: tuple, state=None) -> dict[str, Meta]:
+    """A Meta per node name of `graph` run over `root` (a module, or a {target: module or tensor}
+    table) on shape-only copies of `inputs`. With `state` (a ShapeState), the pass it kept is
+    reused: only the nodes that changed since, and what their change reaches, run again."""
+    if state is not None:
+        return state.run(root, graph, inputs)
+    return full_pass(root_of(root) if isinstance(root, dict) else root, graph, inputs).metas
 
 
 def adapt(value: torch.Tensor, shape: tuple) -> torch.Tensor:

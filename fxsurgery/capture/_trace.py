@@ -25,6 +25,7 @@ from ..errors import ModelError, TraceError
 from ._call_shim import CallSpec, keep_parameter_names, trace_call
 from ._copying import share
 from ._guards import Decision, add_decision_guards, probe, unique
+from ._incremental import ShapeState
 from ._shapes import Meta, PropagationError, propagate
 from ._tracer import Tracer
 from ._values import ValueTracer, add_shape_guards, live_messages
@@ -47,6 +48,7 @@ class Captured:
     dynamic: str | None = "auto"                         # "auto": guards on decisions; None: on whole input shapes
     static: dict = field(default_factory=dict)           # input -> {dim: why}: dims a dynamic_shapes spec left static
     traced_at: tuple | None = None                       # inputs traced on, where not example_inputs (_guards.py)
+    shape_state: ShapeState | None = field(default=None, repr=False)  # the shape pass, kept for later passes
 
     @property
     def graph(self) -> fx.Graph:
@@ -129,7 +131,8 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, example_kwargs:
         captured.example_inputs = positional
     if (example_inputs is not None or call is not None) and shapes:
         try:
-            captured.shapes = propagate(gm, graph, positional)
+            captured.shape_state = ShapeState()
+            captured.shapes = propagate(gm, graph, positional, captured.shape_state)
         except PropagationError as err:
             # The graph does not replay the example call (the model itself may still run:
             # capture() then finds out by running it).

@@ -153,6 +153,10 @@ def rebuild(directory: Path, allow: tuple[str, ...], device: str | torch.device)
     return _with_weights(directory, gm, doc, ties, frozen, evals, non_persistent, device)
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    return t if t.device.type != "cpu" or t.data_ptr() % 64 == 0 else t.clone()
+
+
 def _with_weights(directory: Path, gm: fx.GraphModule, doc: dict, ties: dict, frozen: list, evals: list, non_persistent: set,
                   device) -> fx.GraphModule:
     for alias, owner in ties.items():
@@ -163,19 +167,21 @@ def _with_weights(directory: Path, gm: fx.GraphModule, doc: dict, ties: dict, fr
     differ = sorted(set(tensors) ^ set(expected)) or [k for k in expected if (tensors[k].shape, tensors[k].dtype) != (expected[k].shape, expected[k].dtype)]
     if differ:
         raise SaveError(f"{directory}: model.safetensors does not hold the tensors graph.json declares (first: {differ[0]!r}); {FIX}")
-    gm = gm.to_empty(device=device)
-    for alias, owner in ties.items():  # to_empty gives each path its own tensor
-        assign(gm, alias, gm.get_parameter(owner))
-    for name in non_persistent:  # GraphModule copied them as persistent buffers
-        assign(gm, name, gm.get_buffer(name), persistent=False)
     try:
         for name in frozen:
             gm.get_parameter(name).requires_grad_(False)
     except AttributeError as exc:
         raise entry_error(directory, "frozen", exc) from None
-    state = {k: v for k, v in tensors.items() if k not in non_persistent}
-    gm.load_state_dict({**state, **{a: state[o] for a, o in ties.items()}}, strict=True)
-    for name in non_persistent:
+    # the tensors read are the module's own (as load_state_dict(assign=True) makes them, requires_grad
+    # kept): no second allocation and copy of every weight
+    # kept and moved where another device is asked for; a tensor safetensors maps at an address torch's
+    # allocator would not give (64-byte aligned) is copied: CPU kernels pick their vector path by
+    # alignment, and the loaded module must compute the saved one's bits
+    state = {k: _aligned(v.to(device)) for k, v in tensors.items() if k not in non_persistent}
+    gm.load_state_dict({**state, **{a: state[o] for a, o in ties.items()}}, strict=True, assign=True)
+    for alias, owner in ties.items():  # assigning gives each path its own Parameter: one object again
+        assign(gm, alias, gm.get_parameter(owner))
+    for name in non_persistent:  # GraphModule copied them as persistent buffers
         assign(gm, name, tensors[name].to(device, copy=True), persistent=False)
     modes = doc.get("modes")
     gm.train(not evals)

@@ -52,6 +52,7 @@ class Edited:
     inputs: dict[str, InputChange] = field(default_factory=dict)
     shapes: dict[str, Meta] = field(default_factory=dict)
     frozen: dict[str, int] = field(default_factory=dict)   # module path -> the pattern rule that freezes it
+    shape_state: Any = field(default=None, repr=False)     # the capture's shape pass, moved on by each later pass
 
     def table(self) -> dict[str, Any]:
         return {**{p: s.value for p, s in self.modules.items()}, **{p: s.value for p, s in self.tensors.items()}}

@@ -16,7 +16,7 @@ from typing import Any
 from torch import fx, nn
 
 from .._util import get_path, shape_text
-from ..capture import Captured, Meta, PropagationError, propagate, root_of
+from ..capture import Captured, Meta, PropagationError, propagate
 from ..errors import RewriteError
 from ..match import Match, Plan, Site, join, label
 from ..spec import New, describe, like
@@ -37,7 +37,8 @@ class Rewriter:
         self.alias: dict[str, str] = {}
         self.by_name = {n.name: n for n in self.graph.nodes}
         gm = captured.gm
-        self.edited = Edited(captured, plan, self.graph, {}, {}, shapes=dict(captured.shapes))
+        state = captured.shape_state.fork() if captured.shape_state is not None else None
+        self.edited = Edited(captured, plan, self.graph, {}, {}, shapes=dict(captured.shapes), shape_state=state)
         for n in self.graph.nodes:
             if n.op == "call_module":
                 self.edited.modules[n.target] = Slot(gm.get_submodule(n.target), n.target)
@@ -45,6 +46,7 @@ class Rewriter:
                 self.edited.tensors[n.target] = Slot(get_path(gm, n.target), n.target)
         self.dirty = False
         self._taken: set[str] | None = None
+        self._reads: tuple | None = None  # (the rule, the graph's get_attr nodes) for warn_direct_reads
         self.cut_keys: list[str] | None = None  # Output rules: the keys the graph returns, in order
 
     # -- lookups ---------------------------------------------------------------
@@ -127,7 +129,8 @@ class Rewriter:
         if self.captured.example_inputs is None:
             return
         try:
-            self.edited.shapes = propagate(root_of(self.edited.table()), self.graph, self.edited.example_inputs())
+            self.edited.shapes = propagate(self.edited.table(), self.graph, self.edited.example_inputs(),
+                                           self.edited.shape_state)
         except PropagationError as err:
             raise shape_failure(err, self.edited) from None
 
@@ -204,8 +207,9 @@ class Rewriter:
     def replace(self, m: Match, sites: list[Site]) -> None:
         replacement = m.rule.replacement
         by_path: dict[str | None, list[Site]] = {}
+        chosen = set(m.modules)  # a set: one look-up per site, not a walk of the list
         for site in sites:
-            by_path.setdefault(site.path if site.module in m.modules else None, []).append(site)
+            by_path.setdefault(site.path if site.module in chosen else None, []).append(site)
         for path, sites in by_path.items():
             if path is not None and not callable_only(replacement):
                 self.replace_module(m, path, sites)
@@ -244,8 +248,10 @@ class Rewriter:
 
     def warn_direct_reads(self, m: Match, path: str) -> None:
         """The forward may read a replaced module's tensors itself (`self.fc.weight`): those reads are not replaced."""
-        for node in self.graph.nodes:
-            if node.op == "get_attr" and str(node.target).startswith(path + "."):
+        if self._reads is None or self._reads[0] is not m:  # the graph's reads, once per rule: not a walk per module
+            self._reads = (m, [n for n in self.graph.nodes if n.op == "get_attr"])
+        for node in self._reads[1]:
+            if not node._erased and str(node.target).startswith(path + "."):
                 line = source_line(self.captured.model, node, path)
                 self.plan.warnings.append(
                     f"{m.label}: the forward also reads {join(self.captured.path, node.target)} directly (node '{node.name}'"

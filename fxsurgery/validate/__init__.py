@@ -17,41 +17,56 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
 
 from .._util import first_line
-from ..capture import PropagationError, clone, propagate, quiet_fake_tensors, root_of
+from ..capture import PropagationError, clone, held_by, propagate, quiet_fake_tensors
 from ..errors import ValidateError
 from ..rewrite import Edited, Rewritten, shape_failure
-from ._gradflow import GradientFlow, fake_of, gradient_flow, in_place
+from ._gradflow import GradientFlow, fake_flow, fake_of, gradient_flow, in_place
 
 __all__ = [
     "GradientFlow", "check_module", "gradient_flow", "validate", "validate_graph",
 ]
 
 
-def _impure(node: fx.Node) -> bool:
+def _impure(node: fx.Node, table: dict) -> bool:
     """torch.fx's notion, plus in-place tensor ops: `x.add_(pos)` has no users but matters
-    (torchvision's MViT adds its position embedding that way)."""
-    return node.is_impure() or in_place(node)
+    (torchvision's MViT adds its position embedding that way). A node with users stays anyway:
+    its purity is not asked (torch's check costs tens of microseconds a node)."""
+    if node.users or in_place(node):
+        return True
+    if node.op == "call_module":  # what Node.is_impure reads from the graph's owning module
+        return bool(getattr(table.get(node.target), "_is_impure", False))
+    return node.is_impure()
+
+
+def _check_targets(graph: fx.Graph, table: dict) -> None:
+    """Every call_module / get_attr target is held by the table (or inside a module it holds)."""
+    lookup = held_by(table)
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            try:
+                lookup(node.target)
+            except KeyError:
+                raise RuntimeError(f"node '{node.name}' ({node.op}) reads '{node.target}', which nothing in the new model holds") from None
 
 
 def validate_graph(edited: Edited) -> Edited:
     """Lint, drop dead nodes and unused targets, then give every node a shape."""
-    shadow = fx.GraphModule(root_of(edited.table()), edited.graph)  # owns the graph for purity checks
-    try:
-        edited.graph.lint()
+    table = edited.table()
+    try:  # dead-code elimination lints the graph first, and changes nothing if that fails
+        _check_targets(edited.graph, table)
+        edited.graph.eliminate_dead_code(is_impure_node=lambda node: _impure(node, table))
     except Exception as exc:
         last = edited.plan.matches[-1].label if edited.plan.matches else "the rules"
         raise ValidateError(f"{last}: the rewritten graph is malformed: {exc}; fix: check the order of the rules") from None
-    edited.graph.eliminate_dead_code(is_impure_node=_impure)
     used = {n.target for n in edited.graph.nodes if n.op in ("call_module", "get_attr")}
     # a module whose tensors the graph reads one by one (a MultiheadAttention whose heads were pruned) stays
     used |= {t.rsplit(".", i)[0] for t in list(used) for i in range(1, t.count(".") + 1)}
-    for table in (edited.modules, edited.tensors):
-        for target in [t for t in table if t not in used]:
-            del table[target]
-    del shadow
+    for slots in (edited.modules, edited.tensors):
+        for target in [t for t in slots if t not in used]:
+            del slots[target]
     if edited.captured.example_inputs is not None:
         try:
-            edited.shapes = propagate(root_of(edited.table()), edited.graph, edited.example_inputs())
+            edited.shapes = propagate(edited.table(), edited.graph, edited.example_inputs(), edited.shape_state)
         except PropagationError as err:
             raise shape_failure(err, edited) from None
     return edited
@@ -64,15 +79,23 @@ def validate(rewritten: Rewritten) -> Rewritten:
     return rewritten
 
 
+def _hooks(open_paths: list[str]):
+    """Forward hooks on a copy that keep the stack of modules running; returns their removal."""
+    def install(copy: nn.Module):
+        handles = []
+        for path, sub in copy.named_modules():
+            handles.append(sub.register_forward_pre_hook(lambda m, a, p=path: open_paths.append(p)))
+            handles.append(sub.register_forward_hook(lambda m, a, o: open_paths.pop() and None))  # None: output unchanged
+        return lambda: [h.remove() for h in handles]
+    return install
+
+
 def _run(module: nn.Module, inputs: tuple, fake: bool, kwargs: dict | None = None) -> tuple[BaseException | None, str]:
     """Run a copy of `module` (fake or real tensors); the failure and the innermost module it was in."""
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
     copy = clone(module, (lambda t: fake_of(mode, t)) if fake else (lambda t: t.detach().clone()))
     open_paths: list[str] = []
-    handles = []
-    for path, sub in copy.named_modules():
-        handles.append(sub.register_forward_pre_hook(lambda m, a, p=path: open_paths.append(p)))
-        handles.append(sub.register_forward_hook(lambda m, a, o: open_paths.pop() and None))  # None: output unchanged
+    remove = _hooks(open_paths)(copy)
     try:
         with (mode or contextlib.nullcontext()), quiet_fake_tensors(), torch.no_grad():
             args, keywords = pytree.tree_map(lambda x: mode.from_tensor(x) if fake and isinstance(x, torch.Tensor) else x,
@@ -82,20 +105,27 @@ def _run(module: nn.Module, inputs: tuple, fake: bool, kwargs: dict | None = Non
     except Exception as exc:
         return exc, open_paths[-1] if open_paths else ""
     finally:
-        for h in handles:
-            h.remove()
+        remove()
 
 
-def check_module(module: nn.Module, rewritten: Rewritten, kwargs: dict | None = None) -> None:
-    """Run the assembled module once (fake tensors, else a real copy); blame the rule nearest to a failure."""
+def check_module(module: nn.Module, rewritten: Rewritten, kwargs: dict | None = None) -> GradientFlow | None:
+    """Run the assembled module once (fake tensors, else a real copy); blame the rule nearest to a failure.
+
+    The fake run records autograd's graph too, and the gradient flow it gives is returned (None
+    where no run was needed, or where only a run without autograd or a real one passes): the
+    surgery makes one fake forward pass for both."""
     inputs = rewritten.example_inputs()
     if inputs is None or not rewritten.capture.opaque:
-        return
+        return None
+    try:
+        return fake_flow(module, inputs, kwargs)
+    except Exception:  # the runs below find out why, and where
+        pass
     exc, where = _run(module, inputs, fake=True, kwargs=kwargs)
     if exc is not None:  # fake tensors cannot run every model (data-dependent code): run it for real
         exc, where = _run(module, inputs, fake=False, kwargs=kwargs)
     if exc is None:
-        return
+        return None
     culprit = _nearest_rule(rewritten, where)
     first = first_line(exc)
     what = f"{type(exc).__name__}: {first}"

@@ -163,6 +163,11 @@ def _from_autograd(module: nn.Module, inputs: tuple, kwargs: dict | None = None)
         copy, out = _forward(module, inputs, fake=True, kwargs=kwargs)
     except Exception:
         copy, out = _forward(module, inputs, fake=False, kwargs=kwargs)
+    return _reached(module, copy, out)
+
+
+def _reached(module: nn.Module, copy: nn.Module, out) -> set[int]:
+    """ids of `module`'s parameters whose copies in `copy` autograd links to `out`."""
     ours = dict(module.named_parameters(remove_duplicate=False))
     original = {id(p): id(ours[n]) for n, p in copy.named_parameters(remove_duplicate=False)}
     roots = [t.grad_fn for t in _output_tensors(out) if t.grad_fn is not None]
@@ -187,6 +192,20 @@ def _from_autograd(module: nn.Module, inputs: tuple, kwargs: dict | None = None)
     return {original[id(v)] for fid, v in leaves.items() if fid in live and id(v) in original}
 
 
+def fake_flow(module: nn.Module, inputs: tuple, kwargs: dict | None) -> GradientFlow:
+    """The gradient flow from one fake forward pass (the one the check stage makes); raises what
+    the forward raises."""
+    copy, out = _forward(module, inputs, fake=True, kwargs=kwargs)
+    return _flow(module, _reached(module, copy, out), "autograd graph of one forward pass")
+
+
+def _flow(module: nn.Module, reached: set[int], method: str) -> GradientFlow:
+    flow = GradientFlow(method=method)
+    for name, p in module.named_parameters():
+        flow.status[name] = "frozen" if not p.requires_grad else ("trainable" if id(p) in reached else "cut")
+    return flow
+
+
 def gradient_flow(module: nn.Module, inputs: tuple | None = None, shapes: dict[str, Meta] | None = None,
                   one_graph: bool = False, kwargs: dict | None = None) -> GradientFlow:
     """Trainable, frozen or cut, for every parameter of `module` (one name per tensor).
@@ -199,7 +218,4 @@ def gradient_flow(module: nn.Module, inputs: tuple | None = None, shapes: dict[s
         reached, method = _from_autograd(module, inputs, kwargs), "autograd graph of one forward pass"
     else:
         reached, method = {id(p) for p in module.parameters()}, "assumed: no example inputs"
-    flow = GradientFlow(method=method)
-    for name, p in module.named_parameters():
-        flow.status[name] = "frozen" if not p.requires_grad else ("trainable" if id(p) in reached else "cut")
-    return flow
+    return _flow(module, reached, method)
