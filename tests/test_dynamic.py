@@ -244,6 +244,27 @@ def test_saved_bert_model_py_pt2_and_onnx_take_any_batch_and_sequence_length(tmp
         assert torch.allclose(got, want, atol=1e-4)
 
 
+def test_a_batch_of_one_exports_pt2_and_onnx_for_any_batch(tmp_path):
+    # torch.export fixes a dim it traces at size 1: a dim capture left general is traced at 2
+    onnxruntime = pytest.importorskip("onnxruntime")
+    model = _bert()
+    result = fxs.apply(model, [Freeze("bert.embeddings")], example_inputs=(_ids(1, 8),), keep_class=False)
+    assert result.specialised == {}
+    out = result.save(tmp_path / "o", formats=("pt2", "onnx"))
+    record = __import__("json").loads((out / "surgery.json").read_text())
+    for fmt in ("pt2", "onnx"):
+        assert record["formats"][fmt]["dynamic"] == ["dim 0 of input 0: 2", "dim 1 of input 0: 9"]
+    program = torch.export.load(str(out / "model.pt2")).module()
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    (name,) = [i.name for i in session.get_inputs()]
+    for batch, seq in ((1, 8), (3, 5), (4, 64)):
+        x = _ids(batch, seq, seed=seq)
+        with torch.no_grad():
+            want = model(x).logits
+            assert torch.allclose(_out(program(x)), want, atol=1e-5)
+        assert torch.allclose(torch.from_numpy(session.run(None, {name: x.numpy()})[0]), want, atol=1e-4)
+
+
 def test_inspect_lists_the_dims_a_decision_specialised(tmp_path):
     from conftest import cli
     source = tmp_path / "loop.py"

@@ -149,8 +149,7 @@ def export_as(fmt: str, gm: fx.GraphModule, work: Path, example_inputs: tuple | 
         with torch.no_grad():
             expected = _tensors(gm(*example_inputs))
             try:
-                runner = _write(fmt, gm, path, tuple(example_inputs),
-                                dynamic_spec(tuple(example_inputs), static) if fmt != "torchscript" else None)
+                runner = _exported(fmt, gm, path, tuple(example_inputs), static)
                 got = _tensors(runner(*example_inputs))
             except SaveError:
                 raise
@@ -170,6 +169,37 @@ def export_as(fmt: str, gm: fx.GraphModule, work: Path, example_inputs: tuple | 
     if fmt != "torchscript" and static is not None:
         record["dynamic"] = _dynamic(gm, runner, tuple(example_inputs), static, TOLERANCE[fmt])
     return record
+
+
+def _exported(fmt: str, gm: fx.GraphModule, path: Path, inputs: tuple, static: list | None):
+    """Write `gm` traced on `inputs`, except that dims left general and of size 1 there are traced at 2:
+    torch.export fixes a size-1 dim (0/1 specialisation), and a model captured on one example
+    (batch 1) would export for batch 1 only. The artefact still takes size 1; where the wider
+    trace fails, the example's own shapes are used."""
+    if fmt == "torchscript":
+        return _write(fmt, gm, path, inputs, None)
+    wider = _widened(inputs, static)
+    if wider is not inputs:
+        try:
+            with torch.no_grad():
+                gm(*wider)
+            return _write(fmt, gm, path, wider, dynamic_spec(wider, static))
+        except Exception:
+            pass
+    return _write(fmt, gm, path, inputs, dynamic_spec(inputs, static))
+
+
+def _widened(inputs: tuple, static: list | None) -> tuple:
+    if static is None:
+        return inputs
+    out, changed = list(inputs), False
+    for i, x in enumerate(inputs):
+        if isinstance(x, torch.Tensor):
+            for d, size in enumerate(x.shape):
+                if size == 1 and d not in (static[i] if i < len(static) else ()):
+                    out[i] = x = torch.cat([x, x], dim=d)
+                    changed = True
+    return tuple(out) if changed else inputs
 
 
 def _dynamic(gm: fx.GraphModule, runner, inputs: tuple, static: list, tolerance: float) -> list[str]:
