@@ -31,6 +31,7 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
     monkeypatch.chdir(tmp_path)
     namespace = {}
+    torch.manual_seed(0)  # random weights: the same numbers on every run
     for code in blocks:  # the README's own examples, in order, as users run them
         exec(compile(code, "README.md", "exec"), namespace)
     result = namespace["result"]
