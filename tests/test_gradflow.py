@@ -119,3 +119,21 @@ def test_prediction_agrees_with_autograd(case):
         loss.backward()
     actual = {n for n, p in m.named_parameters() if p.grad is not None}
     assert predicted == actual, (result.gradient_flow.method, sorted(predicted ^ actual)[:5])
+
+
+def test_a_detach_after_a_block_whose_assert_formats_its_input_shape():
+    # each torchvision EncoderBlock asserts on its input with the shape in the message; the
+    # message's format node is the block's own, not a second way out of the block
+    from torchvision.models.vision_transformer import VisionTransformer
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=32, patch_size=16, num_layers=3, num_heads=2, hidden_dim=16, mlp_dim=32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.warns(fxs.SurgeryWarning):
+        result = fxs.apply(model, [Detach(after="encoder.layers.encoder_layer_1")], example_inputs=(x,))
+    assert torch.equal(result.module(x), model(x))
+    cut = result.gradient_flow.cut
+    assert "encoder.layers.encoder_layer_0.ln_1.weight" in cut and "conv_proj.weight" in cut
+    assert not any(n.startswith("encoder.layers.encoder_layer_2.") for n in cut)
+    result.module(x).sum().backward()
+    assert result.module.conv_proj.weight.grad is None
+    assert result.module.encoder.layers.encoder_layer_2.ln_1.weight.grad is not None

@@ -219,6 +219,9 @@ def live_messages(graph: fx.Graph, shapes: dict[str, Meta]) -> bool:
         if values:
             with graph.inserting_before(node):
                 message = graph.call_function(operator.mod, (template, tuple(values)))
+            # the message belongs to the module whose assert it is: sites (a Detach after that
+            # module) must not see it as a second way out of the module
+            message.meta.update({k: node.meta[k] for k in ("nn_module_stack", "stack_trace") if k in node.meta})
             shapes[message.name] = Meta(None, None, "str")
         node.args = (node.args[0], message, *node.args[2:])
         changed = True
