@@ -42,9 +42,28 @@ _ATOMIC = (type(None), bool, int, float, str)
 
 def _plain(cls: type) -> bool:
     """A module class copied as nn.Module's own state is (no copy hooks of its own)."""
+    # a __setstate__ of its own is fine: it is called with the copied state, as deepcopy would
+    # (torch's convolutions have one, and went the slow generic way for it)
     return (getattr(cls, "__deepcopy__", None) is None and cls.__reduce_ex__ is object.__reduce_ex__
             and cls.__reduce__ is object.__reduce__ and cls.__getstate__ is nn.Module.__getstate__
-            and cls.__setstate__ is nn.Module.__setstate__ and "__slots__" not in cls.__dict__)
+            and "__slots__" not in cls.__dict__)
+
+
+def _copied(value: Any, memo: dict) -> Any:
+    """copy.deepcopy(value, memo), with the containers every module has made directly."""
+    kind = type(value)
+    if kind in (dict, OrderedDict) and id(value) not in memo:
+        # a module's _parameters/_buffers: each tensor is already in `memo` (clone, share)
+        items = [(k, v if v is None or type(v) in _ATOMIC else memo.get(id(v), memo)) for k, v in value.items()]
+        if all(type(k) is str and v is not memo for k, v in items):
+            memo[id(value)] = made = kind(items)  # shared containers stay shared, as with deepcopy
+            return made
+    elif kind is tuple and all(type(v) in _ATOMIC for v in value):
+        return value  # a tuple of atomics is its own deep copy
+    elif kind is set and id(value) not in memo and all(type(v) in _ATOMIC for v in value):
+        memo[id(value)] = made = set(value)
+        return made
+    return copy.deepcopy(value, memo)
 
 
 def _copy_tree(module: nn.Module, memo: dict) -> nn.Module:
@@ -71,8 +90,11 @@ def _copy_tree(module: nn.Module, memo: dict) -> nn.Module:
         elif type(value) in (dict, OrderedDict) and not value:
             state[key] = type(value)()
         else:
-            state[key] = copy.deepcopy(value, memo)
-    new.__dict__.update(state)
+            state[key] = _copied(value, memo)
+    if cls.__setstate__ is nn.Module.__setstate__:
+        new.__dict__.update(state)
+    else:
+        new.__setstate__(state)
     copy._keep_alive(module, memo)  # as deepcopy does: `memo` must keep what it keys by id alive
     return new
 

@@ -46,6 +46,11 @@ _SAME_SHAPE_CALLS = {torch.relu, F.relu, torch.sigmoid, F.sigmoid, torch.tanh, F
                      F.hardsigmoid, F.relu6, F.mish, torch.neg, operator.neg, torch.exp,
                      operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div}
 _SAME_SHAPE_METHODS = {"relu", "sigmoid", "tanh", "neg", "exp", "add", "sub", "mul", "div"}
+# Elementwise modules of one floating tensor (exact types: a subclass may reshape; Dropout2d and
+# kin check the rank, so they run); nn.GELU on meta alone ran Python reference code for
+# several milliseconds per call
+_SAME_SHAPE_MODULES = {nn.ReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.ReLU6, nn.Mish,
+                       nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.Softplus, nn.Dropout, nn.AlphaDropout}
 
 
 def _same_shape_op(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -136,6 +141,8 @@ class _Recorder(fx.Interpreter):
                 made = _same_shape_norm(module, args[0])
             elif type(module) is nn.Linear:
                 made = _linear(module, args[0])
+            elif type(module) in _SAME_SHAPE_MODULES and args[0].dtype.is_floating_point:
+                made = _empty_as(args[0])
             if made is not None:
                 return made
         return super().call_module(target, args, kwargs)
