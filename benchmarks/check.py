@@ -33,8 +33,10 @@ def _le(goal: str, value: float | None, limit: float, unit: str = "x") -> Row:
 def pipeline_rows(data: dict | None) -> list[Row]:
     s = (data or {}).get("summary", {})
     n = s.get("models", 0)
-    return [_le(f"pipeline: engine work beyond tracing <= 0.5x trace time (median over {n} models)",
-                s.get("overhead_over_trace_median"), 0.5)]
+    return [_le(f"pipeline: capture + six-rule surgery + transfer <= 3x symbolic_trace time (median over {n} models)",
+                s.get("pipeline_over_trace_median"), 3.0),
+            _le(f"pipeline: capture + six-rule surgery + transfer <= 0.5x torch.export time "
+                f"(median over the {s.get('exported_models', 0)} models it exports)", s.get("pipeline_over_export_median"), 0.5)]
 
 
 def scaling_rows(data: dict | None) -> list[Row]:
@@ -116,8 +118,10 @@ def load_rows(data: dict | None) -> list[Row]:
     s = (data or {}).get("summary", {})
     size = (data or {}).get("bytes")
     what = f"{size / 1e9:.2f} GB" if size else "~1 GB"
-    return [_le(f"load ({what}): fxs.load <= 1.1x safetensors load_file + module construction",
-                s.get("load_over_load_file"), 1.1)]
+    return [_le(f"load ({what}): fxs.load(verify=False) <= 1.1x safetensors load_file + module construction",
+                s.get("unverified_over_load_file"), 1.1),
+            (f"load ({what}): fxs.load, the hash of every byte checked / load_file + construction (no goal: "
+             "the baseline reads no byte)", _fmt(s.get("load_over_load_file")), None)]
 
 
 def check(out_dir: str | Path) -> list[Row]:

@@ -1,9 +1,12 @@
-"""Benchmark 1: the six-rule surgery end to end, per stage, against bare torch.fx tracing.
+"""Benchmark 1: the six-rule surgery end to end, per stage, against bare torch.fx tracing and torch.export.
 
-For each model, rounds alternate `torch.fx.symbolic_trace(model)` and the
-stages of fxs.apply (capture, match, rewrite, validate, transfer, check) on
-the same model in the same process. The figure of merit is the engine's own
-work beyond tracing, (pipeline - trace) / trace, median over models.
+For each model, rounds alternate `torch.fx.symbolic_trace(model)`,
+`torch.export.export(model, inputs)` and the stages of fxs.apply (capture,
+match, rewrite, validate, transfer, check) on the same model in the same
+process. The figures of merit, median over models: the whole surgery over the
+trace time (goal <= 3x) and over the export time where torch.export exports
+the model (goal <= 0.5x). The engine's work beyond tracing, (pipeline -
+trace) / trace, is kept beside them.
 """
 
 from __future__ import annotations
@@ -20,7 +23,17 @@ from .common import interleave, log, medians, ratio
 from .models import build, selected, six_rules
 from .recipe import STAGES, run_stages
 
-GOAL = 0.5  # engine work beyond tracing, as a multiple of the trace time
+GOAL_TRACE = 3.0   # the whole surgery, as a multiple of symbolic_trace's time
+GOAL_EXPORT = 0.5  # the whole surgery, as a multiple of torch.export's time
+
+
+def _exporter(model, inputs):
+    """`torch.export.export` on the model, or None where it cannot export it (the baseline then has no row)."""
+    try:
+        torch.export.export(model, inputs)
+    except Exception:
+        return None
+    return lambda: torch.export.export(model, inputs)
 
 
 def _warm_up() -> None:
@@ -36,11 +49,14 @@ def measure_model(surgery, repeats: int) -> dict:
     model, inputs = build(surgery)
     rules = six_rules(surgery)
     nodes = len(torch.fx.symbolic_trace(model).graph.nodes)
-    runs = interleave({
-        "fx_trace": lambda: torch.fx.symbolic_trace(model),
-        "fxsurgery": lambda: run_stages(model, rules, inputs),
-    }, repeats)
+    candidates = {"fx_trace": lambda: torch.fx.symbolic_trace(model),
+                  "fxsurgery": lambda: run_stages(model, rules, inputs)}
+    export = _exporter(model, inputs)
+    if export is not None:
+        candidates["export"] = export
+    runs = interleave(candidates, repeats)
     trace = medians(runs["fx_trace"])["total"]
+    exported = medians(runs["export"])["total"] if export is not None else None
     stages = medians(runs["fxsurgery"])
     total = stages["total"]
     return {
@@ -50,10 +66,12 @@ def measure_model(surgery, repeats: int) -> dict:
         "parameters": sum(p.numel() for p in model.parameters()),
         "repeats": repeats,
         "fx_trace_s": trace,
+        "export_s": exported,
         "stages_s": {k: stages[k] for k in STAGES},
         "pipeline_s": total,
         "pipeline_over_trace": ratio(total, trace),
         "overhead_over_trace": ratio(total - trace, trace),
+        "pipeline_over_export": ratio(total, exported) if exported else None,
         "all_runs": {k: [r["total"] for r in v] for k, v in runs.items()},
     }
 
@@ -73,13 +91,15 @@ def run(quick: bool = False, repeats: int | None = None, models: list[str] | Non
             log(f"pipeline {surgery.name}: FAILED {type(exc).__name__}: {str(exc)[:200]}")
             continue
         rows.append(row)
-        log(f"pipeline {surgery.name}: trace {row['fx_trace_s']:.3f}s pipeline {row['pipeline_s']:.3f}s "
-            f"overhead {row['overhead_over_trace']:.1f}x trace")
+        log(f"pipeline {surgery.name}: trace {row['fx_trace_s']:.3f}s export "
+            f"{'-' if row['export_s'] is None else format(row['export_s'], '.3f') + 's'} pipeline {row['pipeline_s']:.3f}s "
+            f"= {row['pipeline_over_trace']:.1f}x trace")
     overheads = [r["overhead_over_trace"] for r in rows if r["overhead_over_trace"] is not None]
+    over_export = [r["pipeline_over_export"] for r in rows if r["pipeline_over_export"] is not None]
     shares = {s: statistics.median(r["stages_s"][s] / r["pipeline_s"] for r in rows) for s in STAGES} if rows else {}
     return {
         "benchmark": "pipeline",
-        "goal": {"overhead_over_trace_median_max": GOAL},
+        "goal": {"pipeline_over_trace_median_max": GOAL_TRACE, "pipeline_over_export_median_max": GOAL_EXPORT},
         "rules": ["replace HEAD with fxs.new(Linear|Conv2d, out=10)", "freeze * except LAST_STAGE, HEAD",
                   "detach after CUT", "insert Dropout(0.2) before HEAD",
                   "replace nn.ReLU with GELU (optional)", "delete a shape-preserving module"],
@@ -89,6 +109,8 @@ def run(quick: bool = False, repeats: int | None = None, models: list[str] | Non
             "models": len(rows),
             "overhead_over_trace_median": statistics.median(overheads) if overheads else None,
             "pipeline_over_trace_median": statistics.median(r["pipeline_over_trace"] for r in rows) if rows else None,
+            "exported_models": len(over_export),
+            "pipeline_over_export_median": statistics.median(over_export) if over_export else None,
             "stage_share_median": shares,
         },
     }

@@ -15,7 +15,7 @@ STAGE_COLOURS = {"capture": "#4c72b0", "match": "#dd8452", "rewrite": "#55a868",
 
 
 def _pipeline(ax, data):
-    """Stages in units of each model's own trace time: the goal is a line at 1.5 (trace + 0.5x)."""
+    """Stages in units of each model's own trace time, the goal a line at 3; torch.export's time as a dot."""
     rows = sorted(data["models"], key=lambda r: r["pipeline_over_trace"])
     names = [f"{r['model']} ({r['input'][-1]}px)" for r in rows]
     left = [0.0] * len(rows)
@@ -24,10 +24,12 @@ def _pipeline(ax, data):
         ax.barh(names, widths, left=left, color=colour, label=stage)
         left = [a + b for a, b in zip(left, widths)]
     ax.axvline(1.0, color="black", linewidth=1, label="torch.fx symbolic_trace = 1")
-    ax.axvline(1.5, color="black", linestyle="--", linewidth=1, label="goal: pipeline <= 1.5x trace")
-    med = data["summary"]["overhead_over_trace_median"]
-    ax.set_title(f"Six-rule surgery, stages in multiples of trace time (median overhead {med:.1f}x; goal <= 0.5x)",
-                 fontsize=9)
+    ax.axvline(3.0, color="black", linestyle="--", linewidth=1, label="goal: pipeline <= 3x trace")
+    exported = [(n, r["export_s"] / r["fx_trace_s"]) for n, r in zip(names, rows) if r.get("export_s")]
+    if exported:
+        ax.plot([x for _, x in exported], [n for n, _ in exported], "k.", label="torch.export.export")
+    med = data["summary"]["pipeline_over_trace_median"]
+    ax.set_title(f"Six-rule surgery, stages in multiples of trace time (median {med:.1f}x; goal <= 3x)", fontsize=9)
     ax.set_xlabel("stage time / symbolic_trace time (medians)")
     ax.tick_params(axis="y", labelsize=7)
     ax.legend(fontsize=7, loc="lower right")
