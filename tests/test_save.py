@@ -8,7 +8,8 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import fxsurgery as fxs
@@ -210,7 +211,7 @@ def test_dtype_survives_the_round_trip(two, tmp_path):
     assert "torch.nn.Linear(in_features=3, out_features=2).to(torch.float64)" in (tmp_path / "o" / "model.py").read_text()
 
 
-def test_weights_are_save_files_bytes_hashed_while_written(result, tmp_path, monkeypatch):
+def test_weights_are_aligned_safetensors_hashed_while_written(result, tmp_path, monkeypatch):
     import hashlib
     import importlib
     writer = importlib.import_module("fxsurgery.export._writer")
@@ -223,12 +224,21 @@ def test_weights_are_save_files_bytes_hashed_while_written(result, tmp_path, mon
         tensors[f"a{i}"] = (torch.randn(7, generator=generator) * 9).to(dtype)
     tensors.update({"scalar": torch.tensor(3.0), "empty": torch.zeros(0, 4), 'q"uo\\te\n\u00e9': torch.ones(2),
                     "t": torch.randn(4, 6, generator=generator).t().contiguous()})
+    tensors.update({"odd": torch.ones(3, dtype=torch.int8), "big": torch.randn(16, 4, generator=generator)})
     for metadata in (None, {"format": "pt"}):
-        save_file(tensors, str(tmp_path / "ref.safetensors"), metadata=metadata)
         got = writer.write_file(tmp_path / "mine.safetensors", tensors, metadata)
         data = (tmp_path / "mine.safetensors").read_bytes()
-        assert data == (tmp_path / "ref.safetensors").read_bytes()
         assert got == "sha256:" + hashlib.sha256(data).hexdigest()
+        # a safetensors file: the same tensors, bit for bit, and the same metadata as save_file's
+        with safe_open(str(tmp_path / "mine.safetensors"), "pt") as f:
+            assert f.metadata() == metadata and sorted(f.keys()) == sorted(tensors)
+            assert all(torch.equal(f.get_tensor(k), t) and f.get_tensor(k).dtype == t.dtype for k, t in tensors.items())
+        # the data starts 64-byte aligned, and so does every tensor whose size is a multiple of 64 bytes
+        head = 8 + int.from_bytes(data[:8], "little")
+        assert head % 64 == 0 and set(data[8 + len(data[8:head].rstrip(b" ")):head]) <= {ord(" ")}
+        loaded = load_file(str(tmp_path / "mine.safetensors"))
+        whole = [k for k, t in tensors.items() if t.numel() and t.numel() * t.element_size() % 64 == 0]
+        assert whole == ["big"] and loaded["big"].data_ptr() % 64 == 0
     # the record's hash, fed while the file was written, is the one read back from the files
     reads = []
     real_open = open
@@ -237,3 +247,23 @@ def test_weights_are_save_files_bytes_hashed_while_written(result, tmp_path, mon
     monkeypatch.undo()
     assert "model.safetensors" in reads and reads.count("model.safetensors") == 1  # written once, never read back
     assert json.loads((tmp_path / "o" / "surgery.json").read_text())["hash"] == record.digest(tmp_path / "o")
+
+
+def test_load_uses_the_mapped_weights_without_copying_them(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    # 0.weight, 0.bias, 2.weight are whole 64-byte blocks and come first; of the rest, 2.bias (40 bytes)
+    # starts aligned, and 4.bias, 4.weight after it do not
+    model = nn.Sequential(nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 10), nn.ReLU(), nn.Linear(10, 7)).eval()
+    result = fxs.apply(model, [], example_inputs=(torch.randn(2, 48),))
+    result.save(tmp_path / "o")
+    copies = []
+    real = torch.Tensor.clone
+    monkeypatch.setattr(torch.Tensor, "clone", lambda t, *a, **k: copies.append(tuple(t.shape)) or real(t, *a, **k))
+    loaded = fxs.load(tmp_path / "o")
+    monkeypatch.undo()
+    assert sorted(copies) == [(7,), (7, 10)]
+    assert all(p.data_ptr() % 64 == 0 for p in loaded.parameters())
+    x = torch.randn(5, 48)
+    assert torch.equal(loaded(x), result.module(x)) and torch.equal(loaded(x), model(x))
+    unverified = fxs.load(tmp_path / "o", verify=False)
+    assert torch.equal(unverified(x), model(x))

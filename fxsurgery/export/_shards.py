@@ -125,16 +125,18 @@ def write(work: Path, tensors: dict[str, Value], shapes: dict[str, torch.Tensor]
     return dict(sorted(hashes.items()))
 
 
-def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict, into=None) -> str:
-    """Write one safetensors file; its sha256, computed while writing (_writer.py) where the dtypes allow."""
+def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict, into=None) -> str | None:
+    """Write one safetensors file; its sha256, computed while writing (_writer.py) where the dtypes
+    allow. With `into`, the bytes go into that hash object instead, and nothing is returned."""
     if supported(tensors):
         return write_file(path, tensors, metadata, into)
     save_file(tensors, str(path), metadata=metadata)
-    if into is not None:
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                into.update(block)
-    return sha256(path)
+    if into is None:
+        return sha256(path)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            into.update(block)
+    return None
 
 
 def shard_files(directory: Path) -> list[str] | None:
