@@ -111,6 +111,20 @@ def large_rows(data: dict | None) -> list[Row]:
             ranks.get("save_two_ranks_over_one"), 0.6),
         ("large models: the 2 ranks' output byte-identical to 1 process", "not measured" if same is None else str(same).lower(),
          same),
+        *_big_rows((data or {}).get("big", {})),
+    ]
+
+
+def _big_rows(big: dict) -> list[Row]:
+    peak = big.get("stream", {}).get("peak_over_imports")
+    size = f"{big['model_bytes'] / 1e9:.1f} GB" if "model_bytes" in big else "~6 GB"
+    return [
+        _le(f"large models ({size}, 1 GB shards): streamed surgery, peak RSS above imports <= 2 GB",
+            None if peak is None else peak / 1e9, 2.0, " GB"),
+        _le(f"large models ({size}): the streamed CLI surgery <= 1.5x copying the checkpoint's files", big.get("one_over_copy"), 1.5),
+        _le(f"large models ({size}): 2 torchrun ranks / 1 process, wall time <= 0.6x", big.get("two_ranks_over_one"), 0.6),
+        ("large models ({size}): the 2 ranks' output byte-identical to 1 process".format(size=size),
+         "not measured" if big.get("byte_identical") is None else str(big["byte_identical"]).lower(), big.get("byte_identical")),
     ]
 
 

@@ -11,6 +11,10 @@
   into 100 MB output shards. Peak RSS (VmHWM) against the process's RSS after
   imports and the meta build, and against the model's bytes; the in-memory
   `weights=` path beside it.
+- `big`: the same surgery on a ~6 GB float32 Llama-style model (1.47B
+  parameters) in six 1 GB shards, as the CLI command with 1 GB output shards:
+  against copying the checkpoint's files, as two ranks against one, and its
+  peak RSS in a fresh process (not in `--quick`).
 - `plan`: a Llama 70B configuration built on meta and planned (stream=True, no
   weights): seconds and peak RSS over imports.
 - `ranks`: the `stream` surgery as the CLI command, in one process and as two
@@ -122,6 +126,10 @@ def _where(stats) -> dict:
 
 LLAMA = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
              num_key_value_heads=4, max_position_embeddings=256)
+# the issue's ~6 GB model: 1.47B parameters, float32, written in 6 shards of about 1 GB
+LLAMA_6GB = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=26, num_attention_heads=16,
+                 num_key_value_heads=16, max_position_embeddings=256)
+CONFIGS = {"LLAMA": "LLAMA", "LLAMA_6GB": "LLAMA_6GB"}
 LLAMA_70B = dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                  num_key_value_heads=8, max_position_embeddings=8192)
 
@@ -150,13 +158,13 @@ def write_checkpoint(folder: str, parts: int, config: dict) -> tuple[str, int]:
     return index, sum(torch.Size(s).numel() * torch.empty(0, dtype=d).element_size() for s, d in shapes.values())
 
 
-def child(kind: str, index: str, out: str) -> dict:
+def child(kind: str, index: str, out: str, config_name: str = "LLAMA", shard: str = "100MB") -> dict:
     """One surgery in this fresh process: its peak RSS above the RSS after imports and the meta build."""
     import torch
     import transformers
 
     import fxsurgery as fxs
-    config = transformers.LlamaConfig(**(LLAMA_70B if kind == "plan" else LLAMA))
+    config = transformers.LlamaConfig(**(LLAMA_70B if kind == "plan" else globals()[CONFIGS[config_name]]))
     with fxs.empty_weights():
         model = transformers.LlamaForCausalLM(config).eval()
     layers = config.num_hidden_layers
@@ -169,45 +177,68 @@ def child(kind: str, index: str, out: str) -> dict:
         result = fxs.apply(model, rules, ids, stream=True)
     else:
         result = fxs.apply(model, rules, ids, weights=index, stream=kind == "stream")
-        result.save(out, max_shard_size="100MB")
+        result.save(out, max_shard_size=shard)
     seconds = time.perf_counter() - start
     return {"kind": kind, "seconds": seconds, "rss_after_imports": base, "peak": _status("VmHWM"),
             "entries": len(result.report.entries)}
 
 
-def _in_child(kind: str, index: str, out: str) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.large_models", "--child", kind, "--index", index, "--out", out],
+def _in_child(kind: str, index: str, out: str, config_name: str = "LLAMA", shard: str = "100MB") -> dict:
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.large_models", "--child", kind, "--index", index, "--out", out,
+                           "--config", config_name, "--shard", shard],
                           capture_output=True, text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 BUILD = """import transformers
 
-from benchmarks.large_models import LLAMA
+from benchmarks import large_models
 
 
 def llama():
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).eval()
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**large_models.{name})).eval()
 """
-RULES = "fxsurgery: 1\nrules:\n  - layers: model.layers\n    order: [0, 1, 3, 4, 6, 7]\n  - freeze: model.embed_tokens\n"
 
 
-def ranks(index: str, folder: str, rounds: int) -> dict:
-    """The CLI's streamed surgery as one process and as two torchrun ranks: wall time of each whole command."""
+def _rules(layers: int) -> str:
+    """Layers 2 and layers-3 deleted, the embedding frozen (as `child` does)."""
+    order = [i for i in range(layers) if i not in (2, layers - 3)]
+    return f"fxsurgery: 1\nrules:\n  - layers: model.layers\n    order: {order}\n  - freeze: model.embed_tokens\n"
+
+
+def _copy_files(index: str, into: str) -> None:
+    """The baseline of the ~6 GB run: copy the checkpoint's files (the index and its shards)."""
+    os.makedirs(into)
+    source = os.path.dirname(index)
+    with open(index) as f:
+        files = sorted(set(json.load(f)["weight_map"].values()))
+    for name in [os.path.basename(index), *files]:
+        shutil.copyfile(os.path.join(source, name), os.path.join(into, name))
+
+
+def ranks(index: str, folder: str, rounds: int, config_name: str = "LLAMA", shard: str = "100MB",
+          copy: bool = False) -> dict:
+    """The CLI's streamed surgery as one process and as two torchrun ranks: wall time of each whole
+    command; with `copy`, copying the checkpoint's files timed beside them in each round."""
     with open(os.path.join(folder, "llama_build.py"), "w") as f:
-        f.write(BUILD)
+        f.write(BUILD.format(name=CONFIGS[config_name]))
     with open(os.path.join(folder, "drop.yaml"), "w") as f:
-        f.write(RULES)
+        f.write(_rules(globals()[CONFIGS[config_name]]["num_hidden_layers"]))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}  # torchrun gives each rank one thread: so does the one process
     apply = ["-m", "fxsurgery", "apply", "llama_build.py:llama", "drop.yaml", "--input", "1x8:int64", "--weights", index,
-             "--stream", "--max-shard-size", "100MB", "--quiet", "--json", "--profile"]
+             "--stream", "--max-shard-size", shard, "--quiet", "--json", "--profile"]
     logs = os.path.join(folder, "rank-logs")
     commands = {"one": [sys.executable, *apply], "two": [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                           "--nproc-per-node", "2", "--log-dir", logs, "--redirects", "1", *apply]}
-    times: dict[str, list[float]] = {k: [] for k in commands}
+    times: dict[str, list[float]] = {k: [] for k in [*commands, *(["copy"] if copy else [])]}
     saves: dict[str, list[float]] = {k: [] for k in commands}
     for r in range(rounds):
+        if copy:
+            start = time.perf_counter()
+            _copy_files(index, os.path.join(folder, "copied"))
+            times["copy"].append(time.perf_counter() - start)
+            shutil.rmtree(os.path.join(folder, "copied"))
         for key in (("one", "two") if r % 2 == 0 else ("two", "one")):
             out = os.path.join(folder, f"ranks-{key}")
             shutil.rmtree(logs, ignore_errors=True)
@@ -225,6 +256,7 @@ def ranks(index: str, folder: str, rounds: int) -> dict:
     save = {k: statistics.median(v) for k, v in saves.items()}
     return {"rounds": rounds, "seconds": median, "save_seconds": save, "all_seconds": times, "all_save_seconds": saves,
             "two_ranks_over_one": median["two"] / median["one"],
+            **({"one_over_copy": median["one"] / median["copy"]} if copy else {}),
             "save_two_ranks_over_one": save["two"] / save["one"], "byte_identical": same, "output_files": len(files)}
 
 
@@ -250,6 +282,8 @@ def run(quick: bool = False) -> dict:
         figures = {"save_load": save_and_load(1 if quick else 5, width, depth, folder)}
         index, size = write_checkpoint(folder, 6, LLAMA)
         figures["ranks"] = ranks(index, folder, 1 if quick else 3)
+        if not quick:  # about 6 GB of checkpoint, and three times that on disk while it runs
+            figures["big"] = big(folder, 2)
         for kind in ("stream", "memory", "plan"):
             out = os.path.join(folder, f"out-{kind}")
             got = _in_child(kind, index, out)
@@ -265,8 +299,23 @@ def run(quick: bool = False) -> dict:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def big(folder: str, rounds: int) -> dict:
+    """The ~6 GB model in 1 GB shards: the streamed CLI surgery against copying its files and as 2 ranks,
+    and the peak RSS of the streamed surgery in a fresh process."""
+    folder = os.path.join(folder, "big")
+    os.makedirs(folder)
+    index, size = write_checkpoint(folder, 6, LLAMA_6GB)
+    figures = {"model_bytes": size, **ranks(index, folder, rounds, "LLAMA_6GB", "1GB", copy=True)}
+    out = os.path.join(folder, "out-big")
+    got = _in_child("stream", index, out, "LLAMA_6GB", "1GB")
+    shutil.rmtree(out)
+    figures["stream"] = {**got, "peak_over_imports": got["peak"] - got["rss_after_imports"]}
+    shutil.rmtree(folder)
+    return figures
+
+
 def rerun(path: str, parts: list[str], quick: bool) -> dict:
-    """Measure `parts` ("save_load", "ranks") again into an existing results file (the rest kept)."""
+    """Measure `parts` ("save_load", "ranks", "big") again into an existing results file (the rest kept)."""
     with open(path) as f:
         figures = json.load(f)
     folder = tempfile.mkdtemp(prefix="fxs-large-")
@@ -276,6 +325,8 @@ def rerun(path: str, parts: list[str], quick: bool) -> dict:
         if "ranks" in parts:
             index, _ = write_checkpoint(folder, 6, LLAMA)
             figures["ranks"] = ranks(index, folder, 1 if quick else 3)
+        if "big" in parts:
+            figures["big"] = big(folder, 1 if quick else 2)
         return {**figures, "machine": machine()}
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -287,10 +338,12 @@ def main(argv=None) -> None:
     p.add_argument("--index")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--only", help="comma-separated parts to measure again (save_load, ranks) into OUT/large_models.json")
+    p.add_argument("--only", help="comma-separated parts to measure again (save_load, ranks, big) into OUT/large_models.json")
+    p.add_argument("--config", default="LLAMA", choices=sorted(CONFIGS))
+    p.add_argument("--shard", default="100MB")
     a = p.parse_args(argv)
     if a.child:
-        print(json.dumps(child(a.child, a.index, a.out)))
+        print(json.dumps(child(a.child, a.index, a.out, a.config, a.shard)))
         return
     if a.only:
         figures = rerun(os.path.join(a.out, "large_models.json"), a.only.split(","), a.quick)
