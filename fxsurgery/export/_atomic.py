@@ -17,7 +17,8 @@ The displaced output is marked, renamed to `.{name}.fxsurgery-trash-{hex}` and
 removed, marker last. `recover` removes only directories with these names that
 hold the marker, are empty, or hold a complete output and nothing else: never
 a directory fxsurgery did not make, and never the temp directory of a run that
-is still alive.
+is still alive (the marker holds the writer's pid and host; a marker written
+on another host is taken as alive, since its pid cannot be checked here).
 """
 
 from __future__ import annotations
@@ -127,13 +128,20 @@ def _ours(parent: Path, name: str) -> list[tuple[str, str, Path]]:
 
 
 def _alive_elsewhere(directory: Path) -> bool:
-    """True when the marker names another live process on this host (its run is still writing)."""
+    """True when the marker names another live process on this host, or any process on another host.
+
+    A pid is only judged on the host that wrote it: on a shared file system
+    (several nodes of one torchrun launch, or two machines writing beside each
+    other) another host's pid says nothing here, so its directory is left alone.
+    """
     try:
         pid, host = (directory / MARKER).read_text().split()
         pid = int(pid)
     except (OSError, ValueError):
         return False
-    if host != socket.gethostname() or pid == os.getpid():
+    if host != socket.gethostname():
+        return True
+    if pid == os.getpid():
         return False
     try:
         os.kill(pid, 0)

@@ -57,6 +57,17 @@ def strip_prefixes(state: dict, where: str = "the checkpoint") -> dict:
     return state
 
 
+def plain_name(name: str) -> bool:
+    """A file name with no directory part: it cannot point out of the checkpoint's directory."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
+
+
+def stamp(path: str) -> tuple:
+    """What changes when a file is replaced or written to: a file read later must still be the one planned from."""
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 _SAFE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                 "BOOL": torch.bool}
@@ -76,6 +87,7 @@ class Checkpoint:
         self.files: dict[str, str] = {}       # name in the file -> safetensors file
         self.state: dict[str, torch.Tensor] | None = None
         self.meta: dict[str, tuple[tuple, torch.dtype]] = {}
+        self.stamps: dict[str, tuple] = {}      # file -> stamp() when its header was read (a streamed read checks it)
         if self.path.endswith(".json"):
             self._index()
         elif self.path.endswith(".safetensors"):
@@ -91,31 +103,48 @@ class Checkpoint:
         try:
             with open(self.path, encoding="utf-8") as handle:
                 weight_map = json.load(handle)["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ModelError(f"{self.path}: not a sharded checkpoint index ({type(exc).__name__}); fix: pass the "
                              "*.safetensors.index.json written beside the shards") from None
+        outside = sorted({v for v in weight_map.values() if not plain_name(v)})
+        if outside:  # a shared index must not make the reader open files elsewhere on the machine
+            raise ModelError(f"{self.path}: names the shard {outside[0]!r}, which is not a file beside the index; fix: pass "
+                             "an index whose weight_map names shard files in its own directory")
         folder = os.path.dirname(self.path)
-        shards = sorted(set(weight_map.values()))
-        self._headers([os.path.join(folder, s) for s in shards])
-        missing = [k for k in weight_map if k not in self.meta]
+        held = self._headers([os.path.join(folder, s) for s in sorted(set(weight_map.values()))])
+        for file, keys in held.items():
+            shard = os.path.basename(file)
+            for key in keys:  # each tensor in the shard the index names, and nowhere else
+                if weight_map.get(key) != shard:
+                    where = "does not name it" if key not in weight_map else f"maps it to {weight_map[key]}"
+                    raise ModelError(f"{file}: holds {key}, but the index {where}; fix: pass the shards written with "
+                                     "this index, each tensor in one shard")
+        missing = [k for k, shard in weight_map.items() if k not in held[os.path.join(folder, shard)]]
         if missing:
             raise ModelError(f"{self.path}: the index names {len(missing)} tensors its shards lack ({missing[0]}, ...); "
                              "fix: pass a complete set of shards")
 
-    def _headers(self, files: list[str]) -> None:
+    def _headers(self, files: list[str]) -> dict[str, list[str]]:
+        """Read each file's header: names, shapes and dtypes; {file: its tensor names}."""
         from safetensors import safe_open
+        held: dict[str, list[str]] = {}
         for file in files:
             if not os.path.isfile(file):
                 raise ModelError(f"{file}: no such weights file; fix: check the path")
             try:
                 with safe_open(file, framework="pt") as handle:
-                    for key in handle.keys():
+                    held[file] = list(handle.keys())
+                    for key in held[file]:
                         view = handle.get_slice(key)
                         self.meta[key] = (tuple(view.get_shape()), _SAFE_DTYPES.get(view.get_dtype(), view.get_dtype()))
                         self.files[key] = file
             except (SafetensorError, OSError) as exc:
                 first = first_line(exc, type(exc).__name__)
                 raise ModelError(f"{file}: cannot read weights: {first}; fix: pass a complete .safetensors file (or a weights-only .pt)") from None
+            self.stamps[file] = stamp(file)
+        return held
 
     def check(self, own: dict[str, tuple[tuple, torch.dtype]]) -> None:
         """Every tensor `own` names (name -> (shape, dtype)) is here, with that shape and dtype; nothing else is."""
@@ -134,26 +163,19 @@ class Checkpoint:
             raise ModelError(f"{self.path}: does not fit the model: {'; '.join(parts)}; fix: pass weights saved from this architecture")
 
     def read(self, names) -> Iterator[tuple[str, torch.Tensor]]:
-        """(model name, tensor) for each name, one tensor in memory at a time.
+        """(model name, tensor) for each name, one tensor in memory at a time, shard by shard.
 
         The file is opened again for each tensor: safetensors maps the whole
         file, and pages a tensor touched stay resident while the map lives.
+        Each read is checked as a streamed one is (_stream.read_block).
         """
+        from ._stream import read_block  # (it imports this module)
         names = list(names)
-        if self.state is not None:
-            for name in names:
-                yield name, self.state[self.keys[name]]
-            return
-        from safetensors import safe_open
-        by_file: dict[str, list[str]] = {}
+        if self.files:
+            order = {f: i for i, f in enumerate(dict.fromkeys(self.files[self.keys[n]] for n in names))}
+            names.sort(key=lambda n: order[self.files[self.keys[n]]])
         for name in names:
-            by_file.setdefault(self.files[self.keys[name]], []).append(name)
-        for file, group in by_file.items():
-            for name in group:
-                with safe_open(file, framework="pt") as handle:
-                    tensor = handle.get_tensor(self.keys[name])
-                yield name, tensor
-                del tensor
+            yield name, read_block(self, name, None)
 
 
 @contextlib.contextmanager

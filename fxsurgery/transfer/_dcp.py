@@ -1,6 +1,9 @@
 """torch.distributed.checkpoint (DCP) directories as `weights=`, read one tensor at a time.
 
-The directory's `.metadata` is read by DCP's own `FileSystemReader`; each
+The directory's `.metadata` is a pickle, which DCP's `FileSystemReader` loads
+with `pickle.load` (a hostile file runs code); here it is unpickled by an
+allowlist of DCP's own metadata classes, torch.Size and dtypes (`_Reader`),
+and every file it names must be a plain name inside the directory. Each
 tensor is loaded by `dcp.load` into a tensor of its declared shape and dtype
 (no process group: `no_dist=True`), so only that tensor's chunks are read;
 a block of rows or a leading slice is loaded alone through a planner (`region`).
@@ -9,39 +12,88 @@ a block of rows or a leading slice is loaded alone through a planner (`region`).
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
-from typing import Iterator
 
 import torch
 from torch import nn
 
 from .._util import first_line
 from ..errors import ModelError
-from ._checkpoint import Checkpoint, strip_prefixes
+from ._checkpoint import Checkpoint, plain_name, stamp, strip_prefixes
 
 
 def is_dcp(path: str | os.PathLike) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, ".metadata"))
 
 
+_METADATA = "torch.distributed.checkpoint.metadata"
+_ALLOWED = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+            ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+            ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict")}
+
+
+class _Unpickler(pickle.Unpickler):
+    """Builds DCP metadata and nothing else: any other global in the file is refused before it is looked up."""
+
+    def find_class(self, module: str, name: str):
+        if module == _METADATA and not name.startswith("__") or (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"refused global {module}.{name}")
+
+
+def _reader(path: str):
+    """DCP's FileSystemReader, reading `.metadata` through the allowlist and checking the files it names."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    class _Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs) -> Metadata:
+            with open(os.path.join(path, ".metadata"), "rb") as handle:
+                metadata = _Unpickler(handle).load()
+            if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict) \
+                    or not isinstance(metadata.storage_data, dict):
+                raise ValueError(f"holds a {type(metadata).__name__}, not DCP metadata")
+            for info in metadata.storage_data.values():
+                file = getattr(info, "relative_path", None)
+                if not isinstance(file, str) or not plain_name(file):
+                    raise ValueError(f"names the data file {file!r}, which is not a file in the directory")
+                if not os.path.isfile(os.path.join(path, file)):
+                    raise ValueError(f"names the data file {file}, which is missing")
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return _Reader(path)
+
+
 class DcpCheckpoint(Checkpoint):
     """A Checkpoint over a DCP directory (names, shapes and dtypes from its metadata)."""
 
     def __init__(self, path: str | os.PathLike):
-        from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
         self.path = os.fspath(path)
         self.files, self.state = {}, None
         try:
-            metadata = FileSystemReader(self.path).read_metadata()
+            metadata = _reader(self.path).read_metadata()
         except Exception as exc:  # DCP reports a damaged directory in many ways
             raise ModelError(f"{self.path}: cannot read the torch.distributed.checkpoint metadata: {type(exc).__name__}: "
                              f"{first_line(exc)}; fix: pass a complete checkpoint directory written by dcp.save") from None
+        files = {os.path.join(self.path, ".metadata")} | {os.path.join(self.path, i.relative_path) for i in metadata.storage_data.values()}
+        self.stamps = {f: stamp(f) for f in sorted(files) if os.path.isfile(f)}
         entries = metadata.state_dict_metadata
         others = sorted(k for k, v in entries.items() if not isinstance(v, TensorStorageMetadata))
         if others:
             raise ModelError(f"{self.path}: holds entries that are not tensors ({', '.join(others[:3])}); "
                              "fix: save the model's state dict alone with dcp.save(model.state_dict(), ...)")
+        bad = [k for k, v in entries.items() if not isinstance(k, str) or not isinstance(v.size, torch.Size)
+               or not isinstance(getattr(v.properties, "dtype", None), torch.dtype)]
+        if bad:
+            raise ModelError(f"{self.path}: the metadata describes {bad[0]!r} without a shape and dtype; "
+                             "fix: pass a complete checkpoint directory written by dcp.save")
         self.meta = {k: (tuple(v.size), v.properties.dtype) for k, v in entries.items()}
         stripped = strip_prefixes(dict.fromkeys(self.meta), where=self.path)
         self.keys = dict(zip(stripped, self.meta))
@@ -53,7 +105,7 @@ class DcpCheckpoint(Checkpoint):
         holder = {key: torch.empty(shape, dtype=dtype)}
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load(holder, storage_reader=dcp.FileSystemReader(self.path), no_dist=True)
+            dcp.load(holder, storage_reader=_reader(self.path), no_dist=True)
         return holder[key]
 
     def region(self, key: str, index: tuple) -> torch.Tensor:
@@ -82,13 +134,8 @@ class DcpCheckpoint(Checkpoint):
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load(holder, storage_reader=dcp.FileSystemReader(self.path), planner=Block(), no_dist=True)
+            dcp.load(holder, storage_reader=_reader(self.path), planner=Block(), no_dist=True)
         return holder[key]
-
-    def read(self, names) -> Iterator[tuple[str, torch.Tensor]]:
-        for name in list(names):
-            yield name, self.tensor(self.keys[name])
-
 
 def open_checkpoint(path) -> Checkpoint:
     """A Checkpoint for a .safetensors file, a sharded index, a weights-only .pt or a DCP directory."""
