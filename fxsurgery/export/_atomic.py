@@ -39,6 +39,7 @@ from ..errors import SaveError
 from ._ranks import HASHES, Ranks, activated, discard, hand_over
 
 MARKER = ".fxsurgery-partial"
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # what a rank hands over (_shards.py names them)
 RECORD = "surgery.json"
 # Names written before surgery.json listed its files.
 LEGACY = ("model.py", "model.safetensors", "graph.json", RECORD, "model.pt2", "model.onnx", "model.onnx.data", "model.torchscript.pt")
@@ -325,6 +326,8 @@ def take_over(ranks: Ranks, work: Path) -> dict[str, str]:
         share = ranks.share(ranks.target, r)
         try:
             theirs = json.loads((share / HASHES).read_text(encoding="utf-8"))
+            if not isinstance(theirs, dict) or not all(isinstance(n, str) and _SHARD.fullmatch(n) for n in theirs):
+                raise ValueError  # only shard names: a name with a directory part would move a file elsewhere
             for name in theirs:
                 os.rename(share / name, work / name)
         except (OSError, ValueError) as exc:
