@@ -122,12 +122,13 @@ def test_a_shard_holding_a_tensor_the_index_does_not_name_is_refused(tmp_path):
             "the shards written with this index, each tensor in one shard")
 
 
-@pytest.mark.parametrize("weight_map", [["a"], None, {"0.weight": 1}, {"0.weight": ["a.safetensors"]}])
+@pytest.mark.parametrize("weight_map", [["a"], None, {"0.weight": 1}, {"0.weight": ["a.safetensors"]}, "deep"])
 def test_an_index_whose_weight_map_is_not_names_to_files_is_refused(tmp_path, weight_map):
     (tmp_path / "ck").mkdir()
-    (tmp_path / "ck" / INDEX).write_text(json.dumps({"weight_map": weight_map}))
-    refused(tmp_path / "ck" / INDEX, tmp_path, f"{tmp_path / 'ck' / INDEX}: not a sharded checkpoint index (TypeError); "
-            "fix: pass the *.safetensors.index.json written beside the shards")
+    deep = "[" * 200_000 + "]" * 200_000  # nested past the JSON decoder's recursion limit
+    (tmp_path / "ck" / INDEX).write_text(json.dumps({"weight_map": weight_map}).replace('"deep"', deep))
+    refused(tmp_path / "ck" / INDEX, tmp_path, f"{tmp_path / 'ck' / INDEX}: not a sharded checkpoint index "
+            f"({'RecursionError' if weight_map == 'deep' else 'TypeError'}); fix: pass the *.safetensors.index.json written beside the shards")
 
 
 def test_the_cli_refuses_a_hostile_index_in_one_line(tmp_path):
@@ -309,3 +310,28 @@ def test_a_rank_handing_over_a_name_outside_its_directory_is_refused(tmp_path):
                               "output directory on a shared file system")
     assert (tmp_path / "victim").read_text() == "keep" and os.listdir(tmp_path / "work") == []
 
+
+
+def test_a_link_named_like_a_temporary_directory_is_never_followed(tmp_path):
+    # an archive unpacked beside the output, or another user of a shared directory, can leave links with our names;
+    # recovery would empty (or move into place) the directory they point to
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "a.txt").write_text("precious")
+    (victim / "sub" / "b.txt").write_text("precious too")
+    (victim / MARKER).write_text(f"{2**22 + 12345} {socket.gethostname()}\n")
+    links = [f".out.fxsurgery-{kind}-0123456789abcdef" for kind in ("tmp", "old", "trash")]
+    for name in links:
+        os.symlink(victim, tmp_path / name)
+    fxs.save(nn.Linear(2, 2), tmp_path / "out")
+    fxs.save(nn.Linear(2, 2), tmp_path / "out", force=True)
+    assert sorted(os.listdir(victim)) == [MARKER, "a.txt", "sub"] and (victim / "sub" / "b.txt").read_text() == "precious too"
+    assert sorted(e for e in os.listdir(tmp_path) if e.startswith(".")) == sorted(links)
+    assert not os.path.islink(tmp_path / "out")
+
+
+def test_a_tensor_name_with_control_characters_is_shown_escaped(tmp_path):
+    # a name that is a terminal escape sequence reaches the error as text, not as an escape
+    save_file({**STATE, "\x1b]0;owned\x07": torch.zeros(1)}, str(tmp_path / "w.safetensors"))
+    refused(tmp_path / "w.safetensors", tmp_path, f"{tmp_path / 'w.safetensors'}: does not fit the model: unexpected 1 "
+            "('\\x1b]0;owned\\x07'); fix: pass weights saved from this architecture")

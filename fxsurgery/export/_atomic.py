@@ -125,7 +125,9 @@ def _ours(parent: Path, name: str) -> list[tuple[str, str, Path]]:
         entries = os.listdir(parent)
     except OSError:
         return []
-    return [(m[1], m[2], parent / e) for e in sorted(entries) if (m := pattern.fullmatch(e)) and (parent / e).is_dir()]
+    # a link with one of our names is not ours: following it would empty the directory it points to
+    return [(m[1], m[2], parent / e) for e in sorted(entries)
+            if (m := pattern.fullmatch(e)) and (parent / e).is_dir() and not (parent / e).is_symlink()]
 
 
 def _alive_elsewhere(directory: Path) -> bool:
@@ -160,6 +162,9 @@ def mark(directory: Path) -> None:
 
 def remove(directory: Path) -> None:
     """Delete one of our directories, its marker last, so a kill midway leaves it recognisable."""
+    if os.path.islink(directory):  # never followed: only the link goes
+        os.unlink(directory)
+        return
     for entry in os.scandir(directory):
         if entry.name != MARKER:
             if entry.is_dir(follow_symlinks=False):
@@ -295,8 +300,8 @@ def raise_written(target: Path, exc: BaseException):
 def rank_share(ranks: Ranks, target: Path):
     """Rank r > 0: its own directory beside `target`; after the barrier it belongs to rank 0."""
     work = ranks.share(target, ranks.rank)
-    if work.exists():  # left by a killed launch that had the same master port: its name is this run's now
-        shutil.rmtree(work)
+    if os.path.lexists(work):  # left by a killed launch that had the same master port: its name is this run's now
+        remove(work)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         os.mkdir(work, 0o777)

@@ -20,7 +20,7 @@ from torch import nn
 
 from .._util import first_line
 from ..errors import ModelError
-from ._checkpoint import Checkpoint, plain_name, stamp, strip_prefixes
+from ._checkpoint import Checkpoint, plain_name, shown, stamp, strip_prefixes
 
 
 def is_dcp(path: str | os.PathLike) -> bool:
@@ -87,7 +87,7 @@ class DcpCheckpoint(Checkpoint):
         entries = metadata.state_dict_metadata
         others = sorted(k for k, v in entries.items() if not isinstance(v, TensorStorageMetadata))
         if others:
-            raise ModelError(f"{self.path}: holds entries that are not tensors ({', '.join(others[:3])}); "
+            raise ModelError(f"{self.path}: holds entries that are not tensors ({', '.join(map(shown, others[:3]))}); "
                              "fix: save the model's state dict alone with dcp.save(model.state_dict(), ...)")
         bad = [k for k, v in entries.items() if not isinstance(k, str) or not isinstance(v.size, torch.Size)
                or not isinstance(getattr(v.properties, "dtype", None), torch.dtype)]

@@ -19,10 +19,9 @@ import weakref
 import torch
 from torch import nn
 
-from .._util import first_line, shape_text
-from ..errors import FxsError, ModelError, TransferError
+from ..errors import TransferError
 from ..spec import Kept, carry
-from ._checkpoint import Checkpoint, stamp
+from ._checkpoint import Checkpoint, read_block
 
 _PENDING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> {id(tensor): reader}
 
@@ -66,55 +65,6 @@ class Missing:
     def __call__(self) -> torch.Tensor:
         raise TransferError(f"{self.name} has no values (the model was built without weights) and no checkpoint was given; "
                             "fix: apply with weights= a checkpoint of the model (--weights)")
-
-
-def read_block(checkpoint: Checkpoint, name: str, index: tuple | None) -> torch.Tensor:
-    """The checkpoint's tensor `name`, or only `index` (a tuple of slices) of it.
-
-    It is read when its output shard is written, after the plan: a file that
-    changed since (replaced, rewritten, removed) or a tensor of another shape
-    or dtype than the plan's is refused in one line, before a byte reaches the output.
-    """
-    key = checkpoint.keys[name]
-    where = checkpoint.files.get(key, checkpoint.path)
-    fix = "fix: apply again with the checkpoint as it is now, and leave its files alone until the output is written"
-    for file, planned in getattr(checkpoint, "stamps", {}).items():
-        if file == where or not checkpoint.files:  # a DCP directory: any of its files
-            try:
-                now = stamp(file)
-            except OSError:
-                now = None
-            if now != planned:
-                raise ModelError(f"{file}: {'changed' if now else 'removed'} since the plan was made (reading {name}); {fix}")
-    try:
-        tensor = _read(checkpoint, key, index)
-    except BaseException as exc:  # DCP wraps a reader's failure in a CheckpointException, a BaseException
-        if isinstance(exc, (FxsError, KeyboardInterrupt, SystemExit)):
-            raise
-        inner = next(iter(getattr(exc, "failures", {}).values()), (exc,))[0]  # the reader's own exception
-        detail = first_line(inner, "the file ends before the tensor" if isinstance(inner, EOFError) else "no detail")
-        raise ModelError(f"{where}: cannot read {name}: {type(inner).__name__}: {detail}; "
-                         "fix: pass a complete checkpoint (the one the plan was made from)") from None
-    shape, dtype = checkpoint.meta[key]
-    if index is not None:
-        shape = tuple(len(range(*s.indices(n))) for s, n in zip(index, shape)) + tuple(shape[len(index):])
-    if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-        got, want = (f"{shape_text(s)} {str(d).replace('torch.', '')}" for s, d in ((tensor.shape, tensor.dtype), (shape, dtype)))
-        raise ModelError(f"{where}: {name} reads as {got}, not the planned {want}; {fix}")
-    return tensor
-
-
-def _read(checkpoint: Checkpoint, key: str, index: tuple | None) -> torch.Tensor:
-    if hasattr(checkpoint, "tensor"):  # a DCP directory: the block alone, through a planner
-        return checkpoint.tensor(key) if index is None else checkpoint.region(key, index)
-    if checkpoint.state is not None:
-        whole = checkpoint.state[key]
-        return whole if index is None else whole[index]
-    from safetensors import safe_open
-    with safe_open(checkpoint.files[key], framework="pt") as handle:
-        if index is None:
-            return handle.get_tensor(key)
-        return handle.get_slice(key)[index]
 
 
 def _runs(rows) -> list[tuple[int, int]]:
