@@ -335,3 +335,33 @@ def test_a_tensor_name_with_control_characters_is_shown_escaped(tmp_path):
     save_file({**STATE, "\x1b]0;owned\x07": torch.zeros(1)}, str(tmp_path / "w.safetensors"))
     refused(tmp_path / "w.safetensors", tmp_path, f"{tmp_path / 'w.safetensors'}: does not fit the model: unexpected 1 "
             "('\\x1b]0;owned\\x07'); fix: pass weights saved from this architecture")
+
+
+def test_dcp_chunks_that_leave_part_of_a_tensor_uncovered_are_refused(tmp_path):
+    # read as declared, the uncovered rows would be written as whatever memory held
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    folder = dcp_of(tmp_path / "ck")
+    from torch.distributed.checkpoint import FileSystemReader
+    metadata = FileSystemReader(str(folder)).read_metadata()
+    metadata.state_dict_metadata["0.weight"].chunks = [ChunkStorageMetadata(offsets=torch.Size([0, 0]), sizes=torch.Size([8, 8]))]
+    metadata.storage_meta = None
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    for stream in (True, False):
+        refused(folder, tmp_path, f"{folder}: the saved chunks of 0.weight do not cover it exactly once; fix: pass a complete "
+                "checkpoint directory written by dcp.save", stream)
+
+
+@pytest.mark.parametrize("chunks, tiled", [
+    ([((0, 0), (8, 8)), ((8, 0), (8, 8))], True),            # two ranks' halves
+    ([((0, 0), (8, 8)), ((4, 0), (8, 8))], False),           # overlapping, and rows 12.. uncovered
+    ([((0, 0), (16, 8)), ((0, 0), (0, 8))], True),           # an empty chunk covers nothing
+    ([((0, 0), (12, 8)), ((8, 0), (4, 8))], False),          # adds up to 16 rows, twice over rows 8..11
+    ([((0, 0), (8, 8)), ((8, 0), (9, 8))], False),           # past the end
+    ([((-1, 0), (17, 8))], False),
+])
+def test_dcp_chunks_must_tile_the_tensor(chunks, tiled):
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+    from fxsurgery.transfer._dcp import _tiled
+    made = [ChunkStorageMetadata(offsets=torch.Size(o), sizes=torch.Size(n)) for o, n in chunks]
+    assert _tiled((16, 8), made) is tiled

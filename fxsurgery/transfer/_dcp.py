@@ -11,6 +11,7 @@ a block of rows or a leading slice is loaded alone through a planner (`region`).
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import warnings
@@ -70,6 +71,24 @@ def _reader(path: str):
     return _Reader(path)
 
 
+def _tiled(shape: tuple, chunks) -> bool:
+    """Whether `chunks` (offsets, sizes) cover a tensor of `shape` exactly: inside it, disjoint, adding up to it."""
+    if not isinstance(chunks, list):
+        return False
+    boxes = []
+    for chunk in chunks:
+        offsets, sizes = tuple(getattr(chunk, "offsets", ())), tuple(getattr(chunk, "sizes", ()))
+        if len(offsets) != len(shape) or len(sizes) != len(shape) or any(
+                not isinstance(o, int) or not isinstance(n, int) or o < 0 or n < 0 or o + n > d for o, n, d in zip(offsets, sizes, shape)):
+            return False
+        boxes.append((offsets, sizes))
+    for i, (a, m) in enumerate(boxes):
+        for b, n in boxes[:i]:
+            if all(x < y + k and y < x + j for x, j, y, k in zip(a, m, b, n)) and all(m) and all(n):
+                return False  # two chunks overlap
+    return sum(math.prod(sizes) for _, sizes in boxes) == math.prod(shape)
+
+
 class DcpCheckpoint(Checkpoint):
     """A Checkpoint over a DCP directory (names, shapes and dtypes from its metadata)."""
 
@@ -93,6 +112,10 @@ class DcpCheckpoint(Checkpoint):
                or not isinstance(getattr(v.properties, "dtype", None), torch.dtype)]
         if bad:
             raise ModelError(f"{self.path}: the metadata describes {bad[0]!r} without a shape and dtype; "
+                             "fix: pass a complete checkpoint directory written by dcp.save")
+        gaps = [k for k, v in entries.items() if not _tiled(tuple(v.size), v.chunks)]
+        if gaps:  # a block no chunk covers would be written as whatever memory held
+            raise ModelError(f"{self.path}: the saved chunks of {shown(gaps[0])} do not cover it exactly once; "
                              "fix: pass a complete checkpoint directory written by dcp.save")
         self.meta = {k: (tuple(v.size), v.properties.dtype) for k, v in entries.items()}
         stripped = strip_prefixes(dict.fromkeys(self.meta), where=self.path)
