@@ -365,3 +365,22 @@ def test_dcp_chunks_must_tile_the_tensor(chunks, tiled):
     from fxsurgery.transfer._dcp import _tiled
     made = [ChunkStorageMetadata(offsets=torch.Size(o), sizes=torch.Size(n)) for o, n in chunks]
     assert _tiled((16, 8), made) is tiled
+
+
+@pytest.mark.parametrize("kind", ["directory", "file", "link"])
+def test_a_streamed_cli_run_refuses_an_output_path_it_must_not_replace(tmp_path, kind):
+    save_file(STATE, str(tmp_path / "w.safetensors"))
+    (tmp_path / "m.py").write_text("import torch\nfrom torch import nn\n\ndef build():\n"
+                                   "    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))\n")
+    (tmp_path / "r.yaml").write_text('fxsurgery: 1\nrules:\n  - freeze: "0"\n')
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    out = tmp_path / "out"
+    {"directory": lambda: out.mkdir(), "file": lambda: out.write_text("mine"), "link": lambda: os.symlink(tmp_path / "mine", out)}[kind]()
+    before = sorted(os.listdir(tmp_path))
+    code, printed, err = cli("apply", f"{tmp_path / 'm.py'}:build", tmp_path / "r.yaml", "--input", "1x8", "--weights",
+                             tmp_path / "w.safetensors", "--stream", "-o", out, "--force", "--max-shard-size", "100")
+    why = (f"is a symbolic link (to {tmp_path / 'mine'}); fix: pass the directory it points to, or remove the link" if kind == "link"
+           else "exists and is not an fxsurgery output, refusing to replace it; fix: choose another output directory")
+    assert (code, printed, err) == (2, "", "fxsurgery: error: " + bounded(f"{out}: {why}") + "\n")
+    assert sorted(os.listdir(tmp_path)) == before and (tmp_path / "mine" / "notes.txt").read_text() == "mine"
