@@ -188,11 +188,20 @@ class _Touch:
         return os.system, (f"touch {self.path}",)
 
 
-def test_a_dcp_metadata_pickle_that_runs_code_is_refused_unrun(tmp_path):
+def _dotted(command: str) -> bytes:
+    """A protocol-4 pickle calling os.system reached through the DCP metadata module's own `import os`."""
+    text = [s.encode() for s in ("torch.distributed.checkpoint.metadata", "os.system", command)]
+    return b"\x80\x04" + b"".join(b"\x8c" + bytes([len(t)]) + t for t in text[:2]) + b"\x93" + \
+        b"\x8c" + bytes([len(text[2])]) + text[2] + b"\x85R."
+
+
+@pytest.mark.parametrize("payload, name", [(lambda p: pickle.dumps(_Touch(p)), "posix.system"),
+                                           (lambda p: _dotted(f"touch {p}"), "torch.distributed.checkpoint.metadata.os.system")])
+def test_a_dcp_metadata_pickle_that_runs_code_is_refused_unrun(tmp_path, payload, name):
     folder = dcp_of(tmp_path / "ck")
-    (folder / ".metadata").write_bytes(pickle.dumps(_Touch(tmp_path / "pwned")))
+    (folder / ".metadata").write_bytes(payload(tmp_path / "pwned"))
     refused(folder, tmp_path, f"{folder}: cannot read the torch.distributed.checkpoint metadata: UnpicklingError: refused "
-            "global posix.system; fix: pass a complete checkpoint directory written by dcp.save")
+            f"global {name}; fix: pass a complete checkpoint directory written by dcp.save")
     assert not (tmp_path / "pwned").exists()
 
 

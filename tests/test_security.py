@@ -362,7 +362,8 @@ def test_no_other_deserialiser_that_runs_code():
     assert [f.split(":")[0] + " " + f.split(" ", 1)[1] for f in found] == ["transfer/_dcp.py import pickle"]
     from fxsurgery.transfer._dcp import _Unpickler
     assert _Unpickler.find_class is not pickle.Unpickler.find_class
-    for module, name in (("os", "system"), ("builtins", "eval"), ("torch", "load"), ("subprocess", "Popen")):
+    for module, name in (("os", "system"), ("builtins", "eval"), ("torch", "load"), ("subprocess", "Popen"),
+                         ("torch.distributed.checkpoint.metadata", "os.system"), ("torch", "serialization.load")):
         with pytest.raises(pickle.UnpicklingError, match=f"refused global {module}.{name}"):
             _Unpickler(io.BytesIO(b"")).find_class(module, name)
     from fxsurgery.spec._yaml import LineLoader

@@ -38,10 +38,14 @@ class _Unpickler(pickle.Unpickler):
     """Builds DCP metadata and nothing else: any other global in the file is refused before it is looked up."""
 
     def find_class(self, module: str, name: str):
-        if module == _METADATA and not name.startswith("__") or (module, name) in _ALLOWED:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
+        if "." not in name:  # a dotted name would reach through a module's own imports (the metadata module imports os)
+            if (module, name) in _ALLOWED:
+                return super().find_class(module, name)
+            found = getattr(__import__(_METADATA, fromlist=["_"]), name, None) if module == _METADATA else None
+            if isinstance(found, type) and found.__module__ == _METADATA:  # its own dataclasses and enum
+                return found
+            if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+                return getattr(torch, name)
         raise pickle.UnpicklingError(f"refused global {module}.{name}")
 
 
