@@ -85,12 +85,21 @@ def _tiled(shape: tuple, chunks) -> bool:
         if len(offsets) != len(shape) or len(sizes) != len(shape) or any(
                 not isinstance(o, int) or not isinstance(n, int) or o < 0 or n < 0 or o + n > d for o, n, d in zip(offsets, sizes, shape)):
             return False
-        boxes.append((offsets, sizes))
+        if all(sizes):  # an empty chunk covers nothing
+            boxes.append((offsets, sizes))
+    if sum(math.prod(sizes) for _, sizes in boxes) != math.prod(shape):
+        return False
+    # disjoint: swept along the dim split into the most pieces, each chunk is compared only with those that
+    # start before it ends there (a grid of N ranks' chunks costs about N comparisons, not N squared)
+    axis = max(range(len(shape)), key=lambda d: len({o[d] for o, _ in boxes}), default=0)
+    boxes.sort(key=lambda box: box[0][axis] if shape else 0)
     for i, (a, m) in enumerate(boxes):
-        for b, n in boxes[:i]:
-            if all(x < y + k and y < x + j for x, j, y, k in zip(a, m, b, n)) and all(m) and all(n):
+        for b, n in boxes[i + 1:]:
+            if shape and b[axis] >= a[axis] + m[axis]:
+                break
+            if all(x < y + k and y < x + j for x, j, y, k in zip(a, m, b, n)):
                 return False  # two chunks overlap
-    return sum(math.prod(sizes) for _, sizes in boxes) == math.prod(shape)
+    return True
 
 
 class DcpCheckpoint(Checkpoint):
