@@ -18,6 +18,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -144,7 +145,7 @@ def _interrupted(tmp_path, *, new_complete: bool) -> tuple[Path, str, str]:
     os.rename(out, tmp_path / f".o.fxsurgery-old-{token}")
     os.rename(tmp_path / "new", tmp_path / f".o.fxsurgery-tmp-{token}")
     if not new_complete:
-        (tmp_path / f".o.fxsurgery-tmp-{token}" / atomic.MARKER).write_text("999999999 elsewhere\n")
+        (tmp_path / f".o.fxsurgery-tmp-{token}" / atomic.MARKER).write_text(f"{2**22 + 12345} {socket.gethostname()}\n")  # a dead writer
     return out, record(tmp_path / f".o.fxsurgery-old-{token}")["hash"], record(tmp_path / f".o.fxsurgery-tmp-{token}")["hash"]
 
 

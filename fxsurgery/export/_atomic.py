@@ -17,7 +17,8 @@ The displaced output is marked, renamed to `.{name}.fxsurgery-trash-{hex}` and
 removed, marker last. `recover` removes only directories with these names that
 hold the marker, are empty, or hold a complete output and nothing else: never
 a directory fxsurgery did not make, and never the temp directory of a run that
-is still alive.
+is still alive (the marker holds the writer's pid and host; a marker written
+on another host is taken as alive, since its pid cannot be checked here).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from ..errors import SaveError
 from ._ranks import HASHES, Ranks, activated, discard, hand_over
 
 MARKER = ".fxsurgery-partial"
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # what a rank hands over (_shards.py names them)
 RECORD = "surgery.json"
 # Names written before surgery.json listed its files.
 LEGACY = ("model.py", "model.safetensors", "graph.json", RECORD, "model.pt2", "model.onnx", "model.onnx.data", "model.torchscript.pt")
@@ -123,17 +125,26 @@ def _ours(parent: Path, name: str) -> list[tuple[str, str, Path]]:
         entries = os.listdir(parent)
     except OSError:
         return []
-    return [(m[1], m[2], parent / e) for e in sorted(entries) if (m := pattern.fullmatch(e)) and (parent / e).is_dir()]
+    # a link with one of our names is not ours: following it would empty the directory it points to
+    return [(m[1], m[2], parent / e) for e in sorted(entries)
+            if (m := pattern.fullmatch(e)) and (parent / e).is_dir() and not (parent / e).is_symlink()]
 
 
 def _alive_elsewhere(directory: Path) -> bool:
-    """True when the marker names another live process on this host (its run is still writing)."""
+    """True when the marker names another live process on this host, or any process on another host.
+
+    A pid is only judged on the host that wrote it: on a shared file system
+    (several nodes of one torchrun launch, or two machines writing beside each
+    other) another host's pid says nothing here, so its directory is left alone.
+    """
     try:
         pid, host = (directory / MARKER).read_text().split()
         pid = int(pid)
     except (OSError, ValueError):
         return False
-    if host != socket.gethostname() or pid == os.getpid():
+    if host != socket.gethostname():
+        return True
+    if pid == os.getpid():
         return False
     try:
         os.kill(pid, 0)
@@ -151,6 +162,9 @@ def mark(directory: Path) -> None:
 
 def remove(directory: Path) -> None:
     """Delete one of our directories, its marker last, so a kill midway leaves it recognisable."""
+    if os.path.islink(directory):  # never followed: only the link goes
+        os.unlink(directory)
+        return
     for entry in os.scandir(directory):
         if entry.name != MARKER:
             if entry.is_dir(follow_symlinks=False):
@@ -286,8 +300,8 @@ def raise_written(target: Path, exc: BaseException):
 def rank_share(ranks: Ranks, target: Path):
     """Rank r > 0: its own directory beside `target`; after the barrier it belongs to rank 0."""
     work = ranks.share(target, ranks.rank)
-    if work.exists():  # left by a killed launch that had the same master port: its name is this run's now
-        shutil.rmtree(work)
+    if os.path.lexists(work):  # left by a killed launch that had the same master port: its name is this run's now
+        remove(work)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         os.mkdir(work, 0o777)
@@ -317,6 +331,8 @@ def take_over(ranks: Ranks, work: Path) -> dict[str, str]:
         share = ranks.share(ranks.target, r)
         try:
             theirs = json.loads((share / HASHES).read_text(encoding="utf-8"))
+            if not isinstance(theirs, dict) or not all(isinstance(n, str) and _SHARD.fullmatch(n) for n in theirs):
+                raise ValueError  # only shard names: a name with a directory part would move a file elsewhere
             for name in theirs:
                 os.rename(share / name, work / name)
         except (OSError, ValueError) as exc:

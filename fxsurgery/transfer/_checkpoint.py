@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .._util import first_line, shape_text
-from ..errors import ModelError
+from ..errors import FxsError, ModelError
 
 # DataParallel / DistributedDataParallel and torch.compile wrap a model and
 # prefix every key of its state dict.
@@ -52,9 +52,25 @@ def strip_prefixes(state: dict, where: str = "the checkpoint") -> dict:
             state = {k[len(prefix):]: v for k, v in state.items()}
         elif carrying:
             bare = [k for k in state if not k.startswith(prefix)]
-            raise ModelError(f"{where}: {len(carrying)} keys start with {prefix!r} ({carrying[0]}, ...) but {len(bare)} do not ({bare[0]}, ...); fix: "
-                             f"save the weights of one model, unwrapped")
+            raise ModelError(f"{where}: {len(carrying)} keys start with {prefix!r} ({shown(carrying[0])}, ...) but {len(bare)} do not "
+                             f"({shown(bare[0])}, ...); fix: save the weights of one model, unwrapped")
     return state
+
+
+def shown(name: str) -> str:
+    """A tensor name as an error shows it: escaped where it holds control characters (a file's names are not trusted)."""
+    return name if name.isprintable() else ascii(name)
+
+
+def plain_name(name: str) -> bool:
+    """A file name with no directory part: it cannot point out of the checkpoint's directory."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
+
+
+def stamp(path: str) -> tuple:
+    """What changes when a file is replaced or written to: a file read later must still be the one planned from."""
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 _SAFE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -76,6 +92,7 @@ class Checkpoint:
         self.files: dict[str, str] = {}       # name in the file -> safetensors file
         self.state: dict[str, torch.Tensor] | None = None
         self.meta: dict[str, tuple[tuple, torch.dtype]] = {}
+        self.stamps: dict[str, tuple] = {}      # file -> stamp() when its header was read (a streamed read checks it)
         if self.path.endswith(".json"):
             self._index()
         elif self.path.endswith(".safetensors"):
@@ -91,40 +108,57 @@ class Checkpoint:
         try:
             with open(self.path, encoding="utf-8") as handle:
                 weight_map = json.load(handle)["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
             raise ModelError(f"{self.path}: not a sharded checkpoint index ({type(exc).__name__}); fix: pass the "
                              "*.safetensors.index.json written beside the shards") from None
+        outside = sorted({v for v in weight_map.values() if not plain_name(v)})
+        if outside:  # a shared index must not make the reader open files elsewhere on the machine
+            raise ModelError(f"{self.path}: names the shard {outside[0]!r}, which is not a file beside the index; fix: pass "
+                             "an index whose weight_map names shard files in its own directory")
         folder = os.path.dirname(self.path)
-        shards = sorted(set(weight_map.values()))
-        self._headers([os.path.join(folder, s) for s in shards])
-        missing = [k for k in weight_map if k not in self.meta]
+        held = self._headers([os.path.join(folder, s) for s in sorted(set(weight_map.values()))])
+        for file, keys in held.items():
+            shard = os.path.basename(file)
+            for key in keys:  # each tensor in the shard the index names, and nowhere else
+                if weight_map.get(key) != shard:
+                    where = "does not name it" if key not in weight_map else f"maps it to {weight_map[key]}"
+                    raise ModelError(f"{file}: holds {shown(key)}, but the index {where}; fix: pass the shards written with "
+                                     "this index, each tensor in one shard")
+        missing = [k for k, shard in weight_map.items() if k not in held[os.path.join(folder, shard)]]
         if missing:
-            raise ModelError(f"{self.path}: the index names {len(missing)} tensors its shards lack ({missing[0]}, ...); "
+            raise ModelError(f"{self.path}: the index names {len(missing)} tensors its shards lack ({shown(missing[0])}, ...); "
                              "fix: pass a complete set of shards")
 
-    def _headers(self, files: list[str]) -> None:
+    def _headers(self, files: list[str]) -> dict[str, list[str]]:
+        """Read each file's header: names, shapes and dtypes; {file: its tensor names}."""
         from safetensors import safe_open
+        held: dict[str, list[str]] = {}
         for file in files:
             if not os.path.isfile(file):
                 raise ModelError(f"{file}: no such weights file; fix: check the path")
             try:
                 with safe_open(file, framework="pt") as handle:
-                    for key in handle.keys():
+                    held[file] = list(handle.keys())
+                    for key in held[file]:
                         view = handle.get_slice(key)
                         self.meta[key] = (tuple(view.get_shape()), _SAFE_DTYPES.get(view.get_dtype(), view.get_dtype()))
                         self.files[key] = file
             except (SafetensorError, OSError) as exc:
                 first = first_line(exc, type(exc).__name__)
                 raise ModelError(f"{file}: cannot read weights: {first}; fix: pass a complete .safetensors file (or a weights-only .pt)") from None
+            self.stamps[file] = stamp(file)
+        return held
 
     def check(self, own: dict[str, tuple[tuple, torch.dtype]]) -> None:
         """Every tensor `own` names (name -> (shape, dtype)) is here, with that shape and dtype; nothing else is."""
-        missing = [k for k in own if k not in self.keys]
-        unexpected = [k for k in self.keys if k not in own]
+        missing = [shown(k) for k in own if k not in self.keys]
+        unexpected = [shown(k) for k in self.keys if k not in own]
         meta = {k: self.meta[f] for k, f in self.keys.items()}
-        wrong = [f"{k} {shape_text(meta[k][0])} != {shape_text(own[k][0])}" for k in own if k in meta and meta[k][0] != tuple(own[k][0])]
+        wrong = [f"{shown(k)} {shape_text(meta[k][0])} != {shape_text(own[k][0])}" for k in own if k in meta and meta[k][0] != tuple(own[k][0])]
         # a strict load casts silently; a checkpoint in another dtype is a different model's weights
-        cast = [f"{k} {str(meta[k][1]).replace('torch.', '')} != {str(own[k][1]).replace('torch.', '')}"
+        cast = [f"{shown(k)} {str(meta[k][1]).replace('torch.', '')} != {str(own[k][1]).replace('torch.', '')}"
                 for k in own if k in meta and meta[k][0] == tuple(own[k][0]) and meta[k][1] != own[k][1]]
         if missing or unexpected or wrong or cast:
             parts = []
@@ -134,26 +168,67 @@ class Checkpoint:
             raise ModelError(f"{self.path}: does not fit the model: {'; '.join(parts)}; fix: pass weights saved from this architecture")
 
     def read(self, names) -> Iterator[tuple[str, torch.Tensor]]:
-        """(model name, tensor) for each name, one tensor in memory at a time.
+        """(model name, tensor) for each name, one tensor in memory at a time, shard by shard.
 
         The file is opened again for each tensor: safetensors maps the whole
         file, and pages a tensor touched stay resident while the map lives.
+        Each read is checked as a streamed one is (read_block).
         """
         names = list(names)
-        if self.state is not None:
-            for name in names:
-                yield name, self.state[self.keys[name]]
-            return
-        from safetensors import safe_open
-        by_file: dict[str, list[str]] = {}
+        if self.files:
+            order = {f: i for i, f in enumerate(dict.fromkeys(self.files[self.keys[n]] for n in names))}
+            names.sort(key=lambda n: order[self.files[self.keys[n]]])
         for name in names:
-            by_file.setdefault(self.files[self.keys[name]], []).append(name)
-        for file, group in by_file.items():
-            for name in group:
-                with safe_open(file, framework="pt") as handle:
-                    tensor = handle.get_tensor(self.keys[name])
-                yield name, tensor
-                del tensor
+            yield name, read_block(self, name, None)
+
+
+def read_block(checkpoint: Checkpoint, name: str, index: tuple | None) -> torch.Tensor:
+    """The checkpoint's tensor `name`, or only `index` (a tuple of slices) of it.
+
+    It is read when its output shard is written, after the plan: a file that
+    changed since (replaced, rewritten, removed) or a tensor of another shape
+    or dtype than the plan's is refused in one line, before a byte reaches the output.
+    """
+    key = checkpoint.keys[name]
+    where = checkpoint.files.get(key, checkpoint.path)
+    fix = "fix: apply again with the checkpoint as it is now, and leave its files alone until the output is written"
+    for file, planned in getattr(checkpoint, "stamps", {}).items():
+        if file == where or not checkpoint.files:  # a DCP directory: any of its files
+            try:
+                now = stamp(file)
+            except OSError:
+                now = None
+            if now != planned:
+                raise ModelError(f"{file}: {'changed' if now else 'removed'} since the plan was made (reading {name}); {fix}")
+    try:
+        tensor = _read(checkpoint, key, index)
+    except BaseException as exc:  # DCP wraps a reader's failure in a CheckpointException, a BaseException
+        if isinstance(exc, (FxsError, KeyboardInterrupt, SystemExit)):
+            raise
+        inner = next(iter(getattr(exc, "failures", {}).values()), (exc,))[0]  # the reader's own exception
+        detail = first_line(inner, "the file ends before the tensor" if isinstance(inner, EOFError) else "no detail")
+        raise ModelError(f"{where}: cannot read {name}: {type(inner).__name__}: {detail}; "
+                         "fix: pass a complete checkpoint (the one the plan was made from)") from None
+    shape, dtype = checkpoint.meta[key]
+    if index is not None:
+        shape = tuple(len(range(*s.indices(n))) for s, n in zip(index, shape)) + tuple(shape[len(index):])
+    if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+        got, want = (f"{shape_text(s)} {str(d).replace('torch.', '')}" for s, d in ((tensor.shape, tensor.dtype), (shape, dtype)))
+        raise ModelError(f"{where}: {name} reads as {got}, not the planned {want}; {fix}")
+    return tensor
+
+
+def _read(checkpoint: Checkpoint, key: str, index: tuple | None) -> torch.Tensor:
+    if hasattr(checkpoint, "tensor"):  # a DCP directory: the block alone, through a planner
+        return checkpoint.tensor(key) if index is None else checkpoint.region(key, index)
+    if checkpoint.state is not None:
+        whole = checkpoint.state[key]
+        return whole if index is None else whole[index]
+    from safetensors import safe_open
+    with safe_open(checkpoint.files[key], framework="pt") as handle:
+        if index is None:
+            return handle.get_tensor(key)
+        return handle.get_slice(key)[index]
 
 
 @contextlib.contextmanager

@@ -1,6 +1,9 @@
 """torch.distributed.checkpoint (DCP) directories as `weights=`, read one tensor at a time.
 
-The directory's `.metadata` is read by DCP's own `FileSystemReader`; each
+The directory's `.metadata` is a pickle, which DCP's `FileSystemReader` loads
+with `pickle.load` (a hostile file runs code); here it is unpickled by an
+allowlist of DCP's own metadata classes, torch.Size and dtypes (`_Reader`),
+and every file it names must be a plain name inside the directory. Each
 tensor is loaded by `dcp.load` into a tensor of its declared shape and dtype
 (no process group: `no_dist=True`), so only that tensor's chunks are read;
 a block of rows or a leading slice is loaded alone through a planner (`region`).
@@ -8,40 +11,125 @@ a block of rows or a leading slice is loaded alone through a planner (`region`).
 
 from __future__ import annotations
 
+import math
 import os
+import pickle
 import warnings
-from typing import Iterator
 
 import torch
 from torch import nn
 
 from .._util import first_line
 from ..errors import ModelError
-from ._checkpoint import Checkpoint, strip_prefixes
+from ._checkpoint import Checkpoint, plain_name, shown, stamp, strip_prefixes
 
 
 def is_dcp(path: str | os.PathLike) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, ".metadata"))
 
 
+_METADATA = "torch.distributed.checkpoint.metadata"
+_ALLOWED = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+            ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+            ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict")}
+
+
+class _Unpickler(pickle.Unpickler):
+    """Builds DCP metadata and nothing else: any other global in the file is refused before it is looked up."""
+
+    def find_class(self, module: str, name: str):
+        if "." not in name:  # a dotted name would reach through a module's own imports (the metadata module imports os)
+            if (module, name) in _ALLOWED:
+                return super().find_class(module, name)
+            found = getattr(__import__(_METADATA, fromlist=["_"]), name, None) if module == _METADATA else None
+            if isinstance(found, type) and found.__module__ == _METADATA:  # its own dataclasses and enum
+                return found
+            if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+                return getattr(torch, name)
+        raise pickle.UnpicklingError(f"refused global {module}.{name}")
+
+
+def _reader(path: str):
+    """DCP's FileSystemReader, reading `.metadata` through the allowlist and checking the files it names."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    class _Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs) -> Metadata:
+            with open(os.path.join(path, ".metadata"), "rb") as handle:
+                metadata = _Unpickler(handle).load()
+            if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict) \
+                    or not isinstance(metadata.storage_data, dict):
+                raise ValueError(f"holds a {type(metadata).__name__}, not DCP metadata")
+            for info in metadata.storage_data.values():
+                file = getattr(info, "relative_path", None)
+                if not isinstance(file, str) or not plain_name(file):
+                    raise ValueError(f"names the data file {file!r}, which is not a file in the directory")
+                if not os.path.isfile(os.path.join(path, file)):
+                    raise ValueError(f"names the data file {file}, which is missing")
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return _Reader(path)
+
+
+def _tiled(shape: tuple, chunks) -> bool:
+    """Whether `chunks` (offsets, sizes) cover a tensor of `shape` exactly: inside it, disjoint, adding up to it."""
+    if not isinstance(chunks, list):
+        return False
+    boxes = []
+    for chunk in chunks:
+        offsets, sizes = tuple(getattr(chunk, "offsets", ())), tuple(getattr(chunk, "sizes", ()))
+        if len(offsets) != len(shape) or len(sizes) != len(shape) or any(
+                not isinstance(o, int) or not isinstance(n, int) or o < 0 or n < 0 or o + n > d for o, n, d in zip(offsets, sizes, shape)):
+            return False
+        if all(sizes):  # an empty chunk covers nothing
+            boxes.append((offsets, sizes))
+    if sum(math.prod(sizes) for _, sizes in boxes) != math.prod(shape):
+        return False
+    # disjoint: swept along the dim split into the most pieces, each chunk is compared only with those that
+    # start before it ends there (a grid of N ranks' chunks costs about N comparisons, not N squared)
+    axis = max(range(len(shape)), key=lambda d: len({o[d] for o, _ in boxes}), default=0)
+    boxes.sort(key=lambda box: box[0][axis] if shape else 0)
+    for i, (a, m) in enumerate(boxes):
+        for b, n in boxes[i + 1:]:
+            if shape and b[axis] >= a[axis] + m[axis]:
+                break
+            if all(x < y + k and y < x + j for x, j, y, k in zip(a, m, b, n)):
+                return False  # two chunks overlap
+    return True
+
+
 class DcpCheckpoint(Checkpoint):
     """A Checkpoint over a DCP directory (names, shapes and dtypes from its metadata)."""
 
     def __init__(self, path: str | os.PathLike):
-        from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
         self.path = os.fspath(path)
         self.files, self.state = {}, None
         try:
-            metadata = FileSystemReader(self.path).read_metadata()
+            metadata = _reader(self.path).read_metadata()
         except Exception as exc:  # DCP reports a damaged directory in many ways
             raise ModelError(f"{self.path}: cannot read the torch.distributed.checkpoint metadata: {type(exc).__name__}: "
                              f"{first_line(exc)}; fix: pass a complete checkpoint directory written by dcp.save") from None
+        files = {os.path.join(self.path, ".metadata")} | {os.path.join(self.path, i.relative_path) for i in metadata.storage_data.values()}
+        self.stamps = {f: stamp(f) for f in sorted(files) if os.path.isfile(f)}
         entries = metadata.state_dict_metadata
         others = sorted(k for k, v in entries.items() if not isinstance(v, TensorStorageMetadata))
         if others:
-            raise ModelError(f"{self.path}: holds entries that are not tensors ({', '.join(others[:3])}); "
+            raise ModelError(f"{self.path}: holds entries that are not tensors ({', '.join(map(shown, others[:3]))}); "
                              "fix: save the model's state dict alone with dcp.save(model.state_dict(), ...)")
+        bad = [k for k, v in entries.items() if not isinstance(k, str) or not isinstance(v.size, torch.Size)
+               or not isinstance(getattr(v.properties, "dtype", None), torch.dtype)]
+        if bad:
+            raise ModelError(f"{self.path}: the metadata describes {bad[0]!r} without a shape and dtype; "
+                             "fix: pass a complete checkpoint directory written by dcp.save")
+        gaps = [k for k, v in entries.items() if not _tiled(tuple(v.size), v.chunks)]
+        if gaps:  # a block no chunk covers would be written as whatever memory held
+            raise ModelError(f"{self.path}: the saved chunks of {shown(gaps[0])} do not cover it exactly once; "
+                             "fix: pass a complete checkpoint directory written by dcp.save")
         self.meta = {k: (tuple(v.size), v.properties.dtype) for k, v in entries.items()}
         stripped = strip_prefixes(dict.fromkeys(self.meta), where=self.path)
         self.keys = dict(zip(stripped, self.meta))
@@ -53,7 +141,7 @@ class DcpCheckpoint(Checkpoint):
         holder = {key: torch.empty(shape, dtype=dtype)}
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load(holder, storage_reader=dcp.FileSystemReader(self.path), no_dist=True)
+            dcp.load(holder, storage_reader=_reader(self.path), no_dist=True)
         return holder[key]
 
     def region(self, key: str, index: tuple) -> torch.Tensor:
@@ -82,13 +170,8 @@ class DcpCheckpoint(Checkpoint):
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load(holder, storage_reader=dcp.FileSystemReader(self.path), planner=Block(), no_dist=True)
+            dcp.load(holder, storage_reader=_reader(self.path), planner=Block(), no_dist=True)
         return holder[key]
-
-    def read(self, names) -> Iterator[tuple[str, torch.Tensor]]:
-        for name in list(names):
-            yield name, self.tensor(self.keys[name])
-
 
 def open_checkpoint(path) -> Checkpoint:
     """A Checkpoint for a .safetensors file, a sharded index, a weights-only .pt or a DCP directory."""

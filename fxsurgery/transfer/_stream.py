@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import TransferError
 from ..spec import Kept, carry
-from ._checkpoint import Checkpoint
+from ._checkpoint import Checkpoint, read_block
 
 _PENDING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> {id(tensor): reader}
 
@@ -65,21 +65,6 @@ class Missing:
     def __call__(self) -> torch.Tensor:
         raise TransferError(f"{self.name} has no values (the model was built without weights) and no checkpoint was given; "
                             "fix: apply with weights= a checkpoint of the model (--weights)")
-
-
-def read_block(checkpoint: Checkpoint, name: str, index: tuple | None) -> torch.Tensor:
-    """The checkpoint's tensor `name`, or only `index` (a tuple of slices) of it."""
-    key = checkpoint.keys[name]
-    if hasattr(checkpoint, "tensor"):  # a DCP directory: the block alone, through a planner
-        return checkpoint.tensor(key) if index is None else checkpoint.region(key, index)
-    if checkpoint.state is not None:
-        whole = checkpoint.state[key]
-        return whole if index is None else whole[index]
-    from safetensors import safe_open
-    with safe_open(checkpoint.files[key], framework="pt") as handle:
-        if index is None:
-            return handle.get_tensor(key)
-        return handle.get_slice(key)[index]
 
 
 def _runs(rows) -> list[tuple[int, int]]:
