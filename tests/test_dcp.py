@@ -41,6 +41,21 @@ def test_a_dcp_checkpoint_fills_a_meta_model_as_the_model_itself(tmp_path):
     assert torch.equal(want["fc.weight"], model.fc.weight[:4])
 
 
+def test_map_weights_replays_a_surgery_on_a_dcp_checkpoint(tmp_path):
+    from conftest import cli
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    fxs.apply(model, RULES, X).save(tmp_path / "o")
+    other = torchvision.models.resnet18(num_classes=10).eval()  # another checkpoint of the same architecture
+    dcp.save(other.state_dict(), storage_writer=dcp.FileSystemWriter(str(tmp_path / "ck")), no_dist=True)
+    code, _, stderr = cli("map-weights", tmp_path / "ck", tmp_path / "o", "-o", tmp_path / "mapped.safetensors")
+    assert code == 0, stderr
+    mapped = load_file(str(tmp_path / "mapped.safetensors"))
+    want = fxs.apply(other, RULES, X).module.state_dict()
+    assert mapped.keys() == want.keys() and all(torch.equal(mapped[k], want[k]) for k in want)
+    assert torch.equal(mapped["fc.weight"], other.fc.weight[:4])
+
+
 def test_format_dcp_writes_the_saved_tensors(tmp_path):
     from conftest import RULES as RULE_FILES
     from conftest import cli

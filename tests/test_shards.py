@@ -40,7 +40,7 @@ def result(model):
 def test_sizes_parse_as_transformers_writes_them():
     assert [parse_size(v) for v in (123, "5GB", "500MB", "2GiB", "1.5GB", "10KB", "7")] == \
         [123, 5 * 10**9, 500 * 10**6, 2 * 2**30, 1_500_000_000, 10_000, 7]
-    for bad in ("5XB", "", "-1GB", 0, True):
+    for bad in ("5XB", "", "-1GB", 0, True, "0.5", "0.9B"):
         with pytest.raises(fxs.SaveError) as err:
             parse_size(bad)
         assert str(err.value) == f"max_shard_size {bad!r}: not a size; fix: give bytes as an int, or e.g. '5GB', '500MB', '2GiB'"
@@ -85,6 +85,21 @@ def test_a_damaged_shard_is_refused(result, tmp_path):
         fxs.load(out)
     assert str(err.value) == (f"{out}: model.py, model.safetensors or graph.json changed since it was written (hash mismatch); "
                               "fix: write the directory again with save()")
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "missing"])
+def test_a_shard_that_is_no_regular_file_is_refused_before_it_is_read(result, tmp_path, kind):
+    out = tmp_path / "o"
+    result.save(out, max_shard_size=20_000_000)
+    shard = out / "model-00002-of-00003.safetensors"
+    shard.unlink()
+    if kind == "device":
+        shard.symlink_to("/dev/zero")  # the hash would read it forever
+    elif kind == "fifo":
+        os.mkfifo(shard)
+    with pytest.raises(fxs.SaveError) as err:
+        fxs.load(out)
+    assert str(err.value) == f"{shard}: missing or not a regular file; fix: write the directory again with save()"
 
 
 def test_force_replaces_shards_with_one_file_and_back(result, tmp_path):

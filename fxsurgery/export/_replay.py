@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from .._util import first_line
 from ..errors import SaveError
 from ..spec import replay
-from ..transfer import Checkpoint, read_state_dict, strip_prefixes
+from ..transfer import open_checkpoint, read_state_dict, strip_prefixes
 from ._atomic import fsync_dir
 from ._codegen import rename_path
 from ._record import read_record
@@ -128,8 +128,8 @@ class _Saved:
 
 def write_mapped(checkpoint: str, surgery: str, output: str) -> dict[str, torch.Tensor]:
     """`fxsurgery map-weights`: read a checkpoint file, map it, write safetensors atomically."""
-    if str(checkpoint).endswith(".json"):  # a sharded checkpoint's index: read shard by shard
-        sharded = Checkpoint(checkpoint)
+    if str(checkpoint).endswith(".json") or os.path.isdir(checkpoint):  # a sharded index or a DCP directory: read tensor by tensor
+        sharded = open_checkpoint(checkpoint)
         state = dict(sharded.read(list(sharded.keys)))
     else:
         state = strip_prefixes(read_state_dict(checkpoint), where=checkpoint)

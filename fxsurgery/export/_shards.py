@@ -43,9 +43,10 @@ def parse_size(value: int | str, what: str = "max_shard_size") -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(value).upper()) if isinstance(value, str) else None
-    if match is None or float(match[1]) <= 0:
+    size = 0 if match is None else int(float(match[1]) * _UNITS[match[2] if match[2].endswith("B") or not match[2] else match[2] + "B"])
+    if size < 1:  # "0.5" is no whole byte
         raise SaveError(f"{what} {value!r}: not a size; fix: give bytes as an int, or e.g. '5GB', '500MB', '2GiB'")
-    return int(float(match[1]) * _UNITS[match[2] if match[2].endswith("B") or not match[2] else match[2] + "B"])
+    return size
 
 
 def nbytes(t: torch.Tensor) -> int:
@@ -152,6 +153,9 @@ def shard_files(directory: Path) -> list[str] | None:
     if not all(isinstance(f, str) and _SHARD.fullmatch(f) for f in files):
         raise SaveError(f"{directory / INDEX}: names a file that is not a model-0000k-of-0000n.safetensors shard; "
                         "fix: write the directory again with save()")
+    for file in files:  # a link to /dev/zero or a FIFO would keep the hash reading forever
+        if not (directory / file).is_file():
+            raise SaveError(f"{directory / file}: missing or not a regular file; fix: write the directory again with save()")
     return files
 
 
