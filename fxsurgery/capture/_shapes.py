@@ -143,6 +143,12 @@ class _Recorder(fx.Interpreter):
                 made = _linear(module, args[0])
             elif type(module) in _SAME_SHAPE_MODULES and args[0].dtype.is_floating_point:
                 made = _empty_as(args[0])
+            elif type(module) is nn.LayerNorm:
+                made = _layer_norm(module, args[0])
+            if made is not None:
+                return made
+        elif type(module) is nn.MultiheadAttention and args:
+            made = _self_attention(module, args, kwargs)
             if made is not None:
                 return made
         return super().call_module(target, args, kwargs)
@@ -186,6 +192,47 @@ def _linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
     if x.dim() < 1 or x.shape[-1] != module.in_features or x.dtype != module.weight.dtype or x.device != module.weight.device:
         return None
     shape = (*x.shape[:-1], module.out_features)
+    return torch.empty(shape, dtype=x.dtype, device="meta") if x.is_meta else x.new_empty(shape)
+
+
+def _layer_norm(module: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor | None:
+    """LayerNorm's output without running it (on meta it runs reference code: milliseconds a call);
+    anything the module would refuse, or compute in another dtype, runs it."""
+    shape = tuple(module.normalized_shape)
+    if not x.dtype.is_floating_point or tuple(x.shape[x.dim() - len(shape):]) != shape or x.dim() < len(shape):
+        return None
+    if any(t is not None and (t.dtype != x.dtype or t.device != x.device) for t in (module.weight, module.bias)):
+        return None
+    return _contiguous(x, x.shape)  # as layer_norm makes it, whatever the input's strides
+
+
+_ATTENTION_KWARGS = {"need_weights", "average_attn_weights", "key_padding_mask", "attn_mask", "is_causal"}
+
+
+def _self_attention(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> tuple | None:
+    """nn.MultiheadAttention's outputs for batched self-attention without masks, without running it:
+    its run on meta decomposes every projection, softmax and matmul into reference code."""
+    if len(args) != 3 or set(kwargs) - _ATTENTION_KWARGS or any(kwargs.get(k) is not None for k in ("key_padding_mask", "attn_mask")):
+        return None
+    q, k, v = args
+    # meta only: on fake CPU tensors the module may take its fused path, whose outputs differ in strides
+    if kwargs.get("is_causal") or not all(isinstance(t, torch.Tensor) and t.is_meta for t in args):
+        return None
+    w = module.in_proj_weight
+    if (q.dim() != 3 or q.shape != k.shape or q.shape != v.shape or q.shape[-1] != module.embed_dim or w is None
+            or not module._qkv_same_embed_dim or {t.dtype for t in args} != {w.dtype} or {t.device for t in args} != {w.device}):
+        return None
+    n, length = (q.shape[0], q.shape[1]) if module.batch_first else (q.shape[1], q.shape[0])
+    # strides as the module's own shape-only run makes them: batch_first transposes its (L, N, E) result
+    out = _contiguous(q, (length, n, q.shape[2]))
+    out = out.transpose(0, 1) if module.batch_first else out
+    if not kwargs.get("need_weights", True):
+        return out, None
+    heads = () if kwargs.get("average_attn_weights", True) else (module.num_heads,)
+    return out, _contiguous(q, (n, *heads, length, length))
+
+
+def _contiguous(x: torch.Tensor, shape: tuple) -> torch.Tensor:
     return torch.empty(shape, dtype=x.dtype, device="meta") if x.is_meta else x.new_empty(shape)
 
 
