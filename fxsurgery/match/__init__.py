@@ -9,6 +9,7 @@ becomes an error only when the rule must match.
 from __future__ import annotations
 
 import difflib
+from collections import Counter
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -219,8 +220,8 @@ def _match_outputs(m: Match, locator: Locator) -> None:
                 continue
             m.sites, m.modules, m.names, m.reason, m.nearest = [], [], {}, reason, nearest
             return
-        modules = [s.module for s in sites]
-        keys = [name] if len(sites) == 1 else [s.module if s.module and modules.count(s.module) == 1 else s.shown for s in sites]
+        calls = Counter(s.module for s in sites)  # a module called once is named by its path
+        keys = [name] if len(sites) == 1 else [s.module if s.module and calls[s.module] == 1 else s.shown for s in sites]
         for site, key in zip(sites, keys):
             if site in m.names:
                 raise MatchError(f"{m.label}: {sel.text!r} selects {site.where}, which is already returned as {m.names[site]!r}; "
