@@ -73,10 +73,27 @@ def pattern_rows(scaling: dict | None, speed: dict | None) -> list[Row]:
     two = (scaling or {}).get("two_users", {})
     fold = (speed or {}).get("conv_bn_fold", {})
     speedup = fold.get("speedup")
-    return [_le(f"patterns: ReLU->GELU pattern rule on {two.get('nodes', '12k')} nodes (two users each), time / replace_pattern <= 1",
+    nodes = two.get("nodes", "12k")
+    return [_le(f"patterns: ReLU->GELU pattern rule on {nodes} nodes (two users each), time / replace_pattern <= 1",
                 two.get("pattern_swap_over_replace_pattern"), 1.0),
+            _le(f"scaling: function swap Replace(F.relu, F.gelu) on {nodes} nodes (two users each; match + rewrite, "
+                "with example inputs) <= 0.25x replace_pattern", two.get("swap_fxs_over_replace_pattern"), 0.25),
+            _le("scaling: type swap Replace(nn.ReLU, GELU()) (match + rewrite) <= 0.25x replace_pattern's F.relu swap, "
+                "at the size nearest 12k nodes", _type_swap_over_fx(scaling), 0.25),
+            (f"scaling: the whole fxs.apply with example inputs (capture, shape pass, transfer, check) on {nodes} nodes / "
+             "symbolic_trace + replace_pattern (no goal)", _fmt(two.get("end_to_end_fxs_over_fx")), None),
             ("patterns: conv+bn fold on resnet50 runs faster than the original (CPU, eval)",
              _fmt(speedup), None if speedup is None else speedup > 1.0)]
+
+
+def _type_swap_over_fx(scaling: dict | None) -> float | None:
+    """At the measured size nearest the issue's 12k nodes (replace_pattern grows faster than linearly)."""
+    both = [r for r in (scaling or {}).get("sizes", [])
+            if "fxs_module" in r.get("median_s", {}) and "fx_function" in r.get("median_s", {})]
+    if not both:
+        return None
+    near = min(both, key=lambda r: abs(r["nodes"] - 12000))["median_s"]
+    return near["fxs_module"]["swap"] / near["fx_function"]["replace_pattern"]
 
 
 def speed_rows(data: dict | None) -> list[Row]:
