@@ -94,3 +94,25 @@ def test_torchscript_exports_a_forward_with_unannotated_number_defaults(tmp_path
     assert torch.equal(scripted(x), model(x)) and torch.equal(scripted(x, 2, 0.5), model(x, 2, 0.5))
     args = scripted.forward.schema.arguments  # self, x, k, bias
     assert [(a.name, str(a.type), a.default_value) for a in args[2:]] == [("k", "int", 2), ("bias", "float", 0.5)]
+
+
+def test_an_inner_call_refused_for_a_list_of_other_length_says_both_lengths():
+    """Faster R-CNN captured on 2 images refuses 3 at roi_heads.box_roi_pool, which takes one boxes tensor per image."""
+    from torch.utils import _pytree as pytree
+    from torchvision.ops import MultiScaleRoIAlign
+
+    from fxsurgery.capture import mismatch, normalise, signature_of
+    pool = MultiScaleRoIAlign(["0"], 7, 2)
+    signature = signature_of(pool)
+    features, sizes = {"0": torch.randn(2, 4, 8, 8)}, [(32, 32), (32, 32)]
+
+    def boxes(n):
+        return [torch.rand(5, 4) for _ in range(n)]
+    leaves, spec = pytree.tree_flatten(normalise(signature, (features, boxes(2), sizes), {}))
+    fixed = {i: v for i, v in enumerate(leaves) if not isinstance(v, torch.Tensor)}
+    assert mismatch(signature, spec, fixed, (features, boxes(3), sizes), {}, "roi_heads.box_roi_pool") == (
+        "'roi_heads.box_roi_pool' was captured with boxes=a list of 2 tensors and this call gives boxes=a list of 3 tensors; "
+        "fix: capture with example inputs that make the model call it this way")
+    # its twin: the captured length is the captured call, nothing to refuse
+    again, again_spec = pytree.tree_flatten(normalise(signature, (features, boxes(2), sizes), {}))
+    assert again_spec == spec
