@@ -1,6 +1,7 @@
 """Papercuts of the third round: call-form models that return a NamedTuple save and load, TorchScript takes
 unannotated defaults, messages that say what differs and keep their fix."""
 
+import json
 import os
 import typing
 
@@ -116,3 +117,80 @@ def test_an_inner_call_refused_for_a_list_of_other_length_says_both_lengths():
     # its twin: the captured length is the captured call, nothing to refuse
     again, again_spec = pytree.tree_flatten(normalise(signature, (features, boxes(2), sizes), {}))
     assert again_spec == spec
+
+
+def test_fold_bn_with_nothing_to_fold_keeps_why_and_the_fix_whole(tmp_path):
+    """Its message passes the 300-character bound behind the shipped rule file's path: whole middle clauses go, the why stays."""
+    from test_bad_inputs import run_cli
+    out = tmp_path / "out"
+    code, _, stderr, raised = run_cli(["apply", "torchvision.models:resnet18", "fold-bn", "--input", "1x3x64x64", "-o", str(out)])
+    assert code == 2 and not out.exists() and len(raised.full) > 300
+    assert stderr == (
+        "fxsurgery: error: nothing to change: ...: conv1 (Conv2d) + bn1 (BatchNorm2d): BatchNorm2d is in training mode, where it "
+        "normalises with batch statistics: call .eval() on the model before folding); fix: check the selectors against "
+        "'fxsurgery inspect MODEL' (inference rewrites such as fold-bn need --eval)\n")
+
+
+def test_a_bounded_problem_keeps_its_first_clause_where_the_rest_leaves_room():
+    from fxsurgery.errors import bounded
+    message = "r.yaml:3: what was tried: " + ": ".join(f"step {i} " + "x" * 40 for i in range(8)) + ": why it failed; fix: do this"
+    steps = ": ".join(f"step {i} {'x' * 10}...{'x' * 10}" for i in range(1, 8))  # long words shortened first, then step 0 left out
+    assert bounded(message) == f"r.yaml:3: what was tried: ...: {steps}: why it failed; fix: do this"
+    assert bounded(message.replace("what was tried", "tried " * 40)).startswith("r.yaml:3: ...: step ")  # a long first clause goes first
+
+
+def test_a_vit_with_a_new_head_loads_from_graph_json_in_both_modes(tmp_path):
+    """torchvision's ViT code (vit_b_16's, at a small size), dropout on: graph.json rebuilds it without model.py."""
+    import torchvision
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                                                 dropout=0.1, attention_dropout=0.1)
+    x = torch.randn(2, 3, 32, 32)
+    result = fxs.apply(model, [Replace("heads.head", fxs.new(nn.Linear, out_features=10))], example_inputs=(x,))
+    result.save(tmp_path / "out")
+    loaded = fxs.load(tmp_path / "out")
+    assert isinstance(loaded, torch.fx.GraphModule) and loaded.heads.head.out_features == 10
+    for mode in (False, True):
+        result.module.train(mode)
+        loaded.train(mode)
+        torch.manual_seed(1)
+        want = result.module(x)
+        torch.manual_seed(1)
+        got = loaded(x)
+        assert torch.equal(got, want), mode
+    torch.manual_seed(2)
+    assert not torch.equal(loaded(x), want)  # train mode: dropout draws, so the seeded comparison above means something
+
+
+def test_inspect_groups_lists_the_attention_heads_prune_can_remove(tmp_path):
+    from conftest import cli
+    (tmp_path / "vitmodel.py").write_text(
+        "import torchvision\n\n\ndef small_vit():\n    return torchvision.models.VisionTransformer(image_size=32, patch_size=16, "
+        "num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64)\n")
+    code, stdout, _ = cli("inspect", f"{tmp_path / 'vitmodel.py'}:small_vit", "--input", "1x3x32x32", "--groups")
+    assert code == 0
+    text = stdout.split("\n\n", 1)[1].splitlines()  # after the channel groups
+    assert text[0] == "2 attention modules, 2 with heads Prune(sel, heads=[...]) can remove"
+    assert [line.split() for line in text[3:]] == [["1", "encoder.layers.encoder_layer_0.self_attention", "4", "8", "3", "-"],
+                                                   ["2", "encoder.layers.encoder_layer_1.self_attention", "4", "8", "3", "-"]]
+    code, stdout, _ = cli("inspect", f"{tmp_path / 'vitmodel.py'}:small_vit", "--input", "1x3x32x32", "--groups", "--json")
+    rows = json.loads(stdout)
+    assert rows[-1] == {"layers": ["encoder.layers.encoder_layer_1.self_attention"], "heads": 4, "head_dim": 8, "group": 1,
+                        "tensors": 3, "refused": None}
+    # its twin: a ResNet has no attention, and its table ends with its channel groups
+    code, stdout, _ = cli("inspect", "torchvision.models:resnet18", "--input", "1x3x64x64", "--groups")
+    assert code == 0 and "attention" not in stdout
+
+
+def test_groups_list_grouped_query_heads_and_refuse_what_prune_refuses():
+    import hf_models as H
+
+    from fxsurgery.views._groups import attention_heads, groups_table
+    rows = attention_heads(H.llama())
+    assert rows[0] == {"layers": ["model.layers.0.self_attn"], "heads": 2, "head_dim": 8, "group": 2, "tensors": 4, "refused": None}
+    assert groups_table(rows).splitlines()[-4].split() == ["1", "model.layers.0.self_attn", "2", "(x2", "query)", "8", "4", "-"]
+    bert = attention_heads(H.bert())  # the attention module, not its `self` part inside it
+    assert [r["layers"] for r in bert] == [[f"bert.encoder.layer.{i}.attention"] for i in range(4)]
+    refused = attention_heads(nn.Sequential(nn.MultiheadAttention(8, 2, add_bias_kv=True)))
+    assert refused == [{"layers": ["0"], "heads": None, "head_dim": None, "group": None, "tensors": 0,
+                        "refused": "node '0': MultiheadAttention heads are not followed when it adds learned key/value biases (add_bias_kv)"}]
