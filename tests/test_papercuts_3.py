@@ -194,3 +194,33 @@ def test_groups_list_grouped_query_heads_and_refuse_what_prune_refuses():
     refused = attention_heads(nn.Sequential(nn.MultiheadAttention(8, 2, add_bias_kv=True)))
     assert refused == [{"layers": ["0"], "heads": None, "head_dim": None, "group": None, "tensors": 0,
                         "refused": "node '0': MultiheadAttention heads are not followed when it adds learned key/value biases (add_bias_kv)"}]
+
+
+class TrainOnly(nn.Module):
+    """Calls `noise` in train mode only: a graph per mode, and a module that only one of them holds."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.noise = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.fc(x)
+        if self.training:
+            y = y + self.noise(x)
+        return y
+
+
+def test_a_model_running_other_code_per_mode_loads_from_graph_json(tmp_path):
+    torch.manual_seed(0)
+    model, x = TrainOnly(), torch.randn(2, 4)
+    result = fxs.apply(model, [Replace("fc", fxs.new(nn.Linear, out_features=3))], example_inputs=(x,))
+    result.save(tmp_path / "out")
+    graph = json.loads((tmp_path / "out" / "graph.json").read_text())
+    assert [a["path"] for a in graph["attributes"]] == ["fc", "noise"] and graph["other"]["training"] is False
+    loaded = fxs.load(tmp_path / "out")  # no model.py imported
+    for mode in (True, False):
+        assert torch.equal(loaded.train(mode)(x), result.module.train(mode)(x))
+    assert torch.equal(loaded.train()(x), result.module.fc(x) + model.noise(x))
+    assert torch.equal(loaded.eval()(x), result.module.fc(x))
+    fxs.save(loaded.train(), tmp_path / "again")  # saved as it was loaded
+    assert (tmp_path / "again" / "graph.json").read_text() == (tmp_path / "out" / "graph.json").read_text()

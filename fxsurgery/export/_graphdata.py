@@ -7,6 +7,8 @@ ties, frozen parameters, training modes, and every node of the graph: op,
 name, target (a function as its dotted name) and arguments as JSON, where
 `{"node": name}` refers to an earlier node and other objects are tagged
 values (`{"tuple": [...]}`, `{"dtype": "float32"}`, `{"float": "inf"}` ...).
+A model that runs other code in train and eval mode has a second node list,
+`other`, with the mode it runs in (`training`); both call the same attributes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import fx, nn
 from torch.fx.immutable_collections import immutable_dict
 from torch.fx.node import _get_qualified_name
 
+from ..capture import other_graph
 from ._codegen import constructor_spec, module_dtype
 
 GRAPH = "graph.json"
@@ -98,12 +101,17 @@ def describe(gm: fx.GraphModule, entries: list, *, class_name: str, frozen: list
              non_persistent: list[str], modes: dict[str, bool]) -> dict:
     """graph.json's content for `gm` (as model.py's `Model` is traced), from codegen's entries."""
     del non_persistent  # carried by each buffer entry
+    other = other_graph(gm)
+    unique: dict = {}
+    for entry in entries:  # both modes' graphs list the attributes they share
+        unique.setdefault(entry[0], entry)
     try:
         return {"fxsurgery_graph": VERSION, "class": class_name,
-                "attributes": [_attribute(*entry) for entry in entries],
+                "attributes": [_attribute(*entry) for entry in unique.values()],
                 "ties": dict(ties), "frozen": list(frozen),
                 "eval": sorted(p for p, training in modes.items() if not training),
                 "modes": len(modes),
-                "nodes": [_node(n) for n in gm.graph.nodes]}
+                "nodes": [_node(n) for n in gm.graph.nodes],
+                **({"other": {"training": other[1], "nodes": [_node(n) for n in other[0].nodes]}} if other else {})}
     except Unsupported as exc:
         return {"fxsurgery_graph": VERSION, "class": class_name, "unsupported": str(exc)}

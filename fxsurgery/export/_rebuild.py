@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..capture import assign
+from ..capture import ModeGraphModule, assign
 from ..errors import SaveError
 from ._graphdata import GRAPH, VERSION
 from ._graphload import FIX, OPS, Bad, build_module, decode, entry_error, function, method, path
@@ -85,22 +85,40 @@ def _node(graph: fx.Graph, root: nn.Module, entry: Any, env: dict[str, fx.Node])
     return graph.create_node(op, target, args, kwargs, name=name, type_expr=torch.Tensor if entry["type"] else None)
 
 
-def _graph(directory: Path, doc: dict, root: nn.Module) -> fx.Graph:
+def _graph(directory: Path, doc: dict, root: nn.Module, key: str = "nodes") -> fx.Graph:
     graph, env = fx.Graph(), {}
     nodes = doc.get("nodes")
     if not isinstance(nodes, list) or not nodes:
-        raise entry_error(directory, "nodes", Bad("is not a list of nodes"))
+        raise entry_error(directory, key, Bad("is not a list of nodes"))
     for i, entry in enumerate(nodes):
         try:
             node = _node(graph, root, entry, env)
         except Bad as exc:
-            raise entry_error(directory, f"nodes[{i}] {entry.get('name') if isinstance(entry, dict) else None!r}", exc) from None
+            raise entry_error(directory, f"{key}[{i}] {entry.get('name') if isinstance(entry, dict) else None!r}", exc) from None
         if node.name != entry["name"]:
-            raise entry_error(directory, f"nodes[{i}] {entry['name']!r}", Bad(f"name is taken (torch.fx named it {node.name!r})"))
+            raise entry_error(directory, f"{key}[{i}] {entry['name']!r}", Bad(f"name is taken (torch.fx named it {node.name!r})"))
         env[node.name] = node
     if [n.op for n in graph.nodes].count("output") != 1 or nodes[-1]["op"] != "output":
-        raise entry_error(directory, "nodes", Bad("do not end in exactly one output"))
+        raise entry_error(directory, key, Bad("do not end in exactly one output"))
     return graph
+
+
+def _module(directory: Path, doc: dict, root: nn.Module) -> fx.GraphModule:
+    """The GraphModule of graph.json's nodes, with its `other` nodes run in their mode where the
+    model's code differs by mode (capture/_dualgraph.py)."""
+    graph = _graph(directory, doc, root)
+    other = doc.get("other")
+    if other is not None and not (isinstance(other, dict) and set(other) == {"training", "nodes"} and isinstance(other["training"], bool)):
+        raise entry_error(directory, "other", Bad("is not {training: true or false, nodes}"))
+    second = _graph(directory, other, root, "other.nodes") if other is not None else None
+    try:
+        graph.lint()
+        if second is None:
+            return fx.GraphModule(root, graph, class_name="Model")
+        second.lint()
+        return ModeGraphModule(root, graph, "Model", other=second, other_mode=other["training"])
+    except Exception as exc:
+        raise entry_error(directory, "nodes", exc) from None
 
 
 def _strings(doc: dict, key: str, kind: type) -> Any:
@@ -143,12 +161,7 @@ def rebuild(directory: Path, allow: tuple[str, ...], device: str | torch.device)
                 assign(root, alias, root.get_parameter(owner))
             except (AttributeError, KeyError, TypeError) as exc:
                 raise entry_error(directory, f"ties {alias!r}", exc) from None
-    graph = _graph(directory, doc, root)
-    try:
-        graph.lint()
-        gm = fx.GraphModule(root, graph, class_name="Model")
-    except Exception as exc:
-        raise entry_error(directory, "nodes", exc) from None
+    gm = _module(directory, doc, root)
     non_persistent = {f"{p}.{n}" if p else n for p, m in root.named_modules() for n in m._non_persistent_buffers_set}
     return _with_weights(directory, gm, doc, ties, frozen, evals, non_persistent, device)
 

@@ -115,12 +115,8 @@ def _source(gm: fx.GraphModule, work: Path, **facts) -> tuple[str, dict[str, str
                "ties": {rename_path(a, renames): rename_path(o, renames) for a, o in facts["ties"].items()},
                "non_persistent": [rename_path(n, renames) for n in facts["non_persistent"]],
                "modes": {rename_path(p, renames): t for p, t in facts["modes"].items()}}
-    if dual:  # a graph per train/eval mode: model.py holds both and picks by self.training
-        second, _ = make(again, **renamed)
-        return second, renames, {"fxsurgery_graph": 1, "class": facts["class_name"],
-                                 "unsupported": "it runs a different graph in train and in eval mode, which model.py implements"}
-    entries = []
-    second, _ = generate(again, **renamed, entries=entries)
+    entries = []  # a graph per train/eval mode: model.py holds both and picks by self.training, graph.json too
+    second, _ = make(again, **renamed, entries=entries)
     return second, renames, describe(again, entries, **{k: v for k, v in renamed.items() if k != "stay_eval"})
 
 
