@@ -224,3 +224,23 @@ def test_a_model_running_other_code_per_mode_loads_from_graph_json(tmp_path):
     assert torch.equal(loaded.eval()(x), result.module.fc(x))
     fxs.save(loaded.train(), tmp_path / "again")  # saved as it was loaded
     assert (tmp_path / "again" / "graph.json").read_text() == (tmp_path / "out" / "graph.json").read_text()
+
+
+def test_an_output_type_of_the_running_script_is_refused_in_one_line(tmp_path):
+    Scripted = typing.NamedTuple("Scripted", [("logits", torch.Tensor)])
+    Scripted.__module__ = "__main__"  # as a class defined in a script run with `python script.py` is
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return Scripted(self.fc(x))
+
+    result = fxs.apply(Head(), [Replace("fc", nn.Linear(4, 2))], example_inputs=(torch.randn(2, 4),))
+    with pytest.raises(SaveError) as err:
+        result.save(tmp_path / "out")
+    assert str(err.value) == ("cannot write model.py: the forward uses Scripted, defined in the script being run, which model.py "
+                              "cannot import; fix: define it at the top level of an importable module")
+    assert os.listdir(tmp_path) == []

@@ -161,6 +161,9 @@ def _imports(global_names: dict[str, Any]) -> list[str]:
             module, qual = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
             if not module or not qual or "<" in qual:
                 raise SaveError(f"cannot write model.py: the forward calls {obj!r}, which has no importable name; fix: use a named function")
+            if module == "__main__":  # model.py is imported by another program, whose __main__ is not this script
+                raise SaveError(f"cannot write model.py: the forward uses {qual}, defined in the script being run, which model.py "
+                                "cannot import; fix: define it at the top level of an importable module")
             dotted(module, "the forward calls from module")
             dotted(qual, f"the forward calls from {module}")
             lines.append(f"from {module} import {qual.split('.')[0]} as {name}" if "." not in qual else f"import {module}\n{name} = {module}.{qual}")
