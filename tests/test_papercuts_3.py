@@ -30,6 +30,29 @@ class TwoInputs(nn.Module):
         return Scores(self.fc(h), h)
 
 
+class TwoInputsDict(TwoInputs):
+    def forward(self, x, scale=None, y=None):
+        h = torch.relu(self.body(x + y))
+        return {"logits": self.fc(h), "features": (h, h * 2)}
+
+
+def test_a_call_form_model_loads_from_graph_json(tmp_path):
+    torch.manual_seed(0)
+    model = TwoInputsDict().eval()
+    x, y = torch.randn(2, 4), torch.randn(2, 4)
+    result = fxs.apply(model, [Replace("fc", fxs.new(nn.Linear, out_features=5))], example_inputs=(x,), example_kwargs={"y": y})
+    result.save(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "graph.json").read_text())["call"]["fixed"] == [[1, None]]  # scale=None
+    loaded = fxs.load(tmp_path / "out")  # no model.py imported
+    want, got = result.module(x, y=y), loaded(x, None, y)
+    assert list(got) == ["logits", "features"] and torch.equal(got["logits"], want["logits"])
+    assert torch.equal(got["features"][1], want["features"][1]) and torch.equal(got["features"][0], torch.relu(model.body(x + y)))
+    with pytest.raises(RuntimeError) as err:  # a call the capture does not cover: refused as the result refuses it
+        loaded(x, 2.0, y=y)
+    assert str(err.value) == ("the model was captured with scale=None and this call gives scale=2.0; fix: capture with "
+                              "example_kwargs={'scale': 2.0}")
+
+
 def _two_inputs():
     torch.manual_seed(0)
     model = TwoInputs().eval()
@@ -50,8 +73,8 @@ def test_a_call_form_model_returning_a_namedtuple_saves_and_loads(tmp_path):
     assert torch.equal(got.logits, want.logits) and torch.equal(got.features, want.features)
     with pytest.raises(SaveError) as err:  # graph.json cannot hold the call form: the message says so and how to load
         fxs.load(tmp_path / "out")
-    assert str(err.value) == (f"{tmp_path / 'out'}: graph.json cannot describe this model (it is called through a call adapter that "
-                              "model.py implements), so loading it means importing model.py; fix: read model.py and load with "
+    assert str(err.value) == (f"{tmp_path / 'out'}: graph.json cannot describe this model (its call or output holds a NamedTuple, "
+                              "which model.py imports), so loading it means importing model.py; fix: read model.py and load with "
                               "trust_code=True (--trust-code) if you trust it")
 
 

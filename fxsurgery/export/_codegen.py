@@ -170,6 +170,17 @@ def _imports(global_names: dict[str, Any]) -> list[str]:
     return sorted(set(lines))
 
 
+def renamed_graph(gm: fx.GraphModule, renames: dict[str, str]) -> fx.Graph:
+    """A copy of `gm`'s graph calling its modules and attributes by their renamed paths."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}), type_expr=out.type)
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            node.target = renames[node.target]
+    return graph
+
+
 def generate(gm: fx.GraphModule, *, class_name: str, frozen: list[str], ties: dict[str, str],
              non_persistent: list[str], modes: dict[str, bool], stay_eval=(), entries: list | None = None) -> tuple[str, dict[str, str]]:
     """model.py source for `gm`, and the renames applied to unsafe paths.
@@ -180,12 +191,7 @@ def generate(gm: fx.GraphModule, *, class_name: str, frozen: list[str], ties: di
     for node in gm.graph.nodes:
         if node.op == "call_method":
             method_name(node.name, node.target)
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}), type_expr=out.type)
-    for node in graph.nodes:
-        if node.op in ("call_module", "get_attr"):
-            node.target = renames[node.target]
+    graph = renamed_graph(gm, renames)
     code = graph.python_code(root_module="self", verbose=False)
     body = []
     done, packages = set(), set()

@@ -7,14 +7,16 @@ that declares huge layers fails before it allocates anything.
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 
-from ..capture import ModeGraphModule, assign
+from ..capture import CallSpec, ModeGraphModule, assign, install_adapter
 from ..errors import SaveError
 from ._graphdata import GRAPH, VERSION
 from ._graphload import FIX, OPS, Bad, build_module, decode, entry_error, function, method, path
@@ -163,7 +165,47 @@ def rebuild(directory: Path, allow: tuple[str, ...], device: str | torch.device)
                 raise entry_error(directory, f"ties {alias!r}", exc) from None
     gm = _module(directory, doc, root)
     non_persistent = {f"{p}.{n}" if p else n for p, m in root.named_modules() for n in m._non_persistent_buffers_set}
-    return _with_weights(directory, gm, doc, ties, frozen, evals, non_persistent, device)
+    if "call" in doc:  # before the weights: a malformed call form fails before anything is allocated
+        try:
+            spec = _call_form(doc["call"])
+        except Bad as exc:
+            raise entry_error(directory, "call", exc) from None
+    gm = _with_weights(directory, gm, doc, ties, frozen, evals, non_persistent, device)
+    if "call" in doc:
+        install_adapter(gm, spec, "")
+    return gm
+
+
+_KINDS = {k.name: k for k in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                               inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.VAR_KEYWORD)}
+
+
+def _call_form(data: Any) -> CallSpec:
+    """The call form graph.json's `call` describes: the forward's signature, the trees of its call and output."""
+    if not isinstance(data, dict) or set(data) != {"parameters", "call", "fixed", "order", "output"}:
+        raise Bad("is not {parameters, call, fixed, order, output}")
+    params = []
+    for p in data["parameters"] if isinstance(data["parameters"], list) else [None]:
+        if not (isinstance(p, dict) and set(p) - {"default"} == {"name", "kind"} and isinstance(p["name"], str)
+                and p["name"].isidentifier() and p["kind"] in _KINDS):
+            raise Bad("parameters are not a list of {name, kind, default}")
+        default = decode(p["default"], {}) if "default" in p else inspect.Parameter.empty
+        params.append(inspect.Parameter(p["name"], _KINDS[p["kind"]], default=default))
+    try:  # torch's own format: type names resolve only among the types registered with pytree, nothing is imported
+        signature, in_spec, out_spec = inspect.Signature(params), pytree.treespec_loads(data["call"]), pytree.treespec_loads(data["output"])
+    except Exception as exc:
+        raise Bad(f"does not hold a signature and tree structures torch reads ({type(exc).__name__}: {exc})") from None
+    fixed, order, n = data["fixed"], data["order"], in_spec.num_leaves
+    if not (isinstance(fixed, list) and all(isinstance(f, list) and len(f) == 2 and type(f[0]) is int and 0 <= f[0] < n for f in fixed)
+            and isinstance(order, list) and all(type(i) is int and 0 <= i < n for i in order)):
+        raise Bad("fixed or order are not positions in the call")
+    constants = [None] * n
+    for i, value in fixed:
+        constants[i] = decode(value, {})
+    tensors = sorted(set(range(n)) - {i for i, _ in fixed})
+    if sorted(order) != tensors:
+        raise Bad("order does not take each tensor of the call once")
+    return CallSpec(in_spec, constants, tensors, order, None, [], out_spec=out_spec, signature=signature)
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
