@@ -267,3 +267,20 @@ def test_an_output_type_of_the_running_script_is_refused_in_one_line(tmp_path):
     assert str(err.value) == ("cannot write model.py: the forward uses Scripted, defined in the script being run, which model.py "
                               "cannot import; fix: define it at the top level of an importable module")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_call_form_output_torch_cannot_name_yet_says_what_to_import(tmp_path):
+    """A transformers output type is known to torch by name once transformers is imported; graph.json never imports it."""
+    from fxsurgery.export._record import digest
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 4), torch.randn(2, 4)
+    fxs.apply(TwoInputsDict().eval(), [], example_inputs=(x,), example_kwargs={"y": y}).save(tmp_path / "o")
+    graph = json.loads((tmp_path / "o" / "graph.json").read_text())
+    graph["call"]["output"] = graph["call"]["output"].replace("builtins.dict", "transformers.modeling_outputs.Unloaded", 1)
+    (tmp_path / "o" / "graph.json").write_text(json.dumps(graph))  # as a process that has not imported transformers reads it
+    record = json.loads((tmp_path / "o" / "surgery.json").read_text())
+    (tmp_path / "o" / "surgery.json").write_text(json.dumps({**record, "hash": digest(tmp_path / "o")}))
+    with pytest.raises(SaveError) as err:
+        fxs.load(tmp_path / "o")
+    assert str(err.value) == (f"{tmp_path / 'o' / 'graph.json'}: call: its call or output is a transformers.modeling_outputs.Unloaded, "
+                              "which torch reads once its library is imported; fix: import transformers before loading")

@@ -170,6 +170,12 @@ def rebuild(directory: Path, allow: tuple[str, ...], device: str | torch.device)
             spec = _call_form(doc["call"])
         except Bad as exc:
             raise entry_error(directory, "call", exc) from None
+        except NotImplementedError as exc:  # a type torch knows by name once its library registered it
+            if not str(exc).startswith("Deserializing "):
+                raise entry_error(directory, "call", Bad(f"holds a tree structure torch does not read ({exc})")) from None
+            name = str(exc).removeprefix("Deserializing ").split(" ")[0]
+            raise SaveError(f"{directory / GRAPH}: call: its call or output is a {name}, which torch reads once its library is "
+                            f"imported; fix: import {name.split('.')[0]} before loading") from None
     gm = _with_weights(directory, gm, doc, ties, frozen, evals, non_persistent, device)
     if "call" in doc:
         install_adapter(gm, spec, "")
@@ -193,6 +199,8 @@ def _call_form(data: Any) -> CallSpec:
         params.append(inspect.Parameter(p["name"], _KINDS[p["kind"]], default=default))
     try:  # torch's own format: type names resolve only among the types registered with pytree, nothing is imported
         signature, in_spec, out_spec = inspect.Signature(params), pytree.treespec_loads(data["call"]), pytree.treespec_loads(data["output"])
+    except NotImplementedError:
+        raise
     except Exception as exc:
         raise Bad(f"does not hold a signature and tree structures torch reads ({type(exc).__name__}: {exc})") from None
     fixed, order, n = data["fixed"], data["order"], in_spec.num_leaves
