@@ -269,18 +269,37 @@ def test_an_output_type_of_the_running_script_is_refused_in_one_line(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_a_call_form_output_torch_cannot_name_yet_says_what_to_import(tmp_path):
-    """A transformers output type is known to torch by name once transformers is imported; graph.json never imports it."""
+def _call_form_loaded_with(tmp_path, change) -> str:
+    """The message of fxs.load for a saved call-form model whose graph.json `call` is changed (and its hash made to fit)."""
     from fxsurgery.export._record import digest
     torch.manual_seed(0)
     x, y = torch.randn(2, 4), torch.randn(2, 4)
     fxs.apply(TwoInputsDict().eval(), [], example_inputs=(x,), example_kwargs={"y": y}).save(tmp_path / "o")
     graph = json.loads((tmp_path / "o" / "graph.json").read_text())
-    graph["call"]["output"] = graph["call"]["output"].replace("builtins.dict", "transformers.modeling_outputs.Unloaded", 1)
-    (tmp_path / "o" / "graph.json").write_text(json.dumps(graph))  # as a process that has not imported transformers reads it
+    change(graph["call"])
+    (tmp_path / "o" / "graph.json").write_text(json.dumps(graph))
     record = json.loads((tmp_path / "o" / "surgery.json").read_text())
     (tmp_path / "o" / "surgery.json").write_text(json.dumps({**record, "hash": digest(tmp_path / "o")}))
     with pytest.raises(SaveError) as err:
         fxs.load(tmp_path / "o")
-    assert str(err.value) == (f"{tmp_path / 'o' / 'graph.json'}: call: its call or output is a transformers.modeling_outputs.Unloaded, "
-                              "which torch reads once its library is imported; fix: import transformers before loading")
+    return str(err.value)
+
+
+def test_a_call_form_output_torch_cannot_name_yet_says_what_to_import(tmp_path):
+    """A transformers output type is known to torch by name once transformers is imported; graph.json never imports it."""
+    def unloaded(call):  # as a process that has not imported transformers reads a transformers output
+        call["output"] = call["output"].replace("builtins.dict", "transformers.modeling_outputs.Unloaded", 1)
+    assert _call_form_loaded_with(tmp_path, unloaded) == (
+        f"{tmp_path / 'o' / 'graph.json'}: call: its call or output is a transformers.modeling_outputs.Unloaded, "
+        "which torch reads once its library is imported; fix: import transformers before loading")
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda call: call.pop("order"), "is not {parameters, call, fixed, order, output}"),
+    (lambda call: call["parameters"][0].update(kind=["x"]), "parameters are not a list of {name, kind, default}"),
+    (lambda call: call.update(order=[0]), "order does not take each tensor of the call once"),
+    (lambda call: call.update(fixed=[[99, None]]), "fixed or order are not positions in the call"),
+])
+def test_a_malformed_call_form_names_the_entry(tmp_path, change, problem):
+    from fxsurgery.export._graphload import FIX
+    assert _call_form_loaded_with(tmp_path, change) == f"{tmp_path / 'o' / 'graph.json'}: call: {problem}; {FIX}"

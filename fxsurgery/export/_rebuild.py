@@ -192,7 +192,7 @@ def _call_form(data: Any) -> CallSpec:
         raise Bad("is not {parameters, call, fixed, order, output}")
     params = []
     for p in data["parameters"] if isinstance(data["parameters"], list) else [None]:
-        if not (isinstance(p, dict) and set(p) - {"default"} == {"name", "kind"} and isinstance(p["name"], str)
+        if not (isinstance(p, dict) and set(p) - {"default"} == {"name", "kind"} and isinstance(p["name"], str) and isinstance(p["kind"], str)
                 and p["name"].isidentifier() and p["kind"] in _KINDS):
             raise Bad("parameters are not a list of {name, kind, default}")
         default = decode(p["default"], {}) if "default" in p else inspect.Parameter.empty
