@@ -28,6 +28,24 @@ def _shorten_words(text: str, room: int) -> str:
     return " ".join(words)
 
 
+def _clauses(text: str, keep: int) -> str:
+    """`text` cut to `keep` characters by leaving out whole clauses (": "-separated) from its middle.
+
+    A problem reads from what was tried to why it failed: as many of its last clauses
+    (why, what to do about it) as fit stay whole, after its first (what) where that is
+    short. Where whole clauses would keep much less than a cut in the middle, the middle is cut.
+    """
+    if len(text) <= keep:
+        return text
+    parts = text.split(": ")
+    head = parts[:1] if len(parts[0]) <= keep // 3 else []
+    for start in range(len(head) + 1, len(parts)):
+        cut = ": ".join([*head, "...", *parts[start:]])
+        if len(cut) <= keep:
+            return cut if len(cut) >= keep * 2 // 3 else _middle(text, keep)
+    return _middle(text, keep)
+
+
 def bounded(message: str, limit: int = LIMIT) -> str:
     """One line of at most `limit` characters: "where: problem; fix: ..." with the fix kept whole.
 
@@ -43,7 +61,7 @@ def bounded(message: str, limit: int = LIMIT) -> str:
     room = limit - len(sep) - len(fix)
     where, colon, problem = body.partition(": ")
     if colon and len(where) + 2 < room - 40:  # keep the where whole while the problem keeps 40 characters
-        problem = _middle(_shorten_words(problem, room - len(where) - 2), room - len(where) - 2)
+        problem = _clauses(_shorten_words(problem, room - len(where) - 2), room - len(where) - 2)
         return where + colon + problem + sep + fix
     return _middle(_shorten_words(body, room), room) + sep + fix
 

@@ -149,6 +149,8 @@ def mismatch(signature, call, fixed: dict, args: tuple, kwargs: dict, where: str
             return "nothing"
         if isinstance(value, torch.Tensor):
             return "a tensor"
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
+            return f"a {type(value).__name__} of {len(value)} tensor{'s' if len(value) > 1 else ''}"  # lengths differ
         if any(isinstance(v, torch.Tensor) for v in pytree.tree_leaves(value)):
             return f"a {type(value).__name__} holding tensors"
         return repr(value)

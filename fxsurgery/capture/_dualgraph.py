@@ -80,6 +80,13 @@ def current(gm: nn.Module) -> nn.Module:
     return one
 
 
+def other_graph(gm: nn.Module) -> tuple[fx.Graph, bool] | None:
+    """The graph a two-mode module runs in its other mode and that mode (True: train); None for a module of one graph."""
+    if not isinstance(gm, ModeGraphModule):
+        return None
+    return gm.__dict__[_OTHER], gm.__dict__[_OTHER_MODE]
+
+
 def _shape(plan) -> list:
     return [(m.count, tuple(s.path for s in m.sites), tuple(m.modules)) for m in plan.matches]
 

@@ -18,15 +18,14 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.fx.graph import _custom_builtins
-from torch.utils import _pytree as pytree
 
 from .._util import get_path
-from ..capture import adapter_call, mismatch
+from ..capture import adapter_call
 from ..errors import SaveError
-from ._names import check_structure, docstring_text, dotted, method_name, without_wraps
+from ._callform import adapter_source
+from ._names import check_structure, docstring_text, dotted, literal, method_name, render, without_wraps
 
 _SAFE_SEGMENT = re.compile(r"[A-Za-z0-9_]+")
-_PLAIN = (bool, int, float, str, type(None))
 
 
 def public_name(obj: Any) -> str:
@@ -40,14 +39,6 @@ def public_name(obj: Any) -> str:
     return f"{module}.{name}"
 
 
-def _literal(value: Any) -> bool:
-    if isinstance(value, _PLAIN):
-        return not (isinstance(value, float) and value != value)
-    if isinstance(value, (tuple, list)):
-        return all(_literal(v) for v in value)
-    return isinstance(value, torch.dtype)
-
-
 def constructor(module: nn.Module, path: str) -> str:
     """Source that rebuilds `module` (without its tensor values), verified by rebuilding."""
     return _render_spec(constructor_spec(module, path), path)
@@ -56,7 +47,7 @@ def constructor(module: nn.Module, path: str) -> str:
 def _render_spec(spec: dict, path: str) -> str:
     if "items" in spec:
         return f"torch.nn.Sequential({', '.join(_render_spec(s, f'{path}.{i}') for i, s in enumerate(spec['items']))})"
-    args = ", ".join(f"{dotted(k, f'module {path!r} argument')}={_render(v)}" for k, v in spec["kwargs"].items())
+    args = ", ".join(f"{dotted(k, f'module {path!r} argument')}={render(v)}" for k, v in spec["kwargs"].items())
     return f"{dotted(spec['class'], f'the class of module {path!r}')}({args})"
 
 
@@ -84,7 +75,7 @@ def constructor_spec(module: nn.Module, path: str) -> dict:
         else:
             raise SaveError(f"cannot write model.py: module '{path}' ({public_name(cls)}) does not keep its constructor argument '{p.name}'; fix: make "
                             f"it a torch.nn module or save with a format that does not rebuild it")
-        if not _literal(value):
+        if not literal(value):
             raise SaveError(f"cannot write model.py: module '{path}' ({public_name(cls)}) argument '{p.name}' is a {type(value).__name__}, not a "
                             f"literal; fix: use a module whose arguments are plain values")
         if p.default is p.empty or value != p.default:
@@ -115,14 +106,6 @@ def _dtype_suffix(module: nn.Module, path: str) -> str:
     """`.to(dtype)` where a module's floating tensors are not in the default dtype."""
     dtype = module_dtype(module, path)
     return "" if dtype is None else f".to({dtype})"
-
-
-def _render(value: Any) -> str:
-    if isinstance(value, torch.dtype):
-        return str(value)
-    if isinstance(value, float) and value in (float("inf"), float("-inf")):
-        return f"float({str(value)!r})"
-    return repr(value)
 
 
 def _layout(module: nn.Module) -> list:
@@ -178,10 +161,24 @@ def _imports(global_names: dict[str, Any]) -> list[str]:
             module, qual = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
             if not module or not qual or "<" in qual:
                 raise SaveError(f"cannot write model.py: the forward calls {obj!r}, which has no importable name; fix: use a named function")
+            if module == "__main__":  # model.py is imported by another program, whose __main__ is not this script
+                raise SaveError(f"cannot write model.py: the forward uses {qual}, defined in the script being run, which model.py "
+                                "cannot import; fix: define it at the top level of an importable module")
             dotted(module, "the forward calls from module")
             dotted(qual, f"the forward calls from {module}")
             lines.append(f"from {module} import {qual.split('.')[0]} as {name}" if "." not in qual else f"import {module}\n{name} = {module}.{qual}")
     return sorted(set(lines))
+
+
+def renamed_graph(gm: fx.GraphModule, renames: dict[str, str]) -> fx.Graph:
+    """A copy of `gm`'s graph calling its modules and attributes by their renamed paths."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}), type_expr=out.type)
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            node.target = renames[node.target]
+    return graph
 
 
 def generate(gm: fx.GraphModule, *, class_name: str, frozen: list[str], ties: dict[str, str],
@@ -194,12 +191,7 @@ def generate(gm: fx.GraphModule, *, class_name: str, frozen: list[str], ties: di
     for node in gm.graph.nodes:
         if node.op == "call_method":
             method_name(node.name, node.target)
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}), type_expr=out.type)
-    for node in graph.nodes:
-        if node.op in ("call_module", "get_attr"):
-            node.target = renames[node.target]
+    graph = renamed_graph(gm, renames)
     code = graph.python_code(root_module="self", verbose=False)
     body = []
     done, packages = set(), set()
@@ -234,7 +226,7 @@ def generate(gm: fx.GraphModule, *, class_name: str, frozen: list[str], ties: di
     used = {name: obj for name, obj in code.globals.items() if re.search(rf"\b{re.escape(name)}\b", code.src)}
     imports = _imports(used) + [f"import {p}" for p in packages if p not in ("torch", "torch.nn")]
     if call is not None:
-        prelude, method, modules = _adapter(call, class_name)
+        prelude, method, modules = adapter_source(call, class_name)
         imports += ["import inspect", "from torch.utils import _pytree as pytree"] + [f"import {m}" for m in modules]
         forward = method + "\n\n" + forward
     src = _TEMPLATE.format(
@@ -259,52 +251,6 @@ def generate(gm: fx.GraphModule, *, class_name: str, frozen: list[str], ties: di
         src = src.replace("\n\ndef _put(", "\n\n" + prelude + "\n\ndef _put(", 1)
     check_structure(src)
     return src, renames
-
-
-def _literal_source(value: Any, what: str) -> str:
-    if not _literal(value):
-        raise SaveError(f"cannot write model.py: {what} is a {type(value).__name__}, not a literal; fix: save the model traced with a plain call")
-    return _render(value)
-
-
-def _spec_modules(spec) -> set[str]:
-    """Modules whose classes a tree spec names (ModelOutput types must be imported to load it)."""
-    found, stack = set(), [spec]
-    while stack:
-        node = stack.pop()
-        if node.type is not None and node.type.__module__ not in ("builtins", "collections"):
-            found.add(node.type.__module__)
-        stack.extend(node.children() if callable(getattr(type(node), "children", None)) else node.children_specs)  # the latter warns
-    return found
-
-
-def _adapter(call, class_name: str) -> tuple[str, str, list[str]]:
-    """Module constants and a forward that calls the graph as the original module was called."""
-    params = []
-    for p in call.signature.parameters.values():
-        default = "" if p.default is p.empty else f", default={_literal_source(p.default, f'the default of {p.name}')}"
-        params.append(f"    inspect.Parameter({p.name!r}, inspect.Parameter.{p.kind.name}{default}),")
-    fixed = {i: v for i, v in enumerate(call.constants) if i not in call.tensors}
-    fixed_src = "{" + ", ".join(f"{i}: {_literal_source(v, 'a fixed argument')}" for i, v in fixed.items()) + "}"
-    prelude = (
-        "# How the model is called: the graph takes the call's tensors, flattened, and the\n"
-        "# other arguments are fixed to the example's (a call with other values is refused).\n"
-        "SIGNATURE = inspect.Signature([\n" + "\n".join(params) + "\n])\n"
-        f"CALL = pytree.treespec_loads({pytree.treespec_dumps(call.in_spec)!r})\n"
-        f"FIXED = {fixed_src}\n"
-        f"ORDER = {list(call.order)!r}\n"
-        f"OUTPUT = pytree.treespec_loads({pytree.treespec_dumps(call.out_spec)!r})\n\n\n"
-        "def _same(a, b):\n    return a is b or (type(a) is type(b) and a == b)\n\n\n" + inspect.getsource(mismatch).strip("\n"))
-    method = (
-        "    @lambda f: setattr(f, '__signature__', inspect.Signature([inspect.Parameter('self', 1), *SIGNATURE.parameters.values()])) or f\n"
-        "    def forward(self, *args, **kwargs):\n"
-        f'        """Called as {docstring_text(class_name)} was called: its parameters, by position or keyword, with their defaults."""\n'
-        "        bound = SIGNATURE.bind(*args, **kwargs)\n        bound.apply_defaults()\n"
-        "        leaves, spec = pytree.tree_flatten((tuple(bound.args), dict(bound.kwargs)))\n"
-        "        if spec != CALL or any(not _same(leaves[i], v) for i, v in FIXED.items()) or any(not torch.is_tensor(leaves[i]) for i in ORDER):\n"
-        "            raise RuntimeError(mismatch(SIGNATURE, CALL, FIXED, args, kwargs, \"\"))\n"
-        "        return pytree.tree_unflatten(list(self._graph(*[leaves[i] for i in ORDER])), OUTPUT)")
-    return prelude, method, sorted(_spec_modules(call.in_spec) | _spec_modules(call.out_spec))
 
 
 def _tuple(items: list[str]) -> str:

@@ -104,7 +104,7 @@ def _write(fmt: str, gm: fx.GraphModule, path: Path, inputs: tuple, dynamic=None
         torch.export.save(program, str(path))
         return torch.export.load(str(path)).module()
     if fmt == "torchscript":
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _numbers_annotated(gm, inputs):
             warnings.simplefilter("ignore")  # torch.jit announces its own deprecation
             torch.jit.save(torch.jit.script(gm), str(path))
             return torch.jit.load(str(path))
@@ -127,6 +127,30 @@ def _write(fmt: str, gm: fx.GraphModule, path: Path, inputs: tuple, dynamic=None
         feed = {n: a.detach().cpu().numpy() for n, a in zip(names, _tensors(args))}
         return [torch.from_numpy(o) for o in session.run(None, feed)]
     return run
+
+
+@contextlib.contextmanager
+def _numbers_annotated(gm: fx.GraphModule, inputs: tuple):
+    """The graph's number parameters annotated with their type while TorchScript compiles it, then as before.
+
+    TorchScript takes an unannotated parameter for a Tensor and refuses `k=2` as its default; the
+    type is the default's, or the example value's where there is no default.
+    """
+    typed = []
+    for i, node in enumerate(gm.graph.find_nodes(op="placeholder")):
+        value = node.args[0] if node.args else inputs[i] if i < len(inputs) else None
+        if node.type is None and type(value) in (bool, int, float, str):
+            node.type = type(value)
+            typed.append(node)
+    if typed:
+        gm.recompile()
+    try:
+        yield
+    finally:
+        for node in typed:
+            node.type = None
+        if typed:
+            gm.recompile()
 
 
 def export_as(fmt: str, gm: fx.GraphModule, work: Path, example_inputs: tuple | None, static: list | None = None) -> dict:

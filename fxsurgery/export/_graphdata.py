@@ -7,6 +7,11 @@ ties, frozen parameters, training modes, and every node of the graph: op,
 name, target (a function as its dotted name) and arguments as JSON, where
 `{"node": name}` refers to an earlier node and other objects are tagged
 values (`{"tuple": [...]}`, `{"dtype": "float32"}`, `{"float": "inf"}` ...).
+A model that runs other code in train and eval mode has a second node list,
+`other`, with the mode it runs in (`training`); both call the same attributes.
+A graph taking its call's tensors flattened (captured in call form) has `call`:
+the forward's parameters, the call's and the output's tree structures (as torch
+serialises them) and the arguments fixed at capture.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import torch
 from torch import fx, nn
 from torch.fx.immutable_collections import immutable_dict
 from torch.fx.node import _get_qualified_name
+from torch.utils import _pytree as pytree
 
+from ..capture import other_graph
 from ._codegen import constructor_spec, module_dtype
 
 GRAPH = "graph.json"
@@ -94,16 +101,41 @@ def _node(node: fx.Node) -> dict:
             "type": "torch.Tensor" if node.type is torch.Tensor else None}  # the one annotation model.py's forward shows
 
 
+def _tree(spec) -> str:
+    try:
+        return pytree.treespec_dumps(spec)
+    except NotImplementedError:  # a user's NamedTuple: only its module can name it, and only model.py imports
+        raise Unsupported("its call or output holds a NamedTuple, which model.py imports") from None
+
+
+def _call_form(call) -> dict:
+    """The call form an adapter restores (capture/_call_shim.py), as data."""
+    if call.signature is None:
+        raise Unsupported("its call form has no signature")
+    parameters = [{"name": p.name, "kind": p.kind.name, **({} if p.default is p.empty else {"default": encode(p.default)})}
+                  for p in call.signature.parameters.values()]
+    fixed = [[i, encode(v)] for i, v in enumerate(call.constants) if i not in call.tensors]
+    return {"parameters": parameters, "call": _tree(call.in_spec), "fixed": fixed, "order": list(call.order),
+            "output": _tree(call.out_spec)}
+
+
 def describe(gm: fx.GraphModule, entries: list, *, class_name: str, frozen: list[str], ties: dict[str, str],
-             non_persistent: list[str], modes: dict[str, bool]) -> dict:
-    """graph.json's content for `gm` (as model.py's `Model` is traced), from codegen's entries."""
+             non_persistent: list[str], modes: dict[str, bool], graph: fx.Graph | None = None, call=None) -> dict:
+    """graph.json's content for `gm` (as model.py's `Model` is traced, or `graph`: its own with codegen's
+    renames, and the `call` form its adapter restores), from codegen's entries."""
     del non_persistent  # carried by each buffer entry
+    other = other_graph(gm)
+    unique: dict = {}
+    for entry in entries:  # both modes' graphs list the attributes they share
+        unique.setdefault(entry[0], entry)
     try:
         return {"fxsurgery_graph": VERSION, "class": class_name,
-                "attributes": [_attribute(*entry) for entry in entries],
+                "attributes": [_attribute(*entry) for entry in unique.values()],
                 "ties": dict(ties), "frozen": list(frozen),
                 "eval": sorted(p for p, training in modes.items() if not training),
                 "modes": len(modes),
-                "nodes": [_node(n) for n in gm.graph.nodes]}
+                "nodes": [_node(n) for n in (graph or gm.graph).nodes],
+                **({"call": _call_form(call)} if call is not None else {}),
+                **({"other": {"training": other[1], "nodes": [_node(n) for n in other[0].nodes]}} if other else {})}
     except Unsupported as exc:
         return {"fxsurgery_graph": VERSION, "class": class_name, "unsupported": str(exc)}

@@ -12,12 +12,16 @@ from __future__ import annotations
 import ast
 import keyword
 import re
+from typing import Any
+
+import torch
 
 from ..errors import SaveError
 
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _HELPERS = {"_put", "_same", "mismatch"}
 _METHODS = {"__init__", "load", "forward", "_graph", "train", "_forward_train", "_forward_eval"}  # train: STAY_EVAL
+PLAIN = (bool, int, float, str, type(None))
 _FORBIDDEN = {"exec", "eval", "compile", "__import__", "breakpoint", "globals", "locals", "vars", "system", "popen"}
 
 
@@ -86,3 +90,19 @@ def without_wraps(source: str) -> str:
     """torch.fx's code for a graph calling a wrapped function (`math.sqrt` of a size) registers it with
     `torch.fx._symbolic_trace.wrap("math_sqrt")` for re-tracing; model.py only imports it."""
     return "\n".join(line for line in source.splitlines() if not line.startswith("torch.fx._symbolic_trace.wrap("))
+
+
+def literal(value: Any) -> bool:
+    if isinstance(value, PLAIN):
+        return not (isinstance(value, float) and value != value)
+    if isinstance(value, (tuple, list)):
+        return all(literal(v) for v in value)
+    return isinstance(value, torch.dtype)
+
+
+def render(value: Any) -> str:
+    if isinstance(value, torch.dtype):
+        return str(value)
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        return f"float({str(value)!r})"
+    return repr(value)

@@ -7,14 +7,16 @@ that declares huge layers fails before it allocates anything.
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 
-from ..capture import assign
+from ..capture import CallSpec, ModeGraphModule, assign, install_adapter
 from ..errors import SaveError
 from ._graphdata import GRAPH, VERSION
 from ._graphload import FIX, OPS, Bad, build_module, decode, entry_error, function, method, path
@@ -85,22 +87,40 @@ def _node(graph: fx.Graph, root: nn.Module, entry: Any, env: dict[str, fx.Node])
     return graph.create_node(op, target, args, kwargs, name=name, type_expr=torch.Tensor if entry["type"] else None)
 
 
-def _graph(directory: Path, doc: dict, root: nn.Module) -> fx.Graph:
+def _graph(directory: Path, doc: dict, root: nn.Module, key: str = "nodes") -> fx.Graph:
     graph, env = fx.Graph(), {}
     nodes = doc.get("nodes")
     if not isinstance(nodes, list) or not nodes:
-        raise entry_error(directory, "nodes", Bad("is not a list of nodes"))
+        raise entry_error(directory, key, Bad("is not a list of nodes"))
     for i, entry in enumerate(nodes):
         try:
             node = _node(graph, root, entry, env)
         except Bad as exc:
-            raise entry_error(directory, f"nodes[{i}] {entry.get('name') if isinstance(entry, dict) else None!r}", exc) from None
+            raise entry_error(directory, f"{key}[{i}] {entry.get('name') if isinstance(entry, dict) else None!r}", exc) from None
         if node.name != entry["name"]:
-            raise entry_error(directory, f"nodes[{i}] {entry['name']!r}", Bad(f"name is taken (torch.fx named it {node.name!r})"))
+            raise entry_error(directory, f"{key}[{i}] {entry['name']!r}", Bad(f"name is taken (torch.fx named it {node.name!r})"))
         env[node.name] = node
     if [n.op for n in graph.nodes].count("output") != 1 or nodes[-1]["op"] != "output":
-        raise entry_error(directory, "nodes", Bad("do not end in exactly one output"))
+        raise entry_error(directory, key, Bad("do not end in exactly one output"))
     return graph
+
+
+def _module(directory: Path, doc: dict, root: nn.Module) -> fx.GraphModule:
+    """The GraphModule of graph.json's nodes, with its `other` nodes run in their mode where the
+    model's code differs by mode (capture/_dualgraph.py)."""
+    graph = _graph(directory, doc, root)
+    other = doc.get("other")
+    if other is not None and not (isinstance(other, dict) and set(other) == {"training", "nodes"} and isinstance(other["training"], bool)):
+        raise entry_error(directory, "other", Bad("is not {training: true or false, nodes}"))
+    second = _graph(directory, other, root, "other.nodes") if other is not None else None
+    try:
+        graph.lint()
+        if second is None:
+            return fx.GraphModule(root, graph, class_name="Model")
+        second.lint()
+        return ModeGraphModule(root, graph, "Model", other=second, other_mode=other["training"])
+    except Exception as exc:
+        raise entry_error(directory, "nodes", exc) from None
 
 
 def _strings(doc: dict, key: str, kind: type) -> Any:
@@ -143,14 +163,57 @@ def rebuild(directory: Path, allow: tuple[str, ...], device: str | torch.device)
                 assign(root, alias, root.get_parameter(owner))
             except (AttributeError, KeyError, TypeError) as exc:
                 raise entry_error(directory, f"ties {alias!r}", exc) from None
-    graph = _graph(directory, doc, root)
-    try:
-        graph.lint()
-        gm = fx.GraphModule(root, graph, class_name="Model")
-    except Exception as exc:
-        raise entry_error(directory, "nodes", exc) from None
+    gm = _module(directory, doc, root)
     non_persistent = {f"{p}.{n}" if p else n for p, m in root.named_modules() for n in m._non_persistent_buffers_set}
-    return _with_weights(directory, gm, doc, ties, frozen, evals, non_persistent, device)
+    if "call" in doc:  # before the weights: a malformed call form fails before anything is allocated
+        try:
+            spec = _call_form(doc["call"])
+        except Bad as exc:
+            raise entry_error(directory, "call", exc) from None
+        except NotImplementedError as exc:  # a type torch knows by name once its library registered it
+            if not str(exc).startswith("Deserializing "):
+                raise entry_error(directory, "call", Bad(f"holds a tree structure torch does not read ({exc})")) from None
+            name = str(exc).removeprefix("Deserializing ").split(" ")[0]
+            raise SaveError(f"{directory / GRAPH}: call: its call or output is a {name}, which torch reads once its library is "
+                            f"imported; fix: import {name.split('.')[0]} before loading") from None
+    gm = _with_weights(directory, gm, doc, ties, frozen, evals, non_persistent, device)
+    if "call" in doc:
+        install_adapter(gm, spec, "")
+    return gm
+
+
+_KINDS = {k.name: k for k in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                               inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.VAR_KEYWORD)}
+
+
+def _call_form(data: Any) -> CallSpec:
+    """The call form graph.json's `call` describes: the forward's signature, the trees of its call and output."""
+    if not isinstance(data, dict) or set(data) != {"parameters", "call", "fixed", "order", "output"}:
+        raise Bad("is not {parameters, call, fixed, order, output}")
+    params = []
+    for p in data["parameters"] if isinstance(data["parameters"], list) else [None]:
+        if not (isinstance(p, dict) and set(p) - {"default"} == {"name", "kind"} and isinstance(p["name"], str) and isinstance(p["kind"], str)
+                and p["name"].isidentifier() and p["kind"] in _KINDS):
+            raise Bad("parameters are not a list of {name, kind, default}")
+        default = decode(p["default"], {}) if "default" in p else inspect.Parameter.empty
+        params.append(inspect.Parameter(p["name"], _KINDS[p["kind"]], default=default))
+    try:  # torch's own format: type names resolve only among the types registered with pytree, nothing is imported
+        signature, in_spec, out_spec = inspect.Signature(params), pytree.treespec_loads(data["call"]), pytree.treespec_loads(data["output"])
+    except NotImplementedError:
+        raise
+    except Exception as exc:
+        raise Bad(f"does not hold a signature and tree structures torch reads ({type(exc).__name__}: {exc})") from None
+    fixed, order, n = data["fixed"], data["order"], in_spec.num_leaves
+    if not (isinstance(fixed, list) and all(isinstance(f, list) and len(f) == 2 and type(f[0]) is int and 0 <= f[0] < n for f in fixed)
+            and isinstance(order, list) and all(type(i) is int and 0 <= i < n for i in order)):
+        raise Bad("fixed or order are not positions in the call")
+    constants = [None] * n
+    for i, value in fixed:
+        constants[i] = decode(value, {})
+    tensors = sorted(set(range(n)) - {i for i, _ in fixed})
+    if sorted(order) != tensors:
+        raise Bad("order does not take each tensor of the call once")
+    return CallSpec(in_spec, constants, tensors, order, None, [], out_spec=out_spec, signature=signature)
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from ..errors import SaveError, TraceError
 from ..rewrite import stays_eval
 from ..version import __version__
 from ._atomic import MARKER, meet, replacing
-from ._codegen import generate, rename_path
+from ._codegen import generate, rename_path, renamed_graph
 from ._formats import export_as
 from ._graphdata import GRAPH, describe
 from ._names import shown
@@ -102,26 +102,32 @@ def _source(gm: fx.GraphModule, work: Path, **facts) -> tuple[str, dict[str, str
     """
     dual = isinstance(gm, ModeGraphModule)
     make = (lambda g, **f: dual_source(g, generate, **f)) if dual else generate
-    first, renames = make(gm, **facts)
-    if adapter_call(gm) is not None:  # called through an adapter: its forward is not the graph's to re-trace
-        return first, renames, {"fxsurgery_graph": 1, "class": facts["class_name"],
-                                "unsupported": "it is called through a call adapter that model.py implements"}
+    call = adapter_call(gm)
+    entries: list = []
+    first, renames = make(gm, **facts, **({"entries": entries} if call is not None else {}))
+    if call is not None:  # called through an adapter: its forward is not the graph's to re-trace; its graph is described
+        if dual:
+            return first, renames, {"fxsurgery_graph": 1, "class": facts["class_name"],
+                                    "unsupported": "it is called through a call adapter and runs a graph per mode"}
+        renamed = {k: v for k, v in _renamed(facts, renames).items() if k != "stay_eval"}
+        return first, renames, describe(gm, entries, graph=renamed_graph(gm, renames), call=call, **renamed)
     (work / "model.py").write_text(first, encoding="utf-8")
     with torch.device("meta"):
         rebuilt = import_source(work / "model.py").Model()
     again = _as_graph_module(rebuilt)
-    renamed = {**facts, "frozen": [rename_path(n, renames) for n in facts["frozen"]],
-               "stay_eval": [rename_path(p, renames) for p in facts.get("stay_eval", ())],
-               "ties": {rename_path(a, renames): rename_path(o, renames) for a, o in facts["ties"].items()},
-               "non_persistent": [rename_path(n, renames) for n in facts["non_persistent"]],
-               "modes": {rename_path(p, renames): t for p, t in facts["modes"].items()}}
-    if dual:  # a graph per train/eval mode: model.py holds both and picks by self.training
-        second, _ = make(again, **renamed)
-        return second, renames, {"fxsurgery_graph": 1, "class": facts["class_name"],
-                                 "unsupported": "it runs a different graph in train and in eval mode, which model.py implements"}
-    entries = []
-    second, _ = generate(again, **renamed, entries=entries)
+    renamed = _renamed(facts, renames)
+    # a graph per train/eval mode: model.py holds both and picks by self.training, graph.json too
+    second, _ = make(again, **renamed, entries=entries)
     return second, renames, describe(again, entries, **{k: v for k, v in renamed.items() if k != "stay_eval"})
+
+
+def _renamed(facts: dict, renames: dict[str, str]) -> dict:
+    """The facts about a module's paths, with the paths renamed as model.py renames them."""
+    return {**facts, "frozen": [rename_path(n, renames) for n in facts["frozen"]],
+            "stay_eval": [rename_path(p, renames) for p in facts.get("stay_eval", ())],
+            "ties": {rename_path(a, renames): rename_path(o, renames) for a, o in facts["ties"].items()},
+            "non_persistent": [rename_path(n, renames) for n in facts["non_persistent"]],
+            "modes": {rename_path(p, renames): t for p, t in facts["modes"].items()}}
 
 
 def save(module: nn.Module, directory: str | os.PathLike, *, force: bool = False, record: dict | None = None,
