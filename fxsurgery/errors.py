@@ -54,6 +54,8 @@ def bounded(message: str, limit: int = LIMIT) -> str:
     """
     text = str(message)
     line = " ".join(text.splitlines()) if any(c in text for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029") else text
+    if not line.isprintable():  # a name from a hostile file may carry terminal escapes: shown, never sent
+        line = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in line)
     if len(line) <= limit:
         return line
     body, sep, fix = line.partition("; fix:")

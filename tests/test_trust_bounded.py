@@ -78,6 +78,12 @@ def test_a_message_spread_over_lines_becomes_one():
     assert str(err) == "first second third; fix: do it"
 
 
+def test_control_characters_in_a_message_are_shown_escaped():
+    err = fxs.RuleError("weights: no tensor 'a\x1b[31mred\x00' in x.safetensors; fix: check the name")
+    assert str(err) == "weights: no tensor 'a\\x1b[31mred\\x00' in x.safetensors; fix: check the name"
+    assert str(err).isprintable() and fxs.RuleError("caf\u00e9: ok; fix: none").message == "caf\u00e9: ok; fix: none"
+
+
 def test_short_messages_are_left_alone():
     text = "r.yaml:3: unknown key 'foo'; fix: use one of replace, delete"
     assert fxs.RuleError(text).message == text
