@@ -53,6 +53,22 @@ def test_a_call_form_model_loads_from_graph_json(tmp_path):
                               "example_kwargs={'scale': 2.0}")
 
 
+@pytest.mark.parametrize("given", ["x, y=x", "y=x, x=x"])
+def test_one_tensor_given_twice_becomes_two_inputs(tmp_path, given):
+    # the example passes one tensor object as both x and y: later calls give two, in either keyword order
+    torch.manual_seed(0)
+    model = TwoInputsDict().eval()
+    x = torch.randn(2, 4)
+    args, kwargs = ((x,), {"y": x}) if given == "x, y=x" else ((), {"y": x, "x": x})
+    result = fxs.apply(model, [], example_inputs=args, example_kwargs=kwargs)
+    a, b = torch.randn(3, 4), torch.randn(3, 4)
+    for call in (lambda m: m(a, y=b), lambda m: m(y=b, x=a), lambda m: m(a, None, b)):
+        assert torch.equal(call(result.module)["logits"], model(a, y=b)["logits"])
+    result.save(tmp_path / "out")
+    loaded = fxs.load(tmp_path / "out")
+    assert torch.equal(loaded(y=b, x=a)["logits"], model(a, y=b)["logits"])
+
+
 def _two_inputs():
     torch.manual_seed(0)
     model = TwoInputs().eval()

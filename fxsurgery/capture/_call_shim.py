@@ -92,9 +92,24 @@ def call_spec(module: nn.Module, args: tuple, kwargs: dict) -> CallSpec:
     for leaf in leaves:
         if not isinstance(leaf, (torch.Tensor,) + _PRIMITIVE):
             raise TraceError(f"called with a {type(leaf).__name__}, which a graph cannot take as an input")
-    where = {id(v): i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)}  # binding keeps the objects
-    order = [where[id(v)] for v in call_leaves if isinstance(v, torch.Tensor)]
-    return CallSpec(spec, leaves, sorted(where.values()), order, call_in_spec, call_leaves, signature=signature)
+    # Where each tensor of the call lands once bound: each is replaced by a slot of its own and the call
+    # bound again. Matching the tensors themselves cannot tell apart one tensor given twice (m(x, y=x)),
+    # and a later call gives two.
+    slots = [_Slot(k) if isinstance(v, torch.Tensor) else v for k, v in enumerate(call_leaves)]
+    bound, _ = pytree.tree_flatten(normalise(signature, *pytree.tree_unflatten(slots, call_in_spec)))
+    landed = {leaf.k: i for i, leaf in enumerate(bound) if isinstance(leaf, _Slot)}
+    order = [landed[k] for k, v in enumerate(call_leaves) if isinstance(v, torch.Tensor)]
+    tensors = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
+    return CallSpec(spec, leaves, tensors, order, call_in_spec, call_leaves, signature=signature)
+
+
+class _Slot:
+    """A stand-in for the call's k-th leaf while the call is bound to the forward's signature."""
+
+    __slots__ = ("k",)
+
+    def __init__(self, k: int):
+        self.k = k
 
 
 def trace_call(tracer: fx.Tracer, module: nn.Module, spec: CallSpec) -> tuple[fx.Graph, dict]:
