@@ -117,3 +117,40 @@ def test_must_not_match_twin_a_qualified_name_of_nothing():
     result = fxs.apply(Toy(), [Output("child.sub", optional=True), Output("child.add")], example_inputs=(x,))
     assert result.plan.matches[0].count == 0
     assert torch.equal(result.module(x), x * 2 + x)
+
+
+class Permute(nn.Module):
+    """torchvision.ops.misc.Permute: traced through, its call is torch.fx's `permute` where it comes first."""
+
+    def __init__(self, dims):
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x):
+        return torch.permute(x, self.dims)
+
+
+class Swin(nn.Module):
+    """swin_t's layout: a Permute in the stem, then the model's own `permute` module at the end."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 1), Permute([0, 2, 3, 1]))
+        self.norm = nn.LayerNorm(4)
+        self.permute = Permute([0, 3, 1, 2])
+
+    def forward(self, x):
+        return self.permute(self.norm(self.stem(x))).flatten(1)
+
+
+def test_a_module_path_is_that_module_not_a_call_torch_fx_named_the_same():
+    torch.manual_seed(0)
+    model, x = Swin().eval(), torch.randn(2, 3, 5, 6)
+    with torch.no_grad():
+        want = model.permute(model.norm(model.stem(x)))
+        got = fxs.apply(model, [Output("permute")], example_inputs=(x,)).module(x)
+        assert torch.equal(got, want)
+        assert torch.equal(got, create_feature_extractor(model, return_nodes=["permute"])(x)["permute"])
+        replaced = fxs.apply(model, [Replace("permute", nn.Identity())], example_inputs=(x,))
+        assert [s.module for s in replaced.plan.matches[0].sites] == ["permute"]
+        assert torch.equal(replaced.module(x), model.norm(model.stem(x)).flatten(1))

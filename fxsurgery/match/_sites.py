@@ -188,8 +188,8 @@ class Locator:
                 sites += found
                 paths.append(path)
         if sel.kind in ("glob", "regex"):
-            if not sites and exact(sel):
-                return self.named(sel.value), []
+            if exact(sel):  # a path's module, not also a call torch.fx happened to name the same (swin_t's `permute`)
+                return (sites, paths) if sites else (self.named(sel.value), [])
             covered = {(s.region, name) for s in sites for name in s.nodes}
             for ix in self.indexes:
                 for n in ix.nodes.values():
@@ -207,8 +207,9 @@ class Locator:
         another's node name (a module's own `add` and its child's, which
         torch.fx named `add`).
         """
+        flat = name not in self.modules  # a torch.fx node name never shadows a module path
         hits = [(ix, n) for ix in self.indexes for n in ix.nodes.values()
-                if n.op.startswith("call") and name in (ix.called(n.name), n.name)]
+                if n.op.startswith("call") and (name == ix.called(n.name) or flat and name == n.name)]
         if len(hits) > 1:
             shown = ", ".join(f"{ix.called(n.name)} (node '{n.name}')" for ix, n in hits)
             # a node's qualified name, unless that is the ambiguous name itself: then its node name (unique)
