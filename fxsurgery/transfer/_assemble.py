@@ -82,11 +82,12 @@ def assemble(rewritten: Rewritten, share: bool = False, blank: Callable = _blank
         made = any(slot.rule is not None for slot in edited.modules.values())
         seen = {id(sub): memo[id(region.model.get_submodule(path))] for path, sub in region.gm.named_modules()
                 if _has(region.model, path) and id(region.model.get_submodule(path)) in memo} if made else {}
+        copies_of = {**memo, **seen} if made else memo  # once per region: per made module it was quadratic
         for path, slot in edited.modules.items():
             if slot.rule is None:  # the graph calls a copy of the original; use the original's blank copy
                 table[path] = memo[id(region.model.get_submodule(slot.source))]
                 continue
-            table[path] = _adopt(slot.value, {**memo, **seen})
+            table[path] = _adopt(slot.value, copies_of)
             built.made_by[id(table[path])] = slot.rule
             if slot.sources:
                 built.derived.append((join(region.path, path), table[path],
