@@ -65,7 +65,10 @@ class Net(nn.Module):
 def test_streamed_weights_refuse_a_model_with_its_own_loading_code(tmp_path, block, why):
     torch.manual_seed(0)
     model = Net(block())
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    # Renamed's hook acts on a checkpoint of the old layout; Scaled's code changes every checkpoint
+    old = {k.replace("block.proj.", "block.dense.") if isinstance(model.block, Renamed) else k: v.contiguous()
+           for k, v in model.state_dict().items()}
+    save_file(old, str(tmp_path / "w.safetensors"))
     with fxs.empty_weights():
         empty = Net(block())
     with pytest.raises(fxs.TransferError) as err:
@@ -78,6 +81,33 @@ def test_streamed_weights_refuse_a_model_with_its_own_loading_code(tmp_path, blo
     result = fxs.apply(model, [Freeze("head")], example_inputs=(torch.randn(1, 4),))
     x = torch.randn(3, 4)
     assert torch.equal(result.module(x), model(x))
+
+
+def test_loading_code_that_leaves_the_checkpoint_as_it_is_is_not_refused(tmp_path):
+    """A hook renaming old keys does nothing to a checkpoint in today's layout (torchvision's ViT MLPBlock
+    and FrozenBatchNorm2d are such): that checkpoint streams, equal to load_state_dict."""
+    from torchvision.models.vision_transformer import VisionTransformer
+    from torchvision.ops.misc import FrozenBatchNorm2d
+    for build in (lambda: Net(Renamed()),
+                  lambda: VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32),
+                  lambda: nn.Sequential(nn.Conv2d(3, 4, 3), FrozenBatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))):
+        torch.manual_seed(0)
+        model = build().eval()
+        x = torch.randn(2, 4) if isinstance(model, Net) else torch.randn(2, 3, 32, 32)
+        model(x)  # materialises the lazy layer
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"))
+        with fxs.empty_weights():
+            empty = build().eval()
+        if not isinstance(empty, (Net, VisionTransformer)):
+            empty[3] = nn.Linear(4 * 30 * 30, 2)
+        for stream in (False, True):
+            result = fxs.apply(empty, [], example_inputs=(x[:1],), weights=tmp_path / "w.safetensors", stream=stream)
+            if stream:
+                result.save(tmp_path / "o", force=True)
+                got = fxs.load(tmp_path / "o")
+            else:
+                got = result.module
+            assert torch.equal(got.eval()(x), model(x)), (type(model).__name__, stream)
 
 
 def test_torch_own_loading_code_is_not_refused(tmp_path):

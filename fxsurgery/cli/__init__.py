@@ -127,7 +127,7 @@ def _model(args):
         model = load_model(args.model, trust_pickle=args.trust_pickle, trust_code=args.trust_code,
                            allow=tuple(getattr(args, "allow_module", ())))
     if checkpoint is not None:
-        refuse_own_loading(model)  # before the names are compared: its own code may rename them
+        refuse_own_loading(model, checkpoint)  # before the names are compared: its own code may rename them
         checkpoint.check({k: (tuple(v.shape), v.dtype) for k, v in model.state_dict(keep_vars=True).items()})
     if getattr(args, "eval", False):
         model.eval()

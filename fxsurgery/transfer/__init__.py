@@ -23,6 +23,7 @@ from ._checkpoint import Checkpoint, empty_weights, read_state_dict, strip_prefi
 from ._conventions import follow_conventions
 from ._dcp import DcpCheckpoint, open_checkpoint, refuse_dtensors
 from ._freeze import follow_modes, freeze
+from ._ownload import refuse_own_loading
 from ._pairwise import transfer_modules
 from ._report import TransferReport, check_strict, entry, tensors_of
 from ._stream import Missing, Read, carry_streamed, pending_of, register
@@ -51,7 +52,7 @@ def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True,
     model = rewritten.capture.model
     checkpoint = None if weights is None else open_checkpoint(weights)
     if checkpoint is not None:
-        refuse_own_loading(model)
+        refuse_own_loading(model, checkpoint)
         checkpoint.check({k: (tuple(v.shape), v.dtype) for k, v in model.state_dict(keep_vars=True).items()})
     built = assemble(rewritten, share=not copy and checkpoint is None, **({"blank": stream_blank} if stream else {}))
     module = built.module
@@ -119,35 +120,6 @@ def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True,
     check_strict(report, strict)
     register(module, pending)
     return module, report
-
-
-def refuse_own_loading(model: nn.Module) -> None:
-    """A checkpoint read tensor by tensor bypasses the code a model runs on load_state_dict
-    (a pre-hook that renames old keys, a `_load_from_state_dict` that converts values):
-    such a model is refused. torch's own (BatchNorm's handling of old versions) is not."""
-    for path, sub in model.named_modules():
-        why = None
-        for kind, table in (("pre-hook", sub._load_state_dict_pre_hooks), ("post-hook", sub._load_state_dict_post_hooks)):
-            hooks = [getattr(h, "hook", h) for h in table.values()]
-            foreign = [h for h in hooks if not _from_torch(h)]
-            if foreign and why is None:
-                why = f"has a load_state_dict {kind} ({_name(foreign[0])})"
-        owner = next(c for c in type(sub).__mro__ if "_load_from_state_dict" in vars(c))
-        if why is None and not _from_torch(owner):
-            why = f"overrides _load_from_state_dict ({owner.__qualname__}._load_from_state_dict)"
-        if why is not None:
-            raise TransferError(f"weights=: {path or '(the model)'} ({type(sub).__name__}) {why}, which reading the checkpoint "
-                                "tensor by tensor would bypass; fix: build the model, load the checkpoint with "
-                                "model.load_state_dict, and apply without weights= (--weights)")
-
-
-def _from_torch(obj) -> bool:
-    module = getattr(obj, "__module__", None) or getattr(getattr(obj, "__func__", None), "__module__", "") or ""
-    return module == "torch" or module.startswith("torch.")
-
-
-def _name(hook) -> str:
-    return getattr(hook, "__qualname__", None) or type(hook).__qualname__
 
 
 def _derived(rewritten: Rewritten, built, kept: dict, recipes: dict) -> set[str]:

@@ -1,0 +1,84 @@
+"""A model's own loading code, which reading a checkpoint tensor by tensor bypasses.
+
+torchvision's ViT MLPBlock, FrozenBatchNorm2d and detection heads override
+`_load_from_state_dict` only to rename keys of older checkpoints; other code
+converts values (a quantised layer's packing, a transposed layout). The
+override is run on the checkpoint's names and shapes (meta tensors, nothing
+read), with torch's own loading recording what reaches it: where every
+tensor arrives untouched under its own name, reading tensor by tensor gives
+what `load_state_dict` gives, and the model is taken; else it is refused.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch import nn
+
+from ..capture import clone
+from ..errors import TransferError
+
+_PROBING = threading.Lock()  # nn.Module's own loader is swapped for a recorder while a probe runs
+
+
+def refuse_own_loading(model: nn.Module, checkpoint=None) -> None:
+    """A checkpoint read tensor by tensor bypasses the code a model runs on load_state_dict
+    (a pre-hook that renames old keys, a `_load_from_state_dict` that converts values):
+    such a model is refused, unless that code leaves this `checkpoint` as it is (see above).
+    torch's own (BatchNorm's handling of old versions) is not."""
+    untouched = None  # probed once, at the first module with code of its own
+    for path, sub in model.named_modules():
+        why, after = None, False
+        for kind, table in (("pre-hook", sub._load_state_dict_pre_hooks), ("post-hook", sub._load_state_dict_post_hooks)):
+            hooks = [getattr(h, "hook", h) for h in table.values()]
+            foreign = [h for h in hooks if not _from_torch(h)]
+            if foreign and (why is None or kind == "post-hook"):
+                why, after = f"has a load_state_dict {kind} ({_name(foreign[0])})", kind == "post-hook"
+        owner = next(c for c in type(sub).__mro__ if "_load_from_state_dict" in vars(c))
+        if why is None and not _from_torch(owner):
+            why = f"overrides _load_from_state_dict ({owner.__qualname__}._load_from_state_dict)"
+        if why is None:
+            continue
+        if checkpoint is not None and not after:  # a post-hook acts on the loaded module: no probe shows it
+            untouched = _untouched(model, checkpoint) if untouched is None else untouched
+            if untouched:
+                continue
+        raise TransferError(f"weights=: {path or '(the model)'} ({type(sub).__name__}) {why}, which reading the checkpoint "
+                                "tensor by tensor would bypass; fix: build the model, load the checkpoint with "
+                                "model.load_state_dict, and apply without weights= (--weights)")
+
+
+def _from_torch(obj) -> bool:
+    module = getattr(obj, "__module__", None) or getattr(getattr(obj, "__func__", None), "__module__", "") or ""
+    return module == "torch" or module.startswith("torch.")
+
+
+def _name(hook) -> str:
+    return getattr(hook, "__qualname__", None) or type(hook).__qualname__
+
+
+def _untouched(model: nn.Module, checkpoint) -> bool:
+    """Whether load_state_dict hands torch's own loader every tensor of `checkpoint` under its own
+    name as the very object given (probed on meta: no value is read)."""
+    probe = {name: torch.empty(checkpoint.meta[file][0], dtype=checkpoint.meta[file][1], device="meta")
+             for name, file in checkpoint.keys.items()}
+    arrived: dict[str, bool] = {}
+
+    def record(module, state_dict, prefix, *rest):
+        for name in [*module._parameters, *module._buffers]:
+            key = prefix + name
+            if key in state_dict:
+                arrived[key] = key in probe and state_dict[key] is probe[key]
+
+    shell = clone(model, lambda t: t.detach().to("meta"))
+    with _PROBING:
+        own = nn.Module._load_from_state_dict
+        nn.Module._load_from_state_dict = record
+        try:
+            shell.load_state_dict(dict(probe), strict=False)
+        except Exception:  # its own code failed on these names: not a checkpoint it leaves alone
+            return False
+        finally:
+            nn.Module._load_from_state_dict = own
+    return arrived.keys() == probe.keys() and all(arrived.values())
