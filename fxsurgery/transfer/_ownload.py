@@ -4,22 +4,18 @@ torchvision's ViT MLPBlock, FrozenBatchNorm2d and detection heads override
 `_load_from_state_dict` only to rename keys of older checkpoints; other code
 converts values (a quantised layer's packing, a transposed layout). The
 override is run on the checkpoint's names and shapes (meta tensors, nothing
-read), with torch's own loading recording what reaches it: where every
-tensor arrives untouched under its own name, reading tensor by tensor gives
-what `load_state_dict` gives, and the model is taken; else it is refused.
+read) by `load_state_dict(assign=True)` on a meta copy of the model: where
+every tensor lands, as given, under its own name, reading tensor by tensor
+gives what `load_state_dict` gives, and the model is taken; else it is refused.
 """
 
 from __future__ import annotations
-
-import threading
 
 import torch
 from torch import nn
 
 from ..capture import clone
 from ..errors import TransferError
-
-_PROBING = threading.Lock()  # nn.Module's own loader is swapped for a recorder while a probe runs
 
 
 def refuse_own_loading(model: nn.Module, checkpoint=None) -> None:
@@ -59,26 +55,21 @@ def _name(hook) -> str:
 
 
 def _untouched(model: nn.Module, checkpoint) -> bool:
-    """Whether load_state_dict hands torch's own loader every tensor of `checkpoint` under its own
-    name as the very object given (probed on meta: no value is read)."""
+    """Whether load_state_dict(assign=True) of `checkpoint` puts each tensor, as given, under its own name
+    (probed on a meta copy with meta tensors: no value is read, the model is untouched). A tensor its
+    code replaced, or a name it moved, holds another storage there."""
     probe = {name: torch.empty(checkpoint.meta[file][0], dtype=checkpoint.meta[file][1], device="meta")
              for name, file in checkpoint.keys.items()}
-    arrived: dict[str, bool] = {}
-
-    def record(module, state_dict, prefix, *rest):
-        for name in [*module._parameters, *module._buffers]:
-            key = prefix + name
-            if key in state_dict:
-                arrived[key] = key in probe and state_dict[key] is probe[key]
-
     shell = clone(model, lambda t: t.detach().to("meta"))
-    with _PROBING:
-        own = nn.Module._load_from_state_dict
-        nn.Module._load_from_state_dict = record
-        try:
-            shell.load_state_dict(dict(probe), strict=False)
-        except Exception:  # its own code failed on these names: not a checkpoint it leaves alone
-            return False
-        finally:
-            nn.Module._load_from_state_dict = own
-    return arrived.keys() == probe.keys() and all(arrived.values())
+    try:
+        missing, unexpected = shell.load_state_dict(dict(probe), strict=False, assign=True)
+    except Exception:  # its own code failed on these names: not a checkpoint it leaves alone
+        return False
+    if missing or unexpected:
+        return False
+    held = shell.state_dict(keep_vars=True)
+    return all(name in held and _same_storage(held[name], t) for name, t in probe.items())
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage()._cdata == b.untyped_storage()._cdata
