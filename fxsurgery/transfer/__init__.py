@@ -57,31 +57,33 @@ def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True,
     built = assemble(rewritten, share=not copy and checkpoint is None, **({"blank": stream_blank} if stream else {}))
     module = built.module
     kept, recipes, pending = {}, {}, {}
+    originals = list(tensors_of(model))  # walked once: each walk of a large model costs milliseconds
+    names: dict[int, list[str]] = {}
+    for name, t, _ in originals:
+        names.setdefault(id(t), []).append(name)
     if not copy and checkpoint is None:
         _consume(model)
     with torch.no_grad():
         if copy or checkpoint is not None:
-            _fill(module, built, model, checkpoint, pending if stream else None)
+            _fill(module, built, names, checkpoint, pending if stream else None)
         # the configuration follows the edit; an adapter may add a module the weights policies then fill
         notes = follow_conventions(module, rewritten, built) if rewritten.capture.kept else []
-        ties = Ties(model, module, built.copies)
+        ties = Ties(names, module, built.copies)
         for path, new, old, rule, policy in built.keeps:
             kept.update(_carry(rewritten, path, new, old, rule, policy, checkpoint, ties, recipes, stream))
         derived_from = _derived(rewritten, built, kept, recipes)
-    rule_of = _maker(module, built.made_by)
-    freeze(rewritten, module, rule_of)
-    present = dict(module.named_modules())
+    present = dict(module.named_modules(remove_duplicate=False))  # one walk, shared by the steps below
+    rule_of = _maker(present, built.made_by)
+    original_modules = dict(model.named_modules())
+    freeze(rewritten, module, rule_of, present, original_modules)
     for path in built.frozen:  # an adapter's base; gone when a later rule cut the model short
         for p in present[path].parameters() if path in present else ():
             p.requires_grad_(False)
-    follow_modes(module, model)
+    follow_modes(module, model, present, original_modules)
 
     report = TransferReport(rules={m.index: m.label for m in rewritten.plan.matches})
     if rewritten.capture.kept:
         report.notes = [f"result mode: kept class {type(module).__name__}", *notes]
-    names: dict[int, list[str]] = {}
-    for name, t, _ in tensors_of(model):
-        names.setdefault(id(t), []).append(name)
     used: set[str] = set()
     for name, t, kind in tensors_of(module):
         frozen = kind == "parameter" and not t.requires_grad
@@ -112,9 +114,10 @@ def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True,
                 report.recipes[name] = recipes[id(t)]
         else:
             report.entries.append(entry(name, t, kind, "new", rule=rule_of(name), frozen=frozen))
-    used.update(n for n, _, _ in tensors_of(model) if any(n.startswith(p + ".") for p in derived_from))
+    prefixes = tuple(p + "." for p in derived_from)
+    used.update(n for n, _, _ in originals if prefixes and n.startswith(prefixes))
     used.update(n for group in names.values() if used.intersection(group) for n in group)  # one tensor, tied: used at every path
-    for name, t, kind in tensors_of(model):
+    for name, t, kind in originals:
         if name not in used:
             report.entries.append(entry(name, t, kind, "dropped"))
     check_strict(report, strict)
@@ -161,28 +164,27 @@ def _consume(model: nn.Module) -> None:
     model.register_forward_pre_hook(_Consumed())
 
 
-def _maker(module: nn.Module, made_by: dict[int, int]):
-    """name -> the rule that made the module holding that tensor (or module), else None."""
+def _maker(modules: dict[str, nn.Module], made_by: dict[int, int]):
+    """name -> the rule that made the module holding that tensor (or module), else None;
+    `modules` lists every path of the new module (named_modules without removing duplicates)."""
+    made = {path: made_by[id(sub)] for path, sub in modules.items() if id(sub) in made_by}
+
     def rule_of(name: str) -> int | None:
         parts = name.split(".")
         for i in range(len(parts), -1, -1):
-            try:
-                holder = module.get_submodule(".".join(parts[:i]))
-            except AttributeError:
-                continue
-            if id(holder) in made_by:
-                return made_by[id(holder)]
+            rule = made.get(".".join(parts[:i]))
+            if rule is not None:
+                return rule
         return None
     return rule_of
 
 
-def _fill(module: nn.Module, built, model: nn.Module, checkpoint: Checkpoint | None, pending: dict | None) -> None:
+def _fill(module: nn.Module, built, names: dict[int, list[str]], checkpoint: Checkpoint | None,
+          pending: dict | None) -> None:
     """Copy each original tensor that reached the new module into its blank copy;
     from the checkpoint where one is given (one shard open at a time); when
-    streaming (`pending`), a tensor the checkpoint holds is only noted, read at save."""
-    names: dict[int, list[str]] = {}
-    for name, t, _ in tensors_of(model):
-        names.setdefault(id(t), []).append(name)
+    streaming (`pending`), a tensor the checkpoint holds is only noted, read at save.
+    `names`: id(original tensor) -> its names in the original."""
     wanted: dict[str, list[torch.Tensor]] = {}
     done = set()
     listed = list(tensors_of(module))

@@ -80,12 +80,13 @@ def assemble(rewritten: Rewritten, share: bool = False, blank: Callable = _blank
         # a graph calls copies of the original's modules (they share its tensors): a module a rule
         # made may hold one of those, which must become the new module's copy too
         made = any(slot.rule is not None for slot in edited.modules.values())
-        seen = {id(sub): memo[id(region.model.get_submodule(path))] for path, sub in region.gm.named_modules()
-                if _has(region.model, path) and id(region.model.get_submodule(path)) in memo} if made else {}
+        subs = _Submodules(region.model)  # one walk: get_submodule per slot was most of a transfer's time
+        seen = {id(sub): memo[id(subs[path])] for path, sub in region.gm.named_modules()
+                if path in subs and id(subs[path]) in memo} if made else {}
         copies_of = {**memo, **seen} if made else memo  # once per region: per made module it was quadratic
         for path, slot in edited.modules.items():
             if slot.rule is None:  # the graph calls a copy of the original; use the original's blank copy
-                table[path] = memo[id(region.model.get_submodule(slot.source))]
+                table[path] = memo[id(subs[slot.source])]
                 continue
             table[path] = _adopt(slot.value, copies_of)
             built.made_by[id(table[path])] = slot.rule
@@ -93,7 +94,7 @@ def assemble(rewritten: Rewritten, share: bool = False, blank: Callable = _blank
                 built.derived.append((join(region.path, path), table[path],
                                       tuple(join(region.path, s) for s in slot.sources), slot.rule))
             if slot.weights != "new":
-                built.keeps.append((join(region.path, path), slot.value, region.model.get_submodule(slot.source),
+                built.keeps.append((join(region.path, path), slot.value, subs[slot.source],
                                     slot.rule, slot.weights))
         for path, slot in edited.tensors.items():
             if id(slot.value) in memo:
@@ -132,12 +133,24 @@ def _keep_non_persistent(built: Assembly, original: nn.Module) -> None:
                 sub._non_persistent_buffers_set.add(name)
 
 
-def _has(root: nn.Module, path: str) -> bool:
-    try:
-        root.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
+class _Submodules:
+    """`root.get_submodule(path)` from one walk of the tree; a path the walk did not list
+    (a module reachable only by attribute) is still looked up the slow way."""
+
+    def __init__(self, root: nn.Module):
+        self.root = root
+        self.paths = dict(root.named_modules(remove_duplicate=False))
+
+    def __contains__(self, path: str) -> bool:
+        try:
+            self[path]
+            return True
+        except AttributeError:
+            return False
+
+    def __getitem__(self, path: str) -> nn.Module:
+        found = self.paths.get(path)
+        return found if found is not None else self.root.get_submodule(path)
 
 
 def _adopt(module: nn.Module, memo: dict) -> nn.Module:

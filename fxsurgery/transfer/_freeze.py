@@ -13,10 +13,13 @@ def _is_container(module: nn.Module) -> bool:
     return type(module) is nn.Module or isinstance(module, fx.GraphModule)
 
 
-def freeze(rewritten: Rewritten, module: nn.Module, rule_of) -> None:
-    """Each Freeze rule acts on the new module's parameters, except those a later rule made."""
-    originals = dict(rewritten.capture.model.named_modules())
-    modules = dict(module.named_modules())
+def freeze(rewritten: Rewritten, module: nn.Module, rule_of, modules: dict | None = None,
+           originals: dict | None = None) -> None:
+    """Each Freeze rule acts on the new module's parameters, except those a later rule made.
+
+    `modules`, `originals`: the new module's and the original's named_modules, where the caller has them."""
+    originals = dict(rewritten.capture.model.named_modules()) if originals is None else originals
+    modules = dict(module.named_modules()) if modules is None else modules
 
     def type_of(path):
         here = modules.get(path)
@@ -39,10 +42,14 @@ def freeze(rewritten: Rewritten, module: nn.Module, rule_of) -> None:
                         owner.training = False
 
 
-def follow_modes(module: nn.Module, model: nn.Module) -> None:
+def follow_modes(module: nn.Module, model: nn.Module, modules: dict | None = None, originals: dict | None = None) -> None:
     """Containers the assembly made take the original's train/eval mode; real modules keep theirs."""
-    originals = dict(model.named_modules())
-    for path, sub in module.named_modules():
+    originals = dict(model.named_modules()) if originals is None else originals
+    seen: set[int] = set()
+    for path, sub in (module.named_modules() if modules is None else modules.items()):
+        if id(sub) in seen:  # a module at two paths takes the mode of the first, as named_modules lists it
+            continue
+        seen.add(id(sub))
         if _is_container(sub):
             sub.training = originals[path].training if path in originals else model.training
 

@@ -19,12 +19,11 @@ from ..errors import TransferError
 class Ties:
     """Where each shared tensor of the original lives in the new module."""
 
-    def __init__(self, model: nn.Module, module: nn.Module, copies: dict):
-        self.paths: dict[int, list[str]] = {}
-        for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
-            self.paths.setdefault(id(t), []).append(name)
-        present = {id(t) for t in [*module.parameters(), *module.buffers()]}
+    def __init__(self, paths: dict[int, list[str]], module: nn.Module, copies: dict):
+        """`paths`: id(tensor of the original) -> every name it has there."""
+        self.paths = paths
         self.now = dict([*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)])
+        present = {id(t) for t in self.now.values()}
         self.home: dict[int, torch.Tensor] = {id(original): blank for blank, original in copies.values()
                                               if id(blank) in present}
 
