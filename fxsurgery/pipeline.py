@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import gc
 import os
 import time
@@ -20,7 +21,7 @@ from .export import footprint, parse_size, save, save_pretrained
 from .match import Plan, match
 from .rewrite import InputChange, rewrite
 from .spec import Rule, flatten, load_rules
-from .transfer import TransferReport, pending_of, refuse_dtensors, register, transfer
+from .transfer import Prefetch, TransferReport, pending_of, refuse_dtensors, register, transfer
 from .validate import GradientFlow, check_module, gradient_flow, validate
 
 
@@ -225,10 +226,11 @@ def apply(model: nn.Module, rules, example_inputs=None, *, example_kwargs: dict 
     torch.Size([2, 10])
     """
     clock = _Stopwatch()
-    with _gc_deferred():
+    with _gc_deferred(), contextlib.ExitStack() as stack:
         with clock("rules"):
             rule_list = flatten(rules, lambda path: load_rules(path, params=params, allow=allow))
         refuse_dtensors(model)
+        ahead = stack.enter_context(_copies_ahead(model)) if copy and weights is None else None
         kept = _is_pretrained(model) if keep_class is None else keep_class
         with clock("capture"):
             captured = (capture_kept(model, example_inputs, example_kwargs) if kept
@@ -248,7 +250,7 @@ def apply(model: nn.Module, rules, example_inputs=None, *, example_kwargs: dict 
         with clock("validate"):
             validate(rewritten)
         with clock("transfer"):
-            module, report = transfer(rewritten, strict=strict, copy=copy, weights=weights, stream=stream)
+            module, report = transfer(rewritten, strict=strict, copy=copy, weights=weights, stream=stream, ahead=ahead)
             if live is not None:
                 pending = {**pending_of(module), **(pending_of(live.other.module) if live.other is not None else {})}
                 module = live.keep(module, plan)
@@ -284,6 +286,25 @@ class _Stopwatch:
             yield
         finally:
             self.times[stage] = self.times.get(stage, 0.0) + time.perf_counter() - start
+
+
+_SURGERY = contextvars.ContextVar("fxsurgery_in_surgery", default=False)
+
+
+@contextlib.contextmanager
+def _copies_ahead(model: nn.Module):
+    """The original's tensors copied on another thread while the surgery runs (transfer/_prefetch.py);
+    None inside a surgery already copying (the other mode's surgery on a copy sharing its tensors)."""
+    if _SURGERY.get():
+        yield None
+        return
+    token = _SURGERY.set(True)
+    ahead = Prefetch(model)
+    try:
+        yield ahead
+    finally:
+        ahead.close()
+        _SURGERY.reset(token)
 
 
 @contextlib.contextmanager

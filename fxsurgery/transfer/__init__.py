@@ -18,26 +18,28 @@ from .._util import shape_text
 from ..errors import TransferError
 from ..rewrite import Rewritten
 from ..spec import Kept, carry, ranges
-from ._assemble import assemble
+from ._assemble import _blank, assemble
 from ._checkpoint import Checkpoint, empty_weights, read_state_dict, strip_prefixes
 from ._conventions import follow_conventions
 from ._dcp import DcpCheckpoint, open_checkpoint, refuse_dtensors
 from ._freeze import follow_modes, freeze
 from ._ownload import refuse_own_loading
 from ._pairwise import transfer_modules
+from ._prefetch import Prefetch, blank_from
 from ._report import TransferReport, check_strict, entry, tensors_of
 from ._stream import Missing, Read, carry_streamed, pending_of, register
 from ._stream import blank as stream_blank
 from ._tying import Ties
 
 __all__ = [
-    "Checkpoint", "DcpCheckpoint", "TransferReport", "empty_weights", "open_checkpoint", "pending_of", "read_state_dict",
+    "Checkpoint", "DcpCheckpoint", "Prefetch", "TransferReport", "empty_weights", "open_checkpoint", "pending_of", "read_state_dict",
     "refuse_dtensors", "refuse_own_loading", "register", "strip_prefixes", "transfer", "transfer_modules",
 ]
 
 
 def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True,
-             weights: str | os.PathLike | Checkpoint | None = None, stream: bool = False) -> tuple[nn.Module, TransferReport]:
+             weights: str | os.PathLike | Checkpoint | None = None, stream: bool = False,
+             ahead: Prefetch | None = None) -> tuple[nn.Module, TransferReport]:
     """Build the new module, fill it with copies of the original tensors, freeze, and report.
 
     `copy=False`: the new module takes the original's tensors (no second copy
@@ -48,13 +50,21 @@ def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True,
     `stream`: tensors read from `weights` stay on meta in the new module, each
     read when export writes it (_stream.py; `pending_of(module)`); without
     `weights`, a model built on meta gives the plan alone (it cannot be saved).
+    `ahead`: copies of the original's tensors made meanwhile (_prefetch.py), used where still current.
     """
     model = rewritten.capture.model
     checkpoint = None if weights is None else open_checkpoint(weights)
     if checkpoint is not None:
         refuse_own_loading(model, checkpoint)
         checkpoint.check({k: (tuple(v.shape), v.dtype) for k, v in model.state_dict(keep_vars=True).items()})
-    built = assemble(rewritten, share=not copy and checkpoint is None, **({"blank": stream_blank} if stream else {}))
+    filled: set[int] = set()  # storages already holding their values (copied ahead)
+    if stream:
+        how = {"blank": stream_blank}
+    elif ahead is not None and copy and checkpoint is None:
+        how = {"blank": blank_from(ahead.take(), _blank, filled)}
+    else:
+        how = {}
+    built = assemble(rewritten, share=not copy and checkpoint is None, **how)
     module = built.module
     kept, recipes, pending = {}, {}, {}
     originals = list(tensors_of(model))  # walked once: each walk of a large model costs milliseconds
@@ -65,7 +75,7 @@ def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True,
         _consume(model)
     with torch.no_grad():
         if copy or checkpoint is not None:
-            _fill(module, built, names, checkpoint, pending if stream else None)
+            _fill(module, built, names, checkpoint, pending if stream else None, filled)
         # the configuration follows the edit; an adapter may add a module the weights policies then fill
         notes = follow_conventions(module, rewritten, built) if rewritten.capture.kept else []
         ties = Ties(names, module, built.copies)
@@ -180,11 +190,11 @@ def _maker(modules: dict[str, nn.Module], made_by: dict[int, int]):
 
 
 def _fill(module: nn.Module, built, names: dict[int, list[str]], checkpoint: Checkpoint | None,
-          pending: dict | None) -> None:
+          pending: dict | None, filled: set[int] = frozenset()) -> None:
     """Copy each original tensor that reached the new module into its blank copy;
     from the checkpoint where one is given (one shard open at a time); when
     streaming (`pending`), a tensor the checkpoint holds is only noted, read at save.
-    `names`: id(original tensor) -> its names in the original."""
+    `names`: id(original tensor) -> its names in the original; `filled`: data pointers of copies made ahead."""
     wanted: dict[str, list[torch.Tensor]] = {}
     done = set()
     listed = list(tensors_of(module))
@@ -201,7 +211,7 @@ def _fill(module: nn.Module, built, names: dict[int, list[str]], checkpoint: Che
         elif original.is_meta:
             raise TransferError(f"{names.get(id(original), ['a tensor'])[0]} has no values (the model was built without "
                                 "weights) and the checkpoint has none for it; fix: pass a checkpoint that holds it")
-        else:
+        elif t.data_ptr() not in filled or t.numel() == 0:
             t.copy_(original)
     if pending is not None:
         pending.update({id(t): Read(checkpoint, name) for name, ts in wanted.items() for t in ts})

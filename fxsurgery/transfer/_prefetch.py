@@ -1,0 +1,85 @@
+"""Copies of the original's tensors, made on another thread while the surgery's Python runs.
+
+Transfer copies every tensor of the original into the new module. Most of
+that time is the kernel handing out and zeroing fresh pages for the copies,
+work that holds no Python lock; capture, match and rewrite before it are
+Python that holds it. So `apply` starts a thread that makes the copies from
+the first moment, and transfer takes a copy made ahead in place of a blank.
+
+A copy made ahead is used only where the original tensor is still the same
+object, at the same version and over the same memory (an in-place change
+since bumps the version, `.data = ...` moves the memory: that tensor is then
+copied again at transfer, as without this). Only plain dense CPU
+tensors are copied ahead; meta tensors (a model built without weights),
+other devices and tensor subclasses go the ordinary way. The copies of
+tensors the surgery drops are freed when the surgery ends.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch import nn
+
+
+def _eligible(t: torch.Tensor) -> bool:
+    return (type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu" and t.layout == torch.strided
+            and not t.is_quantized and t.numel() > 0)
+
+
+def _state(t: torch.Tensor) -> tuple[int, int]:
+    return t._version, t.data_ptr()
+
+
+class Prefetch:
+    """A thread copying `model`'s tensors, started at once; `take()` waits for it and hands the copies over."""
+
+    def __init__(self, model: nn.Module):
+        seen: set[int] = set()
+        tensors = []
+        for sub in model.modules():
+            for t in [*sub._parameters.values(), *sub._buffers.values()]:
+                if t is not None and id(t) not in seen and _eligible(t):
+                    seen.add(id(t))
+                    tensors.append(t)
+        # id(original) -> (original, (version, address) when copied, copy)
+        self._made: dict[int, tuple[torch.Tensor, tuple[int, int], torch.Tensor]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(tensors,), name="fxsurgery-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self, tensors: list[torch.Tensor]) -> None:
+        try:
+            with torch.no_grad():  # grad mode is per thread: a copy of a parameter must not join its graph
+                for t in tensors:
+                    if self._stop.is_set():
+                        return
+                    state = _state(t)  # read first: a change during the copy shows as a newer version
+                    self._made[id(t)] = (t, state, t.detach().clone(memory_format=torch.preserve_format))
+        except Exception:  # out of memory, say: what was not copied ahead is copied at transfer
+            return
+
+    def take(self) -> dict[int, tuple]:
+        """The copies made (the thread finished first); each may be used once."""
+        self._thread.join()
+        made, self._made = self._made, {}
+        return made
+
+    def close(self) -> None:
+        """Stop early (the surgery failed, or did not use the copies) and free what was made."""
+        self._stop.set()
+        self._thread.join()
+        self._made = {}
+
+
+def blank_from(made: dict, fallback, filled: set[int]):
+    """A `blank` for assemble that hands out each copy made ahead once (a layer used twice gets a
+    blank of its own for its second use), noting the storage of each in `filled`."""
+    def blank(t: torch.Tensor) -> torch.Tensor:
+        got = made.pop(id(t), None)
+        if got is not None and got[0] is t and got[1] == _state(t):
+            filled.add(got[2].data_ptr())
+            return got[2]
+        return fallback(t)
+    return blank
