@@ -25,7 +25,7 @@ from torch import nn
 
 def _eligible(t: torch.Tensor) -> bool:
     return (type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu" and t.layout == torch.strided
-            and not t.is_quantized and t.numel() > 0)
+            and not t.is_quantized and not t.is_inference() and t.numel() > 0)  # inference tensors keep no version
 
 
 def _state(t: torch.Tensor) -> tuple[int, int]:
