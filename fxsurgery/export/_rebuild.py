@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +131,64 @@ def _graph(directory: Path, doc: dict, root: nn.Module, key: str = "nodes") -> f
     return graph
 
 
+# what GraphModule.recompile generates: the forward on the class, the code on the instance
+_GENERATED = ("forward", "_code", "_lineno_map", "_prologue_start")
+
+
+class _Pending:
+    """Stands in for a generated attribute until it is first read: reading it generates them all."""
+
+    def __init__(self, module: fx.GraphModule, name: str) -> None:
+        self.module, self.name = weakref.ref(module), name  # weak: the class (one per instance) holds this
+
+    def __get__(self, instance, owner=None):
+        module = instance if instance is not None else self.module()
+        if module is None:
+            raise AttributeError(self.name)
+        _generate(module)
+        return getattr(owner if instance is None else instance, self.name)
+
+
+_GENERATING = threading.RLock()  # two threads' first calls: each generates, neither removes what the other did
+
+
+def _generate(module: fx.GraphModule):
+    cls = type(module)
+    with _GENERATING:
+        code = fx.GraphModule.recompile(module)
+        for name in _GENERATED:
+            if isinstance(vars(cls).get(name), _Pending):
+                delattr(cls, name)
+    return code
+
+
+class _Loaded(fx.GraphModule):
+    """A GraphModule whose Python code is generated when first used (called, traced, scripted, its code or
+    forward read), not when built: a load that only reads or saves the weights does not pay for it (about a
+    millisecond for 16 layers, more than all of graph.json's checks). torch.fx makes a class per instance."""
+
+    def recompile(self):
+        cls = type(self)
+        if "forward" in vars(cls):  # generated, or pending: generate now, as GraphModule does (an edited graph)
+            return _generate(self)
+        for name in _GENERATED:  # the first, from __init__
+            setattr(cls, name, _Pending(self, name))
+        return None
+
+    def _ready(self) -> None:
+        if isinstance(vars(type(self)).get("forward"), _Pending):
+            _generate(self)
+
+    # GraphModule pickles a copy of the instance's attributes taken before it generates the code
+    def __reduce__(self):
+        self._ready()
+        return super().__reduce__()
+
+    def __reduce_package__(self, exporter):
+        self._ready()
+        return super().__reduce_package__(exporter)
+
+
 def _module(directory: Path, doc: dict, root: nn.Module) -> fx.GraphModule:
     """The GraphModule of graph.json's nodes, with its `other` nodes run in their mode where the
     model's code differs by mode (capture/_dualgraph.py)."""
@@ -140,7 +200,7 @@ def _module(directory: Path, doc: dict, root: nn.Module) -> fx.GraphModule:
     try:
         graph.lint()
         if second is None:
-            return fx.GraphModule(root, graph, class_name="Model")
+            return _Loaded(root, graph, class_name="Model")
         second.lint()
         return ModeGraphModule(root, graph, "Model", other=second, other_mode=other["training"])
     except Exception as exc:
