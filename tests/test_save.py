@@ -267,3 +267,69 @@ def test_load_uses_the_mapped_weights_without_copying_them(tmp_path, monkeypatch
     assert torch.equal(loaded(x), result.module(x)) and torch.equal(loaded(x), model(x))
     unverified = fxs.load(tmp_path / "o", verify=False)
     assert torch.equal(unverified(x), model(x))
+
+
+def test_loaded_code_is_generated_at_first_use_and_behaves_as_generated_at_load(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    result = fxs.apply(model, [], example_inputs=(torch.randn(2, 8),))
+    result.save(tmp_path / "o")
+    import torch.fx.graph_module as graph_module
+    generated = []
+    real = graph_module._forward_from_src
+    monkeypatch.setattr(graph_module, "_forward_from_src", lambda *a, **k: generated.append(1) or real(*a, **k))
+    loaded = fxs.load(tmp_path / "o", verify=False)
+    assert generated == []  # loading generates no code
+    calls = []
+    loaded.register_forward_pre_hook(lambda m, args: calls.append(len(args)))
+    x = torch.randn(4, 8)
+    assert torch.equal(loaded(x), model(x)) and calls == [1] and generated == [1]  # the first call: hooks run once
+    assert torch.equal(loaded(x), model(x)) and calls == [1, 1] and generated == [1]  # generated once
+    monkeypatch.undo()
+    # read before any call: the code, the class's forward (as a tracer or torch.jit reads it), str()
+    assert fxs.load(tmp_path / "o").code == loaded.code == torch.fx.GraphModule(loaded, loaded.graph).code
+    traced = torch.fx.symbolic_trace(fxs.load(tmp_path / "o"))
+    assert [n.target for n in traced.graph.nodes if n.op == "placeholder"] == ["input"] and torch.equal(traced(x), model(x))
+    assert torch.equal(torch.jit.script(fxs.load(tmp_path / "o"))(x), model(x))
+    assert "def forward(self, input)" in str(fxs.load(tmp_path / "o"))
+    for copy in (pickle.loads(pickle.dumps(fxs.load(tmp_path / "o"))), __import__("copy").deepcopy(fxs.load(tmp_path / "o"))):
+        assert torch.equal(copy(x), model(x))
+    # an edited graph is generated again on recompile, as GraphModule's is
+    edited = fxs.load(tmp_path / "o")
+    out = next(n for n in edited.graph.nodes if n.op == "output")
+    with edited.graph.inserting_before(out):
+        neg = edited.graph.call_function(torch.neg, (out.args[0],))
+    out.args = (neg,)
+    assert "torch.neg" in edited.recompile().src and torch.equal(edited(x), -model(x))
+
+
+def test_initialisers_skip_meta_tensors_only():
+    from fxsurgery.export._rebuild import _MetaBuild
+    with _MetaBuild():
+        linear = nn.Linear(3, 4)
+        real = torch.zeros(3, device="cpu")
+        nn.init.ones_(real)
+        real[1:].fill_(2.0)
+    assert linear.weight.is_meta and linear.weight.shape == (4, 3) and isinstance(linear.weight, nn.Parameter)
+    assert real.tolist() == [1.0, 2.0, 2.0]  # a tensor with data is initialised as ever
+    assert torch.empty(2).device.type == "cpu"  # the mode ends with the block
+
+
+@pytest.mark.parametrize("norm", [nn.LayerNorm, nn.BatchNorm1d])  # BatchNorm loads through its own _load_from_state_dict
+def test_loaded_parameters_keep_their_kind_grad_and_bits(tmp_path, norm):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 6, padding_idx=0), nn.Flatten(), nn.Linear(18, 8), norm(8), nn.Linear(8, 2))
+    with torch.no_grad():
+        model[0].weight[0] = 5.0  # the padding row as trained, not as the constructor zeroes it
+        for b in model.buffers():
+            b.add_(3) if b.is_floating_point() else b.fill_(7)
+    ids = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    result = fxs.apply(model.eval(), [Freeze("0"), Freeze("3")], example_inputs=(ids,))
+    result.save(tmp_path / "o")
+    loaded = fxs.load(tmp_path / "o", verify=False)
+    a, b = result.module.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    assert {n: (type(p), p.requires_grad) for n, p in loaded.named_parameters()} == \
+        {n: (type(p), p.requires_grad) for n, p in result.module.named_parameters()}
+    assert loaded.get_parameter("0.weight")[0].tolist() == [5.0] * 6
+    assert torch.equal(loaded(ids), result.module(ids))

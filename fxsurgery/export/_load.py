@@ -30,8 +30,12 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu", *, tr
     damaged file is found only where safetensors' header checks find it.
     """
     directory = Path(directory)
-    _refuse_pretrained(directory)
-    record = read_record(directory)
+    try:
+        record = read_record(directory)
+    except SaveError:  # a save_pretrained directory has no model.py: say what it is instead
+        _refuse_pretrained(directory, _surgery(directory))
+        raise
+    _refuse_pretrained(directory, record)
     if record.get("format") != FORMAT:
         raise SaveError(f"{directory}: unsupported format {record.get('format')!r}; fix: write it again with this fxsurgery")
     if verify and record.get("hash") != digest(directory):
@@ -50,12 +54,15 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu", *, tr
         raise SaveError(f"{directory}: cannot rebuild the model: {type(exc).__name__}: {exc}; fix: write the directory again with save()") from None
 
 
-def _refuse_pretrained(directory: Path) -> None:
-    """A kept-class result is written by its library (save_pretrained) and read back by it."""
+def _surgery(directory: Path) -> object:
     try:
-        record = json.loads((directory / "surgery.json").read_text(encoding="utf-8"))
+        return json.loads((directory / "surgery.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return
+        return None
+
+
+def _refuse_pretrained(directory: Path, record: object) -> None:
+    """A kept-class result is written by its library (save_pretrained) and read back by it."""
     if isinstance(record, dict) and record.get("saved_by") == "save_pretrained":
         raise SaveError(f"{directory}: holds a {record.get('class')} written by save_pretrained (keep_class=True); "
                         f"fix: load it with {record.get('class')}.from_pretrained({str(directory)!r})")
