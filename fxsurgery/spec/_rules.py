@@ -8,6 +8,7 @@ Rules are checked when they are built, never first while rewriting.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Callable
@@ -305,10 +306,13 @@ def frozen_by(rule: Freeze, params: list[str], type_of) -> tuple[list[str], list
             return isinstance(type_of(path), type) and issubclass(type_of(path), sel.value)
         return sel.matches_name(path)
 
+    # a module path is judged once, however many parameters lie below it
+    selected = functools.cache(lambda path: hit(rule.target, path))
+    excluded = functools.cache(lambda path: any(hit(e, path) for e in rule.exclude))
     frozen = []
     for name in params:
         chain = ancestors(param_owner(name))
-        if any(hit(rule.target, p) for p in chain) and not any(hit(e, p) for e in rule.exclude for p in chain):
+        if any(selected(p) for p in chain) and not any(excluded(p) for p in chain):
             frozen.append(name)
     owners = list(dict.fromkeys(param_owner(p) for p in frozen))
     return frozen, owners
