@@ -28,12 +28,19 @@ def _eligible(t: torch.Tensor) -> bool:
             and not t.is_quantized and not t.is_inference() and t.numel() > 0)  # inference tensors keep no version
 
 
+_GROUP = 1 << 28  # bytes copied per call of the thread (between its checks for a stop)
+
+
 def _state(t: torch.Tensor) -> tuple[int, int]:
     return t._version, t.data_ptr()
 
 
 class Prefetch:
-    """A thread copying `model`'s tensors, started at once; `take()` waits for it and hands the copies over."""
+    """A thread copying `model`'s tensors, started at once; `take()` waits for it and hands the copies over.
+
+    The copies' memory is asked for here (no page is touched yet) and the thread copies a few
+    hundred megabytes per call: a thread that needs the Python lock for each tensor waits for the
+    main thread to let go of it each time, and makes the main thread wait in turn."""
 
     def __init__(self, model: nn.Module):
         seen: set[int] = set()
@@ -43,34 +50,46 @@ class Prefetch:
                 if t is not None and id(t) not in seen and _eligible(t):
                     seen.add(id(t))
                     tensors.append(t)
-        # id(original) -> (original, (version, address) when copied, copy)
-        self._made: dict[int, tuple[torch.Tensor, tuple[int, int], torch.Tensor]] = {}
+        # (original, (version, address) before the copy, copy): the state is read first, so a change
+        # made during the copy shows as a newer version
+        with torch.no_grad():
+            items = [(t, _state(t), torch.empty_like(t, memory_format=torch.preserve_format)) for t in tensors]
+        self._groups, group, size = [], [], 0
+        for item in items:
+            group.append(item)
+            size += item[0].numel() * item[0].element_size()
+            if size >= _GROUP:
+                self._groups.append(group)
+                group, size = [], 0
+        self._groups += [group] if group else []
+        self._copied: list[list] = []
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(tensors,), name="fxsurgery-prefetch", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="fxsurgery-prefetch", daemon=True)
         self._thread.start()
 
-    def _run(self, tensors: list[torch.Tensor]) -> None:
+    def _run(self) -> None:
         try:
             with torch.no_grad():  # grad mode is per thread: a copy of a parameter must not join its graph
-                for t in tensors:
+                for group in self._groups:
                     if self._stop.is_set():
                         return
-                    state = _state(t)  # read first: a change during the copy shows as a newer version
-                    self._made[id(t)] = (t, state, t.detach().clone(memory_format=torch.preserve_format))
+                    torch._foreach_copy_([c for _, _, c in group], [t.detach() for t, _, _ in group])
+                    self._copied.append(group)
         except Exception:  # out of memory, say: what was not copied ahead is copied at transfer
             return
 
     def take(self) -> dict[int, tuple]:
-        """The copies made (the thread finished first); each may be used once."""
+        """The copies made (the thread finished first), by id of the original; each may be used once."""
         self._thread.join()
-        made, self._made = self._made, {}
+        made = {id(t): (t, state, copy) for group in self._copied for t, state, copy in group}
+        self._groups, self._copied = [], []
         return made
 
     def close(self) -> None:
         """Stop early (the surgery failed, or did not use the copies) and free what was made."""
         self._stop.set()
         self._thread.join()
-        self._made = {}
+        self._groups, self._copied = [], []
 
 
 def blank_from(made: dict, fallback, filled: set[int]):
