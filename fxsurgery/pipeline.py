@@ -230,7 +230,7 @@ def apply(model: nn.Module, rules, example_inputs=None, *, example_kwargs: dict 
         with clock("rules"):
             rule_list = flatten(rules, lambda path: load_rules(path, params=params, allow=allow))
         refuse_dtensors(model)
-        ahead = stack.enter_context(_copies_ahead(model)) if copy and weights is None else None
+        ahead = stack.enter_context(_copies_ahead(model)) if copy and weights is None and not stream else None
         kept = _is_pretrained(model) if keep_class is None else keep_class
         with clock("capture"):
             captured = (capture_kept(model, example_inputs, example_kwargs) if kept
