@@ -226,6 +226,8 @@ def _refuse_unquotable(graph: fx.Graph) -> None:
         if node.op not in ("call_module", "get_attr"):
             continue
         for part in node.target.split("."):
+            if part.isascii() and (part.isdigit() or (part.isidentifier() and not keyword.iskeyword(part))):
+                continue  # nearly every part: quoted safely, or bare and read back as written
             if any(c in part for c in '"\\\n\r'):
                 why = "contains a quote, backslash or line break, which torch.fx would write into generated code unescaped"
             elif "\x00" in part or any("\ud800" <= c <= "\udfff" for c in part):
