@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.fx._lazy_graph_module import _make_graph_module, _use_lazy_graph_module
+from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.utils import _pytree as pytree
 
 from .._util import first_line, get_path
@@ -125,8 +125,9 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, example_kwargs:
     if constants:  # tensors made while tracing live beside the module's own attributes
         targets = {n.target for n in graph.nodes if n.op in ("call_module", "get_attr")}
         root = {t: constants[t] if t in constants else get_path(work, t) for t in targets}
-    with _use_lazy_graph_module(True):  # its code is made when first run or read: most captures never run it
-        gm = _make_graph_module(root, graph, class_name=type(model).__name__)
+    # its code is made when first run or read: most captures never run it; made by its class, not under
+    # torch's _use_lazy_graph_module, a process-wide flag another thread may be setting meanwhile
+    gm = _LazyGraphModule(root, graph, class_name=type(model).__name__)
     captured = Captured(model, gm, None, {}, tuple(leaf_types), tuple(leaf_paths), path, {p: "" for p in opaque}, call,
                         decisions, dynamic)
     if example_inputs is not None or call is not None:
