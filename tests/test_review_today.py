@@ -1,7 +1,10 @@
 """Concurrency and first-use checks of capture, copies made ahead and load."""
 
+import subprocess
+import sys
 import threading
 
+import pytest
 import torch
 import torch.fx._lazy_graph_module as lazy
 from torch import nn
@@ -38,3 +41,23 @@ def test_capture_leaves_torch_lazy_graph_module_flag_as_another_thread_set_it(mo
     monkeypatch.undo()
     assert building.is_set() and lazy._use_lazy_graph_module_flag is False
     assert torch.equal(result.module(x), model(x))
+
+
+_DROP_MOST = """
+import resource, torch
+from torch import nn
+import fxsurgery as fxs
+from fxsurgery.spec import Replace
+model = nn.Sequential(*[nn.Linear(2048, 2048) for _ in range(8)]).eval()  # 128 MiB
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+result = fxs.apply(model, [Replace(str(i), nn.Identity()) for i in range(1, 8)], example_inputs=(torch.randn(1, 2048),))
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+@pytest.mark.xfail(strict=True, reason="apply copies every tensor of the original ahead, before it knows which the rules drop: "
+                                       "a surgery keeping 1 layer of 8 needs a second copy of the whole model at its peak")
+def test_a_surgery_dropping_most_of_a_model_does_not_copy_what_it_drops():
+    # the result holds 16 MiB; before copies were made ahead the peak grew by about that, now by the whole 128 MiB model
+    out = subprocess.run([sys.executable, "-c", _DROP_MOST], capture_output=True, text=True, check=True)
+    assert int(out.stdout.split()[-1]) < 64
