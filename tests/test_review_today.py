@@ -65,3 +65,25 @@ def test_a_surgery_dropping_most_of_a_model_does_not_copy_what_it_drops():
     grew = int(out.stdout.split()[-1])
     assert grew < 64, grew
 
+
+class _Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_a_kept_class_result_is_written_as_torchscript(tmp_path):
+    # save() traces a kept-class model again and scripts that trace: a lazily generated GraphModule
+    # was refused by torch.jit ("method cannot be used as a value")
+    torch.manual_seed(0)
+    model = _Stack().eval()
+    x = torch.randn(3, 4)
+    result = fxs.apply(model, [], example_inputs=(x,), keep_class=True)
+    result.save(tmp_path / "o", formats=["torchscript"])
+    scripted = torch.jit.load(str(tmp_path / "o" / "model.torchscript.pt"))
+    assert torch.equal(scripted(x), model(x))

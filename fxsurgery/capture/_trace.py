@@ -65,6 +65,18 @@ def module_stack(node: fx.Node) -> list[tuple[str, str]]:
     return [(key, value[0]) for key, value in stack.items()]
 
 
+class _Traced(_LazyGraphModule):
+    """torch.fx's _LazyGraphModule (its code made when first run or read) that torch.jit.script compiles
+    as a GraphModule: the code is made first, and the lazy `code` property is left out (save() scripts
+    a kept-class model's trace for the torchscript format)."""
+
+    __jit_unused_properties__ = [*fx.GraphModule.__jit_unused_properties__, "code"]
+
+    def __prepare_scriptable__(self):
+        self.real_recompile()
+        return self
+
+
 def trace(model: nn.Module, example_inputs: tuple | None = None, example_kwargs: dict | None = None, *, leaf_types=(), leaf_paths=(),
           opaque=(), path: str = "", call: CallSpec | None = None, values: bool = True,
           dynamic: str | None = "auto", shapes: bool = True) -> Captured:
@@ -127,7 +139,7 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, example_kwargs:
         root = {t: constants[t] if t in constants else get_path(work, t) for t in targets}
     # its code is made when first run or read: most captures never run it; made by its class, not under
     # torch's _use_lazy_graph_module, a process-wide flag another thread may be setting meanwhile
-    gm = _LazyGraphModule(root, graph, class_name=type(model).__name__)
+    gm = _Traced(root, graph, class_name=type(model).__name__)
     captured = Captured(model, gm, None, {}, tuple(leaf_types), tuple(leaf_paths), path, {p: "" for p in opaque}, call,
                         decisions, dynamic)
     if example_inputs is not None or call is not None:
