@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.fx._lazy_graph_module import _make_graph_module, _use_lazy_graph_module
+from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.utils import _pytree as pytree
 
 from .._util import first_line, get_path
@@ -63,6 +63,18 @@ def module_stack(node: fx.Node) -> list[tuple[str, str]]:
     """(invocation key, module path) pairs from the root outwards."""
     stack = node.meta.get("nn_module_stack") or {}
     return [(key, value[0]) for key, value in stack.items()]
+
+
+class _Traced(_LazyGraphModule):
+    """torch.fx's _LazyGraphModule (its code made when first run or read) that torch.jit.script compiles
+    as a GraphModule: the code is made first, and the lazy `code` property is left out (save() scripts
+    a kept-class model's trace for the torchscript format)."""
+
+    __jit_unused_properties__ = [*fx.GraphModule.__jit_unused_properties__, "code"]
+
+    def __prepare_scriptable__(self):
+        self.real_recompile()
+        return self
 
 
 def trace(model: nn.Module, example_inputs: tuple | None = None, example_kwargs: dict | None = None, *, leaf_types=(), leaf_paths=(),
@@ -125,8 +137,9 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, example_kwargs:
     if constants:  # tensors made while tracing live beside the module's own attributes
         targets = {n.target for n in graph.nodes if n.op in ("call_module", "get_attr")}
         root = {t: constants[t] if t in constants else get_path(work, t) for t in targets}
-    with _use_lazy_graph_module(True):  # its code is made when first run or read: most captures never run it
-        gm = _make_graph_module(root, graph, class_name=type(model).__name__)
+    # its code is made when first run or read: most captures never run it; made by its class, not under
+    # torch's _use_lazy_graph_module, a process-wide flag another thread may be setting meanwhile
+    gm = _Traced(root, graph, class_name=type(model).__name__)
     captured = Captured(model, gm, None, {}, tuple(leaf_types), tuple(leaf_paths), path, {p: "" for p in opaque}, call,
                         decisions, dynamic)
     if example_inputs is not None or call is not None:

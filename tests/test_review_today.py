@@ -1,0 +1,133 @@
+"""Concurrency and first-use checks of capture, copies made ahead and load."""
+
+import pickle
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+import torch.fx._lazy_graph_module as lazy
+from torch import nn
+
+import fxsurgery as fxs
+from fxsurgery.spec import Freeze
+
+
+def test_capture_leaves_torch_lazy_graph_module_flag_as_another_thread_set_it(monkeypatch):
+    # torch's _use_lazy_graph_module is one flag for the process, saved and restored by each user: a capture
+    # that sets it while another thread has it set otherwise leaves it at the other thread's old value
+    building, built, other_done = threading.Event(), threading.Event(), threading.Event()
+    real = lazy._LazyGraphModule.__init__
+
+    def slow(self, *args, **kwargs):
+        building.set()
+        built.wait(10)
+        real(self, *args, **kwargs)
+    monkeypatch.setattr(lazy._LazyGraphModule, "__init__", slow)
+
+    def other():
+        building.wait(10)
+        with lazy._use_lazy_graph_module(False):  # say, a library asking for plain GraphModules
+            built.set()
+            other_done.wait(10)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval()
+    x = torch.randn(2, 4)
+    result = fxs.apply(model, [], example_inputs=(x,))
+    other_done.set()
+    thread.join()
+    monkeypatch.undo()
+    assert building.is_set() and lazy._use_lazy_graph_module_flag is False
+    assert torch.equal(result.module(x), model(x))
+
+
+_DROP_MOST = """
+import torch
+from torch import nn
+import fxsurgery as fxs
+from fxsurgery.spec import Freeze
+from fxsurgery.spec import Replace
+model = nn.Sequential(*[nn.Linear(2048, 2048) for _ in range(8)]).eval()  # 128 MiB
+def peak():  # this process's own high-water mark (ru_maxrss would carry the parent's over exec)
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+before = peak()
+result = fxs.apply(model, [Replace(str(i), nn.Identity()) for i in range(1, 8)], example_inputs=(torch.randn(1, 2048),))
+print((peak() - before) // 1024)
+"""
+
+
+@pytest.mark.xfail(strict=True, reason="apply copies every tensor of the original ahead, before it knows which the rules drop: "
+                                       "a surgery keeping 1 layer of 8 needs a second copy of the whole model at its peak")
+def test_a_surgery_dropping_most_of_a_model_does_not_copy_what_it_drops():
+    # the result holds 16 MiB; before copies were made ahead the peak grew by about that, now by the whole 128 MiB model
+    out = subprocess.run([sys.executable, "-c", _DROP_MOST], capture_output=True, text=True, check=True)
+    grew = int(out.stdout.split()[-1])
+    assert grew < 64, grew
+
+
+class _Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_a_kept_class_result_is_written_as_torchscript(tmp_path):
+    # save() traces a kept-class model again and scripts that trace: a lazily generated GraphModule
+    # was refused by torch.jit ("method cannot be used as a value")
+    torch.manual_seed(0)
+    model = _Stack().eval()
+    x = torch.randn(3, 4)
+    result = fxs.apply(model, [], example_inputs=(x,), keep_class=True)
+    result.save(tmp_path / "o", formats=["torchscript"])
+    scripted = torch.jit.load(str(tmp_path / "o" / "model.torchscript.pt"))
+    assert torch.equal(scripted(x), model(x))
+
+
+class _SharedNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.BatchNorm1d(4)
+        self.lin = nn.Linear(4, 4)
+        self.b = self.a  # one module at two paths
+
+    def forward(self, x):
+        return self.b(self.lin(self.a(x)))
+
+
+@pytest.mark.xfail(strict=True, reason="a Freeze naming a module's second path freezes nothing in a graph result "
+                                       "(the graph knows the module by its first path); the same before copies made ahead")
+def test_freezing_a_module_by_its_second_path_freezes_it():
+    torch.manual_seed(0)
+    model = _SharedNorm().train()
+    result = fxs.apply(model, [Freeze("b")], example_inputs=(torch.randn(3, 4),))
+    assert {n: p.requires_grad for n, p in result.module.named_parameters()} == \
+        {"a.weight": False, "a.bias": False, "lin.weight": True, "lin.bias": True}
+
+
+class _Dict(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, batch):
+        return {"out": self.lin(batch["x"])}
+
+
+@pytest.mark.xfail(strict=True, raises=RecursionError, reason="pickling a loaded model that takes a dict recurses without end "
+                                                             "in torch.fx's code generation; the same before code was made at first use")
+def test_a_loaded_model_taking_a_dict_pickles(tmp_path):
+    torch.manual_seed(0)
+    model = _Dict().eval()
+    batch = {"x": torch.randn(3, 4)}
+    fxs.apply(model, [], example_inputs=(batch,)).save(tmp_path / "o")
+    again = pickle.loads(pickle.dumps(fxs.load(tmp_path / "o")))
+    assert torch.equal(again(batch)["out"], model(batch)["out"])
