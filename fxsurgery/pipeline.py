@@ -294,16 +294,18 @@ _SURGERY = contextvars.ContextVar("fxsurgery_in_surgery", default=False)
 @contextlib.contextmanager
 def _copies_ahead(model: nn.Module):
     """The original's tensors copied on another thread while the surgery runs (transfer/_prefetch.py);
-    None inside a surgery already copying (the other mode's surgery on a copy sharing its tensors)."""
+    None inside a surgery already copying (the other mode's surgery on a copy sharing its tensors),
+    and where the copies would take more than half of the memory still free."""
     if _SURGERY.get():
         yield None
         return
     token = _SURGERY.set(True)
-    ahead = Prefetch(model)
+    ahead = Prefetch.start(model)
     try:
         yield ahead
     finally:
-        ahead.close()
+        if ahead is not None:
+            ahead.close()
         _SURGERY.reset(token)
 
 

@@ -46,7 +46,7 @@ def test_an_original_changed_after_its_copy_is_copied_again(change):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).eval()
     rewritten = _rewritten(model, [], (torch.randn(1, 4),))
-    ahead = Prefetch(model)
+    ahead = Prefetch.start(model)
     ahead._thread.join()  # every copy made: the changes below come after it
     with torch.no_grad():
         if change == "in place":

@@ -11,8 +11,13 @@ object, at the same version and over the same memory (an in-place change
 since bumps the version, `.data = ...` moves the memory: that tensor is then
 copied again at transfer, as without this). Only plain dense CPU
 tensors are copied ahead; meta tensors (a model built without weights),
-other devices and tensor subclasses go the ordinary way. The copies of
-tensors the surgery drops are freed when the surgery ends.
+other devices and tensor subclasses go the ordinary way.
+
+The copies are made before the rules say which tensors the result keeps: a
+surgery that drops most of a model holds a copy of all of it until `apply`
+returns. So copies are made ahead only where the whole copy takes at most half
+of the memory the system (and the process's cgroup) can still give; elsewhere
+every tensor is copied at transfer, as before.
 """
 
 from __future__ import annotations
@@ -35,6 +40,36 @@ def _state(t: torch.Tensor) -> tuple[int, int]:
     return t._version, t.data_ptr()
 
 
+def available_memory() -> int | None:
+    """Bytes the system can still give this process: Linux's MemAvailable, capped by the cgroup's
+    limit less its use where one is set; None where neither can be read."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as limit, open("/sys/fs/cgroup/memory.current") as used:
+            bound = limit.read().strip()
+            if bound != "max":
+                found.append(max(0, int(bound) - int(used.read().strip())))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def _tensors(model: nn.Module) -> list[torch.Tensor]:
+    seen: set[int] = set()
+    tensors = []
+    for sub in model.modules():
+        for t in [*sub._parameters.values(), *sub._buffers.values()]:
+            if t is not None and id(t) not in seen and _eligible(t):
+                seen.add(id(t))
+                tensors.append(t)
+    return tensors
+
+
 class Prefetch:
     """A thread copying `model`'s tensors, started at once; `take()` waits for it and hands the copies over.
 
@@ -42,14 +77,18 @@ class Prefetch:
     hundred megabytes per call: a thread that needs the Python lock for each tensor waits for the
     main thread to let go of it each time, and makes the main thread wait in turn."""
 
-    def __init__(self, model: nn.Module):
-        seen: set[int] = set()
-        tensors = []
-        for sub in model.modules():
-            for t in [*sub._parameters.values(), *sub._buffers.values()]:
-                if t is not None and id(t) not in seen and _eligible(t):
-                    seen.add(id(t))
-                    tensors.append(t)
+    @classmethod
+    def start(cls, model: nn.Module) -> Prefetch | None:
+        """Copies of `model`'s tensors under way, or None where they would take more than half of the
+        memory still free (or that is unknown)."""
+        tensors = _tensors(model)
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        free = available_memory()
+        if not tensors or free is None or 2 * size > free:
+            return None
+        return cls(tensors)
+
+    def __init__(self, tensors: list[torch.Tensor]):
         # (original, (version, address) before the copy, copy): the state is read first, so a change
         # made during the copy shows as a newer version
         with torch.no_grad():
