@@ -226,7 +226,9 @@ def apply(model: nn.Module, rules, example_inputs=None, *, example_kwargs: dict 
     torch.Size([2, 10])
     """
     clock = _Stopwatch()
-    with _gc_deferred(), contextlib.ExitStack() as stack:
+    # the result is a model to train or run as any other: called under torch.inference_mode(), its tensors
+    # would be inference tensors (never trainable) and capture's fake and meta runs would fail
+    with _gc_deferred(), torch.inference_mode(False), contextlib.ExitStack() as stack:
         with clock("rules"):
             rule_list = flatten(rules, lambda path: load_rules(path, params=params, allow=allow))
         refuse_dtensors(model)

@@ -108,14 +108,41 @@ class _SharedNorm(nn.Module):
         return self.b(self.lin(self.a(x)))
 
 
-@pytest.mark.xfail(strict=True, reason="a Freeze naming a module's second path freezes nothing in a graph result "
-                                       "(the graph knows the module by its first path); the same before copies made ahead")
 def test_freezing_a_module_by_its_second_path_freezes_it():
     torch.manual_seed(0)
     model = _SharedNorm().train()
     result = fxs.apply(model, [Freeze("b")], example_inputs=(torch.randn(3, 4),))
     assert {n: p.requires_grad for n, p in result.module.named_parameters()} == \
         {"a.weight": False, "a.bias": False, "lin.weight": True, "lin.bias": True}
+
+
+def test_excluding_a_module_by_its_second_path_keeps_it_trainable():
+    torch.manual_seed(0)
+    model = _SharedNorm().train()
+    result = fxs.apply(model, [Freeze("*", exclude=["b"])], example_inputs=(torch.randn(3, 4),))
+    assert {n: p.requires_grad for n, p in result.module.named_parameters()} == \
+        {"a.weight": True, "a.bias": True, "lin.weight": False, "lin.bias": False}
+
+
+class _SharedBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+        self.head = nn.Linear(4, 2)
+        self.enc2 = self.enc  # a container at two paths: its layers have two names each
+
+    def forward(self, x):
+        return self.head(self.enc2(self.enc(x)))
+
+
+def test_freezing_a_container_by_its_second_path_freezes_its_layers():
+    torch.manual_seed(0)
+    model = _SharedBlock().eval()
+    x = torch.randn(3, 4)
+    result = fxs.apply(model, [Freeze("enc2.0")], example_inputs=(x,))
+    assert {n: p.requires_grad for n, p in result.module.named_parameters()} == \
+        {"enc.0.weight": False, "enc.0.bias": False, "head.weight": True, "head.bias": True}
+    assert torch.equal(result.module(x), model(x))
 
 
 class _Dict(nn.Module):
@@ -136,3 +163,18 @@ def test_a_loaded_model_taking_a_dict_pickles(tmp_path):
     fxs.apply(model, [], example_inputs=(batch,)).save(tmp_path / "o")
     again = pickle.loads(pickle.dumps(fxs.load(tmp_path / "o")))
     assert torch.equal(again(batch)["out"], model(batch)["out"])
+
+
+def test_a_surgery_called_under_inference_mode_gives_a_model_that_trains():
+    from torchvision.models import resnet18
+    torch.manual_seed(0)
+    model = resnet18().eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        result = fxs.apply(model, [Freeze("layer1")], example_inputs=(x[:1],))
+        assert torch.equal(result.module(x), model(x))
+    params = dict(result.module.named_parameters())
+    assert not any(p.is_inference() for p in params.values())
+    assert all(torch.equal(p, dict(model.named_parameters())[n]) for n, p in params.items())
+    result.module.train()(x).sum().backward()
+    assert {n for n, p in params.items() if p.grad is not None} == {n for n in params if not n.startswith("layer1.")}

@@ -293,11 +293,13 @@ def ancestors(path: str) -> list[str]:
     return [""] + [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
-def frozen_by(rule: Freeze, params: list[str], type_of) -> tuple[list[str], list[str]]:
+def frozen_by(rule: Freeze, params: list[str], type_of, others=None) -> tuple[list[str], list[str]]:
     """(parameters frozen, modules selected) for a Freeze rule.
 
     A parameter is frozen when its module or one above it is selected by the
     target and none of them is excluded. `type_of(path)` gives a module's class.
+    `others(name)`: the parameter's other names, where a module is registered at
+    more than one path: selected by any of its names, excluded by any of them.
     """
     def hit(sel: Selector, path: str) -> bool:
         if sel.kind == "any":
@@ -311,7 +313,7 @@ def frozen_by(rule: Freeze, params: list[str], type_of) -> tuple[list[str], list
     excluded = functools.cache(lambda path: any(hit(e, path) for e in rule.exclude))
     frozen = []
     for name in params:
-        chain = ancestors(param_owner(name))
+        chain = [p for n in [name, *(others(name) if others else ())] for p in ancestors(param_owner(n))]
         if any(selected(p) for p in chain) and not any(excluded(p) for p in chain):
             frozen.append(name)
     owners = list(dict.fromkeys(param_owner(p) for p in frozen))

@@ -28,9 +28,10 @@ def freeze(rewritten: Rewritten, module: nn.Module, rule_of, modules: dict | Non
         return type(here)
 
     params = dict(module.named_parameters(remove_duplicate=False))
+    others = _other_names(rewritten.capture.model)
     for m in rewritten.plan.matches:
         if isinstance(m.rule, Freeze):
-            frozen, _ = frozen_by(m.rule, list(params), type_of)
+            frozen, _ = frozen_by(m.rule, list(params), type_of, others)
             for name in frozen:
                 maker = rule_of(name)
                 if maker is None or maker < m.index:
@@ -40,6 +41,23 @@ def freeze(rewritten: Rewritten, module: nn.Module, rule_of, modules: dict | Non
                     if m.rule.bn == "eval" and isinstance(owner, _BatchNorm) and not stays_eval(owner):
                         owner.register_forward_pre_hook(StayEval())
                         owner.training = False
+
+
+def _other_names(model: nn.Module):
+    """name -> the same parameter's names under a module's other paths in the original (`self.b = self.a`):
+    a graph calls such a module by one path, and a Freeze naming another must still reach it."""
+    paths: dict[int, list[str]] = {}
+    for path, sub in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(sub), []).append(path)
+    aliases = {p: [q for q in group if q != p] for group in paths.values() if len(group) > 1 for p in group}
+    if not aliases:
+        return None
+
+    def others(name: str) -> list[str]:
+        parts = name.split(".")
+        return [".".join([alias, *parts[i:]]) if alias else ".".join(parts[i:])
+                for i in range(len(parts) - 1, 0, -1) for alias in aliases.get(".".join(parts[:i]), ())]
+    return others
 
 
 def follow_modes(module: nn.Module, model: nn.Module, modules: dict | None = None, originals: dict | None = None) -> None:
