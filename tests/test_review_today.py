@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 import torch.fx._lazy_graph_module as lazy
+from test_prefetch import _Stack  # a module list the forward loops over
 from torch import nn
 
 import fxsurgery as fxs
@@ -72,17 +73,6 @@ def test_copies_are_made_ahead_only_where_the_whole_copy_fits_in_half_the_free_m
     grew = int(out.stdout.split()[-1])
     assert (grew > 100) == copied_ahead, grew
     assert grew < 64 or copied_ahead, grew
-
-
-class _Stack(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = layer(x)
-        return x
 
 
 def test_a_kept_class_result_is_written_as_torchscript(tmp_path):
