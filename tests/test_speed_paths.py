@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from conftest import RULES, cli
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import fx, nn
 
 import fxsurgery as fxs
@@ -29,6 +31,10 @@ def _slow_paths(monkeypatch):
     monkeypatch.setattr(_shapes, "_layer_norm", lambda module, x: None)
     monkeypatch.setattr(_shapes, "_self_attention", lambda module, args, kwargs: None)
     monkeypatch.setattr(_shapes, "_SAME_SHAPE_MODULES", set())
+    monkeypatch.setattr(_shapes, "_convolution", lambda module, x: None)
+    monkeypatch.setattr(_shapes, "_adaptive_pool", lambda x, size, n: None)
+    monkeypatch.setattr(_shapes, "_cat", lambda *args, **kwargs: None)
+    monkeypatch.setattr(_shapes, "_broadcast", lambda a, b: None)
 
 
 class Blocks(nn.Module):
@@ -69,14 +75,43 @@ class Mixed(nn.Module):
         return self.to_half(h.half()), n.mul(2), torch.tanh(x.double())
 
 
+class Convolutions(nn.Module):
+    """Convolutions, pools, concatenations and broadcasting ops, each of a kind a shortcut takes and of one it leaves."""
+
+    def __init__(self):
+        super().__init__()
+        self.same = nn.Conv2d(3, 4, 3, padding="same", dilation=2)
+        self.valid = nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding="valid", groups=2)
+        self.reflect = nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect")   # runs
+        self.one = nn.Conv1d(6, 2, 3, stride=2, padding=1)
+        self.three = nn.Conv3d(1, 2, 2)
+        self.pool = nn.AdaptiveAvgPool2d((1, None))
+        self.pool1 = nn.AdaptiveAvgPool1d(2)
+
+    def forward(self, x):
+        a = self.valid(self.same(x))                       # (2, 6, 4, 8)
+        b = self.one(a.flatten(2))                         # (2, 2, 16)
+        c = self.three(x.unsqueeze(1))
+        d = self.reflect(x.transpose(2, 3))                # a strided input: runs
+        e = torch.cat([a, a * a.mean((2, 3), keepdim=True)], dim=1)
+        f = torch.cat((a, a), -1) + F.adaptive_avg_pool2d(a, 2).mean()
+        g = self.pool(a) * torch.ones(1, 1, 1, 8) - self.pool1(b)[..., :1, :, None].sum()
+        h = torch.cat([x.transpose(2, 3), x], 1)           # strided: runs
+        i = torch.cat([a, a.double()], 1)                  # two dtypes: runs
+        return a, b, c, d, e, f, g, h, i
+
+
 @pytest.mark.parametrize("build, inputs", [
     (lambda: torchvision.models.resnet18(), (torch.randn(2, 3, 64, 64),)),
     (lambda: torchvision.models.mobilenet_v3_small(), (torch.randn(2, 3, 64, 64),)),
     (lambda: torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32),
      (torch.randn(3, 3, 32, 32),)),
+    (lambda: torchvision.models.densenet121(), (torch.randn(2, 3, 64, 64),)),
+    (lambda: torchvision.models.efficientnet_b0(), (torch.randn(1, 3, 64, 64),)),
     (lambda: Mixed(), (torch.randn(4, 6), torch.arange(5))),
     (lambda: Blocks(), (torch.randn(4, 4, 8),)),
-], ids=["resnet18", "mobilenet_v3_small", "vit", "mixed", "blocks"])
+    (lambda: Convolutions(), (torch.randn(2, 3, 9, 9),)),
+], ids=["resnet18", "mobilenet_v3_small", "vit", "densenet121", "efficientnet_b0", "mixed", "blocks", "convolutions"])
 def test_shortcuts_give_the_shapes_and_dtypes_of_running_the_ops(build, inputs, monkeypatch):
     model = build()
     for mode in (model.train, model.eval):
@@ -100,7 +135,15 @@ def test_shortcuts_give_the_shapes_and_dtypes_of_running_the_ops(build, inputs, 
     (nn.Linear(4, 2), torch.randn(2, 5)),                  # wrong input features
     (nn.LayerNorm(6), torch.randn(2, 5)),                  # wrong normalized shape
     (nn.MultiheadAttention(6, 2), torch.randn(3, 2, 5)),   # wrong embedding width
-], ids=["bn-channels", "bn-rank", "bn-batch", "linear-features", "ln-shape", "mha-width"])
+    (nn.Conv2d(4, 2, 3), torch.randn(2, 3, 5, 5)),         # wrong channel count
+    (nn.Conv2d(3, 2, 5), torch.randn(1, 3, 3, 3)),         # kernel larger than the input
+    (nn.Conv2d(3, 2, 1), torch.randn(1, 3, 0, 3)),         # an empty dim
+    (nn.Conv1d(3, 2, 1).half(), torch.randn(1, 3, 4)),     # another dtype
+    (nn.AdaptiveAvgPool2d(2), torch.randn(3, 5)),          # wrong rank
+    (lambda x: torch.cat([x, x[:, :2]], 0), torch.randn(2, 3)),  # other sizes beside the cat dim
+    (lambda x: x * x[:, :2], torch.randn(2, 3)),           # shapes that do not broadcast
+], ids=["bn-channels", "bn-rank", "bn-batch", "linear-features", "ln-shape", "mha-width", "conv-channels", "conv-small",
+        "conv-empty", "conv-dtype", "pool-rank", "cat-sizes", "broadcast"])
 def test_shortcuts_fail_as_running_the_op_fails(module, x, monkeypatch):
     class Call(nn.Module):
         def __init__(self):
@@ -109,7 +152,7 @@ def test_shortcuts_fail_as_running_the_op_fails(module, x, monkeypatch):
 
         def forward(self, x):
             return self.m(x, x, x) if isinstance(self.m, nn.MultiheadAttention) else self.m(x)
-    gm = fx.symbolic_trace(Call())
+    gm = fx.symbolic_trace(Call() if isinstance(module, nn.Module) else module)
     with pytest.raises(_shapes.PropagationError) as fast:
         propagate(gm, gm.graph, (x,))
     _slow_paths(monkeypatch)
@@ -126,6 +169,22 @@ class Nonzero(nn.Module):
     def forward(self, x):
         h = torch.relu(self.lin(x) + x)
         return torch.nonzero(h)  # its shape depends on values: propagated on a real copy
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 4), st.integers(1, 3), st.integers(1, 3), st.integers(0, 2),
+       st.integers(1, 2), st.sampled_from(["ints", "same", "valid"]), st.lists(st.integers(1, 9), min_size=3, max_size=3))
+def test_a_convolution_shortcut_gives_what_its_meta_run_gives(n, groups, per_group, kernel, stride, padding, dilation, kind, sizes):
+    conv = getattr(nn, f"Conv{n}d")(groups * 2, groups * per_group, kernel, stride=1 if kind == "same" else stride,
+                                    padding={"ints": padding}.get(kind, kind), dilation=dilation, groups=groups, device="meta")
+    x = torch.empty(2, groups * 2, *sizes[:n], device="meta")
+    made = _shapes._convolution(conv, x)
+    try:
+        ran = conv(x)
+    except RuntimeError:
+        assert made is None
+        return
+    assert made is not None and (made.shape, made.dtype, made.stride()) == (ran.shape, ran.dtype, ran.stride())
 
 
 def test_real_tensors_run_the_ops():

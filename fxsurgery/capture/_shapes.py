@@ -54,7 +54,9 @@ _SAME_SHAPE_MODULES = {nn.ReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardsw
 
 
 def _same_shape_op(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """The output of an elementwise op whose tensor inputs agree in shape, dtype and device (else None: run it)."""
+    """The output of an elementwise op whose tensor inputs agree in shape, dtype and device (else None: run it).
+    Meta inputs that all are contiguous may differ in shape where they broadcast (a squeeze-excitation's
+    scale): the output then has the broadcast shape, contiguous, as torch's meta run makes it."""
     if kwargs and set(kwargs) != {"inplace"} or kwargs.get("inplace"):
         return None
     first = args[0] if args else None
@@ -62,13 +64,31 @@ def _same_shape_op(args: tuple, kwargs: dict) -> torch.Tensor | None:
         return None
     if not _shape_only(first):
         return None
+    shape = same = first.shape
     for other in args[1:]:
         if isinstance(other, torch.Tensor):
-            if other.shape != first.shape or other.dtype != first.dtype or other.device != first.device:
+            if other.dtype != first.dtype or other.device != first.device:
                 return None
+            if other.shape != shape:
+                shape = _broadcast(shape, other.shape) if first.is_meta and first.is_contiguous() and other.is_contiguous() else None
+                if shape is None:
+                    return None
         elif type(other) not in (int, float):
             return None
-    return _empty_as(first)
+    return _empty_as(first) if shape is same else torch.empty(shape, dtype=first.dtype, device="meta")
+
+
+def _broadcast(a: tuple, b: tuple) -> tuple | None:
+    """The broadcast of two shapes without zero sizes, or None (torch.broadcast_shapes costs tens of microseconds)."""
+    if len(a) < len(b):
+        a, b = b, a
+    b = (1,) * (len(a) - len(b)) + tuple(b)
+    out = []
+    for x, y in zip(a, b):
+        if x == 0 or y == 0 or (x != y and x != 1 and y != 1):
+            return None
+        out.append(x if y == 1 else y)
+    return tuple(out)
 
 
 def _empty_as(x: torch.Tensor) -> torch.Tensor:
@@ -145,6 +165,10 @@ class _Recorder(fx.Interpreter):
                 made = _empty_as(args[0])
             elif type(module) is nn.LayerNorm:
                 made = _layer_norm(module, args[0])
+            elif type(module) in _CONVOLUTIONS:
+                made = _convolution(module, args[0])
+            elif type(module) in _ADAPTIVE_POOLS:
+                made = _adaptive_pool(args[0], module.output_size, _ADAPTIVE_POOLS[type(module)])
             if made is not None:
                 return made
         elif type(module) is nn.MultiheadAttention and args:
@@ -154,10 +178,15 @@ class _Recorder(fx.Interpreter):
         return super().call_module(target, args, kwargs)
 
     def call_function(self, target, args, kwargs):
+        made = None
         if target in _SAME_SHAPE_CALLS:
-            same = _same_shape_op(args, kwargs)
-            if same is not None:
-                return same
+            made = _same_shape_op(args, kwargs)
+        elif target is torch.cat:
+            made = _cat(*args, **kwargs)
+        elif target in _ADAPTIVE_POOL_CALLS and len(args) == 2 and not kwargs:
+            made = _adaptive_pool(args[0], args[1], _ADAPTIVE_POOL_CALLS[target])
+        if made is not None:
+            return made
         return super().call_function(target, args, kwargs)
 
     def call_method(self, target, args, kwargs):
@@ -230,6 +259,68 @@ def _self_attention(module: nn.MultiheadAttention, args: tuple, kwargs: dict) ->
         return out, None
     heads = () if kwargs.get("average_attn_weights", True) else (module.num_heads,)
     return out, _contiguous(q, (n, *heads, length, length))
+
+
+_CONVOLUTIONS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+_ADAPTIVE_POOLS = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}
+_ADAPTIVE_POOL_CALLS = {F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3,
+                        torch.adaptive_avg_pool1d: 1}
+
+
+def _plain_meta(x: torch.Tensor, spatial: int) -> bool:
+    """A batched, contiguous meta tensor with no empty dim: torch's meta kernels then make contiguous outputs."""
+    return (x.is_meta and x.dim() == spatial + 2 and x.is_contiguous() and x.dtype.is_floating_point
+            and all(d > 0 for d in x.shape))
+
+
+def _convolution(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """A convolution's output without running it: its meta kernel is Python (about 0.1 ms a call, most
+    of a CNN's shape pass). Only the plain case (zero padding, contiguous meta input and weight,
+    matching dtype and channels); anything else runs the module, for its output or its error."""
+    n = _CONVOLUTIONS[type(module)]
+    w = module.weight
+    if (not _plain_meta(x, n) or module.padding_mode != "zeros" or x.dtype != w.dtype or not w.is_contiguous()
+            or x.shape[1] != module.in_channels or module.transposed):
+        return None
+    if module.padding == "same":
+        spatial = tuple(x.shape[2:])
+    else:
+        padding = (0,) * n if module.padding == "valid" else module.padding
+        spatial = tuple((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, p, d, k, s
+                        in zip(x.shape[2:], padding, module.dilation, module.kernel_size, module.stride))
+        if any(size < 1 for size in spatial):
+            return None
+    return torch.empty((x.shape[0], module.out_channels, *spatial), dtype=x.dtype, device="meta")
+
+
+def _adaptive_pool(x: torch.Tensor, size, n: int) -> torch.Tensor | None:
+    """An adaptive average pool's output (its meta kernel is Python reference code: about 0.35 ms a call)."""
+    if not isinstance(x, torch.Tensor) or not _plain_meta(x, n):
+        return None
+    size = (size,) * n if isinstance(size, int) else tuple(size)
+    if len(size) != n or not all(s is None or (type(s) is int and s > 0) for s in size):
+        return None
+    out = tuple(x.shape[2 + i] if s is None else s for i, s in enumerate(size))
+    return torch.empty((*x.shape[:2], *out), dtype=x.dtype, device="meta")
+
+
+def _cat(tensors=None, dim=0, **rest) -> torch.Tensor | None:
+    """torch.cat's output for contiguous meta tensors of one dtype and rank that agree but in `dim`
+    (its meta kernel is Python: a quarter of a millisecond a call, most of a DenseNet's shape pass)."""
+    if rest or type(tensors) not in (list, tuple) or not tensors or type(dim) is not int:
+        return None
+    first = tensors[0]
+    if not isinstance(first, torch.Tensor) or first.dim() == 0 or not -first.dim() <= dim < first.dim():
+        return None
+    dim %= first.dim()
+    total = 0
+    for t in tensors:
+        if (not isinstance(t, torch.Tensor) or not t.is_meta or t.dtype != first.dtype or t.dim() != first.dim()
+                or not t.is_contiguous() or any(d == 0 for d in t.shape)
+                or any(a != b for i, (a, b) in enumerate(zip(t.shape, first.shape)) if i != dim)):
+            return None
+        total += t.shape[dim]
+    return torch.empty((*first.shape[:dim], total, *first.shape[dim + 1:]), dtype=first.dtype, device="meta")
 
 
 def _contiguous(x: torch.Tensor, shape: tuple) -> torch.Tensor:
