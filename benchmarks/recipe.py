@@ -12,7 +12,7 @@ from torch import nn
 
 from fxsurgery.capture import capture
 from fxsurgery.match import match
-from fxsurgery.pipeline import _copies_ahead, _gc_deferred
+from fxsurgery.pipeline import _gc_deferred
 from fxsurgery.rewrite import rewrite
 from fxsurgery.spec import flatten, load_rules
 from fxsurgery.transfer import transfer
@@ -32,8 +32,8 @@ def run_stages(model: nn.Module, rules, example_inputs, *, keep: list | None = N
         times[name] = now - t
         t = now
 
-    # as apply: no cyclic collection walks the surgery's objects midway, and the tensors are copied meanwhile
-    with _gc_deferred(), _copies_ahead(model) as ahead:
+    # as apply: no cyclic collection walks the surgery's objects midway
+    with _gc_deferred():
         rule_list = flatten(rules, lambda path: load_rules(path))
         captured = capture(model, example_inputs)
         lap("capture")
@@ -43,7 +43,7 @@ def run_stages(model: nn.Module, rules, example_inputs, *, keep: list | None = N
         lap("rewrite")
         rewritten = validate(rewritten)
         lap("validate")
-        module, _report = transfer(rewritten, ahead=ahead)
+        module, _report = transfer(rewritten)
         lap("transfer")
         check_module(module, rewritten)  # only does work where opaque code joins graphs
         lap("check")

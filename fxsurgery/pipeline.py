@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import gc
 import os
 import time
@@ -21,7 +20,7 @@ from .export import footprint, parse_size, save, save_pretrained
 from .match import Plan, match
 from .rewrite import InputChange, rewrite
 from .spec import Rule, flatten, load_rules
-from .transfer import Prefetch, TransferReport, pending_of, refuse_dtensors, register, transfer
+from .transfer import TransferReport, pending_of, refuse_dtensors, register, transfer
 from .validate import GradientFlow, check_module, gradient_flow, validate
 
 
@@ -228,11 +227,10 @@ def apply(model: nn.Module, rules, example_inputs=None, *, example_kwargs: dict 
     clock = _Stopwatch()
     # the result is a model to train or run as any other: called under torch.inference_mode(), its tensors
     # would be inference tensors (never trainable) and capture's fake and meta runs would fail
-    with _gc_deferred(), torch.inference_mode(False), contextlib.ExitStack() as stack:
+    with _gc_deferred(), torch.inference_mode(False):
         with clock("rules"):
             rule_list = flatten(rules, lambda path: load_rules(path, params=params, allow=allow))
         refuse_dtensors(model)
-        ahead = stack.enter_context(_copies_ahead(model)) if copy and weights is None and not stream else None
         kept = _is_pretrained(model) if keep_class is None else keep_class
         with clock("capture"):
             captured = (capture_kept(model, example_inputs, example_kwargs) if kept
@@ -252,7 +250,7 @@ def apply(model: nn.Module, rules, example_inputs=None, *, example_kwargs: dict 
         with clock("validate"):
             validate(rewritten)
         with clock("transfer"):
-            module, report = transfer(rewritten, strict=strict, copy=copy, weights=weights, stream=stream, ahead=ahead)
+            module, report = transfer(rewritten, strict=strict, copy=copy, weights=weights, stream=stream)
             if live is not None:
                 pending = {**pending_of(module), **(pending_of(live.other.module) if live.other is not None else {})}
                 module = live.keep(module, plan)
@@ -288,27 +286,6 @@ class _Stopwatch:
             yield
         finally:
             self.times[stage] = self.times.get(stage, 0.0) + time.perf_counter() - start
-
-
-_SURGERY = contextvars.ContextVar("fxsurgery_in_surgery", default=False)
-
-
-@contextlib.contextmanager
-def _copies_ahead(model: nn.Module):
-    """The original's tensors copied on another thread while the surgery runs (transfer/_prefetch.py);
-    None inside a surgery already copying (the other mode's surgery on a copy sharing its tensors),
-    and where the copies would take more than half of the memory still free."""
-    if _SURGERY.get():
-        yield None
-        return
-    token = _SURGERY.set(True)
-    ahead = Prefetch.start(model)
-    try:
-        yield ahead
-    finally:
-        if ahead is not None:
-            ahead.close()
-        _SURGERY.reset(token)
 
 
 @contextlib.contextmanager

@@ -1,14 +1,12 @@
-"""Concurrency and first-use checks of capture, copies made ahead and load."""
+"""Concurrency and first-use checks of capture and load."""
 
 import pickle
-import subprocess
-import sys
 import threading
 
 import pytest
 import torch
 import torch.fx._lazy_graph_module as lazy
-from test_prefetch import _Stack  # a module list the forward loops over
+from test_lazy_copies import _Stack  # a module list the forward loops over
 from torch import nn
 
 import fxsurgery as fxs
@@ -44,35 +42,6 @@ def test_capture_leaves_torch_lazy_graph_module_flag_as_another_thread_set_it(mo
     monkeypatch.undo()
     assert building.is_set() and lazy._use_lazy_graph_module_flag is False
     assert torch.equal(result.module(x), model(x))
-
-
-_DROP_MOST = """
-import sys, torch
-from torch import nn
-import fxsurgery as fxs
-import importlib
-ahead = importlib.import_module("fxsurgery.transfer._prefetch")
-from fxsurgery.spec import Replace
-free = int(sys.argv[1])
-ahead.available_memory = lambda: free  # what the system can still give, as this test says
-model = nn.Sequential(*[nn.Linear(2048, 2048) for _ in range(8)]).eval()  # 128 MiB
-def peak():  # this process's own high-water mark (ru_maxrss would carry the parent's over exec)
-    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-before = peak()
-result = fxs.apply(model, [Replace(str(i), nn.Identity()) for i in range(1, 8)], example_inputs=(torch.randn(1, 2048),))
-assert all(torch.equal(a, b) for a, b in zip(result.module.state_dict().values(), model[0].state_dict().values()))
-print((peak() - before) // 1024)
-"""
-
-
-@pytest.mark.parametrize("free_mib, copied_ahead", [(200, False), (64 * 1024, True)])
-def test_copies_are_made_ahead_only_where_the_whole_copy_fits_in_half_the_free_memory(free_mib, copied_ahead):
-    # copies made ahead come before the rules say what is dropped: keeping 1 layer of 8 (16 MiB) then
-    # costs a second copy of the whole 128 MiB model at the peak, which is allowed only with memory to spare
-    out = subprocess.run([sys.executable, "-c", _DROP_MOST, str(free_mib << 20)], capture_output=True, text=True, check=True)
-    grew = int(out.stdout.split()[-1])
-    assert (grew > 100) == copied_ahead, grew
-    assert grew < 64 or copied_ahead, grew
 
 
 def test_a_kept_class_result_is_written_as_torchscript(tmp_path):

@@ -31,6 +31,7 @@ from ._ranks import Ranks
 from ._record import FORMAT, digest, import_source
 from ._shards import DEFAULT_MAX, lazy_names, parse_size
 from ._shards import write as write_weights
+from ._writer import is_lazy_copy
 
 
 def ties_of(module: nn.Module) -> dict[str, str]:
@@ -61,13 +62,19 @@ def _tensors(module: nn.Module, ties: dict[str, str]) -> tuple[dict[str, torch.T
     tensors = {}
     for name, t in out.items():
         t = t.detach().contiguous()
-        key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else None
+        key = (_storage_key(t), t.storage_offset()) if t.numel() else None
         tensors[name] = t.clone() if key in seen else t  # safetensors refuses shared memory
         if key is not None:
             seen.add(key)
     return tensors, non_persistent
 
 
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    """What identifies a tensor's memory: its address, or for a lazy copy its storage (data_ptr() would make it copy)."""
+    storage = t.untyped_storage()
+    return ("storage", storage._cdata) if is_lazy_copy(t) else ("memory", storage.data_ptr())
 
 
 def leaf_paths(module: nn.Module) -> list[str]:

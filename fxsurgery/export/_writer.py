@@ -58,7 +58,18 @@ def _bytes(t: torch.Tensor) -> memoryview:
     if t.device.type != "cpu":
         t = t.cpu()
     flat = t.contiguous().reshape(-1)
+    if is_lazy_copy(flat):  # numpy() would make it copy its bytes for good: a copy for this write only
+        flat = flat.clone()
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def is_lazy_copy(t: torch.Tensor) -> bool:
+    """A lazy (copy-on-write) copy, whose memory is still shared: asking for a writable pointer
+    (data_ptr, numpy) would make it copy its bytes, and keep that copy."""
+    return _IS_COW(t) if _IS_COW is not None else False
+
+
+_IS_COW = getattr(torch._C, "_is_cow_tensor", None)
 
 
 def header(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> tuple[bytes, list[str]]:

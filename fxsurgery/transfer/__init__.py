@@ -23,23 +23,22 @@ from ._checkpoint import Checkpoint, empty_weights, read_state_dict, strip_prefi
 from ._conventions import follow_conventions
 from ._dcp import DcpCheckpoint, open_checkpoint, refuse_dtensors
 from ._freeze import follow_modes, freeze
+from ._lazycopy import lazy_blank
 from ._ownload import refuse_own_loading
 from ._pairwise import transfer_modules
-from ._prefetch import Prefetch, blank_from
 from ._report import TransferReport, check_strict, entry, tensors_of
 from ._stream import Missing, Read, carry_streamed, pending_of, register
 from ._stream import blank as stream_blank
 from ._tying import Ties
 
 __all__ = [
-    "Checkpoint", "DcpCheckpoint", "Prefetch", "TransferReport", "empty_weights", "open_checkpoint", "pending_of", "read_state_dict",
+    "Checkpoint", "DcpCheckpoint", "TransferReport", "empty_weights", "open_checkpoint", "pending_of", "read_state_dict",
     "refuse_dtensors", "refuse_own_loading", "register", "strip_prefixes", "transfer", "transfer_modules",
 ]
 
 
 def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True,
-             weights: str | os.PathLike | Checkpoint | None = None, stream: bool = False,
-             ahead: Prefetch | None = None) -> tuple[nn.Module, TransferReport]:
+             weights: str | os.PathLike | Checkpoint | None = None, stream: bool = False) -> tuple[nn.Module, TransferReport]:
     """Build the new module, fill it with copies of the original tensors, freeze, and report.
 
     `copy=False`: the new module takes the original's tensors (no second copy
@@ -50,18 +49,18 @@ def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True,
     `stream`: tensors read from `weights` stay on meta in the new module, each
     read when export writes it (_stream.py; `pending_of(module)`); without
     `weights`, a model built on meta gives the plan alone (it cannot be saved).
-    `ahead`: copies of the original's tensors made meanwhile (_prefetch.py), used where still current.
+    Copies are lazy where torch allows (_lazycopy.py): they share the original's memory until either is written.
     """
     model = rewritten.capture.model
     checkpoint = None if weights is None else open_checkpoint(weights)
     if checkpoint is not None:
         refuse_own_loading(model, checkpoint)
         checkpoint.check({k: (tuple(v.shape), v.dtype) for k, v in model.state_dict(keep_vars=True).items()})
-    filled: set[int] = set()  # storages already holding their values (copied ahead)
+    filled: set[int] = set()  # ids of the original tensors whose copies hold their values already (lazy copies)
     if stream:
         how = {"blank": stream_blank}
-    elif ahead is not None and copy and checkpoint is None:
-        how = {"blank": blank_from(ahead.take(), _blank, filled)}
+    elif copy and checkpoint is None:
+        how = {"blank": lazy_blank(_blank, filled)}
     else:
         how = {}
     built = assemble(rewritten, share=not copy and checkpoint is None, **how)
@@ -194,7 +193,7 @@ def _fill(module: nn.Module, built, names: dict[int, list[str]], checkpoint: Che
     """Copy each original tensor that reached the new module into its blank copy;
     from the checkpoint where one is given (one shard open at a time); when
     streaming (`pending`), a tensor the checkpoint holds is only noted, read at save.
-    `names`: id(original tensor) -> its names in the original; `filled`: data pointers of copies made ahead."""
+    `names`: id(original tensor) -> its names in the original; `filled`: ids of originals whose copies hold their values."""
     wanted: dict[str, list[torch.Tensor]] = {}
     done = set()
     listed = list(tensors_of(module))
@@ -211,7 +210,7 @@ def _fill(module: nn.Module, built, names: dict[int, list[str]], checkpoint: Che
         elif original.is_meta:
             raise TransferError(f"{names.get(id(original), ['a tensor'])[0]} has no values (the model was built without "
                                 "weights) and the checkpoint has none for it; fix: pass a checkpoint that holds it")
-        elif t.data_ptr() not in filled or t.numel() == 0:
+        elif id(original) not in filled:  # data_ptr() here would make a lazy copy copy its bytes
             t.copy_(original)
     if pending is not None:
         pending.update({id(t): Read(checkpoint, name) for name, ts in wanted.items() for t in ts})
