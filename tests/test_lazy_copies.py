@@ -177,3 +177,19 @@ def test_saving_a_result_writes_its_values_and_copies_nothing_for_good(tmp_path)
     assert {k: torch.equal(v, model.state_dict()[k]) for k, v in written.items()} == {k: True for k in model.state_dict()}
     assert all(cow(t) for t in result.module.state_dict().values())
     assert torch.equal(fxs.load(tmp_path / "out")(x), model(x))
+
+
+def test_weights_mapped_from_a_file_are_copied_at_once(tmp_path):
+    # torch cannot share memory it mapped from a file copy-on-write: its lazy clone raises there
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    mapped = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    mapped.load_state_dict(torch.load(tmp_path / "w.pt", mmap=True), assign=True)
+    x = torch.randn(3, 8)
+    result = fxs.apply(mapped, [], example_inputs=(x,))
+    assert not any(cow(t) for t in result.module.state_dict().values())
+    with torch.no_grad():
+        result.module.get_parameter("0.weight").add_(1)
+    assert torch.equal(mapped[0].weight, model[0].weight)
+    assert not torch.equal(result.module(x), model(x))  # its own, changed weight

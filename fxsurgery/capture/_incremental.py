@@ -25,7 +25,7 @@ from torch import fx, nn
 
 from .._util import get_path
 from ._copying import clone, root_of
-from ._shapes import _FAKE_LOGGER, Meta, _quiet, _Recorder, full_pass, to_meta
+from ._shapes import _FAKE_LOGGER, Meta, _quiet, _Recorder, full_pass, meta_copy, to_meta
 
 # In-place ops that change their input's metadata: shape, strides, requires_grad (a kept value would not say when).
 _RESHAPING = {"unsqueeze_", "squeeze_", "transpose_", "t_", "resize_", "resize_as_", "as_strided_", "set_",
@@ -127,6 +127,10 @@ class _Partial(_Recorder):
     def fetch_attr(self, target: str):
         return self.state.converted(self.lookup(target))
 
+    def read_only(self, target: str):
+        # a meta run's shortcuts read the original's attributes (_shapes._same_device); a fake run's, its fake copy's
+        return self.lookup(target) if self.state.kind == "meta" else self.fetch_attr(target)
+
 
 class ShapeState:
     """The values of the last shape pass over a graph, kept for the next pass over an edited copy.
@@ -157,7 +161,9 @@ class ShapeState:
         hit = self._converted.get(id(obj))
         if hit is not None and hit[0] is obj:
             return hit[1]
-        make = to_meta if self.kind == "meta" else self.mode.from_tensor
+        if self.kind == "meta":
+            return meta_copy(obj, self._converted)
+        make = self.mode.from_tensor
         if isinstance(obj, nn.Module):
             made = clone(obj, make)
         elif isinstance(obj, torch.Tensor):
@@ -180,7 +186,7 @@ class ShapeState:
         module = root_of(table) if table is not None else root
         full = full_pass(module, graph, inputs, keep=True)
         self.kind, self.mode, self.metas, self.ran = full.kind, full.mode, full.metas, len(graph.nodes)
-        self._converted, self.values, self.records = {}, {}, {}
+        self._converted, self.values, self.records = full.converted or {}, {}, {}
         if full.kind != "real":  # real values matter: nothing is kept
             ids = {}
             placeholders = iter(inputs)

@@ -153,8 +153,12 @@ class _Recorder(fx.Interpreter):
         # (torchvision's swin3d does), as they can when the generated code calls them
         return _mutable(super().map_nodes_to_values(args, n))
 
+    def read_only(self, target: str):
+        """The module at `target` for a shortcut, which reads its attributes and never runs it."""
+        return self.fetch_attr(target)
+
     def call_module(self, target, args, kwargs):
-        module = self.fetch_attr(target)
+        module = self.read_only(target)
         if len(args) == 1 and not kwargs and _shape_only(args[0]):
             made = None
             if type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
@@ -215,10 +219,16 @@ def _shape_only(x: Any) -> bool:
     return isinstance(x, torch.Tensor) and (x.is_meta or isinstance(x, torch._subclasses.FakeTensor))
 
 
+def _same_device(x: torch.Tensor, t: torch.Tensor) -> bool:
+    """Whether a module's tensor `t` is where `x` is: on a meta run every tensor counts as meta, and the
+    module a shortcut reads may be the original (not copied to meta: it only reads its attributes)."""
+    return x.is_meta or x.device == t.device
+
+
 def _linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
     """nn.Linear's output without running it: on meta tensors a 2-d input decomposes into Python
     reference code (milliseconds per call). Anything that would fail runs the module for its error."""
-    if x.dim() < 1 or x.shape[-1] != module.in_features or x.dtype != module.weight.dtype or x.device != module.weight.device:
+    if x.dim() < 1 or x.shape[-1] != module.in_features or x.dtype != module.weight.dtype or not _same_device(x, module.weight):
         return None
     shape = (*x.shape[:-1], module.out_features)
     return torch.empty(shape, dtype=x.dtype, device="meta") if x.is_meta else x.new_empty(shape)
@@ -230,7 +240,7 @@ def _layer_norm(module: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor | None:
     shape = tuple(module.normalized_shape)
     if not x.dtype.is_floating_point or tuple(x.shape[x.dim() - len(shape):]) != shape or x.dim() < len(shape):
         return None
-    if any(t is not None and (t.dtype != x.dtype or t.device != x.device) for t in (module.weight, module.bias)):
+    if any(t is not None and (t.dtype != x.dtype or not _same_device(x, t)) for t in (module.weight, module.bias)):
         return None
     return _contiguous(x, x.shape)  # as layer_norm makes it, whatever the input's strides
 
@@ -249,7 +259,7 @@ def _self_attention(module: nn.MultiheadAttention, args: tuple, kwargs: dict) ->
         return None
     w = module.in_proj_weight
     if (q.dim() != 3 or q.shape != k.shape or q.shape != v.shape or q.shape[-1] != module.embed_dim or w is None
-            or not module._qkv_same_embed_dim or {t.dtype for t in args} != {w.dtype} or {t.device for t in args} != {w.device}):
+            or not module._qkv_same_embed_dim or {t.dtype for t in args} != {w.dtype}):  # all meta (above): any device
         return None
     n, length = (q.shape[0], q.shape[1]) if module.batch_first else (q.shape[1], q.shape[0])
     # strides as the module's own shape-only run makes them: batch_first transposes its (L, N, E) result
@@ -358,11 +368,43 @@ def _structure(root: nn.Module) -> nn.Module:
     return shell
 
 
+class _OnMeta(_Recorder):
+    """A run on meta tensors over the original modules: each module or tensor a node uses is copied
+    to meta when first used (`converted`), and not at all where a shortcut makes the node's output
+    from its attributes. Copying the whole tree to meta first was a third of a shape pass."""
+
+    def __init__(self, root: nn.Module, graph: fx.Graph, keep: bool):
+        super().__init__(root, graph, {}, keep)
+        self.converted: dict[int, tuple] = {}  # id(original) -> (original, its meta copy)
+
+    def read_only(self, target: str):
+        return super().fetch_attr(target)
+
+    def fetch_attr(self, target: str):
+        return meta_copy(super().fetch_attr(target), self.converted)
+
+
+def meta_copy(obj, converted: dict):
+    """`obj` (a module or tensor) on meta, made once per object and kept in `converted`."""
+    hit = converted.get(id(obj))
+    if hit is not None and hit[0] is obj:
+        return hit[1]
+    if isinstance(obj, nn.Module):
+        made = clone(obj, to_meta)
+    elif isinstance(obj, torch.Tensor):
+        made = to_meta(obj)
+        if isinstance(obj, nn.Parameter):
+            made = nn.Parameter(made, requires_grad=obj.requires_grad)
+    else:
+        made = obj
+    converted[id(obj)] = (obj, made)
+    return made
+
+
 def _on_meta(root: nn.Module, graph: fx.Graph, inputs: tuple, keep: bool) -> _Recorder | None:
     """Shapes on the meta device: the cheapest run there is, when the code allows it."""
     try:
-        meta_root = clone(_structure(root), to_meta)
-        recorder = _Recorder(meta_root, graph, {}, keep)
+        recorder = _OnMeta(root, graph, keep)
         with _quiet(_FAKE_LOGGER), torch.no_grad():
             recorder.run(*(x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs))
         return recorder
@@ -382,13 +424,15 @@ class Pass:
     kind: str                                # "meta", "fake" or "real"
     values: dict[str, Any]                   # node name -> its meta or fake value (`keep` only)
     mode: FakeTensorMode | None = None       # the fake tensors' mode (kind "fake")
+    converted: dict | None = None            # id(original) -> (original, its meta copy) (kind "meta")
 
 
 def full_pass(root: nn.Module, graph: fx.Graph, inputs: tuple, keep: bool = False) -> Pass:
     """Run `graph` over `root` on shape-only copies of `inputs` (meta, else fake, else a real copy)."""
     recorder = _on_meta(root, graph, inputs, keep)
     if recorder is not None:
-        return Pass(recorder.metas, "meta", {n.name: v for n, v in recorder.env.items()} if keep else {})
+        return Pass(recorder.metas, "meta", {n.name: v for n, v in recorder.env.items()} if keep else {},
+                    converted=recorder.converted)
     metas = {}
     mode = FakeTensorMode(allow_non_fake_inputs=False)
     try:

@@ -39,7 +39,11 @@ def lazy_blank(fallback: Callable, lazily: set[int]) -> Callable:
     noting its original's id in `lazily`; `fallback` makes room for the others' values."""
     def blank(t: torch.Tensor) -> torch.Tensor:
         if lazily_copyable(t):
+            try:
+                made = _LAZY_CLONE(t.detach())
+            except RuntimeError:  # memory torch cannot share copy-on-write (a file mapped by torch.load(mmap=True))
+                return fallback(t)
             lazily.add(id(t))
-            return _LAZY_CLONE(t.detach())
+            return made
         return fallback(t)
     return blank
