@@ -1,6 +1,6 @@
 """The shortcuts that make the pipeline fast give what the slow paths give.
 
-Shape passes make some outputs without running the op (capture/_shapes.py),
+Shape passes make some outputs without running the op (capture/_shortcuts.py),
 module trees are copied without the pickle protocol (capture/_copying.py),
 cyclic garbage collection waits for the surgery to end (pipeline.py). Each is
 checked against the path it replaces, and `apply --profile` against its own sums.
@@ -20,21 +20,21 @@ from hypothesis import strategies as st
 from torch import fx, nn
 
 import fxsurgery as fxs
-from fxsurgery.capture import _shapes, clone, propagate
+from fxsurgery.capture import _shapes, _shortcuts, clone, propagate
 from fxsurgery.capture._copying import share
 
 
 def _slow_paths(monkeypatch):
-    monkeypatch.setattr(_shapes, "_linear", lambda module, x: None)
-    monkeypatch.setattr(_shapes, "_same_shape_norm", lambda module, x: None)
-    monkeypatch.setattr(_shapes, "_same_shape_op", lambda args, kwargs: None)
-    monkeypatch.setattr(_shapes, "_layer_norm", lambda module, x: None)
-    monkeypatch.setattr(_shapes, "_self_attention", lambda module, args, kwargs: None)
-    monkeypatch.setattr(_shapes, "_SAME_SHAPE_MODULES", set())
-    monkeypatch.setattr(_shapes, "_convolution", lambda module, x: None)
-    monkeypatch.setattr(_shapes, "_adaptive_pool", lambda x, size, n: None)
-    monkeypatch.setattr(_shapes, "_cat", lambda *args, **kwargs: None)
-    monkeypatch.setattr(_shapes, "_broadcast", lambda a, b: None)
+    monkeypatch.setattr(_shortcuts, "_linear", lambda module, x: None)
+    monkeypatch.setattr(_shortcuts, "_same_shape_norm", lambda module, x: None)
+    monkeypatch.setattr(_shortcuts, "_same_shape_op", lambda args, kwargs: None)
+    monkeypatch.setattr(_shortcuts, "_layer_norm", lambda module, x: None)
+    monkeypatch.setattr(_shortcuts, "_self_attention", lambda module, args, kwargs: None)
+    monkeypatch.setattr(_shortcuts, "_SAME_SHAPE_MODULES", set())
+    monkeypatch.setattr(_shortcuts, "_convolution", lambda module, x: None)
+    monkeypatch.setattr(_shortcuts, "_adaptive_pool", lambda x, size, n: None)
+    monkeypatch.setattr(_shortcuts, "_cat", lambda *args, **kwargs: None)
+    monkeypatch.setattr(_shortcuts, "_broadcast", lambda a, b: None)
 
 
 class Blocks(nn.Module):
@@ -178,7 +178,7 @@ def test_a_convolution_shortcut_gives_what_its_meta_run_gives(n, groups, per_gro
     conv = getattr(nn, f"Conv{n}d")(groups * 2, groups * per_group, kernel, stride=1 if kind == "same" else stride,
                                     padding={"ints": padding}.get(kind, kind), dilation=dilation, groups=groups, device="meta")
     x = torch.empty(2, groups * 2, *sizes[:n], device="meta")
-    made = _shapes._convolution(conv, x)
+    made = _shortcuts._convolution(conv, x)
     try:
         ran = conv(x)
     except RuntimeError:

@@ -20,6 +20,7 @@ vector path by alignment, and a tensor at an odd address computes other bits
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import json
@@ -58,9 +59,15 @@ def _bytes(t: torch.Tensor) -> memoryview:
     if t.device.type != "cpu":
         t = t.cpu()
     flat = t.contiguous().reshape(-1)
-    if is_lazy_copy(flat):  # numpy() would make it copy its bytes for good: a copy for this write only
-        flat = flat.clone()
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+    if not flat.numel():
+        return memoryview(b"")
+    if is_lazy_copy(flat):
+        # numpy() asks for a writable pointer, which makes a lazy copy copy its bytes for good (memory
+        # the size of the model, at save): its bytes are read through the read-only pointer instead
+        raw = (ctypes.c_char * (flat.numel() * flat.element_size())).from_address(flat.const_data_ptr())
+        raw.owner = flat  # the memory lives as long as the view of it
+        return memoryview(raw).cast("B")
+    return memoryview(flat.view(torch.uint8).numpy())
 
 
 def is_lazy_copy(t: torch.Tensor) -> bool:
