@@ -24,8 +24,8 @@ import torch
 from torch import fx, nn
 
 from .._util import get_path
-from ._copying import clone, root_of
-from ._shapes import _FAKE_LOGGER, Meta, _quiet, _Recorder, full_pass, meta_copy, to_meta
+from ._copying import root_of
+from ._shapes import _FAKE_LOGGER, Meta, _quiet, _Recorder, converted_copy, full_pass, to_meta
 
 # In-place ops that change their input's metadata: shape, strides, requires_grad (a kept value would not say when).
 _RESHAPING = {"unsqueeze_", "squeeze_", "transpose_", "t_", "resize_", "resize_as_", "as_strided_", "set_",
@@ -158,22 +158,7 @@ class ShapeState:
 
     def converted(self, obj):
         """`obj` (a module or tensor of the table) on meta, or fake in the state's fake mode."""
-        hit = self._converted.get(id(obj))
-        if hit is not None and hit[0] is obj:
-            return hit[1]
-        if self.kind == "meta":
-            return meta_copy(obj, self._converted)
-        make = self.mode.from_tensor
-        if isinstance(obj, nn.Module):
-            made = clone(obj, make)
-        elif isinstance(obj, torch.Tensor):
-            made = make(obj)
-            if isinstance(obj, nn.Parameter):
-                made = nn.Parameter(made, requires_grad=obj.requires_grad)
-        else:
-            made = obj
-        self._converted[id(obj)] = (obj, made)
-        return made
+        return converted_copy(obj, self._converted, None if self.kind == "meta" else self.mode.from_tensor)
 
     def run(self, root, graph: fx.Graph, inputs: tuple) -> dict[str, Meta]:
         table = root if isinstance(root, dict) else None

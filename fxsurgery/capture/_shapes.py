@@ -150,18 +150,20 @@ class _OnMeta(_Recorder):
         return super().fetch_attr(target)
 
     def fetch_attr(self, target: str):
-        return meta_copy(super().fetch_attr(target), self.converted)
+        return converted_copy(super().fetch_attr(target), self.converted)
 
 
-def meta_copy(obj, converted: dict):
-    """`obj` (a module or tensor) on meta, made once per object and kept in `converted`."""
+def converted_copy(obj, converted: dict, make=None):
+    """`obj` (a module or tensor) with each tensor made by `make` (default: on meta), made once per
+    object and kept in `converted`."""
     hit = converted.get(id(obj))
     if hit is not None and hit[0] is obj:
         return hit[1]
+    make = make or to_meta
     if isinstance(obj, nn.Module):
-        made = clone(obj, to_meta)
+        made = clone(obj, make)
     elif isinstance(obj, torch.Tensor):
-        made = to_meta(obj)
+        made = make(obj)
         if isinstance(obj, nn.Parameter):
             made = nn.Parameter(made, requires_grad=obj.requires_grad)
     else:
