@@ -187,6 +187,28 @@ def test_a_convolution_shortcut_gives_what_its_meta_run_gives(n, groups, per_gro
     assert made is not None and (made.shape, made.dtype, made.stride()) == (ran.shape, ran.dtype, ran.stride())
 
 
+class _Hooked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.lin = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(2, 5)
+        self.conv.register_forward_hook(lambda m, args, out: out[:, :, :2])  # changes the output's shape
+        self.bn.register_forward_pre_hook(lambda m, args: (args[0][:, :, :, :2],))  # and the input's
+        self.lin.register_forward_pre_hook(lambda m, args: (args[0].mean(1),))
+
+    def forward(self, x):
+        return self.lin(self.bn(self.conv(x)))
+
+
+def test_a_module_with_hooks_runs_for_its_shape():
+    # a shortcut reads a module's attributes: a hook on it could change what goes in or comes out
+    torch.manual_seed(0)
+    model, x = _Hooked().eval(), torch.randn(1, 3, 8, 8)
+    gm = fx.symbolic_trace(model)
+    metas = propagate(gm, gm.graph, (x,))
+    assert [metas[n].shape for n in ("conv", "bn", "lin")] == [(1, 4, 2, 6), (1, 4, 2, 2), (1, 2, 5)]
+    assert tuple(model(x).shape) == (1, 2, 5)
+
+
 def test_real_tensors_run_the_ops():
     """Data-dependent code is propagated on real copies: there every value must be real."""
     torch.manual_seed(0)

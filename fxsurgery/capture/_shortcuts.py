@@ -221,6 +221,8 @@ def _same_shape_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
 
 def module_output(module: nn.Module, args: tuple, kwargs: dict):
     """The output of calling `module`, made from its attributes and the inputs' metadata, or None: run it."""
+    if _hooked(module):
+        return None  # a hook may change what goes in or comes out: only running it tells
     made = None
     if len(args) == 1 and not kwargs and _shape_only(args[0]):
         kind, x = type(module), args[0]
@@ -239,6 +241,11 @@ def module_output(module: nn.Module, args: tuple, kwargs: dict):
     elif type(module) is nn.MultiheadAttention and args:
         made = _self_attention(module, args, kwargs)
     return made
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or nn.modules.module._global_forward_hooks
+                or nn.modules.module._global_forward_pre_hooks)
 
 
 def function_output(target, args: tuple, kwargs: dict):
