@@ -3,7 +3,6 @@
 import pickle
 import threading
 
-import pytest
 import torch
 import torch.fx._lazy_graph_module as lazy
 from test_lazy_copies import _Stack  # a module list the forward loops over
@@ -113,8 +112,6 @@ class _Dict(nn.Module):
         return {"out": self.lin(batch["x"])}
 
 
-@pytest.mark.xfail(strict=True, raises=RecursionError, reason="pickling a loaded model that takes a dict recurses without end "
-                                                             "in torch.fx's code generation; the same before code was made at first use")
 def test_a_loaded_model_taking_a_dict_pickles(tmp_path):
     torch.manual_seed(0)
     model = _Dict().eval()

@@ -25,6 +25,8 @@ from torch.fx._symbolic_trace import PH, _assert_is_none
 from torch.utils import _pytree as pytree
 
 from ..errors import TraceError
+from ._dualgraph import ModeGraphModule
+from ._pickling import reduce
 
 _PRIMITIVE = (type(None), bool, int, float, str, torch.dtype, torch.device)
 
@@ -41,6 +43,14 @@ class CallSpec:
     call_leaves: list
     out_spec: Any = None
     signature: Any = None      # the module's forward signature: calls are compared bound to it
+
+    def __getstate__(self) -> dict:
+        # pickled with a module (capture/_pickling.py): the example's tensors and the call as it was made
+        # served tracing only, and would put the example batch into every pickle of the model
+        state = dict(vars(self))
+        state["constants"] = [None if isinstance(v, torch.Tensor) else v for v in self.constants]
+        state["call_spec"], state["call_leaves"] = None, []
+        return state
 
     def tensor_inputs(self) -> tuple:
         return tuple(self.constants[i] for i in self.order)
@@ -194,9 +204,16 @@ def mismatch(signature, call, fixed: dict, args: tuple, kwargs: dict, where: str
     return f"{who} was captured for calls like the example's; fix: capture with example inputs that call it this way"
 
 
+# The adapter's call form travels with the GraphModule (deep copies included);
+# the export stage reads it through `adapter_call`, never by attribute name.
+_CALL_ATTR = "_fxsurgery_call"
+
+
 class _Adapter:
     """Makes a graph module callable as the module it stands for; re-applied to deep copies
     (torch.fx rebuilds a GraphModule when copying it and keeps no instance attributes)."""
+
+    installs = ("forward", _CALL_ATTR)  # left out of a pickle, put back by applying the adapter again
 
     def __init__(self, spec: CallSpec, where: str, attributes: dict):
         self.spec, self.where, self.attributes = spec, where, attributes
@@ -222,16 +239,13 @@ class _Adapter:
             own = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
             forward.__signature__ = spec.signature.replace(parameters=[own, *spec.signature.parameters.values()])
         gm.forward = types.MethodType(forward, gm)
+        if not isinstance(gm, ModeGraphModule):  # whose own pickling applies the adapter again
+            type(gm).__reduce__ = reduce  # torch.fx makes a class per instance: this one's pickling keeps the adapter
         setattr(gm, _CALL_ATTR, spec)
         for name, value in self.attributes.items():
             setattr(gm, name, value)
         if self not in gm._deepcopy_hooks:
             gm._deepcopy_hooks.append(self)
-
-
-# The adapter's call form travels with the GraphModule (deep copies included);
-# the export stage reads it through `adapter_call`, never by attribute name.
-_CALL_ATTR = "_fxsurgery_call"
 
 
 def adapter_call(gm: nn.Module) -> CallSpec | None:

@@ -15,8 +15,9 @@ from torch import fx, nn
 from torch.fx.graph_module import _assign_attr, _copy_attr, _forward_from_src
 
 from ..errors import ModeError, SaveError
+from ._pickling import code_of, parts, rebuilt
 
-_OTHER, _OTHER_MODE = "_fxsurgery_other_graph", "_fxsurgery_other_mode"
+_OTHER, _OTHER_MODE, _OTHER_FORWARD = "_fxsurgery_other_graph", "_fxsurgery_other_mode", "_fxsurgery_other_forward"
 
 
 def _targets(graph: fx.Graph) -> list[str]:
@@ -60,11 +61,26 @@ class ModeGraphModule(fx.GraphModule):
                     _copy_attr(root, self, target)
         self.__dict__[_OTHER], self.__dict__[_OTHER_MODE] = other, other_mode
         code = other.python_code(root_module="self")
-        self.__dict__["_fxsurgery_other_forward"] = _forward_from_src(code.src, code.globals)
+        self.__dict__[_OTHER_FORWARD] = _forward_from_src(code.src, code.globals)
         self.forward = types.MethodType(_dispatch, self)
 
     def _deepcopy_init(self):
         return ModeGraphModule.__init__
+
+    def __reduce__(self):
+        # the second graph travels as its code, as torch.fx pickles the first (capture/_pickling.py)
+        body, import_block, hooks = parts(self, "forward", _OTHER, _OTHER_MODE, _OTHER_FORWARD)
+        return _unpickled, (body, import_block, code_of(self.__dict__[_OTHER]), self.__dict__[_OTHER_MODE], hooks)
+
+
+def _unpickled(body: dict, import_block: str, other: tuple[str, str], other_mode: bool, hooks: list) -> ModeGraphModule:
+    first = rebuilt(body, import_block)
+    joined = combine(first, rebuilt(dict(body, _code=other[0]), other[1]), other_mode)
+    for name, value in first.__dict__.items():  # attributes torch.fx kept beyond its graph's own
+        joined.__dict__.setdefault(name, value)
+    for hook in hooks:
+        hook(joined)
+    return joined
 
 
 def current(gm: nn.Module) -> nn.Module:
