@@ -2,7 +2,10 @@
 
 - `save`: `result.save(DIR, max_shard_size=...)` of a 1.48 GB `nn.Sequential`
   (model.py + graph.json generated, every shard hashed and fsynced) against `safetensors.torch.save_file` of the same tensors
-  (one file) and `safetensors.torch.save_model`; rounds interleaved, median ratio.
+  (one file) and `safetensors.torch.save_model`, and against `save_model` then an fsync of its file (the same bytes
+  made durable, as `result.save` makes them); rounds interleaved, median ratio. Each save starts once the disk has
+  taken what the one before wrote (`os.sync()`, not timed): a save that stops in the page cache would otherwise leave
+  its writing to the next.
 - `load`: `fxs.load(DIR)` (graph.json rebuilt, hash checked) against
   `safetensors.torch.load_file` + the module built on meta and `load_state_dict(assign=True)`.
 - `stream`: a Llama-style transformers model (a few hundred MB, float32)
@@ -65,9 +68,19 @@ def save_and_load(rounds: int, width: int, depth: int, folder: str) -> dict:
     state = {k: v.contiguous() for k, v in result.module.state_dict().items()}
     size = sum(t.numel() * t.element_size() for t in state.values())
     shard = max(size // 4, 1)
-    times: dict[str, list[float]] = {k: [] for k in ("fxs_save", "fxs_save_one", "save_file", "save_model", "fxs_load", "load_file")}
+    times: dict[str, list[float]] = {k: [] for k in ("fxs_save", "fxs_save_one", "save_file", "save_model", "save_model_durable",
+                                                     "fxs_load", "load_file")}
+
+    def durable(path):
+        save_model(result.module, path)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def timed(key, fn):
+        os.sync()  # the writing of the step before is not this step's
         start = time.perf_counter()
         fn()
         times[key].append(time.perf_counter() - start)
@@ -76,6 +89,7 @@ def save_and_load(rounds: int, width: int, depth: int, folder: str) -> dict:
         out = os.path.join(folder, f"r{r}")
         steps = [("save_file", lambda out=out: save_file(state, out + ".safetensors", metadata={"format": "pt"})),
                  ("save_model", lambda out=out: save_model(result.module, out + "-m.safetensors")),
+                 ("save_model_durable", lambda out=out: durable(out + "-d.safetensors")),
                  ("fxs_save", lambda out=out: result.save(out, max_shard_size=shard)),
                  ("fxs_save_one", lambda out=out: result.save(out + "-one"))]
         for key, fn in steps[r % len(steps):] + steps[:r % len(steps)]:
@@ -90,7 +104,7 @@ def save_and_load(rounds: int, width: int, depth: int, folder: str) -> dict:
             timed(key, fn)
         for path in (out, out + "-one"):  # a round writes four times the model: keep the disk free
             shutil.rmtree(path)
-        for path in (out + ".safetensors", out + "-m.safetensors"):
+        for path in (out + ".safetensors", out + "-m.safetensors", out + "-d.safetensors"):
             os.unlink(path)
     profiler = cProfile.Profile()  # where a sharded save's time goes
     profiler.runcall(result.save, os.path.join(folder, "profiled"), max_shard_size=shard)
@@ -98,8 +112,12 @@ def save_and_load(rounds: int, width: int, depth: int, folder: str) -> dict:
     median = {k: statistics.median(v) for k, v in times.items()}
     best = {k: min(v) for k, v in times.items()}  # on a shared machine the fastest round is the least disturbed
     return {"model_bytes": size, "max_shard_size": shard, "rounds": rounds, "seconds": median, "best_seconds": best,
+            "all_seconds": times,  # the disk's pace varies from round to round: every round, to see the spread
             "best_sharded_over_save_model": best["fxs_save"] / best["save_model"],
             "best_one_over_save_model": best["fxs_save_one"] / best["save_model"],
+            "best_sharded_over_durable_save_model": best["fxs_save"] / best["save_model_durable"],
+            "best_one_over_durable_save_model": best["fxs_save_one"] / best["save_model_durable"],
+            "save_one_over_durable_save_model": median["fxs_save_one"] / median["save_model_durable"],
             "best_sharded_over_save_file": best["fxs_save"] / best["save_file"],
             "best_one_over_save_file": best["fxs_save_one"] / best["save_file"],
             "save_sharded_over_save_file": median["fxs_save"] / median["save_file"],
