@@ -10,7 +10,7 @@ update in train mode, and anything asking for a writable pointer: `.numpy()`,
 tensor costs the copy it always did at its first write, and neither side can
 ever see the other's writes.
 
-Only plain dense CPU tensors that span their whole storage are copied lazily:
+Only plain dense CPU tensors that span their whole, resizable storage are copied lazily:
 a tensor over part of a larger storage would keep all of it alive, and copy
 all of it at its first write. Everything else (meta, other devices, views,
 inference tensors, subclasses) is copied at transfer, as is everything on a
@@ -31,6 +31,9 @@ def lazily_copyable(t: torch.Tensor) -> bool:
     return (_LAZY_CLONE is not None and type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu"
             and t.layout == torch.strided and not (t.is_quantized or t.is_nested or t.is_conj() or t.is_neg())
             and not t.is_inference()  # its lazy copy would be an inference tensor too, which never trains
+            # memory with no allocator to copy it with (torch.load's storages; never resizable) crashes the
+            # process at its first write: torch copies a lazy copy with its storage's allocator
+            and t.untyped_storage().resizable()
             and t.numel() > 0 and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size())
 
 
