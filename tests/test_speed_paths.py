@@ -9,6 +9,7 @@ checked against the path it replaces, and `apply --profile` against its own sums
 import gc
 import json
 import os
+import types
 
 import pytest
 import torch
@@ -207,6 +208,60 @@ def test_a_module_with_hooks_runs_for_its_shape():
     metas = propagate(gm, gm.graph, (x,))
     assert [metas[n].shape for n in ("conv", "bn", "lin")] == [(1, 4, 2, 6), (1, 4, 2, 2), (1, 2, 5)]
     assert tuple(model(x).shape) == (1, 2, 5)
+
+
+def _pruned_conv():
+    conv = nn.Conv2d(3, 16, 3)  # pruned by hand: the weights say 8 channels, out_channels still 16
+    conv.weight, conv.bias = nn.Parameter(conv.weight[:8].detach().clone()), nn.Parameter(conv.bias[:8].detach().clone())
+    return conv
+
+
+def _pruned_linear():
+    lin = nn.Linear(6, 10)
+    lin.weight, lin.bias = nn.Parameter(lin.weight[:4].detach().clone()), nn.Parameter(lin.bias[:4].detach().clone())
+    return lin
+
+
+def _pruned_batchnorm():
+    bn = nn.BatchNorm2d(16).eval()
+    bn.weight, bn.bias = nn.Parameter(bn.weight[:8].detach().clone()), nn.Parameter(bn.bias[:8].detach().clone())
+    bn.running_mean, bn.running_var = bn.running_mean[:8].clone(), bn.running_var[:8].clone()
+    return bn
+
+
+def _own_forward():
+    lin = nn.Linear(6, 10)
+    lin.forward = types.MethodType(lambda self, x: nn.functional.linear(x, self.weight, self.bias)[..., :4], lin)  # the instance's
+    return lin
+
+
+class _Weights(nn.Module):
+    def __init__(self, **options):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True, **options)
+
+    def forward(self, x):
+        return self.mha(x, x, x)[1]  # the attention weights: one more key with either option
+
+
+@pytest.mark.parametrize("module, x", [
+    (_pruned_conv(), torch.randn(2, 3, 8, 8)),
+    (_pruned_linear(), torch.randn(2, 6)),
+    (_pruned_batchnorm(), torch.randn(2, 8, 4, 4)),
+    (_own_forward(), torch.randn(2, 6)),
+    (_Weights(add_bias_kv=True), torch.randn(2, 5, 8)),
+    (_Weights(add_zero_attn=True), torch.randn(2, 5, 8)),
+], ids=["conv-pruned", "linear-pruned", "batchnorm-pruned", "own-forward", "mha-bias-kv", "mha-zero-attn"])
+def test_shortcuts_read_the_tensors_and_forward_a_module_really_has(module, x):
+    # a shortcut that trusted out_channels, in_features or num_features, the class's forward, or the plain
+    # attention gave a shape the module does not make: a layer inserted after it was then built for that
+    # shape, the surgery passed (its checks ran the same shortcut) and the result failed at its first call
+    gm = fx.symbolic_trace(nn.Sequential(module))
+    metas = propagate(gm, gm.graph, (x,))
+    assert metas[next(n for n in gm.graph.nodes if n.op == "output").args[0].name].shape == module(x).shape
+    insert = nn.LayerNorm if module(x).dim() < 4 else nn.BatchNorm2d
+    result = fxs.apply(nn.Sequential(module, nn.Identity()).eval(), [fxs.Insert(fxs.new(insert), after="0")], example_inputs=(x,))
+    assert result.module(x).shape == module(x).shape
 
 
 def test_real_tensors_run_the_ops():

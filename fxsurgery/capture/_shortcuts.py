@@ -94,9 +94,12 @@ def _same_device(x: torch.Tensor, t: torch.Tensor) -> bool:
 def _linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
     """nn.Linear's output without running it: on meta tensors a 2-d input decomposes into Python
     reference code (milliseconds per call). Anything that would fail runs the module for its error."""
-    if x.dim() < 1 or x.shape[-1] != module.in_features or x.dtype != module.weight.dtype or not _same_device(x, module.weight):
+    w, b = module.weight, module.bias
+    # sizes from the weight, not from in_features/out_features: a weight replaced by hand leaves those stale
+    if (w.dim() != 2 or x.dim() < 1 or x.shape[-1] != w.shape[1] or x.dtype != w.dtype or not _same_device(x, w)
+            or (b is not None and tuple(b.shape) != (w.shape[0],))):
         return None
-    shape = (*x.shape[:-1], module.out_features)
+    shape = (*x.shape[:-1], w.shape[0])
     return torch.empty(shape, dtype=x.dtype, device="meta") if x.is_meta else x.new_empty(shape)
 
 
@@ -106,7 +109,8 @@ def _layer_norm(module: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor | None:
     shape = tuple(module.normalized_shape)
     if not x.dtype.is_floating_point or tuple(x.shape[x.dim() - len(shape):]) != shape or x.dim() < len(shape):
         return None
-    if any(t is not None and (t.dtype != x.dtype or not _same_device(x, t)) for t in (module.weight, module.bias)):
+    if any(t is not None and (t.dtype != x.dtype or not _same_device(x, t) or tuple(t.shape) != shape)
+           for t in (module.weight, module.bias)):
         return None
     return _contiguous(x, x.shape)  # as layer_norm makes it, whatever the input's strides
 
@@ -125,7 +129,8 @@ def _self_attention(module: nn.MultiheadAttention, args: tuple, kwargs: dict) ->
         return None
     w = module.in_proj_weight
     if (q.dim() != 3 or q.shape != k.shape or q.shape != v.shape or q.shape[-1] != module.embed_dim or w is None
-            or not module._qkv_same_embed_dim or {t.dtype for t in args} != {w.dtype}):  # all meta (above): any device
+            or not module._qkv_same_embed_dim or {t.dtype for t in args} != {w.dtype}  # all meta (above): any device
+            or module.bias_k is not None or module.add_zero_attn):  # each adds a key: the weights are L x (L + 1)
         return None
     n, length = (q.shape[0], q.shape[1]) if module.batch_first else (q.shape[1], q.shape[0])
     # strides as the module's own shape-only run makes them: batch_first transposes its (L, N, E) result
@@ -154,19 +159,24 @@ def _convolution(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     of a CNN's shape pass). Only the plain case (zero padding, contiguous meta input and weight,
     matching dtype and channels); anything else runs the module, for its output or its error."""
     n = _CONVOLUTIONS[type(module)]
-    w = module.weight
+    w, b = module.weight, module.bias
+    # channels and kernel from the weight, not the attributes: a weight replaced by hand (pruned) leaves them stale
     if (not _plain_meta(x, n) or module.padding_mode != "zeros" or x.dtype != w.dtype or not w.is_contiguous()
-            or x.shape[1] != module.in_channels or module.transposed):
+            or module.transposed or w.dim() != n + 2 or x.shape[1] != w.shape[1] * module.groups
+            or (b is not None and tuple(b.shape) != (w.shape[0],))
+            or not all(isinstance(v, tuple) and len(v) == n for v in (module.stride, module.dilation))):
         return None
     if module.padding == "same":
         spatial = tuple(x.shape[2:])
     else:
         padding = (0,) * n if module.padding == "valid" else module.padding
+        if not (isinstance(padding, tuple) and len(padding) == n):
+            return None
         spatial = tuple((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, p, d, k, s
-                        in zip(x.shape[2:], padding, module.dilation, module.kernel_size, module.stride))
+                        in zip(x.shape[2:], padding, module.dilation, w.shape[2:], module.stride))
         if any(size < 1 for size in spatial):
             return None
-    return torch.empty((x.shape[0], module.out_channels, *spatial), dtype=x.dtype, device="meta")
+    return torch.empty((x.shape[0], w.shape[0], *spatial), dtype=x.dtype, device="meta")
 
 
 def _adaptive_pool(x: torch.Tensor, size, n: int) -> torch.Tensor | None:
@@ -212,8 +222,9 @@ def _same_shape_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     if module.weight is not None and module.weight.dtype != x.dtype:
         return None
     module._check_input_dim(x)  # the module's own error for a wrong rank
-    if x.dim() < 2 or x.shape[1] != module.num_features:
-        return None  # running it raises the error a real run would
+    if x.dim() < 2 or any(t is not None and tuple(t.shape) != (x.shape[1],)
+                          for t in (module.weight, module.bias, module.running_mean, module.running_var)):
+        return None  # running it raises the error a real run would (num_features may be stale: not read)
     if module.training or module.running_mean is None:
         F._verify_batch_size(x.size())  # batch statistics need more than one value per channel
     return _empty_as(x)
@@ -221,8 +232,8 @@ def _same_shape_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
 
 def module_output(module: nn.Module, args: tuple, kwargs: dict):
     """The output of calling `module`, made from its attributes and the inputs' metadata, or None: run it."""
-    if _hooked(module):
-        return None  # a hook may change what goes in or comes out: only running it tells
+    if _hooked(module) or "forward" in vars(module):
+        return None  # a hook, or a forward of the instance's own, may change what comes out: only running it tells
     made = None
     if len(args) == 1 and not kwargs and _shape_only(args[0]):
         kind, x = type(module), args[0]
