@@ -140,3 +140,25 @@ def test_a_transformers_model_with_dropout_pickles_and_follows_the_mode():
     assert torch.equal(_in_train(again, ids).logits, _in_train(model, ids).logits)
     assert [n for n, p in again.named_parameters() if not p.requires_grad] == [
         n for n, p in model.named_parameters() if n.startswith("bert.embeddings.")]
+
+
+def _swin(drop_path_rate: float) -> nn.Module:
+    """timm's Swin keeps relative_position_index out of its state_dict (a non-persistent buffer the graph reads)."""
+    torch.manual_seed(0)
+    return timm.create_model("swin_tiny_patch4_window7_224", img_size=56, embed_dim=16, depths=(1, 1), num_heads=(1, 2),
+                             window_size=7, drop_path_rate=drop_path_rate, num_classes=3).eval()
+
+
+@pytest.mark.parametrize("drop_path_rate", [0.0, 0.1], ids=["one graph", "two graphs"])
+def test_buffers_kept_out_of_the_state_dict_stay_out_pickled_or_not(drop_path_rate, tmp_path):
+    model = _swin(drop_path_rate)
+    x = torch.randn(2, 3, 56, 56)
+    result = fxs.apply(model, [Freeze("patch_embed")], example_inputs=(x,))
+    assert isinstance(result.module, ModeGraphModule) == (drop_path_rate > 0)
+    result.save(tmp_path / "o")
+    for module in (result.module, _round_trip(result.module), _round_trip(fxs.load(tmp_path / "o"))):
+        assert sorted(module.state_dict()) == sorted(model.state_dict())
+        module.load_state_dict(model.state_dict())  # strict: the original's state_dict fits
+        assert torch.equal(module.eval()(x), model(x))
+        assert torch.equal(_in_train(module, x), _in_train(model, x))
+        model.eval()

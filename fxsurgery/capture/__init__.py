@@ -29,6 +29,8 @@ from ._guards import apply_spec, beyond_size_one, specialised
 from ._incremental import held_by
 from ._livemodes import keep_mode_reads
 from ._modes import track
+from ._pickling import picklable
+from ._pickling import reduce as pickled
 from ._shapes import Meta, PropagationError, adapt, propagate, quiet_fake_tensors
 from ._trace import Captured, module_stack, trace
 from ._tracer import Tracer, qualified_names
@@ -37,7 +39,7 @@ __all__ = [
     "assign",
     "ModeGraphModule", "current", "dual_source", "keep_mode_reads", "other_graph", "trace_modes", "track",
     "KEPT", "CallSpec", "adapter_call", "Call", "Capture", "Captured", "Meta", "PropagationError", "adapt", "capture", "capture_kept", "clone",
-    "held_by", "install_adapter", "mismatch",
+    "held_by", "install_adapter", "mismatch", "picklable", "pickled",
     "module_stack", "propagate", "qualified_names", "quiet_fake_tensors", "record_calls", "root_of", "trace",
 ]
 

@@ -25,7 +25,6 @@ from torch.fx._symbolic_trace import PH, _assert_is_none
 from torch.utils import _pytree as pytree
 
 from ..errors import TraceError
-from ._dualgraph import ModeGraphModule
 from ._pickling import reduce
 
 _PRIMITIVE = (type(None), bool, int, float, str, torch.dtype, torch.device)
@@ -239,8 +238,7 @@ class _Adapter:
             own = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
             forward.__signature__ = spec.signature.replace(parameters=[own, *spec.signature.parameters.values()])
         gm.forward = types.MethodType(forward, gm)
-        if not isinstance(gm, ModeGraphModule):  # whose own pickling applies the adapter again
-            type(gm).__reduce__ = reduce  # torch.fx makes a class per instance: this one's pickling keeps the adapter
+        type(gm).__reduce__ = reduce  # torch.fx makes a class per instance: this one's pickling keeps the adapter
         setattr(gm, _CALL_ATTR, spec)
         for name, value in self.attributes.items():
             setattr(gm, name, value)

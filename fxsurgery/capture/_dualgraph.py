@@ -15,7 +15,7 @@ from torch import fx, nn
 from torch.fx.graph_module import _assign_attr, _copy_attr, _forward_from_src
 
 from ..errors import ModeError, SaveError
-from ._pickling import code_of, parts, rebuilt
+from ._pickling import code_of, hidden, keep_hidden, parts, rebuilt, reduce
 
 _OTHER, _OTHER_MODE, _OTHER_FORWARD = "_fxsurgery_other_graph", "_fxsurgery_other_mode", "_fxsurgery_other_forward"
 
@@ -67,17 +67,21 @@ class ModeGraphModule(fx.GraphModule):
     def _deepcopy_init(self):
         return ModeGraphModule.__init__
 
-    def __reduce__(self):
+    __reduce__ = reduce
+
+    def pickled_parts(self) -> tuple:
         # the second graph travels as its code, as torch.fx pickles the first (capture/_pickling.py)
-        body, import_block, hooks = parts(self, "forward", _OTHER, _OTHER_MODE, _OTHER_FORWARD)
-        return _unpickled, (body, import_block, code_of(self.__dict__[_OTHER]), self.__dict__[_OTHER_MODE], hooks)
+        body, import_block, hooks, kept_out = parts(self, "forward", _OTHER, _OTHER_MODE, _OTHER_FORWARD)
+        return _unpickled, (body, import_block, code_of(self.__dict__[_OTHER]), self.__dict__[_OTHER_MODE], hooks, kept_out)
 
 
-def _unpickled(body: dict, import_block: str, other: tuple[str, str], other_mode: bool, hooks: list) -> ModeGraphModule:
+def _unpickled(body: dict, import_block: str, other: tuple[str, str], other_mode: bool, hooks: list,
+               kept_out: dict[str, bool]) -> ModeGraphModule:
     first = rebuilt(body, import_block)
     joined = combine(first, rebuilt(dict(body, _code=other[0]), other[1]), other_mode)
     for name, value in first.__dict__.items():  # attributes torch.fx kept beyond its graph's own
         joined.__dict__.setdefault(name, value)
+    keep_hidden(joined, kept_out)
     for hook in hooks:
         hook(joined)
     return joined
@@ -132,6 +136,8 @@ def combine(primary: fx.GraphModule, second: fx.GraphModule, other_mode: bool) -
         if target not in table:
             table[target] = _fetch(primary, target) if _has(primary, target) else _fetch(second, target)
     joined = ModeGraphModule(table, primary.graph, type(primary).__name__, second.graph, other_mode)
+    # torch.fx registers each buffer a graph reads as persistent: one the model keeps out of its state_dict stays out
+    keep_hidden(joined, hidden(second, primary))
     modes = {p: m.training for p, m in primary.named_modules()}
     for path, sub in joined.named_modules():
         if type(sub) is nn.Module or isinstance(sub, fx.GraphModule):

@@ -19,7 +19,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 from torch.utils._device import DeviceContext
 
-from ..capture import CallSpec, ModeGraphModule, assign, install_adapter
+from ..capture import CallSpec, ModeGraphModule, assign, install_adapter, pickled
 from ..errors import SaveError
 from ._graphdata import GRAPH, VERSION
 from ._graphload import FIX, OPS, Bad, build_module, decode, entry_error, function, method, path
@@ -182,7 +182,7 @@ class _Loaded(fx.GraphModule):
     # GraphModule pickles a copy of the instance's attributes taken before it generates the code
     def __reduce__(self):
         self._ready()
-        return super().__reduce__()
+        return pickled(self)  # non-persistent buffers stay so (capture/_pickling.py)
 
     def __reduce_package__(self, exporter):
         self._ready()

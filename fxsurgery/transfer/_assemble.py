@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import fx, nn
 
-from ..capture import clone, install_adapter, root_of
+from ..capture import clone, install_adapter, picklable, root_of
 from ..match import join
 from ..rewrite import Around, ModuleEdit, Rewritten
 
@@ -106,7 +106,7 @@ def assemble(rewritten: Rewritten, share: bool = False, blank: Callable = _blank
                 table[path] = _constant(slot.value)
                 built.constants.add(id(table[path]))
         built.frozen.update({join(region.path, p): rule for p, rule in edited.frozen.items()})
-        gm = fx.GraphModule(root_of(table), edited.graph, class_name=type(region.model).__name__)
+        gm = picklable(fx.GraphModule(root_of(table), edited.graph, class_name=type(region.model).__name__))
         if region.call is not None:
             install_adapter(gm, region.call, region.path, _plain_attributes(memo[id(region.model)], gm))
         built.module = put(built.module, region.path, gm)
