@@ -308,3 +308,53 @@ def test_the_other_mode_is_captured_on_a_batch_of_two_where_one_fails():
     for got, want in zip(result.module(x), reference(x)):
         assert torch.equal(got, want)
     assert torch.equal(result.module.get_submodule("bn").running_mean, reference.bn.running_mean)
+
+
+class _TiedAux(nn.Module):
+    """An auxiliary head, called in train mode only, that shares its weight with the head both modes call."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head, self.aux = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+        self.aux.weight = self.head.weight
+
+    def forward(self, x):
+        h = self.body(x)
+        y = self.head(h)
+        if self.training:
+            y = y + self.aux(h.flip(-1))
+        return y
+
+
+def test_a_tie_between_a_train_only_module_and_a_shared_one_stays_one_tensor():
+    torch.manual_seed(0)
+    model = _TiedAux().eval()
+    x = torch.randn(3, 4)
+    result = fxs.apply(model, [], example_inputs=(x,))
+    module = result.module
+    assert isinstance(module, ModeGraphModule)
+    assert module.get_submodule("aux").weight is module.get_submodule("head").weight
+    assert [n for n, _ in module.named_parameters()] == [n for n, _ in model.named_parameters()]
+    reference = copy.deepcopy(model).train()
+    module.train()
+    for net, params in ((reference, reference.parameters()), (module, result.trainable_parameters())):
+        optimizer = torch.optim.SGD(params, lr=0.5)
+        for _ in range(3):
+            optimizer.zero_grad()
+            net(x).square().mean().backward()
+            optimizer.step()
+    assert torch.equal(module.eval()(x), reference.eval()(x))
+
+
+def test_parameters_only_train_mode_uses_are_trainable():
+    # googlenet's auxiliary heads run in train mode only: captured in eval mode they are in the other graph
+    torch.manual_seed(0)
+    model = torchvision.models.googlenet(aux_logits=True, init_weights=True, num_classes=10).eval()
+    result = fxs.apply(model, [Freeze("conv1")], example_inputs=(torch.randn(2, 3, 64, 64),))
+    aux = {n for n, p in result.module.named_parameters() if n.startswith(("aux1.", "aux2."))}
+    assert len(aux) == 14 and result.gradient_flow.method == "graphs of both modes"
+    assert {n for n in aux if result.gradient_flow.status[n] == "trainable"} == aux
+    names = {id(p): n for n, p in result.module.named_parameters()}
+    assert aux <= {names[id(p)] for p in result.trainable_parameters()}
+    assert aux <= {names[id(p)] for group in result.param_groups(lr=0.1) for p in group["params"]}
+    assert {n for n, s in result.gradient_flow.status.items() if s == "cut"} == set()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import types
 
+import torch
 from torch import fx, nn
 from torch.fx.graph_module import _assign_attr, _copy_attr, _forward_from_src
 
@@ -131,10 +132,17 @@ def join(primary: nn.Module, other, other_mode: bool, plan) -> ModeGraphModule:
 
 def combine(primary: fx.GraphModule, second: fx.GraphModule, other_mode: bool) -> ModeGraphModule:
     """One module running `primary`'s graph, and `second`'s in `other_mode`; `primary`'s objects win."""
+    ours = _counterparts(primary, second)
     table = {}
     for target in _targets(primary.graph) + _targets(second.graph):
         if target not in table:
             table[target] = _fetch(primary, target) if _has(primary, target) else _fetch(second, target)
+            table[target] = ours.get(id(table[target]), table[target])
+    mine = {id(m) for m in primary.modules()}
+    for module in second.modules():  # a module only the other mode calls may share a tensor with one both call
+        if id(module) not in mine:
+            for slots in (module._parameters, module._buffers):
+                slots.update({name: ours[id(t)] for name, t in slots.items() if id(t) in ours})
     joined = ModeGraphModule(table, primary.graph, type(primary).__name__, second.graph, other_mode)
     # torch.fx registers each buffer a graph reads as persistent: one the model keeps out of its state_dict stays out
     keep_hidden(joined, hidden(second, primary))
@@ -144,6 +152,16 @@ def combine(primary: fx.GraphModule, second: fx.GraphModule, other_mode: bool) -
             sub.training = modes.get(path, primary.training)
     joined.meta = dict(getattr(primary, "meta", {}))
     return joined
+
+
+def _counterparts(primary: nn.Module, second: nn.Module) -> dict[int, torch.Tensor]:
+    """id of each tensor of `second` -> `primary`'s tensor at the same path: where `second` ties a tensor of a
+    module only it calls to one at such a path (a weight shared by a train-only head), the joined module
+    keeps the tie to `primary`'s."""
+    def tensors(module):
+        return [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    theirs = dict(tensors(primary))
+    return {id(t): theirs[name] for name, t in tensors(second) if name in theirs and theirs[name] is not t}
 
 
 def _split(src: str) -> tuple[str, str]:

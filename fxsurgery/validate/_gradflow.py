@@ -21,7 +21,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
 
 from .._util import get_path
-from ..capture import Meta, clone, quiet_fake_tensors
+from ..capture import Meta, clone, other_graph, quiet_fake_tensors
 
 STATUSES = ("trainable", "frozen", "cut")
 _DETACH = {torch.detach, torch.Tensor.detach}
@@ -89,12 +89,14 @@ def _is_cut(node: fx.Node) -> bool:
     return (node.op == "call_method" and node.target == "detach") or (node.op == "call_function" and node.target in _DETACH)
 
 
-def _from_graph(gm: fx.GraphModule, shapes: dict[str, Meta]) -> set[int]:
-    """ids of the parameters some gradient-carrying path joins to the output."""
+def _from_graph(gm: fx.GraphModule, shapes: dict[str, Meta], code: fx.Graph | None = None) -> set[int]:
+    """ids of the parameters some gradient-carrying path of `code` (default: gm's graph) joins to the output.
+    Nodes without shapes are taken to carry gradients."""
+    code = gm.graph if code is None else code
     graph = nx.DiGraph()
     output = None
-    order = {node: i for i, node in enumerate(gm.graph.nodes)}
-    for node in gm.graph.nodes:
+    order = {node: i for i, node in enumerate(code.nodes)}
+    for node in code.nodes:
         graph.add_node(node.name)
         mutated = node.args[0] if in_place(node) and node.args and isinstance(node.args[0], fx.Node) else None
         for later in (mutated.users if mutated is not None else ()):
@@ -115,7 +117,7 @@ def _from_graph(gm: fx.GraphModule, shapes: dict[str, Meta]) -> set[int]:
             graph.add_edge(arg.name, node.name)
     live = nx.ancestors(graph, output) | {output}
     reached: set[int] = set()
-    for node in gm.graph.nodes:
+    for node in code.nodes:
         if node.name not in live:
             continue
         if node.op == "call_module":
@@ -214,6 +216,10 @@ def gradient_flow(module: nn.Module, inputs: tuple | None = None, shapes: dict[s
     """
     if one_graph:
         reached, method = _from_graph(module, shapes or {}), "graph"
+        other = other_graph(module)
+        if other is not None:  # a parameter only the other mode uses (an auxiliary head in train mode) trains there
+            reached |= _from_graph(module, {}, other[0])
+            method = "graphs of both modes"
     elif inputs is not None:
         reached, method = _from_autograd(module, inputs, kwargs), "autograd graph of one forward pass"
     else:
