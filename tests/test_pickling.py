@@ -162,3 +162,37 @@ def test_buffers_kept_out_of_the_state_dict_stay_out_pickled_or_not(drop_path_ra
         assert torch.equal(module.eval()(x), model(x))
         assert torch.equal(_in_train(module, x), _in_train(model, x))
         model.eval()
+
+
+def test_a_graph_with_guards_and_size_reads_pickles_as_captured():
+    # traced again from its code, as torch.fx unpickles a GraphModule, this graph failed: its guards were decided
+    # on the tracer's proxies and its size reads became proxies where slices need numbers
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64, num_classes=10).eval()
+    result = fxs.apply(model, [fxs.Replace("head", fxs.new(nn.Linear, out_features=4))],
+                       example_inputs=(torch.randn(2, 3, 64, 64),))
+    again = _round_trip(result.module)
+    x = torch.randn(3, 3, 64, 64)
+    assert torch.equal(again(x), result.module(x))
+    assert [n.format_node() for n in again.graph.nodes] == [n.format_node() for n in result.module.graph.nodes]
+    assert type(again).__name__ == type(result.module).__name__ == "VisionTransformer"
+
+
+def test_a_transformers_graph_pickles_with_its_keyword_guards():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=37, max_position_embeddings=64)
+    model = transformers.BertForSequenceClassification(config).eval()
+    result = fxs.apply(model, [Freeze("bert.embeddings")], example_inputs=(torch.randint(0, 100, (2, 8)),), keep_class=False)
+    again = _round_trip(result.module)
+    ids = torch.randint(0, 100, (3, 11))
+    assert torch.equal(again(ids).logits, model(ids).logits)
+    assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_a_long_graph_pickles_without_deep_recursion():
+    chain = nn.Sequential(*[nn.ReLU() if i % 2 else nn.Identity() for i in range(3000)])
+    result = fxs.apply(chain, [], example_inputs=(torch.randn(2, 3),))
+    assert len(result.module.graph.nodes) > 1500
+    x = torch.randn(4, 3)
+    assert torch.equal(_round_trip(result.module)(x), chain(x))

@@ -16,7 +16,7 @@ from torch import fx, nn
 from torch.fx.graph_module import _assign_attr, _copy_attr, _forward_from_src
 
 from ..errors import ModeError, SaveError
-from ._pickling import code_of, hidden, keep_hidden, parts, rebuilt, reduce
+from ._pickling import graph_data, hidden, keep_hidden, parts, rebuilt, reduce
 
 _OTHER, _OTHER_MODE, _OTHER_FORWARD = "_fxsurgery_other_graph", "_fxsurgery_other_mode", "_fxsurgery_other_forward"
 
@@ -71,15 +71,16 @@ class ModeGraphModule(fx.GraphModule):
     __reduce__ = reduce
 
     def pickled_parts(self) -> tuple:
-        # the second graph travels as its code, as torch.fx pickles the first (capture/_pickling.py)
-        body, import_block, hooks, kept_out = parts(self, "forward", _OTHER, _OTHER_MODE, _OTHER_FORWARD)
-        return _unpickled, (body, import_block, code_of(self.__dict__[_OTHER]), self.__dict__[_OTHER_MODE], hooks, kept_out)
+        # the second graph travels as the first does (capture/_pickling.py)
+        body, graph, hooks, kept_out = parts(self, "forward", _OTHER, _OTHER_MODE, _OTHER_FORWARD)
+        other = (graph_data(self.__dict__[_OTHER]), graph[1])
+        return _unpickled, (body, graph, other, self.__dict__[_OTHER_MODE], hooks, kept_out)
 
 
-def _unpickled(body: dict, import_block: str, other: tuple[str, str], other_mode: bool, hooks: list,
+def _unpickled(body: dict, graph: tuple, other: tuple, other_mode: bool, hooks: list,
                kept_out: dict[str, bool]) -> ModeGraphModule:
-    first = rebuilt(body, import_block)
-    joined = combine(first, rebuilt(dict(body, _code=other[0]), other[1]), other_mode)
+    first = rebuilt(body, graph)
+    joined = combine(first, rebuilt(body, other), other_mode)
     for name, value in first.__dict__.items():  # attributes torch.fx kept beyond its graph's own
         joined.__dict__.setdefault(name, value)
     keep_hidden(joined, kept_out)

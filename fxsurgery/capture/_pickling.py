@@ -1,22 +1,27 @@
 """Pickling a result: `torch.save(model)`, multiprocessing, `copy.copy`.
 
-torch.fx pickles a GraphModule as its generated code and its attributes, and
-traces the code again when unpickled. What this package adds to an instance
-is not data pickle can take: a call adapter is a bound method of a local
-function (pickling it pickles the module again, without end), and a module
-that runs other code in its other mode holds a second fx.Graph and that
-graph's compiled forward (_dualgraph.py). They travel as what rebuilds them
-and are put back once torch.fx has rebuilt the module, so the unpickled model
-takes the same calls and follows `.train()` / `.eval()` as the pickled one.
+torch.fx pickles a GraphModule as its generated code and traces that code
+again when unpickled. Traced again by a plain tracer, the code of a captured
+model is not the graph it came from: a guard on an argument
+(`operator.is_(mask, None)`) is decided on the tracer's proxy and fails, a
+size read becomes a proxy where a slice needs a number, and a buffer read of
+a submodule becomes a constant. So a GraphModule this package makes pickles
+its graph itself, node by node (each node's op, name, target, and arguments
+naming earlier nodes), with its attributes as torch.fx keeps them, and is
+rebuilt from exactly that graph.
 
-A deep-copy hook that names the instance attributes it `installs` is such an
-addition (capture/_call_shim.py's adapter): it is pickled as itself, its
-attributes are left out, and it is applied again to the rebuilt module.
+What this package adds to an instance is not data pickle can take either: a
+call adapter is a bound method of a local function (pickling it pickles the
+module again, without end), and a module that runs other code in its other
+mode holds a second graph and that graph's compiled forward (_dualgraph.py).
+A deep-copy hook that names the instance attributes it `installs` (the
+adapter) is pickled as itself, its attributes are left out, and it is applied
+again to the rebuilt module; the second graph is pickled as the first.
 
-torch.fx's own rebuild also registers every tensor the graph reads as a
-persistent buffer: a buffer the model keeps out of its state_dict (Llama's
-rotary `inv_freq`, Swin's `relative_position_index`) or a constant of its
-forward code (a plain attribute) would come back in it, and the original's
+torch.fx's rebuild registers every tensor the graph reads as a persistent
+buffer: a buffer the model keeps out of its state_dict (Llama's rotary
+`inv_freq`, Swin's `relative_position_index`) or a constant of its forward
+code (a plain attribute) would come back in it, and the original's
 state_dict would no longer load. Their names travel too.
 """
 
@@ -24,21 +29,60 @@ from __future__ import annotations
 
 import torch
 from torch import fx
-from torch.fx.graph_module import _format_import_block, reduce_graph_module
-from torch.package import sys_importer
+from torch.fx.node import map_aggregate, map_arg
 
 
-def parts(gm: fx.GraphModule, *dropped: str) -> tuple[dict, str, list, dict[str, bool]]:
-    """torch.fx's own reduction of `gm` (its attributes, copied, and its code's imports) without the
-    attributes `dropped` and those of the hooks applied again after unpickling; those hooks; and the
-    tensors kept out of the state_dict (`hidden`)."""
-    _, (body, import_block) = fx.GraphModule.__reduce__(gm)
+class _Node:
+    """A node of a pickled graph where another node's arguments name it."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __reduce__(self):
+        return _Node, (self.name,)
+
+
+def graph_data(graph: fx.Graph) -> tuple[list, object]:
+    """`graph` as pickle can keep it: a flat list of nodes (a Graph's nodes pickle one inside the next,
+    deeper than pickle goes for a large model), and its code generator (pytree inputs and outputs)."""
+    nodes = []
+    for node in graph.nodes:
+        trace = node.meta.get("stack_trace")
+        nodes.append((node.op, node.name, node.target, map_arg(node.args, lambda n: _Node(n.name)),
+                      map_arg(node.kwargs, lambda n: _Node(n.name)), node.type, trace if isinstance(trace, str) else None))
+    return nodes, graph._codegen
+
+
+def graph_of(data: tuple[list, object]) -> fx.Graph:
+    nodes, codegen = data
+    graph = fx.Graph()
+    graph._codegen = codegen
+    made: dict[str, fx.Node] = {}
+
+    def back(value):
+        return made[value.name] if isinstance(value, _Node) else value
+    for op, name, target, args, kwargs, type_expr, trace in nodes:
+        node = graph.create_node(op, target, map_aggregate(args, back), map_aggregate(kwargs, back), name, type_expr)
+        if trace is not None:
+            node.meta["stack_trace"] = trace
+        made[name] = node
+    return graph
+
+
+def parts(gm: fx.GraphModule, *dropped: str) -> tuple[dict, tuple, list, dict[str, bool]]:
+    """`gm`'s attributes (a copy, as torch.fx pickles them) without its graph, the attributes `dropped`
+    and those of the hooks applied again after unpickling; its graph (`graph_data`) and class name; those
+    hooks; and the tensors kept out of the state_dict (`hidden`)."""
+    body = dict(gm.__dict__)
+    del body["_graph"]
     hooks = [hook for hook in body.get("_deepcopy_hooks", ()) if hasattr(hook, "installs")]
     if hooks:
         body["_deepcopy_hooks"] = [hook for hook in body["_deepcopy_hooks"] if hook not in hooks]
     for name in (*dropped, *(name for hook in hooks for name in hook.installs)):
         body.pop(name, None)
-    return body, import_block, hooks, hidden(gm)
+    return body, (graph_data(gm.graph), type(gm).__name__), hooks, hidden(gm)
 
 
 def hidden(*modules: torch.nn.Module) -> dict[str, bool]:
@@ -70,24 +114,17 @@ def keep_hidden(gm: fx.GraphModule, kept_out: dict[str, bool]) -> None:
             module.__dict__[name] = module._buffers.pop(name)
 
 
-def code_of(graph: fx.Graph) -> tuple[str, str]:
-    """A graph as pickle keeps it: its code and the imports that code needs (a Graph's nodes pickle one inside
-    the next, deeper than pickle goes for a large model)."""
-    code = graph.python_code(root_module="self")
-    return code.src, _format_import_block(code.globals, sys_importer)
-
-
-class Retracer(fx.Tracer):
-    """Traces the generated code again with each buffer it reads as a graph input (get_attr). torch.fx's
-    default tracer reads a buffer of a submodule as a value: code computed from it (Swin's
-    `relative_position_index.view(-1)`) becomes a constant, out of reach of the buffer and in the state_dict."""
-
-    proxy_buffer_attributes = True
-
-
-def rebuilt(body: dict, import_block: str) -> fx.GraphModule:
-    """The GraphModule torch.fx rebuilds from `parts`, before any hook is applied again."""
-    return reduce_graph_module(dict(body, _tracer_cls=Retracer), import_block)
+def rebuilt(body: dict, graph: tuple) -> fx.GraphModule:
+    """The GraphModule of `parts`: its graph, and the attributes that graph reads taken from `body` as
+    torch.fx takes them from a root module; the rest of `body` kept as it was. Before any hook is applied again."""
+    data, class_name = graph
+    root = torch.nn.Module()
+    root.__dict__ = dict(body)
+    gm = fx.GraphModule(root, graph_of(data), class_name)
+    for name, value in body.items():  # as torch.fx's own unpickling keeps them
+        if not hasattr(gm, name):
+            setattr(gm, name, value)
+    return gm
 
 
 def reduce(gm: fx.GraphModule) -> tuple:
@@ -97,8 +134,8 @@ def reduce(gm: fx.GraphModule) -> tuple:
     return special(gm) if special is not None else (_restore, parts(gm))
 
 
-def _restore(body: dict, import_block: str, hooks: list, kept_out: dict[str, bool]) -> fx.GraphModule:
-    gm = rebuilt(body, import_block)
+def _restore(body: dict, graph: tuple, hooks: list, kept_out: dict[str, bool]) -> fx.GraphModule:
+    gm = rebuilt(body, graph)
     keep_hidden(gm, kept_out)
     for hook in hooks:
         hook(gm)

@@ -179,10 +179,8 @@ class _Loaded(fx.GraphModule):
         if isinstance(vars(type(self)).get("forward"), _Pending):
             _generate(self)
 
-    # GraphModule pickles a copy of the instance's attributes taken before it generates the code
     def __reduce__(self):
-        self._ready()
-        return pickled(self)  # non-persistent buffers stay so (capture/_pickling.py)
+        return pickled(self)  # its graph, not its code (capture/_pickling.py): nothing to generate
 
     def __reduce_package__(self, exporter):
         self._ready()
