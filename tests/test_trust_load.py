@@ -159,6 +159,8 @@ def test_a_target_outside_the_allowlist_is_refused(tmp_path, target):
      "(--allow-module os) if you trust it"),
     ("path with code", lambda d: d["attributes"][0].update(path="fc; import os"),
      "attributes[0] 'fc; import os': path 'fc; import os' is not a dotted path of plain names"),
+    ("stay_eval of the wrong type", lambda d: d.update(stay_eval="fc"), "ties, frozen, eval or stay_eval: is not a list of names"),
+    ("stay_eval naming no module", lambda d: d.update(stay_eval=["ghost"]), "stay_eval: names no module ('ghost')"),
 ])
 def test_a_tampered_description_is_refused(tmp_path, what, change, problem):
     assert _tamper(tmp_path, change) == bounded(f"{tmp_path / 'o' / 'graph.json'}: {problem}; {FIX}")

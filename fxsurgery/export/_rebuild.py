@@ -21,6 +21,7 @@ from torch.utils._device import DeviceContext
 
 from ..capture import CallSpec, ModeGraphModule, assign, install_adapter, pickled
 from ..errors import SaveError
+from ..rewrite import StayEval, stays_eval
 from ._graphdata import GRAPH, VERSION
 from ._graphload import FIX, OPS, Bad, build_module, decode, entry_error, function, method, path
 from ._shards import read as read_weights
@@ -230,10 +231,11 @@ def rebuild(directory: Path, allow: tuple[str, ...], device: str | torch.device)
         raise entry_error(directory, "attributes", Bad("is not a list"))
     try:
         ties, frozen, evals = _strings(doc, "ties", dict), _strings(doc, "frozen", list), _strings(doc, "eval", list)
+        stay = _strings(doc, "stay_eval", list) if "stay_eval" in doc else []
         for alias in ties:
             path(alias)
     except Bad as exc:
-        raise entry_error(directory, "ties, frozen or eval", exc) from None
+        raise entry_error(directory, "ties, frozen, eval or stay_eval", exc) from None
     with _MetaBuild():
         for i, entry in enumerate(attributes):
             try:
@@ -259,6 +261,13 @@ def rebuild(directory: Path, allow: tuple[str, ...], device: str | torch.device)
             raise SaveError(f"{directory / GRAPH}: call: its call or output is a {name}, which torch reads once its library is "
                             f"imported; fix: import {name.split('.')[0]} before loading") from None
     gm = _with_weights(directory, gm, doc, ties, frozen, evals, non_persistent, device)
+    for where in stay:  # Freeze(..., bn="eval"): in eval mode whatever .train() says, as in memory
+        try:
+            module = gm.get_submodule(where)
+        except AttributeError:
+            raise entry_error(directory, "stay_eval", Bad(f"names no module ({where!r})")) from None
+        if not stays_eval(module):
+            module.register_forward_pre_hook(StayEval())
     if "call" in doc:
         install_adapter(gm, spec, "")
     return gm

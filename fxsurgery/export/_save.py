@@ -116,8 +116,7 @@ def _source(gm: fx.GraphModule, work: Path, **facts) -> tuple[str, dict[str, str
         if dual:
             return first, renames, {"fxsurgery_graph": 1, "class": facts["class_name"],
                                     "unsupported": "it is called through a call adapter and runs a graph per mode"}
-        renamed = {k: v for k, v in _renamed(facts, renames).items() if k != "stay_eval"}
-        return first, renames, describe(gm, entries, graph=renamed_graph(gm, renames), call=call, **renamed)
+        return first, renames, describe(gm, entries, graph=renamed_graph(gm, renames), call=call, **_renamed(facts, renames))
     (work / "model.py").write_text(first, encoding="utf-8")
     with torch.device("meta"):
         rebuilt = import_source(work / "model.py").Model()
@@ -125,7 +124,7 @@ def _source(gm: fx.GraphModule, work: Path, **facts) -> tuple[str, dict[str, str
     renamed = _renamed(facts, renames)
     # a graph per train/eval mode: model.py holds both and picks by self.training, graph.json too
     second, _ = make(again, **renamed, entries=entries)
-    return second, renames, describe(again, entries, **{k: v for k, v in renamed.items() if k != "stay_eval"})
+    return second, renames, describe(again, entries, **renamed)
 
 
 def _renamed(facts: dict, renames: dict[str, str]) -> dict:
