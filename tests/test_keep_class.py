@@ -259,3 +259,28 @@ def test_layers_in_a_rule_file(tmp_path):
     with pytest.raises(RuleError) as err:
         fxs.load_rules(path)
     assert str(err.value) == f"{path}:3: layers order is empty, which would remove every layer; fix: list at least one layer index"
+
+
+def test_a_layer_deleted_in_place_is_refused_at_save_not_reloaded_at_random(tmp_path):
+    # Delete leaves a Skip in the layer list and the config its count: from_pretrained would build that layer anew
+    model = llama()
+    result = apply(model, [fxs.Delete("model.layers.2")])
+    x = ids(2, 9)
+    assert torch.equal(logits(result.module, x), logits(by_hand(model, "model.layers", [0, 1, 3]), x))
+    with pytest.raises(fxs.SaveError) as err:
+        result.save(tmp_path / "o")
+    assert str(err.value) == (
+        "LlamaForCausalLM: its config builds 'model.layers.2.self_attn.q_proj.weight' (9 tensors in all), which the model "
+        "lacks, so from_pretrained would leave them at random init; fix: remove layers with Layers(path, order=[...]), which "
+        "the config follows, or apply with keep_class=False")
+    assert not (tmp_path / "o").exists()
+
+
+def test_adapters_a_config_does_not_build_are_refused_at_save(tmp_path):
+    result = apply(llama(), [Freeze("*"), fxs.Rewrite(fxs.AddLoRA(4, 8), select="re:.*\\.q_proj")])
+    with pytest.raises(fxs.SaveError) as err:
+        result.save(tmp_path / "o")
+    assert str(err.value) == (
+        "LlamaForCausalLM: 'model.layers.0.self_attn.q_proj.base.weight' (12 tensors in all) is not built by its config, so "
+        "from_pretrained would drop it; fix: apply with keep_class=False (saved as model.py + safetensors)")
+    assert not (tmp_path / "o").exists()

@@ -21,20 +21,31 @@ from ._shards import lazy_names, write
 
 
 def refuse_unloadable(module: nn.Module) -> None:
-    """Refuse a kept model its own configuration no longer builds (e.g. heads removed per layer,
-    which a transformers config cannot say): `from_pretrained` would refuse it, and nothing else reads
-    that format. The class is built from the config on meta, so this costs no weights."""
+    """Refuse a kept model its own configuration no longer builds: `from_pretrained` would refuse it
+    (heads removed per layer, which a transformers config cannot say), drop a tensor the config does not
+    build (an adapter), or leave one it builds at random init (a layer deleted in place). Nothing else
+    reads that format. The class is built from the config on meta, so this costs no weights."""
     try:
         with torch.device("meta"):
             fresh = type(module)(copy.deepcopy(module.config))
     except Exception:  # a class its config cannot build here: from_pretrained decides
         return
     shapes = {k: v.shape for k, v in fresh.state_dict().items()}
-    for name, tensor in module.state_dict().items():
+    state = module.state_dict()
+    kind = type(module).__name__
+    for name, tensor in state.items():
         if name in shapes and shapes[name] != tensor.shape:
-            raise SaveError(f"{type(module).__name__}: '{name}' is {list(tensor.shape)} but its config builds "
-                            f"{list(shapes[name])}, so from_pretrained could not reload it; "
-                            "fix: apply with keep_class=False (saved as model.py + safetensors)")
+            raise SaveError(f"{kind}: '{name}' is {list(tensor.shape)} but its config builds {list(shapes[name])}, so "
+                            "from_pretrained could not reload it; fix: apply with keep_class=False (saved as model.py + safetensors)")
+    extra = [name for name in state if name not in shapes]
+    if extra:
+        raise SaveError(f"{kind}: '{extra[0]}' ({len(extra)} tensors in all) is not built by its config, so from_pretrained "
+                        "would drop it; fix: apply with keep_class=False (saved as model.py + safetensors)")
+    missing = [name for name in shapes if name not in state]
+    if missing:
+        raise SaveError(f"{kind}: its config builds '{missing[0]}' ({len(missing)} tensors in all), which the model lacks, "
+                        "so from_pretrained would leave them at random init; fix: remove layers with Layers(path, "
+                        "order=[...]), which the config follows, or apply with keep_class=False")
 
 
 def write_pretrained(module: nn.Module, work: Path, limit: int, lazy: dict, ties: dict[str, str]) -> dict[str, str]:
