@@ -196,3 +196,16 @@ def test_a_long_graph_pickles_without_deep_recursion():
     assert len(result.module.graph.nodes) > 1500
     x = torch.randn(4, 3)
     assert torch.equal(_round_trip(result.module)(x), chain(x))
+
+
+def _doubled(module, args, output):
+    return output * 2
+
+
+def test_hooks_on_the_result_itself_pickle_with_it():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    result = fxs.apply(model, [], example_inputs=(torch.randn(2, 4),))
+    result.module.register_forward_hook(_doubled)
+    x = torch.randn(3, 4)
+    assert torch.equal(_round_trip(result.module)(x), model(x) * 2)

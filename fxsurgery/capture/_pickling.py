@@ -124,6 +124,8 @@ def rebuilt(body: dict, graph: tuple) -> fx.GraphModule:
     for name, value in body.items():  # as torch.fx's own unpickling keeps them
         if not hasattr(gm, name):
             setattr(gm, name, value)
+        elif "hook" in name and name != "_deepcopy_hooks":  # hooks on the module itself, which torch.fx drops
+            gm.__dict__[name] = value
     return gm
 
 
