@@ -20,7 +20,7 @@ from ..spec import Delete, Detach, Freeze, Insert, Layers, New, Output, Prune, R
 from ._blame import shape_failure
 from ._edited import Edited, InputChange
 from ._editor import Rewriter, callable_only
-from ._fitting import build
+from ._fitting import build, mode_at
 from ._heads import opaque as opaque_heads
 from ._heads import prune_rule
 from ._pattern_edits import cut_output, rewrite_chains
@@ -28,7 +28,7 @@ from ._wrappers import Around, Call, Skip, StayEval, stays_eval
 
 __all__ = [
     "Around", "Edited", "InputChange", "ModuleEdit", "Rewritten", "StayEval", "module_edits", "rewrite",
-    "shape_failure", "stays_eval",
+    "mode_at", "shape_failure", "stays_eval",
 ]
 
 
@@ -111,12 +111,13 @@ def module_edits(capture: Capture, plan: Plan) -> list[ModuleEdit]:
             elif isinstance(rule, Delete):
                 edits.append(ModuleEdit(path, m.index, "delete", module=Skip()))
             elif isinstance(rule, Replace):
-                owner = like(capture.model.get_submodule(path))
-                module = Call(rule.replacement) if callable_only(rule.replacement) else build(m, rule.replacement, shape_in, path, owner)
+                owner, mode = like(capture.model.get_submodule(path)), mode_at(capture.model, path)
+                module = Call(rule.replacement) if callable_only(rule.replacement) else build(m, rule.replacement, shape_in, path, owner, mode)
                 edits.append(ModuleEdit(path, m.index, "replace", module=module, weights=rule.weights))
             elif isinstance(rule, Insert):
                 after = rule.after is not None
-                module = build(m, rule.module, shape_out if after else shape_in, path, like(capture.model.get_submodule(path)))
+                module = build(m, rule.module, shape_out if after else shape_in, path, like(capture.model.get_submodule(path)),
+                               mode_at(capture.model, path))
                 edits.append(_into_list(capture, path, m.index, module, after)
                              or (ModuleEdit(path, m.index, "wrap", after=module) if after
                                  else ModuleEdit(path, m.index, "wrap", before=module)))
@@ -150,7 +151,7 @@ def _pattern_edit(m: Match, module: nn.Module, path: str, shape_in: tuple | None
     if made is None:
         return ModuleEdit(path, m.index, "delete", module=Skip())
     if isinstance(made, New):
-        made = build(m, made, shape_in, path, like(module))
+        made = build(m, made, shape_in, path, like(module), module.training)
     if not isinstance(made, nn.Module):
         made = Call(made)
     inside = [p for p, sub in made.named_modules() if sub is module] if pattern.freeze_matched else []

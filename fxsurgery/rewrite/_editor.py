@@ -22,7 +22,7 @@ from ..match import Match, Plan, Site, join, label
 from ..spec import New, describe, like
 from ._blame import shape_failure, source_line
 from ._edited import Edited, InputChange, Slot
-from ._fitting import build, expected_input, fit_call, snake
+from ._fitting import build, expected_input, fit_call, mode_at, snake
 
 
 @dataclass
@@ -100,6 +100,10 @@ class Rewriter:
             with contextlib.suppress(AttributeError):
                 owner = self.captured.model.get_submodule(site.path)
         return like(owner, meta.dtype if meta is not None and meta.is_tensor else None)
+
+    def mode(self, site: Site) -> bool:
+        """The train/eval mode a module built at `site` takes (_fitting.mode_at)."""
+        return mode_at(self.captured.model, site.path or "")
 
     def shape_in(self, site: Site) -> tuple | None:
         tensors = self.tensor_inputs(site)
@@ -224,7 +228,7 @@ class Rewriter:
         if len(shapes) > 1:
             self.fail(m, sites[0], f"'{path}' is called with different shapes ({', '.join(shape_text(s) for s in shapes if s)})",
                       "replace each call site separately or give the shape arguments explicitly")
-        module = build(m, m.rule.replacement, next(iter(shapes)), sites[0], self.like(sites[0]))
+        module = build(m, m.rule.replacement, next(iter(shapes)), sites[0], self.like(sites[0]), self.mode(sites[0]))
         self.edited.modules[path] = Slot(module, path, m.index, weights=m.rule.weights)
         for site in sites:
             inputs = [self.node(n) for n in self.current_inputs(site)]
@@ -274,7 +278,7 @@ class Rewriter:
                     kind = "a list" if isinstance(args[0], (list, tuple)) else f"a {type(args[0]).__name__}"
                     self.fail(m, site, f"it reads '{source.name}' inside {kind}, not as its first argument, "
                               "so a module cannot take its place", "replace it with a function, or select another node")
-                module = build(m, replacement, self.shape_in(site), site, self.like(site))
+                module = build(m, replacement, self.shape_in(site), site, self.like(site), self.mode(site))
                 path = self.fresh_path(site.key.split("@")[0].replace(".", "_"))
                 self.edited.modules[path] = Slot(module, None, m.index)
                 args, kwargs = fit_call(module, args, kwargs)
@@ -289,7 +293,8 @@ class Rewriter:
         for site in sites:
             anchor = self.one_output(m, site) if rule.after is not None else self.one_input(m, site)
             meta = self.meta(anchor.name, fresh=isinstance(rule.module, New) and bool(rule.module.missing()))
-            module = build(m, rule.module, meta.shape if meta and meta.is_tensor else None, site, self.like(site))
+            module = build(m, rule.module, meta.shape if meta and meta.is_tensor else None, site, self.like(site),
+                           self.mode(site))
             where = site.path or site.key or self.captured.path.rpartition(".")[2]
             base = rule.name or f"{where.split('@')[0]}_{snake(type(module).__name__)}"
             path = self.fresh_path(base)

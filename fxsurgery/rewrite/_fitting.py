@@ -50,9 +50,30 @@ def fit_call(target: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return args[:1], {}
 
 
-def build(m, spec: Any, shape: tuple | None, where, like: tuple = (None, None)) -> nn.Module:
+def mode_at(model: nn.Module, path: str) -> bool:
+    """The train/eval mode a module made at `path` takes: that of the original module there, or of the
+    nearest one above it (a layer inserted beside a module in an eval-mode model runs in eval mode too)."""
+    found = model
+    for part in path.split(".") if path else ():
+        found = getattr(found, "_modules", {}).get(part)
+        if found is None:
+            break
+        model = found
+    return model.training
+
+
+def build(m, spec: Any, shape: tuple | None, where, like: tuple = (None, None), training: bool | None = None) -> nn.Module:
     """The module a rule asks for: a copy of an instance, or a `fxs.new` spec built for the incoming shape,
-    in the dtype and device `like` gives (those of what it replaces or sits beside: `spec.like`)."""
+    in the dtype and device `like` gives (those of what it replaces or sits beside: `spec.like`), and in
+    the mode `training` (`mode_at`): a Dropout or BatchNorm made in train mode inside an eval-mode model
+    would drop and update statistics while the model says eval."""
+    made = _built(m, spec, shape, where, like)
+    if training is not None and isinstance(made, nn.Module):
+        made.train(training)
+    return made
+
+
+def _built(m, spec: Any, shape: tuple | None, where, like: tuple) -> nn.Module:
     if not isinstance(spec, New):
         return fresh(spec)
     try:

@@ -55,7 +55,7 @@ def rewrite_chains(rw: Rewriter, m: Match, sites: list[Site]) -> None:
             _check_values(rw, m, site, found, matched)
             replacement = pattern.rewrite(*matched)
             if isinstance(replacement, New):
-                replacement = build(m, replacement, rw.shape_in(site), site, rw.like(site))
+                replacement = build(m, replacement, rw.shape_in(site), site, rw.like(site), rw.mode(site))
             if found.install is not None:
                 made[found.install] = replacement
         args, kwargs = _call_args(rw, found, first)

@@ -88,7 +88,7 @@ def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True,
     for path in built.frozen:  # an adapter's base; gone when a later rule cut the model short
         for p in present[path].parameters() if path in present else ():
             p.requires_grad_(False)
-    follow_modes(module, model, present, original_modules)
+    follow_modes(module, model, present, original_modules, built.made_by)
 
     report = TransferReport(rules={m.index: m.label for m in rewritten.plan.matches})
     if rewritten.capture.kept:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..rewrite import Rewritten, StayEval, stays_eval
+from ..rewrite import Rewritten, StayEval, mode_at, stays_eval
 from ..spec import Freeze, frozen_by
 
 
@@ -60,8 +60,11 @@ def _other_names(model: nn.Module):
     return others
 
 
-def follow_modes(module: nn.Module, model: nn.Module, modules: dict | None = None, originals: dict | None = None) -> None:
-    """Containers the assembly made take the original's train/eval mode; real modules keep theirs."""
+def follow_modes(module: nn.Module, model: nn.Module, modules: dict | None = None, originals: dict | None = None,
+                 made: dict[int, int] | None = None) -> None:
+    """Containers the assembly made take the original's train/eval mode; real modules keep theirs, except
+    those a rule made (`made`: ids), which take the mode of the original where they sit (a Dropout a pattern
+    made in train mode would drop in a model that says eval)."""
     originals = dict(model.named_modules()) if originals is None else originals
     seen: set[int] = set()
     for path, sub in (module.named_modules() if modules is None else modules.items()):
@@ -70,5 +73,9 @@ def follow_modes(module: nn.Module, model: nn.Module, modules: dict | None = Non
         seen.add(id(sub))
         if _is_container(sub):
             sub.training = originals[path].training if path in originals else model.training
+        elif made and id(sub) in made:
+            sub.train(mode_at(model, path))
+            for inner in sub.modules():  # Freeze(..., bn="eval") ran before: those stay in eval mode
+                inner.training = inner.training and not stays_eval(inner)
 
 
