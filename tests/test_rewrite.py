@@ -198,6 +198,25 @@ def test_delete_that_breaks_a_consumer_names_rule_and_node(chain):
                               "fix: replace this layer too (fxs.new infers its input size), or insert a layer that maps the shape")
 
 
+def test_a_layer_a_later_rule_replaces_may_stop_fitting_in_between(resnet18):
+    # Delete("layer4") leaves fc (512 inputs) fed 256 features; the next rule's new head infers 256. The shape
+    # pass for that rule failed at the old fc, and the Delete was refused with "replace this layer too"
+    model = resnet18.eval()
+    x = torch.randn(2, 3, 64, 64)
+    result = fxs.apply(model, [Delete("layer4"), Replace("fc", fxs.new(nn.Linear, out_features=10))], example_inputs=(x[:1],))
+    head = result.module.get_submodule("fc")
+    assert (head.in_features, head.out_features) == (256, 10)
+    by_hand = copy.deepcopy(model)
+    by_hand.layer4, by_hand.fc = nn.Identity(), head
+    assert torch.equal(result.module(x), by_hand(x))
+    alone = Delete("layer4")
+    with pytest.raises(fxs.ValidateError) as err:  # with no rule after it to replace fc, it is still refused
+        fxs.apply(model, [alone], example_inputs=(x[:1],))
+    assert str(err.value) == (f"rule 1 'delete layer4' ({line_of(alone)}) at node 'fc' [call_module]: Linear(in_features=512, "
+                              "out_features=1000, bias=True) does not fit the incoming shape [1, 256]; fix: replace this layer too "
+                              "(fxs.new infers its input size), or insert a layer that maps the shape")
+
+
 def test_replace_whose_shape_cannot_fit(chain):
     rule = Replace("liner2", nn.Linear(5, 2))
     with pytest.raises(fxs.ValidateError) as err:

@@ -72,7 +72,7 @@ class Rewriter:
         while name in self.alias:
             name = self.alias[name]
         if fresh and self.dirty and self._stale(name):
-            self.repropagate()
+            self.repropagate(need=name)
         return self.edited.shapes.get(name)
 
     def _stale(self, name: str) -> bool:
@@ -128,7 +128,11 @@ class Rewriter:
             return inputs
         return [name for name in inputs if (self.meta(name, fresh=False) or Meta(None, None, "?")).is_tensor]
 
-    def repropagate(self) -> None:
+    def repropagate(self, need: str | None = None) -> None:
+        """Shapes again after an edit. Asked for the shape of `need`: a node after it that fails (the old
+        head, after an earlier rule changed what reaches it) is left to the rules to come, which may replace
+        it (`Replace(head, fxs.new(...))` infers its size from `need`); the checks after the last rule
+        still refuse it if none does."""
         self.dirty = False
         if self.captured.example_inputs is None:
             return
@@ -136,7 +140,9 @@ class Rewriter:
             self.edited.shapes = propagate(self.edited.table(), self.graph, self.edited.example_inputs(),
                                            self.edited.shape_state)
         except PropagationError as err:
-            raise shape_failure(err, self.edited) from None
+            if need is None or need not in err.metas:
+                raise shape_failure(err, self.edited) from None
+            self.edited.shapes, self.dirty = dict(err.metas), True
 
     def fail(self, m: Match, site: Site | None, problem: str, fix: str):
         where = f" at '{site}'" if site else ""
