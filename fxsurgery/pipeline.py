@@ -160,7 +160,7 @@ class SurgeryResult:
         if pretrained:
             if formats:
                 raise SaveError(f"formats {', '.join(formats)}: a kept {type(self.module).__name__} is saved by its own "
-                                "save_pretrained; fix: leave formats out, or apply with keep_class=False")
+                                "save_pretrained; fix: leave formats out, or apply with keep_class=False (--no-keep-class)")
             with working("save"):  # a large model's weights take a while to write and hash
                 return save_pretrained(self.module, directory, force=force, record=self.to_dict(),
                                        max_shard_size=max_shard_size, lazy=pending_of(self.module), ranks=ranks)

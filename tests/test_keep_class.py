@@ -225,13 +225,13 @@ def test_layers_without_keep_class_and_call_rules_with_it_are_refused():
     with pytest.raises(MatchError) as err:
         fxs.apply(Stack(), [rule], example_inputs=(torch.randn(1, 4),))
     assert str(err.value) == (f"rule 1 'layers layers order=[0]' ({rule.origin}) rearranges a module list the forward loops "
-                              "over, which a graph has unrolled; fix: pass keep_class=True")
+                              "over, which a graph has unrolled; fix: pass keep_class=True (--keep-class)")
     rule = Replace(torch.nn.functional.silu, torch.nn.functional.gelu)
     with pytest.raises(MatchError) as err:
         apply(llama(), [rule])
     assert str(err.value) == (f"rule 1 'replace torch.nn.functional.silu with torch.nn.functional.gelu' ({rule.origin}) "
                               "edits code inside a forward, which keep_class=True runs as written; "
-                              "fix: pass keep_class=False for a regenerated module")
+                              "fix: pass keep_class=False (--no-keep-class) for a regenerated module")
 
 
 @pytest.mark.parametrize("order, message", [
@@ -272,7 +272,7 @@ def test_a_layer_deleted_in_place_is_refused_at_save_not_reloaded_at_random(tmp_
     assert str(err.value) == (
         "LlamaForCausalLM: its config builds 'model.layers.2.self_attn.q_proj.weight' (9 tensors in all), which the model "
         "lacks, so from_pretrained would leave them at random init; fix: remove layers with Layers(path, order=[...]), which "
-        "the config follows, or apply with keep_class=False")
+        "the config follows, or apply with keep_class=False (--no-keep-class)")
     assert not (tmp_path / "o").exists()
 
 
@@ -282,5 +282,5 @@ def test_adapters_a_config_does_not_build_are_refused_at_save(tmp_path):
         result.save(tmp_path / "o")
     assert str(err.value) == (
         "LlamaForCausalLM: 'model.layers.0.self_attn.q_proj.base.weight' (12 tensors in all) is not built by its config, so "
-        "from_pretrained would drop it; fix: apply with keep_class=False (saved as model.py + safetensors)")
+        "from_pretrained would drop it; fix: apply with keep_class=False (--no-keep-class; saved as model.py + safetensors)")
     assert not (tmp_path / "o").exists()

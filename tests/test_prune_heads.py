@@ -213,7 +213,7 @@ def test_kept_class_with_pruned_heads_refuses_save_pretrained_and_saves_as_a_gra
     with pytest.raises(fxs.errors.SaveError) as err:
         kept.save(tmp_path / "kept")
     assert str(err.value) == (f"{type(model).__name__}: '{path}.self.query.weight' is [16, 32] but its config builds [32, 32], "
-                              "so from_pretrained could not reload it; fix: apply with keep_class=False (saved as model.py + safetensors)")
+                              "so from_pretrained could not reload it; fix: apply with keep_class=False (--no-keep-class; saved as model.py + safetensors)")
     assert not (tmp_path / "kept").exists()
     graph = fxs.apply(model, [Prune(path, heads=[0])], example_inputs=(H.ids(2, 7),), keep_class=False)
     graph.save(tmp_path / "graph")

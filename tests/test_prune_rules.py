@@ -142,7 +142,7 @@ def test_saved_pruned_model_loads_with_the_same_outputs(tmp_path):
 def test_kept_class_is_refused():
     model, x = Flat().eval(), torch.randn(2, 3, 5, 5)
     with pytest.raises(RewriteError, match=r"'conv' is called by opaque code \(kept class\), so the layers its channels reach are "
-                                           r"not known; fix: pass keep_class=False"):
+                                           r"not known; fix: pass keep_class=False \(--no-keep-class\)"):
         fxs.apply(model, [Prune("conv", channels=[1])], example_inputs=(x,), keep_class=True)
 
 

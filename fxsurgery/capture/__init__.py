@@ -33,10 +33,10 @@ from ._pickling import picklable
 from ._pickling import reduce as pickled
 from ._shapes import Meta, PropagationError, adapt, propagate, quiet_fake_tensors
 from ._trace import Captured, module_stack, trace
-from ._tracer import Tracer, qualified_names
+from ._tracer import FIRST_ARGUMENT_OF, Tracer, qualified_names
 
 __all__ = [
-    "assign",
+    "FIRST_ARGUMENT_OF", "assign",
     "ModeGraphModule", "current", "dual_source", "keep_mode_reads", "other_graph", "trace_modes", "track",
     "KEPT", "CallSpec", "adapter_call", "Call", "Capture", "Captured", "Meta", "PropagationError", "adapt", "capture", "capture_kept", "clone",
     "held_by", "install_adapter", "mismatch", "picklable", "pickled",

@@ -12,6 +12,8 @@ from .._progress import counter
 from ._dualgraph import current
 from ._livemodes import read_modes
 
+FIRST_ARGUMENT_OF = "fxs_first_argument_of"  # node meta: the modules (traced through) that took this node first
+
 
 class Tracer(fx.Tracer):
     """torch.fx's tracer with a leaf policy the user can extend.
@@ -82,6 +84,9 @@ class Tracer(fx.Tracer):
             # made by the forward itself (`loss_fct = CrossEntropyLoss()`): no path to call it by, so its code is traced
             return forward(*args, **kwargs)
         self._open.append(path)
+        relative = self._relative(path)
+        if relative and args and isinstance(args[0], fx.Proxy):  # what Delete of a traced-through block passes on
+            args[0].node.meta.setdefault(FIRST_ARGUMENT_OF, []).append(relative)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:

@@ -67,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
                    "(under torchrun every rank draws the same ones; by default from a seed derived from the launch)")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="weights above this go into shards with an "
                    "index: bytes, or e.g. 2GB, 500MB (default 5GB)")
+    p.add_argument("--keep-class", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the model's own class, submodules swapped (the default for transformers models: generate() "
+                   "and save_pretrained keep working); --no-keep-class: a regenerated graph module, saved as model.py + "
+                   "safetensors (needed for rules that edit inside a forward, and for --format)")
     p.add_argument("--dynamic-shapes", choices=["auto", "none"], default="auto",
                    help="auto: guard only the size decisions the code makes (default); none: only the example's shapes")
 
@@ -225,7 +229,7 @@ def _result(args, keep_class: bool | None = None):
         dynamic = None if getattr(args, "dynamic_shapes", "auto") == "none" else "auto"
         return apply(model, rules, inputs or None, example_kwargs=keywords or None, strict=getattr(args, "strict", False),
                      leaf_paths=args.leaf, weights=checkpoint, stream=getattr(args, "stream", False), dynamic_shapes=dynamic,
-                     keep_class=keep_class)
+                     keep_class=getattr(args, "keep_class", None) if keep_class is None else keep_class)
 
 
 def cmd_diff(args) -> int:

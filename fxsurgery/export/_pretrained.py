@@ -36,16 +36,16 @@ def refuse_unloadable(module: nn.Module) -> None:
     for name, tensor in state.items():
         if name in shapes and shapes[name] != tensor.shape:
             raise SaveError(f"{kind}: '{name}' is {list(tensor.shape)} but its config builds {list(shapes[name])}, so "
-                            "from_pretrained could not reload it; fix: apply with keep_class=False (saved as model.py + safetensors)")
+                            "from_pretrained could not reload it; fix: apply with keep_class=False (--no-keep-class; saved as model.py + safetensors)")
     extra = [name for name in state if name not in shapes]
     if extra:
         raise SaveError(f"{kind}: '{extra[0]}' ({len(extra)} tensors in all) is not built by its config, so from_pretrained "
-                        "would drop it; fix: apply with keep_class=False (saved as model.py + safetensors)")
+                        "would drop it; fix: apply with keep_class=False (--no-keep-class; saved as model.py + safetensors)")
     missing = [name for name in shapes if name not in state]
     if missing:
         raise SaveError(f"{kind}: its config builds '{missing[0]}' ({len(missing)} tensors in all), which the model lacks, "
                         "so from_pretrained would leave them at random init; fix: remove layers with Layers(path, "
-                        "order=[...]), which the config follows, or apply with keep_class=False")
+                        "order=[...]), which the config follows, or apply with keep_class=False (--no-keep-class)")
 
 
 def write_pretrained(module: nn.Module, work: Path, limit: int, lazy: dict, ties: dict[str, str]) -> dict[str, str]:

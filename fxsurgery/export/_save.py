@@ -17,6 +17,7 @@ import torch
 from torch import fx, nn
 
 from .._progress import bar
+from .._util import first_line
 from ..capture import ModeGraphModule, adapter_call, current, dual_source, keep_mode_reads, trace, trace_modes
 from ..errors import SaveError, TraceError
 from ..rewrite import stays_eval
@@ -82,7 +83,8 @@ def leaf_paths(module: nn.Module) -> list[str]:
     return [p for p, m in module.named_modules() if p and type(m) is not nn.Module]
 
 
-def _as_graph_module(module: nn.Module) -> fx.GraphModule:
+def _as_graph_module(module: nn.Module, opaque: dict | None = None) -> fx.GraphModule:
+    """The module as one graph; `opaque` (path -> why, from the capture) names what stayed Python if it is none."""
     if isinstance(module, fx.GraphModule):
         return module
     try:
@@ -91,9 +93,17 @@ def _as_graph_module(module: nn.Module) -> fx.GraphModule:
                 return trace_modes(module, lambda view: trace(view, leaf_paths=leaf_paths(view)).gm)
             return trace(module, leaf_paths=leaf_paths(module)).gm
     except TraceError as err:
+        kind = shown(type(module).__name__)
+        if opaque:  # the capture knows which module stayed Python and why: more use than the re-trace's failure
+            path, why = next(iter(opaque.items()))
+            cache = any("Cache" in str(reason) for reason in opaque.values())
+            raise SaveError(f"cannot write model.py for {kind}: '{path or kind}' stays Python ({first_line(why)})"
+                            + ("; fix: build the model with config.use_cache=False (a graph takes no cache object) and apply again"
+                               if cache else "; fix: make that code traceable, or save the weights alone with "
+                               "safetensors.torch.save_model(module, path)")) from None
         graphs = [p for p, m in module.named_modules() if isinstance(m, fx.GraphModule)]
         inside = f" (its graphs: {', '.join(graphs[:3])})" if graphs else ""
-        raise SaveError(f"cannot write model.py for {shown(type(module).__name__)}: part of its forward stays Python{inside}: "
+        raise SaveError(f"cannot write model.py for {kind}: part of its forward stays Python{inside}: "
                         f"{err.reason or err.problem}; fix: save its weights with "
                         "safetensors.torch.save_model(module, path) and rebuild the architecture in code, "
                         "or make the model traceable (leaf_paths=)") from None
@@ -152,7 +162,7 @@ def save(module: nn.Module, directory: str | os.PathLike, *, force: bool = False
     """
     limit = parse_size(max_shard_size)
     group = Ranks.from_env() if ranks else None
-    gm = _as_graph_module(module)
+    gm = _as_graph_module(module, ((record or {}).get("coverage") or {}).get("opaque"))
     class_name = getattr(module, "_fxsurgery_class", None) or type(module).__name__
     ties = ties_of(gm)
     readers = lazy_names(gm, lazy)

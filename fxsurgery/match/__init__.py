@@ -254,14 +254,14 @@ def _check_kept(m: Match) -> None:
               or any(sel.kind in ("function", "method") for sel in ([] if isinstance(rule, Rewrite) else rule.selectors())))
     if inside:
         raise MatchError(f"{m.label} edits code inside a forward, which keep_class=True runs as written; "
-                         "fix: pass keep_class=False for a regenerated module")
+                         "fix: pass keep_class=False (--no-keep-class) for a regenerated module")
 
 
 def _layer_sites(m: Match, locator: Locator) -> tuple[list[Site], list[str]]:
     """Each selected nn.ModuleList is one site; every index of the order must name one of its layers."""
     if not locator.capture.kept:
         raise MatchError(f"{m.label} rearranges a module list the forward loops over, which a graph has unrolled; "
-                         "fix: pass keep_class=True")
+                         "fix: pass keep_class=True (--keep-class)")
     paths = select_modules(m.rule.target, locator.modules)
     for path in paths:
         layers = locator.modules[path]

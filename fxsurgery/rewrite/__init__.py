@@ -105,7 +105,7 @@ def module_edits(capture: Capture, plan: Plan) -> list[ModuleEdit]:
                     continue
             if isinstance(rule, Prune):  # channels are followed through a graph, and opaque code has none
                 raise RewriteError(f"{m.label}: '{path}' is called by opaque code ({'kept class' if capture.kept else 'not traced'}), "
-                                   "so the layers its channels reach are not known; fix: pass keep_class=False, or make that code traceable")
+                                   "so the layers its channels reach are not known; fix: pass keep_class=False (--no-keep-class), or make that code traceable")
             if isinstance(rule, Layers):
                 edits.append(ModuleEdit(path, m.index, "layers", order=rule.order))
             elif isinstance(rule, Delete):

@@ -16,7 +16,7 @@ from typing import Any
 from torch import fx, nn
 
 from .._util import get_path, shape_text
-from ..capture import Captured, Meta, PropagationError, propagate
+from ..capture import FIRST_ARGUMENT_OF, Captured, Meta, PropagationError, propagate
 from ..errors import RewriteError
 from ..match import Match, Plan, Site, join, label
 from ..spec import New, describe, like
@@ -148,12 +148,32 @@ class Rewriter:
         where = f" at '{site}'" if site else ""
         raise RewriteError(f"{m.label}{where}: {problem}; fix: {fix}")
 
-    def one_input(self, m: Match, site: Site) -> fx.Node:
+    def one_input(self, m: Match, site: Site, deleting: bool = False) -> fx.Node:
         inputs = self.tensor_inputs(site)
         if len(inputs) != 1:
+            one_call = (f", or make it one call (leaf_paths=['{site.module}']) so that its first argument passes through"
+                        if deleting and site.path is not None and not site.leaf else "")
             self.fail(m, site, f"it reads {len(inputs)} tensors ({', '.join(inputs) or 'none'}), so there is no single input to pass on",
-                      "replace it instead, or select a node with one input")
+                      f"replace it instead, or select a node with one input{one_call}")
         return self.node(inputs[0])
+
+    def residual(self, site: Site) -> fx.Node | None:
+        """A deleted block called with several inputs passes its first argument on (the residual stream, as
+        `Skip` does in opaque code), where that argument is a tensor of the very shape and dtype it returned."""
+        inputs = self.tensor_inputs(site)
+        if site.path is None or site.output is None or len(inputs) < 2 or not self.edited.shapes:
+            return None
+        if site.leaf:
+            node = self.node(site.nodes[0])
+            first = node.args[0] if node.op == "call_module" and node.args else None
+        else:  # traced through: the tracer marked the node the call took first
+            firsts = [self.node(n) for n in inputs if site.path in self.node(n).meta.get(FIRST_ARGUMENT_OF, ())]
+            first = firsts[0] if len(firsts) == 1 else None
+        if not isinstance(first, fx.Node):
+            return None
+        into, out = self.meta(first.name), self.meta(site.output)
+        same = into is not None and out is not None and into.is_tensor and out.is_tensor
+        return first if same and (into.shape, into.dtype) == (out.shape, out.dtype) else None
 
     def one_output(self, m: Match, site: Site) -> fx.Node:
         if site.output is None:
@@ -201,7 +221,7 @@ class Rewriter:
     # -- actions ---------------------------------------------------------------
     def delete(self, m: Match, sites: list[Site]) -> None:
         for site in sites:
-            source = self.one_input(m, site)
+            source = self.residual(site) or self.one_input(m, site, deleting=True)
             out = self.one_output(m, site)
             # what the consumers expected matters only where they will now read a model input
             expected = self.meta(out.name) if source.op == "placeholder" else None

@@ -119,7 +119,7 @@ def opaque(m: Match, module: nn.Module, path: str) -> tuple[nn.Module, Kept]:
                            "fix: select another attention module (one that holds its output projection too)") from None
     if layout is not None and layout.kind == "packed":
         raise RewriteError(f"{m.label}: '{path}' is a MultiheadAttention called by opaque code, and its pruned form is a graph; "
-                           "fix: pass keep_class=False, or make that code traceable")
+                           "fix: pass keep_class=False (--no-keep-class), or make that code traceable")
     if layout is None:
         return None
     return shrunk(module, layout, choose(m, module, layout, path))
