@@ -70,6 +70,18 @@ def test_inspect_table_and_json():
     assert relu["calls"] == 2 and relu["output"] == "[1, 64, 16, 16]"
 
 
+def test_inspect_of_a_saved_result_shows_the_modules_that_hold_the_called_ones_as_containers(tmp_path):
+    rules = tmp_path / "r.yaml"
+    rules.write_text("fxsurgery: 1\nrules:\n  - delete: layer4.1\n")
+    assert cli("apply", RESNET, rules, "--input", "1x3x64x64", "-o", tmp_path / "out", "--quiet")[0] == 0
+    code, stdout, _ = cli("inspect", tmp_path / "out", "--input", "1x3x64x64", "--json")
+    runs = {r["path"]: (r["type"], r["runs"]) for r in json.loads(stdout)["modules"]}
+    assert {p: runs[p] for p in ("layer1", "layer4", "layer4.0", "layer4.0.conv1", "fc")} == {
+        "layer1": ("Module", "container"), "layer4": ("Module", "container"), "layer4.0": ("Module", "container"),
+        "layer4.0.conv1": ("Conv2d", "graph"), "fc": ("Linear", "graph")}
+    assert "layer4.1" not in runs and not [p for p, (_, how) in runs.items() if how == "unused"]
+
+
 def test_check_lists_rules():
     code, stdout, _ = cli("check", os.path.join(RULES, "resnet-finetune.yaml"), "--set", "num_classes=5")
     assert code == 0

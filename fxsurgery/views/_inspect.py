@@ -26,6 +26,19 @@ def _state(capture: Capture, path: str, sites) -> str:
     return "python" if path in capture.calls else "unused"
 
 
+def _containers(rows: list[dict]) -> None:
+    """A module never called itself whose modules run (a graph calls `layer1.0.conv1`, not `layer1`, once
+    saved and loaded) holds them: "container", not "unused"."""
+    above = set()
+    for r in rows:
+        if r["runs"] != "unused":
+            parts = r["path"].split(".")
+            above.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    for r in rows:
+        if r["runs"] == "unused" and r["path"] in above:
+            r["runs"] = "container"
+
+
 def overview(capture: Capture) -> dict:
     """Modules (path, type, output shape, parameters, calls, where they run) and graph counts."""
     locator = Locator(capture)
@@ -49,6 +62,7 @@ def overview(capture: Capture) -> dict:
             "trainable": sum(p.numel() for p in params if p.requires_grad),
             "calls": calls, "runs": _state(capture, path, sites),
         })
+    _containers(rows)
     ops = Counter(n.op for r in capture.regions for n in r.graph.nodes)
     seen, total, trainable = set(), 0, 0
     for p in capture.model.parameters():
