@@ -217,6 +217,17 @@ def test_a_layer_a_later_rule_replaces_may_stop_fitting_in_between(resnet18):
                               "(fxs.new infers its input size), or insert a layer that maps the shape")
 
 
+def test_a_new_layer_sized_before_a_later_rule_changed_its_input_says_to_reorder_the_rules(resnet18):
+    # the error named only the Replace and told the user to use fxs.new, which they had
+    head = Replace("fc", fxs.new(nn.Linear, out_features=10))
+    x = torch.randn(1, 3, 64, 64)
+    with pytest.raises(fxs.ValidateError) as err:
+        fxs.apply(resnet18, [head, Delete("layer4")], example_inputs=(x,))
+    assert str(err.value) == (f"rule 1 'replace fc with Linear(out_features=10)' ({line_of(head)}) at node 'fc' [call_module]: "
+                              "what reaches it is now [1, 256], changed by rule 2 'delete layer4' after this rule sized it; "
+                              "fix: put rule 1 after rule 2 (fxs.new then infers the new size), or set it to match [1, 256]")
+
+
 def test_replace_whose_shape_cannot_fit(chain):
     rule = Replace("liner2", nn.Linear(5, 2))
     with pytest.raises(fxs.ValidateError) as err:

@@ -36,6 +36,13 @@ def blame(edited: Edited, node: fx.Node) -> Match | None:
     return None
 
 
+def _later_upstream(edited: Edited, node: fx.Node, index: int) -> Match | None:
+    """A rule after rule `index` that changed what reaches `node` (the nearest upstream), if any."""
+    found = [blame(edited, arg) for arg in node.all_input_nodes]
+    later = [m for m in found if m is not None and m.index > index]
+    return min(later, key=lambda m: m.index) if later else None
+
+
 def shape_failure(err: PropagationError, edited: Edited) -> ValidateError:
     """A one-line error for a node that fails on its new inputs, naming the rule."""
     node, exc = err.node, err.exc
@@ -48,6 +55,11 @@ def shape_failure(err: PropagationError, edited: Edited) -> ValidateError:
         wanted = expected_input(module, shape)
         made = culprit is not None and edited.modules[node.target].rule == culprit.index
         if wanted != tuple(shape):
+            later = _later_upstream(edited, node, culprit.index) if made else None
+            if later is not None:  # sized (or inferred) for what reached it then; a later rule changed that
+                return ValidateError(f"{where}: what reaches it is now {shape_text(shape)}, changed by rule {later.index} "
+                                     f"'{later.rule}' after this rule sized it; fix: put rule {culprit.index} after rule "
+                                     f"{later.index} (fxs.new then infers the new size), or set it to match {shape_text(shape)}")
             fix = (f"drop the shape argument and let it be inferred (fxs.new), or set it to match {shape_text(shape)}" if made
                    else "replace this layer too (fxs.new infers its input size), or insert a layer that maps the shape")
             return ValidateError(f"{where}: {describe(module)} does not fit the incoming shape {shape_text(shape)}; fix: {fix}")
