@@ -17,7 +17,6 @@ import torch
 from torch import fx, nn
 
 from .._progress import bar
-from .._util import first_line
 from ..capture import ModeGraphModule, adapter_call, current, dual_source, keep_mode_reads, trace, trace_modes
 from ..errors import SaveError, TraceError
 from ..rewrite import stays_eval
@@ -94,13 +93,11 @@ def _as_graph_module(module: nn.Module, opaque: dict | None = None) -> fx.GraphM
             return trace(module, leaf_paths=leaf_paths(module)).gm
     except TraceError as err:
         kind = shown(type(module).__name__)
-        if opaque:  # the capture knows which module stayed Python and why: more use than the re-trace's failure
-            path, why = next(iter(opaque.items()))
-            cache = any("Cache" in str(reason) for reason in opaque.values())
-            raise SaveError(f"cannot write model.py for {kind}: '{path or kind}' stays Python ({first_line(why)})"
-                            + ("; fix: build the model with config.use_cache=False (a graph takes no cache object) and apply again"
-                               if cache else "; fix: make that code traceable, or save the weights alone with "
-                               "safetensors.torch.save_model(module, path)")) from None
+        cached = [(path, why) for path, why in (opaque or {}).items() if "Cache" in str(why)]
+        if cached:  # a transformers model given a cache object stays Python: the capture says so, the re-trace does not
+            path, why = cached[0]
+            raise SaveError(f"cannot write model.py for {kind}: '{path or kind}' stays Python ({str(why).partition('; fix:')[0]}); "
+                            "fix: build the model with config.use_cache=False (a graph takes no cache object) and apply again") from None
         graphs = [p for p, m in module.named_modules() if isinstance(m, fx.GraphModule)]
         inside = f" (its graphs: {', '.join(graphs[:3])})" if graphs else ""
         raise SaveError(f"cannot write model.py for {kind}: part of its forward stays Python{inside}: "
