@@ -73,6 +73,27 @@ def test_fold_bn_on_resnet50_leaves_no_batchnorm_and_keeps_the_output():
     assert_state_equal(model, saved)
 
 
+def test_folded_layers_of_frozen_ones_stay_frozen_and_a_half_frozen_fold_is_warned_about():
+    # `freeze *` then fold-bn left 40 of 42 parameters trainable, without a word
+    model = randomise_bn(torchvision.models.resnet18()).eval()
+    x = torch.randn(2, 3, 64, 64)
+    result = fxs.apply(model, [fxs.Freeze("*"), fxs.Rewrite(fxs.FoldBatchNorm)], example_inputs=(x[:1],))
+    assert [n for n, p in result.module.named_parameters() if p.requires_grad] == []
+    assert result.report.counts() == {"transferred": 2, "adapted": 40, "new": 0, "dropped": 0, "frozen": 42}
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x), model(x), rtol=1e-4, atol=1e-4)
+    fold = fxs.Rewrite(fxs.FoldBatchNorm)
+    with pytest.warns(fxs.SurgeryWarning) as caught:
+        half = fxs.apply(model, [fxs.Freeze("layer1.0.conv1"), fold], example_inputs=(x[:1],))
+    assert [str(w.message) for w in caught] == [
+        f"rule 2 'rewrite fold_bn (conv + batchnorm -> conv)' ({fold.origin}) computed layer1.0.conv1 from layer1.0.conv1, "
+        "layer1.0.bn1, of which layer1.0.conv1.weight is frozen and layer1.0.bn1.weight is not: layer1.0.conv1 trains; "
+        "fix: freeze all of layer1.0.conv1, layer1.0.bn1, or put a Freeze of layer1.0.conv1 after this rule"]
+    assert [n for n, p in half.module.named_parameters() if not p.requires_grad] == []
+    after = fxs.apply(model, [fold, fxs.Freeze("*")], example_inputs=(x[:1],))  # a Freeze after the fold: as before
+    assert [n for n, p in after.module.named_parameters() if p.requires_grad] == []
+
+
 def test_fold_linear_bn():
     torch.manual_seed(0)
     model = randomise_bn(nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.ReLU(), nn.Linear(7, 3, bias=False), nn.BatchNorm1d(3)))

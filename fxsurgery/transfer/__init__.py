@@ -22,7 +22,7 @@ from ._assemble import _blank, assemble
 from ._checkpoint import Checkpoint, empty_weights, read_state_dict, strip_prefixes
 from ._conventions import follow_conventions
 from ._dcp import DcpCheckpoint, open_checkpoint, refuse_dtensors
-from ._freeze import follow_modes, freeze
+from ._freeze import follow_modes, freeze, freeze_derived
 from ._lazycopy import lazy_blank
 from ._ownload import refuse_own_loading
 from ._pairwise import transfer_modules
@@ -85,6 +85,7 @@ def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True,
     rule_of = _maker(present, built.made_by)
     original_modules = dict(model.named_modules())
     freeze(rewritten, module, rule_of, present, original_modules)
+    freeze_derived(rewritten, built.derived, original_modules)
     for path in built.frozen:  # an adapter's base; gone when a later rule cut the model short
         for p in present[path].parameters() if path in present else ():
             p.requires_grad_(False)

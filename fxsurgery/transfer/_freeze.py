@@ -43,6 +43,36 @@ def freeze(rewritten: Rewritten, module: nn.Module, rule_of, modules: dict | Non
                         owner.training = False
 
 
+def freeze_derived(rewritten: Rewritten, derived: list[tuple], originals: dict) -> None:
+    """A tensor a pattern computed from modules earlier Freeze rules froze is frozen too (`freeze *` then
+    fold-bn: the folded convolution stays frozen, as the two it came from were). One computed from frozen and
+    trainable modules alike trains, and a warning says so."""
+    freezes = [m for m in rewritten.plan.matches if isinstance(m.rule, Freeze)]
+    if not freezes or not derived:
+        return
+    model = rewritten.capture.model
+    names = [n for n, _ in model.named_parameters()]
+    others = _other_names(model)
+    frozen_at = {m.index: set(frozen_by(m.rule, names, lambda p: type(originals.get(p)), others)[0]) for m in freezes}
+    for path, made, sources, rule in derived:
+        prefixes = tuple(s + "." for s in sources)
+        inputs = [n for n in names if n.startswith(prefixes)]
+        before = set().union(*(done for i, done in frozen_at.items() if i < rule))
+        frozen = [n for n in inputs if n in before]
+        training = [p for p in made.parameters() if p.requires_grad]
+        if not frozen or not training:
+            continue
+        if len(frozen) == len(inputs):
+            for p in training:
+                p.requires_grad_(False)
+        else:
+            thawed = next(n for n in inputs if n not in before)
+            rewritten.plan.warnings.append(
+                f"{rewritten.rule_of(rule).label} computed {path} from {', '.join(sources)}, of which {frozen[0]} is frozen "
+                f"and {thawed} is not: {path} trains; fix: freeze all of {', '.join(sources)}, or put a Freeze of {path} "
+                "after this rule")
+
+
 def _other_names(model: nn.Module):
     """name -> the same parameter's names under a module's other paths in the original (`self.b = self.a`):
     a graph calls such a module by one path, and a Freeze naming another must still reach it."""
