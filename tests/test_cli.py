@@ -82,6 +82,28 @@ def test_inspect_of_a_saved_result_shows_the_modules_that_hold_the_called_ones_a
     assert "layer4.1" not in runs and not [p for p, (_, how) in runs.items() if how == "unused"]
 
 
+def test_set_goes_to_each_rule_file_that_declares_the_param():
+    # resnet-finetune declares num_classes and p, fold-bn per_site: "--set num_classes=5" was refused by fold-bn
+    code, stdout, stderr = cli("check", "resnet-finetune", "fold-bn", "--set", "num_classes=5", "--set", "per_site=true", "--json")
+    assert code == 0, stderr
+    assert [(r["file"], r["params"]) for r in json.loads(stdout)] == [("resnet-finetune", {"num_classes": 5, "p": 0.2}),
+                                                                      ("fold-bn", {"per_site": True})]
+    code, stdout, stderr = cli("apply", RESNET, "resnet-finetune", "fold-bn", "--set", "num_classes=5", "--input", "1x3x64x64",
+                               "--eval", "--dry-run", "--json", "--quiet")
+    assert code == 0, stderr
+    assert [(m["text"], m["matches"]) for m in json.loads(stdout)["matches"]] == [
+        ("replace fc with Linear(out_features=5)", 1), ("freeze * except layer4.*, fc", 30), ("detach after layer3", 1),
+        ("insert Dropout(p=0.2) after avgpool", 1), ("rewrite fold_bn (conv + batchnorm -> conv)", 20),
+        ("rewrite fold_linear_bn (linear + batchnorm1d -> linear)", 0)]
+    code, _, stderr = cli("check", "resnet-finetune", "fold-bn", "--set", "num_clases=5")
+    finetune, fold = (os.path.join(RULES, f"{name}.yaml") for name in ("resnet-finetune", "fold-bn"))
+    assert (code, stderr) == (2, f"fxsurgery: error: --set num_clases: no rule file declares the param 'num_clases' (declared: "
+                                 f"{finetune}: num_classes, p; {fold}: per_site); fix: use a declared name or add it under 'params:'\n")
+    code, _, stderr = cli("check", "fold-bn", "--set", "num_classes=5")  # one file: its own message, as before
+    assert (code, stderr) == (2, f"fxsurgery: error: {fold}: unknown param 'num_classes' (the file declares: per_site); fix: use a "
+                                 "declared name or add it under 'params:'\n")
+
+
 def test_check_lists_rules():
     code, stdout, _ = cli("check", os.path.join(RULES, "resnet-finetune.yaml"), "--set", "num_classes=5")
     assert code == 0

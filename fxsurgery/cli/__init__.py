@@ -18,7 +18,7 @@ from pathlib import Path
 from .._progress import library_bars, quiet, working
 from .._util import first_line, format_table
 from ..errors import FxsError, ModelError, bounded
-from ..spec import load_rules, parse_overrides
+from ..spec import load_rule_files, load_rules, parse_overrides
 
 __all__ = [
     "cmd_apply", "cmd_check", "cmd_demo", "cmd_diff", "cmd_inspect", "cmd_map_weights", "cmd_rules", "main",
@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     model_args(p)
     p.add_argument("rules", nargs="+", help="rule files (YAML)")
     p.add_argument("-o", "--output", metavar="DIR", help="write model.py, model.safetensors, surgery.json here")
-    p.add_argument("--set", action="append", default=[], metavar="K=V", help="override a rule-file param")
+    p.add_argument("--set", action="append", default=[], metavar="K=V", help="override a rule-file param "
+                   "(with several rule files: in each file that declares it)")
     p.add_argument("--allow-module", action="append", default=[], metavar="PKG", help="let rule files name classes from PKG")
     p.add_argument("--strict", action="store_true", help="fail when a tensor is new and no rule declared it")
     p.add_argument("--dry-run", action="store_true", help="show the plan and report, write nothing")
@@ -203,8 +204,7 @@ def cmd_inspect(args) -> int:
 def cmd_check(args) -> int:
     params = parse_overrides(args.set)
     results = []
-    for path in args.rules:
-        ruleset = load_rules(shipped(path), params=params, allow=args.allow_module)
+    for path, ruleset in zip(args.rules, load_rule_files([shipped(p) for p in args.rules], params, args.allow_module)):
         results.append({"file": path, "rules": [str(r) for r in ruleset], "params": ruleset.params})
     if args.json:
         print(json.dumps(results, indent=2, default=str))
@@ -221,7 +221,7 @@ def _result(args, keep_class: bool | None = None):
     from ..pipeline import apply
     from ._modelref import parse_inputs
     params = parse_overrides(args.set)
-    rules = [load_rules(shipped(path), params=params, allow=args.allow_module) for path in args.rules]
+    rules = load_rule_files([shipped(path) for path in args.rules], params, args.allow_module)
     inputs, keywords = parse_inputs(args.input)
     model, checkpoint = _model(args)
     with warnings.catch_warnings():

@@ -35,8 +35,22 @@ _PARAM = re.compile(r"\$\{([^}\n]*)\}")
 _TOKEN = re.compile(r"__fxsparam_([0-9a-f]*)__")
 
 
-def load_rules(path: str | os.PathLike, params: dict | None = None, allow=()) -> RuleSet:
-    """Load a rule file; `params` override the file's `params:` defaults."""
+def load_rule_files(paths: list, params: dict | None = None, allow=()) -> list[RuleSet]:
+    """Several rule files applied together (the command line's RULES...): each override goes to the files that
+    declare it, so files with different params combine; one that no file declares is refused."""
+    if len(paths) < 2:
+        return [load_rules(path, params=params, allow=allow) for path in paths]
+    sets = [load_rules(path, params=params, allow=allow, declared_only=True) for path in paths]
+    for name in params or {}:
+        if not any(name in ruleset.params for ruleset in sets):
+            declared = "; ".join(f"{r.source}: {', '.join(r.params) or 'none'}" for r in sets)
+            raise RuleError(f"--set {name}: no rule file declares the param {name!r} (declared: {declared}); "
+                            "fix: use a declared name or add it under 'params:'")
+    return sets
+
+
+def load_rules(path: str | os.PathLike, params: dict | None = None, allow=(), declared_only: bool = False) -> RuleSet:
+    """Load a rule file; `params` override the file's `params:` defaults (`declared_only`: those it declares)."""
     source = os.fspath(path)
     try:
         with open(source, encoding="utf-8") as handle:
@@ -47,10 +61,11 @@ def load_rules(path: str | os.PathLike, params: dict | None = None, allow=()) ->
         with open(source, "rb") as handle:
             line = handle.read()[:exc.start].count(b"\n") + 1
         raise RuleError(f"{source}:{line}: not UTF-8 text (byte {exc.object[exc.start]:#04x}); fix: save the rule file as UTF-8") from None
-    return parse_rules(text, source, params=params, allow=allow)
+    return parse_rules(text, source, params=params, allow=allow, declared_only=declared_only)
 
 
-def parse_rules(text: str, source: str = "<rules>", params: dict | None = None, allow=()) -> RuleSet:
+def parse_rules(text: str, source: str = "<rules>", params: dict | None = None, allow=(),
+                declared_only: bool = False) -> RuleSet:
     """Rules from the text of a rule file (see load_rules)."""
     text = _PARAM.sub(lambda m: f"__fxsparam_{m.group(1).encode().hex()}__", text)
     doc = parse_yaml(text, source)
@@ -71,6 +86,8 @@ def parse_rules(text: str, source: str = "<rules>", params: dict | None = None, 
         raise RuleError(f"{source}:{doc.key_lines['params']}: params must be a mapping of name: default; fix: e.g. 'params: {{num_classes: 10}}'")
     values = dict(defaults)
     for name, value in (params or {}).items():
+        if name not in defaults and declared_only:
+            continue
         if name not in defaults:
             declared = ", ".join(defaults) or "none"
             raise RuleError(f"{source}: unknown param {name!r} (the file declares: {declared}); fix: use a declared name or add it under 'params:'")
