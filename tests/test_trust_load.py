@@ -157,6 +157,9 @@ def test_a_target_outside_the_allowlist_is_refused(tmp_path, target):
     ("module class outside the allowlist", lambda d: d["attributes"][0]["module"].update({"class": "os.system"}),
      "attributes[0] 'fc': module class 'os.system' is outside the allowed packages (torch.nn, torchvision); pass allow=('os',) "
      "(--allow-module os) if you trust it"),
+    ("module class reached through an allowed package", lambda d: d["attributes"][0]["module"].update(
+        {"class": "torchvision.torch.fx.GraphModule"}),
+     "attributes[0] 'fc': module class 'torchvision.torch.fx.GraphModule' does not name a torch.nn.Module class defined in torch.nn, torchvision"),
     ("path with code", lambda d: d["attributes"][0].update(path="fc; import os"),
      "attributes[0] 'fc; import os': path 'fc; import os' is not a dotted path of plain names"),
     ("stay_eval of the wrong type", lambda d: d.update(stay_eval="fc"), "ties, frozen, eval or stay_eval: is not a list of names"),
@@ -164,6 +167,57 @@ def test_a_target_outside_the_allowlist_is_refused(tmp_path, target):
 ])
 def test_a_tampered_description_is_refused(tmp_path, what, change, problem):
     assert _tamper(tmp_path, change) == bounded(f"{tmp_path / 'o' / 'graph.json'}: {problem}; {FIX}")
+
+
+def _calls(*entries):
+    """Nodes inserted before the output: (op, name, target, args, kwargs) with {"node": name} references."""
+    def change(doc):
+        out = doc["nodes"].pop()
+        for op, name, target, args, kwargs in entries:
+            doc["nodes"].append({"op": op, "name": name, "target": target, "args": {"tuple": args},
+                                 "kwargs": {"dict": [list(kv) for kv in kwargs.items()]}, "type": None})
+        doc["nodes"].append(out)
+    return change
+
+
+PAYLOAD = ("call_function", "t", "torch.tensor", [[105, 109]], {"dtype": {"dtype": "uint8"}})
+
+
+@pytest.mark.parametrize("what, change, problem", [
+    # the chain an attacker used: the bytes as an ndarray, its tofile method through getattr, called by max(key=)
+    ("leaving torch through numpy", _calls(PAYLOAD, ("call_method", "arr", "numpy", [{"node": "t"}], {})),
+     "nodes[7] 'arr': method 'numpy' is not a tensor method"),
+    ("a method read by getattr", _calls(PAYLOAD, ("call_function", "m", "builtins.getattr", [{"node": "t"}, "tolist"], {})),
+     "nodes[7] 'm': getattr reads 'tolist', a method, which the graph could call; a graph reads data attributes only"),
+    ("a storage's from_file read by getattr", _calls(PAYLOAD, ("call_function", "m", "builtins.getattr", [{"node": "t"}, "from_file"], {})),
+     "nodes[7] 'm': getattr reads 'from_file', a method, which the graph could call; a graph reads data attributes only"),
+    ("a name computed at run time", _calls(PAYLOAD, ("call_function", "m", "builtins.getattr", [{"node": "t"}, {"node": "t"}], {})),
+     "nodes[7] 'm': getattr reads an attribute that is not a plain public name"),
+    ("max calling a graph value", _calls(PAYLOAD, ("call_function", "m", "builtins.max", [["/tmp/x"]], {"key": {"node": "t"}})),
+     "nodes[7] 'm': max(..., key=...) calls a graph value; a graph compares values only"),
+    ("torch's dispatch helper", _calls(PAYLOAD, ("call_function", "m", "torch.nn.functional.handle_torch_function", [], {})),
+     f"nodes[7] 'm': target 'torch.nn.functional.handle_torch_function' is not allowed (allowed: {ALLOWED})"),
+])
+def test_a_graph_cannot_reach_a_callable_it_could_call(tmp_path, what, change, problem):
+    assert _tamper(tmp_path, change) == bounded(f"{tmp_path / 'o' / 'graph.json'}: {problem}; {FIX}")
+
+
+def test_data_attributes_still_load(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    gm = torch.fx.symbolic_trace(model)
+    x = next(iter(gm.graph.find_nodes(op="placeholder")))
+    with gm.graph.inserting_after(next(iter(gm.graph.find_nodes(op="call_module")))):
+        shape = gm.graph.call_function(getattr, (x, "shape"))
+        dtype = gm.graph.call_function(getattr, (x, "dtype"))
+    out = next(iter(gm.graph.find_nodes(op="output")))
+    out.args = ((out.args[0], shape, dtype),)
+    gm.recompile()
+    fxs.save(gm, tmp_path / "o")
+    loaded = fxs.load(tmp_path / "o")
+    y = torch.randn(5, 4)
+    got, want = loaded(y), gm(y)
+    assert torch.equal(got[0], want[0]) and got[1:] == (torch.Size([5, 4]), torch.float32)
 
 
 def test_declared_shapes_are_checked_before_anything_is_allocated(tmp_path):

@@ -32,7 +32,16 @@ _OPERATOR = {"add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul",
              "ior", "ixor", "ilshift", "irshift"}
 _BUILTINS = {"getattr", "len", "int", "float", "bool", "tuple", "list", "slice", "range", "min", "max", "abs", "round", "sum", "all", "any"}
 _TORCH_DENIED = {"load", "save", "from_file", "compile", "manual_seed", "seed", "set_num_threads", "set_num_interop_threads"}
-_METHODS_DENIED = {"apply_", "map_", "map2_", "register_hook", "register_post_accumulate_grad_hook", "set_", "share_memory_"}
+# `numpy` leaves torch for an object whose methods no allowlist covers (`ndarray.tofile` writes a file)
+_METHODS_DENIED = {"apply_", "map_", "map2_", "register_hook", "register_post_accumulate_grad_hook", "set_", "share_memory_",
+                   "numpy"}
+# functions of the allowed namespaces that are not operations: dispatch helpers and imports
+_FOREIGN = ("torch.overrides", "torch._jit_internal", "torch._C", "typing")
+# Values a graph reaches: getattr may read their data (`x.shape`, `out.logits`), never a method or other
+# callable, which the graph could then call (`max(..., key=...)`): the names of every callable attribute
+_CALLABLE_NAMES = frozenset(n for kind in (torch.Tensor, torch.UntypedStorage, torch.TypedStorage, torch.Size, nn.Module,
+                                            list, tuple, dict, str, bytes, int, float, complex, object)
+                            for n in dir(kind) if callable(getattr(kind, n, None))) | {"grad_fn"}
 _CONTAINER_METHODS = {"items", "keys", "values", "get"}
 _NAMESPACES = {
     "torch": torch, "torch.functional": torch.functional, "torch.nn.functional": torch.nn.functional,
@@ -72,9 +81,24 @@ def function(name: Any) -> Any:
     if space == "torch" and name != "torch._assert" and (attr in _TORCH_DENIED or not hasattr(torch._C._VariableFunctions, attr)):
         raise refused
     value = getattr(module, attr, None)
-    if value is None or not callable(value) or isinstance(value, type):
+    if value is None or not callable(value) or isinstance(value, type) or getattr(value, "__module__", None) in _FOREIGN:
         raise refused
     return value
+
+
+def attribute(args: tuple, kwargs: dict) -> None:
+    """A getattr call reads a public data attribute by a literal name."""
+    name = args[1] if len(args) == 2 and not kwargs else None
+    if not (_identifier(name) and not name.startswith("_")):
+        raise Bad("getattr reads an attribute that is not a plain public name")
+    if name in _CALLABLE_NAMES:
+        raise Bad(f"getattr reads {name!r}, a method, which the graph could call; a graph reads data attributes only")
+
+
+def no_callbacks(target: Any, kwargs: dict) -> None:
+    """Builtins that call what they are given (min/max key=) take no graph value to call."""
+    if target in (min, max) and "key" in kwargs:
+        raise Bad(f"{target.__name__}(..., key=...) calls a graph value; a graph compares values only")
 
 
 def method(name: Any) -> str:
@@ -140,10 +164,11 @@ def module_class(name: Any, allow: tuple[str, ...]) -> type:
             continue
         for attr in parts[i:]:
             found = getattr(found, attr, None)
-        if isinstance(found, type) and issubclass(found, nn.Module):
-            return found
+        home = getattr(found, "__module__", "") or ""
+        if isinstance(found, type) and issubclass(found, nn.Module) and any(home == p or home.startswith(p + ".") for p in packages):
+            return found  # defined in an allowed package, not only reached through one (torchvision.torch.fx...)
         break
-    raise Bad(f"module class {name!r} does not name a torch.nn.Module class")
+    raise Bad(f"module class {name!r} does not name a torch.nn.Module class defined in {', '.join(packages)}")
 
 
 def build_module(spec: Any, allow: tuple[str, ...]) -> nn.Module:

@@ -23,7 +23,7 @@ from ..capture import CallSpec, ModeGraphModule, assign, install_adapter, pickle
 from ..errors import SaveError
 from ..rewrite import StayEval, stays_eval
 from ._graphdata import GRAPH, VERSION
-from ._graphload import FIX, OPS, Bad, build_module, decode, entry_error, function, method, path
+from ._graphload import FIX, OPS, Bad, attribute, build_module, decode, entry_error, function, method, no_callbacks, path
 from ._shards import read as read_weights
 
 # the initialisers a module's constructor runs on its fresh parameters and buffers: on the meta device
@@ -100,8 +100,9 @@ def _node(graph: fx.Graph, root: nn.Module, entry: Any, env: dict[str, fx.Node])
         raise Bad("args are not a tuple or kwargs not a mapping of names")
     if op == "call_function":
         target = function(target)
-        if target is getattr and not (len(args) >= 2 and isinstance(args[1], str) and not args[1].startswith("_")):
-            raise Bad("getattr reads an attribute that is not a plain public name")
+        if target is getattr:
+            attribute(args, kwargs)
+        no_callbacks(target, kwargs)
     elif op == "call_method":
         target = method(target)
     elif op == "get_attr" and target == "training":
