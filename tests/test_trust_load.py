@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -218,6 +221,22 @@ def test_data_attributes_still_load(tmp_path):
     y = torch.randn(5, 4)
     got, want = loaded(y), gm(y)
     assert torch.equal(got[0], want[0]) and got[1:] == (torch.Size([5, 4]), torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo"])
+def test_a_graph_json_that_is_no_regular_file_is_refused_before_it_is_read(tmp_path, kind):
+    torch.manual_seed(0)
+    fxs.apply(Buffers(), [], example_inputs=(torch.randn(1, 4),)).save(tmp_path / "o")
+    graph = tmp_path / "o" / "graph.json"
+    graph.unlink()
+    if kind == "device":
+        graph.symlink_to("/dev/zero")  # the hash read it forever
+    else:
+        os.mkfifo(graph)
+    for command in (["inspect", str(tmp_path / "o")], ["inspect", str(tmp_path / "o"), "--input", "1x4"]):
+        proc = subprocess.run([sys.executable, "-m", "fxsurgery", *command], capture_output=True, text=True, timeout=120)
+        assert (proc.returncode, proc.stderr) == (2, f"fxsurgery: error: {graph}: not a regular file; fix: write the "
+                                                     "directory again with save()\n")
 
 
 def test_declared_shapes_are_checked_before_anything_is_allocated(tmp_path):

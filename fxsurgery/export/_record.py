@@ -31,7 +31,10 @@ def digest(directory: Path, shard_hashes: dict[str, str] | None = None, written=
     sharded = shard_files(directory) is not None
     fed = written is not None and not sharded
     h = written.copy() if fed else hashlib.sha256()
-    names = ("model.py", "model.safetensors", "graph.json")[:3 if (directory / "graph.json").exists() else 2]
+    graph = directory / "graph.json"
+    if graph.exists() and not graph.is_file():  # a link to /dev/zero or a FIFO would keep the hash reading forever
+        raise SaveError(f"{graph}: not a regular file; fix: write the directory again with save()")
+    names = ("model.py", "model.safetensors", "graph.json")[:3 if graph.exists() else 2]
     for name in names[2 if fed else 0:]:
         if name == "model.safetensors" and sharded:
             h.update(folded(directory, shard_hashes))
