@@ -228,6 +228,24 @@ def test_lora_outputs_unchanged_base_frozen_adapters_train(tmp_path):
     assert "import fxsurgery" not in source and "from fxsurgery" not in source and "torch.nn.Linear(in_features=6, out_features=2, bias=False)" in source
 
 
+def test_lora_params_that_would_break_the_model_are_refused():
+    # alpha nan or inf made every output nan (nan times B = 0); a rank of 10^9 failed to allocate, as an internal error
+    for alpha in (float("nan"), float("inf"), True):
+        with pytest.raises(ValueError) as err:
+            fxs.AddLoRA(rank=2, alpha=alpha)
+        assert str(err.value) == f"alpha must be a finite number, got {alpha!r}"
+    model = nn.Sequential(nn.Linear(8, 5))
+    rule = fxs.Rewrite(fxs.AddLoRA(rank=9), select="0")
+    with pytest.raises(fxs.RewriteError) as err:
+        fxs.apply(model, [rule], example_inputs=(torch.randn(2, 8),))
+    assert str(err.value) == (f"rule 1 'rewrite lora (rank 9, alpha 16) in 0' ({rule.origin}) at '0': lora (rank 9, alpha 16): "
+                              "rank 9 is above 8, the larger side of Linear(8, 5): the adapter would outgrow the layer; "
+                              "fix: change the rule's params, or select other layers")
+    fitted = fxs.apply(model, [fxs.Rewrite(fxs.AddLoRA(rank=8), select="0")], example_inputs=(torch.randn(2, 8),))
+    x = torch.randn(3, 8)
+    assert torch.equal(fitted.module(x), model(x))
+
+
 def test_adapt_input_channels_takes_the_first_convolution_by_graph_position():
     model = torchvision.models.resnet18().eval()
     x = torch.randn(1, 3, 64, 64)

@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from .._util import first_line
 from ..capture import Capture, Captured, Meta
 from ..errors import RewriteError
 from ..match import Match, Plan
@@ -147,7 +148,11 @@ def _into_list(capture: Capture, path: str, rule: int, module: nn.Module, after:
 def _pattern_edit(m: Match, module: nn.Module, path: str, shape_in: tuple | None) -> ModuleEdit:
     """A one-module pattern on a module that opaque code calls: the module itself is swapped."""
     pattern = m.rule.pattern
-    made = pattern.rewrite(module)
+    try:
+        made = pattern.rewrite(module)
+    except ValueError as err:  # a pattern refusing this match (LoRA's rank above a layer's size)
+        raise RewriteError(f"{m.label} at '{path}': {pattern.describe()}: {first_line(err)}; "
+                           "fix: change the rule's params, or select other layers") from None
     if made is None:
         return ModuleEdit(path, m.index, "delete", module=Skip())
     if isinstance(made, New):

@@ -53,7 +53,10 @@ def rewrite_chains(rw: Rewriter, m: Match, sites: list[Site]) -> None:
             replacement = made[found.install]
         else:
             _check_values(rw, m, site, found, matched)
-            replacement = pattern.rewrite(*matched)
+            try:
+                replacement = pattern.rewrite(*matched)
+            except ValueError as err:  # a pattern refusing this match (LoRA's rank above a layer's size)
+                rw.fail(m, site, f"{pattern.describe()}: {first_line(err)}", "change the rule's params, or select other layers")
             if isinstance(replacement, New):
                 replacement = build(m, replacement, rw.shape_in(site), site, rw.like(site), rw.mode(site))
             if found.install is not None:

@@ -210,9 +210,15 @@ class AddLoRA(Pattern):
     def __init__(self, rank: int = 8, alpha: float = 16.0):
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
             raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+            raise ValueError(f"alpha must be a finite number, got {alpha!r}")  # nan or inf times B = 0 is nan
         self.rank, self.alpha = rank, float(alpha)
 
     def rewrite(self, linear):
+        side = max(linear.in_features, linear.out_features)  # a rank of 10^9 would not fit in memory
+        if self.rank > side:
+            raise ValueError(f"rank {self.rank} is above {side}, the larger side of Linear({linear.in_features}, "
+                             f"{linear.out_features}): the adapter would outgrow the layer")
         return LoRA(linear, self.rank, self.alpha)
 
     def describe(self):
