@@ -209,3 +209,10 @@ def test_diff_command_writes_html_or_svg(tmp_path):
     assert code == 2 and stderr == (f"fxsurgery: error: {tmp_path / 'd.png'}: cannot tell the format from the suffix '.png'; "
                                     "fix: name the file .html or .svg\n")
     assert sorted(os.listdir(tmp_path)) == ["d.svg"]
+    (tmp_path / "notes.svg").write_text("important")  # a file already there is not lost
+    code, _, stderr = cli("diff", RESNET, rules, "--input", "1x3x64x64", "-o", tmp_path / "notes.svg")
+    assert (code, stderr) == (2, f"fxsurgery: error: {tmp_path / 'notes.svg'}: already exists; fix: pass --force to replace "
+                                 "it, or choose another name\n")
+    assert (tmp_path / "notes.svg").read_text() == "important"
+    assert cli("diff", RESNET, rules, "--input", "1x3x64x64", "-o", tmp_path / "notes.svg", "--force")[0] == 0
+    assert (tmp_path / "notes.svg").read_text() == svg

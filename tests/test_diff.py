@@ -302,7 +302,16 @@ def test_svg_frames_never_overlap_a_node_they_do_not_hold(drawing):
 def test_write_chooses_by_suffix_and_replaces_atomically(demo, page, drawing, tmp_path):
     target = tmp_path / "diff.html"
     target.write_text("old")
-    assert fxs.diff(demo, target) == target and target.read_text() == page
+    with pytest.raises(fxs.SaveError) as err:  # nothing is lost unless asked
+        fxs.diff(demo, target)
+    assert str(err.value) == f"{target}: already exists; fix: pass force=True to replace it, or choose another name"
+    assert target.read_text() == "old"
+    (tmp_path / "pages.html").mkdir()
+    with pytest.raises(fxs.SaveError) as err:  # was an internal error naming a rename
+        fxs.diff(demo, tmp_path / "pages.html", force=True)
+    assert str(err.value) == f"{tmp_path / 'pages.html'}: is a directory; fix: name a file in it, e.g. {tmp_path / 'pages.html' / 'diff.html'}"
+    (tmp_path / "pages.html").rmdir()
+    assert fxs.diff(demo, target, force=True) == target and target.read_text() == page
     assert fxs.diff(demo, str(tmp_path / "diff.svg")).read_text() == drawing
     assert sorted(os.listdir(tmp_path)) == ["diff.html", "diff.svg"]      # no temporary file left
     assert stat.S_IMODE(os.stat(target).st_mode) == 0o644
@@ -314,7 +323,7 @@ def test_write_chooses_by_suffix_and_replaces_atomically(demo, page, drawing, tm
     assert str(err.value) == f"{tmp_path / 'missing' / 'diff.html'}: cannot write there: No such file or directory; fix: choose a writable directory"
     assert sorted(os.listdir(tmp_path)) == ["diff.html", "diff.svg"]
     with pytest.raises(fxs.SaveError) as err:
-        fxs.diff(dataclasses.replace(demo, original=None), tmp_path / "diff.html")
+        fxs.diff(dataclasses.replace(demo, original=None), tmp_path / "diff.html", force=True)
     assert str(err.value) == ("the result has no graph of the whole original, so there is no single graph to compare; "
                               "fix: make the model traceable (leaf_paths=) or list what changed with 'fxsurgery apply --explain'")
 

@@ -90,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     model_args(p)
     p.add_argument("rules", nargs="+", help="rule files (YAML)")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="diff.html (one self-contained page) or diff.svg")
+    p.add_argument("--force", action="store_true", help="replace the file if it exists")
     p.add_argument("--set", action="append", default=[], metavar="K=V", help="override a rule-file param")
     p.add_argument("--allow-module", action="append", default=[], metavar="PKG", help="let rule files name classes from PKG")
 
@@ -233,10 +234,11 @@ def _result(args, keep_class: bool | None = None):
 
 
 def cmd_diff(args) -> int:
-    from ..views import check_suffix, diff
+    from ..views import check_free, check_suffix, diff
     check_suffix(args.output)
+    check_free(args.output, args.force, flag="--force")  # before the surgery: fail fast, write nothing
     # the page draws graphs: a transformers model (kept as its class by apply) is drawn from its graph
-    print(f"wrote {diff(_result(args, keep_class=False), args.output)}")
+    print(f"wrote {diff(_result(args, keep_class=False), args.output, force=args.force)}")
     return 0
 
 

@@ -6,10 +6,10 @@
 self-contained HTML page or an SVG (`fxsurgery diff`).
 """
 
-from ._diff import check_suffix, diff
 from ._groups import dependency_groups, groups_table
 from ._inspect import overview, overview_table
+from ._page import check_free, check_suffix, diff
 
 __all__ = [
-    "check_suffix", "dependency_groups", "diff", "groups_table", "overview", "overview_table",
+    "check_free", "check_suffix", "dependency_groups", "diff", "groups_table", "overview", "overview_table",
 ]

@@ -14,11 +14,8 @@ deleted, inserted, replaced, cut, frozen or kept (see MEANING).
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from torch import fx, nn
 
@@ -368,33 +365,3 @@ def render_svg(result: SurgeryResult) -> str:
     notes += [(line, TENSOR_STATUS.get(line.split()[0]) if line.startswith("  ") else None)
               for line in result.report.table().splitlines()]
     return draw(_title(result), [before, after], COLOURS, MEANING, notes)
-
-
-def check_suffix(path: str | os.PathLike):
-    """The renderer a file name asks for; an error before any work when it asks for none."""
-    path = Path(path)
-    render = {".html": render_html, ".htm": render_html, ".svg": render_svg}.get(path.suffix.lower())
-    if render is None:
-        raise SaveError(f"{path}: cannot tell the format from the suffix '{path.suffix}'; fix: name the file .html or .svg")
-    return render
-
-
-def diff(result: SurgeryResult, path: str | os.PathLike) -> Path:
-    """Write the diff as HTML or SVG, chosen by the suffix, atomically (a temporary file renamed into place)."""
-    path = Path(path)
-    text = check_suffix(path)(result)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise SaveError(f"{path}: cannot write there: {exc.strerror}; fix: choose a writable directory") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)   # mkstemp makes it private; a page is for sharing
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
-
