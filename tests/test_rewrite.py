@@ -228,6 +228,23 @@ def test_a_new_layer_sized_before_a_later_rule_changed_its_input_says_to_reorder
                               "fix: put rule 1 after rule 2 (fxs.new then infers the new size), or set it to match [1, 256]")
 
 
+def _overcommits() -> bool:
+    try:
+        with open("/proc/sys/vm/overcommit_memory") as f:
+            return f.read().strip() == "1"  # allocations always succeed, and touching the pages kills the process
+    except OSError:
+        return True
+
+
+@pytest.mark.skipif(_overcommits(), reason="this kernel hands out any amount of memory until it is touched")
+def test_a_new_layer_too_large_for_memory_says_so():
+    rule = Replace("0", fxs.new(nn.Linear, out_features=10**11))
+    with pytest.raises(fxs.RewriteError) as err:
+        fxs.apply(nn.Sequential(nn.Linear(4, 3)), [rule], example_inputs=(torch.randn(2, 4),))
+    assert str(err.value).startswith(f"rule 1 'replace 0 with Linear(out_features=100000000000)' ({line_of(rule)}) at '0': ")
+    assert "(Cannot allocate memory)" in str(err.value) and str(err.value).endswith("; fix: give sizes that fit in memory")
+
+
 def test_replace_whose_shape_cannot_fit(chain):
     rule = Replace("liner2", nn.Linear(5, 2))
     with pytest.raises(fxs.ValidateError) as err:

@@ -66,7 +66,10 @@ def _attribute(root: nn.Module, entry: Any, allow: tuple[str, ...]) -> None:
     if "module" in entry:
         module = build_module(entry["module"], allow)
         if entry.get("dtype") is not None:
-            module = module.to(decode({"dtype": entry["dtype"]}, {}))
+            dtype = decode({"dtype": entry["dtype"]}, {})
+            if not (dtype.is_floating_point or dtype.is_complex):  # what Module.to takes; a saved module has one of these
+                raise Bad(f"dtype {entry['dtype']!r} is not a floating-point or complex dtype, which a module takes")
+            module = module.to(dtype)
         assign(root, target, module)
     elif "parameter" in entry:
         shape, dtype = _tensor(entry["parameter"], {"shape", "dtype", "requires_grad"})

@@ -6,9 +6,10 @@ import inspect
 import re
 from typing import Any
 
+import torch
 from torch import nn
 
-from .._util import shape_text
+from .._util import first_line, shape_text
 from ..errors import FxsError, RewriteError
 from ..spec import New, fresh
 
@@ -81,5 +82,7 @@ def _built(m, spec: Any, shape: tuple | None, where, like: tuple) -> nn.Module:
     except FxsError as exc:
         raise RewriteError(f"{m.label} at '{where}': {exc.message}") from None
     except Exception as exc:
+        memory = isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "allocate" in str(exc)
+        fix = "give sizes that fit in memory" if memory else "give the missing constructor arguments explicitly"
         raise RewriteError(f"{m.label} at '{where}': cannot build {spec} for incoming shape "
-                           f"{shape_text(shape) if shape else 'unknown'}: {exc}; fix: give the missing constructor arguments explicitly") from None
+                           f"{shape_text(shape) if shape else 'unknown'}: {first_line(exc)}; fix: {fix}") from None
