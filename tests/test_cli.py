@@ -104,6 +104,19 @@ def test_set_goes_to_each_rule_file_that_declares_the_param():
                                  "declared name or add it under 'params:'\n")
 
 
+def test_a_dry_run_refuses_a_bad_rule_as_the_real_run_does():
+    # the dry run builds new layers on meta: a fake-tensor pass mixed them with the inputs' device and blamed
+    # the new layer itself with "FakeTensor ... DeviceMismatch"
+    args = ("apply", RESNET, "classifier-head", "--input", "1x3x64x64", "--set", "head=conv1", "--quiet")
+    dry, real = cli(*args, "--dry-run"), cli(*args)
+    assert dry == real
+    assert dry[0] == 2 and dry[2] == "fxsurgery: error: " + bounded(
+        f"rule 1 'replace conv1 with Linear(out_features=10)' ({os.path.join(RULES, 'classifier-head.yaml')}:8) "
+        "at node 'bn1' [call_module]: BatchNorm2d(64, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True) does not "
+        "fit the incoming shape [1, 3, 64, 10]; fix: replace this layer too (fxs.new infers its input size), or insert a layer "
+        "that maps the shape") + "\n"
+
+
 def test_check_lists_rules():
     code, stdout, _ = cli("check", os.path.join(RULES, "resnet-finetune.yaml"), "--set", "num_classes=5")
     assert code == 0

@@ -25,7 +25,7 @@ from torch import fx, nn
 
 from .._util import get_path
 from ._copying import root_of
-from ._shapes import _FAKE_LOGGER, Meta, _quiet, _Recorder, converted_copy, full_pass, to_meta
+from ._shapes import _FAKE_LOGGER, Meta, _quiet, _Recorder, converted_copy, faking, full_pass, to_meta
 
 # In-place ops that change their input's metadata: shape, strides, requires_grad (a kept value would not say when).
 _RESHAPING = {"unsqueeze_", "squeeze_", "transpose_", "t_", "resize_", "resize_as_", "as_strided_", "set_",
@@ -148,6 +148,7 @@ class ShapeState:
         self.ran = 0                          # how many nodes the last pass ran
         self._ids: dict = {}                  # fingerprint -> its number
         self._converted: dict[int, tuple] = {}
+        self._inputs: tuple = ()
 
     def fork(self) -> "ShapeState":
         """A state that starts where this one is and moves on without it (each run replaces the dicts)."""
@@ -158,9 +159,10 @@ class ShapeState:
 
     def converted(self, obj):
         """`obj` (a module or tensor of the table) on meta, or fake in the state's fake mode."""
-        return converted_copy(obj, self._converted, None if self.kind == "meta" else self.mode.from_tensor)
+        return converted_copy(obj, self._converted, None if self.kind == "meta" else faking(self.mode, self._inputs))
 
     def run(self, root, graph: fx.Graph, inputs: tuple) -> dict[str, Meta]:
+        self._inputs = inputs
         table = root if isinstance(root, dict) else None
         lookup = held_by(table) if table is not None else (lambda target: get_path(root, target))
         if self.kind in ("meta", "fake") and not _reshapes_in_place(graph):

@@ -198,6 +198,19 @@ class Pass:
     converted: dict | None = None            # id(original) -> (original, its meta copy) (kind "meta")
 
 
+def faking(mode: FakeTensorMode, inputs: tuple):
+    """Tensors to fake ones; a meta tensor (a layer a dry run declared, a model built without weights)
+    becomes a fake one on the inputs' device, which a fake run mixes it with."""
+    device = next((x.device for x in inputs if isinstance(x, torch.Tensor) and not x.is_meta), torch.device("cpu"))
+
+    def make(t: torch.Tensor) -> torch.Tensor:
+        if not t.is_meta:
+            return mode.from_tensor(t)
+        with mode:
+            return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device, requires_grad=t.requires_grad)
+    return make
+
+
 def full_pass(root: nn.Module, graph: fx.Graph, inputs: tuple, keep: bool = False) -> Pass:
     """Run `graph` over `root` on shape-only copies of `inputs` (meta, else fake, else a real copy)."""
     recorder = _on_meta(root, graph, inputs, keep)
@@ -207,7 +220,7 @@ def full_pass(root: nn.Module, graph: fx.Graph, inputs: tuple, keep: bool = Fals
     metas = {}
     mode = FakeTensorMode(allow_non_fake_inputs=False)
     try:
-        fake_root = clone(_structure(root), mode.from_tensor)
+        fake_root = clone(_structure(root), faking(mode, inputs))
         recorder = _Recorder(fake_root, graph, metas, keep)
         with mode, _quiet(_FAKE_LOGGER):
             fake_inputs = tuple(mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs)
