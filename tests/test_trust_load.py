@@ -165,6 +165,8 @@ def test_a_target_outside_the_allowlist_is_refused(tmp_path, target):
      "attributes[0] 'fc': module class 'torchvision.torch.fx.GraphModule' does not name a torch.nn.Module class defined in torch.nn, torchvision"),
     ("module dtype no module takes", lambda d: d["attributes"][0].update(dtype="int64"),
      "attributes[0] 'fc': dtype 'int64' is not a floating-point or complex dtype, which a module takes"),
+    ("tie to a layer without that parameter", lambda d: d.update(ties={"fc.gain": "fc.weight"}),
+     "ties 'fc.gain': Linear at 'fc' has no parameter 'gain'"),
     ("path with code", lambda d: d["attributes"][0].update(path="fc; import os"),
      "attributes[0] 'fc; import os': path 'fc; import os' is not a dotted path of plain names"),
     ("stay_eval of the wrong type", lambda d: d.update(stay_eval="fc"), "ties, frozen, eval or stay_eval: is not a list of names"),

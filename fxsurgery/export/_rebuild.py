@@ -248,8 +248,9 @@ def rebuild(directory: Path, allow: tuple[str, ...], device: str | torch.device)
                 raise entry_error(directory, f"attributes[{i}] {entry.get('path') if isinstance(entry, dict) else None!r}", exc) from None
         for alias, owner in ties.items():
             try:
+                _tie_slot(root, alias)
                 assign(root, alias, root.get_parameter(owner))
-            except (AttributeError, KeyError, TypeError) as exc:
+            except (AttributeError, KeyError, TypeError, Bad) as exc:
                 raise entry_error(directory, f"ties {alias!r}", exc) from None
     gm = _module(directory, doc, root)
     non_persistent = {f"{p}.{n}" if p else n for p, m in root.named_modules() for n in m._non_persistent_buffers_set}
@@ -334,6 +335,18 @@ def _assigned(gm: fx.GraphModule, state: dict[str, torch.Tensor]) -> bool:
                 tensor = nn.Parameter(tensor, requires_grad=old.requires_grad)
             setattr(owner, name, tensor)
     return True
+
+
+def _tie_slot(root: nn.Module, alias: str) -> None:
+    """A tie names a parameter its layer has (an output head's weight), or one a bare container holds:
+    a ReLU given a weight by a tampered file would carry a tensor no code of it reads."""
+    parent, _, name = alias.rpartition(".")
+    try:
+        owner = root.get_submodule(parent)
+    except AttributeError:
+        return  # a container assign() makes
+    if type(owner) is not nn.Module and name not in owner._parameters:
+        raise Bad(f"{type(owner).__name__} at {parent!r} has no parameter {name!r}")
 
 
 def _with_weights(directory: Path, gm: fx.GraphModule, doc: dict, ties: dict, frozen: list, evals: list, non_persistent: set,
