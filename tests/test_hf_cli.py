@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from conftest import cli
-from hf_models import apply, ids, llama, logits, trim_by_hand
+from hf_models import apply, gpt2, ids, llama, logits, trim_by_hand
+from safetensors.torch import load_file
 
 import fxsurgery as fxs
 
@@ -73,3 +76,38 @@ def test_format_hf_on_a_model_that_is_not_a_transformers_model_is_refused(tmp_pa
     assert code == 2 and not (tmp_path / "out").exists()
     assert stderr == ("fxsurgery: error: format hf: the result is a regenerated graph module, which has no save_pretrained; fix: "
                       "apply to a transformers model (kept as its class by default), or leave format hf out\n")
+
+
+LOAD = """import sys, torch, transformers, fxsurgery as fxs
+from safetensors.torch import save_file
+out = fxs.load(sys.argv[1])(torch.load(sys.argv[2]))
+save_file({"logits": out.logits}, sys.argv[3])
+print(type(out).__name__)
+"""
+
+
+def test_a_graph_result_of_a_transformers_model_loads_where_transformers_was_imported(tmp_path):
+    """The graph's output is a CausalLMOutput, which torch reads once transformers.modeling_outputs registered
+    it; `import transformers` alone imports that module lazily, so load imports it (asking it to was no fix)."""
+    from conftest import cli_process
+    model = gpt2()
+    model.config.use_cache = False  # a graph takes no cache object
+    result = apply(model, [fxs.Freeze("transformer.h.0")], keep_class=False)
+    result.save(tmp_path / "out")
+    x = ids(2, 9)
+    torch.save(x, tmp_path / "x.pt")
+    (tmp_path / "load.py").write_text(LOAD)
+    proc = subprocess.run([sys.executable, tmp_path / "load.py", tmp_path / "out", tmp_path / "x.pt", tmp_path / "y.safetensors"],
+                          capture_output=True, text=True)
+    assert (proc.returncode, proc.stdout) == (0, "CausalLMOutputWithCrossAttentions\n"), proc.stderr
+    assert torch.equal(load_file(tmp_path / "y.safetensors")["logits"], logits(model, x))
+
+    code, stdout, stderr = cli_process("inspect", tmp_path / "out")
+    assert (code, stdout) == (2, "")
+    assert stderr == (f"fxsurgery: error: {tmp_path / 'out' / 'graph.json'}: call: output type "
+                      "transformers.modeling_outputs.CausalLMOutputWithCrossAttentions is read once its library is imported; "
+                      "fix: import transformers first, or pass --allow-module transformers (allow=('transformers',))\n")
+    code, stdout, stderr = cli_process("inspect", tmp_path / "out", "--allow-module", "transformers", "--json")
+    assert code == 0, stderr
+    runs = {m["path"]: m["runs"] for m in json.loads(stdout)["modules"]}
+    assert (runs["transformer.h.0.mlp.c_fc"], runs["transformer.h.0.mlp"], runs["lm_head"]) == ("weights", "container", "graph")

@@ -301,13 +301,24 @@ def _call_form_loaded_with(tmp_path, change) -> str:
     return str(err.value)
 
 
-def test_a_call_form_output_torch_cannot_name_yet_says_what_to_import(tmp_path):
-    """A transformers output type is known to torch by name once transformers is imported; graph.json never imports it."""
-    def unloaded(call):  # as a process that has not imported transformers reads a transformers output
-        call["output"] = call["output"].replace("builtins.dict", "transformers.modeling_outputs.Unloaded", 1)
-    assert _call_form_loaded_with(tmp_path, unloaded) == (
-        f"{tmp_path / 'o' / 'graph.json'}: call: its call or output is a transformers.modeling_outputs.Unloaded, "
-        "which torch reads once its library is imported; fix: import transformers before loading")
+@pytest.mark.parametrize("name, problem", [
+    ("transformers.modeling_outputs.Unloaded", "is not registered with torch's pytree by importing transformers.modeling_outputs; "
+                                               "fix: register it before loading"),
+    ("unittest.__main__.Out", "is read once its library is imported; fix: import unittest first, or pass --allow-module unittest "
+                              "(allow=('unittest',))"),  # importing it would run a test session
+    ("json.tool.Out", "is read once its library is imported; fix: import json first, or pass --allow-module json (allow=('json',))"),
+    ("transformers._private.Out", "is read once its library is imported; fix: import transformers first, or pass --allow-module "
+                                  "transformers (allow=('transformers',))"),
+    ("transformers.nomod.Out", "is read once transformers.nomod is imported, which fails (ModuleNotFoundError: "
+                               "No module named 'transformers.nomod'); fix: install the library that defines it"),
+])
+def test_a_call_form_output_type_is_imported_only_from_a_library_the_user_imported(tmp_path, name, problem):
+    """A transformers output type is known to torch by name once the transformers module defining it is imported:
+    the loader imports that module where the user imported transformers, and no module of any other package."""
+    pytest.importorskip("transformers")
+    def unloaded(call):
+        call["output"] = call["output"].replace("builtins.dict", name, 1)
+    assert _call_form_loaded_with(tmp_path, unloaded) == f"{tmp_path / 'o' / 'graph.json'}: call: output type {name} {problem}"
 
 
 @pytest.mark.parametrize("change, problem", [

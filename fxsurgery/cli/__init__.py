@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
                        "or a torch.distributed.checkpoint directory")
         p.add_argument("--trust-pickle", action="store_true", help="allow MODEL to be a pickled model file")
         p.add_argument("--trust-code", action="store_true", help="load a saved directory by importing its model.py (runs its code)")
+        p.add_argument("--allow-module", action="append", default=[], metavar="PKG",
+                       help="let rule files and saved directories name classes from PKG")
         p.add_argument("--leaf", action="append", default=[], metavar="GLOB", help="treat modules at these paths as leaves")
         p.add_argument("--json", action="store_true", help="print JSON for machines")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -52,7 +54,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="DIR", help="write model.py, model.safetensors, surgery.json here")
     p.add_argument("--set", action="append", default=[], metavar="K=V", help="override a rule-file param "
                    "(with several rule files: in each file that declares it)")
-    p.add_argument("--allow-module", action="append", default=[], metavar="PKG", help="let rule files name classes from PKG")
     p.add_argument("--strict", action="store_true", help="fail when a tensor is new and no rule declared it")
     p.add_argument("--dry-run", action="store_true", help="show the plan and report, write nothing")
     p.add_argument("--explain", action="store_true", help="per rule: what matched, what was left alone and why, near misses")
@@ -92,7 +93,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="diff.html (one self-contained page) or diff.svg")
     p.add_argument("--force", action="store_true", help="replace the file if it exists")
     p.add_argument("--set", action="append", default=[], metavar="K=V", help="override a rule-file param")
-    p.add_argument("--allow-module", action="append", default=[], metavar="PKG", help="let rule files name classes from PKG")
 
     p = sub.add_parser("map-weights", help="map a checkpoint of the original model into a saved surgery's layout")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

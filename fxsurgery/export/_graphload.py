@@ -14,6 +14,7 @@ import keyword
 import math
 import operator
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,9 @@ from ._graphdata import GRAPH
 
 OPS = ("placeholder", "get_attr", "call_function", "call_method", "call_module", "output")
 MODULE_PACKAGES = ("torch.nn", "torchvision")
+# libraries whose output types torch reads once a module of theirs, imported lazily, registered them: their
+# import by the user is their consent (any other package, os or unittest imported by someone, needs allow=)
+_OUTPUT_LIBRARIES = frozenset({"transformers"})
 _OPERATOR = {"add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "neg", "pos", "abs", "invert", "and_", "or_",
              "xor", "lshift", "rshift", "eq", "ne", "lt", "le", "gt", "ge", "getitem", "setitem", "not_", "is_", "is_not",
              "contains", "truth", "index", "iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul", "iand",
@@ -169,6 +173,26 @@ def module_class(name: Any, allow: tuple[str, ...]) -> type:
             return found  # defined in an allowed package, not only reached through one (torchvision.torch.fx...)
         break
     raise Bad(f"module class {name!r} does not name a torch.nn.Module class defined in {', '.join(packages)}")
+
+
+def output_type_home(name: str, allow: tuple[str, ...], imported: set[str]) -> str:
+    """Import the module that defines an output type a tree structure names (transformers' CausalLMOutput...): pytree
+    reads such a type once that module registered it, and a library imports its modules lazily. Only from a package
+    the caller imported or allowed: loading a graph.json runs no module the user did not choose."""
+    home, _, _ = name.rpartition(".")
+    top = home.split(".")[0]
+    trusted = top in allow or (top in _OUTPUT_LIBRARIES and top in sys.modules)
+    if not (home and all(_identifier(p) and not p.startswith("_") for p in home.split("."))) or not trusted:
+        raise Bad(f"is read once its library is imported; fix: import {top or name} first, or pass --allow-module {top} "
+                  f"(allow=({top!r},))")
+    if home in imported:
+        raise Bad(f"is not registered with torch's pytree by importing {home}; fix: register it before loading")
+    try:
+        importlib.import_module(home)
+    except Exception as exc:
+        raise Bad(f"is read once {home} is imported, which fails ({type(exc).__name__}: {exc}); fix: install the library that "
+                  "defines it") from None
+    return home
 
 
 def build_module(spec: Any, allow: tuple[str, ...]) -> nn.Module:

@@ -23,7 +23,7 @@ from ..capture import CallSpec, ModeGraphModule, assign, install_adapter, pickle
 from ..errors import SaveError
 from ..rewrite import StayEval, stays_eval
 from ._graphdata import GRAPH, VERSION
-from ._graphload import FIX, OPS, Bad, attribute, build_module, decode, entry_error, function, method, no_callbacks, path
+from ._graphload import FIX, OPS, Bad, attribute, build_module, decode, entry_error, function, method, no_callbacks, output_type_home, path
 from ._shards import read as read_weights
 
 # the initialisers a module's constructor runs on its fresh parameters and buffers: on the meta device
@@ -255,16 +255,21 @@ def rebuild(directory: Path, allow: tuple[str, ...], device: str | torch.device)
     gm = _module(directory, doc, root)
     non_persistent = {f"{p}.{n}" if p else n for p, m in root.named_modules() for n in m._non_persistent_buffers_set}
     if "call" in doc:  # before the weights: a malformed call form fails before anything is allocated
-        try:
-            spec = _call_form(doc["call"])
-        except Bad as exc:
-            raise entry_error(directory, "call", exc) from None
-        except NotImplementedError as exc:  # a type torch knows by name once its library registered it
-            if not str(exc).startswith("Deserializing "):
-                raise entry_error(directory, "call", Bad(f"holds a tree structure torch does not read ({exc})")) from None
-            name = str(exc).removeprefix("Deserializing ").split(" ")[0]
-            raise SaveError(f"{directory / GRAPH}: call: its call or output is a {name}, which torch reads once its library is "
-                            f"imported; fix: import {name.split('.')[0]} before loading") from None
+        imported: set[str] = set()
+        while True:
+            try:
+                spec = _call_form(doc["call"])
+                break
+            except Bad as exc:
+                raise entry_error(directory, "call", exc) from None
+            except NotImplementedError as exc:  # a type torch knows by name once its library registered it
+                if not str(exc).startswith("Deserializing "):
+                    raise entry_error(directory, "call", Bad(f"holds a tree structure torch does not read ({exc})")) from None
+                name = str(exc).removeprefix("Deserializing ").split(" ")[0]
+                try:
+                    imported.add(output_type_home(name, allow, imported))
+                except Bad as why:
+                    raise SaveError(f"{directory / GRAPH}: call: output type {name} {why}") from None
     gm = _with_weights(directory, gm, doc, ties, frozen, evals, non_persistent, device)
     for where in stay:  # Freeze(..., bn="eval"): in eval mode whatever .train() says, as in memory
         try:

@@ -26,9 +26,14 @@ def _state(capture: Capture, path: str, sites) -> str:
     return "python" if path in capture.calls else "unused"
 
 
-def _containers(rows: list[dict]) -> None:
+def _containers(rows: list[dict], capture: Capture) -> None:
     """A module never called itself whose modules run (a graph calls `layer1.0.conv1`, not `layer1`, once
-    saved and loaded) holds them: "container", not "unused"."""
+    saved and loaded) holds them: "container", not "unused"; one whose tensors the graph reads (GPT-2's
+    Conv1D traced through, then saved) is "weights", not "unused"."""
+    read = {str(n.target).rpartition(".")[0] for r in capture.regions for n in r.graph.nodes if n.op == "get_attr"}
+    for r in rows:
+        if r["runs"] == "unused" and r["path"] in read:
+            r["runs"] = "weights"
     above = set()
     for r in rows:
         if r["runs"] != "unused":
@@ -62,7 +67,7 @@ def overview(capture: Capture) -> dict:
             "trainable": sum(p.numel() for p in params if p.requires_grad),
             "calls": calls, "runs": _state(capture, path, sites),
         })
-    _containers(rows)
+    _containers(rows, capture)
     ops = Counter(n.op for r in capture.regions for n in r.graph.nodes)
     seen, total, trainable = set(), 0, 0
     for p in capture.model.parameters():
