@@ -111,3 +111,19 @@ def test_a_graph_result_of_a_transformers_model_loads_where_transformers_was_imp
     assert code == 0, stderr
     runs = {m["path"]: m["runs"] for m in json.loads(stdout)["modules"]}
     assert (runs["transformer.h.0.mlp.c_fc"], runs["transformer.h.0.mlp"], runs["lm_head"]) == ("weights", "container", "graph")
+
+
+def test_token_ids_beyond_the_positions_are_the_original_models_failure_not_an_internal_error():
+    """Fake tensors read no values, so 40 positions of a 16-position GPT-2 pass the capture; the first real run
+    (the check that a size-1 batch may stay general) is where it fails, and it says what the model says."""
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=16,
+                                                                 use_cache=False)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(fxs.ModelError) as err:
+        apply(model, [fxs.Freeze("transformer.h.0")], (ids(1, 40),), keep_class=False)
+    assert str(err.value) == ("the original model fails on the example inputs: IndexError: index out of range in self; "
+                              "fix: pass inputs the original model accepts")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    result = apply(model, [fxs.Freeze("transformer.h.0")], (ids(1, 16),), keep_class=False)
+    assert torch.equal(logits(result.module, ids(3, 12)), logits(model, ids(3, 12)))

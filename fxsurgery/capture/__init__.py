@@ -12,6 +12,7 @@ where possible), so shape-dependent Python is specialised to that call.
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -192,9 +193,24 @@ def record_calls(model: nn.Module, inputs: tuple, kwargs: dict | None = None) ->
         with torch.no_grad():
             return _hooked_run(real, inputs, dict(kwargs or {}), lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x)
     except Exception as exc:
-        first = first_line(exc)
-        raise ModelError(f"the original model fails on the example inputs: {type(exc).__name__}: {first}; "
-                         "fix: pass inputs the original model accepts") from None
+        raise _fails(exc) from None
+
+
+def _fails(exc: Exception) -> ModelError:
+    return ModelError(f"the original model fails on the example inputs: {type(exc).__name__}: {first_line(exc)}; "
+                      "fix: pass inputs the original model accepts")
+
+
+def _refuse_failing(model: nn.Module, inputs: tuple | None, kwargs: dict) -> None:
+    """Raise what the original model raises on the example, run on a copy (a token id beyond GPT-2's positions
+    passes fake tensors, which read no values, and fails the first real run)."""
+    try:
+        real = clone(model, lambda t: t.detach().clone())
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            real(*(inputs or ()), **kwargs)
+    except Exception as exc:
+        raise _fails(exc) from None
 
 
 KEPT = "kept as its own class (keep_class=True): its code runs as written, rules act on the modules it calls"
@@ -252,7 +268,11 @@ def capture(model: nn.Module, example_inputs: tuple | None = None, example_kwarg
     options = dict(leaf_types=leaf_types, leaf_paths=leaf_paths, dynamic=None if dynamic_shapes is None else "auto")
     result = _capture(model, inputs, kwargs, **options)
     if dynamic_shapes == "auto":  # a size-1 dim the code pins: captured again at 2 where that keeps it general
-        result = beyond_size_one(result, inputs, kwargs, lambda i, k: _capture(model, i, k, **options))
+        try:  # the first run on real values
+            result = beyond_size_one(result, inputs, kwargs, lambda i, k: _capture(model, i, k, **options))
+        except Exception:
+            _refuse_failing(model, inputs, kwargs)
+            raise
     return _specced(result, dynamic_shapes)
 
 
