@@ -102,20 +102,51 @@ def test_patterns_see_only_traced_code_and_say_so():
     assert text.endswith("models.py:95)); pass example inputs (--input); fix: correct the selector or add 'optional: true'")
 
 
-def test_a_fold_on_a_model_built_without_weights_is_refused_with_the_fix(tmp_path):
-    from safetensors.torch import save_file
-    model = randomise_bn(ConvBN(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+class NoRecipeFold(fxs.FoldBatchNorm):
+    """A user's fold that map-weights could not replay: no recipe, so its values must be in the model."""
+
+    def recipe(self, conv, bn):
+        return None
+
+
+def test_a_fold_on_a_model_built_without_weights_is_computed_from_the_checkpoint(tmp_path):
+    """fold_bn's recipe (what map-weights replays) computes the folded layer from the checkpoint, in memory or
+    streamed: the same bits as a fold of the loaded model. A fold without a recipe still needs the values."""
+    from safetensors.torch import load_file, save_file
+    torch.manual_seed(0)
+    model = randomise_bn(ConvBN(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).eval()
     path = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     with fxs.empty_weights():
         empty = ConvBN(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
-    rule = fxs.Rewrite(fxs.FoldBatchNorm)
+    x = torch.randn(1, 3, 6, 6)
+    fold = fxs.Rewrite(fxs.FoldBatchNorm)
+    loaded = fxs.apply(model, [fold], example_inputs=(x,))
+    read = fxs.apply(empty, [fold], example_inputs=(x,), weights=str(path))
+    assert_state_equal(read.module, loaded.module.state_dict())
+    assert [e.__dict__ for e in read.report.entries] == [e.__dict__ for e in loaded.report.entries]
+    assert read.report.recipes == loaded.report.recipes and "conv.weight" in read.report.recipes
+    assert torch.equal(read.module(x), loaded.module(x))
+    streamed = fxs.apply(empty, [fold], example_inputs=(x,), weights=str(path), stream=True)
+    assert streamed.module.conv.weight.is_meta
+    streamed.save(tmp_path / "s")
+    loaded.save(tmp_path / "m")
+    assert (tmp_path / "s" / "model.safetensors").read_bytes() == (tmp_path / "m" / "model.safetensors").read_bytes()
+    assert_state_equal(fxs.load(tmp_path / "s"), load_file(tmp_path / "m" / "model.safetensors"))
+
+    rule = fxs.Rewrite(NoRecipeFold)
     with pytest.raises(fxs.RewriteError) as err:
-        fxs.apply(empty, [rule], example_inputs=(torch.randn(1, 3, 6, 6),), weights=str(path))
+        fxs.apply(empty, [rule], example_inputs=(x,), weights=str(path))
     assert str(err.value) == (
         f"rule 1 'rewrite fold_bn (conv + batchnorm -> conv)' ({rule.origin}) at 'conv': its weights are computed from "
         "conv, bn, which have no values (the model was built without weights); fix: load the weights into the model "
         "before this rule, or leave the rule out")
+    rule = fxs.Rewrite(fxs.FoldBatchNorm)
+    with pytest.raises(fxs.TransferError) as err:  # a recipe, but nothing to compute it from
+        fxs.apply(empty, [rule], example_inputs=(x,))
+    assert str(err.value) == (
+        f"rule 1 'rewrite fold_bn (conv + batchnorm -> conv)' ({rule.origin}): conv.weight is computed from conv, bn, which have "
+        "no values (the model was built without weights); fix: load the weights into the model before this rule, or leave the rule out")
 
 
 # -- DAG patterns ------------------------------------------------------------------------------------

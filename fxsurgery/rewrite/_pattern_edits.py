@@ -10,6 +10,7 @@ their paths and weights, its own modules go under `<path>_<name>`.
 
 from __future__ import annotations
 
+import copy
 import operator
 from typing import Any
 
@@ -52,9 +53,9 @@ def rewrite_chains(rw: Rewriter, m: Match, sites: list[Site]) -> None:
         if found.install is not None and found.install in made:
             replacement = made[found.install]
         else:
-            _check_values(rw, m, site, found, matched)
+            planned = _check_values(rw, m, site, found, matched)
             try:
-                replacement = pattern.rewrite(*matched)
+                replacement = pattern.rewrite(*([_on_meta(x) for x in matched] if planned else matched))
             except ValueError as err:  # a pattern refusing this match (LoRA's rank above a layer's size)
                 rw.fail(m, site, f"{pattern.describe()}: {first_line(err)}", "change the rule's params, or select other layers")
             if isinstance(replacement, New):
@@ -92,14 +93,36 @@ def _changed(nodes: list[fx.Node], outputs: set) -> str:
     return ""
 
 
-def _check_values(rw: Rewriter, m: Match, site: Site, found: Found, matched: list) -> None:
-    """Weights computed from the match need its values: a model built without weights has none."""
+def _check_values(rw: Rewriter, m: Match, site: Site, found: Found, matched: list) -> bool:
+    """Weights computed from the match need its values: a model built without weights has none, unless the
+    pattern has a recipe the transfer stage computes them by from the checkpoint (True: rewrite on meta)."""
     if m.rule.pattern.weights != "derived":
-        return
-    if any(t.is_meta for obj in matched if isinstance(obj, nn.Module) for t in [*obj.parameters(), *obj.buffers()]):
+        return False
+    modules = [obj for obj in matched if isinstance(obj, nn.Module)]
+    if not any(t.is_meta for obj in modules for t in [*obj.parameters(), *obj.buffers()]):
+        return False
+    if not _recipe_covers(m, modules):
         sources = ", ".join(t for t in found.modules if t is not None)
         rw.fail(m, site, f"its weights are computed from {sources}, which have no values (the model was built without weights)",
                 "load the weights into the model before this rule, or leave the rule out")
+    return True
+
+
+def _on_meta(obj):
+    """A matched module wholly on meta (a model built without weights keeps its buffers real, at their initial
+    values): the rewrite then computes shapes alone, on one device."""
+    return copy.deepcopy(obj).to("meta") if isinstance(obj, nn.Module) else obj
+
+
+def _recipe_covers(m: Match, modules: list) -> bool:
+    """A pattern with a recipe for the modules it matched (fold_bn) is computed from the checkpoint in the
+    transfer stage, as map-weights computes it: its rewrite runs on meta tensors meanwhile."""
+    if len(modules) != len(m.rule.pattern.elements()):
+        return False
+    try:
+        return bool(m.rule.pattern.recipe(*modules))
+    except Exception:
+        return False
 
 
 def _swap(rw: Rewriter, site: Site, last: fx.Node, new, m: Match | None = None, found: Found | None = None) -> None:

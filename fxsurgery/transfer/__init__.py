@@ -27,7 +27,7 @@ from ._lazycopy import lazy_blank
 from ._ownload import refuse_own_loading
 from ._pairwise import transfer_modules
 from ._report import TransferReport, check_strict, entry, tensors_of
-from ._stream import Missing, Read, carry_streamed, pending_of, register
+from ._stream import Missing, Read, Replayed, carry_streamed, pending_of, register
 from ._stream import blank as stream_blank
 from ._tying import Ties
 
@@ -80,7 +80,7 @@ def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True,
         ties = Ties(names, module, built.copies)
         for path, new, old, rule, policy in built.keeps:
             kept.update(_carry(rewritten, path, new, old, rule, policy, checkpoint, ties, recipes, stream))
-        derived_from = _derived(rewritten, built, kept, recipes)
+        derived_from = _derived(rewritten, built, kept, recipes, checkpoint, pending if stream else None)
     present = dict(module.named_modules(remove_duplicate=False))  # one walk, shared by the steps below
     rule_of = _maker(present, built.made_by)
     original_modules = dict(model.named_modules())
@@ -135,7 +135,7 @@ def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True,
     return module, report
 
 
-def _derived(rewritten: Rewritten, built, kept: dict, recipes: dict) -> set[str]:
+def _derived(rewritten: Rewritten, built, kept: dict, recipes: dict, checkpoint: Checkpoint | None, pending: dict | None) -> set[str]:
     """Tensors a pattern computed from original modules (a folded convolution):
     adapted, from those modules, whose tensors are then used, not dropped;
     with the pattern's recipe for recomputing them, where it has one."""
@@ -148,12 +148,14 @@ def _derived(rewritten: Rewritten, built, kept: dict, recipes: dict) -> set[str]
             how = recipe(*[model.get_submodule(s) for s in sources]) if recipe is not None else None
         except AttributeError:
             how = None
-        for name, t, _ in tensors_of(made):
+        for name, t, _ in list(tensors_of(made)):
             if how and name in how:
                 recipes[id(t)] = _resolved(how[name], sources, model)
             if id(t) in built.copies:
                 continue  # an original tensor it kept: transferred like any other
-            if t.is_meta:
+            if t.is_meta and id(t) in recipes and (checkpoint is not None or pending is not None):
+                t = _computed(made, name, t, recipes, checkpoint, pending)  # from the checkpoint, as map-weights would
+            elif t.is_meta:
                 raise TransferError(f"{label}: {path}.{name} is computed from {', '.join(sources)}, which have no values "
                                     "(the model was built without weights); fix: load the weights into the model "
                                     "before this rule, or leave the rule out")
@@ -219,6 +221,26 @@ def _fill(module: nn.Module, built, names: dict[int, list[str]], checkpoint: Che
         for name, value in bar(checkpoint.read(wanted), "read checkpoint", total=len(wanted), unit="tensor"):
             for t in wanted[name]:
                 t.copy_(value)
+
+
+def _computed(made: nn.Module, name: str, t: torch.Tensor, recipes: dict, checkpoint: Checkpoint | None,
+              pending: dict | None) -> torch.Tensor:
+    """A derived tensor of a model built without weights: computed by its recipe from the checkpoint when the
+    output is written (stream) or now, in the module's place of the meta one."""
+    recipe = recipes[id(t)]
+    if pending is not None:
+        pending[id(t)] = Missing(name) if checkpoint is None else Replayed(checkpoint, recipe, t.shape, t.dtype)
+        return t
+    value = Replayed(checkpoint, recipe, t.shape, t.dtype)()
+    owner, _, attr = name.rpartition(".")
+    owner = made.get_submodule(owner)
+    if attr in owner._parameters:
+        value = nn.Parameter(value, requires_grad=t.requires_grad)
+        owner._parameters[attr] = value
+    else:
+        owner._buffers[attr] = value
+    recipes[id(value)] = recipes.pop(id(t))
+    return value
 
 
 def _resolved(recipe: dict, sources, model: nn.Module) -> dict:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import TransferError
-from ..spec import Kept, carry
+from ..spec import Kept, carry, replay
 from ._checkpoint import Checkpoint, read_block
 
 _PENDING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> {id(tensor): reader}
@@ -65,6 +65,22 @@ class Missing:
     def __call__(self) -> torch.Tensor:
         raise TransferError(f"{self.name} has no values (the model was built without weights) and no checkpoint was given; "
                             "fix: apply with weights= a checkpoint of the model (--weights)")
+
+
+class Replayed:
+    """Computes one tensor a pattern derived (a folded convolution's weight) from the checkpoint, by the recipe
+    map-weights replays: the same function as the rewrite, so the same bits."""
+
+    def __init__(self, checkpoint: Checkpoint, recipe: dict, shape: tuple, dtype: torch.dtype):
+        self.checkpoint, self.recipe, self.shape, self.dtype = checkpoint, recipe, tuple(shape), dtype
+
+    def __call__(self) -> torch.Tensor:
+        value = torch.empty(self.shape, dtype=self.dtype)
+        replay(self.recipe, lambda name: read_block(self.checkpoint, name, None), value)
+        return value
+
+    def __repr__(self) -> str:
+        return f"Replayed({self.checkpoint.path!r}, {sorted(self.recipe['reads'].values())!r})"
 
 
 def _runs(rows) -> list[tuple[int, int]]:
