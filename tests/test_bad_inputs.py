@@ -406,7 +406,7 @@ CASES = [
     model_error("resnet18 at 1x3x32x32 in training mode", _apply("ok_resnet", inputs="--input=1x3x32x32"),
                 "the original model fails on the example inputs: ",
                 "ValueError: Expected more than 1 value per channel when training, got input size torch.Size([1, 512, 1, 1]); "
-                "fix: pass inputs the original model accepts"),
+                "fix: example inputs with a batch of 2 or more (--input 2x...), or the model in eval mode (--eval)"),
     model_error("two inputs for a one-input forward", _apply("ok_resnet", extra=["--input=1x3"]), "example inputs do not fit ResNet.forward(x): ",
                 "too many positional arguments; fix: pass one input per argument"),
     # written out at save time: the part that stays Python cannot become model.py

@@ -2,6 +2,7 @@
 a report that answers for every tensor, a CLI that says what it wrote and how to give token ids."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -150,6 +151,27 @@ def test_a_model_built_without_weights_is_refused_for_its_own_reason(tmp_path):
     with pytest.raises(fxs.ModelError) as err:
         fxs.apply(model, [Freeze("layer1")], example_inputs=(torch.randn(1, 3, 32, 32),), weights=tmp_path / "w.safetensors")
     assert str(err.value) == ("the original model fails on the example inputs: ValueError: Expected more than 1 value per channel "
-                              "when training, got input size torch.Size([1, 512, 1, 1]); fix: pass inputs the original model accepts")
+                              "when training, got input size torch.Size([1, 512, 1, 1]); fix: example inputs with a batch of 2 or "
+                              "more (--input 2x...), or the model in eval mode (--eval)")
     result = fxs.apply(model, [Freeze("layer1")], example_inputs=(torch.randn(2, 3, 32, 32),), weights=tmp_path / "w.safetensors")
     assert result.report.frozen and all(not p.is_meta for p in result.module.parameters())
+
+
+def test_a_batchnorm_a_rule_inserts_where_a_batch_of_one_gives_one_value_says_batch_or_eval():
+    """insert-norm's BatchNorm1d before a head, on one image in training mode: the fix is the batch or the mode,
+    not the replacement's shape."""
+    from conftest import RULES
+    rules = fxs.load_rules(os.path.join(RULES, "insert-norm.yaml"))
+    model = torchvision.models.resnet18()
+    with pytest.raises(fxs.ValidateError) as err:
+        fxs.apply(model, rules, example_inputs=(torch.randn(1, 3, 64, 64),))
+    assert str(err.value) == (f"rule 1 'insert BatchNorm1d() before fc' ({rules.rules[0].origin}) at node 'fc_batch_norm1d' [call_module]: "
+                              "BatchNorm1d in training mode needs 2+ values per channel, gets [1, 512]; fix: example inputs with "
+                              "a batch of 2 or more (--input 2x...), or eval mode (--eval)")
+    x = torch.randn(1, 3, 64, 64)
+    result = fxs.apply(model.eval(), rules, example_inputs=(x,))
+    norm = result.module.get_submodule("fc_batch_norm1d")
+    features = torch.flatten(model.avgpool(model.layer4(model.layer3(model.layer2(model.layer1(
+        model.maxpool(model.relu(model.bn1(model.conv1(x))))))))), 1)
+    with torch.no_grad():
+        assert torch.equal(result.module(x), model.fc(norm(features)))

@@ -197,8 +197,10 @@ def record_calls(model: nn.Module, inputs: tuple, kwargs: dict | None = None) ->
 
 
 def _fails(exc: Exception) -> ModelError:
-    return ModelError(f"the original model fails on the example inputs: {type(exc).__name__}: {first_line(exc)}; "
-                      "fix: pass inputs the original model accepts")
+    fix = "pass inputs the original model accepts"
+    if "more than 1 value per channel when training" in str(exc):  # a BatchNorm after pooling, a batch of one
+        fix = "example inputs with a batch of 2 or more (--input 2x...), or the model in eval mode (--eval)"
+    return ModelError(f"the original model fails on the example inputs: {type(exc).__name__}: {first_line(exc)}; fix: {fix}")
 
 
 def _refuse_failing(model: nn.Module, inputs: tuple | None, kwargs: dict) -> None:

@@ -63,6 +63,9 @@ def shape_failure(err: PropagationError, edited: Edited) -> ValidateError:
             fix = (f"drop the shape argument and let it be inferred (fxs.new), or set it to match {shape_text(shape)}" if made
                    else "replace this layer too (fxs.new infers its input size), or insert a layer that maps the shape")
             return ValidateError(f"{where}: {describe(module)} does not fit the incoming shape {shape_text(shape)}; fix: {fix}")
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and "more than 1 value per channel" in str(exc):
+        return ValidateError(f"{where}: {type(module).__name__} in training mode needs 2+ values per channel, gets "
+                             f"{shape_text(shape)}; fix: example inputs with a batch of 2 or more (--input 2x...), or eval mode (--eval)")
     first = first_line(exc)
     return ValidateError(f"{where}: {type(exc).__name__}: {first}; fix: check that the rule's replacement fits the shapes around it (inspect the model "
                          f"with 'fxsurgery inspect')")
