@@ -151,16 +151,8 @@ class SurgeryResult:
         `formats=("hf",)` demands: `from_pretrained` reloads it without fxsurgery.
         `ranks=True`: this process is one of torchrun's ranks (RANK, WORLD_SIZE set), each of which
         runs the same surgery and calls save: each writes its share of the shards, rank 0 the rest."""
-        pretrained = self.capture is not None and self.capture.kept and hasattr(self.module, "save_pretrained")
-        if "hf" in formats:
-            if not pretrained:
-                raise SaveError(f"format hf: the result is a {self.mode}, which has no save_pretrained; fix: apply to a "
-                                "transformers model (kept as its class by default), or leave format hf out")
-            formats = tuple(f for f in formats if f != "hf")
+        pretrained, formats = self.check_formats(formats)
         if pretrained:
-            if formats:
-                raise SaveError(f"formats {', '.join(formats)}: a kept {type(self.module).__name__} is saved by its own "
-                                "save_pretrained; fix: leave formats out, or apply with keep_class=False (--no-keep-class)")
             with working("save"):  # a large model's weights take a while to write and hash
                 return save_pretrained(self.module, directory, force=force, record=self.to_dict(),
                                        max_shard_size=max_shard_size, lazy=pending_of(self.module), ranks=ranks)
@@ -168,6 +160,19 @@ class SurgeryResult:
             return save(self.module, directory, force=force, record=self.to_dict(), formats=formats,
                         example_inputs=self.example_inputs, extra=extra, max_shard_size=max_shard_size,
                         lazy=pending_of(self.module), static=self._static_dims(), ranks=ranks)
+
+    def check_formats(self, formats) -> tuple[bool, tuple]:
+        """(saved by save_pretrained, the other formats) for `save(formats=...)`; refuses what this result cannot write."""
+        pretrained = self.capture is not None and self.capture.kept and hasattr(self.module, "save_pretrained")
+        if "hf" in formats:
+            if not pretrained:
+                raise SaveError(f"format hf: the result is a {self.mode}, which has no save_pretrained; fix: apply to a "
+                                "transformers model (kept as its class by default), or leave format hf out")
+            formats = tuple(f for f in formats if f != "hf")
+        if pretrained and formats:
+            raise SaveError(f"formats {', '.join(formats)}: a kept {type(self.module).__name__} is saved by its own "
+                            "save_pretrained; fix: leave formats out, or apply with keep_class=False (--no-keep-class)")
+        return pretrained, tuple(formats)
 
     def _static_dims(self) -> list | None:
         """Per example input, the dims exports keep static: those capture specialised (tensor inputs

@@ -229,3 +229,33 @@ def test_diff_command_writes_html_or_svg(tmp_path):
     assert (tmp_path / "notes.svg").read_text() == "important"
     assert cli("diff", RESNET, rules, "--input", "1x3x64x64", "-o", tmp_path / "notes.svg", "--force")[0] == 0
     assert (tmp_path / "notes.svg").read_text() == svg
+
+
+@pytest.mark.parametrize("argv", [
+    ["apply", "torchvision.models:resnet18", "classifier-head", "-o", ""],
+    ["diff", "torchvision.models:resnet18", "classifier-head", "-o", " "],
+    ["map-weights", "w.safetensors", "out", "-o", ""],
+    ["demo", "-o", ""],
+], ids=["apply", "diff", "map-weights", "demo"])
+def test_an_empty_output_path_is_refused_before_any_work(tmp_path, argv):
+    """-o "$OUT" with OUT unset: apply used to run, print 'nothing written' and exit 0."""
+    argv = [os.path.join(RULES, a + ".yaml") if a == "classifier-head" else a for a in argv]
+    code, stdout, stderr = cli_process(*argv, cwd=tmp_path)  # a usage error: argparse exits the process
+    assert (code, stdout, os.listdir(tmp_path)) == (2, "", [])
+    assert stderr == "fxsurgery: error: argument -o/--output: is empty; fix: name the output, e.g. -o out/\n"
+
+
+def test_a_format_is_checked_by_a_dry_run_and_needs_an_output(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    head = os.path.join(RULES, "classifier-head.yaml")
+    code, stdout, stderr = cli("apply", "torchvision.models:resnet18", head, "--input", "2x3x32x32", "--format", "hf", "--dry-run",
+                               "--quiet")
+    assert (code, stdout) == (2, "")
+    assert stderr == ("fxsurgery: error: format hf: the result is a regenerated graph module, which has no save_pretrained; fix: "
+                      "apply to a transformers model (kept as its class by default), or leave format hf out\n")
+    code, stdout, stderr = cli("apply", "torchvision.models:resnet18", head, "--input", "2x3x32x32", "--format", "onnx", "--quiet")
+    assert (code, stdout, os.listdir(tmp_path)) == (2, "", [])
+    assert stderr == "fxsurgery: error: --format onnx: nothing is written without -o; fix: pass -o DIR, or --dry-run to check the formats\n"
+    code, stdout, stderr = cli("apply", "torchvision.models:resnet18", head, "--input", "2x3x32x32", "--format", "onnx", "--dry-run",
+                               "--quiet")
+    assert (code, stderr, stdout.endswith("dry run: nothing written\n"), os.listdir(tmp_path)) == (0, "", True, [])

@@ -29,6 +29,13 @@ EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 3
 
 
+def _path(text: str) -> str:
+    """An output path: an empty one (-o "" from an unset shell variable) would write nowhere and say so quietly."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; fix: name the output, e.g. -o out/")
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fxsurgery", description="Model surgery for PyTorch as checked graph rewrites.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -51,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("apply", help="apply rule files to a model")
     model_args(p)
     p.add_argument("rules", nargs="+", help="rule files (YAML)")
-    p.add_argument("-o", "--output", metavar="DIR", help="write model.py, model.safetensors, surgery.json here")
+    p.add_argument("-o", "--output", type=_path, metavar="DIR", help="write model.py, model.safetensors, surgery.json here")
     p.add_argument("--set", action="append", default=[], metavar="K=V", help="override a rule-file param "
                    "(with several rule files: in each file that declares it)")
     p.add_argument("--strict", action="store_true", help="fail when a tensor is new and no rule declared it")
@@ -90,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("diff", help="write the graph before and after the rules as HTML or SVG")
     model_args(p)
     p.add_argument("rules", nargs="+", help="rule files (YAML)")
-    p.add_argument("-o", "--output", required=True, metavar="FILE", help="diff.html (one self-contained page) or diff.svg")
+    p.add_argument("-o", "--output", type=_path, required=True, metavar="FILE", help="diff.html (one self-contained page) or diff.svg")
     p.add_argument("--force", action="store_true", help="replace the file if it exists")
     p.add_argument("--set", action="append", default=[], metavar="K=V", help="override a rule-file param")
 
@@ -98,13 +105,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("checkpoint", help="weights of the original architecture (.safetensors, a sharded *.index.json, or weights-only .pt)")
     p.add_argument("surgery", help="a directory written by apply -o / save()")
-    p.add_argument("-o", "--output", required=True, metavar="FILE", help="the mapped weights (.safetensors)")
+    p.add_argument("-o", "--output", type=_path, required=True, metavar="FILE", help="the mapped weights (.safetensors)")
 
     p = sub.add_parser("rules", help="list the shipped rule files with their descriptions and params")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("demo", help="run the embedded default end to end (ResNet-18, random weights)")
-    p.add_argument("-o", "--output", default="fxsurgery-demo", metavar="DIR")
+    p.add_argument("-o", "--output", type=_path, default="fxsurgery-demo", metavar="DIR")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -147,6 +154,8 @@ def cmd_apply(args) -> int:
     if args.stream and not args.weights and not args.dry_run:
         raise ModelError("--stream reads the model's tensors from --weights, and none was given; "
                          "fix: pass --weights (a .safetensors file or a sharded *.index.json), or --dry-run for the plan alone")
+    if args.format and not args.output and not args.dry_run:
+        raise ModelError(f"--format {args.format[0]}: nothing is written without -o; fix: pass -o DIR, or --dry-run to check the formats")
     if args.output and not args.dry_run:
         check_target(args.output, args.force, flag="--force", ranks=ranks)  # before the surgery: fail fast, write nothing
     if args.seed is not None or ranks is not None:  # every rank must make the same new tensors: each writes some of them
@@ -158,6 +167,8 @@ def cmd_apply(args) -> int:
         result = _result(args)
     loaded = time.perf_counter() - start - sum(result.timings.values())
     _refuse_no_op(result)
+    if args.dry_run:
+        result.check_formats(args.format)  # what save would refuse, a dry run refuses
     written = None
     start = time.perf_counter()
     if args.output and not args.dry_run:
@@ -286,7 +297,8 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         fix = f"see 'fxsurgery {self.prog.split()[-1]} --help'" if " " in self.prog else "see 'fxsurgery --help'"
-        print(f"fxsurgery: error: {bounded(f'{message}; fix: {fix}')}", file=sys.stderr)
+        text = message if "; fix: " in message else f"{message}; fix: {fix}"  # an argument's own check names its fix
+        print(f"fxsurgery: error: {bounded(text)}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
 
 
