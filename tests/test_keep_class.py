@@ -9,6 +9,7 @@ output format.
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -134,6 +135,37 @@ def test_a_new_head_sets_num_labels_and_reloads(tmp_path):
     assert_unchanged(model, before)
 
 
+@pytest.mark.parametrize("weights, n, names", [
+    ({"select": [2, 0]}, 2, ["pos", "neg"]),
+    ("slice", 2, ["neg", "neu"]),
+    ("pad", 4, ["neg", "neu", "pos", "LABEL_3"]),
+    ("new", 2, ["LABEL_0", "LABEL_1"]),
+])
+def test_a_head_keeping_some_classes_keeps_their_names(tmp_path, weights, n, names):
+    """A head that keeps the rows of some classes (select, slice, pad) keeps their names in id2label, saved and
+    reloaded: pipelines and model cards read them, and LABEL_0 for 'pos' is a wrong answer."""
+    model = bert()
+    model.config.id2label = {0: "neg", 1: "neu", 2: "pos"}
+    model.config.label2id = {"neg": 0, "neu": 1, "pos": 2}
+    model.config.num_labels = 3
+    model.classifier = nn.Linear(32, 3)
+    model.num_labels = 3
+    rule = Replace("classifier", fxs.new(nn.Linear, out_features=n), weights=weights)
+    result = apply(model, [rule])
+    config = result.module.config
+    assert config.id2label == dict(enumerate(names)) and config.label2id == {name: i for i, name in enumerate(names)}
+    x = ids(2, 7)
+    rows = {"select": [2, 0], "slice": [0, 1], "pad": [0, 1, 2]}.get("select" if isinstance(weights, dict) else weights)
+    if rows is not None:
+        assert torch.allclose(logits(result.module, x)[:, :len(rows)], logits(model, x)[:, rows], atol=1e-6, rtol=0)
+    shown = "LABEL_0, LABEL_1" if weights == "new" else ", ".join(names)
+    kind = "id2label/label2id remade" if weights == "new" else f"id2label follows the rows kept: {shown}"
+    assert result.report.notes[1] == f"config.num_labels: 3 -> {n}, {kind} ({result.plan.matches[0].label})"
+    result.save(tmp_path / "out")
+    loaded = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "out")
+    assert loaded.config.id2label == dict(enumerate(names))
+
+
 def test_training_the_trainable_parameters_lowers_the_loss_and_leaves_frozen_ones_alone():
     model = bert()
     result = apply(model, [Replace("classifier", fxs.new(nn.Linear, out_features=3)), Freeze("bert.*")])
@@ -218,6 +250,50 @@ def test_any_module_keeps_its_class_on_request():
         ("layers.0.weight", "layers.2.weight"), ("layers.0.bias", "layers.2.bias"),
         ("layers.1.weight", "layers.0.weight"), ("layers.1.bias", "layers.0.bias")]
     assert result.report.dropped == ["layers.1.weight", "layers.1.bias"]
+
+
+def test_a_sequential_of_numbered_blocks_is_rearranged_as_a_list_is(tmp_path):
+    """timm's ViT keeps its blocks in an nn.Sequential: Layers there (the graph refuses it and names keep_class,
+    which used to refuse a Sequential in turn) equals the Sequential rebuilt by hand, saved and loaded."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    rule = Layers("blocks", order=[0, 1, 1, 5])
+    with pytest.raises(MatchError) as err:
+        fxs.apply(model, [rule], example_inputs=(x,))
+    assert str(err.value).endswith("fix: pass keep_class=True (--keep-class)")
+    result = fxs.apply(model, [rule], example_inputs=(x,), keep_class=True)
+    hand = copy.deepcopy(model)
+    hand.blocks = nn.Sequential(*[copy.deepcopy(model.blocks[i]) for i in (0, 1, 1, 5)])
+    assert type(result.module.blocks) is nn.Sequential and list(result.module.blocks._modules) == ["0", "1", "2", "3"]
+    other = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(result.module(x), hand(x)) and torch.equal(result.module(other), hand(other))
+    assert result.module.blocks[1].attn.qkv.weight is not result.module.blocks[2].attn.qkv.weight  # a second use is a copy
+    assert {n.split('.')[1] for n in result.report.dropped} == {'2', '3', '4', '6', '7', '8', '9', '10', '11'}
+    assert len(result.report.dropped) == 9 * 12
+    result.save(tmp_path / "out")  # timm's blocks traced through: model.py rebuilds torch's modules only
+    with torch.no_grad():
+        assert torch.equal(fxs.load(tmp_path / "out")(other), hand(other))
+        assert torch.equal(fxs.load(tmp_path / "out", trust_code=True)(other), hand(other))
+
+
+class Named(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 4, 3), act=nn.ReLU()))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_a_sequential_of_named_layers_is_refused():
+    rule = Layers("body", order=[1, 0])
+    with pytest.raises(MatchError) as err:
+        fxs.apply(Named(), [rule], example_inputs=(torch.randn(1, 3, 8, 8),), keep_class=True)
+    assert str(err.value) == (f"rule 1 'layers body order=[1, 0]' ({rule.origin}): body is a Sequential, not an nn.ModuleList or "
+                              "an nn.Sequential of numbered layers; fix: select the list that holds the layers, e.g. 'model.layers'")
 
 
 def test_layers_without_keep_class_and_call_rules_with_it_are_refused():

@@ -265,14 +265,20 @@ def _layer_sites(m: Match, locator: Locator) -> tuple[list[Site], list[str]]:
     paths = select_modules(m.rule.target, locator.modules)
     for path in paths:
         layers = locator.modules[path]
-        if not isinstance(layers, nn.ModuleList):
-            raise MatchError(f"{m.label}: {path} is a {type(layers).__name__}, not an nn.ModuleList; "
-                             "fix: select the list that holds the layers, e.g. 'model.layers'")
+        if not (isinstance(layers, nn.ModuleList) or _numbered_sequential(layers)):
+            raise MatchError(f"{m.label}: {path} is a {type(layers).__name__}, not an nn.ModuleList or an nn.Sequential of "
+                             "numbered layers; fix: select the list that holds the layers, e.g. 'model.layers'")
         bad = next((i for i in m.rule.order if i >= len(layers)), None)
         if bad is not None:
             raise MatchError(f"{m.label}: index {bad} is out of range for {path}, which holds {len(layers)} layers; "
                              f"fix: use indices 0 to {len(layers) - 1}")
     return [Site(p, p, True, (), (), (), None) for p in paths], paths
+
+
+def _numbered_sequential(module: nn.Module) -> bool:
+    """A plain nn.Sequential whose layers are named 0..n-1 (timm's `blocks`): rearranged by position as a
+    ModuleList is, with the same names; a subclass may take other constructor arguments, named layers would be renamed."""
+    return type(module) is nn.Sequential and list(module._modules) == [str(i) for i in range(len(module))]
 
 
 def _modules_only(rule: Rewrite) -> bool:

@@ -194,7 +194,7 @@ def _rearrange(built: Assembly, edit: ModuleEdit) -> None:
                                  if isinstance(new, torch.Tensor) and old in built.copies})
         used.add(i)
         rearranged.append(layer)
-    built.module = put(built.module, edit.path, type(layers)(rearranged))
+    built.module = put(built.module, edit.path, nn.Sequential(*rearranged) if isinstance(layers, nn.Sequential) else type(layers)(rearranged))
 
 
 def _apply(built: Assembly, edit: ModuleEdit, original: nn.Module, memo: dict) -> None:

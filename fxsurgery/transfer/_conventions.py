@@ -107,10 +107,28 @@ def label_count(site: Site) -> list[str]:
     before = getattr(config, "num_labels", None)
     if not isinstance(head, nn.Linear) or not isinstance(before, int) or head.out_features == before:
         return []
+    names = dict(getattr(config, "id2label", None) or {})
     config.num_labels = head.out_features  # transformers remakes id2label / label2id to match
     if isinstance(getattr(module, "num_labels", None), int):
         module.num_labels = head.out_features  # the loss reshapes logits by it
-    return [f"config.num_labels: {before} -> {head.out_features}, id2label/label2id remade ({label})"]
+    rows = _rows_kept(edit.weights, before, head.out_features)
+    if rows is None or all(names.get(i) in (None, f"LABEL_{i}") for i in range(before)):
+        return [f"config.num_labels: {before} -> {head.out_features}, id2label/label2id remade ({label})"]
+    # the names of the classes whose rows the head kept go with them (select [0, 2] of neg, neu, pos: neg, pos)
+    config.id2label = {i: names.get(r, f"LABEL_{i}") if r is not None else f"LABEL_{i}" for i, r in enumerate(rows)}
+    config.label2id = {name: i for i, name in config.id2label.items()}
+    shown = ", ".join(str(v) for v in list(config.id2label.values())[:6]) + (", ..." if head.out_features > 6 else "")
+    return [f"config.num_labels: {before} -> {head.out_features}, id2label follows the rows kept: {shown} ({label})"]
+
+
+def _rows_kept(policy, before: int, after: int) -> list | None:
+    """For each output row of the new head, the row of the old one its weights came from (None: a new row);
+    None where the weights policy keeps no rows (new weights)."""
+    if isinstance(policy, dict) and "select" in policy:
+        return list(policy["select"])
+    if policy in ("slice", "pad"):
+        return [i if i < before else None for i in range(after)]
+    return None
 
 
 def _path_of(root: nn.Module, module: nn.Module | None) -> str | None:
