@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 from torch.nn import functional as F
 
@@ -298,3 +299,25 @@ def test_freeze_by_type_and_rule_order(resnet18):
     frozen = set(result.report.frozen)
     assert len(frozen) == 19 * 2  # 20 BatchNorms x (weight, bias), less the bn1 made after the freeze
     assert "bn1.weight" not in frozen and "layer1.0.bn1.weight" in frozen
+
+
+def test_a_replacement_of_another_dtype_than_the_model_is_refused_at_apply():
+    """A float32 Linear in a bfloat16 model: fake tensors propagate the mix, the first real call refused it.
+    A norm takes bfloat16 into float32 weights, so an inserted float32 LayerNorm stays allowed."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval().to(torch.bfloat16)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.bfloat16)
+    rule = fxs.Replace("fc", nn.Linear(512, 10))
+    with pytest.raises(fxs.ValidateError) as err:
+        fxs.apply(model, [rule], (x,))
+    assert str(err.value) == (f"rule 1 'replace fc with Linear(in_features=512, out_features=10, bias=True)' ({rule.origin}) at node "
+                              "'fc': Linear holds float32 weights and receives bfloat16; fix: build it in bfloat16 "
+                              "(.to(torch.bfloat16)), or with fxs.new, which takes the model's dtype")
+    result = fxs.apply(model, [fxs.Replace("fc", fxs.new(nn.Linear, out_features=10))], (x,))
+    assert result.module.fc.weight.dtype == torch.bfloat16 and result.module(x).dtype == torch.bfloat16
+    norm = nn.LayerNorm(512)
+    result = fxs.apply(model, [fxs.Insert(norm, before="fc")], (x,))
+    with torch.no_grad():
+        features = torch.flatten(model.avgpool(model.layer4(model.layer3(model.layer2(model.layer1(
+            model.maxpool(model.relu(model.bn1(model.conv1(x))))))))), 1)
+        assert torch.equal(result.module(x), model.fc(norm(features)))

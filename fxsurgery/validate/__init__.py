@@ -69,7 +69,32 @@ def validate_graph(edited: Edited) -> Edited:
             edited.shapes = propagate(edited.table(), edited.graph, edited.example_inputs(), edited.shape_state)
         except PropagationError as err:
             raise shape_failure(err, edited) from None
+        _check_dtypes(edited)
     return edited
+
+
+# layers whose kernels refuse an input of another dtype than their weights (norms take bfloat16 into float32)
+_SAME_DTYPE = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.PReLU, nn.MultiheadAttention, nn.RNNBase)
+
+
+def _check_dtypes(edited: Edited) -> None:
+    """A layer a rule made whose weights are of another floating dtype than what reaches it (a float32 Linear in a
+    bfloat16 model): fake tensors propagate the mix, a real run refuses it ("mat1 and mat2 must have the same dtype")."""
+    for node in edited.graph.nodes:
+        slot = edited.modules.get(node.target) if node.op == "call_module" else None
+        if slot is None or slot.rule is None or not isinstance(slot.value, _SAME_DTYPE):
+            continue
+        own = {t.dtype for t in slot.value.parameters() if t.is_floating_point()}
+        first = next((edited.shapes.get(a.name) for a in node.all_input_nodes), None)
+        if len(own) != 1 or first is None or not first.is_tensor or first.dtype is None or not first.dtype.is_floating_point:
+            continue
+        if first.dtype not in own:
+            (weights,) = own
+            match = edited.rule_of(slot.rule)
+            have, want = (str(d).replace("torch.", "") for d in (weights, first.dtype))
+            raise ValidateError(f"{match.label} at node '{node.name}': {type(slot.value).__name__} holds {have} weights and "
+                                f"receives {want}; fix: build it in {want} (.to(torch.{want})), or with fxs.new, which takes "
+                                "the model's dtype")
 
 
 def validate(rewritten: Rewritten) -> Rewritten:
