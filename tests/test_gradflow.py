@@ -18,11 +18,33 @@ def test_a_detach_cut_is_reported_and_left_out_of_the_optimizer(three):
     assert flow.method == "graph"
     assert flow.cut == ["liner1.weight", "liner1.bias", "liner2.weight", "liner2.bias"]
     assert flow.trainable == ["liner3.weight", "liner3.bias"] and flow.frozen == []
-    assert [str(w.message) for w in caught][0] == (
-        "liner1.weight requires grad but every path from it to the outputs crosses a detach, so it never gets a "
-        "gradient; fix: freeze it (Freeze) to save its gradient memory and optimizer state")
+    assert [str(w.message) for w in caught] == [
+        "4 parameters require grad but every path from them to the outputs crosses a detach, so they never get a gradient "
+        "(liner1.weight, liner1.bias, liner2.weight, ...); fix: freeze 'liner1', 'liner2' (Freeze) to save their gradient "
+        "memory and optimizer state"]
     assert [id(p) for p in result.trainable_parameters()] == [id(result.module.liner3.weight), id(result.module.liner3.bias)]
     assert "gradient flow: 2 parameters train, 0 frozen, 4 cut off by a detach" in result.summary()
+
+
+def test_a_cut_backbone_is_one_warning_naming_the_fewest_modules_to_freeze():
+    """detach-features after layer3 of a resnet18 cuts 45 parameters: one warning, with the five modules whose
+    freezing silences it (was one warning per parameter)."""
+    import torchvision
+    from conftest import RULES
+    with pytest.warns(fxs.SurgeryWarning) as caught:
+        result = fxs.apply(torchvision.models.resnet18(), fxs.load_rules(f"{RULES}/detach-features.yaml"),
+                           example_inputs=(torch.randn(2, 3, 32, 32),))
+    assert len(result.gradient_flow.cut) == 45
+    assert [str(w.message) for w in caught] == [
+        "45 parameters require grad but every path from them to the outputs crosses a detach, so they never get a gradient "
+        "(conv1.weight, bn1.weight, bn1.bias, ...); fix: freeze 'conv1', 'bn1', 'layer1', 'layer2', 'layer3' (Freeze) to "
+        "save their gradient memory and optimizer state"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        frozen = fxs.apply(torchvision.models.resnet18(), [*fxs.load_rules(f"{RULES}/detach-features.yaml").rules,
+                                                           *(Freeze(m) for m in result.gradient_flow.cut_modules())],
+                           example_inputs=(torch.randn(2, 3, 32, 32),))
+    assert frozen.gradient_flow.counts() == {"trainable": 17, "frozen": 45, "cut": 0}
 
 
 def test_freezing_the_cut_parameters_silences_the_warning(three):

@@ -50,10 +50,33 @@ class GradientFlow:
         return self.names("cut")
 
     def warnings(self) -> list[str]:
-        """One line per cut parameter, with the fix."""
-        return [f"{name} requires grad but every path from it to the outputs crosses a detach, so it never "
-                f"gets a gradient; fix: freeze it (Freeze) to save its gradient memory and optimizer state"
-                for name in self.cut]
+        """One line for the cut parameters, naming the modules to freeze (a detach after layer3 cuts 45)."""
+        cut = self.cut
+        if len(cut) == 1:
+            return [f"{cut[0]} requires grad but every path from it to the outputs crosses a detach, so it never "
+                    f"gets a gradient; fix: freeze it (Freeze) to save its gradient memory and optimizer state"]
+        if not cut:
+            return []
+        modules = self.cut_modules()
+        shown = ", ".join(f"'{m}'" for m in modules[:6]) + (f" and {len(modules) - 6} more" if len(modules) > 6 else "")
+        return [f"{len(cut)} parameters require grad but every path from them to the outputs crosses a detach, so they never "
+                f"get a gradient ({', '.join(cut[:3])}{', ...' if len(cut) > 3 else ''}); fix: freeze {shown} (Freeze) to save "
+                "their gradient memory and optimizer state"]
+
+    def cut_modules(self) -> list[str]:
+        """The fewest module paths whose parameters are all cut and cover every cut one (a parameter of the root
+        module by its own name), in parameter order."""
+        out: list[str] = []
+        for name in self.cut:
+            parts = name.split(".")
+            for i in range(1, len(parts) + 1):
+                prefix = ".".join(parts[:i])
+                inside = [n for n in self.status if n == prefix or n.startswith(prefix + ".")]
+                if all(self.status[n] == "cut" for n in inside):
+                    if prefix not in out:
+                        out.append(prefix)
+                    break
+        return out
 
     def counts(self) -> dict[str, int]:
         return {s: len(self.names(s)) for s in STATUSES}
