@@ -3,6 +3,7 @@ unannotated defaults, messages that say what differs and keep their fix."""
 
 import json
 import os
+import sys
 import typing
 
 import pytest
@@ -330,3 +331,21 @@ def test_a_call_form_output_type_is_imported_only_from_a_library_the_user_import
 def test_a_malformed_call_form_names_the_entry(tmp_path, change, problem):
     from fxsurgery.export._graphload import FIX
     assert _call_form_loaded_with(tmp_path, change) == f"{tmp_path / 'o' / 'graph.json'}: call: {problem}; {FIX}"
+
+
+@pytest.mark.parametrize("where", ["call", "output"])
+def test_an_enum_in_a_call_form_tree_imports_nothing(tmp_path, monkeypatch, where):
+    """torch's tree reader imports the module an "__enum__" context names (the directory's own model.py, any
+    installed module): graph.json's trees are read only once no enum is in them."""
+    (tmp_path / "planted.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\nclass E: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def enum(call):
+        proto, spec = json.loads(call[where])
+        spec["children_spec"].append({"type": "builtins.dict", "children_spec": [],
+                                      "context": json.dumps([{"__enum__": True, "fqn": "planted:E", "name": "x"}])})
+        call[where] = json.dumps([proto, spec])
+    assert _call_form_loaded_with(tmp_path, enum) == (
+        f"{tmp_path / 'o' / 'graph.json'}: call: holds an enum in a tree structure, which torch would import a module to read; "
+        "fix: write the directory again with save(), or read model.py and load with trust_code=True (--trust-code) if you trust it")
+    assert not (tmp_path / "ran").exists() and "planted" not in sys.modules

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import builtins
 import importlib
+import json
 import keyword
 import math
 import operator
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 
 from ..errors import SaveError
 from ._graphdata import GRAPH
@@ -173,6 +175,43 @@ def module_class(name: Any, allow: tuple[str, ...]) -> type:
             return found  # defined in an allowed package, not only reached through one (torchvision.torch.fx...)
         break
     raise Bad(f"module class {name!r} does not name a torch.nn.Module class defined in {', '.join(packages)}")
+
+
+def tree_structure(text: Any) -> pytree.TreeSpec:
+    """torch's tree-structure format, read with nothing imported: torch's reader imports whatever module an
+    "__enum__" context names (any installed module, a directory's own model.py too), so one is refused first."""
+    try:
+        doc = json.loads(text) if isinstance(text, str) else None
+    except (ValueError, RecursionError):
+        doc = None
+    stack = [doc[1]] if isinstance(doc, list) and len(doc) == 2 else None
+    if stack is None:
+        raise Bad("holds a tree structure that is not [protocol, structure] JSON")
+    while stack:
+        node = stack.pop()
+        if not (isinstance(node, dict) and set(node) == {"type", "context", "children_spec"} and isinstance(node["children_spec"], list)):
+            raise Bad("holds a malformed tree structure")
+        try:
+            context = json.loads(node["context"]) if isinstance(node["context"], str) else None
+        except (ValueError, RecursionError):
+            context = None  # not JSON: torch's reader refuses it, or a registered type reads it in its own way
+        if _enum_in(context):
+            raise Bad("holds an enum in a tree structure, which torch would import a module to read")
+        stack.extend(node["children_spec"])
+    return pytree.treespec_loads(text)
+
+
+def _enum_in(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            if "__enum__" in value:
+                return True
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return False
 
 
 def output_type_home(name: str, allow: tuple[str, ...], imported: set[str]) -> str:

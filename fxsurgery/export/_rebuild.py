@@ -16,14 +16,13 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.utils import _pytree as pytree
 from torch.utils._device import DeviceContext
 
 from ..capture import CallSpec, ModeGraphModule, assign, install_adapter, pickled
 from ..errors import SaveError
 from ..rewrite import StayEval, stays_eval
 from ._graphdata import GRAPH, VERSION
-from ._graphload import FIX, OPS, Bad, attribute, build_module, decode, entry_error, function, method, no_callbacks, output_type_home, path
+from ._graphload import FIX, OPS, Bad, attribute, build_module, decode, entry_error, function, method, no_callbacks, output_type_home, path, tree_structure
 from ._shards import read as read_weights
 
 # the initialisers a module's constructor runs on its fresh parameters and buffers: on the meta device
@@ -298,9 +297,9 @@ def _call_form(data: Any) -> CallSpec:
             raise Bad("parameters are not a list of {name, kind, default}")
         default = decode(p["default"], {}) if "default" in p else inspect.Parameter.empty
         params.append(inspect.Parameter(p["name"], _KINDS[p["kind"]], default=default))
-    try:  # torch's own format: type names resolve only among the types registered with pytree, nothing is imported
-        signature, in_spec, out_spec = inspect.Signature(params), pytree.treespec_loads(data["call"]), pytree.treespec_loads(data["output"])
-    except NotImplementedError:
+    try:  # torch's own format: type names resolve only among the types registered with pytree, enums refused first
+        signature, in_spec, out_spec = inspect.Signature(params), tree_structure(data["call"]), tree_structure(data["output"])
+    except (NotImplementedError, Bad):
         raise
     except Exception as exc:
         raise Bad(f"does not hold a signature and tree structures torch reads ({type(exc).__name__}: {exc})") from None
