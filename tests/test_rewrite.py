@@ -181,6 +181,27 @@ def test_conflicting_rules(resnet18):
                               "fix: drop one of the two rules")
 
 
+def test_two_patterns_on_one_conv_say_what_each_order_leaves(resnet18):
+    """fold-bn and input-channels both rewrite conv1, and each rule sees the original graph: adapting first leaves
+    conv1's BatchNorm unfolded (a warning, not silence); folding first makes the adapt conflict, whose fix says so."""
+    adapt, fold = fxs.Rewrite(fxs.AdaptInputChannels(1)), fxs.Rewrite(fxs.FoldBatchNorm)
+    model = resnet18.eval()
+    with pytest.warns(fxs.SurgeryWarning) as caught:
+        result = fxs.apply(model, [adapt, fold], example_inputs=X)
+    assert [str(w.message) for w in caught] == [
+        f"rule 2 'rewrite fold_bn (conv + batchnorm -> conv)' ({line_of(fold)}) left conv1 as it is: rule 1 "
+        f"'rewrite adapt_input_channels -> 1' ({line_of(adapt)}) rewrote it first, and a rule sees the original graph"]
+    assert [n for n, m in result.module.named_modules() if isinstance(m, nn.BatchNorm2d)] == ["bn1"]
+    grey = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(result.module(grey), model(grey.expand(-1, 3, -1, -1)), atol=1e-4, rtol=0)
+    with pytest.raises(fxs.MatchError) as err:
+        fxs.apply(model, [fold, adapt], example_inputs=X)
+    assert str(err.value) == (f"rule 2 'rewrite adapt_input_channels -> 1' ({line_of(adapt)}) conflicts with rule 1 'rewrite fold_bn "
+                              f"(conv + batchnorm -> conv)' ({line_of(fold)}): node 'conv1' was already rewritten; fix: drop one "
+                              "of the two rules, or put this rule first (the other then leaves it alone)")
+
+
 def test_delete_of_a_node_with_two_inputs(resnet18):
     rule = Delete("add")
     with pytest.raises(fxs.RewriteError) as err:

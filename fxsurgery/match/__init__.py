@@ -182,7 +182,13 @@ def _match_one(m: Match, locator: Locator, capture: Capture, plan: Plan, touched
         elif capture.opaque and not _modules_only(rule):
             plan.warnings.append(f"{m.label}: calls inside opaque code ({', '.join(p or '(the model)' for p in list(capture.opaque)[:3])}) are not "
                                  f"seen and stay as they are")
+        before = len(m.skipped)
         _check_conflicts(m, touched)
+        gone = [s.partition(" (gone after ")[::2] for s in m.skipped[before:]]
+        if gone:  # a fold that leaves one BatchNorm because input-channels rewrote its conv first: said, not silent
+            plan.warnings.append(f"{m.label} left {', '.join(w for w, _ in gone[:3])}{' and more' if len(gone) > 3 else ''} as "
+                                 f"{'it is' if len(gone) == 1 else 'they are'}: {gone[0][1][:-1]} rewrote {'it' if len(gone) == 1 else 'them'} "
+                                 "first, and a rule sees the original graph")
     elif isinstance(rule, Output):
         _match_outputs(m, locator)
         _check_conflicts(m, touched)
@@ -305,7 +311,8 @@ def _check_conflicts(m: Match, touched: dict[str, Match]) -> None:
     if clash and not kept:
         name, earlier = clash
         verb = {"delete": "deleted", "rewrite": "rewritten"}.get(earlier.rule.action, "replaced")
-        raise MatchError(f"{m.label} conflicts with {earlier.label}: node '{name}' was already {verb}; fix: drop one of the two rules")
+        first = ", or put this rule first (the other then leaves it alone)" if isinstance(m.rule, Rewrite) and verb == "rewritten" else ""
+        raise MatchError(f"{m.label} conflicts with {earlier.label}: node '{name}' was already {verb}; fix: drop one of the two rules{first}")
     m.sites = kept
     kept_modules = {s.module for s in kept}
     m.modules = [p for p in m.modules if p in kept_modules]
