@@ -305,13 +305,14 @@ def _call_form_loaded_with(tmp_path, change) -> str:
 @pytest.mark.parametrize("name, problem", [
     ("transformers.modeling_outputs.Unloaded", "is not registered with torch's pytree by importing transformers.modeling_outputs; "
                                                "fix: register it before loading"),
-    ("unittest.__main__.Out", "is read once its library is imported; fix: import unittest first, or pass --allow-module unittest "
-                              "(allow=('unittest',))"),  # importing it would run a test session
-    ("json.tool.Out", "is read once its library is imported; fix: import json first, or pass --allow-module json (allow=('json',))"),
-    ("transformers._private.Out", "is read once its library is imported; fix: import transformers first, or pass --allow-module "
-                                  "transformers (allow=('transformers',))"),
-    ("transformers.nomod.Out", "is read once transformers.nomod is imported, which fails (ModuleNotFoundError: "
-                               "No module named 'transformers.nomod'); fix: install the library that defines it"),
+    ("unittest.__main__.Out", "names no module a library defines a type in; fix: write the directory again with save()"),
+    ("json.tool.Out", "is read once its library is imported; fix: pass --allow-module json (allow=('json',)) if you trust it"),
+    ("transformers._private.Out", "names no module a library defines a type in; fix: write the directory again with save()"),
+    (".transformers.Out", "names no module a library defines a type in; fix: write the directory again with save()"),
+    ("transformers.testing_utils.Out", "is not in a module transformers defines output types in; fix: pass --allow-module "
+                                       "transformers (allow=('transformers',)) if you trust it"),  # imports thousands of modules
+    ("transformers.models.q.modeling_q.O", "cannot be read: importing transformers.models.q.modeling_q fails "
+                                          "(ModuleNotFoundError: No module named 'transformers.models.q'); fix: install the library that defines it"),
 ])
 def test_a_call_form_output_type_is_imported_only_from_a_library_the_user_imported(tmp_path, name, problem):
     """A transformers output type is known to torch by name once the transformers module defining it is imported:

@@ -31,7 +31,7 @@ OPS = ("placeholder", "get_attr", "call_function", "call_method", "call_module",
 MODULE_PACKAGES = ("torch.nn", "torchvision")
 # libraries whose output types torch reads once a module of theirs, imported lazily, registered them: their
 # import by the user is their consent (any other package, os or unittest imported by someone, needs allow=)
-_OUTPUT_LIBRARIES = frozenset({"transformers"})
+_OUTPUT_LIBRARIES = {"transformers": re.compile(r"transformers\.(modeling_outputs|models\.\w+\.modeling_\w+)")}
 _OPERATOR = {"add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "neg", "pos", "abs", "invert", "and_", "or_",
              "xor", "lshift", "rshift", "eq", "ne", "lt", "le", "gt", "ge", "getitem", "setitem", "not_", "is_", "is_not",
              "contains", "truth", "index", "iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul", "iand",
@@ -220,17 +220,20 @@ def output_type_home(name: str, allow: tuple[str, ...], imported: set[str]) -> s
     the caller imported or allowed: loading a graph.json runs no module the user did not choose."""
     home, _, _ = name.rpartition(".")
     top = home.split(".")[0]
-    trusted = top in allow or (top in _OUTPUT_LIBRARIES and top in sys.modules)
-    if not (home and all(_identifier(p) and not p.startswith("_") for p in home.split("."))) or not trusted:
-        raise Bad(f"is read once its library is imported; fix: import {top or name} first, or pass --allow-module {top} "
-                  f"(allow=({top!r},))")
+    if not (home and all(_identifier(p) and not p.startswith("_") for p in home.split("."))):
+        raise Bad("names no module a library defines a type in; fix: write the directory again with save()")
+    if top not in allow and top not in _OUTPUT_LIBRARIES:
+        raise Bad(f"is read once its library is imported; fix: pass --allow-module {top} (allow=({top!r},)) if you trust it")
+    if top not in allow and top not in sys.modules:
+        raise Bad(f"is read once its library is imported; fix: import {top} first, or pass --allow-module {top} (allow=({top!r},))")
+    if top not in allow and not _OUTPUT_LIBRARIES[top].fullmatch(home):  # not a module of scripts or tests
+        raise Bad(f"is not in a module {top} defines output types in; fix: pass --allow-module {top} (allow=({top!r},)) if you trust it")
     if home in imported:
         raise Bad(f"is not registered with torch's pytree by importing {home}; fix: register it before loading")
     try:
         importlib.import_module(home)
     except Exception as exc:
-        raise Bad(f"is read once {home} is imported, which fails ({type(exc).__name__}: {exc}); fix: install the library that "
-                  "defines it") from None
+        raise Bad(f"cannot be read: importing {home} fails ({type(exc).__name__}: {exc}); fix: install the library that defines it") from None
     return home
 
 
