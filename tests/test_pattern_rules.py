@@ -134,7 +134,17 @@ def test_a_fold_on_a_model_built_without_weights_is_computed_from_the_checkpoint
     assert (tmp_path / "s" / "model.safetensors").read_bytes() == (tmp_path / "m" / "model.safetensors").read_bytes()
     assert_state_equal(fxs.load(tmp_path / "s"), load_file(tmp_path / "m" / "model.safetensors"))
 
+    torch.manual_seed(5)
+    other = randomise_bn(ConvBN(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).eval()  # values of its own, which weights= replaces
+    for stream in (False, True):
+        replaced = fxs.apply(other, [fold], example_inputs=(x,), weights=str(path), stream=stream)
+        assert_state_equal(replaced.module, loaded.module.state_dict())
     rule = fxs.Rewrite(NoRecipeFold)
+    with pytest.raises(fxs.TransferError) as err:
+        fxs.apply(other, [rule], example_inputs=(x,), weights=str(path))
+    assert str(err.value) == (
+        f"rule 1 'rewrite fold_bn (conv + batchnorm -> conv)' ({rule.origin}): conv.weight is computed from the model's own conv, bn, "
+        "not weights= (its pattern has no recipe); fix: load the checkpoint into the model and apply without weights=")
     with pytest.raises(fxs.RewriteError) as err:
         fxs.apply(empty, [rule], example_inputs=(x,), weights=str(path))
     assert str(err.value) == (

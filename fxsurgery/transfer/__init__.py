@@ -153,12 +153,18 @@ def _derived(rewritten: Rewritten, built, kept: dict, recipes: dict, checkpoint:
                 recipes[id(t)] = _resolved(how[name], sources, model)
             if id(t) in built.copies:
                 continue  # an original tensor it kept: transferred like any other
-            if t.is_meta and id(t) in recipes and (checkpoint is not None or pending is not None):
+            if id(t) in recipes and checkpoint is not None and not t.is_meta:
+                with torch.no_grad():  # the checkpoint's values, not the model's own: weights= gives the original's values
+                    t.copy_(Replayed(checkpoint, recipes[id(t)], t.shape, t.dtype)())
+            elif t.is_meta and id(t) in recipes and (checkpoint is not None or pending is not None):
                 t = _computed(made, name, t, recipes, checkpoint, pending)  # from the checkpoint, as map-weights would
             elif t.is_meta:
                 raise TransferError(f"{label}: {path}.{name} is computed from {', '.join(sources)}, which have no values "
                                     "(the model was built without weights); fix: load the weights into the model "
                                     "before this rule, or leave the rule out")
+            elif checkpoint is not None:
+                raise TransferError(f"{label}: {path}.{name} is computed from the model's own {', '.join(sources)}, not weights= "
+                                    "(its pattern has no recipe); fix: load the checkpoint into the model and apply without weights=")
             kept[id(t)] = (", ".join(sources), rule, "computed")
         sources_used.update(sources)
     return sources_used
