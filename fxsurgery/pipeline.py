@@ -172,6 +172,12 @@ class SurgeryResult:
         if pretrained and formats:
             raise SaveError(f"formats {', '.join(formats)}: a kept {type(self.module).__name__} is saved by its own "
                             "save_pretrained; fix: leave formats out, or apply with keep_class=False (--no-keep-class)")
+        if formats and pending_of(self.module):
+            raise SaveError(f"formats {', '.join(formats)}: a streamed result holds no weights in memory to export; "
+                            "fix: leave formats out, or apply without stream")
+        run = [f for f in formats if f != "dcp"]  # the others are checked by running them on the example
+        if run and self.example_inputs is None:
+            raise SaveError(f"cannot write {run[0]} without example inputs; fix: pass example_inputs (--input)")
         return pretrained, tuple(formats)
 
     def _static_dims(self) -> list | None:

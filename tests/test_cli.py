@@ -259,3 +259,20 @@ def test_a_format_is_checked_by_a_dry_run_and_needs_an_output(tmp_path, monkeypa
     code, stdout, stderr = cli("apply", "torchvision.models:resnet18", head, "--input", "2x3x32x32", "--format", "onnx", "--dry-run",
                                "--quiet")
     assert (code, stderr, stdout.endswith("dry run: nothing written\n"), os.listdir(tmp_path)) == (0, "", True, [])
+    (tmp_path / "f.yaml").write_text("fxsurgery: 1\nrules:\n  - freeze: layer1\n")
+    code, stdout, stderr = cli("apply", "torchvision.models:resnet18", tmp_path / "f.yaml", "--format", "pt2", "--dry-run", "--quiet")
+    assert (code, stdout, stderr) == (2, "", "fxsurgery: error: cannot write pt2 without example inputs; fix: pass example_inputs (--input)\n")
+    code, stdout, stderr = cli("apply", "torchvision.models:resnet18", tmp_path / "f.yaml", "--input", "2x3x32x32", "--stream",
+                               "--format", "onnx", "--dry-run", "--quiet")
+    assert (code, stdout) == (2, "")
+    assert stderr == ("fxsurgery: error: formats onnx: a streamed result holds no weights in memory to export; fix: leave formats out, "
+                      "or apply without stream\n")
+
+
+@pytest.mark.parametrize("option", ["--weights", "--leaf", "--allow-module"])
+def test_an_empty_option_value_is_refused(tmp_path, option):
+    """--weights "$CKPT" with CKPT unset applied to the random-init model and exited 0."""
+    code, stdout, stderr = cli_process("apply", "torchvision.models:resnet18", os.path.join(RULES, "freeze-backbone.yaml"),
+                                       "--input", "2x3x32x32", option, "", "-o", tmp_path / "out")
+    assert (code, stdout, os.listdir(tmp_path)) == (2, "", [])
+    assert stderr == f"fxsurgery: error: argument {option}: is empty; fix: give it a value, or leave the option out\n"

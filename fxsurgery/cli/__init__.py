@@ -36,6 +36,13 @@ def _path(text: str) -> str:
     return text
 
 
+def _given(text: str) -> str:
+    """A path or name an option needs: empty (an unset shell variable), --weights '' was no weights at all."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; fix: give it a value, or leave the option out")
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fxsurgery", description="Model surgery for PyTorch as checked graph rewrites.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -44,13 +51,13 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("model", help="package.module:factory, path/file.py:Name, a saved directory, or a pickled file")
         p.add_argument("--input", action="append", metavar="SHAPE", help="example input: sizes joined by x, e.g. 1x3x224x224; integer inputs (token ids) "
                        "with a dtype, e.g. 1x16:int64 (repeat for several inputs); a keyword input as NAME=SIZES, e.g. attention_mask=1x16:int64")
-        p.add_argument("--weights", metavar="FILE", help="the model's weights: .safetensors, a sharded *.index.json, a weights-only .pt, "
+        p.add_argument("--weights", type=_given, metavar="FILE", help="the model's weights: .safetensors, a sharded *.index.json, a weights-only .pt, "
                        "or a torch.distributed.checkpoint directory")
         p.add_argument("--trust-pickle", action="store_true", help="allow MODEL to be a pickled model file")
         p.add_argument("--trust-code", action="store_true", help="load a saved directory by importing its model.py (runs its code)")
-        p.add_argument("--allow-module", action="append", default=[], metavar="PKG",
+        p.add_argument("--allow-module", action="append", type=_given, default=[], metavar="PKG",
                        help="let rule files and saved directories name classes from PKG")
-        p.add_argument("--leaf", action="append", default=[], metavar="GLOB", help="treat modules at these paths as leaves")
+        p.add_argument("--leaf", action="append", type=_given, default=[], metavar="GLOB", help="treat modules at these paths as leaves")
         p.add_argument("--json", action="store_true", help="print JSON for machines")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.add_argument("--eval", action="store_true", help="put the model in eval mode first (inference rewrites: fold-bn)")
