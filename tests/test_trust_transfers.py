@@ -162,13 +162,18 @@ def test_keep_that_would_split_a_tie_refuses_with_the_reason():
     model = TiedLM()
     ids = torch.randint(0, 20, (2, 5))
     with pytest.raises(fxs.TransferError) as err:
-        fxs.apply(model, [Replace("head", fxs.new(nn.Linear, out_features=20, bias=False, dtype=torch.float64),
+        fxs.apply(model, [Replace("wte", fxs.new(nn.Embedding, num_embeddings=20, embedding_dim=8, dtype=torch.float64),
                                   weights="keep")], example_inputs=(ids,))
-    assert err.value.full.startswith("rule 1 'replace head with Linear(out_features=20, bias=False, dtype=torch.float64)' (")
+    assert err.value.full.startswith("rule 1 'replace wte with Embedding(num_embeddings=20, embedding_dim=8, dtype=torch.float64)' (")
     assert err.value.full.endswith(
-        "): weights 'keep' would untie head.weight from wte.weight (one tensor in the original): the replacement's is "
+        "): weights 'keep' would untie wte.weight from head.weight (one tensor in the original): the replacement's is "
         "[20, 8] float64 on cpu, that one [20, 8] float32 on cpu; fix: build the replacement to match it, "
         "or use weights: new for an untied tensor")
+    with pytest.raises(fxs.ValidateError) as err:  # a float64 head would not even run on the float32 features
+        fxs.apply(model, [Replace("head", fxs.new(nn.Linear, out_features=20, bias=False, dtype=torch.float64),
+                                  weights="keep")], example_inputs=(ids,))
+    assert str(err.value).endswith("at node 'head': Linear holds float64 weights and receives float32; fix: build it in float32 "
+                                   "(.to(torch.float32)), or with fxs.new, which takes the model's dtype")
 
 
 def test_slice_of_a_tied_head_says_it_unties():
