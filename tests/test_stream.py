@@ -222,3 +222,29 @@ def test_pruned_rows_are_read_alone(tmp_path, monkeypatch):
     # the conv's kept rows in runs (3-6, 8-39, 41-63), its BatchNorm's likewise; the next conv keeps every row
     rows = [(n, [(s[0].start, s[0].stop) for s in [i]]) for n, i in reads if i is not None]
     assert rows[0] == ("layer1.0.conv1.weight", [(3, 7)]) and len(rows) == 3 * 5
+
+
+def test_a_checkpoint_keeping_one_name_of_a_tied_pair_fills_both(tmp_path):
+    """safetensors' save_model keeps one name of a tied embedding and head (here lm_head.weight): weights= read
+    the other name from it, in memory and streamed, instead of refusing it as missing."""
+    from hf_models import llama
+    from safetensors import safe_open
+    from safetensors.torch import save_model
+    model = llama(tie=True)
+    save_model(model, str(tmp_path / "tied.safetensors"))
+    with safe_open(str(tmp_path / "tied.safetensors"), "pt") as f:
+        assert "model.embed_tokens.weight" not in f.keys() and "lm_head.weight" in f.keys()
+    x = torch.randint(0, 100, (2, 6))
+    for stream in (False, True):
+        with fxs.empty_weights():
+            empty = llama(tie=True)
+        result = fxs.apply(empty, [Freeze("model.layers.0")], (torch.randint(0, 100, (1, 5)),),
+                           weights=str(tmp_path / "tied.safetensors"), stream=stream)
+        if stream:
+            result.save(tmp_path / "out")
+            got = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
+        else:
+            got = result.module
+        assert got.lm_head.weight is got.model.embed_tokens.weight
+        with torch.no_grad():
+            assert torch.equal(got(x).logits, model(x).logits)

@@ -148,7 +148,7 @@ def _model(args):
                            allow=tuple(getattr(args, "allow_module", ())))
     if checkpoint is not None:
         refuse_own_loading(model, checkpoint)  # before the names are compared: its own code may rename them
-        checkpoint.check({k: (tuple(v.shape), v.dtype) for k, v in model.state_dict(keep_vars=True).items()})
+        checkpoint.check(model)
     if getattr(args, "eval", False):
         model.eval()
     return model, checkpoint

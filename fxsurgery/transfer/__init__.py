@@ -55,7 +55,7 @@ def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True,
     checkpoint = None if weights is None else open_checkpoint(weights)
     if checkpoint is not None:
         refuse_own_loading(model, checkpoint)
-        checkpoint.check({k: (tuple(v.shape), v.dtype) for k, v in model.state_dict(keep_vars=True).items()})
+        checkpoint.check(model)
     filled: set[int] = set()  # ids of the original tensors whose copies hold their values already (lazy copies)
     if stream:
         how = {"blank": stream_blank}

@@ -151,8 +151,20 @@ class Checkpoint:
             self.stamps[file] = stamp(file)
         return held
 
-    def check(self, own: dict[str, tuple[tuple, torch.dtype]]) -> None:
-        """Every tensor `own` names (name -> (shape, dtype)) is here, with that shape and dtype; nothing else is."""
+    def check(self, own: dict[str, tuple[tuple, torch.dtype]] | nn.Module) -> None:
+        """Every tensor `own` names (name -> (shape, dtype), or a model's state dict) is here, with that shape and
+        dtype; nothing else is. Of a model's tied names (one tensor) one is enough: safetensors' save_model and
+        save_pretrained keep one name of a tied embedding and head, which the others then read."""
+        if isinstance(own, nn.Module):
+            state = own.state_dict(keep_vars=True)
+            groups: dict[int, list[str]] = {}
+            for name, t in state.items():
+                groups.setdefault(id(t), []).append(name)
+            for names in groups.values():
+                present = [k for k in names if k in self.keys]
+                for k in names if present else ():
+                    self.keys.setdefault(k, self.keys[present[0]])
+            own = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
         missing = [shown(k) for k in own if k not in self.keys]
         unexpected = [shown(k) for k in self.keys if k not in own]
         meta = {k: self.meta[f] for k, f in self.keys.items()}
