@@ -240,3 +240,12 @@ def test_mapped_weights_reach_the_disk_before_they_take_their_name(tmp_path, mon
               (torch.randn(2, 4),), tmp_path)
     assert synced[-2:] == [".mapped.safetensors.tmp", tmp_path.name]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.safetensors", "mapped.safetensors", "o"]
+
+
+def test_map_weights_refuses_an_output_name_other_than_safetensors(tmp_path):
+    """-o mapped.pt wrote safetensors bytes under a name torch.load then fails on."""
+    from conftest import cli
+    code, stdout, stderr = cli("map-weights", tmp_path / "ckpt.safetensors", tmp_path / "o", "-o", tmp_path / "mapped.pt")
+    assert (code, stdout, sorted(p.name for p in tmp_path.iterdir())) == (2, "", [])
+    assert stderr == (f"fxsurgery: error: {tmp_path / 'mapped.pt'}: map-weights writes safetensors; fix: name the output "
+                      "*.safetensors, e.g. mapped.safetensors\n")

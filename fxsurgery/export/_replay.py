@@ -128,6 +128,9 @@ class _Saved:
 
 def write_mapped(checkpoint: str, surgery: str, output: str) -> dict[str, torch.Tensor]:
     """`fxsurgery map-weights`: read a checkpoint file, map it, write safetensors atomically."""
+    if Path(output).suffix != ".safetensors":  # before any work: a .pt name over safetensors bytes fails torch.load later
+        raise SaveError(f"{output}: map-weights writes safetensors; fix: name the output *.safetensors, "
+                        f"e.g. {Path(output).with_suffix('.safetensors').name}")
     if str(checkpoint).endswith(".json") or os.path.isdir(checkpoint):  # a sharded index or a DCP directory: read tensor by tensor
         sharded = open_checkpoint(checkpoint)
         state = dict(sharded.read(list(sharded.keys)))
