@@ -266,6 +266,9 @@ def apply(model: nn.Module, rules, example_inputs=None, *, example_kwargs: dict 
                 pending = {**pending_of(module), **(pending_of(live.other.module) if live.other is not None else {})}
                 module = live.keep(module, plan)
                 register(module, pending)
+                if live.other is not None:
+                    report.join_mode(live.other.report, {*dict(module.named_parameters(remove_duplicate=False)),
+                                                         *dict(module.named_buffers(remove_duplicate=False))})
         with clock("validate"):
             # where opaque code joins the graphs; its fake run gives the gradient flow too
             checked_flow = check_module(module, rewritten, captured.example_kwargs)

@@ -361,3 +361,20 @@ def test_parameters_only_train_mode_uses_are_trainable():
     assert aux <= {names[id(p)] for p in result.trainable_parameters()}
     assert aux <= {names[id(p)] for group in result.param_groups(lr=0.1) for p in group["params"]}
     assert {n for n, s in result.gradient_flow.status.items() if s == "cut"} == set()
+
+
+def test_tensors_only_the_other_mode_reads_are_reported_as_in_the_result(tmp_path):
+    """timm's BatchNormAct2d counts num_batches_tracked in training only: captured in eval mode, the eval graph
+    never reads it, the train graph the result also runs does. The report said 34 'dropped' that the result holds."""
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv3_small_050", num_classes=10).eval()
+    result = fxs.apply(model, [Freeze("blocks.0")], example_inputs=(torch.randn(2, 3, 64, 64),))
+    assert isinstance(result.module, ModeGraphModule)
+    state = result.module.state_dict()
+    listed = [e.name for e in result.report.entries if e.status != "dropped"]
+    assert sorted(listed) == sorted(state) and result.report.dropped == []
+    entry = result.report.entry("blocks.0.0.bn1.num_batches_tracked")
+    assert (entry.status, entry.source) == ("transferred", "blocks.0.0.bn1.num_batches_tracked")
+    assert torch.equal(state["blocks.0.0.bn1.num_batches_tracked"], model.state_dict()["blocks.0.0.bn1.num_batches_tracked"])
+    result.module.train()(torch.randn(2, 3, 64, 64))
+    assert int(result.module.state_dict()["bn1.num_batches_tracked"]) == 1  # counted where the train graph runs
