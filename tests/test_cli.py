@@ -276,3 +276,15 @@ def test_an_empty_option_value_is_refused(tmp_path, option):
                                        "--input", "2x3x32x32", option, "", "-o", tmp_path / "out")
     assert (code, stdout, os.listdir(tmp_path)) == (2, "", [])
     assert stderr == f"fxsurgery: error: argument {option}: is empty; fix: give it a value, or leave the option out\n"
+
+
+def test_an_empty_example_and_a_depth_below_one_are_refused(tmp_path):
+    """--input 0x3x32x32 saved a surgery checked on an empty batch; --depth -3 printed an empty table; both exited 0."""
+    code, stdout, stderr = cli("apply", "torchvision.models:resnet18", os.path.join(RULES, "freeze-backbone.yaml"),
+                               "--input", "0x3x32x32", "-o", tmp_path / "out")
+    assert (code, stdout, os.listdir(tmp_path)) == (2, "", [])
+    assert stderr == ("fxsurgery: error: --input '0x3x32x32': a size of 0 gives an empty example, which checks nothing; "
+                      "fix: use sizes of 1 or more, e.g. 1x3x224x224\n")
+    code, stdout, stderr = cli_process("inspect", "torchvision.models:resnet18", "--depth", "-3")
+    assert (code, stdout) == (2, "")
+    assert stderr == "fxsurgery: error: argument --depth: '-3' is not a depth; fix: give 1 or more (1: the model's children)\n"

@@ -43,6 +43,12 @@ def _given(text: str) -> str:
     return text
 
 
+def _depth(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a depth; fix: give 1 or more (1: the model's children)")
+    return int(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fxsurgery", description="Model surgery for PyTorch as checked graph rewrites.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -92,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="show modules, shapes and parameters as the graph sees them")
     model_args(p)
-    p.add_argument("--depth", type=int, help="show modules down to this depth")
+    p.add_argument("--depth", type=_depth, help="show modules down to this depth")
     p.add_argument("--groups", action="store_true", help="list the dependency groups: layers whose channels Prune removes together")
 
     p = sub.add_parser("check", help="validate rule files without a model")

@@ -124,6 +124,9 @@ def parse_inputs(specs) -> tuple[tuple, dict]:
                 raise ModelError(f"--input {spec!r}: a positional input after keyword ones; fix: give positional inputs first")
             shape = tuple(int(d) for d in match.group(1).split("x"))
             dtype = _DTYPES[match.group(2) or "float32"]
+            if 0 in shape:  # an empty example runs every layer on nothing: no value is checked
+                raise ModelError(f"--input {spec!r}: a size of 0 gives an empty example, which checks nothing; fix: use sizes of 1 or "
+                                 "more, e.g. 1x3x224x224")
             if math.prod(shape) > _MAX_INPUT:
                 raise ModelError(f"--input {spec!r}: {math.prod(shape):,} values is more than an example needs; fix: use a batch of 1 and the model's "
                                  f"usual size, e.g. 1x3x224x224")
