@@ -554,7 +554,8 @@ def run_cli(argv):
 
 
 def environment(tmp: Path, scratch: Path, case: Case) -> dict:
-    out = tmp / ("afile/out" if case.setup == "under-file" else "out")
+    name = "out.safetensors" if case.argv[0] == "map-weights" else "out"  # map-weights writes one safetensors file
+    out = tmp / ("afile/" + name if case.setup == "under-file" else name)
     return {"R": RULES, "M": MODELS, "B": BAD, "W": scratch, "OUT": out,
             "bn64": repr(nn.BatchNorm2d(64)), "bn128": repr(nn.BatchNorm2d(128))}
 
