@@ -350,3 +350,44 @@ def test_an_enum_in_a_call_form_tree_imports_nothing(tmp_path, monkeypatch, wher
         f"{tmp_path / 'o' / 'graph.json'}: call: holds an enum in a tree structure, which torch would import a module to read; "
         "fix: write the directory again with save(), or read model.py and load with trust_code=True (--trust-code) if you trust it")
     assert not (tmp_path / "ran").exists() and "planted" not in sys.modules
+
+
+@pytest.mark.parametrize("module, name", [("planted", "E"), ("builtins", "eval"), ("os", "system")])
+def test_a_defaultdict_in_a_call_form_tree_imports_and_calls_nothing(tmp_path, monkeypatch, module, name):
+    """torch reads a defaultdict node by importing its factory's module (the directory's own model.py, run from
+    inside it) and the output calls that factory on a missing key: only a builtin container or number is read."""
+    (tmp_path / "planted.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\nE = dict\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def factory(call):
+        proto, spec = json.loads(call["output"])
+        call["output"] = json.dumps([proto, {"type": "collections.defaultdict", "children_spec": spec["children_spec"], "context": {
+            "default_factory_module": module, "default_factory_name": name, "dict_context": json.loads(spec["context"])}}])
+    assert _call_form_loaded_with(tmp_path, factory) == (
+        f"{tmp_path / 'o' / 'graph.json'}: call: holds a defaultdict of a factory torch would import; fix: write the directory again with save(), or read model.py and load with trust_code=True "
+        "(--trust-code) if you trust it")
+    assert not (tmp_path / "ran").exists() and "planted" not in sys.modules
+
+
+class Grouped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+
+    def forward(self, x, y=None):
+        h = self.fc(x + y)
+        top = h.topk(2, dim=1)
+        return {"best": h.max(dim=1).values + top.values[:, 0], "where": top.indices}
+
+
+def test_result_fields_load_from_graph_json(tmp_path):
+    """`.values` and `.indices` of torch's result tuples are data, read by getattr like `.shape`: a graph reading
+    them loads without model.py (refused as methods by name) and computes what the original does."""
+    torch.manual_seed(0)
+    model = Grouped().eval()
+    x, y = torch.randn(3, 4), torch.randn(3, 4)
+    fxs.apply(model, [], example_inputs=(x,), example_kwargs={"y": y}).save(tmp_path / "o")
+    loaded = fxs.load(tmp_path / "o")
+    x, y = torch.randn(5, 4), torch.randn(5, 4)
+    got, want = loaded(x, y=y), model(x, y=y)
+    assert torch.equal(got["best"], want["best"]) and torch.equal(got["where"], want["where"])

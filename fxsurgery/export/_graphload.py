@@ -48,6 +48,9 @@ _FOREIGN = ("torch.overrides", "torch._jit_internal", "torch._C", "typing")
 _CALLABLE_NAMES = frozenset(n for kind in (torch.Tensor, torch.UntypedStorage, torch.TypedStorage, torch.Size, nn.Module,
                                             list, tuple, dict, str, bytes, int, float, complex, object)
                             for n in dir(kind) if callable(getattr(kind, n, None))) | {"grad_fn"}
+# ...except the fields of torch's result tuples (`h.max(dim=1).values`, `topk(...).indices`): data there, and on
+# a tensor or a dict the same names are tensor and container methods, which compute and call nothing else
+_CALLABLE_NAMES -= {n for kind in torch.return_types.all_return_types for n in getattr(kind, "__match_args__", ())}
 _CONTAINER_METHODS = {"items", "keys", "values", "get"}
 _NAMESPACES = {
     "torch": torch, "torch.functional": torch.functional, "torch.nn.functional": torch.nn.functional,
@@ -191,6 +194,12 @@ def tree_structure(text: Any) -> pytree.TreeSpec:
         node = stack.pop()
         if not (isinstance(node, dict) and set(node) == {"type", "context", "children_spec"} and isinstance(node["children_spec"], list)):
             raise Bad("holds a malformed tree structure")
+        if node["type"] == "collections.defaultdict":  # torch's reader imports its factory's module and calls it on a missing key
+            context = node["context"] if isinstance(node["context"], dict) else {}
+            if context.get("default_factory_module") != "builtins" or context.get("default_factory_name") not in _FACTORIES:
+                raise Bad("holds a defaultdict of a factory torch would import")
+        elif node["context"] is not None and not isinstance(node["context"], str):
+            raise Bad(f"holds a {node['type']} node whose context torch reads by code of its own")
         try:
             context = json.loads(node["context"]) if isinstance(node["context"], str) else None
         except (ValueError, RecursionError):
@@ -199,6 +208,9 @@ def tree_structure(text: Any) -> pytree.TreeSpec:
             raise Bad("holds an enum in a tree structure, which torch would import a module to read")
         stack.extend(node["children_spec"])
     return pytree.treespec_loads(text)
+
+
+_FACTORIES = {"dict", "list", "set", "tuple", "int", "float", "str", "bool"}
 
 
 def _enum_in(value: Any) -> bool:
