@@ -360,3 +360,36 @@ def test_adapters_a_config_does_not_build_are_refused_at_save(tmp_path):
         "LlamaForCausalLM: 'model.layers.0.self_attn.q_proj.base.weight' (12 tensors in all) is not built by its config, so "
         "from_pretrained would drop it; fix: apply with keep_class=False (--no-keep-class; saved as model.py + safetensors)")
     assert not (tmp_path / "o").exists()
+
+
+GATE = '''import torch
+from torch import nn
+
+
+class Gate(nn.Module):
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent: stays a call of the module, not traced
+            return x * self.scale
+        return -x
+'''
+
+
+def test_a_users_layer_a_graph_calls_whole_stays_a_layer_when_saved(tmp_path, monkeypatch):
+    """model.py is imported and traced again when saved: the layers it builds from a user's package stay called
+    whole (tracing through other libraries' modules is for a kept class of the user's, which model.py cannot build)."""
+    (tmp_path / "userlayers").mkdir()
+    (tmp_path / "userlayers" / "__init__.py").write_text(GATE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from userlayers import Gate
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), Gate(2.0), nn.Linear(4, 2)).eval()
+    result = fxs.apply(model, [Replace("2", fxs.new(nn.Linear, out_features=3))], example_inputs=(torch.randn(2, 4),))
+    result.save(tmp_path / "out")
+    assert "_put(self, '1', userlayers.Gate(scale=2.0))" in (tmp_path / "out" / "model.py").read_text()
+    x = torch.randn(3, 4)
+    for loaded in (fxs.load(tmp_path / "out", allow=("userlayers",)), fxs.load(tmp_path / "out", trust_code=True)):
+        assert torch.equal(loaded(x), result.module(x)) and torch.equal(loaded(-x.abs()), result.module(-x.abs()))

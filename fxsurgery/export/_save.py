@@ -78,9 +78,12 @@ def _storage_key(t: torch.Tensor) -> tuple:
 
 
 def leaf_paths(module: nn.Module) -> list[str]:
-    """Paths of the modules a GraphModule or model.py calls whole: those that are not bare containers and hold
-    only torch's and torchvision's modules, which model.py rebuilds. Another library's (timm's Block, in a kept
-    class) is traced through instead, as a capture traces it: model.py could not rebuild it."""
+    """Paths of the modules a GraphModule or model.py calls whole. In a model.py class (a saved result, loaded or
+    rebuilt to be traced again): every one that is not a bare container, as that model.py builds them. In a kept
+    class of the user's: those that hold only torch's and torchvision's modules; another library's (timm's Block)
+    is traced through, as a capture traces it, since model.py could not rebuild it."""
+    if hasattr(type(module), "_fxsurgery_class"):
+        return [p for p, m in module.named_modules() if p and type(m) is not nn.Module]
     foreign = {p for p, m in module.named_modules() if type(m).__module__.split(".")[0] not in ("torch", "torchvision")}
     above = {".".join(p.split(".")[:i]) for p in foreign for i in range(1, p.count(".") + 1)}
     return [p for p, m in module.named_modules() if p and type(m) is not nn.Module and p not in foreign and p not in above]
