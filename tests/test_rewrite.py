@@ -342,3 +342,32 @@ def test_a_replacement_of_another_dtype_than_the_model_is_refused_at_apply():
         features = torch.flatten(model.avgpool(model.layer4(model.layer3(model.layer2(model.layer1(
             model.maxpool(model.relu(model.bn1(model.conv1(x))))))))), 1)
         assert torch.equal(result.module(x), model.fc(norm(features)))
+
+
+def test_a_pattern_after_prune_leaves_the_pruned_layers_as_prune_made_them():
+    """prune-half then fold-bn: the fold computed from the original convolutions and put them back at full width,
+    undoing the prune without a word. It now leaves what Prune made, says so, and folds the rest."""
+    from conftest import RULES
+
+    from fxsurgery.spec import load_rule_files
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    prune, fold = load_rule_files([f"{RULES}/prune-half.yaml", f"{RULES}/fold-bn.yaml"], {}, ())
+    pruned = fxs.apply(model, list(prune), example_inputs=(x,))
+    with pytest.warns(fxs.SurgeryWarning) as caught:
+        both = fxs.apply(model, [*prune, *fold], example_inputs=(x,))
+    assert str(caught[0].message) == (
+        f"rule 2 'rewrite fold_bn (conv + batchnorm -> conv)' ({RULES}/fold-bn.yaml:11) left layer1.0.conv1, layer1.0.conv2, "
+        f"layer1.1.conv1 and more as they are: rule 1 'prune re:layer\\d\\.\\d+\\.conv1 amount=0.5 (l1)' ({RULES}/prune-half.yaml:7) "
+        "changed them first, and a pattern computes from the original modules")
+    assert both.module.get_submodule("layer1.0.conv1").out_channels == 32 == pruned.module.get_submodule("layer1.0.conv1").out_channels
+    assert not hasattr(both.module, "bn1")  # the stem's BatchNorm, which no prune reached, is folded
+    with torch.no_grad():
+        assert torch.allclose(both.module(x), pruned.module(x), atol=1e-5, rtol=0)
+    rule = fxs.Rewrite(fxs.AdaptInputChannels(1))
+    with pytest.raises(fxs.RewriteError) as err:
+        fxs.apply(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)), [fxs.Prune("0", channels=[0, 5]), rule],
+                  example_inputs=(torch.randn(2, 3, 8, 8),))
+    assert err.value.full.endswith("changed it first, and a pattern computes from the original modules; fix: drop one of the two "
+                                   "rules, or apply this one to the first surgery's result (apply(result.module, ...))")

@@ -41,12 +41,18 @@ def rewrite_chains(rw: Rewriter, m: Match, sites: list[Site]) -> None:
     pattern = m.rule.pattern
     made: dict[str, Any] = {}  # install path -> the replacement every site there shares
     prefixes: dict[int, str] = {}  # id(inlined replacement) -> where its own modules live, once for all its sites
+    resized: list[tuple[str, Match]] = []
     for site in sites:
         found: Found = m.found[site]
         nodes = [rw.node(n) for n in found.nodes]
         changed = _changed(nodes, set(found.outputs or ()))
         if changed:  # an earlier rule of this run rewired the match since it was planned
             m.skipped.append(f"{site.where}: {changed}")
+            continue
+        earlier = _remade_by(rw, m, nodes)
+        if earlier is not None:  # a pattern computes from the original modules: it would undo what that rule made
+            m.skipped.append(f"{site.where} (changed by {earlier.label})")
+            resized.append((site.where, earlier))
             continue
         first, last = nodes[0], nodes[-1]
         matched = [rw.captured.gm.get_submodule(n.target) if n.op == "call_module" else n for n in nodes]
@@ -76,7 +82,25 @@ def rewrite_chains(rw: Rewriter, m: Match, sites: list[Site]) -> None:
         else:
             rw.fail(m, site, f"{pattern.describe()}.rewrite returned {type(replacement).__name__}",
                     "return an nn.Module, a function, or None to drop the match")
+    if resized:
+        where, earlier = resized[0]
+        text = (f"{m.label} left {', '.join(w for w, _ in resized[:3])}{' and more' if len(resized) > 3 else ''} as "
+                f"{'it is' if len(resized) == 1 else 'they are'}: {earlier.label} changed {'it' if len(resized) == 1 else 'them'} first, "
+                "and a pattern computes from the original modules")
+        if len(resized) == len(sites):
+            rw.fail(m, None, text.replace(f"{m.label} left", "leaves", 1), "drop one of the two rules, or apply this one to the "
+                    "first surgery's result (apply(result.module, ...))")
+        rw.plan.warnings.append(text)
     rw.dirty = True
+
+
+def _remade_by(rw: Rewriter, m: Match, nodes: list[fx.Node]) -> Match | None:
+    """The earlier rule that made another module in place of one the match calls (Prune's narrower convolution)."""
+    for node in nodes:
+        slot = rw.edited.modules.get(node.target) if node.op == "call_module" else None
+        if slot is not None and slot.rule is not None and slot.rule != m.index:
+            return rw.edited.rule_of(slot.rule)
+    return None
 
 
 def _changed(nodes: list[fx.Node], outputs: set) -> str:
