@@ -277,6 +277,9 @@ def test_a_sequential_of_numbered_blocks_is_rearranged_as_a_list_is(tmp_path):
     with torch.no_grad():
         assert torch.equal(fxs.load(tmp_path / "out")(other), hand(other))
         assert torch.equal(fxs.load(tmp_path / "out", trust_code=True)(other), hand(other))
+    fxs.save(fxs.load(tmp_path / "out", trust_code=True), tmp_path / "again")  # the loaded result writes the same files
+    for name in ("model.py", "graph.json", "model.safetensors"):
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "out" / name).read_bytes(), name
 
 
 class Named(nn.Module):

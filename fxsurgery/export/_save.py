@@ -176,10 +176,13 @@ def save(module: nn.Module, directory: str | os.PathLike, *, force: bool = False
     tensors, non_persistent = _tensors(gm, ties)
     frozen = [n for n, p in gm.named_parameters() if not p.requires_grad]
     with replacing(directory, force, group) as work:
-        modes = {p: m.training for p, m in module.named_modules()}
+        # of the modules the graph holds: a kept class's others (a dropout its forward skips) are not in model.py,
+        # and naming them made a second save of the loaded result differ from the first
+        held = {p for p, _ in gm.named_modules()}
+        modes = {p: m.training for p, m in module.named_modules() if p in held}
         source, renames, description = _source(gm, work, class_name=class_name, frozen=frozen, ties=ties,
                                                non_persistent=non_persistent, modes=modes,
-                                               stay_eval=[p for p, m in module.named_modules() if stays_eval(m)])
+                                               stay_eval=[p for p, m in module.named_modules() if stays_eval(m) and p in held])
         (work / "model.py").write_text(source, encoding="utf-8")
         (work / GRAPH).write_text(json.dumps(description, indent=1) + "\n", encoding="utf-8")
         # One metadata key only: safetensors writes metadata in hash order, and
