@@ -248,3 +248,25 @@ def test_a_checkpoint_keeping_one_name_of_a_tied_pair_fills_both(tmp_path):
         assert got.lm_head.weight is got.model.embed_tokens.weight
         with torch.no_grad():
             assert torch.equal(got(x).logits, model(x).logits)
+
+
+def test_a_checkpoint_with_other_values_under_two_tied_names_is_refused(tmp_path):
+    """The model ties embed_tokens and lm_head (one tensor); a file holding different values under the two names
+    was read by one of them silently, where load_state_dict keeps whichever it loads last."""
+    from hf_models import llama
+    model = llama(tie=True)
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp_path / "same.safetensors"))
+    state["lm_head.weight"] = state["lm_head.weight"] + 1
+    save_file(state, str(tmp_path / "other.safetensors"))
+    with fxs.empty_weights():
+        empty = llama(tie=True)
+    x = torch.randint(0, 100, (1, 5))
+    result = fxs.apply(empty, [Freeze("model.layers.0")], (x,), weights=str(tmp_path / "same.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(result.module(x).logits, model(x).logits)
+    with pytest.raises(fxs.ModelError) as err:
+        fxs.apply(empty, [Freeze("model.layers.0")], (x,), weights=str(tmp_path / "other.safetensors"))
+    assert str(err.value) == (f"{tmp_path / 'other.safetensors'}: holds different values for model.embed_tokens.weight and "
+                              "lm_head.weight, which the model ties (one tensor); fix: pass weights of this model, or untie the two "
+                              "in the model first")

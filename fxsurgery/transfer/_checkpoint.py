@@ -155,6 +155,7 @@ class Checkpoint:
         """Every tensor `own` names (name -> (shape, dtype), or a model's state dict) is here, with that shape and
         dtype; nothing else is. Of a model's tied names (one tensor) one is enough: safetensors' save_model and
         save_pretrained keep one name of a tied embedding and head, which the others then read."""
+        tied: list[list[str]] = []
         if isinstance(own, nn.Module):
             state = own.state_dict(keep_vars=True)
             groups: dict[int, list[str]] = {}
@@ -162,6 +163,8 @@ class Checkpoint:
                 groups.setdefault(id(t), []).append(name)
             for names in groups.values():
                 present = [k for k in names if k in self.keys]
+                if len({self.keys[k] for k in present}) > 1:
+                    tied.append(present)
                 for k in names if present else ():
                     self.keys.setdefault(k, self.keys[present[0]])
             own = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
@@ -178,6 +181,12 @@ class Checkpoint:
                 if items:
                     parts.append(f"{what} {len(items)} ({', '.join(items[:3])})")
             raise ModelError(f"{self.path}: does not fit the model: {'; '.join(parts)}; fix: pass weights saved from this architecture")
+        for names in tied:  # one tensor in the model, two in the file: which one a load keeps is an accident of order
+            first = read_block(self, names[0], None)
+            other = next((k for k in names[1:] if not torch.equal(first, read_block(self, k, None))), None)
+            if other is not None:
+                raise ModelError(f"{self.path}: holds different values for {shown(names[0])} and {shown(other)}, which the model "
+                                 "ties (one tensor); fix: pass weights of this model, or untie the two in the model first")
 
     def read(self, names) -> Iterator[tuple[str, torch.Tensor]]:
         """(model name, tensor) for each name, one tensor in memory at a time, shard by shard.
