@@ -358,3 +358,15 @@ def test_chromium_renders_groups_without_console_errors(page, tmp_path):
     assert len(console) == 1 and "Uncaught TypeError" in console[0] and "data-rendered-groups" not in dom
     dom, console = chromium(tmp_path, page.replace("</main>", "</main><script>document.title = 'pwned'</script>"))
     assert len(console) == 1 and "Content Security Policy" in console[0] and "pwned" not in dom.split("</title>")[0]
+
+
+def test_a_prune_rule_marks_the_layers_it_narrows(tmp_path):
+    """The diff of prune-half failed with KeyError 'prune' (the rule kind had no colour): its layers are replaced."""
+    torch.manual_seed(0)
+    result = fxs.apply(torchvision.models.resnet18().eval(), fxs.load_rules(f"{RULES}/prune-half.yaml"),
+                       example_inputs=(torch.randn(1, 3, 64, 64),))
+    fxs.diff(result, tmp_path / "d.html")
+    marked = set(re.findall(r'data-node="(\w+)" data-status="replaced" data-op="call_module" data-rule="1"',
+                            (tmp_path / "d.html").read_text()))
+    blocks = [f"layer{i}_{j}" for i in range(1, 5) for j in range(2)]  # each pruned conv1, its BatchNorm, the conv2 reading it
+    assert marked == {f"{b}_{layer}" for b in blocks for layer in ("conv1", "bn1", "conv2")}

@@ -378,3 +378,16 @@ def test_tensors_only_the_other_mode_reads_are_reported_as_in_the_result(tmp_pat
     assert torch.equal(state["blocks.0.0.bn1.num_batches_tracked"], model.state_dict()["blocks.0.0.bn1.num_batches_tracked"])
     result.module.train()(torch.randn(2, 3, 64, 64))
     assert int(result.module.state_dict()["bn1.num_batches_tracked"]) == 1  # counted where the train graph runs
+
+
+def test_a_new_head_of_a_two_graph_model_is_reported_once_and_the_old_one_dropped():
+    """timm's MobileNetV3 runs a graph per mode; its new `classifier` has the old one's name: taking in the other
+    mode's report listed the new head twice and the old one nowhere."""
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv3_small_050", num_classes=10).eval()
+    result = fxs.apply(model, [fxs.Replace("classifier", fxs.new(nn.Linear, out_features=7))],
+                       example_inputs=(torch.randn(2, 3, 64, 64),))
+    assert isinstance(result.module, ModeGraphModule)
+    assert result.report.new == ["classifier.weight", "classifier.bias"]
+    assert result.report.dropped == ["classifier.weight", "classifier.bias"]
+    assert sorted(e.name for e in result.report.entries if e.status != "dropped") == sorted(result.module.state_dict())

@@ -65,9 +65,10 @@ class TransferReport:
         """Take in the other mode's report where the result joined its graph: a tensor only that mode reads (a
         BatchNorm's num_batches_tracked, counted in training only) is in the result, not dropped."""
         theirs = {e.name: e for e in other.entries if e.status != "dropped"}
-        self.entries = [theirs[e.name] if e.status == "dropped" and e.name in present and e.name in theirs else e for e in self.entries]
-        listed = {e.name for e in self.entries if e.status != "dropped"}
-        self.entries += [e for name, e in theirs.items() if name in present and name not in listed]
+        listed = {e.name for e in self.entries if e.status != "dropped"}  # a new head's weight has an old one's name
+        taken = {e.name for e in self.entries if e.status == "dropped" and e.name in present and e.name in theirs and e.name not in listed}
+        self.entries = [theirs[e.name] if e.status == "dropped" and e.name in taken else e for e in self.entries]
+        self.entries += [e for name, e in theirs.items() if name in present and name not in listed and name not in taken]
         self.recipes.update({k: v for k, v in other.recipes.items() if k in present and k not in self.recipes})
 
     def counts(self) -> dict[str, int]:

@@ -38,7 +38,7 @@ MEANING = {
 }
 # A tensor of the transfer report takes the colour of the node status that means the same.
 TENSOR_STATUS = {"new": "inserted", "adapted": "replaced", "dropped": "deleted", "transferred": "kept"}
-_MADE = {"insert": "inserted", "detach": "cut", "replace": "replaced", "rewrite": "replaced"}
+_MADE = {"insert": "inserted", "detach": "cut", "replace": "replaced", "rewrite": "replaced", "prune": "replaced", "layers": "replaced"}
 _RULE_STATUS = {"delete": "deleted", "freeze": "frozen", "output": "deleted", **_MADE}  # output: what follows is cut off
 _STRUCTURAL = ("deleted", "inserted", "replaced", "cut")
 
@@ -100,7 +100,7 @@ class _Facts:
         self.actions = {m.index: m.rule.action for m in matches}
         self.labels = {m.index: m.label for m in matches}
         self.sites = {name: (_RULE_STATUS[m.rule.action], m.index) for m in matches   # original node -> (status, rule)
-                      if m.rule.action in ("delete", "replace", "rewrite") for s in m.sites for name in s.nodes}
+                      if m.rule.action in ("delete", "replace", "rewrite", "prune") for s in m.sites for name in s.nodes}
         self.site_paths = {m.index: [s.path for s in m.sites if s.path is not None] for m in matches}
         self.frozen = _frozen_modules(result.module, result.plan)   # module path -> Freeze rule
         self.before = {n.name for n in result.original.graph.nodes}
