@@ -15,12 +15,12 @@ from torch import nn
 
 from ._progress import working
 from .capture import Capture, Captured, Meta, capture, capture_kept, track
-from .errors import SaveError
+from .errors import RuleError, SaveError
 from .export import footprint, parse_size, save, save_pretrained
 from .match import Plan, match
 from .rewrite import InputChange, rewrite
-from .spec import Rule, flatten, load_rules
-from .transfer import TransferReport, pending_of, refuse_dtensors, register, transfer
+from .spec import Prune, Rule, flatten, load_rules
+from .transfer import TransferReport, open_checkpoint, pending_of, refuse_dtensors, register, transfer, with_values
 from .validate import GradientFlow, check_module, gradient_flow, validate
 
 
@@ -242,6 +242,13 @@ def apply(model: nn.Module, rules, example_inputs=None, *, example_kwargs: dict 
         with clock("rules"):
             rule_list = flatten(rules, lambda path: load_rules(path, params=params, allow=allow))
         refuse_dtensors(model)
+        ranking = next((r for r in rule_list if isinstance(r, Prune) and r.indices is None), None)
+        if weights is not None and ranking is not None:  # it ranks channels by values the model may not hold
+            if stream:
+                raise RuleError(f"{ranking.origin}: '{ranking}' ranks channels by their values, which a streamed surgery reads "
+                                "only when it writes them; fix: give the channels to remove (channels=[...]), or apply without stream")
+            with working("load weights"):
+                model, weights = with_values(model, open_checkpoint(weights)), None
         kept = _is_pretrained(model) if keep_class is None else keep_class
         with clock("capture"):
             captured = (capture_kept(model, example_inputs, example_kwargs) if kept

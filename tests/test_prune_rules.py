@@ -1,11 +1,12 @@
 """Prune as a rule: choosing channels by importance, YAML, refusals and bad rules, saving, transformers."""
 
 import copy
+import os
 
 import pytest
 import torch
 import torchvision
-from conftest import RULES
+from conftest import RULES, assert_state_equal
 from test_prune import Flat
 from torch import nn
 
@@ -170,3 +171,29 @@ def test_two_prune_rules_on_one_layer_compose_their_kept_indices():
     assert torch.equal(result.module.get_submodule("layer4.0.conv1").weight, want)
     assert result.report.entry("layer4.0.conv1.weight").op.startswith(
         "dim 0 keeps 511 of 512: [0, 2-511]; dim 1 keeps 254 of 256: [1, 3-255] by rule 2")
+
+
+def test_prune_by_amount_ranks_the_checkpoints_values_not_the_models(tmp_path):
+    """weights= gives the original's values: Prune by amount ranked the model's own (random) channels, or failed on a
+    model built without weights ("item() on meta tensors"). It ranks the checkpoint's now, as pruning the loaded model."""
+    from safetensors.torch import save_file
+    rules = fxs.load_rules(os.path.join(RULES, "prune-half.yaml"))
+    torch.manual_seed(0)
+    trained = torchvision.models.resnet18(num_classes=10).eval()
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    x = torch.randn(2, 3, 64, 64)
+    loaded = fxs.apply(trained, rules, example_inputs=(x[:1],))
+    torch.manual_seed(5)
+    own = torchvision.models.resnet18(num_classes=10).eval()
+    with fxs.empty_weights():
+        empty = torchvision.models.resnet18(num_classes=10).eval()
+    for model in (own, empty):
+        result = fxs.apply(model, rules, example_inputs=(x[:1],), weights=str(tmp_path / "w.safetensors"))
+        assert result.report.entry("layer1.0.conv1.weight").op == loaded.report.entry("layer1.0.conv1.weight").op
+        assert_state_equal(result.module, loaded.module.state_dict())
+    assert all(p.is_meta for p in empty.parameters())  # the model given is left as it is
+    with pytest.raises(fxs.RuleError) as err:
+        fxs.apply(empty, rules, example_inputs=(x[:1],), weights=str(tmp_path / "w.safetensors"), stream=True)
+    assert str(err.value) == (f"{rules.rules[0].origin}: 'prune re:layer\\d\\.\\d+\\.conv1 amount=0.5 (l1)' ranks channels by their "
+                              "values, which a streamed surgery reads only when it writes them; fix: give the channels to remove "
+                              "(channels=[...]), or apply without stream")

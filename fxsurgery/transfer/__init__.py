@@ -24,7 +24,7 @@ from ._conventions import follow_conventions
 from ._dcp import DcpCheckpoint, open_checkpoint, refuse_dtensors
 from ._freeze import follow_modes, freeze, freeze_derived
 from ._lazycopy import lazy_blank
-from ._ownload import refuse_own_loading
+from ._ownload import refuse_own_loading, with_values
 from ._pairwise import transfer_modules
 from ._report import TransferReport, check_strict, entry, tensors_of
 from ._stream import Missing, Read, Replayed, carry_streamed, pending_of, register
@@ -33,7 +33,7 @@ from ._tying import Ties
 
 __all__ = [
     "Checkpoint", "DcpCheckpoint", "TransferReport", "empty_weights", "open_checkpoint", "pending_of", "read_state_dict",
-    "refuse_dtensors", "refuse_own_loading", "register", "strip_prefixes", "transfer", "transfer_modules",
+    "refuse_dtensors", "refuse_own_loading", "register", "strip_prefixes", "transfer", "transfer_modules", "with_values",
 ]
 
 

@@ -73,3 +73,21 @@ def _untouched(model: nn.Module, checkpoint) -> bool:
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage()._cdata == b.untyped_storage()._cdata
+
+
+def with_values(model: nn.Module, checkpoint) -> nn.Module:
+    """A copy of `model` holding the checkpoint's values, for a rule that decides from values before the plan
+    (Prune by amount ranks channels by their weights): tensors on meta get memory; the model stays as it is."""
+    refuse_own_loading(model, checkpoint)
+    checkpoint.check(model)
+    hidden = [f"{p}.{n}" if p else n for p, m in model.named_modules() for n in m._non_persistent_buffers_set
+              if getattr(m, n, None) is not None and getattr(m, n).is_meta]
+    if hidden:  # not in a checkpoint, and computed when the model is built
+        raise TransferError(f"{hidden[0]} is a buffer on meta that no checkpoint holds; fix: build the model inside "
+                            "fxs.empty_weights(), which keeps buffers real")
+    copy = clone(model, lambda t: torch.empty(t.shape, dtype=t.dtype) if t.is_meta else t.detach().clone())
+    state = copy.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for name, value in checkpoint.read([n for n in state if n in checkpoint.keys]):
+            state[name].copy_(value)
+    return copy
