@@ -190,16 +190,22 @@ def test_two_patterns_on_one_conv_say_what_each_order_leaves(resnet18):
         result = fxs.apply(model, [adapt, fold], example_inputs=X)
     assert [str(w.message) for w in caught] == [
         f"rule 2 'rewrite fold_bn (conv + batchnorm -> conv)' ({line_of(fold)}) left conv1 as it is: rule 1 "
-        f"'rewrite adapt_input_channels -> 1' ({line_of(adapt)}) rewrote it first, and a rule sees the original graph"]
+        f"'rewrite adapt_input_channels -> 1' ({line_of(adapt)}) rewrote it first, and a rule sees the original graph; fix: apply "
+        "this rule to the first surgery's result (fxs.apply(result.module, rules), or its saved directory)"]
     assert [n for n, m in result.module.named_modules() if isinstance(m, nn.BatchNorm2d)] == ["bn1"]
     grey = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         assert torch.allclose(result.module(grey), model(grey.expand(-1, 3, -1, -1)), atol=1e-4, rtol=0)
     with pytest.raises(fxs.MatchError) as err:
         fxs.apply(model, [fold, adapt], example_inputs=X)
-    assert str(err.value) == (f"rule 2 'rewrite adapt_input_channels -> 1' ({line_of(adapt)}) conflicts with rule 1 'rewrite fold_bn "
-                              f"(conv + batchnorm -> conv)' ({line_of(fold)}): node 'conv1' was already rewritten; fix: drop one "
-                              "of the two rules, or put this rule first (the other then leaves it alone)")
+    assert err.value.full == (f"rule 2 'rewrite adapt_input_channels -> 1' ({line_of(adapt)}) conflicts with rule 1 'rewrite fold_bn "
+                              f"(conv + batchnorm -> conv)' ({line_of(fold)}): node 'conv1' was already rewritten; fix: apply "
+                              "this rule to the first surgery's result (fxs.apply(result.module, rules), or its saved directory), "
+                              "or drop one of the two rules")
+    second = fxs.apply(fxs.apply(model, [fold], example_inputs=X).module, [adapt], example_inputs=X)  # the fix, followed
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in second.module.modules())
+    with torch.no_grad():
+        assert torch.allclose(second.module(grey), model(grey.expand(-1, 3, -1, -1)), atol=1e-4, rtol=0)
 
 
 def test_delete_of_a_node_with_two_inputs(resnet18):
@@ -360,7 +366,8 @@ def test_a_pattern_after_prune_leaves_the_pruned_layers_as_prune_made_them():
     assert str(caught[0].message) == (
         f"rule 2 'rewrite fold_bn (conv + batchnorm -> conv)' ({RULES}/fold-bn.yaml:11) left layer1.0.conv1, layer1.0.conv2, "
         f"layer1.1.conv1 and more as they are: rule 1 'prune re:layer\\d\\.\\d+\\.conv1 amount=0.5 (l1)' ({RULES}/prune-half.yaml:7) "
-        "changed them first, and a pattern computes from the original modules")
+        "changed them first, and a pattern computes from the original modules; fix: apply this rule to the first surgery's result "
+        "(fxs.apply(result.module, rules), or its saved directory)")
     assert both.module.get_submodule("layer1.0.conv1").out_channels == 32 == pruned.module.get_submodule("layer1.0.conv1").out_channels
     assert not hasattr(both.module, "bn1")  # the stem's BatchNorm, which no prune reached, is folded
     with torch.no_grad():
@@ -369,5 +376,6 @@ def test_a_pattern_after_prune_leaves_the_pruned_layers_as_prune_made_them():
     with pytest.raises(fxs.RewriteError) as err:
         fxs.apply(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)), [fxs.Prune("0", channels=[0, 5]), rule],
                   example_inputs=(torch.randn(2, 3, 8, 8),))
-    assert err.value.full.endswith("changed it first, and a pattern computes from the original modules; fix: drop one of the two "
-                                   "rules, or apply this one to the first surgery's result (apply(result.module, ...))")
+    assert err.value.full.endswith("changed it first, and a pattern computes from the original modules; fix: apply this rule to the "
+                                   "first surgery's result (fxs.apply(result.module, rules), or its saved directory), or drop one of "
+                                   "the two rules")

@@ -17,14 +17,14 @@ from torch import nn
 from .._util import format_table
 from ..capture import Capture
 from ..errors import MatchError
-from ..spec import Delete, Detach, Freeze, Insert, Layers, Output, Replace, Rewrite, Rule, Selector, frozen_by
+from ..spec import Delete, Detach, Freeze, Insert, Layers, Output, Prune, Replace, Rewrite, Rule, Selector, frozen_by
 from ._groups import Group, Unprunable, group_of, groups, zeroed
 from ._heads import Heads, count_after, heads_of, zero_heads
 from ._patterns import Constant, Found, find, missing_reason
 from ._sites import Ambiguous, Locator, Site, exact, join, select_modules
 
 __all__ = [
-    "Constant", "Found", "Group", "Heads", "Locator", "Match", "Plan", "Site", "Unprunable", "count_after", "group_of", "groups",
+    "TWO_STEPS", "Constant", "Found", "Group", "Heads", "Locator", "Match", "Plan", "Site", "Unprunable", "count_after", "group_of", "groups",
     "heads_of", "join", "label", "match", "zero_heads", "zeroed",
 ]
 
@@ -188,7 +188,7 @@ def _match_one(m: Match, locator: Locator, capture: Capture, plan: Plan, touched
         if gone:  # a fold that leaves one BatchNorm because input-channels rewrote its conv first: said, not silent
             plan.warnings.append(f"{m.label} left {', '.join(w for w, _ in gone[:3])}{' and more' if len(gone) > 3 else ''} as "
                                  f"{'it is' if len(gone) == 1 else 'they are'}: {gone[0][1][:-1]} rewrote {'it' if len(gone) == 1 else 'them'} "
-                                 "first, and a rule sees the original graph")
+                                 f"first, and a rule sees the original graph; fix: {TWO_STEPS}")
     elif isinstance(rule, Output):
         _match_outputs(m, locator)
         _check_conflicts(m, touched)
@@ -281,6 +281,9 @@ def _layer_sites(m: Match, locator: Locator) -> tuple[list[Site], list[str]]:
     return [Site(p, p, True, (), (), (), None) for p in paths], paths
 
 
+TWO_STEPS = "apply this rule to the first surgery's result (fxs.apply(result.module, rules), or its saved directory)"
+
+
 def _numbered_sequential(module: nn.Module) -> bool:
     """A plain nn.Sequential whose layers are named 0..n-1 (timm's `blocks`): rearranged by position as a
     ModuleList is, with the same names; a subclass may take other constructor arguments, named layers would be renamed."""
@@ -311,8 +314,9 @@ def _check_conflicts(m: Match, touched: dict[str, Match]) -> None:
     if clash and not kept:
         name, earlier = clash
         verb = {"delete": "deleted", "rewrite": "rewritten"}.get(earlier.rule.action, "replaced")
-        first = ", or put this rule first (the other then leaves it alone)" if isinstance(m.rule, Rewrite) and verb == "rewritten" else ""
-        raise MatchError(f"{m.label} conflicts with {earlier.label}: node '{name}' was already {verb}; fix: drop one of the two rules{first}")
+        fix = f"{TWO_STEPS}, or drop one of the two rules" if isinstance(m.rule, (Rewrite, Prune)) and verb == "rewritten" else \
+            "drop one of the two rules"
+        raise MatchError(f"{m.label} conflicts with {earlier.label}: node '{name}' was already {verb}; fix: {fix}")
     m.sites = kept
     kept_modules = {s.module for s in kept}
     m.modules = [p for p in m.modules if p in kept_modules]

@@ -17,7 +17,7 @@ from typing import Any
 from torch import fx, nn
 
 from .._util import first_line, get_path
-from ..match import Constant, Found, Match, Site
+from ..match import TWO_STEPS, Constant, Found, Match, Site
 from ..spec import New, describe
 from ._edited import Slot
 from ._editor import Rewriter
@@ -88,9 +88,8 @@ def rewrite_chains(rw: Rewriter, m: Match, sites: list[Site]) -> None:
                 f"{'it is' if len(resized) == 1 else 'they are'}: {earlier.label} changed {'it' if len(resized) == 1 else 'them'} first, "
                 "and a pattern computes from the original modules")
         if len(resized) == len(sites):
-            rw.fail(m, None, text.replace(f"{m.label} left", "leaves", 1), "drop one of the two rules, or apply this one to the "
-                    "first surgery's result (apply(result.module, ...))")
-        rw.plan.warnings.append(text)
+            rw.fail(m, None, text.replace(f"{m.label} left", "leaves", 1), f"{TWO_STEPS}, or drop one of the two rules")
+        rw.plan.warnings.append(f"{text}; fix: {TWO_STEPS}")
     rw.dirty = True
 
 
