@@ -435,7 +435,8 @@ CASES = [
                 "{W}/prefix.safetensors: ", contains=["start with 'module.'"]),
     # a strict load must not cast: float16, int32 and float64 tensors are not the model's float32
     model_error("float16 weights", _apply("ok_small", model=S, inputs=VEC, extra=["--weights", "{W}/float16.safetensors"]),
-                "{W}/float16.safetensors: ", contains=["float16"]),
+                "{W}/float16.safetensors: ", contains=["float16", "fix: build the model in float16 (a factory returning "
+                                                       "model.to(torch.float16)), or convert the checkpoint: nothing is cast silently"]),
     model_error("int32 weights", _apply("ok_small", model=S, inputs=VEC, extra=["--weights", "{W}/int32.safetensors"]),
                 "{W}/int32.safetensors: ", contains=["int32"]),
     model_error("float64 weights in a .pt", _apply("ok_small", model=S, inputs=VEC, extra=["--weights", "{W}/float64.pt"]),

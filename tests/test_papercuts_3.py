@@ -391,3 +391,23 @@ def test_result_fields_load_from_graph_json(tmp_path):
     x, y = torch.randn(5, 4), torch.randn(5, 4)
     got, want = loaded(x, y=y), model(x, y=y)
     assert torch.equal(got["best"], want["best"]) and torch.equal(got["where"], want["where"])
+
+
+def test_nothing_to_fold_under_eval_does_not_ask_for_eval(tmp_path):
+    """timm's EfficientNet under --eval: its BatchNorms are timm's own, traced into functions fold-bn does not match;
+    the fix asked for --eval, which was given."""
+    pytest.importorskip("timm")
+    from test_bad_inputs import run_cli
+    code, _, stderr, raised = run_cli(["apply", "timm.models:efficientnet_b0", "fold-bn", "--eval", "--input", "1x3x64x64",
+                                       "-o", str(tmp_path / "out")])
+    assert code == 2 and not (tmp_path / "out").exists()
+    assert raised.full.endswith("; fix: check the selectors against 'fxsurgery inspect MODEL'") and "--eval" not in raised.full
+
+
+def test_a_closed_pipe_ends_the_output_quietly():
+    """`fxsurgery rules | head -1` ended in an internal error (BrokenPipeError): here the reader (`true`) is gone
+    before the first line is written."""
+    import subprocess
+    proc = subprocess.run(f"{sys.executable} -m fxsurgery.cli rules | true; echo ${{PIPESTATUS[0]}}", shell=True, capture_output=True,
+                          text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), executable="/bin/bash")
+    assert (proc.stdout, proc.stderr) == ("0\n", "")

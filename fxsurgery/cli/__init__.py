@@ -179,7 +179,7 @@ def cmd_apply(args) -> int:
     with planning() if args.dry_run else contextlib.nullcontext():  # declared modules on meta: shown, not allocated
         result = _result(args)
     loaded = time.perf_counter() - start - sum(result.timings.values())
-    _refuse_no_op(result)
+    _refuse_no_op(result, args.eval)
     if args.dry_run:
         result.check_formats(args.format)  # what save would refuse, a dry run refuses
     written = None
@@ -332,6 +332,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("fxsurgery: interrupted; nothing written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `fxsurgery rules | head`: the reader has what it wanted; what was written stays written
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 0
     except SystemExit as exc:  # the model's own code called sys.exit: that is no success
         print(f"fxsurgery: error: the model's code exited the process (SystemExit: {exc.code}); fix: remove the "
               "sys.exit/exit call from the code the model runs", file=sys.stderr)
@@ -345,14 +348,15 @@ def main(argv=None) -> int:
         return EXIT_INTERNAL
 
 
-def _refuse_no_op(result) -> None:
+def _refuse_no_op(result, evaluating: bool = False) -> None:
     """A surgery in which no rule matched would write the original again: say why instead."""
     matches = result.plan.matches
     if matches and all(m.count == 0 and m.reason for m in matches):  # (a warning said why a match changes nothing)
         first = matches[0]
         from ..errors import MatchError
+        hint = "" if evaluating else " (inference rewrites such as fold-bn need --eval)"
         raise MatchError(f"nothing to change: no rule matched ({first.label}: {first.reason}); fix: check the selectors "
-                         "against 'fxsurgery inspect MODEL' (inference rewrites such as fold-bn need --eval)")
+                         f"against 'fxsurgery inspect MODEL'{hint}")
 
 
 def _files(directory: str) -> list[str]:

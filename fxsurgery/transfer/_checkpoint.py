@@ -180,7 +180,13 @@ class Checkpoint:
             for what, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong), ("wrong dtype", cast)):
                 if items:
                     parts.append(f"{what} {len(items)} ({', '.join(items[:3])})")
-            raise ModelError(f"{self.path}: does not fit the model: {'; '.join(parts)}; fix: pass weights saved from this architecture")
+            fix = "pass weights saved from this architecture"
+            other = {meta[k][1] for k in own if k in meta and meta[k][1] != own[k][1]}
+            if cast and not (missing or unexpected or wrong) and len(other) == 1 and next(iter(other)).is_floating_point:
+                theirs = str(next(iter(other))).replace("torch.", "")  # the same architecture in another precision
+                fix = (f"build the model in {theirs} (a factory returning model.to(torch.{theirs})), or convert the checkpoint: "
+                       "nothing is cast silently")
+            raise ModelError(f"{self.path}: does not fit the model: {'; '.join(parts)}; fix: {fix}")
         for names in tied:  # one tensor in the model, two in the file: which one a load keeps is an accident of order
             first = read_block(self, names[0], None)
             other = next((k for k in names[1:] if not torch.equal(first, read_block(self, k, None))), None)
