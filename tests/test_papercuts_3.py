@@ -411,3 +411,18 @@ def test_a_closed_pipe_ends_the_output_quietly():
     proc = subprocess.run(f"{sys.executable} -m fxsurgery.cli rules | true; echo ${{PIPESTATUS[0]}}", shell=True, capture_output=True,
                           text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), executable="/bin/bash")
     assert (proc.stdout, proc.stderr) == ("0\n", "")
+
+
+def test_a_shipped_rule_file_loads_by_its_name_in_python_as_on_the_command_line(tmp_path, monkeypatch):
+    """fxs.load_rules("prune-half") said "check the path", while `fxsurgery apply MODEL prune-half` took the name."""
+    from conftest import RULES
+    by_name = fxs.load_rules("prune-half")
+    assert by_name.source == os.path.join(RULES, "prune-half.yaml")
+    assert [str(r) for r in by_name] == [str(r) for r in fxs.load_rules(os.path.join(RULES, "prune-half.yaml"))]
+    assert [str(r) for r in fxs.load_rules("classifier-head.yaml", params={"num_classes": 3})] == ["replace fc with Linear(out_features=3)"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fold-bn").write_text("fxsurgery: 1\nrules:\n  - freeze: fc\n")  # a file of the user's comes first
+    assert [str(r) for r in fxs.load_rules("fold-bn")] == ["freeze fc"]
+    with pytest.raises(fxs.RuleError) as err:
+        fxs.load_rules("no-such-rules")
+    assert str(err.value) == "no-such-rules: cannot read rule file: No such file or directory; fix: check the path"

@@ -13,6 +13,7 @@ import importlib
 import inspect
 import os
 import re
+from importlib import resources
 from typing import Any
 
 from torch import nn
@@ -50,8 +51,11 @@ def load_rule_files(paths: list, params: dict | None = None, allow=()) -> list[R
 
 
 def load_rules(path: str | os.PathLike, params: dict | None = None, allow=(), declared_only: bool = False) -> RuleSet:
-    """Load a rule file; `params` override the file's `params:` defaults (`declared_only`: those it declares)."""
+    """Load a rule file or a shipped one by name ("fold-bn"); `params` override its defaults (`declared_only`: those it declares)."""
     source = os.fspath(path)
+    if not os.path.exists(source) and os.sep not in source:  # as `fxsurgery rules` lists them
+        shipped = os.path.join(str(resources.files("fxsurgery.rules")), source if source.endswith(".yaml") else f"{source}.yaml")
+        source = shipped if os.path.isfile(shipped) else source
     try:
         with open(source, encoding="utf-8") as handle:
             text = handle.read()
