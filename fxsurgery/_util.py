@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+# node meta set by capture's mode tracking: the node's arguments are the same in train and eval mode
+SAME_IN_BOTH_MODES = "fxsurgery_same_in_both_modes"
+
 
 def shape_text(shape) -> str:
     """[1, 3, 224, 224]: a shape as people write it."""

@@ -336,3 +336,56 @@ def test_a_module_also_called_by_opaque_code_is_not_folded():
         "the others; per_site: true gives each match its own copy"]
     with torch.no_grad():
         assert torch.equal(result.module(x), model(x))
+
+
+def test_a_leaf_layer_with_a_forward_of_its_own_is_not_folded_or_adapted_as_the_plain_layer():
+    """timm's BatchNormAct2d adds an activation, StdConv2d standardises its weight: as leaves they match
+    the folds' types, and folding them as plain layers dropped the activation (max error 14 on efficientnet_b0)."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("efficientnet_b0", pretrained=False, num_classes=5).eval()
+    randomise_bn(model)
+    x = torch.randn(2, 3, 64, 64)
+    result = fxs.apply(model, fxs.load_rules("fold-bn"), example_inputs=(x,), leaf_types=(timm.layers.BatchNormAct2d,))
+    assert torch.equal(result.module(x), model(x))
+    assert result.plan.matches[0].count == 0
+    assert result.plan.matches[0].skipped[0] == ("conv_stem (Conv2d) + bn1 (BatchNormAct2d): BatchNormAct2d has a forward of its "
+                                                 "own, not BatchNorm2d's: rewriting it as one would lose what it adds")
+    std = nn.Sequential(timm.layers.StdConv2d(3, 8, 3), nn.BatchNorm2d(8)).eval()
+    with pytest.raises(fxs.MatchError) as err:   # input-channels is not optional: a stem it cannot adapt is an error
+        fxs.apply(std, fxs.load_rules("input-channels", params={"channels": 1}), example_inputs=(torch.randn(2, 3, 8, 8),),
+                  leaf_types=(timm.layers.StdConv2d,))
+    assert err.value.full.endswith("matched nothing: every candidate was left alone: 0 (StdConv2d): StdConv2d has a forward of "
+                                   "its own, not Conv2d's: rewriting it as one would lose what it adds; fix: correct the "
+                                   "selector or add 'optional: true'")
+    class MonteCarlo(nn.Dropout):   # drops in eval mode too: removing it changes what eval computes
+        def forward(self, x):
+            return F.dropout(x, self.p, training=True)
+
+    model = nn.Sequential(nn.Linear(4, 4), MonteCarlo(0.5), nn.Dropout(0.5)).eval()
+    x = torch.randn(2, 4)
+    result = fxs.apply(model, fxs.load_rules("drop-dropout"), example_inputs=(x,))
+    assert result.plan.matches[0].count == 1 and result.plan.matches[0].skipped == [
+        "dropout (dropout): dropout is called with training=True (F.dropout's default), so it drops in eval mode too"]
+    torch.manual_seed(0)
+    expected = model(x)
+    torch.manual_seed(0)
+    assert torch.equal(result.module(x), expected)
+    trained = fxs.apply(model.train(), fxs.load_rules("drop-dropout"), example_inputs=(x,))   # True in both modes: still kept
+    assert trained.plan.matches[0].skipped == result.plan.matches[0].skipped
+
+    class Leaf(nn.Dropout):
+        def forward(self, x):
+            return x * 2
+
+    result = fxs.apply(nn.Sequential(Leaf()).eval(), [fxs.Rewrite(fxs.DropDropout, optional=True)], example_inputs=(x,),
+                       leaf_types=(Leaf,))
+    assert result.plan.matches[0].skipped == ["0 (Leaf): Leaf has a forward of its own, not Dropout's: rewriting it as one "
+                                              "would lose what it adds"]
+    assert torch.equal(result.module(x), x * 2)
+    class Bare(nn.Module):   # F.dropout's training defaults to True; F.alpha_dropout's to False
+        def forward(self, x):
+            return F.dropout(x) + F.alpha_dropout(x)
+
+    bare = fxs.apply(Bare().eval(), fxs.load_rules("drop-dropout"), example_inputs=(x,))
+    assert bare.plan.matches[0].count == 1 and bare.plan.matches[0].skipped == [
+        "dropout (dropout): dropout is called with training=True (F.dropout's default), so it drops in eval mode too"]

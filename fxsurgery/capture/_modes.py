@@ -32,6 +32,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from .._util import SAME_IN_BOTH_MODES
 from ..errors import FxsError, ModeError
 from ._copying import share
 from ._dualgraph import join
@@ -207,6 +208,9 @@ def track(model: nn.Module, captured, rerun: Callable[..., Any]) -> Modes:
                 continue
             modes.branch = branch
             return modes
+        follows = {c.node for c in changes}
+        for n in region.graph.nodes:  # what rules may trust as the same in both modes (drop_dropout: training=True)
+            n.meta[SAME_IN_BOTH_MODES] = n.name not in follows
         for change in changes:
             if mixed and not _owners_in_mode(model, region, change, region.graph):
                 raise ModeError(f"'{region.path or type(model).__name__}' at node '{change.node}': reads self.training "

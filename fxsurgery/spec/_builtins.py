@@ -6,12 +6,14 @@ rule files by name (`- rewrite: fold_bn`), its params as keys of the rule.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
+from .._util import SAME_IN_BOTH_MODES
 from . import _policies as policies
 from ._pattern import Pattern, element_text
 
@@ -63,6 +65,17 @@ def replay(recipe: dict, read, dst: torch.Tensor) -> None:
     dst.copy_(weight if recipe["part"] == "weight" else bias)
 
 
+def own_forward(module: nn.Module, *bases: type) -> str | None:
+    """Why a module matched by its type may not compute what its torch base class does: a forward of its own.
+
+    A leaf subclass (timm's BatchNormAct2d, which adds an activation; StdConv2d, which
+    standardises its weight) would otherwise be folded as the plain layer, dropping what it adds."""
+    base = next((b for b in bases if isinstance(module, b)), None)
+    if base is None or type(module).forward is base.forward:
+        return None
+    return f"{type(module).__name__} has a forward of its own, not {base.__name__}'s: rewriting it as one would lose what it adds"
+
+
 def _bn_problem(bn: nn.Module, out: int) -> str | None:
     if bn.training:
         return (f"{type(bn).__name__} is in training mode, where it normalises with batch statistics: "
@@ -86,7 +99,7 @@ class FoldBatchNorm(Pattern):
     pattern = (CONVS, NORMS)
 
     def check(self, conv, bn):
-        return _bn_problem(bn, conv.out_channels)
+        return own_forward(conv, *CONVS) or own_forward(bn, *NORMS) or _bn_problem(bn, conv.out_channels)
 
     def rewrite(self, conv, bn):
         fused = type(conv)(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
@@ -114,7 +127,7 @@ class FoldLinearBatchNorm(Pattern):
     pattern = (nn.Linear, nn.BatchNorm1d)
 
     def check(self, linear, bn):
-        return _bn_problem(bn, linear.out_features)
+        return own_forward(linear, nn.Linear) or own_forward(bn, nn.BatchNorm1d) or _bn_problem(bn, linear.out_features)
 
     def check_shapes(self, linear_out, bn_out):
         if linear_out is not None and len(linear_out) != 2:
@@ -141,6 +154,19 @@ class DropDropout(Pattern):
     """Remove dropout, modules and functions: dropout(x) -> x (exact in eval mode)."""
 
     pattern = (DROPOUTS,)
+
+    def check(self, dropout):  # a dropout that always drops (Monte Carlo dropout) is not the identity in eval mode
+        if isinstance(dropout, fx.Node):
+            try:
+                bound = inspect.signature(dropout.target).bind(*dropout.args, **dropout.kwargs)
+            except (TypeError, ValueError):
+                return None
+            bound.apply_defaults()
+            # training=True from self.training in a train-mode capture follows the mode (capture/_modes.py marks which do not)
+            if bound.arguments.get("training") is True and dropout.meta.get(SAME_IN_BOTH_MODES):
+                return f"{dropout.target.__name__} is called with training=True (F.dropout's default), so it drops in eval mode too"
+            return None
+        return own_forward(dropout, *(d for d in DROPOUTS if isinstance(d, type)))
 
     def rewrite(self, dropout):
         return None
@@ -243,6 +269,8 @@ class AdaptInputChannels(Pattern):
         self.in_channels = in_channels
 
     def check(self, conv):
+        if own_forward(conv, *CONVS):
+            return own_forward(conv, *CONVS)
         if conv.groups != 1:
             return f"the first convolution is grouped ({conv.groups} groups)"
         return None
