@@ -53,11 +53,20 @@ def import_source(path: Path):
     return code
 
 
+def _pretrained(directory: Path) -> bool:
+    try:
+        return json.loads((directory / "surgery.json").read_text(encoding="utf-8")).get("saved_by") == "save_pretrained"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def read_record(directory: str | os.PathLike) -> dict:
     directory = Path(directory)
     with contextlib.suppress(OSError):
         recover(directory)  # a replacement a killed run left half done
     missing = [f for f in FILES if not (directory / f).is_file() and not (f == "model.safetensors" and has_weights(directory))]
+    if missing == ["model.py"] and _pretrained(directory):
+        missing = []  # save_pretrained's layout: the library's class rebuilds it (map-weights reads the record)
     if missing:
         raise SaveError(f"{directory}: not an fxsurgery output (missing {', '.join(missing)}); fix: pass a directory written by save()")
     try:

@@ -26,8 +26,9 @@ from ._record import read_record
 from ._shards import SINGLE, shard_files
 
 
-def map_weights(state_dict: dict, surgery: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The state dict of the surgered module, built from a checkpoint of the original.
+def map_weights(state_dict: dict | str | os.PathLike, surgery: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict of the surgered module, built from a checkpoint of the original
+    (a state dict, or a checkpoint file, sharded index or DCP directory as `--weights` takes).
 
     `surgery` is a directory written by save() or its surgery.json. The result
     loads into the saved model with `load_state_dict(..., strict=True)`. A
@@ -36,10 +37,13 @@ def map_weights(state_dict: dict, surgery: str | os.PathLike) -> dict[str, torch
     one whose recipe the record lacks (a user's pattern) is refused, and so is
     a checkpoint tensor of another dtype than the surgery read: nothing is cast.
     """
+    where = "the checkpoint"
+    if isinstance(state_dict, (str, os.PathLike)):
+        state_dict, where = _read(state_dict), str(state_dict)
     directory = Path(surgery)
     directory = directory.parent if directory.name == "surgery.json" else directory
     record = read_record(directory)
-    state = strip_prefixes(state_dict, where="the checkpoint")
+    state = strip_prefixes(state_dict, where=where)
     try:
         return _mapped(directory, record, state)
     except (KeyError, TypeError, AttributeError, ValueError) as exc:  # a record save() did not write
@@ -47,11 +51,19 @@ def map_weights(state_dict: dict, surgery: str | os.PathLike) -> dict[str, torch
                         f"{first_line(exc)}); fix: write the directory again with save()") from None
 
 
+def _read(checkpoint: str | os.PathLike) -> dict:
+    if str(checkpoint).endswith(".json") or os.path.isdir(checkpoint):  # a sharded index or a DCP directory: read tensor by tensor
+        sharded = open_checkpoint(checkpoint)
+        return dict(sharded.read(list(sharded.keys)))
+    return read_state_dict(checkpoint)
+
+
 def _mapped(directory: Path, record: dict, state: dict) -> dict[str, torch.Tensor]:
     saved = _Saved(directory)
     skip = set(record.get("ties", {})) | set(record.get("non_persistent", []))
     renames = record.get("renamed", {})
     recipes = record["report"].get("recipes", {})
+    state = _with_tied_names(state, record, renames)
     out = {}
     for entry in record["report"]["entries"]:
         if entry["status"] == "dropped":
@@ -71,6 +83,21 @@ def _mapped(directory: Path, record: dict, state: dict) -> dict[str, torch.Tenso
     for alias, owner in record.get("ties", {}).items():
         out[alias] = out[owner]
     return out
+
+
+def _with_tied_names(state: dict, record: dict, renames: dict) -> dict:
+    """The checkpoint, where it keeps one name of a tied pair, under the other name too.
+
+    `safetensors.save_model` keeps lm_head.weight of a tied Llama, save_pretrained
+    keeps model.embed_tokens.weight; the surgery read both names, one value."""
+    source = {rename_path(e["name"], renames): e["source"] for e in record["report"]["entries"] if e.get("source")}
+    state = dict(state)
+    for alias, owner in record.get("ties", {}).items():
+        pair = [source.get(alias), source.get(owner)]
+        held = [n for n in pair if n in state]
+        if len(held) == 1 and None not in pair:
+            state[pair[1 - pair.index(held[0])]] = state[held[0]]
+    return state
 
 
 def _replayed(directory: Path, recipe, state: dict, name: str, initial: torch.Tensor) -> torch.Tensor:
@@ -131,12 +158,7 @@ def write_mapped(checkpoint: str, surgery: str, output: str) -> dict[str, torch.
     if Path(output).suffix != ".safetensors":  # before any work: a .pt name over safetensors bytes fails torch.load later
         raise SaveError(f"{output}: map-weights writes safetensors; fix: name the output *.safetensors, "
                         f"e.g. {Path(output).with_suffix('.safetensors').name}")
-    if str(checkpoint).endswith(".json") or os.path.isdir(checkpoint):  # a sharded index or a DCP directory: read tensor by tensor
-        sharded = open_checkpoint(checkpoint)
-        state = dict(sharded.read(list(sharded.keys)))
-    else:
-        state = strip_prefixes(read_state_dict(checkpoint), where=checkpoint)
-    mapped = map_weights(state, surgery)
+    mapped = map_weights(checkpoint, surgery)
     ties = read_record(Path(surgery)).get("ties", {})
     unique = {k: v.contiguous() for k, v in mapped.items() if k not in ties}
     target = Path(output)
