@@ -118,12 +118,12 @@ def join(primary: nn.Module, other, other_mode: bool, plan) -> ModeGraphModule:
 
     Modules and tensors at the same path are `primary`'s: both graphs share them.
     """
-    mode = "eval" if other_mode else "train"
+    mode, theirs_mode = ("eval", "train") if other_mode else ("train", "eval")   # other_mode: the mode `other` runs in
     for ours, theirs in zip(plan.matches, other.plan.matches):
         if _shape(plan)[ours.index - 1] != _shape(other.plan)[theirs.index - 1]:
-            raise ModeError(f"{ours.label}: matches {ours.count} in {'train' if other_mode else 'eval'} mode and "
-                            f"{theirs.count} in {mode} mode, where the model runs other code; fix: write the rule for "
-                            "modules both modes run, or capture the model in the mode you will run it in")
+            raise ModeError(f"{ours.label}: matches {ours.count} in {mode} mode and {theirs.count} in {theirs_mode} mode, where "
+                            "the model runs other code; fix: write the rule for modules both modes run, or keep only the "
+                            f"{mode} mode's code, which the result then runs in both modes (modes=False; --no-modes)")
     second = other.module
     if not isinstance(primary, fx.GraphModule) or not isinstance(second, fx.GraphModule):
         raise ModeError(f"{type(primary).__name__}: runs other code in train and eval mode and the surgery did not give "

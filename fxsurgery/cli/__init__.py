@@ -95,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
                    "safetensors (needed for rules that edit inside a forward, and for --format)")
     p.add_argument("--dynamic-shapes", choices=["auto", "none"], default="auto",
                    help="auto: guard only the size decisions the code makes (default); none: only the example's shapes")
+    p.add_argument("--no-modes", dest="modes", action="store_false", help="keep only the code of the mode the model is in: "
+                   "the result runs it in train and eval mode alike (an inference surgery, --eval, that matches in that mode only)")
 
     p = sub.add_parser("inspect", help="show modules, shapes and parameters as the graph sees them")
     model_args(p)
@@ -254,6 +256,7 @@ def _result(args, keep_class: bool | None = None):
         dynamic = None if getattr(args, "dynamic_shapes", "auto") == "none" else "auto"
         return apply(model, rules, inputs or None, example_kwargs=keywords or None, strict=getattr(args, "strict", False),
                      leaf_paths=args.leaf, weights=checkpoint, stream=getattr(args, "stream", False), dynamic_shapes=dynamic,
+                     modes=getattr(args, "modes", True),
                      keep_class=getattr(args, "keep_class", None) if keep_class is None else keep_class)
 
 
