@@ -121,6 +121,27 @@ def label_count(site: Site) -> list[str]:
     return [f"config.num_labels: {before} -> {head.out_features}, id2label follows the rows kept: {shown} ({label})"]
 
 
+def class_count(site: Site) -> list[str]:
+    """timm's `num_classes` after the module `get_classifier()` returns is replaced: a Linear's outputs,
+    0 for Identity (timm's own `reset_classifier(0)`), the last Linear's outputs of a Sequential head."""
+    module, original, edit = site.module, site.original, site.edit
+    before = getattr(module, "num_classes", None)
+    if edit.kind != "replace" or not hasattr(original, "get_classifier") or not isinstance(before, int):
+        return []
+    try:
+        if original.get_classifier() is not original.get_submodule(edit.path):
+            return []
+    except (AttributeError, TypeError):  # a get_classifier that is not timm's
+        return []
+    head = module.get_submodule(edit.path)
+    last = head[-1] if isinstance(head, nn.Sequential) and len(head) else head
+    after = 0 if isinstance(head, nn.Identity) else getattr(last, "out_features", None) if isinstance(last, nn.Linear) else None
+    if after is None or after == before:
+        return []
+    module.num_classes = after
+    return [f"num_classes: {before} -> {after} ({site.label})"]
+
+
 def _rows_kept(policy, before: int, after: int) -> list | None:
     """For each output row of the new head, the row of the old one its weights came from (None: a new row);
     None where the weights policy keeps no rows (new weights)."""
@@ -228,7 +249,7 @@ def _policy(weights) -> str:
     return f"select {len(weights['select'])} rows" if isinstance(weights, dict) else weights
 
 
-ADAPTERS = (layer_count, label_count, vocabulary)
+ADAPTERS = (layer_count, label_count, class_count, vocabulary)
 
 
 def follow_conventions(module: nn.Module, rewritten: Rewritten, built: Assembly) -> list[str]:

@@ -1,0 +1,26 @@
+"""A timm model kept as its own class: what timm keeps outside its modules follows the edit."""
+
+import pytest
+import torch
+from torch import nn
+
+import fxsurgery as fxs
+
+timm = pytest.importorskip("timm")
+
+
+@pytest.mark.parametrize("name, head", [("resnet18", "fc"), ("efficientnet_b0", "classifier"), ("vit_tiny_patch16_224", "head")])
+def test_num_classes_follows_a_head_swap(name, head):
+    """model.num_classes stayed 1000 after the head became 7 outputs (reset_classifier and training scripts read it)."""
+    model = timm.create_model(name, pretrained=False, **({"img_size": 32} if "vit" in name else {})).eval()
+    x = torch.randn(2, 3, 32, 32)
+    rules = fxs.load_rules("classifier-head", params={"num_classes": 7, "head": head})
+    result = fxs.apply(model, rules, example_inputs=(x,), keep_class=True)
+    assert type(result.module) is type(model)
+    assert (result.module.num_classes, model.num_classes) == (7, 1000)
+    assert result.module(x).shape == (2, 7) and result.module.get_classifier().out_features == 7
+    assert [n for n in result.report.notes if n.startswith("num_classes")] == [f"num_classes: 1000 -> 7 ({result.plan.matches[0].label})"]
+    features = fxs.apply(model, [fxs.Replace(head, nn.Identity())], example_inputs=(x,), keep_class=True)
+    assert features.module.num_classes == 0   # as timm's own reset_classifier(0)
+    assert torch.equal(features.module(x), model.forward_head(model.forward_features(x), pre_logits=True))
+
