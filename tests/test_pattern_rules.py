@@ -357,6 +357,17 @@ def test_a_leaf_layer_with_a_forward_of_its_own_is_not_folded_or_adapted_as_the_
     assert err.value.full.endswith("matched nothing: every candidate was left alone: 0 (StdConv2d): StdConv2d has a forward of "
                                    "its own, not Conv2d's: rewriting it as one would lose what it adds; fix: correct the "
                                    "selector or add 'optional: true'")
+    class Normed(nn.Conv2d):   # overrides _conv_forward, which Conv2d.forward calls: a fold would scale a weight it normalises
+        def _conv_forward(self, x, w, b):
+            return super()._conv_forward(x, w / w.norm(), b)
+
+    normed = randomise_bn(nn.Sequential(Normed(3, 4, 3), nn.BatchNorm2d(4))).eval()
+    x = torch.randn(2, 3, 8, 8)
+    result = fxs.apply(normed, [fxs.Rewrite(fxs.FoldBatchNorm, optional=True)], example_inputs=(x,), leaf_types=(Normed,))
+    assert result.plan.matches[0].skipped == ["0 (Normed) + 1 (BatchNorm2d): Normed has a forward of its own, not Conv2d's: "
+                                              "rewriting it as one would lose what it adds"]
+    assert torch.equal(result.module(x), normed(x))
+
     class MonteCarlo(nn.Dropout):   # drops in eval mode too: removing it changes what eval computes
         def forward(self, x):
             return F.dropout(x, self.p, training=True)

@@ -71,7 +71,8 @@ def own_forward(module: nn.Module, *bases: type) -> str | None:
     A leaf subclass (timm's BatchNormAct2d, which adds an activation; StdConv2d, which
     standardises its weight) would otherwise be folded as the plain layer, dropping what it adds."""
     base = next((b for b in bases if isinstance(module, b)), None)
-    if base is None or type(module).forward is base.forward:
+    # a convolution's forward calls _conv_forward, which a subclass may override instead (a reparametrised weight)
+    if base is None or all(getattr(type(module), m) is getattr(base, m) for m in ("forward", "_conv_forward") if hasattr(base, m)):
         return None
     return f"{type(module).__name__} has a forward of its own, not {base.__name__}'s: rewriting it as one would lose what it adds"
 
