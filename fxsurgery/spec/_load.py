@@ -9,25 +9,21 @@ the user allows).
 from __future__ import annotations
 
 import difflib
-import importlib
-import inspect
 import os
 import re
 from importlib import resources
 from typing import Any
 
-from torch import nn
-
 from ..errors import RuleError
 from ._new import New, check_kwargs, check_new, check_policy
-from ._pattern import Chain, Output, Pattern, Rewrite, instantiate
+from ._pattern import Chain, Output, Rewrite, instantiate
 from ._prune import IMPORTANCE, Prune
+from ._resolve import Resolver
 from ._rules import Delete, Detach, Freeze, Insert, Layers, Replace, RuleSet
 from ._selector import Origin
 from ._yaml import YamlList, YamlMap, parse_yaml, read_value
 
 VERSION = 1
-DEFAULT_ALLOW = ("torch", "torchvision")
 ACTIONS = ("delete", "replace", "insert", "detach", "freeze", "layers", "rewrite", "use", "output", "prune")
 PATTERN_KEYS = ("select", "per_site")
 _PARAM = re.compile(r"\$\{([^}\n]*)\}")
@@ -100,7 +96,7 @@ def parse_rules(text: str, source: str = "<rules>", params: dict | None = None, 
     if not isinstance(items, list) or not items:
         line = doc.key_lines.get("rules", doc.line)
         raise RuleError(f"{source}:{line}: 'rules' must be a non-empty list; fix: add rules such as '- delete: layer4'")
-    resolver = _Resolver(source, allow)
+    resolver = Resolver(source, allow)
     rules = []
     for item in items:
         line = getattr(item, "line", items.line)
@@ -154,55 +150,7 @@ def _check_keys(mapping: YamlMap, allowed, source: str, where: str) -> None:
             raise RuleError(f"{source}:{mapping.key_lines.get(key, mapping.line)}: unknown key {key!r} in {where}; fix: {hint}")
 
 
-class _Resolver:
-    """Dotted names to objects, only inside the allowlist."""
-
-    def __init__(self, source: str, allow):
-        self.source = source
-        self.allow = tuple(DEFAULT_ALLOW) + tuple(allow)
-
-    def _allowed(self, dotted: str) -> bool:
-        return any(dotted == a or dotted.startswith(a + ".") for a in self.allow)
-
-    def __call__(self, dotted: Any, line: int, want: str) -> Any:
-        where = f"{self.source}:{line}"
-        if not isinstance(dotted, str) or not all(p.isidentifier() for p in dotted.split(".")):
-            raise RuleError(f"{where}: {dotted!r} is not a dotted name; fix: write e.g. torch.nn.Linear")
-        if not self._allowed(dotted) or any(p.startswith("_") for p in dotted.split(".")[1:]):
-            raise RuleError(f"{where}: {dotted!r} is outside the allowlist ({', '.join(self.allow)}); fix: use a public torch/torchvision name, or "
-                            f"allow its package with --allow-module")
-        parts = dotted.split(".")
-        obj, i = None, len(parts)
-        while i > 0:
-            try:
-                obj = importlib.import_module(".".join(parts[:i]))
-                break
-            except ImportError:
-                i -= 1
-        if obj is None:
-            raise RuleError(f"{where}: cannot import {parts[0]!r}; fix: install it or correct the name")
-        for j, part in enumerate(parts[i:], start=i):
-            if not hasattr(obj, part):
-                close = difflib.get_close_matches(part, [n for n in dir(obj) if not n.startswith("_")], n=1)
-                hint = f"did you mean {'.'.join(parts[:j] + close)}?" if close else "check the spelling"
-                raise RuleError(f"{where}: {dotted!r} does not exist; fix: {hint}")
-            obj = getattr(obj, part)
-        if inspect.ismodule(obj) or not self._allowed(getattr(obj, "__module__", None) or parts[0]):
-            raise RuleError(f"{where}: {dotted!r} is not a class or function of an allowed package; fix: name a class or function defined in "
-                            f"torch/torchvision or an allowed module")
-        if want == "module" and not (isinstance(obj, type) and issubclass(obj, nn.Module)):
-            raise RuleError(f"{where}: {dotted!r} is not a torch.nn.Module class; fix: name a Module class such as torch.nn.GELU")
-        if want == "pattern" and not (isinstance(obj, Pattern) or (isinstance(obj, type) and issubclass(obj, Pattern))):
-            raise RuleError(f"{where}: {dotted!r} is not a Pattern; fix: name a fxsurgery.Pattern subclass or a function decorated with "
-                            f"@fxsurgery.pattern(...)")
-        if want == "element" and not ((isinstance(obj, type) and issubclass(obj, nn.Module)) or (callable(obj) and not isinstance(obj, type))):
-            raise RuleError(f"{where}: {dotted!r} is neither a Module class nor a function; fix: e.g. torch.nn.ReLU or torch.nn.functional.relu")
-        if want == "function" and (isinstance(obj, type) or not callable(obj)):
-            raise RuleError(f"{where}: {dotted!r} is not a function; fix: name a function such as torch.nn.functional.gelu, or use 'module:' for a class")
-        return obj
-
-
-def _selector(value: Any, line: int, resolver: _Resolver) -> Any:
+def _selector(value: Any, line: int, resolver: Resolver) -> Any:
     if isinstance(value, str):
         return value
     if isinstance(value, dict) and len(value) == 1:
@@ -223,7 +171,7 @@ def _selector(value: Any, line: int, resolver: _Resolver) -> Any:
 _SELECTOR_KINDS = ("type", "function", "method", "path", "node")
 
 
-def _outputs(value: Any, line: int, resolver: _Resolver) -> Any:
+def _outputs(value: Any, line: int, resolver: Resolver) -> Any:
     """`output: layer3`, `output: [layer1, layer2]`, or `output: {layer1: feat1, layer2: feat2}` (names)."""
     if isinstance(value, list):
         return [_selector(v, getattr(value, "line", line), resolver) for v in value]
@@ -232,7 +180,7 @@ def _outputs(value: Any, line: int, resolver: _Resolver) -> Any:
     return _selector(value, line, resolver)
 
 
-def _module_spec(spec: YamlMap, line: int, resolver: _Resolver, reserved=()) -> Any:
+def _module_spec(spec: YamlMap, line: int, resolver: Resolver, reserved=()) -> Any:
     """{module: dotted, **kwargs} -> New; {function: dotted} -> function."""
     if not isinstance(spec, dict):
         raise RuleError(f"{resolver.source}:{line}: expected {{module: torch.nn.X, ...}} or {{function: ...}}, got {_short(spec)}; fix: e.g. 'with: "
@@ -257,7 +205,7 @@ def _flag(item: YamlMap, key: str, source: str) -> bool:
     return value
 
 
-def _rule(item: Any, origin: Origin, resolver: _Resolver):
+def _rule(item: Any, origin: Origin, resolver: Resolver):
     source, line = origin.file, origin.line
     if not isinstance(item, dict):
         raise RuleError(f"{source}:{line}: a rule is a mapping such as '- delete: layer4', got {_short(item)}; fix: start each rule with one of "
@@ -338,7 +286,7 @@ def _prune_rule(item: YamlMap, target: Any, optional: bool, origin: Origin) -> P
     return Prune(target, **kwargs, optional=optional, origin=origin)
 
 
-def _element(value: Any, line: int, resolver: _Resolver) -> Any:
+def _element(value: Any, line: int, resolver: Resolver) -> Any:
     """A pattern element: a Module class or function by dotted name, or 'method:NAME'."""
     if isinstance(value, str) and value.startswith("method:"):
         if not value[len("method:"):].isidentifier():
@@ -347,7 +295,7 @@ def _element(value: Any, line: int, resolver: _Resolver) -> Any:
     return resolver(value, line, "element")
 
 
-def _pattern_rule(item: YamlMap, action: str, origin: Origin, resolver: _Resolver):
+def _pattern_rule(item: YamlMap, action: str, origin: Origin, resolver: Resolver):
     """`rewrite: NAME` (a built-in), `rewrite: {pattern: [...], with: {...}}` or `use: pkg.mod:Name`;
     the rule's other keys are the pattern's params."""
     from ._builtins import BUILTINS
