@@ -185,6 +185,44 @@ def test_a_set_value_with_a_tag_stays_text(tmp_path):
     assert not canary.exists()
 
 
+def test_params_do_not_multiply_work_either(tmp_path):
+    """${p} 5,000 times over a 20,000-character param: 0.1 MB of file, 100 MB of selector (quadratic in the file's size)."""
+    path = write(tmp_path / "r.yaml", f"fxsurgery: 1\nparams: {{p: {'A' * 20_000}}}\nrules:\n  - delete: \"{'${p}' * 5_000}\"\n")
+    tracemalloc.start()
+    try:
+        with pytest.raises(fxs.RuleError) as err:
+            fxs.load_rules(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert str(err.value) == (f"{path}:4: ${{p}} and the other params expand the file by more than 1048576 characters; "
+                              "fix: refer to a long param fewer times")
+    assert peak < 16 * 2**20, f"loading allocated {peak / 2**20:.0f} MiB"
+    assert_refused(run_cli("check", path), fxs.RuleError)
+    key = write(tmp_path / "k.yaml", "fxsurgery: 1\nparams: {k: p}\nrules:\n  - insert: {after: fc, module: torch.nn.Dropout, ${k}: 0.5}\n")
+    with pytest.raises(fxs.RuleError) as err:   # it said: Dropout does not take '__fxsparam_6b__'
+        fxs.load_rules(key)
+    assert str(err.value) == f"{key}:4: '${{k}}' is a key; params fill values only; fix: write the key itself"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory", "huge"])
+def test_a_rule_file_that_is_not_a_file_is_refused_before_it_is_read(tmp_path, kind):
+    """A FIFO hung the loader, /dev/zero grew without end (6.4 GB in 20 s)."""
+    path = tmp_path / "r.yaml"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "huge":
+        path.write_text(HEAD + "  - delete: fc\n" + "# padding\n" * 900_000)
+    path = "/dev/zero" if kind == "device" else str(path)
+    with pytest.raises(fxs.RuleError) as err:
+        fxs.load_rules(path)
+    assert str(err.value) == (f"{path}: a rule file of more than 8388608 characters; fix: pass a rule file, not data" if kind == "huge"
+                              else f"{path}: not a regular file; fix: pass a rule file (.yaml)")
+    assert_refused(run_cli("check", path), fxs.RuleError)
+
+
 def _bomb(depth: int, place: str) -> str:
     """A YAML 'billion laughs': depth levels of ten aliases each (10**depth leaves)."""
     anchors = ["      - &a0 [x, x, x, x, x, x, x, x, x, x]"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import stat
 from importlib import resources
 from typing import Any
 
@@ -30,6 +31,8 @@ _PARAM = re.compile(r"\$\{([^}\n]*)\}")
 # `${name}` is not valid YAML inside a flow mapping ({out_features: ${n}}), so
 # before parsing each one becomes a plain token that names it, same line.
 _TOKEN = re.compile(r"__fxsparam_([0-9a-f]*)__")
+MAX_BYTES = 8 << 20  # rule files are a few hundred lines
+EXPANSION = 1 << 20  # characters that ${param} may add to a rule file: what YAML aliases are refused for, in another form
 
 
 def load_rule_files(paths: list, params: dict | None = None, allow=()) -> list[RuleSet]:
@@ -53,8 +56,12 @@ def load_rules(path: str | os.PathLike, params: dict | None = None, allow=(), de
         shipped = os.path.join(str(resources.files("fxsurgery.rules")), source if source.endswith(".yaml") else f"{source}.yaml")
         source = shipped if os.path.isfile(shipped) else source
     try:
+        if os.path.exists(source) and not stat.S_ISREG(os.stat(source).st_mode):  # a FIFO would hang, /dev/zero never end
+            raise RuleError(f"{source}: not a regular file; fix: pass a rule file (.yaml)")
         with open(source, encoding="utf-8") as handle:
-            text = handle.read()
+            text = handle.read(MAX_BYTES + 1)
+        if len(text) > MAX_BYTES:
+            raise RuleError(f"{source}: a rule file of more than {MAX_BYTES} characters; fix: pass a rule file, not data")
     except OSError as exc:
         raise RuleError(f"{source}: cannot read rule file: {exc.strerror}; fix: check the path") from None
     except UnicodeDecodeError as exc:
@@ -97,10 +104,10 @@ def parse_rules(text: str, source: str = "<rules>", params: dict | None = None, 
         line = doc.key_lines.get("rules", doc.line)
         raise RuleError(f"{source}:{line}: 'rules' must be a non-empty list; fix: add rules such as '- delete: layer4'")
     resolver = Resolver(source, allow)
-    rules = []
+    rules, budget = [], [EXPANSION]
     for item in items:
         line = getattr(item, "line", items.line)
-        item = _interpolate(item, values, source, line)
+        item = _interpolate(item, values, source, line, budget)
         rules.append(_rule(item, Origin(source, line), resolver))
     return RuleSet(tuple(rules), description=description, params=values, source=source)
 
@@ -120,13 +127,17 @@ def _short(value: Any, limit: int = 120) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _interpolate(value: Any, params: dict, source: str, line: int) -> Any:
+def _interpolate(value: Any, params: dict, source: str, line: int, budget: list) -> Any:
     if isinstance(value, YamlMap):
-        out = YamlMap({k: _interpolate(v, params, source, value.key_lines.get(k, line)) for k, v in value.items()})
+        key = next((k for k in value if isinstance(k, str) and "__fxsparam_" in k), None)
+        if key is not None:
+            shown = _TOKEN.sub(lambda m: "${" + bytes.fromhex(m.group(1)).decode() + "}", key)
+            raise RuleError(f"{source}:{value.key_lines.get(key, line)}: {shown!r} is a key; params fill values only; fix: write the key itself")
+        out = YamlMap({k: _interpolate(v, params, source, value.key_lines.get(k, line), budget) for k, v in value.items()})
         out.line, out.key_lines = value.line, value.key_lines
         return out
     if isinstance(value, list):
-        out = YamlList(_interpolate(v, params, source, getattr(value, "line", line)) for v in value)
+        out = YamlList(_interpolate(v, params, source, getattr(value, "line", line), budget) for v in value)
         out.line = getattr(value, "line", line)
         return out
     if not isinstance(value, str) or "__fxsparam_" not in value:
@@ -139,6 +150,11 @@ def _interpolate(value: Any, params: dict, source: str, line: int) -> Any:
     whole = _TOKEN.fullmatch(value)
     if whole:
         return params[names[0]]
+    lengths = {name: len(str(params[name])) for name in set(names)}
+    budget[0] -= sum(lengths[name] for name in names)  # counted before the string is built
+    if budget[0] < 0:
+        raise RuleError(f"{source}:{line}: ${{{names[0]}}} and the other params expand the file by more than {EXPANSION} characters; "
+                        "fix: refer to a long param fewer times")
     return _TOKEN.sub(lambda m: str(params[bytes.fromhex(m.group(1)).decode()]), value)
 
 
