@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 # node meta set by capture's mode tracking: the node's arguments are the same in train and eval mode
@@ -32,3 +33,13 @@ def get_path(root: Any, target: str) -> Any:
     for part in target.split("."):
         root = getattr(root, part)
     return root
+
+
+def read_json(path) -> Any:
+    """A JSON file's value; ValueError for whatever a reader cannot hold: not UTF-8, not JSON, nested
+    too deep for the parser (RecursionError), an integer of more than 4300 digits."""
+    with open(path, encoding="utf-8") as handle:
+        try:
+            return json.loads(handle.read())
+        except (UnicodeDecodeError, RecursionError) as exc:
+            raise ValueError(f"{type(exc).__name__}: {str(exc)[:80]}") from None

@@ -265,3 +265,33 @@ def test_a_directory_without_graph_json_needs_trust_code(tmp_path):
                               "code; fix: read model.py and load with trust_code=True (--trust-code) if you trust it, or write the directory "
                               "again with save()")
     assert fxs.load(tmp_path / "o", trust_code=True).fc.in_features == 4
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b'{"fxsurgery": 1, "x": 1' + b"0" * 5000 + b"}", "not valid JSON (Exceeds the limit (4300 digits) for integer string conversion"),
+    (b'{"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "not valid JSON (RecursionError: maximum recursion depth exceeded"),
+    (b"[1, 2]", "holds a JSON list, not the record save() writes; fix: write the directory again with save()"),
+    (b"\xff\xfe", "not valid JSON (UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff in position 0"),
+], ids=["huge integer", "deep", "a list", "not utf-8"])
+def test_a_tampered_surgery_json_is_a_one_line_error(tmp_path, content, problem):
+    """Each was an internal error (ValueError, RecursionError, AttributeError) from fxs.load, inspect and map-weights."""
+    fxs.apply(Buffers(), [], example_inputs=(torch.randn(1, 4),)).save(tmp_path / "o")
+    record = tmp_path / "o" / "surgery.json"
+    record.write_bytes(content)
+    with pytest.raises(fxs.SaveError) as err:
+        fxs.load(tmp_path / "o")
+    assert err.value.full.startswith(f"{record}: {problem}")
+    with pytest.raises(fxs.SaveError) as err:
+        fxs.map_weights(Buffers().state_dict(), tmp_path / "o")
+    assert err.value.full.startswith(f"{record}: {problem}")
+    code, stdout, stderr, raised = run_cli(["inspect", str(tmp_path / "o")])
+    assert code == 2 and stderr.startswith(f"fxsurgery: error: {record}: ") and stderr.count("\n") == 1, raised
+
+
+def test_a_shard_index_nested_too_deep_is_a_one_line_error(tmp_path):
+    fxs.apply(Buffers(), [], example_inputs=(torch.randn(1, 4),)).save(tmp_path / "o", max_shard_size=16)
+    index = tmp_path / "o" / "model.safetensors.index.json"
+    index.write_text('{"weight_map": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(fxs.SaveError) as err:
+        fxs.load(tmp_path / "o")
+    assert str(err.value) == f"{index}: not a shard index (ValueError); fix: write the directory again with save()"

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 from .._progress import library_bars, quiet, working
-from .._util import first_line, format_table
+from .._util import first_line, format_table, read_json
 from ..errors import FxsError, ModelError, bounded
 from ..spec import load_rule_files, load_rules, parse_overrides
 
@@ -365,9 +365,10 @@ def _refuse_no_op(result, evaluating: bool = False) -> None:
 def _files(directory: str) -> list[str]:
     """What an output holds, as its surgery.json lists it (every format written)."""
     try:
-        return json.loads((Path(directory) / "surgery.json").read_text(encoding="utf-8"))["files"]
-    except (OSError, ValueError, KeyError):
-        return sorted(os.listdir(directory))
+        files = read_json(Path(directory) / "surgery.json")["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        files = None
+    return files if isinstance(files, list) and all(isinstance(f, str) for f in files) else sorted(os.listdir(directory))
 
 
 if __name__ == "__main__":

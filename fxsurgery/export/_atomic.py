@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import json
 import os
 import re
 import secrets
@@ -35,6 +34,7 @@ import socket
 import sys
 from pathlib import Path
 
+from .._util import read_json
 from ..errors import SaveError
 from ._ranks import HASHES, Ranks, activated, discard, hand_over
 
@@ -98,7 +98,7 @@ def finish_tree(directory: Path) -> None:
 def listed_files(directory: Path) -> set[str] | None:
     """The files an fxsurgery output in `directory` says it wrote (None: not an output)."""
     try:
-        record = json.loads((directory / RECORD).read_text(encoding="utf-8"))
+        record = read_json(directory / RECORD)
     except (OSError, ValueError):
         return None
     if not isinstance(record, dict) or "fxsurgery" not in record:
@@ -330,7 +330,7 @@ def take_over(ranks: Ranks, work: Path) -> dict[str, str]:
     for r in range(1, ranks.size):
         share = ranks.share(ranks.target, r)
         try:
-            theirs = json.loads((share / HASHES).read_text(encoding="utf-8"))
+            theirs = read_json(share / HASHES)
             if not isinstance(theirs, dict) or not all(isinstance(n, str) and _SHARD.fullmatch(n) for n in theirs):
                 raise ValueError  # only shard names: a name with a directory part would move a file elsewhere
             for name in theirs:

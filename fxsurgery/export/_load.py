@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
+from .._util import read_json
 from ..errors import SaveError
 from ._graphdata import GRAPH
 from ._rebuild import rebuild
@@ -56,7 +56,7 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu", *, tr
 
 def _surgery(directory: Path) -> object:
     try:
-        return json.loads((directory / "surgery.json").read_text(encoding="utf-8"))
+        return read_json(directory / "surgery.json")
     except (OSError, ValueError):
         return None
 

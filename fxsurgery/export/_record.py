@@ -5,11 +5,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
-import json
 import os
 import uuid
 from pathlib import Path
 
+from .._util import read_json
 from ..errors import SaveError
 from ._atomic import recover
 from ._shards import folded, has_weights, shard_files
@@ -55,9 +55,10 @@ def import_source(path: Path):
 
 def _pretrained(directory: Path) -> bool:
     try:
-        return json.loads((directory / "surgery.json").read_text(encoding="utf-8")).get("saved_by") == "save_pretrained"
-    except (OSError, ValueError, AttributeError):
+        record = read_json(directory / "surgery.json")
+    except (OSError, ValueError):
         return False
+    return isinstance(record, dict) and record.get("saved_by") == "save_pretrained"
 
 
 def read_record(directory: str | os.PathLike) -> dict:
@@ -70,7 +71,11 @@ def read_record(directory: str | os.PathLike) -> dict:
     if missing:
         raise SaveError(f"{directory}: not an fxsurgery output (missing {', '.join(missing)}); fix: pass a directory written by save()")
     try:
-        return json.loads((directory / "surgery.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        record = read_json(directory / "surgery.json")
+    except ValueError as exc:
         raise SaveError(f"{directory / 'surgery.json'}: not valid JSON ({exc}); fix: write the directory again with save()") from None
+    if not isinstance(record, dict):
+        raise SaveError(f"{directory / 'surgery.json'}: holds a JSON {type(record).__name__}, not the record save() writes; "
+                        "fix: write the directory again with save()")
+    return record
 

@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .._progress import bar
+from .._util import read_json
 from ..errors import SaveError
 from ._atomic import meet
 from ._ranks import active
@@ -146,7 +147,7 @@ def shard_files(directory: Path) -> list[str] | None:
     if (directory / SINGLE).is_file() or not (directory / INDEX).is_file():
         return None
     try:
-        weight_map = json.loads((directory / INDEX).read_text(encoding="utf-8"))["weight_map"]
+        weight_map = read_json(directory / INDEX)["weight_map"]
         files = sorted(set(weight_map.values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise SaveError(f"{directory / INDEX}: not a shard index ({type(exc).__name__}); fix: write the directory again with save()") from None
