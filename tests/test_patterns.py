@@ -94,6 +94,26 @@ def test_folded_layers_of_frozen_ones_stay_frozen_and_a_half_frozen_fold_is_warn
     assert [n for n, p in after.module.named_parameters() if p.requires_grad] == []
 
 
+def test_a_model_that_comes_frozen_stays_frozen_where_a_pattern_or_prune_remakes_its_layers():
+    """A result chained into another surgery comes frozen (requires_grad=False): fold-bn and input-channels
+    made its layers trainable again, and Freeze then Prune thawed the pruned layers (the other order did not)."""
+    model = randomise_bn(torchvision.models.resnet18()).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.fc.requires_grad_(True)
+    x = torch.randn(1, 3, 32, 32)
+    for rules in ([fxs.Rewrite(fxs.FoldBatchNorm)], [fxs.Rewrite(fxs.AdaptInputChannels(1))]):
+        result = fxs.apply(model, rules, example_inputs=(x,))
+        assert [n for n, p in result.module.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
+        assert result.report.entry("conv1.weight").frozen
+    fresh = torchvision.models.resnet18().eval()
+    for rules in ([fxs.Freeze("*", exclude=["fc"]), fxs.Prune("layer1.0.conv1", channels=[0, 1, 2])],
+                  [fxs.Prune("layer1.0.conv1", channels=[0, 1, 2]), fxs.Freeze("*", exclude=["fc"])]):
+        result = fxs.apply(fresh, rules, example_inputs=(x,))
+        assert [n for n, p in result.module.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
+        assert result.module.get_submodule("layer1.0.conv1").out_channels == 61
+
+
 def test_fold_linear_bn():
     torch.manual_seed(0)
     model = randomise_bn(nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.ReLU(), nn.Linear(7, 3, bias=False), nn.BatchNorm1d(3)))

@@ -6,7 +6,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..rewrite import Rewritten, StayEval, mode_at, stays_eval
-from ..spec import Freeze, frozen_by
+from ..spec import Freeze, Prune, frozen_by
 
 
 def _is_container(module: nn.Module) -> bool:
@@ -29,12 +29,14 @@ def freeze(rewritten: Rewritten, module: nn.Module, rule_of, modules: dict | Non
 
     params = dict(module.named_parameters(remove_duplicate=False))
     others = _other_names(rewritten.capture.model)
+    # Prune leaves a layer where it was, narrower: a Freeze before it still holds it (Replace makes a layer to train)
+    pruned = {m.index for m in rewritten.plan.matches if isinstance(m.rule, Prune)}
     for m in rewritten.plan.matches:
         if isinstance(m.rule, Freeze):
             frozen, _ = frozen_by(m.rule, list(params), type_of, others)
             for name in frozen:
                 maker = rule_of(name)
-                if maker is None or maker < m.index:
+                if maker is None or maker < m.index or maker in pruned:
                     params[name].requires_grad_(False)
                     params[name].grad = None
                     owner = modules.get(name.rpartition(".")[0])
@@ -44,20 +46,21 @@ def freeze(rewritten: Rewritten, module: nn.Module, rule_of, modules: dict | Non
 
 
 def freeze_derived(rewritten: Rewritten, derived: list[tuple], originals: dict) -> None:
-    """A tensor a pattern computed from modules earlier Freeze rules froze is frozen too (`freeze *` then
-    fold-bn: the folded convolution stays frozen, as the two it came from were). One computed from frozen and
+    """A tensor a pattern computed from modules earlier Freeze rules froze, or the model came frozen, is frozen
+    too (`freeze *` then fold-bn: the folded convolution stays frozen, as the two it came from were). One computed from frozen and
     trainable modules alike trains, and a warning says so."""
-    freezes = [m for m in rewritten.plan.matches if isinstance(m.rule, Freeze)]
-    if not freezes or not derived:
+    if not derived:
         return
+    freezes = [m for m in rewritten.plan.matches if isinstance(m.rule, Freeze)]
     model = rewritten.capture.model
     names = [n for n, _ in model.named_parameters()]
     others = _other_names(model)
     frozen_at = {m.index: set(frozen_by(m.rule, names, lambda p: type(originals.get(p)), others)[0]) for m in freezes}
+    given = {n for n, p in model.named_parameters() if not p.requires_grad}  # frozen before the surgery (a result chained on)
     for path, made, sources, rule in derived:
         prefixes = tuple(s + "." for s in sources)
         inputs = [n for n in names if n.startswith(prefixes)]
-        before = set().union(*(done for i, done in frozen_at.items() if i < rule))
+        before = given.union(*(done for i, done in frozen_at.items() if i < rule))
         frozen = [n for n in inputs if n in before]
         training = [p for p in made.parameters() if p.requires_grad]
         if not frozen or not training:
