@@ -25,7 +25,7 @@ from .._util import first_line, get_path
 from ..errors import ModelError, TraceError
 from ._call_shim import CallSpec, adapter_call, call_spec, install_adapter, mismatch, normalise, signature_of
 from ._copying import assign, clone, root_of
-from ._dualgraph import ModeGraphModule, current, dual_source, other_graph, trace_modes
+from ._dualgraph import ModeGraphModule, current, dual_source, other_graph, recompile, trace_modes
 from ._guards import apply_spec, beyond_size_one, specialised
 from ._incremental import held_by
 from ._livemodes import keep_mode_reads
@@ -38,7 +38,7 @@ from ._tracer import FIRST_ARGUMENT_OF, Tracer, qualified_names
 
 __all__ = [
     "FIRST_ARGUMENT_OF", "assign",
-    "ModeGraphModule", "current", "dual_source", "keep_mode_reads", "other_graph", "trace_modes", "track",
+    "ModeGraphModule", "current", "dual_source", "keep_mode_reads", "other_graph", "recompile", "trace_modes", "track",
     "KEPT", "CallSpec", "adapter_call", "Call", "Capture", "Captured", "Meta", "PropagationError", "adapt", "capture", "capture_kept", "clone",
     "held_by", "install_adapter", "mismatch", "picklable", "pickled",
     "module_stack", "propagate", "qualified_names", "quiet_fake_tensors", "record_calls", "root_of", "trace",

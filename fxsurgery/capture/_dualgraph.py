@@ -131,6 +131,18 @@ def join(primary: nn.Module, other, other_mode: bool, plan) -> ModeGraphModule:
     return combine(primary, second, other_mode)
 
 
+def recompile(gm: fx.GraphModule) -> None:
+    """Compile `gm` again after its graphs were edited in place: its own forward, the other mode's, and an
+    adapter that holds the compiled forward (shim.py)."""
+    gm.recompile()
+    if isinstance(gm, ModeGraphModule):
+        code = gm.__dict__[_OTHER].python_code(root_module="self")
+        gm.__dict__[_OTHER_FORWARD] = _forward_from_src(code.src, code.globals)
+        gm.forward = types.MethodType(_dispatch, gm)
+    for hook in list(getattr(gm, "_deepcopy_hooks", ())):
+        hook(gm)
+
+
 def combine(primary: fx.GraphModule, second: fx.GraphModule, other_mode: bool) -> ModeGraphModule:
     """One module running `primary`'s graph, and `second`'s in `other_mode`; `primary`'s objects win."""
     ours = _counterparts(primary, second)

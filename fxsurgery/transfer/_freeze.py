@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..capture import other_graph, recompile
 from ..rewrite import Rewritten, StayEval, mode_at, stays_eval
 from ..spec import Freeze, Prune, frozen_by
 
@@ -112,3 +114,52 @@ def follow_modes(module: nn.Module, model: nn.Module, modules: dict | None = Non
                 inner.training = inner.training and not stays_eval(inner)
 
 
+
+
+def hold_norms(module: nn.Module, rewritten: Rewritten) -> int:
+    """F.batch_norm calls over the tensors of a BatchNorm that Freeze(bn="eval") holds, in every graph and both
+    modes: they normalise with the running statistics (training=False) and count no batches. A module's hook
+    cannot do it where the graph traced into the BatchNorm's forward (timm's BatchNormAct2d): nothing calls it."""
+    model = rewritten.capture.model
+    originals = dict(model.named_modules())
+    names = [n for n, _ in model.named_parameters()]
+    held = {name.rpartition(".")[0] for m in rewritten.plan.matches if isinstance(m.rule, Freeze) and m.rule.bn == "eval"
+            for name in frozen_by(m.rule, names, lambda p: type(originals.get(p)), _other_names(model))[0]}
+    held = {p for p in held if isinstance(originals.get(p), _BatchNorm)}
+    edited = 0
+    for prefix, gm in (module.named_modules() if held else ()):
+        if isinstance(gm, fx.GraphModule):
+            other = other_graph(gm)
+            here = sum(_hold(graph, held, prefix) for graph in [gm.graph] + ([other[0]] if other else []))
+            if here:
+                recompile(gm)
+            edited += here
+    return edited
+
+
+def _holds(node, held: set[str], prefix: str) -> bool:
+    """`node` is a get_attr of a tensor of a BatchNorm held in eval mode."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return False
+    owner = node.target.rpartition(".")[0]
+    return (f"{prefix}.{owner}" if prefix else owner) in held
+
+
+def _hold(graph: fx.Graph, held: set[str], prefix: str) -> int:
+    edited = 0
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is F.batch_norm:
+            stats = node.args[1] if len(node.args) > 1 else node.kwargs.get("running_mean")
+            if not _holds(stats, held, prefix):
+                continue
+            if len(node.args) > 5:
+                node.args = (*node.args[:5], False, *node.args[6:])
+            else:
+                node.kwargs = {**node.kwargs, "training": False}
+            edited += 1
+        elif (node.op == "call_method" and node.target in ("add_", "__iadd__") and not node.users and node.args
+              and isinstance(node.args[0], fx.Node) and str(node.args[0].target).endswith("num_batches_tracked")
+              and _holds(node.args[0], held, prefix)):
+            graph.erase_node(node)  # the count of batches a held BatchNorm never sees (its read stays: saves keep it)
+            edited += 1
+    return edited

@@ -1,0 +1,35 @@
+"""timm's BatchNormAct2d is traced into F.batch_norm: Freeze(bn="eval") must hold those calls too."""
+
+import pytest
+import torch
+
+import fxsurgery as fxs
+
+timm = pytest.importorskip("timm")
+
+
+def _stats(module):
+    return {k: v.clone() for k, v in module.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b0", "mobilenetv3_small_050"])
+def test_linear_probe_holds_the_batchnorms_a_graph_traced_into(name, tmp_path):
+    """147 running statistics of efficientnet_b0 moved under .train() although linear-probe says they never move,
+    and train-mode outputs differed from eval-mode ones by 0.45."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10)   # in train mode, as timm makes it
+    x = torch.randn(2, 3, 64, 64)
+    result = fxs.apply(model, fxs.load_rules("linear-probe", params={"head": "classifier", "num_classes": 4}), example_inputs=(x,))
+    result.save(tmp_path / "o")
+    for module in (result.module, fxs.load(tmp_path / "o")):
+        before = _stats(module)
+        module.train()
+        y = torch.randn(4, 3, 64, 64)
+        trained = module(y)
+        after = _stats(module)
+        assert all(torch.equal(before[k], after[k]) for k in before), [k for k in before if not torch.equal(before[k], after[k])][:3]
+        assert torch.equal(trained, module.eval()(y))
+    moving = fxs.apply(model, [fxs.Freeze("*", exclude=["classifier"])], example_inputs=(x,)).module.train()  # bn not held: moves
+    before = _stats(moving)
+    moving(torch.randn(4, 3, 64, 64))
+    assert sum(not torch.equal(before[k], v) for k, v in _stats(moving).items()) == len(before)
