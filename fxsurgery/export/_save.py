@@ -226,7 +226,7 @@ def save_pretrained(module: nn.Module, directory: str | os.PathLike, *, force: b
             return Path(directory)
         doc = {"fxsurgery": __version__, "format": FORMAT, "torch": torch.__version__, "class": type(module).__name__,
                "saved_by": "save_pretrained", "ties": ties_of(module),  # map-weights reads these two
-               "non_persistent": [f"{p}.{n}" if p else n for p, sub in module.named_modules() for n in sub._non_persistent_buffers_set],
+               "non_persistent": [f"{p}.{n}" if p else n for p, sub in module.named_modules() for n in sorted(sub._non_persistent_buffers_set)],
                **(record or {}), **({"shards": hashes} if hashes else {}),
                "files": _listed(work)}
         (work / "surgery.json").write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
