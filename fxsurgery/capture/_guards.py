@@ -50,7 +50,7 @@ class Decision:
     """One place where Python took the example's value of a graph node."""
 
     node: fx.Node
-    kind: str                 # "bool", "index" or "len"
+    kind: str                 # "bool", "index", "len" or "value" (a dtype Python needed: torch.finfo(x.dtype))
     value: Any                # what Python got: True/False, an int
     source: str = ""          # "modeling_bert.py:123 (if seq_length > 4:)"
     depends: list[tuple[str, int]] = field(default_factory=list)   # (input, dim) whose change changes it
@@ -125,8 +125,9 @@ def message(decision: Decision, where: str) -> str:
     on = f" (it depends on {dims_text(decision.forces)})" if decision.forces else ""
     ones = [(n, i) for n, i in decision.forces if decision.example.get(n, ())[i:i + 1] == (1,)]
     hint = "; an example size of 1 takes size-1 branches, so capture with sizes of 2 or more" if ones else ""
+    again = "with the model in the dtype you run it in" if decision.kind == "value" else f"with example inputs like this call's{hint}"
     return (f"'{where or 'the model'}' was captured where {decision.describe()}{on}; this call gives another value, and "
-            f"the graph holds only the code for that one; fix: capture again with example inputs like this call's{hint}, "
+            f"the graph holds only the code for that one; fix: capture again {again}, "
             f"or make the module running that line a leaf (leaf_paths=)")
 
 
@@ -189,6 +190,8 @@ def _probes(size: int) -> list[int]:
 
 def _same(kind: str, got: Any, value: Any) -> bool:
     try:
+        if kind == "value":
+            return got == value
         return (bool(got) if kind == "bool" else len(got) if kind == "len" else operator.index(got)) == value
     except Exception:
         return False

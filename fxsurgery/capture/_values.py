@@ -31,8 +31,9 @@ from ._tracer import Tracer
 
 _MISSING = object()
 # Tensor attributes that do not change from call to call: read them from the example.
-# `device` is not among them: a tensor the forward makes on `x.device` must follow x at run time.
-_STATIC = {"dtype", "ndim", "layout", "is_floating_point", "is_complex"}
+# `device` and `dtype` are not among them: a tensor the forward makes on `x.device`, or casts to `x.dtype`,
+# must follow x at run time (a model captured in float32 runs in bfloat16 once `.to(torch.bfloat16)`).
+_STATIC = {"ndim", "layout", "is_floating_point", "is_complex"}
 
 
 class ValueProxy(fx.Proxy):
@@ -58,8 +59,12 @@ class ValueProxy(fx.Proxy):
             raise AttributeError(name)
         value = self._value()
         if name in _STATIC and isinstance(value, torch.Tensor):
-            return getattr(value, name)  # fixed for a given model: `torch.finfo(x.dtype)` needs the real one
+            return getattr(value, name)
         return ValueAttribute(self, name)
+
+    def concrete_value(self):
+        """The example's value where Python needs a real one (`torch.finfo(x.dtype)`): the graph asserts it."""
+        return self._decided("value", self._concrete())
 
     def __bool__(self):
         return self._decided("bool", _decide(bool, self._concrete()))
@@ -94,6 +99,23 @@ class ValueAttribute(ValueProxy, Attribute):
 
 
 @contextlib.contextmanager
+def _real_dtypes():
+    """`torch.finfo(x.dtype)` / `torch.iinfo(...)` take the example's dtype (a decision the graph asserts):
+    a mask's minimum is a number of the model's code, not a value that follows x."""
+    finfo, iinfo = torch.finfo, torch.iinfo
+
+    def real(info):
+        def call(dtype=None, *args):
+            return info(dtype.concrete_value() if isinstance(dtype, ValueProxy) else dtype, *args) if dtype is not None else info()
+        return call
+    torch.finfo, torch.iinfo = real(finfo), real(iinfo)
+    try:
+        yield
+    finally:
+        torch.finfo, torch.iinfo = finfo, iinfo
+
+
+@contextlib.contextmanager
 def _unpatched_modules():
     """torch.fx patches Module.__call__/__getattr__ while tracing; the fake copy must run unpatched."""
     patched = nn.Module.__call__, nn.Module.__getattr__
@@ -119,7 +141,7 @@ class ValueTracer(Tracer):
     def trace(self, root, concrete_args=None):
         self.fake_root = clone(root, self.mode.from_tensor)
         self._inputs = iter(self.example)
-        with quiet_fake_tensors():
+        with quiet_fake_tensors(), _real_dtypes():
             return super().trace(root, concrete_args=concrete_args)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
