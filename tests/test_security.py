@@ -647,3 +647,28 @@ def test_malformed_safetensors_allocate_nothing_large(tmp_path):
     assert grown == [], f"peak resident size grew (MiB): {grown}"
     slow = [(names[p], round(s, 2)) for p, _, _, s in rows if s > 1.0]
     assert slow == []
+
+
+def test_a_submodule_named_self_does_not_shadow_the_forwards_self(tmp_path):
+    """`self = self.self(x); fc = self.fc(self)`: the result failed when called, apply exited 0, and the saved
+    directory did not load ("method 'fc' is not a tensor method")."""
+    class Selfish(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.add_module("self", nn.Linear(4, 4))
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self._modules["self"](x))
+
+    torch.manual_seed(0)
+    model, x = Selfish(), torch.randn(2, 4)
+    for n, rules in enumerate(([], [fxs.Replace("self", nn.Linear(4, 4))], [fxs.Insert(nn.ReLU(), after="self")])):
+        result = fxs.apply(model, rules, example_inputs=(x,))
+        got = result.module(x)
+        inner = model._modules["self"](x)
+        want = model.fc([inner, rules[0].replacement(x) if n == 1 else None, torch.relu(inner)][n])
+        assert torch.equal(got, want)
+        result.save(tmp_path / str(n))
+        assert torch.equal(fxs.load(tmp_path / str(n))(x), got)
+        assert torch.equal(fxs.load(tmp_path / str(n), trust_code=True)(x), got)

@@ -61,6 +61,8 @@ class Tracer(fx.Tracer):
 
     def create_node(self, *args, **kwargs):
         node = super().create_node(*args, **kwargs)
+        if node.name == "self":  # a submodule named `self`: the generated forward's own argument would be shadowed
+            node._rename("self_")
         if getattr(self, "_count", None) is not None:
             self._count.update(1)
         return node
