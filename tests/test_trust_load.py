@@ -295,3 +295,42 @@ def test_a_shard_index_nested_too_deep_is_a_one_line_error(tmp_path):
     with pytest.raises(fxs.SaveError) as err:
         fxs.load(tmp_path / "o")
     assert str(err.value) == f"{index}: not a shard index (ValueError); fix: write the directory again with save()"
+
+
+def _sharded(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    fxs.apply(model, [], example_inputs=(torch.randn(1, 4),)).save(tmp_path / "o", max_shard_size=64)
+    return tmp_path / "o"
+
+
+def test_a_directory_with_both_weight_layouts_is_refused(tmp_path):
+    """fxs.load read model.safetensors and model.py's Model.load the shards: two loaders, two models (0.0 against 7.49)."""
+    out = _sharded(tmp_path)
+    from safetensors.torch import load_file, save_file
+    zeros = {k: torch.zeros_like(v) for f in sorted(out.glob("model-*.safetensors")) for k, v in load_file(str(f)).items()}
+    save_file(zeros, str(out / "model.safetensors"), metadata={"format": "pt"})
+    rehash(out)
+    for trust in (False, True):
+        with pytest.raises(fxs.SaveError) as err:
+            fxs.load(out, trust_code=trust)
+        assert str(err.value) == (f"{out}: holds both model.safetensors and model.safetensors.index.json, which save() never "
+                                  "writes together; fix: write the directory again with save()")
+
+
+def test_a_tensor_in_a_shard_the_index_does_not_put_it_in_is_refused(tmp_path):
+    """A second copy of 0.weight (zeros) in another shard was read last and loaded without a word."""
+    out = _sharded(tmp_path)
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    other = next(f for f in sorted(set(index.values())) if f != index["0.weight"])
+    from safetensors.torch import load_file, save_file
+    held = load_file(str(out / other))
+    held["0.weight"] = torch.zeros(8, 4)
+    save_file(held, str(out / other), metadata={"format": "pt"})
+    from fxsurgery.export._record import digest
+    record = json.loads((out / "surgery.json").read_text())
+    (out / "surgery.json").write_text(json.dumps({**record, "hash": digest(out)}))   # as someone who replaced the shard would
+    with pytest.raises(fxs.SaveError) as err:
+        fxs.load(out)
+    assert str(err.value) == (f"{out / other}: holds '0.weight', which model.safetensors.index.json puts in "
+                              f"'{index['0.weight']}'; fix: write the directory again with save()")

@@ -144,12 +144,29 @@ def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict, into=Non
 
 def shard_files(directory: Path) -> list[str] | None:
     """The shard files a saved directory's index names, in order (None: one model.safetensors)."""
-    if (directory / SINGLE).is_file() or not (directory / INDEX).is_file():
+    weight_map = _weight_map(directory)
+    return None if weight_map is None else _files(directory, weight_map)
+
+
+def _weight_map(directory: Path) -> dict | None:
+    if not (directory / INDEX).is_file():
         return None
+    if (directory / SINGLE).is_file():  # fxs.load would read one and model.py's Model.load the other
+        raise SaveError(f"{directory}: holds both {SINGLE} and {INDEX}, which save() never writes together; "
+                        "fix: write the directory again with save()")
     try:
         weight_map = read_json(directory / INDEX)["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SaveError(f"{directory / INDEX}: not a shard index ({type(exc).__name__}); fix: write the directory again with save()") from None
+    return weight_map
+
+
+def _files(directory: Path, weight_map: dict) -> list[str]:
+    try:
         files = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except TypeError as exc:
         raise SaveError(f"{directory / INDEX}: not a shard index ({type(exc).__name__}); fix: write the directory again with save()") from None
     if not all(isinstance(f, str) and _SHARD.fullmatch(f) for f in files):
         raise SaveError(f"{directory / INDEX}: names a file that is not a model-0000k-of-0000n.safetensors shard; "
@@ -165,13 +182,20 @@ def has_weights(directory: Path) -> bool:
 
 
 def read(directory: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a saved directory, from model.safetensors or from its shards."""
-    files = shard_files(directory)
+    """Every tensor of a saved directory, from model.safetensors or from its shards, each from the shard the
+    index names for it (a tensor also in another shard was taken from the last one read)."""
+    weight_map = _weight_map(directory)
+    files = None if weight_map is None else _files(directory, weight_map)
     where = directory / (INDEX if files is not None else SINGLE)
     tensors: dict[str, torch.Tensor] = {}
     try:
         for file in files if files is not None else [SINGLE]:
-            tensors.update(load_file(str(directory / file)))
+            held = load_file(str(directory / file))
+            stray = next((name for name in held if weight_map is not None and weight_map.get(name) != file), None)
+            if stray is not None:
+                raise SaveError(f"{directory / file}: holds {stray!r}, which {INDEX} puts in {weight_map.get(stray)!r}; "
+                                "fix: write the directory again with save()")
+            tensors.update(held)
     except (SafetensorError, OSError) as exc:
         raise SaveError(f"{where}: cannot read weights: {exc}; fix: write the directory again with save()") from None
     return tensors
