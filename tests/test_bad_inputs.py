@@ -738,3 +738,27 @@ def test_python_trace_of_an_unquotable_name():
         trace(_models().Quoted())
     assert str(err.value) == ("module path 'fc\"2' contains a quote, backslash or line break, which torch.fx would write "
                               "into generated code unescaped; fix: rename that submodule")
+
+
+@pytest.mark.parametrize("weights, problem", [
+    ("DIR", "{w}: a directory, not a weights file or a torch.distributed.checkpoint directory; fix: pass the weights file in it "
+            "(its .safetensors, or its *.index.json), or load a saved output as the MODEL"),
+    ("/dev/zero", "{w}: not a regular file; fix: pass a .safetensors file"),
+    ("TEXT", "{w}: neither a .safetensors file nor a torch checkpoint (zip or pickle); fix: pass the model's weights "
+             "(.safetensors, or a weights-only .pt)"),
+])
+def test_weights_that_are_no_weights_file_say_what_they_are(tmp_path, weights, problem):
+    """A saved output and /dev/zero said "no such weights file"; a text file "refused: IndexError"."""
+    w = {"DIR": str(tmp_path), "TEXT": str(tmp_path / "notes.txt")}.get(weights, weights)
+    (tmp_path / "notes.txt").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    code, stdout, stderr, raised = run_cli(["apply", "torchvision.models:resnet18", "drop-dropout", "--weights", w, "--quiet"])
+    assert (code, stdout, stderr) == (2, "", f"fxsurgery: error: {problem.format(w=w)}\n"), raised
+
+
+def test_the_current_directory_is_no_output_to_replace(tmp_path, monkeypatch):
+    """-o . --force said "cannot write: Device or resource busy; fix: choose a writable output directory"."""
+    monkeypatch.chdir(tmp_path)
+    code, stdout, stderr, raised = run_cli(["apply", "torchvision.models:resnet18", "drop-dropout", "--input", "1x3x32x32",
+                                            "-o", ".", "--force", "--quiet"])
+    assert (code, stderr) == (2, "fxsurgery: error: .: is the current directory, which an output replaces whole; fix: run from "
+                                 "its parent, or name another output directory\n"), raised

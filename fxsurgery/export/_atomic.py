@@ -225,6 +225,9 @@ def check_target(target: str | os.PathLike, force: bool, flag: str = "--force (f
         return
     if not force:
         raise SaveError(f"{target}: already exists; fix: choose another output directory or pass {flag}")
+    if target.is_dir() and os.path.samefile(target, os.getcwd()):  # it is renamed away whole: the system says "busy"
+        raise SaveError(f"{target}: is the current directory, which an output replaces whole; fix: run from its parent, "
+                        "or name another output directory")
     if not target.is_dir() or listed_files(target) is None:
         raise SaveError(f"{target}: exists and is not an fxsurgery output, refusing to replace it; fix: choose another output directory")
     foreign = foreign_files(target)

@@ -26,8 +26,19 @@ PREFIXES = ("module.", "_orig_mod.")
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors file, or of a weights-only torch checkpoint."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ModelError(f"{path}: a directory, not a weights file or a torch.distributed.checkpoint directory; fix: pass the "
+                         "weights file in it (its .safetensors, or its *.index.json), or load a saved output as the MODEL")
+    if os.path.exists(path) and not os.path.isfile(path):  # /dev/zero would be read forever, a FIFO wait
+        raise ModelError(f"{path}: not a regular file; fix: pass a .safetensors file")
     if not os.path.isfile(path):
         raise ModelError(f"{path}: no such weights file; fix: check the path")
+    if not path.endswith(".safetensors"):
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+        if not magic.startswith((b"PK\x03\x04", b"\x80")):  # torch.save writes a zip (a pickle before torch 1.6)
+            raise ModelError(f"{path}: neither a .safetensors file nor a torch checkpoint (zip or pickle); "
+                             "fix: pass the model's weights (.safetensors, or a weights-only .pt)")
     try:
         if path.endswith(".safetensors"):
             state = load_file(path)
