@@ -205,3 +205,38 @@ def test_a_one_module_pattern_reaches_a_module_that_opaque_code_calls(gate):
     assert {(e.name, e.status) for e in result.report.entries if e.name.startswith("head")} == {
         ("head.base.weight", "transferred"), ("head.base.bias", "transferred"),
         ("head.lora_a.weight", "new"), ("head.lora_b.weight", "new")}
+
+
+class Counting(nn.Module):
+    """Counts its calls in a buffer by assignment, which no graph holds (in place, `.add_(1)`, one does)."""
+
+    def __init__(self, in_place: bool = False):
+        super().__init__()
+        self.body, self.fc = nn.Linear(4, 4), nn.Linear(4, 2)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.in_place = in_place
+
+    def forward(self, x):
+        if self.in_place:
+            self.calls.add_(1)
+        else:
+            self.calls = self.calls + 1
+        return self.fc(self.body(x))
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_a_forward_that_assigns_a_buffer_stays_python_and_keeps_counting(in_place):
+    """`self.n = self.n + 1` traced into an add nobody read: the result never counted (and the capture ended
+    in an internal KeyError). Its forward now stays Python; the rules reach its children."""
+    torch.manual_seed(0)
+    model, x = Counting(in_place), torch.randn(2, 4)
+    result = fxs.apply(model, [Replace("fc", nn.Linear(4, 3))], example_inputs=(x,))
+    assert int(model.calls) == 0   # the user's model is left alone
+    result.module(x)
+    result.module(x)
+    assert int(result.module.calls) == 2 and result.module(x).shape == (2, 3)
+    opaque = result.capture.opaque
+    if in_place:
+        assert opaque == {}
+    else:
+        assert list(opaque) == [""] and "Counting.forward assigns self.calls a computed value" in opaque[""]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
 import fnmatch
 import re
 
@@ -13,6 +14,24 @@ from ._dualgraph import current
 from ._livemodes import read_modes
 
 FIRST_ARGUMENT_OF = "fxs_first_argument_of"  # node meta: the modules (traced through) that took this node first
+
+
+@contextlib.contextmanager
+def _state_kept():
+    """`self.n += 1` on a buffer while tracing would leave the graph without it (the result never counts):
+    a forward that assigns a buffer or parameter a computed value fails to trace, and stays Python."""
+    setattr_ = nn.Module.__setattr__
+
+    def guarded(module, name, value):
+        if isinstance(value, fx.Proxy) and (name in module.__dict__.get("_buffers", ()) or name in module.__dict__.get("_parameters", ())):
+            raise RuntimeError(f"{type(module).__name__}.forward assigns self.{name} a computed value, state a graph cannot hold "
+                               f"from call to call (self.{name}.add_(...) in place can)")
+        setattr_(module, name, value)
+    nn.Module.__setattr__ = guarded
+    try:
+        yield
+    finally:
+        nn.Module.__setattr__ = setattr_
 
 
 class Tracer(fx.Tracer):
@@ -52,7 +71,7 @@ class Tracer(fx.Tracer):
     def trace(self, root, concrete_args=None):
         self._modes = None
         try:
-            with counter("capture", unit="node") as self._count:   # a large model takes a while to trace
+            with counter("capture", unit="node") as self._count, _state_kept():   # a large model takes a while to trace
                 return super().trace(current(root), concrete_args=concrete_args)  # a graph per mode: its mode's
         finally:
             self._count = None
