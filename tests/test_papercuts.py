@@ -175,3 +175,22 @@ def test_a_batchnorm_a_rule_inserts_where_a_batch_of_one_gives_one_value_says_ba
         model.maxpool(model.relu(model.bn1(model.conv1(x))))))))), 1)
     with torch.no_grad():
         assert torch.equal(result.module(x), model.fc(norm(features)))
+
+
+def test_an_integer_mask_example_is_ones_so_the_example_masks_nothing(tmp_path):
+    """--input attention_mask=2x16:int64 was zeros: every token masked, and the ONNX check then failed
+    ("differs from the module by 5.45e-04") with a fix that pointed away from the cause."""
+    pytest.importorskip("onnxruntime")
+    import transformers
+
+    from fxsurgery.cli._modelref import parse_inputs, unmasked
+    (tmp_path / "models.py").write_text(BERT)
+    (tmp_path / "head.yaml").write_text("fxsurgery: 1\nrules:\n  - replace: classifier\n    with: {module: torch.nn.Linear, out_features: 3}\n")
+    code, stdout, stderr = cli("apply", f"{tmp_path / 'models.py'}:tiny_bert", tmp_path / "head.yaml", "--input", "2x16:int64",
+                               "--input", "attention_mask=2x16:int64", "--no-keep-class", "--format", "onnx", "-o", tmp_path / "out",
+                               "--quiet")
+    assert (code, stderr) == (0, ""), stderr
+    model = transformers.BertForSequenceClassification(transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                                               num_attention_heads=2, intermediate_size=37))
+    inputs, keywords = unmasked(model, *parse_inputs(["2x4:int64", "2x4:int64", "2x4:int64", "token_type_ids=2x4:int64"]))
+    assert [int(t.sum()) for t in inputs] == [0, 8, 0] and int(keywords["token_type_ids"].sum()) == 0   # ids, attention_mask, type ids

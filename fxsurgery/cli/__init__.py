@@ -215,9 +215,11 @@ def cmd_apply(args) -> int:
 def cmd_inspect(args) -> int:
     from ..capture import capture
     from ..views import overview, overview_table
-    from ._modelref import parse_inputs
+    from ._modelref import parse_inputs, unmasked
     inputs, keywords = parse_inputs(args.input)
-    captured = capture(_model(args)[0], inputs or None, keywords or None, leaf_paths=args.leaf)
+    model = _model(args)[0]
+    inputs, keywords = unmasked(model, inputs, keywords)
+    captured = capture(model, inputs or None, keywords or None, leaf_paths=args.leaf)
     if args.groups:
         from ..views import dependency_groups, groups_table
         rows = dependency_groups(captured)
@@ -246,11 +248,12 @@ def cmd_check(args) -> int:
 def _result(args, keep_class: bool | None = None):
     """Load the rules and the model and run the surgery, printing nothing."""
     from ..pipeline import apply
-    from ._modelref import parse_inputs
+    from ._modelref import parse_inputs, unmasked
     params = parse_overrides(args.set)
     rules = load_rule_files([shipped(path) for path in args.rules], params, args.allow_module)
     inputs, keywords = parse_inputs(args.input)
     model, checkpoint = _model(args)
+    inputs, keywords = unmasked(model, inputs, keywords)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the plan's warnings are printed by the caller
         dynamic = None if getattr(args, "dynamic_shapes", "auto") == "none" else "auto"

@@ -150,3 +150,20 @@ def integer_hint(message: str, specs) -> str:
     if not bare or not message.endswith(ACCEPTS) or not _WANTS_INTEGERS.search(message):
         return message
     return message[:-len(ACCEPTS)] + f"; fix: token ids are integers: give them a dtype, e.g. --input {bare[0].strip()}:int64"
+
+
+def unmasked(model, inputs: tuple, keywords: dict) -> tuple[tuple, dict]:
+    """Integer example inputs are zeros (token 0); an attention mask of zeros masks every token, so an input whose
+    parameter is named like a mask is ones instead (a fully masked example checks softmax over nothing)."""
+    import inspect
+    try:
+        names = [n for n, p in inspect.signature(model.forward).parameters.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        names = []
+
+    def filled(name, value):
+        masked = isinstance(value, torch.Tensor) and not value.is_floating_point() and "mask" in (name or "")
+        return torch.ones_like(value) if masked else value
+    return (tuple(filled(names[i] if i < len(names) else None, v) for i, v in enumerate(inputs)),
+            {k: filled(k, v) for k, v in keywords.items()})
+
