@@ -103,9 +103,9 @@ def label_count(site: Site) -> list[str]:
     config = _config(module)
     if edit.kind != "replace" or config is None or edit.path.rpartition(".")[2] not in HEADS:
         return []
-    head = module.get_submodule(edit.path)
+    head = _last_linear(module.get_submodule(edit.path))   # a Linear, or an MLP head (mlp-head) that ends in one
     before = getattr(config, "num_labels", None)
-    if not isinstance(head, nn.Linear) or not isinstance(before, int) or head.out_features == before:
+    if head is None or not isinstance(before, int) or head.out_features == before:
         return []
     names = dict(getattr(config, "id2label", None) or {})
     config.num_labels = head.out_features  # transformers remakes id2label / label2id to match
@@ -134,12 +134,19 @@ def class_count(site: Site) -> list[str]:
     except (AttributeError, TypeError):  # a get_classifier that is not timm's
         return []
     head = module.get_submodule(edit.path)
-    last = head[-1] if isinstance(head, nn.Sequential) and len(head) else head
-    after = 0 if isinstance(head, nn.Identity) else getattr(last, "out_features", None) if isinstance(last, nn.Linear) else None
+    last = _last_linear(head)
+    after = 0 if isinstance(head, nn.Identity) else last.out_features if last is not None else None
     if after is None or after == before:
         return []
     module.num_classes = after
     return [f"num_classes: {before} -> {after} ({site.label})"]
+
+
+def _last_linear(head: nn.Module) -> nn.Linear | None:
+    """The Linear a head's outputs come from: the head itself, or the last layer of a Sequential head but
+    dropout (torchvision.ops.MLP ends Linear, Dropout)."""
+    layers = [m for m in head if not isinstance(m, (nn.Dropout, nn.Identity))] if isinstance(head, nn.Sequential) else [head]
+    return layers[-1] if layers and isinstance(layers[-1], nn.Linear) else None
 
 
 def _rows_kept(policy, before: int, after: int) -> list | None:

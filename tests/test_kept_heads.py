@@ -1,4 +1,4 @@
-"""A timm model kept as its own class: what timm keeps outside its modules follows the edit."""
+"""A model kept as its own class: the class count it keeps outside its modules follows a head swap."""
 
 import pytest
 import torch
@@ -7,6 +7,7 @@ from torch import nn
 import fxsurgery as fxs
 
 timm = pytest.importorskip("timm")
+transformers = pytest.importorskip("transformers")
 
 
 @pytest.mark.parametrize("name, head", [("resnet18", "fc"), ("efficientnet_b0", "classifier"), ("vit_tiny_patch16_224", "head")])
@@ -24,3 +25,19 @@ def test_num_classes_follows_a_head_swap(name, head):
     assert features.module.num_classes == 0   # as timm's own reset_classifier(0)
     assert torch.equal(features.module(x), model.forward_head(model.forward_features(x), pre_logits=True))
 
+
+
+def test_num_labels_follows_an_mlp_head():
+    """mlp-head (torchvision.ops.MLP: ..., Linear, Dropout) left num_labels at 5 with 3 outputs, and a call with
+    labels failed: "shape '[-1, 5]' is invalid for input of size 6"."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+                                     vocab_size=100, num_labels=5)
+    bert = transformers.BertForSequenceClassification(config).eval()
+    ids = torch.randint(0, 100, (2, 8))
+    rules = fxs.load_rules("mlp-head", params={"head": "classifier", "num_classes": 3, "hidden": 16})
+    result = fxs.apply(bert, rules, example_inputs=(ids,))
+    assert (result.module.config.num_labels, result.module.num_labels, bert.config.num_labels) == (3, 3, 5)
+    out = result.module(ids, labels=torch.tensor([0, 2]))
+    assert out.logits.shape == (2, 3)
+    assert torch.equal(out.loss, torch.nn.functional.cross_entropy(out.logits, torch.tensor([0, 2])))
