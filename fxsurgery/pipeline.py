@@ -97,7 +97,8 @@ class SurgeryResult:
     def summary(self) -> str:
         flow = self.gradient_flow.counts()
         parts = ["plan:", self.plan.table(), "", "transfer:", self.report.table(), "",
-                 f"gradient flow: {flow['trainable']} parameters train, {flow['frozen']} frozen, {flow['cut']} cut off by a detach"]
+                 f"gradient flow: {flow['trainable']} parameters train, {flow['frozen']} frozen, {flow['cut']} cut off by a detach"
+                 + (f", {flow['unused']} never read by the forward" if flow["unused"] else "")]
         parts += [f"  {w}" for w in self.gradient_flow.warnings()]
         if self.input_changes:
             parts += ["", "inputs:"] + [f"  {c}" for c in self.input_changes]

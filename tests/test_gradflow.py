@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 from corpus import CORPUS
+from torch import nn
 
 import fxsurgery as fxs
 from fxsurgery import Detach, Freeze
@@ -44,14 +45,14 @@ def test_a_cut_backbone_is_one_warning_naming_the_fewest_modules_to_freeze():
         frozen = fxs.apply(torchvision.models.resnet18(), [*fxs.load_rules(f"{RULES}/detach-features.yaml").rules,
                                                            *(Freeze(m) for m in result.gradient_flow.cut_modules())],
                            example_inputs=(torch.randn(2, 3, 32, 32),))
-    assert frozen.gradient_flow.counts() == {"trainable": 17, "frozen": 45, "cut": 0}
+    assert frozen.gradient_flow.counts() == {"trainable": 17, "frozen": 45, "cut": 0, "unused": 0}
 
 
 def test_freezing_the_cut_parameters_silences_the_warning(three):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         result = fxs.apply(three, [Detach(before="liner3"), Freeze("liner1"), Freeze("liner2")], example_inputs=(torch.randn(2, 3),))
-    assert result.gradient_flow.counts() == {"trainable": 2, "frozen": 4, "cut": 0}
+    assert result.gradient_flow.counts() == {"trainable": 2, "frozen": 4, "cut": 0, "unused": 0}
 
 
 def test_param_groups_split_decay_by_identity(resnet18):
@@ -159,3 +160,26 @@ def test_a_detach_after_a_block_whose_assert_formats_its_input_shape():
     result.module(x).sum().backward()
     assert result.module.conv_proj.weight.grad is None
     assert result.module.encoder.layers.encoder_layer_2.ln_1.weight.grad is not None
+
+
+def test_a_parameter_the_forward_never_reads_is_unused_not_cut():
+    """A kept class's unused parameter was "cut" with a warning about a detach, in a model without one."""
+    class Spare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+            self.spare = nn.Parameter(torch.zeros(3))
+
+        def forward(self, x):
+            return self.head(self.lin(x))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # no warning about a detach
+        result = fxs.apply(Spare(), [fxs.Freeze("lin")], example_inputs=(torch.randn(2, 4),), keep_class=True)
+    assert result.gradient_flow.status == {"spare": "unused", "lin.weight": "frozen", "lin.bias": "frozen",
+                                           "head.weight": "trainable", "head.bias": "trainable"}
+    assert "gradient flow: 2 parameters train, 2 frozen, 0 cut off by a detach, 1 never read by the forward" in result.summary()
+    with pytest.warns(fxs.SurgeryWarning):   # a detach does cut: said, as before
+        cut = fxs.apply(Spare(), [fxs.Detach(after="lin")], example_inputs=(torch.randn(2, 4),), keep_class=True)
+    assert cut.gradient_flow.status == {"spare": "unused", "lin.module.weight": "cut", "lin.module.bias": "cut",
+                                        "head.weight": "trainable", "head.bias": "trainable"}

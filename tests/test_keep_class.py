@@ -172,7 +172,7 @@ def test_training_the_trainable_parameters_lowers_the_loss_and_leaves_frozen_one
     got = result.module
     trainable = result.trainable_parameters()
     assert [id(p) for p in trainable] == [id(got.classifier.weight), id(got.classifier.bias)]
-    assert result.gradient_flow.counts() == {"trainable": 2, "frozen": len(list(model.parameters())) - 2, "cut": 0}
+    assert result.gradient_flow.counts() == {"trainable": 2, "frozen": len(list(model.parameters())) - 2, "cut": 0, "unused": 0}
     assert len(result.report.frozen) == len(list(model.parameters())) - 2
     frozen = {n: p.detach().clone() for n, p in got.named_parameters() if not p.requires_grad}
     x, y = ids(4, 8), torch.tensor([0, 1, 2, 1])
@@ -195,7 +195,7 @@ def test_a_detach_wraps_the_layer_and_cuts_what_lies_before_it():
     assert type(result.module.model.layers[1]).__name__ == "Around"
     assert (flow["model.embed_tokens.weight"], flow["model.layers.1.module.mlp.up_proj.weight"]) == ("cut", "cut")
     assert (flow["model.layers.2.mlp.up_proj.weight"], flow["lm_head.weight"]) == ("trainable", "trainable")
-    assert result.gradient_flow.counts() == {"trainable": 2 * 9 + 2, "frozen": 0, "cut": 2 * 9 + 1}
+    assert result.gradient_flow.counts() == {"trainable": 2 * 9 + 2, "frozen": 0, "cut": 2 * 9 + 1, "unused": 0}
     x = ids(2, 9)
     assert torch.equal(logits(result.module, x), logits(model, x))
 

@@ -18,18 +18,20 @@ import networkx as nx
 import torch
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from .._util import get_path
 from ..capture import Meta, clone, other_graph, quiet_fake_tensors
 
-STATUSES = ("trainable", "frozen", "cut")
+STATUSES = ("trainable", "frozen", "cut", "unused")
 _DETACH = {torch.detach, torch.Tensor.detach}
 
 
 @dataclass
 class GradientFlow:
-    """Parameter name -> trainable | frozen | cut, and how that was worked out."""
+    """Parameter name -> trainable | frozen | cut | unused (the forward never reads it: no detach is to blame),
+    and how that was worked out."""
 
     status: dict[str, str] = field(default_factory=dict)
     method: str = "graph"
@@ -160,14 +162,30 @@ def fake_of(mode: FakeTensorMode, t: torch.Tensor) -> torch.Tensor:
         return torch.empty(t.shape, dtype=t.dtype, device="cpu")
 
 
+class _Reads(TorchFunctionMode):
+    """The ids of the tensors in `of` that some torch function was called with."""
+
+    def __init__(self, of: set[int]):
+        super().__init__()
+        self.of, self.read = of, set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.read.update(id(t) for t in pytree.tree_leaves((args, kwargs or {})) if id(t) in self.of)
+        return func(*args, **(kwargs or {}))
+
+
 def _forward(module: nn.Module, inputs: tuple, fake: bool, kwargs: dict | None = None):
-    """A copy of `module` (fake tensors, or real ones) and its output on `inputs`, with autograd on."""
+    """A copy of `module` (fake tensors, or real ones), its output on `inputs` with autograd on, and the ids
+    of the copy's parameters the forward read."""
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
     copy = clone(module, (lambda t: fake_of(mode, t)) if fake else (lambda t: t.detach().clone()))
     convert = (lambda x: mode.from_tensor(x) if isinstance(x, torch.Tensor) else x) if fake else (lambda x: x)
+    reads = _Reads({id(p) for p in copy.parameters()})
     with (mode or contextlib.nullcontext()), quiet_fake_tensors(), torch.enable_grad():
         args, keywords = pytree.tree_map(convert, (tuple(inputs), dict(kwargs or {})))
-        return copy, copy(*args, **keywords)
+        with reads:
+            out = copy(*args, **keywords)
+        return copy, out, reads.read
 
 
 def _output_tensors(out) -> list[torch.Tensor]:
@@ -181,14 +199,19 @@ def _output_tensors(out) -> list[torch.Tensor]:
     return found
 
 
-def _from_autograd(module: nn.Module, inputs: tuple, kwargs: dict | None = None) -> set[int]:
-    """ids of the parameters autograd links to an output, from one forward pass (fake tensors
-    where the code allows, else a real copy: data-dependent Python needs real values)."""
+def _from_autograd(module: nn.Module, inputs: tuple, kwargs: dict | None = None) -> tuple[set[int], set[int]]:
+    """ids of the parameters autograd links to an output, and of those the forward read, from one forward
+    pass (fake tensors where the code allows, else a real copy: data-dependent Python needs real values)."""
     try:
-        copy, out = _forward(module, inputs, fake=True, kwargs=kwargs)
+        copy, out, read = _forward(module, inputs, fake=True, kwargs=kwargs)
     except Exception:
-        copy, out = _forward(module, inputs, fake=False, kwargs=kwargs)
-    return _reached(module, copy, out)
+        copy, out, read = _forward(module, inputs, fake=False, kwargs=kwargs)
+    return _reached(module, copy, out), _originals(module, copy, read)
+
+
+def _originals(module: nn.Module, copy: nn.Module, ids: set[int]) -> set[int]:
+    ours = dict(module.named_parameters(remove_duplicate=False))
+    return {id(ours[n]) for n, p in copy.named_parameters(remove_duplicate=False) if id(p) in ids}
 
 
 def _reached(module: nn.Module, copy: nn.Module, out) -> set[int]:
@@ -220,14 +243,17 @@ def _reached(module: nn.Module, copy: nn.Module, out) -> set[int]:
 def fake_flow(module: nn.Module, inputs: tuple, kwargs: dict | None) -> GradientFlow:
     """The gradient flow from one fake forward pass (the one the check stage makes); raises what
     the forward raises."""
-    copy, out = _forward(module, inputs, fake=True, kwargs=kwargs)
-    return _flow(module, _reached(module, copy, out), "autograd graph of one forward pass")
+    copy, out, read = _forward(module, inputs, fake=True, kwargs=kwargs)
+    return _flow(module, _reached(module, copy, out), "autograd graph of one forward pass", _originals(module, copy, read))
 
 
-def _flow(module: nn.Module, reached: set[int], method: str) -> GradientFlow:
+def _flow(module: nn.Module, reached: set[int], method: str, read: set[int] | None = None) -> GradientFlow:
+    """`read`: the parameters the forward read (None: every one the graph holds); one it never read is unused, not cut."""
     flow = GradientFlow(method=method)
     for name, p in module.named_parameters():
-        flow.status[name] = "frozen" if not p.requires_grad else ("trainable" if id(p) in reached else "cut")
+        unused = read is not None and id(p) not in read
+        flow.status[name] = ("frozen" if not p.requires_grad else "trainable" if id(p) in reached else
+                             "unused" if unused else "cut")
     return flow
 
 
@@ -244,7 +270,8 @@ def gradient_flow(module: nn.Module, inputs: tuple | None = None, shapes: dict[s
             reached |= _from_graph(module, {}, other[0])
             method = "graphs of both modes"
     elif inputs is not None:
-        reached, method = _from_autograd(module, inputs, kwargs), "autograd graph of one forward pass"
+        (reached, read), method = _from_autograd(module, inputs, kwargs), "autograd graph of one forward pass"
+        return _flow(module, reached, method, read)
     else:
         reached, method = {id(p) for p in module.parameters()}, "assumed: no example inputs"
     return _flow(module, reached, method)
