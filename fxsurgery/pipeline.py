@@ -187,7 +187,7 @@ class SurgeryResult:
         root = self.capture.regions[0] if self.capture is not None and self.capture.regions else None
         if root is None or root.path or root.dynamic is None:
             return None
-        pinned = self.specialised
+        pinned = self.capture.specialised(ones=False)   # a dim that only size 1 branches on stays dynamic
         names = iter(root.input_names())
         return [set(pinned.get(next(names, ""), {})) if isinstance(x, torch.Tensor) else set()
                 for x in self.example_inputs or ()]

@@ -106,7 +106,7 @@ def test_bert_as_a_graph_runs_at_any_batch_and_sequence_length():
     result = fxs.apply(model, [Replace("classifier", fxs.new(nn.Linear, out_features=5)), Freeze("bert.embeddings")],
                        example_inputs=(_ids(2, 8),), keep_class=False)
     assert result.mode == "regenerated graph module"
-    assert result.specialised == {}
+    _only_length_one_branches(result)
     inputs = [(_ids(b, s, seed=b + s),) for b in (1, 3, 4) for s in (5, 8, 64)]  # 64: the maximum position
     _same_in_both_modes(result, _head_swapped(model, "classifier", result), inputs)
     assert "device(" not in result.module.code  # tensors the forward makes follow its inputs
@@ -244,12 +244,20 @@ def test_saved_bert_model_py_pt2_and_onnx_take_any_batch_and_sequence_length(tmp
         assert torch.allclose(got, want, atol=1e-4)
 
 
+def _only_length_one_branches(result):
+    """The batch stays general; a length of 1 takes another branch (sdpa's `is_causal = q_length > 1 ...`),
+    which a call of length 1 meets at its guard, and `specialised` says so."""
+    assert {name: sorted(dims) for name, dims in result.specialised.items()} == {"input_0": [1]}
+    assert result.specialised["input_0"][1].startswith("a size of 1 takes another branch: `")
+    assert "is True at integrations/sdpa_attention.py:" in result.specialised["input_0"][1]
+
+
 def test_a_batch_of_one_exports_pt2_and_onnx_for_any_batch(tmp_path):
     # torch.export fixes a dim it traces at size 1: a dim capture left general is traced at 2
     onnxruntime = pytest.importorskip("onnxruntime")
     model = _bert()
     result = fxs.apply(model, [Freeze("bert.embeddings")], example_inputs=(_ids(1, 8),), keep_class=False)
-    assert result.specialised == {}
+    _only_length_one_branches(result)
     out = result.save(tmp_path / "o", formats=("pt2", "onnx"))
     record = __import__("json").loads((out / "surgery.json").read_text())
     for fmt in ("pt2", "onnx"):
@@ -290,7 +298,7 @@ def test_a_batch_of_one_does_not_pin_the_batch(make):
     model = make()
     example = _ids(1, 8)
     result = fxs.apply(model, [Freeze("lm_head")], example_inputs=(example,), keep_class=False)
-    assert result.specialised == {}
+    _only_length_one_branches(result)
     assert [tuple(x.shape) for x in result.example_inputs if isinstance(x, torch.Tensor)] == [(1, 8)]
     with torch.no_grad():
         assert torch.equal(_out(result.module(example)), model(example).logits)  # the example, bit for bit
@@ -328,3 +336,19 @@ def test_a_dim_the_weights_fix_is_not_blamed_on_a_decision():
     for shape in ((1, 3, 8, 8), (3, 3, 12, 7)):
         x = torch.randn(shape)
         assert torch.equal(result.module(x), model(x))
+
+
+def test_a_batch_of_one_that_takes_another_branch_is_listed():
+    """Captured at batch 2, a Llama refused batch 1 at a guard while `specialised` said {}: every dim general."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=64, vocab_size=100, use_cache=False)
+    result = fxs.apply(transformers.LlamaForCausalLM(config).eval(), [], example_inputs=(torch.randint(0, 100, (2, 8)),),
+                       keep_class=False)
+    batch = result.specialised["input_0"][0]
+    assert batch.startswith("a size of 1 takes another branch: `inner_model_embed_tokens.shape[0] != unsqueeze.shape[0]` "
+                            "is True at transformers/masking_utils.py:")
+    with pytest.raises(AssertionError):
+        result.module(torch.randint(0, 100, (1, 8)))
+    assert result.module(torch.randint(0, 100, (3, 5))).logits.shape == (3, 5, 100)   # every other size runs
+    assert result._static_dims() == [set()]   # exports keep it dynamic

@@ -26,7 +26,8 @@ from ..errors import ModelError, TraceError
 from ._call_shim import CallSpec, adapter_call, call_spec, install_adapter, mismatch, normalise, signature_of
 from ._copying import assign, clone, root_of
 from ._dualgraph import ModeGraphModule, current, dual_source, other_graph, recompile, trace_modes
-from ._guards import apply_spec, beyond_size_one, specialised
+from ._dynspec import apply_spec
+from ._guards import beyond_size_one, specialised
 from ._incremental import held_by
 from ._livemodes import keep_mode_reads
 from ._modes import track
@@ -81,9 +82,10 @@ class Capture:
         return (len(self.regions) == 1 and self.regions[0].path == "" and not self.opaque
                 and self.regions[0].call is None)
 
-    def specialised(self) -> dict[str, dict[int, str]]:
+    def specialised(self, ones: bool = True) -> dict[str, dict[int, str]]:
         """{input: {dim: why}}: dims of the model's inputs that a decision of its code, a dynamic_shapes
-        spec or dynamic_shapes=None pins to the example's size; every other dim stays general."""
+        spec or dynamic_shapes=None pins to the example's size, and (`ones`) those where a size of 1 alone
+        takes another branch; every other dim stays general."""
         root = self.regions[0] if self.regions and self.regions[0].path == "" else None
         if root is None or root.example_inputs is None:
             return {}
@@ -92,7 +94,7 @@ class Capture:
             return {n: {d: "dynamic_shapes=None" for d in range(v.dim())}
                     for n, v in zip(names, root.example_inputs) if isinstance(v, torch.Tensor)}
         out = {name: dict(dims) for name, dims in getattr(root, "static", {}).items()}
-        for name, dims in specialised(root.decisions).items():
+        for name, dims in specialised(root.decisions, ones).items():
             for dim, why in dims.items():
                 out.setdefault(name, {}).setdefault(dim, why)
         return {name: dict(sorted(dims.items())) for name, dims in out.items()}

@@ -33,7 +33,7 @@ from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
 
-from ..errors import FxsError, ModelError
+from ..errors import FxsError
 from ._copying import clone
 from ._shapes import PropagationError, propagate, quiet_fake_tensors
 
@@ -55,6 +55,7 @@ class Decision:
     source: str = ""          # "modeling_bert.py:123 (if seq_length > 4:)"
     depends: list[tuple[str, int]] = field(default_factory=list)   # (input, dim) whose change changes it
     forces: list[tuple[str, int]] = field(default_factory=list)    # ... at every probe: specialised
+    ones: list[tuple[str, int]] = field(default_factory=list)      # ... at size 1 alone (a batch of 1 takes another branch)
     guard: fx.Node | None = None                                   # the torch._assert node
     example: dict = field(default_factory=dict)                    # input -> example shape, for messages
 
@@ -207,20 +208,25 @@ def probe(gm: fx.GraphModule, graph: fx.Graph, example: tuple, decisions: list[D
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with quiet_fake_tensors():
         root = clone(gm, mode.from_tensor)
+        def changes(group, size) -> list[bool]:
+            """Which decisions take another value with the group's dims at `size`."""
+            changed = {}
+            for name, dim in group:
+                shape = list(tensors[name].shape)
+                shape[dim] = size
+                changed[name] = tensors[name].new_zeros(shape)
+            args = [mode.from_tensor(changed.get(p.name, v)) if isinstance(v, torch.Tensor) else v
+                    for p, v in zip(placeholders, example)]
+            with mode, torch.no_grad():
+                values = _Prober(root, graph=graph).run_all(*args)
+            # a value the probe cannot compute (a conv taking only 3 channels) is the weights' doing, not the decision's
+            return [d.node in values and not _same(d.kind, values[d.node], d.value) for d in decisions]
+
         for group in _groups(tensors):
             outcomes = []
-            for size in _probes(int(tensors[group[0][0]].shape[group[0][1]])):
-                changed = {}
-                for name, dim in group:
-                    shape = list(tensors[name].shape)
-                    shape[dim] = size
-                    changed[name] = tensors[name].new_zeros(shape)
-                args = [mode.from_tensor(changed.get(p.name, v)) if isinstance(v, torch.Tensor) else v
-                        for p, v in zip(placeholders, example)]
-                with mode, torch.no_grad():
-                    values = _Prober(root, graph=graph).run_all(*args)
-                # a value the probe cannot compute (a conv taking only 3 channels) is the weights' doing, not the decision's
-                outcomes.append([d.node in values and not _same(d.kind, values[d.node], d.value) for d in decisions])
+            size = int(tensors[group[0][0]].shape[group[0][1]])
+            for probe_size in _probes(size):
+                outcomes.append(changes(group, probe_size))
                 if not any(outcomes[0]):
                     break  # nothing changed with this dim: a second probe cannot make it pinned
             for i, d in enumerate(decisions):
@@ -228,86 +234,27 @@ def probe(gm: fx.GraphModule, graph: fx.Graph, example: tuple, decisions: list[D
                     d.depends += group
                 if len(outcomes) > 1 and all(o[i] for o in outcomes):
                     d.forces += group
+            if size > 1 and not all(any(o) for o in outcomes):  # a batch of 1 is the common other size: does it branch?
+                for d, other in zip(decisions, changes(group, 1)):
+                    if other and not set(group) & set(d.forces):
+                        d.ones += group
     for d in decisions:
         d.example = {name: tuple(int(s) for s in v.shape) for name, v in tensors.items()}
         if d.guard is not None and d.forces:
             d.guard.args = (d.guard.args[0], message(d, where))
 
 
-def specialised(decisions: list[Decision]) -> dict[str, dict[int, str]]:
-    """{input: {dim: why}} for the dimensions some decision forces."""
+def specialised(decisions: list[Decision], ones: bool = False) -> dict[str, dict[int, str]]:
+    """{input: {dim: why}} for the dimensions some decision forces; with `ones`, also those where a size of 1
+    alone takes another branch (every other size works: exports keep such a dim dynamic)."""
     out: dict[str, dict[int, str]] = {}
     for d in unique(decisions):
         for name, dim in d.forces:
             out.setdefault(name, {}).setdefault(dim, d.describe())
+    for d in unique(decisions) if ones else ():
+        for name, dim in d.ones:
+            out.setdefault(name, {}).setdefault(dim, f"a size of 1 takes another branch: {d.describe()}")
     return out
-
-
-def _dims(key, dims) -> list[int]:
-    """The dims a torch.export-style entry declares dynamic ({dim: name or Dim}, or one entry per dim)."""
-    if isinstance(dims, dict):
-        return [int(d) for d in dims]
-    if isinstance(dims, (list, tuple)):
-        return [i for i, d in enumerate(dims) if d is not None]
-    raise ModelError(f"dynamic_shapes[{key!r}] is a {type(dims).__name__}; fix: give {{dim: name}}, e.g. {{0: 'batch'}}")
-
-
-def _placeholder(key, names: list[str], values: list, example: tuple, params: list[str]) -> str:
-    """The graph input a dynamic_shapes key means: a position or a parameter name of the call, or an input name."""
-    if isinstance(key, str) and key in names:
-        return key
-    index = params.index(key) if isinstance(key, str) and key in params else key
-    if isinstance(index, int) and 0 <= index < len(example):
-        for name, value in zip(names, values):
-            if value is example[index] and isinstance(value, torch.Tensor):
-                return name
-    raise ModelError(f"dynamic_shapes names input {key!r}, which is no tensor input of the call (inputs: "
-                     f"{', '.join(params or names)}); fix: name a tensor input by position or name")
-
-
-def apply_spec(gm: fx.GraphModule, decisions: list[Decision], spec, values: tuple, example: tuple,
-               params: list[str], where: str) -> dict[str, dict[int, str]]:
-    """Check a torch.export-style spec against the decisions; guard every undeclared dim static.
-
-    `values` are the graph's example inputs, `example` the call as the user gave it (positions
-    and `params`, the forward's parameter names, name its inputs). Returns {input: {dim: why}}
-    for the static dims."""
-    graph = gm.graph
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    names = [p.name for p in placeholders]
-    declared = {}
-    for key, dims in dict(spec).items():
-        name = _placeholder(key, names, values, example, params)
-        declared[name] = set(_dims(key, dims))
-    for d in unique(decisions):
-        for name, dim in d.forces:
-            if dim in declared.get(name, ()):
-                raise ModelError(f"dynamic_shapes declares dim {dim} of input '{name}' dynamic, but the code decides "
-                                 f"{d.describe()}, which holds only for its example size {d.example[name][dim]}; fix: "
-                                 f"leave that dim out of dynamic_shapes (it is then static), or change that line")
-    static: dict[str, dict[int, str]] = {}
-    anchor = placeholders[-1] if placeholders else None
-    for node, value in zip(placeholders, values):
-        if not isinstance(value, torch.Tensor):
-            continue
-        for dim, size in enumerate(value.shape):
-            if dim in declared.get(node.name, ()):
-                continue
-            static.setdefault(node.name, {})[dim] = "left out of dynamic_shapes"
-            text = (f"'{where or 'the model'}': dim {dim} of input '{node.name}' is static (dynamic_shapes leaves it "
-                    f"out) and was {int(size)} at capture; fix: declare it in dynamic_shapes")
-            with graph.inserting_after(anchor):
-                shape = graph.call_function(getattr, (node, "shape"))
-            with graph.inserting_after(shape):
-                read = graph.call_function(operator.getitem, (shape, dim))
-            with graph.inserting_after(read):
-                same = graph.call_function(operator.eq, (read, int(size)))
-            with graph.inserting_after(same):
-                anchor = graph.call_function(torch._assert, (same, text))
-            for made in (shape, read, same, anchor):
-                made.meta[GUARD] = made.meta[SPEC] = True
-    gm.recompile()
-    return static
 
 
 def _size_one(decisions: list[Decision]) -> list[tuple[str, int]]:
@@ -332,6 +279,8 @@ def _relax(region, example: tuple, ones: list[tuple[str, int]]) -> None:
         args = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in example]
         with mode, torch.no_grad():
             values = _Prober(clone(gm, mode.from_tensor), graph=graph).run_all(*args)
+    for d in region.decisions:  # a size of 1 there passes now: not another branch any more
+        d.ones = [g for g in d.ones if g not in ones]
     for d in unique(region.decisions):
         if d.guard is None or d.node in values and _same(d.kind, values[d.node], d.value):
             continue
