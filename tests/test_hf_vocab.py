@@ -14,7 +14,8 @@ import torch
 from hf_models import apply, assert_unchanged, bert, generate, gpt2, ids, llama, logits, qwen2, snapshot, t5, tensors, trim_by_hand
 from torch import nn
 
-from fxsurgery import MatchError, Replace, TransferError
+import fxsurgery as fxs
+from fxsurgery import MatchError, Replace
 
 transformers = pytest.importorskip("transformers")
 
@@ -134,18 +135,32 @@ def test_t5s_shared_embedding_is_never_called_and_the_error_says_which_module_ca
                               "encoder.embed_tokens: select that; fix: correct the selector or add 'optional: true'")
 
 
-def test_a_tied_output_with_a_bias_over_the_vocabulary_is_refused_with_the_fix():
+def test_a_tied_output_with_a_bias_over_the_vocabulary_keeps_the_kept_tokens_rows(tmp_path):
+    """BERT's MLM decoder shares the embedding's weight and has a bias over the vocabulary (also cls.predictions.bias).
+    It was refused, and the fix it gave (replace the decoder too) untied the two and left the old bias unused."""
     torch.manual_seed(0)
     config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
                                      vocab_size=100)
     model = transformers.BertForMaskedLM(config).eval()
+    with torch.no_grad():
+        model.cls.predictions.bias.normal_()
     rule = Replace("bert.embeddings.word_embeddings", nn.Embedding(K, 32), weights={"select": ROWS})
-    with pytest.raises(TransferError) as err:
-        apply(model, [rule])
-    assert str(err.value) == (f"rule 1 'replace bert.embeddings.word_embeddings with Embedding({K}, 32)' ({rule.origin}): "
-                              "cls.predictions.decoder shares the embedding's weight and has a bias over the vocabulary, "
-                              "which the embedding's replacement does not resize; fix: replace it too, by a module of the "
-                              "new size")
+    result = fxs.apply(model, [rule], example_inputs=(torch.randint(0, 100, (2, 8)),))
+    kept = result.module
+    decoder = kept.cls.predictions.decoder
+    assert decoder.weight is kept.bert.embeddings.word_embeddings.weight and decoder.bias is kept.cls.predictions.bias
+    assert torch.equal(decoder.bias, model.cls.predictions.bias[ROWS]) and kept.config.vocab_size == K
+    assert model.cls.predictions.bias.shape == (100,) and model.config.vocab_size == 100   # the original is left alone
+    old_ids = torch.tensor([ROWS[:4]])
+    new_ids = torch.arange(4)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(kept(new_ids).logits, model(old_ids).logits[..., ROWS], rtol=1e-6, atol=1e-6)
+    assert (f"cls.predictions.decoder: 100 -> {K} outputs, sharing the new bert.embeddings.word_embeddings.weight, bias "
+            f"select {K} rows; cls.predictions.bias with it ({result.plan.matches[0].label})") in result.report.notes
+    result.save(tmp_path / "o")
+    reloaded = transformers.BertForMaskedLM.from_pretrained(tmp_path / "o").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(new_ids).logits, kept(new_ids).logits)
 
 
 def test_a_bert_classifier_keeps_its_logits_over_the_kept_tokens(tmp_path):

@@ -191,10 +191,9 @@ def vocabulary(site: Site) -> list[str]:
     made = site.built.made_by
     shared = [p for p, sub in original.named_modules(remove_duplicate=False)
               if p != edit.path and getattr(sub, "weight", None) is old.weight and id(module.get_submodule(p)) not in made]
-    biased = next((p for p in shared if getattr(module.get_submodule(p), "bias", None) is not None), None)
-    if biased is not None:
-        raise TransferError(f"{label}: {biased} shares the embedding's weight and has a bias over the vocabulary, which "
-                            "the embedding's replacement does not resize; fix: replace it too, by a module of the new size")
+    for p in [p for p in shared if getattr(module.get_submodule(p), "bias", None) is not None]:
+        notes.append(_resize_biased(site, p, new, before, after))
+        shared.remove(p)
     for p in shared:
         sub = module.get_submodule(p)
         sub.weight = new.weight
@@ -216,6 +215,29 @@ def vocabulary(site: Site) -> list[str]:
         site.built.keeps.append((path, resized, head, edit.rule, edit.weights))
     notes.append(f"{path}: {before} -> {after} outputs, weights {_policy(edit.weights)} as {edit.path} ({label})")
     return notes
+
+
+def _resize_biased(site: Site, path: str, new: nn.Embedding, before: int, after: int) -> str:
+    """An output layer tied to the embedding with a bias over the vocabulary (BERT's MLM decoder, whose bias is also
+    `cls.predictions.bias`): a Linear of the new size, its weight the new embedding's, its bias rows kept by the same
+    weights policy, and every other path to the old bias holding the new one."""
+    module, original, edit = site.module, site.original, site.edit
+    old = original.get_submodule(path)
+    if not isinstance(old, nn.Linear) or old.bias.shape != (before,):
+        raise TransferError(f"{site.label}: {path} shares the embedding's weight and has a bias that is not one per token, "
+                            "which the embedding's replacement cannot resize; fix: replace it too, by a module of the new size")
+    resized = nn.Linear(old.in_features, after, device=old.weight.device, dtype=old.weight.dtype)
+    put(module, path, resized)
+    site.built.made_by[id(resized)] = edit.rule
+    if edit.weights != "new":  # fills the weight with the rows the embedding gets, then shares the embedding's
+        site.built.keeps.append((path, resized, old, edit.rule, edit.weights))
+    resized.weight = new.weight
+    others = [n for n, t in original.named_parameters(remove_duplicate=False) if t is old.bias and n != f"{path}.bias"]
+    for name in others:
+        owner, _, leaf = name.rpartition(".")
+        setattr(module.get_submodule(owner) if owner else module, leaf, resized.bias)
+    also = f"; {', '.join(others)} with it" if others else ""
+    return f"{path}: {before} -> {after} outputs, sharing the new {edit.path}.weight, bias {_policy(edit.weights)}{also} ({site.label})"
 
 
 SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
