@@ -56,12 +56,13 @@ def load_rules(path: str | os.PathLike, params: dict | None = None, allow=(), de
         shipped = os.path.join(str(resources.files("fxsurgery.rules")), source if source.endswith(".yaml") else f"{source}.yaml")
         source = shipped if os.path.isfile(shipped) else source
     try:
-        if os.path.exists(source) and not stat.S_ISREG(os.stat(source).st_mode):  # a FIFO would hang, /dev/zero never end
+        found = os.stat(source) if os.path.exists(source) else None
+        if found is not None and not stat.S_ISREG(found.st_mode):  # a FIFO would hang, /dev/zero never end
             raise RuleError(f"{source}: not a regular file; fix: pass a rule file (.yaml)")
+        if found is not None and found.st_size > MAX_BYTES:
+            raise RuleError(f"{source}: a rule file of more than {MAX_BYTES} bytes; fix: pass a rule file, not data")
         with open(source, encoding="utf-8") as handle:
-            text = handle.read(MAX_BYTES + 1)
-        if len(text) > MAX_BYTES:
-            raise RuleError(f"{source}: a rule file of more than {MAX_BYTES} characters; fix: pass a rule file, not data")
+            text = handle.read()
     except OSError as exc:
         raise RuleError(f"{source}: cannot read rule file: {exc.strerror}; fix: check the path") from None
     except UnicodeDecodeError as exc:
