@@ -366,7 +366,7 @@ CASES = [
     model_error("rule file that does not exist", _apply("no_such_rules"), "{R}/no_such_rules.yaml: ",
                 "cannot read rule file: No such file or directory; fix: check the path", error=RuleError),
     model_error("rule file is a directory", ("apply", RESNET, "{R}", IMG, "-o", "{OUT}"), "{R}: ",
-                "cannot read rule file: Is a directory; fix: check the path", error=RuleError),
+                "not a regular file; fix: pass a rule file (.yaml)", error=RuleError),
     # -- model references -----------------------------------------------------------------------
     model_error("package that cannot be imported", _apply("ok_resnet", model="nonexistent_pkg.models:net"), "nonexistent_pkg.models:net: ",
                 "cannot import 'nonexistent_pkg.models': No module named 'nonexistent_pkg'; fix: install the package or correct the name"),
