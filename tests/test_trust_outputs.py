@@ -86,6 +86,23 @@ def test_cli_force_refuses_a_directory_with_other_files(tmp_path):
     assert type(raised) is fxs.SaveError and hashes(out) == before and leftovers(tmp_path) == []
 
 
+def test_force_refuses_a_file_of_yours_inside_a_directory_it_wrote(tmp_path):
+    """model.dcp/ is listed as written by fxsurgery, so --force deleted whatever a user had put inside it."""
+    out = tmp_path / "o"
+    x = torch.randn(2, 4)
+    fxs.apply(small(0), [], example_inputs=(x,)).save(out, formats=["dcp"])
+    assert sorted(os.listdir(out / "model.dcp")) == [".metadata", "__0_0.distcp"]
+    (out / "model.dcp" / "notes.txt").write_text("mine")
+    with pytest.raises(fxs.SaveError) as err:
+        fxs.apply(small(1), [], example_inputs=(x,)).save(out, formats=["dcp"], force=True)
+    assert str(err.value) == (f"{out}: holds files fxsurgery did not write (model.dcp/notes.txt), refusing to replace it; "
+                              "fix: move them out of the directory or choose another output directory")
+    assert (out / "model.dcp" / "notes.txt").read_text() == "mine" and leftovers(tmp_path) == []
+    (out / "model.dcp" / "notes.txt").unlink()
+    fxs.apply(small(1), [], example_inputs=(x,)).save(out, formats=["dcp"], force=True)   # its own files only: replaced
+    assert torch.equal(fxs.load(out).state_dict()["0.weight"], small(1)[0].weight)
+
+
 def test_force_replaces_an_output_of_its_own(tmp_path):
     out = tmp_path / "o"
     fxs.save(small(0), out)

@@ -109,10 +109,20 @@ def listed_files(directory: Path) -> set[str] | None:
     return {f for f in files if isinstance(f, str) and f and "/" not in f and "\\" not in f and f not in (".", "..")}
 
 
+# what torch.distributed.checkpoint writes into model.dcp/ (--format dcp): the one directory an output lists
+_DCP_FILE = re.compile(r"\.metadata|__\d+_\d+\.distcp")
+
+
 def foreign_files(directory: Path) -> list[str]:
-    """Entries of an fxsurgery output that fxsurgery did not write."""
+    """Entries of an fxsurgery output that fxsurgery did not write (inside a directory it lists, such as
+    model.dcp/, what DCP would not have written: --force would delete them with it)."""
     ours = listed_files(directory) or set()
-    return sorted(e for e in os.listdir(directory) if e not in ours and e != RECORD)
+    found = [e for e in os.listdir(directory) if e not in ours and e != RECORD]
+    for entry in sorted(ours):
+        inside = directory / entry
+        if inside.is_dir() and not inside.is_symlink():
+            found += [f"{entry}/{e}" for e in os.listdir(inside) if not (_DCP_FILE.fullmatch(e) and (inside / e).is_file())]
+    return sorted(found)
 
 
 def _complete(directory: Path) -> bool:
