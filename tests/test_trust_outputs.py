@@ -294,3 +294,19 @@ def test_kills_at_random_moments_of_a_large_save(tmp_path, killer):
     fxs.load(out)
     print(f"{MB} MB, one save {took:.2f} s, states {states}")
     assert states == {"save": {"none", "new"}, "force": {"old", "new"}}
+
+
+def test_a_load_leaves_the_temp_directory_of_a_save_still_running(tmp_path):
+    out = tmp_path / "o"
+    fxs.save(small(0), out)
+    # a writer between its last two steps: marker removed, rename not yet done; it looks complete
+    fxs.save(small(1), tmp_path / "new")
+    pending = tmp_path / ".o.fxsurgery-tmp-00000000000000bb"
+    os.rename(tmp_path / "new", pending)
+    empty = tmp_path / ".o.fxsurgery-tmp-00000000000000cc"  # a writer between mkdir and its marker
+    empty.mkdir()
+    loaded = fxs.load(out)
+    assert run_cli(["inspect", str(out)])[0] == 0
+    assert torch.equal(loaded.state_dict()["0.weight"], small(0)[0].weight)
+    assert leftovers(tmp_path) == sorted([pending.name, empty.name])
+    assert record(pending)["hash"] == digest(pending)  # untouched: the writer's rename still finds it

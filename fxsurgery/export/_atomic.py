@@ -194,21 +194,30 @@ def _dispose(directory: Path, parent: Path, name: str, token: str) -> None:
     remove(trash)
 
 
-def recover(target: str | os.PathLike, keep: set[str] = frozenset()) -> None:
+def recover(target: str | os.PathLike, keep: set[str] = frozenset(), tidy: bool = True) -> None:
     """Finish or roll back a replacement of `target` that a killed run left, and remove its temp directories
-    (except those whose token is in `keep`: the other ranks of this run, _ranks.py)."""
+    (except those whose token is in `keep`: the other ranks of this run, _ranks.py).
+
+    A reader passes tidy=False: unless it had to put back a missing output, it
+    removes nothing, since it cannot tell a killed writer's complete temp
+    directory from a live one's between its last two steps (marker gone,
+    rename not yet done), and disposing of that one would fail the save."""
     target = Path(target)
     parent, name = target.parent, target.name
     entries = [e for e in _ours(parent, name) if e[1] not in keep]
     if not entries:
         return
+    restored = False
     if not os.path.lexists(target):
         for kind, token, path in entries:
             if kind == "old" and _complete(path):
                 new = parent / f".{name}.fxsurgery-tmp-{token}"
                 os.rename(new if new.is_dir() and _complete(new) else path, target)  # forward, or back
                 fsync_dir(parent)
+                restored = True
                 break
+    if not (tidy or restored):
+        return
     for kind, token, path in _ours(parent, name):
         if token in keep:
             continue

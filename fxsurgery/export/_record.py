@@ -64,7 +64,7 @@ def _pretrained(directory: Path) -> bool:
 def read_record(directory: str | os.PathLike) -> dict:
     directory = Path(directory)
     with contextlib.suppress(OSError):
-        recover(directory)  # a replacement a killed run left half done
+        recover(directory, tidy=False)  # a replacement a killed run left half done; writers tidy the rest
     missing = [f for f in FILES if not (directory / f).is_file() and not (f == "model.safetensors" and has_weights(directory))]
     if missing == ["model.py"] and _pretrained(directory):
         missing = []  # save_pretrained's layout: the library's class rebuilds it (map-weights reads the record)
