@@ -99,7 +99,10 @@ def test_a_shard_that_is_no_regular_file_is_refused_before_it_is_read(result, tm
         os.mkfifo(shard)
     with pytest.raises(fxs.SaveError) as err:
         fxs.load(out)
-    assert str(err.value) == f"{shard}: missing or not a regular file; fix: write the directory again with save()"
+    what = {"device": "is a symbolic link", "fifo": "is not a regular file"}.get(kind)
+    assert str(err.value) == (f"{shard}: {what}, which a saved directory never holds; fix: put the file itself there, or write "
+                              "the directory again with save()" if what else
+                              f"{shard}: missing or not a regular file; fix: write the directory again with save()")
 
 
 def test_force_replaces_shards_with_one_file_and_back(result, tmp_path):

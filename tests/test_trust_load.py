@@ -171,6 +171,21 @@ def test_a_target_outside_the_allowlist_is_refused(tmp_path, target):
      "attributes[0] 'fc; import os': path 'fc; import os' is not a dotted path of plain names"),
     ("stay_eval of the wrong type", lambda d: d.update(stay_eval="fc"), "ties, frozen, eval or stay_eval: is not a list of names"),
     ("stay_eval naming no module", lambda d: d.update(stay_eval=["ghost"]), "stay_eval: names no module ('ghost')"),
+    # device= would build real tensors past the meta device: a Linear(30000, 30000) took 3.9 GB
+    ("module built on a device", lambda d: d["attributes"][0]["module"]["kwargs"].update(device={"device": "cpu"}),
+     "attributes[0] 'fc': module kwargs name device, which save() never writes"),
+    ("module layers beyond any model's", lambda d: d["attributes"].insert(0, {"path": "big", "dtype": None, "module": {
+        "class": "torch.nn.Transformer", "kwargs": {"d_model": 8, "nhead": 1, "num_encoder_layers": 20000}}}),
+     "attributes[0] 'big': torch.nn.Transformer(num_encoder_layers=20000) declares more than 1024 layers"),
+    # names become code of the generated forward: a keyword, stars or self would only fail at the first call
+    ("placeholder named by a keyword", lambda d: _node(d, "placeholder").update(target="lambda"),
+     "nodes[0] 'x': placeholder target 'lambda' is not a plain name"),
+    ("placeholder with three stars", lambda d: _node(d, "placeholder").update(target="***x"),
+     "nodes[0] 'x': placeholder target '***x' is not a plain name"),
+    ("placeholder named self", lambda d: _node(d, "placeholder").update(target="self"),
+     "nodes[0] 'x': placeholder target 'self' is not a plain name"),
+    ("keyword argument named by a keyword", lambda d: _node(d, "call_function").update(kwargs={"dict": [["if", 1]]}),
+     "nodes[3] 'mul': args are not a tuple or kwargs not a mapping of names"),
 ])
 def test_a_tampered_description_is_refused(tmp_path, what, change, problem):
     assert _tamper(tmp_path, change) == bounded(f"{tmp_path / 'o' / 'graph.json'}: {problem}; {FIX}")
@@ -239,8 +254,9 @@ def test_a_graph_json_that_is_no_regular_file_is_refused_before_it_is_read(tmp_p
         os.mkfifo(graph)
     for command in (["inspect", str(tmp_path / "o")], ["inspect", str(tmp_path / "o"), "--input", "1x4"]):
         proc = subprocess.run([sys.executable, "-m", "fxsurgery", *command], capture_output=True, text=True, timeout=120)
-        assert (proc.returncode, proc.stderr) == (2, f"fxsurgery: error: {graph}: not a regular file; fix: write the "
-                                                     "directory again with save()\n")
+        what = "a symbolic link" if kind == "device" else "not a regular file"
+        assert (proc.returncode, proc.stderr) == (2, f"fxsurgery: error: {graph}: is {what}, which a saved directory never "
+                                                     "holds; fix: put the file itself there, or write the directory again with save()\n")
 
 
 def test_declared_shapes_are_checked_before_anything_is_allocated(tmp_path):
@@ -334,3 +350,17 @@ def test_a_tensor_in_a_shard_the_index_does_not_put_it_in_is_refused(tmp_path):
         fxs.load(out)
     assert str(err.value) == (f"{out / other}: holds '0.weight', which model.safetensors.index.json puts in "
                               f"'{index['0.weight']}'; fix: write the directory again with save()")
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "model.py", "surgery.json"])
+def test_a_saved_file_that_is_a_link_is_refused_before_it_is_read(tmp_path, name):
+    # /proc/self/pagemap reports a regular file of hundreds of GB: hashing it through a link hung the load
+    fxs.apply(Buffers(), [], example_inputs=(torch.randn(1, 4),)).save(tmp_path / "o")
+    (tmp_path / "o" / name).unlink()
+    (tmp_path / "o" / name).symlink_to("/proc/self/pagemap")
+    message = f"{tmp_path / 'o' / name}: is a symbolic link, which a saved directory never holds; " \
+              "fix: put the file itself there, or write the directory again with save()"
+    with pytest.raises(fxs.SaveError) as err:
+        fxs.load(tmp_path / "o")
+    assert str(err.value) == bounded(message)
+    assert run_cli(["inspect", str(tmp_path / "o")])[:3] == (2, "", f"fxsurgery: error: {message}\n")

@@ -68,7 +68,8 @@ class Bad(Exception):
     """A malformed entry; the loader adds the file and the entry."""
 
 
-def _identifier(name: Any) -> bool:
+def identifier(name: Any) -> bool:
+    """A plain ASCII name that Python code can hold as a variable or keyword (not a keyword itself)."""
     return isinstance(name, str) and _IDENT.fullmatch(name) is not None and not keyword.iskeyword(name)
 
 
@@ -83,7 +84,7 @@ def function(name: Any) -> Any:
             raise refused
         return getattr(builtins, attr)
     module = _NAMESPACES.get(space)
-    if module is None or not _identifier(attr) or (attr.startswith("_") and name != "torch._assert"):
+    if module is None or not identifier(attr) or (attr.startswith("_") and name != "torch._assert"):
         raise refused
     if space == "operator" and attr not in _OPERATOR:
         raise refused
@@ -98,7 +99,7 @@ def function(name: Any) -> Any:
 def attribute(args: tuple, kwargs: dict) -> None:
     """A getattr call reads a public data attribute by a literal name."""
     name = args[1] if len(args) == 2 and not kwargs else None
-    if not (_identifier(name) and not name.startswith("_")):
+    if not (identifier(name) and not name.startswith("_")):
         raise Bad("getattr reads an attribute that is not a plain public name")
     if name in _CALLABLE_NAMES:
         raise Bad(f"getattr reads {name!r}, a method, which the graph could call; a graph reads data attributes only")
@@ -111,7 +112,7 @@ def no_callbacks(target: Any, kwargs: dict) -> None:
 
 
 def method(name: Any) -> str:
-    if not (_identifier(name) and not name.startswith("_") and name not in _METHODS_DENIED
+    if not (identifier(name) and not name.startswith("_") and name not in _METHODS_DENIED
             and (hasattr(torch.Tensor, name) or name in _CONTAINER_METHODS)):
         raise Bad(f"method {name!r} is not a tensor method")
     return name
@@ -153,14 +154,14 @@ def decode(value: Any, env: dict[str, fx.Node]) -> Any:
         return float(x)
     if tag == "device" and isinstance(x, str) and re.fullmatch(r"[a-z]+(:\d+)?", x):
         return torch.device(x)
-    if tag in ("dtype", "memory_format", "layout") and _identifier(x) and isinstance(getattr(torch, x, None), getattr(torch, tag)):
+    if tag in ("dtype", "memory_format", "layout") and identifier(x) and isinstance(getattr(torch, x, None), getattr(torch, tag)):
         return getattr(torch, x)
     raise Bad(f"holds a malformed {tag!r} value")
 
 
 def module_class(name: Any, allow: tuple[str, ...]) -> type:
     packages = MODULE_PACKAGES + tuple(allow)
-    if not (isinstance(name, str) and all(_identifier(p) for p in name.split("."))):
+    if not (isinstance(name, str) and all(identifier(p) for p in name.split("."))):
         raise Bad(f"module class {name!r} is not a dotted name")
     if not any(name.startswith(p + ".") for p in packages):
         raise Bad(f"module class {name!r} is outside the allowed packages ({', '.join(packages)}); pass allow=({name.split('.')[0]!r},) "
@@ -232,7 +233,7 @@ def output_type_home(name: str, allow: tuple[str, ...], imported: set[str]) -> s
     the caller imported or allowed: loading a graph.json runs no module the user did not choose."""
     home, _, _ = name.rpartition(".")
     top = home.split(".")[0]
-    if not (home and all(_identifier(p) and not p.startswith("_") for p in home.split("."))):
+    if not (home and all(identifier(p) and not p.startswith("_") for p in home.split("."))):
         raise Bad("names no module a library defines a type in; fix: write the directory again with save()")
     if top not in allow and top not in _OUTPUT_LIBRARIES:
         raise Bad(f"is read once its library is imported; fix: pass --allow-module {top} (allow=({top!r},)) if you trust it")
@@ -249,6 +250,11 @@ def output_type_home(name: str, allow: tuple[str, ...], imported: set[str]) -> s
     return home
 
 
+# a layer count a load builds (RNN num_layers, nn.Transformer num_encoder_layers): the deepest models have ~100
+_LAYERS = re.compile(r"num_\w*layers")
+MAX_LAYERS = 1024
+
+
 def build_module(spec: Any, allow: tuple[str, ...]) -> nn.Module:
     if not isinstance(spec, dict) or set(spec) not in ({"class", "kwargs"}, {"class", "items"}):
         raise Bad("module is not {class, kwargs} or {class, items}")
@@ -258,10 +264,17 @@ def build_module(spec: Any, allow: tuple[str, ...]) -> nn.Module:
             raise Bad("items are for a torch.nn.Sequential only")
         return nn.Sequential(*(build_module(s, allow) for s in spec["items"]))
     kwargs = spec["kwargs"]
-    if not isinstance(kwargs, dict) or not all(_identifier(k) and not k.startswith("_") for k in kwargs):
+    if not isinstance(kwargs, dict) or not all(identifier(k) and not k.startswith("_") for k in kwargs):
         raise Bad("module kwargs are not a mapping of plain argument names")
+    placed = sorted(set(kwargs) & {"device", "dtype"})
+    if placed:  # save() never writes them: device= would build real tensors past the meta device the load builds on
+        raise Bad(f"module kwargs name {' and '.join(placed)}, which save() never writes")
     try:
-        return cls(**{k: decode(v, {}) for k, v in kwargs.items()})
+        values = {k: decode(v, {}) for k, v in kwargs.items()}
+        deep = next((k for k, v in values.items() if _LAYERS.fullmatch(k) and type(v) is int and v > MAX_LAYERS), None)
+        if deep is not None:  # on the meta device too, each layer costs Python work (nn.Transformer deep-copies them)
+            raise Bad(f"{spec['class']}({deep}={values[deep]}) declares more than {MAX_LAYERS} layers")
+        return cls(**values)
     except Bad:
         raise
     except Exception as exc:

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import importlib.util
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -61,10 +62,29 @@ def _pretrained(directory: Path) -> bool:
     return isinstance(record, dict) and record.get("saved_by") == "save_pretrained"
 
 
+# what a load reads of a saved directory, by name; save() writes each as a regular file
+_READ = re.compile(r"model\.py|model\.safetensors(\.index\.json)?|graph\.json|surgery\.json|model-\d{5}-of-\d{5}\.safetensors")
+
+
+def _plain_files(directory: Path) -> None:
+    """Refuse a file a load would read that is a link or not a regular file: a link may lead out of the
+    directory, and to what never ends or hangs (/proc/self/pagemap says it is a regular file of 100s of GB)."""
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return  # not a directory: the caller says what is missing
+    for entry in sorted(entries, key=lambda e: e.name):
+        if _READ.fullmatch(entry.name) and not entry.is_file(follow_symlinks=False):
+            what = "a symbolic link" if entry.is_symlink() else "not a regular file"
+            raise SaveError(f"{directory / entry.name}: is {what}, which a saved directory never holds; "
+                            "fix: put the file itself there, or write the directory again with save()")
+
+
 def read_record(directory: str | os.PathLike) -> dict:
     directory = Path(directory)
     with contextlib.suppress(OSError):
         recover(directory, tidy=False)  # a replacement a killed run left half done; writers tidy the rest
+    _plain_files(directory)
     missing = [f for f in FILES if not (directory / f).is_file() and not (f == "model.safetensors" and has_weights(directory))]
     if missing == ["model.py"] and _pretrained(directory):
         missing = []  # save_pretrained's layout: the library's class rebuilds it (map-weights reads the record)
@@ -72,6 +92,8 @@ def read_record(directory: str | os.PathLike) -> dict:
         raise SaveError(f"{directory}: not an fxsurgery output (missing {', '.join(missing)}); fix: pass a directory written by save()")
     try:
         record = read_json(directory / "surgery.json")
+    except OSError as exc:
+        raise SaveError(f"{directory / 'surgery.json'}: cannot read: {exc.strerror or exc}; fix: write the directory again with save()") from None
     except ValueError as exc:
         raise SaveError(f"{directory / 'surgery.json'}: not valid JSON ({exc}); fix: write the directory again with save()") from None
     if not isinstance(record, dict):
