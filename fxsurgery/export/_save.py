@@ -20,6 +20,7 @@ from .._progress import bar
 from ..capture import ModeGraphModule, adapter_call, current, dual_source, keep_mode_reads, trace, trace_modes
 from ..errors import SaveError, TraceError
 from ..rewrite import stays_eval
+from ..transfer import user_hooks
 from ..version import __version__
 from ._atomic import MARKER, meet, replacing
 from ._codegen import generate, rename_path, renamed_graph
@@ -165,6 +166,7 @@ def save(module: nn.Module, directory: str | os.PathLike, *, force: bool = False
     output together, each its share of the shards (_ranks.py).
     """
     limit = parse_size(max_shard_size)
+    refuse_hooks(module, "model.py and graph.json do")
     group = Ranks.from_env() if ranks else None
     gm = _as_graph_module(module, ((record or {}).get("coverage") or {}).get("opaque"))
     class_name = getattr(module, "_fxsurgery_class", None) or type(module).__name__
@@ -215,6 +217,7 @@ def save_pretrained(module: nn.Module, directory: str | os.PathLike, *, force: b
     """
     limit = parse_size(max_shard_size)
     refuse_unloadable(module)
+    refuse_hooks(module, "from_pretrained does")
     group = Ranks.from_env() if ranks else None
     with replacing(directory, force, group) as work:
         hashes = write_pretrained(module, work, limit, lazy, ties_of(module)) if lazy else {}
@@ -231,6 +234,16 @@ def save_pretrained(module: nn.Module, directory: str | os.PathLike, *, force: b
                "files": _listed(work)}
         (work / "surgery.json").write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
     return Path(directory)
+
+
+def refuse_hooks(module: nn.Module, rebuilt_by: str) -> None:
+    """A module running hooks of the user's would load without them, computing something else."""
+    hooked = user_hooks(module)
+    if hooked:
+        shown = ", ".join(hooked[:3]) + (f" and {len(hooked) - 3} more" if len(hooked) > 3 else "")
+        raise SaveError(f"{shown}: run hooks registered on the model, which {rebuilt_by} not rebuild, so the saved model "
+                        "would compute without them; fix: remove the hooks (handle.remove()) before saving and register "
+                        "them again after loading")
 
 
 def _listed(work: Path) -> list[str]:

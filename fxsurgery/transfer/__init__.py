@@ -23,6 +23,7 @@ from ._checkpoint import Checkpoint, empty_weights, read_state_dict, strip_prefi
 from ._conventions import follow_conventions
 from ._dcp import DcpCheckpoint, open_checkpoint, refuse_dtensors
 from ._freeze import follow_modes, freeze, freeze_derived, hold_norms
+from ._hooks import carry_root_hooks, user_hooks
 from ._lazycopy import lazy_blank
 from ._ownload import refuse_own_loading, with_values
 from ._pairwise import transfer_modules
@@ -32,8 +33,9 @@ from ._stream import blank as stream_blank
 from ._tying import Ties
 
 __all__ = [
-    "Checkpoint", "DcpCheckpoint", "TransferReport", "empty_weights", "hold_norms", "open_checkpoint", "pending_of", "read_state_dict",
-    "refuse_dtensors", "refuse_own_loading", "register", "strip_prefixes", "transfer", "transfer_modules", "with_values",
+    "Checkpoint", "DcpCheckpoint", "TransferReport", "carry_root_hooks", "empty_weights", "hold_norms", "open_checkpoint", "pending_of",
+    "read_state_dict", "refuse_dtensors", "refuse_own_loading", "register", "strip_prefixes", "transfer", "transfer_modules", "user_hooks",
+    "with_values",
 ]
 
 
