@@ -220,6 +220,50 @@ def test_drop_dropout_module_and_function_forms():
     assert torch.equal(result.module.train()(x), model.fc(x))   # no randomness left, even in training mode
 
 
+class Attention(nn.Module):
+    """Attention as timm and transformers write it: dropout_p from the mode, no dropout module to match."""
+
+    def __init__(self, p: float, positional: bool):
+        super().__init__()
+        self.qkv, self.p, self.positional = nn.Linear(8, 24), p, positional
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 4)).transpose(1, 3).unbind(2)
+        p = self.p if self.training else 0.0
+        if self.positional:
+            return F.scaled_dot_product_attention(q, k, v, None, p, True)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+
+
+@pytest.mark.parametrize("positional", [False, True])
+@pytest.mark.parametrize("captured_in", ["train", "eval"])
+def test_drop_dropout_removes_attention_dropout(captured_in, positional):
+    torch.manual_seed(0)
+    model, x = getattr(Attention(0.5, positional), captured_in)(), torch.randn(2, 6, 8)
+    result = fxs.apply(model, [fxs.Rewrite(fxs.DropDropout)], example_inputs=(x,))
+    assert result.plan.matches[0].count == 1
+    with torch.no_grad():
+        reference = model.eval()(x)
+        assert torch.equal(result.module.train()(x), reference)  # was random: the call kept dropout_p=0.5 in train mode
+        assert torch.equal(result.module.eval()(x), reference)
+    without = Attention(0.0, positional)  # a constant 0 in both modes: nothing to remove, and said so
+    with pytest.raises(fxs.MatchError) as err:
+        fxs.apply(without, [fxs.Rewrite(fxs.DropDropout)], example_inputs=(x,))
+    assert "scaled_dot_product_attention is called without dropout" in err.value.full
+
+
+def test_drop_dropout_leaves_no_dropout_in_a_timm_vit():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, drop_rate=0.3, attn_drop_rate=0.3,
+                              proj_drop_rate=0.3).train()
+    x = torch.randn(2, 3, 32, 32)
+    result = fxs.apply(model, [fxs.Rewrite(fxs.DropDropout)], example_inputs=(x,))
+    assert result.plan.matches[0].count == 10  # 8 modules and each block's attention
+    with torch.no_grad():
+        assert torch.equal(result.module.train()(x), model.eval()(x))
+
+
 def test_lora_outputs_unchanged_base_frozen_adapters_train(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))

@@ -11,6 +11,7 @@ their paths and weights, its own modules go under `<path>_<name>`.
 from __future__ import annotations
 
 import copy
+import inspect
 import operator
 from typing import Any
 
@@ -231,7 +232,10 @@ def _inline(rw: Rewriter, m: Match, site: Site, found: Found, module: Any, match
             node.target = f"{prefix}.{node.target}"
             rw.edited.tensors[node.target] = Slot(obj, None, m.index, sources=sources)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    if kwargs or len(args) > len(placeholders):  # options of the old call (inplace=...) are not inputs
+    bound = _bound(module, placeholders, args, kwargs)
+    if bound is not None:  # a function taking the call as it was made (keywords included)
+        args, kwargs = bound, {}
+    elif kwargs or len(args) > len(placeholders):  # options of the old call (inplace=...) are not inputs
         args, kwargs = args[:len(placeholders)], {}
     if len(placeholders) != len(args):
         rw.fail(m, site, f"{what} takes {len(placeholders)} inputs, the match passes {len(args)}",
@@ -245,6 +249,21 @@ def _inline(rw: Rewriter, m: Match, site: Site, found: Found, module: Any, match
     if not isinstance(out, fx.Node) and not (found.outputs and isinstance(out, (tuple, list))):
         rw.fail(m, site, f"{what} returns {type(out).__name__}", "return one tensor")
     _swap(rw, site, last, out, m, found)
+
+
+def _bound(function, placeholders: list[fx.Node], args: tuple, kwargs: dict) -> tuple | None:
+    """A function's inputs for the call (args, kwargs), by its parameters' names, defaults filled in; None where
+    the replacement is a module or does not take the call as made."""
+    if isinstance(function, nn.Module):
+        return None
+    try:
+        call = inspect.signature(function).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+    call.apply_defaults()
+    if [p.target for p in placeholders] != list(call.arguments):
+        return None
+    return tuple(call.arguments.values())
 
 
 class _Inliner(fx.Tracer):

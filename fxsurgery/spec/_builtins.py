@@ -151,12 +151,29 @@ class FoldLinearBatchNorm(Pattern):
         return "fold_linear_bn (linear + batchnorm1d -> linear)"
 
 
-class DropDropout(Pattern):
-    """Remove dropout, modules and functions: dropout(x) -> x (exact in eval mode)."""
+def _attention_without_dropout(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """scaled_dot_product_attention as called, less its dropout (timm's and transformers' attention pass
+    `dropout_p=self.p if self.training else 0.`: no dropout module or call to match)."""
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=is_causal, scale=scale,
+                                          enable_gqa=enable_gqa)
 
-    pattern = (DROPOUTS,)
+
+def _dropout_p(node: fx.Node):
+    return node.kwargs["dropout_p"] if "dropout_p" in node.kwargs else (node.args[4] if len(node.args) > 4 else 0.0)
+
+
+class DropDropout(Pattern):
+    """Remove dropout, modules and functions: dropout(x) -> x (exact in eval mode), and the dropout
+    of scaled_dot_product_attention calls (dropout_p -> 0)."""
+
+    pattern = ((*DROPOUTS, F.scaled_dot_product_attention),)
 
     def check(self, dropout):  # a dropout that always drops (Monte Carlo dropout) is not the identity in eval mode
+        if isinstance(dropout, fx.Node) and dropout.target is F.scaled_dot_product_attention:
+            # the same constant 0 in both modes: nothing to remove (a mode-dependent one is matched in both graphs)
+            if _dropout_p(dropout) in (0, 0.0) and dropout.meta.get(SAME_IN_BOTH_MODES, True):
+                return "scaled_dot_product_attention is called without dropout"
+            return None
         if isinstance(dropout, fx.Node):
             try:
                 bound = inspect.signature(dropout.target).bind(*dropout.args, **dropout.kwargs)
@@ -170,6 +187,8 @@ class DropDropout(Pattern):
         return own_forward(dropout, *(d for d in DROPOUTS if isinstance(d, type)))
 
     def rewrite(self, dropout):
+        if isinstance(dropout, fx.Node) and dropout.target is F.scaled_dot_product_attention:
+            return _attention_without_dropout
         return None
 
     def describe(self):
