@@ -1,5 +1,6 @@
 """Pattern rules: built-in rewrites against their maths, safety on shared modules, programmatic rules."""
 
+import copy
 
 import pytest
 import torch
@@ -347,3 +348,38 @@ def test_a_chain_replaced_by_a_new_module_infers_its_shape():
     assert result.module.get_submodule("0").in_features == 4
     assert {(e.name, e.status) for e in result.report.entries if e.name.startswith("0.")} == {
         ("0.weight", "new"), ("0.bias", "new"), ("0.weight", "dropped"), ("0.bias", "dropped")}
+
+
+def test_the_report_says_new_for_what_a_rewrite_made_afresh_and_adapted_for_what_it_computed():
+    # a pattern is `weights = "derived"` by default; the README's linear_relu makes a fresh Linear, which was reported
+    # "adapted from a, r" while it sat at its random init, and the matched Linear's tensors were never reported dropped
+    torch.manual_seed(0)
+    net = nn.Sequential()
+    net.add_module("a", nn.Linear(4, 4))
+    net.add_module("r", nn.ReLU())
+    net.add_module("b", nn.Linear(4, 2))
+    x = torch.randn(2, 4)
+
+    @fxs.pattern(nn.Linear, nn.ReLU)
+    def fresh(linear, relu):
+        return nn.Sequential(nn.Linear(linear.in_features, linear.out_features), nn.ReLU())
+
+    @fxs.pattern(nn.Linear, nn.ReLU)
+    def half(linear, relu):  # the weight computed from the match, the bias left at its init
+        new = nn.Linear(linear.in_features, linear.out_features)
+        with torch.no_grad():
+            new.weight.copy_(linear.weight * 0.5)
+        return nn.Sequential(new, nn.ReLU())
+
+    @fxs.pattern(nn.Linear, nn.ReLU)
+    def copied(linear, relu):
+        return nn.Sequential(copy.deepcopy(linear), nn.ReLU())
+
+    def statuses(pattern):
+        report = fxs.apply(net, [fxs.Rewrite(pattern)], example_inputs=(x,)).report
+        return {e.name: (e.status, e.source) for e in report.entries if not e.name.startswith("b.")}
+
+    assert statuses(fresh) == {"a.0.weight": ("new", None), "a.0.bias": ("new", None),
+                               "a.weight": ("dropped", None), "a.bias": ("dropped", None)}
+    assert statuses(half) == {"a.0.weight": ("adapted", "a, r"), "a.0.bias": ("new", None)}
+    assert statuses(copied) == {"a.0.weight": ("adapted", "a, r"), "a.0.bias": ("adapted", "a, r")}

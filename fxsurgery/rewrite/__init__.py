@@ -19,6 +19,7 @@ from ..errors import RewriteError
 from ..match import Match, Plan
 from ..spec import Delete, Detach, Freeze, Insert, Layers, New, Output, Prune, Replace, Rewrite, like
 from ._blame import shape_failure
+from ._derivation import Derivation
 from ._edited import Edited, InputChange
 from ._editor import Rewriter, callable_only
 from ._fitting import build, mode_at
@@ -47,6 +48,7 @@ class ModuleEdit:
     cut_out: bool = False               # wrap: detach what comes out
     weights: Any = "new"                # replace: how the old module's tensors fill the new one
     sources: tuple = ()                 # replace by a pattern: the modules its tensors were computed from
+    computed: frozenset | None = None   # of its tensors, those computed from them (None: all)
     freeze: tuple = ()                  # replace by a pattern: paths (below the new module) that start frozen
     order: tuple = ()                   # layers: new layer i is old layer order[i]
     inserted: int | None = None         # layers: the position that holds `module` (an Insert into the list)
@@ -148,8 +150,10 @@ def _into_list(capture: Capture, path: str, rule: int, module: nn.Module, after:
 def _pattern_edit(m: Match, module: nn.Module, path: str, shape_in: tuple | None) -> ModuleEdit:
     """A one-module pattern on a module that opaque code calls: the module itself is swapped."""
     pattern = m.rule.pattern
+    following = Derivation([module])
     try:
-        made = pattern.rewrite(module)
+        with following:
+            made = pattern.rewrite(module)
     except ValueError as err:  # a pattern refusing this match (LoRA's rank above a layer's size)
         raise RewriteError(f"{m.label} at '{path}': {pattern.describe()}: {first_line(err)}; "
                            "fix: change the rule's params, or select other layers") from None
@@ -160,8 +164,9 @@ def _pattern_edit(m: Match, module: nn.Module, path: str, shape_in: tuple | None
     if not isinstance(made, nn.Module):
         made = Call(made)
     inside = [p for p, sub in made.named_modules() if sub is module] if pattern.freeze_matched else []
-    return ModuleEdit(path, m.index, "replace", module=made,
-                      sources=(path,) if pattern.weights == "derived" else (), freeze=tuple(inside))
+    computed = following.derived(made)
+    return ModuleEdit(path, m.index, "replace", module=made, freeze=tuple(inside), computed=computed,
+                      sources=(path,) if pattern.weights == "derived" and computed != frozenset() else ())
 
 
 def rewrite(capture: Capture, plan: Plan) -> Rewritten:

@@ -24,6 +24,7 @@ class Slot:
     rule: int | None = None   # the rule that made or replaced it
     weights: Any = "new"      # Replace(weights=...): how the replaced module's tensors fill this one
     sources: tuple = ()       # pattern rules: the modules its tensors were derived from (graph paths)
+    derived: frozenset | None = None  # of those, the names of the tensors computed from them ("" a tensor's own); None: all
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from torch import fx, nn
 from .._util import first_line, get_path
 from ..match import TWO_STEPS, Constant, Found, Match, Site
 from ..spec import New, describe
+from ._derivation import Derivation
 from ._edited import Slot
 from ._editor import Rewriter
 from ._fitting import build, expected_input, fit_call, snake
@@ -43,6 +44,7 @@ def rewrite_chains(rw: Rewriter, m: Match, sites: list[Site]) -> None:
     made: dict[str, Any] = {}  # install path -> the replacement every site there shares
     prefixes: dict[int, str] = {}  # id(inlined replacement) -> where its own modules live, once for all its sites
     resized: list[tuple[str, Match]] = []
+    derivations: dict[int, Derivation] = {}  # id(replacement) -> what its rewrite computed from the match
     for site in sites:
         found: Found = m.found[site]
         nodes = [rw.node(n) for n in found.nodes]
@@ -61,21 +63,24 @@ def rewrite_chains(rw: Rewriter, m: Match, sites: list[Site]) -> None:
             replacement = made[found.install]
         else:
             planned = _check_values(rw, m, site, found, matched)
+            following = Derivation([x for x in matched if isinstance(x, nn.Module)] if not planned else [])
             try:
-                replacement = pattern.rewrite(*([_on_meta(x) for x in matched] if planned else matched))
+                with following:
+                    replacement = pattern.rewrite(*([_on_meta(x) for x in matched] if planned else matched))
             except ValueError as err:  # a pattern refusing this match (LoRA's rank above a layer's size)
                 rw.fail(m, site, f"{pattern.describe()}: {first_line(err)}", "change the rule's params, or select other layers")
             if isinstance(replacement, New):
                 replacement = build(m, replacement, rw.shape_in(site), site, rw.like(site), rw.mode(site))
+            derivations[id(replacement)] = following
             if found.install is not None:
                 made[found.install] = replacement
         args, kwargs = _call_args(rw, found, first)
         if replacement is None:
             _drop(rw, m, site, args, last)
         elif callable(replacement) and not _torch_own(replacement):
-            _inline(rw, m, site, found, replacement, matched, args, kwargs, last, prefixes)
+            _inline(rw, m, site, found, replacement, matched, args, kwargs, last, prefixes, derivations[id(replacement)])
         elif isinstance(replacement, nn.Module):
-            _call(rw, m, site, found, replacement, first, args, kwargs, last)
+            _call(rw, m, site, found, replacement, first, args, kwargs, last, derivations[id(replacement)])
         elif callable(replacement):
             args, kwargs = fit_call(replacement, args, kwargs)
             with rw.graph.inserting_after(last):
@@ -182,7 +187,7 @@ def _drop(rw: Rewriter, m: Match, site: Site, args: tuple, last: fx.Node) -> Non
 
 
 def _call(rw: Rewriter, m: Match, site: Site, found: Found, module: nn.Module, first: fx.Node, args: tuple,
-          kwargs: dict, last: fx.Node) -> None:
+          kwargs: dict, last: fx.Node, following: Derivation) -> None:
     if found.install is not None:
         path = found.install
     else:
@@ -190,7 +195,7 @@ def _call(rw: Rewriter, m: Match, site: Site, found: Found, module: nn.Module, f
         path = rw.fresh_path(f"{(found.modules[0] or first.name).replace('.', '_')}{'_' + name if name else ''}")
     if path not in rw.edited.modules or rw.edited.modules[path].value is not module:
         sources = tuple(t for t in found.modules if t is not None) if m.rule.pattern.weights == "derived" else ()
-        rw.edited.modules[path] = Slot(module, found.install, m.index, sources=sources)
+        rw.edited.modules[path] = Slot(module, found.install, m.index, sources=sources, derived=following.derived(module))
     args, kwargs = fit_call(module, args, kwargs)
     if args and isinstance(args[0], fx.Node) and args[0].op == "placeholder":
         meta = rw.meta(args[0].name)
@@ -202,7 +207,7 @@ def _call(rw: Rewriter, m: Match, site: Site, found: Found, module: nn.Module, f
 
 
 def _inline(rw: Rewriter, m: Match, site: Site, found: Found, module: Any, matched: list, args: tuple, kwargs: dict,
-            last: fx.Node, prefixes: dict[int, str]) -> None:
+            last: fx.Node, prefixes: dict[int, str], following: Derivation) -> None:
     what = type(module).__name__ if isinstance(module, nn.Module) else getattr(module, "__name__", "the function")
     reused = {id(obj): n.target for obj, n in zip(matched, [rw.node(x) for x in found.nodes]) if isinstance(obj, nn.Module)}
     tracer = _Inliner(reused)
@@ -225,12 +230,12 @@ def _inline(rw: Rewriter, m: Match, site: Site, found: Found, module: Any, match
             obj = root.get_submodule(node.target)
             prefix = prefixes.setdefault(id(module), prefix or rw.fresh_path(f"{base.replace('.', '_') if found.install is None else base}_{named}"))
             node.target = f"{prefix}.{node.target}"
-            rw.edited.modules[node.target] = Slot(obj, None, m.index, sources=sources)
+            rw.edited.modules[node.target] = Slot(obj, None, m.index, sources=sources, derived=following.derived(obj))
         elif node.op == "get_attr":
             obj = get_path(root, node.target)
             prefix = prefixes.setdefault(id(module), prefix or rw.fresh_path(f"{base.replace('.', '_') if found.install is None else base}_{named}"))
             node.target = f"{prefix}.{node.target}"
-            rw.edited.tensors[node.target] = Slot(obj, None, m.index, sources=sources)
+            rw.edited.tensors[node.target] = Slot(obj, None, m.index, sources=sources, derived=following.derived(obj))
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     bound = _bound(module, placeholders, args, kwargs)
     if bound is not None:  # a function taking the call as it was made (keywords included)

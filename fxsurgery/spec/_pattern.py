@@ -22,9 +22,10 @@ Each element of a match is passed as the module it calls (call_module) or as
 the fx.Node (functions and methods), in graph order. What `rewrite` returns
 takes the chain's first call's arguments, or the DAG's inputs in order; a
 Python function or module of your own is traced and inlined. The tensors of what `rewrite` returns are
-reported as adapted from the matched modules (`weights = "derived"`) or as new
-(`weights = "new"`); original modules it reuses (an adapter around a Linear)
-are transferred like any others. `freeze_matched` freezes the matched
+reported as adapted from the matched modules (`weights = "derived"`: those
+the rewrite computed from their tensors, followed op by op while it runs; a
+fresh layer left at its init is new) or as new (`weights = "new"`); original
+modules it reuses (an adapter around a Linear) are transferred like any others. `freeze_matched` freezes the matched
 modules' own parameters (an adapter's base).
 """
 

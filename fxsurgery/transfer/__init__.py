@@ -143,7 +143,7 @@ def _derived(rewritten: Rewritten, built, kept: dict, recipes: dict, checkpoint:
     with the pattern's recipe for recomputing them, where it has one."""
     sources_used: set[str] = set()
     model = rewritten.capture.model
-    for path, made, sources, rule in built.derived:
+    for path, made, sources, rule, computed in built.derived:
         label = rewritten.rule_of(rule).label
         recipe = getattr(getattr(rewritten.rule_of(rule).rule, "pattern", None), "recipe", None)
         try:
@@ -151,6 +151,8 @@ def _derived(rewritten: Rewritten, built, kept: dict, recipes: dict, checkpoint:
         except AttributeError:
             how = None
         for name, t, _ in list(tensors_of(made)):
+            if computed is not None and name not in computed and id(t) not in built.copies:
+                continue  # made afresh by the rewrite, not from the match (a new layer at its init): reported new
             if how and name in how:
                 recipes[id(t)] = _resolved(how[name], sources, model)
             if id(t) in built.copies:

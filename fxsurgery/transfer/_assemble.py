@@ -90,9 +90,9 @@ def assemble(rewritten: Rewritten, share: bool = False, blank: Callable = _blank
                 continue
             table[path] = _adopt(slot.value, copies_of)
             built.made_by[id(table[path])] = slot.rule
-            if slot.sources:
+            if slot.sources and slot.derived != frozenset():  # a rewrite that computed none of its tensors from the match: new
                 built.derived.append((join(region.path, path), table[path],
-                                      tuple(join(region.path, s) for s in slot.sources), slot.rule))
+                                      tuple(join(region.path, s) for s in slot.sources), slot.rule, slot.derived))
             if slot.weights != "new":
                 built.keeps.append((join(region.path, path), slot.value, subs[slot.source],
                                     slot.rule, slot.weights))
@@ -101,7 +101,8 @@ def assemble(rewritten: Rewritten, share: bool = False, blank: Callable = _blank
                 table[path] = memo[id(slot.value)]
             elif slot.rule is not None:  # a tensor an inlined replacement holds: made by its rule
                 table[path] = slot.value
-                built.made_tensors[id(slot.value)] = (slot.rule, tuple(join(region.path, s) for s in slot.sources), slot.weights)
+                sources = tuple(join(region.path, s) for s in slot.sources) if slot.derived != frozenset() else ()
+                built.made_tensors[id(slot.value)] = (slot.rule, sources, slot.weights)
             else:
                 table[path] = _constant(slot.value)
                 built.constants.add(id(table[path]))
@@ -206,7 +207,7 @@ def _apply(built: Assembly, edit: ModuleEdit, original: nn.Module, memo: dict) -
         built.module = put(built.module, edit.path, made)
         built.made_by[id(made)] = edit.rule
         if edit.sources:
-            built.derived.append((edit.path, made, edit.sources, edit.rule))
+            built.derived.append((edit.path, made, edit.sources, edit.rule, edit.computed))
         built.frozen.update({join(edit.path, p): edit.rule for p in edit.freeze})
         if edit.weights != "new":
             built.keeps.append((edit.path, made, original.get_submodule(edit.path), edit.rule, edit.weights))
