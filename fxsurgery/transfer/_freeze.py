@@ -15,6 +15,17 @@ def _is_container(module: nn.Module) -> bool:
     return type(module) is nn.Module or isinstance(module, fx.GraphModule)
 
 
+def _warn_moving_norms(rewritten: Rewritten, m, frozen: list[str], originals: dict) -> None:
+    """Frozen weights whose BatchNorm statistics still move under .train(): what users of a frozen backbone
+    rarely mean, and the reason Freeze has bn="eval"."""
+    norms = sorted({n.rpartition(".")[0] for n in frozen if isinstance(originals.get(n.rpartition(".")[0]), _BatchNorm)})
+    if norms:
+        shown = ", ".join(norms[:2]) + (f" and {len(norms) - 2} more" if len(norms) > 2 else "")
+        rewritten.plan.warnings.append(
+            f"{m.label} freezes {len(norms)} BatchNorm layer{'s' if len(norms) > 1 else ''} ({shown}), whose running statistics "
+            "still move under model.train(); fix: bn='eval' (bn: eval in a rule file) holds them, unless they should adapt")
+
+
 def freeze(rewritten: Rewritten, module: nn.Module, rule_of, modules: dict | None = None,
            originals: dict | None = None) -> None:
     """Each Freeze rule acts on the new module's parameters, except those a later rule made.
@@ -36,6 +47,8 @@ def freeze(rewritten: Rewritten, module: nn.Module, rule_of, modules: dict | Non
     for m in rewritten.plan.matches:
         if isinstance(m.rule, Freeze):
             frozen, _ = frozen_by(m.rule, list(params), type_of, others)
+            if m.rule.bn != "eval":
+                _warn_moving_norms(rewritten, m, frozen, originals)
             for name in frozen:
                 maker = rule_of(name)
                 if maker is None or maker < m.index or maker in pruned:
@@ -59,12 +72,12 @@ def freeze_derived(rewritten: Rewritten, derived: list[tuple], originals: dict) 
     others = _other_names(model)
     frozen_at = {m.index: set(frozen_by(m.rule, names, lambda p: type(originals.get(p)), others)[0]) for m in freezes}
     given = {n for n, p in model.named_parameters() if not p.requires_grad}  # frozen before the surgery (a result chained on)
-    for path, made, sources, rule in derived:
+    for path, made, sources, rule, computed in derived:
         prefixes = tuple(s + "." for s in sources)
         inputs = [n for n in names if n.startswith(prefixes)]
         before = given.union(*(done for i, done in frozen_at.items() if i < rule))
         frozen = [n for n in inputs if n in before]
-        training = [p for p in made.parameters() if p.requires_grad]
+        training = [p for n, p in made.named_parameters() if p.requires_grad and (computed is None or n in computed)]
         if not frozen or not training:
             continue
         if len(frozen) == len(inputs):
