@@ -147,3 +147,75 @@ def test_a_new_classification_head_sets_num_labels_and_reloads(family, tmp_path)
     x = ids(2, 9)
     assert loaded.config.num_labels == 5 and torch.equal(logits(loaded, x), logits(got, x))
     assert_unchanged(model, before)
+
+
+def bart():
+    torch.manual_seed(0)
+    return transformers.BartForConditionalGeneration(transformers.BartConfig(
+        vocab_size=100, d_model=32, encoder_layers=3, decoder_layers=3, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        decoder_start_token_id=2)).eval()
+
+
+@pytest.mark.parametrize("stack, counts", [("model.decoder.layers", (3, 1)), ("model.encoder.layers", (1, 3))])
+def test_bart_counts_each_stack_by_its_own_key(stack, counts, tmp_path):
+    # num_hidden_layers is BART's alias of encoder_layers: a decoder edit wrote its count there, and from_pretrained
+    # rebuilt 1 encoder layer (2 trained ones dropped) and 3 decoder layers (2 at random)
+    model = bart()
+    x, decoder = ids(2, 7), ids(2, 5, seed=2)
+    result = apply(model, [Layers(stack, order=[0])], (x,), example_kwargs={"decoder_input_ids": decoder})
+    got = result.module
+    assert (got.config.encoder_layers, got.config.decoder_layers) == counts
+    key = "decoder_layers" if "decoder" in stack else "num_hidden_layers"
+    assert result.report.notes[1] == f"config.{key}: 3 -> 1 ({result.plan.matches[0].label})"
+    hand = copy.deepcopy(model)
+    relayer(hand, stack, [0], counts=("decoder_layers" if "decoder" in stack else "encoder_layers",))
+    y = ids(3, 9, seed=3)
+    assert torch.equal(logits(got, y, decoder_input_ids=decoder[:1].expand(3, -1)),
+                       logits(hand, y, decoder_input_ids=decoder[:1].expand(3, -1)))
+    result.save(tmp_path / "out")
+    loaded = transformers.BartForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
+    assert (len(loaded.model.encoder.layers), len(loaded.model.decoder.layers)) == counts
+    assert torch.equal(logits(loaded, y, decoder_input_ids=decoder[:1].expand(3, -1)),
+                       logits(got, y, decoder_input_ids=decoder[:1].expand(3, -1)))
+
+
+@pytest.mark.parametrize("tower", ["text", "vision"])
+def test_a_clip_tower_is_counted_in_its_own_part_of_the_configuration(tower, tmp_path):
+    # CLIPConfig counts no layers itself: a tower's edit left text_config / vision_config at 3, and
+    # from_pretrained rebuilt 2 random layers
+    torch.manual_seed(0)
+    part = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=37)
+    model = transformers.CLIPModel(transformers.CLIPConfig(text_config={**part, "vocab_size": 100},
+                                                           vision_config={**part, "image_size": 32, "patch_size": 8})).eval()
+    text, pixels = ids(2, 7), torch.randn(2, 3, 32, 32)
+    result = apply(model, [Layers(f"{tower}_model.encoder.layers", order=[2])], (text, pixels))
+    got = result.module
+    assert (got.config.text_config.num_hidden_layers, got.config.vision_config.num_hidden_layers) == \
+        ((1, 3) if tower == "text" else (3, 1))
+    assert result.report.notes[1] == f"config.{tower}_config.num_hidden_layers: 3 -> 1 ({result.plan.matches[0].label})"
+    result.save(tmp_path / "out")
+    loaded = transformers.CLIPModel.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(text, pixels).logits_per_image, got(text, pixels).logits_per_image)
+
+
+def test_a_head_ending_in_out_proj_sets_num_labels(tmp_path):
+    # RoBERTa's head is classifier.dense -> classifier.out_proj: num_labels stayed 5 beside 3 outputs, and a call
+    # with labels failed inside transformers
+    import fxsurgery as fxs
+    from fxsurgery import Replace
+
+    torch.manual_seed(0)
+    config = transformers.RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=37, max_position_embeddings=64, num_labels=5, pad_token_id=1)
+    model = transformers.RobertaForSequenceClassification(config).eval()
+    x, labels = ids(2, 8), torch.tensor([0, 2])
+    result = apply(model, [Replace("classifier.out_proj", fxs.new(torch.nn.Linear, out_features=3))], (x,))
+    got = result.module
+    assert (got.config.num_labels, got.num_labels) == (3, 3)
+    expected = torch.nn.functional.cross_entropy(got(x).logits, labels)
+    assert torch.equal(got(x, labels=labels).loss, expected)
+    result.save(tmp_path / "out")
+    loaded = transformers.RobertaForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+    assert loaded.config.num_labels == 3 and torch.equal(loaded(x).logits, got(x).logits)

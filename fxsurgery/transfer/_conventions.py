@@ -11,6 +11,7 @@ conventions; each returns a line per change it made.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from torch import nn
@@ -39,21 +40,58 @@ class Site:
     built: Assembly
 
 
+# the keys a configuration counts a layer stack by: num_hidden_layers (n_layer, num_layers), and where a model has
+# two stacks, encoder_layers / decoder_layers (BART, Whisper) or num_decoder_layers (T5)
+_COUNT = re.compile(r"(num_)?((hidden|encoder|decoder)_)?layers|n_layers?")
+
+
+def _is_config(value) -> bool:
+    return hasattr(value, "to_json_string")
+
+
+def _count_key(config, path: str) -> str | None:
+    """The key of `config` that counts the stack at `path`: by the side of the model the path is on (a decoder's
+    stack by the decoder's key), else the one plain count; None where that is not one key."""
+    keys = [k for k, v in vars(config).items() if _COUNT.fullmatch(k) and type(v) is int]
+    words = path.split(".")
+    side = next((s for s in ("decoder", "encoder") if any(s in w for w in words)), None)
+    sided = [k for k in keys if side is not None and side in k]
+    plain = [k for k in keys if "encoder" not in k and "decoder" not in k]
+    chosen = sided or plain
+    return chosen[0] if len(chosen) == 1 else None
+
+
 def _counted_by(module: nn.Module, path: str) -> list[tuple[object, str]]:
     """(configuration, key) pairs that count the layers of the list at `path`.
 
-    The model's own configuration counts them; a stack that keeps a copy of its
-    own (T5's encoder and decoder) is counted there too, and a decoder stack
-    by the model's `num_decoder_layers` when it has one.
+    The model's configuration counts them, or the part of it the path is in
+    (CLIP's text_config for text_model); a stack that keeps a copy of its own
+    (T5's encoder and decoder) is counted there too.
     """
-    root = _config(module)
-    parts = path.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        owner = _config(module.get_submodule(".".join(parts[:i])))
-        if owner is not None and owner is not root:
-            decoder = getattr(owner, "is_decoder", False) and hasattr(root, "num_decoder_layers")
-            return [(root, "num_decoder_layers" if decoder else "num_hidden_layers"), (owner, "num_hidden_layers")]
-    return [(root, "num_hidden_layers")]
+    root = getattr(module, "config", None)
+    if not _is_config(root):
+        return []
+    words = path.split(".")
+    counted = root
+    for name, sub in vars(root).items():  # a composite configuration: the part named like the path's first module
+        stem = name.removesuffix("_config")
+        if _is_config(sub) and name != stem and (words[0] == stem or words[0].startswith(stem + "_")):
+            counted = sub
+    key = _count_key(counted, path)
+    if key is None:
+        return []
+    counts = [(counted, key)]
+    for i in range(len(words) - 1, 0, -1):
+        owner = getattr(module.get_submodule(".".join(words[:i])), "config", None)
+        if _is_config(owner) and owner is not root and owner is not counted and hasattr(owner, "num_hidden_layers"):
+            counts.append((owner, "num_hidden_layers"))  # the stack reads its own copy's plain count
+            break
+    return counts
+
+
+def _alias(config, key: str) -> str:
+    """The common name of a configuration's key (GPT-2's n_layer is num_hidden_layers), as notes give it."""
+    return next((alias for alias, real in getattr(config, "attribute_map", {}).items() if real == key), key)
 
 
 def _key(config, key: str) -> str:
@@ -64,20 +102,20 @@ def _key(config, key: str) -> str:
 def layer_count(site: Site) -> list[str]:
     """`num_hidden_layers` (`num_decoder_layers`), `layer_types` and each layer's `layer_idx` after a layer stack is rearranged."""
     module, edit, label = site.module, site.edit, site.label
-    config = _config(module)
-    if edit.kind != "layers" or config is None:
+    counts = _counted_by(module, edit.path) if edit.kind == "layers" else []
+    if not counts:
         return []
-    counts = _counted_by(module, edit.path)
-    root, key = counts[0]
-    before = getattr(root, key)
+    config, key = counts[0]
+    before = getattr(config, key)
     if len(site.original.get_submodule(edit.path)) != before:
         return []  # not the stack the configuration counts
     notes = []
     if len(edit.order) != before:
+        part = next((f"config.{n}" for n, v in vars(module.config).items() if v is config), "config")
         for n, (cfg, k) in enumerate(counts):
             setattr(cfg, k, len(edit.order))
-            where = "config" if n == 0 else f"{edit.path.rpartition('.')[0]}.config"
-            notes.append(f"{where}.{k if n == 0 else _key(cfg, k)}: {before} -> {len(edit.order)} ({label})")
+            where = part if n == 0 else f"{edit.path.rpartition('.')[0]}.config"
+            notes.append(f"{where}.{_alias(cfg, k) if n == 0 else _key(cfg, k)}: {before} -> {len(edit.order)} ({label})")
     types = getattr(config, "layer_types", None)
     if isinstance(types, (list, tuple)) and len(types) == before and list(edit.order) != list(range(before)):
         config.layer_types = [types[i] for i in edit.order]
@@ -101,7 +139,10 @@ def label_count(site: Site) -> list[str]:
     """`num_labels` (and with it `id2label`/`label2id`) after a classification head becomes a Linear of N outputs."""
     module, edit, label = site.module, site.edit, site.label
     config = _config(module)
-    if edit.kind != "replace" or config is None or edit.path.rpartition(".")[2] not in HEADS:
+    parts = edit.path.split(".")
+    # the head itself, or the projection that ends one (RoBERTa's and ELECTRA's classifier.out_proj, BART's classification_head)
+    ends = parts[-1] in HEADS or (len(parts) > 1 and parts[-1] == "out_proj" and parts[-2] in (*HEADS, "classification_head"))
+    if edit.kind != "replace" or config is None or not ends:
         return []
     head = _last_linear(module.get_submodule(edit.path))   # a Linear, or an MLP head (mlp-head) that ends in one
     before = getattr(config, "num_labels", None)
