@@ -426,3 +426,16 @@ def test_a_shipped_rule_file_loads_by_its_name_in_python_as_on_the_command_line(
     with pytest.raises(fxs.RuleError) as err:
         fxs.load_rules("no-such-rules")
     assert str(err.value) == "no-such-rules: cannot read rule file: No such file or directory; fix: check the path"
+
+
+def test_explain_says_why_when_no_rule_matched(tmp_path):
+    """--explain is asked for exactly when nothing matched: it printed nothing, as the refusal came first."""
+    from test_bad_inputs import run_cli
+    code, stdout, stderr, _ = run_cli(["apply", "torchvision.models:resnet18", "fold-bn", "--input", "1x3x64x64", "--explain",
+                                       "-o", str(tmp_path / "out")])
+    assert code == 2 and not (tmp_path / "out").exists() and stderr.startswith("fxsurgery: error: nothing to change: ")
+    lines = stdout.splitlines()
+    assert lines[0] == "explain:" and lines[1].startswith("rule 1 'rewrite fold_bn (conv + batchnorm -> conv)' (")
+    assert lines[1].endswith("fold-bn.yaml:11): 0 matches")
+    assert lines[2] == ("  left alone: conv1 (Conv2d) + bn1 (BatchNorm2d): BatchNorm2d is in training mode, where it normalises "
+                        "with batch statistics: call .eval() on the model before folding")

@@ -181,7 +181,7 @@ def cmd_apply(args) -> int:
     with planning() if args.dry_run else contextlib.nullcontext():  # declared modules on meta: shown, not allocated
         result = _result(args)
     loaded = time.perf_counter() - start - sum(result.timings.values())
-    _refuse_no_op(result, args.eval)
+    _refuse_no_op(result, args.eval, args.explain)
     if args.dry_run:
         result.check_formats(args.format)  # what save would refuse, a dry run refuses
     written = None
@@ -354,10 +354,13 @@ def main(argv=None) -> int:
         return EXIT_INTERNAL
 
 
-def _refuse_no_op(result, evaluating: bool = False) -> None:
-    """A surgery in which no rule matched would write the original again: say why instead."""
+def _refuse_no_op(result, evaluating: bool = False, explain: bool = False) -> None:
+    """A surgery in which no rule matched would write the original again: say why instead
+    (with --explain, every rule's near misses first: the case it is asked for)."""
     matches = result.plan.matches
     if matches and all(m.count == 0 and m.reason for m in matches):  # (a warning said why a match changes nothing)
+        if explain:
+            print("explain:\n" + result.plan.explain())
         first = matches[0]
         from ..errors import MatchError
         hint = "" if evaluating else " (inference rewrites such as fold-bn need --eval)"
