@@ -247,9 +247,9 @@ def test_saved_bert_model_py_pt2_and_onnx_take_any_batch_and_sequence_length(tmp
 def _only_length_one_branches(result):
     """The batch stays general; a length of 1 takes another branch (sdpa's `is_causal = q_length > 1 ...`),
     which a call of length 1 meets at its guard, and `specialised` says so."""
-    assert {name: sorted(dims) for name, dims in result.specialised.items()} == {"input_0": [1]}
-    assert result.specialised["input_0"][1].startswith("a size of 1 takes another branch: `")
-    assert "is True at integrations/sdpa_attention.py:" in result.specialised["input_0"][1]
+    assert {name: sorted(dims) for name, dims in result.specialised.items()} == {"input_ids": [1]}
+    assert result.specialised["input_ids"][1].startswith("a size of 1 takes another branch: `")
+    assert "is True at integrations/sdpa_attention.py:" in result.specialised["input_ids"][1]
 
 
 def test_a_batch_of_one_exports_pt2_and_onnx_for_any_batch(tmp_path):
@@ -345,7 +345,7 @@ def test_a_batch_of_one_that_takes_another_branch_is_listed():
                                       intermediate_size=64, vocab_size=100, use_cache=False)
     result = fxs.apply(transformers.LlamaForCausalLM(config).eval(), [], example_inputs=(torch.randint(0, 100, (2, 8)),),
                        keep_class=False)
-    batch = result.specialised["input_0"][0]
+    batch = result.specialised["input_ids"][0]
     assert batch.startswith("a size of 1 takes another branch: `inner_model_embed_tokens.shape[0] != unsqueeze.shape[0]` "
                             "is True at transformers/masking_utils.py:")
     with pytest.raises(AssertionError):

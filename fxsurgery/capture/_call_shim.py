@@ -14,6 +14,7 @@ the argument, a call the captured one does not cover.
 from __future__ import annotations
 
 import inspect
+import keyword
 import operator
 import types
 from dataclasses import dataclass
@@ -121,11 +122,38 @@ class _Slot:
         self.k = k
 
 
+def input_names(spec: CallSpec) -> list[str]:
+    """Per graph input, the forward parameter it is (`input_ids`), an item of one `name_0`; [] where unsigned."""
+    if spec.signature is None:
+        return []
+    params = list(spec.signature.parameters.values())
+    star = next((i for i, p in enumerate(params) if p.kind is p.VAR_POSITIONAL), None)
+    paths = [path for path, _ in pytree.tree_flatten_with_path(pytree.tree_unflatten(list(range(spec.in_spec.num_leaves)),
+                                                                                        spec.in_spec))[0]]
+    names = []
+    for k in spec.order:
+        path = paths[k]
+        head = getattr(path[1], "idx", getattr(path[1], "key", None)) if len(path) > 1 else None
+        if path and getattr(path[0], "idx", None) == 0 and isinstance(head, int):  # bound positionally
+            base = params[head].name if star is None or head < star else f"{params[star].name}_{head - star}"
+        else:
+            base = str(head)
+        name = "_".join([base, *(str(getattr(p, "idx", getattr(p, "key", ""))) for p in path[2:])])
+        names.append(name if name.isidentifier() and name.isascii() and not keyword.iskeyword(name) else None)
+    return names
+
+
 def trace_call(tracer: fx.Tracer, module: nn.Module, spec: CallSpec) -> tuple[fx.Graph, dict]:
     """The graph of `module` called as `spec` says, with paths relative to `module`,
     and the constants tracing attached to the shim (target -> tensor)."""
     shim = _Shim(module, spec)
     graph = tracer.trace(shim, concrete_args=tuple(PH for _ in spec.order))
+    names = iter(input_names(spec))
+    for node in [n for n in graph.nodes if n.op == "placeholder"]:  # the forward's own names, not input_0
+        name = next(names, None)
+        if name is not None and name != node.name:
+            node._rename(name)
+            node.target = node.name
     constants = {}
     for node in graph.nodes:
         if node.op == "get_attr" and not node.target.startswith("inner."):

@@ -227,6 +227,9 @@ def cmd_inspect(args) -> int:
         return 0
     info = overview(captured)
     print(json.dumps(info, indent=2) if args.json else overview_table(info, args.depth))
+    if not (inputs or keywords or args.json) and "" in captured.opaque:  # a forward that traces only with values
+        print("  the model stays Python without example inputs: pass --input to trace it "
+              "(--input 1x3x224x224; token ids with a dtype: --input 1x16:int64)")
     return 0
 
 
