@@ -118,6 +118,17 @@ def tiny_bert():
 """
 
 
+def test_inspect_without_inputs_on_a_model_that_stays_python_says_to_pass_them(tmp_path):
+    pytest.importorskip("transformers")
+    (tmp_path / "models.py").write_text(BERT)
+    hint = ("  the model stays Python without example inputs: pass --input to trace it (--input 1x3x224x224; token ids "
+            "with a dtype: --input 1x16:int64)")
+    code, stdout, _ = cli("inspect", f"{tmp_path / 'models.py'}:tiny_bert")
+    assert code == 0 and stdout.splitlines()[-1] == hint  # it listed every module as unused and 0 graph nodes, no more
+    code, stdout, _ = cli("inspect", f"{tmp_path / 'models.py'}:tiny_bert", "--input", "1x16:int64")
+    assert code == 0 and hint not in stdout and "classifier" in stdout
+
+
 def test_float_token_ids_are_told_to_take_a_dtype(tmp_path):
     pytest.importorskip("transformers")
     (tmp_path / "models.py").write_text(BERT)
