@@ -481,7 +481,7 @@ CASES = [
     Case("map-weights: checkpoint of another shape", ("map-weights", "{W}/shape.safetensors", "{W}/saved", "-o", "{OUT}"), SaveError,
          "'fc1.weight'", "the checkpoint's 'fc1.weight' has shape [3, 3], the surgery read [8, 4]; fix: pass a checkpoint of the original architecture"),
     Case("map-weights: output exists", ("map-weights", "{W}/small.safetensors", "{W}/saved", "-o", "{OUT}"), SaveError, "{OUT}: ",
-         "{OUT}: already exists; fix: choose another output file", setup="file"),
+         "{OUT}: already exists; fix: choose another output file or pass --force (force=True)", setup="file"),
     Case("map-weights: output under a file", ("map-weights", "{W}/small.safetensors", "{W}/saved", "-o", "{OUT}"), SaveError, "{OUT}: ",
          contains=("cannot write",), setup="under-file"),
 ]

@@ -423,6 +423,11 @@ def test_a_shipped_rule_file_loads_by_its_name_in_python_as_on_the_command_line(
     monkeypatch.chdir(tmp_path)
     (tmp_path / "fold-bn").write_text("fxsurgery: 1\nrules:\n  - freeze: fc\n")  # a file of the user's comes first
     assert [str(r) for r in fxs.load_rules("fold-bn")] == ["freeze fc"]
+    (tmp_path / "fold-bn").unlink()
+    (tmp_path / "fold-bn.yaml").write_text("fxsurgery: 1\nrules:\n  - freeze: fc\n")  # so does NAME.yaml, as the shipped ones are named
+    assert [str(r) for r in fxs.load_rules("fold-bn")] == ["freeze fc"]
+    from fxsurgery.cli import shipped
+    assert shipped("fold-bn") == "fold-bn.yaml" and shipped("prune-half") == os.path.join(RULES, "prune-half.yaml")
     with pytest.raises(fxs.RuleError) as err:
         fxs.load_rules("no-such-rules")
     assert str(err.value) == "no-such-rules: cannot read rule file: No such file or directory; fix: check the path"

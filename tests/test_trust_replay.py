@@ -242,6 +242,26 @@ def test_mapped_weights_reach_the_disk_before_they_take_their_name(tmp_path, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.safetensors", "mapped.safetensors", "o"]
 
 
+def test_map_weights_replaces_its_output_with_force_and_only_a_file(tmp_path):
+    """A second map-weights to the same -o said "already exists" with no way to replace it."""
+    mapped, _ = _replayed(lambda: Head(3), [Replace("fc", fxs.new(nn.Linear, out_features=3), weights={"select": [2, 0, 1]})],
+                          (torch.randn(2, 4),), tmp_path)
+    mapped = {k: v.tolist() for k, v in mapped.items()}  # before the file under it is replaced
+    out = tmp_path / "mapped.safetensors"
+    out.write_bytes(b"stale")
+    args = ["map-weights", str(tmp_path / "ckpt.safetensors"), str(tmp_path / "o"), "-o", str(out)]
+    code, _, stderr, _ = run_cli(args)
+    assert (code, stderr) == (2, f"fxsurgery: error: {out}: already exists; fix: choose another output file or pass --force "
+                                 "(force=True)\n") and out.read_bytes() == b"stale"
+    assert run_cli([*args, "--force"])[:3] == (0, f"wrote {out}: {len(mapped)} tensors in the layout of {tmp_path / 'o'}\n", "")
+    assert {k: v.tolist() for k, v in load_file(str(out)).items()} == mapped
+    out.unlink()
+    out.mkdir()  # a directory of that name is not replaced
+    code, _, stderr, _ = run_cli([*args, "--force"])
+    assert (code, stderr) == (2, f"fxsurgery: error: {out}: is not a regular file, which --force replaces; fix: choose another "
+                                 "output file\n") and out.is_dir()
+
+
 def test_map_weights_refuses_an_output_name_other_than_safetensors(tmp_path):
     """-o mapped.pt wrote safetensors bytes under a name torch.load then fails on."""
     from conftest import cli

@@ -18,7 +18,7 @@ from pathlib import Path
 from .._progress import library_bars, quiet, working
 from .._util import first_line, format_table, read_json
 from ..errors import FxsError, ModelError, bounded
-from ..spec import load_rule_files, load_rules, parse_overrides
+from ..spec import load_rule_files, load_rules, parse_overrides, rule_path
 
 __all__ = [
     "cmd_apply", "cmd_check", "cmd_demo", "cmd_diff", "cmd_inspect", "cmd_map_weights", "cmd_rules", "main",
@@ -121,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="weights of the original architecture (.safetensors, a sharded *.index.json, or weights-only .pt)")
     p.add_argument("surgery", help="a directory written by apply -o / save()")
     p.add_argument("-o", "--output", type=_path, required=True, metavar="FILE", help="the mapped weights (.safetensors)")
+    p.add_argument("--force", action="store_true", help="replace the file if it exists")
 
     p = sub.add_parser("rules", help="list the shipped rule files with their descriptions and params")
     p.add_argument("--json", action="store_true")
@@ -277,18 +278,14 @@ def cmd_diff(args) -> int:
 
 def cmd_map_weights(args) -> int:
     from ..export import write_mapped
-    mapped = write_mapped(args.checkpoint, args.surgery, args.output)
+    mapped = write_mapped(args.checkpoint, args.surgery, args.output, force=args.force)
     print(f"wrote {args.output}: {len(mapped)} tensors in the layout of {args.surgery}")
     return 0
 
 
 def shipped(path: str) -> str:
-    """A rule file path, or the name of a shipped one ('fold-bn' for rules/fold-bn.yaml)."""
-    if os.path.exists(path) or os.sep in path:
-        return path
-    from ._demo import rules_dir
-    candidate = rules_dir() / (path if path.endswith(".yaml") else f"{path}.yaml")
-    return str(candidate) if candidate.is_file() else path
+    """A rule file path, or the name of a shipped one ('fold-bn' for rules/fold-bn.yaml); a local fold-bn.yaml first."""
+    return rule_path(path)
 
 
 def cmd_rules(args) -> int:

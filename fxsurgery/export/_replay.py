@@ -153,8 +153,9 @@ class _Saved:
         raise SaveError(f"{self.directory}: holds no tensor {name}; fix: write the directory again with save()")
 
 
-def write_mapped(checkpoint: str, surgery: str, output: str) -> dict[str, torch.Tensor]:
-    """`fxsurgery map-weights`: read a checkpoint file, map it, write safetensors atomically."""
+def write_mapped(checkpoint: str, surgery: str, output: str, force: bool = False) -> dict[str, torch.Tensor]:
+    """`fxsurgery map-weights`: read a checkpoint file, map it, write safetensors atomically
+    (`force`: replacing a file of that name, never a directory or a link)."""
     if Path(output).suffix != ".safetensors":  # before any work: a .pt name over safetensors bytes fails torch.load later
         raise SaveError(f"{output}: map-weights writes safetensors; fix: name the output *.safetensors, "
                         f"e.g. {Path(output).with_suffix('.safetensors').name}")
@@ -162,8 +163,10 @@ def write_mapped(checkpoint: str, surgery: str, output: str) -> dict[str, torch.
     ties = read_record(Path(surgery)).get("ties", {})
     unique = {k: v.contiguous() for k, v in mapped.items() if k not in ties}
     target = Path(output)
-    if target.exists():
-        raise SaveError(f"{target}: already exists; fix: choose another output file")
+    if os.path.lexists(target) and not (force and target.is_file() and not target.is_symlink()):
+        fix = "choose another output file" + ("" if force else " or pass --force (force=True)")
+        what = "already exists" if not force else "is not a regular file, which --force replaces"
+        raise SaveError(f"{target}: {what}; fix: {fix}")
     tmp = target.with_name(f".{target.name}.tmp")
     try:
         save_file(unique, str(tmp), metadata={"format": "pt"})

@@ -49,12 +49,21 @@ def load_rule_files(paths: list, params: dict | None = None, allow=()) -> list[R
     return sets
 
 
+def rule_path(path: str | os.PathLike) -> str:
+    """A rule file's path: the path given, a local NAME.yaml for a bare name, else the shipped file of that name
+    (as `fxsurgery rules` lists them)."""
+    source = os.fspath(path)
+    if os.path.exists(source) or os.sep in source:
+        return source
+    if not source.endswith(".yaml") and os.path.isfile(f"{source}.yaml"):  # a local fold-bn.yaml before the shipped fold-bn
+        return f"{source}.yaml"
+    shipped = os.path.join(str(resources.files("fxsurgery.rules")), source if source.endswith(".yaml") else f"{source}.yaml")
+    return shipped if os.path.isfile(shipped) else source
+
+
 def load_rules(path: str | os.PathLike, params: dict | None = None, allow=(), declared_only: bool = False) -> RuleSet:
     """Load a rule file or a shipped one by name ("fold-bn"); `params` override its defaults (`declared_only`: those it declares)."""
-    source = os.fspath(path)
-    if not os.path.exists(source) and os.sep not in source:  # as `fxsurgery rules` lists them
-        shipped = os.path.join(str(resources.files("fxsurgery.rules")), source if source.endswith(".yaml") else f"{source}.yaml")
-        source = shipped if os.path.isfile(shipped) else source
+    source = rule_path(path)
     try:
         found = os.stat(source) if os.path.exists(source) else None
         if found is not None and not stat.S_ISREG(found.st_mode):  # a FIFO would hang, /dev/zero never end
