@@ -219,3 +219,25 @@ def test_a_head_ending_in_out_proj_sets_num_labels(tmp_path):
     result.save(tmp_path / "out")
     loaded = transformers.RobertaForSequenceClassification.from_pretrained(tmp_path / "out").eval()
     assert loaded.config.num_labels == 3 and torch.equal(loaded(x).logits, got(x).logits)
+
+
+def test_t5_without_its_first_block_first_warns_that_the_stack_loses_its_position_bias():
+    # T5's block 0 computes the relative position bias every block reads: order=[1, 2] ran without any, as by hand,
+    # and nothing said so
+    import warnings
+
+    import fxsurgery as fxs
+
+    model = t5()
+
+    def warned(order):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = fxs.apply(model, [Layers("decoder.block", order=order)], example_inputs=(ids(1, 5),),
+                               example_kwargs={"decoder_input_ids": ids(1, 4)})
+        return result.plan.matches[0].label, [str(w.message) for w in caught if "position" in str(w.message)]
+
+    label, said = warned([1, 2])
+    assert said == [f"{label}: layer 0 of decoder.block computes the relative position bias every layer reads, and layer 1, "
+                    "first now, has none: the stack runs without position information; fix: keep layer 0 first"]
+    assert warned([0, 2])[1] == []

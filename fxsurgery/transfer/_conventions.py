@@ -333,4 +333,19 @@ def follow_conventions(module: nn.Module, rewritten: Rewritten, built: Assembly)
         site = Site(module, rewritten.capture.model, edit, rewritten.rule_of(edit.rule).label, built)
         for adapter in ADAPTERS:
             notes += adapter(site)
+        rewritten.plan.warnings += position_bias(site)
     return notes
+
+
+def position_bias(site: Site) -> list[str]:
+    """A stack whose first layer computes the relative position bias every layer then reads (T5's block 0,
+    `has_relative_attention_bias`): rearranged with another layer first, it runs with none, as by hand."""
+    edit = site.edit
+    if edit.kind != "layers" or not edit.order:
+        return []
+    stack = site.original.get_submodule(edit.path)
+    holders = [i for i, layer in enumerate(stack) if any(getattr(s, "has_relative_attention_bias", False) is True for s in layer.modules())]
+    if holders != [0] or edit.order[0] == 0:
+        return []
+    return [f"{site.label}: layer 0 of {edit.path} computes the relative position bias every layer reads, and layer "
+            f"{edit.order[0]}, first now, has none: the stack runs without position information; fix: keep layer 0 first"]
