@@ -444,3 +444,26 @@ def test_explain_says_why_when_no_rule_matched(tmp_path):
     assert lines[1].endswith("fold-bn.yaml:11): 0 matches")
     assert lines[2] == ("  left alone: conv1 (Conv2d) + bn1 (BatchNorm2d): BatchNorm2d is in training mode, where it normalises "
                         "with batch statistics: call .eval() on the model before folding")
+
+
+def test_rules_refuse_none_as_their_selector_and_nan_among_a_modules_settings(tmp_path):
+    """Freeze(None) was an AttributeError, Delete(None) was accepted; nn.Dropout(nan) passes its own check and
+    failed at the first call (nn.LeakyReLU(nan) made every output NaN), and `fxsurgery check` passed its rule file."""
+    here = "tests/test_papercuts_3.py:"
+    for rule, action in ((lambda: fxs.Freeze(None), "freeze"), (lambda: fxs.Delete(None), "delete")):
+        with pytest.raises(fxs.RuleError) as err:
+            rule()
+        assert str(err.value).startswith(here) and str(err.value).endswith(
+            f": {action} needs a selector of what it acts on, got None; fix: name module paths or a type, e.g. "
+            f"{action.capitalize()}('layer1.*')")
+    for module, name, kind in ((nn.Dropout(float("nan")), "p", "Dropout"), (fxs.new(nn.LeakyReLU, negative_slope=float("nan")),
+                                                                         "negative_slope", "torch.nn.LeakyReLU")):
+        with pytest.raises(fxs.RuleError) as err:
+            fxs.Insert(module, after="0")
+        assert str(err.value).endswith(f": inserted module {kind} has {name}=nan, which is not a number; fix: give {name} a value")
+    rules = tmp_path / "nan.yaml"
+    rules.write_text("fxsurgery: 1\nrules:\n  - insert: {after: '0', module: torch.nn.Dropout, p: .nan}\n")
+    from conftest import cli
+    code, _, stderr = cli("check", rules)
+    assert (code, stderr) == (2, f"fxsurgery: error: {rules}:3: inserted module torch.nn.Dropout has p=nan, which is not a "
+                                 "number; fix: give p a value\n")

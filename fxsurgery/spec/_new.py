@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import inspect
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -136,8 +137,23 @@ def check_kwargs(cls: type, kwargs: dict, origin: Origin) -> None:
         raise RuleError(f"{origin}: {qualname(cls)} does not take {', '.join(map(repr, unknown))}; fix: use its arguments ({takes})")
 
 
+def _not_a_number(value: Any) -> str | None:
+    """The name of a NaN among a module's settings or a spec's arguments: nn.Dropout(nan) passes its own check
+    and fails at the first call, nn.LeakyReLU(nan) makes every output NaN."""
+    if isinstance(value, New):
+        found = value.kwargs.items()
+    else:
+        found = ((f"{path + '.' if path else ''}{k}", v) for path, m in value.named_modules() for k, v in vars(m).items()
+                 if not k.startswith("_"))
+    return next((k for k, v in found if isinstance(v, float) and math.isnan(v)), None)
+
+
 def module_like(value: Any, origin: Origin, what: str) -> Any:
     if isinstance(value, (New, nn.Module)):
+        nan = _not_a_number(value)
+        if nan is not None:
+            kind = qualname(value.cls) if isinstance(value, New) else type(value).__name__
+            raise RuleError(f"{origin}: {what} {kind} has {nan}=nan, which is not a number; fix: give {nan} a value")
         return value
     if isinstance(value, type) and issubclass(value, nn.Module):
         return New(value, {})

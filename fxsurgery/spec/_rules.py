@@ -38,6 +38,9 @@ class Rule:
 
 def check_selector(rule: Rule, name: str) -> None:
     value = getattr(rule, name)
+    if value is None and name == "target":  # after= and before= may be left out, what a rule acts on may not
+        raise RuleError(f"{rule.origin}: {rule.action} needs a selector of what it acts on, got None; fix: name module "
+                        f"paths or a type, e.g. {rule.action.capitalize()}('layer1.*')")
     if value is not None:
         object.__setattr__(rule, name, Selector.of(value, rule.origin))
 
