@@ -180,8 +180,14 @@ def test_slice_of_a_tied_head_says_it_unties():
     torch.manual_seed(0)
     model = TiedLM()
     ids = torch.randint(0, 20, (2, 5))
-    result = fxs.apply(model, [Replace("head", fxs.new(nn.Linear, out_features=10, bias=False), weights="slice")],
-                       example_inputs=(ids,))
+    with pytest.warns(fxs.SurgeryWarning) as said:  # said, not only in the report
+        result = fxs.apply(model, [Replace("head", fxs.new(nn.Linear, out_features=10, bias=False), weights="slice")],
+                           example_inputs=(ids,))
+    label = result.plan.matches[0].label
+    assert [str(w.message) for w in said] == [
+        f"{label}: head.weight and wte.weight are one tensor in the original; its weights policy makes a new head.weight, "
+        "so they are untied (wte.weight keeps the original's); fix: replace wte too to keep them one tensor (a kept "
+        "transformers model trims both)"]
     entry = result.report.entry("head.weight")
     assert entry.status == "adapted"
     assert entry.op.startswith("slice [20, 8] -> [10, 8] (untied from wte.weight) by rule 1 ")

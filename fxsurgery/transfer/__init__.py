@@ -291,6 +291,12 @@ def _carry(rewritten: Rewritten, path: str, new: nn.Module, old: nn.Module, rule
             if not op and policy == "keep":
                 ties.carried(identity[name], t)
             op = f"{op} ({note})" if op and note else op or note
+            if note:  # GPT-2's lm_head keeps the full vocabulary beside a trimmed wte: said, not only in the report
+                partner = note.removeprefix("untied from ")
+                rewritten.plan.warnings.append(
+                    f"{label}: {path}.{name} and {partner} are one tensor in the original; its weights policy makes a new "
+                    f"{path}.{name}, so they are untied ({partner} keeps the original's); fix: replace {partner.rpartition('.')[0] or partner} "
+                    "too to keep them one tensor (a kept transformers model trims both)")
         except ValueError as exc:
             shown = policy if isinstance(policy, str) else "select"
             fix = "use weights: new" if policy == "keep" else "choose another weights policy, or weights: new"
