@@ -303,8 +303,9 @@ def test_layers_without_keep_class_and_call_rules_with_it_are_refused():
     rule = Layers("layers", order=[0])
     with pytest.raises(MatchError) as err:
         fxs.apply(Stack(), [rule], example_inputs=(torch.randn(1, 4),))
-    assert str(err.value) == (f"rule 1 'layers layers order=[0]' ({rule.origin}) rearranges a module list the forward loops "
-                              "over, which a graph has unrolled; fix: pass keep_class=True (--keep-class)")
+    assert str(err.value) == (f"rule 1 'layers layers order=[0]' ({rule.origin}) rearranges a layer stack, whose calls a graph "
+                              "has traced into one call per layer (a loop over a ModuleList, an nn.Sequential's forward); fix: "
+                              "pass keep_class=True (--keep-class), or Delete/Insert the layers' calls")
     rule = Replace(torch.nn.functional.silu, torch.nn.functional.gelu)
     with pytest.raises(MatchError) as err:
         apply(llama(), [rule])

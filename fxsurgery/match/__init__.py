@@ -266,8 +266,9 @@ def _check_kept(m: Match) -> None:
 def _layer_sites(m: Match, locator: Locator) -> tuple[list[Site], list[str]]:
     """Each selected nn.ModuleList is one site; every index of the order must name one of its layers."""
     if not locator.capture.kept:
-        raise MatchError(f"{m.label} rearranges a module list the forward loops over, which a graph has unrolled; "
-                         "fix: pass keep_class=True (--keep-class)")
+        raise MatchError(f"{m.label} rearranges a layer stack, whose calls a graph has traced into one call per layer "
+                         "(a loop over a ModuleList, an nn.Sequential's forward); fix: pass keep_class=True (--keep-class), "
+                         "or Delete/Insert the layers' calls")
     paths = select_modules(m.rule.target, locator.modules)
     for path in paths:
         layers = locator.modules[path]
