@@ -30,6 +30,7 @@ def test_demo_writes_a_reloadable_model(tmp_path):
     assert [m["matches"] for m in record["matches"]] == [1, 30, 1, 1]
     assert "before: 11,689,512 parameters, 11,689,512 trainable; after: 11,181,642 parameters, 8,398,858 trainable" in stdout
     assert "outputs bit-identical" in stdout
+    assert f"wrote {out}/ (diff.html, graph.json, model.py, model.safetensors, surgery.json) in " in stdout  # graph.json was left out
     model = fxs.load(out)
     assert model.fc.out_features == 10
     # a second demo run replaces its own earlier output

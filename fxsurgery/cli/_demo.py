@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torchvision
 
+from .._util import read_json
 from ..export import load
 from ..pipeline import SurgeryResult, apply
 from ..views import diff as write_diff
@@ -54,7 +55,8 @@ def run(out: str | Path = "fxsurgery-demo", *, echo=print) -> SurgeryResult:
         logits = result.module(x)
     echo(f"output: {list(logits.shape)} (was {list(model(x).shape)}); "
          f"reloaded from {out}/: outputs {'bit-identical' if same else 'DIFFERENT'}")
-    echo(f"wrote {out}/model.py, model.safetensors, surgery.json, diff.html in {time.perf_counter() - start:.1f} s")
+    files = read_json(Path(out) / "surgery.json").get("files", [])  # what the output lists, graph.json included
+    echo(f"wrote {out}/ ({', '.join(files)}) in {time.perf_counter() - start:.1f} s")
     if not same:
         raise RuntimeError("the saved model does not reproduce the result's outputs")
     return result
