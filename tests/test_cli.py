@@ -93,7 +93,7 @@ def test_set_goes_to_each_rule_file_that_declares_the_param():
                                "--eval", "--dry-run", "--json", "--quiet")
     assert code == 0, stderr
     assert [(m["text"], m["matches"]) for m in json.loads(stdout)["matches"]] == [
-        ("replace fc with Linear(out_features=5)", 1), ("freeze * except layer4.*, fc", 30), ("detach after layer3", 1),
+        ("replace fc with Linear(out_features=5)", 1), ("freeze * except layer4.*, fc (bn: eval)", 30), ("detach after layer3", 1),
         ("insert Dropout(p=0.2) after avgpool", 1), ("rewrite fold_bn (conv + batchnorm -> conv)", 20),
         ("rewrite fold_linear_bn (linear + batchnorm1d -> linear)", 0)]
     code, _, stderr = cli("check", "resnet-finetune", "fold-bn", "--set", "num_clases=5")
@@ -121,7 +121,7 @@ def test_a_dry_run_refuses_a_bad_rule_as_the_real_run_does():
 def test_check_lists_rules():
     code, stdout, _ = cli("check", os.path.join(RULES, "resnet-finetune.yaml"), "--set", "num_classes=5")
     assert code == 0
-    assert stdout.splitlines()[1:] == ["  1. replace fc with Linear(out_features=5)", "  2. freeze * except layer4.*, fc",
+    assert stdout.splitlines()[1:] == ["  1. replace fc with Linear(out_features=5)", "  2. freeze * except layer4.*, fc (bn: eval)",
                                        "  3. detach after layer3", "  4. insert Dropout(p=0.2) after avgpool"]
 
 
@@ -133,7 +133,7 @@ BAD = [
     ("unknown key", [HEAD + "  - delete: fc\n    because: yes\n"], [],
      "{r0}:4: unknown key 'because' in 'delete' rule; fix: allowed: delete, optional"),
     ("disallowed class", [HEAD + "  - replace: fc\n    with: {module: subprocess.Popen}\n"], [],
-     "{r0}:4: 'subprocess.Popen' is outside the allowlist (torch, torchvision); fix: use a public torch/torchvision name, or allow its package with --allow-module"),
+     "{r0}:4: 'subprocess.Popen' is outside the allowlist (torch, torchvision); fix: use a public torch/torchvision name, or allow its package with --allow-module subprocess"),
     ("no match", [HEAD + "  - delete: fcc\n"], [],
      "rule 1 'delete fcc' ({r0}:3) matched nothing: no module path or node name matches 'fcc'; closest: fc; fix: correct the selector or add 'optional: true'"),
     ("shape cannot fit", [HEAD + "  - replace: fc\n    with: {module: torch.nn.Linear, in_features: 100, out_features: 3}\n"], [],

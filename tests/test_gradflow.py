@@ -43,7 +43,7 @@ def test_a_cut_backbone_is_one_warning_naming_the_fewest_modules_to_freeze():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         frozen = fxs.apply(torchvision.models.resnet18(), [*fxs.load_rules(f"{RULES}/detach-features.yaml").rules,
-                                                           *(Freeze(m) for m in result.gradient_flow.cut_modules())],
+                                                           *(Freeze(m, bn="eval") for m in result.gradient_flow.cut_modules())],
                            example_inputs=(torch.randn(2, 3, 32, 32),))
     assert frozen.gradient_flow.counts() == {"trainable": 17, "frozen": 45, "cut": 0, "unused": 0}
 

@@ -54,7 +54,7 @@ def test_a_decorated_function_used_from_yaml(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     code, out, err = cli("apply", f"{tmp_path}/models.py:Net", rules, "--input", "2x4", "--dry-run")
     assert (code, err) == (2, f"fxsurgery: error: {rules}:3: 'myrules.fused_linear_relu' is outside the allowlist "
-                              "(torch, torchvision); fix: use a public torch/torchvision name, or allow its package with --allow-module\n")
+                              "(torch, torchvision); fix: use a public torch/torchvision name, or allow its package with --allow-module myrules\n")
     (tmp_path / "models.py").write_text("import torch\nclass Net(torch.nn.Sequential):\n"
                                         "    def __init__(self):\n        super().__init__(torch.nn.Linear(4, 4), torch.nn.ReLU())\n")
     code, out, err = cli("apply", f"{tmp_path}/models.py:Net", rules, "--input", "2x4", "--dry-run",

@@ -96,7 +96,7 @@ ROWS = [
     ("prune-half.yaml", {}, "resnet18", 64, [8], {"Conv2d": 20}, {"Conv2d": 20}, "differs"),
     ("prune-half.yaml", {"amount": 0.25, "importance": "l2"}, "resnet50", 64, [16], {"Conv2d": 53}, {"Conv2d": 53}, "differs"),
     # bert (2 layers, 13 Linear with the pooler): query and value of each layer get A and B; outputs unchanged at insertion (B = 0)
-    ("lora.yaml", {"rank": 4}, "bert", None, [4], {"Linear": 13}, {"Linear": 21}, "equal"),
+    ("lora.yaml", {"rank": 4}, "bert", None, [21, 4], {"Linear": 13}, {"Linear": 21}, "equal"),
 ]
 
 

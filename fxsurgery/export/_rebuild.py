@@ -22,22 +22,8 @@ from ..capture import CallSpec, ModeGraphModule, assign, install_adapter, pickle
 from ..errors import SaveError
 from ..rewrite import StayEval, stays_eval
 from ._graphdata import GRAPH, VERSION
-from ._graphload import (
-    FIX,
-    OPS,
-    Bad,
-    attribute,
-    build_module,
-    decode,
-    entry_error,
-    function,
-    identifier,
-    method,
-    no_callbacks,
-    output_type_home,
-    path,
-    tree_structure,
-)
+from ._graphload import FIX, OPS, Bad, attribute, build_module, decode, entry_error, function, method, no_callbacks, output_type_home, path, tree_structure
+from ._graphload import identifier as plain  # a name the generated code can hold
 from ._shards import read as read_weights
 
 # the initialisers a module's constructor runs on its fresh parameters and buffers: on the meta device
@@ -110,10 +96,10 @@ def _node(graph: fx.Graph, root: nn.Module, entry: Any, env: dict[str, fx.Node])
     op, name, target = entry["op"], entry["name"], entry["target"]
     if op not in OPS:
         raise Bad(f"unknown op {op!r}")
-    if not identifier(name) or name == "self" or name in env:  # each becomes a variable of the generated forward
+    if not plain(name) or name == "self" or name in env:  # each becomes a variable of the generated forward
         raise Bad(f"name {name!r} is not a new plain name")
     args, kwargs = decode(entry["args"], env), decode(entry["kwargs"], env)
-    if not isinstance(args, tuple) or not isinstance(kwargs, dict) or not all(identifier(k) for k in kwargs):
+    if not isinstance(args, tuple) or not isinstance(kwargs, dict) or not all(plain(k) for k in kwargs):
         raise Bad("args are not a tuple or kwargs not a mapping of names")
     if op == "call_function":
         target = function(target)
@@ -127,7 +113,7 @@ def _node(graph: fx.Graph, root: nn.Module, entry: Any, env: dict[str, fx.Node])
     elif op in ("call_module", "get_attr"):
         if not _resolves(root, path(target), nn.Module if op == "call_module" else (nn.Module, torch.Tensor)):
             raise Bad(f"target {target!r} is no {'module' if op == 'call_module' else 'attribute'} graph.json declares")
-    elif op == "placeholder" and not (isinstance(target, str) and identifier(bare := target[2:] if target.startswith("**") else target.removeprefix("*"))
+    elif op == "placeholder" and not (isinstance(target, str) and plain(bare := target[2:] if target.startswith("**") else target.removeprefix("*"))
                                       and bare != "self"):  # a parameter of the generated forward, beside its self
         raise Bad(f"placeholder target {target!r} is not a plain name")
     return graph.create_node(op, target, args, kwargs, name=name, type_expr=torch.Tensor if entry["type"] else None)
@@ -309,7 +295,7 @@ def _call_form(data: Any) -> CallSpec:
     params = []
     for p in data["parameters"] if isinstance(data["parameters"], list) else [None]:
         if not (isinstance(p, dict) and set(p) - {"default"} == {"name", "kind"} and isinstance(p["name"], str) and isinstance(p["kind"], str)
-                and identifier(p["name"]) and p["kind"] in _KINDS):
+                and plain(p["name"]) and p["kind"] in _KINDS):
             raise Bad("parameters are not a list of {name, kind, default}")
         default = decode(p["default"], {}) if "default" in p else inspect.Parameter.empty
         params.append(inspect.Parameter(p["name"], _KINDS[p["kind"]], default=default))

@@ -45,9 +45,12 @@ class Resolver:
         where = f"{self.source}:{line}"
         if not isinstance(dotted, str) or not all(p.isidentifier() for p in dotted.split(".")):
             raise RuleError(f"{where}: {dotted!r} is not a dotted name; fix: write e.g. torch.nn.Linear")
-        if not self._allowed(dotted) or any(p.startswith("_") for p in dotted.split(".")[1:]):
+        if any(p.startswith("_") for p in dotted.split(".")[1:]):
+            raise RuleError(f"{where}: {dotted!r} is a private name, which rule files cannot reach; fix: use a public name, "
+                            "e.g. torch.nn.functional.gelu")
+        if not self._allowed(dotted):
             raise RuleError(f"{where}: {dotted!r} is outside the allowlist ({', '.join(self.allow)}); fix: use a public torch/torchvision name, or "
-                            f"allow its package with --allow-module")
+                            f"allow its package with --allow-module {dotted.split('.')[0]}")
         parts = dotted.split(".")
         obj, i = None, len(parts)
         while i > 0:
