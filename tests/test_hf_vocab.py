@@ -124,6 +124,9 @@ def test_a_token_whose_row_is_gone_is_unset_and_said():
     label = result.plan.matches[0].label
     assert (result.module.config.bos_token_id, result.module.config.eos_token_id) == (None, None)
     assert f"config.eos_token_id: 99 -> None (its row is not kept) ({label})" in result.report.notes
+    # said as a warning too: generate() has no eos to stop at
+    assert f"{label}: config.eos_token_id 99 is a row the trim does not keep, so it is None now; fix: keep that row" in \
+        result.plan.warnings
 
 
 def test_t5s_shared_embedding_is_never_called_and_the_error_says_which_module_calls_its_weight():

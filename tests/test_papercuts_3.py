@@ -467,3 +467,10 @@ def test_rules_refuse_none_as_their_selector_and_nan_among_a_modules_settings(tm
     code, _, stderr = cli("check", rules)
     assert (code, stderr) == (2, f"fxsurgery: error: {rules}:3: inserted module torch.nn.Dropout has p=nan, which is not a "
                                  "number; fix: give p a value\n")
+
+
+def test_a_plan_prints_as_its_table():
+    """print(result.plan) dumped kilobytes of dataclass fields."""
+    result = fxs.apply(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), [fxs.Freeze("0")])
+    assert repr(result.plan) == str(result.plan) == result.plan.table()
+    assert str(result.plan).splitlines()[2].split() == ["1", "freeze", "0", "1", "0"]

@@ -70,6 +70,9 @@ class Plan:
     matches: list[Match]
     warnings: list[str] = field(default_factory=list)
 
+    def __repr__(self) -> str:  # the dataclass's own was kilobytes of sites: print(result.plan) shows the table
+        return self.table()
+
     def table(self) -> str:
         rows = [("#", "rule", "matches", "where")]
         for m in self.matches:
