@@ -99,8 +99,8 @@ def test_a_shard_that_is_no_regular_file_is_refused_before_it_is_read(result, tm
         os.mkfifo(shard)
     with pytest.raises(fxs.SaveError) as err:
         fxs.load(out)
-    what = {"device": "is a symbolic link", "fifo": "is not a regular file"}.get(kind)
-    assert str(err.value) == (f"{shard}: {what}, which a saved directory never holds; fix: put the file itself there, or write "
+    what = {"device": "is a link to /dev/zero, not a regular file", "fifo": "is not a regular file"}.get(kind)
+    assert str(err.value) == (f"{shard}: {what}; fix: put the file itself there, or write "
                               "the directory again with save()" if what else
                               f"{shard}: missing or not a regular file; fix: write the directory again with save()")
 

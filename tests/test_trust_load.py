@@ -254,9 +254,9 @@ def test_a_graph_json_that_is_no_regular_file_is_refused_before_it_is_read(tmp_p
         os.mkfifo(graph)
     for command in (["inspect", str(tmp_path / "o")], ["inspect", str(tmp_path / "o"), "--input", "1x4"]):
         proc = subprocess.run([sys.executable, "-m", "fxsurgery", *command], capture_output=True, text=True, timeout=120)
-        what = "a symbolic link" if kind == "device" else "not a regular file"
-        assert (proc.returncode, proc.stderr) == (2, f"fxsurgery: error: {graph}: is {what}, which a saved directory never "
-                                                     "holds; fix: put the file itself there, or write the directory again with save()\n")
+        what = "a link to /dev/zero, not a regular file" if kind == "device" else "not a regular file"
+        assert (proc.returncode, proc.stderr) == (2, f"fxsurgery: error: {graph}: is {what}; fix: put the file itself there, "
+                                                     "or write the directory again with save()\n")
 
 
 def test_declared_shapes_are_checked_before_anything_is_allocated(tmp_path):
@@ -353,14 +353,30 @@ def test_a_tensor_in_a_shard_the_index_does_not_put_it_in_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["model.safetensors", "model.py", "surgery.json"])
-def test_a_saved_file_that_is_a_link_is_refused_before_it_is_read(tmp_path, name):
+def test_a_saved_file_that_links_into_a_pseudo_file_system_is_refused_before_it_is_read(tmp_path, name):
     # /proc/self/pagemap reports a regular file of hundreds of GB: hashing it through a link hung the load
     fxs.apply(Buffers(), [], example_inputs=(torch.randn(1, 4),)).save(tmp_path / "o")
     (tmp_path / "o" / name).unlink()
     (tmp_path / "o" / name).symlink_to("/proc/self/pagemap")
-    message = f"{tmp_path / 'o' / name}: is a symbolic link, which a saved directory never holds; " \
+    real = os.path.realpath(tmp_path / "o" / name)  # /proc/<this process>/pagemap
+    message = f"{tmp_path / 'o' / name}: is a link to {real}, not a regular file; " \
               "fix: put the file itself there, or write the directory again with save()"
     with pytest.raises(fxs.SaveError) as err:
         fxs.load(tmp_path / "o")
     assert str(err.value) == bounded(message)
-    assert run_cli(["inspect", str(tmp_path / "o")])[:3] == (2, "", f"fxsurgery: error: {message}\n")
+    assert run_cli(["inspect", str(tmp_path / "o")])[:3] == (2, "", f"fxsurgery: error: {bounded(message)}\n")
+
+
+def test_a_saved_directory_laid_out_as_the_hub_cache_holds_it_loads(tmp_path):
+    # a snapshot's files are links to blobs two directories up: refusing every link refused a downloaded surgery
+    result = fxs.apply(Buffers(), [], example_inputs=(torch.randn(1, 4),))
+    result.save(tmp_path / "o")
+    snapshot, blobs = tmp_path / "models--me--surgery" / "snapshots" / "abc123", tmp_path / "models--me--surgery" / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for i, file in enumerate(sorted((tmp_path / "o").iterdir())):
+        os.rename(file, blobs / f"blob{i}")
+        (snapshot / file.name).symlink_to(f"../../blobs/blob{i}")
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        assert torch.equal(fxs.load(snapshot)(x), result.module(x))

@@ -66,18 +66,28 @@ def _pretrained(directory: Path) -> bool:
 _READ = re.compile(r"model\.py|model\.safetensors(\.index\.json)?|graph\.json|surgery\.json|model-\d{5}-of-\d{5}\.safetensors")
 
 
+_PSEUDO = ("/proc/", "/sys/", "/dev/")  # file systems whose "regular files" never end or hang (/proc/self/pagemap)
+
+
 def _plain_files(directory: Path) -> None:
-    """Refuse a file a load would read that is a link or not a regular file: a link may lead out of the
-    directory, and to what never ends or hangs (/proc/self/pagemap says it is a regular file of 100s of GB)."""
+    """Refuse a file a load would read that is not a regular file: a FIFO hangs, /dev/zero never ends. A link
+    is followed (the Hugging Face cache links each file of a snapshot to a blob) to a regular file only, outside
+    the pseudo file systems, whose files claim to be regular."""
     try:
         entries = list(os.scandir(directory))
     except OSError:
         return  # not a directory: the caller says what is missing
     for entry in sorted(entries, key=lambda e: e.name):
-        if _READ.fullmatch(entry.name) and not entry.is_file(follow_symlinks=False):
-            what = "a symbolic link" if entry.is_symlink() else "not a regular file"
-            raise SaveError(f"{directory / entry.name}: is {what}, which a saved directory never holds; "
-                            "fix: put the file itself there, or write the directory again with save()")
+        if not _READ.fullmatch(entry.name) or entry.is_file(follow_symlinks=False):
+            continue
+        if entry.is_symlink():
+            real = os.path.realpath(entry.path)
+            if os.path.isfile(real) and not real.startswith(_PSEUDO):
+                continue
+            what = f"a link to {real}, not a regular file"
+        else:
+            what = "not a regular file"
+        raise SaveError(f"{directory / entry.name}: is {what}; fix: put the file itself there, or write the directory again with save()")
 
 
 def read_record(directory: str | os.PathLike) -> dict:
