@@ -224,13 +224,13 @@ def test_drop_dropout_module_and_function_forms():
 class Attention(nn.Module):
     """Attention as timm and transformers write it: dropout_p from the mode, no dropout module to match."""
 
-    def __init__(self, p: float, positional: bool):
+    def __init__(self, p: float, positional: bool, always: bool = False):
         super().__init__()
-        self.qkv, self.p, self.positional = nn.Linear(8, 24), p, positional
+        self.qkv, self.p, self.positional, self.always = nn.Linear(8, 24), p, positional, always
 
     def forward(self, x):
         q, k, v = self.qkv(x).unflatten(-1, (3, 2, 4)).transpose(1, 3).unbind(2)
-        p = self.p if self.training else 0.0
+        p = self.p if self.training or self.always else 0.0  # always: Monte Carlo dropout
         if self.positional:
             return F.scaled_dot_product_attention(q, k, v, None, p, True)
         return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
@@ -251,6 +251,9 @@ def test_drop_dropout_removes_attention_dropout(captured_in, positional):
     with pytest.raises(fxs.MatchError) as err:
         fxs.apply(without, [fxs.Rewrite(fxs.DropDropout)], example_inputs=(x,))
     assert "scaled_dot_product_attention is called without dropout" in err.value.full
+    with pytest.raises(fxs.MatchError) as err:  # Monte Carlo dropout drops in eval mode too: removing it changes eval outputs
+        fxs.apply(Attention(0.5, positional, always=True).eval(), [fxs.Rewrite(fxs.DropDropout)], example_inputs=(x,))
+    assert "scaled_dot_product_attention is called with dropout_p=0.5 in both modes, so it drops in eval mode too" in err.value.full
 
 
 def test_drop_dropout_leaves_no_dropout_in_a_timm_vit():
@@ -379,7 +382,37 @@ def test_the_report_says_new_for_what_a_rewrite_made_afresh_and_adapted_for_what
         report = fxs.apply(net, [fxs.Rewrite(pattern)], example_inputs=(x,)).report
         return {e.name: (e.status, e.source) for e in report.entries if not e.name.startswith("b.")}
 
-    assert statuses(fresh) == {"a.0.weight": ("new", None), "a.0.bias": ("new", None),
-                               "a.weight": ("dropped", None), "a.bias": ("dropped", None)}
+    made_afresh = {"a.0.weight": ("new", None), "a.0.bias": ("new", None), "a.weight": ("dropped", None), "a.bias": ("dropped", None)}
+    assert statuses(fresh) == made_afresh
     assert statuses(half) == {"a.0.weight": ("adapted", "a, r"), "a.0.bias": ("new", None)}
     assert statuses(copied) == {"a.0.weight": ("adapted", "a, r"), "a.0.bias": ("adapted", "a, r")}
+
+    def idiom(body):
+        @fxs.pattern(nn.Linear, nn.ReLU)
+        def written(linear, relu):
+            new = nn.Linear(4, 4)
+            with torch.no_grad():
+                body(linear, new)
+            return nn.Sequential(new, nn.ReLU())
+        return statuses(written)
+
+    def assigned(linear, new):  # __setitem__ returns nothing: what it writes is followed
+        new.weight[:] = linear.weight
+        new.bias[:] = linear.bias
+
+    def reinitialised(linear, new):  # a copy re-initialised holds nothing of the match (nn.init passes tensor=)
+        again = copy.deepcopy(linear)
+        again.reset_parameters()
+        new.weight.data, new.bias.data = again.weight.data, again.bias.data
+
+    assert idiom(assigned) == {"a.0.weight": ("adapted", "a, r"), "a.0.bias": ("adapted", "a, r")}
+    assert idiom(reinitialised) == made_afresh
+    assert idiom(lambda linear, new: new.weight.copy_(torch.zeros_like(linear.weight))) == made_afresh  # a shape, not values
+    assert idiom(lambda linear, new: setattr(new.weight, "data", new.weight.type_as(linear.weight))) == made_afresh
+
+    @fxs.pattern(nn.ReLU)
+    def grown(relu):  # a match without tensors: what the rewrite makes is new
+        return nn.Sequential(nn.ReLU(), nn.Linear(4, 4))
+
+    report = fxs.apply(net, [fxs.Rewrite(grown)], example_inputs=(x,)).report
+    assert {e.name: e.status for e in report.entries if e.name.startswith("r.")} == {"r.1.weight": "new", "r.1.bias": "new"}

@@ -177,6 +177,10 @@ def test_a_target_outside_the_allowlist_is_refused(tmp_path, target):
     ("module layers beyond any model's", lambda d: d["attributes"].insert(0, {"path": "big", "dtype": None, "module": {
         "class": "torch.nn.Transformer", "kwargs": {"d_model": 8, "nhead": 1, "num_encoder_layers": 20000}}}),
      "attributes[0] 'big': torch.nn.Transformer(num_encoder_layers=20000) declares more than 1024 layers"),
+    # a declared size no name gives away: Python work per layer on the meta device too (20000 MLP layers took 9 s)
+    ("module building more than its entries declare", lambda d: d["attributes"].insert(0, {"path": "big", "dtype": None, "module": {
+        "class": "torchvision.ops.MLP", "kwargs": {"in_channels": 4, "hidden_channels": [1] * 20000}}}),
+     "attributes[0] 'big': builds more than 14000 modules, parameters and buffers, more than its entries declare"),
     # names become code of the generated forward: a keyword, stars or self would only fail at the first call
     ("placeholder named by a keyword", lambda d: _node(d, "placeholder").update(target="lambda"),
      "nodes[0] 'x': placeholder target 'lambda' is not a plain name"),

@@ -23,6 +23,7 @@ from ..errors import SaveError
 from ..rewrite import StayEval, stays_eval
 from ._graphdata import GRAPH, VERSION
 from ._graphload import FIX, OPS, Bad, attribute, build_module, decode, entry_error, function, method, no_callbacks, output_type_home, path, tree_structure
+from ._graphload import BuildBudget as budget  # what building graph.json's entries may cost
 from ._graphload import identifier as plain  # a name the generated code can hold
 from ._shards import read as read_weights
 
@@ -241,7 +242,7 @@ def rebuild(directory: Path, allow: tuple[str, ...], device: str | torch.device)
             path(alias)
     except Bad as exc:
         raise entry_error(directory, "ties, frozen, eval or stay_eval", exc) from None
-    with _MetaBuild():
+    with _MetaBuild(), budget(10_000 + 1_000 * len(attributes)):  # a layer's worth per entry, and room
         for i, entry in enumerate(attributes):
             try:
                 _attribute(root, entry, allow)

@@ -7,7 +7,8 @@ fresh layer and leave it at its random init. The report must not call that
 storage came from the matched modules marks what it returns (and what it
 writes in place: `copy_`) as derived; `nn.Parameter(t)`, `.data` and views
 share the storage and stay marked. A tensor of the replacement that ends up
-unmarked is new.
+unmarked is new. What leaves torch (`.tolist()`, `.item()`, numpy) is not
+followed: a tensor made again from those values counts as new.
 """
 
 from __future__ import annotations
@@ -28,23 +29,53 @@ def _storage(t: torch.Tensor) -> int:
         return 0
 
 
+# calls that read their first argument's shape, dtype and device only (a fresh tensor like it)
+_LIKE = frozenset({torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like,
+                   torch.randint_like, *(getattr(torch.Tensor, n) for n in ("new_zeros", "new_ones", "new_empty", "new_full"))})
+# in-place calls (by name: Tensor methods and nn.init alike) that overwrite their first argument whole
+_OVERWRITES = frozenset({"zero_", "zeros_", "ones_", "fill_", "constant_", "uniform_", "normal_", "trunc_normal_", "eye_",
+                         "dirac_", "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
+                         "sparse_", "random_", "bernoulli_", "exponential_", "geometric_", "log_normal_", "cauchy_", "copy_"})
+
+
 class Derivation(TorchFunctionMode):
     """The storages computed from `sources` while the mode is on."""
 
     def __init__(self, sources: list[nn.Module]):
         super().__init__()
-        self.marked = {p for m in sources for t in [*m.parameters(), *m.buffers()] if (p := _storage(t))}
-        self.followed = bool(self.marked)  # a model without values (meta) cannot be followed
+        tensors = [t for m in sources for t in [*m.parameters(), *m.buffers()]]
+        self.marked = {p for t in tensors if (p := _storage(t))}
+        self.followed = not any(t.is_meta for t in tensors)  # a match without values (meta) cannot be followed
         self.alive: list = []  # a freed storage's address could come back as a fresh layer's: kept until the rewrite ends
+
+    def _mark(self, t: torch.Tensor) -> None:
+        p = _storage(t)
+        if p and p not in self.marked:
+            self.marked.add(p)
+            self.alive.append(t.untyped_storage())
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if any(isinstance(t, torch.Tensor) and _storage(t) in self.marked for t in pytree.tree_leaves((args, kwargs))):
+        rest = dict(kwargs)
+        # nn.init passes its tensor by keyword (`tensor=`) when it hands itself to a mode
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else rest.pop("tensor", None) if not args else None
+        name = getattr(func, "__name__", "")
+        read = any(_storage(t) in self.marked for t in pytree.tree_leaves((args[1:], rest)) if isinstance(t, torch.Tensor))
+        if first is not None and (func is torch.Tensor.__setitem__ or name.endswith("_")):  # it writes its first argument
+            if read:
+                self._mark(first)  # copy_ of the match, `w[:] = x`, mul_ by a derived scale
+            elif name in _OVERWRITES:
+                self.marked.discard(_storage(first))  # re-initialised: nothing of the match is left in it
+            return out
+        if func not in _LIKE and first is not None and _storage(first) in self.marked:
+            read = True
+        if read:
+            given = {_storage(t) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
             for t in pytree.tree_leaves(out):
-                if isinstance(t, torch.Tensor) and (p := _storage(t)) and p not in self.marked:
-                    self.marked.add(p)
-                    self.alive.append(t.untyped_storage())
+                # an argument returned as it is or viewed (`fresh.type_as(w)`, `fresh.to(w)`) keeps its own story
+                if isinstance(t, torch.Tensor) and _storage(t) not in given:
+                    self._mark(t)
         return out
 
     def derived(self, made: Any) -> frozenset | None:

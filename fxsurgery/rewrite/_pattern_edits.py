@@ -63,7 +63,7 @@ def rewrite_chains(rw: Rewriter, m: Match, sites: list[Site]) -> None:
             replacement = made[found.install]
         else:
             planned = _check_values(rw, m, site, found, matched)
-            following = Derivation([x for x in matched if isinstance(x, nn.Module)] if not planned else [])
+            following = Derivation([x for x in matched if isinstance(x, nn.Module)])  # planned (on meta): not followed
             try:
                 with following:
                     replacement = pattern.rewrite(*([_on_meta(x) for x in matched] if planned else matched))

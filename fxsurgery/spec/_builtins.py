@@ -171,8 +171,11 @@ class DropDropout(Pattern):
     def check(self, dropout):  # a dropout that always drops (Monte Carlo dropout) is not the identity in eval mode
         if isinstance(dropout, fx.Node) and dropout.target is F.scaled_dot_product_attention:
             # the same constant 0 in both modes: nothing to remove (a mode-dependent one is matched in both graphs)
-            if _dropout_p(dropout) in (0, 0.0) and dropout.meta.get(SAME_IN_BOTH_MODES, True):
+            p = _dropout_p(dropout)
+            if p in (0, 0.0) and dropout.meta.get(SAME_IN_BOTH_MODES, True):
                 return "scaled_dot_product_attention is called without dropout"
+            if isinstance(p, (int, float)) and dropout.meta.get(SAME_IN_BOTH_MODES):  # as F.dropout(x) below
+                return f"scaled_dot_product_attention is called with dropout_p={p} in both modes, so it drops in eval mode too"
             return None
         if isinstance(dropout, fx.Node):
             try:
