@@ -19,7 +19,7 @@ from .errors import RuleError, SaveError
 from .export import footprint, parse_size, save, save_pretrained
 from .match import Plan, match
 from .rewrite import InputChange, rewrite
-from .spec import Prune, Rule, flatten, load_rules
+from .spec import Output, Prune, Rule, flatten, load_rules
 from .transfer import TransferReport, carry_root_hooks, hold_norms, open_checkpoint, pending_of, refuse_dtensors, register, transfer, with_values
 from .validate import GradientFlow, check_module, gradient_flow, validate
 
@@ -279,7 +279,9 @@ def apply(model: nn.Module, rules, example_inputs=None, *, example_kwargs: dict 
                                                          *dict(module.named_buffers(remove_duplicate=False))})
             hold_norms(module, rewritten)  # after the modes are live: a held BatchNorm's calls stay in eval mode in both
             if not kept:  # a graph holds the forward, not the call around it: the root's hooks go on the result's root
-                carry_root_hooks(model, module)
+                changed = next((m.label for m in plan.matches if isinstance(m.rule, Output) and m.count), "")
+                changed = changed or next((plan.matches[c.rule - 1].label for c in rewritten.input_changes()), "")
+                plan.warnings += carry_root_hooks(model, module, changed)
         with clock("validate"):
             # where opaque code joins the graphs; its fake run gives the gradient flow too
             checked_flow = check_module(module, rewritten, captured.example_kwargs)

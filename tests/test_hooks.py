@@ -73,3 +73,24 @@ def test_a_kept_class_keeps_its_hooks_and_save_pretrained_refuses_to_lose_them(t
         result.save(tmp_path / "o")
     assert str(err.value).startswith("bert.pooler: run hooks registered on the model, which from_pretrained does not rebuild")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_hooks_that_see_other_values_or_cannot_be_carried_are_said():
+    import warnings
+
+    model, x = hooked(), torch.randn(4, 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fxs.apply(model, [fxs.Output({"1": "features", "3": "logits"})], example_inputs=(x,))
+    label = result.plan.matches[0].label
+    assert f"{label} changes what the model takes or returns, and the hooks registered on the model, which run around the " \
+           "result too, see the new values; fix: check them, or remove them (handle.remove())" in [str(w.message) for w in caught]
+    old_style = nn.Sequential(nn.Linear(3, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's own deprecation warning
+        old_style.register_backward_hook(lambda m, gin, gout: None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fxs.apply(old_style, [Freeze("0")], example_inputs=(x,))
+    assert "the model's register_backward_hook hooks (torch's deprecated kind) are not carried to the result; fix: register " \
+           "them on result.module with register_full_backward_hook" in [str(w.message) for w in caught]

@@ -33,3 +33,25 @@ def test_linear_probe_holds_the_batchnorms_a_graph_traced_into(name, tmp_path):
     before = _stats(moving)
     moving(torch.randn(4, 3, 64, 64))
     assert sum(not torch.equal(before[k], v) for k, v in _stats(moving).items()) == len(before)
+
+
+def test_freezing_batchnorm_layers_whose_statistics_still_move_warns():
+    """Freeze('*', exclude=[head]) then three training steps moved 60 of resnet18's 60 running-stat buffers."""
+    import warnings
+
+    import torchvision
+
+    def said(model, rule):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = fxs.apply(model, [rule], example_inputs=(torch.randn(2, 3, 32, 32),))
+        return result, [str(w.message) for w in caught if "BatchNorm" in str(w.message)]
+
+    result, warned = said(torchvision.models.resnet18(), fxs.Freeze("*", exclude=["fc"]))
+    assert warned == [f"{result.plan.matches[0].label} freezes 20 BatchNorm layers (bn1, layer1.0.bn1 and 18 more), whose "
+                      "running statistics still move under model.train(); fix: bn='eval' (bn: eval in a rule file) holds them, "
+                      "unless they should adapt"]
+    assert said(torchvision.models.resnet18(), fxs.Freeze("*", exclude=["fc"], bn="eval"))[1] == []
+    nn = torch.nn
+    untracked = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU())
+    assert said(untracked, fxs.Freeze("*"))[1] == []  # no statistics to move

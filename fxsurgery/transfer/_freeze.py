@@ -18,7 +18,8 @@ def _is_container(module: nn.Module) -> bool:
 def _warn_moving_norms(rewritten: Rewritten, m, frozen: list[str], originals: dict) -> None:
     """Frozen weights whose BatchNorm statistics still move under .train(): what users of a frozen backbone
     rarely mean, and the reason Freeze has bn="eval"."""
-    norms = sorted({n.rpartition(".")[0] for n in frozen if isinstance(originals.get(n.rpartition(".")[0]), _BatchNorm)})
+    norms = sorted({n.rpartition(".")[0] for n in frozen if isinstance(bn := originals.get(n.rpartition(".")[0]), _BatchNorm)
+                    and bn.track_running_stats})  # without running statistics there are none to move
     if norms:
         shown = ", ".join(norms[:2]) + (f" and {len(norms) - 2} more" if len(norms) > 2 else "")
         rewritten.plan.warnings.append(

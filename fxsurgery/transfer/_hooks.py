@@ -17,8 +17,13 @@ def _ours(hook) -> bool:
     return isinstance(hook, (StayEval, _Consumed))
 
 
-def carry_root_hooks(original: nn.Module, module: nn.Module) -> None:
-    """Register the original root's forward and backward hooks on the result's root, in their order."""
+def carry_root_hooks(original: nn.Module, module: nn.Module, reshaped: str = "") -> list[str]:
+    """Register the original root's forward and backward hooks on the result's root, in their order; the
+    warnings worth giving (`reshaped`: the rule that changed the model's inputs or outputs, which they see)."""
+    said = []
+    if reshaped and any(not _ours(h) for h in [*original._forward_pre_hooks.values(), *original._forward_hooks.values()]):
+        said.append(f"{reshaped} changes what the model takes or returns, and the hooks registered on the model, which run "
+                    "around the result too, see the new values; fix: check them, or remove them (handle.remove())")
     for key, hook in original._forward_pre_hooks.items():
         if not _ours(hook):
             module.register_forward_pre_hook(hook, with_kwargs=key in original._forward_pre_hooks_with_kwargs)
@@ -30,6 +35,10 @@ def carry_root_hooks(original: nn.Module, module: nn.Module) -> None:
     if original._is_full_backward_hook is not False:  # None: none registered; False: old-style ones, which torch warns off
         for hook in original._backward_hooks.values():
             module.register_full_backward_hook(hook)
+    elif original._backward_hooks:
+        said.append("the model's register_backward_hook hooks (torch's deprecated kind) are not carried to the result; "
+                    "fix: register them on result.module with register_full_backward_hook")
+    return said
 
 
 def user_hooks(module: nn.Module) -> list[str]:
