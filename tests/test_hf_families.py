@@ -241,3 +241,22 @@ def test_t5_without_its_first_block_first_warns_that_the_stack_loses_its_positio
     assert said == [f"{label}: layer 0 of decoder.block computes the relative position bias every layer reads, and layer 1, "
                     "first now, has none: the stack runs without position information; fix: keep layer 0 first"]
     assert warned([0, 2])[1] == []
+
+
+@pytest.mark.parametrize("stack, counts", [("decoder.bert.encoder.layer", (3, 2)), ("encoder.encoder.layer", (2, 3))])
+def test_an_encoder_decoder_model_counts_each_side_in_its_own_configuration(stack, counts, tmp_path):
+    # config.encoder and config.decoder count the two BERTs: neither followed, and save refused with a fix that was
+    # what had been done
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=37, vocab_size=100)
+    config = transformers.EncoderDecoderConfig.from_encoder_decoder_configs(
+        transformers.BertConfig(**small), transformers.BertConfig(**small, is_decoder=True, add_cross_attention=True))
+    config.decoder_start_token_id, config.pad_token_id = 0, 0
+    model = transformers.EncoderDecoderModel(config=config).eval()
+    x, decoder = ids(2, 7), ids(2, 5, seed=2)
+    result = apply(model, [Layers(stack, order=[0, 2])], (x,), example_kwargs={"decoder_input_ids": decoder})
+    got = result.module
+    assert (got.config.encoder.num_hidden_layers, got.config.decoder.num_hidden_layers) == counts
+    result.save(tmp_path / "out")
+    loaded = transformers.EncoderDecoderModel.from_pretrained(tmp_path / "out").eval()
+    assert torch.equal(logits(loaded, x, decoder_input_ids=decoder), logits(got, x, decoder_input_ids=decoder))

@@ -262,7 +262,7 @@ def test_a_sequential_of_numbered_blocks_is_rearranged_as_a_list_is(tmp_path):
     rule = Layers("blocks", order=[0, 1, 1, 5])
     with pytest.raises(MatchError) as err:
         fxs.apply(model, [rule], example_inputs=(x,))
-    assert str(err.value).endswith("fix: pass keep_class=True (--keep-class)")
+    assert str(err.value).endswith("fix: pass keep_class=True (--keep-class), or Delete/Insert the layers' calls")
     result = fxs.apply(model, [rule], example_inputs=(x,), keep_class=True)
     hand = copy.deepcopy(model)
     hand.blocks = nn.Sequential(*[copy.deepcopy(model.blocks[i]) for i in (0, 1, 1, 5)])

@@ -45,6 +45,9 @@ class Site:
 _COUNT = re.compile(r"(num_)?((hidden|encoder|decoder)_)?layers|n_layers?")
 
 
+_PART_ALIASES = {("text", "language_model"), ("vision", "vision_tower")}
+
+
 def _is_config(value) -> bool:
     return hasattr(value, "to_json_string")
 
@@ -72,11 +75,12 @@ def _counted_by(module: nn.Module, path: str) -> list[tuple[object, str]]:
     if not _is_config(root):
         return []
     words = path.split(".")
-    counted = root
-    for name, sub in vars(root).items():  # a composite configuration: the part named like the path's first module
-        stem = name.removesuffix("_config")
-        if _is_config(sub) and name != stem and (words[0] == stem or words[0].startswith(stem + "_")):
-            counted = sub
+    parts = {name.removesuffix("_config"): sub for name, sub in vars(root).items() if _is_config(sub)}
+    # a composite configuration: the part named like a module on the path (CLIP's text_model: text_config; an
+    # EncoderDecoderModel's decoder: decoder; Llava's language_model: text_config)
+    named = next((parts[stem] for w in words for stem in parts
+                  if w == stem or w.startswith(stem + "_") or (stem, w) in _PART_ALIASES), None)
+    counted = named if named is not None else root
     key = _count_key(counted, path)
     if key is None:
         return []
