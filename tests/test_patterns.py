@@ -416,3 +416,22 @@ def test_the_report_says_new_for_what_a_rewrite_made_afresh_and_adapted_for_what
 
     report = fxs.apply(net, [fxs.Rewrite(grown)], example_inputs=(x,)).report
     assert {e.name: e.status for e in report.entries if e.name.startswith("r.")} == {"r.1.weight": "new", "r.1.bias": "new"}
+
+
+def test_a_rewrite_that_writes_into_the_matched_modules_is_refused_and_leaves_the_original_alone():
+    # they are the original model's tensors: linear.weight.mul_(2) changed the user's model, and the report said transferred
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    saved = state_copy(model)
+
+    @fxs.pattern(nn.Linear, nn.ReLU)
+    def doubled(linear, relu):
+        with torch.no_grad():
+            linear.weight.mul_(2)
+        return nn.Sequential(linear, nn.ReLU())
+
+    with pytest.raises(fxs.RewriteError) as err:
+        fxs.apply(model, [fxs.Rewrite(doubled)], example_inputs=(torch.randn(2, 4),))
+    assert str(err.value).endswith(" at '0': doubled.rewrite writes into the matched Linear.weight, which the original model "
+                                   "holds; fix: compute a new tensor from it (new.weight.copy_(linear.weight * 2))")
+    assert_state_equal(model, saved)

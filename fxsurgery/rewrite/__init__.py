@@ -19,7 +19,7 @@ from ..errors import RewriteError
 from ..match import Match, Plan
 from ..spec import Delete, Detach, Freeze, Insert, Layers, New, Output, Prune, Replace, Rewrite, like
 from ._blame import shape_failure
-from ._derivation import Derivation
+from ._derivation import Derivation, WroteSource
 from ._edited import Edited, InputChange
 from ._editor import Rewriter, callable_only
 from ._fitting import build, mode_at
@@ -157,6 +157,9 @@ def _pattern_edit(m: Match, module: nn.Module, path: str, shape_in: tuple | None
     except ValueError as err:  # a pattern refusing this match (LoRA's rank above a layer's size)
         raise RewriteError(f"{m.label} at '{path}': {pattern.describe()}: {first_line(err)}; "
                            "fix: change the rule's params, or select other layers") from None
+    except WroteSource as wrote:
+        raise RewriteError(f"{m.label} at '{path}': {pattern.describe()}.rewrite writes into the matched {wrote.name}, which "
+                           "the original model holds; fix: compute a new tensor from it (new.weight.copy_(linear.weight * 2))") from None
     if made is None:
         return ModuleEdit(path, m.index, "delete", module=Skip())
     if isinstance(made, New):

@@ -38,6 +38,19 @@ _OVERWRITES = frozenset({"zero_", "zeros_", "ones_", "fill_", "constant_", "unif
                          "sparse_", "random_", "bernoulli_", "exponential_", "geometric_", "log_normal_", "cauchy_", "copy_"})
 
 
+_FLAGS = frozenset({"share_memory_"})  # in-place by name, yet it changes nothing a model computes (requires_grad_ does)
+_IN_PLACE_OPERATORS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",
+                                 "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__", "__imatmul__"})
+
+
+class WroteSource(Exception):
+    """A rewrite wrote into a tensor of the matched modules (`linear.weight.mul_(2)`), which the original model holds."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
 class Derivation(TorchFunctionMode):
     """The storages computed from `sources` while the mode is on."""
 
@@ -45,6 +58,8 @@ class Derivation(TorchFunctionMode):
         super().__init__()
         tensors = [t for m in sources for t in [*m.parameters(), *m.buffers()]]
         self.marked = {p for t in tensors if (p := _storage(t))}
+        self.sources = {p: f"{type(m).__name__}.{n}" for m in sources for n, t in [*m.named_parameters(), *m.named_buffers()]
+                        if (p := _storage(t))}
         self.followed = not any(t.is_meta for t in tensors)  # a match without values (meta) cannot be followed
         self.alive: list = []  # a freed storage's address could come back as a fresh layer's: kept until the rewrite ends
 
@@ -56,13 +71,17 @@ class Derivation(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         rest = dict(kwargs)
         # nn.init passes its tensor by keyword (`tensor=`) when it hands itself to a mode
         first = args[0] if args and isinstance(args[0], torch.Tensor) else rest.pop("tensor", None) if not args else None
         name = getattr(func, "__name__", "")
+        in_place = name.endswith("_") and not name.endswith("__") and name not in _FLAGS  # mul_, copy_, nn.init's
+        writes = first is not None and (in_place or name in _IN_PLACE_OPERATORS)
+        if writes and _storage(first) in self.sources:  # before it runs: the matched modules' tensors are the original's
+            raise WroteSource(self.sources[_storage(first)])
+        out = func(*args, **kwargs)
         read = any(_storage(t) in self.marked for t in pytree.tree_leaves((args[1:], rest)) if isinstance(t, torch.Tensor))
-        if first is not None and (func is torch.Tensor.__setitem__ or name.endswith("_")):  # it writes its first argument
+        if writes:  # it writes its first argument
             if read:
                 self._mark(first)  # copy_ of the match, `w[:] = x`, mul_ by a derived scale
             elif name in _OVERWRITES:

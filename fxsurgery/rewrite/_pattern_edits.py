@@ -20,7 +20,7 @@ from torch import fx, nn
 from .._util import first_line, get_path
 from ..match import TWO_STEPS, Constant, Found, Match, Site
 from ..spec import New, describe
-from ._derivation import Derivation
+from ._derivation import Derivation, WroteSource
 from ._edited import Slot
 from ._editor import Rewriter
 from ._fitting import build, expected_input, fit_call, snake
@@ -69,6 +69,9 @@ def rewrite_chains(rw: Rewriter, m: Match, sites: list[Site]) -> None:
                     replacement = pattern.rewrite(*([_on_meta(x) for x in matched] if planned else matched))
             except ValueError as err:  # a pattern refusing this match (LoRA's rank above a layer's size)
                 rw.fail(m, site, f"{pattern.describe()}: {first_line(err)}", "change the rule's params, or select other layers")
+            except WroteSource as wrote:
+                rw.fail(m, site, f"{pattern.describe()}.rewrite writes into the matched {wrote.name}, which the "
+                        "original model holds", "compute a new tensor from it (new.weight.copy_(linear.weight * 2))")
             if isinstance(replacement, New):
                 replacement = build(m, replacement, rw.shape_in(site), site, rw.like(site), rw.mode(site))
             derivations[id(replacement)] = following
