@@ -55,3 +55,25 @@ def test_freezing_batchnorm_layers_whose_statistics_still_move_warns():
     nn = torch.nn
     untracked = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU())
     assert said(untracked, fxs.Freeze("*"))[1] == []  # no statistics to move
+
+
+def test_bn_eval_holds_batchnorms_without_parameters(tmp_path):
+    """A BatchNorm2d(affine=False) has running statistics but no weight: Freeze('*', bn='eval') left it in train mode,
+    its statistics moved and train-mode outputs differed from eval-mode ones."""
+    nn = torch.nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, affine=False), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+    x = torch.randn(2, 3, 8, 8)
+    model(x)
+    result = fxs.apply(model, [fxs.Freeze("*", exclude=["4"], bn="eval")], example_inputs=(x,))
+    result.save(tmp_path / "o")
+    for module in (result.module, fxs.load(tmp_path / "o")):
+        before = _stats(module)
+        y = torch.randn(4, 3, 8, 8)
+        trained = module.train()(y)
+        assert all(torch.equal(before[k], v) for k, v in _stats(module).items())
+        assert torch.equal(trained, module.eval()(y))
+        assert torch.equal(trained, model.eval()(y))
+        model.train()
+    with pytest.warns(UserWarning, match=r"freezes 1 BatchNorm layer \(1\), whose running statistics still move"):
+        fxs.apply(model, [fxs.Freeze("*", exclude=["4"])], example_inputs=(x,))

@@ -42,19 +42,21 @@ def freeze(rewritten: Rewritten, module: nn.Module, rule_of, modules: dict | Non
         return type(here)
 
     params = dict(module.named_parameters(remove_duplicate=False))
+    stats = _statistics(modules)  # BatchNorms without parameters (affine=False): bn="eval" holds them too
     others = _other_names(rewritten.capture.model)
     # Prune leaves a layer where it was, narrower: a Freeze before it still holds it (Replace makes a layer to train)
     pruned = {m.index for m in rewritten.plan.matches if isinstance(m.rule, Prune)}
     for m in rewritten.plan.matches:
         if isinstance(m.rule, Freeze):
-            frozen, _ = frozen_by(m.rule, list(params), type_of, others)
+            frozen, _ = frozen_by(m.rule, [*params, *stats], type_of, others)
             if m.rule.bn != "eval":
                 _warn_moving_norms(rewritten, m, frozen, originals)
             for name in frozen:
                 maker = rule_of(name)
                 if maker is None or maker < m.index or maker in pruned:
-                    params[name].requires_grad_(False)
-                    params[name].grad = None
+                    if name in params:
+                        params[name].requires_grad_(False)
+                        params[name].grad = None
                     owner = modules.get(name.rpartition(".")[0])
                     if m.rule.bn == "eval" and isinstance(owner, _BatchNorm) and not stays_eval(owner):
                         owner.register_forward_pre_hook(StayEval())
@@ -90,6 +92,13 @@ def freeze_derived(rewritten: Rewritten, derived: list[tuple], originals: dict) 
                 f"{rewritten.rule_of(rule).label} computed {path} from {', '.join(sources)}, of which {frozen[0]} is frozen "
                 f"and {thawed} is not: {path} trains; fix: freeze all of {', '.join(sources)}, or put a Freeze of {path} "
                 "after this rule")
+
+
+def _statistics(modules: dict) -> list[str]:
+    """A running_mean name for each BatchNorm with running statistics and no parameters: a Freeze selects it
+    as it would select its weight, so bn="eval" holds it and the warning about moving statistics counts it."""
+    return [f"{path}.running_mean" for path, sub in modules.items()
+            if isinstance(sub, _BatchNorm) and sub.track_running_stats and not sub.affine]
 
 
 def _other_names(model: nn.Module):
@@ -136,7 +145,7 @@ def hold_norms(module: nn.Module, rewritten: Rewritten) -> int:
     cannot do it where the graph traced into the BatchNorm's forward (timm's BatchNormAct2d): nothing calls it."""
     model = rewritten.capture.model
     originals = dict(model.named_modules())
-    names = [n for n, _ in model.named_parameters()]
+    names = [n for n, _ in model.named_parameters()] + _statistics(originals)
     held = {name.rpartition(".")[0] for m in rewritten.plan.matches if isinstance(m.rule, Freeze) and m.rule.bn == "eval"
             for name in frozen_by(m.rule, names, lambda p: type(originals.get(p)), _other_names(model))[0]}
     held = {p for p in held if isinstance(originals.get(p), _BatchNorm)}
