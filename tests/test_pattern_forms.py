@@ -124,3 +124,42 @@ def test_constants_must_name_an_input():
     with pytest.raises(RuleError) as err:
         Rewrite(Wrong())
     assert str(err.value).endswith("pattern Wrong: constants names 'm', which is not an input of the pattern; fix: name one of x, n")
+
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.norm = nn.Linear(8, 8), nn.LayerNorm(8)
+
+    def forward(self, x):
+        return self.norm(self.lin(x))
+
+
+class Scaled(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x) * 2
+
+
+class WrapBlock(fxs.Pattern):
+    pattern = (Block,)
+
+    def rewrite(self, block):
+        return Scaled(block)
+
+
+def test_a_pattern_wrapping_a_module_with_children_leaves_the_original_whole():
+    """A wrapped leaf with children (here by leaf_types) had its children swapped for the result's copies inside the
+    user's own model."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(Block(), nn.ReLU()), torch.randn(2, 8)
+    lin = model[0].lin
+    result = fxs.apply(model, [fxs.Rewrite(WrapBlock())], example_inputs=(x,), leaf_types=(Block,))
+    assert model[0].lin is lin and model[0].lin.weight is lin.weight
+    assert result.module.get_submodule("0.lin").weight is not lin.weight  # Scaled is inlined: its Block sits at 0
+    assert torch.equal(result.module(x), torch.relu(model[0](x) * 2))
+    assert {e.status for e in result.report.entries} == {"transferred"}

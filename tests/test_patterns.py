@@ -268,6 +268,59 @@ def test_drop_dropout_leaves_no_dropout_in_a_timm_vit():
         assert torch.equal(result.module.train()(x), model.eval()(x))
 
 
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.5, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.mha, self.head = nn.MultiheadAttention(16, 2, dropout=0.5, batch_first=True), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.enc(x)
+        return self.head(self.mha(h, h, h)[0])
+
+
+def test_drop_dropout_reaches_into_torch_transformer_layers(tmp_path):
+    """torch.fx calls nn.TransformerEncoder and nn.MultiheadAttention as one module each: drop-dropout matched
+    nothing (optional, so silently) and the result still dropped in train mode."""
+    torch.manual_seed(0)
+    model, x = Encoder().train(), torch.randn(2, 5, 16)
+    result = fxs.apply(model, fxs.load_rules("drop-dropout"), example_inputs=(x,))
+    assert [s.shown for s in result.plan.matches[0].sites] == ["enc", "mha"]
+    assert {e.status for e in result.report.entries} == {"transferred"}
+    reference = copy.deepcopy(model)
+    for sub in reference.modules():
+        if isinstance(sub, nn.Dropout):
+            sub.p = 0.0
+        if isinstance(sub, nn.MultiheadAttention):
+            sub.dropout = 0.0
+    assert torch.equal(result.module.train()(x), reference(x))  # train mode, bit for bit, and no randomness left
+    assert torch.equal(result.module(x), result.module(x))
+    with pytest.raises(fxs.SaveError) as err:  # model.py cannot rebuild an nn.TransformerEncoder: a pickle keeps it
+        result.save(tmp_path / "o")
+    assert str(err.value) == (
+        "cannot write model.py: module 'enc' (torch.nn.TransformerEncoder) does not keep its constructor argument 'encoder_layer'; fix: "
+        "torch.save(result.module) keeps it as it is (loading that needs fxsurgery), or Replace it with layers model.py can rebuild "
+        "(Linear, LayerNorm, MultiheadAttention)")
+    assert not (tmp_path / "o").exists()
+    torch.save(result.module, tmp_path / "m.pt")
+    assert torch.equal(torch.load(tmp_path / "m.pt", weights_only=False).train()(x), reference(x))
+    with torch.no_grad():
+        torch.testing.assert_close(result.module.train()(x), model.eval()(x))
+    assert type(model.enc.layers[0].dropout1) is nn.Dropout and model.mha.dropout == 0.5  # the original keeps its dropout
+    assert not {id(p) for p in model.parameters()} & {id(p) for p in result.module.parameters()}  # and its own tensors
+    assert all(p.requires_grad for p in model.parameters())
+    quiet = Encoder()
+    for sub in quiet.modules():
+        if isinstance(sub, nn.MultiheadAttention):
+            sub.dropout = 0.0
+        if isinstance(sub, nn.Dropout):
+            sub.p = 0.0
+    with pytest.raises(fxs.MatchError) as err:
+        fxs.apply(quiet, [fxs.Rewrite(fxs.DropDropout)], example_inputs=(x,))
+    assert "enc (TransformerEncoder): TransformerEncoder does not drop" in err.value.full
+
 def test_lora_outputs_unchanged_base_frozen_adapters_train(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))

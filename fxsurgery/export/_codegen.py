@@ -73,8 +73,8 @@ def constructor_spec(module: nn.Module, path: str) -> dict:
         elif p.default is not p.empty:
             continue
         else:
-            raise SaveError(f"cannot write model.py: module '{path}' ({public_name(cls)}) does not keep its constructor argument '{p.name}'; fix: make "
-                            f"it a torch.nn module or save with a format that does not rebuild it")
+            raise SaveError(f"cannot write model.py: module '{path}' ({public_name(cls)}) does not keep its constructor argument "
+                            f"'{p.name}'; fix: {_unbuildable(cls)}")
         if not literal(value):
             raise SaveError(f"cannot write model.py: module '{path}' ({public_name(cls)}) argument '{p.name}' is a {type(value).__name__}, not a "
                             f"literal; fix: use a module whose arguments are plain values")
@@ -84,12 +84,21 @@ def constructor_spec(module: nn.Module, path: str) -> dict:
         with torch.device("meta"):  # only its structure is compared: no memory, no random init (most of a save's time)
             rebuilt = cls(**kwargs)
     except Exception as exc:
-        raise SaveError(f"cannot write model.py: module '{path}' ({public_name(cls)}) cannot be rebuilt from its attributes: {exc}; fix: use a "
-                        f"torch.nn module there") from None
+        raise SaveError(f"cannot write model.py: module '{path}' ({public_name(cls)}) cannot be rebuilt from its attributes: {exc}; "
+                        f"fix: {_unbuildable(cls)}") from None
     if repr(rebuilt) != repr(module) or _layout(rebuilt) != _layout(module):
-        raise SaveError(f"cannot write model.py: module '{path}' ({public_name(cls)}) rebuilt from its attributes differs from the original; fix: use "
-                        f"a torch.nn module there")
+        raise SaveError(f"cannot write model.py: module '{path}' ({public_name(cls)}) rebuilt from its attributes differs from the original; "
+                        f"fix: {_unbuildable(cls)}")
     return {"class": public_name(cls), "kwargs": kwargs}
+
+
+def _unbuildable(cls: type) -> str:
+    """The way out where model.py cannot rebuild a module: a torch.nn module of that kind (nn.TransformerEncoder
+    is one already: its layer is an argument, not an attribute) or a pickle, which keeps any module."""
+    pickled = "torch.save(result.module) keeps it as it is (loading that needs fxsurgery)"
+    if public_name(cls).startswith("torch.nn."):
+        return f"{pickled}, or Replace it with layers model.py can rebuild (Linear, LayerNorm, MultiheadAttention)"
+    return f"use a torch.nn module there, or {pickled}"
 
 
 def module_dtype(module: nn.Module, path: str) -> torch.dtype | None:

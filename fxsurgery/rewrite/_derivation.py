@@ -58,6 +58,7 @@ class Derivation(TorchFunctionMode):
         super().__init__()
         tensors = [t for m in sources for t in [*m.parameters(), *m.buffers()]]
         self.marked = {p for t in tensors if (p := _storage(t))}
+        self.given = {id(t) for t in tensors}  # held as they are by what the rewrite makes: transferred, not computed
         self.sources = {p: f"{type(m).__name__}.{n}" for m in sources for n, t in [*m.named_parameters(), *m.named_buffers()]
                         if (p := _storage(t))}
         self.followed = not any(t.is_meta for t in tensors)  # a match without values (meta) cannot be followed
@@ -106,4 +107,4 @@ class Derivation(TorchFunctionMode):
         if not isinstance(made, nn.Module):
             return None  # a function: its tensors are slots of their own, each asked for as a tensor
         tensors = [*made.named_parameters(remove_duplicate=False), *made.named_buffers(remove_duplicate=False)]
-        return frozenset(name for name, t in tensors if _storage(t) in self.marked)
+        return frozenset(name for name, t in tensors if _storage(t) in self.marked and id(t) not in self.given)

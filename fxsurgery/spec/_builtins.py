@@ -6,6 +6,7 @@ rule files by name (`- rewrite: fold_bn`), its params as keys of the rule.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 
@@ -158,6 +159,37 @@ def _attention_without_dropout(query, key, value, attn_mask=None, dropout_p=0.0,
                                           enable_gqa=enable_gqa)
 
 
+# torch.nn modules that torch.fx calls as one module (leaves) while they drop inside: their Dropout children
+# and nn.MultiheadAttention's `dropout` are out of the graph's reach, so the leaf itself is matched
+CARRIERS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder,
+            nn.TransformerDecoder, nn.Transformer)
+
+
+def _drops(module: nn.Module) -> list[str]:
+    """Where a module drops inside: its dropout children with p > 0 and attentions with dropout > 0."""
+    return [path or type(module).__name__ for path, sub in module.named_modules()
+            if isinstance(sub, DROPOUTS[:6]) and sub.p > 0 or isinstance(sub, nn.MultiheadAttention) and sub.dropout > 0]
+
+
+def _without_dropout(module: nn.Module) -> nn.Module:
+    """A copy of a module's structure with each dropout an Identity and each attention's dropout 0, holding the
+    original's tensors and the children that do not drop (transferred as they are). Its dicts are copied, so
+    the original is never changed."""
+    if isinstance(module, DROPOUTS[:6]):
+        return nn.Identity()
+    if not _drops(module):
+        return module
+    new = copy.copy(module)
+    for key, value in vars(module).items():
+        if isinstance(value, (dict, set)):  # _parameters, _buffers, _modules, the hook tables
+            setattr(new, key, copy.copy(value))
+    for name, child in module.named_children():
+        new._modules[name] = _without_dropout(child)
+    if isinstance(new, nn.MultiheadAttention):
+        new.dropout = 0.0
+    return new
+
+
 def _dropout_p(node: fx.Node):
     return node.kwargs["dropout_p"] if "dropout_p" in node.kwargs else (node.args[4] if len(node.args) > 4 else 0.0)
 
@@ -166,7 +198,7 @@ class DropDropout(Pattern):
     """Remove dropout, modules and functions: dropout(x) -> x (exact in eval mode), and the dropout
     of scaled_dot_product_attention calls (dropout_p -> 0)."""
 
-    pattern = ((*DROPOUTS, F.scaled_dot_product_attention),)
+    pattern = ((*DROPOUTS, F.scaled_dot_product_attention, *CARRIERS),)
 
     def check(self, dropout):  # a dropout that always drops (Monte Carlo dropout) is not the identity in eval mode
         if isinstance(dropout, fx.Node) and dropout.target is F.scaled_dot_product_attention:
@@ -187,11 +219,15 @@ class DropDropout(Pattern):
             if bound.arguments.get("training") is True and dropout.meta.get(SAME_IN_BOTH_MODES):
                 return f"{dropout.target.__name__} is called with training=True (F.dropout's default), so it drops in eval mode too"
             return None
+        if isinstance(dropout, CARRIERS):
+            return own_forward(dropout, *CARRIERS) or (None if _drops(dropout) else f"{type(dropout).__name__} does not drop")
         return own_forward(dropout, *(d for d in DROPOUTS if isinstance(d, type)))
 
     def rewrite(self, dropout):
         if isinstance(dropout, fx.Node) and dropout.target is F.scaled_dot_product_attention:
             return _attention_without_dropout
+        if isinstance(dropout, CARRIERS):
+            return _without_dropout(dropout)
         return None
 
     def describe(self):

@@ -155,14 +155,17 @@ class _Submodules:
 
 
 def _adopt(module: nn.Module, memo: dict) -> nn.Module:
-    """A module a rule made may hold modules of the original (a pattern that wraps
-    one): those become their copies, so the user's model is never part of the result."""
+    """A module a rule made may hold modules or tensors of the original (a pattern that wraps
+    one, or copies its structure): those become their copies, so the user's model is never part of the result."""
     if id(module) in memo:
         return memo[id(module)]
-    for sub in list(module.modules()):
-        for name, child in sub._modules.items():
-            if child is not None and id(child) in memo:
-                sub._modules[name] = memo[id(child)]
+    for table in (module._parameters, module._buffers):
+        for name, held in table.items():
+            if held is not None and id(held) in memo:
+                table[name] = memo[id(held)]
+    for name, child in module._modules.items():  # an original child is swapped whole, never entered: it is the user's
+        if child is not None:
+            module._modules[name] = _adopt(child, memo)
     return module
 
 
