@@ -15,11 +15,11 @@ from torch import nn
 
 from ._progress import working
 from .capture import Capture, Captured, Meta, capture, capture_kept, track
-from .errors import RuleError, SaveError
+from .errors import ModelError, RuleError, SaveError
 from .export import footprint, parse_size, save, save_pretrained
 from .match import Plan, match
 from .rewrite import InputChange, rewrite
-from .spec import Output, Prune, Rule, flatten, load_rules
+from .spec import Output, Prune, Rule, flatten, load_rules, refuse_valueless
 from .transfer import TransferReport, carry_root_hooks, hold_norms, open_checkpoint, pending_of, refuse_dtensors, register, transfer, with_values
 from .validate import GradientFlow, check_module, gradient_flow, validate
 
@@ -236,6 +236,9 @@ def apply(model: nn.Module, rules, example_inputs=None, *, example_kwargs: dict 
     >>> result.module(torch.randn(2, 3, 224, 224)).shape
     torch.Size([2, 10])
     """
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"apply needs a torch.nn.Module, got a {type(model).__name__}; fix: pass the model object, e.g. "
+                         "fxs.apply(torchvision.models.resnet18(), rules)")
     clock = _Stopwatch()
     # the result is a model to train or run as any other: called under torch.inference_mode(), its tensors
     # would be inference tensors (never trainable) and capture's fake and meta runs would fail
@@ -243,6 +246,7 @@ def apply(model: nn.Module, rules, example_inputs=None, *, example_kwargs: dict 
         with clock("rules"):
             rule_list = flatten(rules, lambda path: load_rules(path, params=params, allow=allow))
         refuse_dtensors(model)
+        refuse_valueless(rule_list, model)
         ranking = next((r for r in rule_list if isinstance(r, Prune) and r.indices is None), None)
         if weights is not None and ranking is not None:  # it ranks channels by values the model may not hold
             if stream:

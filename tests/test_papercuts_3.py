@@ -474,3 +474,38 @@ def test_a_plan_prints_as_its_table():
     result = fxs.apply(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), [fxs.Freeze("0")])
     assert repr(result.plan) == str(result.plan) == result.plan.table()
     assert str(result.plan).splitlines()[2].split() == ["1", "freeze", "0", "1", "0"]
+
+
+def test_modules_whose_tensors_cannot_join_the_model_are_refused_by_the_rule():
+    """An inserted module built on meta, or holding a sparse or quantized tensor, failed inside the shape pass with
+    'Tensor on device meta is not on the expected device cpu!' or 'unsupported memory format option Preserve'."""
+    model, x = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), torch.randn(2, 4)
+    here = "tests/test_papercuts_3.py:"
+    with pytest.raises(fxs.RuleError) as err:
+        fxs.apply(model, [fxs.Insert(nn.Linear(4, 4, device="meta"), after="1")], example_inputs=(x,))
+    assert str(err.value).startswith(here) and str(err.value).endswith(
+        ": insert Linear: its tensors are on the meta device, with no values, while the model's hold values; fix: build it "
+        "outside fxs.empty_weights(), or pass fxs.new(torch.nn.Linear, ...)")
+    with pytest.raises(fxs.RuleError, match=r": replace Linear: its tensors are on the meta device"):
+        fxs.apply(model, [fxs.Replace("2", nn.Linear(4, 2, device="meta"), weights="keep")], example_inputs=(x,))
+    sparse, quantized = nn.Linear(4, 4), nn.Linear(4, 4)
+    sparse.weight = nn.Parameter(sparse.weight.detach().to_sparse())
+    quantized.register_buffer("scale", torch.quantize_per_tensor(torch.ones(4), 0.1, 0, torch.qint8))
+    for module, why in ((sparse, "its tensor weight is sparse_coo; fix: give it dense tensors (.to_dense())"),
+                        (quantized, "its tensor scale is quantized (torch.qint8); fix: give it float tensors (.dequantize())")):
+        with pytest.raises(fxs.RuleError) as err:
+            fxs.Insert(module, after="1")
+        assert str(err.value).startswith(here) and str(err.value).endswith(f": inserted module Linear cannot join the model: {why}")
+
+
+def test_a_spec_on_the_meta_device_and_a_model_that_is_no_module_are_refused():
+    """fxs.new(..., device='meta') was accepted and the rule file's form failed with 'Cannot copy out of meta tensor';
+    apply('not a model') was an AttributeError."""
+    with pytest.raises(fxs.RuleError) as err:
+        fxs.new(nn.Linear, out_features=5, device="meta")
+    assert str(err.value).endswith(": torch.nn.Linear(device='meta') would have no values to run or save; fix: leave device out "
+                                   "(the module is built where the model's tensors are)")
+    with pytest.raises(fxs.ModelError) as err:
+        fxs.apply("not a model", [])
+    assert str(err.value) == ("apply needs a torch.nn.Module, got a str; fix: pass the model object, e.g. "
+                              "fxs.apply(torchvision.models.resnet18(), rules)")

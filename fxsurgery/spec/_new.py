@@ -107,6 +107,9 @@ def check_new(spec: New, origin: Origin) -> New:
     class rejects (Dropout(p=2.0)) or an argument it needs (Conv2d's kernel_size) is
     reported when the rule is written, not when it is applied."""
     probe = {name: (_PROBE_SIZE,) if name == "normalized_shape" else _PROBE_SIZE for name in spec.missing()}
+    if str(spec.kwargs.get("device", "")).startswith("meta"):
+        raise RuleError(f"{origin}: {qualname(spec.cls)}(device='meta') would have no values to run or save; fix: leave device out "
+                        "(the module is built where the model's tensors are)")
     try:
         with torch.device("meta"):  # checked, not used: 117 bytes of YAML must not cost a gigabyte
             spec.cls(**spec.kwargs, **probe)
@@ -148,12 +151,26 @@ def _not_a_number(value: Any) -> str | None:
     return next((k for k, v in found if isinstance(v, float) and math.isnan(v)), None)
 
 
+def _unusual_tensor(module: nn.Module) -> str | None:
+    """Why a given module's tensors cannot join a model: a sparse or quantized layout, which the graph's shape
+    pass and the saved safetensors cannot hold."""
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if t.layout != torch.strided:
+            return f"its tensor {name} is {str(t.layout).removeprefix('torch.')}; fix: give it dense tensors (.to_dense())"
+        if t.is_quantized:
+            return f"its tensor {name} is quantized ({t.dtype}); fix: give it float tensors (.dequantize())"
+    return None
+
+
 def module_like(value: Any, origin: Origin, what: str) -> Any:
     if isinstance(value, (New, nn.Module)):
         nan = _not_a_number(value)
+        kind = qualname(value.cls) if isinstance(value, New) else type(value).__name__
         if nan is not None:
-            kind = qualname(value.cls) if isinstance(value, New) else type(value).__name__
             raise RuleError(f"{origin}: {what} {kind} has {nan}=nan, which is not a number; fix: give {nan} a value")
+        unusual = _unusual_tensor(value) if isinstance(value, nn.Module) else None
+        if unusual is not None:
+            raise RuleError(f"{origin}: {what} {kind} cannot join the model: {unusual}")
         return value
     if isinstance(value, type) and issubclass(value, nn.Module):
         return New(value, {})
@@ -176,3 +193,15 @@ def check_policy(weights: Any, origin: Origin) -> Any:
             return {"select": tuple(rows)}
     raise RuleError(f"{origin}: unknown weights policy {weights!r}; fix: use one of {', '.join(WEIGHT_POLICIES)}, "
                     "or {select: [row indices]}")
+
+
+def refuse_valueless(rules: list, model: nn.Module) -> None:
+    """A module given to Insert or Replace with tensors on the meta device (built in fxs.empty_weights()) has no
+    values to run or save, unless the model has none either (a streamed surgery fills neither)."""
+    if all(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        return
+    for rule in rules:
+        module = getattr(rule, "module", getattr(rule, "replacement", None))
+        if isinstance(module, nn.Module) and any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
+            raise RuleError(f"{rule.origin}: {rule.action} {type(module).__name__}: its tensors are on the meta device, with no values, "
+                            f"while the model's hold values; fix: build it outside fxs.empty_weights(), or pass fxs.new({qualname(type(module))}, ...)")
