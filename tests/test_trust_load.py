@@ -146,6 +146,13 @@ def test_a_target_outside_the_allowlist_is_refused(tmp_path, target):
     assert message == bounded(f"{tmp_path / 'o' / 'graph.json'}: nodes[3] 'mul': target {target!r} is not allowed (allowed: {ALLOWED}); {FIX}")
 
 
+def _nested(depth):
+    value = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 @pytest.mark.parametrize("what, change, problem", [
     ("unknown op", lambda d: d["nodes"][3].update(op="call_python"), "nodes[3] 'mul': unknown op 'call_python'"),
     ("reference to nothing", lambda d: d["nodes"][3].update(args={"tuple": [{"node": "ghost"}, 1]}),
@@ -190,6 +197,18 @@ def test_a_target_outside_the_allowlist_is_refused(tmp_path, target):
      "nodes[0] 'x': placeholder target 'self' is not a plain name"),
     ("keyword argument named by a keyword", lambda d: _node(d, "call_function").update(kwargs={"dict": [["if", 1]]}),
      "nodes[3] 'mul': args are not a tuple or kwargs not a mapping of names"),
+    # each of these was an 'internal error' (RecursionError, KeyError, AttributeError) instead of naming the entry
+    ("arguments nested past Python's recursion", lambda d: _node(d, "call_function")["args"]["tuple"].append(_nested(150)),
+     "nodes[3] 'mul': nests values more than 100 levels deep"),
+    ("a module at a name every module holds", lambda d: d["attributes"].append(
+        {"path": "training", "module": {"class": "torch.nn.ReLU", "kwargs": {}}, "dtype": None}),
+     "attributes[3] 'training': attribute 'training' already exists"),
+    ("a buffer over a layer's parameter", lambda d: d["attributes"].append(
+        {"path": "fc.weight", "buffer": {"shape": [1], "dtype": "float32", "persistent": True}}),
+     "attributes[3] 'fc.weight': attribute 'weight' already exists"),
+    ("a tie to a parameter no node reads", lambda d: (d["attributes"].append(
+        {"path": "extra", "parameter": {"shape": [4, 4], "dtype": "float32", "requires_grad": True}}), d.update(ties={"fc.weight": "extra"})),
+     "ties: Model has no attribute `extra`"),
 ])
 def test_a_tampered_description_is_refused(tmp_path, what, change, problem):
     assert _tamper(tmp_path, change) == bounded(f"{tmp_path / 'o' / 'graph.json'}: {problem}; {FIX}")
@@ -223,6 +242,12 @@ PAYLOAD = ("call_function", "t", "torch.tensor", [[105, 109]], {"dtype": {"dtype
      "nodes[7] 'm': max(..., key=...) calls a graph value; a graph compares values only"),
     ("torch's dispatch helper", _calls(PAYLOAD, ("call_function", "m", "torch.nn.functional.handle_torch_function", [], {})),
      f"nodes[7] 'm': target 'torch.nn.functional.handle_torch_function' is not allowed (allowed: {ALLOWED})"),
+    # torch does not check a sparse tensor's indices: to_dense() wrote out of bounds (a segmentation fault)
+    ("a sparse tensor built from indices", _calls(PAYLOAD, ("call_function", "m", "torch.sparse_coo_tensor", [[[10 ** 8]], [1.0], [4]], {})),
+     f"nodes[7] 'm': target 'torch.sparse_coo_tensor' is not allowed (allowed: {ALLOWED})"),
+    # a storage resized under the tensor that views it: the next read was a segmentation fault
+    ("a storage resized under its tensor", _calls(PAYLOAD, ("call_method", "m", "untyped_storage", [{"node": "t"}], {})),
+     "nodes[7] 'm': method 'untyped_storage' reaches memory that torch does not check (sparse indices, storages)"),
 ])
 def test_a_graph_cannot_reach_a_callable_it_could_call(tmp_path, what, change, problem):
     assert _tamper(tmp_path, change) == bounded(f"{tmp_path / 'o' / 'graph.json'}: {problem}; {FIX}")

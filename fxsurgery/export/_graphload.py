@@ -38,10 +38,15 @@ _OPERATOR = {"add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul",
              "contains", "truth", "index", "iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul", "iand",
              "ior", "ixor", "ilshift", "irshift"}
 _BUILTINS = {"getattr", "len", "int", "float", "bool", "tuple", "list", "slice", "range", "min", "max", "abs", "round", "sum", "all", "any"}
-_TORCH_DENIED = {"load", "save", "from_file", "compile", "manual_seed", "seed", "set_num_threads", "set_num_interop_threads"}
+# Kernels that trust their arguments about memory: a sparse tensor's indices are not checked (to_dense() then
+# writes out of bounds), nor is a storage resized under the tensors that view it. Converting a dense tensor
+# (to_sparse) and reading the layout are safe.
+_UNCHECKED = {n for n in {*dir(torch.Tensor), *dir(torch._C._VariableFunctions)} if ("sparse" in n or "storage" in n)
+              and not n.startswith(("to_sparse", "is_sparse", "_")) and n not in ("sparse_dim", "storage_offset")}
+_TORCH_DENIED = {"load", "save", "from_file", "compile", "manual_seed", "seed", "set_num_threads", "set_num_interop_threads"} | _UNCHECKED
 # `numpy` leaves torch for an object whose methods no allowlist covers (`ndarray.tofile` writes a file)
 _METHODS_DENIED = {"apply_", "map_", "map2_", "register_hook", "register_post_accumulate_grad_hook", "set_", "share_memory_",
-                   "numpy"}
+                   "numpy"} | _UNCHECKED
 # functions of the allowed namespaces that are not operations: dispatch helpers and imports
 _FOREIGN = ("torch.overrides", "torch._jit_internal", "torch._C", "typing")
 # Values a graph reaches: getattr may read their data (`x.shape`, `out.logits`), never a method or other
@@ -113,6 +118,8 @@ def no_callbacks(target: Any, kwargs: dict) -> None:
 
 
 def method(name: Any) -> str:
+    if name in _UNCHECKED:
+        raise Bad(f"method {name!r} reaches memory that torch does not check (sparse indices, storages)")
     if not (identifier(name) and not name.startswith("_") and name not in _METHODS_DENIED
             and (hasattr(torch.Tensor, name) or name in _CONTAINER_METHODS)):
         raise Bad(f"method {name!r} is not a tensor method")
@@ -126,12 +133,14 @@ def path(value: Any) -> str:
     return value
 
 
-def decode(value: Any, env: dict[str, fx.Node]) -> Any:
+def decode(value: Any, env: dict[str, fx.Node], depth: int = 0) -> Any:
     """A JSON argument back to its Python value; `{"node": name}` only for names in `env`."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if depth > 100:  # Python's recursion ends near 1000: a model's arguments nest a few levels
+        raise Bad("nests values more than 100 levels deep")
     if isinstance(value, list):
-        return [decode(v, env) for v in value]
+        return [decode(v, env, depth + 1) for v in value]
     if not (isinstance(value, dict) and len(value) == 1):
         raise Bad(f"holds a {type(value).__name__} that is not a tagged value")
     (tag, x), = value.items()
@@ -142,13 +151,13 @@ def decode(value: Any, env: dict[str, fx.Node]) -> Any:
     if tag in ("tuple", "size", "slice", "dict") and not isinstance(x, list):
         raise Bad(f"{tag} is a {type(x).__name__}, not a list")
     if tag == "tuple":
-        return tuple(decode(v, env) for v in x)
+        return tuple(decode(v, env, depth + 1) for v in x)
     if tag == "size" and all(type(v) is int for v in x):
         return torch.Size(x)
     if tag == "slice" and len(x) == 3:
-        return slice(*(decode(v, env) for v in x))
+        return slice(*(decode(v, env, depth + 1) for v in x))
     if tag == "dict" and all(isinstance(kv, list) and len(kv) == 2 and isinstance(kv[0], (str, int)) for kv in x):
-        return {k: decode(v, env) for k, v in x}
+        return {k: decode(v, env, depth + 1) for k, v in x}
     if tag == "ellipsis" and x is None:
         return Ellipsis
     if tag == "float" and x in ("inf", "-inf", "nan"):
@@ -309,4 +318,5 @@ def build_module(spec: Any, allow: tuple[str, ...]) -> nn.Module:
 
 
 def entry_error(directory: Path, what: str, exc: Exception) -> SaveError:
-    return SaveError(f"{directory / GRAPH}: {what}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; {FIX}")
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)  # a KeyError's str() quotes its text
+    return SaveError(f"{directory / GRAPH}: {what}: {text.splitlines()[0] if text else type(exc).__name__}; {FIX}")

@@ -244,9 +244,9 @@ def rebuild(directory: Path, allow: tuple[str, ...], device: str | torch.device)
         raise entry_error(directory, "ties, frozen, eval or stay_eval", exc) from None
     with _MetaBuild(), budget(10_000 + 1_000 * len(attributes)):  # a layer's worth per entry, and room
         for i, entry in enumerate(attributes):
-            try:
+            try:  # KeyError: a path an attribute holds already (`training`, a Linear's `weight` declared again as a buffer)
                 _attribute(root, entry, allow)
-            except Bad as exc:
+            except (Bad, KeyError) as exc:
                 raise entry_error(directory, f"attributes[{i}] {entry.get('path') if isinstance(entry, dict) else None!r}", exc) from None
         for alias, owner in ties.items():
             try:
@@ -358,8 +358,11 @@ def _tie_slot(root: nn.Module, alias: str) -> None:
 
 def _with_weights(directory: Path, gm: fx.GraphModule, doc: dict, ties: dict, frozen: list, evals: list, non_persistent: set,
                   device) -> fx.GraphModule:
-    for alias, owner in ties.items():
-        assign(gm, alias, gm.get_parameter(owner))
+    try:
+        for alias, owner in ties.items():
+            assign(gm, alias, gm.get_parameter(owner))
+    except AttributeError as exc:  # a tie to a parameter no node reads, which the graph module therefore lacks
+        raise entry_error(directory, "ties", exc) from None
     expected = {k: v for k, v in gm.state_dict(keep_vars=True).items() if k not in ties}
     expected.update({k: gm.get_buffer(k) for k in non_persistent})
     tensors = read_weights(directory)
