@@ -150,6 +150,10 @@ CASES = [
     load_error("yaml two documents", "syntax_two_documents", 4, contains=["YAML syntax error", "another document"]),
     load_error("yaml nested 2000 deep", "syntax_deep_nesting", 3, contains=["YAML"]),
     load_error("not utf-8 (latin-1 byte on line 2)", "latin1", 2, contains=["UTF-8"]),
+    # each was an internal error: PyYAML's reader fails before parsing starts, Python refuses ints of 4300+ digits
+    load_error("a control character", "syntax_control_char", 3,
+               "character '\\x01' is not allowed in YAML; fix: remove it, or write it as an escape in a double-quoted string"),
+    load_error("a number of 6000 digits", "value_huge_int", 4, "a number of 6000 digits is no size or setting; fix: write a number of at most 40 digits"),
     # -- the fxsurgery: version ----------------------------------------------------------------
     load_error("version 2", "version_2", 1, "unsupported version fxsurgery: 2; fix: write 'fxsurgery: 1'"),
     load_error("version as a string", "version_string", 2, "unsupported version fxsurgery: '1'; fix: write 'fxsurgery: 1'"),
@@ -189,8 +193,9 @@ CASES = [
                "adapt_input_channels, or {select: [row indices]}"),
     load_error("rule is a string", "type_rule_string", 3,
                "a rule is a mapping such as '- delete: layer4', got 'delete fc'; fix: start each rule with one of delete, replace, insert, detach, freeze, layers, rewrite, use, output, prune"),
-    load_error("insert name with a space", "type_insert_name", 3,
-               "insert name 'drop out' is not a module path; fix: use identifiers joined by dots"),
+    *(load_error(f"insert name {shown}", f"type_insert_name{suffix}", 3, f"insert name {shown} is not a module path of free names (no "
+                 "Python keyword, no attribute every module has, such as forward or training); fix: use identifiers joined by dots, e.g. head_norm")
+      for shown, suffix in (("'drop out'", ""), ("'class'", "_class"), ("'forward'", "_forward"), ("5", "_5"))),
     # a value the class rejects is found when the file is loaded, on the line of the `with:`
     load_error("out_features is text", "type_out_features", 4,
                "torch.nn.Linear(out_features='ten') is rejected: empty(): argument 'size' (position 1) must be tuple of ints, "

@@ -149,6 +149,19 @@ def test_an_allowed_prefix_does_not_reach_other_packages(tmp_path, dotted, kind)
     assert str(err.value).startswith(f"{path}:4: '{dotted}' ") and FIX.search(str(err.value))
 
 
+@pytest.mark.parametrize("dotted", ["torch.hub.load", "torch.save", "torch.load", "torch.set_default_dtype", "torch.manual_seed",
+                                    "torch.utils.cpp_extension.load_inline", "torch.compile", "torch.jit.save", "torchvision.io.write_png"])
+def test_a_rule_cannot_put_a_function_that_is_not_an_operation_in_a_model(tmp_path, dotted):
+    """torch.hub.load was called by the shape pass of `apply` (it failed only on its arguments' shape)."""
+    path = write(tmp_path / "r.yaml", HEAD + f"  - replace: {{type: torch.nn.ReLU}}\n    with: {{function: {dotted}}}\n")
+    with pytest.raises(fxs.RuleError) as err:
+        fxs.load_rules(path)
+    assert str(err.value) == (f"{path}:4: '{dotted}' is not an operation on tensors (it reads or writes files, processes or global state), "
+                              "which a rule cannot put in a model; fix: name a function such as torch.nn.functional.gelu")
+    kept = write(tmp_path / "ok.yaml", HEAD + "  - replace: {type: torch.nn.ReLU}\n    with: {function: torch.nn.functional.gelu}\n")
+    assert list(fxs.load_rules(kept))[0].replacement is torch.nn.functional.gelu
+
+
 TAGS = [
     ("object/apply", "  - delete: !!python/object/apply:os.system ['touch {canary}']\n", 3),
     ("object/new", "  - delete: !!python/object/new:subprocess.Popen [['touch', '{canary}']]\n", 3),

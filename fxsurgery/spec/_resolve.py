@@ -19,6 +19,13 @@ from ..errors import RuleError
 from ._pattern import Pattern
 
 DEFAULT_ALLOW = ("torch", "torchvision")
+# torch's and torchvision's functions that are not operations on tensors: files, downloads, compilers, processes
+# and global state. A function a rule puts in the model is called on its values (the shape pass, every forward)
+NOT_OPERATIONS = ("torch.hub", "torch.serialization", "torch.utils", "torch.distributed", "torch.multiprocessing", "torch.package",
+                  "torch.jit", "torch.onnx", "torch.cuda", "torch.backends", "torch.random", "torch.compiler", "torch.export",
+                  "torch.profiler", "torch.autograd.profiler", "torch.library", "torch.storage", "torch.overrides",
+                  "torchvision.io", "torchvision.datasets", "torchvision.utils", "torchvision.models", "torchvision.extension")
+_STATEFUL = ("set_", "use_", "manual_seed", "seed", "initial_seed", "compile", "save", "load", "from_file")
 
 
 def defined_in(obj: Any) -> str:
@@ -83,4 +90,9 @@ class Resolver:
             raise RuleError(f"{where}: {dotted!r} is neither a Module class nor a function; fix: e.g. torch.nn.ReLU or torch.nn.functional.relu")
         if want == "function" and (isinstance(obj, type) or not callable(obj)):
             raise RuleError(f"{where}: {dotted!r} is not a function; fix: name a function such as torch.nn.functional.gelu, or use 'module:' for a class")
+        home = defined_in(obj)
+        if want == "function" and (any(home == m or home.startswith(m + ".") for m in NOT_OPERATIONS)
+                                   or home.partition(".")[0] == "torch" and getattr(obj, "__name__", "").startswith(_STATEFUL)):
+            raise RuleError(f"{where}: {dotted!r} is not an operation on tensors (it reads or writes files, processes or global "
+                            "state), which a rule cannot put in a model; fix: name a function such as torch.nn.functional.gelu")
         return obj

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import keyword
 import os
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Callable
@@ -106,6 +107,14 @@ class Replace(Rule):
         return f"replace {self.target} with {describe(self.replacement)}"
 
 
+_MODULE_NAMES = frozenset(dir(nn.Module)) | frozenset(vars(nn.Module()))
+
+
+def _free_name(part: str) -> bool:
+    """A name a module can take: `class` would be code of the generated forward, `forward` the module's method."""
+    return part.isidentifier() and not keyword.iskeyword(part) and part not in _MODULE_NAMES
+
+
 @dataclass(frozen=True)
 class Insert(Rule):
     """Add a module on the output edge (after=) or input edge (before=) of a node."""
@@ -122,8 +131,9 @@ class Insert(Rule):
         super().__post_init__()
         object.__setattr__(self, "module", module_like(self.module, self.origin, "inserted module"))
         _anchor(self)
-        if self.name is not None and not all(p.isidentifier() for p in self.name.split(".")):
-            raise RuleError(f"{self.origin}: insert name {self.name!r} is not a module path; fix: use identifiers joined by dots")
+        if self.name is not None and not (isinstance(self.name, str) and all(_free_name(p) for p in self.name.split("."))):
+            raise RuleError(f"{self.origin}: insert name {self.name!r} is not a module path of free names (no Python keyword, no "
+                            "attribute every module has, such as forward or training); fix: use identifiers joined by dots, e.g. head_norm")
 
     def selectors(self):
         return [self.after or self.before]

@@ -27,6 +27,10 @@ class _KeyNotText(yaml.MarkedYAMLError):
     pass
 
 
+class _NumberTooLong(yaml.MarkedYAMLError):
+    pass
+
+
 class LineLoader(yaml.SafeLoader):
     """PyYAML's safe loader, keeping line numbers and refusing duplicate keys and aliases.
 
@@ -61,6 +65,13 @@ class LineLoader(yaml.SafeLoader):
         out.line, out.key_lines = node.start_mark.line + 1, lines
         return out
 
+    def construct_yaml_int(self, node):
+        # Python refuses to read an int of more than 4300 digits (ValueError, with no line); none is a size
+        if len(str(node.value)) > 40:
+            raise _NumberTooLong(problem=f"a number of {len(str(node.value))} digits is no size or setting",
+                                       problem_mark=node.start_mark)
+        return super().construct_yaml_int(node)
+
     def construct_sequence(self, node, deep=False):
         out = YamlList(self.construct_object(child, deep=True) for child in node.value)
         out.line = node.start_mark.line + 1
@@ -69,18 +80,22 @@ class LineLoader(yaml.SafeLoader):
 
 LineLoader.add_constructor("tag:yaml.org,2002:map", LineLoader.construct_mapping)
 LineLoader.add_constructor("tag:yaml.org,2002:seq", LineLoader.construct_sequence)
+LineLoader.add_constructor("tag:yaml.org,2002:int", LineLoader.construct_yaml_int)
 
 
 def parse_yaml(text: str, source: str) -> Any:
     last = text.count("\n") + (0 if text.endswith("\n") or not text else 1)
-    loader = LineLoader(text)
+    loader = None
 
     def at(mark) -> int:  # PyYAML points one past the last line at the end of the stream
         return max(1, min(mark.line + 1, last)) if mark else 1
     try:
+        loader = LineLoader(text)  # reads the whole text first: a control character fails here
         return loader.get_single_data()
     except _KeyNotText as exc:
         raise RuleError(f"{source}:{at(exc.problem_mark)}: {exc.problem}; fix: write the key as a plain word") from None
+    except _NumberTooLong as exc:
+        raise RuleError(f"{source}:{at(exc.problem_mark)}: {exc.problem}; fix: write a number of at most 40 digits") from None
     except yaml.constructor.ConstructorError as exc:
         line = at(exc.problem_mark)
         tag = re.search(r"tag '([^']*)'", str(exc.problem))
@@ -91,10 +106,16 @@ def parse_yaml(text: str, source: str) -> Any:
         line = at(exc.problem_mark or exc.context_mark)
         raise RuleError(f"{source}:{line}: YAML syntax error: {exc.problem or exc.context}; fix: correct the YAML at that line (indentation, quotes, "
                         f"':' after keys)") from None
+    except yaml.reader.ReaderError as exc:  # its position counts characters; the line is the one that holds it
+        line = text.count("\n", 0, exc.position) + 1
+        shown = repr(chr(exc.character) if isinstance(exc.character, int) else exc.character)
+        raise RuleError(f"{source}:{line}: character {shown} is not allowed in YAML; fix: remove it, or write it as an escape "
+                        "in a double-quoted string") from None
     except yaml.YAMLError as exc:
         raise RuleError(f"{source}: YAML error: {exc}; fix: correct the file") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def read_value(raw: str, where: str) -> Any:
@@ -102,7 +123,10 @@ def read_value(raw: str, where: str) -> Any:
 
     Aliases are refused as in rule files: `--set` must not expand either.
     """
-    loader = LineLoader(raw)
+    try:
+        loader = LineLoader(raw)
+    except yaml.YAMLError:  # a control character: text, which the rule that uses it then judges
+        return raw
     try:
         return loader.get_single_data()
     except yaml.MarkedYAMLError as exc:
