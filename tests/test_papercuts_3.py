@@ -3,6 +3,7 @@ unannotated defaults, messages that say what differs and keep their fix."""
 
 import json
 import os
+import re
 import sys
 import typing
 
@@ -509,3 +510,13 @@ def test_a_spec_on_the_meta_device_and_a_model_that_is_no_module_are_refused():
         fxs.apply("not a model", [])
     assert str(err.value) == ("apply needs a torch.nn.Module, got a str; fix: pass the model object, e.g. "
                               "fxs.apply(torchvision.models.resnet18(), rules)")
+
+
+def test_a_layer_larger_than_the_machine_is_refused_before_it_is_allocated():
+    """out_features: 10**10 in a rule file was allocated and initialised (186 GiB) until memory ran out."""
+    model, x = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), torch.randn(2, 4)
+    with pytest.raises(fxs.RewriteError) as err:
+        fxs.apply(model, [fxs.Replace("2", fxs.new(nn.Linear, out_features=10 ** 12))], example_inputs=(x,))
+    assert re.fullmatch(r"rule 1 'replace 2 with Linear\(out_features=1000000000000\)' \(tests/test_papercuts_3.py:\d+\) at '2': "
+                        r"torch.nn.Linear\(out_features=1000000000000, in_features=4\) would hold 18626.5 GiB of tensors, more than half "
+                        r"this machine's memory \(\d+\.\d GiB\); fix: give sizes that fit", str(err.value)), str(err.value)

@@ -7,6 +7,7 @@ import contextlib
 import contextvars
 import inspect
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +71,8 @@ class New:
                             f"give {needed[0]} explicitly")
         for name in needed:
             kwargs[name] = int(self.INFERRED[name](shape))
+        if not _PLANNING.get():
+            _fits(self.cls, kwargs)
         with torch.device("meta") if _PLANNING.get() else contextlib.nullcontext():
             module = self.cls(**kwargs)
         dtype, device = like
@@ -80,6 +83,18 @@ class New:
     def __str__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
         return f"{self.cls.__name__}({args})"
+
+
+def _fits(cls: type, kwargs: dict) -> None:
+    """Its tensors measured on the meta device first: a rule file asking for out_features: 10**10 would
+    otherwise allocate and initialise them until the machine runs out of memory."""
+    with torch.device("meta"):
+        probe = cls(**kwargs)
+    size = sum(t.numel() * t.element_size() for t in [*probe.parameters(), *probe.buffers()])
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    if memory and size > memory // 2:
+        raise RuleError(f"{qualname(cls)}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) would hold {size / 2**30:.1f} GiB of "
+                        f"tensors, more than half this machine's memory ({memory / 2**30:.1f} GiB); fix: give sizes that fit")
 
 
 def like(module: nn.Module | None, dtype_in: torch.dtype | None = None) -> tuple:
