@@ -19,7 +19,7 @@ from .errors import ModelError, RuleError, SaveError
 from .export import footprint, parse_size, save, save_pretrained
 from .match import Plan, match
 from .rewrite import InputChange, rewrite
-from .spec import Output, Prune, Rule, flatten, load_rules, refuse_valueless
+from .spec import Output, Prune, Rewrite, Rule, flatten, load_rules, refuse_valueless
 from .transfer import TransferReport, carry_root_hooks, hold_norms, open_checkpoint, pending_of, refuse_dtensors, register, transfer, with_values
 from .validate import GradientFlow, check_module, gradient_flow, validate
 
@@ -255,6 +255,8 @@ def apply(model: nn.Module, rules, example_inputs=None, *, example_kwargs: dict 
             with working("load weights"):
                 model, weights = with_values(model, open_checkpoint(weights)), None
         kept = _is_pretrained(model) if keep_class is None else keep_class
+        # modules a pattern must see called as one (timm's BatchNormAct2d for fold_bn)
+        leaf_paths = (*leaf_paths, *(p for r in rule_list if isinstance(r, Rewrite) for p in r.pattern.leaves(model)))
         with clock("capture"):
             captured = (capture_kept(model, example_inputs, example_kwargs) if kept
                         else capture(model, example_inputs, example_kwargs, leaf_types=leaf_types, leaf_paths=leaf_paths,

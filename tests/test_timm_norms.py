@@ -77,3 +77,37 @@ def test_bn_eval_holds_batchnorms_without_parameters(tmp_path):
         model.train()
     with pytest.warns(UserWarning, match=r"freezes 1 BatchNorm layer \(1\), whose running statistics still move"):
         fxs.apply(model, [fxs.Freeze("*", exclude=["4"])], example_inputs=(x,))
+
+
+def test_fold_bn_folds_timms_batchnorm_act_layers(tmp_path):
+    """fold-bn matched nothing on timm's EfficientNet/MobileNetV3: their BatchNormAct2d was traced into F.batch_norm,
+    which no module pattern sees. Called as one module, each folds into its convolution, its activation kept."""
+    from conftest import assert_state_equal, state_copy
+    from safetensors.torch import load_file, save_file
+    from test_patterns import randomise_bn
+    torch.manual_seed(0)
+    model = randomise_bn(timm.create_model("mobilenetv3_small_050", pretrained=False))
+    saved = state_copy(model)
+    x = torch.randn(2, 3, 64, 64)
+    result = fxs.apply(model, fxs.load_rules("fold-bn"), example_inputs=(x,))
+    assert result.plan.matches[0].count == 34
+    assert not any(n.target is torch.nn.functional.batch_norm for n in result.module.graph.nodes)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in result.module.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x), model(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(result.module.train()(x), model(x), rtol=1e-4, atol=1e-4)  # folded: no batch statistics
+    entry = result.report.entry("conv_stem.0.weight")
+    assert (entry.status, entry.source) == ("adapted", "conv_stem, bn1")
+    assert type(result.module.conv_stem[2]) is type(model.bn1.act)  # the activation, kept
+    assert_state_equal(model, saved)
+    result.save(tmp_path / "m")
+    assert torch.equal(fxs.load(tmp_path / "m").eval()(x), result.module.eval()(x))
+    # streamed from a checkpoint into a model built without weights: the same bits, by the fold's recipe
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    with fxs.empty_weights():
+        empty = timm.create_model("mobilenetv3_small_050", pretrained=False).eval()
+    streamed = fxs.apply(empty, fxs.load_rules("fold-bn"), example_inputs=(x,), weights=str(path), stream=True)
+    streamed.save(tmp_path / "s")
+    assert (tmp_path / "s" / "model.safetensors").read_bytes() == (tmp_path / "m" / "model.safetensors").read_bytes()
+    assert_state_equal(fxs.load(tmp_path / "s"), load_file(tmp_path / "m" / "model.safetensors"))

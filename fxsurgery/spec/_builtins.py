@@ -100,10 +100,19 @@ class FoldBatchNorm(Pattern):
 
     pattern = (CONVS, NORMS)
 
+    def leaves(self, model):
+        # timm's BatchNormAct2d (batchnorm, dropout, activation) is traced into F.batch_norm, which no module
+        # pattern matches: called as one module, it folds as its batchnorm, its dropout and activation kept
+        return [path for path, m in model.named_modules() if _norm_act(m) and not m.training]
+
     def check(self, conv, bn):
-        return own_forward(conv, *CONVS) or own_forward(bn, *NORMS) or _bn_problem(bn, conv.out_channels)
+        return own_forward(conv, *CONVS) or (None if _norm_act(bn) else own_forward(bn, *NORMS)) or _bn_problem(bn, conv.out_channels)
 
     def rewrite(self, conv, bn):
+        fused = self._fused(conv, bn)
+        return nn.Sequential(fused, bn.drop, bn.act) if _norm_act(bn) else fused
+
+    def _fused(self, conv, bn):
         fused = type(conv)(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
                            padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True,
                            padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
@@ -114,10 +123,18 @@ class FoldBatchNorm(Pattern):
         return fused
 
     def recipe(self, conv, bn):
-        return _fold_recipe(conv, bn)
+        made = _fold_recipe(conv, bn)
+        return {f"0.{k}": v for k, v in made.items()} if _norm_act(bn) else made
 
     def describe(self):
         return "fold_bn (conv + batchnorm -> conv)"
+
+
+def _norm_act(module: nn.Module) -> bool:
+    """timm's BatchNormAct2d, whose forward is act(drop(batch_norm(x))) (a subclass may add to it: not that)."""
+    cls = type(module)
+    return cls.__name__ == "BatchNormAct2d" and cls.__module__.startswith("timm.") and isinstance(module, nn.BatchNorm2d) \
+        and isinstance(getattr(module, "drop", None), nn.Module) and isinstance(getattr(module, "act", None), nn.Module)
 
 
 class FoldLinearBatchNorm(Pattern):

@@ -63,6 +63,10 @@ class Pattern:
         """Why this match must be left alone, from the traced output shape of each element (None: unknown)."""
         return None
 
+    def leaves(self, model: nn.Module) -> list[str]:
+        """Paths of modules that capture must call as one module (not trace into) for this pattern to see them."""
+        return []
+
     def rewrite(self, *matched) -> Any:
         """What the chain becomes: an nn.Module, a function, or None (consumers read its input)."""
         raise NotImplementedError
