@@ -458,7 +458,9 @@ def test_rules_refuse_none_as_their_selector_and_nan_among_a_modules_settings(tm
             f": {action} needs a selector of what it acts on, got None; fix: name module paths or a type, e.g. "
             f"{action.capitalize()}('layer1.*')")
     for module, name, kind in ((nn.Dropout(float("nan")), "p", "Dropout"), (fxs.new(nn.LeakyReLU, negative_slope=float("nan")),
-                                                                         "negative_slope", "torch.nn.LeakyReLU")):
+                                                                         "negative_slope", "torch.nn.LeakyReLU"),
+                               (nn.Upsample(scale_factor=(float("nan"), 2.0)), "scale_factor", "Upsample"),  # inside a tuple
+                               (fxs.new(nn.LeakyReLU, negative_slope=torch.tensor(float("nan"))), "negative_slope", "torch.nn.LeakyReLU")):
         with pytest.raises(fxs.RuleError) as err:
             fxs.Insert(module, after="0")
         assert str(err.value).endswith(f": inserted module {kind} has {name}=nan, which is not a number; fix: give {name} a value")

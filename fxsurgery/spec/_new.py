@@ -163,7 +163,16 @@ def _not_a_number(value: Any) -> str | None:
     else:
         found = ((f"{path + '.' if path else ''}{k}", v) for path, m in value.named_modules() for k, v in vars(m).items()
                  if not k.startswith("_"))
-    return next((k for k, v in found if isinstance(v, float) and math.isnan(v)), None)
+    return next((k for k, v in found if _nan(v)), None)
+
+
+def _nan(value: Any) -> bool:
+    """A NaN setting: a float, one inside a tuple or list (nn.Upsample's scale_factor), or a one-value tensor."""
+    if isinstance(value, float):
+        return math.isnan(value)
+    if isinstance(value, (tuple, list)):
+        return any(_nan(v) for v in value[:64])
+    return isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point() and bool(value.isnan())
 
 
 def _unusual_tensor(module: nn.Module) -> str | None:
