@@ -246,7 +246,7 @@ def apply(model: nn.Module, rules, example_inputs=None, *, example_kwargs: dict 
         with clock("rules"):
             rule_list = flatten(rules, lambda path: load_rules(path, params=params, allow=allow))
         refuse_dtensors(model)
-        refuse_valueless(rule_list, model)
+        refuse_valueless(rule_list)
         ranking = next((r for r in rule_list if isinstance(r, Prune) and r.indices is None), None)
         if weights is not None and ranking is not None:  # it ranks channels by values the model may not hold
             if stream:

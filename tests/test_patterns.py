@@ -321,6 +321,39 @@ def test_drop_dropout_reaches_into_torch_transformer_layers(tmp_path):
         fxs.apply(quiet, [fxs.Rewrite(fxs.DropDropout)], example_inputs=(x,))
     assert "enc (TransformerEncoder): TransformerEncoder does not drop" in err.value.full
 
+
+class AlwaysDrops(nn.Dropout):
+    def forward(self, x):  # Monte Carlo dropout: drops in eval mode too
+        return F.dropout(x, self.p, True)
+
+
+def test_drop_dropout_of_transformer_layers_keeps_earlier_freezes_and_streams(tmp_path):
+    """Its copy of an nn.TransformerEncoder counted as a layer the rule made, which an earlier Freeze does not
+    reach: freeze-backbone + drop-dropout trained the backbone. A model built without weights was refused ('its
+    weights are computed from mha, which have no values'): the copy computes nothing."""
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    model, x = Encoder().train(), torch.randn(2, 5, 16)
+    result = fxs.apply(model, [fxs.Freeze("*", exclude=["head"]), fxs.Rewrite(fxs.DropDropout)], example_inputs=(x,))
+    assert [n for n, p in result.module.named_parameters() if p.requires_grad] == ["head.weight", "head.bias"]
+    assert len(result.report.frozen) == len(list(model.parameters())) - 2
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    with fxs.empty_weights():
+        empty = Encoder().train()
+    loaded = fxs.apply(model, [fxs.Rewrite(fxs.DropDropout)], example_inputs=(x,))
+    for stream in (False, True):
+        read = fxs.apply(empty, [fxs.Rewrite(fxs.DropDropout)], example_inputs=(x,), weights=str(path), stream=stream)
+        assert {e.status for e in read.report.entries} == {"transferred"}
+        if not stream:
+            assert torch.equal(read.module.train()(x), loaded.module.train()(x))
+    monte_carlo = Encoder()
+    monte_carlo.enc.layers[0].dropout = AlwaysDrops(0.5)
+    with pytest.raises(fxs.MatchError) as err:  # its copy would not drop in eval mode, where the original does
+        fxs.apply(monte_carlo, [fxs.Rewrite(fxs.DropDropout, select="enc")], example_inputs=(x,))
+    assert ("enc (TransformerEncoder): inside it, AlwaysDrops has a forward of its own, not Dropout's: rewriting it as one "
+            "would lose what it adds") in err.value.full
+
 def test_lora_outputs_unchanged_base_frozen_adapters_train(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))

@@ -111,3 +111,18 @@ def test_fold_bn_folds_timms_batchnorm_act_layers(tmp_path):
     streamed.save(tmp_path / "s")
     assert (tmp_path / "s" / "model.safetensors").read_bytes() == (tmp_path / "m" / "model.safetensors").read_bytes()
     assert_state_equal(fxs.load(tmp_path / "s"), load_file(tmp_path / "m" / "model.safetensors"))
+
+
+def test_freezing_only_batchnorms_without_parameters_matches_them():
+    """Freeze(nn.BatchNorm2d, exclude=[...], bn='eval') of affine=False layers said 'every selected parameter is
+    excluded'; without the exclude it warned that they have no parameters, nothing to freeze."""
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, affine=False), nn.ReLU(), nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2, affine=False))
+    x = torch.randn(2, 3, 8, 8)
+    result = fxs.apply(model, [fxs.Freeze(nn.BatchNorm2d, exclude=["4"], bn="eval")], example_inputs=(x,))
+    assert (result.plan.matches[0].modules, result.plan.warnings) == (["1"], [])
+    before = _stats(result.module)
+    result.module.train()(x)
+    assert [k for k, v in _stats(result.module).items() if not torch.equal(before[k], v)] == [
+        "4.running_mean", "4.running_var", "4.num_batches_tracked"]  # 1 is held
+    assert fxs.apply(model, [fxs.Freeze(nn.BatchNorm2d, bn="eval")], example_inputs=(x,)).plan.matches[0].modules == ["1", "4"]

@@ -245,6 +245,11 @@ PAYLOAD = ("call_function", "t", "torch.tensor", [[105, 109]], {"dtype": {"dtype
     # torch does not check a sparse tensor's indices: to_dense() wrote out of bounds (a segmentation fault)
     ("a sparse tensor built from indices", _calls(PAYLOAD, ("call_function", "m", "torch.sparse_coo_tensor", [[[10 ** 8]], [1.0], [4]], {})),
      f"nodes[7] 'm': target 'torch.sparse_coo_tensor' is not allowed (allowed: {ALLOWED})"),
+    # a dense tensor converted: its indices() are an alias the graph could fill with 10**10
+    ("a sparse tensor converted", _calls(PAYLOAD, ("call_method", "m", "to_sparse", [{"node": "t"}], {})),
+     "nodes[7] 'm': method 'to_sparse' reaches memory that torch does not check (sparse indices, storages)"),
+    ("a sparse layout", _calls(PAYLOAD, ("call_function", "m", "torch.zeros", [[3]], {"layout": {"layout": "sparse_coo"}})),
+     "nodes[7] 'm': holds a malformed 'layout' value"),
     # a storage resized under the tensor that views it: the next read was a segmentation fault
     ("a storage resized under its tensor", _calls(PAYLOAD, ("call_method", "m", "untyped_storage", [{"node": "t"}], {})),
      "nodes[7] 'm': method 'untyped_storage' reaches memory that torch does not check (sparse indices, storages)"),

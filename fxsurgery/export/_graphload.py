@@ -39,10 +39,11 @@ _OPERATOR = {"add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul",
              "ior", "ixor", "ilshift", "irshift"}
 _BUILTINS = {"getattr", "len", "int", "float", "bool", "tuple", "list", "slice", "range", "min", "max", "abs", "round", "sum", "all", "any"}
 # Kernels that trust their arguments about memory: a sparse tensor's indices are not checked (to_dense() then
-# writes out of bounds), nor is a storage resized under the tensors that view it. Converting a dense tensor
-# (to_sparse) and reading the layout are safe.
+# writes out of bounds; a converted one's indices() is an alias a graph could fill), nor is a storage resized
+# under the tensors that view it. No graph makes a sparse tensor or reaches a storage; reading the layout is safe.
 _UNCHECKED = {n for n in {*dir(torch.Tensor), *dir(torch._C._VariableFunctions)} if ("sparse" in n or "storage" in n)
-              and not n.startswith(("to_sparse", "is_sparse", "_")) and n not in ("sparse_dim", "storage_offset")}
+              and not n.startswith(("is_sparse", "_")) and n not in ("sparse_dim", "storage_offset")} | {
+    "indices", "crow_indices", "col_indices", "ccol_indices", "row_indices"}
 _TORCH_DENIED = {"load", "save", "from_file", "compile", "manual_seed", "seed", "set_num_threads", "set_num_interop_threads"} | _UNCHECKED
 # `numpy` leaves torch for an object whose methods no allowlist covers (`ndarray.tofile` writes a file)
 _METHODS_DENIED = {"apply_", "map_", "map2_", "register_hook", "register_post_accumulate_grad_hook", "set_", "share_memory_",
@@ -164,7 +165,8 @@ def decode(value: Any, env: dict[str, fx.Node], depth: int = 0) -> Any:
         return float(x)
     if tag == "device" and isinstance(x, str) and re.fullmatch(r"[a-z]+(:\d+)?", x):
         return torch.device(x)
-    if tag in ("dtype", "memory_format", "layout") and identifier(x) and isinstance(getattr(torch, x, None), getattr(torch, tag)):
+    if tag in ("dtype", "memory_format", "layout") and identifier(x) and isinstance(getattr(torch, x, None), getattr(torch, tag)) \
+            and (tag != "layout" or x == "strided"):  # a sparse layout (torch.zeros(..., layout=torch.sparse_coo)): see _UNCHECKED
         return getattr(torch, x)
     raise Bad(f"holds a malformed {tag!r} value")
 

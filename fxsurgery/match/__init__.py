@@ -17,7 +17,7 @@ from torch import nn
 from .._util import format_table
 from ..capture import Capture
 from ..errors import MatchError
-from ..spec import Delete, Detach, Freeze, Insert, Layers, Output, Prune, Replace, Rewrite, Rule, Selector, frozen_by
+from ..spec import Delete, Detach, Freeze, Insert, Layers, Output, Prune, Replace, Rewrite, Rule, Selector, frozen_by, statistics
 from ._groups import Group, Unprunable, group_of, groups, zeroed
 from ._heads import Heads, count_after, heads_of, zero_heads
 from ._patterns import Constant, Found, find, missing_reason
@@ -163,7 +163,8 @@ def _match_one(m: Match, locator: Locator, capture: Capture, plan: Plan, touched
         if not m.sites:
             m.reason, m.nearest = _why_not(locator, rule.target)
     elif isinstance(rule, Freeze):
-        frozen, owners = frozen_by(rule, params, lambda p: type(locator.modules.get(p)))
+        held = statistics(locator.modules) if rule.bn == "eval" else []  # BatchNorms without parameters it holds
+        frozen, owners = frozen_by(rule, [*params, *held], lambda p: type(locator.modules.get(p)))
         m.modules = owners
         idle = [s for s in (rule.target.value if rule.target.kind == "any" else ()) if not select_modules(s, locator.modules)]
         if idle and not rule.optional:  # each selector of a list must select something, as one alone must

@@ -13,7 +13,7 @@ from ._new import New, like, new, planning, refuse_valueless
 from ._pattern import Chain, Output, Pattern, Rewrite, calls, dag_graph, element_text, pattern
 from ._policies import Kept, carry, ranges
 from ._prune import Prune
-from ._rules import Delete, Detach, Freeze, Insert, Layers, Replace, Rule, RuleSet, describe, flatten, fresh, frozen_by
+from ._rules import Delete, Detach, Freeze, Insert, Layers, Replace, Rule, RuleSet, describe, flatten, fresh, frozen_by, statistics
 from ._selector import Selector
 
 __all__ = [
@@ -21,5 +21,5 @@ __all__ = [
     "FoldLinearBatchNorm", "Freeze", "Insert", "Kept", "Layers", "New", "Output", "Pattern", "Prune", "Replace", "Rewrite", "Rule",
     "RuleSet", "Selector", "SwapActivation", "calls", "carry", "dag_graph", "describe", "element_text",
     "flatten", "fresh", "frozen_by", "like", "load_rule_files", "load_rules", "new", "parse_overrides", "pattern", "rule_path",
-    "planning", "ranges", "refuse_valueless", "replay",
+    "planning", "ranges", "refuse_valueless", "replay", "statistics",
 ]

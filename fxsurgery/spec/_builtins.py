@@ -189,11 +189,9 @@ def _drops(module: nn.Module) -> list[str]:
 
 
 def _without_dropout(module: nn.Module) -> nn.Module:
-    """A copy of a module's structure with each dropout an Identity and each attention's dropout 0, holding the
-    original's tensors and the children that do not drop (transferred as they are). Its dicts are copied, so
-    the original is never changed."""
-    if isinstance(module, DROPOUTS[:6]):
-        return nn.Identity()
+    """A copy of a module's structure with each dropout's p and each attention's dropout 0 (F.dropout returns its
+    input as it is then; code that reads `.p` still finds it), holding the original's tensors and the children
+    that do not drop (transferred as they are). Its dicts are copied, so the original is never changed."""
     if not _drops(module):
         return module
     new = copy.copy(module)
@@ -204,6 +202,8 @@ def _without_dropout(module: nn.Module) -> nn.Module:
         new._modules[name] = _without_dropout(child)
     if isinstance(new, nn.MultiheadAttention):
         new.dropout = 0.0
+    if isinstance(new, DROPOUTS[:6]):
+        new.p = 0.0
     return new
 
 
@@ -216,6 +216,7 @@ class DropDropout(Pattern):
     of scaled_dot_product_attention calls (dropout_p -> 0)."""
 
     pattern = ((*DROPOUTS, F.scaled_dot_product_attention, *CARRIERS),)
+    weights = "new"  # it computes no tensor: a carrier's copy holds the original's, transferred
 
     def check(self, dropout):  # a dropout that always drops (Monte Carlo dropout) is not the identity in eval mode
         if isinstance(dropout, fx.Node) and dropout.target is F.scaled_dot_product_attention:
@@ -237,7 +238,9 @@ class DropDropout(Pattern):
                 return f"{dropout.target.__name__} is called with training=True (F.dropout's default), so it drops in eval mode too"
             return None
         if isinstance(dropout, CARRIERS):
-            return own_forward(dropout, *CARRIERS) or (None if _drops(dropout) else f"{type(dropout).__name__} does not drop")
+            inner = [own_forward(sub, *DROPOUTS[:6]) for sub in dropout.modules() if isinstance(sub, DROPOUTS[:6])]
+            return (own_forward(dropout, *CARRIERS) or next((f"inside it, {why}" for why in inner if why), None)
+                    or (None if _drops(dropout) else f"{type(dropout).__name__} does not drop"))
         return own_forward(dropout, *(d for d in DROPOUTS if isinstance(d, type)))
 
     def rewrite(self, dropout):

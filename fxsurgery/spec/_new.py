@@ -85,11 +85,16 @@ class New:
         return f"{self.cls.__name__}({args})"
 
 
+def _on_meta(kwargs: dict) -> dict:
+    """A probe's arguments: an explicit device= would build real tensors past the meta device around it."""
+    return {**kwargs, "device": "meta"} if "device" in kwargs else kwargs
+
+
 def _fits(cls: type, kwargs: dict) -> None:
     """Its tensors measured on the meta device first: a rule file asking for out_features: 10**10 would
     otherwise allocate and initialise them until the machine runs out of memory."""
     with torch.device("meta"):
-        probe = cls(**kwargs)
+        probe = cls(**_on_meta(kwargs))
     size = sum(t.numel() * t.element_size() for t in [*probe.parameters(), *probe.buffers()])
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
     if memory and size > memory // 2:
@@ -127,7 +132,7 @@ def check_new(spec: New, origin: Origin) -> New:
                         "(the module is built where the model's tensors are)")
     try:
         with torch.device("meta"):  # checked, not used: 117 bytes of YAML must not cost a gigabyte
-            spec.cls(**spec.kwargs, **probe)
+            spec.cls(**_on_meta({**spec.kwargs, **probe}))
     except TypeError as exc:
         missing = re.findall(r"missing \d+ required positional arguments?: (.*)", str(exc))
         if not missing:
@@ -219,13 +224,12 @@ def check_policy(weights: Any, origin: Origin) -> Any:
                     "or {select: [row indices]}")
 
 
-def refuse_valueless(rules: list, model: nn.Module) -> None:
+def refuse_valueless(rules: list) -> None:
     """A module given to Insert or Replace with tensors on the meta device (built in fxs.empty_weights()) has no
-    values to run or save, unless the model has none either (a streamed surgery fills neither)."""
-    if all(t.is_meta for t in [*model.parameters(), *model.buffers()]):
-        return
+    values to run or save, whether the model has them or fills them from a checkpoint (which never holds a
+    module the surgery adds)."""
     for rule in rules:
         module = getattr(rule, "module", getattr(rule, "replacement", None))
         if isinstance(module, nn.Module) and any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
-            raise RuleError(f"{rule.origin}: {rule.action} {type(module).__name__}: its tensors are on the meta device, with no values, "
-                            f"while the model's hold values; fix: build it outside fxs.empty_weights(), or pass fxs.new({qualname(type(module))}, ...)")
+            raise RuleError(f"{rule.origin}: {rule.action} {type(module).__name__}: its tensors are on the meta device, with no values; "
+                            f"fix: build it outside fxs.empty_weights(), or pass fxs.new({qualname(type(module))}, ...)")

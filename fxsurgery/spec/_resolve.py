@@ -23,9 +23,9 @@ DEFAULT_ALLOW = ("torch", "torchvision")
 # and global state. A function a rule puts in the model is called on its values (the shape pass, every forward)
 NOT_OPERATIONS = ("torch.hub", "torch.serialization", "torch.utils", "torch.distributed", "torch.multiprocessing", "torch.package",
                   "torch.jit", "torch.onnx", "torch.cuda", "torch.backends", "torch.random", "torch.compiler", "torch.export",
-                  "torch.profiler", "torch.autograd.profiler", "torch.library", "torch.storage", "torch.overrides",
+                  "torch.profiler", "torch.autograd.profiler", "torch.library", "torch.storage", "torch.overrides", "torch.fx",
                   "torchvision.io", "torchvision.datasets", "torchvision.utils", "torchvision.models", "torchvision.extension")
-_STATEFUL = ("set_", "use_", "manual_seed", "seed", "initial_seed", "compile", "save", "load", "from_file")
+_STATEFUL = ("set_", "use_", "register_", "remove_", "manual_seed", "seed", "initial_seed", "compile", "save", "load", "from_file")
 
 
 def defined_in(obj: Any) -> str:

@@ -14,7 +14,7 @@ import os
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Callable
 
-from torch import nn
+from torch import fx, nn
 
 from ..errors import RuleError
 from ._new import New, check_policy, module_like
@@ -107,12 +107,13 @@ class Replace(Rule):
         return f"replace {self.target} with {describe(self.replacement)}"
 
 
-_MODULE_NAMES = frozenset(dir(nn.Module)) | frozenset(vars(nn.Module()))
+_MODULE_NAMES = frozenset(dir(fx.GraphModule)) | frozenset(vars(nn.Module())) | {"graph", "code", "meta"}
 
 
 def _free_name(part: str) -> bool:
-    """A name a module can take: `class` would be code of the generated forward, `forward` the module's method."""
-    return part.isidentifier() and not keyword.iskeyword(part) and part not in _MODULE_NAMES
+    """A name a module can take: `class` would be code of the generated forward, `forward` the module's method,
+    `graph` the GraphModule's own; a leading underscore is torch's."""
+    return part.isidentifier() and not keyword.iskeyword(part) and part not in _MODULE_NAMES and not part.startswith("_")
 
 
 @dataclass(frozen=True)
@@ -304,6 +305,13 @@ def param_owner(name: str) -> str:
 def ancestors(path: str) -> list[str]:
     parts = path.split(".") if path else []
     return [""] + [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def statistics(modules: dict) -> list[str]:
+    """A running_mean name for each BatchNorm with running statistics and no parameters (affine=False): a Freeze
+    selects it as it would select its weight, so bn="eval" holds it and the warning about moving statistics counts it."""
+    return [f"{path}.running_mean" for path, sub in modules.items()
+            if isinstance(sub, nn.modules.batchnorm._BatchNorm) and sub.track_running_stats and not sub.affine]
 
 
 def frozen_by(rule: Freeze, params: list[str], type_of, others=None) -> tuple[list[str], list[str]]:

@@ -86,7 +86,7 @@ def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True,
     present = dict(module.named_modules(remove_duplicate=False))  # one walk, shared by the steps below
     rule_of = _maker(present, built.made_by)
     original_modules = dict(model.named_modules())
-    freeze(rewritten, module, rule_of, present, original_modules)
+    freeze(rewritten, module, rule_of, present, original_modules, built.copies)
     freeze_derived(rewritten, built.derived, original_modules)
     for path in built.frozen:  # an adapter's base; gone when a later rule cut the model short
         for p in present[path].parameters() if path in present else ():

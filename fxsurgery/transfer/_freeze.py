@@ -8,7 +8,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..capture import other_graph, recompile
 from ..rewrite import Rewritten, StayEval, mode_at, stays_eval
-from ..spec import Freeze, Prune, frozen_by
+from ..spec import Freeze, Prune, frozen_by, statistics
 
 
 def _is_container(module: nn.Module) -> bool:
@@ -28,10 +28,12 @@ def _warn_moving_norms(rewritten: Rewritten, m, frozen: list[str], originals: di
 
 
 def freeze(rewritten: Rewritten, module: nn.Module, rule_of, modules: dict | None = None,
-           originals: dict | None = None) -> None:
+           originals: dict | None = None, copies=frozenset()) -> None:
     """Each Freeze rule acts on the new module's parameters, except those a later rule made.
 
-    `modules`, `originals`: the new module's and the original's named_modules, where the caller has them."""
+    `modules`, `originals`: the new module's and the original's named_modules, where the caller has them;
+    `copies`: ids of the original's tensors' copies: a module a later rule made around them (drop_dropout's
+    copy of an nn.TransformerEncoder) passes them on as they were, frozen by an earlier Freeze too."""
     originals = dict(rewritten.capture.model.named_modules()) if originals is None else originals
     modules = dict(module.named_modules()) if modules is None else modules
 
@@ -42,7 +44,7 @@ def freeze(rewritten: Rewritten, module: nn.Module, rule_of, modules: dict | Non
         return type(here)
 
     params = dict(module.named_parameters(remove_duplicate=False))
-    stats = _statistics(modules)  # BatchNorms without parameters (affine=False): bn="eval" holds them too
+    stats = statistics(modules)  # BatchNorms without parameters (affine=False): bn="eval" holds them too
     others = _other_names(rewritten.capture.model)
     # Prune leaves a layer where it was, narrower: a Freeze before it still holds it (Replace makes a layer to train)
     pruned = {m.index for m in rewritten.plan.matches if isinstance(m.rule, Prune)}
@@ -52,7 +54,7 @@ def freeze(rewritten: Rewritten, module: nn.Module, rule_of, modules: dict | Non
             if m.rule.bn != "eval":
                 _warn_moving_norms(rewritten, m, frozen, originals)
             for name in frozen:
-                maker = rule_of(name)
+                maker = None if name in params and id(params[name]) in copies else rule_of(name)
                 if maker is None or maker < m.index or maker in pruned:
                     if name in params:
                         params[name].requires_grad_(False)
@@ -92,13 +94,6 @@ def freeze_derived(rewritten: Rewritten, derived: list[tuple], originals: dict) 
                 f"{rewritten.rule_of(rule).label} computed {path} from {', '.join(sources)}, of which {frozen[0]} is frozen "
                 f"and {thawed} is not: {path} trains; fix: freeze all of {', '.join(sources)}, or put a Freeze of {path} "
                 "after this rule")
-
-
-def _statistics(modules: dict) -> list[str]:
-    """A running_mean name for each BatchNorm with running statistics and no parameters: a Freeze selects it
-    as it would select its weight, so bn="eval" holds it and the warning about moving statistics counts it."""
-    return [f"{path}.running_mean" for path, sub in modules.items()
-            if isinstance(sub, _BatchNorm) and sub.track_running_stats and not sub.affine]
 
 
 def _other_names(model: nn.Module):
@@ -145,7 +140,7 @@ def hold_norms(module: nn.Module, rewritten: Rewritten) -> int:
     cannot do it where the graph traced into the BatchNorm's forward (timm's BatchNormAct2d): nothing calls it."""
     model = rewritten.capture.model
     originals = dict(model.named_modules())
-    names = [n for n, _ in model.named_parameters()] + _statistics(originals)
+    names = [n for n, _ in model.named_parameters()] + statistics(originals)
     held = {name.rpartition(".")[0] for m in rewritten.plan.matches if isinstance(m.rule, Freeze) and m.rule.bn == "eval"
             for name in frozen_by(m.rule, names, lambda p: type(originals.get(p)), _other_names(model))[0]}
     held = {p for p in held if isinstance(originals.get(p), _BatchNorm)}
