@@ -94,6 +94,13 @@ class SurgeryResult:
         kept = self.capture is not None and self.capture.kept
         return f"kept class {type(self.module).__name__}" if kept else "regenerated graph module"
 
+    def __repr__(self) -> str:
+        # the dataclass repr printed every example tensor and captured call: 228 KB for a two-layer Llama
+        counts = ", ".join(f"{n} {k}" for k, n in self.report.counts().items() if n)
+        matches = ", ".join(f"{m.index}: {m.count}" for m in self.plan.matches)
+        return (f"SurgeryResult({self.mode}, {len(self.plan.matches)} rules (matches {matches}), tensors: {counts or 'none'}; "
+                ".summary() says more)")
+
     def summary(self) -> str:
         flow = self.gradient_flow.counts()
         parts = ["plan:", self.plan.table(), "", "transfer:", self.report.table(), "",

@@ -182,3 +182,20 @@ def test_a_bert_classifier_keeps_its_logits_over_the_kept_tokens(tmp_path):
     x = ids(2, 7, vocab=K)
     assert loaded.config.vocab_size == K and torch.equal(logits(loaded, x), logits(got, x))
     assert_unchanged(model, before)
+
+
+def test_a_head_tied_to_a_frozen_embedding_is_said_to_be_frozen():
+    """freeze-backbone with head=lm_head on a tied Llama: the head trained nothing (0 parameters trainable, the
+    optimiser got an empty list) and nothing said why."""
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fxs.apply(llama(tie=True), fxs.load_rules("freeze-backbone", params={"head": "lm_head"}), example_inputs=(ids(1, 8),))
+    label = result.plan.matches[0].label
+    assert [str(w.message) for w in caught if "tied" in str(w.message)] == [
+        f"{label} freezes model.embed_tokens.weight, which lm_head.weight is tied to (one tensor): lm_head.weight is frozen too; "
+        "fix: untie them (config.tie_word_embeddings=False) to train lm_head.weight alone, or freeze both knowingly"]
+    assert result.trainable_parameters() == []
+    untied = fxs.apply(llama(), fxs.load_rules("freeze-backbone", params={"head": "lm_head"}), example_inputs=(ids(1, 8),))
+    assert not any("tied" in w for w in untied.plan.warnings)
+    assert [n for n, p in untied.module.named_parameters() if p.requires_grad] == ["lm_head.weight"]
