@@ -301,7 +301,7 @@ def test_drop_dropout_reaches_into_torch_transformer_layers(tmp_path):
         result.save(tmp_path / "o")
     assert str(err.value) == (
         "cannot write model.py: module 'enc' (torch.nn.TransformerEncoder) does not keep its constructor argument 'encoder_layer'; fix: "
-        "torch.save(result.module) keeps it as it is (loading that needs fxsurgery), or Replace it with layers model.py can rebuild "
+        "in Python, torch.save(result.module) keeps it as it is (loading that needs fxsurgery), or Replace it with layers model.py can rebuild "
         "(Linear, LayerNorm, MultiheadAttention)")
     assert not (tmp_path / "o").exists()
     torch.save(result.module, tmp_path / "m.pt")

@@ -164,7 +164,7 @@ def _model(args):
 
 
 def cmd_apply(args) -> int:
-    from ..export import Ranks, check_target, parse_size
+    from ..export import Ranks, check_constructors, check_target, parse_size
     parse_size(args.max_shard_size, "--max-shard-size")
     ranks = Ranks.from_env() if args.output and not args.dry_run else None  # under torchrun: each rank its share of the shards
     if args.stream and not args.weights and not args.dry_run:
@@ -184,7 +184,9 @@ def cmd_apply(args) -> int:
     loaded = time.perf_counter() - start - sum(result.timings.values())
     _refuse_no_op(result, args.eval, args.explain)
     if args.dry_run:
-        result.check_formats(args.format)  # what save would refuse, a dry run refuses
+        pretrained, _ = result.check_formats(args.format)  # what save would refuse, a dry run refuses
+        if not pretrained:
+            check_constructors(result.module)
     written = None
     start = time.perf_counter()
     if args.output and not args.dry_run:

@@ -7,6 +7,7 @@ checkpoint of the original architecture.
 """
 
 from ._atomic import check_target
+from ._codegen import check_constructors
 from ._load import load
 from ._ranks import Ranks
 from ._record import read_record
@@ -15,5 +16,5 @@ from ._save import save, save_pretrained
 from ._shards import footprint, parse_size
 
 __all__ = [
-    "Ranks", "check_target", "footprint", "load", "map_weights", "parse_size", "read_record", "save", "save_pretrained", "write_mapped",
+    "Ranks", "check_constructors", "check_target", "footprint", "load", "map_weights", "parse_size", "read_record", "save", "save_pretrained", "write_mapped",
 ]

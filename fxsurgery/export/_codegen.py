@@ -92,10 +92,19 @@ def constructor_spec(module: nn.Module, path: str) -> dict:
     return {"class": public_name(cls), "kwargs": kwargs}
 
 
+def check_constructors(module: nn.Module) -> None:
+    """What model.py would refuse to rebuild, refused now (a dry run promises what the save will do): each
+    module a graph of `module` calls, as `generate` writes its constructor."""
+    for prefix, gm in module.named_modules():
+        if isinstance(gm, fx.GraphModule):
+            for node in gm.graph.find_nodes(op="call_module"):
+                constructor_spec(gm.get_submodule(node.target), f"{prefix}.{node.target}" if prefix else node.target)
+
+
 def _unbuildable(cls: type) -> str:
     """The way out where model.py cannot rebuild a module: a torch.nn module of that kind (nn.TransformerEncoder
     is one already: its layer is an argument, not an attribute) or a pickle, which keeps any module."""
-    pickled = "torch.save(result.module) keeps it as it is (loading that needs fxsurgery)"
+    pickled = "in Python, torch.save(result.module) keeps it as it is (loading that needs fxsurgery)"
     if public_name(cls).startswith("torch.nn."):
         return f"{pickled}, or Replace it with layers model.py can rebuild (Linear, LayerNorm, MultiheadAttention)"
     return f"use a torch.nn module there, or {pickled}"
