@@ -542,14 +542,16 @@ def test_a_result_prints_as_one_line():
 
 
 def test_a_dry_run_refuses_what_model_py_cannot_rebuild(tmp_path):
-    """--dry-run passed (and --format onnx with it) where the save then refused model.py for an nn.TransformerEncoder."""
+    """--dry-run passed (and --format onnx with it) where the save then refused model.py (an activation function of
+    the user's own, which model.py cannot write down)."""
     from test_bad_inputs import run_cli
     (tmp_path / "tiny_tf.py").write_text(
-        "from torch import nn\n\n\nclass Tiny(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
-        "        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 1, enable_nested_tensor=False)\n"
+        "import torch\nfrom torch import nn\n\n\nclass Tiny(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, activation=torch.tanh), 1, "
+        "enable_nested_tensor=False)\n"
         "        self.head = nn.Linear(8, 2)\n\n    def forward(self, x):\n        return self.head(self.enc(x))\n")
     for extra in ([], ["--format", "onnx"]):
         code, stdout, stderr, raised = run_cli(["apply", f"{tmp_path / 'tiny_tf.py'}:Tiny", "drop-dropout", "--input", "2x5x8", "--dry-run", *extra])
         assert (code, stdout, type(raised)) == (2, "", fxs.SaveError)
-        assert stderr.startswith("fxsurgery: error: cannot write model.py: module 'enc' (torch.nn.TransformerEncoder) does not keep its "
-                                 "constructor argument 'encoder_layer'; fix: in Python, torch.save(result.module)")
+        assert stderr == ("fxsurgery: error: cannot write model.py: module 'enc.encoder_layer' (torch.nn.TransformerEncoderLayer) argument "
+                          "'activation' is a builtin_function_or_method, not a literal; fix: use a module whose arguments are plain values\n")

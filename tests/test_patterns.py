@@ -297,13 +297,11 @@ def test_drop_dropout_reaches_into_torch_transformer_layers(tmp_path):
             sub.dropout = 0.0
     assert torch.equal(result.module.train()(x), reference(x))  # train mode, bit for bit, and no randomness left
     assert torch.equal(result.module(x), result.module(x))
-    with pytest.raises(fxs.SaveError) as err:  # model.py cannot rebuild an nn.TransformerEncoder: a pickle keeps it
-        result.save(tmp_path / "o")
-    assert str(err.value) == (
-        "cannot write model.py: module 'enc' (torch.nn.TransformerEncoder) does not keep its constructor argument 'encoder_layer'; fix: "
-        "in Python, torch.save(result.module) keeps it as it is (loading that needs fxsurgery), or Replace it with layers model.py can rebuild "
-        "(Linear, LayerNorm, MultiheadAttention)")
-    assert not (tmp_path / "o").exists()
+    # model.py rebuilds nn.TransformerEncoder from what its layers keep (its own d_model, encoder_layer: none)
+    result.save(tmp_path / "o")
+    assert "torch.nn.TransformerEncoder(encoder_layer=torch.nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, " \
+           "dropout=0.0, activation='relu', batch_first=True), num_layers=2, enable_nested_tensor=False)" in (tmp_path / "o" / "model.py").read_text()
+    assert torch.equal(fxs.load(tmp_path / "o").train()(x), reference(x))
     torch.save(result.module, tmp_path / "m.pt")
     assert torch.equal(torch.load(tmp_path / "m.pt", weights_only=False).train()(x), reference(x))
     with torch.no_grad():

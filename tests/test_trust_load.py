@@ -146,6 +146,13 @@ def test_a_target_outside_the_allowlist_is_refused(tmp_path, target):
     assert message == bounded(f"{tmp_path / 'o' / 'graph.json'}: nodes[3] 'mul': target {target!r} is not allowed (allowed: {ALLOWED}); {FIX}")
 
 
+def _sequentials(depth):
+    spec = {"class": "torch.nn.ReLU", "kwargs": {}}
+    for _ in range(depth):
+        spec = {"class": "torch.nn.Sequential", "items": [spec]}
+    return spec
+
+
 def _nested(depth):
     value = 1
     for _ in range(depth):
@@ -200,6 +207,8 @@ def _nested(depth):
     # each of these was an 'internal error' (RecursionError, KeyError, AttributeError) instead of naming the entry
     ("arguments nested past Python's recursion", lambda d: _node(d, "call_function")["args"]["tuple"].append(_nested(150)),
      "nodes[3] 'mul': nests values more than 100 levels deep"),
+    ("modules nested past any layer's", lambda d: d["attributes"].insert(0, {"path": "deep", "dtype": None, "module": _sequentials(10)}),
+     "attributes[0] 'deep': modules nest more than 8 levels deep"),
     ("a module at a name every module holds", lambda d: d["attributes"].append(
         {"path": "training", "module": {"class": "torch.nn.ReLU", "kwargs": {}}, "dtype": None}),
      "attributes[3] 'training': attribute 'training' already exists"),

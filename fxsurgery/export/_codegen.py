@@ -23,6 +23,7 @@ from .._util import get_path
 from ..capture import adapter_call
 from ..errors import SaveError
 from ._callform import adapter_source
+from ._composites import composite_arguments, instance, is_nested
 from ._names import check_structure, docstring_text, dotted, literal, method_name, render, without_wraps
 
 _SAFE_SEGMENT = re.compile(r"[A-Za-z0-9_]+")
@@ -47,7 +48,8 @@ def constructor(module: nn.Module, path: str) -> str:
 def _render_spec(spec: dict, path: str) -> str:
     if "items" in spec:
         return f"torch.nn.Sequential({', '.join(_render_spec(s, f'{path}.{i}') for i, s in enumerate(spec['items']))})"
-    args = ", ".join(f"{dotted(k, f'module {path!r} argument')}={render(v)}" for k, v in spec["kwargs"].items())
+    args = ", ".join(f"{dotted(k, f'module {path!r} argument')}={_render_spec(v['module'], f'{path}.{k}') if is_nested(v) else render(v)}"
+                     for k, v in spec["kwargs"].items())
     return f"{dotted(spec['class'], f'the class of module {path!r}')}({args})"
 
 
@@ -63,10 +65,16 @@ def constructor_spec(module: nn.Module, path: str) -> dict:
     except (TypeError, ValueError):
         params = []
     kwargs = {}
+    kept = composite_arguments(module)  # nn.TransformerEncoder(Layer) keep theirs in their children
     for p in params:
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in ("device", "dtype") or p.name.startswith("_"):
             continue
-        if hasattr(module, p.name):
+        if p.name in kept:
+            value = kept[p.name]
+            if isinstance(value, nn.Module):  # a layer given as an argument: its own constructor
+                kwargs[p.name] = {"module": constructor_spec(value, f"{path}.{p.name}")}
+                continue
+        elif hasattr(module, p.name):
             value = getattr(module, p.name)
             if isinstance(value, torch.Tensor) or (value is None and p.name in ("bias", "weight") and p.default is True):
                 value = value is not None  # `bias=True` is stored as a tensor (or None)
@@ -82,7 +90,7 @@ def constructor_spec(module: nn.Module, path: str) -> dict:
             kwargs[p.name] = value
     try:
         with torch.device("meta"):  # only its structure is compared: no memory, no random init (most of a save's time)
-            rebuilt = cls(**kwargs)
+            rebuilt = instance({"class": public_name(cls), "kwargs": kwargs}) if kept else cls(**kwargs)
     except Exception as exc:
         raise SaveError(f"cannot write model.py: module '{path}' ({public_name(cls)}) cannot be rebuilt from its attributes: {exc}; "
                         f"fix: {_unbuildable(cls)}") from None

@@ -28,6 +28,7 @@ from torch.utils import _pytree as pytree
 
 from ..capture import other_graph
 from ._codegen import constructor_spec, module_dtype
+from ._composites import is_nested
 
 GRAPH = "graph.json"
 VERSION = 1
@@ -80,7 +81,8 @@ def _tensor(value: torch.Tensor) -> dict:
 def _spec(spec: dict) -> dict:
     if "items" in spec:
         return {"class": spec["class"], "items": [_spec(s) for s in spec["items"]]}
-    return {"class": spec["class"], "kwargs": {k: encode(v) for k, v in spec["kwargs"].items()}}
+    return {"class": spec["class"], "kwargs": {k: {"module": _spec(v["module"])} if is_nested(v) else encode(v)
+                                               for k, v in spec["kwargs"].items()}}
 
 
 def _attribute(path: str, old: str, value: Any, persistent: bool) -> dict:

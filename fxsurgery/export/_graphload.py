@@ -26,6 +26,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from ..errors import SaveError
+from ._composites import is_nested
 from ._graphdata import GRAPH
 
 OPS = ("placeholder", "get_attr", "call_function", "call_method", "call_module", "output")
@@ -293,14 +294,16 @@ _LAYERS = re.compile(r"num_\w*layers")
 MAX_LAYERS = 1024
 
 
-def build_module(spec: Any, allow: tuple[str, ...]) -> nn.Module:
+def build_module(spec: Any, allow: tuple[str, ...], depth: int = 0) -> nn.Module:
     if not isinstance(spec, dict) or set(spec) not in ({"class", "kwargs"}, {"class", "items"}):
         raise Bad("module is not {class, kwargs} or {class, items}")
+    if depth > 8:  # a Sequential in a Transformer's layer goes 3 deep
+        raise Bad("modules nest more than 8 levels deep")
     cls = module_class(spec["class"], allow)
     if "items" in spec:
         if cls is not nn.Sequential or not isinstance(spec["items"], list):
             raise Bad("items are for a torch.nn.Sequential only")
-        return nn.Sequential(*(build_module(s, allow) for s in spec["items"]))
+        return nn.Sequential(*(build_module(s, allow, depth + 1) for s in spec["items"]))
     kwargs = spec["kwargs"]
     if not isinstance(kwargs, dict) or not all(identifier(k) and not k.startswith("_") for k in kwargs):
         raise Bad("module kwargs are not a mapping of plain argument names")
@@ -308,7 +311,8 @@ def build_module(spec: Any, allow: tuple[str, ...]) -> nn.Module:
     if placed:  # save() never writes them: device= would build real tensors past the meta device the load builds on
         raise Bad(f"module kwargs name {' and '.join(placed)}, which save() never writes")
     try:
-        values = {k: decode(v, {}) for k, v in kwargs.items()}
+        # a layer given as an argument (nn.TransformerEncoder's encoder_layer) is a module entry of its own
+        values = {k: build_module(v["module"], allow, depth + 1) if is_nested(v) else decode(v, {}) for k, v in kwargs.items()}
         deep = next((k for k, v in values.items() if _LAYERS.fullmatch(k) and type(v) is int and v > MAX_LAYERS), None)
         if deep is not None:  # on the meta device too, each layer costs Python work (nn.Transformer deep-copies them)
             raise Bad(f"{spec['class']}({deep}={values[deep]}) declares more than {MAX_LAYERS} layers")
