@@ -28,6 +28,30 @@ def _shorten_words(text: str, room: int) -> str:
     return " ".join(words)
 
 
+def _asides(text: str) -> list[tuple[int, int]]:
+    """Spans of the top-level parenthesised asides of `text` (a list of names, types present)."""
+    spans, depth, start = [], 0, 0
+    for i, c in enumerate(text):
+        if c == "(":
+            start, depth = (i if depth == 0 else start), depth + 1
+        elif c == ")" and depth:
+            depth -= 1
+            if depth == 0:
+                spans.append((start, i + 1))
+    return spans
+
+
+def _drop_asides(text: str, keep: int) -> str:
+    """The longest asides shortened to "(...)" until `text` fits: what was wrong reads whole, its examples go first."""
+    while len(text) > keep:
+        spans = [(a, b) for a, b in _asides(text) if b - a > 20]  # "(Conv2d)" says much in little
+        if not spans:
+            break
+        a, b = max(spans, key=lambda span: span[1] - span[0])
+        text = text[:a] + "(...)" + text[b:]
+    return text
+
+
 def _clauses(text: str, keep: int) -> str:
     """`text` cut to `keep` characters by leaving out whole clauses (": "-separated) from its middle.
 
@@ -63,7 +87,7 @@ def bounded(message: str, limit: int = LIMIT) -> str:
     room = limit - len(sep) - len(fix)
     where, colon, problem = body.partition(": ")
     if colon and len(where) + 2 < room - 40:  # keep the where whole while the problem keeps 40 characters
-        problem = _clauses(_shorten_words(problem, room - len(where) - 2), room - len(where) - 2)
+        problem = _clauses(_shorten_words(_drop_asides(problem, room - len(where) - 2), room - len(where) - 2), room - len(where) - 2)
         return where + colon + problem + sep + fix
     return _middle(_shorten_words(body, room), room) + sep + fix
 

@@ -158,7 +158,7 @@ def test_an_optional_output_that_matches_nothing_says_why_and_the_cli_writes_not
     rules.write_text("fxsurgery: 1\nrules:\n  - output: [zz, yy]\n    optional: true\n")
     code, _, stderr = cli("apply", "torchvision.models:resnet18", rules, "--input", "1x3x64x64", "-o", tmp_path / "o")
     assert code == 2 and not (tmp_path / "o").exists()
-    assert "nothing to change: no rule matched (rule 1 'output zz, yy'" in stderr and stderr.count("\n") == 1
+    assert "nothing to change: no rule matched: rule 1 'output zz, yy'" in stderr and stderr.count("\n") == 1
 
 
 def test_a_type_given_as_an_output_name_points_to_selecting_by_type():

@@ -555,3 +555,28 @@ def test_a_dry_run_refuses_what_model_py_cannot_rebuild(tmp_path):
         assert (code, stdout, type(raised)) == (2, "", fxs.SaveError)
         assert stderr == ("fxsurgery: error: cannot write model.py: module 'enc.encoder_layer' (torch.nn.TransformerEncoderLayer) argument "
                           "'activation' is a builtin_function_or_method, not a literal; fix: use a module whose arguments are plain values\n")
+
+
+def test_a_shipped_rule_that_matches_nothing_names_its_param():
+    """linear-probe on a timm MobileNetV3 ('fc' matches nothing) said 'correct the selector', in a file shipped with
+    fxsurgery; the param to set (head) and the model's head were not said."""
+    pytest.importorskip("timm")
+    from test_bad_inputs import run_cli
+    code, _, stderr, raised = run_cli(["apply", "timm.models:mobilenetv3_small_050", "linear-probe", "--set", "num_classes=5",
+                                       "--input", "1x3x64x64", "--dry-run"])
+    assert code == 2 and raised.full.endswith(
+        "matched nothing: no module path or node name matches 'fc'; fix: set the file's param: --set head=classifier, the model's "
+        "last Linear (params={'head': ...} in Python)")
+    code, stdout, _, _ = run_cli(["apply", "timm.models:mobilenetv3_small_050", "linear-probe", "--set", "num_classes=5",
+                                  "--set", "head=classifier", "--input", "1x3x64x64", "--dry-run"])
+    assert code == 0 and "dry run: nothing written" in stdout
+
+
+def test_a_shortened_message_drops_its_asides_before_its_reason():
+    """The 300-character bound kept the list of types present and cut 'no call of torch.nn.Linear ... in the traced
+    graphs', the reason."""
+    from fxsurgery.errors import bounded
+    where = "rule 2 'rewrite lora (rank 8, alpha 16)' (rules/lora.yaml:15) matched nothing"
+    types = ", ".join(f"Type{i}" for i in range(40))
+    message = f"{where}: no call of torch.nn.Linear selected by q_proj in the traced graphs (types present: {types}); fix: correct it"
+    assert bounded(message) == f"{where}: no call of torch.nn.Linear selected by q_proj in the traced graphs (...); fix: correct it"

@@ -340,16 +340,16 @@ def test_a_module_also_called_by_opaque_code_is_not_folded():
 
 def test_a_leaf_layer_with_a_forward_of_its_own_is_not_folded_or_adapted_as_the_plain_layer():
     """timm's BatchNormAct2d adds an activation, StdConv2d standardises its weight: as leaves they match
-    the folds' types, and folding them as plain layers dropped the activation (max error 14 on efficientnet_b0)."""
+    the folds' types, and folding them as plain layers dropped the activation (max error 14 on efficientnet_b0).
+    BatchNormAct2d is now folded knowingly: its dropout and activation stay after the folded convolution."""
     timm = pytest.importorskip("timm")
     model = timm.create_model("efficientnet_b0", pretrained=False, num_classes=5).eval()
     randomise_bn(model)
     x = torch.randn(2, 3, 64, 64)
     result = fxs.apply(model, fxs.load_rules("fold-bn"), example_inputs=(x,), leaf_types=(timm.layers.BatchNormAct2d,))
-    assert torch.equal(result.module(x), model(x))
-    assert result.plan.matches[0].count == 0
-    assert result.plan.matches[0].skipped[0] == ("conv_stem (Conv2d) + bn1 (BatchNormAct2d): BatchNormAct2d has a forward of its "
-                                                 "own, not BatchNorm2d's: rewriting it as one would lose what it adds")
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x), model(x), rtol=1e-4, atol=1e-4)
+    assert result.plan.matches[0].count == 49 and type(result.module.conv_stem[2]) is type(model.bn1.act)
     std = nn.Sequential(timm.layers.StdConv2d(3, 8, 3), nn.BatchNorm2d(8)).eval()
     with pytest.raises(fxs.MatchError) as err:   # input-channels is not optional: a stem it cannot adapt is an error
         fxs.apply(std, fxs.load_rules("input-channels", params={"channels": 1}), example_inputs=(torch.randn(2, 3, 8, 8),),

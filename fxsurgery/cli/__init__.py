@@ -366,7 +366,7 @@ def _refuse_no_op(result, evaluating: bool = False, explain: bool = False) -> No
         first = matches[0]
         from ..errors import MatchError
         hint = "" if evaluating else " (inference rewrites such as fold-bn need --eval)"
-        raise MatchError(f"nothing to change: no rule matched ({first.label}: {first.reason}); fix: check the selectors "
+        raise MatchError(f"nothing to change: no rule matched: {first.label}: {first.reason}; fix: check the selectors "
                          f"against 'fxsurgery inspect MODEL'{hint}")
 
 

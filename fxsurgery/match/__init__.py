@@ -9,8 +9,11 @@ becomes an error only when the rule must match.
 from __future__ import annotations
 
 import difflib
+import itertools
+import re
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from torch import nn
 
@@ -102,6 +105,28 @@ class Plan:
         return "\n".join(lines)
 
 
+_SELECTING = ("head", "select", "at", "target", "train")  # the shipped rule files' params that name modules
+
+
+def _param_fix(rule: Rule, modules: dict) -> str:
+    """The fix for a rule that matched nothing: where its selector is a param of its file (linear-probe's
+    `${head}`, fc by default), the param to set, and for a head the model's last Linear."""
+    origin = rule.origin
+    try:
+        lines = Path(origin.file).read_text(encoding="utf-8").splitlines()[origin.line - 1:] if origin.file and origin.line else []
+    except (OSError, UnicodeDecodeError):
+        lines = []
+    own = lines[:1] + [text for text in itertools.takewhile(lambda t: t.startswith("    "), lines[1:])]  # the rule's lines
+    names = [n for text in own for n in re.findall(r"\$\{(\w+)\}", text) if n in _SELECTING]
+    if not names:
+        return "correct the selector or add 'optional: true'"
+    name = names[0]
+    linears = [p for p, module in modules.items() if isinstance(module, nn.Linear)] if "head" in name else []
+    example = linears[-1] if linears else "PATH"
+    seen = ", the model's last Linear" if linears else ""
+    return f"set the file's param: --set {name}={example}{seen} (params={{{name!r}: ...}} in Python)"
+
+
 def _why_not(locator: Locator, sel: Selector) -> tuple[str, list[str]]:
     capture = locator.capture
     hidden = ""
@@ -148,7 +173,7 @@ def match(capture: Capture, rules: list[Rule]) -> Plan:
             raise MatchError(f"{m.label}: {exc}") from None
         if not m.count and not rule.optional and not settled:
             near = f"; closest: {', '.join(m.nearest)}" if m.nearest else ""
-            raise MatchError(f"{m.label} matched nothing: {m.reason}{near}; fix: correct the selector or add 'optional: true'")
+            raise MatchError(f"{m.label} matched nothing: {m.reason}{near}; fix: {_param_fix(rule, locator.modules)}")
         plan.matches.append(m)
     return plan
 
