@@ -83,6 +83,19 @@ def test_inspect_of_a_saved_result_shows_the_modules_that_hold_the_called_ones_a
     assert "layer4.1" not in runs and not [p for p, (_, how) in runs.items() if how == "unused"]
 
 
+def test_inspect_says_the_layers_inside_a_leaf_run_in_it(tmp_path):
+    """The layers of an nn.TransformerEncoder, which the graph calls whole, were listed as 'unused'."""
+    (tmp_path / "tf.py").write_text(
+        "from torch import nn\n\n\nclass Tiny(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 1, enable_nested_tensor=False)\n"
+        "        self.head = nn.Linear(8, 2)\n\n    def forward(self, x):\n        return self.head(self.enc(x))\n")
+    code, stdout, _ = cli("inspect", f"{tmp_path / 'tf.py'}:Tiny", "--input", "2x5x8", "--json")
+    runs = {r["path"]: r["runs"] for r in json.loads(stdout)["modules"]}
+    assert code == 0 and (runs["enc"], runs["head"]) == ("graph", "graph")
+    assert {p: how for p, how in runs.items() if p.startswith("enc.")} == {p: "in leaf" for p in runs if p.startswith("enc.")}
+    assert len([p for p in runs if p.startswith("enc.")]) == 12
+
+
 def test_set_goes_to_each_rule_file_that_declares_the_param():
     # resnet-finetune declares num_classes and p, fold-bn per_site: "--set num_classes=5" was refused by fold-bn
     code, stdout, stderr = cli("check", "resnet-finetune", "fold-bn", "--set", "num_classes=5", "--set", "per_site=true", "--json")

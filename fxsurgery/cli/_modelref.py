@@ -112,7 +112,11 @@ def parse_inputs(specs) -> tuple[tuple, dict]:
     out, keywords = [], {}
     generator = torch.Generator().manual_seed(0)
     for spec in specs or []:
-        for part in spec.split(","):
+        parts = spec.split(",")
+        if len(parts) >= 3 and all(p.strip().isdigit() for p in parts):  # 1,3,224,224: a shape written as a tuple
+            raise ModelError(f"--input {spec!r}: commas separate inputs, so this is {len(parts)} inputs of one size each; fix: join one "
+                             f"input's sizes with x: --input {'x'.join(p.strip() for p in parts)}")
+        for part in parts:
             name, _, text = part.rpartition("=")
             name = name.strip()
             if name and not name.isidentifier():

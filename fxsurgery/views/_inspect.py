@@ -42,6 +42,11 @@ def _containers(rows: list[dict], capture: Capture) -> None:
     for r in rows:
         if r["runs"] == "unused" and r["path"] in above:
             r["runs"] = "container"
+    # a graph calls a leaf (nn.TransformerEncoder) as one module: what is inside it runs with it
+    leaves = [r["path"] + "." for r in rows if r["runs"] == "graph"]
+    for r in rows:
+        if r["runs"] == "unused" and any(r["path"].startswith(leaf) for leaf in leaves):
+            r["runs"] = "in leaf"
 
 
 def overview(capture: Capture) -> dict:
