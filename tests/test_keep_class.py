@@ -362,7 +362,8 @@ def test_adapters_a_config_does_not_build_are_refused_at_save(tmp_path):
         result.save(tmp_path / "o")
     assert str(err.value) == (
         "LlamaForCausalLM: 'model.layers.0.self_attn.q_proj.base.weight' (12 tensors in all) is not built by its config, so "
-        "from_pretrained would drop it; fix: apply with keep_class=False (--no-keep-class; saved as model.py + safetensors)")
+        "from_pretrained would drop it; fix: apply with keep_class=False (--no-keep-class; saved as model.py + safetensors) to the model "
+        "built with config.use_cache=False")
     assert not (tmp_path / "o").exists()
 
 

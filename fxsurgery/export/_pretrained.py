@@ -20,6 +20,13 @@ from ..errors import SaveError
 from ._shards import lazy_names, write
 
 
+def _as_graph(module) -> str:
+    """The way to a model.py: a graph module, which takes no cache object (the next error, otherwise, for a causal LM)."""
+    generates = callable(getattr(module, "can_generate", None)) and module.can_generate()  # a causal LM passes a cache on
+    cached = generates and getattr(getattr(module, "config", None), "use_cache", False) is True
+    return ("apply with keep_class=False (--no-keep-class; saved as model.py + safetensors)"
+            + (" to the model built with config.use_cache=False" if cached else ""))
+
 def refuse_unloadable(module: nn.Module) -> None:
     """Refuse a kept model its own configuration no longer builds: `from_pretrained` would refuse it
     (heads removed per layer, which a transformers config cannot say), drop a tensor the config does not
@@ -36,11 +43,11 @@ def refuse_unloadable(module: nn.Module) -> None:
     for name, tensor in state.items():
         if name in shapes and shapes[name] != tensor.shape:
             raise SaveError(f"{kind}: '{name}' is {list(tensor.shape)} but its config builds {list(shapes[name])}, so "
-                            "from_pretrained could not reload it; fix: apply with keep_class=False (--no-keep-class; saved as model.py + safetensors)")
+                            f"from_pretrained could not reload it; fix: {_as_graph(module)}")
     extra = [name for name in state if name not in shapes]
     if extra:
         raise SaveError(f"{kind}: '{extra[0]}' ({len(extra)} tensors in all) is not built by its config, so from_pretrained "
-                        "would drop it; fix: apply with keep_class=False (--no-keep-class; saved as model.py + safetensors)")
+                        f"would drop it; fix: {_as_graph(module)}")
     missing = [name for name in shapes if name not in state]
     if missing:
         raise SaveError(f"{kind}: its config builds '{missing[0]}' ({len(missing)} tensors in all), which the model lacks, "
