@@ -27,6 +27,7 @@ def _as_graph(module) -> str:
     return ("apply with keep_class=False (--no-keep-class; saved as model.py + safetensors)"
             + (" to the model built with config.use_cache=False" if cached else ""))
 
+
 def refuse_unloadable(module: nn.Module) -> None:
     """Refuse a kept model its own configuration no longer builds: `from_pretrained` would refuse it
     (heads removed per layer, which a transformers config cannot say), drop a tensor the config does not
