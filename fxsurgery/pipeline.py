@@ -90,9 +90,14 @@ class SurgeryResult:
 
     @property
     def mode(self) -> str:
-        """'kept class LlamaForCausalLM' (keep_class) or 'regenerated graph module'."""
+        """'kept class LlamaForCausalLM' (keep_class), 'regenerated graph module', or where the model's own forward
+        stayed Python (a cache object, data-dependent code): 'LlamaForCausalLM, its forward opaque Python, parts traced'."""
         kept = self.capture is not None and self.capture.kept
-        return f"kept class {type(self.module).__name__}" if kept else "regenerated graph module"
+        if kept:
+            return f"kept class {type(self.module).__name__}"
+        if self.capture is not None and "" in self.capture.opaque:  # the root was never regenerated: say so, not only at save
+            return f"{type(self.module).__name__}, its forward opaque Python, parts traced"
+        return "regenerated graph module"
 
     def __repr__(self) -> str:
         # the dataclass repr printed every example tensor and captured call: 228 KB for a two-layer Llama
