@@ -116,6 +116,9 @@ class SurgeryResult:
             parts += ["", "inputs:"] + [f"  {c}" for c in self.input_changes]
         if self.plan.warnings:
             parts += ["", "warnings:"] + [f"  {w}" for w in self.plan.warnings]
+        if self.capture is not None and "" in self.capture.opaque and not self.capture.kept:
+            why = str(self.capture.opaque[""]).partition("; fix:")[0]
+            parts += ["", f"result: {self.mode} ({why}): model.py needs a graph of the whole forward"]
         return "\n".join(parts)
 
     @property

@@ -206,6 +206,8 @@ def test_the_default_keeps_transformers_models_and_regenerates_others():
     regenerated = apply(model, [], keep_class=False)
     # its forward takes a cache object, which stays Python: the mode says so (it said 'regenerated graph module')
     assert regenerated.mode == "GPT2LMHeadModel, its forward opaque Python, parts traced"
+    assert regenerated.summary().endswith("): model.py needs a graph of the whole forward")
+    assert "\nresult: GPT2LMHeadModel, its forward opaque Python, parts traced (" in regenerated.summary()
     assert any(isinstance(m, torch.fx.GraphModule) for m in regenerated.module.modules())
     plain = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     assert fxs.apply(plain, [], example_inputs=(torch.randn(1, 4),)).mode == "regenerated graph module"
