@@ -9,6 +9,7 @@ import typing
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 import fxsurgery as fxs
@@ -580,3 +581,12 @@ def test_a_shortened_message_drops_its_asides_before_its_reason():
     types = ", ".join(f"Type{i}" for i in range(40))
     message = f"{where}: no call of torch.nn.Linear selected by q_proj in the traced graphs (types present: {types}); fix: correct it"
     assert bounded(message) == f"{where}: no call of torch.nn.Linear selected by q_proj in the traced graphs (...); fix: correct it"
+
+
+def test_explain_lists_every_near_miss_when_asked():
+    """plan.explain() told Python users that --json lists the near misses it left out."""
+    result = fxs.apply(torchvision.models.mobilenet_v3_small().eval(), [fxs.Rewrite(fxs.FoldBatchNorm)],
+                       example_inputs=(torch.randn(1, 3, 32, 32),))
+    shown, every = result.plan.explain().splitlines(), result.plan.explain(limit=None).splitlines()
+    assert shown[-1] == "  ... and 13 more (--json or plan.explain(limit=None) lists them all)"
+    assert len(every) == len(shown) - 1 + 13 and not any("more (" in line for line in every)

@@ -87,8 +87,9 @@ class Plan:
     def to_dict(self) -> list[dict]:
         return [m.to_dict() for m in self.matches]
 
-    def explain(self, limit: int = 5) -> str:
-        """Per rule: what it matched, what it left alone and why, and its nearest misses."""
+    def explain(self, limit: int | None = 5) -> str:
+        """Per rule: what it matched, what it left alone and why, and its nearest misses (`limit` of each; None: all)."""
+        limit = max(len(m.skipped) + len(m.near) for m in self.matches) if limit is None and self.matches else (limit or 0)
         lines = []
         for m in self.matches:
             lines.append(f"{m.label}: {m.count} match{'es' if m.count != 1 else ''}")
@@ -101,7 +102,7 @@ class Plan:
                 lines.append(f"  near miss: {text}")
             hidden = max(0, len(m.skipped) - limit) + max(0, len(m.near) - limit)
             if hidden:
-                lines.append(f"  ... and {hidden} more (--json lists them all)")
+                lines.append(f"  ... and {hidden} more (--json or plan.explain(limit=None) lists them all)")
         return "\n".join(lines)
 
 
