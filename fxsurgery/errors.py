@@ -43,13 +43,18 @@ def _asides(text: str) -> list[tuple[int, int]]:
 
 def _drop_asides(text: str, keep: int) -> str:
     """The longest asides shortened to "(...)" until `text` fits: what was wrong reads whole, its examples go first."""
-    while len(text) > keep:
-        spans = [(a, b) for a, b in _asides(text) if b - a > 20]  # "(Conv2d)" says much in little
-        if not spans:
+    spans = sorted((span for span in _asides(text) if span[1] - span[0] > 20), key=lambda span: span[0] - span[1])
+    dropped, length = [], len(text)
+    for a, b in spans:  # longest first, measured once: a hostile text of many asides costs one pass
+        if length <= keep:
             break
-        a, b = max(spans, key=lambda span: span[1] - span[0])
-        text = text[:a] + "(...)" + text[b:]
-    return text
+        dropped.append((a, b))
+        length -= b - a - 5
+    out, at = [], 0
+    for a, b in sorted(dropped):
+        out += [text[at:a], "(...)"]
+        at = b
+    return "".join(out) + text[at:]
 
 
 def _clauses(text: str, keep: int) -> str:
@@ -87,7 +92,9 @@ def bounded(message: str, limit: int = LIMIT) -> str:
     room = limit - len(sep) - len(fix)
     where, colon, problem = body.partition(": ")
     if colon and len(where) + 2 < room - 40:  # keep the where whole while the problem keeps 40 characters
-        problem = _clauses(_shorten_words(_drop_asides(problem, room - len(where) - 2), room - len(where) - 2), room - len(where) - 2)
+        keep = room - len(where) - 2
+        problem = _shorten_words(problem if len(problem) <= 20 * LIMIT else _middle(problem, 20 * LIMIT), keep)
+        problem = _clauses(_drop_asides(problem, keep), keep)  # asides only where shortened words do not fit
         return where + colon + problem + sep + fix
     return _middle(_shorten_words(body, room), room) + sep + fix
 
