@@ -598,7 +598,8 @@ def test_asides_go_only_where_shortened_words_do_not_fit_and_cost_one_pass():
 
     from fxsurgery.errors import bounded
     full = ("/home/alice/experiments/vit-lora-2024-05-01/output/checkpoint-final: model.safetensors does not hold the tensors "
-            "graph.json declares (first: 'model.layers.11.self_attn.q_proj.lora_A.weight'); fix: write the directory again")
+            "graph.json declares (first: 'model.layers.11.self_attn.q_proj.lora_A.weight'); fix: write the directory again with "
+            "save(), or read model.py and load with trust_code=True (--trust-code) if you trust it")
     assert "(first: 'model.layers.11...j.lora_A.weight')" in bounded(full)
     start = time.perf_counter()
     assert len(bounded("a.yaml: " + " ".join("(" + "a" * 20 + ")" for _ in range(8000)) + "; fix: x")) == 300
