@@ -374,3 +374,40 @@ def test_torch_transformer_layers_are_written_and_read_back(tmp_path):
                                                                                 if not p.requires_grad]
     with torch.no_grad():  # torch's fast path for these layers runs under no_grad in eval mode: the same on both sides
         assert_runs_without_fxsurgery(out, x, model(x), tmp_path, grad=False)
+
+
+def test_a_transformer_whose_layers_differ_from_their_first_is_refused(tmp_path):
+    """Read from the first layer alone, these saved without a word and reloaded computing something else (0.15 away):
+    a custom decoder in nn.Transformer, a second layer's own activation, an attention dropout of its own."""
+    import torch.nn.functional as F
+
+    def custom_decoder():
+        decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(8, 2, 16, norm_first=True, activation="gelu"), 1, norm=nn.LayerNorm(8))
+        return nn.Transformer(8, 2, 1, custom_decoder=decoder, dim_feedforward=16)
+
+    def second_layer():
+        encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16), 2, enable_nested_tensor=False)
+        encoder.layers[1].activation = F.gelu
+        return encoder
+
+    def attention_dropout():
+        layer = nn.TransformerEncoderLayer(8, 2, 16)
+        layer.self_attn.dropout = 0.5
+        return layer
+
+    class Wrap(nn.Module):
+        def __init__(self, core):
+            super().__init__()
+            self.core = core
+
+        def forward(self, x):
+            return self.core(x, x) if isinstance(self.core, nn.Transformer) else self.core(x)
+
+    x = torch.randn(5, 2, 8)
+    for make, kind in ((custom_decoder, "Transformer"), (second_layer, "TransformerEncoder"), (attention_dropout, "TransformerEncoderLayer")):
+        result = fxs.apply(Wrap(make()), [], example_inputs=(x,))
+        with pytest.raises(fxs.SaveError) as err:
+            result.save(tmp_path / make.__name__)
+        assert str(err.value).startswith(f"cannot write model.py: module 'core' (torch.nn.{kind}) rebuilt from its attributes differs "
+                                         "from the original; fix: ")
+        assert not (tmp_path / make.__name__).exists()

@@ -146,6 +146,14 @@ def test_a_target_outside_the_allowlist_is_refused(tmp_path, target):
     assert message == bounded(f"{tmp_path / 'o' / 'graph.json'}: nodes[3] 'mul': target {target!r} is not allowed (allowed: {ALLOWED}); {FIX}")
 
 
+def _encoders(depth, layers):
+    spec = {"class": "torch.nn.TransformerEncoderLayer", "kwargs": {"d_model": 8, "nhead": 2, "dim_feedforward": 16}}
+    for _ in range(depth):
+        spec = {"class": "torch.nn.TransformerEncoder", "kwargs": {"encoder_layer": {"module": spec}, "num_layers": layers,
+                                                                   "enable_nested_tensor": False}}
+    return spec
+
+
 def _sequentials(depth):
     spec = {"class": "torch.nn.ReLU", "kwargs": {}}
     for _ in range(depth):
@@ -209,6 +217,9 @@ def _nested(depth):
      "nodes[3] 'mul': nests values more than 100 levels deep"),
     ("modules nested past any layer's", lambda d: d["attributes"].insert(0, {"path": "deep", "dtype": None, "module": _sequentials(10)}),
      "attributes[0] 'deep': modules nest more than 8 levels deep"),
+    # each level's layer deep-copied num_layers times, past the registrations the budget counts: 27,000 layers from 542 bytes
+    ("encoders nested in encoders", lambda d: d["attributes"].insert(0, {"path": "deep", "dtype": None, "module": _encoders(3, 30)}),
+     "attributes[0] 'deep': torch.nn.TransformerEncoder(...) would copy its layer argument into 595860 modules and tensors, more than 100000"),
     ("a module at a name every module holds", lambda d: d["attributes"].append(
         {"path": "training", "module": {"class": "torch.nn.ReLU", "kwargs": {}}, "dtype": None}),
      "attributes[3] 'training': attribute 'training' already exists"),

@@ -23,7 +23,7 @@ from .._util import get_path
 from ..capture import adapter_call
 from ..errors import SaveError
 from ._callform import adapter_source
-from ._composites import composite_arguments, instance, is_nested
+from ._composites import composite_arguments, instance, is_nested, settings
 from ._names import check_structure, docstring_text, dotted, literal, method_name, render, without_wraps
 
 _SAFE_SEGMENT = re.compile(r"[A-Za-z0-9_]+")
@@ -94,7 +94,7 @@ def constructor_spec(module: nn.Module, path: str) -> dict:
     except Exception as exc:
         raise SaveError(f"cannot write model.py: module '{path}' ({public_name(cls)}) cannot be rebuilt from its attributes: {exc}; "
                         f"fix: {_unbuildable(cls)}") from None
-    if repr(rebuilt) != repr(module) or _layout(rebuilt) != _layout(module):
+    if repr(rebuilt) != repr(module) or _layout(rebuilt) != _layout(module) or (kept and settings(rebuilt) != settings(module)):
         raise SaveError(f"cannot write model.py: module '{path}' ({public_name(cls)}) rebuilt from its attributes differs from the original; "
                         f"fix: {_unbuildable(cls)}")
     return {"class": public_name(cls), "kwargs": kwargs}

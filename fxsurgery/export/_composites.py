@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -64,3 +65,18 @@ def instance(spec: dict) -> nn.Module:
     module, _, name = spec["class"].rpartition(".")
     cls = getattr(importlib.import_module(module), name)
     return cls(**{k: instance(v["module"]) if is_nested(v) else v for k, v in spec["kwargs"].items()})
+
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def settings(module: nn.Module) -> list:
+    """Every submodule's plain settings, and the functions it holds by name (an activation): what `repr` leaves
+    out of a transformer layer (norm_first, the activation function, its attention's dropout), which a rebuild
+    from the first layer's arguments must also match in every layer."""
+    out = []
+    for path, sub in module.named_modules():
+        items = {k: (v if isinstance(v, _PLAIN) else getattr(v, "__qualname__", type(v).__name__))
+                 for k, v in vars(sub).items() if not k.startswith("_") and k != "training" and not isinstance(v, torch.Tensor)}
+        out.append((path, type(sub).__name__, sorted(items.items(), key=lambda kv: kv[0])))
+    return out

@@ -292,6 +292,7 @@ class BuildBudget:
 # a layer count a load builds (RNN num_layers, nn.Transformer num_encoder_layers): the deepest models have ~100
 _LAYERS = re.compile(r"num_\w*layers")
 MAX_LAYERS = 1024
+MAX_COPIED = 100_000  # modules and tensors a layer argument's copies make (a 1024-layer encoder of 40 each: 41k)
 
 
 def build_module(spec: Any, allow: tuple[str, ...], depth: int = 0) -> nn.Module:
@@ -316,6 +317,11 @@ def build_module(spec: Any, allow: tuple[str, ...], depth: int = 0) -> nn.Module
         deep = next((k for k, v in values.items() if _LAYERS.fullmatch(k) and type(v) is int and v > MAX_LAYERS), None)
         if deep is not None:  # on the meta device too, each layer costs Python work (nn.Transformer deep-copies them)
             raise Bad(f"{spec['class']}({deep}={values[deep]}) declares more than {MAX_LAYERS} layers")
+        # a layer given as an argument is deep-copied per layer, past the registrations the build budget counts
+        copies = max([v for k, v in values.items() if _LAYERS.fullmatch(k) and type(v) is int] or [1])
+        made = sum(copies * sum(1 for _ in (*v.modules(), *v.parameters(), *v.buffers())) for v in values.values() if isinstance(v, nn.Module))
+        if made > MAX_COPIED:
+            raise Bad(f"{spec['class']}(...) would copy its layer argument into {made} modules and tensors, more than {MAX_COPIED}")
         return cls(**values)
     except Bad:
         raise
