@@ -102,8 +102,9 @@ class SurgeryResult:
     def __repr__(self) -> str:
         # the dataclass repr printed every example tensor and captured call: 228 KB for a two-layer Llama
         counts = ", ".join(f"{n} {k}" for k, n in self.report.counts().items() if n)
-        matches = ", ".join(f"{m.index}: {m.count}" for m in self.plan.matches)
-        return (f"SurgeryResult({self.mode}, {len(self.plan.matches)} rules (matches {matches}), tensors: {counts or 'none'}; "
+        n = len(self.plan.matches)
+        matches = f" (matches {', '.join(f'{m.index}: {m.count}' for m in self.plan.matches)})" if n else ""
+        return (f"SurgeryResult({self.mode}, {n} rule{'' if n == 1 else 's'}{matches}, tensors: {counts or 'none'}; "
                 ".summary() says more)")
 
     def summary(self) -> str:

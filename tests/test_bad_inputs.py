@@ -456,7 +456,8 @@ CASES = [
     model_error("--input empty", _apply("ok_resnet", inputs="--input="), "--input '': ", "cannot parse ''" + INPUT_FIX),
     # was 'too many positional arguments; fix: pass one input per argument': the shape was taken for four inputs
     model_error("--input as a tuple", _apply("ok_resnet", inputs="--input=1,3,64,64"), "--input '1,3,64,64': ",
-                "commas separate inputs, so this is 4 inputs of one size each; fix: join one input's sizes with x: --input 1x3x64x64"),
+                "commas separate inputs, so this is 4 inputs of one size each; fix: join one input's sizes with x: --input 1x3x64x64 "
+                "(or repeat --input for one-dimensional inputs)"),
     model_error("--input negative", _apply("ok_resnet", inputs="--input=-1x3"), "--input '-1x3': ", "cannot parse '-1x3'" + INPUT_FIX),
     model_error("--input trailing x", _apply("ok_resnet", inputs="--input=1x3x64x64x"), "--input '1x3x64x64x': ",
                 "cannot parse '1x3x64x64x'" + INPUT_FIX),

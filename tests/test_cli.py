@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 from conftest import RULES, cli, cli_process
+from torch import nn
 
 import fxsurgery as fxs
 from fxsurgery.errors import bounded
@@ -94,6 +95,18 @@ def test_inspect_says_the_layers_inside_a_leaf_run_in_it(tmp_path):
     assert code == 0 and (runs["enc"], runs["head"]) == ("graph", "graph")
     assert {p: how for p, how in runs.items() if p.startswith("enc.")} == {p: "in leaf" for p in runs if p.startswith("enc.")}
     assert len([p for p in runs if p.startswith("enc.")]) == 11  # layers, layers.0 and its 9 modules
+    from fxsurgery.capture import capture
+    from fxsurgery.views._inspect import overview
+
+    class Block(nn.Module):  # traced through: a child it never calls stays unused
+        def __init__(self):
+            super().__init__()
+            self.fc, self.spare = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x).relu()
+    rows = {r["path"]: r["runs"] for r in overview(capture(nn.Sequential(Block()), (torch.randn(1, 4),)))["modules"]}
+    assert (rows["0.fc"], rows["0.spare"]) == ("graph", "unused")
 
 
 def test_set_goes_to_each_rule_file_that_declares_the_param():

@@ -194,8 +194,10 @@ def test_a_head_tied_to_a_frozen_embedding_is_said_to_be_frozen():
     label = result.plan.matches[0].label
     assert [str(w.message) for w in caught if "tied" in str(w.message)] == [
         f"{label} freezes model.embed_tokens.weight, which lm_head.weight is tied to (one tensor): lm_head.weight is frozen too; "
-        "fix: untie them (config.tie_word_embeddings=False) to train lm_head.weight alone, or freeze both knowingly"]
+        "fix: untie them (config.tie_word_embeddings=False for transformers) to train lm_head.weight alone, or freeze both knowingly"]
     assert result.trainable_parameters() == []
+    both = fxs.apply(llama(tie=True), [fxs.Freeze("model.embed_tokens"), fxs.Freeze("lm_head")], example_inputs=(ids(1, 8),))
+    assert not any("tied" in w for w in both.plan.warnings)  # both frozen knowingly: nothing to say
     untied = fxs.apply(llama(), fxs.load_rules("freeze-backbone", params={"head": "lm_head"}), example_inputs=(ids(1, 8),))
     assert not any("tied" in w for w in untied.plan.warnings)
     assert [n for n, p in untied.module.named_parameters() if p.requires_grad] == ["lm_head.weight"]

@@ -540,6 +540,8 @@ def test_a_result_prints_as_one_line():
                        example_inputs=(torch.randn(1, 4),))
     assert repr(result) == ("SurgeryResult(regenerated graph module, 2 rules (matches 1: 1, 2: 1), tensors: 2 transferred, 2 new, "
                             "2 dropped, 2 frozen; .summary() says more)")
+    assert repr(fxs.apply(nn.Sequential(nn.Linear(4, 2)), [], example_inputs=(torch.randn(1, 4),))) == (
+        "SurgeryResult(regenerated graph module, 0 rules, tensors: 2 transferred; .summary() says more)")
 
 
 def test_a_dry_run_refuses_what_model_py_cannot_rebuild(tmp_path):

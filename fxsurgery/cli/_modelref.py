@@ -115,7 +115,7 @@ def parse_inputs(specs) -> tuple[tuple, dict]:
         parts = spec.split(",")
         if len(parts) >= 3 and all(p.strip().isdigit() for p in parts):  # 1,3,224,224: a shape written as a tuple
             raise ModelError(f"--input {spec!r}: commas separate inputs, so this is {len(parts)} inputs of one size each; fix: join one "
-                             f"input's sizes with x: --input {'x'.join(p.strip() for p in parts)}")
+                             f"input's sizes with x: --input {'x'.join(p.strip() for p in parts)} (or repeat --input for one-dimensional inputs)")
         for part in parts:
             name, _, text = part.rpartition("=")
             name = name.strip()

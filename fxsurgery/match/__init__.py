@@ -113,11 +113,14 @@ def _param_fix(rule: Rule, modules: dict) -> str:
     """The fix for a rule that matched nothing: where its selector is a param of its file (linear-probe's
     `${head}`, fc by default), the param to set, and for a head the model's last Linear."""
     origin = rule.origin
+    in_file = bool(origin.file and origin.line and origin.file.endswith((".yaml", ".yml")))  # a rule written in Python has no params
     try:
-        lines = Path(origin.file).read_text(encoding="utf-8").splitlines()[origin.line - 1:] if origin.file and origin.line else []
-    except (OSError, UnicodeDecodeError):
+        lines = Path(origin.file).read_text(encoding="utf-8").splitlines()[origin.line - 1:] if in_file else []
+    except (OSError, UnicodeDecodeError, ValueError):
         lines = []
-    own = lines[:1] + [text for text in itertools.takewhile(lambda t: t.startswith("    "), lines[1:])]  # the rule's lines
+    indent = len(lines[0]) - len(lines[0].lstrip(" -")) if lines else 0  # where the rule's keys start, after "- "
+    own = lines[:1] + list(itertools.takewhile(lambda t: len(t) - len(t.lstrip(" ")) >= indent and not t.lstrip().startswith("- "),
+                                               lines[1:]))  # the rule's own lines, not the next rule's
     names = [n for text in own for n in re.findall(r"\$\{(\w+)\}", text) if n in _SELECTING]
     if not names:
         return "correct the selector or add 'optional: true'"

@@ -27,17 +27,17 @@ def _warn_moving_norms(rewritten: Rewritten, m, frozen: list[str], originals: di
             "still move under model.train(); fix: bn='eval' (bn: eval in a rule file) holds them, unless they should adapt")
 
 
-def _warn_tied(rewritten: Rewritten, m, frozen: list[str], params: dict) -> None:
-    """A parameter the rule leaves alone that is one tensor with one it freezes (tied embeddings: lm_head.weight
-    and embed_tokens.weight) is frozen too: a head excluded from a frozen backbone trained nothing, silently."""
-    chosen = set(frozen)
+def _warn_tied(rewritten: Rewritten, m, frozen: list[str], params: dict, chosen: set[str]) -> None:
+    """A parameter no Freeze selects that is one tensor with one this rule freezes (tied embeddings: lm_head.weight
+    and embed_tokens.weight) is frozen too: a head excluded from a frozen backbone trained nothing, silently.
+    `chosen`: what every Freeze selects (freezing both names knowingly is no surprise)."""
     partner = {id(params[n]): n for n in frozen if n in params}
     tied = [(n, partner[id(p)]) for n, p in params.items() if n not in chosen and id(p) in partner]
     if tied:
         name, other = tied[0]
         rewritten.plan.warnings.append(
             f"{m.label} freezes {other}, which {name} is tied to (one tensor): {name} is frozen too; fix: untie them "
-            f"(config.tie_word_embeddings=False) to train {name} alone, or freeze both knowingly")
+            f"(config.tie_word_embeddings=False for transformers) to train {name} alone, or freeze both knowingly")
 
 
 def freeze(rewritten: Rewritten, module: nn.Module, rule_of, modules: dict | None = None,
@@ -61,12 +61,15 @@ def freeze(rewritten: Rewritten, module: nn.Module, rule_of, modules: dict | Non
     others = _other_names(rewritten.capture.model)
     # Prune leaves a layer where it was, narrower: a Freeze before it still holds it (Replace makes a layer to train)
     pruned = {m.index for m in rewritten.plan.matches if isinstance(m.rule, Prune)}
+    selected = {m.index: frozen_by(m.rule, [*params, *stats], type_of, others)[0] for m in rewritten.plan.matches
+                if isinstance(m.rule, Freeze)}
+    chosen = set().union(*selected.values())
     for m in rewritten.plan.matches:
         if isinstance(m.rule, Freeze):
-            frozen, _ = frozen_by(m.rule, [*params, *stats], type_of, others)
+            frozen = selected[m.index]
             if m.rule.bn != "eval":
                 _warn_moving_norms(rewritten, m, frozen, originals)
-            _warn_tied(rewritten, m, frozen, params)
+            _warn_tied(rewritten, m, frozen, params, chosen)
             for name in frozen:
                 maker = None if name in params and id(params[name]) in copies else rule_of(name)
                 if maker is None or maker < m.index or maker in pruned:

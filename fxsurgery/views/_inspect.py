@@ -42,8 +42,10 @@ def _containers(rows: list[dict], capture: Capture) -> None:
     for r in rows:
         if r["runs"] == "unused" and r["path"] in above:
             r["runs"] = "container"
-    # a graph calls a leaf (nn.TransformerEncoder) as one module: what is inside it runs with it
-    leaves = [r["path"] + "." for r in rows if r["runs"] == "graph"]
+    # a graph calls a leaf (nn.TransformerEncoder) as one module: what is inside it runs with it (not so inside a
+    # module traced through, whose unused children stay unused)
+    called = {f"{r.path}.{n.target}" if r.path else str(n.target) for r in capture.regions for n in r.graph.nodes if n.op == "call_module"}
+    leaves = [r["path"] + "." for r in rows if r["runs"] == "graph" and r["path"] in called]
     for r in rows:
         if r["runs"] == "unused" and any(r["path"].startswith(leaf) for leaf in leaves):
             r["runs"] = "in leaf"
