@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import collections
 import contextlib
 import fnmatch
 import re
@@ -85,6 +86,13 @@ class Tracer(fx.Tracer):
         if getattr(self, "_count", None) is not None:
             self._count.update(1)
         return node
+
+    def create_arg(self, a):
+        # torch.fx writes every dict as a plain one: an OrderedDict (torchvision's segmentation models return
+        # one) becomes a node that builds it, so the result returns the type the original did
+        if type(a) is collections.OrderedDict:
+            return self.create_node("call_function", collections.OrderedDict, (super().create_arg(dict(a)),), {})
+        return super().create_arg(a)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         qualname = self._relative(qualname)

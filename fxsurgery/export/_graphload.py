@@ -9,6 +9,7 @@ else in the file is data: checked for type, and refused with the entry named.
 from __future__ import annotations
 
 import builtins
+import collections
 import importlib
 import json
 import keyword
@@ -66,7 +67,8 @@ _NAMESPACES = {
     "torch._C._nn": torch._C._nn, "torch._C._fft": torch._C._fft, "torch._C._linalg": torch._C._linalg,
     "torch._C._special": torch._C._special, "math": math, "operator": operator,
 }
-ALLOWED = "torch, torch.nn.functional, torch.fft, torch.linalg, torch.special, operator, math and builtins " + ", ".join(sorted(_BUILTINS))
+ALLOWED = ("torch, torch.nn.functional, torch.fft, torch.linalg, torch.special, operator, math, collections.OrderedDict "
+           "and builtins " + ", ".join(sorted(_BUILTINS)))
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PART = re.compile(r"[A-Za-z0-9_]+")
 FIX = "fix: write the directory again with save(), or read model.py and load with trust_code=True (--trust-code) if you trust it"
@@ -87,6 +89,8 @@ def function(name: Any) -> Any:
         raise Bad(f"target is a {type(name).__name__}, not a name")
     space, _, attr = name.rpartition(".")
     refused = Bad(f"target {name!r} is not allowed (allowed: {ALLOWED})")
+    if name == "collections.OrderedDict":  # the one container type torch.fx keeps as a node (capture/_tracer.py)
+        return collections.OrderedDict
     if space == "builtins":
         if attr not in _BUILTINS:
             raise refused
