@@ -195,6 +195,12 @@ def _match_one(m: Match, locator: Locator, capture: Capture, plan: Plan, touched
         held = statistics(locator.modules) if rule.bn == "eval" else []  # BatchNorms without parameters it holds
         frozen, owners = frozen_by(rule, [*params, *held], lambda p: type(locator.modules.get(p)))
         m.modules = owners
+        every = dict(capture.model.named_modules(remove_duplicate=False)) if rule.exclude else {}  # a module's second path too
+        spared = next((e for e in rule.exclude if not select_modules(e, every)), None)
+        if spared is not None and not rule.optional:  # freeze-backbone's `fc` in a model without one froze its head too
+            near = _why_not(locator, spared)[1]
+            raise MatchError(f"{m.label}: except {spared.text!r} selects no module, so it spares nothing ({len(frozen)} of {len(params)} "
+                             f"parameters would freeze){'; closest: ' + ', '.join(near) if near else ''}; fix: {_param_fix(rule, locator.modules)}")
         idle = [s for s in (rule.target.value if rule.target.kind == "any" else ()) if not select_modules(s, locator.modules)]
         if idle and not rule.optional:  # each selector of a list must select something, as one alone must
             m.modules = []
