@@ -117,6 +117,16 @@ BAD = [
      "{path}:3: bad selector {{'kind': 'torch.nn.ReLU'}}; fix: write a glob string, {{type: torch.nn.ReLU}}, {{function: torch.relu}} or {{method: view}}"),
     ("bad regex", HEAD + "  - delete: 're:layer(['\n",
      "{path}:3: bad regular expression 're:layer([': unterminated character set at position 6; fix: correct the pattern after 're:'"),
+    # a few bytes of rule file held the matcher for hours: backtracking is refused when the file is read
+    ("regex of repeated alternatives", HEAD + "  - freeze: 're:(.|.|.)*Q'\n",
+     "{path}:3: regular expression 're:(.|.|.)*Q' repeats a group of alternatives, which can take Python's matcher hours on "
+     "one name; fix: a simpler pattern, or a glob ('layer*.conv?')"),
+    ("regex of nested repeats", HEAD + "  - freeze: 're:(layer[0-9]+)+'\n",
+     "{path}:3: regular expression 're:(layer[0-9]+)+' repeats a group that repeats, which can take Python's matcher hours on "
+     "one name; fix: a simpler pattern, or a glob ('layer*.conv?')"),
+    ("regex of many repeats", HEAD + "  - freeze: 're:.*.*.*.*Q'\n",
+     "{path}:3: regular expression 're:.*.*.*.*Q' holds 4 repeats (at most 3), which can take Python's matcher hours on "
+     "one name; fix: a simpler pattern, or a glob ('layer*.conv?')"),
     ("bad glob", HEAD + "  - delete: ' fc'\n",
      "{path}:3: bad glob ' fc': empty or padded with spaces; fix: write a module path such as 'layer1.*' or '*'"),
     ("except not a list", HEAD + "  - freeze: '*'\n    except: 3\n",

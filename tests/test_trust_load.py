@@ -220,6 +220,16 @@ def _nested(depth):
     # each level's layer deep-copied num_layers times, past the registrations the budget counts: 27,000 layers from 542 bytes
     ("encoders nested in encoders", lambda d: d["attributes"].insert(0, {"path": "deep", "dtype": None, "module": _encoders(3, 30)}),
      "attributes[0] 'deep': torch.nn.TransformerEncoder(...) would copy its layer argument into 595860 modules and tensors, more than 100000"),
+    # torch's size arithmetic overflowed: a raw RuntimeError (or TypeError) and the CLI's 'internal error'
+    ("a parameter whose bytes overflow", lambda d: d["attributes"].append(
+        {"path": "p", "parameter": {"shape": [1 << 62, 1 << 62], "dtype": "float32", "requires_grad": True}}),
+     "attributes[3] 'p': shape [4611686018427387904, 4611686018427387904] declares more bytes than any file holds"),
+    ("a buffer larger than a long", lambda d: d["attributes"].append(
+        {"path": "p", "buffer": {"shape": [1 << 70], "dtype": "uint8", "persistent": True}}),
+     "attributes[3] 'p': shape [1180591620717411303424] declares more bytes than any file holds"),
+    # torch.fx's own check raised a ValueError with the whole graph printed
+    ("an output node with another target", lambda d: _node(d, "output").update(target=1.5),
+     "nodes[6] 'output': output target 1.5 is not 'output'"),
     ("a module at a name every module holds", lambda d: d["attributes"].append(
         {"path": "training", "module": {"class": "torch.nn.ReLU", "kwargs": {}}, "dtype": None}),
      "attributes[3] 'training': attribute 'training' already exists"),
@@ -434,3 +444,21 @@ def test_a_saved_directory_laid_out_as_the_hub_cache_holds_it_loads(tmp_path):
     x = torch.randn(3, 4)
     with torch.no_grad():
         assert torch.equal(fxs.load(snapshot)(x), result.module(x))
+
+
+def test_a_checked_load_holds_its_weights_apart_from_the_file(tmp_path):
+    """The module held the file's mapping: bytes changed in place after the hash check changed its weights, and
+    a truncated file killed the process (SIGBUS) at the next read."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3))
+    fxs.apply(model, [], example_inputs=(torch.randn(2, 64),)).save(tmp_path / "o")
+    loaded = fxs.load(tmp_path / "o")
+    want = {k: v.clone() for k, v in loaded.state_dict().items()}
+    weights = tmp_path / "o" / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as handle:  # in place, as cp or rsync --inplace write
+        handle.seek(size - 4096)
+        handle.write(b"\x7f" * 4096)
+    assert all(torch.equal(v, want[k]) for k, v in loaded.state_dict().items())
+    os.truncate(weights, 1000)
+    assert all(torch.equal(v, want[k]) for k, v in loaded.state_dict().items())

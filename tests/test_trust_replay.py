@@ -302,3 +302,25 @@ def test_a_tied_checkpoint_that_keeps_one_name_maps_and_so_does_a_save_pretraine
         shutil.copy(tmp_path / "mapped.safetensors", tmp_path / "p" / "model.safetensors")
         loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "p").eval()
         assert torch.equal(loaded(ids).logits, direct(ids).logits)
+
+
+def test_map_weights_refuses_a_saved_directory_changed_since_save_and_writes_with_the_umask(tmp_path):
+    """map-weights copied a damaged made tensor (the one fxs.load refuses) into its output, and wrote it owner-only."""
+    _replayed(lambda: Head(3), [Replace("fc", fxs.new(nn.Linear, out_features=5))], (torch.randn(2, 4),), tmp_path)
+    assert (tmp_path / "mapped.safetensors").stat().st_mode & 0o777 == 0o666 & ~_umask()
+    weights = tmp_path / "o" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-8:] = torch.tensor([777.0, 777.0]).numpy().tobytes()  # the last tensor's last values
+    weights.write_bytes(bytes(data))
+    out = tmp_path / "again.safetensors"
+    code, _, stderr, _ = run_cli(["map-weights", str(tmp_path / "ckpt.safetensors"), str(tmp_path / "o"), "-o", str(out)])
+    assert (code, stderr) == (2, f"fxsurgery: error: {tmp_path / 'o'}: model.py, model.safetensors or graph.json changed since it "
+                                 "was written (hash mismatch); fix: write the directory again with save()\n")
+    assert not out.exists()
+
+
+def _umask() -> int:
+    import os
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

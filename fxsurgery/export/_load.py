@@ -13,7 +13,7 @@ from .._util import read_json
 from ..errors import SaveError
 from ._graphdata import GRAPH
 from ._rebuild import rebuild
-from ._record import FORMAT, digest, import_source, read_record
+from ._record import FORMAT, import_source, read_record, verify_hash
 
 
 def load(directory: str | os.PathLike, device: str | torch.device = "cpu", *, trust_code: bool = False,
@@ -25,9 +25,11 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu", *, tr
     in `allow`). `trust_code=True` imports the directory's model.py instead
     (it runs whatever that file holds: read it first).
 
-    `verify=False` skips the record's sha256 over every file: the weights are
-    then mapped, not read, so a load costs what safetensors' own does; a
-    damaged file is found only where safetensors' header checks find it.
+    The weights are checked against the record's sha256 and copied into
+    memory of their own: a file changed in place later (cp, rsync --inplace)
+    changes nothing loaded. `verify=False` skips both: the weights are then
+    mapped, not read, so a load costs what safetensors' own does; a damaged
+    file is found only where safetensors' header checks find it.
     """
     directory = Path(directory)
     try:
@@ -38,14 +40,13 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu", *, tr
     _refuse_pretrained(directory, record)
     if record.get("format") != FORMAT:
         raise SaveError(f"{directory}: unsupported format {record.get('format')!r}; fix: write it again with this fxsurgery")
-    if verify and record.get("hash") != digest(directory):
-        raise SaveError(f"{directory}: model.py, model.safetensors or graph.json changed since it was written (hash mismatch); "
-                        "fix: write the directory again with save()")
+    if verify:
+        verify_hash(directory, record)
     if not trust_code:
         if not (directory / GRAPH).is_file():
             raise SaveError(f"{directory}: has no graph.json (written by an older fxsurgery), and loading its model.py would run its code; "
                             "fix: read model.py and load with trust_code=True (--trust-code) if you trust it, or write the directory again with save()")
-        return rebuild(directory, tuple(allow), device)
+        return rebuild(directory, tuple(allow), device, owned=verify)
     try:
         return import_source(directory / "model.py").Model.load(str(directory), device=device)
     except SafetensorError as exc:

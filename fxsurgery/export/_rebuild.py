@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import threading
 import weakref
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from torch import fx, nn
 from torch.utils._device import DeviceContext
 
-from ..capture import CallSpec, ModeGraphModule, assign, install_adapter, pickled
+from ..capture import CallSpec, ModeGraphModule, assign, deep_copy, install_adapter, pickled
 from ..errors import SaveError
 from ..rewrite import StayEval, stays_eval
 from ._graphdata import GRAPH, VERSION
@@ -27,10 +28,9 @@ from ._graphload import BuildBudget as budget  # what building graph.json's entr
 from ._graphload import identifier as plain  # a name the generated code can hold
 from ._shards import read as read_weights
 
-# the initialisers a module's constructor runs on its fresh parameters and buffers: on the meta device
-# they compute nothing (every value is replaced by the weights file's, whose names and shapes are
-# checked against the module's), yet cost more than the rest of construction (torch's meta uniform_ is
-# Python); a built Linear(4096, 4096) x 16 takes 2.8 ms with them, 1.3 ms without
+# the initialisers a module's constructor runs on its fresh parameters and buffers: on the meta device they compute
+# nothing (every value is replaced by the weights file's, whose names and shapes are checked against the module's),
+# yet cost more than the rest of construction (meta uniform_ is Python): Linear(4096, 4096) x 16, 2.8 ms, 1.3 without
 _INITIALISERS = frozenset({*(getattr(nn.init, n) for n in ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_",
                                                           "eye_", "dirac_", "xavier_uniform_", "xavier_normal_", "kaiming_uniform_",
                                                           "kaiming_normal_", "orthogonal_", "sparse_")),
@@ -57,6 +57,8 @@ def _tensor(spec: Any, keys: set[str]) -> tuple[list[int], torch.dtype]:
     shape, dtype = spec["shape"], decode({"dtype": spec["dtype"]}, {})
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
         raise Bad("shape is not a list of sizes")
+    if math.prod(shape) * dtype.itemsize >= 1 << 62:  # beyond, torch's size arithmetic overflows (a raw RuntimeError)
+        raise Bad(f"shape {shape} declares more bytes than any file holds")
     return shape, dtype
 
 
@@ -117,6 +119,8 @@ def _node(graph: fx.Graph, root: nn.Module, entry: Any, env: dict[str, fx.Node])
     elif op == "placeholder" and not (isinstance(target, str) and plain(bare := target[2:] if target.startswith("**") else target.removeprefix("*"))
                                       and bare != "self"):  # a parameter of the generated forward, beside its self
         raise Bad(f"placeholder target {target!r} is not a plain name")
+    elif op == "output" and target != "output":
+        raise Bad(f"output target {target!r} is not 'output'")
     return graph.create_node(op, target, args, kwargs, name=name, type_expr=torch.Tensor if entry["type"] else None)
 
 
@@ -186,6 +190,8 @@ class _Loaded(fx.GraphModule):
         if isinstance(vars(type(self)).get("forward"), _Pending):
             _generate(self)
 
+    __deepcopy__ = deep_copy  # keeps hooks registered on it after the load, as the result's copies do
+
     def __reduce__(self):
         return pickled(self)  # its graph, not its code (capture/_pickling.py): nothing to generate
 
@@ -220,8 +226,8 @@ def _strings(doc: dict, key: str, kind: type) -> Any:
     return value
 
 
-def rebuild(directory: Path, allow: tuple[str, ...], device: str | torch.device) -> fx.GraphModule:
-    """The module graph.json describes, with the weights of model.safetensors."""
+def rebuild(directory: Path, allow: tuple[str, ...], device: str | torch.device, owned: bool = False) -> fx.GraphModule:
+    """The module graph.json describes, with the weights of model.safetensors (`owned`: copied out of the file's mapping)."""
     try:
         doc = json.loads((directory / GRAPH).read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
@@ -272,7 +278,7 @@ def rebuild(directory: Path, allow: tuple[str, ...], device: str | torch.device)
                     imported.add(output_type_home(name, allow, imported))
                 except Bad as why:
                     raise SaveError(f"{directory / GRAPH}: call: output type {name} {why}") from None
-    gm = _with_weights(directory, gm, doc, ties, frozen, evals, non_persistent, device)
+    gm = _with_weights(directory, gm, doc, ties, frozen, evals, non_persistent, device, owned)
     for where in stay:  # Freeze(..., bn="eval"): in eval mode whatever .train() says, as in memory
         try:
             module = gm.get_submodule(where)
@@ -357,7 +363,7 @@ def _tie_slot(root: nn.Module, alias: str) -> None:
 
 
 def _with_weights(directory: Path, gm: fx.GraphModule, doc: dict, ties: dict, frozen: list, evals: list, non_persistent: set,
-                  device) -> fx.GraphModule:
+                  device, owned: bool) -> fx.GraphModule:
     try:
         for alias, owner in ties.items():
             assign(gm, alias, gm.get_parameter(owner))
@@ -374,12 +380,11 @@ def _with_weights(directory: Path, gm: fx.GraphModule, doc: dict, ties: dict, fr
             gm.get_parameter(name).requires_grad_(False)
     except AttributeError as exc:
         raise entry_error(directory, "frozen", exc) from None
-    # the tensors read are the module's own (as load_state_dict(assign=True) makes them, requires_grad
-    # kept): no second allocation and copy of every weight
-    # kept and moved where another device is asked for; a tensor safetensors maps at an address torch's
-    # allocator would not give (64-byte aligned) is copied: CPU kernels pick their vector path by
-    # alignment, and the loaded module must compute the saved one's bits
-    state = {k: _aligned(v.to(device)) for k, v in tensors.items() if k not in non_persistent}
+    # the tensors read are the module's own (as load_state_dict(assign=True) makes them): no second copy, unless
+    # `owned` (a checked load: a file changed in place later would change the mapped tensors under the checked
+    # module, or, truncated, kill the process) or mapped off torch's 64-byte alignment (CPU kernels pick their
+    # vector path by alignment, and the loaded module must compute the saved one's bits)
+    state = {k: _aligned(v.to(device, copy=owned)) for k, v in tensors.items() if k not in non_persistent}
     if not _assigned(gm, state):
         gm.load_state_dict({**state, **{a: state[o] for a, o in ties.items()}}, strict=True, assign=True)
     for alias, owner in ties.items():  # assigning gives each path its own Parameter: one object again

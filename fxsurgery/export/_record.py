@@ -111,3 +111,9 @@ def read_record(directory: str | os.PathLike) -> dict:
                         "fix: write the directory again with save()")
     return record
 
+
+def verify_hash(directory: Path, record: dict) -> None:
+    """The record's sha256 over model.py, the weights and graph.json: a file changed since save() wrote it is refused."""
+    if record.get("hash") != digest(directory):
+        raise SaveError(f"{directory}: model.py, model.safetensors or graph.json changed since it was written (hash mismatch); "
+                        "fix: write the directory again with save()")

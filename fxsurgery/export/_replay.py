@@ -20,9 +20,9 @@ from .._util import first_line
 from ..errors import SaveError
 from ..spec import replay
 from ..transfer import open_checkpoint, read_state_dict, strip_prefixes
-from ._atomic import fsync_dir
+from ._atomic import fsync_dir, umask
 from ._codegen import rename_path
-from ._record import read_record
+from ._record import read_record, verify_hash
 from ._shards import SINGLE, shard_files
 
 
@@ -43,6 +43,8 @@ def map_weights(state_dict: dict | str | os.PathLike, surgery: str | os.PathLike
     directory = Path(surgery)
     directory = directory.parent if directory.name == "surgery.json" else directory
     record = read_record(directory)
+    if record.get("saved_by") != "save_pretrained":  # the library's own layout has no hash; every other has one
+        verify_hash(directory, record)  # the tensors a rule made are copied from it: damage would pass on
     state = strip_prefixes(state_dict, where=where)
     try:
         return _mapped(directory, record, state)
@@ -170,6 +172,7 @@ def write_mapped(checkpoint: str, surgery: str, output: str, force: bool = False
     tmp = target.with_name(f".{target.name}.tmp")
     try:
         save_file(unique, str(tmp), metadata={"format": "pt"})
+        os.chmod(tmp, 0o666 & ~umask())  # safetensors makes it private; save() gives its files the umask's modes too
         with open(tmp, "rb") as handle:  # on disk before it takes the name: a crash leaves the old state or the new
             os.fsync(handle.fileno())
         os.replace(tmp, target)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
+import re._constants as _sre
+import re._parser as _parser
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -81,9 +83,14 @@ class Selector:
         if isinstance(spec, str):
             if spec.startswith("re:"):
                 try:
-                    return cls("regex", re.compile(spec[3:]), spec)
+                    compiled = re.compile(spec[3:])
                 except re.error as exc:
                     raise RuleError(f"{where}bad regular expression {spec!r}: {exc}; fix: correct the pattern after 're:'") from None
+                slow = _backtracking(spec[3:])
+                if slow:
+                    raise RuleError(f"{where}regular expression {spec!r} {slow}, which can take Python's matcher hours on one "
+                                    "name; fix: a simpler pattern, or a glob ('layer*.conv?')")
+                return cls("regex", compiled, spec)
             if spec.startswith("method:"):
                 name = spec[len("method:"):]
                 if not name.isidentifier():
@@ -121,3 +128,35 @@ class Selector:
 
     def __str__(self) -> str:
         return self.text
+
+
+_REPEATS = (_sre.MAX_REPEAT, _sre.MIN_REPEAT, _sre.POSSESSIVE_REPEAT)
+_MAX_REPEATS = 3  # sequential `.*`s cost (name length) ** count steps where a match fails
+
+
+def _backtracking(pattern: str) -> str:
+    """Why a pattern may backtrack exponentially (a repeat holding a repeat, an alternative or a back reference), or
+    polynomially past a few repeats; "" where it cannot. Module paths are short, the patterns rule files' data."""
+    repeats = 0
+
+    def walk(items, repeated: bool) -> str:
+        nonlocal repeats
+        for op, av in items:
+            if op in _REPEATS:
+                if av[1] > 1 and repeated:
+                    return "repeats a group that repeats"
+                repeats += av[1] > 1
+                why = walk(av[2], repeated or av[1] > 1)
+            elif op is _sre.BRANCH:
+                why = "repeats a group of alternatives" if repeated else next(filter(None, (walk(b, repeated) for b in av[1])), "")
+            elif op in (_sre.GROUPREF, _sre.GROUPREF_EXISTS):
+                why = "refers back to a group"
+            else:
+                subs = [a for a in (av if isinstance(av, (tuple, list)) else (av,)) if isinstance(a, _parser.SubPattern)]
+                why = next(filter(None, (walk(sub, repeated) for sub in subs)), "")
+            if why:
+                return why
+        return ""
+
+    why = walk(_parser.parse(pattern), False)
+    return why or (f"holds {repeats} repeats (at most {_MAX_REPEATS})" if repeats > _MAX_REPEATS else "")
