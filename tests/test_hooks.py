@@ -3,6 +3,8 @@ would lose them refuses instead of writing a model that computes something else.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hf_models import bert, ids
@@ -37,6 +39,22 @@ def test_the_result_runs_the_hooks_the_original_runs(example):
         assert torch.equal(result.module(x), trained)  # the dropout follows the mode, the hooks still run
     # each hook once: the root's are carried, not added again by a second surgery of the same model
     assert len(result.module._forward_hooks) == len(result.module._forward_pre_hooks) == 1
+    # a deep copy (an EMA model) runs them too: torch.fx's rebuilt the root without its own hooks
+    model.eval(), result.module.eval()
+    for copied in (copy.deepcopy(result.module), copy.deepcopy(copy.deepcopy(result.module))):
+        with torch.no_grad():
+            assert torch.equal(copied(x), model(x))
+        assert copied.get_parameter("0.weight") is not result.module.get_parameter("0.weight")
+
+
+def test_a_loaded_model_keeps_hooks_registered_on_it_through_a_deep_copy(tmp_path):
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(3, 3), nn.ReLU()), torch.randn(4, 3)
+    fxs.apply(model, [], example_inputs=(x,)).save(tmp_path / "o")
+    loaded = fxs.load(tmp_path / "o")
+    loaded.register_forward_hook(lambda m, args, out: out - 5)
+    with torch.no_grad():
+        assert torch.equal(copy.deepcopy(loaded)(x), model(x) - 5)
 
 
 def test_a_save_that_would_lose_hooks_is_refused_and_writes_nothing(tmp_path):

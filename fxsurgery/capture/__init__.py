@@ -31,7 +31,7 @@ from ._guards import beyond_size_one, specialised
 from ._incremental import held_by
 from ._livemodes import keep_mode_reads
 from ._modes import track
-from ._pickling import picklable
+from ._pickling import deep_copy, picklable
 from ._pickling import reduce as pickled
 from ._shapes import Meta, PropagationError, adapt, propagate, quiet_fake_tensors
 from ._trace import Captured, module_stack, trace
@@ -41,7 +41,7 @@ __all__ = [
     "FIRST_ARGUMENT_OF", "assign",
     "ModeGraphModule", "current", "dual_source", "keep_mode_reads", "other_graph", "recompile", "trace_modes", "track",
     "KEPT", "CallSpec", "adapter_call", "Call", "Capture", "Captured", "Meta", "PropagationError", "adapt", "capture", "capture_kept", "clone",
-    "held_by", "install_adapter", "mismatch", "picklable", "pickled",
+    "deep_copy", "held_by", "install_adapter", "mismatch", "picklable", "pickled",
     "module_stack", "propagate", "qualified_names", "quiet_fake_tensors", "record_calls", "root_of", "trace",
 ]
 

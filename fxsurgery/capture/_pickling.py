@@ -27,6 +27,8 @@ state_dict would no longer load. Their names travel too.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import fx
 from torch.fx.node import map_aggregate, map_arg
@@ -136,6 +138,16 @@ def reduce(gm: fx.GraphModule) -> tuple:
     return special(gm) if special is not None else (_restore, parts(gm))
 
 
+def deep_copy(gm: fx.GraphModule, memo: dict) -> fx.GraphModule:
+    """torch.fx's deep copy, which rebuilds the module keeping only its state-dict hooks, with the forward and
+    backward hooks registered on the module itself too (a copy for an EMA model computed without them)."""
+    res = fx.GraphModule.__deepcopy__(gm, memo)
+    for name, value in gm.__dict__.items():
+        if "hook" in name and name != "_deepcopy_hooks":
+            res.__dict__[name] = copy.deepcopy(value, memo)
+    return res
+
+
 def _restore(body: dict, graph: tuple, hooks: list, kept_out: dict[str, bool]) -> fx.GraphModule:
     gm = rebuilt(body, graph)
     keep_hidden(gm, kept_out)
@@ -152,6 +164,7 @@ class Pickled:
 
     def __call__(self, gm: fx.GraphModule) -> None:
         type(gm).__reduce__ = reduce
+        type(gm).__deepcopy__ = deep_copy
         if self not in gm._deepcopy_hooks:
             gm._deepcopy_hooks.append(self)
 
