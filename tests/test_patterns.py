@@ -320,6 +320,28 @@ def test_drop_dropout_reaches_into_torch_transformer_layers(tmp_path):
     assert "enc (TransformerEncoder): TransformerEncoder does not drop" in err.value.full
 
 
+@pytest.mark.parametrize("kind", ["TransformerEncoder", "TransformerEncoderLayer", "MultiheadAttention"])
+def test_drop_dropout_of_a_transformer_layer_that_is_the_whole_model(kind):
+    """Traced as the model's own graph, the model was also matched as a layer to copy: the result was no graph
+    module (an AttributeError). A traced nn.MultiheadAttention calls multi_head_attention_forward, whose
+    dropout_p the rule now sets to 0."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.3, batch_first=True)
+    model = {"TransformerEncoder": lambda: nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), "TransformerEncoderLayer": lambda: layer,
+             "MultiheadAttention": lambda: nn.MultiheadAttention(16, 4, dropout=0.3, batch_first=True)}[kind]().train()
+    x = torch.randn(2, 5, 16)
+    inputs = (x, x, x) if kind == "MultiheadAttention" else (x,)
+    result = fxs.apply(model, [fxs.Rewrite(fxs.DropDropout)], example_inputs=inputs)
+    assert isinstance(result.module, torch.fx.GraphModule) and result.capture.complete
+    first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
+    with torch.no_grad():
+        want = first(model.eval()(*inputs))
+        got = first(result.module.train()(*inputs))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # train mode without randomness: eval's values
+        assert torch.equal(first(result.module(*inputs)), got)
+    assert result.gradient_flow.counts()["trainable"] == len(list(model.parameters()))
+
+
 class AlwaysDrops(nn.Dropout):
     def forward(self, x):  # Monte Carlo dropout: drops in eval mode too
         return F.dropout(x, self.p, True)

@@ -173,8 +173,8 @@ def _in_opaque_code(locator: Locator, rule: Rewrite, skipped: list[str]) -> list
         if not kinds or not isinstance(module, kinds) or (rule.select is not None and not rule.select.matches_name(path)):
             continue
         sites = [s for s in locator.module_sites(path, boundary=False) if s.region is None]
-        if not sites:
-            continue  # it sits in a graph: matched there
+        if not sites or any(ix.region == path for ix in locator.indexes):
+            continue  # it sits in a graph, or is one (a traced nn.TransformerEncoder as the model): matched there
         problem = rule.pattern.check(module)
         if problem:
             skipped.append(f"{path} ({type(module).__name__}): {problem}")

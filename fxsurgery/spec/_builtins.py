@@ -176,6 +176,19 @@ def _attention_without_dropout(query, key, value, attn_mask=None, dropout_p=0.0,
                                           enable_gqa=enable_gqa)
 
 
+def _mha_without_dropout(query, key, value, embed_dim_to_check, num_heads, in_proj_weight, in_proj_bias, bias_k, bias_v,
+                         add_zero_attn, dropout_p, out_proj_weight, out_proj_bias, training=True, key_padding_mask=None,
+                         need_weights=True, attn_mask=None, use_separate_proj_weight=False, q_proj_weight=None, k_proj_weight=None,
+                         v_proj_weight=None, static_k=None, static_v=None, average_attn_weights=True, is_causal=False):
+    """multi_head_attention_forward as called, less its dropout (an nn.MultiheadAttention traced as the model)."""
+    return F.multi_head_attention_forward(
+        query, key, value, embed_dim_to_check, num_heads, in_proj_weight, in_proj_bias, bias_k, bias_v, add_zero_attn, 0.0,
+        out_proj_weight, out_proj_bias, training=training, key_padding_mask=key_padding_mask, need_weights=need_weights,
+        attn_mask=attn_mask, use_separate_proj_weight=use_separate_proj_weight, q_proj_weight=q_proj_weight,
+        k_proj_weight=k_proj_weight, v_proj_weight=v_proj_weight, static_k=static_k, static_v=static_v,
+        average_attn_weights=average_attn_weights, is_causal=is_causal)
+
+
 # torch.nn modules that torch.fx calls as one module (leaves) while they drop inside: their Dropout children
 # and nn.MultiheadAttention's `dropout` are out of the graph's reach, so the leaf itself is matched
 CARRIERS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder,
@@ -215,7 +228,7 @@ class DropDropout(Pattern):
     """Remove dropout, modules and functions: dropout(x) -> x (exact in eval mode), and the dropout
     of scaled_dot_product_attention calls (dropout_p -> 0)."""
 
-    pattern = ((*DROPOUTS, F.scaled_dot_product_attention, *CARRIERS),)
+    pattern = ((*DROPOUTS, F.scaled_dot_product_attention, F.multi_head_attention_forward, *CARRIERS),)
     weights = "new"  # it computes no tensor: a carrier's copy holds the original's, transferred
 
     def check(self, dropout):  # a dropout that always drops (Monte Carlo dropout) is not the identity in eval mode
@@ -233,6 +246,8 @@ class DropDropout(Pattern):
             except (TypeError, ValueError):
                 return None
             bound.apply_defaults()
+            if dropout.target is F.multi_head_attention_forward and bound.arguments["dropout_p"] in (0, 0.0):
+                return "multi_head_attention_forward is called without dropout"
             # training=True from self.training in a train-mode capture follows the mode (capture/_modes.py marks which do not)
             if bound.arguments.get("training") is True and dropout.meta.get(SAME_IN_BOTH_MODES):
                 return f"{dropout.target.__name__} is called with training=True (F.dropout's default), so it drops in eval mode too"
@@ -246,6 +261,8 @@ class DropDropout(Pattern):
     def rewrite(self, dropout):
         if isinstance(dropout, fx.Node) and dropout.target is F.scaled_dot_product_attention:
             return _attention_without_dropout
+        if isinstance(dropout, fx.Node) and dropout.target is F.multi_head_attention_forward:
+            return _mha_without_dropout
         if isinstance(dropout, CARRIERS):
             return _without_dropout(dropout)
         return None
