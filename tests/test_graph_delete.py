@@ -45,6 +45,18 @@ def test_a_deleted_decoder_layer_passes_its_hidden_states_on(build, path, layers
         assert torch.equal(logits(fxs.load(tmp_path / "out"), x), logits(graph.module, x))
 
 
+@pytest.mark.parametrize("rules", [["model.layers.1", "model.layers.2"], ["model.layers.2", "model.layers.1"],
+                                   ["model.layers.[12]"]], ids=["in order", "reversed", "one rule"])
+def test_adjacent_traced_through_layers_delete_in_any_order(rules):
+    """After layers.1 went, layers.2's first argument was layers.0's output, which the tracer had marked as
+    layers.1's: 'it reads 4 tensors, so there is no single input to pass on', in order only."""
+    model = _no_cache(llama)
+    graph = apply(model, [fxs.Delete(r) for r in rules], keep_class=False)
+    by_class = apply(model, [fxs.Layers("model.layers", order=[0, 3])])
+    x = ids(3, 9)
+    assert torch.equal(logits(graph.module, x), logits(by_class.module, x))
+
+
 class _Gate(nn.Module):
     """Two inputs, and an output shaped like neither: nothing to pass on."""
 

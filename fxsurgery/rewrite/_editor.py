@@ -227,6 +227,9 @@ class Rewriter:
             expected = self.meta(out.name) if source.op == "placeholder" else None
             users = list(out.users)
             out.replace_all_uses_with(source)
+            # the blocks that took `out` first now take `source` first: deleting the next block passes it on
+            taken = out.meta.get(FIRST_ARGUMENT_OF, [])
+            source.meta[FIRST_ARGUMENT_OF] = [*source.meta.get(FIRST_ARGUMENT_OF, []), *taken]
             for user in users:
                 user.meta["fxs_rewired"] = m.index  # read for blame, without claiming the node
             self.erase(site)
