@@ -378,6 +378,9 @@ CASES = [
                 "cannot import 'nonexistent_pkg.models': No module named 'nonexistent_pkg'; fix: install the package or correct the name"),
     model_error("factory that does not exist", _apply("ok_resnet", model="torchvision.models:resnet_nope"),
                 "torchvision.models:resnet_nope: ", contains=["has no attribute 'resnet_nope'"]),
+    # the names sharing three letters, alphabetically, were offered: ResNeXt101_32X8D_Weights for resnet81
+    model_error("factory misspelled", _apply("ok_resnet", model="torchvision.models:resnt18"), "torchvision.models:resnt18: ",
+                "torchvision.models has no attribute 'resnt18'; fix: did you mean resnet18, ResNet, resnet152?"),
     model_error("class that needs arguments", _apply("ok_resnet", model="torch.nn:Linear"), "torch.nn:Linear: ",
                 "needs arguments to build a model; fix: name a factory that takes none (wrap it in a function in a .py file)"),
     model_error("factory returning a list", _apply("ok_resnet", model="torchvision.models:list_models"), "torchvision.models:list_models: ",

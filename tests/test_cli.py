@@ -149,6 +149,8 @@ def test_check_lists_rules():
     assert code == 0
     assert stdout.splitlines()[1:] == ["  1. replace fc with Linear(out_features=5)", "  2. freeze * except layer4.*, fc (bn: eval)",
                                        "  3. detach after layer3", "  4. insert Dropout(p=0.2) after avgpool"]
+    assert stdout.splitlines()[0].endswith("resnet-finetune.yaml: ok, 4 rules")
+    assert cli("check", "prune-half")[1].splitlines()[0] == "prune-half: ok, 1 rule"  # not "1 rules"
 
 
 HEAD = "fxsurgery: 1\nrules:\n"

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import fxsurgery as fxs
-from fxsurgery import Delete, Detach, Freeze, Insert, Replace
+from fxsurgery import Delete, Detach, Freeze, Insert, Replace, RuleError
 from fxsurgery.spec import New, parse_overrides
 
 DESIGN_EXAMPLE = """\
@@ -127,6 +127,10 @@ BAD = [
     ("regex of many repeats", HEAD + "  - freeze: 're:.*.*.*.*Q'\n",
      "{path}:3: regular expression 're:.*.*.*.*Q' holds 4 repeats (at most 3), which can take Python's matcher hours on "
      "one name; fix: a simpler pattern, or a glob ('layer*.conv?')"),
+    # the fix said 'e.g. kernel_size: 3' whatever was missing
+    ("missing constructor argument", HEAD + "  - replace: fc\n    with: {module: torch.nn.Embedding, num_embeddings: 3}\n",
+     "{path}:4: torch.nn.Embedding needs 'embedding_dim'; fix: give it in the rule, e.g. {{module: torch.nn.Embedding, "
+     "embedding_dim: ...}}"),
     ("bad glob", HEAD + "  - delete: ' fc'\n",
      "{path}:3: bad glob ' fc': empty or padded with spaces; fix: write a module path such as 'layer1.*' or '*'"),
     ("except not a list", HEAD + "  - freeze: '*'\n    except: 3\n",
@@ -165,3 +169,10 @@ def test_allow_module_extends_the_allowlist(tmp_path):
     rules = fxs.load_rules(write(tmp_path, text), allow=["math"])
     import math
     assert rules.rules[0].replacement is math.sqrt
+
+
+def test_a_missing_constructor_argument_in_python_is_named_in_python():
+    with pytest.raises(RuleError) as err:
+        fxs.new(nn.Conv2d, in_channels=1)
+    assert str(err.value).endswith("torch.nn.Conv2d needs 'out_channels' and 'kernel_size'; fix: give them in the rule, "
+                                   "e.g. fxs.new(Conv2d, out_channels=..., kernel_size=...)")

@@ -162,15 +162,16 @@ def test_an_inner_call_refused_for_a_list_of_other_length_says_both_lengths():
 
 
 def test_fold_bn_with_nothing_to_fold_keeps_why_and_the_fix_whole(tmp_path):
-    """Its message passes the 300-character bound behind the shipped rule file's path: whole middle clauses go, the why stays."""
+    """Its message passes the 300-character bound behind the shipped rule file's path: the why and the fix stay whole,
+    the fix the flag (it said 'call .eval() on the model' then 'check the selectors', --eval last)."""
     from test_bad_inputs import run_cli
     out = tmp_path / "out"
     code, _, stderr, raised = run_cli(["apply", "torchvision.models:resnet18", "fold-bn", "--input", "1x3x64x64", "-o", str(out)])
     assert code == 2 and not out.exists() and len(raised.full) > 300
-    assert stderr == (
-        "fxsurgery: error: nothing to change: no rule matched: ...: BatchNorm2d is in training mode, where it "
-        "normalises with batch statistics: call .eval() on the model before folding; fix: check the selectors against "
-        "'fxsurgery inspect MODEL' (inference rewrites such as fold-bn need --eval)\n")
+    assert stderr.startswith("fxsurgery: error: nothing to change: rule 1 'rewrite fold_bn (...)' (")
+    assert stderr.endswith(": every candidate was left alone: conv1 (Conv2d) + bn1 (BatchNorm2d): BatchNorm2d is in training mode, "
+                           "where it normalises with batch statistics; fix: pass --eval (inference rewrites such as fold-bn need "
+                           "the model in eval mode)\n")
 
 
 def test_a_bounded_problem_keeps_its_first_clause_where_the_rest_leaves_room():
@@ -434,7 +435,11 @@ def test_a_shipped_rule_file_loads_by_its_name_in_python_as_on_the_command_line(
     assert shipped("fold-bn") == "fold-bn.yaml" and shipped("prune-half") == os.path.join(RULES, "prune-half.yaml")
     with pytest.raises(fxs.RuleError) as err:
         fxs.load_rules("no-such-rules")
-    assert str(err.value) == "no-such-rules: cannot read rule file: No such file or directory; fix: check the path"
+    assert str(err.value) == "no-such-rules: cannot read rule file: No such file or directory; fix: check the path, or see 'fxsurgery rules'"
+    with pytest.raises(fxs.RuleError) as err:  # a shipped name misspelled: the closest shipped ones
+        fxs.load_rules("classifer-head")
+    assert str(err.value) == ("classifer-head: cannot read rule file: No such file or directory; fix: did you mean classifier-head? "
+                              "('fxsurgery rules' lists them)")
 
 
 def test_explain_says_why_when_no_rule_matched(tmp_path):
@@ -560,6 +565,39 @@ def test_a_dry_run_refuses_what_model_py_cannot_rebuild(tmp_path):
                           "'activation' is a builtin_function_or_method, not a literal; fix: use a module whose arguments are plain values\n")
 
 
+def test_a_dry_run_refuses_what_each_kind_of_save_refuses(tmp_path):
+    """--dry-run passed a kept torchvision model model.py cannot rebuild, a kept transformers model whose adapters
+    from_pretrained would drop, and a regenerated causal LM whose forward stays Python: each save then refused."""
+    pytest.importorskip("transformers")
+    from test_bad_inputs import run_cli
+    (tmp_path / "tiny.py").write_text(
+        "import torch, transformers\n\n\ndef bert():\n    torch.manual_seed(0)\n    return transformers.BertForSequenceClassification("
+        "transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, "
+        "intermediate_size=32)).eval()\n\n\ndef llama():\n    torch.manual_seed(0)\n    return transformers.LlamaForCausalLM("
+        "transformers.LlamaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, "
+        "intermediate_size=32)).eval()\n")
+    cases = [
+        (["torchvision.models:resnet18", "classifier-head", "--input", "1x3x64x64", "--keep-class"],
+         "cannot write model.py: module 'layer1.0' (torchvision.models.resnet.BasicBlock) does not keep its constructor argument "
+         "'inplanes'; fix: use a torch.nn module there, or in Python, torch.save(result.module) keeps it as it is (loading "
+         "that needs fxsurgery)"),
+        ([f"{tmp_path / 'tiny.py'}:bert", "lora", "--input", "1x8:int64"],
+         "BertForSequenceClassification: 'bert.encoder.layer.0.attention.self.query.base.weight' (8 tensors in all) is not "
+         "built by its config, so from_pretrained would drop it; fix: apply with keep_class=False (--no-keep-class; saved as "
+         "model.py + safetensors)"),
+        ([f"{tmp_path / 'tiny.py'}:llama", "freeze-backbone", "--set", "head=lm_head", "--input", "1x8:int64", "--no-keep-class"],
+         "cannot write model.py for LlamaForCausalLM: 'LlamaForCausalLM' stays Python (NotImplementedError: argument of type: "
+         "<class 'transformers.cache_utils.DynamicCache'>); fix: build the model with config.use_cache=False (a graph takes no "
+         "cache object) and apply again"),
+    ]
+    for argv, message in cases:
+        code, stdout, stderr, raised = run_cli(["apply", *argv, "--dry-run", "--quiet"])
+        assert (code, stdout, type(raised)) == (2, "", fxs.SaveError), stderr
+        assert stderr == fxs.errors.bounded(f"fxsurgery: error: {message}") + "\n"
+        code, _, saved, _ = run_cli(["apply", *argv, "--quiet", "-o", str(tmp_path / "out")])  # the save says the same
+        assert (code, saved) == (2, stderr) and not (tmp_path / "out").exists()
+
+
 def test_a_shipped_rule_that_matches_nothing_names_its_param():
     """linear-probe on a timm MobileNetV3 ('fc' matches nothing) said 'correct the selector', in a file shipped with
     fxsurgery; the param to set (head) and the model's head were not said."""
@@ -606,3 +644,13 @@ def test_asides_go_only_where_shortened_words_do_not_fit_and_cost_one_pass():
     start = time.perf_counter()
     assert len(bounded("a.yaml: " + " ".join("(" + "a" * 20 + ")" for _ in range(8000)) + "; fix: x")) == 300
     assert time.perf_counter() - start < 2
+
+
+def test_a_shipped_head_rule_without_example_inputs_gives_the_input_flag_with_a_shape(tmp_path):
+    """`fxsurgery apply torchvision.models:resnet18 classifier-head` (as `fxsurgery rules` suggests it) said only '--input'."""
+    from test_bad_inputs import run_cli
+    code, stdout, stderr, raised = run_cli(["apply", "torchvision.models:resnet18", "classifier-head", "--set", "num_classes=5",
+                                            "-o", str(tmp_path / "out")])
+    assert (code, stdout, type(raised)) == (2, "", fxs.RewriteError) and not (tmp_path / "out").exists()
+    assert stderr.endswith("at 'fc': cannot infer in_features of Linear without example inputs; fix: pass example_inputs (--input "
+                           "1x3x224x224 for an image model, 1x16:int64 for token ids) or give in_features explicitly\n")

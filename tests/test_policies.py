@@ -69,14 +69,18 @@ def test_adapt_to_four_channels_repeats_and_scales(resnet18):
 @pytest.mark.parametrize("weights, message", [
     ("slice", "weights 'slice' cannot fill fc.weight [2000, 512]: the replaced module's [1000, 512] is smaller; use weights: pad"),
     ("pad", "weights 'pad' cannot fill fc.weight [10, 512]: the replaced module's [1000, 512] is larger; use weights: slice"),
-    ({"select": [1, 2]}, "weights 'select' cannot fill fc.weight [10, 512]: 2 rows selected for a tensor with 10"),
+    # the sizes are what is wrong, not the policy: 'choose another weights policy' sent users elsewhere
+    ({"select": [1, 2]}, "weights 'select' cannot fill fc.weight [10, 512]: 2 rows selected for a tensor with 10; fix: select "
+                         "10 rows, or build the new layer with 2 (out_features, num_embeddings...)"),
+    ({"select": [1, 1000, 2, 3, 4, 5, 6, 7, 8, 9]}, "weights 'select' cannot fill fc.weight [10, 512]: row 1000 selected from a "
+                                                    "tensor with 1000; fix: select rows below 1000"),
 ])
 def test_a_policy_that_does_not_fit_says_so(resnet18, weights, message):
     out = 2000 if weights == "slice" else 10
     rule = head(out, weights)
     with pytest.raises(fxs.TransferError) as err:
         fxs.apply(resnet18, [rule], example_inputs=X)
-    assert str(err.value).startswith(f"rule 1 '{rule}' ({rule.origin}): {message}; fix: ")
+    assert str(err.value).startswith(f"rule 1 '{rule}' ({rule.origin}): {message}")
 
 
 def test_policies_in_rule_files(tmp_path, resnet18):

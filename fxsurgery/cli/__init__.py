@@ -104,10 +104,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--groups", action="store_true", help="list the dependency groups: layers whose channels Prune removes together")
 
     p = sub.add_parser("check", help="validate rule files without a model")
-    p.add_argument("rules", nargs="+")
-    p.add_argument("--set", action="append", default=[], metavar="K=V")
-    p.add_argument("--allow-module", action="append", default=[], metavar="PKG")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("rules", nargs="+", help="rule files (YAML) or shipped rule names")
+    p.add_argument("--set", action="append", default=[], metavar="K=V", help="override a rule-file param")
+    p.add_argument("--allow-module", action="append", default=[], metavar="PKG", help="let rule files name classes from PKG")
+    p.add_argument("--json", action="store_true", help="print the rules as JSON")
 
     p = sub.add_parser("diff", help="write the graph before and after the rules as HTML or SVG")
     model_args(p)
@@ -124,10 +124,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace the file if it exists")
 
     p = sub.add_parser("rules", help="list the shipped rule files with their descriptions and params")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
 
     p = sub.add_parser("demo", help="run the embedded default end to end (ResNet-18, random weights)")
-    p.add_argument("-o", "--output", type=_path, default="fxsurgery-demo", metavar="DIR")
+    p.add_argument("-o", "--output", type=_path, default="fxsurgery-demo", metavar="DIR", help="where to write (default: fxsurgery-demo)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -164,7 +164,7 @@ def _model(args):
 
 
 def cmd_apply(args) -> int:
-    from ..export import Ranks, check_constructors, check_target, parse_size
+    from ..export import Ranks, check_save, check_target, parse_size
     parse_size(args.max_shard_size, "--max-shard-size")
     ranks = Ranks.from_env() if args.output and not args.dry_run else None  # under torchrun: each rank its share of the shards
     if args.stream and not args.weights and not args.dry_run:
@@ -185,8 +185,7 @@ def cmd_apply(args) -> int:
     _refuse_no_op(result, args.eval, args.explain)
     if args.dry_run:
         pretrained, _ = result.check_formats(args.format)  # what save would refuse, a dry run refuses
-        if not pretrained:
-            check_constructors(result.module)
+        check_save(result.module, pretrained, result.to_dict())
     written = None
     start = time.perf_counter()
     if args.output and not args.dry_run:
@@ -245,7 +244,7 @@ def cmd_check(args) -> int:
         print(json.dumps(results, indent=2, default=str))
     else:
         for r in results:
-            print(f"{r['file']}: ok, {len(r['rules'])} rules")
+            print(f"{r['file']}: ok, {len(r['rules'])} rule{'' if len(r['rules']) == 1 else 's'}")
             for i, text in enumerate(r["rules"], start=1):
                 print(f"  {i}. {text}")
     return 0
@@ -365,6 +364,9 @@ def _refuse_no_op(result, evaluating: bool = False, explain: bool = False) -> No
             print("explain:\n" + result.plan.explain())
         first = matches[0]
         from ..errors import MatchError
+        if not evaluating and "training mode" in first.reason:  # the CLI's way to .eval() is the flag: said first
+            raise MatchError(f"nothing to change: {first.label}: {first.reason.partition(': call .eval()')[0]}; fix: pass --eval "
+                             "(inference rewrites such as fold-bn need the model in eval mode)")
         hint = "" if evaluating else " (inference rewrites such as fold-bn need --eval)"
         raise MatchError(f"nothing to change: no rule matched: {first.label}: {first.reason}; fix: check the selectors "
                          f"against 'fxsurgery inspect MODEL'{hint}")

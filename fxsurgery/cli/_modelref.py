@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
 import inspect
@@ -77,7 +78,9 @@ def _attribute(where: str, name: str, ref: str):
             raise ModelError(f"{ref}: cannot import {where!r}: {exc}; fix: install the package or correct the name") from None
     if not hasattr(module, name):
         names = [n for n in dir(module) if not n.startswith("_")]
-        close = [n for n in names if n.lower().startswith(name.lower()[:3])][:3]
+        # by spelling, case aside: resnet81, Resnet18 -> resnet18 (not the names that share three letters)
+        lowered = {n.lower(): n for n in sorted(names, key=lambda n: (n != n.lower(), n))}
+        close = [lowered[n] for n in difflib.get_close_matches(name.lower(), list(lowered), n=3, cutoff=0.6)]
         hint = f"did you mean {', '.join(close)}?" if close else "check the name"
         raise ModelError(f"{ref}: {where} has no attribute {name!r}; fix: {hint}")
     return getattr(module, name)

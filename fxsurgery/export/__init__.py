@@ -7,14 +7,13 @@ checkpoint of the original architecture.
 """
 
 from ._atomic import check_target
-from ._codegen import check_constructors
 from ._load import load
 from ._ranks import Ranks
 from ._record import read_record
 from ._replay import map_weights, write_mapped
-from ._save import save, save_pretrained
+from ._save import check_save, save, save_pretrained
 from ._shards import footprint, parse_size
 
 __all__ = [
-    "Ranks", "check_constructors", "check_target", "footprint", "load", "map_weights", "parse_size", "read_record", "save", "save_pretrained", "write_mapped",
+    "Ranks", "check_save", "check_target", "footprint", "load", "map_weights", "parse_size", "read_record", "save", "save_pretrained", "write_mapped",
 ]

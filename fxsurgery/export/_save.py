@@ -23,7 +23,7 @@ from ..rewrite import stays_eval
 from ..transfer import user_hooks
 from ..version import __version__
 from ._atomic import MARKER, meet, replacing
-from ._codegen import generate, rename_path, renamed_graph
+from ._codegen import check_constructors, generate, rename_path, renamed_graph
 from ._formats import export_as
 from ._graphdata import GRAPH, describe
 from ._names import shown
@@ -112,6 +112,16 @@ def _as_graph_module(module: nn.Module, opaque: dict | None = None) -> fx.GraphM
                         f"{err.reason or err.problem}; fix: save its weights with "
                         "safetensors.torch.save_model(module, path) and rebuild the architecture in code, "
                         "or make the model traceable (leaf_paths=)") from None
+
+
+def check_save(module: nn.Module, pretrained: bool, record: dict | None = None) -> None:
+    """What a save would refuse, refused without writing (a dry run promises what the save will do)."""
+    if pretrained:
+        refuse_unloadable(module)
+        refuse_hooks(module, "from_pretrained does")
+        return
+    refuse_hooks(module, "model.py and graph.json do")
+    check_constructors(_as_graph_module(module, ((record or {}).get("coverage") or {}).get("opaque")))
 
 
 def _source(gm: fx.GraphModule, work: Path, **facts) -> tuple[str, dict[str, str], dict]:

@@ -61,6 +61,15 @@ def rule_path(path: str | os.PathLike) -> str:
     return shipped if os.path.isfile(shipped) else source
 
 
+def _path_fix(source: str) -> str:
+    """For a bare name, the shipped rules it is close to (classifer-head -> classifier-head)."""
+    if os.sep in source or os.path.exists(source):
+        return "check the path"
+    names = sorted(f.name.removesuffix(".yaml") for f in resources.files("fxsurgery.rules").iterdir() if f.name.endswith(".yaml"))
+    close = difflib.get_close_matches(source.removesuffix(".yaml"), names, n=3, cutoff=0.6)
+    return f"did you mean {', '.join(close)}? ('fxsurgery rules' lists them)" if close else "check the path, or see 'fxsurgery rules'"
+
+
 def load_rules(path: str | os.PathLike, params: dict | None = None, allow=(), declared_only: bool = False) -> RuleSet:
     """Load a rule file or a shipped one by name ("fold-bn"); `params` override its defaults (`declared_only`: those it declares)."""
     source = rule_path(path)
@@ -73,7 +82,7 @@ def load_rules(path: str | os.PathLike, params: dict | None = None, allow=(), de
         with open(source, encoding="utf-8") as handle:
             text = handle.read()
     except OSError as exc:
-        raise RuleError(f"{source}: cannot read rule file: {exc.strerror}; fix: check the path") from None
+        raise RuleError(f"{source}: cannot read rule file: {exc.strerror}; fix: {_path_fix(source)}") from None
     except UnicodeDecodeError as exc:
         with open(source, "rb") as handle:
             line = handle.read()[:exc.start].count(b"\n") + 1

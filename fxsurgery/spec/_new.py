@@ -67,8 +67,8 @@ class New:
         kwargs = dict(self.kwargs)
         needed = self.missing()
         if needed and shape is None:
-            raise RuleError(f"cannot infer {', '.join(needed)} of {self.cls.__name__} without example inputs; fix: pass example_inputs (--input) or "
-                            f"give {needed[0]} explicitly")
+            raise RuleError(f"cannot infer {', '.join(needed)} of {self.cls.__name__} without example inputs; fix: pass example_inputs (--input "
+                            f"1x3x224x224 for an image model, 1x16:int64 for token ids) or give {needed[0]} explicitly")
         for name in needed:
             kwargs[name] = int(self.INFERRED[name](shape))
         if not _PLANNING.get():
@@ -138,7 +138,12 @@ def check_new(spec: New, origin: Origin) -> New:
         if not missing:
             raise RuleError(f"{origin}: {qualname(spec.cls)}({', '.join(f'{k}={v!r}' for k, v in spec.kwargs.items())}) is rejected: "
                             f"{first_line(exc)}; fix: change the arguments") from None
-        raise RuleError(f"{origin}: {qualname(spec.cls)} needs {missing[0]}; fix: give it in the rule (e.g. kernel_size: 3)") from None
+        names = re.findall(r"'(\w+)'", missing[0])
+        yaml = str(getattr(origin, "file", "") or "").endswith((".yaml", ".yml"))
+        shown = ", ".join(f"{n}: ..." if yaml else f"{n}=..." for n in names)
+        example = f"{{module: {qualname(spec.cls)}, {shown}}}" if yaml else f"fxs.new({spec.cls.__name__}, {shown})"
+        raise RuleError(f"{origin}: {qualname(spec.cls)} needs {missing[0]}; fix: give {'them' if len(names) > 1 else 'it'} "
+                        f"in the rule, e.g. {example}") from None
     except Exception as exc:
         first = first_line(exc, type(exc).__name__)
         raise RuleError(f"{origin}: {qualname(spec.cls)}({', '.join(f'{k}={v!r}' for k, v in spec.kwargs.items())}) is rejected: {first}; fix: change "

@@ -44,10 +44,12 @@ def slice_(src: torch.Tensor, dst: torch.Tensor) -> str:
 def select(rows: tuple, src: torch.Tensor, dst: torch.Tensor) -> str:
     if src.dim() == 0:
         return keep(src, dst)
+    # the second argument is the fix (transfer/__init__.py): the sizes, not another policy, are what is wrong
     if dst.shape[0] != len(rows):
-        raise ValueError(f"{len(rows)} rows selected for a tensor with {dst.shape[0]}")
+        raise ValueError(f"{len(rows)} rows selected for a tensor with {dst.shape[0]}",
+                         f"select {dst.shape[0]} rows, or build the new layer with {len(rows)} (out_features, num_embeddings...)")
     if max(rows) >= src.shape[0]:
-        raise ValueError(f"row {max(rows)} selected from a tensor with {src.shape[0]}")
+        raise ValueError(f"row {max(rows)} selected from a tensor with {src.shape[0]}", f"select rows below {src.shape[0]}")
     slice_(src.index_select(0, torch.tensor(rows, device=src.device)), dst)
     return f"select rows {list(rows)} of {shape_text(src.shape)}"
 

@@ -299,8 +299,10 @@ def _carry(rewritten: Rewritten, path: str, new: nn.Module, old: nn.Module, rule
                     "too to keep them one tensor (a kept transformers model trims both)")
         except ValueError as exc:
             shown = policy if isinstance(policy, str) else "select"
-            fix = "use weights: new" if policy == "keep" else "choose another weights policy, or weights: new"
-            raise TransferError(f"{label}: weights '{shown}' cannot fill {path}.{name} {shape_text(t.shape)}: {exc}; fix: {fix}") from None
+            fix = ("use weights: new" if policy == "keep" else exc.args[1] if len(exc.args) > 1
+                   else "choose another weights policy, or weights: new")
+            raise TransferError(f"{label}: weights '{shown}' cannot fill {path}.{name} {shape_text(t.shape)}: {exc.args[0]}; "
+                                f"fix: {fix}") from None
         carried[id(t)] = (f"{path}.{name}", rule, op)
         if op:  # how map-weights makes it again from another checkpoint
             recipes[id(t)] = {"op": "policy", "policy": _recorded(policy, name),
