@@ -265,14 +265,15 @@ def test_load_uses_the_mapped_weights_without_copying_them(tmp_path, monkeypatch
     copies = []
     real = torch.Tensor.clone
     monkeypatch.setattr(torch.Tensor, "clone", lambda t, *a, **k: copies.append(tuple(t.shape)) or real(t, *a, **k))
-    loaded = fxs.load(tmp_path / "o")
+    loaded = fxs.load(tmp_path / "o", verify=False)  # unchecked: mapped, as safetensors maps them
     monkeypatch.undo()
     assert sorted(copies) == [(7,), (7, 10)]
     assert all(p.data_ptr() % 64 == 0 for p in loaded.parameters())
     x = torch.randn(5, 48)
     assert torch.equal(loaded(x), result.module(x)) and torch.equal(loaded(x), model(x))
-    unverified = fxs.load(tmp_path / "o", verify=False)
-    assert torch.equal(unverified(x), model(x))
+    # checked (the default): copied out of the mapping (tests/test_trust_load.py: apart from the file)
+    checked = fxs.load(tmp_path / "o")
+    assert all(p.data_ptr() % 64 == 0 for p in checked.parameters()) and torch.equal(checked(x), model(x))
 
 
 def test_loaded_code_is_generated_at_first_use_and_behaves_as_generated_at_load(tmp_path, monkeypatch):
