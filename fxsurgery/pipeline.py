@@ -107,11 +107,13 @@ class SurgeryResult:
         return (f"SurgeryResult({self.mode}, {n} rule{'' if n == 1 else 's'}{matches}, tensors: {counts or 'none'}; "
                 ".summary() says more)")
 
-    def summary(self) -> str:
+    def summary(self, brief: bool = False) -> str:
+        """The plan, the transfer report by module, the gradient flow and every warning; `brief`: the warnings alone."""
         flow = self.gradient_flow.counts()
-        parts = ["plan:", self.plan.table(), "", "transfer:", self.report.table(), "",
-                 f"gradient flow: {flow['trainable']} parameters train, {flow['frozen']} frozen, {flow['cut']} cut off by a detach"
-                 + (f", {flow['unused']} never read by the forward" if flow["unused"] else "")]
+        parts = [] if brief else [
+            "plan:", self.plan.table(), "", "transfer:", self.report.table(), "",
+            f"gradient flow: {flow['trainable']} parameters train, {flow['frozen']} frozen, {flow['cut']} cut off by a detach"
+            + (f", {flow['unused']} never read by the forward" if flow["unused"] else "")]
         parts += [f"  {w}" for w in self.gradient_flow.warnings()]
         if self.input_changes:
             parts += ["", "inputs:"] + [f"  {c}" for c in self.input_changes]
@@ -120,7 +122,7 @@ class SurgeryResult:
         if self.capture is not None and "" in self.capture.opaque and not self.capture.kept:
             why = str(self.capture.opaque[""]).partition("; fix:")[0]
             parts += ["", f"result: {self.mode} ({why}): model.py needs a graph of the whole forward"]
-        return "\n".join(parts)
+        return "\n".join(parts).strip("\n") if brief else "\n".join(parts)
 
     @property
     def specialised(self) -> dict[str, dict[int, str]]:

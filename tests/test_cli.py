@@ -317,3 +317,19 @@ def test_an_empty_example_and_a_depth_below_one_are_refused(tmp_path):
     code, stdout, stderr = cli_process("inspect", "torchvision.models:resnet18", "--depth", "-3")
     assert (code, stdout) == (2, "")
     assert stderr == "fxsurgery: error: argument --depth: '-3' is not a depth; fix: give 1 or more (1: the model's children)\n"
+
+
+def test_quiet_prints_the_warnings_and_what_was_written_only(tmp_path):
+    """--quiet hid the progress bars and printed the plan, the transfer tables and the gradient flow (24 lines)."""
+    rules = tmp_path / "f.yaml"
+    rules.write_text("fxsurgery: 1\nrules:\n  - freeze: layer1\n")
+    code, stdout, stderr = cli("apply", RESNET, rules, "--input", "2x3x32x32", "--quiet", "-o", tmp_path / "out")
+    assert (code, stderr) == (0, "")
+    assert stdout == (f"warnings:\n  rule 1 'freeze layer1' ({rules}:3) freezes 4 BatchNorm layers (layer1.0.bn1, layer1.0.bn2 "
+                      "and 2 more), whose running statistics still move under model.train(); fix: bn='eval' (bn: eval in a rule "
+                      f"file) holds them, unless they should adapt\n\nwrote {tmp_path / 'out'}/ (graph.json, model.py, "
+                      "model.safetensors, surgery.json)\n")
+    code, stdout, _ = cli("apply", RESNET, "classifier-head", "--input", "2x3x32x32", "--quiet", "-o", tmp_path / "o2")
+    assert (code, stdout) == (0, f"wrote {tmp_path / 'o2'}/ (graph.json, model.py, model.safetensors, surgery.json)\n")
+    code, stdout, _ = cli("apply", RESNET, "classifier-head", "--input", "2x3x32x32", "-o", tmp_path / "o3")
+    assert stdout.startswith("plan:\n") and "\ntransfer:\n" in stdout  # without it, the tables

@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="let rule files and saved directories name classes from PKG")
         p.add_argument("--leaf", action="append", type=_given, default=[], metavar="GLOB", help="treat modules at these paths as leaves")
         p.add_argument("--json", action="store_true", help="print JSON for machines")
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--quiet", action="store_true", help="no progress bars; apply prints only its warnings and what it wrote")
         p.add_argument("--eval", action="store_true", help="put the model in eval mode first (inference rewrites: fold-bn)")
 
     p = sub.add_parser("apply", help="apply rule files to a model")
@@ -200,17 +200,20 @@ def cmd_apply(args) -> int:
         print(json.dumps({**result.to_dict(), "output": written, "dry_run": args.dry_run,
                           "footprint": result.footprint(args.max_shard_size), **extra}, indent=2, default=str))
         return 0
-    print(result.summary())
+    summary = result.summary(brief=args.quiet)  # --quiet: the warnings, then what was written
+    if summary:
+        print(summary)
     if args.explain:
         print("\nexplain:\n" + result.plan.explain())
     if args.profile:
         print("\n" + _profile_table(profile))
+    gap = "\n" if summary or args.explain or args.profile else ""
     if written:
-        print(f"\nwrote {written}/ ({', '.join(_files(written))})")
+        print(f"{gap}wrote {written}/ ({', '.join(_files(written))})")
     elif args.dry_run:
-        print(f"\n{result.footprint_text(args.max_shard_size)}\ndry run: nothing written")
+        print(f"{gap}{result.footprint_text(args.max_shard_size)}\ndry run: nothing written")
     else:
-        print("\nnothing written (pass -o DIR to save the result)")
+        print(f"{gap}nothing written (pass -o DIR to save the result)")
     return 0
 
 
