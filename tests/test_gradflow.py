@@ -183,38 +183,3 @@ def test_a_parameter_the_forward_never_reads_is_unused_not_cut():
         cut = fxs.apply(Spare(), [fxs.Detach(after="lin")], example_inputs=(torch.randn(2, 4),), keep_class=True)
     assert cut.gradient_flow.status == {"spare": "unused", "lin.module.weight": "cut", "lin.module.bias": "cut",
                                         "head.weight": "trainable", "head.bias": "trainable"}
-
-
-class _Proposals(nn.Module):
-    """A detection model's shape: the proposal head is detached in eval mode and trained by a loss in train mode,
-    which needs targets; the forward's Python reads values, so the model stays opaque (one autograd pass)."""
-
-    def __init__(self, needs_targets=True):
-        super().__init__()
-        self.body, self.rpn, self.needs_targets = nn.Linear(4, 4), nn.Linear(4, 4), needs_targets
-
-    def forward(self, x, targets=None):
-        if float(x.abs().sum()) < 0:  # data-dependent: not traceable
-            return x
-        f = self.body(x)
-        r = self.rpn(f)
-        if self.training:
-            if targets is None and self.needs_targets:
-                raise ValueError("targets should not be none when in training mode")
-            return ((r - (0 if targets is None else targets)) ** 2).mean()
-        return f + r.detach()
-
-
-def test_parameters_cut_in_eval_mode_are_not_said_to_freeze_where_train_mode_could_not_run():
-    """fasterrcnn's rpn.head was 'cut' in eval mode with the fix 'freeze rpn': following it would stop the RPN
-    from training (its losses train it in train mode)."""
-    torch.manual_seed(0)
-    flow = fxs.apply(_Proposals().eval(), [Freeze("body")], example_inputs=(torch.randn(2, 4),)).gradient_flow
-    assert (flow.cut, flow.eval_only) == (["rpn.weight", "rpn.bias"], True)
-    assert flow.warnings() == ["2 parameters (rpn.weight, rpn.bias) get no gradient in eval mode, where this was checked; train "
-                               "mode could not run on the example inputs, and may train them (a detection model's losses do); "
-                               "fix: freeze them only if they do not train there"]
-    # where train mode runs on the example, its pass counts: the head trains there
-    flow = fxs.apply(_Proposals(needs_targets=False).eval(), [Freeze("body")], example_inputs=(torch.randn(2, 4),)).gradient_flow
-    assert (flow.cut, flow.trainable, flow.warnings()) == ([], ["rpn.weight", "rpn.bias"], [])
-    assert flow.method == "autograd graphs of one forward pass in each mode"

@@ -35,7 +35,6 @@ class GradientFlow:
 
     status: dict[str, str] = field(default_factory=dict)
     method: str = "graph"
-    eval_only: bool = False  # one pass in eval mode, train mode not run (it failed): its cut ones may train there
 
     def names(self, status: str) -> list[str]:
         return [n for n, s in self.status.items() if s == status]
@@ -55,10 +54,6 @@ class GradientFlow:
     def warnings(self) -> list[str]:
         """One line for the cut parameters, naming the modules to freeze (a detach after layer3 cuts 45)."""
         cut = self.cut
-        if cut and self.eval_only:  # a detection model's RPN is cut in eval mode, trained by its losses in train mode
-            return [f"{len(cut)} parameter{'s' if len(cut) > 1 else ''} ({', '.join(cut[:3])}{', ...' if len(cut) > 3 else ''}) "
-                    "get no gradient in eval mode, where this was checked; train mode could not run on the example inputs, "
-                    "and may train them (a detection model's losses do); fix: freeze them only if they do not train there"]
         if len(cut) == 1:
             return [f"{cut[0]} requires grad but every path from it to the outputs crosses a detach, so it never "
                     f"gets a gradient; fix: freeze it (Freeze) to save its gradient memory and optimizer state"]
@@ -179,13 +174,11 @@ class _Reads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _forward(module: nn.Module, inputs: tuple, fake: bool, kwargs: dict | None = None, train: bool = False):
+def _forward(module: nn.Module, inputs: tuple, fake: bool, kwargs: dict | None = None):
     """A copy of `module` (fake tensors, or real ones), its output on `inputs` with autograd on, and the ids
-    of the copy's parameters the forward read; `train`: the copy in train mode."""
+    of the copy's parameters the forward read."""
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
     copy = clone(module, (lambda t: fake_of(mode, t)) if fake else (lambda t: t.detach().clone()))
-    if train:
-        copy.train()
     convert = (lambda x: mode.from_tensor(x) if isinstance(x, torch.Tensor) else x) if fake else (lambda x: x)
     reads = _Reads({id(p) for p in copy.parameters()})
     with (mode or contextlib.nullcontext()), quiet_fake_tensors(), torch.enable_grad():
@@ -206,13 +199,13 @@ def _output_tensors(out) -> list[torch.Tensor]:
     return found
 
 
-def _from_autograd(module: nn.Module, inputs: tuple, kwargs: dict | None = None, train: bool = False) -> tuple[set[int], set[int]]:
+def _from_autograd(module: nn.Module, inputs: tuple, kwargs: dict | None = None) -> tuple[set[int], set[int]]:
     """ids of the parameters autograd links to an output, and of those the forward read, from one forward
     pass (fake tensors where the code allows, else a real copy: data-dependent Python needs real values)."""
     try:
-        copy, out, read = _forward(module, inputs, fake=True, kwargs=kwargs, train=train)
+        copy, out, read = _forward(module, inputs, fake=True, kwargs=kwargs)
     except Exception:
-        copy, out, read = _forward(module, inputs, fake=False, kwargs=kwargs, train=train)
+        copy, out, read = _forward(module, inputs, fake=False, kwargs=kwargs)
     return _reached(module, copy, out), _originals(module, copy, read)
 
 
@@ -278,15 +271,7 @@ def gradient_flow(module: nn.Module, inputs: tuple | None = None, shapes: dict[s
             method = "graphs of both modes"
     elif inputs is not None:
         (reached, read), method = _from_autograd(module, inputs, kwargs), "autograd graph of one forward pass"
-        flow = _flow(module, reached, method, read)
-        if flow.cut and not module.training:  # cut in eval mode: train mode may use them (a detection model's losses)
-            try:
-                more, also = _from_autograd(module, inputs, kwargs, train=True)
-            except Exception:  # torchvision's detection models need targets in train mode
-                flow.eval_only = True
-            else:
-                flow = _flow(module, reached | more, "autograd graphs of one forward pass in each mode", read | also)
-        return flow
+        return _flow(module, reached, method, read)
     else:
         reached, method = {id(p) for p in module.parameters()}, "assumed: no example inputs"
     return _flow(module, reached, method)
