@@ -52,3 +52,14 @@ def test_the_cli_exits_with_the_fix_and_writes_nothing(tmp_path):
     assert code != 0 and "Traceback" not in err
     assert "except 'fc' selects no module" in err and "fix: set the file's param: --set head=classifier.3, the model's last Linear" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_except_may_name_a_module_an_earlier_rule_adds():
+    """Replace(fc, Sequential) then Freeze('*', exclude=['fc.2']): the check looked at the original model only."""
+    from torch import nn
+    model = nn.Sequential()
+    model.add_module("body", nn.Linear(4, 8))
+    model.add_module("fc", nn.Linear(8, 3))
+    rules = [fxs.Replace("fc", nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))), Freeze("*", exclude=["fc.2"])]
+    result = fxs.apply(model, rules, example_inputs=(torch.randn(2, 4),))
+    assert [n for n, p in result.module.named_parameters() if p.requires_grad] == ["fc.2.weight", "fc.2.bias"]

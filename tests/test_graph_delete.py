@@ -79,7 +79,7 @@ def test_a_block_whose_output_is_not_shaped_like_its_first_input_is_still_refuse
     with pytest.raises(fxs.RewriteError) as err:
         fxs.apply(model, [fxs.Delete("gate")], example_inputs=(torch.randn(2, 4),))
     origin, problem = str(err.value).split(" at ", 1)
-    assert origin.startswith("rule 1 'delete gate' (") and origin.endswith("test_graph_delete.py:68)")
+    assert origin.startswith("rule 1 'delete gate' (") and origin.endswith("test_graph_delete.py:80)")
     assert problem == ("'gate': it reads 2 tensors (proj, x), so there is no single input to "
                        "pass on; fix: replace it instead, or select a node with one input, or make it one call "
                        "(leaf_paths=['gate']) so that its first argument passes through")

@@ -66,6 +66,14 @@ def test_format_hf_writes_what_from_pretrained_reloads(tmp_path, monkeypatch):
     assert (loaded.config.num_hidden_layers, loaded.config.vocab_size) == (2, 50)
     assert torch.equal(logits(loaded, x), logits(python, x))
     assert torch.allclose(logits(loaded, x), logits(hand, x), atol=1e-6, rtol=0)
+    # the output is a MODEL for the next surgery: it was refused ('load it with from_pretrained'), a dead end in a shell
+    (tmp_path / "freeze.yaml").write_text("fxsurgery: 1\nrules:\n  - freeze: model.layers.0\n")
+    code, stdout, stderr = cli("apply", out, tmp_path / "freeze.yaml", "--input", "1x5:int64", "-o", tmp_path / "again", "--quiet")
+    assert (code, stderr) == (0, "")
+    again = fxs.load(tmp_path / "again")
+    assert type(again) is transformers.LlamaForCausalLM and torch.equal(logits(again, x), logits(python, x))
+    frozen = [n for n, p in again.named_parameters() if not p.requires_grad]
+    assert frozen == [n for n, _ in again.named_parameters() if n.startswith("model.layers.0.")] and len(frozen) == 9
 
 
 def test_format_hf_on_a_model_that_is_not_a_transformers_model_is_refused(tmp_path):

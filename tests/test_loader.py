@@ -124,6 +124,9 @@ BAD = [
     ("regex of nested repeats", HEAD + "  - freeze: 're:(layer[0-9]+)+'\n",
      "{path}:3: regular expression 're:(layer[0-9]+)+' repeats a group that repeats, which can take Python's matcher hours on "
      "one name; fix: a simpler pattern, or a glob ('layer*.conv?')"),
+    ("regex of optional parts repeated", HEAD + "  - freeze: 're:(?:[a-z]?[a-z]?)+x'\n",
+     "{path}:3: regular expression 're:(?:[a-z]?[a-z]?)+x' repeats a group that repeats, which can take Python's matcher hours "
+     "on one name; fix: a simpler pattern, or a glob ('layer*.conv?')"),
     ("regex of many repeats", HEAD + "  - freeze: 're:.*.*.*.*Q'\n",
      "{path}:3: regular expression 're:.*.*.*.*Q' holds 4 repeats (at most 3), which can take Python's matcher hours on "
      "one name; fix: a simpler pattern, or a glob ('layer*.conv?')"),

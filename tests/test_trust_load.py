@@ -224,6 +224,9 @@ def _nested(depth):
     ("a parameter whose bytes overflow", lambda d: d["attributes"].append(
         {"path": "p", "parameter": {"shape": [1 << 62, 1 << 62], "dtype": "float32", "requires_grad": True}}),
      "attributes[3] 'p': shape [4611686018427387904, 4611686018427387904] declares more bytes than any file holds"),
+    ("a huge dim beside a zero one", lambda d: d["attributes"].append(
+        {"path": "p", "buffer": {"shape": [0, 1 << 64], "dtype": "uint8", "persistent": True}}),
+     "attributes[3] 'p': shape [0, 18446744073709551616] declares more bytes than any file holds"),
     ("a buffer larger than a long", lambda d: d["attributes"].append(
         {"path": "p", "buffer": {"shape": [1 << 70], "dtype": "uint8", "persistent": True}}),
      "attributes[3] 'p': shape [1180591620717411303424] declares more bytes than any file holds"),

@@ -304,14 +304,8 @@ _STAY = '''
         super().train(mode)
         for path in self.STAY_EVAL:
             self.get_submodule(path).training = False
-        return self
-
-    @staticmethod
-    def _stay_eval(module, args):
-        """Their forward pre-hook: eval mode also where .train() was called on the layer or a block holding it."""
-        module.training = False'''
-_STAY_INIT = ("\n        for path in self.STAY_EVAL:\n            self.get_submodule(path).training = False"
-              "\n            self.get_submodule(path).register_forward_pre_hook(self._stay_eval)")
+        return self'''
+_STAY_INIT = "\n        for path in self.STAY_EVAL:\n            self.get_submodule(path).training = False"
 
 
 _TEMPLATE = '''\

@@ -9,7 +9,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from .._util import read_json
+from .._util import first_line
 from ..errors import SaveError
 from ._graphdata import GRAPH
 from ._rebuild import rebuild
@@ -32,12 +32,9 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu", *, tr
     file is found only where safetensors' header checks find it.
     """
     directory = Path(directory)
-    try:
-        record = read_record(directory)
-    except SaveError:  # a save_pretrained directory has no model.py: say what it is instead
-        _refuse_pretrained(directory, _surgery(directory))
-        raise
-    _refuse_pretrained(directory, record)
+    record = read_record(directory)
+    if record.get("saved_by") == "save_pretrained":  # a kept transformers class: its library reads it back
+        return _from_pretrained(directory, record, device)
     if record.get("format") != FORMAT:
         raise SaveError(f"{directory}: unsupported format {record.get('format')!r}; fix: write it again with this fxsurgery")
     if verify:
@@ -55,16 +52,28 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu", *, tr
         raise SaveError(f"{directory}: cannot rebuild the model: {type(exc).__name__}: {exc}; fix: write the directory again with save()") from None
 
 
-def _surgery(directory: Path) -> object:
+def _from_pretrained(directory: Path, record: dict, device) -> nn.Module:
+    """The recorded transformers class's own from_pretrained, from this directory alone and from safetensors only (no
+    download, no pickle; a class named by the library, so no code from the directory), frozen as the surgery left it."""
+    name = record.get("class")
     try:
-        return read_json(directory / "surgery.json")
-    except (OSError, ValueError):
-        return None
-
-
-def _refuse_pretrained(directory: Path, record: object) -> None:
-    """A kept-class result is written by its library (save_pretrained) and read back by it."""
-    if isinstance(record, dict) and record.get("saved_by") == "save_pretrained":
-        raise SaveError(f"{directory}: holds a {record.get('class')} written by save_pretrained (keep_class=True); "
-                        f"fix: load it with {record.get('class')}.from_pretrained({str(directory)!r})")
-
+        import transformers
+    except ImportError:
+        raise SaveError(f"{directory}: holds a {name} written by save_pretrained, which transformers reads back; "
+                        "fix: pip install transformers") from None
+    cls = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise SaveError(f"{directory / 'surgery.json'}: names class {name!r}, which is no transformers model class; "
+                        "fix: write the directory again with save()")
+    try:
+        model = cls.from_pretrained(directory, local_files_only=True, use_safetensors=True)
+    except Exception as exc:
+        raise SaveError(f"{directory}: {name}.from_pretrained refused it: {type(exc).__name__}: {first_line(exc)}; "
+                        "fix: write the directory again with save()") from None
+    flow = record.get("gradient_flow")
+    status = flow.get("status") if isinstance(flow, dict) else None
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for param_name, state in (status.items() if isinstance(status, dict) else ()):
+        if state == "frozen" and param_name in params:
+            params[param_name].requires_grad_(False)
+    return model.to(device)

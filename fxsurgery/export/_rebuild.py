@@ -57,7 +57,7 @@ def _tensor(spec: Any, keys: set[str]) -> tuple[list[int], torch.dtype]:
     shape, dtype = spec["shape"], decode({"dtype": spec["dtype"]}, {})
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
         raise Bad("shape is not a list of sizes")
-    if math.prod(shape) * dtype.itemsize >= 1 << 62:  # beyond, torch's size arithmetic overflows (a raw RuntimeError)
+    if any(d >= 1 << 62 for d in shape) or math.prod(d for d in shape if d) * dtype.itemsize >= 1 << 62:  # torch overflows
         raise Bad(f"shape {shape} declares more bytes than any file holds")
     return shape, dtype
 

@@ -197,7 +197,8 @@ def _match_one(m: Match, locator: Locator, capture: Capture, plan: Plan, touched
         m.modules = owners
         every = dict(capture.model.named_modules(remove_duplicate=False)) if rule.exclude else {}  # a module's second path too
         spared = next((e for e in rule.exclude if not select_modules(e, every)), None)
-        if spared is not None and not rule.optional:  # freeze-backbone's `fc` in a model without one froze its head too
+        made = any(isinstance(x.rule, (Replace, Insert, Rewrite)) for x in plan.matches)  # an except may name what they add
+        if spared is not None and not rule.optional and not made:  # freeze-backbone's `fc` in a model without one froze its head too
             near = _why_not(locator, spared)[1]
             raise MatchError(f"{m.label}: except {spared.text!r} selects no module, so it spares nothing ({len(frozen)} of {len(params)} "
                              f"parameters would freeze){'; closest: ' + ', '.join(near) if near else ''}; fix: {_param_fix(rule, locator.modules)}")

@@ -143,9 +143,10 @@ def _backtracking(pattern: str) -> str:
         nonlocal repeats
         for op, av in items:
             if op in _REPEATS:
-                if av[1] > 1 and repeated:
+                varies = av[1] > av[0]  # `?` too: optional parts inside a repeat backtrack as a star does
+                if varies and repeated:
                     return "repeats a group that repeats"
-                repeats += av[1] > 1
+                repeats += varies
                 why = walk(av[2], repeated or av[1] > 1)
             elif op is _sre.BRANCH:
                 why = "repeats a group of alternatives" if repeated else next(filter(None, (walk(b, repeated) for b in av[1])), "")
