@@ -205,6 +205,32 @@ def test_frozen_batchnorm_stays_eval_in_both_graphs(tmp_path):
         assert torch.equal(saved(x), expected)
         assert not saved.get_submodule("layer1.0.bn1").training and saved.get_submodule("layer1.0").training
         assert all(torch.equal(v, saved.state_dict()[k]) for k, v in stats.items())
+        for sub in saved.modules():  # a training loop may call .train() on a block, not the root
+            sub.train()
+        torch.manual_seed(3)
+        assert torch.equal(saved(x), expected)
+        assert all(torch.equal(v, saved.state_dict()[k]) for k, v in stats.items())
+
+
+def test_frozen_batchnorm_scripts_and_resaves(tmp_path):
+    """TorchScript compiles the hook; a model.py load saves again with its BatchNorm still held."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=5)
+    x = torch.randn(2, 3, 64, 64)
+    result = fxs.apply(model, [Freeze("*", exclude=["fc"], bn="eval")], example_inputs=(x,))
+    expected = model.eval()(x)
+    result.save(tmp_path / "o", formats=["torchscript"])
+    scripted = torch.jit.load(str(tmp_path / "o" / "model.torchscript.pt"))
+    for module in (torch.jit.script(result.module), scripted):
+        module.train()
+        assert torch.allclose(module(x), expected, atol=1e-5, rtol=0)
+        assert not getattr(module.layer1, "0").bn1.training
+    trusted = fxs.load(tmp_path / "o", trust_code=True)
+    fxs.save(trusted, tmp_path / "again")
+    for again in (fxs.load(tmp_path / "again"), torch.jit.script(trusted)):
+        for sub in again.modules():
+            sub.train()
+        assert torch.allclose(again(x), expected, atol=1e-5, rtol=0)
 
 
 class Gate(nn.Module):

@@ -22,6 +22,7 @@ from torch.fx.graph import _custom_builtins
 from .._util import get_path
 from ..capture import adapter_call
 from ..errors import SaveError
+from ..rewrite import STAY_EVAL_SOURCE
 from ._callform import adapter_source
 from ._composites import composite_arguments, instance, is_nested, settings
 from ._names import check_structure, docstring_text, dotted, literal, method_name, render, without_wraps
@@ -275,6 +276,8 @@ def generate(gm: fx.GraphModule, *, class_name: str, frozen: list[str], ties: di
     )
     if call is not None:
         src = src.replace("\n\ndef _put(", "\n\n" + prelude + "\n\ndef _put(", 1)
+    if stay_eval:
+        src = src.replace("\n\ndef _put(", "\n\n" + STAY_EVAL_SOURCE + "\n\ndef _put(", 1)
     check_structure(src)
     return src, renames
 
@@ -305,7 +308,9 @@ _STAY = '''
         for path in self.STAY_EVAL:
             self.get_submodule(path).training = False
         return self'''
-_STAY_INIT = "\n        for path in self.STAY_EVAL:\n            self.get_submodule(path).training = False"
+_STAY_INIT = ("\n        for path in self.STAY_EVAL:  # the hook holds them in eval mode when a block holding them is trained"
+              "\n            self.get_submodule(path).training = False"
+              "\n            self.get_submodule(path).register_forward_pre_hook(stay_eval)")
 
 
 _TEMPLATE = '''\

@@ -19,7 +19,7 @@ import torch
 from ..errors import SaveError
 
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
-_HELPERS = {"_put", "_same", "mismatch"}
+_HELPERS = {"_put", "_same", "mismatch", "stay_eval"}
 _METHODS = {"__init__", "load", "forward", "_graph", "train", "_forward_train", "_forward_eval"}  # train: STAY_EVAL
 PLAIN = (bool, int, float, str, type(None))
 _FORBIDDEN = {"exec", "eval", "compile", "__import__", "breakpoint", "globals", "locals", "vars", "system", "popen"}

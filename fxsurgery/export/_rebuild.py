@@ -21,7 +21,7 @@ from torch.utils._device import DeviceContext
 
 from ..capture import CallSpec, ModeGraphModule, assign, deep_copy, install_adapter, pickled
 from ..errors import SaveError
-from ..rewrite import StayEval, stays_eval
+from ..rewrite import stay_eval, stays_eval
 from ._graphdata import GRAPH, VERSION
 from ._graphload import FIX, OPS, Bad, attribute, build_module, decode, entry_error, function, method, no_callbacks, output_type_home, path, tree_structure
 from ._graphload import BuildBudget as budget  # what building graph.json's entries may cost
@@ -285,7 +285,7 @@ def rebuild(directory: Path, allow: tuple[str, ...], device: str | torch.device,
         except AttributeError:
             raise entry_error(directory, "stay_eval", Bad(f"names no module ({where!r})")) from None
         if not stays_eval(module):
-            module.register_forward_pre_hook(StayEval())
+            module.register_forward_pre_hook(stay_eval)
     if "call" in doc:
         install_adapter(gm, spec, "")
     return gm

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+
+import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
@@ -79,16 +82,31 @@ def _fed(module: nn.Module, first, args: tuple, kwargs: dict):
     return module(*args, **kwargs)
 
 
-class StayEval:
-    """A forward pre-hook: the module runs in eval mode whatever `.train()` set.
+def stay_eval(module: nn.Module, args: tuple[torch.Tensor]) -> None:
+    """Forward pre-hook: eval mode whatever .train() set on the layer or a block holding it."""
+    module.training = False
 
-    Freeze(..., bn="eval") puts it on BatchNorm layers: they normalise with
-    their running statistics and never update them.
-    """
+
+# A function, typed, so that TorchScript compiles it with the BatchNorm it holds; model.py defines the same
+# text, which `stays_eval` knows by its code, so a model loaded from model.py saves with it again.
+STAY_EVAL_SOURCE = inspect.getsource(stay_eval)
+
+
+class StayEval:
+    """The hook as saves before `stay_eval` pickled it (kept so that they load)."""
 
     def __call__(self, module: nn.Module, args) -> None:
         module.training = False
 
 
+def is_stay_eval(hook) -> bool:
+    code = getattr(hook, "__code__", None)
+    mine = stay_eval.__code__
+    return isinstance(hook, StayEval) or (
+        code is not None and getattr(hook, "__name__", None) == "stay_eval" and code.co_code == mine.co_code
+        and code.co_names == mine.co_names and code.co_varnames == mine.co_varnames)
+
+
 def stays_eval(module: nn.Module) -> bool:
-    return any(isinstance(h, StayEval) for h in module._forward_pre_hooks.values())
+    """Freeze(..., bn="eval") holds `module` in eval mode."""
+    return any(is_stay_eval(h) for h in module._forward_pre_hooks.values())

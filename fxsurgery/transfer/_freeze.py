@@ -7,7 +7,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..capture import other_graph, recompile
-from ..rewrite import Rewritten, StayEval, mode_at, stays_eval
+from ..rewrite import Rewritten, mode_at, stay_eval, stays_eval
 from ..spec import Freeze, Prune, frozen_by, statistics
 
 
@@ -78,7 +78,7 @@ def freeze(rewritten: Rewritten, module: nn.Module, rule_of, modules: dict | Non
                         params[name].grad = None
                     owner = modules.get(name.rpartition(".")[0])
                     if m.rule.bn == "eval" and isinstance(owner, _BatchNorm) and not stays_eval(owner):
-                        owner.register_forward_pre_hook(StayEval())
+                        owner.register_forward_pre_hook(stay_eval)
                         owner.training = False
 
 

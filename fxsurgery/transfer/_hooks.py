@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..rewrite import StayEval
+from ..rewrite import is_stay_eval
 
 
 def _ours(hook) -> bool:
     from . import _Consumed  # the hook a copy=False surgery puts on the original
-    return isinstance(hook, (StayEval, _Consumed))
+    return is_stay_eval(hook) or isinstance(hook, _Consumed)
 
 
 def carry_root_hooks(original: nn.Module, module: nn.Module, reshaped: str = "") -> list[str]:
