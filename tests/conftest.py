@@ -1,7 +1,6 @@
 """Shared models and helpers: small hand-written modules and real torchvision models."""
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -69,14 +68,13 @@ def cli_process(*args, cwd=None):
 
 
 def rehash(directory) -> None:
-    """Make surgery.json's hash match the files again, as someone who replaced them would."""
+    """Make surgery.json's hash match the files and the record again, as someone who replaced them would."""
     from pathlib import Path
+
+    from fxsurgery.export._record import digest
     directory = Path(directory)
     record = json.loads((directory / "surgery.json").read_text())
-    h = hashlib.sha256()
-    for name in ("model.py", "model.safetensors", "graph.json"):
-        h.update((directory / name).read_bytes())
-    record["hash"] = "sha256:" + h.hexdigest()
+    record["hash"] = digest(directory, record)
     (directory / "surgery.json").write_text(json.dumps(record))
 
 

@@ -10,6 +10,7 @@ import typing
 import pytest
 import torch
 import torchvision
+from conftest import rehash
 from torch import nn
 
 import fxsurgery as fxs
@@ -291,15 +292,13 @@ def test_an_output_type_of_the_running_script_is_refused_in_one_line(tmp_path):
 
 def _call_form_loaded_with(tmp_path, change) -> str:
     """The message of fxs.load for a saved call-form model whose graph.json `call` is changed (and its hash made to fit)."""
-    from fxsurgery.export._record import digest
     torch.manual_seed(0)
     x, y = torch.randn(2, 4), torch.randn(2, 4)
     fxs.apply(TwoInputsDict().eval(), [], example_inputs=(x,), example_kwargs={"y": y}).save(tmp_path / "o")
     graph = json.loads((tmp_path / "o" / "graph.json").read_text())
     change(graph["call"])
     (tmp_path / "o" / "graph.json").write_text(json.dumps(graph))
-    record = json.loads((tmp_path / "o" / "surgery.json").read_text())
-    (tmp_path / "o" / "surgery.json").write_text(json.dumps({**record, "hash": digest(tmp_path / "o")}))
+    rehash(tmp_path / "o")
     with pytest.raises(SaveError) as err:
         fxs.load(tmp_path / "o")
     return str(err.value)

@@ -8,7 +8,6 @@ what the saved one computes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -337,11 +336,7 @@ def test_a_directory_without_graph_json_needs_trust_code(tmp_path):
     torch.manual_seed(0)
     fxs.apply(Buffers(), [], example_inputs=(torch.randn(1, 4),)).save(tmp_path / "o")
     (tmp_path / "o" / "graph.json").unlink()
-    record = json.loads((tmp_path / "o" / "surgery.json").read_text())
-    h = hashlib.sha256()
-    for name in ("model.py", "model.safetensors"):
-        h.update((tmp_path / "o" / name).read_bytes())
-    (tmp_path / "o" / "surgery.json").write_text(json.dumps({**record, "hash": "sha256:" + h.hexdigest()}))
+    rehash(tmp_path / "o")
     with pytest.raises(fxs.SaveError) as err:
         fxs.load(tmp_path / "o")
     assert str(err.value) == (f"{tmp_path / 'o'}: has no graph.json (written by an older fxsurgery), and loading its model.py would run its "
@@ -410,9 +405,7 @@ def test_a_tensor_in_a_shard_the_index_does_not_put_it_in_is_refused(tmp_path):
     held = load_file(str(out / other))
     held["0.weight"] = torch.zeros(8, 4)
     save_file(held, str(out / other), metadata={"format": "pt"})
-    from fxsurgery.export._record import digest
-    record = json.loads((out / "surgery.json").read_text())
-    (out / "surgery.json").write_text(json.dumps({**record, "hash": digest(out)}))   # as someone who replaced the shard would
+    rehash(out)  # as someone who replaced the shard would
     with pytest.raises(fxs.SaveError) as err:
         fxs.load(out)
     assert str(err.value) == (f"{out / other}: holds '0.weight', which model.safetensors.index.json puts in "

@@ -8,12 +8,14 @@ checkpoint directly.
 
 from __future__ import annotations
 
+import copy
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
-from conftest import RULES
+from conftest import RULES, rehash
 from safetensors.torch import load_file, save_file
 from test_bad_inputs import run_cli
 from torch import nn
@@ -187,6 +189,7 @@ def test_a_tampered_recipe_is_a_one_line_error(tmp_path, tamper):
     record = json.loads((tmp_path / "o" / "surgery.json").read_text())
     tamper(record["report"]["recipes"])
     (tmp_path / "o" / "surgery.json").write_text(json.dumps(record))
+    rehash(tmp_path / "o")  # as a writer that sealed its edit would: the recipe is still checked
     with pytest.raises(fxs.SaveError) as err:
         fxs.map_weights(_randomised(Head(), 2).state_dict(), tmp_path / "o")
     assert str(err.value).startswith(f"{tmp_path / 'o' / 'surgery.json'}: cannot replay fc.weight (")
@@ -204,6 +207,7 @@ def test_a_tampered_record_is_a_one_line_error(tmp_path, tamper, found):
     record = json.loads((tmp_path / "o" / "surgery.json").read_text())
     tamper(record)
     (tmp_path / "o" / "surgery.json").write_text(json.dumps(record))
+    rehash(tmp_path / "o")
     with pytest.raises(fxs.SaveError) as err:
         fxs.map_weights(_randomised(Head(), 2).state_dict(), tmp_path / "o")
     assert str(err.value) == (f"{tmp_path / 'o' / 'surgery.json'}: not a record map-weights can read ({found}); "
@@ -314,9 +318,71 @@ def test_map_weights_refuses_a_saved_directory_changed_since_save_and_writes_wit
     weights.write_bytes(bytes(data))
     out = tmp_path / "again.safetensors"
     code, _, stderr, _ = run_cli(["map-weights", str(tmp_path / "ckpt.safetensors"), str(tmp_path / "o"), "-o", str(out)])
-    assert (code, stderr) == (2, f"fxsurgery: error: {tmp_path / 'o'}: model.py, model.safetensors or graph.json changed since it "
-                                 "was written (hash mismatch); fix: write the directory again with save()\n")
+    assert (code, stderr) == (2, f"fxsurgery: error: {tmp_path / 'o'}: {CHANGED}\n")
     assert not out.exists()
+
+
+CHANGED = ("model.py, model.safetensors, graph.json or surgery.json changed since it was written (hash mismatch); "
+           "fix: write the directory again with save()")
+
+
+def _edit_record(directory, change) -> None:
+    import json
+    record = json.loads((directory / "surgery.json").read_text())
+    change(record)
+    (directory / "surgery.json").write_text(json.dumps(record, indent=2))
+
+
+def _swap_sources(record) -> None:
+    for entry in record["report"]["entries"]:
+        entry["source"] = {"fc1.weight": "fc2.weight", "fc2.weight": "fc1.weight"}.get(entry["name"], entry["source"])
+
+
+@pytest.mark.parametrize("change, message", [
+    (_swap_sources, CHANGED),   # two same-shaped layers swapped: map-weights followed the edited record
+    (lambda r: [e.update(status="new") for e in r["report"]["entries"] if e["name"] == "fc1.bias"], CHANGED),
+    (lambda r: r.update(saved_by="save_pretrained"),   # skipped the hash check altogether
+     "a file it lists or surgery.json changed since it was written (hash mismatch); fix: write the directory again with save()"),
+    (lambda r: r.update(format=1), "unsupported format 1; fix: write it again with this fxsurgery"),
+], ids=["sources swapped", "made new", "claims save_pretrained", "older format"])
+def test_an_edited_record_is_refused_by_map_weights_and_load(tmp_path, change, message):
+    """surgery.json says where each tensor comes from: the hash covers it as it covers the weights."""
+    model = _randomised(nn.Sequential(OrderedDict(fc1=nn.Linear(4, 4), fc2=nn.Linear(4, 4), fc3=nn.Linear(4, 3))), 1)
+    fxs.apply(model, [Replace("fc3", fxs.new(nn.Linear, out_features=5))], example_inputs=(torch.randn(2, 4),)).save(tmp_path / "o")
+    checkpoint = _randomised(copy.deepcopy(model), 2).state_dict()
+    mapped = fxs.map_weights(checkpoint, tmp_path / "o")
+    assert all(torch.equal(mapped[k], checkpoint[k]) for k in ("fc1.weight", "fc2.weight", "fc1.bias"))
+    _edit_record(tmp_path / "o", change)
+    for call in (lambda: fxs.map_weights(checkpoint, tmp_path / "o"), lambda: fxs.load(tmp_path / "o")):
+        with pytest.raises(fxs.SaveError) as err:
+            call()
+        assert str(err.value) == f"{tmp_path / 'o'}: {message}"
+
+
+def test_a_save_pretrained_surgery_is_hashed_too(tmp_path):
+    """Its weights are written by the library: the record's hash covers the files it lists, read back once."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                     vocab_size=60, num_labels=2)
+    model = _randomised(transformers.BertForSequenceClassification(config), 1).eval()
+    ids = torch.randint(0, 60, (1, 6))
+    fxs.apply(model, [fxs.Freeze("bert.embeddings.*")], example_inputs=(ids,), keep_class=True).save(tmp_path / "o")
+    assert torch.equal(fxs.load(tmp_path / "o").eval()(ids).logits, model(ids).logits)
+    weights = tmp_path / "o" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-4:] = torch.tensor([777.0]).numpy().tobytes()
+    weights.write_bytes(bytes(data))
+    message = (f"{tmp_path / 'o'}: a file it lists or surgery.json changed since it was written (hash mismatch); "
+               "fix: write the directory again with save()")
+    for call in (lambda: fxs.map_weights(model.state_dict(), tmp_path / "o"), lambda: fxs.load(tmp_path / "o")):
+        with pytest.raises(fxs.SaveError) as err:
+            call()
+        assert str(err.value) == message
+    _edit_record(tmp_path / "o", lambda r: r.update(files=["../o/config.json", "model.safetensors"]))
+    with pytest.raises(fxs.SaveError) as err:
+        fxs.load(tmp_path / "o")
+    assert str(err.value) == (f"{tmp_path / 'o' / 'surgery.json'}: lists '../o/config.json', not a file name; fix: write the "
+                              "directory again with save()")
 
 
 def _umask() -> int:

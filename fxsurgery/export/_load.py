@@ -34,6 +34,8 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu", *, tr
     directory = Path(directory)
     record = read_record(directory)
     if record.get("saved_by") == "save_pretrained":  # a kept transformers class: its library reads it back
+        if verify:
+            verify_hash(directory, record)
         return _from_pretrained(directory, record, device)
     if record.get("format") != FORMAT:
         raise SaveError(f"{directory}: unsupported format {record.get('format')!r}; fix: write it again with this fxsurgery")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import uuid
@@ -18,32 +19,67 @@ from ._shards import folded, has_weights, shard_files
 FILES = ("model.py", "model.safetensors", "surgery.json")  # model.safetensors, or shards and their index
 
 
-FORMAT = 1
+FORMAT = 2  # 2: the hash covers surgery.json too
 
 
-def digest(directory: Path, shard_hashes: dict[str, str] | None = None, written=None) -> str:
-    """Over model.py, the weights and graph.json (where written): it detects damage, it proves no origin.
+def digest(directory: Path, record: dict, shard_hashes: dict[str, str] | None = None, written=None) -> str:
+    """Over model.py, the weights, graph.json (where written) and the record itself: it detects damage, it proves no origin.
 
-    Sharded weights count as the index and each shard's own sha256 (`shard_hashes`
+    The record counts without its "hash": map-weights follows its sources and
+    recipes, so an edit there changes outputs as much as an edit to the weights.
+    A save_pretrained directory counts as the files the record lists. Sharded
+    weights count as the index and each shard's own sha256 (`shard_hashes`
     where the writer just computed them), so a shard is read once to check it.
     `written`: a sha256 object the writer fed model.py and then model.safetensors
     (one file) as it wrote them: neither is read again.
     """
-    sharded = shard_files(directory) is not None
-    fed = written is not None and not sharded
-    h = written.copy() if fed else hashlib.sha256()
-    graph = directory / "graph.json"
-    if graph.exists() and not graph.is_file():  # a link to /dev/zero or a FIFO would keep the hash reading forever
-        raise SaveError(f"{graph}: not a regular file; fix: write the directory again with save()")
-    names = ("model.py", "model.safetensors", "graph.json")[:3 if graph.exists() else 2]
+    if record.get("saved_by") == "save_pretrained":
+        h, names, fed = hashlib.sha256(), _pretrained_files(directory, record), False
+    else:
+        sharded = shard_files(directory) is not None
+        fed = written is not None and not sharded
+        h = written.copy() if fed else hashlib.sha256()
+        names = ("model.py", "model.safetensors", "graph.json")[:3 if (directory / "graph.json").exists() else 2]
     for name in names[2 if fed else 0:]:
-        if name == "model.safetensors" and sharded:
+        path = directory / name
+        if name == "model.safetensors" and not fed and shard_files(directory) is not None:
             h.update(folded(directory, shard_hashes))
             continue
-        with open(directory / name, "rb") as handle:
+        if path.exists() and not path.is_file():  # a link to /dev/zero or a FIFO would keep the hash reading forever
+            raise SaveError(f"{path}: not a regular file; fix: write the directory again with save()")
+        h.update(f"\0{name}\0".encode() if record.get("saved_by") == "save_pretrained" else b"")
+        with open(path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 h.update(block)
+    h.update(b"\0surgery.json\0" + canonical(record))
     return "sha256:" + h.hexdigest()
+
+
+def canonical(record: dict) -> bytes:
+    """The record without its hash, as surgery.json holds it and as read back (keys sorted, objects as strings)."""
+    written = json.loads(json.dumps({k: v for k, v in record.items() if k != "hash"}, default=str))
+    return json.dumps(written, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _pretrained_files(directory: Path, record: dict) -> list[str]:
+    """The files a save_pretrained directory's record lists (surgery.json aside): plain names of regular files."""
+    files = record.get("files")
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        raise SaveError(f"{directory / 'surgery.json'}: its files are not a list of names; fix: write the directory again with save()")
+    names = sorted(set(files) - {"surgery.json"})
+    for name in names:
+        if not _PLAIN_NAME.fullmatch(name):
+            raise SaveError(f"{directory / 'surgery.json'}: lists {name!r}, not a file name; fix: write the directory again with save()")
+        if not (directory / name).is_file():
+            raise SaveError(f"{directory / name}: listed in surgery.json, is missing or not a regular file; fix: write the "
+                            "directory again with save()")
+        real = os.path.realpath(directory / name)
+        if real.startswith(_PSEUDO):
+            raise SaveError(f"{directory / name}: is a link to {real}, not a regular file; fix: put the file itself there")
+    return names
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 def import_source(path: Path):
@@ -113,7 +149,12 @@ def read_record(directory: str | os.PathLike) -> dict:
 
 
 def verify_hash(directory: Path, record: dict) -> None:
-    """The record's sha256 over model.py, the weights and graph.json: a file changed since save() wrote it is refused."""
-    if record.get("hash") != digest(directory):
-        raise SaveError(f"{directory}: model.py, model.safetensors or graph.json changed since it was written (hash mismatch); "
-                        "fix: write the directory again with save()")
+    """The record's sha256 over model.py, the weights, graph.json and the record: a file changed since save() wrote it is refused."""
+    if record.get("format") != FORMAT:
+        raise SaveError(f"{directory}: unsupported format {record.get('format')!r}; fix: write it again with this fxsurgery")
+    if record.get("hash") != digest(directory, record):
+        raise SaveError(f"{directory}: {_COVERED[record.get('saved_by') == 'save_pretrained']} changed since it was written "
+                        "(hash mismatch); fix: write the directory again with save()")
+
+
+_COVERED = {False: "model.py, model.safetensors, graph.json or surgery.json", True: "a file it lists or surgery.json"}

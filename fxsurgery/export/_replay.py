@@ -43,8 +43,7 @@ def map_weights(state_dict: dict | str | os.PathLike, surgery: str | os.PathLike
     directory = Path(surgery)
     directory = directory.parent if directory.name == "surgery.json" else directory
     record = read_record(directory)
-    if record.get("saved_by") != "save_pretrained":  # the library's own layout has no hash; every other has one
-        verify_hash(directory, record)  # the tensors a rule made are copied from it: damage would pass on
+    verify_hash(directory, record)  # the tensors a rule made are copied from it, its record says where each comes from
     state = strip_prefixes(state_dict, where=where)
     try:
         return _mapped(directory, record, state)

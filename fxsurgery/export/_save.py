@@ -211,8 +211,9 @@ def save(module: nn.Module, directory: str | os.PathLike, *, force: bool = False
                "renamed": {k: v for k, v in renames.items() if k != v},
                "ties": {rename_path(a, renames): rename_path(o, renames) for a, o in ties.items()},
                "non_persistent": [rename_path(n, renames) for n in non_persistent],
-               **(record or {}), "formats": exported, "hash": digest(work, hashes, written),
+               **(record or {}), "formats": exported,
                **({"shards": hashes} if hashes else {}), "files": _listed(work)}
+        doc["hash"] = digest(work, doc, hashes, written)
         (work / "surgery.json").write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
     return Path(directory)
 
@@ -242,6 +243,7 @@ def save_pretrained(module: nn.Module, directory: str | os.PathLike, *, force: b
                "non_persistent": [f"{p}.{n}" if p else n for p, sub in module.named_modules() for n in sorted(sub._non_persistent_buffers_set)],
                **(record or {}), **({"shards": hashes} if hashes else {}),
                "files": _listed(work)}
+        doc["hash"] = digest(work, doc)  # over the files the library wrote, read back once
         (work / "surgery.json").write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
     return Path(directory)
 
