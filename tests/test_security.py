@@ -425,6 +425,27 @@ def test_no_other_deserialiser_that_runs_code():
     assert not issubclass(LineLoader, (yaml.FullLoader, yaml.UnsafeLoader))
 
 
+_CLASS = b"cpathlib\nPosixPath\n"
+
+
+@pytest.mark.parametrize("payload, target", [
+    # slot state on an allowed class: setattr(PosixPath, "exists", PosixPath) for the whole process
+    (_CLASS + b"(N}S'exists'\n" + _CLASS + b"stb.", "the class pathlib.PosixPath"),
+    (b"ctorch\nfloat32\n(N}S'is_floating_point'\nctorch\nSize\nstb.", "a torch.dtype"),
+    (b"ctorch.serialization\n_get_layout\n(N}S'x'\nI1\nstb.", "a builtins.function"),
+], ids=["a class", "a dtype", "a function"])
+def test_dcp_metadata_may_not_set_attributes_on_what_it_did_not_construct(tmp_path, payload, target):
+    import pathlib
+    (tmp_path / "dcp").mkdir()
+    (tmp_path / "dcp" / ".metadata").write_bytes(payload)
+    exists, is_float = pathlib.PosixPath.exists, torch.float32.is_floating_point
+    with pytest.raises(fxs.ModelError) as err:
+        fxs.map_weights(tmp_path / "dcp", tmp_path / "nowhere")
+    assert str(err.value) == (f"{tmp_path / 'dcp'}: cannot read the torch.distributed.checkpoint metadata: UnpicklingError: "
+                              f"refused setting attributes of {target}; fix: pass a complete checkpoint directory written by dcp.save")
+    assert pathlib.PosixPath.exists is exists and torch.float32.is_floating_point == is_float
+
+
 class Payload:
     """Unpickled, it writes the canary file: what a hostile checkpoint does."""
 

@@ -34,10 +34,27 @@ _ALLOWED = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch
             ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict")}
 
 
-class _Unpickler(pickle.Unpickler):
-    """Builds DCP metadata and nothing else: any other global in the file is refused before it is looked up."""
+class _Unpickler(pickle._Unpickler):
+    """Builds DCP metadata and nothing else: any other global in the file is refused before it is looked up.
+
+    The Python unpickler, not the C one, because BUILD (which sets attributes)
+    must be refused on anything but an instance of a class allowed here: on a
+    class, a function or a dtype it would change them for the whole process.
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, file):
+        super().__init__(file)
+        self.classes: set[type] = set()  # the allowed classes this file constructed instances of
 
     def find_class(self, module: str, name: str):
+        found = self._allowed(module, name)
+        if isinstance(found, type):
+            self.classes.add(found)
+        return found
+
+    def _allowed(self, module: str, name: str):
         if "." not in name:  # a dotted name would reach through a module's own imports (the metadata module imports os)
             if (module, name) in _ALLOWED:
                 return super().find_class(module, name)
@@ -47,6 +64,20 @@ class _Unpickler(pickle.Unpickler):
             if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
                 return getattr(torch, name)
         raise pickle.UnpicklingError(f"refused global {module}.{name}")
+
+    def load_build(self):
+        target = self.stack[-2]  # below the state
+        if isinstance(target, type) or type(target) not in self.classes:
+            raise pickle.UnpicklingError(f"refused setting attributes of {_named(target)}")
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
+
+
+def _named(target) -> str:
+    if isinstance(target, type):
+        return f"the class {target.__module__}.{target.__qualname__}"
+    return f"a {type(target).__module__}.{type(target).__qualname__}"
 
 
 def _reader(path: str):
