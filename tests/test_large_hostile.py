@@ -339,6 +339,18 @@ def test_a_link_named_like_a_temporary_directory_is_never_followed(tmp_path):
     assert not os.path.islink(tmp_path / "out")
 
 
+def test_only_a_marked_directory_with_a_trash_name_is_removed(tmp_path):
+    # a directory named like our trash but without the marker _dispose writes first is someone else's
+    theirs, ours = tmp_path / ".out.fxsurgery-trash-0123456789abcdef", tmp_path / ".out.fxsurgery-trash-00000000000000ff"
+    for folder in (theirs, ours):
+        folder.mkdir()
+        (folder / "notes.txt").write_text("precious")
+    (ours / MARKER).write_text(f"{os.getpid()} {socket.gethostname()}\n")  # a run killed while removing it
+    fxs.save(nn.Linear(2, 2), tmp_path / "out")
+    assert sorted(e for e in os.listdir(tmp_path) if e.startswith(".")) == [theirs.name]
+    assert (theirs / "notes.txt").read_text() == "precious"
+
+
 def test_a_tensor_name_with_control_characters_is_shown_escaped(tmp_path):
     # a name that is a terminal escape sequence reaches the error as text, not as an escape
     save_file({**STATE, "\x1b]0;owned\x07": torch.zeros(1)}, str(tmp_path / "w.safetensors"))

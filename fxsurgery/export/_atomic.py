@@ -221,7 +221,8 @@ def recover(target: str | os.PathLike, keep: set[str] = frozenset(), tidy: bool 
     for kind, token, path in _ours(parent, name):
         if token in keep:
             continue
-        if kind == "trash" or (path / MARKER).exists() and not _alive_elsewhere(path) or not os.listdir(path):
+        marked = (path / MARKER).exists()  # trash too: _dispose marks before it renames, remove() unmarks last
+        if marked and (kind == "trash" or not _alive_elsewhere(path)) or not os.listdir(path):
             remove(path)
         elif _complete(path):
             _dispose(path, parent, name, token)
