@@ -43,3 +43,8 @@ def read_json(path) -> Any:
             return json.loads(handle.read())
         except (UnicodeDecodeError, RecursionError) as exc:
             raise ValueError(f"{type(exc).__name__}: {str(exc)[:80]}") from None
+
+
+def shown(text: str) -> str:
+    """A name or a file's text for a one-line message or a terminal: as it is when printable, else escaped."""
+    return text if text.isprintable() else ascii(text)

@@ -102,6 +102,17 @@ def test_a_symlinked_shard_is_read_as_a_hub_cache_holds_them(tmp_path, reference
     assert files_of(tmp_path / "out") == reference
 
 
+@pytest.mark.parametrize("kind", ["fifo", "link to /dev/zero"])
+def test_a_shard_that_is_not_a_regular_file_is_named_so(tmp_path, kind):
+    # it was refused as "no such weights file; fix: check the path", though the path is right there
+    index = index_of(tmp_path / "ck", {**dict.fromkeys(STATE, "a.safetensors"), "2.bias": "b.safetensors"},
+                     {"a.safetensors": ["0.weight", "0.bias", "2.weight"]})
+    shard = tmp_path / "ck" / "b.safetensors"
+    os.mkfifo(shard) if kind == "fifo" else os.symlink("/dev/zero", shard)
+    for stream in (True, False):
+        refused(index, tmp_path, f"{shard}: not a regular file; fix: pass a .safetensors file", stream)
+
+
 def test_a_tensor_in_two_shards_is_refused_not_taken_from_the_last(tmp_path):
     # b.safetensors also holds 0.weight (zeros); read in file order it would silently win
     folder = tmp_path / "ck"

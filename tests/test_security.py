@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import rehash
+from conftest import cli, rehash
 from safetensors.torch import save_file
 from test_bad_inputs import run_cli as bad_inputs_cli
 from torch import nn
@@ -423,6 +423,16 @@ def test_no_other_deserialiser_that_runs_code():
     from fxsurgery.spec._yaml import LineLoader
     assert issubclass(LineLoader, yaml.SafeLoader)
     assert not issubclass(LineLoader, (yaml.FullLoader, yaml.UnsafeLoader))
+
+
+def test_check_shows_a_rule_file_s_control_characters_escaped(tmp_path):
+    # apply's errors escaped them; check printed the rules as they were, terminal escapes and carriage returns included
+    rules = tmp_path / "r\x1b[2J.yaml"
+    rules.write_text('fxsurgery: 1\nrules:\n  - delete: "\\e[2J\\e[31mfc2"\n  - freeze: "fc1\\rOK"\n')
+    code, stdout, stderr = cli("check", rules)
+    assert (code, stderr) == (0, "")
+    assert stdout == (f"'{tmp_path}/r\\x1b[2J.yaml': ok, 2 rules\n"
+                      "  1. 'delete \\x1b[2J\\x1b[31mfc2'\n  2. 'freeze fc1\\rOK'\n")
 
 
 _CLASS = b"cpathlib\nPosixPath\n"

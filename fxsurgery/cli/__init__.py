@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 from .._progress import library_bars, quiet, working
-from .._util import first_line, format_table, read_json
+from .._util import first_line, format_table, read_json, shown
 from ..errors import FxsError, ModelError, bounded
 from ..spec import load_rule_files, load_rules, parse_overrides, rule_path
 
@@ -209,7 +209,7 @@ def cmd_apply(args) -> int:
         print("\n" + _profile_table(profile))
     gap = "\n" if summary or args.explain or args.profile else ""
     if written:
-        print(f"{gap}wrote {written}/ ({', '.join(_files(written))})")
+        print(f"{gap}wrote {shown(str(written))}/ ({', '.join(_files(written))})")
     elif args.dry_run:
         print(f"{gap}{result.footprint_text(args.max_shard_size)}\ndry run: nothing written")
     else:
@@ -247,9 +247,9 @@ def cmd_check(args) -> int:
         print(json.dumps(results, indent=2, default=str))
     else:
         for r in results:
-            print(f"{r['file']}: ok, {len(r['rules'])} rule{'' if len(r['rules']) == 1 else 's'}")
-            for i, text in enumerate(r["rules"], start=1):
-                print(f"  {i}. {text}")
+            print(f"{shown(r['file'])}: ok, {len(r['rules'])} rule{'' if len(r['rules']) == 1 else 's'}")
+            for i, text in enumerate(r["rules"], start=1):  # a rule file's text may hold terminal escapes
+                print(f"  {i}. {shown(text)}")
     return 0
 
 
@@ -276,14 +276,14 @@ def cmd_diff(args) -> int:
     check_suffix(args.output)
     check_free(args.output, args.force, flag="--force")  # before the surgery: fail fast, write nothing
     # the page draws graphs: a transformers model (kept as its class by apply) is drawn from its graph
-    print(f"wrote {diff(_result(args, keep_class=False), args.output, force=args.force)}")
+    print(f"wrote {shown(str(diff(_result(args, keep_class=False), args.output, force=args.force)))}")
     return 0
 
 
 def cmd_map_weights(args) -> int:
     from ..export import write_mapped
     mapped = write_mapped(args.checkpoint, args.surgery, args.output, force=args.force)
-    print(f"wrote {args.output}: {len(mapped)} tensors in the layout of {args.surgery}")
+    print(f"wrote {shown(args.output)}: {len(mapped)} tensors in the layout of {shown(args.surgery)}")
     return 0
 
 

@@ -32,11 +32,6 @@ def docstring_text(text: str) -> str:
     return ascii(text).replace('"', "\\x22")
 
 
-def shown(name: str) -> str:
-    """A name for a one-line message: as it is when printable, else escaped."""
-    return name if name.isprintable() else ascii(name)
-
-
 def is_dotted(name: object) -> bool:
     """A plain ASCII dotted name of non-keywords: `torch.nn.Linear`."""
     return isinstance(name, str) and _DOTTED.fullmatch(name) is not None and not any(keyword.iskeyword(p) for p in name.split("."))

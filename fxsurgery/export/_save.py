@@ -17,6 +17,7 @@ import torch
 from torch import fx, nn
 
 from .._progress import bar
+from .._util import shown
 from ..capture import ModeGraphModule, adapter_call, current, dual_source, keep_mode_reads, trace, trace_modes
 from ..errors import SaveError, TraceError
 from ..rewrite import stays_eval
@@ -26,7 +27,6 @@ from ._atomic import MARKER, meet, replacing
 from ._codegen import check_constructors, generate, rename_path, renamed_graph
 from ._formats import export_as
 from ._graphdata import GRAPH, describe
-from ._names import shown
 from ._pretrained import refuse_unloadable, write_pretrained
 from ._ranks import Ranks
 from ._record import FORMAT, digest, import_source

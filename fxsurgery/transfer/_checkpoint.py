@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from .._util import first_line, shape_text
+from .._util import first_line, shape_text, shown
 from ..errors import FxsError, ModelError
 
 # DataParallel / DistributedDataParallel and torch.compile wrap a model and
@@ -29,10 +29,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if os.path.isdir(path):
         raise ModelError(f"{path}: a directory, not a weights file or a torch.distributed.checkpoint directory; fix: pass the "
                          "weights file in it (its .safetensors, or its *.index.json), or load a saved output as the MODEL")
-    if os.path.exists(path) and not os.path.isfile(path):  # /dev/zero would be read forever, a FIFO wait
-        raise ModelError(f"{path}: not a regular file; fix: pass a .safetensors file")
-    if not os.path.isfile(path):
-        raise ModelError(f"{path}: no such weights file; fix: check the path")
+    regular_file(path)
     if not path.endswith(".safetensors"):
         with open(path, "rb") as handle:
             magic = handle.read(4)
@@ -68,9 +65,12 @@ def strip_prefixes(state: dict, where: str = "the checkpoint") -> dict:
     return state
 
 
-def shown(name: str) -> str:
-    """A tensor name as an error shows it: escaped where it holds control characters (a file's names are not trusted)."""
-    return name if name.isprintable() else ascii(name)
+def regular_file(path: str) -> None:
+    """Refuse a path that is missing or not a regular file: /dev/zero would be read forever, a FIFO waits."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ModelError(f"{path}: not a regular file; fix: pass a .safetensors file")
+    if not os.path.isfile(path):
+        raise ModelError(f"{path}: no such weights file; fix: check the path")
 
 
 def plain_name(name: str) -> bool:
@@ -147,8 +147,7 @@ class Checkpoint:
         from safetensors import safe_open
         held: dict[str, list[str]] = {}
         for file in files:
-            if not os.path.isfile(file):
-                raise ModelError(f"{file}: no such weights file; fix: check the path")
+            regular_file(file)
             try:
                 with safe_open(file, framework="pt") as handle:
                     held[file] = list(handle.keys())
