@@ -174,6 +174,11 @@ def _nested(depth):
     ("reference to a later node", lambda d: d["nodes"][2].update(args={"tuple": [{"node": "add"}]}),
      "nodes[2] 'scale': refers to node 'add', which no earlier node defines"),
     ("args of the wrong type", lambda d: d["nodes"][3].update(args="x"), "nodes[3] 'mul': args are not a tuple or kwargs not a mapping of names"),
+    # a dead node computing 10 ** 10**8 kept `fxsurgery inspect` running for ever
+    ("integer power beyond any size", lambda d: d["nodes"][3].update(target="operator.pow", args={"tuple": [10, 10**8]}),
+     "nodes[3] 'mul': operator.pow by the literal 100000000, which no size needs"),
+    ("shift beyond any size", lambda d: d["nodes"][3].update(target="operator.lshift", args={"tuple": [{"node": "x"}, 1 << 20]}),
+     "nodes[3] 'mul': operator.lshift by the literal 1048576, which no size needs"),
     ("private method", lambda d: _node(d, "call_function").update(op="call_method", target="__class__"),
      "nodes[3] 'mul': method '__class__' is not a tensor method"),
     ("private getattr", lambda d: d["nodes"][3].update(target="builtins.getattr", args={"tuple": [{"node": "x"}, "__class__"]}),

@@ -117,10 +117,16 @@ def attribute(args: tuple, kwargs: dict) -> None:
         raise Bad(f"getattr reads {name!r}, a method, which the graph could call; a graph reads data attributes only")
 
 
-def no_callbacks(target: Any, kwargs: dict) -> None:
-    """Builtins that call what they are given (min/max key=) take no graph value to call."""
+_GROWING = (operator.pow, operator.ipow, operator.lshift, operator.ilshift)
+
+
+def no_callbacks(target: Any, args: tuple, kwargs: dict) -> None:
+    """Builtins that call what they are given (min/max key=) take no graph value to call; an integer power or
+    shift by a literal above 64 is not a size (10 ** 10**8 kept `fxsurgery inspect` computing for ever)."""
     if target in (min, max) and "key" in kwargs:
         raise Bad(f"{target.__name__}(..., key=...) calls a graph value; a graph compares values only")
+    if target in _GROWING and len(args) == 2 and type(args[1]) is int and abs(args[1]) > 64:
+        raise Bad(f"operator.{target.__name__} by the literal {args[1]}, which no size needs")
 
 
 def method(name: Any) -> str:

@@ -108,7 +108,7 @@ def _node(graph: fx.Graph, root: nn.Module, entry: Any, env: dict[str, fx.Node])
         target = function(target)
         if target is getattr:
             attribute(args, kwargs)
-        no_callbacks(target, kwargs)
+        no_callbacks(target, args, kwargs)
     elif op == "call_method":
         target = method(target)
     elif op == "get_attr" and target == "training":
