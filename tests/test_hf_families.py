@@ -260,3 +260,24 @@ def test_an_encoder_decoder_model_counts_each_side_in_its_own_configuration(stac
     result.save(tmp_path / "out")
     loaded = transformers.EncoderDecoderModel.from_pretrained(tmp_path / "out").eval()
     assert torch.equal(logits(loaded, x, decoder_input_ids=decoder), logits(got, x, decoder_input_ids=decoder))
+
+
+def test_a_head_swap_captured_with_labels_names_the_fixed_reshape_and_keep_class_works():
+    """The loss reshapes logits to the old num_labels; the error blamed the new head's shapes."""
+    import fxsurgery as fxs
+    from fxsurgery import Replace
+
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=37, max_position_embeddings=64, num_labels=3)
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config).eval()
+    x, labels = torch.randint(0, 100, (2, 8)), torch.tensor([0, 4])
+    rules = [Replace("classifier", fxs.new(torch.nn.Linear, out_features=5))]
+    with pytest.raises(fxs.ValidateError) as err:
+        fxs.apply(model, rules, example_inputs=(x,), example_kwargs={"labels": labels}, keep_class=False)
+    assert str(err.value).endswith(
+        "[call_method]: the forward reshapes to (-1, 3), sizes fixed at capture; fix: leave out the inputs that lead there "
+        "(labels=: a loss over the old classes), or keep_class=True")
+    got = fxs.apply(model, rules, example_inputs=(x,), example_kwargs={"labels": labels}, keep_class=True).module
+    loss = torch.nn.functional.cross_entropy(got(x).logits, labels)
+    assert got.config.num_labels == 5 and torch.equal(got(x, labels=labels).loss, loss)

@@ -67,8 +67,21 @@ def shape_failure(err: PropagationError, edited: Edited) -> ValidateError:
         return ValidateError(f"{where}: {type(module).__name__} in training mode needs 2+ values per channel, gets "
                              f"{shape_text(shape)}; fix: example inputs with a batch of 2 or more (--input 2x...), or eval mode (--eval)")
     first = first_line(exc)
+    sizes = _fixed_sizes(node)
+    if sizes and "is invalid for input of size" in first:  # the code reshapes to a size it read when it was captured
+        return ValidateError(f"{where}: the forward reshapes to ({', '.join(map(str, sizes))}), sizes fixed at capture; "
+                             "fix: leave out the inputs that lead there (labels=: a loss over the old classes), or keep_class=True")
     return ValidateError(f"{where}: {type(exc).__name__}: {first}; fix: check that the rule's replacement fits the shapes around it (inspect the model "
                          f"with 'fxsurgery inspect')")
+
+
+def _fixed_sizes(node: fx.Node) -> list[int]:
+    """The literal sizes a view or reshape node asks for; [] for any other node."""
+    if not (node.op == "call_method" and node.target in ("view", "reshape")):
+        return []
+    sizes = node.args[1:]
+    sizes = sizes[0] if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)) else sizes
+    return list(sizes) if all(type(s) is int for s in sizes) else []
 
 
 def source_line(model: nn.Module, node: fx.Node, above: str) -> str:
