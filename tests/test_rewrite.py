@@ -382,3 +382,21 @@ def test_a_pattern_after_prune_leaves_the_pruned_layers_as_prune_made_them():
     assert err.value.full.endswith("changed it first, and a pattern computes from the original modules; fix: apply this rule to the "
                                    "first surgery's result (fxs.apply(result.module, rules), or its saved directory), or drop one of "
                                    "the two rules")
+
+
+def test_insert_after_a_layer_called_at_two_places_says_each_gets_its_own_weights():
+    """torchvision's BasicBlock calls self.relu twice: an Insert makes one layer per call, unlike a hand-made wrapper."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=4).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with pytest.warns(fxs.SurgeryWarning):
+        result = fxs.apply(model, [fxs.Insert(nn.PReLU(), after="layer1.*.relu")], example_inputs=(x,))
+    assert result.report.new == ["layer1.0.relu_pre_lu.weight", "layer1.0.relu_pre_lu_1.weight",
+                                 "layer1.1.relu_pre_lu.weight", "layer1.1.relu_pre_lu_1.weight"]
+    assert [re.sub(r" \(tests/test_rewrite\.py:\d+\)", "", w) for w in result.plan.warnings if "places" in w] == [
+        "rule 1 'insert PReLU(num_parameters=1) after layer1.*.relu': the forward calls 'layer1.0.relu' at 2 places, "
+        "so each gets its own new layer with its own weights (layer1.0.relu_pre_lu, layer1.0.relu_pre_lu_1) (and 1 more layers "
+        "called at several places); to share one, replace 'layer1.0.relu' with nn.Sequential(it, the new layer)"]
+    assert torch.allclose(result.module(x), model(x), atol=1e-5, rtol=0)  # PReLU(0.25) after ReLU is the identity
+    plain = fxs.apply(model, [fxs.Insert(nn.Hardtanh(0, 100), after="layer1.0.relu")], example_inputs=(x,))
+    assert not [w for w in plain.plan.warnings if "places" in w]  # nothing to share

@@ -319,6 +319,7 @@ class Rewriter:
 
     def insert(self, m: Match, sites: list[Site]) -> None:
         rule = m.rule
+        made: dict[str, list[str]] = {}  # a module's path: the parametrised layers inserted at its call sites
         for site in sites:
             anchor = self.one_output(m, site) if rule.after is not None else self.one_input(m, site)
             meta = self.meta(anchor.name, fresh=isinstance(rule.module, New) and bool(rule.module.missing()))
@@ -329,6 +330,15 @@ class Rewriter:
             path = self.fresh_path(base)
             self.edited.modules[path] = Slot(module, None, m.index)
             self.splice(m, site, anchor, lambda value, path=path: self.graph.call_module(path, (value,)))
+            if any(True for _ in module.parameters()):
+                made.setdefault(site.path, []).append(path)
+        shared = {at: paths for at, paths in made.items() if at and len(paths) > 1}  # a hand edit wrapping it would share one
+        if shared:
+            at, paths = next(iter(shared.items()))
+            more = f" (and {len(shared) - 1} more layers called at several places)" if len(shared) > 1 else ""
+            self.plan.warnings.append(
+                f"{m.label}: the forward calls '{at}' at {len(paths)} places, so each gets its own new layer with its own "
+                f"weights ({', '.join(paths[:3])}){more}; to share one, replace '{at}' with nn.Sequential(it, the new layer)")
         self.dirty = True
 
     def detach(self, m: Match, sites: list[Site]) -> None:
