@@ -41,6 +41,21 @@ def test_a_dcp_checkpoint_fills_a_meta_model_as_the_model_itself(tmp_path):
     assert torch.equal(want["fc.weight"], model.fc.weight[:4])
 
 
+def test_the_metadata_is_unpickled_once_per_checkpoint_not_once_per_tensor(tmp_path, monkeypatch):
+    # dcp.load asks its reader for the metadata at every tensor: 63 reads of a file that grows with ranks x tensors
+    from fxsurgery.transfer import _dcp
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    dcp.save(model.state_dict(), storage_writer=dcp.FileSystemWriter(str(tmp_path / "ck")), no_dist=True)
+    loads, real = [], _dcp._Unpickler.load
+    monkeypatch.setattr(_dcp._Unpickler, "load", lambda self: loads.append(1) or real(self))
+    checkpoint = _dcp.DcpCheckpoint(tmp_path / "ck")
+    read = {k: checkpoint.tensor(k) for k in checkpoint.meta}
+    assert len(loads) == 1 and len(read) == len(model.state_dict()) == 122
+    assert all(torch.equal(read[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(checkpoint.region("fc.weight", (slice(2, 5),)), model.fc.weight[2:5]) and len(loads) == 1
+
+
 def test_map_weights_replays_a_surgery_on_a_dcp_checkpoint(tmp_path):
     from conftest import cli
     torch.manual_seed(0)

@@ -443,9 +443,14 @@ _CLASS = b"cpathlib\nPosixPath\n"
     (_CLASS + b"(N}S'exists'\n" + _CLASS + b"stb.", "the class pathlib.PosixPath"),
     (b"ctorch\nfloat32\n(N}S'is_floating_point'\nctorch\nSize\nstb.", "a torch.dtype"),
     (b"ctorch.serialization\n_get_layout\n(N}S'x'\nI1\nstb.", "a builtins.function"),
-], ids=["a class", "a dtype", "a function"])
+    # an allowed enum called with a value returns its shared member: contiguous tensors were saved as channels_last after
+    (b"ctorch.distributed.checkpoint.metadata\n_MEM_FORMAT_ENCODING\n(I0\ntR(N}S'_value_'\nI1\nstb.",
+     "a torch.distributed.checkpoint.metadata._MEM_FORMAT_ENCODING"),
+], ids=["a class", "a dtype", "a function", "an enum member"])
 def test_dcp_metadata_may_not_set_attributes_on_what_it_did_not_construct(tmp_path, payload, target):
     import pathlib
+
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
     (tmp_path / "dcp").mkdir()
     (tmp_path / "dcp" / ".metadata").write_bytes(payload)
     exists, is_float = pathlib.PosixPath.exists, torch.float32.is_floating_point
@@ -454,6 +459,7 @@ def test_dcp_metadata_may_not_set_attributes_on_what_it_did_not_construct(tmp_pa
     assert str(err.value) == (f"{tmp_path / 'dcp'}: cannot read the torch.distributed.checkpoint metadata: UnpicklingError: "
                               f"refused setting attributes of {target}; fix: pass a complete checkpoint directory written by dcp.save")
     assert pathlib.PosixPath.exists is exists and torch.float32.is_floating_point == is_float
+    assert _MEM_FORMAT_ENCODING(0).value == 0 and _MEM_FORMAT_ENCODING(0).name == "TORCH_CONTIGUOUS_FORMAT"
 
 
 class Payload:

@@ -38,23 +38,27 @@ class _Unpickler(pickle._Unpickler):
     """Builds DCP metadata and nothing else: any other global in the file is refused before it is looked up.
 
     The Python unpickler, not the C one, because BUILD (which sets attributes)
-    must be refused on anything but an instance of a class allowed here: on a
-    class, a function or a dtype it would change them for the whole process.
+    must be refused on anything but an object this file made with NEWOBJ (how
+    dataclasses pickle): on a class, a function, a dtype or an enum member it
+    would change them for the whole process.
     """
 
     dispatch = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, file):
         super().__init__(file)
-        self.classes: set[type] = set()  # the allowed classes this file constructed instances of
+        self.made: dict[int, object] = {}  # what NEWOBJ built here, by id (held, so no id is reused)
+
+    def _new(self, load) -> None:
+        load(self)
+        made = self.stack[-1]
+        if type(made).__new__ is object.__new__:  # a fresh object; an enum's __new__ returns its shared member
+            self.made[id(made)] = made
+
+    dispatch[pickle.NEWOBJ[0]] = lambda self: self._new(pickle._Unpickler.load_newobj)
+    dispatch[pickle.NEWOBJ_EX[0]] = lambda self: self._new(pickle._Unpickler.load_newobj_ex)
 
     def find_class(self, module: str, name: str):
-        found = self._allowed(module, name)
-        if isinstance(found, type):
-            self.classes.add(found)
-        return found
-
-    def _allowed(self, module: str, name: str):
         if "." not in name:  # a dotted name would reach through a module's own imports (the metadata module imports os)
             if (module, name) in _ALLOWED:
                 return super().find_class(module, name)
@@ -67,7 +71,7 @@ class _Unpickler(pickle._Unpickler):
 
     def load_build(self):
         target = self.stack[-2]  # below the state
-        if isinstance(target, type) or type(target) not in self.classes:
+        if id(target) not in self.made:  # a class, a dtype, a function, an enum member: shared by the whole process
             raise pickle.UnpicklingError(f"refused setting attributes of {_named(target)}")
         super().load_build()
 
@@ -80,13 +84,17 @@ def _named(target) -> str:
     return f"a {type(target).__module__}.{type(target).__qualname__}"
 
 
-def _reader(path: str):
-    """DCP's FileSystemReader, reading `.metadata` through the allowlist and checking the files it names."""
+def _reader(path: str, read=None):
+    """DCP's FileSystemReader, reading `.metadata` through the allowlist and checking the files it names;
+    with `read`, the metadata already read so (the checkpoint's stamps say its files are unchanged)."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
     class _Reader(FileSystemReader):
         def read_metadata(self, *args, **kwargs) -> Metadata:
+            if read is not None:  # dcp.load asks once per tensor: unpickled once, not once per tensor
+                read.storage_meta.load_id = self.load_id
+                return read
             with open(os.path.join(path, ".metadata"), "rb") as handle:
                 metadata = _Unpickler(handle).load()
             if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict) \
@@ -141,7 +149,7 @@ class DcpCheckpoint(Checkpoint):
         self.path = os.fspath(path)
         self.files, self.state = {}, None
         try:
-            metadata = _reader(self.path).read_metadata()
+            metadata = self.metadata = _reader(self.path).read_metadata()
         except Exception as exc:  # DCP reports a damaged directory in many ways
             raise ModelError(f"{self.path}: cannot read the torch.distributed.checkpoint metadata: {type(exc).__name__}: "
                              f"{first_line(exc)}; fix: pass a complete checkpoint directory written by dcp.save") from None
@@ -172,7 +180,7 @@ class DcpCheckpoint(Checkpoint):
         holder = {key: torch.empty(shape, dtype=dtype)}
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load(holder, storage_reader=_reader(self.path), no_dist=True)
+            dcp.load(holder, storage_reader=_reader(self.path, self.metadata), no_dist=True)
         return holder[key]
 
     def region(self, key: str, index: tuple) -> torch.Tensor:
@@ -201,7 +209,7 @@ class DcpCheckpoint(Checkpoint):
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load(holder, storage_reader=_reader(self.path), planner=Block(), no_dist=True)
+            dcp.load(holder, storage_reader=_reader(self.path, self.metadata), planner=Block(), no_dist=True)
         return holder[key]
 
 def open_checkpoint(path) -> Checkpoint:
