@@ -117,16 +117,25 @@ def attribute(args: tuple, kwargs: dict) -> None:
         raise Bad(f"getattr reads {name!r}, a method, which the graph could call; a graph reads data attributes only")
 
 
-_GROWING = (operator.pow, operator.ipow, operator.lshift, operator.ilshift)
+_PYTHON = {"operator", "_operator", "math", "builtins"}
 
 
-def no_callbacks(target: Any, args: tuple, kwargs: dict) -> None:
-    """Builtins that call what they are given (min/max key=) take no graph value to call; an integer power or
-    shift by a literal above 64 is not a size (10 ** 10**8 kept `fxsurgery inspect` computing for ever)."""
+def checked_call(target: Any, args: tuple, kwargs: dict) -> None:
+    """Refuse the Python calls a traced graph never holds and a hostile one uses to compute for ever.
+
+    Builtins that call what they are given (min/max key=) take no graph value to
+    call. A Python function (operator, math, builtins) on literals alone: tracing
+    evaluated such code and kept its value, so a node like 10 ** 10**8 or
+    math.factorial(10**8) is no model's (it kept `fxsurgery inspect` computing);
+    refusing each node whose inputs are all literals refuses their chains too.
+    (A power of a size by a literal is a model's, `x.size(0) ** 2`, or a tensor's:
+    left alone, as running a graph is not sandboxed, only loading it.)
+    """
     if target in (min, max) and "key" in kwargs:
         raise Bad(f"{target.__name__}(..., key=...) calls a graph value; a graph compares values only")
-    if target in _GROWING and len(args) == 2 and type(args[1]) is int and abs(args[1]) > 64:
-        raise Bad(f"operator.{target.__name__} by the literal {args[1]}, which no size needs")
+    if getattr(target, "__module__", None) in _PYTHON and target is not collections.OrderedDict \
+            and not any(isinstance(v, fx.Node) for v in pytree.tree_leaves((args, kwargs))):
+        raise Bad(f"{getattr(target, '__name__', target)} on literals alone, which tracing evaluates; a graph computes on its inputs")
 
 
 def method(name: Any) -> str:

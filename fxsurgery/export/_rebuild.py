@@ -23,7 +23,7 @@ from ..capture import CallSpec, ModeGraphModule, assign, deep_copy, install_adap
 from ..errors import SaveError
 from ..rewrite import stay_eval, stays_eval
 from ._graphdata import GRAPH, VERSION
-from ._graphload import FIX, OPS, Bad, attribute, build_module, decode, entry_error, function, method, no_callbacks, output_type_home, path, tree_structure
+from ._graphload import FIX, OPS, Bad, attribute, build_module, checked_call, decode, entry_error, function, method, output_type_home, path, tree_structure
 from ._graphload import BuildBudget as budget  # what building graph.json's entries may cost
 from ._graphload import identifier as plain  # a name the generated code can hold
 from ._shards import read as read_weights
@@ -108,7 +108,7 @@ def _node(graph: fx.Graph, root: nn.Module, entry: Any, env: dict[str, fx.Node])
         target = function(target)
         if target is getattr:
             attribute(args, kwargs)
-        no_callbacks(target, args, kwargs)
+        checked_call(target, args, kwargs)
     elif op == "call_method":
         target = method(target)
     elif op == "get_attr" and target == "training":
