@@ -417,3 +417,20 @@ def test_a_new_head_of_a_two_graph_model_is_reported_once_and_the_old_one_droppe
     assert result.report.new == ["classifier.weight", "classifier.bias"]
     assert result.report.dropped == ["classifier.weight", "classifier.bias"]
     assert sorted(e.name for e in result.report.entries if e.status != "dropped") == sorted(result.module.state_dict())
+
+
+def stay_eval(module, args):
+    """Use batch statistics."""
+    module.training = True
+
+
+def test_a_user_hook_named_like_ours_is_not_taken_for_it(tmp_path):
+    # the same bytecode as fxsurgery's stay_eval but another constant: it was saved as a BatchNorm held in eval mode
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).eval()
+    model[1].register_forward_pre_hook(stay_eval)
+    result = fxs.apply(model, [Freeze("0")], example_inputs=(torch.randn(8, 4),))
+    with pytest.raises(fxs.SaveError) as err:
+        result.save(tmp_path / "o")
+    assert str(err.value).startswith("1: run hooks registered on the model, which model.py and graph.json do not rebuild")
+    assert not (tmp_path / "o").exists()

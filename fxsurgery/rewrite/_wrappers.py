@@ -100,11 +100,14 @@ class StayEval:
 
 
 def is_stay_eval(hook) -> bool:
-    code = getattr(hook, "__code__", None)
-    mine = stay_eval.__code__
-    return isinstance(hook, StayEval) or (
-        code is not None and getattr(hook, "__name__", None) == "stay_eval" and code.co_code == mine.co_code
-        and code.co_names == mine.co_names and code.co_varnames == mine.co_varnames)
+    """`stay_eval`, or model.py's copy of it: a plain function of the same code (constants included: a user's hook
+    of that name setting training = True differs only there), with no defaults or closure to change what it does."""
+    if hook is stay_eval or isinstance(hook, StayEval):
+        return True
+    code, mine = getattr(hook, "__code__", None), stay_eval.__code__
+    return (inspect.isfunction(hook) and hook.__name__ == "stay_eval" and hook.__defaults__ is None
+            and hook.__kwdefaults__ is None and hook.__closure__ is None
+            and all(getattr(code, a) == getattr(mine, a) for a in ("co_code", "co_consts", "co_names", "co_varnames", "co_argcount")))
 
 
 def stays_eval(module: nn.Module) -> bool:
