@@ -29,6 +29,7 @@ from fxsurgery import Freeze
 from fxsurgery.errors import bounded
 from fxsurgery.export import Ranks, check_target
 from fxsurgery.export._atomic import MARKER, take_over
+from fxsurgery.export._record import digest
 
 X = (torch.zeros(1, 8),)
 RULES = [Freeze("0")]
@@ -298,7 +299,8 @@ def test_a_streamed_save_killed_mid_write_leaves_the_old_output_and_a_rerun_writ
     got, want = files_of(out), files_of(fresh)
     assert len(want) == 24 + 4  # a shard per layer, the index, model.py, graph.json, surgery.json
     records = [json.loads(f.pop("surgery.json")) for f in (got, want)]  # (its rules' origins name the two scripts)
-    assert got == want and records[0]["shards"] == records[1]["shards"] and records[0]["hash"] == records[1]["hash"]
+    assert got == want and records[0]["shards"] == records[1]["shards"]
+    assert records[0]["hash"] == digest(out, records[0])  # sealed over the record as the rerun wrote it
 
 
 def test_a_temporary_directory_of_another_host_is_left_to_its_host(tmp_path):
@@ -357,9 +359,12 @@ def test_only_a_marked_directory_with_a_trash_name_is_removed(tmp_path):
         folder.mkdir()
         (folder / "notes.txt").write_text("precious")
     (ours / MARKER).write_text(f"{os.getpid()} {socket.gethostname()}\n")  # a run killed while removing it
+    complete = tmp_path / ".out.fxsurgery-trash-00000000000000aa"
+    fxs.save(nn.Linear(2, 2), complete)  # a whole output, copied there by hand: it looks like one of ours, unmarked
     fxs.save(nn.Linear(2, 2), tmp_path / "out")
-    assert sorted(e for e in os.listdir(tmp_path) if e.startswith(".")) == [theirs.name]
+    assert sorted(e for e in os.listdir(tmp_path) if e.startswith(".")) == sorted([theirs.name, complete.name])
     assert (theirs / "notes.txt").read_text() == "precious"
+    assert sorted(os.listdir(complete)) == ["graph.json", "model.py", "model.safetensors", "surgery.json"]
 
 
 def test_a_tensor_name_with_control_characters_is_shown_escaped(tmp_path):

@@ -183,7 +183,7 @@ def test_load_refuses_changed_files(result, tmp_path):
         handle.write("\nprint('hello')\n")
     with pytest.raises(fxs.SaveError) as err:
         fxs.load(tmp_path / "o")
-    assert str(err.value) == (f"{tmp_path / 'o'}: model.py, model.safetensors or graph.json changed since it was written (hash mismatch); "
+    assert str(err.value) == (f"{tmp_path / 'o'}: model.py, model.safetensors, graph.json or surgery.json changed since it was written (hash mismatch); "
                               "fix: write the directory again with save()")
 
 

@@ -343,7 +343,8 @@ def _swap_sources(record) -> None:
     (lambda r: [e.update(status="new") for e in r["report"]["entries"] if e["name"] == "fc1.bias"], CHANGED),
     (lambda r: r.update(saved_by="save_pretrained"),   # skipped the hash check altogether
      "a file it lists or surgery.json changed since it was written (hash mismatch); fix: write the directory again with save()"),
-    (lambda r: r.update(format=1), "unsupported format 1; fix: write it again with this fxsurgery"),
+    (lambda r: r.update(format=1), "written by an older fxsurgery (format 1), whose hash leaves surgery.json out; fix: read it, "
+                                   "load it with fxs.load(..., verify=False) and save it again"),
 ], ids=["sources swapped", "made new", "claims save_pretrained", "older format"])
 def test_an_edited_record_is_refused_by_map_weights_and_load(tmp_path, change, message):
     """surgery.json says where each tensor comes from: the hash covers it as it covers the weights."""
@@ -357,6 +358,9 @@ def test_an_edited_record_is_refused_by_map_weights_and_load(tmp_path, change, m
         with pytest.raises(fxs.SaveError) as err:
             call()
         assert str(err.value) == f"{tmp_path / 'o'}: {message}"
+    if "format" in message:  # the way back the message gives
+        fxs.save(fxs.load(tmp_path / "o", verify=False), tmp_path / "again")
+        assert torch.equal(fxs.load(tmp_path / "again")(torch.ones(1, 4)), fxs.load(tmp_path / "o", verify=False)(torch.ones(1, 4)))
 
 
 def test_a_save_pretrained_surgery_is_hashed_too(tmp_path):
@@ -390,3 +394,38 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def test_a_save_pretrained_directory_loads_from_its_listed_files_alone(tmp_path):
+    """An adapter put beside the hashed files had from_pretrained (through peft) load other weights, unchecked."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    import json
+    import shutil
+    config = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=64, vocab_size=100)
+    model = _randomised(transformers.LlamaForCausalLM(config), 1).eval()
+    ids = torch.randint(0, 100, (1, 8))
+    fxs.apply(model, [fxs.Layers("model.layers", order=[1, 0])], example_inputs=(ids,), keep_class=True).save(tmp_path / "o")
+    with torch.no_grad():
+        before = fxs.load(tmp_path / "o")(ids).logits
+    base = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "o")
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "adapter")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(tmp_path / "adapter" / name, tmp_path / "o" / name)
+    adapter = json.loads((tmp_path / "o" / "adapter_config.json").read_text())
+    (tmp_path / "o" / "adapter_config.json").write_text(json.dumps({**adapter, "base_model_name_or_path": str(tmp_path / "o")}))
+    with torch.no_grad():
+        assert not torch.equal(peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "o")(ids).logits, before)
+        assert torch.equal(fxs.load(tmp_path / "o")(ids).logits, before)
+
+
+def test_map_weights_takes_the_record_file_as_the_library_does(tmp_path):
+    """fxs.map_weights took DIR/surgery.json; the command refused it as 'not an fxsurgery output'."""
+    mapped, _ = _replayed(lambda: Head(3), [Replace("fc", fxs.new(nn.Linear, out_features=5))], (torch.randn(2, 4),), tmp_path)
+    code, _, stderr, raised = run_cli(["map-weights", str(tmp_path / "ckpt.safetensors"), str(tmp_path / "o" / "surgery.json"),
+                                       "-o", str(tmp_path / "again.safetensors")])
+    assert (code, stderr) == (0, ""), raised
+    again = load_file(str(tmp_path / "again.safetensors"))
+    assert again.keys() == mapped.keys() and all(torch.equal(again[k], mapped[k]) for k in mapped)

@@ -224,7 +224,7 @@ def recover(target: str | os.PathLike, keep: set[str] = frozenset(), tidy: bool 
         marked = (path / MARKER).exists()  # trash too: _dispose marks before it renames, remove() unmarks last
         if marked and (kind == "trash" or not _alive_elsewhere(path)) or not os.listdir(path):
             remove(path)
-        elif _complete(path):
+        elif _complete(path) and kind != "trash":  # a displaced output is renamed old first; trash is always marked
             _dispose(path, parent, name, token)
     fsync_dir(parent)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ from .._util import first_line
 from ..errors import SaveError
 from ._graphdata import GRAPH
 from ._rebuild import rebuild
-from ._record import FORMAT, import_source, read_record, verify_hash
+from ._record import FORMAT, import_source, pretrained_files, read_record, verify_hash
 
 
 def load(directory: str | os.PathLike, device: str | torch.device = "cpu", *, trust_code: bool = False,
@@ -37,10 +38,10 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu", *, tr
         if verify:
             verify_hash(directory, record)
         return _from_pretrained(directory, record, device)
-    if record.get("format") != FORMAT:
-        raise SaveError(f"{directory}: unsupported format {record.get('format')!r}; fix: write it again with this fxsurgery")
     if verify:
         verify_hash(directory, record)
+    elif record.get("format") not in (1, FORMAT):  # 1: the same files, a hash over fewer of them
+        raise SaveError(f"{directory}: unsupported format {record.get('format')!r}; fix: write it again with this fxsurgery")
     if not trust_code:
         if not (directory / GRAPH).is_file():
             raise SaveError(f"{directory}: has no graph.json (written by an older fxsurgery), and loading its model.py would run its code; "
@@ -68,7 +69,12 @@ def _from_pretrained(directory: Path, record: dict, device) -> nn.Module:
         raise SaveError(f"{directory / 'surgery.json'}: names class {name!r}, which is no transformers model class; "
                         "fix: write the directory again with save()")
     try:
-        model = cls.from_pretrained(directory, local_files_only=True, use_safetensors=True)
+        with tempfile.TemporaryDirectory() as listed:  # the files the record lists (and hashes) alone: an adapter_config.json
+            for name in pretrained_files(directory, record):  # put beside them would have peft load other weights
+                os.symlink(os.path.realpath(directory / name), os.path.join(listed, name))
+            model = cls.from_pretrained(listed, local_files_only=True, use_safetensors=True)
+    except SaveError:
+        raise
     except Exception as exc:
         raise SaveError(f"{directory}: {name}.from_pretrained refused it: {type(exc).__name__}: {first_line(exc)}; "
                         "fix: write the directory again with save()") from None

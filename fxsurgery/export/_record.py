@@ -34,7 +34,7 @@ def digest(directory: Path, record: dict, shard_hashes: dict[str, str] | None = 
     (one file) as it wrote them: neither is read again.
     """
     if record.get("saved_by") == "save_pretrained":
-        h, names, fed = hashlib.sha256(), _pretrained_files(directory, record), False
+        h, names, fed = hashlib.sha256(), pretrained_files(directory, record), False
     else:
         sharded = shard_files(directory) is not None
         fed = written is not None and not sharded
@@ -61,7 +61,7 @@ def canonical(record: dict) -> bytes:
     return json.dumps(written, sort_keys=True, separators=(",", ":")).encode()
 
 
-def _pretrained_files(directory: Path, record: dict) -> list[str]:
+def pretrained_files(directory: Path, record: dict) -> list[str]:
     """The files a save_pretrained directory's record lists (surgery.json aside): plain names of regular files."""
     files = record.get("files")
     if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
@@ -150,6 +150,9 @@ def read_record(directory: str | os.PathLike) -> dict:
 
 def verify_hash(directory: Path, record: dict) -> None:
     """The record's sha256 over model.py, the weights, graph.json and the record: a file changed since save() wrote it is refused."""
+    if record.get("format") == 1:  # its hash left the record out: checking it would let an edited record through
+        raise SaveError(f"{directory}: written by an older fxsurgery (format 1), whose hash leaves surgery.json out; fix: "
+                        "read it, load it with fxs.load(..., verify=False) and save it again")
     if record.get("format") != FORMAT:
         raise SaveError(f"{directory}: unsupported format {record.get('format')!r}; fix: write it again with this fxsurgery")
     if record.get("hash") != digest(directory, record):

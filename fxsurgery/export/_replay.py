@@ -40,8 +40,7 @@ def map_weights(state_dict: dict | str | os.PathLike, surgery: str | os.PathLike
     where = "the checkpoint"
     if isinstance(state_dict, (str, os.PathLike)):
         state_dict, where = _read(state_dict), str(state_dict)
-    directory = Path(surgery)
-    directory = directory.parent if directory.name == "surgery.json" else directory
+    directory = _directory(surgery)
     record = read_record(directory)
     verify_hash(directory, record)  # the tensors a rule made are copied from it, its record says where each comes from
     state = strip_prefixes(state_dict, where=where)
@@ -50,6 +49,12 @@ def map_weights(state_dict: dict | str | os.PathLike, surgery: str | os.PathLike
     except (KeyError, TypeError, AttributeError, ValueError) as exc:  # a record save() did not write
         raise SaveError(f"{directory / 'surgery.json'}: not a record map-weights can read ({type(exc).__name__}: "
                         f"{first_line(exc)}); fix: write the directory again with save()") from None
+
+
+def _directory(surgery: str | os.PathLike) -> Path:
+    """The saved directory, given as itself or as its surgery.json."""
+    directory = Path(surgery)
+    return directory.parent if directory.name == "surgery.json" else directory
 
 
 def _read(checkpoint: str | os.PathLike) -> dict:
@@ -161,7 +166,7 @@ def write_mapped(checkpoint: str, surgery: str, output: str, force: bool = False
         raise SaveError(f"{output}: map-weights writes safetensors; fix: name the output *.safetensors, "
                         f"e.g. {Path(output).with_suffix('.safetensors').name}")
     mapped = map_weights(checkpoint, surgery)
-    ties = read_record(Path(surgery)).get("ties", {})
+    ties = read_record(_directory(surgery)).get("ties", {})
     unique = {k: v.contiguous() for k, v in mapped.items() if k not in ties}
     target = Path(output)
     if os.path.lexists(target) and not (force and target.is_file() and not target.is_symlink()):
