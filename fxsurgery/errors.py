@@ -93,9 +93,12 @@ def bounded(message: str, limit: int = LIMIT) -> str:
     where, colon, problem = body.partition(": ")
     if colon and len(where) + 2 < room - 40:  # keep the where whole while the problem keeps 40 characters
         keep = room - len(where) - 2
-        problem = _shorten_words(problem if len(problem) <= 20 * LIMIT else _middle(problem, 20 * LIMIT), keep)
-        problem = _clauses(_drop_asides(problem, keep), keep)  # asides only where shortened words do not fit
-        return where + colon + problem + sep + fix
+        problem = problem if len(problem) <= 20 * LIMIT else _middle(problem, 20 * LIMIT)
+        # shortened words first, asides where that does not fit; or the asides first (a list of twenty types) where
+        # that keeps more: words shortened before the asides went cut a file's name that then had room
+        words = _clauses(_drop_asides(_shorten_words(problem, keep), keep), keep)
+        asides = _clauses(_shorten_words(_drop_asides(problem, keep), keep), keep)
+        return where + colon + max(words, asides, key=len) + sep + fix
     return _middle(_shorten_words(body, room), room) + sep + fix
 
 
@@ -161,3 +164,7 @@ class SaveError(FxsError):
 
 class ModeError(FxsError):
     """What the original decides from `self.training` cannot be kept live in the result."""
+
+
+class SurgeryWarning(UserWarning):
+    """Something worth reading that is not an error (e.g. freezing a module without parameters)."""

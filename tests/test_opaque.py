@@ -187,7 +187,7 @@ def test_saving_a_model_with_opaque_code_says_why_and_writes_nothing(gate, tmp_p
     assert err.value.full.startswith("cannot write model.py for Gate: part of its forward stays Python (its graphs: stem): "
                                      "TraceError: symbolically traced variables cannot be used as inputs to control flow")
     assert err.value.full.endswith("; fix: save its weights with safetensors.torch.save_model(module, path) and rebuild "
-                                   "the architecture in code, or make the model traceable (leaf_paths=)")
+                                   "the architecture in code, or make the model traceable (leaf_paths=, --leaf on the command line)")
     assert list(tmp_path.iterdir()) == []
 
 

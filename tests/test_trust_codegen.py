@@ -145,3 +145,19 @@ def test_source_outside_the_fixed_layout_is_refused():
         check_structure('"""doc"""\nimport os\nos.system("x")\nclass Model:\n    pass\n')
     assert str(err.value) == ("cannot write model.py: the generated source has statements outside its fixed layout (line 3, line 4, "
                               "a use of 'system'); fix: rename the model's classes and modules to plain Python names")
+
+
+@pytest.mark.parametrize("name, why", [
+    ("class", "has the Python keyword 'class' as a name, which torch.fx would write as code that does not parse"),
+    ('a"b', "contains a quote, backslash or line break, which torch.fx would write into generated code unescaped"),
+])
+def test_a_name_no_generated_code_holds_is_refused_with_rename_as_the_fix(tmp_path, name, why):
+    """The save said "part of its forward stays Python ... fix: make the model traceable (leaf_paths=)", which no
+    leaf fixes: the name is the problem."""
+    model = _hostile("Named", [name])
+    result = fxs.apply(model, [], example_inputs=(torch.randn(1, 2),))
+    with pytest.raises(fxs.SaveError) as err:
+        result.save(tmp_path / "o")
+    assert err.value.full == (f"cannot write model.py for Named: module path {name!r} {why}; "
+                              "fix: rename that submodule to a plain Python name and apply again")
+    assert os.listdir(tmp_path) == []

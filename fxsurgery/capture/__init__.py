@@ -24,8 +24,11 @@ from torch.utils import _pytree as pytree
 from .._util import first_line, get_path
 from ..errors import ModelError, TraceError
 from ._call_shim import CallSpec, adapter_call, call_spec, install_adapter, mismatch, normalise, signature_of
+from ._containers import INIT as CONTAINERS_INIT
+from ._containers import INLINE_KINDS, Containers, InlineSequential, containers_of, keep_containers, renamed_containers, restore
+from ._containers import SOURCE as CONTAINERS_SOURCE
 from ._copying import assign, clone, root_of
-from ._dualgraph import ModeGraphModule, current, dual_source, other_graph, recompile, trace_modes
+from ._dualgraph import ModeGraphModule, current, dual_source, other_graph, recompile, trace_both, trace_modes
 from ._dynspec import apply_spec
 from ._guards import beyond_size_one, specialised
 from ._incremental import held_by
@@ -38,8 +41,9 @@ from ._trace import Captured, module_stack, trace
 from ._tracer import FIRST_ARGUMENT_OF, Tracer, qualified_names
 
 __all__ = [
-    "FIRST_ARGUMENT_OF", "assign",
-    "ModeGraphModule", "current", "dual_source", "keep_mode_reads", "other_graph", "recompile", "trace_modes", "track",
+    "FIRST_ARGUMENT_OF", "assign", "InlineSequential", "containers_of", "keep_containers", "restore",
+    "CONTAINERS_INIT", "CONTAINERS_SOURCE", "INLINE_KINDS", "Containers", "renamed_containers",
+    "ModeGraphModule", "current", "dual_source", "keep_mode_reads", "other_graph", "recompile", "trace_both", "trace_modes", "track",
     "KEPT", "CallSpec", "adapter_call", "Call", "Capture", "Captured", "Meta", "PropagationError", "adapt", "capture", "capture_kept", "clone",
     "deep_copy", "held_by", "install_adapter", "mismatch", "picklable", "pickled",
     "module_stack", "propagate", "qualified_names", "quiet_fake_tensors", "record_calls", "root_of", "trace",

@@ -178,10 +178,12 @@ def _counterparts(primary: nn.Module, second: nn.Module) -> dict[int, torch.Tens
 
 
 def _split(src: str) -> tuple[str, str]:
-    head, sep, forward = src.partition("\n    def forward(")
-    if not sep:
+    """model.py up to Model's forward, and that forward (a helper class before Model has a forward of its own)."""
+    at = src.find("\nclass Model(")
+    head, sep, forward = src[at:].partition("\n    def forward(")
+    if at < 0 or not sep:
         raise SaveError("cannot write model.py: the generated source has no forward; fix: report this as a bug")
-    return head, "    def forward(" + forward
+    return src[:at] + head, "    def forward(" + forward
 
 
 def dual_source(gm: ModeGraphModule, generate, **facts) -> tuple[str, dict[str, str]]:
@@ -214,6 +216,28 @@ def dual_source(gm: ModeGraphModule, generate, **facts) -> tuple[str, dict[str, 
     source = source.replace("    _fxsurgery_class = ", "    _fxsurgery_modes = (\"_forward_train\", \"_forward_eval\")\n"
                             "    _fxsurgery_class = ", 1)
     return source, renames
+
+
+def trace_both(module: nn.Module, trace_one) -> fx.GraphModule:
+    """`module` (a kept class) traced in its mode and, `.train()` flipped, in the other, its modes put back after:
+    one graph where both trace the same code, else a ModeGraphModule of both. A forward that branches on
+    `self.training` (timm's BatchNormAct2d, DropPath, a train-only term) traced once held one mode's code, which
+    model.py then ran in both."""
+    first = trace_one(module)
+    if not isinstance(first, fx.GraphModule):  # Python kept at the root: the caller says what it cannot write
+        return first
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        module.train(not module.training)
+        second = trace_one(module)
+    finally:
+        for m, training in modes:
+            m.training = training
+    if not isinstance(second, fx.GraphModule):  # the other mode's code keeps Python: refused as the first would be
+        return second
+    if second.code == first.code:
+        return first
+    return combine(first, second, not module.training)
 
 
 def trace_modes(module: nn.Module, trace_one) -> ModeGraphModule:

@@ -9,6 +9,7 @@ import fnmatch
 import re
 
 from torch import fx, nn
+from torch.fx._symbolic_trace import _wrapped_fns_to_patch
 
 from .._progress import counter
 from ._dualgraph import current
@@ -46,6 +47,9 @@ class Tracer(fx.Tracer):
         # Buffers read in traced code become get_attr nodes (not constants frozen at
         # trace time), so they transfer and save like parameters.
         super().__init__()
+        # a function torch.fx.wrap registered is a leaf whatever name calls it: model.py imports torchvision's
+        # stochastic_depth as torchvision_ops_stochastic_depth_stochastic_depth, a name wrap() does not patch
+        self._autowrap_function_ids |= {id(scope[name]) for (_, name), scope in _wrapped_fns_to_patch.items() if name in scope}
         self.proxy_buffer_attributes = True
         self.leaf_types = tuple(leaf_types)
         self.leaf_paths = tuple(leaf_paths)

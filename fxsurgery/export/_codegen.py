@@ -20,7 +20,7 @@ from torch import fx, nn
 from torch.fx.graph import _custom_builtins
 
 from .._util import get_path
-from ..capture import adapter_call
+from ..capture import CONTAINERS_INIT, CONTAINERS_SOURCE, adapter_call, renamed_containers
 from ..errors import SaveError
 from ..rewrite import STAY_EVAL_SOURCE
 from ._callform import adapter_source
@@ -209,10 +209,12 @@ def renamed_graph(gm: fx.GraphModule, renames: dict[str, str]) -> fx.Graph:
 
 
 def generate(gm: fx.GraphModule, *, class_name: str, frozen: list[str], ties: dict[str, str],
-             non_persistent: list[str], modes: dict[str, bool], stay_eval=(), entries: list | None = None) -> tuple[str, dict[str, str]]:
+             non_persistent: list[str], modes: dict[str, bool], stay_eval=(), containers=None,
+             entries: list | None = None) -> tuple[str, dict[str, str]]:
     """model.py source for `gm`, and the renames applied to unsafe paths.
 
-    `entries`, when given, receives each attribute as data: (path, module or tensor, persistent).
+    `entries`, when given, receives each attribute as data: (path, module or tensor, persistent);
+    `containers`: the original's containers among the graph's parents (capture/_containers.py).
     """
     renames = safe_targets(gm)
     for node in gm.graph.nodes:
@@ -244,6 +246,7 @@ def generate(gm: fx.GraphModule, *, class_name: str, frozen: list[str], ties: di
         else:
             raise SaveError(f"cannot write model.py: attribute '{old}' is a {type(value).__name__}; fix: keep only modules and tensors as graph attributes")
     eval_paths = sorted(rename_path(p, renames) for p, t in modes.items() if not t)
+    held = renamed_containers(containers or {}, renames)
     train_mode = "all" if not eval_paths else ("none" if len(eval_paths) == len(modes) else "some")
     call = adapter_call(gm)
     graph_src = without_wraps(code.src).strip("\n")
@@ -273,11 +276,17 @@ def generate(gm: fx.GraphModule, *, class_name: str, frozen: list[str], ties: di
                else "for path, module in self.named_modules():\n            module.training = path not in EVAL")
               + (_STAY_INIT if stay_eval else ""),
         forward=forward,
+        containers=CONTAINERS_INIT if held else "",
     )
     if call is not None:
         src = src.replace("\n\ndef _put(", "\n\n" + prelude + "\n\ndef _put(", 1)
     if stay_eval:
         src = src.replace("\n\ndef _put(", "\n\n" + STAY_EVAL_SOURCE + "\n\ndef _put(", 1)
+    if held:
+        table = "".join(f"    {path!r}: {value!r},\n" for path, value in held.items())
+        at = src.index("\ndef _put(")
+        src = (src[:at].rstrip("\n") + f"\n\n\nCONTAINERS = {{  # the original's containers: path -> kind, modules\n{table}}}\n\n\n"
+               + CONTAINERS_SOURCE + "\n\n" + src[at:])
     check_structure(src)
     return src, renames
 
@@ -352,7 +361,7 @@ class Model(nn.Module):
         super().__init__()
 {body}
         for alias, owner in TIES.items():
-            _put(self, alias, self.get_parameter(owner))
+            _put(self, alias, self.get_parameter(owner)){containers}
         for name in FROZEN:
             self.get_parameter(name).requires_grad_(False)
         {train}

@@ -123,7 +123,7 @@ def _call_form(call) -> dict:
 
 def describe(gm: fx.GraphModule, entries: list, *, class_name: str, frozen: list[str], ties: dict[str, str],
              non_persistent: list[str], modes: dict[str, bool], graph: fx.Graph | None = None, call=None,
-             stay_eval=()) -> dict:
+             stay_eval=(), containers=None) -> dict:
     """graph.json's content for `gm` (as model.py's `Model` is traced, or `graph`: its own with codegen's
     renames, and the `call` form its adapter restores), from codegen's entries."""
     del non_persistent  # carried by each buffer entry
@@ -138,6 +138,8 @@ def describe(gm: fx.GraphModule, entries: list, *, class_name: str, frozen: list
                 "eval": sorted(p for p, training in modes.items() if not training),
                 # Freeze(..., bn="eval"): these stay in eval mode whatever .train() says
                 **({"stay_eval": sorted(stay_eval)} if stay_eval else {}),
+                # the original's containers among the parents: result.features[0] as on the original
+                **({"containers": containers} if containers else {}),
                 "modes": len(modes),
                 "nodes": [_node(n) for n in (graph or gm.graph).nodes],
                 **({"call": _call_form(call)} if call is not None else {}),

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional
 from torch import fx, nn
+from torch.fx._symbolic_trace import _wrapped_fns_to_patch
 from torch.utils import _pytree as pytree
 
 from ..errors import SaveError
@@ -67,8 +68,8 @@ _NAMESPACES = {
     "torch._C._nn": torch._C._nn, "torch._C._fft": torch._C._fft, "torch._C._linalg": torch._C._linalg,
     "torch._C._special": torch._C._special, "math": math, "operator": operator,
 }
-ALLOWED = ("torch, torch.nn.functional, torch.fft, torch.linalg, torch.special, operator, math, collections.OrderedDict "
-           "and builtins " + ", ".join(sorted(_BUILTINS)))
+ALLOWED = ("torch, torch.nn.functional, torch.fft, torch.linalg, torch.special, operator, math, collections.OrderedDict, "
+           "torchvision's torch.fx leaf functions and builtins " + ", ".join(sorted(_BUILTINS)))
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PART = re.compile(r"[A-Za-z0-9_]+")
 FIX = "fix: write the directory again with save(), or read model.py and load with trust_code=True (--trust-code) if you trust it"
@@ -95,6 +96,11 @@ def function(name: Any) -> Any:
         if attr not in _BUILTINS:
             raise refused
         return getattr(builtins, attr)
+    if space.startswith("torchvision."):
+        value = _torchvision_leaf(space, attr)
+        if value is None:
+            raise refused
+        return value
     module = _NAMESPACES.get(space)
     if module is None or not identifier(attr) or (attr.startswith("_") and name != "torch._assert"):
         raise refused
@@ -106,6 +112,16 @@ def function(name: Any) -> Any:
     if value is None or not callable(value) or isinstance(value, type) or getattr(value, "__module__", None) in _FOREIGN:
         raise refused
     return value
+
+
+def _torchvision_leaf(space: str, attr: str) -> Any:
+    """A function torchvision declares a torch.fx leaf (`torch.fx.wrap`: stochastic_depth, Swin's attention), which a
+    graph calls as one node; looked up among the modules `import torchvision` loaded, importing nothing."""
+    import torchvision  # noqa: F401  (its models and ops, where it registers them)
+    module = sys.modules.get(space)
+    if module is None or not identifier(attr) or (id(vars(module)), attr) not in _wrapped_fns_to_patch:
+        return None
+    return vars(module).get(attr)
 
 
 def attribute(args: tuple, kwargs: dict) -> None:

@@ -19,7 +19,7 @@ import torch
 from ..errors import SaveError
 
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
-_HELPERS = {"_put", "_same", "mismatch", "stay_eval"}
+_HELPERS = {"_put", "_same", "mismatch", "stay_eval", "container"}
 _METHODS = {"__init__", "load", "forward", "_graph", "train", "_forward_train", "_forward_eval"}  # train: STAY_EVAL
 PLAIN = (bool, int, float, str, type(None))
 _FORBIDDEN = {"exec", "eval", "compile", "__import__", "breakpoint", "globals", "locals", "vars", "system", "popen"}
@@ -64,6 +64,8 @@ def check_structure(source: str) -> None:
         if isinstance(stmt, ast.Assign) and all(isinstance(t, ast.Name) for t in stmt.targets):
             continue
         if isinstance(stmt, ast.FunctionDef) and stmt.name in _HELPERS:
+            continue
+        if isinstance(stmt, ast.ClassDef) and stmt.name in ("InlineSequential", "PositionalModuleList"):  # as capture/_containers.py has them
             continue
         if isinstance(stmt, ast.ClassDef) and stmt.name == "Model" and all(
                 (isinstance(s, ast.FunctionDef) and s.name in _METHODS)

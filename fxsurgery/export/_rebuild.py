@@ -7,7 +7,6 @@ that declares huge layers fails before it allocates anything.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import threading
@@ -19,11 +18,12 @@ import torch
 from torch import fx, nn
 from torch.utils._device import DeviceContext
 
-from ..capture import CallSpec, ModeGraphModule, assign, deep_copy, install_adapter, pickled
+from ..capture import INLINE_KINDS, Containers, ModeGraphModule, assign, deep_copy, install_adapter, pickled
 from ..errors import SaveError
 from ..rewrite import stay_eval, stays_eval
+from ._callread import call_form
 from ._graphdata import GRAPH, VERSION
-from ._graphload import FIX, OPS, Bad, attribute, build_module, checked_call, decode, entry_error, function, method, output_type_home, path, tree_structure
+from ._graphload import FIX, OPS, Bad, attribute, build_module, checked_call, decode, entry_error, function, method, output_type_home, path
 from ._graphload import BuildBudget as budget  # what building graph.json's entries may cost
 from ._graphload import identifier as plain  # a name the generated code can hold
 from ._shards import read as read_weights
@@ -266,7 +266,7 @@ def rebuild(directory: Path, allow: tuple[str, ...], device: str | torch.device,
         imported: set[str] = set()
         while True:
             try:
-                spec = _call_form(doc["call"])
+                spec = call_form(doc["call"])
                 break
             except Bad as exc:
                 raise entry_error(directory, "call", exc) from None
@@ -286,43 +286,30 @@ def rebuild(directory: Path, allow: tuple[str, ...], device: str | torch.device,
             raise entry_error(directory, "stay_eval", Bad(f"names no module ({where!r})")) from None
         if not stays_eval(module):
             module.register_forward_pre_hook(stay_eval)
+    if "containers" in doc:  # the original's nn.Sequential, nn.ModuleList, nn.ModuleDict: result.features[0] as there
+        hook = Containers(_containers(directory, doc["containers"], gm))
+        hook(gm)
+        gm._deepcopy_hooks.append(hook)
     if "call" in doc:
         install_adapter(gm, spec, "")
     return gm
 
 
-_KINDS = {k.name: k for k in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                               inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.VAR_KEYWORD)}
-
-
-def _call_form(data: Any) -> CallSpec:
-    """The call form graph.json's `call` describes: the forward's signature, the trees of its call and output."""
-    if not isinstance(data, dict) or set(data) != {"parameters", "call", "fixed", "order", "output"}:
-        raise Bad("is not {parameters, call, fixed, order, output}")
-    params = []
-    for p in data["parameters"] if isinstance(data["parameters"], list) else [None]:
-        if not (isinstance(p, dict) and set(p) - {"default"} == {"name", "kind"} and isinstance(p["name"], str) and isinstance(p["kind"], str)
-                and plain(p["name"]) and p["kind"] in _KINDS):
-            raise Bad("parameters are not a list of {name, kind, default}")
-        default = decode(p["default"], {}) if "default" in p else inspect.Parameter.empty
-        params.append(inspect.Parameter(p["name"], _KINDS[p["kind"]], default=default))
-    try:  # torch's own format: type names resolve only among the types registered with pytree, enums refused first
-        signature, in_spec, out_spec = inspect.Signature(params), tree_structure(data["call"]), tree_structure(data["output"])
-    except (NotImplementedError, Bad):
-        raise
-    except Exception as exc:
-        raise Bad(f"does not hold a signature and tree structures torch reads ({type(exc).__name__}: {exc})") from None
-    fixed, order, n = data["fixed"], data["order"], in_spec.num_leaves
-    if not (isinstance(fixed, list) and all(isinstance(f, list) and len(f) == 2 and type(f[0]) is int and 0 <= f[0] < n for f in fixed)
-            and isinstance(order, list) and all(type(i) is int and 0 <= i < n for i in order)):
-        raise Bad("fixed or order are not positions in the call")
-    constants = [None] * n
-    for i, value in fixed:
-        constants[i] = decode(value, {})
-    tensors = sorted(set(range(n)) - {i for i, _ in fixed})
-    if sorted(order) != tensors:
-        raise Bad("order does not take each tensor of the call once")
-    return CallSpec(in_spec, constants, tensors, order, None, [], out_spec=out_spec, signature=signature)
+def _containers(directory: Path, data: Any, gm: fx.GraphModule) -> dict[str, list]:
+    """graph.json's `containers`: path -> [kind, module names], each path a parent of the graph's modules."""
+    if not isinstance(data, dict):
+        raise entry_error(directory, "containers", Bad("is not a dict of paths"))
+    for where, value in data.items():
+        if not (isinstance(value, list) and len(value) == 2 and value[0] in INLINE_KINDS and isinstance(value[1], list)
+                and all(isinstance(n, str) for n in value[1])):
+            raise entry_error(directory, f"containers {where!r}", Bad(f"is not [one of {', '.join(INLINE_KINDS)}, module names]"))
+        try:
+            bare = gm.get_submodule(where) if where else gm
+        except AttributeError:
+            bare = None
+        if type(bare) is not nn.Module:
+            raise entry_error(directory, f"containers {where!r}", Bad("names no parent of the graph's modules"))
+    return data
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:

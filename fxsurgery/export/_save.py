@@ -18,7 +18,7 @@ from torch import fx, nn
 
 from .._progress import bar
 from .._util import shown
-from ..capture import ModeGraphModule, adapter_call, current, dual_source, keep_mode_reads, trace, trace_modes
+from ..capture import ModeGraphModule, adapter_call, containers_of, current, dual_source, keep_mode_reads, renamed_containers, trace, trace_both, trace_modes
 from ..errors import SaveError, TraceError
 from ..rewrite import stays_eval
 from ..transfer import user_hooks
@@ -90,15 +90,18 @@ def leaf_paths(module: nn.Module) -> list[str]:
     return [p for p, m in module.named_modules() if p and type(m) is not nn.Module and p not in foreign and p not in above]
 
 
-def _as_graph_module(module: nn.Module, opaque: dict | None = None) -> fx.GraphModule:
-    """The module as one graph; `opaque` (path -> why, from the capture) names what stayed Python if it is none."""
+def _as_graph_module(module: nn.Module, opaque: dict | None = None, both: bool = True) -> fx.GraphModule:
+    """The module as one graph; `opaque` (path -> why, from the capture) names what stayed Python if it is none.
+    `both`: traced in each mode (a kept class may branch on self.training); model.py's own code does not."""
     if isinstance(module, fx.GraphModule):
         return module
     try:
         with keep_mode_reads():  # code fxsurgery wrote reads self.training: the graph does too
             if getattr(type(module), "_fxsurgery_modes", None):  # a loaded model.py with a forward per mode
                 return trace_modes(module, lambda view: trace(view, leaf_paths=leaf_paths(view)).gm)
-            return trace(module, leaf_paths=leaf_paths(module)).gm
+            if not both:
+                return trace(module, leaf_paths=leaf_paths(module)).gm
+            return trace_both(module, lambda view: trace(view, leaf_paths=leaf_paths(view)).gm)
     except TraceError as err:
         kind = shown(type(module).__name__)
         cached = [(path, why) for path, why in (opaque or {}).items() if "Cache" in str(why)]
@@ -108,10 +111,14 @@ def _as_graph_module(module: nn.Module, opaque: dict | None = None) -> fx.GraphM
                             "fix: build the model with config.use_cache=False (a graph takes no cache object) and apply again") from None
         graphs = [p for p, m in module.named_modules() if isinstance(m, fx.GraphModule)]
         inside = f" (its graphs: {', '.join(graphs[:3])})" if graphs else ""
+        why = err.reason or err.problem
+        if "fix: rename that submodule" in str(err):  # a name no generated code can hold: renaming is the fix
+            raise SaveError(f"cannot write model.py for {kind}: {why.partition('; fix:')[0]}; fix: rename that submodule "
+                            "to a plain Python name and apply again") from None
         raise SaveError(f"cannot write model.py for {kind}: part of its forward stays Python{inside}: "
-                        f"{err.reason or err.problem}; fix: save its weights with "
+                        f"{why}; fix: save its weights with "
                         "safetensors.torch.save_model(module, path) and rebuild the architecture in code, "
-                        "or make the model traceable (leaf_paths=)") from None
+                        "or make the model traceable (leaf_paths=, --leaf on the command line)") from None
 
 
 def check_save(module: nn.Module, pretrained: bool, record: dict | None = None) -> None:
@@ -145,7 +152,7 @@ def _source(gm: fx.GraphModule, work: Path, **facts) -> tuple[str, dict[str, str
     (work / "model.py").write_text(first, encoding="utf-8")
     with torch.device("meta"):
         rebuilt = import_source(work / "model.py").Model()
-    again = _as_graph_module(rebuilt)
+    again = _as_graph_module(rebuilt, both=False)  # the source just written: its forward decides nothing by mode
     renamed = _renamed(facts, renames)
     # a graph per train/eval mode: model.py holds both and picks by self.training, graph.json too
     second, _ = make(again, **renamed, entries=entries)
@@ -156,6 +163,7 @@ def _renamed(facts: dict, renames: dict[str, str]) -> dict:
     """The facts about a module's paths, with the paths renamed as model.py renames them."""
     return {**facts, "frozen": [rename_path(n, renames) for n in facts["frozen"]],
             "stay_eval": [rename_path(p, renames) for p in facts.get("stay_eval", ())],
+            "containers": renamed_containers(facts.get("containers") or {}, renames),
             "ties": {rename_path(a, renames): rename_path(o, renames) for a, o in facts["ties"].items()},
             "non_persistent": [rename_path(n, renames) for n in facts["non_persistent"]],
             "modes": {rename_path(p, renames): t for p, t in facts["modes"].items()}}
@@ -194,7 +202,8 @@ def save(module: nn.Module, directory: str | os.PathLike, *, force: bool = False
         modes = {p: m.training for p, m in module.named_modules() if p in held}
         source, renames, description = _source(gm, work, class_name=class_name, frozen=frozen, ties=ties,
                                                non_persistent=non_persistent, modes=modes,
-                                               stay_eval=[p for p, m in module.named_modules() if stays_eval(m) and p in held])
+                                               stay_eval=[p for p, m in module.named_modules() if stays_eval(m) and p in held],
+                                               containers=containers_of(gm, module))
         (work / "model.py").write_text(source, encoding="utf-8")
         (work / GRAPH).write_text(json.dumps(description, indent=1) + "\n", encoding="utf-8")
         # One metadata key only: safetensors writes metadata in hash order, and
