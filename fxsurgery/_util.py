@@ -48,3 +48,10 @@ def read_json(path) -> Any:
 def shown(text: str) -> str:
     """A name or a file's text for a one-line message or a terminal: as it is when printable, else escaped."""
     return text if text.isprintable() else ascii(text)
+
+
+def printable(text: str) -> str:
+    """Lines for a terminal: each as it is, but for its control characters, escaped (a rule file's name with an
+    escape sequence in it, shown in the report, would otherwise drive the terminal)."""
+    return "\n".join(line if line.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in line)
+                     for line in text.split("\n"))

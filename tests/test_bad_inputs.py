@@ -473,8 +473,8 @@ CASES = [
                 "already exists; fix: choose another output directory or pass --force", error=SaveError, setup="dir"),
     model_error("output is an existing file", _apply("ok_resnet"), "{OUT}: ",
                 "already exists; fix: choose another output directory or pass --force", error=SaveError, setup="file"),
-    model_error("output under a file", _apply("ok_resnet"), "{OUT}: ", contains=["cannot write there"], error=SaveError,
-                setup="under-file"),
+    model_error("output under a file", _apply("ok_resnet"), "{OUT}: ", "{UNDER} is a file, not a directory; "
+                "fix: choose another output path", error=SaveError, setup="under-file"),
     model_error("--force on a directory fxsurgery did not write", _apply("ok_resnet", extra=["--force"]), "{OUT}: ",
                 "exists and is not an fxsurgery output, refusing to replace it; fix: choose another output directory",
                 error=SaveError, setup="dir"),
@@ -496,7 +496,7 @@ CASES = [
     Case("map-weights: output exists", ("map-weights", "{W}/small.safetensors", "{W}/saved", "-o", "{OUT}"), SaveError, "{OUT}: ",
          "{OUT}: already exists; fix: choose another output file or pass --force (force=True)", setup="file"),
     Case("map-weights: output under a file", ("map-weights", "{W}/small.safetensors", "{W}/saved", "-o", "{OUT}"), SaveError, "{OUT}: ",
-         contains=("cannot write",), setup="under-file"),
+         "{OUT}: {UNDER} is a file, not a directory; fix: choose another output path", setup="under-file"),
 ]
 
 
@@ -570,7 +570,7 @@ def run_cli(argv):
 def environment(tmp: Path, scratch: Path, case: Case) -> dict:
     name = "out.safetensors" if case.argv[0] == "map-weights" else "out"  # map-weights writes one safetensors file
     out = tmp / ("afile/" + name if case.setup == "under-file" else name)
-    return {"R": RULES, "M": MODELS, "B": BAD, "W": scratch, "OUT": out,
+    return {"R": RULES, "M": MODELS, "B": BAD, "W": scratch, "OUT": out, "UNDER": tmp / "afile",
             "bn64": repr(nn.BatchNorm2d(64)), "bn128": repr(nn.BatchNorm2d(128))}
 
 

@@ -24,18 +24,42 @@ def test_demo_writes_a_reloadable_model(tmp_path):
     out = tmp_path / "demo"
     code, stdout, stderr = cli("demo", "-o", out)
     assert code == 0 and stderr == ""
-    assert sorted(os.listdir(out)) == ["diff.html", "graph.json", "model.py", "model.safetensors", "surgery.json"]
+    assert sorted(os.listdir(out)) == ["demo.txt", "diff.html", "graph.json", "model.py", "model.safetensors", "surgery.json"]
     assert 'data-node="avgpool_dropout"' in (out / "diff.html").read_text()
     record = json.loads((out / "surgery.json").read_text())
     assert record["report"]["counts"] == {"transferred": 120, "adapted": 0, "new": 2, "dropped": 2, "frozen": 45}
     assert [m["matches"] for m in record["matches"]] == [1, 30, 1, 1]
     assert "before: 11,689,512 parameters, 11,689,512 trainable; after: 11,181,642 parameters, 8,398,858 trainable" in stdout
     assert "outputs bit-identical" in stdout
-    assert f"wrote {out}/ (diff.html, graph.json, model.py, model.safetensors, surgery.json) in " in stdout  # graph.json was left out
+    assert f"wrote {out}/ (demo.txt, diff.html, graph.json, model.py, model.safetensors, surgery.json) in " in stdout
     model = fxs.load(out)
     assert model.fc.out_features == 10
     # a second demo run replaces its own earlier output
     assert cli("demo", "-o", out)[0] == 0
+
+
+def test_demo_replaces_no_output_but_an_earlier_demos(tmp_path):
+    """`demo -o DIR` replaced any fxsurgery output there (someone's surgery on their checkpoint), silently."""
+    mine = tmp_path / "mine"
+    rules = tmp_path / "r.yaml"
+    rules.write_text("fxsurgery: 1\nrules:\n  - replace: fc\n    with: {module: torch.nn.Linear, out_features: 3}\n")
+    assert cli("apply", RESNET, rules, "--input", "1x3x64x64", "-o", mine, "--quiet")[0] == 0
+    before = {name: (mine / name).read_bytes() for name in os.listdir(mine)}
+    code, stdout, stderr = cli("demo", "-o", mine)
+    assert (code, stdout) == (2, "")
+    assert stderr == (f"fxsurgery: error: {mine} exists and is not an earlier demo's output; fix: pass --force to replace it, "
+                      "or -o another directory\n")
+    assert {name: (mine / name).read_bytes() for name in os.listdir(mine)} == before
+    assert cli("demo", "-o", mine, "--force")[0] == 0
+    assert fxs.load(mine).fc.out_features == 10
+
+
+def test_an_empty_directory_takes_an_output_without_force(tmp_path):
+    """`mkdir out` then `apply -o out` was refused, and with --force "not an fxsurgery output": nothing there to lose."""
+    (tmp_path / "empty").mkdir()
+    code, stdout, _ = cli("apply", RESNET, "fold-bn", "--eval", "--input", "1x3x64x64", "-o", tmp_path / "empty", "--quiet")
+    assert code == 0 and stdout.splitlines()[-1] == f"wrote {tmp_path / 'empty'}/ (graph.json, model.py, model.safetensors, surgery.json)"
+    assert sorted(os.listdir(tmp_path)) == ["empty"] and fxs.load(tmp_path / "empty").fc.out_features == 1000
 
 
 def test_apply_writes_and_reports(tmp_path):
@@ -79,7 +103,7 @@ def test_inspect_of_a_saved_result_shows_the_modules_that_hold_the_called_ones_a
     code, stdout, _ = cli("inspect", tmp_path / "out", "--input", "1x3x64x64", "--json")
     runs = {r["path"]: (r["type"], r["runs"]) for r in json.loads(stdout)["modules"]}
     assert {p: runs[p] for p in ("layer1", "layer4", "layer4.0", "layer4.0.conv1", "fc")} == {
-        "layer1": ("Module", "container"), "layer4": ("Module", "container"), "layer4.0": ("Module", "container"),
+        "layer1": ("InlineSequential", "container"), "layer4": ("InlineSequential", "container"), "layer4.0": ("Module", "container"),
         "layer4.0.conv1": ("Conv2d", "graph"), "fc": ("Linear", "graph")}
     assert "layer4.1" not in runs and not [p for p, (_, how) in runs.items() if how == "unused"]
 
@@ -232,6 +256,23 @@ def test_pickled_model_needs_trust(tmp_path):
     assert code == 0 and stdout.startswith("Linear: 6 parameters")
 
 
+def test_a_weights_file_or_any_other_file_as_model_is_told_so_not_sent_to_trust_pickle(tmp_path):
+    """A safetensors file, a state dict or a text file given as MODEL got "a pickled model runs code...; fix: pass
+    --trust-pickle": a fix that loads nothing, and unsafe advice besides."""
+    from safetensors.torch import save_file
+    layer = torch.nn.Linear(2, 2)
+    save_file(layer.state_dict(), str(tmp_path / "w.safetensors"))
+    torch.save(layer.state_dict(), tmp_path / "sd.pt")
+    (tmp_path / "notes.txt").write_text("hello")
+    name = "(package.module:factory, path/file.py:Name or a saved directory)"
+    for file, says in [("w.safetensors", f"holds safetensors weights, not a model; fix: name the model {name} and pass {tmp_path / 'w.safetensors'} as --weights"),
+                       ("sd.pt", f"holds weights (a state dict), not a model; fix: name the model {name} and pass {tmp_path / 'sd.pt'} as --weights"),
+                       ("notes.txt", f"is no model file (neither a pickle nor torch.save's zip); fix: name the model {name}")]:
+        for trust in ([], ["--trust-pickle"]):
+            code, stdout, stderr = cli("inspect", tmp_path / file, *trust)
+            assert (code, stdout, stderr) == (2, "", f"fxsurgery: error: {bounded(f'{tmp_path / file}: {says}')}\n"), (file, trust)
+
+
 def test_a_saved_directory_is_a_model_reference(tmp_path):
     out = tmp_path / "o"
     assert cli("apply", RESNET, os.path.join(RULES, "classifier-head.yaml"), "--input", "1x3x64x64", "-o", out)[0] == 0
@@ -333,3 +374,24 @@ def test_quiet_prints_the_warnings_and_what_was_written_only(tmp_path):
     assert (code, stdout) == (0, f"wrote {tmp_path / 'o2'}/ (graph.json, model.py, model.safetensors, surgery.json)\n")
     code, stdout, _ = cli("apply", RESNET, "classifier-head", "--input", "2x3x32x32", "-o", tmp_path / "o3")
     assert stdout.startswith("plan:\n") and "\ntransfer:\n" in stdout  # without it, the tables
+
+
+def test_the_report_escapes_control_characters_of_a_rule_files_name(tmp_path):
+    """Errors escaped them; the report lines on stdout passed a file name's escape sequence to the terminal."""
+    rules = tmp_path / "ok\x1b[31m.yaml"
+    rules.write_text("fxsurgery: 1\nrules:\n  - replace: fc\n    with: {module: torch.nn.Linear, out_features: 3}\n")
+    code, stdout, _ = cli("apply", RESNET, rules, "--input", "1x3x64x64", "--dry-run", "--explain")
+    assert code == 0 and "\x1b" not in stdout
+    assert f"  new         fc.weight [3, 512] float32: made by rule 1 'replace fc with Linear(out_features=3)' ({tmp_path}/ok\\x1b[31m.yaml:3)" in stdout.splitlines()
+
+
+def test_weights_that_are_a_pickled_model_are_told_so_in_one_line(tmp_path):
+    """torch's weights-only refusal is a page of advice with terminal escapes; its first line promised two options
+    and listed none."""
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "whole.pt")
+    code, stdout, stderr = cli("apply", RESNET, "fold-bn", "--input", "1x3x64x64", "--weights", tmp_path / "whole.pt", "--dry-run")
+    assert (code, stdout) == (2, "")
+    assert stderr == "fxsurgery: error: " + bounded(
+        f"{tmp_path / 'whole.pt'}: holds pickled objects other than tensors (torch.nn.modules.linear.Linear), "
+        "a whole model perhaps, which loading weights never runs; fix: save the model's weights "
+        "(safetensors.torch.save_model(model, path), or torch.save(model.state_dict(), path)) and pass that") + "\n"

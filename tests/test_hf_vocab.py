@@ -201,3 +201,16 @@ def test_a_head_tied_to_a_frozen_embedding_is_said_to_be_frozen():
     untied = fxs.apply(llama(), fxs.load_rules("freeze-backbone", params={"head": "lm_head"}), example_inputs=(ids(1, 8),))
     assert not any("tied" in w for w in untied.plan.warnings)
     assert [n for n, p in untied.module.named_parameters() if p.requires_grad] == ["lm_head.weight"]
+
+
+def test_an_eos_list_that_loses_one_row_keeps_the_others_and_says_so():
+    """generation_config.eos_token_id [98, 99] without row 98 is [48], 99's new id; the warning said "None"."""
+    model = gpt2()
+    model.generation_config.eos_token_id = [98, 99]
+    rows = [*range(50, 98), 99]  # 98 is gone, 99 becomes token 48
+    result = trim(model, "transformer.wte", rows=rows)
+    label = result.plan.matches[0].label
+    assert result.module.generation_config.eos_token_id == [48]
+    assert f"generation_config.eos_token_id: [98, 99] -> [48] (its row is not kept) ({label})" in result.report.notes
+    assert (f"{label}: generation_config.eos_token_id [98, 99] holds a row the trim does not keep, so it is [48] now; "
+            "fix: keep that row") in result.plan.warnings

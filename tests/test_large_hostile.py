@@ -413,7 +413,9 @@ def test_a_streamed_cli_run_refuses_an_output_path_it_must_not_replace(tmp_path,
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine")
     out = tmp_path / "out"
-    {"directory": lambda: out.mkdir(), "file": lambda: out.write_text("mine"), "link": lambda: os.symlink(tmp_path / "mine", out)}[kind]()
+    # a directory of the user's (not empty: an empty one takes an output)
+    {"directory": lambda: (out.mkdir(), (out / "notes.txt").write_text("mine")), "file": lambda: out.write_text("mine"),
+     "link": lambda: os.symlink(tmp_path / "mine", out)}[kind]()
     before = sorted(os.listdir(tmp_path))
     code, printed, err = cli("apply", f"{tmp_path / 'm.py'}:build", tmp_path / "r.yaml", "--input", "1x8", "--weights",
                              tmp_path / "w.safetensors", "--stream", "-o", out, "--force", "--max-shard-size", "100")

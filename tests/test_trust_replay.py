@@ -9,6 +9,8 @@ checkpoint directly.
 from __future__ import annotations
 
 import copy
+import os
+import re
 from collections import OrderedDict
 from pathlib import Path
 
@@ -236,13 +238,15 @@ def test_mapped_weights_reach_the_disk_before_they_take_their_name(tmp_path, mon
     real = os.fsync
 
     def record(fd):
-        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
         return real(fd)
 
     monkeypatch.setattr(os, "fsync", record)
     _replayed(lambda: Head(3), [Replace("fc", fxs.new(nn.Linear, out_features=3), weights={"select": [2, 0, 1]})],
               (torch.randn(2, 4),), tmp_path)
-    assert synced[-2:] == [".mapped.safetensors.tmp", tmp_path.name]
+    # written in a marked temp directory beside it (a kill leaves it for the next run to remove), then renamed
+    assert re.fullmatch(rf"{re.escape(str(tmp_path))}/\.mapped\.safetensors\.fxsurgery-tmp-[0-9a-f]{{16}}/mapped\.safetensors", synced[-2])
+    assert synced[-1] == str(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.safetensors", "mapped.safetensors", "o"]
 
 
@@ -252,11 +256,12 @@ def test_map_weights_replaces_its_output_with_force_and_only_a_file(tmp_path):
                           (torch.randn(2, 4),), tmp_path)
     mapped = {k: v.tolist() for k, v in mapped.items()}  # before the file under it is replaced
     out = tmp_path / "mapped.safetensors"
-    out.write_bytes(b"stale")
+    save_file({"stale": torch.zeros(1)}, str(out))
+    stale = out.read_bytes()
     args = ["map-weights", str(tmp_path / "ckpt.safetensors"), str(tmp_path / "o"), "-o", str(out)]
     code, _, stderr, _ = run_cli(args)
     assert (code, stderr) == (2, f"fxsurgery: error: {out}: already exists; fix: choose another output file or pass --force "
-                                 "(force=True)\n") and out.read_bytes() == b"stale"
+                                 "(force=True)\n") and out.read_bytes() == stale
     assert run_cli([*args, "--force"])[:3] == (0, f"wrote {out}: {len(mapped)} tensors in the layout of {tmp_path / 'o'}\n", "")
     assert {k: v.tolist() for k, v in load_file(str(out)).items()} == mapped
     out.unlink()
@@ -429,3 +434,82 @@ def test_map_weights_takes_the_record_file_as_the_library_does(tmp_path):
     assert (code, stderr) == (0, ""), raised
     again = load_file(str(tmp_path / "again.safetensors"))
     assert again.keys() == mapped.keys() and all(torch.equal(again[k], mapped[k]) for k in mapped)
+
+
+def _head_surgery(tmp_path):
+    torch.manual_seed(0)
+    model = Head().eval()
+    fxs.apply(model, [Replace("fc", nn.Linear(6, 3))], example_inputs=(torch.randn(2, 4),)).save(tmp_path / "o")
+    save_file(dict(model.state_dict()), str(tmp_path / "ckpt.safetensors"))
+    return model
+
+
+def test_a_checkpoint_with_tensors_the_original_lacks_is_refused_as_weights_refuses_it(tmp_path):
+    model = _head_surgery(tmp_path)
+    save_file({**model.state_dict(), "extra.weight": torch.ones(2)}, str(tmp_path / "extra.safetensors"))
+    code, stdout, stderr, _ = run_cli(["map-weights", str(tmp_path / "extra.safetensors"), str(tmp_path / "o"),
+                                       "-o", str(tmp_path / "m.safetensors")])
+    assert (code, stdout) == (2, "")
+    assert stderr == (f"fxsurgery: error: {tmp_path / 'extra.safetensors'}: does not fit the original model: unexpected 1 "
+                      "(extra.weight); fix: pass weights saved from the architecture the surgery was made on\n")
+    assert not (tmp_path / "m.safetensors").exists()
+    # the tensors of a module the original had pass, listed or not (a folded BatchNorm's num_batches_tracked)
+    assert run_cli(["map-weights", str(tmp_path / "ckpt.safetensors"), str(tmp_path / "o"), "-o", str(tmp_path / "m.safetensors")])[0] == 0
+
+
+def test_force_replaces_weights_not_another_file(tmp_path):
+    _head_surgery(tmp_path)
+    notes = tmp_path / "notes.safetensors"
+    notes.write_text("my notes")
+    code, _, stderr, _ = run_cli(["map-weights", str(tmp_path / "ckpt.safetensors"), str(tmp_path / "o"), "-o", str(notes), "--force"])
+    assert (code, stderr) == (2, f"fxsurgery: error: {notes}: is not a safetensors file, which --force replaces; "
+                                 "fix: choose another output file\n")
+    assert notes.read_text() == "my notes"
+    code, _, stderr, _ = run_cli(["map-weights", str(tmp_path / "ckpt.safetensors"), str(tmp_path / "o"),
+                                  "-o", str(tmp_path / "nodir" / "m.safetensors")])
+    assert (code, stderr) == (2, f"fxsurgery: error: {tmp_path / 'nodir' / 'm.safetensors'}: its directory {tmp_path / 'nodir'} "
+                                 "does not exist; fix: create it, or choose another output file\n")
+
+
+def test_a_killed_map_weights_leaves_nothing_the_next_run_keeps(tmp_path):
+    """A kill mid-write left safetensors' own temp file (.tmpXXXXXX, the output's size) beside the output for good;
+    it is now written inside a marked temp directory, which the next run removes."""
+    import socket
+    _head_surgery(tmp_path)
+    out = tmp_path / "m.safetensors"
+    dead = tmp_path / ".m.safetensors.fxsurgery-tmp-0123456789abcdef"  # what a kill leaves: marked by a dead process
+    dead.mkdir()
+    (dead / ".fxsurgery-partial").write_text(f"999999999 {socket.gethostname()}\n")
+    (dead / ".tmpAbC123").write_bytes(b"\0" * 1000)
+    foreign = tmp_path / ".m.safetensors.fxsurgery-tmp-fedcba9876543210"  # unmarked and not empty: not ours to remove
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    assert run_cli(["map-weights", str(tmp_path / "ckpt.safetensors"), str(tmp_path / "o"), "-o", str(out)])[0] == 0
+    assert sorted(os.listdir(tmp_path)) == sorted(["ckpt.safetensors", "m.safetensors", "o", foreign.name])
+    assert (foreign / "keep.txt").read_text() == "mine"
+    assert sorted(load_file(str(out))) == ["body.bias", "body.weight", "fc.bias", "fc.weight"]
+
+
+def test_mapping_through_a_prune_by_importance_says_the_channels_were_chosen_on_other_weights(tmp_path):
+    """The channels an importance-ranked Prune keeps were ranked on the surgery's weights; a fine-tuned checkpoint
+    mapped through it keeps those, silently (2.5 apart from pruning that checkpoint itself, on resnet18)."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    fxs.apply(model, fxs.load_rules("prune-half"), example_inputs=(torch.randn(1, 3, 64, 64),)).save(tmp_path / "o")
+    save_file(dict(_randomised(model, 1).state_dict()), str(tmp_path / "ckpt.safetensors"))
+    code, stdout, stderr, _ = run_cli(["map-weights", str(tmp_path / "ckpt.safetensors"), str(tmp_path / "o"),
+                                       "-o", str(tmp_path / "m.safetensors")])
+    assert (code, stderr) == (0, "")
+    assert stdout.splitlines() == [
+        f"warning: prune re:layer\\d\\.\\d+\\.conv1 amount=0.5 (l1) chose its channels by importance on the weights the surgery "
+        f"was made on; {tmp_path / 'ckpt.safetensors'} keeps those channels, which its own weights might not rank first; fix: "
+        "apply the rules again with --weights CHECKPOINT to choose by this checkpoint, or prune by channels=",
+        f"wrote {tmp_path / 'm.safetensors'}: 122 tensors in the layout of {tmp_path / 'o'}"]
+
+
+def test_a_file_of_the_output_names_its_directory_in_the_fix(tmp_path):
+    _head_surgery(tmp_path)
+    code, _, stderr, _ = run_cli(["map-weights", str(tmp_path / "ckpt.safetensors"), str(tmp_path / "o" / "model.py"),
+                                  "-o", str(tmp_path / "m.safetensors")])
+    assert (code, stderr) == (2, f"fxsurgery: error: {tmp_path / 'o' / 'model.py'}: a file, not a directory written by save(); "
+                                 f"fix: pass its directory ({tmp_path / 'o'}) or its surgery.json\n")

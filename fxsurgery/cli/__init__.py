@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 from .._progress import library_bars, quiet, working
-from .._util import first_line, format_table, read_json, shown
+from .._util import first_line, format_table, printable, read_json, shown
 from ..errors import FxsError, ModelError, bounded
 from ..spec import load_rule_files, load_rules, parse_overrides, rule_path
 
@@ -128,6 +128,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the embedded default end to end (ResNet-18, random weights)")
     p.add_argument("-o", "--output", type=_path, default="fxsurgery-demo", metavar="DIR", help="where to write (default: fxsurgery-demo)")
+    p.add_argument("--force", action="store_true", help="replace DIR when it is not an earlier demo's output")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -202,9 +203,9 @@ def cmd_apply(args) -> int:
         return 0
     summary = result.summary(brief=args.quiet)  # --quiet: the warnings, then what was written
     if summary:
-        print(summary)
+        print(printable(summary))
     if args.explain:
-        print("\nexplain:\n" + result.plan.explain())
+        print(printable("\nexplain:\n" + result.plan.explain()))
     if args.profile:
         print("\n" + _profile_table(profile))
     gap = "\n" if summary or args.explain or args.profile else ""
@@ -282,7 +283,11 @@ def cmd_diff(args) -> int:
 
 def cmd_map_weights(args) -> int:
     from ..export import write_mapped
-    mapped = write_mapped(args.checkpoint, args.surgery, args.output, force=args.force)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mapped = write_mapped(args.checkpoint, args.surgery, args.output, force=args.force)
+    for warning in caught:
+        print(printable(f"warning: {warning.message}"))
     print(f"wrote {shown(args.output)}: {len(mapped)} tensors in the layout of {shown(args.surgery)}")
     return 0
 
@@ -311,7 +316,7 @@ def cmd_rules(args) -> int:
 
 def cmd_demo(args) -> int:
     from ._demo import run
-    run(args.output)
+    run(args.output, force=args.force)
     return 0
 
 
@@ -364,7 +369,7 @@ def _refuse_no_op(result, evaluating: bool = False, explain: bool = False) -> No
     matches = result.plan.matches
     if matches and all(m.count == 0 and m.reason for m in matches):  # (a warning said why a match changes nothing)
         if explain:
-            print("explain:\n" + result.plan.explain())
+            print(printable("explain:\n" + result.plan.explain()))
         first = matches[0]
         from ..errors import MatchError
         if not evaluating and "training mode" in first.reason:  # the CLI's way to .eval() is the flag: said first

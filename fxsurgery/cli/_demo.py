@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 import torchvision
 
-from .._util import read_json
+from .._util import read_json, shown
+from ..errors import SaveError
 from ..export import load
 from ..pipeline import SurgeryResult, apply
 from ..views import diff as write_diff
@@ -35,7 +36,22 @@ def _trainable(module: torch.nn.Module) -> tuple[int, int]:
     return total, trainable
 
 
-def run(out: str | Path = "fxsurgery-demo", *, echo=print) -> SurgeryResult:
+_MARK = "demo.txt"
+
+
+def _earlier_demo(out: Path) -> bool:
+    """`out` is what an earlier demo wrote (its mark listed as one of the output's files), which a demo replaces."""
+    try:
+        return _MARK in read_json(out / "surgery.json").get("files", []) and (out / _MARK).is_file()
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def run(out: str | Path = "fxsurgery-demo", *, force: bool = False, echo=print) -> SurgeryResult:
+    empty = Path(out).is_dir() and not any(Path(out).iterdir())
+    if Path(out).exists() and not (force or empty or _earlier_demo(Path(out))):  # before the work: someone's output may be there
+        raise SaveError(f"{shown(str(out))} exists and is not an earlier demo's output; fix: pass --force to replace it, "
+                        "or -o another directory")
     start = time.perf_counter()
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None)
@@ -47,7 +63,9 @@ def run(out: str | Path = "fxsurgery-demo", *, echo=print) -> SurgeryResult:
     before, after = _trainable(model), _trainable(result.module)
     echo(f"\nbefore: {before[0]:,} parameters, {before[1]:,} trainable; "
          f"after: {after[0]:,} parameters, {after[1]:,} trainable")
-    result.save(out, force=True, extra={"diff.html": lambda path: write_diff(result, path)})
+    mark = "written by `fxsurgery demo`: the next demo run replaces this directory\n"
+    result.save(out, force=True, extra={"diff.html": lambda path: write_diff(result, path),
+                                        _MARK: lambda path: path.write_text(mark, encoding="utf-8")})
     reloaded = load(out)
     model.eval(), result.module.eval(), reloaded.eval()
     with torch.no_grad():

@@ -45,6 +45,10 @@ def load_model(ref: str, *, trust_pickle: bool = False, trust_code: bool = False
     if path.is_file() and path.suffix == ".py":
         raise ModelError(f"{ref}: a Python file needs the name of its model, class or factory; fix: write {ref}:Name")
     if path.is_file():
+        kind = _file_kind(path, probe=not trust_pickle)  # trusted, the load itself says what it holds
+        if kind != "pickle":  # --trust-pickle is no fix for a file that is no pickled model
+            raise ModelError(f"{ref}: {kind}; fix: name the model (package.module:factory, path/file.py:Name or a "
+                             "saved directory)" + (f" and pass {ref} as --weights" if kind.startswith("holds") else ""))
         if not trust_pickle:
             raise ModelError(f"{ref}: a pickled model runs code from the file when loaded; fix: pass --trust-pickle if you trust it, or name a factory "
                              f"(package.module:factory)")
@@ -53,9 +57,29 @@ def load_model(ref: str, *, trust_pickle: bool = False, trust_code: bool = False
         except Exception as exc:
             raise ModelError(f"{ref}: cannot load the pickled model: {type(exc).__name__}: {exc}; fix: check the file") from None
         if not isinstance(model, nn.Module):
-            raise ModelError(f"{ref}: holds a {type(model).__name__}, not a model; fix: pass it as --weights to a factory instead")
+            what = "weights (a state dict)" if isinstance(model, dict) else f"a {type(model).__name__}"
+            raise ModelError(f"{ref}: holds {what}, not a model; fix: name the model (package.module:factory, path/file.py:Name "
+                             f"or a saved directory) and pass {ref} as --weights")
         return model
     raise ModelError(f"{ref}: no such file or directory, and not of the form package.module:factory; fix: e.g. torchvision.models:resnet18")
+
+
+def _file_kind(path: Path, probe: bool) -> str:
+    """"pickle" for a file that may hold a pickled model; else what it is, read without running anything from it
+    (`probe`: a pickle is loaded weights-only, which tells a state dict)."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
+        return "holds safetensors weights, not a model"
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save's zip, or a pickle's protocol byte
+        return "is no model file (neither a pickle nor torch.save's zip)"
+    if not probe:
+        return "pickle"
+    try:  # weights_only runs no code from the file: tensors and containers of them are weights, not a model
+        torch.load(path, map_location="meta", weights_only=True)
+    except Exception:
+        return "pickle"
+    return "holds weights (a state dict), not a model"
 
 
 def _attribute(where: str, name: str, ref: str):

@@ -63,6 +63,14 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(b))
 
 
+def under_a_file(target: Path) -> str | None:
+    """What to say where one of `target`'s parents is a file (or a link to one), not a directory; else None."""
+    for parent in reversed(Path(target).parents):  # from the root down: the first that is no directory
+        if os.path.lexists(parent) and not parent.is_dir():
+            return f"{target}: {parent} is a file, not a directory; fix: choose another output path"
+    return None
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
@@ -243,11 +251,14 @@ def check_target(target: str | os.PathLike, force: bool, flag: str = "--force (f
                         "fix: pass the directory it points to, or remove the link")
     if not os.path.lexists(target):
         return
-    if not force:
-        raise SaveError(f"{target}: already exists; fix: choose another output directory or pass {flag}")
-    if target.is_dir() and os.path.samefile(target, os.getcwd()):  # it is renamed away whole: the system says "busy"
+    if target.is_dir() and os.path.samefile(target, os.getcwd()) and (force or not any(os.scandir(target))):
+        # it is renamed away whole: the system says "busy"
         raise SaveError(f"{target}: is the current directory, which an output replaces whole; fix: run from its parent, "
                         "or name another output directory")
+    if target.is_dir() and not any(os.scandir(target)):  # an empty directory (made for the output): nothing to lose
+        return
+    if not force:
+        raise SaveError(f"{target}: already exists; fix: choose another output directory or pass {flag}")
     if not target.is_dir() or listed_files(target) is None:
         raise SaveError(f"{target}: exists and is not an fxsurgery output, refusing to replace it; fix: choose another output directory")
     foreign = foreign_files(target)
@@ -279,7 +290,7 @@ def replacing(target: str | os.PathLike, force: bool = False, ranks=None):
         parent.mkdir(parents=True, exist_ok=True)
         os.mkdir(work, 0o777)  # the umask decides the modes, as for any directory the user makes
     except OSError as exc:
-        raise SaveError(f"{target}: cannot write there: {exc.strerror}; fix: choose a writable output directory") from None
+        raise SaveError(under_a_file(target) or f"{target}: cannot write there: {exc.strerror}; fix: choose a writable output directory") from None
     try:
         mark(work)
         with activated(ranks, target):
@@ -329,7 +340,7 @@ def rank_share(ranks: Ranks, target: Path):
         target.parent.mkdir(parents=True, exist_ok=True)
         os.mkdir(work, 0o777)
     except OSError as exc:
-        raise SaveError(f"{target}: cannot write there: {exc.strerror}; fix: choose a writable output directory") from None
+        raise SaveError(under_a_file(target) or f"{target}: cannot write there: {exc.strerror}; fix: choose a writable output directory") from None
     mark(work)
     try:
         with activated(ranks, target):

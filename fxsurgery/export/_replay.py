@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import secrets
+import warnings
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .._util import first_line
-from ..errors import SaveError
+from .._util import first_line, shown
+from ..errors import SaveError, SurgeryWarning
 from ..spec import replay
 from ..transfer import open_checkpoint, read_state_dict, strip_prefixes
-from ._atomic import fsync_dir, umask
+from ._atomic import fsync_dir, mark, recover, remove, umask, under_a_file
 from ._codegen import rename_path
 from ._record import read_record, verify_hash
 from ._shards import SINGLE, shard_files
@@ -44,7 +47,14 @@ def map_weights(state_dict: dict | str | os.PathLike, surgery: str | os.PathLike
     record = read_record(directory)
     verify_hash(directory, record)  # the tensors a rule made are copied from it, its record says where each comes from
     state = strip_prefixes(state_dict, where=where)
+    chosen = [r["text"] for r in record.get("rules", []) if isinstance(r, dict) and re.match(r"prune .* amount=", str(r.get("text")))]
+    if chosen:  # the rows map-weights keeps are the ones the surgery's checkpoint ranked first, not this one's
+        warnings.warn(f"{shown(chosen[0])} chose its channels by importance on the weights the surgery was made on; "
+                      f"{shown(where)} keeps those channels, which its own weights might not rank first; fix: apply the "
+                      "rules again with --weights CHECKPOINT to choose by this checkpoint, or prune by channels=",
+                      SurgeryWarning, stacklevel=2)
     try:
+        _refuse_unexpected(record, state, where)
         return _mapped(directory, record, state)
     except (KeyError, TypeError, AttributeError, ValueError) as exc:  # a record save() did not write
         raise SaveError(f"{directory / 'surgery.json'}: not a record map-weights can read ({type(exc).__name__}: "
@@ -54,7 +64,12 @@ def map_weights(state_dict: dict | str | os.PathLike, surgery: str | os.PathLike
 def _directory(surgery: str | os.PathLike) -> Path:
     """The saved directory, given as itself or as its surgery.json."""
     directory = Path(surgery)
-    return directory.parent if directory.name == "surgery.json" else directory
+    if directory.name == "surgery.json":
+        return directory.parent
+    if directory.is_file():  # model.py, model.safetensors: a file of the output, not the output
+        raise SaveError(f"{surgery}: a file, not a directory written by save(); fix: pass its directory "
+                        f"({directory.parent}) or its surgery.json")
+    return directory
 
 
 def _read(checkpoint: str | os.PathLike) -> dict:
@@ -89,6 +104,29 @@ def _mapped(directory: Path, record: dict, state: dict) -> dict[str, torch.Tenso
     for alias, owner in record.get("ties", {}).items():
         out[alias] = out[owner]
     return out
+
+
+def _safetensors(path: Path) -> bool:
+    try:
+        with safe_open(str(path), framework="pt"):
+            return True
+    except (SafetensorError, OSError, ValueError):
+        return False
+
+
+def _refuse_unexpected(record: dict, state: dict, where: str) -> None:
+    """A checkpoint tensor of a module the original did not have (another architecture's, a head the surgery never saw) is refused,
+    as `--weights` refuses it: mapped silently, the rest of such a checkpoint could be anything."""
+    report = record["report"]
+    known = {e.get("source") for e in report["entries"]} | {e["name"] for e in report["entries"] if e["status"] == "dropped"}
+    known |= {source for recipe in report.get("recipes", {}).values() for source in recipe.get("read", {})}
+    # a module's tensors the report does not name one by one (a folded BatchNorm's num_batches_tracked) are its own
+    owners = {name.rpartition(".")[0] for name in known if isinstance(name, str)}
+    # (a source may name a module: a user's pattern computed fc.weight "from fc")
+    unexpected = [shown(k) for k in state if k not in known and k.rpartition(".")[0] not in owners | known]
+    if unexpected:
+        raise SaveError(f"{shown(where)}: does not fit the original model: unexpected {len(unexpected)} ({', '.join(unexpected[:3])}); "
+                        "fix: pass weights saved from the architecture the surgery was made on")
 
 
 def _with_tied_names(state: dict, record: dict, renames: dict) -> dict:
@@ -145,7 +183,6 @@ class _Saved:
         self.directory = directory
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
         files = shard_files(self.directory) or [SINGLE]
         for file in files:
             path = str(self.directory / file)
@@ -165,25 +202,35 @@ def write_mapped(checkpoint: str, surgery: str, output: str, force: bool = False
     if Path(output).suffix != ".safetensors":  # before any work: a .pt name over safetensors bytes fails torch.load later
         raise SaveError(f"{output}: map-weights writes safetensors; fix: name the output *.safetensors, "
                         f"e.g. {Path(output).with_suffix('.safetensors').name}")
-    mapped = map_weights(checkpoint, surgery)
-    ties = read_record(_directory(surgery)).get("ties", {})
-    unique = {k: v.contiguous() for k, v in mapped.items() if k not in ties}
     target = Path(output)
     if os.path.lexists(target) and not (force and target.is_file() and not target.is_symlink()):
         fix = "choose another output file" + ("" if force else " or pass --force (force=True)")
         what = "already exists" if not force else "is not a regular file, which --force replaces"
         raise SaveError(f"{target}: {what}; fix: {fix}")
-    tmp = target.with_name(f".{target.name}.tmp")
+    if os.path.lexists(target) and not _safetensors(target):  # --force replaces weights, not a user's other file
+        raise SaveError(f"{target}: is not a safetensors file, which --force replaces; fix: choose another output file")
+    if under_a_file(target):
+        raise SaveError(under_a_file(target))
+    if not target.parent.is_dir():
+        raise SaveError(f"{target}: its directory {target.parent} does not exist; fix: create it, or choose another output file")
+    mapped = map_weights(checkpoint, surgery)
+    ties = read_record(_directory(surgery)).get("ties", {})
+    unique = {k: v.contiguous() for k, v in mapped.items() if k not in ties}
+    recover(target)  # a killed run's marked temp directory, and the half-written file in it
+    work = target.parent / f".{target.name}.fxsurgery-tmp-{secrets.token_hex(8)}"
     try:
-        save_file(unique, str(tmp), metadata={"format": "pt"})
-        os.chmod(tmp, 0o666 & ~umask())  # safetensors makes it private; save() gives its files the umask's modes too
-        with open(tmp, "rb") as handle:  # on disk before it takes the name: a crash leaves the old state or the new
+        os.mkdir(work)
+        mark(work)
+        save_file(unique, str(work / target.name), metadata={"format": "pt"})  # its own temp file lands in `work` too
+        os.chmod(work / target.name, 0o666 & ~umask())  # safetensors makes it private; save() gives its files the umask's modes too
+        with open(work / target.name, "rb") as handle:  # on disk before it takes the name: a crash leaves the old state or the new
             os.fsync(handle.fileno())
-        os.replace(tmp, target)
+        os.replace(work / target.name, target)
         fsync_dir(target.parent)
     except (OSError, SafetensorError) as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         reason = getattr(exc, "strerror", None) or first_line(exc)
         raise SaveError(f"{target}: cannot write: {reason}; fix: choose a writable path") from None
+    finally:
+        with contextlib.suppress(OSError):
+            remove(work)
     return mapped

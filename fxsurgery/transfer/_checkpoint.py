@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from typing import Iterator
 
 import torch
@@ -46,7 +47,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         first = first_line(exc, type(exc).__name__)
         raise ModelError(f"{path}: cannot read weights: {first}; fix: pass a complete .safetensors file (or a weights-only .pt)") from None
     except Exception as exc:  # torch's weights-only unpickler refuses anything that is not plain data
-        raise ModelError(f"{path}: refused: {type(exc).__name__}: {first_line(exc)}; fix: save the weights with safetensors") from None
+        if type(exc).__name__ == "UnpicklingError":  # its text is a page of advice with terminal escapes
+            found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+            raise ModelError(f"{path}: holds pickled objects other than tensors{f' ({found[1]})' if found else ''}, a whole "
+                             "model perhaps, which loading weights never runs; fix: save the model's weights "
+                             "(safetensors.torch.save_model(model, path), or torch.save(model.state_dict(), path)) and pass that") from None
+        raise ModelError(f"{path}: refused: {type(exc).__name__}: {shown(first_line(exc))}; fix: save the weights with safetensors") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"{path}: does not hold a state dict of tensors; fix: save model.state_dict() to safetensors")
     return state

@@ -157,10 +157,14 @@ def label_count(site: Site) -> list[str]:
     if isinstance(getattr(module, "num_labels", None), int):
         module.num_labels = head.out_features  # the loss reshapes logits by it
     rows = _rows_kept(edit.weights, before, head.out_features)
-    if rows is None or all(names.get(i) in (None, f"LABEL_{i}") for i in range(before)):
+    default = all(names.get(i) in (None, f"LABEL_{i}") for i in range(before))
+    if rows is None or (default and all(r in (i, None) for i, r in enumerate(rows))):
         return [f"config.num_labels: {before} -> {head.out_features}, id2label/label2id remade ({label})"]
-    # the names of the classes whose rows the head kept go with them (select [0, 2] of neg, neu, pos: neg, pos)
-    config.id2label = {i: names.get(r, f"LABEL_{i}") if r is not None else f"LABEL_{i}" for i, r in enumerate(rows)}
+    # the names of the classes whose rows the head kept go with them (select [0, 2] of neg, neu, pos: neg, pos;
+    # select [4, 0] of transformers' default names: LABEL_4, LABEL_0, which say where each class came from)
+    kept = {names.get(r, f"LABEL_{r}") for r in rows if r is not None}
+    config.id2label = {i: names.get(r, f"LABEL_{r}") if r is not None else f"LABEL_{i}" if f"LABEL_{i}" not in kept else f"LABEL_{i}_new"
+                       for i, r in enumerate(rows)}
     config.label2id = {name: i for i, name in config.id2label.items()}
     shown = ", ".join(str(v) for v in list(config.id2label.values())[:6]) + (", ..." if head.out_features > 6 else "")
     return [f"config.num_labels: {before} -> {head.out_features}, id2label follows the rows kept: {shown} ({label})"]
@@ -320,6 +324,15 @@ def _renumber(module: nn.Module, weights, before: int, after: int, label: str) -
     return notes
 
 
+def _gone_warning(label: str, note: str) -> str:
+    """The warning for a note of `_renumber` whose id lost its row: eos [2, 7] without row 2 is [5] (7's new id)."""
+    field, _, change = note.partition(": ")
+    value, _, now = change.partition(" -> ")
+    now = now.partition(_GONE)[0]
+    holds = "holds a row" if value.startswith("[") and now != "None" else "is a row"
+    return f"{label}: {field} {value} {holds} the trim does not keep, so it is {now} now; fix: keep that row"
+
+
 def _policy(weights) -> str:
     return f"select {len(weights['select'])} rows" if isinstance(weights, dict) else weights
 
@@ -340,8 +353,7 @@ def follow_conventions(module: nn.Module, rewritten: Rewritten, built: Assembly)
             made = adapter(site)
             notes += made
             # a special token whose row a vocabulary trim left out: generate() then has none (Llama's bos 1 of odd rows)
-            rewritten.plan.warnings += [f"{site.label}: {n.partition(':')[0]} {n.split(': ')[1].split(' ->')[0]} is a row the trim "
-                                        f"does not keep, so it is None now; fix: keep that row" for n in made if _GONE in n]
+            rewritten.plan.warnings += [_gone_warning(site.label, n) for n in made if _GONE in n]
         rewritten.plan.warnings += position_bias(site)
     return notes
 
