@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 # node meta set by capture's mode tracking: the node's arguments are the same in train and eval mode
@@ -55,3 +56,11 @@ def printable(text: str) -> str:
     escape sequence in it, shown in the report, would otherwise drive the terminal)."""
     return "\n".join(line if line.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in line)
                      for line in text.split("\n"))
+
+
+def machine_memory() -> int | None:
+    """This machine's physical memory in bytes (None where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None

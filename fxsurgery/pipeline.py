@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ._progress import working
+from ._util import machine_memory
 from .capture import Capture, Captured, Meta, capture, capture_kept, keep_containers, track
 from .errors import ModelError, RuleError, SaveError, SurgeryWarning
 from .export import footprint, parse_size, save, save_pretrained
@@ -152,9 +153,15 @@ class SurgeryResult:
     def footprint_text(self, max_shard_size: int | str = "5GB") -> str:
         f = self.footprint(max_shard_size)
         how = "streamed shard by shard" if f["streamed"] else "from memory"
-        return (f"output: {_gb(f['output_bytes'])} in {f['shards']} file{'s' if f['shards'] > 1 else ''} "
+        text = (f"output: {_gb(f['output_bytes'])} in {f['shards']} file{'s' if f['shards'] > 1 else ''} "
                 f"(largest {_gb(f['largest_shard_bytes'])}); predicted peak memory above imports: "
                 f"{_gb(f['predicted_peak_bytes'])} ({how})")
+        memory = machine_memory()
+        if memory and f["predicted_peak_bytes"] > memory:  # the plan may be for a bigger machine: said, not refused
+            fix = ("a smaller --max-shard-size (max_shard_size=), or a machine with more memory" if f["streamed"] else
+                   "build the model on the meta device and stream its weights (--weights FILE --stream)")
+            text += f"\nwarning: that is more than this machine's memory ({_gb(memory)}): the run would be killed here; fix: {fix}"
+        return text
 
     def save(self, directory: str | os.PathLike, *, force: bool = False, formats=(), extra=None,
              max_shard_size: int | str = "5GB", ranks: bool = False) -> Path:

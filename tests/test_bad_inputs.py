@@ -212,6 +212,10 @@ CASES = [
     load_error("--set value of the wrong type", "param_ok", 5,
                "torch.nn.Linear(out_features='ten') is rejected: empty(): argument 'size' (position 1) must be tuple of ints, "
                "but found element of type str at pos 0; fix: change the arguments", extra=["--set", "num_classes=ten"]),
+    # torch builds Linear(512, 0) without a word: a head for no classes is a typo
+    load_error("--set a size of 0", "param_ok", 5,
+               "torch.nn.Linear(out_features=0) builds an empty weight (a size of 0), which computes nothing; fix: give sizes of 1 or more",
+               extra=["--set", "num_classes=0"]),
     # -- globs and regular expressions ----------------------------------------------------------
     load_error("bad regular expression", "sel_bad_regex", 3,
                "bad regular expression 're:layer(': missing ), unterminated subpattern at position 5" + REGEX_FIX),
@@ -381,6 +385,9 @@ CASES = [
     # the names sharing three letters, alphabetically, were offered: ResNeXt101_32X8D_Weights for resnet81
     model_error("factory misspelled", _apply("ok_resnet", model="torchvision.models:resnt18"), "torchvision.models:resnt18: ",
                 "torchvision.models has no attribute 'resnt18'; fix: did you mean resnet18, ResNet, resnet152?"),
+    # the package's own name for where its models live, found among the submodules it has already imported
+    model_error("factory named on the package", _apply("ok_resnet", model="torchvision:resnet18"), "torchvision:resnet18: ",
+                "torchvision has no attribute 'resnet18'; fix: did you mean torchvision.models:resnet18?"),
     model_error("class that needs arguments", _apply("ok_resnet", model="torch.nn:Linear"), "torch.nn:Linear: ",
                 "needs arguments to build a model; fix: name a factory that takes none (wrap it in a function in a .py file)"),
     model_error("factory returning a list", _apply("ok_resnet", model="torchvision.models:list_models"), "torchvision.models:list_models: ",

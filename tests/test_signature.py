@@ -268,3 +268,6 @@ def test_the_cli_takes_keyword_inputs(tmp_path):
     code, _, stderr = cli("apply", f"{factory}:Masked", f"{RULES}/freeze-backbone.yaml", "--input", "mask-2=2x8")
     assert code != 0 and stderr == ("fxsurgery: error: --input 'mask-2=2x8': 'mask-2' is not a parameter name; "
                                     "fix: write NAME=SIZES, e.g. attention_mask=1x16:int64\n")
+    code, _, stderr = cli("apply", f"{factory}:Masked", f"{RULES}/freeze-backbone.yaml", "--input", "3x4", "--input", " =3x4")
+    assert code == 2 and stderr == ("fxsurgery: error: --input ' =3x4': no name before '='; fix: write NAME=SIZES, e.g. "
+                                    "attention_mask=1x16:int64, or the sizes alone for a positional input\n")

@@ -157,6 +157,31 @@ def test_dry_run_predicts_the_output_and_the_memory_of_a_plan_on_meta(tmp_path):
                         "(streamed shard by shard)\ndry run: nothing written\n")
 
 
+def test_a_dry_run_says_when_its_peak_is_more_than_this_machines_memory(tmp_path, monkeypatch):
+    # a plan may be made for a bigger machine, so it is said, not refused: the run itself would be killed here
+    from conftest import cli
+
+    import fxsurgery.pipeline
+    (tmp_path / "tiny.py").write_text("import torch\n\ndef build(device='cpu'):\n    with torch.device(device):\n"
+                                      "        return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))\n\n"
+                                      "def on_meta():\n    return build('meta')\n")
+    (tmp_path / "freeze.yaml").write_text("fxsurgery: 1\nrules:\n  - freeze: '0'\n")
+    tail = "dry run: nothing written\n"
+    monkeypatch.setattr(fxsurgery.pipeline, "machine_memory", lambda: 10_000)
+    code, out, err = cli("apply", f"{tmp_path}/tiny.py:build", tmp_path / "freeze.yaml", "--input", "1x64", "--dry-run")
+    # (64x64 + 64 + 8x64 + 8) x 4 bytes = 18,720 written, plus the largest shard (all of it) in memory
+    assert (code, err) == (0, "")
+    assert out.endswith("output: 0.0 MB in 1 file (largest 0.0 MB); predicted peak memory above imports: 0.0 MB (from memory)\n"
+                        "warning: that is more than this machine's memory (0.0 MB): the run would be killed here; fix: build the "
+                        "model on the meta device and stream its weights (--weights FILE --stream)\n" + tail)
+    code, out, err = cli("apply", f"{tmp_path}/tiny.py:on_meta", tmp_path / "freeze.yaml", "--input", "1x64", "--dry-run", "--stream")
+    assert (code, err) == (0, "")
+    assert out.endswith("(streamed shard by shard)\nwarning: that is more than this machine's memory (0.0 MB): the run would be killed "
+                        "here; fix: a smaller --max-shard-size (max_shard_size=), or a machine with more memory\n" + tail)
+    monkeypatch.setattr(fxsurgery.pipeline, "machine_memory", lambda: 40_000)  # 2 x 18,720 = 37,440: it fits
+    code, out, err = cli("apply", f"{tmp_path}/tiny.py:build", tmp_path / "freeze.yaml", "--input", "1x64", "--dry-run")
+    assert (code, err, "warning" in out, out.endswith("(from memory)\n" + tail)) == (0, "", False, True)
+
 def test_cli_streams_into_shards(tmp_path):
     from conftest import RULES, cli
     model = torchvision.models.resnet18().eval()

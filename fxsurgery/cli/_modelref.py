@@ -16,6 +16,7 @@ import inspect
 import math
 import os
 import re
+import sys
 import uuid
 from pathlib import Path
 
@@ -105,9 +106,19 @@ def _attribute(where: str, name: str, ref: str):
         # by spelling, case aside: resnet81, Resnet18 -> resnet18 (not the names that share three letters)
         lowered = {n.lower(): n for n in sorted(names, key=lambda n: (n != n.lower(), n))}
         close = [lowered[n] for n in difflib.get_close_matches(name.lower(), list(lowered), n=3, cutoff=0.6)]
-        hint = f"did you mean {', '.join(close)}?" if close else "check the name"
+        inside = _submodules_with(where, name) if not where.endswith(".py") else []
+        hint = (f"did you mean {inside[0]}:{name}?" if inside else f"did you mean {', '.join(close)}?" if close else "check the name")
         raise ModelError(f"{ref}: {where} has no attribute {name!r}; fix: {hint}")
     return getattr(module, name)
+
+
+def _submodules_with(where: str, name: str) -> list[str]:
+    """Public submodules of `where`, already imported, that hold `name` (torchvision:resnet18 -> torchvision.models),
+    shortest first; nothing is imported to look."""
+    found = [key for key, module in list(sys.modules.items())
+             if key.startswith(where + ".") and not any(part.startswith("_") for part in key.split("."))
+             and callable(getattr(module, name, None))]
+    return sorted(found, key=lambda key: (key.count("."), key))
 
 
 def _instantiate(obj, ref: str) -> nn.Module:
@@ -146,6 +157,9 @@ def parse_inputs(specs) -> tuple[tuple, dict]:
         for part in parts:
             name, _, text = part.rpartition("=")
             name = name.strip()
+            if "=" in part and not name:  # "=1x4" read as positional would bind to whatever parameter comes first
+                raise ModelError(f"--input {spec!r}: no name before '='; fix: write NAME=SIZES, e.g. attention_mask=1x16:int64, "
+                                 "or the sizes alone for a positional input")
             if name and not name.isidentifier():
                 raise ModelError(f"--input {spec!r}: {name!r} is not a parameter name; fix: write NAME=SIZES, e.g. attention_mask=1x16:int64")
             match = re.fullmatch(r"\s*(\d+(?:x\d+)*)(?::(\w+))?\s*", text)

@@ -7,7 +7,6 @@ import contextlib
 import contextvars
 import inspect
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._util import first_line
+from .._util import first_line, machine_memory
 from ..errors import RuleError
 from ._selector import Origin, caller_origin, qualname
 
@@ -96,7 +95,7 @@ def _fits(cls: type, kwargs: dict) -> None:
     with torch.device("meta"):
         probe = cls(**_on_meta(kwargs))
     size = sum(t.numel() * t.element_size() for t in [*probe.parameters(), *probe.buffers()])
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    memory = machine_memory()
     if memory and size > memory // 2:
         raise RuleError(f"{qualname(cls)}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) would hold {size / 2**30:.1f} GiB of "
                         f"tensors, more than half this machine's memory ({memory / 2**30:.1f} GiB); fix: give sizes that fit")
@@ -132,7 +131,7 @@ def check_new(spec: New, origin: Origin) -> New:
                         "(the module is built where the model's tensors are)")
     try:
         with torch.device("meta"):  # checked, not used: 117 bytes of YAML must not cost a gigabyte
-            spec.cls(**_on_meta({**spec.kwargs, **probe}))
+            built = spec.cls(**_on_meta({**spec.kwargs, **probe}))
     except TypeError as exc:
         missing = re.findall(r"missing \d+ required positional arguments?: (.*)", str(exc))
         if not missing:
@@ -148,7 +147,18 @@ def check_new(spec: New, origin: Origin) -> New:
         first = first_line(exc, type(exc).__name__)
         raise RuleError(f"{origin}: {qualname(spec.cls)}({', '.join(f'{k}={v!r}' for k, v in spec.kwargs.items())}) is rejected: {first}; fix: change "
                         f"the arguments") from None
+    _not_empty(built, spec, origin)
     return spec
+
+
+def _not_empty(built: nn.Module, spec: New, origin: Origin) -> None:
+    """A size of 0 (`--set num_classes=0`) builds a layer that torch accepts and that computes nothing: an empty
+    weight is a typo, not a model."""
+    for name, param in built.named_parameters():
+        if not isinstance(param, nn.parameter.UninitializedParameter) and param.numel() == 0:
+            given = ", ".join(f"{k}={v!r}" for k, v in spec.kwargs.items())
+            raise RuleError(f"{origin}: {qualname(spec.cls)}({given}) builds an empty {name} (a size of 0), which computes "
+                            "nothing; fix: give sizes of 1 or more")
 
 
 def check_kwargs(cls: type, kwargs: dict, origin: Origin) -> None:
