@@ -177,15 +177,69 @@ def test_failure_while_replacing_keeps_the_old_output(result, tmp_path, monkeypa
     assert (tmp_path / "o" / "model.safetensors").read_bytes() == before
 
 
-def test_load_refuses_changed_files(result, tmp_path):
+CHANGED = "changed since it was written (hash mismatch); fix: write the directory again with save()"
+
+
+def test_load_refuses_changed_files_and_names_them(result, tmp_path, monkeypatch):
+    import fxsurgery.export._filehash as filehash
+    monkeypatch.setattr(filehash, "SMALL", 1 << 30)  # resnet18's 45 MB of weights hashed on their own too
     result.save(tmp_path / "o")
+    record = json.loads((tmp_path / "o" / "surgery.json").read_text())
+    assert record["sha256"] == {name: "sha256:" + __import__("hashlib").sha256((tmp_path / "o" / name).read_bytes()).hexdigest()
+                                for name in ("graph.json", "model.py", "model.safetensors")}
     with open(tmp_path / "o" / "model.py", "a") as handle:
         handle.write("\nprint('hello')\n")
     with pytest.raises(fxs.SaveError) as err:
         fxs.load(tmp_path / "o")
-    assert str(err.value) == (f"{tmp_path / 'o'}: model.py, model.safetensors, graph.json or surgery.json changed since it was written (hash mismatch); "
-                              "fix: write the directory again with save()")
+    assert str(err.value) == f"{tmp_path / 'o'}: model.py {CHANGED}"
+    weights = tmp_path / "o" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x01")
+    with pytest.raises(fxs.SaveError) as err:
+        fxs.load(tmp_path / "o")
+    assert str(err.value) == f"{tmp_path / 'o'}: model.py and model.safetensors {CHANGED}"
 
+
+def test_a_changed_record_or_a_large_weights_file_is_named_with_what_cannot_be_told_apart(result, tmp_path, monkeypatch):
+    import fxsurgery.export._filehash as filehash
+
+    def edit_record(directory, change):
+        record = json.loads((directory / "surgery.json").read_text())
+        change(record)
+        (directory / "surgery.json").write_text(json.dumps(record))
+    result.save(tmp_path / "big")  # resnet18's 45 MB of weights: above SMALL, hashed only with the rest (not read twice)
+    assert sorted(json.loads((tmp_path / "big" / "surgery.json").read_text())["sha256"]) == ["graph.json", "model.py"]
+    edit_record(tmp_path / "big", lambda r: r["report"]["entries"][0].update(status="new"))
+    with pytest.raises(fxs.SaveError) as err:
+        fxs.load(tmp_path / "big")
+    assert str(err.value) == f"{tmp_path / 'big'}: model.safetensors or surgery.json {CHANGED}"
+    monkeypatch.setattr(filehash, "SMALL", 1 << 30)
+    result.save(tmp_path / "o")
+    edit_record(tmp_path / "o", lambda r: r["report"]["entries"][0].update(status="new"))
+    with pytest.raises(fxs.SaveError) as err:
+        fxs.load(tmp_path / "o")
+    assert str(err.value) == f"{tmp_path / 'o'}: surgery.json {CHANGED}"
+    edit_record(tmp_path / "o", lambda r: r.pop("sha256"))  # a record written before per-file hashes: every file the hash covers
+    with pytest.raises(fxs.SaveError) as err:
+        fxs.load(tmp_path / "o")
+    assert str(err.value) == f"{tmp_path / 'o'}: model.py, model.safetensors, graph.json or surgery.json {CHANGED}"
+
+def test_force_does_not_replace_an_output_someone_edited(result, tmp_path):
+    from conftest import cli
+    out = tmp_path / "o"
+    result.save(out)
+    edited = (out / "model.py").read_text().replace("class ", "# tuned by hand\nclass ", 1)
+    (out / "model.py").write_text(edited)
+    message = (f"{out}: model.py changed since fxsurgery wrote it, so replacing the output would lose that edit; "
+               "fix: move the edited files out of the directory or choose another output directory")
+    with pytest.raises(fxs.SaveError) as err:
+        result.save(out, force=True)
+    assert str(err.value) == message
+    code, _, stderr = cli("apply", "torchvision.models:resnet18", "freeze-backbone", "--input", "1x3x64x64", "-o", out, "--force")
+    assert (code, stderr) == (2, f"fxsurgery: error: {message}\n")
+    assert (out / "model.py").read_text() == edited and sorted(os.listdir(tmp_path)) == ["o"]
+    os.unlink(out / "model.py")  # moved out, as the fix says: the rest is fxsurgery's own
+    result.save(out, force=True)
+    assert torch.equal(fxs.load(out).eval()(X), result.module.eval()(X))
 
 def test_load_unpickles_nothing(result, tmp_path, monkeypatch):
     result.save(tmp_path / "o")

@@ -83,7 +83,7 @@ def test_a_damaged_shard_is_refused(result, tmp_path):
     shard.write_bytes(bytes(data))
     with pytest.raises(fxs.SaveError) as err:
         fxs.load(out)
-    assert str(err.value) == (f"{out}: model.py, model.safetensors, graph.json or surgery.json changed since it was written (hash mismatch); "
+    assert str(err.value) == (f"{out}: model-00002-of-00003.safetensors changed since it was written (hash mismatch); "
                               "fix: write the directory again with save()")
 
 

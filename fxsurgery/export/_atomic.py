@@ -36,6 +36,7 @@ from pathlib import Path
 
 from .._util import read_json
 from ..errors import SaveError
+from ._filehash import edited
 from ._ranks import HASHES, Ranks, activated, discard, hand_over
 
 MARKER = ".fxsurgery-partial"
@@ -266,6 +267,22 @@ def check_target(target: str | os.PathLike, force: bool, flag: str = "--force (f
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise SaveError(f"{target}: holds files fxsurgery did not write ({shown}), refusing to replace it; "
                         "fix: move them out of the directory or choose another output directory")
+    changed = _edited_since(target)
+    if changed:
+        raise SaveError(f"{target}: {' and '.join(changed)} changed since fxsurgery wrote {'it' if len(changed) == 1 else 'them'}, "
+                        "so replacing the output would lose that edit; fix: move the edited files out of the directory or "
+                        "choose another output directory")
+
+
+def _edited_since(target: Path) -> list[str]:
+    """The small files of an output (model.py, graph.json, ...) whose bytes differ from the record's hash of them:
+    someone's edit, which --force would delete. Weights too large to hash on their own are not read."""
+    try:
+        record = read_json(target / RECORD)
+    except (OSError, ValueError):
+        return []
+    small = record.get("sha256") if isinstance(record, dict) else None
+    return edited(target, record, list(small), small=True) if isinstance(small, dict) else []
 
 
 @contextlib.contextmanager

@@ -14,7 +14,8 @@ from pathlib import Path
 from .._util import read_json
 from ..errors import SaveError
 from ._atomic import recover
-from ._shards import folded, has_weights, shard_files
+from ._filehash import edited, recorded
+from ._shards import INDEX, folded, has_weights, shard_files
 
 FILES = ("model.py", "model.safetensors", "surgery.json")  # model.safetensors, or shards and their index
 
@@ -156,8 +157,30 @@ def verify_hash(directory: Path, record: dict) -> None:
     if record.get("format") != FORMAT:
         raise SaveError(f"{directory}: unsupported format {record.get('format')!r}; fix: write it again with this fxsurgery")
     if record.get("hash") != digest(directory, record):
-        raise SaveError(f"{directory}: {_COVERED[record.get('saved_by') == 'save_pretrained']} changed since it was written "
+        raise SaveError(f"{directory}: {_which(directory, record)} changed since it was written "
                         "(hash mismatch); fix: write the directory again with save()")
 
 
 _COVERED = {False: "model.py, model.safetensors, graph.json or surgery.json", True: "a file it lists or surgery.json"}
+
+
+def _which(directory: Path, record: dict) -> str:
+    """The files the broken hash covers that changed, by their own hashes; else those it cannot tell apart
+    (a large model.safetensors, hashed only with the rest) and surgery.json. A record from before per-file
+    hashes: every file the hash covers."""
+    if not isinstance(record.get("sha256"), dict):
+        return _COVERED[record.get("saved_by") == "save_pretrained"]
+    covered = _covered(directory, record)
+    changed = edited(directory, record, covered)
+    if changed:
+        return " and ".join(changed)
+    unknown = [name for name in covered if name not in recorded(record)]
+    return " or ".join([", ".join(unknown), "surgery.json"] if unknown else ["surgery.json"])
+
+
+def _covered(directory: Path, record: dict) -> list[str]:
+    if record.get("saved_by") == "save_pretrained":
+        return pretrained_files(directory, record)
+    shards = shard_files(directory)
+    weights = [INDEX, *shards] if shards is not None else ["model.safetensors"]
+    return ["model.py", *weights, *(["graph.json"] if (directory / "graph.json").exists() else [])]

@@ -25,6 +25,7 @@ from ..transfer import user_hooks
 from ..version import __version__
 from ._atomic import MARKER, meet, replacing
 from ._codegen import check_constructors, generate, rename_path, renamed_graph
+from ._filehash import file_hashes
 from ._formats import export_as
 from ._graphdata import GRAPH, describe
 from ._pretrained import refuse_unloadable, write_pretrained
@@ -222,6 +223,7 @@ def save(module: nn.Module, directory: str | os.PathLike, *, force: bool = False
                "non_persistent": [rename_path(n, renames) for n in non_persistent],
                **(record or {}), "formats": exported,
                **({"shards": hashes} if hashes else {}), "files": _listed(work)}
+        doc["sha256"] = file_hashes(work, doc["files"], hashes)
         doc["hash"] = digest(work, doc, hashes, written)
         (work / "surgery.json").write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
     return Path(directory)
@@ -252,6 +254,7 @@ def save_pretrained(module: nn.Module, directory: str | os.PathLike, *, force: b
                "non_persistent": [f"{p}.{n}" if p else n for p, sub in module.named_modules() for n in sorted(sub._non_persistent_buffers_set)],
                **(record or {}), **({"shards": hashes} if hashes else {}),
                "files": _listed(work)}
+        doc["sha256"] = file_hashes(work, doc["files"], hashes)
         doc["hash"] = digest(work, doc)  # over the files the library wrote, read back once
         (work / "surgery.json").write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
     return Path(directory)

@@ -12,7 +12,6 @@ so a streamed save holds one shard at a time.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -28,6 +27,7 @@ from .._progress import bar
 from .._util import read_json
 from ..errors import SaveError
 from ._atomic import meet
+from ._filehash import sha256
 from ._ranks import active
 from ._writer import fsync_file, supported, write_file
 
@@ -76,14 +76,6 @@ Value = torch.Tensor | Callable[[], torch.Tensor]
 
 def _real(value: Value) -> torch.Tensor:
     return (value() if callable(value) else value).contiguous()
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
 
 
 def write(work: Path, tensors: dict[str, Value], shapes: dict[str, torch.Tensor], limit: int, into=None) -> dict[str, str]:
