@@ -240,3 +240,29 @@ def test_a_forward_that_assigns_a_buffer_stays_python_and_keeps_counting(in_plac
         assert opaque == {}
     else:
         assert list(opaque) == [""] and "Counting.forward assigns self.calls a computed value" in opaque[""]
+
+
+def test_a_branch_on_requires_grad_keeps_its_module_python():
+    """densenet's memory_efficient `if any(t.requires_grad ...)`: a guard on it failed every apply's own no_grad check,
+    and would have refused torch.no_grad() calls and frozen inputs. The layers reading it stay Python instead."""
+    import torchvision
+    torch.manual_seed(0)
+    model = torchvision.models.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, memory_efficient=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    result = fxs.apply(model, [Replace("classifier", fxs.new(nn.Linear, out_features=5)), Freeze("features.conv0")],
+                       example_inputs=(x,))
+    opaque = result.capture.coverage()["opaque"]
+    assert sorted(opaque) == [f"features.denseblock{b}.denselayer{k}" for b in (1, 2) for k in (1, 2)]
+    assert all("`.requires_grad`, which differs under torch.no_grad() and after a freeze" in why for why in opaque.values())
+    reference = copy.deepcopy(model)
+    reference.classifier = copy.deepcopy(result.module.classifier)
+    for batch in (x, torch.randn(5, 3, 40, 48)):
+        with torch.no_grad():
+            assert torch.equal(result.module(batch), reference(batch))
+        assert torch.equal(result.module(batch), reference(batch))
+    result.module.train(), reference.train()
+    out = result.module(x)
+    assert torch.equal(out, reference(x))
+    out.sum().backward()
+    assert result.module.features.conv0.weight.grad is None
+    assert result.module.features.denseblock1.denselayer1.conv1.weight.grad.abs().sum() > 0

@@ -34,6 +34,9 @@ _MISSING = object()
 # `device` and `dtype` are not among them: a tensor the forward makes on `x.device`, or casts to `x.dtype`,
 # must follow x at run time (a model captured in float32 runs in bfloat16 once `.to(torch.bfloat16)`).
 _STATIC = {"ndim", "layout", "is_floating_point", "is_complex"}
+# Autograd state: it differs under torch.no_grad() and after a Freeze, which no graph sees (densenet's
+# memory_efficient `if any(t.requires_grad ...)`), so a branch on it cannot be asserted: its module is kept opaque.
+_AUTOGRAD = {"requires_grad", "grad_fn", "is_leaf"}
 
 
 class ValueProxy(fx.Proxy):
@@ -58,6 +61,9 @@ class ValueProxy(fx.Proxy):
         if name.startswith("__") and name.endswith("__"):  # protocol probes (numpy, cuda), not tensor attributes
             raise AttributeError(name)
         value = self._value()
+        if name in _AUTOGRAD and isinstance(value, torch.Tensor) and not self.tracer.evaluating:
+            raise fx.proxy.TraceError(f"the code reads `.{name}`, which differs under torch.no_grad() and after a freeze; "
+                                      "a graph cannot hold a branch on it")
         if name in _STATIC and isinstance(value, torch.Tensor):
             return getattr(value, name)
         return ValueAttribute(self, name)
