@@ -148,3 +148,45 @@ def test_a_torchvision_function_that_is_no_fx_leaf_is_refused(tmp_path, target):
         fxs.load(tmp_path / "o")
     assert str(err.value) == bounded(f"{tmp_path / 'o' / 'graph.json'}: nodes[{doc['nodes'].index(node)}] {node['name']!r}: "
                                      f"target {target!r} is not allowed (allowed: {ALLOWED}); {FIX}")
+
+
+def test_a_timm_fx_leaf_function_loads_from_graph_json_when_timm_is_allowed(tmp_path):
+    """timm's ViT with dynamic_img_size calls resample_abs_pos_embed, which timm registers with torch.fx.wrap: save wrote
+    it, and load refused it even with allow=("timm",), which already admits timm's module classes."""
+    timm = pytest.importorskip("timm")
+    from fxsurgery.errors import bounded
+    from fxsurgery.export._graphload import FIX
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2, dynamic_img_size=True).eval()
+    fxs.apply(model, [fxs.Freeze("patch_embed")], example_inputs=(torch.randn(2, 3, 32, 32),)).save(tmp_path / "o")
+    doc = json.loads((tmp_path / "o" / "graph.json").read_text())
+    index, node = next((i, n) for i, n in enumerate(doc["nodes"]) if n["target"] == "timm.layers.pos_embed.resample_abs_pos_embed")
+    with pytest.raises(fxs.SaveError) as err:
+        fxs.load(tmp_path / "o")
+    assert str(err.value) == bounded(f"{tmp_path / 'o' / 'graph.json'}: nodes[{index}] {node['name']!r}: target {node['target']!r} is of "
+                                     "timm, not allowed; pass allow=('timm',) (--allow-module timm) if you trust it; " + FIX)
+    loaded = fxs.load(tmp_path / "o", allow=("timm",))
+    for x in (torch.randn(2, 3, 32, 32), torch.randn(3, 3, 48, 64)):  # another size resamples the position embedding
+        assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("target, allow", [("timm.models.create_model", "timm"), ("os.system", "os"),
+                                           ("timm.layers.pos_embed.resample_abs_pos_embed", "torchvision")])
+def test_an_allowed_package_admits_only_its_fx_leaf_functions(tmp_path, target, allow):
+    from conftest import rehash
+
+    from fxsurgery.errors import bounded
+    from fxsurgery.export._graphload import ALLOWED, FIX
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    fxs.apply(TrainOnly().train(), [], example_inputs=(torch.randn(2, 4),), modes=False).save(tmp_path / "o")
+    doc = json.loads((tmp_path / "o" / "graph.json").read_text())
+    node = next(n for n in doc["nodes"] if n["op"] == "call_function")
+    node["target"] = target
+    (tmp_path / "o" / "graph.json").write_text(json.dumps(doc))
+    rehash(tmp_path / "o")
+    with pytest.raises(fxs.SaveError) as err:
+        fxs.load(tmp_path / "o", allow=(allow,))
+    told = (f"target {target!r} is of timm, not allowed; pass allow=('timm',) (--allow-module timm) if you trust it"
+            if allow == "torchvision" else f"target {target!r} is not allowed (allowed: {ALLOWED})")
+    assert str(err.value) == bounded(f"{tmp_path / 'o' / 'graph.json'}: nodes[{doc['nodes'].index(node)}] {node['name']!r}: {told}; {FIX}")

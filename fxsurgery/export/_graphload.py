@@ -69,7 +69,7 @@ _NAMESPACES = {
     "torch._C._special": torch._C._special, "math": math, "operator": operator,
 }
 ALLOWED = ("torch, torch.nn.functional, torch.fft, torch.linalg, torch.special, operator, math, collections.OrderedDict, "
-           "torchvision's torch.fx leaf functions and builtins " + ", ".join(sorted(_BUILTINS)))
+           "the torch.fx leaf functions of torchvision and of allowed packages, and builtins " + ", ".join(sorted(_BUILTINS)))
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PART = re.compile(r"[A-Za-z0-9_]+")
 FIX = "fix: write the directory again with save(), or read model.py and load with trust_code=True (--trust-code) if you trust it"
@@ -84,8 +84,9 @@ def identifier(name: Any) -> bool:
     return isinstance(name, str) and _IDENT.fullmatch(name) is not None and not keyword.iskeyword(name)
 
 
-def function(name: Any) -> Any:
-    """The callable a call_function target names, if the allowlist holds it."""
+def function(name: Any, allow: tuple[str, ...] = ()) -> Any:
+    """The callable a call_function target names, if the allowlist holds it: torch's operations, and the
+    functions torchvision or an allowed package (`allow`) declares torch.fx leaves."""
     if not isinstance(name, str):
         raise Bad(f"target is a {type(name).__name__}, not a name")
     space, _, attr = name.rpartition(".")
@@ -96,12 +97,15 @@ def function(name: Any) -> Any:
         if attr not in _BUILTINS:
             raise refused
         return getattr(builtins, attr)
-    if space.startswith("torchvision."):
-        value = _torchvision_leaf(space, attr)
+    if space not in _NAMESPACES and (space.startswith("torchvision.") or space.split(".")[0] in allow):
+        value = _declared_leaf(space, attr)
         if value is None:
             raise refused
         return value
     module = _NAMESPACES.get(space)
+    top = space.split(".")[0]
+    if module is None and top not in allow and _is_leaf(sys.modules.get(space), attr):  # a package's own (timm's), imported
+        raise Bad(f"target {name!r} is of {top}, not allowed; pass allow=({top!r},) (--allow-module {top}) if you trust it")
     if module is None or not identifier(attr) or (attr.startswith("_") and name != "torch._assert"):
         raise refused
     if space == "operator" and attr not in _OPERATOR:
@@ -114,14 +118,22 @@ def function(name: Any) -> Any:
     return value
 
 
-def _torchvision_leaf(space: str, attr: str) -> Any:
-    """A function torchvision declares a torch.fx leaf (`torch.fx.wrap`: stochastic_depth, Swin's attention), which a
-    graph calls as one node; looked up among the modules `import torchvision` loaded, importing nothing."""
-    import torchvision  # noqa: F401  (its models and ops, where it registers them)
-    module = sys.modules.get(space)
-    if module is None or not identifier(attr) or (id(vars(module)), attr) not in _wrapped_fns_to_patch:
+def _declared_leaf(space: str, attr: str) -> Any:
+    """A function its package declares a torch.fx leaf (`torch.fx.wrap`: torchvision's stochastic_depth and Swin's
+    attention, timm's resample_abs_pos_embed), which a graph calls as one node; looked up among the modules that
+    importing the package loaded (torchvision always; another package only when allowed), nothing more."""
+    top = space.split(".")[0]
+    try:
+        importlib.import_module(top)  # where it registers them; allowed, as for its module classes
+    except ImportError:
         return None
-    return vars(module).get(attr)
+    module = sys.modules.get(space)
+    return vars(module).get(attr) if _is_leaf(module, attr) else None
+
+
+def _is_leaf(module: Any, attr: str) -> bool:
+    """`module.attr` is registered with torch.fx.wrap: a function its package declares a torch.fx leaf."""
+    return module is not None and identifier(attr) and (id(vars(module)), attr) in _wrapped_fns_to_patch
 
 
 def attribute(args: tuple, kwargs: dict) -> None:

@@ -91,7 +91,7 @@ def _resolves(root: nn.Module, target: str, kind: type) -> bool:
     return isinstance(value, kind)
 
 
-def _node(graph: fx.Graph, root: nn.Module, entry: Any, env: dict[str, fx.Node]) -> fx.Node:
+def _node(graph: fx.Graph, root: nn.Module, entry: Any, env: dict[str, fx.Node], allow: tuple[str, ...] = ()) -> fx.Node:
     if not isinstance(entry, dict) or set(entry) != {"op", "name", "target", "args", "kwargs", "type"}:
         raise Bad("is not {op, name, target, args, kwargs, type}")
     if entry["type"] not in (None, "torch.Tensor"):
@@ -105,7 +105,7 @@ def _node(graph: fx.Graph, root: nn.Module, entry: Any, env: dict[str, fx.Node])
     if not isinstance(args, tuple) or not isinstance(kwargs, dict) or not all(plain(k) for k in kwargs):
         raise Bad("args are not a tuple or kwargs not a mapping of names")
     if op == "call_function":
-        target = function(target)
+        target = function(target, allow)
         if target is getattr:
             attribute(args, kwargs)
         checked_call(target, args, kwargs)
@@ -124,14 +124,14 @@ def _node(graph: fx.Graph, root: nn.Module, entry: Any, env: dict[str, fx.Node])
     return graph.create_node(op, target, args, kwargs, name=name, type_expr=torch.Tensor if entry["type"] else None)
 
 
-def _graph(directory: Path, doc: dict, root: nn.Module, key: str = "nodes") -> fx.Graph:
+def _graph(directory: Path, doc: dict, root: nn.Module, key: str = "nodes", allow: tuple[str, ...] = ()) -> fx.Graph:
     graph, env = fx.Graph(), {}
     nodes = doc.get("nodes")
     if not isinstance(nodes, list) or not nodes:
         raise entry_error(directory, key, Bad("is not a list of nodes"))
     for i, entry in enumerate(nodes):
         try:
-            node = _node(graph, root, entry, env)
+            node = _node(graph, root, entry, env, allow)
         except Bad as exc:
             raise entry_error(directory, f"{key}[{i}] {entry.get('name') if isinstance(entry, dict) else None!r}", exc) from None
         if node.name != entry["name"]:
@@ -200,14 +200,14 @@ class _Loaded(fx.GraphModule):
         return super().__reduce_package__(exporter)
 
 
-def _module(directory: Path, doc: dict, root: nn.Module) -> fx.GraphModule:
+def _module(directory: Path, doc: dict, root: nn.Module, allow: tuple[str, ...] = ()) -> fx.GraphModule:
     """The GraphModule of graph.json's nodes, with its `other` nodes run in their mode where the
     model's code differs by mode (capture/_dualgraph.py)."""
-    graph = _graph(directory, doc, root)
+    graph = _graph(directory, doc, root, allow=allow)
     other = doc.get("other")
     if other is not None and not (isinstance(other, dict) and set(other) == {"training", "nodes"} and isinstance(other["training"], bool)):
         raise entry_error(directory, "other", Bad("is not {training: true or false, nodes}"))
-    second = _graph(directory, other, root, "other.nodes") if other is not None else None
+    second = _graph(directory, other, root, "other.nodes", allow) if other is not None else None
     try:
         graph.lint()
         if second is None:
@@ -260,7 +260,7 @@ def rebuild(directory: Path, allow: tuple[str, ...], device: str | torch.device,
                 assign(root, alias, root.get_parameter(owner))
             except (AttributeError, KeyError, TypeError, Bad) as exc:
                 raise entry_error(directory, f"ties {alias!r}", exc) from None
-    gm = _module(directory, doc, root)
+    gm = _module(directory, doc, root, allow)
     non_persistent = {f"{p}.{n}" if p else n for p, m in root.named_modules() for n in m._non_persistent_buffers_set}
     if "call" in doc:  # before the weights: a malformed call form fails before anything is allocated
         imported: set[str] = set()
