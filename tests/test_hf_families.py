@@ -243,6 +243,24 @@ def test_t5_without_its_first_block_first_warns_that_the_stack_loses_its_positio
     assert warned([0, 2])[1] == []
 
 
+@pytest.mark.parametrize("order", [[1, 2], [1, 0]])
+def test_t5_saved_without_its_first_block_first_is_told_to_keep_it_first(order, tmp_path):
+    # save refused with "remove layers with Layers(path, order=[...])": the rule that had been applied
+    import fxsurgery as fxs
+    model = t5()
+    result = fxs.apply(model, [Layers("decoder.block", order=order)], example_inputs=(ids(1, 5),),
+                       example_kwargs={"decoder_input_ids": ids(1, 4)})
+    held = [i for i, block in enumerate(result.module.decoder.block) if block.layer[0].SelfAttention.has_relative_attention_bias]
+    assert held == ([] if 0 not in order else [order.index(0)])
+    with pytest.raises(fxs.SaveError) as err:
+        result.save(tmp_path / "out")
+    from fxsurgery.errors import bounded
+    assert str(err.value) == bounded("T5ForConditionalGeneration: from_pretrained builds the relative position bias into layer 0 of decoder.block, "
+                              "which has none now; fix: keep layer 0 first in the Layers order, or apply with keep_class=False "
+                              "(--no-keep-class; saved as model.py + safetensors) to the model built with config.use_cache=False")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("stack, counts", [("decoder.bert.encoder.layer", (3, 2)), ("encoder.encoder.layer", (2, 3))])
 def test_an_encoder_decoder_model_counts_each_side_in_its_own_configuration(stack, counts, tmp_path):
     # config.encoder and config.decoder count the two BERTs: neither followed, and save refused with a fix that was

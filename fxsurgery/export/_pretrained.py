@@ -46,10 +46,15 @@ def refuse_unloadable(module: nn.Module) -> None:
             raise SaveError(f"{kind}: '{name}' is {list(tensor.shape)} but its config builds {list(shapes[name])}, so "
                             f"from_pretrained could not reload it; fix: {_as_graph(module)}")
     extra = [name for name in state if name not in shapes]
+    missing = [name for name in shapes if name not in state]
+    bias = next((n for n in extra + missing if n.endswith(".relative_attention_bias.weight")), None)
+    if bias is not None:  # T5 builds the position bias in layer 0 alone; a Layers order put another layer first
+        stack = bias.split(".layer.")[0].rpartition(".")[0]
+        raise SaveError(f"{kind}: from_pretrained builds the relative position bias into layer 0 of {stack}, which has none "
+                        f"now; fix: keep layer 0 first in the Layers order, or {_as_graph(module)}")
     if extra:
         raise SaveError(f"{kind}: '{extra[0]}' ({len(extra)} tensors in all) is not built by its config, so from_pretrained "
                         f"would drop it; fix: {_as_graph(module)}")
-    missing = [name for name in shapes if name not in state]
     if missing:
         raise SaveError(f"{kind}: its config builds '{missing[0]}' ({len(missing)} tensors in all), which the model lacks, "
                         "so from_pretrained would leave them at random init; fix: remove layers with Layers(path, "
