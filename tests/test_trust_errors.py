@@ -141,6 +141,23 @@ def test_old_style_weight_norm_is_refused_with_the_fix():
                               "torch.nn.utils.remove_weight_norm(model.fc) first")
 
 
+def test_a_model_pruned_with_torch_nn_utils_prune_is_refused_with_the_fix():
+    # its weight is weight_orig * weight_mask, made by a hook: the copy failed in torch's deepcopy with a raw RuntimeError
+    import torchvision
+    from torch.nn.utils import prune
+    model = torchvision.models.resnet18().eval()
+    prune.l1_unstructured(model.layer1[0].conv1, "weight", amount=0.3)
+    with pytest.raises(fxs.ModelError) as err:
+        fxs.apply(model, [fxs.Freeze("layer2")], example_inputs=(torch.randn(1, 3, 32, 32),))
+    assert str(err.value) == ("layer1.0.conv1: uses torch.nn.utils.prune, whose weight a hook recomputes before each call; fix: call "
+                              "torch.nn.utils.prune.remove(model.get_submodule('layer1.0.conv1'), 'weight') first (the pruned weight stays, as a "
+                              "tensor of its own)")
+    prune.remove(model.layer1[0].conv1, "weight")  # as the fix says
+    result = fxs.apply(model, [fxs.Freeze("layer2")], example_inputs=(torch.randn(1, 3, 32, 32),))
+    x = torch.randn(2, 3, 48, 48)
+    assert torch.equal(result.module(x), model(x))
+
+
 def test_complex_yaml_keys_are_a_rule_error(tmp_path):
     (tmp_path / "r.yaml").write_text("fxsurgery: 1\nrules:\n  - ? [a, b]\n    : fc\n")
     code, stdout, stderr, raised = run_cli(["check", str(tmp_path / "r.yaml")])

@@ -27,7 +27,7 @@ from ._call_shim import CallSpec, adapter_call, call_spec, install_adapter, mism
 from ._containers import INIT as CONTAINERS_INIT
 from ._containers import INLINE_KINDS, Containers, InlineSequential, containers_of, keep_containers, renamed_containers, restore
 from ._containers import SOURCE as CONTAINERS_SOURCE
-from ._copying import assign, clone, root_of
+from ._copying import assign, clone, refuse_hooked_weights, root_of
 from ._dualgraph import ModeGraphModule, current, dual_source, other_graph, recompile, trace_both, trace_modes
 from ._dynspec import apply_spec
 from ._guards import beyond_size_one, specialised
@@ -222,21 +222,6 @@ def _refuse_failing(model: nn.Module, inputs: tuple | None, kwargs: dict) -> Non
 
 
 KEPT = "kept as its own class (keep_class=True): its code runs as written, rules act on the modules it calls"
-
-
-def refuse_hooked_weights(model: nn.Module) -> None:
-    """Old-style weight_norm / spectral_norm compute a module's weight in a forward pre-hook:
-    the weight is then no tensor of the module's own, and cannot be copied or traced."""
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
-    for path, sub in model.named_modules():
-        for hook in sub._forward_pre_hooks.values():
-            kind = {WeightNorm: "weight_norm", SpectralNorm: "spectral_norm"}.get(type(hook))
-            if kind is not None:
-                where = f"model.{path}" if path else "model"
-                raise ModelError(f"{path or '(the model)'}: uses torch.nn.utils.{kind}, whose weight a hook recomputes before "
-                                 f"each call; fix: use torch.nn.utils.parametrizations.{kind}, or call "
-                                 f"torch.nn.utils.remove_{kind}({where}) first")
 
 
 def _example_call(model: nn.Module, example_inputs, example_kwargs) -> tuple[tuple | None, dict]:

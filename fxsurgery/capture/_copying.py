@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import ModelError
+
 
 def assign(root: nn.Module, path: str, value: Any, persistent: bool = True) -> None:
     """Install a module or tensor at a dotted path, creating empty parents (a buffer `persistent` or not)."""
@@ -128,4 +130,22 @@ def share(module: nn.Module) -> nn.Module:
                 memo[id(t)] = t
     return _copy_tree(module, memo)
 
+
+def refuse_hooked_weights(model: nn.Module) -> None:
+    """Old-style weight_norm / spectral_norm and torch.nn.utils.prune compute a module's weight in a forward
+    pre-hook: the weight is then no tensor of the module's own, and cannot be copied or traced."""
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+    for path, sub in model.named_modules():
+        for hook in sub._forward_pre_hooks.values():
+            kind = {WeightNorm: "weight_norm", SpectralNorm: "spectral_norm"}.get(type(hook))
+            # Python that runs: model.layer1.0.conv1 does not parse
+            where = (f"model.{path}" if all(p.isidentifier() for p in path.split(".")) else f"model.get_submodule({path!r})") if path else "model"
+            fix = (f"use torch.nn.utils.parametrizations.{kind}, or call torch.nn.utils.remove_{kind}({where}) first" if kind else
+                   f"call torch.nn.utils.prune.remove({where}, {getattr(hook, '_tensor_name', 'weight')!r}) first (the pruned "
+                   "weight stays, as a tensor of its own)")
+            if kind is not None or isinstance(hook, BasePruningMethod):
+                raise ModelError(f"{path or '(the model)'}: uses torch.nn.utils.{kind or 'prune'}, whose weight a hook recomputes "
+                                 f"before each call; fix: {fix}")
 
