@@ -164,6 +164,21 @@ def test_no_match_names_the_rule_and_the_closest_names(resnet18):
                               "fix: correct the selector or add 'optional: true'")
 
 
+def test_no_match_in_a_wrapped_model_offers_the_path_under_the_wrapper(resnet18):
+    # nn.DataParallel (or any wrapper) holds the model as `module`: `fc` is `module.fc`, which spelling did not find
+    rule = Replace("fc", nn.Identity())
+    with pytest.raises(fxs.MatchError) as err:
+        fxs.apply(nn.DataParallel(resnet18), [rule], example_inputs=X)
+    assert str(err.value) == (f"rule 1 'replace fc with Identity()' ({line_of(rule)}) matched nothing: "
+                              "no module path or node name matches 'fc'; closest: module.fc; "
+                              "fix: correct the selector or add 'optional: true'")
+    result = fxs.apply(nn.DataParallel(resnet18), [Replace("module.fc", fxs.new(nn.Linear, out_features=3))], example_inputs=X)
+    y = torch.randn(3, 3, 32, 32)
+    result.module.eval(), resnet18.eval()
+    features = nn.Sequential(*list(resnet18.children())[:-1])
+    assert torch.equal(result.module(y), result.module.module.fc(features(y).flatten(1)))
+
+
 def test_no_match_by_type_lists_the_types_present(two):
     rule = Delete(nn.Dropout)
     with pytest.raises(fxs.MatchError) as err:

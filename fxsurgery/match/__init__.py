@@ -159,7 +159,10 @@ def _why_not(locator: Locator, sel: Selector) -> tuple[str, list[str]]:
         return (f"{', '.join(selected[:3])} {'is' if len(selected) == 1 else 'are'} never called by the forward (inside a leaf module "
                 f"or unused){_called_through(capture, selected[0])}"), []
     text = sel.value if sel.kind == "glob" else sel.value.pattern
-    nearest = difflib.get_close_matches(text, locator.names(), n=3, cutoff=0.5)
+    names = locator.names()
+    # `fc` of a wrapped model (DataParallel, a user's wrapper) is `module.fc`: a path ending in the text comes first
+    under = [n for n in names if n.endswith("." + text)] if sel.kind == "glob" else []
+    nearest = (sorted(under, key=len) + [n for n in difflib.get_close_matches(text, names, n=3, cutoff=0.5) if n not in under])[:3]
     return f"no module path or node name matches {sel.text!r}", nearest
 
 
