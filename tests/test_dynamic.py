@@ -107,7 +107,7 @@ def test_bert_as_a_graph_runs_at_any_batch_and_sequence_length():
                        example_inputs=(_ids(2, 8),), keep_class=False)
     assert result.mode == "regenerated graph module"
     _only_length_one_branches(result)
-    inputs = [(_ids(b, s, seed=b + s),) for b in (1, 3, 4) for s in (5, 8, 64)]  # 64: the maximum position
+    inputs = [(_ids(b, s, seed=b + s),) for b in (1, 3, 4) for s in (1, 5, 8, 64)]  # 64: the maximum position
     _same_in_both_modes(result, _head_swapped(model, "classifier", result), inputs)
     assert "device(" not in result.module.code  # tensors the forward makes follow its inputs
 
@@ -115,20 +115,44 @@ def test_bert_as_a_graph_runs_at_any_batch_and_sequence_length():
 def test_gpt2_as_a_graph_runs_at_any_batch_and_sequence_length():
     model = _gpt2()
     result = fxs.apply(model, [Freeze("transformer.h.0")], example_inputs=(_ids(2, 8),), keep_class=False)
-    inputs = [(_ids(b, s, seed=b + s),) for b in (2, 3, 5) for s in (3, 8, 64)]
+    inputs = [(_ids(b, s, seed=b + s),) for b in (1, 2, 3, 5) for s in (1, 3, 8, 64)]
     _same_in_both_modes(result, model, inputs)
     assert "device(" not in result.module.code
 
 
-def test_a_size_one_batch_branch_is_guarded_with_its_source_line():
-    """Captured at batch 2, the model's `batch_size != position_ids.shape[0]` is True; batch 1 runs other code."""
+def test_a_size_one_batch_branch_whose_outcome_is_the_same_passes_batch_one():
+    """Captured at batch 2, the model's `batch_size != position_ids.shape[0]` is True; batch 1 takes the other
+    branch, which computes the same there (`position_ids.expand(batch_size, -1)`): batch 1 was refused."""
     model = _gpt2()
     result = fxs.apply(model, [], example_inputs=(_ids(2, 8),), keep_class=False)
+    assert result.specialised == {}
+    guard = next(n.args[1] for n in result.module.graph.nodes if n.target is torch._assert and "masking_utils.py" in n.args[1])
+    assert guard.startswith("'the model' was captured where `inner_transformer_wte.shape[0] != unsqueeze.shape[0]` is True "
+                            "at transformers/masking_utils.py:")
+    assert guard.endswith("at size 1 of dim 0 of 'input_ids', dim 1 of 'input_ids' it runs the code of sizes >= 2, checked at "
+                          "capture to give the example's outputs")
+    with torch.no_grad():
+        assert torch.equal(_out(result.module(_ids(1, 8))), model(_ids(1, 8)).logits)
+
+
+class OneDiffers(nn.Module):
+    """A length of 1 takes another branch that computes something else there: no graph of the other may run it."""
+
+    def forward(self, x):
+        if x.shape[1] > 1:
+            return x.cumsum(1)
+        return x * 3
+
+
+def test_a_size_one_branch_that_computes_otherwise_stays_refused_and_listed():
+    result = fxs.apply(OneDiffers(), [], example_inputs=(torch.randn(2, 8),))
+    assert list(result.specialised) == ["x"] and list(result.specialised["x"]) == [1]
+    assert result.specialised["x"][1].startswith("a size of 1 takes another branch: `x.shape[1] > 1` is True at ")
     with pytest.raises(AssertionError) as err:
-        result.module(_ids(1, 8))
-    assert str(err.value).startswith("'the model' was captured where `inner_transformer_wte.shape[0] != "
-                                     "unsqueeze.shape[0]` is True at transformers/masking_utils.py:")
-    assert "(if batch_size != position_ids.shape[0]:); this call gives another value" in str(err.value)
+        result.module(torch.randn(3, 1))
+    assert "`x.shape[1] > 1` is True" in str(err.value) and "this call gives another value" in str(err.value)
+    x = torch.randn(3, 5)
+    assert torch.equal(result.module(x), OneDiffers()(x))
 
 
 class Rows(nn.Module):
@@ -245,11 +269,11 @@ def test_saved_bert_model_py_pt2_and_onnx_take_any_batch_and_sequence_length(tmp
 
 
 def _only_length_one_branches(result):
-    """The batch stays general; a length of 1 takes another branch (sdpa's `is_causal = q_length > 1 ...`),
-    which a call of length 1 meets at its guard, and `specialised` says so."""
-    assert {name: sorted(dims) for name, dims in result.specialised.items()} == {"input_ids": [1]}
-    assert result.specialised["input_ids"][1].startswith("a size of 1 takes another branch: `")
-    assert "is True at integrations/sdpa_attention.py:" in result.specialised["input_ids"][1]
+    """Every dim stays general: a length of 1 takes another branch (sdpa's `is_causal = q_length > 1 ...`), whose
+    outcome is the same at length 1 (checked at capture against a capture at length 1), so its guard passes it."""
+    assert result.specialised == {}
+    guards = [n for n in result.module.graph.nodes if n.target is torch._assert]
+    assert any("at size 1 of dim 1 of 'input_ids' it runs the code of sizes >= 2" in n.args[1] for n in guards)
 
 
 def test_a_batch_of_one_exports_pt2_and_onnx_for_any_batch(tmp_path):
@@ -338,17 +362,18 @@ def test_a_dim_the_weights_fix_is_not_blamed_on_a_decision():
         assert torch.equal(result.module(x), model(x))
 
 
-def test_a_batch_of_one_that_takes_another_branch_is_listed():
-    """Captured at batch 2, a Llama refused batch 1 at a guard while `specialised` said {}: every dim general."""
+def test_a_batch_of_one_that_takes_another_branch_runs_where_it_computes_the_same():
+    """Captured at batch 2, a Llama refused batch 1 at a guard (while `specialised` said {}): that branch computes
+    the same at batch 1, checked at capture, so batch 1 runs."""
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                                       intermediate_size=64, vocab_size=100, use_cache=False)
-    result = fxs.apply(transformers.LlamaForCausalLM(config).eval(), [], example_inputs=(torch.randint(0, 100, (2, 8)),),
-                       keep_class=False)
-    batch = result.specialised["input_ids"][0]
-    assert batch.startswith("a size of 1 takes another branch: `inner_model_embed_tokens.shape[0] != unsqueeze.shape[0]` "
-                            "is True at transformers/masking_utils.py:")
-    with pytest.raises(AssertionError):
-        result.module(torch.randint(0, 100, (1, 8)))
-    assert result.module(torch.randint(0, 100, (3, 5))).logits.shape == (3, 5, 100)   # every other size runs
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    result = fxs.apply(model, [], example_inputs=(torch.randint(0, 100, (2, 8)),), keep_class=False)
+    assert result.specialised == {}
+    for shape in ((1, 8), (1, 1), (3, 5)):
+        x = torch.randint(0, 100, shape)
+        with torch.no_grad():
+            assert torch.equal(result.module(x).logits, model(x).logits)
     assert result._static_dims() == [set()]   # exports keep it dynamic

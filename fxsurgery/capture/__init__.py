@@ -30,7 +30,7 @@ from ._containers import SOURCE as CONTAINERS_SOURCE
 from ._copying import assign, clone, refuse_hooked_weights, root_of
 from ._dualgraph import ModeGraphModule, current, dual_source, other_graph, recompile, trace_both, trace_modes
 from ._dynspec import apply_spec
-from ._guards import beyond_size_one, specialised
+from ._guards import beyond_size_one, down_to_one, specialised
 from ._incremental import held_by
 from ._livemodes import keep_mode_reads
 from ._modes import track
@@ -263,6 +263,7 @@ def capture(model: nn.Module, example_inputs: tuple | None = None, example_kwarg
     if dynamic_shapes == "auto":  # a size-1 dim the code pins: captured again at 2 where that keeps it general
         try:  # the first run on real values
             result = beyond_size_one(result, inputs, kwargs, lambda i, k: _capture(model, i, k, **options))
+            result = down_to_one(result, inputs, kwargs, lambda i, k: _capture(model, i, k, **options))
         except Exception:
             _refuse_failing(model, inputs, kwargs)
             raise

@@ -350,3 +350,50 @@ def beyond_size_one(result, inputs: tuple | None, kwargs: dict, recapture):
     other.traced_at, other.example_inputs = other.example_inputs, root.example_inputs
     wide.example_inputs, wide.example_kwargs, wide.calls = result.example_inputs, result.example_kwargs, result.calls
     return wide
+
+
+def down_to_one(result, inputs: tuple | None, kwargs: dict, recapture):
+    """The mirror of beyond_size_one: captured at sizes >= 2, a decision a size of 1 alone takes otherwise (BERT's
+    `is_causal = q_length > 1 and mask is None and is_causal`, False either way) refused length 1. Its guard passes
+    size 1 too where the graph, run at size 1 past its guards, gives what a capture at size 1 gives, bit for bit."""
+    root = _root(result)
+    if root is None or root.example_inputs is None or root.dynamic is None or inputs is None:
+        return result
+    ones: list[tuple[str, int]] = []
+    for d in unique(root.decisions):
+        ones += [g for g in d.ones if g not in ones]
+    if not ones or any(t.is_meta for t in [*result.model.parameters(), *result.model.buffers()]):
+        return result
+    names = root.input_names()
+    by_id = {id(v): n for n, v in zip(names, root.example_inputs) if isinstance(v, torch.Tensor)}
+
+    def narrow(value):
+        name = by_id.get(id(value)) if isinstance(value, torch.Tensor) else None
+        for dim in (d for n, d in ones if n == name):
+            value = value.narrow(dim, 0, 1)
+        return value
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            small = recapture(*pytree.tree_map(narrow, (tuple(inputs), dict(kwargs))))
+        other, example = _root(small), tuple(narrow(v) for v in root.example_inputs)
+        if other is None or other.input_names() != names or set(small.opaque) != set(result.opaque):
+            return result
+        past = _unguarded(root.gm, root.graph, example)
+        if past is not None and _equal(past, _outputs(other.gm, example)):
+            _relax(root, example, ones)
+    except Exception:  # the size-1 capture failed (a train-mode BatchNorm at batch 1): size 1 stays refused
+        pass
+    return result
+
+
+def _unguarded(gm: fx.GraphModule, graph: fx.Graph, example: tuple) -> list | None:
+    """The graph's outputs on `example` with its guards skipped, as _outputs computes them (None: a node failed)."""
+    params = {id(p): p for p in gm.parameters()}
+    copy = clone(gm, lambda t: t.detach().clone(), memo=dict(params))
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(0)
+        values = _Prober(copy, graph=graph).run_all(*example)
+    output = next(n for n in graph.nodes if n.op == "output")
+    known = all(n in values for n in output.all_input_nodes)
+    return pytree.tree_leaves(fx.node.map_arg(output.args[0], values.__getitem__)) if known else None
