@@ -270,7 +270,7 @@ def test_saved_bert_model_py_pt2_and_onnx_take_any_batch_and_sequence_length(tmp
 
 def _only_length_one_branches(result):
     """Every dim stays general: a length of 1 takes another branch (sdpa's `is_causal = q_length > 1 ...`), whose
-    outcome is the same at length 1 (checked at capture against a capture at length 1), so its guard passes it."""
+    outcome is the same at length 1 (checked at capture against the model at length 1), so its guard passes it."""
     assert result.specialised == {}
     guards = [n for n in result.module.graph.nodes if n.target is torch._assert]
     assert any("at size 1 of dim 1 of 'input_ids' it runs the code of sizes >= 2" in n.args[1] for n in guards)

@@ -263,7 +263,7 @@ def capture(model: nn.Module, example_inputs: tuple | None = None, example_kwarg
     if dynamic_shapes == "auto":  # a size-1 dim the code pins: captured again at 2 where that keeps it general
         try:  # the first run on real values
             result = beyond_size_one(result, inputs, kwargs, lambda i, k: _capture(model, i, k, **options))
-            result = down_to_one(result, inputs, kwargs, lambda i, k: _capture(model, i, k, **options))
+            result = down_to_one(result, inputs, kwargs)
         except Exception:
             _refuse_failing(model, inputs, kwargs)
             raise

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import fx
+from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
 
@@ -299,14 +299,14 @@ def _relax(region, example: tuple, ones: list[tuple[str, int]]) -> None:
     gm.recompile()
 
 
-def _outputs(gm: fx.GraphModule, example: tuple) -> list:
-    """The graph's outputs on the example, on a copy whose buffers are its own (train-mode BatchNorm
-    updates them), with a fixed seed (dropout draws the same masks each run)."""
+def _outputs(gm: nn.Module, example: tuple, kwargs: dict | None = None) -> list:
+    """The graph's (or the model's) outputs on the example, on a copy whose buffers are its own (train-mode
+    BatchNorm updates them), with a fixed seed (dropout draws the same masks each run)."""
     params = {id(p): p for p in gm.parameters()}
     copy = clone(gm, lambda t: t.detach().clone(), memo=dict(params))
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(0)
-        return pytree.tree_leaves(copy(*example))
+        return pytree.tree_leaves(copy(*example, **(kwargs or {})))
 
 
 def _equal(a: list, b: list) -> bool:
@@ -352,10 +352,10 @@ def beyond_size_one(result, inputs: tuple | None, kwargs: dict, recapture):
     return wide
 
 
-def down_to_one(result, inputs: tuple | None, kwargs: dict, recapture):
+def down_to_one(result, inputs: tuple | None, kwargs: dict):
     """The mirror of beyond_size_one: captured at sizes >= 2, a decision a size of 1 alone takes otherwise (BERT's
     `is_causal = q_length > 1 and mask is None and is_causal`, False either way) refused length 1. Its guard passes
-    size 1 too where the graph, run at size 1 past its guards, gives what a capture at size 1 gives, bit for bit."""
+    size 1 too where the graph, run at size 1 past its guards, gives the model's own outputs there, bit for bit."""
     root = _root(result)
     if root is None or root.example_inputs is None or root.dynamic is None or inputs is None:
         return result
@@ -364,8 +364,7 @@ def down_to_one(result, inputs: tuple | None, kwargs: dict, recapture):
         ones += [g for g in d.ones if g not in ones]
     if not ones or any(t.is_meta for t in [*result.model.parameters(), *result.model.buffers()]):
         return result
-    names = root.input_names()
-    by_id = {id(v): n for n, v in zip(names, root.example_inputs) if isinstance(v, torch.Tensor)}
+    by_id = {id(v): n for n, v in zip(root.input_names(), root.example_inputs) if isinstance(v, torch.Tensor)}
 
     def narrow(value):
         name = by_id.get(id(value)) if isinstance(value, torch.Tensor) else None
@@ -373,16 +372,11 @@ def down_to_one(result, inputs: tuple | None, kwargs: dict, recapture):
             value = value.narrow(dim, 0, 1)
         return value
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            small = recapture(*pytree.tree_map(narrow, (tuple(inputs), dict(kwargs))))
-        other, example = _root(small), tuple(narrow(v) for v in root.example_inputs)
-        if other is None or other.input_names() != names or set(small.opaque) != set(result.opaque):
-            return result
+        example = tuple(narrow(v) for v in root.example_inputs)
         past = _unguarded(root.gm, root.graph, example)
-        if past is not None and _equal(past, _outputs(other.gm, example)):
+        if past is not None and _equal(past, _outputs(result.model, *pytree.tree_map(narrow, (tuple(inputs), dict(kwargs))))):
             _relax(root, example, ones)
-    except Exception:  # the size-1 capture failed (a train-mode BatchNorm at batch 1): size 1 stays refused
+    except Exception:  # the model refuses size 1 itself (a train-mode BatchNorm at batch 1): size 1 stays refused
         pass
     return result
 
