@@ -307,6 +307,9 @@ CASES = [
                "torch.nn.Linear does not take 'bias_init'; fix: use its arguments (in_features, out_features, bias)"),
     load_error("Dropout(p=2.0)", "ctor_bad_value", 3, contains=["Dropout", "2.0"]),
     load_error("Conv2d without kernel_size", "ctor_missing_required", 4, contains=["Conv2d", "kernel_size"]),
+    # RNN's __init__ is quadratic in its layers: 124 bytes of YAML ran for days, even on the meta device
+    load_error("RNN(num_layers=10**8)", "ctor_layers", 4,
+               "torch.nn.RNN(num_layers=100000000) declares more than 1024 layers; fix: give sizes that fit"),
     load_error("Linear(out_features=-3)", "ctor_negative", 4,
                "torch.nn.Linear(out_features=-3) is rejected: Trying to create tensor with negative dimension -3: [-3, 8]; "
                "fix: change the arguments"),

@@ -423,3 +423,38 @@ def test_a_streamed_cli_run_refuses_an_output_path_it_must_not_replace(tmp_path,
            else "exists and is not an fxsurgery output, refusing to replace it; fix: choose another output directory")
     assert (code, printed, err) == (2, "", "fxsurgery: error: " + bounded(f"{out}: {why}") + "\n")
     assert sorted(os.listdir(tmp_path)) == before and (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+
+
+# -- a record that is no regular file, or huge -------------------------------------------------------------
+
+_OVER_FORCE = ("import sys, torch, fxsurgery as fxs\nfrom torch import nn\ntorch.manual_seed(0)\n"
+               "model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))\n"
+               "try:\n    fxs.apply(model, [fxs.Freeze('0')], (torch.zeros(1, 8),)).save(sys.argv[1], force=True)\n"
+               "except fxs.SaveError as exc:\n    print(exc)\n")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "sparse"])
+def test_a_record_that_is_a_fifo_a_device_or_huge_is_refused_not_read(tmp_path, kind):
+    """surgery.json is read to tell an output fxsurgery wrote: a FIFO blocked --force for ever, a link to /dev/zero
+    or a sparse 10 GB file was read whole into memory (fxs.load, inspect, --force and the cleanup of killed runs)."""
+    out = tmp_path / "o"
+    fxs.apply(build(), RULES, X).save(out)
+    record = out / "surgery.json"
+    record.unlink()
+    if kind == "fifo":
+        os.mkfifo(record)
+    elif kind == "dev-zero":
+        os.symlink("/dev/zero", record)
+    else:
+        with open(record, "wb") as handle:
+            handle.truncate(10 << 30)
+    before = sorted(os.listdir(out))
+    proc = subprocess.run([sys.executable, "-c", _OVER_FORCE, str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert (proc.returncode, proc.stdout) == (0, f"{out}: exists and is not an fxsurgery output, refusing to replace it; fix: "
+                                                  "choose another output directory\n"), proc.stderr
+    assert sorted(os.listdir(out)) == before and sorted(os.listdir(tmp_path)) == ["o"]
+    if kind == "sparse":  # a regular file: load reads the record itself, and says why it does not
+        with pytest.raises(fxs.SaveError) as err:
+            fxs.load(out)
+        assert str(err.value) == (f"{record}: not valid JSON (10,737,418,240 bytes, more than the 256 MB a record holds); fix: "
+                                  "write the directory again with save()")

@@ -226,3 +226,24 @@ def test_a_replaced_module_only_called_gives_no_such_warning():
         warnings.simplefilter("error")
         fxs.apply(Net(nn.Linear(4, 4)), [Replace("block", fxs.new(nn.Linear, out_features=4))],
                   example_inputs=(torch.randn(1, 4),))
+
+
+class Many(nn.Module):
+    """A module whose size argument makes one buffer each: cheap per item, unbounded in all."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        for i in range(n):
+            self.register_buffer(f"b{i}", torch.zeros(1))
+
+
+def test_a_declared_module_that_builds_without_end_is_stopped_by_a_budget():
+    # checked on the meta device, MLP(hidden_channels=[5] * 200000) took 47 s: a budget of registrations stops it
+    import time
+    start = time.perf_counter()
+    with pytest.raises(fxs.RuleError) as err:
+        fxs.new(Many, n=10_000_000)
+    assert time.perf_counter() - start < 30
+    assert str(err.value).endswith("test_trust_errors.Many(n=10000000) is rejected: builds more than 100000 modules, parameters "
+                                   "and buffers; fix: change the arguments")
+    assert fxs.new(Many, n=1000).kwargs == {"n": 1000}  # a size that fits is a rule

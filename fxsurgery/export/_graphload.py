@@ -17,7 +17,6 @@ import math
 import operator
 import re
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from torch import fx, nn
 from torch.fx._symbolic_trace import _wrapped_fns_to_patch
 from torch.utils import _pytree as pytree
 
+from .._util import BuildBudget as _Budget
 from ..errors import SaveError
 from ._composites import is_nested
 from ._graphdata import GRAPH
@@ -310,30 +310,11 @@ def output_type_home(name: str, allow: tuple[str, ...], imported: set[str]) -> s
     return home
 
 
-class BuildBudget:
-    """At most `limit` modules, parameters and buffers registered while a graph.json is built: a declared
-    size (SwinTransformer's depths, MLP's hidden_channels) costs Python work per layer even on the meta
-    device, so a file of a few hundred bytes could ask for hours. Counted on this thread only."""
+class BuildBudget(_Budget):
+    """At most `limit` modules, parameters and buffers registered while a graph.json is built (_util.BuildBudget)."""
 
     def __init__(self, limit: int):
-        self.limit, self.count, self.thread = limit, 0, threading.get_ident()
-
-    def _seen(self, *_) -> None:
-        if threading.get_ident() == self.thread:
-            self.count += 1
-            if self.count > self.limit:
-                raise Bad(f"builds more than {self.limit} modules, parameters and buffers, more than its entries declare")
-
-    def __enter__(self):
-        from torch.nn.modules import module as hooks
-        self.handles = [register(self._seen) for register in (hooks.register_module_module_registration_hook,
-                                                              hooks.register_module_parameter_registration_hook,
-                                                              hooks.register_module_buffer_registration_hook)]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self.handles:
-            handle.remove()
+        super().__init__(limit, lambda text: Bad(f"{text}, more than its entries declare"))
 
 
 # a layer count a load builds (RNN num_layers, nn.Transformer num_encoder_layers): the deepest models have ~100

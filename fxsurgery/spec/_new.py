@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._util import first_line, machine_memory
+from .._util import BuildBudget, first_line, machine_memory
 from ..errors import RuleError
 from ._selector import Origin, caller_origin, qualname
 
@@ -119,6 +119,9 @@ def new(cls: type, **kwargs) -> New:
 
 
 _PROBE_SIZE = 8  # stands in for an inferred size when a spec is checked
+_LAYERS = re.compile(r"num_\w*layers")  # a layer count (RNN num_layers, nn.Transformer num_encoder_layers): the deepest models have ~100
+MAX_LAYERS = 1024
+_BUILD_LIMIT = 100_000  # modules, parameters and buffers a declared module may make (a 24-layer encoder: about 1,000)
 
 
 def check_new(spec: New, origin: Origin) -> New:
@@ -129,8 +132,13 @@ def check_new(spec: New, origin: Origin) -> New:
     if str(spec.kwargs.get("device", "")).startswith("meta"):
         raise RuleError(f"{origin}: {qualname(spec.cls)}(device='meta') would have no values to run or save; fix: leave device out "
                         "(the module is built where the model's tensors are)")
+    deep = next((k for k, v in spec.kwargs.items() if _LAYERS.fullmatch(k) and type(v) is int and v > MAX_LAYERS), None)
+    if deep is not None:  # RNN's __init__ is quadratic in its layers: 10**8 would run for days before any budget stops it
+        raise RuleError(f"{origin}: {qualname(spec.cls)}({deep}={spec.kwargs[deep]}) declares more than {MAX_LAYERS} layers; "
+                        "fix: give sizes that fit")
     try:
-        with torch.device("meta"):  # checked, not used: 117 bytes of YAML must not cost a gigabyte
+        # checked, not used: 117 bytes of YAML must not cost a gigabyte, nor hours of RNN(num_layers=10**8) on meta
+        with torch.device("meta"), BuildBudget(_BUILD_LIMIT):
             built = spec.cls(**_on_meta({**spec.kwargs, **probe}))
     except TypeError as exc:
         missing = re.findall(r"missing \d+ required positional arguments?: (.*)", str(exc))
