@@ -785,3 +785,16 @@ def test_the_current_directory_is_no_output_to_replace(tmp_path, monkeypatch):
                                             "-o", ".", "--force", "--quiet"])
     assert (code, stderr) == (2, "fxsurgery: error: .: is the current directory, which an output replaces whole; fix: run from "
                                  "its parent, or name another output directory\n"), raised
+
+
+@pytest.mark.parametrize("output, why", [("mine/new/..", "ends in '..', which names the directory above"),
+                                         ("mine/new/../out", "passes '..' after a directory that does not exist")])
+def test_an_output_path_through_dot_dot_is_refused_before_any_work(tmp_path, monkeypatch, output, why):
+    """-o mine/new/.. ran the surgery, failed at the rename with "Device or resource busy" and left mine/new/ behind."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine\n")
+    code, stdout, stderr, raised = run_cli(["apply", "torchvision.models:resnet18", "drop-dropout", "--input", "1x3x32x32",
+                                            "-o", output, "--quiet"])
+    assert (code, stderr) == (2, f"fxsurgery: error: {output}: {why}; fix: name the output directory itself, without '..'\n"), raised
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["mine", "mine/notes.txt"]

@@ -467,3 +467,49 @@ def test_a_transformer_whose_layers_differ_from_their_first_is_refused(tmp_path)
         assert str(err.value).startswith(f"cannot write model.py: module 'core' (torch.nn.{kind}) rebuilt from its attributes differs "
                                          "from the original; fix: ")
         assert not (tmp_path / make.__name__).exists()
+
+
+def test_a_removed_graph_json_or_an_edit_behind_a_link_is_named(tmp_path):
+    # graph.json removed read "surgery.json changed"; so did an edit to the blob a hub-cache-style link points to
+    import shutil
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    result = fxs.apply(model, [Freeze("0")], example_inputs=(torch.randn(2, 4),))
+    result.save(tmp_path / "o")
+    (tmp_path / "o" / "graph.json").unlink()
+    with pytest.raises(fxs.SaveError) as err:
+        fxs.load(tmp_path / "o", trust_code=True)
+    assert str(err.value) == f"{tmp_path / 'o'}: graph.json was removed {CHANGED.removeprefix('changed ')}"
+    result.save(tmp_path / "linked")
+    (tmp_path / "blobs").mkdir()
+    for name in ("graph.json", "model.py", "model.safetensors", "surgery.json"):
+        shutil.move(tmp_path / "linked" / name, tmp_path / "blobs" / name)
+        os.symlink(tmp_path / "blobs" / name, tmp_path / "linked" / name)
+    x = torch.randn(3, 4)
+    assert torch.equal(fxs.load(tmp_path / "linked")(x), result.module(x))
+    with open(tmp_path / "blobs" / "graph.json", "a") as handle:
+        handle.write(" ")
+    with pytest.raises(fxs.SaveError) as err:
+        fxs.load(tmp_path / "linked")
+    assert str(err.value) == f"{tmp_path / 'linked'}: graph.json {CHANGED}"
+
+
+@pytest.mark.parametrize("key", ["sha256", "files"])
+def test_a_record_naming_a_file_too_long_for_the_system_is_no_traceback(tmp_path, key):
+    # "File name too long" came out of --force (and of load, for a save_pretrained record) as a raw OSError
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    result = fxs.apply(model, [Freeze("0")], example_inputs=(torch.randn(2, 4),))
+    result.save(tmp_path / "o")
+    record = json.loads((tmp_path / "o" / "surgery.json").read_text())
+    record[key] = {**record[key], "a" * 300: "sha256:00"} if key == "sha256" else [*record[key], "a" * 300]
+    (tmp_path / "o" / "surgery.json").write_text(json.dumps(record))
+    result.save(tmp_path / "o", force=True)  # the long name is no file of the output: nothing to lose
+    assert json.loads((tmp_path / "o" / "surgery.json").read_text())[key] != record[key]
+    record = json.loads((tmp_path / "o" / "surgery.json").read_text())
+    record["saved_by"] = "save_pretrained"
+    (tmp_path / "o" / "surgery.json").write_text(json.dumps({**record, "files": [*record["files"], "b" * 300]}))
+    with pytest.raises(fxs.SaveError) as err:
+        fxs.load(tmp_path / "o")
+    assert str(err.value).startswith(f"{tmp_path / 'o' / 'surgery.json'}: lists 'bbbb")
+    assert str(err.value).endswith("not a file name; fix: write the directory again with save()")

@@ -115,7 +115,8 @@ def listed_files(directory: Path) -> set[str] | None:
     files = record.get("files")
     if not isinstance(files, list):
         return set(LEGACY)
-    return {f for f in files if isinstance(f, str) and f and "/" not in f and "\\" not in f and f not in (".", "..")}
+    return {f for f in files if isinstance(f, str) and f and "/" not in f and "\\" not in f and f not in (".", "..")
+            and len(os.fsencode(f)) <= 255}  # a longer name is no file here: looking it up raises "File name too long"
 
 
 # what torch.distributed.checkpoint writes into model.dcp/ (--format dcp): the one directory an output lists
@@ -244,6 +245,10 @@ def check_target(target: str | os.PathLike, force: bool, flag: str = "--force (f
     Of several ranks writing one output (`ranks`, _ranks.py) only rank 0 cleans
     up after killed runs, leaving the other ranks' directories alone."""
     target = Path(target)
+    if target.name == ".." or (".." in target.parts and not os.path.isdir(target.parent)):
+        # new/.. names new's parent, which cannot be renamed into place, and making new/ first leaves it behind
+        why = "ends in '..', which names the directory above" if target.name == ".." else "passes '..' after a directory that does not exist"
+        raise SaveError(f"{target}: {why}; fix: name the output directory itself, without '..'")
     if ranks is None or ranks.rank == 0:
         with contextlib.suppress(OSError):
             recover(target, ranks.tokens(target) if ranks is not None else frozenset())

@@ -46,16 +46,21 @@ def recorded(record: dict) -> dict[str, str]:
 
 def edited(directory: Path, record: dict, names=None, small: bool = False) -> list[str]:
     """The files among `names` (default: every file the record hashed) whose bytes differ from the record's hash
-    of them. Only plain names of regular files are read: a record naming ../x or a FIFO reads nothing; `small`:
-    nor one above SMALL (a record edited to list the weights must not make --force read them all)."""
+    of them. Only plain names of regular files are read: a record naming ../x, a FIFO or /proc/self/pagemap reads
+    nothing; `small`: nor one above SMALL (a record edited to list the weights must not make --force read them all)."""
     known = recorded(record)
     out = []
     for name in sorted(known if names is None else [n for n in names if n in known]):
         path = directory / name
-        if os.path.basename(name) != name or name in (".", "..") or path.is_symlink() or not path.is_file():
+        try:  # a link is followed, as the record's hash follows it (a hub cache links each file to a blob)
+            if (os.path.basename(name) != name or name in (".", "..") or not path.is_file()
+                    or os.path.realpath(path).startswith(_PSEUDO) or (small and path.stat().st_size > SMALL)):
+                continue
+            if sha256(path) != known[name]:
+                out.append(name)
+        except OSError:  # a name too long for the system, a file gone meanwhile: nothing of it to compare
             continue
-        if small and path.stat().st_size > SMALL:
-            continue
-        if sha256(path) != known[name]:
-            out.append(name)
     return out
+
+
+_PSEUDO = ("/proc/", "/sys/", "/dev/")  # "regular files" there never end or hang

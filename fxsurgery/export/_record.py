@@ -69,7 +69,7 @@ def pretrained_files(directory: Path, record: dict) -> list[str]:
         raise SaveError(f"{directory / 'surgery.json'}: its files are not a list of names; fix: write the directory again with save()")
     names = sorted(set(files) - {"surgery.json"})
     for name in names:
-        if not _PLAIN_NAME.fullmatch(name):
+        if not _PLAIN_NAME.fullmatch(name) or len(name) > 255:
             raise SaveError(f"{directory / 'surgery.json'}: lists {name!r}, not a file name; fix: write the directory again with save()")
         if not (directory / name).is_file():
             raise SaveError(f"{directory / name}: listed in surgery.json, is missing or not a regular file; fix: write the "
@@ -157,7 +157,7 @@ def verify_hash(directory: Path, record: dict) -> None:
     if record.get("format") != FORMAT:
         raise SaveError(f"{directory}: unsupported format {record.get('format')!r}; fix: write it again with this fxsurgery")
     if record.get("hash") != digest(directory, record):
-        raise SaveError(f"{directory}: {_which(directory, record)} changed since it was written "
+        raise SaveError(f"{directory}: {_which(directory, record)} since it was written "
                         "(hash mismatch); fix: write the directory again with save()")
 
 
@@ -169,13 +169,17 @@ def _which(directory: Path, record: dict) -> str:
     (a large model.safetensors, hashed only with the rest) and surgery.json. A record from before per-file
     hashes: every file the hash covers."""
     if not isinstance(record.get("sha256"), dict):
-        return _COVERED[record.get("saved_by") == "save_pretrained"]
+        return _COVERED[record.get("saved_by") == "save_pretrained"] + " changed"
+    # a file the hash covered when written (graph.json) is left out of it once removed: named as removed
+    gone = [name for name in ("model.py", "graph.json") if name in record["sha256"] and not os.path.lexists(directory / name)]
+    if gone:
+        return f"{' and '.join(gone)} {'was' if len(gone) == 1 else 'were'} removed"
     covered = _covered(directory, record)
     changed = edited(directory, record, covered)
     if changed:
-        return " and ".join(changed)
+        return " and ".join(changed) + " changed"
     unknown = [name for name in covered if name not in recorded(record)]
-    return " or ".join([", ".join(unknown), "surgery.json"] if unknown else ["surgery.json"])
+    return " or ".join([", ".join(unknown), "surgery.json"] if unknown else ["surgery.json"]) + " changed"
 
 
 def _covered(directory: Path, record: dict) -> list[str]:
