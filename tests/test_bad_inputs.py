@@ -202,6 +202,9 @@ CASES = [
                "but found element of type str at pos 0; fix: change the arguments"),
     # -- params -------------------------------------------------------------------------------------
     load_error("unknown ${param}", "param_unknown", 5, "unknown param ${num_clases} (declared: num_classes)" + PARAM_FIX),
+    # the default was filled with the file's internal token for ${n}: "Linear(out_features='__fxsparam_6e__') is rejected"
+    load_error("a param defaulting to itself", "param_self", 2,
+               "param 'n' defaults to '${n}', a param; params do not refer to params; fix: give it a value of its own"),
     load_error("empty ${}", "param_empty", 3, "unknown param ${} (declared: none)" + PARAM_FIX),
     load_error("undeclared ${param} inside a string", "param_inline", 4, "unknown param ${n} (declared: none)" + PARAM_FIX),
     model_error("--set of an undeclared param", _apply("param_ok", extra=["--set", "bogus=1"]), "{R}/param_ok.yaml: ",
@@ -389,6 +392,9 @@ CASES = [
     model_error("factory misspelled", _apply("ok_resnet", model="torchvision.models:resnt18"), "torchvision.models:resnt18: ",
                 "torchvision.models has no attribute 'resnt18'; fix: did you mean resnet18, ResNet, resnet152?"),
     # the package's own name for where its models live, found among the submodules it has already imported
+    # read as a path that does not exist
+    model_error("a device as the model", _apply("ok_resnet", model="/dev/zero"), "/dev/zero: ",
+                "is not a regular file; fix: name the model (package.module:factory, path/file.py:Name or a saved directory)"),
     model_error("factory named on the package", _apply("ok_resnet", model="torchvision:resnet18"), "torchvision:resnet18: ",
                 "torchvision has no attribute 'resnet18'; fix: did you mean torchvision.models:resnet18?"),
     model_error("class that needs arguments", _apply("ok_resnet", model="torch.nn:Linear"), "torch.nn:Linear: ",

@@ -171,7 +171,8 @@ def test_a_timm_fx_leaf_function_loads_from_graph_json_when_timm_is_allowed(tmp_
 
 
 @pytest.mark.parametrize("target, allow", [("timm.models.create_model", "timm"), ("os.system", "os"),
-                                           ("timm.layers.pos_embed.resample_abs_pos_embed", "torchvision")])
+                                           ("timm.layers.pos_embed.resample_abs_pos_embed", "torchvision"),
+                                           ("bogus", "")])  # allow=("",) imported "": a raw ValueError
 def test_an_allowed_package_admits_only_its_fx_leaf_functions(tmp_path, target, allow):
     from conftest import rehash
 

@@ -511,3 +511,17 @@ def test_a_file_of_the_output_names_its_directory_in_the_fix(tmp_path):
                                   "-o", str(tmp_path / "m.safetensors")])
     assert (code, stderr) == (2, f"fxsurgery: error: {tmp_path / 'o' / 'model.py'}: a file, not a directory written by save(); "
                                  f"fix: pass its directory ({tmp_path / 'o'}) or its surgery.json\n")
+
+
+def test_a_checkpoint_holding_something_else_than_tensors_is_named_not_the_record(tmp_path):
+    # a list in the state dict read "surgery.json: not a record map-weights can read (AttributeError: ...)"
+    model = _randomised(nn.Sequential(OrderedDict(fc1=nn.Linear(4, 4), fc2=nn.Linear(4, 3))), 1)
+    fxs.apply(model, [Replace("fc2", fxs.new(nn.Linear, out_features=5))], example_inputs=(torch.randn(2, 4),)).save(tmp_path / "o")
+    state = model.state_dict()
+    state["fc1.weight"] = state["fc1.weight"].tolist()
+    with pytest.raises(fxs.SaveError) as err:
+        fxs.map_weights(state, tmp_path / "o")
+    assert str(err.value) == "the checkpoint: fc1.weight is a list, not a tensor; fix: pass a state dict of tensors (model.state_dict())"
+    with pytest.raises(fxs.SaveError) as err:
+        fxs.map_weights([1, 2], tmp_path / "o")
+    assert str(err.value) == "the checkpoint: is a list, not a state dict; fix: pass model.state_dict() or a checkpoint file"

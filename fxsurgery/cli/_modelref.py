@@ -62,6 +62,8 @@ def load_model(ref: str, *, trust_pickle: bool = False, trust_code: bool = False
             raise ModelError(f"{ref}: holds {what}, not a model; fix: name the model (package.module:factory, path/file.py:Name "
                              f"or a saved directory) and pass {ref} as --weights")
         return model
+    if path.exists():  # /dev/zero, a FIFO: read, neither would end
+        raise ModelError(f"{ref}: is not a regular file; fix: name the model (package.module:factory, path/file.py:Name or a saved directory)")
     raise ModelError(f"{ref}: no such file or directory, and not of the form package.module:factory; fix: e.g. torchvision.models:resnet18")
 
 

@@ -97,7 +97,7 @@ def function(name: Any, allow: tuple[str, ...] = ()) -> Any:
         if attr not in _BUILTINS:
             raise refused
         return getattr(builtins, attr)
-    if space not in _NAMESPACES and (space.startswith("torchvision.") or space.split(".")[0] in allow):
+    if space not in _NAMESPACES and identifier(space.split(".")[0]) and (space.startswith("torchvision.") or space.split(".")[0] in allow):
         value = _declared_leaf(space, attr)
         if value is None:
             raise refused

@@ -43,6 +43,12 @@ def map_weights(state_dict: dict | str | os.PathLike, surgery: str | os.PathLike
     where = "the checkpoint"
     if isinstance(state_dict, (str, os.PathLike)):
         state_dict, where = _read(state_dict), str(state_dict)
+    if not isinstance(state_dict, dict):
+        raise SaveError(f"{where}: is a {type(state_dict).__name__}, not a state dict; fix: pass model.state_dict() or a checkpoint file")
+    odd = next((k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)), None)
+    if odd is not None:  # else it failed inside the replay, blamed on the surgery's record
+        raise SaveError(f"{where}: {shown(str(odd))} is a {type(state_dict[odd]).__name__}, not a tensor; fix: pass a state dict "
+                        "of tensors (model.state_dict())")
     directory = _directory(surgery)
     record = read_record(directory)
     verify_hash(directory, record)  # the tensors a rule made are copied from it, its record says where each comes from

@@ -110,6 +110,11 @@ def parse_rules(text: str, source: str = "<rules>", params: dict | None = None, 
     defaults = doc.get("params") or YamlMap()
     if not isinstance(defaults, dict):
         raise RuleError(f"{source}:{doc.key_lines['params']}: params must be a mapping of name: default; fix: e.g. 'params: {{num_classes: 10}}'")
+    for name, value in defaults.items():  # the file's ${...} were made tokens before it was parsed
+        if "__fxsparam_" in repr(value):
+            shown = _TOKEN.sub(lambda m: "${" + bytes.fromhex(m.group(1)).decode() + "}", repr(value))
+            raise RuleError(f"{source}:{doc.key_lines['params']}: param {name!r} defaults to {shown}, a param; params do not "
+                            "refer to params; fix: give it a value of its own")
     values = dict(defaults)
     for name, value in (params or {}).items():
         if name not in defaults and declared_only:
