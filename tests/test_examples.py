@@ -39,8 +39,9 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     assert {n.split(".")[0] for n, p in result.module.named_parameters() if p.requires_grad} == {"layer4", "fc"}
     assert sorted(os.listdir(tmp_path / "out")) == ["graph.json", "model.py", "model.safetensors", "surgery.json"]
     general = namespace["general"]
-    assert general.mode == "regenerated graph module" and list(general.specialised) == ["input_ids"]
-    assert list(general.specialised["input_ids"]) == [1] and general.specialised["input_ids"][1].startswith("a size of 1 takes")
+    assert general.mode == "regenerated graph module" and general.specialised == {}
+    ids = torch.randint(0, 100, (1, 1))  # a length of 1: its branch computes the same there, so its guard lets it through
+    assert torch.equal(general.module.eval()(ids).logits, general.capture.model.eval()(ids).logits)  # (`bert` is another later)
     kept = namespace["kept"]
     assert kept.mode == "kept class LlamaForCausalLM" and kept.module.config.num_hidden_layers == 6
     assert kept.report.entry("model.layers.3.mlp.up_proj.weight").source == "model.layers.1.mlp.up_proj.weight"

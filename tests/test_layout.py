@@ -98,7 +98,7 @@ def test_import_linter_catches_a_cycle_and_an_upward_import(broken_copy):
 
 def test_ruff_catches_a_lint_error(broken_copy):
     util = broken_copy / "fxsurgery" / "_util.py"
-    util.write_text("import os\n" + util.read_text())
+    util.write_text("import fnmatch\n" + util.read_text())  # a module _util.py does not import
     done = _run([_tool("ruff"), "check", "fxsurgery"], broken_copy)
     assert done.returncode == 1
     assert "fxsurgery/_util.py:1:8: F401" in done.stdout

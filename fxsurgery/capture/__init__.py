@@ -30,7 +30,7 @@ from ._containers import SOURCE as CONTAINERS_SOURCE
 from ._copying import assign, clone, refuse_hooked_weights, root_of
 from ._dualgraph import ModeGraphModule, current, dual_source, other_graph, recompile, trace_both, trace_modes
 from ._dynspec import apply_spec
-from ._guards import beyond_size_one, down_to_one, specialised
+from ._guards import GUARD, beyond_size_one, down_to_one, specialised
 from ._incremental import held_by
 from ._livemodes import keep_mode_reads
 from ._modes import track
@@ -41,7 +41,7 @@ from ._trace import Captured, module_stack, trace
 from ._tracer import FIRST_ARGUMENT_OF, Tracer, qualified_names
 
 __all__ = [
-    "FIRST_ARGUMENT_OF", "assign", "InlineSequential", "containers_of", "keep_containers", "restore",
+    "FIRST_ARGUMENT_OF", "GUARD", "assign", "InlineSequential", "containers_of", "keep_containers", "restore",
     "CONTAINERS_INIT", "CONTAINERS_SOURCE", "INLINE_KINDS", "Containers", "renamed_containers",
     "ModeGraphModule", "current", "dual_source", "keep_mode_reads", "other_graph", "recompile", "trace_both", "trace_modes", "track",
     "KEPT", "CallSpec", "adapter_call", "Call", "Capture", "Captured", "Meta", "PropagationError", "adapt", "capture", "capture_kept", "clone",

@@ -292,8 +292,9 @@ def _relax(region, example: tuple, ones: list[tuple[str, int]]) -> None:
                 made.append(graph.call_function(operator.eq, (made[-1], 1)))
                 test = graph.call_function(operator.or_, (test, made[-1]))
                 made.append(test)
-        for node in made:
+        for node in made:  # inside the module the guard is in: a rule on that module takes them with it
             node.meta[GUARD] = True
+            node.meta["nn_module_stack"] = dict(d.guard.meta.get("nn_module_stack") or {})
         d.guard.args = (test, d.guard.args[1] + f"; at size 1 of {dims_text(ones)} it runs the code of sizes >= 2, "
                         "checked at capture to give the example's outputs")
     gm.recompile()

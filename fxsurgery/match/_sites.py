@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 from torch import fx, nn
 
-from ..capture import Capture, Captured, module_stack, qualified_names
+from ..capture import GUARD, Capture, Captured, module_stack, qualified_names
 from ..spec import Selector
 
 
@@ -92,7 +92,8 @@ class GraphIndex:
         outputs: list[str] = []
         for name in names:
             node = self.nodes[name]
-            for arg in node.all_input_nodes:
+            # a guard's test may read an input's size (size 1 let through): bookkeeping, not what the module reads
+            for arg in () if node.meta.get(GUARD) else node.all_input_nodes:
                 if arg.name not in inside and arg.name not in inputs:
                     inputs.append(arg.name)
             if any(u.name not in inside for u in node.users):

@@ -16,7 +16,7 @@ from typing import Any
 from torch import fx, nn
 
 from .._util import get_path, shape_text
-from ..capture import FIRST_ARGUMENT_OF, Captured, Meta, PropagationError, propagate
+from ..capture import FIRST_ARGUMENT_OF, GUARD, Captured, Meta, PropagationError, propagate
 from ..errors import RewriteError
 from ..match import Match, Plan, Site, join, label
 from ..spec import New, describe, like
@@ -117,7 +117,7 @@ class Rewriter:
             return list(site.inputs)
         inside, inputs = set(nodes), []
         for node in nodes:
-            for arg in node.all_input_nodes:
+            for arg in () if node.meta.get(GUARD) else node.all_input_nodes:  # as match reads a site (_sites.py)
                 if arg not in inside and arg.name not in inputs:
                     inputs.append(arg.name)
         return inputs
