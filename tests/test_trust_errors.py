@@ -247,3 +247,25 @@ def test_a_declared_module_that_builds_without_end_is_stopped_by_a_budget():
     assert str(err.value).endswith("test_trust_errors.Many(n=10000000) is rejected: builds more than 100000 modules, parameters "
                                    "and buffers; fix: change the arguments")
     assert fxs.new(Many, n=1000).kwargs == {"n": 1000}  # a size that fits is a rule
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bfloat16])
+def test_example_inputs_the_model_itself_refuses_are_refused(dtype):
+    # fake tensors let token ids through a float32 Linear: apply wrote an output that failed as the model does
+    import torchvision
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.zeros(2, 4, dtype=dtype)
+    with pytest.raises(RuntimeError, match="must have the same dtype"):
+        model(x)
+    with pytest.raises(fxs.ModelError) as err:
+        fxs.apply(model, [fxs.Freeze("0")], example_inputs=(x,))
+    got = str(dtype).replace("torch.", "")
+    assert str(err.value) == (f"the example inputs do not fit the model: '0' (Linear) holds float32 weights and receives {got}, "
+                              "which the model itself refuses; fix: pass float32 inputs (--input SIZES)")
+    resnet = torchvision.models.resnet18().eval().to(torch.bfloat16)  # a bfloat16 model takes bfloat16 inputs
+    with pytest.raises(fxs.ModelError) as err:
+        fxs.apply(resnet, [fxs.Freeze("layer1")], example_inputs=(torch.randn(1, 3, 32, 32),))
+    assert str(err.value).endswith("'conv1' (Conv2d) holds bfloat16 weights and receives float32, which the model itself refuses; "
+                                   "fix: pass bfloat16 inputs (--input SIZES:bfloat16)")
+    y = torch.randn(2, 3, 32, 32, dtype=torch.bfloat16)
+    assert torch.equal(fxs.apply(resnet, [fxs.Freeze("layer1")], example_inputs=(y[:1],)).module(y), resnet(y))

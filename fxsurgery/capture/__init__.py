@@ -36,7 +36,7 @@ from ._livemodes import keep_mode_reads
 from ._modes import track
 from ._pickling import deep_copy, picklable
 from ._pickling import reduce as pickled
-from ._shapes import Meta, PropagationError, adapt, propagate, quiet_fake_tensors
+from ._shapes import Meta, PropagationError, adapt, propagate, quiet_fake_tensors, refuse_mixed_dtypes
 from ._trace import Captured, module_stack, trace
 from ._tracer import FIRST_ARGUMENT_OF, Tracer, qualified_names
 
@@ -267,6 +267,7 @@ def capture(model: nn.Module, example_inputs: tuple | None = None, example_kwarg
         except Exception:
             _refuse_failing(model, inputs, kwargs)
             raise
+    refuse_mixed_dtypes(result.regions)
     return _specced(result, dynamic_shapes)
 
 

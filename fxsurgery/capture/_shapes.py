@@ -20,6 +20,7 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicO
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from .._util import shape_text
+from ..errors import ModelError
 from ._copying import clone, root_of
 from ._shortcuts import function_output, method_output, module_output
 
@@ -263,3 +264,25 @@ def quiet_fake_tensors():
     return _quiet(_FAKE_LOGGER)
 
 
+# layers whose kernels refuse an input of another dtype than their weights (without autocast); a subclass with a
+# forward of its own may cast first (a quantised Linear), so only these forwards count
+_SAME_DTYPE = (nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+               nn.ConvTranspose3d, nn.PReLU, nn.MultiheadAttention, nn.RNN, nn.LSTM, nn.GRU)
+
+
+def refuse_mixed_dtypes(regions) -> None:
+    """An original layer whose example input has another dtype than its floating weights (token ids, `--input
+    2x4:int64`, into a float32 Linear): fake tensors propagate it, the model itself refuses it when run."""
+    for region in regions:
+        for node in region.graph.nodes if region.shapes else ():
+            module = region.gm.get_submodule(node.target) if node.op == "call_module" else None
+            if not any(isinstance(module, c) and type(module).forward is c.forward for c in _SAME_DTYPE) or not node.all_input_nodes:
+                continue
+            own = {t.dtype for t in module.parameters() if t.is_floating_point()}
+            first = region.shapes.get(node.all_input_nodes[0].name)
+            if len(own) == 1 and first is not None and first.is_tensor and first.dtype is not None and first.dtype not in own:
+                have, got = (str(d).replace("torch.", "") for d in (*own, first.dtype))
+                path = ".".join(p for p in (region.path, node.target) if p)
+                raise ModelError(f"the example inputs do not fit the model: '{path}' ({type(module).__name__}) holds {have} weights "
+                                 f"and receives {got}, which the model itself refuses; fix: pass {have} inputs "
+                                 f"(--input SIZES{'' if have == 'float32' else ':' + have})")
