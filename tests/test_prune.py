@@ -133,7 +133,7 @@ def test_densenet_concat_offsets():
     model, x = tv("densenet121"), torch.randn(1, 3, 32, 32)
     path = "features.denseblock1.denselayer2.conv2"   # 32 channels concatenated after 64 + 32 others
     result = exact(model, x, path, [0, 31])
-    g = group(model, x, path)
+    g = group(model, x.double(), path)  # exact() made the model float64: it takes float64 inputs
     # every later layer of the block and the transition read them at offset 96: norm1 and conv1 of layers 3-6, the transition's norm and conv
     readers = sorted(t for (t, p, a), s in g.slices.items() if p == "weight" and not s.source)
     assert readers == [f"features.denseblock1.denselayer{i}.conv1" for i in range(3, 7)] + ["features.transition1.conv"]
