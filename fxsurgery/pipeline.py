@@ -19,7 +19,7 @@ from .capture import Capture, Captured, Meta, capture, capture_kept, keep_contai
 from .errors import ModelError, RuleError, SaveError, SurgeryWarning
 from .export import footprint, parse_size, save, save_pretrained
 from .match import Plan, match
-from .rewrite import InputChange, rewrite
+from .rewrite import InputChange, hold_by_path, rewrite
 from .spec import Output, Prune, Rewrite, Rule, flatten, load_rules, refuse_valueless
 from .transfer import TransferReport, carry_root_hooks, hold_norms, open_checkpoint, pending_of, refuse_dtensors, register, transfer, with_values
 from .validate import GradientFlow, check_module, gradient_flow, validate
@@ -305,6 +305,7 @@ def apply(model: nn.Module, rules, example_inputs=None, *, example_kwargs: dict 
                     report.join_mode(live.other.report, {*dict(module.named_parameters(remove_duplicate=False)),
                                                          *dict(module.named_buffers(remove_duplicate=False))})
             hold_norms(module, rewritten)  # after the modes are live: a held BatchNorm's calls stay in eval mode in both
+            hold_by_path(module)  # .train() leaves them in eval mode, and any BatchNorm put in their place
             keep_containers(module, model)  # result.features[0], len(result.encoder.layer) as on the original
             if not kept:  # a graph holds the forward, not the call around it: the root's hooks go on the result's root
                 changed = next((m.label for m in plan.matches if isinstance(m.rule, Output) and m.count), "")

@@ -233,6 +233,36 @@ def test_frozen_batchnorm_scripts_and_resaves(tmp_path):
         assert torch.allclose(again(x), expected, atol=1e-5, rtol=0)
 
 
+
+def test_held_batchnorm_reads_eval_after_train_and_survives_sync_batchnorm(tmp_path):
+    """A held BatchNorm reads training=False as soon as .train() returns, and a BatchNorm put at its path
+    (nn.SyncBatchNorm.convert_sync_batchnorm builds new layers, without the layer's hook) is held too: its
+    statistics moved in a DDP run before. Layers outside the Freeze still train their statistics."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=5)
+    x = torch.randn(2, 3, 64, 64)
+    result = fxs.apply(model, [Freeze("*", exclude=["layer4"], bn="eval")], example_inputs=(x,))
+    reference = copy.deepcopy(model).train()
+    for path, sub in reference.named_modules():
+        if isinstance(sub, nn.BatchNorm2d) and not path.startswith("layer4"):
+            sub.eval()
+    expected = reference(x)
+    result.save(tmp_path / "o")
+    for made in (result.module, copy.deepcopy(result.module), pickle.loads(pickle.dumps(result.module)),
+                 fxs.load(tmp_path / "o"), _import_model_py(tmp_path / "o")):
+        made.train()
+        assert [made.get_submodule(p).training for p in ("bn1", "layer1.0.bn2", "layer1.0", "layer4.0.bn1")] == [False, False, True, True]
+        synced = nn.SyncBatchNorm.convert_sync_batchnorm(made).train()
+        assert type(synced.bn1) is nn.SyncBatchNorm and not synced.bn1.training and synced.layer4[0].bn1.training
+        held, moving = synced.layer1[0].bn1.running_mean.clone(), synced.layer4[0].bn1.running_mean.clone()
+        assert torch.equal(synced(x), expected)
+        assert torch.equal(synced.layer1[0].bn1.running_mean, held)
+        assert not torch.equal(synced.layer4[0].bn1.running_mean, moving)
+    replaced = copy.deepcopy(result.module)
+    replaced.bn1 = nn.Identity()  # taken out: nothing left at that path to hold
+    assert replaced.train().bn1.training and not replaced.layer1[0].bn1.training
+
+
 class Gate(nn.Module):
     def forward(self, x):
         return x + 1 if self.training else x * 2

@@ -20,7 +20,7 @@ from torch.utils._device import DeviceContext
 
 from ..capture import INLINE_KINDS, Containers, ModeGraphModule, assign, deep_copy, install_adapter, pickled
 from ..errors import SaveError
-from ..rewrite import stay_eval, stays_eval
+from ..rewrite import hold_by_path, stay_eval, stays_eval
 from ._callread import call_form
 from ._graphdata import GRAPH, VERSION
 from ._graphload import FIX, OPS, Bad, attribute, build_module, checked_call, decode, entry_error, function, method, output_type_home, path
@@ -286,6 +286,7 @@ def rebuild(directory: Path, allow: tuple[str, ...], device: str | torch.device,
             raise entry_error(directory, "stay_eval", Bad(f"names no module ({where!r})")) from None
         if not stays_eval(module):
             module.register_forward_pre_hook(stay_eval)
+    hold_by_path(gm)
     if "containers" in doc:  # the original's nn.Sequential, nn.ModuleList, nn.ModuleDict: result.features[0] as there
         hook = Containers(_containers(directory, doc["containers"], gm))
         hook(gm)

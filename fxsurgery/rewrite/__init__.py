@@ -26,11 +26,11 @@ from ._fitting import build, mode_at
 from ._heads import opaque as opaque_heads
 from ._heads import prune_rule
 from ._pattern_edits import cut_output, rewrite_chains
-from ._wrappers import STAY_EVAL_SOURCE, Around, Call, Skip, StayEval, is_stay_eval, stay_eval, stays_eval
+from ._wrappers import STAY_EVAL_SOURCE, Around, Call, Skip, StayEval, hold_by_path, is_stay_eval, stay_eval, stays_eval
 
 __all__ = [
     "Around", "Edited", "InputChange", "ModuleEdit", "Rewritten", "StayEval", "module_edits", "rewrite",
-    "mode_at", "shape_failure", "stays_eval", "stay_eval", "is_stay_eval", "STAY_EVAL_SOURCE",
+    "mode_at", "shape_failure", "hold_by_path", "stays_eval", "stay_eval", "is_stay_eval", "STAY_EVAL_SOURCE",
 ]
 
 

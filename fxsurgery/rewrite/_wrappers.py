@@ -5,7 +5,8 @@ from __future__ import annotations
 import inspect
 
 import torch
-from torch import nn
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils import _pytree as pytree
 
 from ._fitting import fit_call
@@ -113,3 +114,44 @@ def is_stay_eval(hook) -> bool:
 def stays_eval(module: nn.Module) -> bool:
     """Freeze(..., bn="eval") holds `module` in eval mode."""
     return any(is_stay_eval(h) for h in module._forward_pre_hooks.values())
+
+
+class HoldEval:
+    """A deep-copy hook (applied again after a deep copy or a pickle) giving a GraphModule a `train` that puts the
+    BatchNorm layers below it that Freeze(..., bn="eval") holds back in eval mode, found by path. A layer's own hook
+    holds it only from its next call, and only while it is that layer: `.training` read True after `.train()`, and
+    `nn.SyncBatchNorm.convert_sync_batchnorm` builds new layers without the hook, whose statistics then moved. A
+    BatchNorm at a held path is held, whatever built it; model.py's `train` does the same."""
+
+    installs = ()
+
+    def __call__(self, gm: nn.Module) -> None:
+        held = tuple(path for path, sub in gm.named_modules() if path and stays_eval(sub))
+        if not held:
+            return
+        # torch.fx gives each GraphModule a class of its own: these are this module's, not every GraphModule's
+        type(gm)._fxsurgery_stay_eval = held
+        type(gm).train = _held_train
+        if self not in gm._deepcopy_hooks:
+            gm._deepcopy_hooks.append(self)
+
+
+def _held_train(self, mode: bool = True):
+    super(type(self), self).train(mode)
+    for path in type(self)._fxsurgery_stay_eval:
+        try:
+            sub = self.get_submodule(path)
+        except AttributeError:  # taken out since: nothing there to hold
+            continue
+        if isinstance(sub, _BatchNorm):
+            sub.training = False
+            if not stays_eval(sub):  # a layer put in its place: held when called on its own too
+                sub.register_forward_pre_hook(stay_eval)
+    return self
+
+
+def hold_by_path(module: nn.Module) -> None:
+    """Give every GraphModule in `module` that holds BatchNorm layers in eval mode a `HoldEval`."""
+    for sub in module.modules():
+        if isinstance(sub, fx.GraphModule):
+            HoldEval()(sub)
