@@ -39,6 +39,16 @@ _STATIC = {"ndim", "layout", "is_floating_point", "is_complex"}
 _AUTOGRAD = {"requires_grad", "grad_fn", "is_leaf"}
 
 
+# Tensor methods and torch functions giving a tuple of as many tensors as a size or a computed count says.
+_SPLITTERS = {"unbind", "split", "chunk", "tensor_split", "hsplit", "vsplit", "dsplit", "split_with_sizes", "unsafe_split",
+              "unsafe_chunk", "unsafe_split_with_sizes"}
+
+
+def _splits(node: fx.Node) -> bool:
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None) if node.op == "call_function" else None
+    return name in _SPLITTERS
+
+
 class ValueProxy(fx.Proxy):
     """A proxy that knows its example value."""
 
@@ -81,6 +91,8 @@ class ValueProxy(fx.Proxy):
     def __len__(self):
         value = self._value()
         if isinstance(value, (tuple, list, torch.Size)):
+            if _splits(self.node):  # as many pieces as a size gives: `for t in x.unbind(1)` ran the example's count
+                return self._decided("len", len(value))
             return len(value)  # structure, not shape: nothing to guard
         return self._decided("len", len(self._concrete()))
 
