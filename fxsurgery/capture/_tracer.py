@@ -13,6 +13,7 @@ from torch.fx._symbolic_trace import _wrapped_fns_to_patch
 
 from .._progress import counter
 from ._dualgraph import current
+from ._gradmode import NO_GRAD, cut, watched
 from ._livemodes import read_modes
 
 FIRST_ARGUMENT_OF = "fxs_first_argument_of"  # node meta: the modules (traced through) that took this node first
@@ -76,8 +77,10 @@ class Tracer(fx.Tracer):
     def trace(self, root, concrete_args=None):
         self._modes = None
         try:
-            with counter("capture", unit="node") as self._count, _state_kept():   # a large model takes a while to trace
-                return super().trace(current(root), concrete_args=concrete_args)  # a graph per mode: its mode's
+            with counter("capture", unit="node") as self._count, _state_kept(), watched(self):   # a large model takes a while to trace
+                graph = super().trace(current(root), concrete_args=concrete_args)  # a graph per mode: its mode's
+            cut(graph, getattr(self, "values", None), self.root)  # the forward's own torch.no_grad
+            return graph
         finally:
             self._count = None
             if self._modes is not None:
@@ -89,6 +92,8 @@ class Tracer(fx.Tracer):
             node._rename("self_")
         if getattr(self, "_count", None) is not None:
             self._count.update(1)
+        if getattr(self, "grad_off", False) and node.op in ("call_function", "call_method", "call_module"):
+            node.meta[NO_GRAD] = True
         return node
 
     def create_arg(self, a):

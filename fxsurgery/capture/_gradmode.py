@@ -1,0 +1,148 @@
+"""Gradient and autocast modes the forward sets itself, which torch.fx does not record.
+
+`with torch.no_grad(): t = self.teacher(x)` (an EMA teacher, a momentum
+encoder, targets computed on the fly) traced as plain nodes lets gradients
+reach, and an optimizer move, parameters the original never trains. While
+tracing, the forward's own switches of the gradient mode (`torch.no_grad`,
+`@torch.no_grad()`, `torch.set_grad_enabled(False)`, `torch.inference_mode`)
+are watched, and every node made with gradients off is marked. After tracing,
+what such a node reads from outside (an input, a parameter, an earlier
+value) is read through `.detach()`, and so is what a module called there
+returns (its own parameters are inside it): no gradient crosses the region,
+in either direction, as under no_grad, and every value is the same.
+
+Knowing which values are tensors takes the example's values; a trace
+without them stops there (the capture then traces with values, or keeps
+the module as Python). `torch.autocast` changes the dtypes the ops inside
+compute in, which a graph cannot hold: its module stays Python.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+
+import torch
+from torch import fx
+from torch.amp import autocast_mode
+from torch.autograd import grad_mode
+
+NO_GRAD = "fxs_no_grad"  # node meta: made while the forward had gradients turned off
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def watched(tracer):
+    """Trace with gradients on (so that the forward's own switch shows), noting where the forward turns them off:
+    `tracer.grad_off` while it is. Computing an example value (`tracer.evaluating`) is not the forward's."""
+    set_grad, inference_enter, inference_exit = torch._C._set_grad_enabled, grad_mode.inference_mode.__enter__, grad_mode.inference_mode.__exit__
+    autocast_enter = autocast_mode.autocast.__enter__
+    tracer.grad_off, depth = False, [0]
+
+    def theirs() -> bool:
+        return not getattr(tracer, "evaluating", False)
+
+    def off() -> None:
+        if getattr(tracer, "values", None) is None:
+            raise fx.proxy.TraceError("the code turns gradients off (torch.no_grad); cutting them in a graph takes example inputs")
+
+    def switched(mode):
+        if theirs():
+            if not mode:
+                off()
+            tracer.grad_off = not mode or depth[0] > 0
+        return set_grad(mode)
+
+    def entered(self):
+        if theirs() and self.mode:
+            off()
+            depth[0] += 1
+            tracer.grad_off = True
+        return inference_enter(self)
+
+    def left(self, *exc):
+        left_ = inference_exit(self, *exc)
+        if theirs() and self.mode:
+            depth[0] -= 1
+            tracer.grad_off = depth[0] > 0 or not torch.is_grad_enabled()
+        return left_
+
+    def autocast(self):
+        if theirs():
+            raise fx.proxy.TraceError("the code enters torch.autocast, whose dtypes a graph does not hold")
+        return autocast_enter(self)
+
+    with torch.enable_grad():  # entered and left unwatched: a capture may run under no_grad
+        torch._C._set_grad_enabled = switched
+        grad_mode.inference_mode.__enter__, grad_mode.inference_mode.__exit__ = entered, left
+        autocast_mode.autocast.__enter__ = autocast
+        try:
+            yield
+        finally:
+            torch._C._set_grad_enabled = set_grad
+            grad_mode.inference_mode.__enter__, grad_mode.inference_mode.__exit__ = inference_enter, inference_exit
+            autocast_mode.autocast.__enter__ = autocast_enter
+
+
+def cut(graph: fx.Graph, values: dict | None, root) -> int:
+    """Detach what the nodes marked NO_GRAD read from outside, and what modules called there return. Returns
+    the number of detaches made."""
+    inside = [n for n in graph.nodes if n.meta.get(NO_GRAD)]
+    if not inside:
+        return 0
+    marked = set(inside)
+
+    def is_tensor(node: fx.Node) -> bool:
+        value = values.get(node, _MISSING) if values is not None else _MISSING
+        if value is _MISSING and node.op == "get_attr":
+            try:
+                value = _attr(root, node.target)
+            except AttributeError:
+                value = _MISSING
+        if value is _MISSING:
+            raise fx.proxy.TraceError(f"the code turns gradients off (torch.no_grad) around '{node.name}', whose value "
+                                      "is not known; a graph cannot cut gradients there")
+        return isinstance(value, torch.Tensor)
+
+    made: dict[fx.Node, fx.Node] = {}
+
+    def detach(value: fx.Node, where: fx.Node, after: bool) -> fx.Node:
+        with (graph.inserting_after(value) if after else graph.inserting_before(where)):
+            node = graph.call_method("detach", (value,))
+        node.meta.update({k: where.meta[k] for k in ("nn_module_stack", "stack_trace") if k in where.meta})
+        if where.op == "call_module" and node.meta.get("nn_module_stack"):  # beside the module called, not inside it
+            node.meta["nn_module_stack"] = dict(list(node.meta["nn_module_stack"].items())[:-1])
+        node.meta[NO_GRAD] = True
+        marked.add(node)
+        return node
+
+    count = 0
+    for node in inside:
+        for source in node.all_input_nodes:
+            if source in marked or source.op == "output" or not is_tensor(source):
+                continue
+            if source not in made:
+                made[source] = detach(source, node, after=False)
+                count += 1
+            node.replace_input_with(source, made[source])
+        outs = [node] if node.op == "call_module" else []
+        if node.op == "call_module" and not is_tensor(node):
+            # a module returning several values: what is read out of it (inside the region too)
+            if any(u.op != "call_function" or u.target is not operator.getitem for u in node.users):
+                raise fx.proxy.TraceError(f"the code turns gradients off (torch.no_grad) around '{node.name}', whose "
+                                          "values are not read one by one; a graph cannot cut gradients there")
+            outs = [u for u in node.users if is_tensor(u)]
+        for out in outs:
+            users = list(out.users)
+            cut_node = detach(out, out, after=True)
+            count += 1
+            for user in users:
+                user.replace_input_with(out, cut_node)
+    return count
+
+
+def _attr(root, target: str):
+    value = root
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
