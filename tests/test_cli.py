@@ -395,3 +395,22 @@ def test_weights_that_are_a_pickled_model_are_told_so_in_one_line(tmp_path):
         f"{tmp_path / 'whole.pt'}: holds pickled objects other than tensors (torch.nn.modules.linear.Linear), "
         "a whole model perhaps, which loading weights never runs; fix: save the model's weights "
         "(safetensors.torch.save_model(model, path), or torch.save(model.state_dict(), path)) and pass that") + "\n"
+
+
+def test_shipped_rules_are_found_from_a_source_tree_without_an_install(tmp_path):
+    """Run with PYTHONPATH from a checkout (no install maps `fxsurgery.rules` to rules/), `rules`, `demo` and shipped
+    rule names ended in "internal error: ModuleNotFoundError"; they read rules/ of the tree."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    script = ("import sys, runpy\nsys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+              "sys.argv = ['fxsurgery', *sys.argv[1:]]\nrunpy.run_module('fxsurgery', run_name='__main__')\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", script, "check", "fold-bn"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert proc.stdout.splitlines()[0] == "fold-bn: ok, 2 rules"
+    listed = subprocess.run([sys.executable, "-c", script, "rules"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    names = sorted(f.removesuffix(".yaml") for f in os.listdir(os.path.join(ROOT, "rules")) if f.endswith(".yaml"))
+    assert listed.returncode == 0 and [line for line in listed.stdout.splitlines() if line and not line.startswith(" ")] == [
+        *names, f"{len(names)} rule files; use one by name: fxsurgery apply MODEL classifier-head --set k=v"]

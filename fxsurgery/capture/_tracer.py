@@ -37,6 +37,33 @@ def _state_kept():
         nn.Module.__setattr__ = setattr_
 
 
+def _len(value):
+    if isinstance(value, fx.Proxy):  # a guard of a graph traced again: `len(split)` stays a node
+        return value.tracer.create_proxy("call_function", len, (value,), {})
+    return len(value)
+
+
+@contextlib.contextmanager
+def _guard_lens(root: nn.Module):
+    """A graph made here asserts `len(split) == 3` where Python iterated a split; traced again without example
+    values (`fxsurgery inspect` of a saved GPT-2), builtin len of a proxy fails and the whole model stayed Python.
+    While tracing, the generated forwards' `len` records itself instead, as torch.fx.wrap would make it."""
+    patched = []
+    for sub in root.modules():
+        if isinstance(sub, fx.GraphModule):
+            _ = sub.code  # a lazily compiled module compiles now: its forward is the generated one
+            for fn in (type(sub).__dict__.get("forward"), sub.__dict__.get("_fxsurgery_other_forward")):
+                names = getattr(fn, "__globals__", None)
+                if isinstance(names, dict) and names.get("len", len) is len and not any(p is names for p in patched):
+                    names["len"] = _len  # torch.fx put the builtin among the names its code reads
+                    patched.append(names)
+    try:
+        yield
+    finally:
+        for names in patched:
+            names["len"] = len
+
+
 class Tracer(fx.Tracer):
     """torch.fx's tracer with a leaf policy the user can extend.
 
@@ -77,8 +104,9 @@ class Tracer(fx.Tracer):
     def trace(self, root, concrete_args=None):
         self._modes = None
         try:
-            with counter("capture", unit="node") as self._count, _state_kept(), watched(self):   # a large model takes a while to trace
-                graph = super().trace(current(root), concrete_args=concrete_args)  # a graph per mode: its mode's
+            root = current(root)  # a graph per mode: its mode's
+            with counter("capture", unit="node") as self._count, _state_kept(), watched(self), _guard_lens(root):
+                graph = super().trace(root, concrete_args=concrete_args)  # a large model takes a while to trace
             cut(graph, getattr(self, "values", None), self.root)  # the forward's own torch.no_grad
             return graph
         finally:

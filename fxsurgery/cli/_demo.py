@@ -8,7 +8,6 @@ same outputs.
 from __future__ import annotations
 
 import time
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -18,12 +17,13 @@ from .._util import read_json, shown
 from ..errors import SaveError
 from ..export import load
 from ..pipeline import SurgeryResult, apply
+from ..spec import shipped_rules
 from ..views import diff as write_diff
 
 
 def rules_dir() -> Path:
     """The shipped rule files (rules/ in the source tree, package data when installed)."""
-    return Path(str(resources.files("fxsurgery.rules")))
+    return Path(shipped_rules())
 
 
 def _trainable(module: torch.nn.Module) -> tuple[int, int]:

@@ -151,14 +151,14 @@ def _ours(parent: Path, name: str) -> list[tuple[str, str, Path]]:
 
 
 def _alive_elsewhere(directory: Path) -> bool:
-    """True when the marker names another live process on this host, or any process on another host.
-
-    A pid is only judged on the host that wrote it: on a shared file system
-    (several nodes of one torchrun launch, or two machines writing beside each
-    other) another host's pid says nothing here, so its directory is left alone.
-    """
+    """True when the marker names another live process on this host, or any process on another host: a pid is
+    judged only on the host that wrote it (on a shared file system, several nodes of one torchrun launch or two
+    machines writing beside each other, another host's pid says nothing here), so its directory is left alone."""
+    marker = directory / MARKER
     try:
-        pid, host = (directory / MARKER).read_text().split()
+        if marker.is_symlink() or marker.exists() and (not marker.is_file() or marker.stat().st_size > 4096):
+            return True  # no marker this package wrote (a FIFO, a link to /dev/zero): left alone, never read
+        pid, host = marker.read_text().split()
         pid = int(pid)
     except (OSError, ValueError):
         return False

@@ -7,7 +7,6 @@ that declares huge layers fails before it allocates anything.
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 import weakref
@@ -18,6 +17,7 @@ import torch
 from torch import fx, nn
 from torch.utils._device import DeviceContext
 
+from .._util import read_json
 from ..capture import INLINE_KINDS, Containers, ModeGraphModule, assign, deep_copy, install_adapter, pickled
 from ..errors import SaveError
 from ..rewrite import hold_by_path, stay_eval, stays_eval
@@ -229,9 +229,11 @@ def _strings(doc: dict, key: str, kind: type) -> Any:
 def rebuild(directory: Path, allow: tuple[str, ...], device: str | torch.device, owned: bool = False) -> fx.GraphModule:
     """The module graph.json describes, with the weights of model.safetensors (`owned`: copied out of the file's mapping)."""
     try:
-        doc = json.loads((directory / GRAPH).read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise SaveError(f"{directory / GRAPH}: not valid JSON ({type(exc).__name__}); {FIX}") from None
+        doc = read_json(directory / GRAPH)  # a regular file of a bounded size: a FIFO or a sparse 3 GB file is refused
+    except OSError as exc:
+        raise SaveError(f"{directory / GRAPH}: cannot read: {exc.strerror or exc}; {FIX}") from None
+    except ValueError as exc:
+        raise SaveError(f"{directory / GRAPH}: not valid JSON ({exc}); {FIX}") from None
     if not isinstance(doc, dict) or doc.get("fxsurgery_graph") != VERSION:
         raise SaveError(f"{directory / GRAPH}: not a graph description of version {VERSION}; {FIX}")
     if "unsupported" in doc:

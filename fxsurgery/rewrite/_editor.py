@@ -144,9 +144,9 @@ class Rewriter:
                 raise shape_failure(err, self.edited) from None
             self.edited.shapes, self.dirty = dict(err.metas), True
 
-    def fail(self, m: Match, site: Site | None, problem: str, fix: str):
+    def fail(self, m: Match | None, site: Site | None, problem: str, fix: str):
         where = f" at '{site}'" if site else ""
-        raise RewriteError(f"{m.label}{where}: {problem}; fix: {fix}")
+        raise RewriteError(f"{m.label if m is not None else 'a rule'}{where}: {problem}; fix: {fix}")
 
     def one_input(self, m: Match, site: Site, deleting: bool = False) -> fx.Node:
         inputs = self.tensor_inputs(site)
@@ -188,19 +188,30 @@ class Rewriter:
                 self.graph.erase_node(node)
                 del self.by_name[name]
 
-    def fresh_path(self, base: str) -> str:
+    def taken(self) -> set[str]:
         if self._taken is None:  # every target and every module above one, kept as rules add more
             self._taken = set()
             for target in [*self.edited.modules, *self.edited.tensors]:
                 self._claim(target)
-        def free(p):
-            parts = p.split(".")
-            above = {".".join(parts[:i]) for i in range(1, len(parts))}
-            return p not in self._taken and not any(a in self.edited.modules or a in self.edited.tensors for a in above)
+        return self._taken
+
+    def fresh_path(self, base: str, named: list[str] | None = None, m: Match | None = None, site: Site | None = None) -> str:
+        """A free module path from `base` (`base_1`...); `named`: the paths made so far under a name a rule gave
+        (`m`), refused inside a layer the graph calls whole (no suffix frees it) or where the model has a module."""
+        parts = base.split(".")
+        inside = next((a for a in (".".join(parts[:i]) for i in range(1, len(parts))) if a in self.edited.modules
+                       or a in self.edited.tensors), None)
+        if inside is not None or (named == [] and base in self.taken()):
+            problem = (f"puts the new layer inside '{inside}', a layer the graph calls whole" if inside is not None
+                       else f"is the model's own '{base}'")
+            self.fail(m, site, f"insert name {base!r} {problem}", f"name it beside that layer, e.g. {base.replace('.', '_')!r}"
+                      if inside is not None else "choose a name the model does not use")
         path, k = base, 1
-        while not free(path):
+        while path in self.taken():
             path, k = f"{base}_{k}", k + 1
         self._claim(path)
+        if named is not None:
+            named.append(path)
         return path
 
     def _claim(self, target: str) -> None:
@@ -320,6 +331,7 @@ class Rewriter:
     def insert(self, m: Match, sites: list[Site]) -> None:
         rule = m.rule
         made: dict[str, list[str]] = {}  # a module's path: the parametrised layers inserted at its call sites
+        named: list[str] = []  # the paths made under the rule's own name
         for site in sites:
             anchor = self.one_output(m, site) if rule.after is not None else self.one_input(m, site)
             meta = self.meta(anchor.name, fresh=isinstance(rule.module, New) and bool(rule.module.missing()))
@@ -327,7 +339,7 @@ class Rewriter:
                            self.mode(site))
             where = site.path or site.key or self.captured.path.rpartition(".")[2]
             base = rule.name or f"{where.split('@')[0]}_{snake(type(module).__name__)}"
-            path = self.fresh_path(base)
+            path = self.fresh_path(base, named, m, site) if rule.name else self.fresh_path(base)
             self.edited.modules[path] = Slot(module, None, m.index)
             self.splice(m, site, anchor, lambda value, path=path: self.graph.call_module(path, (value,)))
             if any(True for _ in module.parameters()):

@@ -8,7 +8,7 @@ the Python line, it came from.
 """
 
 from ._builtins import AdaptInputChannels, AddLoRA, DropDropout, FoldBatchNorm, FoldLinearBatchNorm, SwapActivation, replay
-from ._load import load_rule_files, load_rules, parse_overrides, rule_path
+from ._load import load_rule_files, load_rules, parse_overrides, rule_path, shipped_rules
 from ._new import New, like, new, planning, refuse_valueless
 from ._pattern import Chain, Output, Pattern, Rewrite, calls, dag_graph, element_text, pattern
 from ._policies import Kept, carry, ranges
@@ -21,5 +21,5 @@ __all__ = [
     "FoldLinearBatchNorm", "Freeze", "Insert", "Kept", "Layers", "New", "Output", "Pattern", "Prune", "Replace", "Rewrite", "Rule",
     "RuleSet", "Selector", "SwapActivation", "calls", "carry", "dag_graph", "describe", "element_text",
     "flatten", "fresh", "frozen_by", "like", "load_rule_files", "load_rules", "new", "parse_overrides", "pattern", "rule_path",
-    "planning", "ranges", "refuse_valueless", "replay", "statistics",
+    "planning", "shipped_rules", "ranges", "refuse_valueless", "replay", "statistics",
 ]

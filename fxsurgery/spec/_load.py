@@ -49,6 +49,15 @@ def load_rule_files(paths: list, params: dict | None = None, allow=()) -> list[R
     return sets
 
 
+def shipped_rules() -> str:
+    """The shipped rule files' directory: package data when installed, rules/ of the source tree when the package
+    is run from there (PYTHONPATH) without an install mapping `fxsurgery.rules` to it."""
+    try:
+        return str(resources.files("fxsurgery.rules"))
+    except ModuleNotFoundError:
+        return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "rules")
+
+
 def rule_path(path: str | os.PathLike) -> str:
     """A rule file's path: the path given, a local NAME.yaml for a bare name, else the shipped file of that name
     (as `fxsurgery rules` lists them)."""
@@ -57,7 +66,7 @@ def rule_path(path: str | os.PathLike) -> str:
         return source
     if not source.endswith(".yaml") and os.path.isfile(f"{source}.yaml"):  # a local fold-bn.yaml before the shipped fold-bn
         return f"{source}.yaml"
-    shipped = os.path.join(str(resources.files("fxsurgery.rules")), source if source.endswith(".yaml") else f"{source}.yaml")
+    shipped = os.path.join(shipped_rules(), source if source.endswith(".yaml") else f"{source}.yaml")
     return shipped if os.path.isfile(shipped) else source
 
 
@@ -65,7 +74,8 @@ def _path_fix(source: str) -> str:
     """For a bare name, the shipped rules it is close to (classifer-head -> classifier-head)."""
     if os.sep in source or os.path.exists(source):
         return "check the path"
-    names = sorted(f.name.removesuffix(".yaml") for f in resources.files("fxsurgery.rules").iterdir() if f.name.endswith(".yaml"))
+    names = sorted(f.removesuffix(".yaml") for f in (os.listdir(shipped_rules()) if os.path.isdir(shipped_rules()) else ())
+                   if f.endswith(".yaml"))
     close = difflib.get_close_matches(source.removesuffix(".yaml"), names, n=3, cutoff=0.6)
     return f"did you mean {', '.join(close)}? ('fxsurgery rules' lists them)" if close else "check the path, or see 'fxsurgery rules'"
 

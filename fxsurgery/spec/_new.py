@@ -243,6 +243,11 @@ def check_policy(weights: Any, origin: Origin) -> Any:
         rows = weights["select"]
         if isinstance(rows, (list, tuple)) and rows and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in rows):
             return {"select": tuple(rows)}
+        listed = isinstance(rows, (list, tuple))
+        bad = next((i for i in rows if not isinstance(i, int) or isinstance(i, bool) or i < 0), None) if listed else rows
+        if bad is not None or not rows:
+            held = "no row" if not rows else f"{bad!r}, not a row index" if listed else f"{rows!r}, not a list of row indices"
+            raise RuleError(f"{origin}: weights select holds {held}; fix: list the rows to keep as indices from 0, e.g. {{select: [0, 2, 5]}}")
     raise RuleError(f"{origin}: unknown weights policy {weights!r}; fix: use one of {', '.join(WEIGHT_POLICIES)}, "
                     "or {select: [row indices]}")
 

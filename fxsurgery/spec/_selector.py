@@ -132,6 +132,7 @@ class Selector:
 
 _REPEATS = (_sre.MAX_REPEAT, _sre.MIN_REPEAT, _sre.POSSESSIVE_REPEAT)
 _MAX_REPEATS = 3  # sequential `.*`s cost (name length) ** count steps where a match fails
+_MAX_PATHS = 256  # combinations of alternatives: `(a|b)\.(c|d|e)` has 6
 
 
 def _backtracking(pattern: str) -> str:
@@ -159,5 +160,25 @@ def _backtracking(pattern: str) -> str:
                 return why
         return ""
 
-    why = walk(_parser.parse(pattern), False)
-    return why or (f"holds {repeats} repeats (at most {_MAX_REPEATS})" if repeats > _MAX_REPEATS else "")
+    parsed = _parser.parse(pattern)
+    why = walk(parsed, False)
+    paths = _paths(parsed)
+    return why or (f"holds {repeats} repeats (at most {_MAX_REPEATS})" if repeats > _MAX_REPEATS else
+                   f"holds groups of alternatives one after another, more than {_MAX_PATHS} ways to match"
+                   if paths > _MAX_PATHS else "")
+
+
+def _paths(items) -> int:
+    """How many ways the alternatives of a pattern combine: `(?:.|.)` 28 times tries 2**28 of them on a name that
+    fails at its end, with nothing repeated."""
+    total = 1
+    for op, av in items:
+        if op is _sre.BRANCH:
+            total *= sum(_paths(branch) for branch in av[1])
+        else:
+            for sub in (av if isinstance(av, (tuple, list)) else (av,)):
+                if isinstance(sub, _parser.SubPattern):
+                    total *= _paths(sub)
+        if total > _MAX_PATHS:
+            return total
+    return total

@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from .._util import first_line, shape_text, shown
+from .._util import first_line, read_json, shape_text, shown
 from ..errors import FxsError, ModelError
 
 # DataParallel / DistributedDataParallel and torch.compile wrap a model and
@@ -121,14 +121,13 @@ class Checkpoint:
         self.keys = dict(zip(stripped, self.meta))  # model name -> name in the file
 
     def _index(self) -> None:
-        import json
         try:
-            with open(self.path, encoding="utf-8") as handle:
-                weight_map = json.load(handle)["weight_map"]
+            weight_map = read_json(self.path)["weight_map"]  # a FIFO or a sparse 3 GB "index" is refused, not read
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise TypeError
         except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
-            raise ModelError(f"{self.path}: not a sharded checkpoint index ({type(exc).__name__}); fix: pass the "
+            why = str(exc) if type(exc) is ValueError else type(exc).__name__
+            raise ModelError(f"{self.path}: not a sharded checkpoint index ({why}); fix: pass the "
                              "*.safetensors.index.json written beside the shards") from None
         outside = sorted({v for v in weight_map.values() if not plain_name(v)})
         if outside:  # a shared index must not make the reader open files elsewhere on the machine
