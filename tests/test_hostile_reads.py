@@ -92,8 +92,8 @@ def test_an_insert_named_inside_a_called_layer_or_like_a_module_of_the_model_is_
                               "the new layer inside 'fc', a layer the graph calls whole; fix: name it beside that layer, e.g. 'fc_extra'")
     with pytest.raises(fxs.RewriteError) as err:  # it became relu_1... as `fc_1`, and `fc` stayed the old head
         fxs.apply(model, [Insert(nn.Identity(), after="relu", name="fc")], x)
-    assert str(err.value) == (f"rule 1 'insert Identity() after relu' (tests/test_hostile_reads.py:{_line(TAKEN)}) at 'relu': insert name 'fc' is the "
-                              "model's own 'fc'; fix: choose a name the model does not use")
+    assert str(err.value) == (f"rule 1 'insert Identity() after relu' (tests/test_hostile_reads.py:{_line(TAKEN)}) at 'relu': insert name 'fc' names a "
+                              "module already there ('fc'); fix: choose a name no module has")
     # a name under a block the graph traces through is free, and a layer called at two places gets name, name_1
     result = fxs.apply(model, [Insert(nn.Identity(), after="layer4.0.relu", name="layer4.extra")], x)
     assert [p for p, _ in result.module.named_modules() if "extra" in p] == ["layer4.extra", "layer4.extra_1"]

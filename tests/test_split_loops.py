@@ -34,6 +34,21 @@ class Pairs(nn.Module):
         return self.act(self.lin(torch.stack([p.sum(1) for p in torch.split(x, 2, dim=1)], 1)))
 
 
+class Later(nn.Module):
+    """Every step after the first: a slice of the pieces is as many less one."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell, self.act = nn.Linear(4, 4), nn.ReLU()
+
+    def forward(self, x):
+        steps = torch.ops.aten.unbind.int(x, 1)
+        h = steps[0]
+        for t in steps[1:]:
+            h = torch.tanh(self.cell(h) + t)
+        return self.act(h)
+
+
 class Count(nn.Module):
     def __init__(self):
         super().__init__()
@@ -44,7 +59,8 @@ class Count(nn.Module):
 
 
 @pytest.mark.parametrize("cls, length, other, pieces, name, probed", [(Steps, 3, 5, 3, "unbind", True), (Pairs, 6, 10, 3, "split", False),
-                                                                       (Count, 3, 5, 3, "chunk", True)])
+                                                                       (Count, 3, 5, 3, "chunk", True),
+                                                                       (Later, 3, 6, 2, r"unbind_int\[slice\(1, None, None\)\]", True)])
 def test_a_loop_over_split_pieces_is_refused_at_another_count(cls, length, other, pieces, name, probed):
     torch.manual_seed(0)
     model = cls().eval()

@@ -26,6 +26,7 @@ import torch
 from torch import fx
 from torch.amp import autocast_mode
 from torch.autograd import grad_mode
+from torch.utils import _pytree as pytree
 
 NO_GRAD = "fxs_no_grad"  # node meta: made while the forward had gradients turned off
 _MISSING = object()
@@ -92,8 +93,10 @@ def cut(graph: fx.Graph, values: dict | None, root) -> int:
         return 0
     marked = set(inside)
 
-    def is_tensor(node: fx.Node) -> bool:
-        value = values.get(node, _MISSING) if values is not None else _MISSING
+    made_values: dict[fx.Node, object] = {}  # the detaches made here: what they detach
+
+    def value_of(node: fx.Node):
+        value = made_values.get(node, values.get(node, _MISSING) if values is not None else _MISSING)
         if value is _MISSING and node.op == "get_attr":
             try:
                 value = _attr(root, node.target)
@@ -102,7 +105,14 @@ def cut(graph: fx.Graph, values: dict | None, root) -> int:
         if value is _MISSING:
             raise fx.proxy.TraceError(f"the code turns gradients off (torch.no_grad) around '{node.name}', whose value "
                                       "is not known; a graph cannot cut gradients there")
-        return isinstance(value, torch.Tensor)
+        return value
+
+    def is_tensor(node: fx.Node) -> bool:
+        return isinstance(value_of(node), torch.Tensor)
+
+    def holds_tensors(node: fx.Node) -> bool:  # a tuple, list or dict with a tensor in it
+        value = value_of(node)
+        return not isinstance(value, torch.Tensor) and any(isinstance(v, torch.Tensor) for v in pytree.tree_leaves(value))
 
     made: dict[fx.Node, fx.Node] = {}
 
@@ -114,7 +124,29 @@ def cut(graph: fx.Graph, values: dict | None, root) -> int:
             node.meta["nn_module_stack"] = dict(list(node.meta["nn_module_stack"].items())[:-1])
         node.meta[NO_GRAD] = True
         marked.add(node)
+        made_values[node] = value_of(value)
         return node
+
+    done: set[fx.Node] = set()
+
+    def cut_out(node: fx.Node) -> int:
+        """Detach what `node` gives, wherever it is read: a tensor itself; out of a tuple or dict, each value read
+        (`out, (h, c) = self.lstm(x)`: h and c, inside the region or after it)."""
+        if node in done:
+            return 0
+        done.add(node)
+        if is_tensor(node):
+            users = list(node.users)
+            cut_node = detach(node, node, after=True)
+            for user in users:
+                user.replace_input_with(node, cut_node)
+            return 1
+        if not holds_tensors(node):
+            return 0
+        if any(u.op != "call_function" or u.target is not operator.getitem for u in node.users):
+            raise fx.proxy.TraceError(f"the code turns gradients off (torch.no_grad) around '{node.name}', whose "
+                                      "values are not read one by one; a graph cannot cut gradients there")
+        return sum(cut_out(u) for u in list(node.users))
 
     count = 0
     for node in inside:
@@ -125,19 +157,10 @@ def cut(graph: fx.Graph, values: dict | None, root) -> int:
                 made[source] = detach(source, node, after=False)
                 count += 1
             node.replace_input_with(source, made[source])
-        outs = [node] if node.op == "call_module" else []
-        if node.op == "call_module" and not is_tensor(node):
-            # a module returning several values: what is read out of it (inside the region too)
-            if any(u.op != "call_function" or u.target is not operator.getitem for u in node.users):
-                raise fx.proxy.TraceError(f"the code turns gradients off (torch.no_grad) around '{node.name}', whose "
-                                          "values are not read one by one; a graph cannot cut gradients there")
-            outs = [u for u in node.users if is_tensor(u)]
-        for out in outs:
-            users = list(out.users)
-            cut_node = detach(out, out, after=True)
-            count += 1
-            for user in users:
-                user.replace_input_with(out, cut_node)
+        # a gradient may come in other than through a tensor read: a module's own parameters, or a value read out of
+        # a tuple or dict (made before the region, or a module's tuple of outputs)
+        if node.op == "call_module" or any(holds_tensors(s) for s in node.all_input_nodes):
+            count += cut_out(node)
     return count
 
 

@@ -33,7 +33,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from .._util import SAME_IN_BOTH_MODES
-from ..errors import FxsError, ModeError
+from ..errors import FxsError, ModeError, TraceError
 from ._copying import share
 from ._dualgraph import join
 from ._guards import GUARD
@@ -138,9 +138,14 @@ def diff(graph: fx.Graph, other: fx.Graph) -> tuple[list[Change], str | None]:
 def _retrace(model: nn.Module, region, calls: bool) -> fx.Graph:
     module = model.get_submodule(region.path) if region.path else model
     example = (region.traced_at or region.example_inputs) if region.call is None else None
-    return trace(module, example, call=region.call, leaf_types=region.leaf_types, leaf_paths=region.leaf_paths,
-                 opaque=tuple(region.opaque), path=region.path, values=calls, dynamic=region.dynamic,
-                 shapes=False).graph
+    options = dict(call=region.call, leaf_types=region.leaf_types, leaf_paths=region.leaf_paths, opaque=tuple(region.opaque),
+                   path=region.path, dynamic=region.dynamic, shapes=False)
+    try:
+        return trace(module, example, values=calls, **options).graph
+    except TraceError:  # code only the other mode runs needs example values (`torch.set_grad_enabled(self.training)`)
+        if calls or (example is None and region.call is None):
+            raise
+        return trace(module, example, values=True, **options).graph
 
 
 def _owners_in_mode(model: nn.Module, region, change: Change, graph: fx.Graph) -> bool:

@@ -45,8 +45,10 @@ _SPLITTERS = {"unbind", "split", "chunk", "tensor_split", "hsplit", "vsplit", "d
 
 
 def _splits(node: fx.Node) -> bool:
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None) if node.op == "call_function" else None
-    return name in _SPLITTERS
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], slice):
+        return isinstance(node.args[0], fx.Node) and _splits(node.args[0])  # `steps[1:]`: as many less one
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "") if node.op == "call_function" else ""
+    return isinstance(name, str) and name.partition(".")[0] in _SPLITTERS  # aten's unbind.int too
 
 
 class ValueProxy(fx.Proxy):

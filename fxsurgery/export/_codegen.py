@@ -65,6 +65,10 @@ def constructor_spec(module: nn.Module, path: str) -> dict:
         params = list(inspect.signature(cls.__init__).parameters.values())[1:]
     except (TypeError, ValueError):
         params = []
+    if isinstance(module, nn.RNNBase) and all(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        # nn.LSTM, nn.GRU, nn.RNN pass (*args, **kwargs) on to RNNBase, with a mode of their own (and RNN's nonlinearity)
+        params = [p for p in list(inspect.signature(nn.RNNBase.__init__).parameters.values())[1:] if p.name != "mode"]
+        params += [inspect.Parameter("nonlinearity", inspect.Parameter.KEYWORD_ONLY, default="tanh")] if isinstance(module, nn.RNN) else []
     kwargs = {}
     kept = composite_arguments(module)  # nn.TransformerEncoder(Layer) keep theirs in their children
     for p in params:

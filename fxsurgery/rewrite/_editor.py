@@ -203,9 +203,9 @@ class Rewriter:
                        or a in self.edited.tensors), None)
         if inside is not None or (named == [] and base in self.taken()):
             problem = (f"puts the new layer inside '{inside}', a layer the graph calls whole" if inside is not None
-                       else f"is the model's own '{base}'")
+                       else f"names a module already there ('{base}')")
             self.fail(m, site, f"insert name {base!r} {problem}", f"name it beside that layer, e.g. {base.replace('.', '_')!r}"
-                      if inside is not None else "choose a name the model does not use")
+                      if inside is not None else "choose a name no module has")
         path, k = base, 1
         while path in self.taken():
             path, k = f"{base}_{k}", k + 1

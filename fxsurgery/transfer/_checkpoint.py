@@ -126,7 +126,7 @@ class Checkpoint:
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise TypeError
         except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
-            why = str(exc) if type(exc) is ValueError else type(exc).__name__
+            why = str(exc).partition(":")[0] if type(exc) is ValueError else type(exc).__name__  # read_json: its reason
             raise ModelError(f"{self.path}: not a sharded checkpoint index ({why}); fix: pass the "
                              "*.safetensors.index.json written beside the shards") from None
         outside = sorted({v for v in weight_map.values() if not plain_name(v)})
