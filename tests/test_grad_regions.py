@@ -178,3 +178,34 @@ def test_a_region_only_the_other_mode_has_is_kept_in_that_mode():
         assert torch.equal(out, expected) and sorted(got) == sorted(grads) == trained
         assert all(torch.equal(got[n], grads[n]) for n in grads)
         result.module.zero_grad(set_to_none=True)
+
+
+class Averaged(nn.Module):
+    """An EMA teacher updated in the forward the usual way, through .parameters(): real tensors while tracing."""
+
+    def __init__(self):
+        super().__init__()
+        self.student, self.teacher, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        with torch.no_grad():
+            for pt, ps in zip(self.teacher.parameters(), self.student.parameters()):
+                pt.mul_(0.5).add_(ps, alpha=0.5)
+            t = self.teacher(x)
+        return self.head(self.student(x) - t)
+
+
+def test_a_forward_writing_to_its_parameters_while_traced_stays_python_and_the_model_unchanged():
+    """The loop ran for real on the model given while it was traced (apply changed the user's teacher), and the
+    graph held no update: every call then differed from the original's."""
+    torch.manual_seed(0)
+    model = Averaged()
+    before = copy.deepcopy(model.state_dict())
+    result = fxs.apply(model, [Freeze("head")], example_inputs=(torch.randn(3, 4),))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert result.coverage()["opaque"][""].startswith("TraceError: the code writes to a parameter or buffer in place (mul_.Tensor)")
+    reference = copy.deepcopy(model)
+    x = torch.randn(5, 4)
+    for _ in range(3):  # the teacher moves towards the student at every call, as in the original
+        assert torch.equal(result.module(x), reference(x))
+        assert torch.equal(result.module.teacher.weight, reference.teacher.weight)

@@ -8,8 +8,10 @@ import contextlib
 import fnmatch
 import re
 
+import torch
 from torch import fx, nn
 from torch.fx._symbolic_trace import _wrapped_fns_to_patch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .._progress import counter
 from ._dualgraph import current
@@ -35,6 +37,30 @@ def _state_kept():
         yield
     finally:
         nn.Module.__setattr__ = setattr_
+
+
+class _Writes(TorchDispatchMode):
+    """Refuses an in-place write to the model's own parameters and buffers while tracing (an EMA teacher updated
+    in `for pt, ps in zip(teacher.parameters(), ...)`: real tensors, not graph values). The write ran for real on
+    the model given, which apply never changes, and the graph held none of it. Its module stays Python."""
+
+    def __init__(self, tracer, root: nn.Module):
+        super().__init__()
+        self.tracer = tracer
+        self.storages = {t.untyped_storage().data_ptr() for t in [*root.parameters(), *root.buffers()]
+                         if t.device.type != "meta" and t.untyped_storage().data_ptr()}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        schema = getattr(func, "_schema", None)
+        if self.storages and getattr(schema, "is_mutable", False) and not getattr(self.tracer, "evaluating", False):
+            for i, arg in enumerate(schema.arguments):
+                value = args[i] if i < len(args) else kwargs.get(arg.name)
+                if (arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, torch.Tensor)
+                        and value.device.type != "meta" and value.untyped_storage().data_ptr() in self.storages):
+                    raise fx.proxy.TraceError(f"the code writes to a parameter or buffer in place ({func.__name__}) on a "
+                                              "tensor the graph does not read (from .parameters()?)")
+        return func(*args, **kwargs)
 
 
 def _len(value):
@@ -105,7 +131,8 @@ class Tracer(fx.Tracer):
         self._modes = None
         try:
             root = current(root)  # a graph per mode: its mode's
-            with counter("capture", unit="node") as self._count, _state_kept(), watched(self), _guard_lens(root):
+            with counter("capture", unit="node") as self._count, _state_kept(), watched(self), _guard_lens(root), \
+                    _Writes(self, root):
                 graph = super().trace(root, concrete_args=concrete_args)  # a large model takes a while to trace
             cut(graph, getattr(self, "values", None), self.root)  # the forward's own torch.no_grad
             return graph
