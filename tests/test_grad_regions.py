@@ -209,3 +209,18 @@ def test_a_forward_writing_to_its_parameters_while_traced_stays_python_and_the_m
     for _ in range(3):  # the teacher moves towards the student at every call, as in the original
         assert torch.equal(result.module(x), reference(x))
         assert torch.equal(result.module.teacher.weight, reference.teacher.weight)
+
+
+def test_an_output_made_in_a_region_gives_no_gradient_as_there():
+    """`Output` of the teacher, called under no_grad: the value the region gives, which trains nothing (it returned
+    the teacher's own output, and a loss on it moved the teacher)."""
+    torch.manual_seed(0)
+    model, x = Blocked(), torch.randn(3, 4)
+    features = fxs.apply(model, [fxs.Output({"teacher": "t", "student": "s"})], example_inputs=(x,)).module
+    out = features(x)
+    with torch.no_grad():
+        want_t = model.teacher(x)
+    assert torch.equal(out["t"], want_t) and torch.equal(out["s"], model.student(x))
+    assert (out["t"].requires_grad, out["s"].requires_grad) == (False, True)
+    (out["s"] + out["t"]).sum().backward()  # a loss on both: only the student learns
+    assert features.teacher.weight.grad is None and features.student.weight.grad is not None

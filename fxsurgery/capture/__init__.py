@@ -30,6 +30,7 @@ from ._containers import SOURCE as CONTAINERS_SOURCE
 from ._copying import assign, clone, refuse_hooked_weights, root_of
 from ._dualgraph import ModeGraphModule, current, dual_source, other_graph, recompile, trace_both, trace_modes
 from ._dynspec import apply_spec
+from ._gradmode import cut_of
 from ._guards import GUARD, beyond_size_one, down_to_one, specialised
 from ._incremental import held_by
 from ._livemodes import keep_mode_reads
@@ -45,7 +46,7 @@ __all__ = [
     "CONTAINERS_INIT", "CONTAINERS_SOURCE", "INLINE_KINDS", "Containers", "renamed_containers",
     "ModeGraphModule", "current", "dual_source", "keep_mode_reads", "other_graph", "recompile", "trace_both", "trace_modes", "track",
     "KEPT", "CallSpec", "adapter_call", "Call", "Capture", "Captured", "Meta", "PropagationError", "adapt", "capture", "capture_kept", "clone",
-    "deep_copy", "held_by", "install_adapter", "mismatch", "picklable", "pickled",
+    "cut_of", "deep_copy", "held_by", "install_adapter", "mismatch", "picklable", "pickled",
     "module_stack", "propagate", "qualified_names", "quiet_fake_tensors", "record_calls", "root_of", "trace",
 ]
 

@@ -164,6 +164,15 @@ def cut(graph: fx.Graph, values: dict | None, root) -> int:
     return count
 
 
+def cut_of(node: fx.Node) -> fx.Node:
+    """What the rest of the graph reads of `node`: the detach a no_grad region's module output is read through,
+    else `node` itself (an `Output` there returns what the original's region gives: no gradient)."""
+    users = list(node.users)
+    if node.meta.get(NO_GRAD) and len(users) == 1 and users[0].meta.get(NO_GRAD) and users[0].target == "detach":
+        return users[0]
+    return node
+
+
 def _attr(root, target: str):
     value = root
     for part in target.split("."):

@@ -18,6 +18,7 @@ from typing import Any
 from torch import fx, nn
 
 from .._util import first_line, get_path
+from ..capture import cut_of
 from ..match import TWO_STEPS, Constant, Found, Match, Site
 from ..spec import New, describe
 from ._derivation import Derivation, WroteSource
@@ -298,7 +299,7 @@ def cut_output(rw: Rewriter, m: Match, sites: list[Site]) -> None:
     if rw.captured.path or rw.captured.call is not None:
         rw.fail(m, sites[0], f"the output of the graph at '{rw.captured.path}' goes back into opaque code that expects it",
                 "select a module of the model's own graph")
-    values = {m.names.get(site, site.where): rw.one_output(m, site) for site in sites}
+    values = {m.names.get(site, site.where): cut_of(rw.one_output(m, site)) for site in sites}
     output = next(n for n in rw.graph.nodes if n.op == "output")
     if rw.cut_keys is None:   # the first Output rule: what the model returned before is gone
         entries = {}
