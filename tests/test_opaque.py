@@ -85,6 +85,18 @@ def test_delete_in_opaque_code_passes_the_input_on(gate):
     assert result.report.dropped == ["head.weight", "head.bias"]
 
 
+def test_an_insert_name_is_the_models_path_under_opaque_code(gate):
+    """`name="stem.extra"` in the graph of `stem`, whose caller stays Python: the layer is stem.extra (it was
+    stem.stem.extra); a name relative to that graph means the same place."""
+    torch.manual_seed(1)
+    x = torch.randn(3, 4)
+    h = torch.tanh(gate.stem[0](x))
+    for name in ("stem.extra", "extra"):
+        result = fxs.apply(gate, [Insert(nn.Tanh(), after="stem.0", name=name)], example_inputs=X)
+        assert [p for p, _ in result.module.named_modules() if "extra" in p] == ["stem.extra"]
+        assert torch.equal(result.module.stem(x), torch.relu(h))
+
+
 def test_freeze_by_type_reaches_graphs_and_opaque_code(gate):
     result = fxs.apply(gate, [Freeze(nn.Linear)], example_inputs=X)
     assert result.report.frozen == ["stem.0.weight", "stem.0.bias", "head.weight", "head.bias"]

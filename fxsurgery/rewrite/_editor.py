@@ -339,6 +339,8 @@ class Rewriter:
                            self.mode(site))
             where = site.path or site.key or self.captured.path.rpartition(".")[2]
             base = rule.name or f"{where.split('@')[0]}_{snake(type(module).__name__)}"
+            if rule.name and self.captured.path and base.startswith(f"{self.captured.path}."):  # the model's path of it
+                base = base[len(self.captured.path) + 1:]
             path = self.fresh_path(base, named, m, site) if rule.name else self.fresh_path(base)
             self.edited.modules[path] = Slot(module, None, m.index)
             self.splice(m, site, anchor, lambda value, path=path: self.graph.call_module(path, (value,)))
