@@ -15,7 +15,7 @@ from torch import nn
 
 from ._progress import working
 from ._util import machine_memory
-from .capture import Capture, Captured, Meta, capture, capture_kept, keep_containers, track
+from .capture import Capture, Captured, Meta, capture, capture_kept, hint_methods, keep_containers, track
 from .errors import ModelError, RuleError, SaveError, SurgeryWarning
 from .export import footprint, parse_size, save, save_pretrained
 from .match import Plan, match
@@ -307,6 +307,7 @@ def apply(model: nn.Module, rules, example_inputs=None, *, example_kwargs: dict 
             hold_norms(module, rewritten)  # after the modes are live: a held BatchNorm's calls stay in eval mode in both
             hold_by_path(module)  # .train() leaves them in eval mode, and any BatchNorm put in their place
             keep_containers(module, model)  # result.features[0], len(result.encoder.layer) as on the original
+            hint_methods(module, model)  # result.forward_features(x) says why it is gone, and the fix
             if not kept:  # a graph holds the forward, not the call around it: the root's hooks go on the result's root
                 changed = next((m.label for m in plan.matches if isinstance(m.rule, Output) and m.count), "")
                 changed = changed or next((plan.matches[c.rule - 1].label for c in rewritten.input_changes()), "")

@@ -9,6 +9,7 @@ output format.
 from __future__ import annotations
 
 import copy
+import pickle
 from collections import OrderedDict
 
 import pytest
@@ -212,6 +213,28 @@ def test_the_default_keeps_transformers_models_and_regenerates_others():
     assert any(isinstance(m, torch.fx.GraphModule) for m in regenerated.module.modules())
     plain = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     assert fxs.apply(plain, [], example_inputs=(torch.randn(1, 4),)).mode == "regenerated graph module"
+
+
+def test_a_regenerated_module_names_the_methods_it_lacks_and_the_kept_class_has_them():
+    """timm's forward_features and num_classes on a regenerated graph: torch's "no attribute", as if mistyped, said
+    nothing of why; the message names the class and the fix, in memory, in a deep copy and after a pickle."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("resnet18", pretrained=False, num_classes=5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    graph = fxs.apply(model, [Freeze("layer1")], example_inputs=(x,)).module
+    for module in (graph, copy.deepcopy(graph), pickle.loads(pickle.dumps(graph))):
+        assert torch.equal(module(x), model(x))
+        for name in ("forward_features", "num_classes"):
+            with pytest.raises(AttributeError) as err:
+                getattr(module, name)
+            assert str(err.value) == (f"{type(module).__name__!r} object has no attribute {name!r}: the result runs the graph of "
+                                      "timm.models.resnet.ResNet.forward alone, without its other methods and attributes; fix: apply "
+                                      "with keep_class=True (--keep-class) to keep the class, or Output(...) to return an inner value")
+        with pytest.raises(AttributeError) as err:  # a name the original lacks too: torch's own message
+            _ = module.forward_feature
+        assert str(err.value) == f"{type(module).__name__!r} object has no attribute 'forward_feature'"
+    kept = fxs.apply(model, [Freeze("layer1")], example_inputs=(x,), keep_class=True).module
+    assert torch.equal(kept.forward_features(x), model.forward_features(x)) and kept.num_classes == 5
 
 
 def test_keeping_the_order_changes_nothing():

@@ -172,7 +172,7 @@ def test_specialised_graphs_guard_the_decision_not_the_shape():
     with pytest.raises(AssertionError) as err:
         result.module(torch.randn(3, 4))
     assert str(err.value) == (
-        "'the model' was captured where `x.shape[0] > 4` is True at tests/test_opaque.py:147 (if rows > 4:  # Python "
+        f"'the model' was captured where `x.shape[0] > 4` is True at tests/test_opaque.py:{Sliced.forward.__code__.co_firstlineno + 2} (if rows > 4:  # Python "
         "reads the size: the graph holds this branch and guards the decision); this call gives another value, and the "
         "graph holds only the code for that one; fix: capture again with example inputs like this call's, or make the "
         "module running that line a leaf (leaf_paths=)")

@@ -34,6 +34,7 @@ from ._gradmode import cut_of
 from ._guards import GUARD, beyond_size_one, down_to_one, specialised
 from ._incremental import held_by
 from ._livemodes import keep_mode_reads
+from ._methods import hint_methods
 from ._modes import track
 from ._pickling import deep_copy, picklable
 from ._pickling import reduce as pickled
@@ -46,7 +47,7 @@ __all__ = [
     "CONTAINERS_INIT", "CONTAINERS_SOURCE", "INLINE_KINDS", "Containers", "renamed_containers",
     "ModeGraphModule", "current", "dual_source", "keep_mode_reads", "other_graph", "recompile", "trace_both", "trace_modes", "track",
     "KEPT", "CallSpec", "adapter_call", "Call", "Capture", "Captured", "Meta", "PropagationError", "adapt", "capture", "capture_kept", "clone",
-    "cut_of", "deep_copy", "held_by", "install_adapter", "mismatch", "picklable", "pickled",
+    "cut_of", "deep_copy", "held_by", "hint_methods", "install_adapter", "mismatch", "picklable", "pickled",
     "module_stack", "propagate", "qualified_names", "quiet_fake_tensors", "record_calls", "root_of", "trace",
 ]
 
