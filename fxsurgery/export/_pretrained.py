@@ -10,12 +10,12 @@ parameters once under their first name, as `save_pretrained` writes them.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .._util import first_line
 from ..errors import SaveError
 from ._shards import lazy_names, write
 
@@ -33,14 +33,19 @@ def refuse_unloadable(module: nn.Module) -> None:
     (heads removed per layer, which a transformers config cannot say), drop a tensor the config does not
     build (an adapter), or leave one it builds at random init (a layer deleted in place). Nothing else
     reads that format. The class is built from the config on meta, so this costs no weights."""
+    kind = type(module).__name__
+    try:  # as from_pretrained reads it: config.json through the class's own checks (GPT-Neo's layer kinds per layer)
+        config = type(module.config).from_dict(module.config.to_dict())
+    except Exception as exc:
+        raise SaveError(f"{kind}: its config does not load back ({type(exc).__name__}: {first_line(str(exc))}), so "
+                        f"from_pretrained could not reload it; fix: {_as_graph(module)}") from None
     try:
         with torch.device("meta"):
-            fresh = type(module)(copy.deepcopy(module.config))
+            fresh = type(module)(config)
     except Exception:  # a class its config cannot build here: from_pretrained decides
         return
     shapes = {k: v.shape for k, v in fresh.state_dict().items()}
     state = module.state_dict()
-    kind = type(module).__name__
     for name, tensor in state.items():
         if name in shapes and shapes[name] != tensor.shape:
             raise SaveError(f"{kind}: '{name}' is {list(tensor.shape)} but its config builds {list(shapes[name])}, so "
@@ -59,6 +64,32 @@ def refuse_unloadable(module: nn.Module) -> None:
         raise SaveError(f"{kind}: its config builds '{missing[0]}' ({len(missing)} tensors in all), which the model lacks, "
                         "so from_pretrained would leave them at random init; fix: remove layers with Layers(path, "
                         "order=[...]), which the config follows, or apply with keep_class=False (--no-keep-class)")
+    _same_modules(module, fresh, kind)
+
+
+def _same_modules(module: nn.Module, fresh: nn.Module, kind: str) -> None:
+    """Refuse where the config builds other modules than the model has, or sets a layer otherwise (a kind of attention,
+    a rotation of positions, a cache slot kept per layer in the config, which a layer edit did not follow): the
+    reloaded model would compute something else, with every tensor in place."""
+    theirs = dict(fresh.named_modules())
+    for path, sub in module.named_modules():
+        other = theirs.get(path)
+        if other is None:
+            continue  # its tensors decide (above)
+        if type(other).__name__ != type(sub).__name__:
+            raise SaveError(f"{kind}: its config builds '{path}' as {type(other).__name__}, here a {type(sub).__name__}, so "
+                            f"from_pretrained would reload another model; fix: {_as_graph(module)}")
+        for name, value in vars(sub).items():
+            if name.startswith("_") or name in _RUNTIME or not isinstance(value, (bool, int, float, str, type(None))):
+                continue
+            built = vars(other).get(name, value)
+            if isinstance(built, (bool, int, float, str, type(None))) and built != value and value == value:  # NaN: itself
+                where = f"{path}.{name}" if path else name
+                raise SaveError(f"{kind}: its config builds {where} = {built!r}, here {value!r}, so from_pretrained "
+                                f"would reload another model; fix: {_as_graph(module)}")
+
+
+_RUNTIME = ("training", "gradient_checkpointing")  # set by calls on the model, not by its config
 
 
 def write_pretrained(module: nn.Module, work: Path, limit: int, lazy: dict, ties: dict[str, str]) -> dict[str, str]:

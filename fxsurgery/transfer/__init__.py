@@ -31,6 +31,7 @@ from ._report import TransferReport, check_strict, entry, tensors_of
 from ._stream import Missing, Read, Replayed, carry_streamed, pending_of, register
 from ._stream import blank as stream_blank
 from ._tying import Ties
+from ._vocabulary import tie_flag
 
 __all__ = [
     "Checkpoint", "DcpCheckpoint", "TransferReport", "carry_root_hooks", "empty_weights", "hold_norms", "open_checkpoint", "pending_of",
@@ -83,6 +84,7 @@ def transfer(rewritten: Rewritten, *, strict: bool = False, copy: bool = True,
         for path, new, old, rule, policy in built.keeps:
             kept.update(_carry(rewritten, path, new, old, rule, policy, checkpoint, ties, recipes, stream))
         derived_from = _derived(rewritten, built, kept, recipes, checkpoint, pending if stream else None)
+        notes += tie_flag(module, model) if rewritten.capture.kept else []
     present = dict(module.named_modules(remove_duplicate=False))  # one walk, shared by the steps below
     rule_of = _maker(present, built.made_by)
     original_modules = dict(model.named_modules())

@@ -12,33 +12,13 @@ conventions; each returns a line per change it made.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 from torch import nn
 
-from ..errors import TransferError
-from ..rewrite import ModuleEdit, Rewritten
-from ._assemble import Assembly, put
-
-
-def _config(module: nn.Module):
-    """A transformers configuration (duck-typed: transfer never imports transformers), or None."""
-    config = getattr(module, "config", None)
-    return config if hasattr(config, "to_json_string") and hasattr(config, "num_hidden_layers") else None
-
-
-@dataclass
-class Site:
-    """What an adapter sees: the new module (structure in place, values being filled), the original,
-    the edit and its rule's label, and the assembly, where an adapter that makes a module says
-    how its tensors are filled (`built.keeps`)."""
-
-    module: nn.Module
-    original: nn.Module
-    edit: ModuleEdit
-    label: str
-    built: Assembly
-
+from ..rewrite import Rewritten
+from ._assemble import Assembly
+from ._site import Site, config_of
+from ._vocabulary import GONE, gone_warning, vocabulary
 
 # the keys a configuration counts a layer stack by: num_hidden_layers (n_layer, num_layers), and where a model has
 # two stacks, encoder_layers / decoder_layers (BART, Whisper) or num_decoder_layers (T5)
@@ -103,6 +83,11 @@ def _key(config, key: str) -> str:
     return getattr(config, "attribute_map", {}).get(key, key)
 
 
+# a configuration's lists of one value per layer, in layer order: the kind of attention (GPT-Neo's attention_layers),
+# whether the layer rotates positions (SmolLM3's no_rope_layers)
+PER_LAYER = ("layer_types", "attention_layers", "no_rope_layers")
+
+
 def layer_count(site: Site) -> list[str]:
     """`num_hidden_layers` (`num_decoder_layers`), `layer_types` and each layer's `layer_idx` after a layer stack is rearranged."""
     module, edit, label = site.module, site.edit, site.label
@@ -120,17 +105,22 @@ def layer_count(site: Site) -> list[str]:
             setattr(cfg, k, len(edit.order))
             where = part if n == 0 else f"{edit.path.rpartition('.')[0]}.config"
             notes.append(f"{where}.{_alias(cfg, k) if n == 0 else _key(cfg, k)}: {before} -> {len(edit.order)} ({label})")
-    types = getattr(config, "layer_types", None)
-    if isinstance(types, (list, tuple)) and len(types) == before and list(edit.order) != list(range(before)):
-        config.layer_types = [types[i] for i in edit.order]
-        notes.append(f"config.layer_types: follow the order {list(edit.order)} ({label})")
+    if list(edit.order) != list(range(before)):
+        for key in PER_LAYER:
+            values = getattr(config, key, None)
+            if isinstance(values, (list, tuple)) and len(values) == before:
+                setattr(config, key, [values[i] for i in edit.order])
+                notes.append(f"config.{key}: follow the order {list(edit.order)} ({label})")
+        if getattr(config, "attention_layers", None) is not None and hasattr(config, "attention_types"):
+            config.attention_types = [[list(config.attention_layers), 1]]  # GPT-Neo rebuilds attention_layers from it
     moved = 0
     for i, layer in enumerate(module.get_submodule(edit.path)):
         for sub in layer.modules():
-            index = getattr(sub, "layer_idx", None)
-            if isinstance(index, int) and not isinstance(index, bool) and index != i:
-                sub.layer_idx = i  # its slot in the KV cache
-                moved += 1
+            for attr in ("layer_idx", "layer_id"):  # its slot in the KV cache (GPT-Neo, XLM: layer_id)
+                index = getattr(sub, attr, None)
+                if isinstance(index, int) and not isinstance(index, bool) and index != i:
+                    setattr(sub, attr, i)
+                    moved += 1
     if moved:
         notes.append(f"layer_idx of {moved} modules in {edit.path}: set to their new layer ({label})")
     return notes
@@ -142,7 +132,7 @@ HEADS = ("classifier", "score")
 def label_count(site: Site) -> list[str]:
     """`num_labels` (and with it `id2label`/`label2id`) after a classification head becomes a Linear of N outputs."""
     module, edit, label = site.module, site.edit, site.label
-    config = _config(module)
+    config = config_of(module)
     parts = edit.path.split(".")
     # the head itself, or the projection that ends one (RoBERTa's and ELECTRA's classifier.out_proj, BART's classification_head)
     ends = parts[-1] in HEADS or (len(parts) > 1 and parts[-1] == "out_proj" and parts[-2] in (*HEADS, "classification_head"))
@@ -208,135 +198,6 @@ def _rows_kept(policy, before: int, after: int) -> list | None:
     return None
 
 
-def _path_of(root: nn.Module, module: nn.Module | None) -> str | None:
-    return next((p for p, sub in root.named_modules(remove_duplicate=False) if sub is module), None) if module is not None else None
-
-
-def vocabulary(site: Site) -> list[str]:
-    """`vocab_size` after the input embedding is replaced by one of another size, and the rest of the vocabulary with it.
-
-    As transformers' `resize_token_embeddings` resizes input and output
-    embeddings together: each module that shared the old embedding's weight
-    (tied output embeddings, T5's `encoder.embed_tokens`) shares the new one,
-    so tied stays tied; an output embedding with a weight of its own becomes a
-    Linear of the new size, filled by the same weights policy from the old one
-    (`{select: rows}` keeps those token ids in both).
-    """
-    module, original, edit, label = site.module, site.original, site.edit, site.label
-    config = _config(module)
-    if edit.kind != "replace" or config is None or not isinstance(edit.module, nn.Embedding):
-        return []
-    old = original.get_submodule(edit.path)
-    embeddings = original.get_input_embeddings() if hasattr(original, "get_input_embeddings") else None
-    if not isinstance(old, nn.Embedding) or getattr(embeddings, "weight", None) is not old.weight:
-        return []  # not the vocabulary (T5 calls encoder.embed_tokens, which holds the weight of `shared`)
-    new = module.get_submodule(edit.path)
-    before, after = config.vocab_size, new.num_embeddings
-    if (before == after and not isinstance(edit.weights, dict)) or old.num_embeddings != before:
-        return []  # the same tokens in the same rows (a select may also reorder them)
-    config.vocab_size = after
-    notes = [f"config.vocab_size: {before} -> {after} ({label})"] if after != before else []
-    notes += _renumber(module, edit.weights, before, after, label)
-    made = site.built.made_by
-    shared = [p for p, sub in original.named_modules(remove_duplicate=False)
-              if p != edit.path and getattr(sub, "weight", None) is old.weight and id(module.get_submodule(p)) not in made]
-    for p in [p for p in shared if getattr(module.get_submodule(p), "bias", None) is not None]:
-        notes.append(_resize_biased(site, p, new, before, after))
-        shared.remove(p)
-    for p in shared:
-        sub = module.get_submodule(p)
-        sub.weight = new.weight
-        for attr in ("num_embeddings", "out_features"):
-            if hasattr(sub, attr):
-                setattr(sub, attr, after)
-    if shared:
-        notes.append(f"{', '.join(shared)}: share the new {edit.path}.weight, as they shared the old one ({label})")
-    head = original.get_output_embeddings() if hasattr(original, "get_output_embeddings") else None
-    path = _path_of(original, head)
-    if path is None or path in shared or not isinstance(head, nn.Linear) or head.out_features != before \
-            or id(module.get_submodule(path)) in made:
-        return notes
-    w = head.weight
-    resized = nn.Linear(head.in_features, after, bias=head.bias is not None, device=w.device, dtype=w.dtype)
-    put(module, path, resized)
-    made[id(resized)] = edit.rule
-    if edit.weights != "new":
-        site.built.keeps.append((path, resized, head, edit.rule, edit.weights))
-    notes.append(f"{path}: {before} -> {after} outputs, weights {_policy(edit.weights)} as {edit.path} ({label})")
-    return notes
-
-
-def _resize_biased(site: Site, path: str, new: nn.Embedding, before: int, after: int) -> str:
-    """An output layer tied to the embedding with a bias over the vocabulary (BERT's MLM decoder, whose bias is also
-    `cls.predictions.bias`): a Linear of the new size, its weight the new embedding's, its bias rows kept by the same
-    weights policy, and every other path to the old bias holding the new one."""
-    module, original, edit = site.module, site.original, site.edit
-    old = original.get_submodule(path)
-    if not isinstance(old, nn.Linear) or old.bias.shape != (before,):
-        raise TransferError(f"{site.label}: {path} shares the embedding's weight and has a bias that is not one per token, "
-                            "which the embedding's replacement cannot resize; fix: replace it too, by a module of the new size")
-    resized = nn.Linear(old.in_features, after, device=old.weight.device, dtype=old.weight.dtype)
-    put(module, path, resized)
-    site.built.made_by[id(resized)] = edit.rule
-    if edit.weights != "new":  # fills the weight with the rows the embedding gets, then shares the embedding's
-        site.built.keeps.append((path, resized, old, edit.rule, edit.weights))
-    resized.weight = new.weight
-    others = [n for n, t in original.named_parameters(remove_duplicate=False) if t is old.bias and n != f"{path}.bias"]
-    for name in others:
-        owner, _, leaf = name.rpartition(".")
-        setattr(module.get_submodule(owner) if owner else module, leaf, resized.bias)
-    also = f"; {', '.join(others)} with it" if others else ""
-    return f"{path}: {before} -> {after} outputs, sharing the new {edit.path}.weight, bias {_policy(edit.weights)}{also} ({site.label})"
-
-
-SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
-_GONE = " (its row is not kept)"
-
-
-def _renumber(module: nn.Module, weights, before: int, after: int, label: str) -> list[str]:
-    """Special token ids follow their rows: token i of a `{select: rows}` vocabulary is old token rows[i].
-
-    In the configuration and the generation configuration (what `generate()`
-    reads); an id whose row is gone becomes None, said in a note.
-    """
-    if isinstance(weights, dict):
-        new_id = {old: i for i, old in reversed(list(enumerate(weights["select"])))}
-    elif weights == "slice":
-        new_id = {i: i for i in range(after)}
-    else:
-        return []  # rows kept in place (pad, new): ids keep their meaning
-    notes = []
-    for where, config in (("config", module.config), ("generation_config", getattr(module, "generation_config", None))):
-        for key in SPECIAL_TOKENS:
-            value = getattr(config, key, None)
-            ids = value if isinstance(value, list) else [value]
-            if not ids or not all(isinstance(i, int) and 0 <= i < before for i in ids):
-                continue  # unset, or not a token of this vocabulary
-            moved = [new_id.get(i) for i in ids]
-            if isinstance(value, list):  # several eos ids: those whose rows are kept
-                now = [i for i in moved if i is not None] or None
-            else:
-                now = moved[0]
-            if now != value:
-                setattr(config, key, now)
-                gone = _GONE if None in moved else ""
-                notes.append(f"{where}.{key}: {value} -> {now}{gone} ({label})")
-    return notes
-
-
-def _gone_warning(label: str, note: str) -> str:
-    """The warning for a note of `_renumber` whose id lost its row: eos [2, 7] without row 2 is [5] (7's new id)."""
-    field, _, change = note.partition(": ")
-    value, _, now = change.partition(" -> ")
-    now = now.partition(_GONE)[0]
-    holds = "holds a row" if value.startswith("[") and now != "None" else "is a row"
-    return f"{label}: {field} {value} {holds} the trim does not keep, so it is {now} now; fix: keep that row"
-
-
-def _policy(weights) -> str:
-    return f"select {len(weights['select'])} rows" if isinstance(weights, dict) else weights
-
-
 ADAPTERS = (layer_count, label_count, class_count, vocabulary)
 
 
@@ -353,7 +214,7 @@ def follow_conventions(module: nn.Module, rewritten: Rewritten, built: Assembly)
             made = adapter(site)
             notes += made
             # a special token whose row a vocabulary trim left out: generate() then has none (Llama's bos 1 of odd rows)
-            rewritten.plan.warnings += [_gone_warning(site.label, n) for n in made if _GONE in n]
+            rewritten.plan.warnings += [gone_warning(site.label, n) for n in made if GONE in n]
         rewritten.plan.warnings += position_bias(site)
     return notes
 
