@@ -299,7 +299,7 @@ def cut_output(rw: Rewriter, m: Match, sites: list[Site]) -> None:
     if rw.captured.path or rw.captured.call is not None:
         rw.fail(m, sites[0], f"the output of the graph at '{rw.captured.path}' goes back into opaque code that expects it",
                 "select a module of the model's own graph")
-    values = {m.names.get(site, site.where): cut_of(rw.one_output(m, site)) for site in sites}
+    values = {m.names.get(site, site.where): _kept_as_made(rw, cut_of(rw.one_output(m, site))) for site in sites}
     output = next(n for n in rw.graph.nodes if n.op == "output")
     if rw.cut_keys is None:   # the first Output rule: what the model returned before is gone
         entries = {}
@@ -316,3 +316,32 @@ def cut_output(rw: Rewriter, m: Match, sites: list[Site]) -> None:
     output.args = (next(iter(entries.values())),) if plain else (entries,)
     output.meta["fxs_rule"] = m.index
     rw.dirty = True
+
+
+def _writes_into(rw: Rewriter, user: fx.Node, node: fx.Node) -> bool:
+    """`user` writes into `node`'s tensor in place: a layer built with inplace=True (ReLU), a function called with
+    inplace=True or named with a trailing underscore (relu_), a method add_, an augmented assignment (x += y)."""
+    if not user.args or user.args[0] is not node:
+        return False
+    if user.op == "call_module":
+        slot = rw.edited.modules.get(user.target)
+        return getattr(slot.value if slot is not None else None, "inplace", False) is True
+    name = getattr(user.target, "__name__", user.target) if user.op == "call_function" else user.target
+    underscored = isinstance(name, str) and name.endswith("_") and not name.startswith("_")
+    augmented = user.op == "call_function" and user.target in _AUGMENTED
+    return (user.op in ("call_function", "call_method") and (underscored or user.kwargs.get("inplace") is True)) or augmented
+
+
+_AUGMENTED = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ipow, operator.iand, operator.ior}
+
+
+def _kept_as_made(rw: Rewriter, node: fx.Node) -> fx.Node:
+    """The value `node` makes, as made: a copy where a later node writes into it in place (resnet's bn1 and
+    relu(inplace=True) overwriting it: Output of bn1 returned relu's values once another output kept relu)."""
+    if not any(_writes_into(rw, user, node) for user in node.users):
+        return node
+    with rw.graph.inserting_after(node):
+        made = rw.graph.call_method("clone", (node,))
+    made.meta.update({k: node.meta[k] for k in ("nn_module_stack", "stack_trace") if k in node.meta})
+    return made
+
