@@ -24,6 +24,7 @@ from torch.utils import _pytree as pytree
 from .._util import first_line, get_path
 from ..errors import ModelError, TraceError
 from ._call_shim import CallSpec, adapter_call, call_spec, install_adapter, mismatch, normalise, signature_of
+from ._calledmethods import read_beyond_forward
 from ._containers import INIT as CONTAINERS_INIT
 from ._containers import INLINE_KINDS, Containers, InlineSequential, containers_of, keep_containers, renamed_containers, restore
 from ._containers import SOURCE as CONTAINERS_SOURCE
@@ -335,16 +336,24 @@ class _Walker:
     def join(self, path: str, name: str) -> str:
         return f"{path}.{name}" if path else name
 
-    def children(self, module: nn.Module, path: str) -> None:
+    def children(self, module: nn.Module, path: str, python: bool = True, read: tuple[str, ...] = ()) -> None:
+        """Walk the children of `module`, whose code stays Python (`python`; `read`: other methods of it called)
+        or never runs (a container)."""
+        beyond = read_beyond_forward(module, read) if python else {}
         for name, child in module.named_children():
             child_path = self.join(path, name)
             # torch.fx counts ModuleList/ModuleDict as leaves; they hold modules but never run
             if isinstance(child, (nn.ModuleList, nn.ModuleDict)) or not self.policy.is_leaf_module(child, child_path):
+                if name in beyond:  # a graph of its forward would lack what that code reads (RetinaNet: head.compute_loss)
+                    self.capture.opaque[child_path] = (f"the Python code around it reads its {beyond[name][0]!r}, which a "
+                                                       "graph of its forward does not hold")
+                    self.children(child, child_path, read=beyond[name])
+                    continue
                 self.walk(child, child_path, self.capture.calls.get(child_path))
 
     def walk(self, module: nn.Module, path: str, call: Call | None) -> None:
         if path and call is None:
-            self.children(module, path)  # a container that is never called itself
+            self.children(module, path, python=False)  # a container that is never called itself
             return
         region = self.region(module, path, call)
         if isinstance(region, str):

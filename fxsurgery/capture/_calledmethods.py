@@ -1,0 +1,73 @@
+"""Children whose other methods or attributes the Python code around them reads stay modules of their class.
+
+Where a module's forward stays Python, its children are traced one by one,
+and a traced child is a GraphModule of its forward alone. RetinaNet's and
+FCOS's forward call `self.head.compute_loss(...)` in train mode: after any
+surgery, training failed on "'RetinaNetHead' object has no attribute
+'compute_loss'" (eval, which never calls it, ran). The Python code's class is
+read for `self.<child>.<name>` where `<name>` is a method or an attribute of
+the child's own (not torch's `nn.Module`), and such a child stays Python, its
+own children traced as before.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import inspect
+import textwrap
+
+from torch import nn
+
+_MODULE = frozenset(dir(nn.Module))
+
+
+def _methods(cls: type) -> dict[str, ast.AST]:
+    """The parsed methods of `cls` and its bases but torch's, as the class resolves them."""
+    found: dict[str, ast.AST] = {}
+    for base in cls.__mro__:
+        if base is object or base.__module__.startswith("torch."):
+            continue
+        for name, fn in vars(base).items():
+            if name in found or not inspect.isfunction(fn):
+                continue
+            try:
+                found[name] = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+            except (OSError, TypeError, SyntaxError):
+                continue
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def _reads(cls: type, entries: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """(child, name) for each `self.<child>.<name>` in the methods `entries` and those they call on self, transitively
+    (what runs with the model; __init__ and reset_classifier read other things of their children)."""
+    methods = _methods(cls)
+    found, seen, todo = [], set(), list(entries)
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in methods:
+            continue
+        seen.add(name)
+        for node in ast.walk(methods[name]):
+            if not isinstance(node, ast.Attribute):
+                continue
+            inner = node.value
+            if isinstance(inner, ast.Name) and inner.id == "self":
+                todo.append(node.attr)  # a method of its own it may call
+            elif isinstance(inner, ast.Attribute) and isinstance(inner.value, ast.Name) and inner.value.id == "self":
+                found.append((inner.attr, node.attr))
+    return tuple(dict.fromkeys(found))
+
+
+def read_beyond_forward(module: nn.Module, entries: tuple[str, ...] = ()) -> dict[str, tuple[str, ...]]:
+    """child name -> the methods and attributes of it (other than nn.Module's) that `module`'s forward reads, and
+    the methods `entries` of it that code around it calls."""
+    found: dict[str, tuple[str, ...]] = {}
+    for child, name in _reads(type(module), ("forward", *entries)):
+        sub = module._modules.get(child)
+        if sub is None or name in _MODULE or name.startswith("__"):
+            continue
+        if callable(getattr(type(sub), name, None)) or (name in vars(sub) and not name.startswith("_")):
+            found[child] = (*found.get(child, ()), name)
+    return found
