@@ -26,6 +26,16 @@ def test_num_classes_follows_a_head_swap(name, head):
     assert torch.equal(features.module(x), model.forward_head(model.forward_features(x), pre_logits=True))
 
 
+def test_num_classes_follows_a_head_with_a_layer_inserted_beside_it():
+    """A Dropout inserted before the new head (or a Linear after it) wraps it: num_classes stayed 1000 with 4 outputs."""
+    model = timm.create_model("resnet18", pretrained=False).eval()
+    x = torch.randn(2, 3, 32, 32)
+    head = fxs.Replace("fc", fxs.new(nn.Linear, out_features=4))
+    for extra, classes in [(fxs.Insert(nn.Dropout(0.2), before="fc"), 4), (fxs.Insert(nn.Linear(4, 6), after="fc"), 6),
+                           (fxs.Insert(nn.Identity(), after="fc"), 4)]:
+        result = fxs.apply(model, [head, extra], example_inputs=(x,), keep_class=True)
+        assert (result.module.num_classes, result.module(x).shape, model.num_classes) == (classes, (2, classes), 1000)
+
 
 def test_num_labels_follows_an_mlp_head():
     """mlp-head (torchvision.ops.MLP: ..., Linear, Dropout) left num_labels at 5 with 3 outputs, and a call with

@@ -15,7 +15,7 @@ import re
 
 from torch import nn
 
-from ..rewrite import Rewritten
+from ..rewrite import Around, Rewritten
 from ._assemble import Assembly
 from ._site import Site, config_of
 from ._vocabulary import GONE, gone_warning, vocabulary
@@ -165,20 +165,28 @@ def class_count(site: Site) -> list[str]:
     0 for Identity (timm's own `reset_classifier(0)`), the last Linear's outputs of a Sequential head."""
     module, original, edit = site.module, site.original, site.edit
     before = getattr(module, "num_classes", None)
-    if edit.kind != "replace" or not hasattr(original, "get_classifier") or not isinstance(before, int):
+    if not hasattr(original, "get_classifier") or not isinstance(before, int):
         return []
     try:
         if original.get_classifier() is not original.get_submodule(edit.path):
             return []
     except (AttributeError, TypeError):  # a get_classifier that is not timm's
         return []
-    head = module.get_submodule(edit.path)
-    last = _last_linear(head)
-    after = 0 if isinstance(head, nn.Identity) else last.out_features if last is not None else None
+    after = _classes(module.get_submodule(edit.path))
     if after is None or after == before:
         return []
     module.num_classes = after
     return [f"num_classes: {before} -> {after} ({site.label})"]
+
+
+def _classes(head: nn.Module) -> int | None:
+    """How many classes `head` gives: a Linear's outputs, 0 for Identity; through a layer inserted before or
+    after it (an `Around`: its `after` where that ends in a Linear)."""
+    if isinstance(head, Around):
+        made = _last_linear(head.after) if head.after is not None else None
+        return made.out_features if made is not None else _classes(head.module)
+    last = _last_linear(head)
+    return 0 if isinstance(head, nn.Identity) else last.out_features if last is not None else None
 
 
 def _last_linear(head: nn.Module) -> nn.Linear | None:
