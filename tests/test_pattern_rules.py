@@ -288,6 +288,14 @@ def test_what_a_fold_leaves_alone():
     result = fxs.apply(grouped, [fxs.Rewrite(fxs.AdaptInputChannels(1), optional=True)],
                        example_inputs=(torch.randn(2, 3, 8, 8),))
     assert result.plan.matches[0].count == 0   # the first convolution or none, never the second
+    # a first convolution traced through (timm's StdConv2d computes its filters): it adapted the classifier,
+    # a 1x1 convolution at the end, and failed on a shape there
+    timm = pytest.importorskip("timm")
+    model = nn.Sequential(timm.layers.StdConv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    result = fxs.apply(model, [fxs.Rewrite(fxs.AdaptInputChannels(1), optional=True)], example_inputs=(torch.randn(2, 3, 8, 8),))
+    assert result.plan.matches[0].count == 0
+    assert result.plan.matches[0].skipped == ["conv2d (conv2d): the first convolution is conv2d in '0', whose module computes its "
+                                              "filters: Replace '0' by hand with a layer of 1 input channels"]
 
 
 def test_a_chain_with_a_module_instance_gets_one_copy_per_match():

@@ -356,7 +356,7 @@ class AdaptInputChannels(Pattern):
     changes shape with it (reported).
     """
 
-    pattern = (CONVS,)
+    pattern = ((*CONVS, F.conv1d, F.conv2d, F.conv3d),)  # one traced through counts: it may be the first
     first_only = True
 
     def __init__(self, in_channels: int = 1):
@@ -365,6 +365,10 @@ class AdaptInputChannels(Pattern):
         self.in_channels = in_channels
 
     def check(self, conv):
+        if isinstance(conv, fx.Node):  # a module computing the filters it convolves with (timm's StdConv2d), traced through
+            where = list((conv.meta.get("nn_module_stack") or {"": ("the model",)}).values())[-1][0]
+            return (f"the first convolution is {conv.target.__name__} in '{where}', whose module computes its filters: "
+                    f"Replace '{where}' by hand with a layer of {self.in_channels} input channels")
         if own_forward(conv, *CONVS):
             return own_forward(conv, *CONVS)
         if conv.groups != 1:
