@@ -103,7 +103,7 @@ def test_inspect_of_a_saved_result_shows_the_modules_that_hold_the_called_ones_a
     code, stdout, _ = cli("inspect", tmp_path / "out", "--input", "1x3x64x64", "--json")
     runs = {r["path"]: (r["type"], r["runs"]) for r in json.loads(stdout)["modules"]}
     assert {p: runs[p] for p in ("layer1", "layer4", "layer4.0", "layer4.0.conv1", "fc")} == {
-        "layer1": ("InlineSequential", "container"), "layer4": ("InlineSequential", "container"), "layer4.0": ("Module", "container"),
+        "layer1": ("InlineSequential", "container"), "layer4": ("InlineSequential", "container"), "layer4.0": ("InlineBlock", "container"),
         "layer4.0.conv1": ("Conv2d", "graph"), "fc": ("Linear", "graph")}
     assert "layer4.1" not in runs and not [p for p, (_, how) in runs.items() if how == "unused"]
 

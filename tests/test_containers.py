@@ -148,7 +148,7 @@ def test_a_bert_graph_keeps_its_layer_list():
 
 @pytest.mark.parametrize("containers, problem", [
     ({"features": ["os.system", []]}, "containers 'features': is not [one of Sequential, ModuleList, ModuleDict, "
-                                      "InlineSequential, PositionalModuleList, module names]"),
+                                      "InlineSequential, PositionalModuleList, InlineBlock, module names]"),
     ({"features.0.0": ["Sequential", []]}, "containers 'features.0.0': names no parent of the graph's modules"),
     ({"nothing": ["ModuleList", []]}, "containers 'nothing': names no parent of the graph's modules"),
     (["features"], "containers: is not a dict of paths"),
@@ -193,3 +193,32 @@ def test_a_model_of_two_modes_with_containers_saves_and_runs_each_mode(tmp_path)
             model.train(training)
             held.train(training)
             assert torch.equal(held(x), model(x)), (form, training)
+
+
+BLOCK_CALL = ("this block's code runs inline in the result's graph, which calls the layers inside it, not the block; "
+              "fix: call the result, or Output('<its path>') for its value")
+BLOCK_HOOK = ("a forward hook on a block the result's graph runs inline never runs; fix: register it on a layer the "
+              "graph calls (the block's last one), or Output('<its path>') for its value")
+
+
+def test_a_block_traced_through_refuses_a_call_and_says_a_hook_on_it_never_runs(tmp_path):
+    """resnet's layer4[-1] (a BasicBlock, traced through) was a bare nn.Module: called, torch said only "missing the
+    required forward"; a Grad-CAM hook on it was taken and never ran."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=4).eval()
+    x = torch.randn(2, 3, 64, 64)
+    result = fxs.apply(model, [fxs.Freeze("layer1")], example_inputs=(x,))
+    for form, module in _forms(result.module, tmp_path).items():
+        block = module.layer4[-1]
+        assert type(block).__name__ == "InlineBlock", form
+        assert torch.equal(module(x), model(x)), form
+        with pytest.raises(RuntimeError) as err:
+            block(torch.randn(2, 512, 2, 2))
+        assert str(err.value) == BLOCK_CALL, form
+        seen = []
+        with pytest.warns(UserWarning) as warned:
+            block.register_forward_hook(lambda mod, args, out, seen=seen: seen.append(out))
+        assert [str(w.message) for w in warned] == [BLOCK_HOOK], form
+        module.layer4[-1].conv2.register_forward_hook(lambda mod, args, out, seen=seen: seen.append(out))  # a layer the graph calls
+        module(x)
+        assert len(seen) == 1 and seen[0].shape == (2, 512, 2, 2), form  # the block's hook did not run; the layer's did

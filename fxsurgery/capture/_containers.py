@@ -28,8 +28,8 @@ from ._dualgraph import other_graph
 from ._pickling import reduce
 
 KINDS = {"Sequential": nn.Sequential, "ModuleList": nn.ModuleList, "ModuleDict": nn.ModuleDict}
-INLINE, GAPPED = "InlineSequential", "PositionalModuleList"
-INLINE_KINDS = (*KINDS, INLINE, GAPPED)  # what a saved graph may name
+INLINE, GAPPED, BLOCK = "InlineSequential", "PositionalModuleList", "InlineBlock"
+INLINE_KINDS = (*KINDS, INLINE, GAPPED, BLOCK)  # what a saved graph may name
 _INLINE_MESSAGE = ("this nn.Sequential's modules run inline in the result's graph, which does more between them than "
                    "call one after the other (a detach cut, an inserted call, a block traced through); fix: call the "
                    "result, or nn.Sequential(*modules) to run them one after the other")
@@ -51,6 +51,31 @@ class InlineSequential(nn.Sequential):
         for name, module in list(self._modules.items())[idx]:
             part.add_module(name, module)
         return part
+
+
+class InlineBlock(nn.Module):
+    """A block of the original the graph traced through (a ResNet BasicBlock, a transformer layer): its layers and
+    tensors, for indexing, parameter groups and hooks on the layers the graph calls. Called, it refuses (torch said
+    only "missing the required forward"); a hook on it never runs, and registering one says so."""
+
+    @torch.jit.unused  # TorchScript compiles every submodule's forward: this one raises there too
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("this block's code runs inline in the result's graph, which calls the layers inside it, "
+                           "not the block; fix: call the result, or Output('<its path>') for its value")
+
+    def register_forward_hook(self, hook, *args, **kwargs):
+        import warnings  # model.py holds a copy of this class: what it needs, it imports itself
+
+        warnings.warn("a forward hook on a block the result's graph runs inline never runs; fix: register it on a "
+                      "layer the graph calls (the block's last one), or Output('<its path>') for its value", stacklevel=2)
+        return super().register_forward_hook(hook, *args, **kwargs)
+
+    def register_forward_pre_hook(self, hook, *args, **kwargs):
+        import warnings
+
+        warnings.warn("a forward pre-hook on a block the result's graph runs inline never runs; fix: register it on a "
+                      "layer the graph calls (the block's first one)", stacklevel=2)
+        return super().register_forward_pre_hook(hook, *args, **kwargs)
 
 
 class PositionalModuleList(nn.ModuleList):
@@ -116,7 +141,7 @@ def kinds_of(gm: fx.GraphModule, original: nn.Module) -> dict[str, list]:
         if isinstance(theirs, nn.Sequential):
             kind = "Sequential" if all(_chained(g.get(path, []), path, order) for g in graphs) else INLINE
         else:
-            kind = next((k for k, c in KINDS.items() if isinstance(theirs, c)), None)
+            kind = next((k for k, c in KINDS.items() if isinstance(theirs, c)), BLOCK)
             if kind == "ModuleList" and order != [str(i) for i in range(len(order))]:
                 kind = GAPPED
         if kind is not None:
@@ -126,7 +151,8 @@ def kinds_of(gm: fx.GraphModule, original: nn.Module) -> dict[str, list]:
 
 def container(kind: str, bare: nn.Module, order) -> nn.Module:
     """`bare`'s modules, tensors and attributes in a container of `kind`, its modules in `order` first."""
-    made = {"InlineSequential": InlineSequential, "PositionalModuleList": PositionalModuleList}.get(kind) or getattr(nn, kind)
+    made = {"InlineSequential": InlineSequential, "PositionalModuleList": PositionalModuleList,
+            "InlineBlock": InlineBlock}.get(kind) or getattr(nn, kind)
     made = made()
     made.__dict__.update(bare.__dict__)
     made._modules = {n: bare._modules[n] for n in [*order, *bare._modules] if n in bare._modules}
@@ -188,8 +214,9 @@ def containers_of(gm: fx.GraphModule, module: nn.Module | None = None) -> dict[s
     for path, sub in module.named_modules():
         if path not in parents or any(path.startswith(t + ".") for t in targets):
             continue
-        kind = (type(sub).__name__ if type(sub).__name__ in (INLINE, GAPPED) and isinstance(sub, (nn.Sequential, nn.ModuleList))
-                else next((k for k, c in KINDS.items() if type(sub) is c), None))
+        named = type(sub).__name__
+        ours = (named in (INLINE, GAPPED) and isinstance(sub, (nn.Sequential, nn.ModuleList))) or named == BLOCK
+        kind = named if ours else next((k for k, c in KINDS.items() if type(sub) is c), None)
         if kind is not None:
             found[path] = [kind, list(sub._modules)]
     return found
@@ -217,7 +244,7 @@ def renamed_containers(containers: dict[str, list], renames: dict[str, str]) -> 
 
 
 # model.py's copy: the class and the function above, and the loop that applies them in Model.__init__
-SOURCE = "\n\n".join(inspect.getsource(f) for f in (InlineSequential, PositionalModuleList, container)).replace(
+SOURCE = "\n\n".join(inspect.getsource(f) for f in (InlineSequential, InlineBlock, PositionalModuleList, container)).replace(
     "raise RuntimeError(_INLINE_MESSAGE)", f"raise RuntimeError({_INLINE_MESSAGE!r})")
 INIT = ("\n        for path, (kind, order) in CONTAINERS.items():  # the original's containers, indexed as there"
         "\n            parent, _, name = path.rpartition('.')"
