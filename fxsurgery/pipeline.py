@@ -176,8 +176,8 @@ class SurgeryResult:
         pretrained, formats = self.check_formats(formats)
         if pretrained:
             with working("save"):  # a large model's weights take a while to write and hash
-                return save_pretrained(self.module, directory, force=force, record=self.to_dict(),
-                                       max_shard_size=max_shard_size, lazy=pending_of(self.module), ranks=ranks)
+                return save_pretrained(self.module, directory, force=force, record=self.to_dict(), max_shard_size=max_shard_size,
+                                       lazy=pending_of(self.module), ranks=ranks, original=self.capture.model)
         with working("save"):
             return save(self.module, directory, force=force, record=self.to_dict(), formats=formats,
                         example_inputs=self.example_inputs, extra=extra, max_shard_size=max_shard_size,

@@ -136,3 +136,20 @@ def test_a_save_the_config_would_rebuild_otherwise_is_refused(tmp_path):
                               "so from_pretrained would reload another model; fix: apply with keep_class=False "
                               "(--no-keep-class; saved as model.py + safetensors) to the model built with config.use_cache=False")
     assert not (tmp_path / "out").exists()
+
+
+def test_what_the_library_itself_leaves_stale_does_not_refuse_a_save(tmp_path):
+    """The save check compares with the original, path by path: DistilBERT's unused copy of n_layers after a layer
+    edit, and the model.vocab_size resize_token_embeddings leaves behind, were refused though they reload right."""
+    torch.manual_seed(0)
+    config = transformers.DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=37)
+    distil = transformers.DistilBertForSequenceClassification(config).eval()
+    resized = llama()
+    resized.resize_token_embeddings(128)
+    for name, model, rules in [("distil", distil, [Layers("distilbert.transformer.layer", order=[1])]),
+                               ("resized", resized, [fxs.Freeze("model.layers.0")])]:
+        result = apply(model, rules)
+        result.save(tmp_path / name)
+        loaded = type(model).from_pretrained(tmp_path / name).eval()
+        x = ids(2, 7)
+        assert torch.equal(logits(loaded, x), logits(result.module, x)), name

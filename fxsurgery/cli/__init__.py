@@ -186,7 +186,7 @@ def cmd_apply(args) -> int:
     _refuse_no_op(result, args.eval, args.explain)
     if args.dry_run:
         pretrained, _ = result.check_formats(args.format)  # what save would refuse, a dry run refuses
-        check_save(result.module, pretrained, result.to_dict())
+        check_save(result.module, pretrained, result.to_dict(), result.capture.model if result.capture else None)
     written = None
     start = time.perf_counter()
     if args.output and not args.dry_run:

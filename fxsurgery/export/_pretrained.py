@@ -28,7 +28,7 @@ def _as_graph(module) -> str:
             + (" to the model built with config.use_cache=False" if cached else ""))
 
 
-def refuse_unloadable(module: nn.Module) -> None:
+def refuse_unloadable(module: nn.Module, original: nn.Module | None = None) -> None:
     """Refuse a kept model its own configuration no longer builds: `from_pretrained` would refuse it
     (heads removed per layer, which a transformers config cannot say), drop a tensor the config does not
     build (an adapter), or leave one it builds at random init (a layer deleted in place). Nothing else
@@ -64,32 +64,37 @@ def refuse_unloadable(module: nn.Module) -> None:
         raise SaveError(f"{kind}: its config builds '{missing[0]}' ({len(missing)} tensors in all), which the model lacks, "
                         "so from_pretrained would leave them at random init; fix: remove layers with Layers(path, "
                         "order=[...]), which the config follows, or apply with keep_class=False (--no-keep-class)")
-    _same_modules(module, fresh, kind)
+    if original is not None:
+        _same_modules(module, fresh, kind, dict(original.named_modules()))
 
 
-def _same_modules(module: nn.Module, fresh: nn.Module, kind: str) -> None:
+def _same_modules(module: nn.Module, fresh: nn.Module, kind: str, before: dict[str, nn.Module]) -> None:
     """Refuse where the config builds other modules than the model has, or sets a layer otherwise (a kind of attention,
     a rotation of positions, a cache slot kept per layer in the config, which a layer edit did not follow): the
-    reloaded model would compute something else, with every tensor in place."""
+    reloaded model would compute something else, with every tensor in place. Only where the surgery made the
+    difference: what the original (`before`, by path) had too is the library's own (a copy of a layer count its
+    forward never reads, an attention class chosen by attn_implementation, which config.json does not keep)."""
     theirs = dict(fresh.named_modules())
     for path, sub in module.named_modules():
-        other = theirs.get(path)
+        other, was = theirs.get(path), before.get(path)
         if other is None:
             continue  # its tensors decide (above)
-        if type(other).__name__ != type(sub).__name__:
+        if type(other).__name__ != type(sub).__name__ and type(was) is not type(sub):
             raise SaveError(f"{kind}: its config builds '{path}' as {type(other).__name__}, here a {type(sub).__name__}, so "
                             f"from_pretrained would reload another model; fix: {_as_graph(module)}")
         for name, value in vars(sub).items():
             if name.startswith("_") or name in _RUNTIME or not isinstance(value, (bool, int, float, str, type(None))):
                 continue
             built = vars(other).get(name, value)
-            if isinstance(built, (bool, int, float, str, type(None))) and built != value and value == value:  # NaN: itself
+            kept = was is not None and type(was) is type(sub) and vars(was).get(name, _NONE) == value
+            if isinstance(built, (bool, int, float, str, type(None))) and built != value and value == value and not kept:  # NaN: itself
                 where = f"{path}.{name}" if path else name
                 raise SaveError(f"{kind}: its config builds {where} = {built!r}, here {value!r}, so from_pretrained "
                                 f"would reload another model; fix: {_as_graph(module)}")
 
 
 _RUNTIME = ("training", "gradient_checkpointing")  # set by calls on the model, not by its config
+_NONE = object()
 
 
 def write_pretrained(module: nn.Module, work: Path, limit: int, lazy: dict, ties: dict[str, str]) -> dict[str, str]:

@@ -122,10 +122,10 @@ def _as_graph_module(module: nn.Module, opaque: dict | None = None, both: bool =
                         "or make the model traceable (leaf_paths=, --leaf on the command line)") from None
 
 
-def check_save(module: nn.Module, pretrained: bool, record: dict | None = None) -> None:
+def check_save(module: nn.Module, pretrained: bool, record: dict | None = None, original: nn.Module | None = None) -> None:
     """What a save would refuse, refused without writing (a dry run promises what the save will do)."""
     if pretrained:
-        refuse_unloadable(module)
+        refuse_unloadable(module, original)
         refuse_hooks(module, "from_pretrained does")
         return
     refuse_hooks(module, "model.py and graph.json do")
@@ -230,7 +230,8 @@ def save(module: nn.Module, directory: str | os.PathLike, *, force: bool = False
 
 
 def save_pretrained(module: nn.Module, directory: str | os.PathLike, *, force: bool = False, record: dict | None = None,
-                    max_shard_size: int | str = DEFAULT_MAX, lazy: dict | None = None, ranks: bool = False) -> Path:
+                    max_shard_size: int | str = DEFAULT_MAX, lazy: dict | None = None, ranks: bool = False,
+                    original: nn.Module | None = None) -> Path:
     """Write a model kept as its own class with its own `save_pretrained`, and surgery.json beside it.
 
     The directory is the library's own format: `from_pretrained` reloads it
@@ -238,7 +239,7 @@ def save_pretrained(module: nn.Module, directory: str | os.PathLike, *, force: b
     result (`lazy`) is written shard by shard in that format (_pretrained.py).
     """
     limit = parse_size(max_shard_size)
-    refuse_unloadable(module)
+    refuse_unloadable(module, original)
     refuse_hooks(module, "from_pretrained does")
     group = Ranks.from_env() if ranks else None
     with replacing(directory, force, group) as work:
