@@ -224,3 +224,19 @@ def test_an_output_made_in_a_region_gives_no_gradient_as_there():
     assert (out["t"].requires_grad, out["s"].requires_grad) == (False, True)
     (out["s"] + out["t"]).sum().backward()  # a loss on both: only the student learns
     assert features.teacher.weight.grad is None and features.student.weight.grad is not None
+
+
+def test_an_output_of_a_tuple_made_in_a_region_is_refused_and_its_tensors_are_cut():
+    """An LSTM teacher under no_grad: its (out, (h, c)) left the region whole, with gradients, through an Output."""
+    torch.manual_seed(0)
+    model, x = States(), torch.randn(2, 5, 4)
+    rule = fxs.Output("lstm")
+    with pytest.raises(fxs.RewriteError) as err:
+        fxs.apply(model, [rule], example_inputs=(x,))
+    assert str(err.value) == (f"rule 1 'output lstm' ({rule.origin}) at 'lstm': its value is a tuple made with gradients off "
+                              "(torch.no_grad), which would leave with the gradients the region cuts; fix: select a tensor "
+                              "of it instead (its getitem nodes: fxsurgery inspect)")
+    out = fxs.apply(model, [fxs.Output("getitem")], example_inputs=(x,)).module(x)
+    with torch.no_grad():
+        want = model.lstm(x)[0]
+    assert torch.allclose(out, want, atol=1e-6, rtol=0) and not out.requires_grad  # CPU's LSTM: another kernel without grad

@@ -164,13 +164,17 @@ def cut(graph: fx.Graph, values: dict | None, root) -> int:
     return count
 
 
-def cut_of(node: fx.Node) -> fx.Node:
+def cut_of(node: fx.Node) -> fx.Node | None:
     """What the rest of the graph reads of `node`: the detach a no_grad region's module output is read through,
-    else `node` itself (an `Output` there returns what the original's region gives: no gradient)."""
+    else `node` itself (an `Output` there returns what the original's region gives: no gradient); None for a tuple
+    made there whose values are read one by one through detaches (an LSTM's), which leaves the region whole."""
     users = list(node.users)
-    if node.meta.get(NO_GRAD) and len(users) == 1 and users[0].meta.get(NO_GRAD) and users[0].target == "detach":
+    if not node.meta.get(NO_GRAD):
+        return node
+    if len(users) == 1 and users[0].meta.get(NO_GRAD) and users[0].target == "detach":
         return users[0]
-    return node
+    picked = [u for u in users if u.op == "call_function" and u.target is operator.getitem]
+    return None if picked and any(cut_of(u) is not u for u in picked) else node
 
 
 def _attr(root, target: str):

@@ -299,7 +299,13 @@ def cut_output(rw: Rewriter, m: Match, sites: list[Site]) -> None:
     if rw.captured.path or rw.captured.call is not None:
         rw.fail(m, sites[0], f"the output of the graph at '{rw.captured.path}' goes back into opaque code that expects it",
                 "select a module of the model's own graph")
-    values = {m.names.get(site, site.where): _kept_as_made(rw, cut_of(rw.one_output(m, site))) for site in sites}
+    values = {}
+    for site in sites:
+        value = cut_of(rw.one_output(m, site))
+        if value is None:  # its tensors leave a no_grad region through detaches, each on its own
+            rw.fail(m, site, "its value is a tuple made with gradients off (torch.no_grad), which would leave with the "
+                    "gradients the region cuts", "select a tensor of it instead (its getitem nodes: fxsurgery inspect)")
+        values[m.names.get(site, site.where)] = _kept_as_made(rw, value)
     output = next(n for n in rw.graph.nodes if n.op == "output")
     if rw.cut_keys is None:   # the first Output rule: what the model returned before is gone
         entries = {}
@@ -320,9 +326,12 @@ def cut_output(rw: Rewriter, m: Match, sites: list[Site]) -> None:
 
 def _writes_into(rw: Rewriter, user: fx.Node, node: fx.Node) -> bool:
     """`user` writes into `node`'s tensor in place: a layer built with inplace=True (ReLU), a function called with
-    inplace=True or named with a trailing underscore (relu_), a method add_, an augmented assignment (x += y)."""
+    inplace=True or named with a trailing underscore (relu_), a method add_, an augmented assignment (x += y), an
+    item assignment (y[:, 0] = 0); or a view of it does (y.flatten(1).relu_())."""
     if not user.args or user.args[0] is not node:
         return False
+    if (user.op == "call_method" and user.target in _VIEWS) or (user.op == "call_function" and user.target is operator.getitem):
+        return any(_writes_into(rw, further, user) for further in user.users)
     if user.op == "call_module":
         slot = rw.edited.modules.get(user.target)
         return getattr(slot.value if slot is not None else None, "inplace", False) is True
@@ -332,7 +341,10 @@ def _writes_into(rw: Rewriter, user: fx.Node, node: fx.Node) -> bool:
     return (user.op in ("call_function", "call_method") and (underscored or user.kwargs.get("inplace") is True)) or augmented
 
 
-_AUGMENTED = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ipow, operator.iand, operator.ior}
+_AUGMENTED = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod, operator.ipow,
+              operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift, operator.setitem}
+_VIEWS = {"view", "view_as", "flatten", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "narrow", "select",
+          "expand", "expand_as", "t", "unflatten", "as_strided", "diagonal", "movedim", "swapaxes", "unfold", "split", "chunk"}
 
 
 def _kept_as_made(rw: Rewriter, node: fx.Node) -> fx.Node:

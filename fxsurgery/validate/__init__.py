@@ -10,6 +10,7 @@ on fake tensors as well, and a failure names the rule nearest to it.
 from __future__ import annotations
 
 import contextlib
+import operator
 
 import torch
 from torch import fx, nn
@@ -31,11 +32,24 @@ def _impure(node: fx.Node, table: dict) -> bool:
     """torch.fx's notion, plus in-place tensor ops: `x.add_(pos)` has no users but matters
     (torchvision's MViT adds its position embedding that way). A node with users stays anyway:
     its purity is not asked (torch's check costs tens of microseconds a node)."""
-    if node.users or in_place(node):
+    if node.users or (in_place(node) and node.op == "call_method"):
         return True
+    module = table.get(node.target) if node.op == "call_module" else None
+    if in_place(node) or getattr(module, "inplace", False) is True:  # `F.relu(y, inplace=True)`, `self.act(y)`: for the write
+        written = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        return written is None or len(written.users) > 1 or written.op in ("placeholder", "get_attr") or _view(written)
     if node.op == "call_module":  # what Node.is_impure reads from the graph's owning module
-        return bool(getattr(table.get(node.target), "_is_impure", False))
+        return bool(getattr(module, "_is_impure", False))
     return node.is_impure()
+
+
+def _view(node: fx.Node) -> bool:
+    """A value that may share another's memory: a write into it writes there too (`y.flatten(1).relu_()`)."""
+    return node.target is operator.getitem or (node.op == "call_method" and node.target in _VIEWS)
+
+
+_VIEWS = frozenset({"view", "view_as", "flatten", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "narrow", "select",
+                    "expand", "expand_as", "t", "unflatten", "as_strided", "diagonal", "movedim", "swapaxes", "unfold"})
 
 
 def _check_targets(graph: fx.Graph, table: dict) -> None:

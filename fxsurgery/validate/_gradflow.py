@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import inspect
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -105,9 +107,27 @@ def _differentiable_inputs(node: fx.Node) -> list[fx.Node]:
 
 
 def in_place(node: fx.Node) -> bool:
-    """`x.add_(y)`: a call that writes into its first argument (torch's trailing-underscore convention)."""
+    """`x.add_(y)`: a call that writes into its first argument (torch's trailing-underscore convention), or one
+    told to (`F.relu(x, inplace=True)`, `F.dropout(x, p, True, True)`), whose result the code may drop."""
+    if node.op not in ("call_method", "call_function"):
+        return False
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    return node.op in ("call_method", "call_function") and name.endswith("_") and not name.startswith("_")
+    if name.endswith("_") and not name.startswith("_"):
+        return True
+    if node.kwargs.get("inplace") is True:
+        return True
+    position = _inplace_position(node.target) if node.op == "call_function" else None
+    return position is not None and len(node.args) > position and node.args[position] is True
+
+
+@functools.lru_cache(maxsize=None)
+def _inplace_position(fn) -> int | None:
+    """Where `fn` takes `inplace` by position (F.relu's second, F.dropout's fourth), if it does."""
+    try:
+        names = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return None
+    return names.index("inplace") if "inplace" in names else None
 
 
 def _is_cut(node: fx.Node) -> bool:
