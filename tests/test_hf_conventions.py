@@ -41,7 +41,7 @@ def test_a_trimmed_scaled_embedding_keeps_its_class_scale_and_padding_row(tmp_pa
     label = result.plan.matches[0].label
     assert result.report.notes[1:3] == [
         f"model.embed_tokens: a GemmaTextScaledWordEmbedding as before, whose forward is its own, as from_pretrained rebuilds it ({label})",
-        f"model.embed_tokens.padding_idx: 0 -> 1, the same token's row ({label})"]
+        f"model.embed_tokens.padding_idx: 1, the pad token's row (0 in the old embedding) ({label})"]
     x = ids(2, 9, vocab=len(rows))
     old_x = torch.tensor(rows)[x]
     assert torch.allclose(logits(got, x), logits(model, old_x)[..., rows], atol=1e-5, rtol=0)  # the tied head's rows too

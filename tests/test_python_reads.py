@@ -48,3 +48,61 @@ def test_a_detector_trains_after_surgery_where_its_python_calls_the_heads_loss(b
     ours, theirs = dict(got.named_parameters()), dict(hand.named_parameters())
     assert all(ours[n].grad is None for n in ours if n.startswith("backbone."))
     assert all(torch.equal(ours[n].grad, theirs[n].grad) for n in ours if n.startswith("head."))
+
+
+class Head(nn.Module):
+    scale_c = 2.0  # read as a class constant
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(x)
+
+    def loss(self, y):
+        return y.pow(2).mean() * self.scale_c
+
+    @property
+    def scale(self):
+        return 3.0
+
+
+class Base(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head, self.heads = Head(), nn.ModuleDict({"a": nn.Linear(4, 4)})
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent: this code stays Python
+            x = x * 2
+        for _, layer in self.heads.items():  # a container's own method: no reason to keep it Python
+            x = layer(x)
+        return self.head.loss(self.head(x))
+
+
+class Reads(Base):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+
+    def forward(self, x):
+        if self.how == "super":
+            return super().forward(x)
+        y = self.head(x * 2 if x.sum() > 0 else x)
+        if self.how == "getattr":
+            return getattr(self.head, "loss")(y)  # noqa: B009 - the form under test
+        if self.how == "property":
+            return y.sum() * self.head.scale
+        return y.sum() * self.head.scale_c
+
+
+@pytest.mark.parametrize("how", ["super", "getattr", "property", "constant"])
+def test_what_the_python_reads_of_a_child_by_other_ways_keeps_it_a_module(how):
+    """getattr(self.head, "loss"), a base forward run by super(), a property and a class constant of the child:
+    each failed at apply ("'GraphModule' object has no attribute 'loss'"); a ModuleDict's items() keeps nothing."""
+    torch.manual_seed(0)
+    model, x = Reads(how), torch.randn(3, 4).abs()
+    result = fxs.apply(model, [Freeze("heads")], example_inputs=(x,))
+    assert torch.equal(result.module(x), model(x)) and type(result.module.head) is Head
+    assert sorted(result.coverage()["opaque"]) == ["", "head"] and isinstance(result.module.heads, nn.ModuleDict)

@@ -19,23 +19,41 @@ import textwrap
 
 from torch import nn
 
-_MODULE = frozenset(dir(nn.Module))
+# what every module, or every container, has: a ModuleDict's items() reads nothing a graph loses
+_MODULE = frozenset(dir(nn.Module)) | frozenset(dir(nn.ModuleDict)) | frozenset(dir(nn.ModuleList)) | frozenset(dir(nn.Sequential))
 
 
-def _methods(cls: type) -> dict[str, ast.AST]:
-    """The parsed methods of `cls` and its bases but torch's, as the class resolves them."""
-    found: dict[str, ast.AST] = {}
+@functools.lru_cache(maxsize=None)
+def _methods(cls: type) -> dict[str, list[ast.AST]]:
+    """The parsed methods and properties of `cls` and its bases but torch's, each name with every definition the
+    bases give it (a `super().forward(x)` runs the base's too)."""
+    found: dict[str, list[ast.AST]] = {}
     for base in cls.__mro__:
         if base is object or base.__module__.startswith("torch."):
             continue
         for name, fn in vars(base).items():
-            if name in found or not inspect.isfunction(fn):
+            fn = fn.fget if isinstance(fn, property) else fn
+            if not inspect.isfunction(fn):
                 continue
             try:
-                found[name] = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+                found.setdefault(name, []).append(ast.parse(textwrap.dedent(inspect.getsource(fn))))
             except (OSError, TypeError, SyntaxError):
                 continue
     return found
+
+
+def _child_read(node: ast.AST) -> tuple[str, str] | None:
+    """(child, name) for `self.<child>.<name>`, or `getattr(self.<child>, "<name>")`."""
+    if isinstance(node, ast.Attribute):
+        inner = node.value
+        if isinstance(inner, ast.Attribute) and isinstance(inner.value, ast.Name) and inner.value.id == "self":
+            return inner.attr, node.attr
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr" and len(node.args) >= 2:
+        held, name = node.args[:2]
+        if isinstance(held, ast.Attribute) and isinstance(held.value, ast.Name) and held.value.id == "self" \
+                and isinstance(name, ast.Constant) and isinstance(name.value, str):
+            return held.attr, name.value
+    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -49,14 +67,12 @@ def _reads(cls: type, entries: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
         if name in seen or name not in methods:
             continue
         seen.add(name)
-        for node in ast.walk(methods[name]):
-            if not isinstance(node, ast.Attribute):
-                continue
-            inner = node.value
-            if isinstance(inner, ast.Name) and inner.id == "self":
-                todo.append(node.attr)  # a method of its own it may call
-            elif isinstance(inner, ast.Attribute) and isinstance(inner.value, ast.Name) and inner.value.id == "self":
-                found.append((inner.attr, node.attr))
+        for node in (n for tree in methods[name] for n in ast.walk(tree)):
+            read = _child_read(node)
+            if read is not None:
+                found.append(read)
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self":
+                todo.append(node.attr)  # a method or property of its own it may call
     return tuple(dict.fromkeys(found))
 
 
@@ -68,6 +84,6 @@ def read_beyond_forward(module: nn.Module, entries: tuple[str, ...] = ()) -> dic
         sub = module._modules.get(child)
         if sub is None or name in _MODULE or name.startswith("__"):
             continue
-        if callable(getattr(type(sub), name, None)) or (name in vars(sub) and not name.startswith("_")):
+        if hasattr(type(sub), name) or (name in vars(sub) and not name.startswith("_")):  # a method, property, constant
             found[child] = (*found.get(child, ()), name)
     return found

@@ -116,7 +116,7 @@ def _embedding_like(new: nn.Module, old: nn.Embedding, new_id: dict[int, int], p
         notes.append(f"{path}: a {type(old).__name__} as before, whose forward is its own, as from_pretrained rebuilds it ({label})")
     if old.padding_idx is not None and new.padding_idx is None and new_id.get(old.padding_idx) is not None:
         new.padding_idx = new_id[old.padding_idx]
-        notes.append(f"{path}.padding_idx: {old.padding_idx} -> {new.padding_idx}, the same token's row ({label})")
+        notes.append(f"{path}.padding_idx: {new.padding_idx}, the pad token's row ({old.padding_idx} in the old embedding) ({label})")
     return notes
 
 
