@@ -100,8 +100,11 @@ def test_build_fx_feature_extractor(name):
     reference = create_feature_extractor(model, return_nodes=nodes, suppress_diff_warning=True)
     with torch.no_grad():
         got, want = result.module(x), reference(x)
+        # each node alone too: together, torchvision returns a value a later ReLU(inplace=True) overwrote
+        alone = {k: create_feature_extractor(model, return_nodes=[k], suppress_diff_warning=True)(x)[k] for k in nodes}
     assert list(got) == nodes and sorted(want) == sorted(nodes)
-    assert all(torch.equal(got[k], want[k]) for k in nodes), name
+    assert all(torch.equal(got[k], alone[k]) for k in nodes), name
+    assert all(torch.equal(want[k], alone[k]) or want[k].min() == 0 for k in nodes), name  # theirs: after a relu
 
 
 def leaf_function(x):
